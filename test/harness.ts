@@ -1,0 +1,27 @@
+/**
+ * One test API for both runtimes: `deno test` registers through `Deno.test`, `bun test` through
+ * `bun:test`. Assertions come from `node:assert/strict`, which both runtimes provide.
+ */
+export { default as assert } from "node:assert/strict";
+
+type TestFn = () => void | Promise<void>;
+
+const isDeno = typeof (globalThis as { Deno?: unknown }).Deno !== "undefined";
+// A static `bun:` import fails under Deno at load time, so it must stay dynamic.
+const bunTest: ((name: string, fn: TestFn, timeout?: number) => void) | undefined = isDeno
+  ? undefined
+  : (await import("bun:test" as string)).test;
+
+/** Registers one test under whichever runtime runs the file. */
+export function test(name: string, fn: TestFn): void {
+  if (isDeno) {
+    // FFI tests open libraries and callbacks that live for the process: the resource and op
+    // sanitizers would report those as leaks.
+    Deno.test({ name, fn, sanitizeResources: false, sanitizeOps: false });
+  } else {
+    bunTest!(name, fn, 60_000);
+  }
+}
+
+/** The runtime running the tests. */
+export const runtimeName: "deno" | "bun" = isDeno ? "deno" : "bun";
