@@ -18,7 +18,7 @@ export type RedefineErrorCode =
   | "FFI_PERMISSION"
   | "BAD_SIGNATURE"
   | "BAD_REPLACEMENT"
-  | "NOT_ACTIVE";
+  | "UNKNOWN_SIZE";
 
 /**
  * Raised for every failure of `redefine`; nothing has been written when it is thrown from

@@ -4,6 +4,7 @@
  * `archFor()`.
  */
 import { RedefineError } from "../errors.ts";
+import { x86_64 } from "./x86_64/mod.ts";
 
 /** Where the relocated prologue ends up and how much of the original it covers. */
 export interface RelocationPlan {
@@ -44,14 +45,11 @@ export interface Arch {
 }
 
 /** The instruction set for a CPU architecture name as the runtimes report it. */
-export async function archFor(arch: string): Promise<Arch> {
+export function archFor(arch: string): Arch {
   switch (arch) {
     case "x86_64":
     case "x64":
-      return (await import("./x86_64/mod.ts")).x86_64;
-    case "aarch64":
-    case "arm64":
-      return (await import("./aarch64/mod.ts")).aarch64;
+      return x86_64;
     default:
       throw new RedefineError(
         "UNSUPPORTED_PLATFORM",

@@ -1,0 +1,24 @@
+/**
+ * Redefine native functions at run time from Deno and Bun, through nothing but the runtime's own
+ * FFI. A patch overwrites the first bytes of a function with a jump to your replacement — a JS
+ * function or another native function — so every caller, the runtime included, runs the
+ * replacement until the patch is restored, byte for byte.
+ *
+ * @example
+ * ```ts
+ * import { redefine } from "./mod.ts";
+ *
+ * using patch = redefine(
+ *   { symbol: "getpid", library: "libc.so.6", parameters: [], result: "i32" },
+ *   () => 4242,
+ * );
+ * // every native caller of getpid now gets 4242, until the end of this scope
+ * ```
+ *
+ * @module
+ */
+export { Patch, redefine, restoreAll } from "./src/redefine.ts";
+export type { AddressTarget, Replacement, SymbolReplacement, SymbolTarget, Target } from "./src/redefine.ts";
+export { RedefineError } from "./src/errors.ts";
+export type { RedefineErrorCode } from "./src/errors.ts";
+export type { JsFunction, JsParameters, JsValue, NativeType, Signature } from "./src/signature.ts";

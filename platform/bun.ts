@@ -1,0 +1,88 @@
+/**
+ * The Bun runtime adapter: `bun:ffi`'s dlopen, toArrayBuffer, JSCallback and CFunction. Bun's
+ * pointers are JS numbers; they become `bigint` addresses at this boundary and nowhere else.
+ */
+import { RedefineError } from "../src/errors.ts";
+import type { NativeType, Signature } from "../src/signature.ts";
+import type { NativeCall, NativeCallback, Runtime } from "./types.ts";
+
+// A static `bun:ffi` import breaks Deno at load time; platform/mod.ts only loads this file on Bun.
+const ffi: typeof import("bun:ffi") = await import("bun:ffi" as string);
+
+/** Pointers travel as `usize` (a bigint address); buffers stay buffers (a TypedArray goes in). */
+function bunType(type: NativeType): string {
+  switch (type) {
+    case "pointer":
+    case "function":
+      return "usize";
+    case "isize":
+      return "i64";
+    default:
+      return type;
+  }
+}
+
+function bunDefinition(signature: Signature) {
+  // deno-lint-ignore no-explicit-any
+  return { args: signature.parameters.map(bunType), returns: bunType(signature.result) } as any;
+}
+
+function openOne(path: string, definitions: Record<string, unknown>) {
+  try {
+    // deno-lint-ignore no-explicit-any
+    return ffi.dlopen(path, definitions as any).symbols as Record<string, NativeCall>;
+  } catch (error) {
+    return error as Error;
+  }
+}
+
+/** The Bun adapter. */
+export const bun: Runtime = {
+  name: "bun",
+  os: process.platform === "win32" ? "windows" : process.platform,
+  arch: process.arch,
+
+  open<K extends string>(path: string, symbols: Record<K, Signature & { optional?: boolean }>) {
+    const entries = Object.entries<Signature & { optional?: boolean }>(symbols);
+    // Bun has no optional symbols: bind the required ones together and each optional one alone.
+    const required = Object.fromEntries(
+      entries.filter(([, s]) => !s.optional).map(([n, s]) => [n, bunDefinition(s)]),
+    );
+    const bound = openOne(path, required);
+    if (bound instanceof Error) {
+      const missingLibrary = /cannot open|no such file|not found|failed to open library/i.test(bound.message) &&
+        !/symbol/i.test(bound.message);
+      throw new RedefineError(
+        missingLibrary ? "LIBRARY_NOT_FOUND" : "SYMBOL_NOT_FOUND",
+        missingLibrary
+          ? `cannot open library '${path}': ${bound.message}. Give a name the dynamic loader finds ` +
+            `(e.g. "libc.so.6") or an absolute path.`
+          : `binding ${path}: ${bound.message}`,
+        { cause: bound },
+      );
+    }
+    const result: Record<string, NativeCall> = { ...bound };
+    for (const [name, s] of entries.filter(([, s]) => s.optional)) {
+      const one = openOne(path, { [name]: bunDefinition(s) });
+      if (!(one instanceof Error)) result[name] = one[name];
+    }
+    return result as Record<K, NativeCall>;
+  },
+
+  view(address, length) {
+    return new Uint8Array(ffi.toArrayBuffer(Number(address) as never, 0, length));
+  },
+
+  cString(address) {
+    return new ffi.CString(Number(address) as never).toString();
+  },
+
+  callback(signature, fn): NativeCallback {
+    const callback = new ffi.JSCallback(fn, bunDefinition(signature));
+    return { address: BigInt(callback.ptr as number), close: () => callback.close() };
+  },
+
+  fnPointer(address, signature) {
+    return ffi.CFunction({ ptr: Number(address) as never, ...bunDefinition(signature) }) as NativeCall;
+  },
+};

@@ -1,0 +1,260 @@
+/**
+ * Linux memory services through glibc, called with the runtime's FFI: page size, protections
+ * (`mprotect`, read back from /proc/self/maps), symbols (`dlsym`, `dladdr1`), executable memory
+ * near a target (a memfd mapped twice: read+execute where the code runs, read+write elsewhere to
+ * write it, so no page of ours is ever writable and executable), and the arm64 cache flush.
+ */
+import { hex, RedefineError } from "../src/errors.ts";
+import type { CodeBlock, Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
+import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
+
+const RTLD_LAZY = 1;
+const RTLD_DL_SYMENT = 1;
+const SC_PAGESIZE = 30;
+const MAP_SHARED = 0x01;
+const MAP_FIXED_NOREPLACE = 0x100000;
+const MAP_FAILED = 2n ** 64n - 1n;
+const MFD_CLOEXEC = 1;
+const MFD_EXEC = 0x10;
+const O_RDONLY = 0;
+
+const ERRNO_NAMES: Record<number, string> = {
+  1: "EPERM", 9: "EBADF", 12: "ENOMEM", 13: "EACCES", 14: "EFAULT", 17: "EEXIST", 22: "EINVAL",
+  38: "ENOSYS",
+};
+
+/** A stack may grow down into this much space below it; never put code there. */
+const STACK_GUARD = 1n << 24n;
+
+function libc(runtime: Runtime) {
+  return runtime.open("libc.so.6", {
+    sysconf: { parameters: ["i32"], result: "i64" },
+    mprotect: { parameters: ["usize", "usize", "i32"], result: "i32" },
+    mmap: { parameters: ["usize", "usize", "i32", "i32", "i32", "i64"], result: "usize" },
+    munmap: { parameters: ["usize", "usize"], result: "i32" },
+    memfd_create: { parameters: ["buffer", "u32"], result: "i32" },
+    ftruncate: { parameters: ["i32", "i64"], result: "i32" },
+    open: { parameters: ["buffer", "i32"], result: "i32" },
+    read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+    close: { parameters: ["i32"], result: "i32" },
+    __errno_location: { parameters: [], result: "usize" },
+    strerror: { parameters: ["i32"], result: "usize" },
+    dlopen: { parameters: ["buffer", "i32"], result: "usize" },
+    dlerror: { parameters: [], result: "usize" },
+    dlsym: { parameters: ["usize", "buffer"], result: "usize" },
+    dladdr1: { parameters: ["usize", "buffer", "buffer", "i32"], result: "i32" },
+  });
+}
+
+function cString(text: string): Uint8Array {
+  return new TextEncoder().encode(text + "\0");
+}
+
+/** Parses /proc/self/maps text. */
+export function parseMaps(text: string): Mapping[] {
+  const mappings: Mapping[] = [];
+  for (const line of text.split("\n")) {
+    const m = /^([0-9a-f]+)-([0-9a-f]+) (r|-)(w|-)(x|-)\S* \S+ \S+ \S+\s*(.*)$/.exec(line);
+    if (!m) continue;
+    mappings.push({
+      start: BigInt("0x" + m[1]),
+      end: BigInt("0x" + m[2]),
+      protection: (m[3] === "r" ? PROT_READ : 0) | (m[4] === "w" ? PROT_WRITE : 0) |
+        (m[5] === "x" ? PROT_EXEC : 0),
+      path: m[6],
+    });
+  }
+  return mappings;
+}
+
+/** `r-x` style, for messages. */
+export function protectionText(protection: number): string {
+  return (protection & PROT_READ ? "r" : "-") + (protection & PROT_WRITE ? "w" : "-") +
+    (protection & PROT_EXEC ? "x" : "-");
+}
+
+/**
+ * Free page-aligned places for `size` bytes whose every byte is within `reach` of `near`, nearest
+ * first. Gaps below a stack keep a margin for its growth.
+ */
+export function nearCandidates(
+  mappings: readonly Mapping[],
+  near: bigint,
+  reach: bigint,
+  size: bigint,
+  pageSize: bigint,
+): bigint[] {
+  const low = near > reach ? near - reach : pageSize * 16n;
+  const high = near + reach;
+  const candidates: bigint[] = [];
+  const floor = (v: bigint) => v - v % pageSize;
+  const ceil = (v: bigint) => floor(v + pageSize - 1n);
+  for (let i = 0; i <= mappings.length; i++) {
+    const gapStart = i === 0 ? pageSize * 16n : mappings[i - 1].end;
+    let gapEnd = i === mappings.length ? 2n ** 47n : mappings[i].start;
+    if (i < mappings.length && mappings[i].path === "[stack]") gapEnd -= STACK_GUARD;
+    const from = ceil(gapStart > low ? gapStart : low);
+    const to = floor(gapEnd < high ? gapEnd : high);
+    if (to - from < size) continue;
+    // The place in this gap closest to `near`: its top when the gap lies below, its bottom above.
+    candidates.push(to <= near ? to - size : from >= near ? from : floor(near));
+  }
+  const distance = (a: bigint) => (a > near ? a - near : near - a);
+  return candidates.sort((a, b) => (distance(a) < distance(b) ? -1 : distance(a) > distance(b) ? 1 : 0));
+}
+
+/** The Linux layer over `runtime`. */
+export function linux(runtime: Runtime): Os {
+  const c = libc(runtime);
+  const pageSize = Number(c.sysconf(SC_PAGESIZE));
+  const libgcc = runtime.arch === "aarch64" || runtime.arch === "arm64"
+    ? runtime.open("libgcc_s.so.1", { __clear_cache: { parameters: ["usize", "usize"], result: "void" } })
+    : null;
+
+  function errnoText(): string {
+    const errno = new DataView(runtime.view(c.__errno_location(), 4).slice().buffer).getInt32(0, true);
+    return `${ERRNO_NAMES[errno] ?? "errno " + errno} (${runtime.cString(c.strerror(errno))})`;
+  }
+
+  function readMaps(): string {
+    const fd = c.open(cString("/proc/self/maps"), O_RDONLY) as number;
+    if (fd < 0) throw new RedefineError("INVALID_ADDRESS", `cannot read /proc/self/maps: ${errnoText()}`);
+    const chunks: Uint8Array[] = [];
+    const buffer = new Uint8Array(65536);
+    try {
+      for (;;) {
+        const n = Number(c.read(fd, buffer, BigInt(buffer.length)));
+        if (n <= 0) break;
+        chunks.push(buffer.slice(0, n));
+      }
+    } finally {
+      c.close(fd);
+    }
+    const all = new Uint8Array(chunks.reduce((n, chunk) => n + chunk.length, 0));
+    chunks.reduce((at, chunk) => (all.set(chunk, at), at + chunk.length), 0);
+    return new TextDecoder().decode(all);
+  }
+
+  function dlHandle(library: string): bigint {
+    const handle = c.dlopen(cString(library), RTLD_LAZY) as bigint;
+    if (handle === 0n) {
+      const why = c.dlerror() as bigint;
+      throw new RedefineError(
+        "LIBRARY_NOT_FOUND",
+        `cannot open library '${library}'${why ? ": " + runtime.cString(why) : ""}. Give the name the ` +
+          `dynamic loader knows (e.g. "libc.so.6", "libm.so.6") or an absolute path.`,
+      );
+    }
+    return handle;
+  }
+
+  function mapShared(fd: number, at: bigint, size: number, protection: number, flags: number): bigint | null {
+    const address = c.mmap(at, BigInt(size), protection, MAP_SHARED | flags, fd, 0n) as bigint;
+    if (address === MAP_FAILED) return null;
+    // Kernels before 4.17 take MAP_FIXED_NOREPLACE as a mere hint: a different address is a miss.
+    if (at !== 0n && address !== at) {
+      c.munmap(address, BigInt(size));
+      return null;
+    }
+    return address;
+  }
+
+  function codeFile(size: number): number {
+    const name = cString("redefine-code");
+    let fd = c.memfd_create(name, MFD_CLOEXEC | MFD_EXEC) as number;
+    if (fd < 0) fd = c.memfd_create(name, MFD_CLOEXEC) as number; // kernels before 6.3 lack MFD_EXEC
+    if (fd < 0) {
+      throw new RedefineError("ALLOCATION_FAILED", `memfd_create failed: ${errnoText()}.`);
+    }
+    if ((c.ftruncate(fd, BigInt(size)) as number) !== 0) {
+      const why = errnoText();
+      c.close(fd);
+      throw new RedefineError("ALLOCATION_FAILED", `ftruncate of the code file failed: ${why}.`);
+    }
+    return fd;
+  }
+
+  const os: Os = {
+    pageSize,
+
+    symbolAddress(symbol, library) {
+      const handle = library === undefined ? 0n : dlHandle(library);
+      const address = c.dlsym(handle, cString(symbol)) as bigint;
+      if (address === 0n) {
+        throw new RedefineError(
+          "SYMBOL_NOT_FOUND",
+          `no symbol '${symbol}' in ${library === undefined ? "the process" : `'${library}'`}. Check ` +
+            `the spelling (C names, no mangling) and that the library exporting it is loaded` +
+            (library === undefined ? ", or name it with { library }." : "."),
+        );
+      }
+      return address;
+    },
+
+    symbolAt(address) {
+      const info = new Uint8Array(32);
+      const extra = new Uint8Array(8);
+      if ((c.dladdr1(address, info, extra, RTLD_DL_SYMENT) as number) === 0) return null;
+      const fields = new DataView(info.buffer);
+      const fileName = fields.getBigUint64(0, true);
+      const symbolName = fields.getBigUint64(16, true);
+      const symbolAddress = fields.getBigUint64(24, true);
+      const entry = new DataView(extra.buffer).getBigUint64(0, true);
+      if (symbolName === 0n || entry === 0n) return null;
+      // Elf64_Sym: st_name u32, st_info u8, st_other u8, st_shndx u16, st_value u64, st_size u64.
+      const size = new DataView(runtime.view(entry + 16n, 8).slice().buffer).getBigUint64(0, true);
+      return {
+        name: runtime.cString(symbolName),
+        start: symbolAddress,
+        size: Number(size),
+        library: fileName === 0n ? "" : runtime.cString(fileName),
+      } satisfies SymbolInfo;
+    },
+
+    mappings() {
+      return parseMaps(readMaps());
+    },
+
+    protect(start, length, protection) {
+      if ((c.mprotect(start, BigInt(length), protection) as number) !== 0) {
+        throw new RedefineError(
+          "PROTECT_FAILED",
+          `mprotect(${hex(start)}, ${length}, ${protectionText(protection)}) failed: ${errnoText()}. ` +
+            `The kernel refuses to make this memory writable (the vDSO, for one, cannot be patched); ` +
+            `redefine a function that calls it instead.`,
+        );
+      }
+    },
+
+    allocateCode(near, reach, size) {
+      const fd = codeFile(size);
+      try {
+        const candidates = nearCandidates(parseMaps(readMaps()), near, reach, BigInt(size), BigInt(pageSize));
+        for (const at of candidates.slice(0, 16)) {
+          const address = mapShared(fd, at, size, PROT_READ | PROT_EXEC, MAP_FIXED_NOREPLACE);
+          if (address === null) continue;
+          const writable = mapShared(fd, 0n, size, PROT_READ | PROT_WRITE, 0);
+          if (writable === null) {
+            c.munmap(address, BigInt(size));
+            throw new RedefineError("ALLOCATION_FAILED", `mmap of the code file failed: ${errnoText()}.`);
+          }
+          return { address, writable, size };
+        }
+        return null;
+      } finally {
+        c.close(fd);
+      }
+    },
+
+    freeCode(block: CodeBlock) {
+      c.munmap(block.address, BigInt(block.size));
+      c.munmap(block.writable, BigInt(block.size));
+    },
+
+    flushCode(address, length) {
+      libgcc?.__clear_cache(address, address + BigInt(length));
+    },
+  };
+  return os;
+}
+

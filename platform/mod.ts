@@ -1,0 +1,46 @@
+/**
+ * Detects the runtime, the OS and the CPU once and hands `src/` one Platform object. The runtime
+ * adapter is loaded when this module is (Bun's FFI can only be imported dynamically); the OS layer,
+ * which opens libc and so needs FFI permission, is made on first use, so a missing permission
+ * surfaces as a typed error from the call that needed it.
+ */
+import { RedefineError } from "../src/errors.ts";
+import { linux } from "./linux.ts";
+import type { Os, Platform, Runtime } from "./types.ts";
+
+export type * from "./types.ts";
+export { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
+
+const global = globalThis as { Deno?: unknown; Bun?: unknown };
+const runtime: Runtime | null = global.Deno !== undefined
+  ? (await import("./deno.ts")).deno
+  : global.Bun !== undefined
+  ? (await import("./bun.ts")).bun
+  : null;
+
+function osLayer(runtime: Runtime): Os {
+  switch (runtime.os) {
+    case "linux":
+      return linux(runtime);
+    default:
+      throw new RedefineError(
+        "UNSUPPORTED_PLATFORM",
+        `redefine does not support the '${runtime.os}' operating system yet (supported: linux).`,
+      );
+  }
+}
+
+let current: Platform | undefined;
+
+/** The platform of this process, made once on first use. */
+export function platform(): Platform {
+  if (current) return current;
+  if (runtime === null) {
+    throw new RedefineError(
+      "UNSUPPORTED_PLATFORM",
+      "redefine runs on Deno and Bun (their FFI does the work); this runtime has neither.",
+    );
+  }
+  current = { runtime, os: osLayer(runtime) };
+  return current;
+}

@@ -1,0 +1,100 @@
+/**
+ * The two small interfaces `src/` asks of the platform: the runtime's FFI (Deno or Bun) and the
+ * operating system's memory services (Linux, macOS, Windows). All addresses are `bigint`.
+ */
+import type { Signature } from "../src/signature.ts";
+
+/** A native function called from JS: arguments and result as the signature's JS types. */
+// deno-lint-ignore no-explicit-any
+export type NativeCall = (...args: any[]) => any;
+
+/** A JS function turned into a native function pointer; valid until `close()`. */
+export interface NativeCallback {
+  readonly address: bigint;
+  close(): void;
+}
+
+/** What each runtime adapter (platform/deno.ts, platform/bun.ts) provides. */
+export interface Runtime {
+  readonly name: "deno" | "bun";
+  /** `"linux"`, `"darwin"` or `"windows"` (anything else is refused by platform/mod.ts). */
+  readonly os: string;
+  /** `"x86_64"` or `"aarch64"`, whatever the runtime calls it. */
+  readonly arch: string;
+  /**
+   * Opens a library with the runtime's loader and binds `symbols`. `optional` symbols that are
+   * missing come back undefined. Throws FFI_PERMISSION / LIBRARY_NOT_FOUND.
+   */
+  open<K extends string>(
+    path: string,
+    symbols: Record<K, Signature & { optional?: boolean }>,
+  ): Record<K, NativeCall>;
+  /** A live view of `length` bytes of native memory at `address`. */
+  view(address: bigint, length: number): Uint8Array;
+  /** The NUL-terminated string at `address`. */
+  cString(address: bigint): string;
+  /** A native function pointer that runs `fn` on the JS thread. */
+  callback(signature: Signature, fn: NativeCall): NativeCallback;
+  /** A JS callable for the native function at `address`. */
+  fnPointer(address: bigint, signature: Signature): NativeCall;
+}
+
+/** One line of the process's memory map. */
+export interface Mapping {
+  readonly start: bigint;
+  readonly end: bigint;
+  /** Protection bits: PROT_READ 1, PROT_WRITE 2, PROT_EXEC 4. */
+  readonly protection: number;
+  readonly path: string;
+}
+
+/** Protection bits, the same numbers on every system we support. */
+export const PROT_READ = 1;
+export const PROT_WRITE = 2;
+export const PROT_EXEC = 4;
+
+/** Executable memory with a separate writable alias: code is written through `writable`. */
+export interface CodeBlock {
+  /** Where the code runs (read + execute). */
+  readonly address: bigint;
+  /** Where the code is written (read + write); the same bytes as `address`. */
+  readonly writable: bigint;
+  readonly size: number;
+}
+
+/** A symbol's entry and, when the symbol table knows it, its size. */
+export interface SymbolInfo {
+  readonly name: string;
+  readonly start: bigint;
+  /** 0 when unknown. */
+  readonly size: number;
+  readonly library: string;
+}
+
+/** What each OS layer (platform/linux.ts, ...) provides. */
+export interface Os {
+  readonly pageSize: number;
+  /** The address of `symbol`, in `library` or (library omitted) anywhere in the process. */
+  symbolAddress(symbol: string, library?: string): bigint;
+  /** The symbol containing `address`, if the dynamic symbol table has one. */
+  symbolAt(address: bigint): SymbolInfo | null;
+  /** Every mapping of the process, in address order. */
+  mappings(): Mapping[];
+  /** Changes the protection of whole pages; throws PROTECT_FAILED with the errno text. */
+  protect(start: bigint, length: number, protection: number): void;
+  /**
+   * Executable memory (with a writable alias) within `reach` bytes of `near`, or null when none
+   * can be had there.
+   */
+  allocateCode(near: bigint, reach: bigint, size: number): CodeBlock | null;
+  /** Gives a code block back. */
+  freeCode(block: CodeBlock): void;
+  /** Makes freshly written code visible to instruction fetch (a no-op on x86-64). */
+  flushCode(address: bigint, length: number): void;
+}
+
+/** The runtime and OS together: everything `src/` needs from the machine. */
+export interface Platform {
+  readonly runtime: Runtime;
+  readonly os: Os;
+}

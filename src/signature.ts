@@ -1,0 +1,68 @@
+/**
+ * The portable signature vocabulary (Deno's type names) and the JS types a replacement sees.
+ * 64-bit integers are `bigint` on both runtimes; pointers are `bigint` addresses (0n for NULL).
+ */
+import { RedefineError } from "./errors.ts";
+
+/** A native type name, the same on Deno and Bun. */
+export type NativeType =
+  | "i8" | "u8" | "i16" | "u16" | "i32" | "u32" | "i64" | "u64"
+  | "usize" | "isize" | "f32" | "f64" | "bool" | "pointer" | "buffer" | "function" | "void";
+
+/** A function's parameters and result. */
+export interface Signature {
+  readonly parameters: readonly NativeType[];
+  readonly result: NativeType;
+}
+
+/** The JS value a native value of type `T` becomes, on both runtimes. */
+export type JsValue<T extends NativeType> = T extends "i64" | "u64" | "usize" | "isize" ? bigint
+  : T extends "pointer" | "function" | "buffer" ? bigint
+  : T extends "f32" | "f64" | "i8" | "u8" | "i16" | "u16" | "i32" | "u32" ? number
+  : T extends "bool" ? boolean
+  : T extends "void" ? void
+  : never;
+
+/** What `original(...)` accepts for a parameter of type `T`: a buffer may also be bytes. */
+export type JsArgument<T extends NativeType> = T extends "buffer" ? bigint | Uint8Array
+  : JsValue<T>;
+
+/** The JS arguments of a signature's parameters, as a tuple. */
+export type JsParameters<P extends readonly NativeType[]> = { [K in keyof P]: JsValue<P[K]> };
+
+/** The JS arguments `original(...)` takes. */
+export type JsArguments<P extends readonly NativeType[]> = { [K in keyof P]: JsArgument<P[K]> };
+
+/** A JS function with the shape of a signature. */
+export type JsFunction<S extends Signature> = (
+  ...args: JsParameters<S["parameters"]>
+) => JsValue<S["result"]>;
+
+const TYPES: ReadonlySet<string> = new Set([
+  "i8", "u8", "i16", "u16", "i32", "u32", "i64", "u64", "usize", "isize",
+  "f32", "f64", "bool", "pointer", "buffer", "function", "void",
+]);
+
+/** Checks a signature coming from user code (which may not be typed) and returns it. */
+export function checkSignature(signature: Signature, what: string): Signature {
+  if (!signature || !Array.isArray(signature.parameters)) {
+    throw new RedefineError(
+      "BAD_SIGNATURE",
+      `${what}: 'parameters' must be an array of native type names, e.g. { parameters: ["i32"], result: "i64" }.`,
+    );
+  }
+  const bad = [...signature.parameters.map((t, i) => [`parameters[${i}]`, t] as const), [
+    "result",
+    signature.result,
+  ] as const].find(([, t]) => !TYPES.has(t as string));
+  if (bad) {
+    throw new RedefineError(
+      "BAD_SIGNATURE",
+      `${what}: ${bad[0]} is '${String(bad[1])}', not a native type. Use one of: ${[...TYPES].join(", ")}.`,
+    );
+  }
+  if (signature.parameters.includes("void")) {
+    throw new RedefineError("BAD_SIGNATURE", `${what}: 'void' is only valid as a result type.`);
+  }
+  return signature;
+}
