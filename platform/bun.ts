@@ -2,6 +2,7 @@
  * The Bun runtime adapter: `bun:ffi`'s dlopen, toArrayBuffer, JSCallback and CFunction. Bun's
  * pointers are JS numbers; they become `bigint` addresses at this boundary and nowhere else.
  */
+import process from "node:process";
 import { RedefineError } from "../src/errors.ts";
 import type { NativeType, Signature } from "../src/signature.ts";
 import type { NativeCall, NativeCallback, Runtime } from "./types.ts";
@@ -83,6 +84,6 @@ export const bun: Runtime = {
   },
 
   fnPointer(address, signature) {
-    return ffi.CFunction({ ptr: Number(address) as never, ...bunDefinition(signature) }) as NativeCall;
+    return ffi.CFunction({ ptr: Number(address) as never, ...bunDefinition(signature) }) as unknown as NativeCall;
   },
 };

@@ -101,7 +101,7 @@ export const deno: Runtime = {
   fnPointer(address, signature) {
     const fn = ffiGuard(
       "calling a native address",
-      () => new Deno.UnsafeFnPointer(pointer(address), denoDefinition(signature) as Deno.ForeignFunction),
+      () => new Deno.UnsafeFnPointer(pointer(address) as never, denoDefinition(signature) as Deno.ForeignFunction),
     );
     return fn.call.bind(fn) as NativeCall;
   },

@@ -17,6 +17,11 @@ const MAP_FAILED = 2n ** 64n - 1n;
 const MFD_CLOEXEC = 1;
 const MFD_EXEC = 0x10;
 const O_RDONLY = 0;
+const O_CLOEXEC = 0x80000;
+/** `_IOWR('f', 17, struct procmap_query)`: one mapping by address, Linux 6.11 and later. */
+const PROCMAP_QUERY = 0xc0686611n;
+const PROCMAP_QUERY_SIZE = 104;
+const ENOENT = 2;
 
 const ERRNO_NAMES: Record<number, string> = {
   1: "EPERM", 9: "EBADF", 12: "ENOMEM", 13: "EACCES", 14: "EFAULT", 17: "EEXIST", 22: "EINVAL",
@@ -37,6 +42,7 @@ function libc(runtime: Runtime) {
     open: { parameters: ["buffer", "i32"], result: "i32" },
     read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
     close: { parameters: ["i32"], result: "i32" },
+    ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
     __errno_location: { parameters: [], result: "usize" },
     strerror: { parameters: ["i32"], result: "usize" },
     dlopen: { parameters: ["buffer", "i32"], result: "usize" },
@@ -111,9 +117,40 @@ export function linux(runtime: Runtime): Os {
     ? runtime.open("libgcc_s.so.1", { __clear_cache: { parameters: ["usize", "usize"], result: "void" } })
     : null;
 
-  function errnoText(): string {
-    const errno = new DataView(runtime.view(c.__errno_location(), 4).slice().buffer).getInt32(0, true);
-    return `${ERRNO_NAMES[errno] ?? "errno " + errno} (${runtime.cString(c.strerror(errno))})`;
+  function errno(): number {
+    return new DataView(runtime.view(c.__errno_location(), 4).slice().buffer).getInt32(0, true);
+  }
+
+  function errnoText(code = errno()): string {
+    return `${ERRNO_NAMES[code] ?? "errno " + code} (${runtime.cString(c.strerror(code))})`;
+  }
+
+  // One open /proc/self/maps answers PROCMAP_QUERY for the life of the process; null once the
+  // kernel turns out not to know the ioctl, and we read the whole text instead.
+  let queryFd: number | null = c.open(cString("/proc/self/maps"), O_RDONLY | O_CLOEXEC) as number;
+  const query = new Uint8Array(PROCMAP_QUERY_SIZE);
+  const queryFields = new DataView(query.buffer);
+  queryFields.setBigUint64(0, BigInt(PROCMAP_QUERY_SIZE), true);
+
+  /** The mapping containing `address` by PROCMAP_QUERY; undefined when the kernel cannot tell. */
+  function queryMapping(address: bigint): Mapping | null | undefined {
+    if (queryFd === null || queryFd < 0) return undefined;
+    // query_flags stays 0 (the covering mapping) and no name or build id is asked for, so only
+    // query_addr changes between calls.
+    queryFields.setBigUint64(16, address, true);
+    if ((c.ioctl(queryFd, PROCMAP_QUERY, query) as number) !== 0) {
+      const code = errno();
+      if (code === ENOENT) return null;
+      queryFd = null;
+      return undefined;
+    }
+    const flags = Number(queryFields.getBigUint64(40, true));
+    return {
+      start: queryFields.getBigUint64(24, true),
+      end: queryFields.getBigUint64(32, true),
+      protection: flags & (PROT_READ | PROT_WRITE | PROT_EXEC),
+      path: "",
+    };
   }
 
   function readMaps(): string {
@@ -213,6 +250,12 @@ export function linux(runtime: Runtime): Os {
 
     mappings() {
       return parseMaps(readMaps());
+    },
+
+    mappingAt(address) {
+      const found = queryMapping(address);
+      if (found !== undefined) return found;
+      return parseMaps(readMaps()).find((m) => address >= m.start && address < m.end) ?? null;
     },
 
     protect(start, length, protection) {

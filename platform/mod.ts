@@ -18,7 +18,8 @@ const runtime: Runtime | null = global.Deno !== undefined
   ? (await import("./bun.ts")).bun
   : null;
 
-function osLayer(runtime: Runtime): Os {
+/** The OS layer for `runtime`'s operating system. */
+export function osFor(runtime: Runtime): Os {
   switch (runtime.os) {
     case "linux":
       return linux(runtime);
@@ -41,6 +42,6 @@ export function platform(): Platform {
       "redefine runs on Deno and Bun (their FFI does the work); this runtime has neither.",
     );
   }
-  current = { runtime, os: osLayer(runtime) };
+  current = { runtime, os: osFor(runtime) };
   return current;
 }

@@ -80,6 +80,8 @@ export interface Os {
   symbolAt(address: bigint): SymbolInfo | null;
   /** Every mapping of the process, in address order. */
   mappings(): Mapping[];
+  /** The mapping containing `address` (its `path` may be empty), or null when it is unmapped. */
+  mappingAt(address: bigint): Mapping | null;
   /** Changes the protection of whole pages; throws PROTECT_FAILED with the errno text. */
   protect(start: bigint, length: number, protection: number): void;
   /**

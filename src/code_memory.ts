@@ -4,7 +4,7 @@
  * protection back, flush), undoing every step when one fails.
  */
 import { hex, RedefineError } from "./errors.ts";
-import type { CodeBlock, Mapping, Platform, Runtime } from "../platform/mod.ts";
+import type { CodeBlock, Platform, Runtime } from "../platform/mod.ts";
 import { PROT_EXEC, PROT_WRITE } from "../platform/mod.ts";
 
 /** A piece of a code block handed to one patch. */
@@ -94,11 +94,6 @@ export interface CodeWrite {
   readonly bytes: Uint8Array;
 }
 
-/** The mapping containing `address`, if any. */
-export function mappingAt(mappings: readonly Mapping[], address: bigint): Mapping | undefined {
-  return mappings.find((m) => address >= m.start && address < m.end);
-}
-
 /**
  * Writes every `writes` entry into code pages as one transaction: each page touched is made
  * writable once (keeping its execute bit, since other threads may be running code on it), every
@@ -108,12 +103,11 @@ export function mappingAt(mappings: readonly Mapping[], address: bigint): Mappin
 export function writeCode(platform: Platform, writes: readonly CodeWrite[]): void {
   const { os, runtime } = platform;
   const page = BigInt(os.pageSize);
-  const mappings = os.mappings();
   const pages = new Map<bigint, number>();
   for (const { address, bytes } of writes) {
     const first = address - address % page;
     for (let p = first; p < address + BigInt(bytes.length); p += page) {
-      const mapping = mappingAt(mappings, p);
+      const mapping = os.mappingAt(p);
       if (!mapping) {
         throw new RedefineError("INVALID_ADDRESS", `${hex(p)} is not mapped: nothing was written.`);
       }

@@ -4,12 +4,12 @@
 import { hex, hexBytes, RedefineError } from "./errors.ts";
 import { checkSignature } from "./signature.ts";
 import type { JsFunction, NativeType, Signature } from "./signature.ts";
-import { CodePool, mappingAt, writeCode } from "./code_memory.ts";
+import { CodePool, writeCode } from "./code_memory.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import { archFor } from "./arch/mod.ts";
 import type { Arch } from "./arch/mod.ts";
 import { platform } from "../platform/mod.ts";
-import type { NativeCallback, Platform } from "../platform/mod.ts";
+import type { NativeCallback, Platform, SymbolInfo } from "../platform/mod.ts";
 import { PROT_EXEC } from "../platform/mod.ts";
 
 /** A function to redefine, named by its symbol. */
@@ -174,16 +174,21 @@ function checkExecutable(p: Platform, address: bigint, what: string): void {
   if (address === 0n) {
     throw new RedefineError("INVALID_ADDRESS", `${what} is the NULL address: check where it came from.`);
   }
-  const mapping = mappingAt(p.os.mappings(), address);
+  const mapping = p.os.mappingAt(address);
   if (!mapping || !(mapping.protection & PROT_EXEC)) {
     throw new RedefineError(
       "INVALID_ADDRESS",
-      `${what} ${hex(address)} is ${mapping ? "in a non-executable mapping" : "not mapped"}` +
-        `${mapping?.path ? ` (${mapping.path})` : ""}: it is not code. Check the address against ` +
-        `/proc/self/maps, or name the function by its symbol.`,
+      `${what} ${hex(address)} is ${mapping ? "in a non-executable mapping" : "not mapped"}: it is not ` +
+        `code. Check the address against the process's memory map, or name the function by its symbol.`,
     );
   }
 }
+
+/**
+ * Symbols by address, as `dladdr1` found them: the lookup scans a library's whole symbol table, and
+ * a loaded library's symbols do not move.
+ */
+const extents = new Map<bigint, SymbolInfo | null>();
 
 /** How many bytes from `address` belong to the function: a given size, or its symbol's extent. */
 function extentOf(p: Platform, address: bigint, size: number | undefined): number {
@@ -193,7 +198,8 @@ function extentOf(p: Platform, address: bigint, size: number | undefined): numbe
     }
     return size;
   }
-  const symbol = p.os.symbolAt(address);
+  let symbol = extents.get(address);
+  if (symbol === undefined) extents.set(address, symbol = p.os.symbolAt(address));
   if (symbol && symbol.size > 0 && address >= symbol.start && address < symbol.start + BigInt(symbol.size)) {
     return Number(symbol.start + BigInt(symbol.size) - address);
   }
@@ -299,7 +305,7 @@ export function redefine<const P extends readonly NativeType[], const R extends 
   const slots: CodeSlot[] = [];
   try {
     const entry = entryJump(pool, arch, at, to, room, slots);
-    const original = p.runtime.view(at, entry.length).slice();
+    const original = code.slice(Number(at - address), Number(at - address) + entry.length);
     writeCode(p, [{ address: at, bytes: entry }]);
     const patch = new Patch(address, signature, { at, original, written: entry, slots, callback });
     live.push(patch as never);

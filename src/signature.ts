@@ -4,18 +4,44 @@
  */
 import { RedefineError } from "./errors.ts";
 
-/** A native type name, the same on Deno and Bun. */
+/**
+ * A native type name, the same on Deno and Bun.
+ *
+ * @example
+ * ```ts
+ * import type { NativeType } from "./mod.ts";
+ * const types: NativeType[] = ["i64", "pointer", "f64"];
+ * ```
+ */
 export type NativeType =
   | "i8" | "u8" | "i16" | "u16" | "i32" | "u32" | "i64" | "u64"
   | "usize" | "isize" | "f32" | "f64" | "bool" | "pointer" | "buffer" | "function" | "void";
 
-/** A function's parameters and result. */
+/**
+ * A function's parameters and result.
+ *
+ * @example
+ * ```ts
+ * import type { Signature } from "./mod.ts";
+ * const strlen: Signature = { parameters: ["pointer"], result: "u64" };
+ * ```
+ */
 export interface Signature {
+  /** The parameter types, in order. */
   readonly parameters: readonly NativeType[];
+  /** The result type (`"void"` for none). */
   readonly result: NativeType;
 }
 
-/** The JS value a native value of type `T` becomes, on both runtimes. */
+/**
+ * The JS value a native value of type `T` becomes, on both runtimes.
+ *
+ * @example
+ * ```ts
+ * import type { JsValue } from "./mod.ts";
+ * const address: JsValue<"pointer"> = 0n; // pointers are bigint addresses, 0n for NULL
+ * ```
+ */
 export type JsValue<T extends NativeType> = T extends "i64" | "u64" | "usize" | "isize" ? bigint
   : T extends "pointer" | "function" | "buffer" ? bigint
   : T extends "f32" | "f64" | "i8" | "u8" | "i16" | "u16" | "i32" | "u32" ? number
@@ -27,13 +53,29 @@ export type JsValue<T extends NativeType> = T extends "i64" | "u64" | "usize" | 
 export type JsArgument<T extends NativeType> = T extends "buffer" ? bigint | Uint8Array
   : JsValue<T>;
 
-/** The JS arguments of a signature's parameters, as a tuple. */
+/**
+ * The JS arguments of a signature's parameters, as a tuple.
+ *
+ * @example
+ * ```ts
+ * import type { JsParameters } from "./mod.ts";
+ * const args: JsParameters<["i32", "i64"]> = [1, 2n];
+ * ```
+ */
 export type JsParameters<P extends readonly NativeType[]> = { [K in keyof P]: JsValue<P[K]> };
 
 /** The JS arguments `original(...)` takes. */
 export type JsArguments<P extends readonly NativeType[]> = { [K in keyof P]: JsArgument<P[K]> };
 
-/** A JS function with the shape of a signature. */
+/**
+ * A JS function with the shape of a signature.
+ *
+ * @example
+ * ```ts
+ * import type { JsFunction } from "./mod.ts";
+ * const double: JsFunction<{ parameters: ["i64"]; result: "i64" }> = (x) => x * 2n;
+ * ```
+ */
 export type JsFunction<S extends Signature> = (
   ...args: JsParameters<S["parameters"]>
 ) => JsValue<S["result"]>;

@@ -1,0 +1,218 @@
+import { assert, test } from "./harness.ts";
+import { redefine, RedefineError, restoreAll } from "../mod.ts";
+import { assemble, bytesAt, cstr, libc, mapPages, os, protectionAt, runtime, unassemble, writableExecutable } from "./native.ts";
+import { PROT_EXEC, PROT_READ } from "../platform/mod.ts";
+
+// The runtimes' own threads call getpid, and a JS replacement called from another thread hangs
+// until the guard stub exists (see the README's known limits), so JS replacements here take
+// functions only the JS thread calls: getppid, labs, strtol.
+const realPid = libc.getpid() as number;
+const realParent = libc.getppid() as number;
+
+/** Runs `body` and asserts that the bytes and page protection at `address` come back exactly. */
+function leavesNoTrace(address: bigint, body: () => void): void {
+  const bytes = bytesAt(address, 32);
+  const protection = protectionAt(address);
+  const wx = writableExecutable();
+  body();
+  assert.deepEqual(bytesAt(address, 32), bytes, "code bytes restored exactly");
+  assert.equal(protectionAt(address), protection, "page protection restored exactly");
+  assert.deepEqual(writableExecutable(), wx, "no new writable+executable mapping");
+}
+
+test("a JS replacement of getppid is what every native caller gets, until restore", () => {
+  const address = os.symbolAddress("getppid", "libc.so.6");
+  leavesNoTrace(address, () => {
+    const patch = redefine({ symbol: "getppid", library: "libc.so.6", parameters: [], result: "i32" }, () => 4242);
+    assert.equal(patch.address, address);
+    assert.equal(patch.active, true);
+    assert.equal(libc.getppid(), 4242);
+    assert.equal(protectionAt(address), PROT_READ | PROT_EXEC, "text page is read+execute while patched");
+    patch.restore();
+    assert.equal(patch.active, false);
+    assert.equal(libc.getppid(), realParent);
+    patch.restore(); // harmless the second time
+  });
+});
+
+test("64-bit integers reach a replacement as bigint: labs", () => {
+  const seen: bigint[] = [];
+  const address = os.symbolAddress("labs");
+  leavesNoTrace(address, () => {
+    const patch = redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, (x) => {
+      seen.push(x);
+      return x * 10n;
+    });
+    try {
+      assert.equal(libc.labs(-7n), -70n);
+      // imaxabs shares labs's body in glibc: one patch redefines both.
+      assert.equal(libc.imaxabs(3n), 30n);
+    } finally {
+      patch.restore();
+    }
+    assert.deepEqual(seen, [-7n, 3n]);
+    assert.equal(libc.labs(-7n), 7n);
+  });
+});
+
+test("pointers reach a replacement as bigint addresses; the real caller atoi sees redefined strtol", () => {
+  const address = os.symbolAddress("strtol");
+  leavesNoTrace(address, () => {
+    const patch = redefine(
+      { symbol: "strtol", parameters: ["pointer", "pointer", "i32"], result: "i64" },
+      (text, end, base) => {
+        assert.equal(typeof text, "bigint");
+        assert.equal(end, 0n, "atoi passes NULL as endptr");
+        assert.equal(base, 10);
+        return BigInt(runtime.cString(text).length) * 100n;
+      },
+    );
+    try {
+      assert.equal(libc.atoi(cstr("12345")), 500, "atoi calls strtol inside libc");
+    } finally {
+      patch.restore();
+    }
+    assert.equal(libc.atoi(cstr("12345")), 12345);
+  });
+});
+
+test("native to native: getppid redirected to getpid, by symbol and by address", () => {
+  const address = os.symbolAddress("getppid");
+  leavesNoTrace(address, () => {
+    const bySymbol = redefine({ symbol: "getppid", parameters: [], result: "i32" }, { symbol: "getpid" });
+    assert.equal(libc.getppid(), realPid);
+    bySymbol.restore();
+    assert.equal(libc.getppid(), realParent);
+    const byAddress = redefine({ address, parameters: [], result: "i32" }, os.symbolAddress("getpid"));
+    assert.equal(libc.getppid(), realPid);
+    byAddress.restore();
+  });
+});
+
+test("using restores at the end of the scope", () => {
+  {
+    using patch = redefine({ symbol: "getppid", parameters: [], result: "i32" }, () => 7);
+    assert.equal(patch.active, true);
+    assert.equal(libc.getppid(), 7);
+  }
+  assert.equal(libc.getppid(), realParent);
+});
+
+test("restoreAll restores every live patch, newest first", () => {
+  const a = redefine({ symbol: "getppid", parameters: [], result: "i32" }, () => 1);
+  const b = redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, () => 2n);
+  assert.equal(libc.getppid(), 1);
+  assert.equal(libc.labs(-5n), 2n);
+  restoreAll();
+  assert.equal(a.active, false);
+  assert.equal(b.active, false);
+  assert.equal(libc.getppid(), realParent);
+  assert.equal(libc.labs(-5n), 5n);
+});
+
+// mov rax, rdi; add rax, rax; ret — doubles its argument.
+const DOUBLE = [0x48, 0x89, 0xf8, 0x48, 0x01, 0xc0, 0xc3];
+
+test("a raw address with its size; the jump may straddle two pages with their own protections", () => {
+  // Two bytes before the page boundary: the 5-byte jump touches both pages.
+  const { address, base } = assemble([...DOUBLE, 0x90, 0x90, 0x90], -2);
+  try {
+    const double = runtime.fnPointer(address, { parameters: ["i64"], result: "i64" });
+    assert.equal(double(21n), 42n);
+    leavesNoTrace(address, () => {
+      const patch = redefine({ address, size: 10, parameters: ["i64"], result: "i64" }, (x) => x + 1n);
+      assert.equal(protectionAt(address), PROT_READ | PROT_EXEC);
+      assert.equal(protectionAt(address + 4n), PROT_READ | PROT_EXEC);
+      assert.equal(double(21n), 22n);
+      patch.restore();
+    });
+    assert.equal(double(21n), 42n);
+  } finally {
+    unassemble(base);
+  }
+});
+
+test("a function with no symbol and no size is refused: UNKNOWN_SIZE, nothing written", () => {
+  const { address, base } = assemble(DOUBLE, 0);
+  try {
+    leavesNoTrace(address, () => {
+      assert.throws(
+        () => redefine({ address, parameters: ["i64"], result: "i64" }, (x) => x),
+        (e) => e instanceof RedefineError && e.code === "UNKNOWN_SIZE" && /\{ size \}/.test(e.message),
+      );
+    });
+  } finally {
+    unassemble(base);
+  }
+});
+
+function throwsCode(code: string, body: () => unknown, message?: RegExp): void {
+  assert.throws(body, (e) => {
+    assert.ok(e instanceof RedefineError, `expected a RedefineError, got ${e}`);
+    assert.equal(e.code, code, e.message);
+    if (message) assert.match(e.message, message);
+    return true;
+  });
+}
+
+test("errors: unknown symbol, missing library, bad signature, bad replacement", () => {
+  throwsCode("SYMBOL_NOT_FOUND", () => redefine({ symbol: "no_such_function_xyz", parameters: [], result: "void" }, () => {}), /no_such_function_xyz/);
+  throwsCode("LIBRARY_NOT_FOUND", () => redefine({ symbol: "getpid", library: "libnope.so.9", parameters: [], result: "i32" }, () => 1), /libnope/);
+  throwsCode("BAD_SIGNATURE", () => redefine({ symbol: "getpid", parameters: ["int" as "i32"], result: "i32" }, () => 1), /'int'/);
+  throwsCode("BAD_SIGNATURE", () => redefine({ symbol: "getpid", parameters: [], result: "long" as "i32" }, () => 1));
+  throwsCode("BAD_REPLACEMENT", () => redefine({ symbol: "getpid", parameters: [], result: "i32" }, null as never));
+  throwsCode("BAD_REPLACEMENT", () => redefine({ symbol: "getpid", parameters: [], result: "i32" }, "getpid" as never));
+  throwsCode("BAD_REPLACEMENT", () => redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, ((a: bigint, b: bigint) => a + b) as never), /2 parameters/);
+  assert.equal(libc.getpid(), realPid);
+});
+
+test("errors: NULL, non-code and too-short targets; nothing written", () => {
+  throwsCode("INVALID_ADDRESS", () => redefine({ address: 0n, size: 16, parameters: [], result: "void" }, () => {}), /NULL/);
+  const data = mapPages(1);
+  throwsCode("INVALID_ADDRESS", () => redefine({ address: data, size: 16, parameters: [], result: "void" }, () => {}), /non-executable/);
+  libc.munmap(data, BigInt(os.pageSize));
+  const { address, base } = assemble(DOUBLE, 0);
+  try {
+    leavesNoTrace(address, () => {
+      throwsCode("FUNCTION_TOO_SHORT", () => redefine({ address, size: 4, parameters: ["i64"], result: "i64" }, (x) => x), /4 bytes/);
+    });
+  } finally {
+    unassemble(base);
+  }
+  // Unmapped: just past a fresh mapping that was unmapped again.
+  throwsCode("INVALID_ADDRESS", () => redefine({ address: base, size: 16, parameters: [], result: "void" }, () => {}), /not mapped/);
+});
+
+test("errors: ALREADY_PATCHED, then PATCH_MODIFIED when something else rewrote the entry", () => {
+  const patch = redefine({ symbol: "getppid", parameters: [], result: "i32" }, { symbol: "getpid" });
+  try {
+    throwsCode("ALREADY_PATCHED", () => redefine({ symbol: "getppid", parameters: [], result: "i32" }, () => 2));
+    assert.equal(libc.getppid(), realPid);
+  } finally {
+    patch.restore();
+  }
+  const { address: f, base } = assemble(DOUBLE, 0);
+  try {
+    const p = redefine({ address: f, size: 7, parameters: ["i64"], result: "i64" }, (x) => x);
+    const ours = bytesAt(f, 5);
+    libc.mprotect(base, BigInt(os.pageSize), 7);
+    runtime.view(f, 1).set([0xcc]);
+    throwsCode("PATCH_MODIFIED", () => p.restore(), /something else patched it/);
+    assert.equal(p.active, true);
+    runtime.view(f, 5).set(ours);
+    libc.mprotect(base, BigInt(os.pageSize), PROT_READ | PROT_EXEC);
+    p.restore();
+    assert.deepEqual(bytesAt(f, DOUBLE.length), Uint8Array.from(DOUBLE));
+  } finally {
+    unassemble(base);
+  }
+});
+
+test("time lives in the vDSO, which the kernel will not make writable: PROTECT_FAILED with errno", () => {
+  const address = os.symbolAddress("time");
+  const vdso = os.mappings().find((m) => m.path === "[vdso]")!;
+  assert.ok(address >= vdso.start && address < vdso.end, "glibc's time resolves into the vDSO");
+  leavesNoTrace(address, () => {
+    throwsCode("PROTECT_FAILED", () => redefine({ symbol: "time", parameters: ["pointer"], result: "i64" }, () => 0n), /EINVAL/);
+  });
+});
