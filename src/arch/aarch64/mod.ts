@@ -1,0 +1,39 @@
+/**
+ * The AArch64 instruction set: `b imm26` entry jumps, `ldr x16, #8; br x16` absolute jumps, and
+ * the relocator for the words they overwrite.
+ */
+import type { Arch } from "../mod.ts";
+import { decodeAt } from "./decoder.ts";
+import { planRelocation, relocate } from "./relocator.ts";
+import { assemble, b, B_REACH, B_SIZE, JUMP_ABS_SIZE, jumpAbs } from "./writer.ts";
+
+/**
+ * AArch64 for `src/`. A leading `bti` or `paciasp`/`pacibsp` (which also serve as landing pads)
+ * stays in place: indirect calls into guarded pages must land on one.
+ *
+ * @example
+ * ```ts
+ * import { aarch64 } from "./mod.ts";
+ * const jump = aarch64.nearJump(0x10000n, 0x20000n); // b 0x20000
+ * if (jump?.join() !== "0,64,0,20") throw new Error("expected the word 0x14004000");
+ * ```
+ */
+export const aarch64: Arch = {
+  name: "aarch64",
+  nearReach: B_REACH,
+  nearJumpSize: B_SIZE,
+  farJumpSize: JUMP_ABS_SIZE,
+  codeAlignment: 4,
+  landingPadLength(code: Uint8Array): number {
+    return code.length >= 4 && decodeAt(code, 0, 0n).kind === "landingPad" ? 4 : 0;
+  },
+  nearJump(from: bigint, to: bigint): Uint8Array | null {
+    const word = b(from, to);
+    return word === null ? null : assemble([word]);
+  },
+  farJump(_from: bigint, to: bigint): Uint8Array {
+    return jumpAbs(to);
+  },
+  planRelocation,
+  relocate,
+};

@@ -1,0 +1,273 @@
+/**
+ * The AArch64 relocator: moves the first whole instructions of a function into a trampoline,
+ * rewrites each PC-relative one to reach the same place from there, and refuses what cannot move.
+ * Scratch registers: x16 for far jumps and calls, x17 as the base of relocated literal loads.
+ */
+import { hex, RedefineError } from "../../errors.ts";
+import type { RelocationPlan } from "../mod.ts";
+import { type Branch, decodeAt, type Instruction, isBranch } from "./decoder.ts";
+import {
+  adr,
+  adrp,
+  assemble,
+  b,
+  bCond,
+  bl,
+  CALL_ABS_SIZE,
+  callAbs,
+  cbz,
+  JUMP_ABS_SIZE,
+  jumpAbs,
+  ldrBase,
+  ldrLiteral,
+  LITERAL_SIZES,
+  MOV_ABS_MAX_SIZE,
+  movAbs,
+  tbz,
+  X17,
+} from "./writer.ts";
+
+/** The instructions to move and the bytes they span. */
+interface Analysis {
+  instructions: Instruction[];
+  consumed: number;
+}
+
+function wordHex(word: number): string {
+  return "0x" + word.toString(16).padStart(8, "0");
+}
+
+function refusal(address: bigint, instruction: Instruction, why: string): RedefineError {
+  return new RedefineError(
+    "UNRELOCATABLE",
+    `Cannot relocate the start of the function at ${hex(address)}: the instruction at ` +
+      `${hex(instruction.address)} (${wordHex(instruction.word)}, ${instruction.kind}) ${why}. Pass a ` +
+      "native replacement that does not call the original, or patch a different function.",
+  );
+}
+
+/**
+ * Picks the whole words covering `minLength` bytes and checks the function's known extent for
+ * anything the patch would break: code that jumps or points into the overwritten words from
+ * outside them, or reads them as data.
+ */
+function analyse(code: Uint8Array, address: bigint, minLength: number): Analysis {
+  if (address % 4n !== 0n) {
+    throw new RedefineError(
+      "INVALID_ADDRESS",
+      `${hex(address)} is not 4-byte aligned, so it is not the address of aarch64 code. Pass the ` +
+        "address of the function's first instruction.",
+    );
+  }
+  const consumed = Math.ceil(minLength / 4) * 4;
+  if (code.length < consumed) {
+    throw new RedefineError(
+      "FUNCTION_TOO_SHORT",
+      `The function at ${hex(address)} has ${code.length} bytes, and patching it needs ${consumed}. ` +
+        "Patch a larger function, or the function that calls this one.",
+    );
+  }
+  const end = address + BigInt(consumed);
+  const strictlyInside = (target: bigint) => target > address && target < end;
+  const all: Instruction[] = [];
+  for (let at = 0; at + 4 <= code.length; at += 4) all.push(decodeAt(code, at, address));
+
+  for (const instruction of all) {
+    const moved = instruction.address < end;
+    if (instruction.kind === "cmpbr" && moved) {
+      throw refusal(
+        address,
+        instruction,
+        "is a FEAT_CMPBR compare-and-branch, which cannot be relocated yet",
+      );
+    }
+    // A branch among the moved words that targets them stays internal to the trampoline.
+    if (isBranch(instruction) && !moved && strictlyInside(instruction.target)) {
+      throw refusal(
+        address,
+        instruction,
+        `jumps to ${hex(instruction.target)}, inside the ${consumed} bytes the patch overwrites`,
+      );
+    }
+    if (instruction.kind === "adr" && strictlyInside(instruction.target)) {
+      throw refusal(
+        address,
+        instruction,
+        `takes the address ${hex(instruction.target)}, inside the ${consumed} bytes the patch overwrites`,
+      );
+    }
+    if (instruction.kind === "ldrLiteral") {
+      const size = BigInt(LITERAL_SIZES[instruction.load]);
+      if (size > 0n && instruction.target < end && instruction.target + size > address) {
+        throw refusal(
+          address,
+          instruction,
+          `reads data at ${hex(instruction.target)}, inside the ${consumed} bytes the patch overwrites`,
+        );
+      }
+    }
+  }
+  return { instructions: all.slice(0, consumed / 4), consumed };
+}
+
+function concat(parts: readonly Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((sum, part) => sum + part.length, 0));
+  let at = 0;
+  for (const part of parts) {
+    out.set(part, at);
+    at += part.length;
+  }
+  return out;
+}
+
+/** The shortest jump from `at` to `target`. */
+function jump(at: bigint, target: bigint): Uint8Array {
+  const near = b(at, target);
+  return near === null ? jumpAbs(target) : assemble([near]);
+}
+
+/**
+ * A conditional branch at `at` to `target`: itself re-targeted when in reach, else its inverse
+ * stepping over a `b`, else over an absolute jump.
+ */
+function conditional(
+  at: bigint,
+  target: bigint,
+  encode: (from: bigint, to: bigint) => number | null,
+  encodeInverse: (from: bigint, to: bigint) => number | null,
+): Uint8Array {
+  const same = encode(at, target);
+  if (same !== null) return assemble([same]);
+  const near = b(at + 4n, target);
+  if (near !== null) return assemble([encodeInverse(at, at + 8n)!, near]);
+  return concat([assemble([encodeInverse(at, at + 4n + BigInt(JUMP_ABS_SIZE))!]), jumpAbs(target)]);
+}
+
+/** `instruction`, rewritten to run at `at` and reach the same target. */
+function rewrite(instruction: Instruction, at: bigint): Uint8Array {
+  switch (instruction.kind) {
+    case "adr":
+    case "adrp": {
+      const encode = instruction.kind === "adr" ? adr : adrp;
+      const near = encode(instruction.rd, at, instruction.target);
+      return assemble(near === null ? movAbs(instruction.rd, instruction.target) : [near]);
+    }
+    case "ldrLiteral": {
+      const { load, rt, target } = instruction;
+      const near = ldrLiteral(load, rt, at, target);
+      if (near !== null) return assemble([near]);
+      // A general-register load can use its own destination as the base; register 31 would be
+      // sp as a base, and prfm and SIMD loads have no general destination.
+      const ownBase = (load === "w" || load === "x" || load === "sw") && rt !== 31;
+      const base = ownBase ? rt : X17;
+      return assemble([...movAbs(base, target), ldrBase(load, rt, base)]);
+    }
+    case "b":
+      return jump(at, instruction.target);
+    case "bl": {
+      // The call returns to the next word of the trampoline, which carries on as the original would.
+      const near = bl(at, instruction.target);
+      return near === null ? callAbs(instruction.target) : assemble([near]);
+    }
+    case "bCond": {
+      const { cond, consistent, target } = instruction;
+      const encode = (from: bigint, to: bigint) => bCond(cond, consistent, from, to);
+      // Conditions 14 and 15 both mean "always": they have no inverse.
+      if (cond >= 14) {
+        const same = encode(at, target);
+        return same === null ? jump(at, target) : assemble([same]);
+      }
+      return conditional(at, target, encode, (from, to) => bCond(cond ^ 1, consistent, from, to));
+    }
+    case "cbz": {
+      const { branch, target } = instruction;
+      const inverse = { ...branch, nonzero: !branch.nonzero };
+      return conditional(
+        at,
+        target,
+        (from, to) => cbz(branch, from, to),
+        (from, to) => cbz(inverse, from, to),
+      );
+    }
+    case "tbz": {
+      const { branch, target } = instruction;
+      const inverse = { ...branch, nonzero: !branch.nonzero };
+      return conditional(
+        at,
+        target,
+        (from, to) => tbz(branch, from, to),
+        (from, to) => tbz(inverse, from, to),
+      );
+    }
+    default:
+      return assemble([instruction.word]);
+  }
+}
+
+/** The most bytes `rewrite` can make of `instruction`, wherever it lands. */
+function worstCase(instruction: Instruction, internal: boolean): number {
+  if (internal) return 4;
+  switch (instruction.kind) {
+    case "adr":
+    case "adrp":
+      return MOV_ABS_MAX_SIZE;
+    case "ldrLiteral":
+      return MOV_ABS_MAX_SIZE + 4;
+    case "b":
+      return JUMP_ABS_SIZE;
+    case "bl":
+      return CALL_ABS_SIZE;
+    case "bCond":
+    case "cbz":
+    case "tbz":
+      return 4 + JUMP_ABS_SIZE;
+    default:
+      return 4;
+  }
+}
+
+/** A test for branches whose target lies within the moved words `[address, address + consumed)`. */
+function internalTo(address: bigint, consumed: number): (instruction: Instruction) => instruction is Branch {
+  const end = address + BigInt(consumed);
+  return (instruction): instruction is Branch =>
+    isBranch(instruction) && instruction.target >= address && instruction.target < end;
+}
+
+/** See `Arch.planRelocation`. */
+export function planRelocation(code: Uint8Array, address: bigint, minLength: number): RelocationPlan {
+  const { instructions, consumed } = analyse(code, address, minLength);
+  const internal = internalTo(address, consumed);
+  const maxSize = instructions.reduce(
+    (sum, instruction) => sum + worstCase(instruction, internal(instruction)),
+    JUMP_ABS_SIZE,
+  );
+  return { consumed, maxSize };
+}
+
+/** See `Arch.relocate`. */
+export function relocate(
+  code: Uint8Array,
+  address: bigint,
+  minLength: number,
+  trampoline: bigint,
+): Uint8Array {
+  const { instructions, consumed } = analyse(code, address, minLength);
+  const internal = internalTo(address, consumed);
+
+  // An internal branch stays one word, its target being a few words away, so aiming it at
+  // itself gives its size before the positions of the words it targets are known.
+  const starts: bigint[] = [];
+  let at = trampoline;
+  for (const instruction of instructions) {
+    starts.push(at);
+    at += BigInt(rewrite(internal(instruction) ? { ...instruction, target: at } : instruction, at).length);
+  }
+  const moved = instructions.map((instruction, i) => {
+    if (!internal(instruction)) return rewrite(instruction, starts[i]);
+    return rewrite(
+      { ...instruction, target: starts[Number((instruction.target - address) / 4n)] },
+      starts[i],
+    );
+  });
+  return concat([...moved, jump(at, address + BigInt(consumed))]);
+}
