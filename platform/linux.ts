@@ -12,6 +12,8 @@ const RTLD_LAZY = 1;
 const RTLD_DL_SYMENT = 1;
 const SC_PAGESIZE = 30;
 const MAP_SHARED = 0x01;
+const MAP_PRIVATE = 0x02;
+const MAP_ANONYMOUS = 0x20;
 const MAP_FIXED_NOREPLACE = 0x100000;
 const MAP_FAILED = 2n ** 64n - 1n;
 const MFD_CLOEXEC = 1;
@@ -41,6 +43,7 @@ function libc(runtime: Runtime) {
     ftruncate: { parameters: ["i32", "i64"], result: "i32" },
     open: { parameters: ["buffer", "i32"], result: "i32" },
     read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+    write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
     close: { parameters: ["i32"], result: "i32" },
     ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
     __errno_location: { parameters: [], result: "usize" },
@@ -196,8 +199,8 @@ export function linux(runtime: Runtime): Os {
     return address;
   }
 
-  function codeFile(size: number): number {
-    const name = cString("redefine-code");
+  function codeFile(size: number, label = "redefine-code"): number {
+    const name = cString(label);
     let fd = c.memfd_create(name, MFD_CLOEXEC | MFD_EXEC) as number;
     if (fd < 0) fd = c.memfd_create(name, MFD_CLOEXEC) as number; // kernels before 6.3 lack MFD_EXEC
     if (fd < 0) {
@@ -271,17 +274,28 @@ export function linux(runtime: Runtime): Os {
 
     allocateCode(near, reach, size) {
       const fd = codeFile(size);
+      const dataSize = pageSize;
       try {
-        const candidates = nearCandidates(parseMaps(readMaps()), near, reach, BigInt(size), BigInt(pageSize));
+        const total = BigInt(size + dataSize);
+        const candidates = nearCandidates(parseMaps(readMaps()), near, reach, total, BigInt(pageSize));
         for (const at of candidates.slice(0, 16)) {
           const address = mapShared(fd, at, size, PROT_READ | PROT_EXEC, MAP_FIXED_NOREPLACE);
           if (address === null) continue;
+          // The guard stubs' flags and saved return addresses, right after the code so that
+          // rip-relative operands reach them.
+          const data = c.mmap(at + BigInt(size), BigInt(dataSize), PROT_READ | PROT_WRITE,
+            MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0n) as bigint;
+          if (data !== at + BigInt(size)) {
+            if (data !== MAP_FAILED) c.munmap(data, BigInt(dataSize));
+            c.munmap(address, BigInt(size));
+            continue;
+          }
           const writable = mapShared(fd, 0n, size, PROT_READ | PROT_WRITE, 0);
           if (writable === null) {
-            c.munmap(address, BigInt(size));
+            c.munmap(address, total);
             throw new RedefineError("ALLOCATION_FAILED", `mmap of the code file failed: ${errnoText()}.`);
           }
-          return { address, writable, size };
+          return { address, writable, size, data, dataSize };
         }
         return null;
       } finally {
@@ -289,8 +303,23 @@ export function linux(runtime: Runtime): Os {
       }
     },
 
+    loadableImage(image) {
+      const fd = codeFile(image.length, "redefine-stubs");
+      for (let done = 0; done < image.length;) {
+        const n = Number(c.write(fd, image.subarray(done), BigInt(image.length - done)));
+        if (n <= 0) {
+          const why = errnoText();
+          c.close(fd);
+          throw new RedefineError("ALLOCATION_FAILED", `writing the stub library failed: ${why}.`);
+        }
+        done += n;
+      }
+      // The descriptor stays open: the loader finds the library again by this path.
+      return `/proc/self/fd/${fd}`;
+    },
+
     freeCode(block: CodeBlock) {
-      c.munmap(block.address, BigInt(block.size));
+      c.munmap(block.address, BigInt(block.size + block.dataSize));
       c.munmap(block.writable, BigInt(block.size));
     },
 

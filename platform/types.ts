@@ -60,6 +60,9 @@ export interface CodeBlock {
   /** Where the code is written (read + write); the same bytes as `address`. */
   readonly writable: bigint;
   readonly size: number;
+  /** Read+write data right after the code, within reach of pc-relative operands. */
+  readonly data: bigint;
+  readonly dataSize: number;
 }
 
 /** A symbol's entry and, when the symbol table knows it, its size. */
@@ -89,6 +92,11 @@ export interface Os {
    * can be had there.
    */
   allocateCode(near: bigint, reach: bigint, size: number): CodeBlock | null;
+  /**
+   * A path the runtime's `dlopen` can open, holding `image` (a shared library built in memory, see
+   * platform/elf_image.ts). It stays valid for the life of the process.
+   */
+  loadableImage(image: Uint8Array): string;
   /** Gives a code block back. */
   freeCode(block: CodeBlock): void;
   /** Makes freshly written code visible to instruction fetch (a no-op on x86-64). */

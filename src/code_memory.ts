@@ -7,48 +7,73 @@ import { hex, RedefineError } from "./errors.ts";
 import type { CodeBlock, Platform, Runtime } from "../platform/mod.ts";
 import { PROT_EXEC, PROT_WRITE } from "../platform/mod.ts";
 
-/** A piece of a code block handed to one patch. */
+/** A piece of a code block handed to one patch: code, and optionally data next to it. */
 export interface CodeSlot {
   readonly address: bigint;
   readonly size: number;
+  /** Read+write bytes in the same block, within pc-relative reach of the code (0n when none). */
+  readonly data: bigint;
+  readonly dataSize: number;
   readonly block: PoolBlock;
 }
 
-interface PoolBlock extends CodeBlock {
+/** Bump allocation with a free list of exact sizes: slots come in few sizes. */
+interface Arena {
   used: number;
+  readonly size: number;
   readonly free: { offset: number; size: number }[];
+}
+
+interface PoolBlock extends CodeBlock {
+  readonly code: Arena;
+  readonly dataArena: Arena;
 }
 
 /** Slots start on this boundary: instruction fetch likes it and arm64 needs ≥ 4. */
 const SLOT_ALIGN = 16;
 
+/**
+ * How long a released slot waits before it is reused: a thread that was already inside a stub or
+ * trampoline when its patch was restored has that long to leave it.
+ */
+const QUARANTINE_MS = 1000;
+
 /** Executable memory shared by many patches: one page serves many stubs. */
 export class CodePool {
   readonly #platform: Platform;
   readonly #blocks: PoolBlock[] = [];
+  readonly #quarantine: { slot: CodeSlot; since: number }[] = [];
 
   constructor(platform: Platform) {
     this.#platform = platform;
   }
 
-  /** A slot of `size` bytes whose every byte is within `reach` of `near`, or null. */
-  allocate(near: bigint, reach: bigint, size: number): CodeSlot | null {
-    const rounded = Math.ceil(size / SLOT_ALIGN) * SLOT_ALIGN;
+  /**
+   * A slot of `size` code bytes (and `dataSize` data bytes) whose every byte is within `reach` of
+   * `near`, or null when no such memory can be had.
+   */
+  allocate(near: bigint, reach: bigint, size: number, dataSize = 0): CodeSlot | null {
+    this.#recycle();
+    const codeSize = roundUp(size, SLOT_ALIGN);
+    const dataBytes = roundUp(dataSize, SLOT_ALIGN);
     const within = (b: PoolBlock) => {
-      const lo = b.address, hi = b.address + BigInt(b.size);
+      const lo = b.address, hi = b.data + BigInt(b.dataSize);
       return (lo > near ? lo - near : near - lo) <= reach && (hi > near ? hi - near : near - hi) <= reach;
     };
     for (const block of this.#blocks.filter(within)) {
-      const slot = take(block, rounded);
+      const slot = take(block, codeSize, dataBytes);
       if (slot) return slot;
     }
     const { os } = this.#platform;
-    const blockSize = Math.ceil(rounded / os.pageSize) * os.pageSize;
-    const fresh = os.allocateCode(near, reach, blockSize);
+    const fresh = os.allocateCode(near, reach, roundUp(codeSize, os.pageSize));
     if (!fresh) return null;
-    const block: PoolBlock = { ...fresh, used: 0, free: [] };
+    const block: PoolBlock = {
+      ...fresh,
+      code: { used: 0, size: fresh.size, free: [] },
+      dataArena: { used: 0, size: fresh.dataSize, free: [] },
+    };
     this.#blocks.push(block);
-    return take(block, rounded);
+    return take(block, codeSize, dataBytes);
   }
 
   /** Writes `bytes` at the start of `slot` (through the writable alias) and flushes them. */
@@ -61,31 +86,66 @@ export class CodePool {
     os.flushCode(slot.address, bytes.length);
   }
 
-  /** Gives a slot back for reuse. */
+  /** Gives a slot back; it is reused only after the quarantine. */
   release(slot: CodeSlot): void {
-    const block = slot.block;
-    block.free.push({ offset: Number(slot.address - block.address), size: slot.size });
+    this.#quarantine.push({ slot, since: Date.now() });
   }
 
   /** True when `address` lies in this pool's memory (patching it would patch ourselves). */
   contains(address: bigint): boolean {
     return this.#blocks.some((b) =>
-      (address >= b.address && address < b.address + BigInt(b.size)) ||
+      (address >= b.address && address < b.data + BigInt(b.dataSize)) ||
       (address >= b.writable && address < b.writable + BigInt(b.size))
     );
   }
+
+  /** Executable bytes handed out and not given back, for the memory-per-patch measure. */
+  get codeBytesInUse(): number {
+    const freed = (a: Arena) => a.free.reduce((n, f) => n + f.size, 0);
+    const quarantined = this.#quarantine.reduce((n, q) => n + q.slot.size, 0);
+    return this.#blocks.reduce((n, b) => n + b.code.used - freed(b.code), 0) - quarantined;
+  }
+
+  #recycle(): void {
+    const now = Date.now();
+    while (this.#quarantine.length && now - this.#quarantine[0].since >= QUARANTINE_MS) {
+      const { slot } = this.#quarantine.shift()!;
+      slot.block.code.free.push({ offset: Number(slot.address - slot.block.address), size: slot.size });
+      if (slot.dataSize) {
+        slot.block.dataArena.free.push({ offset: Number(slot.data - slot.block.data), size: slot.dataSize });
+      }
+    }
+  }
 }
 
-function take(block: PoolBlock, size: number): CodeSlot | null {
-  const reuse = block.free.findIndex((f) => f.size === size);
-  if (reuse >= 0) {
-    const [f] = block.free.splice(reuse, 1);
-    return { address: block.address + BigInt(f.offset), size, block };
+function roundUp(n: number, to: number): number {
+  return Math.ceil(n / to) * to;
+}
+
+function carve(arena: Arena, size: number): number | null {
+  if (size === 0) return 0;
+  const reuse = arena.free.findIndex((f) => f.size === size);
+  if (reuse >= 0) return arena.free.splice(reuse, 1)[0].offset;
+  if (arena.used + size > arena.size) return null;
+  arena.used += size;
+  return arena.used - size;
+}
+
+function take(block: PoolBlock, size: number, dataSize: number): CodeSlot | null {
+  const code = carve(block.code, size);
+  if (code === null) return null;
+  const data = carve(block.dataArena, dataSize);
+  if (data === null) {
+    block.code.free.push({ offset: code, size });
+    return null;
   }
-  if (block.used + size > block.size) return null;
-  const slot = { address: block.address + BigInt(block.used), size, block };
-  block.used += size;
-  return slot;
+  return {
+    address: block.address + BigInt(code),
+    size,
+    data: dataSize ? block.data + BigInt(data) : 0n,
+    dataSize,
+    block,
+  };
 }
 
 /** One write into protected code. */

@@ -5,6 +5,7 @@
  */
 import { RedefineError } from "../errors.ts";
 import { x86_64 } from "./x86_64/mod.ts";
+import { aarch64 } from "./aarch64/mod.ts";
 
 /** Where the relocated prologue ends up and how much of the original it covers. */
 export interface RelocationPlan {
@@ -12,6 +13,22 @@ export interface RelocationPlan {
   consumed: number;
   /** Upper bound of the trampoline's size (relocated code plus the jump back), wherever it lands. */
   maxSize: number;
+}
+
+/** Where a guard stub lives and where it sends calls (see src/arch/x86_64/guard.ts). */
+export interface GuardOptions {
+  /** Where the guard's code is placed. */
+  readonly at: bigint;
+  /** Its read+write data slot (`guardDataSize` bytes), within pc-relative reach of `at`. */
+  readonly data: bigint;
+  /** The JS thread's identity, as `threadPointerReader` returns it on the JS thread. */
+  readonly jsThread: bigint;
+  /** The JS replacement's native entry (the runtime's callback). */
+  readonly callback: bigint;
+  /** The original function, relocated (the trampoline). */
+  readonly original: bigint;
+  /** The operating system: where the thread pointer lives differs. */
+  readonly os: string;
 }
 
 /** What `src/` asks of an instruction set. */
@@ -42,6 +59,30 @@ export interface Arch {
    * jump back to `address + consumed`. At most `plan.maxSize` bytes.
    */
   relocate(code: Uint8Array, address: bigint, minLength: number, trampoline: bigint): Uint8Array;
+  /**
+   * How many bytes from `address` are surely this function's code when no symbol tells its size:
+   * the instructions up to and including the first unconditional transfer (or the first that does
+   * not decode). Execution runs through all of them from the entry, so they belong to it.
+   */
+  straightLineLength(code: Uint8Array, address: bigint): number;
+  /** Size of `indirectJump`. */
+  readonly indirectJumpSize: number;
+  /**
+   * A jump placed at `from` through the 8-byte pointer at `slot` (within pc-relative reach);
+   * position independent, clobbering no argument register.
+   */
+  indirectJump(from: bigint, slot: bigint): Uint8Array;
+  /**
+   * The guard stub in front of JS replacements: calls from other threads, and re-entrant calls on
+   * the JS thread, go to the original. Absent where it is not written yet.
+   */
+  readonly guard?: {
+    readonly size: number;
+    readonly dataSize: number;
+    /** A function returning the current thread's identity, as the guard compares it. */
+    threadPointerReader(os: string): Uint8Array;
+    encode(options: GuardOptions): Uint8Array;
+  };
 }
 
 /** The instruction set for a CPU architecture name as the runtimes report it. */
@@ -50,6 +91,9 @@ export function archFor(arch: string): Arch {
     case "x86_64":
     case "x64":
       return x86_64;
+    case "aarch64":
+    case "arm64":
+      return aarch64;
     default:
       throw new RedefineError(
         "UNSUPPORTED_PLATFORM",

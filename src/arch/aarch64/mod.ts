@@ -5,7 +5,7 @@
 import type { Arch } from "../mod.ts";
 import { decodeAt } from "./decoder.ts";
 import { planRelocation, relocate } from "./relocator.ts";
-import { assemble, b, B_REACH, B_SIZE, JUMP_ABS_SIZE, jumpAbs } from "./writer.ts";
+import { assemble, b, B_REACH, B_SIZE, JUMP_ABS_SIZE, JUMP_INDIRECT_SIZE, jumpAbs, jumpIndirect } from "./writer.ts";
 
 /**
  * AArch64 for `src/`. A leading `bti` or `paciasp`/`pacibsp` (which also serve as landing pads)
@@ -36,4 +36,15 @@ export const aarch64: Arch = {
   },
   planRelocation,
   relocate,
+  straightLineLength(code: Uint8Array, address: bigint): number {
+    let offset = 0;
+    while (offset + 4 <= code.length) {
+      const kind = decodeAt(code, offset, address).kind;
+      offset += 4;
+      if (kind === "ret" || kind === "br" || kind === "b" || kind === "udf") break;
+    }
+    return offset;
+  },
+  indirectJumpSize: JUMP_INDIRECT_SIZE,
+  indirectJump: jumpIndirect,
 };

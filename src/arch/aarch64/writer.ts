@@ -216,6 +216,19 @@ export function jumpAbs(to: bigint): Uint8Array {
   );
 }
 
+/** Size of `indirectJump`. */
+export const JUMP_INDIRECT_SIZE = 8;
+
+/** A jump placed at `from` through the 8-byte pointer at `slot` (within ±1 MiB); writes only x16. */
+export function jumpIndirect(from: bigint, slot: bigint): Uint8Array {
+  const load = ldrLiteral("x", 16, from, slot);
+  if (load === null) throw new RangeError(`slot ${slot} beyond ±1 MiB of ${from}`);
+  return assemble([
+    load, //       ldr x16, slot
+    br(16), //     br x16
+  ]);
+}
+
 /**
  * An absolute call to `to` that writes only x16 and x30: the callee returns to the `b`, which
  * steps over the literal.

@@ -1,25 +1,61 @@
 /**
- * The x86-64 instruction set for `redefine` (placeholder by the lead until the relocator lands:
- * helper-1 replaces planRelocation/relocate with the real relocator).
+ * The x86-64 instruction set for `redefine`: entry jumps from `writer.ts`, prologue relocation
+ * from `relocator.ts`.
  */
-import { RedefineError } from "../../errors.ts";
 import type { Arch } from "../mod.ts";
-import { JMP_ABS_SIZE, JMP_REL32_SIZE, jmpAbs, jmpRel32, startsWithEndbr64 } from "./writer.ts";
+import { planRelocation, relocate } from "./relocator.ts";
+import { decode } from "./decoder.ts";
+import { GUARD_DATA_SIZE, GUARD_SIZE, guardStub, threadPointerReader } from "./guard.ts";
+import {
+  ENDBR64,
+  JMP_ABS_SIZE,
+  JMP_INDIRECT_SIZE,
+  JMP_REL32_SIZE,
+  jmpAbs,
+  jmpIndirect,
+  jmpRel32,
+  startsWithEndbr64,
+} from "./writer.ts";
 
-/** x86-64. */
+/**
+ * x86-64: a 5-byte `jmp rel32` when the target is within reach, else a 14-byte
+ * `jmp qword [rip+0]`; `endbr64` stays at the entry of functions built for CET.
+ *
+ * @example
+ * ```ts
+ * import { x86_64 } from "./mod.ts";
+ * console.log(x86_64.nearJump(0x1000n, 0x2000n)); // Uint8Array(5) [ 233, 251, 15, 0, 0 ]
+ * console.log(x86_64.landingPadLength(Uint8Array.of(0xf3, 0x0f, 0x1e, 0xfa))); // 4
+ * ```
+ */
 export const x86_64: Arch = {
   name: "x86_64",
-  nearReach: 2n ** 31n - 1n - BigInt(JMP_REL32_SIZE),
+  // rel32 counts from the end of the 5-byte jump, so from its start it reaches 2^31 + 4 bytes
+  // forward but only 2^31 - 5 back: the symmetric reach is the smaller.
+  nearReach: 2n ** 31n - BigInt(JMP_REL32_SIZE),
   nearJumpSize: JMP_REL32_SIZE,
   farJumpSize: JMP_ABS_SIZE,
   codeAlignment: 1,
-  landingPadLength: (code) => (startsWithEndbr64(code) ? 4 : 0),
+  landingPadLength: (code) => (startsWithEndbr64(code) ? ENDBR64.length : 0),
   nearJump: jmpRel32,
   farJump: (_from, to) => jmpAbs(to),
-  planRelocation() {
-    throw new RedefineError("UNRELOCATABLE", "not yet");
+  planRelocation,
+  relocate,
+  straightLineLength(code, address) {
+    let offset = 0;
+    while (offset < code.length) {
+      let insn;
+      try {
+        insn = decode(code, offset, address + BigInt(offset));
+      } catch {
+        break;
+      }
+      offset += insn.length;
+      if (insn.flow !== "normal" && insn.flow !== "syscall") break;
+    }
+    return offset;
   },
-  relocate() {
-    throw new RedefineError("UNRELOCATABLE", "not yet");
-  },
+  indirectJumpSize: JMP_INDIRECT_SIZE,
+  indirectJump: jmpIndirect,
+  guard: { size: GUARD_SIZE, dataSize: GUARD_DATA_SIZE, threadPointerReader, encode: guardStub },
 };

@@ -68,6 +68,18 @@ export function callAbs(to: bigint): Uint8Array {
   );
 }
 
+/** Length of `jmp qword [rip+disp32]`. */
+export const JMP_INDIRECT_SIZE = 6;
+
+/** `jmp qword [rip+disp32]` at `from`, through the 8-byte pointer at `slot`. */
+export function jmpIndirect(from: bigint, slot: bigint): Uint8Array {
+  const disp = rel32(from + BigInt(JMP_INDIRECT_SIZE), slot);
+  if (disp === null) throw new RangeError(`slot ${slot} out of rip-relative reach of ${from}`);
+  return Uint8Array.of(
+    0xff, 0x25, ...i32le(disp), // jmp qword [rip+disp32]
+  );
+}
+
 /** The shortest jump from `from` to `to`: rel32 when in range, else the absolute form. */
 export function jmpNearest(from: bigint, to: bigint): Uint8Array {
   return jmpRel32(from, to) ?? jmpAbs(to);

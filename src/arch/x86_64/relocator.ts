@@ -1,0 +1,276 @@
+/**
+ * Moves the first instructions of an x86-64 function into a trampoline so that the entry can be
+ * overwritten with a jump while the original stays callable: whole instructions are copied,
+ * everything addressed relative to the instruction pointer is rewritten for the new place, and a
+ * jump back to the rest of the function closes the copy. No form used here touches a register or
+ * the flags beyond what the original instruction did.
+ */
+import type { RelocationPlan } from "../mod.ts";
+import { decode, type Instruction, unrelocatable } from "./decoder.ts";
+import { hex, RedefineError } from "../../errors.ts";
+import {
+  CALL_ABS_SIZE,
+  callAbs,
+  i32le,
+  JMP_ABS_SIZE,
+  jmpAbs,
+  jmpNearest,
+  rel32,
+} from "./writer.ts";
+
+/** The bytes a copied branch takes: `near` with a rel32 operand, `far` with an absolute address. */
+const FORMS = {
+  jmp: { near: 5, far: JMP_ABS_SIZE }, // jmp rel32 | jmp qword [rip+0]; dq target
+  jcc: { near: 6, far: 2 + JMP_ABS_SIZE }, // jcc rel32 | j!cc +14; jmp qword [rip+0]; dq target
+  call: { near: 5, far: CALL_ABS_SIZE }, // call rel32 | call qword [rip+2]; jmp +8; dq target
+};
+
+/**
+ * How many bytes from `address` must move to free `minLength` bytes, and the largest trampoline
+ * `relocate` can make of them. Throws `UNRELOCATABLE` for code that cannot move and
+ * `FUNCTION_TOO_SHORT` when `code` (the function's extent) is shorter than `minLength`.
+ *
+ * @example
+ * ```ts
+ * import { planRelocation } from "./relocator.ts";
+ * // push rbp; mov rbp, rsp; sub rsp, 0x10; ret
+ * const code = Uint8Array.of(0x55, 0x48, 0x89, 0xe5, 0x48, 0x83, 0xec, 0x10, 0xc3);
+ * console.log(planRelocation(code, 0x1000n, 5)); // { consumed: 8, maxSize: 22 }
+ * ```
+ */
+export function planRelocation(
+  code: Uint8Array,
+  address: bigint,
+  minLength: number,
+): RelocationPlan {
+  const copied = copiedInstructions(code, address, minLength);
+  const consumed = copied.reduce((sum, insn) => sum + insn.length, 0);
+  const worst = layout(copied, address, consumed, null);
+  return { consumed, maxSize: Number(worst[copied.length]) + JMP_ABS_SIZE };
+}
+
+/**
+ * The trampoline placed at `trampoline` for the instructions `planRelocation` chose: the copy,
+ * rewritten to run there, and a jump back to the first instruction left in place.
+ *
+ * @example
+ * ```ts
+ * import { relocate } from "./relocator.ts";
+ * // mov rax, [rip+0x100]; ret — the load keeps reading 0x1107 from the trampoline at 0x2000
+ * const code = Uint8Array.of(0x48, 0x8b, 0x05, 0x00, 0x01, 0x00, 0x00, 0xc3);
+ * const out = relocate(code, 0x1000n, 5, 0x2000n);
+ * console.log(out.slice(0, 7)); // Uint8Array(7) [ 72, 139, 5, 0, 241, 255, 255 ]
+ * ```
+ */
+export function relocate(
+  code: Uint8Array,
+  address: bigint,
+  minLength: number,
+  trampoline: bigint,
+): Uint8Array {
+  const copied = copiedInstructions(code, address, minLength);
+  const consumed = copied.reduce((sum, insn) => sum + insn.length, 0);
+  const starts = layout(copied, address, consumed, trampoline);
+  const newAddressOf = (target: bigint): bigint =>
+    starts[copied.findIndex((insn) => insn.address === target)];
+
+  const parts = copied.map((insn, i) => rewrite(insn, starts[i], address, consumed, newAddressOf));
+  parts.push(jmpNearest(starts[copied.length], address + BigInt(consumed)));
+  const out = new Uint8Array(parts.reduce((sum, part) => sum + part.length, 0));
+  let offset = 0;
+  for (const part of parts) {
+    out.set(part, offset);
+    offset += part.length;
+  }
+  return out;
+}
+
+/** The instructions that cover `minLength` bytes, after checking that moving them is safe. */
+function copiedInstructions(code: Uint8Array, address: bigint, minLength: number): Instruction[] {
+  if (code.length < minLength) {
+    throw new RedefineError(
+      "FUNCTION_TOO_SHORT",
+      `The function at ${hex(address)} has ${code.length} bytes, and patching it needs ` +
+        `${minLength}. Patch a larger function, or the function that calls this one.`,
+    );
+  }
+  const copied: Instruction[] = [];
+  let consumed = 0;
+  while (consumed < minLength) {
+    const insn = decode(code, consumed, address + BigInt(consumed));
+    copied.push(insn);
+    consumed += insn.length;
+  }
+  const end = address + BigInt(consumed);
+  const boundaries = new Set(copied.map((insn) => insn.address));
+  for (const insn of copied) {
+    const branch = insn.branch;
+    if (branch === undefined) continue;
+    const internal = branch.target >= address && branch.target < end;
+    if (internal && !boundaries.has(branch.target)) {
+      throw unrelocatable(
+        insn.address,
+        insn.bytes,
+        "it branches into the middle of a copied instruction",
+      );
+    }
+    if (branch.kind === "xbegin") {
+      throw unrelocatable(insn.address, insn.bytes, "an xbegin's abort address cannot be moved");
+    }
+    if ((branch.kind === "loop" || branch.kind === "jrcxz") && !internal) {
+      throw unrelocatable(
+        insn.address,
+        insn.bytes,
+        `${branch.kind} has only a rel8 form and its target leaves the bytes the patch overwrites`,
+      );
+    }
+  }
+  // Where every branch leaving the copy takes its far form, internal rel8 distances are longest.
+  const worst = layout(copied, address, consumed, null);
+  copied.forEach((insn, i) => {
+    const branch = insn.branch;
+    if (branch?.kind !== "loop" && branch?.kind !== "jrcxz") return;
+    const target = worst[copied.findIndex((other) => other.address === branch.target)];
+    const disp = target - worst[i + 1];
+    if (disp < -128n || disp > 127n) {
+      throw unrelocatable(
+        insn.address,
+        insn.bytes,
+        `${branch.kind} cannot reach its target once the branches around it are widened`,
+      );
+    }
+  });
+  refuseBranchesInto(code, address, consumed);
+  return copied;
+}
+
+/**
+ * Throws when code after the copied bytes branches into them past the first instruction: once
+ * the entry is overwritten, that branch would land in the middle of the jump. The scan stops at
+ * the first bytes that do not decode, since data or padding may follow the code.
+ */
+function refuseBranchesInto(code: Uint8Array, address: bigint, consumed: number): void {
+  const end = address + BigInt(consumed);
+  for (let offset = consumed; offset < code.length;) {
+    let insn: Instruction;
+    try {
+      insn = decode(code, offset, address + BigInt(offset));
+    } catch {
+      return;
+    }
+    const target = insn.branch?.target;
+    if (target !== undefined && target > address && target < end) {
+      throw unrelocatable(
+        insn.address,
+        insn.bytes,
+        `it branches to ${hex(target)}, inside the ${consumed} bytes the patch overwrites`,
+      );
+    }
+    offset += insn.length;
+  }
+}
+
+function isInternal(insn: Instruction, address: bigint, consumed: number): boolean {
+  const target = insn.branch?.target;
+  return target !== undefined && target >= address && target < address + BigInt(consumed);
+}
+
+/**
+ * Where each copied instruction starts in a trampoline at `trampoline`, and where the copy ends;
+ * with `trampoline` null, offsets from 0 of the largest layout any placement can produce.
+ */
+function layout(
+  copied: Instruction[],
+  address: bigint,
+  consumed: number,
+  trampoline: bigint | null,
+): bigint[] {
+  const starts = [trampoline ?? 0n];
+  for (const insn of copied) {
+    const at = starts[starts.length - 1];
+    starts.push(at + BigInt(sizeAt(insn, trampoline === null ? null : at, address, consumed)));
+  }
+  return starts;
+}
+
+/**
+ * The bytes `insn` takes in the trampoline when placed `at` there, or at most when `at` is null:
+ * a branch leaving the copy takes its far form when its new place cannot reach the target.
+ */
+function sizeAt(insn: Instruction, at: bigint | null, address: bigint, consumed: number): number {
+  const branch = insn.branch;
+  if (
+    branch === undefined || branch.kind === "loop" || branch.kind === "jrcxz" ||
+    branch.kind === "xbegin"
+  ) {
+    return insn.length;
+  }
+  const form = FORMS[branch.kind];
+  if (isInternal(insn, address, consumed)) return form.near;
+  if (at === null) return form.far;
+  return rel32(at + BigInt(form.near), branch.target) === null ? form.far : form.near;
+}
+
+/**
+ * `insn` rewritten to run at `at`. `newAddressOf` maps the target of a branch that stays inside
+ * the copy to that target's place in the trampoline.
+ */
+function rewrite(
+  insn: Instruction,
+  at: bigint,
+  address: bigint,
+  consumed: number,
+  newAddressOf: (target: bigint) => bigint,
+): Uint8Array {
+  const { branch, ripRelative } = insn;
+  if (ripRelative !== undefined) {
+    const disp = rel32(at + BigInt(insn.length), ripRelative.target);
+    if (disp === null) {
+      throw unrelocatable(
+        insn.address,
+        insn.bytes,
+        `it addresses ${hex(ripRelative.target)} relative to the instruction pointer, out of ` +
+          `±2 GiB reach from the trampoline at ${hex(at)}`,
+      );
+    }
+    const out = insn.bytes.slice();
+    out.set(i32le(disp), ripRelative.dispOffset);
+    return out;
+  }
+  if (branch === undefined) return insn.bytes;
+
+  const target = isInternal(insn, address, consumed) ? newAddressOf(branch.target) : branch.target;
+  const size = sizeAt(insn, at, address, consumed);
+  const disp = target - (at + BigInt(size));
+  if (branch.kind === "loop" || branch.kind === "jrcxz") {
+    // Kept whole, prefixes included: a 67 prefix makes them count with ecx instead of rcx.
+    // copiedInstructions() has checked that the rel8 reaches.
+    const out = insn.bytes.slice();
+    out[branch.relOffset] = Number(BigInt.asUintN(8, disp));
+    return out;
+  }
+  const condition = branch.condition ?? 0;
+  switch (branch.kind) {
+    case "jcc":
+      return size === FORMS.jcc.near
+        ? Uint8Array.of(
+          0x0f, 0x80 | condition, ...i32le(Number(disp)), // jcc rel32
+        )
+        : Uint8Array.of(
+          0x70 | (condition ^ 1), JMP_ABS_SIZE, // j!cc over the absolute jump
+          ...jmpAbs(target),
+        );
+    case "call":
+      return size === FORMS.call.near
+        ? Uint8Array.of(
+          0xe8, ...i32le(Number(disp)), // call rel32
+        )
+        : callAbs(target);
+    default:
+      return size === FORMS.jmp.near
+        ? Uint8Array.of(
+          0xe9, ...i32le(Number(disp)), // jmp rel32
+        )
+        : jmpAbs(target);
+  }
+}

@@ -1,0 +1,81 @@
+/**
+ * Calling the original from JS at full speed. Each patch's original gets a stub in a small shared
+ * library generated in memory (platform/elf_image.ts): the stub jumps through a slot that points at
+ * the patch's trampoline. Bound with the runtime's own `dlopen`, the stub takes the runtime's fast
+ * call path — Deno has none for raw pointers (`UnsafeFnPointer` costs hundreds of ns a call).
+ */
+import type { Arch } from "./arch/mod.ts";
+import type { NativeCall, Platform } from "../platform/mod.ts";
+import type { Signature } from "./signature.ts";
+import { buildStubImage, type StubImage } from "../platform/elf_image.ts";
+
+const STUBS_PER_LIBRARY = 64;
+
+interface StubLibrary {
+  readonly path: string;
+  readonly image: StubImage;
+  readonly base: bigint;
+  readonly free: number[];
+}
+
+/** A stub of the shared library, bound to one signature. */
+export interface OriginalStub {
+  /** Calls whatever the slot points at, with the signature's JS types. */
+  readonly call: NativeCall;
+  /** Points the slot at `address` (one atomic store: callers see the old or the new target). */
+  point(address: bigint): void;
+}
+
+/** Hands out stubs; a stub goes back to the pool once its JS function is garbage. */
+export class OriginalStubs {
+  readonly #platform: Platform;
+  readonly #arch: Arch;
+  readonly #libraries: StubLibrary[] = [];
+  readonly #collected = new FinalizationRegistry<{ library: StubLibrary; index: number }>(
+    ({ library, index }) => library.free.push(index),
+  );
+
+  constructor(platform: Platform, arch: Arch) {
+    this.#platform = platform;
+    this.#arch = arch;
+  }
+
+  /** A stub for `signature`, pointing at `address`. */
+  acquire(signature: Signature, address: bigint): OriginalStub {
+    const library = this.#libraries.find((l) => l.free.length > 0) ?? this.#load();
+    const index = library.free.pop()!;
+    const { runtime } = this.#platform;
+    const slot = library.base + BigInt(library.image.slotOffset(index));
+    const point = (to: bigint) => {
+      const view = runtime.view(slot, 8);
+      Atomics.store(new BigInt64Array(view.buffer, view.byteOffset, 1), 0, BigInt.asIntN(64, to));
+    };
+    point(address);
+    const name = library.image.name(index);
+    const call = runtime.open(library.path, { [name]: signature })[name];
+    this.#collected.register(call, { library, index });
+    return { call, point };
+  }
+
+  #load(): StubLibrary {
+    const { os } = this.#platform;
+    const arch = this.#arch;
+    const image = buildStubImage({
+      machine: arch.name,
+      count: STUBS_PER_LIBRARY,
+      prefix: `redefine_original_${this.#libraries.length}_`,
+      stubSize: arch.indirectJumpSize,
+      jump: (stub, slot) => arch.indirectJump(BigInt(stub), BigInt(slot)),
+    });
+    const path = os.loadableImage(image.bytes);
+    const base = os.symbolAddress(image.name(0), path) - BigInt(image.stubOffset(0));
+    const library = {
+      path,
+      image,
+      base,
+      free: Array.from({ length: STUBS_PER_LIBRARY }, (_, i) => STUBS_PER_LIBRARY - 1 - i),
+    };
+    this.#libraries.push(library);
+    return library;
+  }
+}
