@@ -21,4 +21,4 @@ export { Patch, redefine, restoreAll } from "./src/redefine.ts";
 export type { AddressTarget, Replacement, SymbolReplacement, SymbolTarget, Target } from "./src/redefine.ts";
 export { RedefineError } from "./src/errors.ts";
 export type { RedefineErrorCode } from "./src/errors.ts";
-export type { JsFunction, JsParameters, JsValue, NativeType, Signature } from "./src/signature.ts";
+export type { JsArguments, JsFunction, JsParameters, JsValue, NativeType, Signature } from "./src/signature.ts";

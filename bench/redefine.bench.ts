@@ -74,6 +74,29 @@ const rows: Row[] = [];
   rows.push({ name: "call through a JS replacement", ours, baseline, unit: "ns/call", goal: 1.05 });
 }
 
+// (c) original(...) from JS, against a direct FFI call of the same function before it was patched.
+{
+  const signature = { parameters: ["i64"], result: "i64" } as const;
+  let patch: ReturnType<typeof redefine<typeof signature.parameters, "i64">> | undefined;
+  let original: (x: bigint) => bigint = () => 0n;
+  let sink = 0n;
+  const [ours, baseline] = compare(
+    {
+      setUp: () => {
+        patch = redefine({ symbol: "labs", ...signature }, (x) => x);
+        original = patch.original;
+      },
+      body: () => (sink += original(-5n)),
+      tearDown: () => patch!.restore(),
+    },
+    { body: () => (sink += libc.labs(-5n) as bigint) },
+    1_000_000,
+    9,
+  );
+  if (sink === 0n) throw new Error("unreachable");
+  rows.push({ name: "original() vs direct call, unpatched", ours, baseline, unit: "ns/call", goal: 1.2 });
+}
+
 // (b) One redefine + restore, against the two mprotect pairs it needs, on the same page.
 {
   const getppid = os.symbolAddress("getppid");

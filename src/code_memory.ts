@@ -42,7 +42,7 @@ const QUARANTINE_MS = 1000;
 export class CodePool {
   readonly #platform: Platform;
   readonly #blocks: PoolBlock[] = [];
-  readonly #quarantine: { slot: CodeSlot; since: number }[] = [];
+  readonly #quarantine: { slot: CodeSlot; since: number; busy: bigint | null }[] = [];
 
   constructor(platform: Platform) {
     this.#platform = platform;
@@ -86,9 +86,12 @@ export class CodePool {
     os.flushCode(slot.address, bytes.length);
   }
 
-  /** Gives a slot back; it is reused only after the quarantine. */
-  release(slot: CodeSlot): void {
-    this.#quarantine.push({ slot, since: Date.now() });
+  /**
+   * Gives a slot back; it is reused only after the quarantine, and never while the byte at `busy`
+   * (a guard's flag: its replacement is running) is set.
+   */
+  release(slot: CodeSlot, busy: bigint | null): void {
+    this.#quarantine.push({ slot, since: Date.now(), busy });
   }
 
   /** True when `address` lies in this pool's memory (patching it would patch ourselves). */
@@ -108,7 +111,10 @@ export class CodePool {
 
   #recycle(): void {
     const now = Date.now();
-    while (this.#quarantine.length && now - this.#quarantine[0].since >= QUARANTINE_MS) {
+    const { runtime } = this.#platform;
+    const ready = (q: { since: number; busy: bigint | null }) =>
+      now - q.since >= QUARANTINE_MS && (q.busy === null || runtime.view(q.busy, 1)[0] === 0);
+    while (this.#quarantine.length && ready(this.#quarantine[0])) {
       const { slot } = this.#quarantine.shift()!;
       slot.block.code.free.push({ offset: Number(slot.address - slot.block.address), size: slot.size });
       if (slot.dataSize) {

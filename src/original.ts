@@ -26,11 +26,12 @@ export interface OriginalStub {
   point(address: bigint): void;
 }
 
-/** Hands out stubs; a stub goes back to the pool once its JS function is garbage. */
+/** Hands out stubs; a stub goes back to the pool once nothing holds it any more. */
 export class OriginalStubs {
   readonly #platform: Platform;
   readonly #arch: Arch;
   readonly #libraries: StubLibrary[] = [];
+  readonly #byKey = new Map<string, WeakRef<OriginalStub>>();
   readonly #collected = new FinalizationRegistry<{ library: StubLibrary; index: number }>(
     ({ library, index }) => library.free.push(index),
   );
@@ -40,8 +41,24 @@ export class OriginalStubs {
     this.#arch = arch;
   }
 
-  /** A stub for `signature`, pointing at `address`. */
-  acquire(signature: Signature, address: bigint): OriginalStub {
+  /**
+   * A stub for `signature` pointing at `address`. The same function redefined again with the same
+   * signature gets the same stub (re-pointed), so a JS call site that calls it stays monomorphic
+   * and keeps the runtime's fast path.
+   */
+  acquire(key: string, signature: Signature, address: bigint): OriginalStub {
+    const known = this.#byKey.get(key);
+    const stub = known?.deref();
+    if (stub) {
+      stub.point(address);
+      return stub;
+    }
+    const fresh = this.#create(signature, address);
+    this.#byKey.set(key, new WeakRef(fresh));
+    return fresh;
+  }
+
+  #create(signature: Signature, address: bigint): OriginalStub {
     const library = this.#libraries.find((l) => l.free.length > 0) ?? this.#load();
     const index = library.free.pop()!;
     const { runtime } = this.#platform;
@@ -53,8 +70,10 @@ export class OriginalStubs {
     point(address);
     const name = library.image.name(index);
     const call = runtime.open(library.path, { [name]: signature })[name];
+    const stub = { call, point };
+    // Free once the JS function is garbage: whoever holds it may still call through the slot.
     this.#collected.register(call, { library, index });
-    return { call, point };
+    return stub;
   }
 
   #load(): StubLibrary {

@@ -3,11 +3,13 @@
  */
 import { hex, hexBytes, RedefineError } from "./errors.ts";
 import { checkSignature } from "./signature.ts";
-import type { JsFunction, NativeType, Signature } from "./signature.ts";
+import type { JsArguments, JsFunction, JsValue, NativeType, Signature } from "./signature.ts";
 import { CodePool, writeCode } from "./code_memory.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import { archFor } from "./arch/mod.ts";
-import type { Arch } from "./arch/mod.ts";
+import type { Arch, RelocationPlan } from "./arch/mod.ts";
+import { OriginalStubs } from "./original.ts";
+import type { OriginalStub } from "./original.ts";
 import { platform } from "../platform/mod.ts";
 import type { NativeCallback, Platform, SymbolInfo } from "../platform/mod.ts";
 import { PROT_EXEC } from "../platform/mod.ts";
@@ -65,14 +67,34 @@ export type Replacement<P extends readonly NativeType[], R extends NativeType> =
 
 /** The live patches, oldest first. */
 const live: Patch<readonly NativeType[], NativeType>[] = [];
-let pool: CodePool | undefined;
-let arch: Arch | undefined;
 
-function machine(): { platform: Platform; pool: CodePool; arch: Arch } {
+interface Machine {
+  readonly platform: Platform;
+  readonly pool: CodePool;
+  readonly arch: Arch;
+  readonly originals: OriginalStubs;
+  /** The JS thread's identity as the guard stub reads it; computed on first use. */
+  jsThread?: bigint;
+}
+
+let current: Machine | undefined;
+
+function machine(): Machine {
+  if (current) return current;
   const p = platform();
-  pool ??= new CodePool(p);
-  arch ??= archFor(p.runtime.arch);
-  return { platform: p, pool, arch };
+  const arch = archFor(p.runtime.arch);
+  current = { platform: p, pool: new CodePool(p), arch, originals: new OriginalStubs(p, arch) };
+  return current;
+}
+
+/** The JS thread's thread pointer, read by running the guard's own read on this thread. */
+function jsThreadOf(m: Machine, reader: Uint8Array): bigint {
+  if (m.jsThread !== undefined) return m.jsThread;
+  const slot = m.pool.allocate(0n, 2n ** 62n, reader.length);
+  if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory for the thread probe.");
+  m.pool.write(slot, reader);
+  m.jsThread = m.platform.runtime.fnPointer(slot.address, { parameters: [], result: "u64" })() as bigint;
+  return m.jsThread;
 }
 
 /** What a patch needs to undo itself. */
@@ -81,19 +103,25 @@ interface Applied {
   readonly at: bigint;
   readonly original: Uint8Array;
   readonly written: Uint8Array;
-  readonly slots: CodeSlot[];
+  /** Trampoline, then stub or guard: null when the jump reaches the replacement directly. */
+  readonly slot: CodeSlot | null;
+  /** The relocated prologue, or why there is none. */
+  readonly trampoline: bigint | RedefineError;
   readonly callback: NativeCallback | null;
+  /** The guard's busy flag (JS replacements): set while the replacement runs. */
+  readonly busy: bigint | null;
 }
 
 /**
  * A live redefinition. `restore()` (or leaving a `using` scope) puts the original bytes and page
- * protections back exactly.
+ * protections back exactly; `original(...)` calls the function as it was.
  *
  * @example
  * ```ts
  * import { redefine } from "./mod.ts";
- * const patch = redefine({ symbol: "getpid", parameters: [], result: "i32" }, () => 4242);
+ * const patch = redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, (x) => -x);
  * patch.active; // true
+ * patch.original(-5n); // 5n: the real labs, through the trampoline
  * patch.restore();
  * patch.active; // false
  * ```
@@ -104,6 +132,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   /** The signature the patch was made with. */
   readonly signature: { readonly parameters: P; readonly result: R };
   #applied: Applied | null;
+  #original: OriginalStub | undefined;
 
   /** @internal Made by `redefine()`. */
   constructor(address: bigint, signature: { parameters: P; result: R }, applied: Applied) {
@@ -120,6 +149,34 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   /** Where the entry jump is written: `address`, or just after a landing pad such as `endbr64`. */
   get patchedAddress(): bigint {
     return this.#applied?.at ?? this.address;
+  }
+
+  /**
+   * The original function as a native address: the trampoline (the relocated first instructions
+   * and a jump back into the function) while the patch is live, the function itself once restored.
+   * For a native replacement to call. Throws `UNRELOCATABLE` when the first instructions could not
+   * be moved.
+   */
+  get originalAddress(): bigint {
+    const applied = this.#applied;
+    if (!applied) return this.address;
+    if (applied.trampoline instanceof RedefineError) throw applied.trampoline;
+    return applied.trampoline;
+  }
+
+  /**
+   * Calls the original function, with the signature's JS types, at the runtime's full FFI speed.
+   * Works while the patch is live (through the trampoline) and after it is restored (the function
+   * itself). Throws `UNRELOCATABLE` when the first instructions could not be moved.
+   */
+  get original(): (...args: JsArguments<P>) => JsValue<R> {
+    if (!this.#original) {
+      const address = this.originalAddress;
+      const signature = nativeSignature(this.signature);
+      const key = `${this.address}:${signature.parameters.join()}:${signature.result}`;
+      this.#original = machine().originals.acquire(key, signature, address);
+    }
+    return this.#original.call;
   }
 
   /**
@@ -142,9 +199,18 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     writeCode(platform, [{ address: applied.at, bytes: applied.original }]);
     this.#applied = null;
     live.splice(live.indexOf(this as never), 1);
-    for (const slot of applied.slots) pool.release(slot);
-    // Only now that no entry leads to it can the callback go.
-    applied.callback?.close();
+    this.#original?.point(this.address);
+    if (applied.slot) pool.release(applied.slot, applied.busy);
+    const callback = applied.callback;
+    if (callback) {
+      // Restored from inside the replacement: the callback is still running, so close it once it
+      // is done. Otherwise no entry leads to it any more and it can go now.
+      if (applied.busy !== null && platform.runtime.view(applied.busy, 1)[0] !== 0) {
+        setTimeout(() => callback.close(), 0);
+      } else {
+        callback.close();
+      }
+    }
   }
 
   /** Restores at the end of a `using` scope. */
@@ -191,7 +257,7 @@ function checkExecutable(p: Platform, address: bigint, what: string): void {
 const extents = new Map<bigint, SymbolInfo | null>();
 
 /** How many bytes from `address` belong to the function: a given size, or its symbol's extent. */
-function extentOf(p: Platform, address: bigint, size: number | undefined): number {
+function extentOf(p: Platform, address: bigint, size: number | undefined, arch: Arch, bySymbol: boolean): number {
   if (size !== undefined) {
     if (!Number.isSafeInteger(size) || size <= 0) {
       throw new RedefineError("FUNCTION_TOO_SHORT", `'size' must be a positive integer, not ${size}.`);
@@ -202,6 +268,12 @@ function extentOf(p: Platform, address: bigint, size: number | undefined): numbe
   if (symbol === undefined) extents.set(address, symbol = p.os.symbolAt(address));
   if (symbol && symbol.size > 0 && address >= symbol.start && address < symbol.start + BigInt(symbol.size)) {
     return Number(symbol.start + BigInt(symbol.size) - address);
+  }
+  if (bySymbol) {
+    // An exported name with no symbol size of its own (glibc's ifunc-selected strlen, say): its
+    // entry surely is a function's, and the straight run of code from there surely is its body.
+    const straight = arch.straightLineLength(p.runtime.view(address, 64).slice(), address);
+    if (straight > 0) return straight;
   }
   throw new RedefineError(
     "UNKNOWN_SIZE",
@@ -268,13 +340,14 @@ function nativeSignature(signature: Signature): Signature {
  */
 export function redefine<const P extends readonly NativeType[], const R extends NativeType>(
   target: Target<P, R>,
-  replacement: Replacement<P, R>,
+  replacement: NoInfer<Replacement<P, R>>,
 ): Patch<P, R> {
   if (target === null || typeof target !== "object") {
     throw new RedefineError("INVALID_ADDRESS", "the target must be { symbol | address, parameters, result }.");
   }
   const signature = checkSignature(target, "the target's signature") as { parameters: P; result: R };
-  const { platform: p, pool, arch } = machine();
+  const m = machine();
+  const { platform: p, pool, arch } = m;
   const address = resolveTarget(p, target);
   checkExecutable(p, address, "the function");
   if (pool.contains(address)) {
@@ -283,10 +356,12 @@ export function redefine<const P extends readonly NativeType[], const R extends 
       `${hex(address)} is inside redefine's own stubs: redefine the original function instead.`,
     );
   }
-  const extent = extentOf(p, address, target.size);
-  const code = p.runtime.view(address, Math.min(extent, 64)).slice();
-  const at = address + BigInt(arch.landingPadLength(code));
-  const room = extent - Number(at - address);
+  const extent = extentOf(p, address, target.size, arch, "symbol" in target && target.symbol !== undefined);
+  // The whole function, so the relocator can see branches back into the bytes it overwrites.
+  const code = p.runtime.view(address, Math.min(extent, MAX_SCAN)).slice();
+  const pad = arch.landingPadLength(code);
+  const at = address + BigInt(pad);
+  const room = extent - pad;
   const clash = live.find((patch) => patch.patchedAddress === at || patch.address === address);
   if (clash) {
     throw new RedefineError(
@@ -298,47 +373,141 @@ export function redefine<const P extends readonly NativeType[], const R extends 
     throw new RedefineError(
       "FUNCTION_TOO_SHORT",
       `the function at ${hex(address)} is ${extent} bytes long; the shortest jump needs ` +
-        `${arch.nearJumpSize} after the ${extent - room}-byte landing pad. Redefine a caller instead.`,
+        `${arch.nearJumpSize} after the ${pad}-byte landing pad. Redefine a caller instead.`,
     );
   }
   const { address: to, callback } = resolveReplacement(p, signature, replacement);
-  const slots: CodeSlot[] = [];
+  let built: Built | undefined;
   try {
-    const entry = entryJump(pool, arch, at, to, room, slots);
-    const original = code.slice(Number(at - address), Number(at - address) + entry.length);
-    writeCode(p, [{ address: at, bytes: entry }]);
-    const patch = new Patch(address, signature, { at, original, written: entry, slots, callback });
+    built = build(m, code.subarray(pad, pad + room), at, room, to, callback);
+    const original = code.slice(pad, pad + built.entry.length);
+    writeCode(p, [{ address: at, bytes: built.entry }]);
+    const patch = new Patch(address, signature, {
+      at,
+      original,
+      written: built.entry,
+      slot: built.slot,
+      trampoline: built.trampoline,
+      callback,
+      busy: built.busy,
+    });
     live.push(patch as never);
     return patch;
   } catch (error) {
-    for (const slot of slots) pool.release(slot);
+    if (built?.slot) m.pool.release(built.slot, null);
     callback?.close();
     throw error;
   }
 }
 
+/** How far into a function the relocator looks for branches back into its first bytes. */
+const MAX_SCAN = 4096;
+
+interface Built {
+  readonly entry: Uint8Array;
+  readonly slot: CodeSlot | null;
+  readonly trampoline: bigint | RedefineError;
+  readonly busy: bigint | null;
+}
+
 /**
- * The entry jump to `to`: a near jump straight there when it reaches, else a near jump to a stub
- * holding an absolute jump, else (no near memory) the absolute jump itself when the function has
- * room for it.
+ * Lays out and writes a patch's code: in one pool slot near the entry, the trampoline (the
+ * relocated first instructions, so the original stays callable), then the guard (JS replacements)
+ * or an absolute jump to the replacement (when the entry's near jump cannot reach it). Returns the
+ * entry jump to write; nothing is written at the entry here.
  */
-function entryJump(pool: CodePool, arch: Arch, at: bigint, to: bigint, room: number, slots: CodeSlot[]): Uint8Array {
-  const direct = arch.nearJump(at, to);
-  if (direct) return direct;
-  const stub = pool.allocate(at, arch.nearReach - 4096n, arch.farJumpSize);
-  if (stub) {
-    slots.push(stub);
-    pool.write(stub, arch.farJump(stub.address, to));
-    return arch.nearJump(at, stub.address)!;
+function build(
+  m: Machine,
+  body: Uint8Array,
+  at: bigint,
+  room: number,
+  to: bigint,
+  callback: NativeCallback | null,
+): Built {
+  const { arch, pool, platform: p } = m;
+  const guard = callback ? arch.guard : undefined;
+  const layout = (jumpSize: number) => {
+    let plan: RelocationPlan | RedefineError;
+    try {
+      plan = arch.planRelocation(body, at, jumpSize);
+    } catch (error) {
+      if (!(error instanceof RedefineError)) throw error;
+      plan = error;
+    }
+    const trampolineSize = plan instanceof RedefineError ? 0 : roundUp(plan.maxSize, 16);
+    return { plan, trampolineSize, size: trampolineSize + (guard ? guard.size : arch.farJumpSize) };
+  };
+  let jumpSize = arch.nearJumpSize;
+  let shape = layout(jumpSize);
+  const direct = guard ? null : arch.nearJump(at, to);
+  if (direct && shape.plan instanceof RedefineError) {
+    // Nothing to place: the jump reaches the replacement and there is no original to keep.
+    return { entry: direct, slot: null, trampoline: shape.plan, busy: null };
   }
-  if (room < arch.farJumpSize) {
-    throw new RedefineError(
-      "FUNCTION_TOO_SHORT",
-      `no memory could be had within reach of ${hex(at)} for a stub, and the function has only ${room} ` +
-        `bytes, fewer than the ${arch.farJumpSize} an absolute jump needs.`,
-    );
+  const dataSize = guard?.dataSize ?? 0;
+  let slot = pool.allocate(at, arch.nearReach - BigInt(shape.size), shape.size, dataSize);
+  if (!slot) {
+    // No memory within reach of a near jump: the absolute jump goes at the entry itself.
+    if (room < arch.farJumpSize) {
+      throw new RedefineError(
+        "FUNCTION_TOO_SHORT",
+        `no memory could be had within reach of ${hex(at)} for a stub, and the function has only ` +
+          `${room} bytes, fewer than the ${arch.farJumpSize} an absolute jump needs.`,
+      );
+    }
+    jumpSize = arch.farJumpSize;
+    shape = layout(jumpSize);
+    slot = pool.allocate(at, 2n ** 62n, shape.size, dataSize);
+    if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for a stub.");
   }
-  return arch.farJump(at, to);
+  try {
+    let trampoline: bigint | RedefineError = shape.plan instanceof RedefineError ? shape.plan : slot.address;
+    let relocated: Uint8Array = new Uint8Array(0);
+    if (!(trampoline instanceof RedefineError)) {
+      try {
+        relocated = arch.relocate(body, at, jumpSize, slot.address);
+      } catch (error) {
+        if (!(error instanceof RedefineError)) throw error;
+        trampoline = error;
+      }
+    }
+    if (guard && trampoline instanceof RedefineError) {
+      throw new RedefineError(
+        trampoline.code,
+        `${trampoline.message} A JS replacement needs the original for calls from other threads; ` +
+          `use a native replacement for this function.`,
+        { cause: trampoline },
+      );
+    }
+    const front = slot.address + BigInt(shape.trampolineSize);
+    const straight = jumpSize === arch.nearJumpSize ? direct : null;
+    const frontCode = guard
+      ? guard.encode({
+        at: front,
+        data: slot.data,
+        jsThread: jsThreadOf(m, guard.threadPointerReader(p.runtime.os)),
+        callback: to,
+        original: trampoline as bigint,
+        os: p.runtime.os,
+      })
+      : straight
+      ? new Uint8Array(0)
+      : arch.farJump(front, to);
+    const bytes = new Uint8Array(shape.trampolineSize + frontCode.length);
+    bytes.set(relocated, 0);
+    bytes.set(frontCode, shape.trampolineSize);
+    pool.write(slot, bytes);
+    const entry = straight ??
+      (jumpSize === arch.nearJumpSize ? arch.nearJump(at, front)! : arch.farJump(at, front));
+    return { entry, slot, trampoline, busy: guard ? slot.data + 8n : null };
+  } catch (error) {
+    pool.release(slot, null);
+    throw error;
+  }
+}
+
+function roundUp(n: number, to: number): number {
+  return Math.ceil(n / to) * to;
 }
 
 /**

@@ -64,8 +64,17 @@ export type JsArgument<T extends NativeType> = T extends "buffer" ? bigint | Uin
  */
 export type JsParameters<P extends readonly NativeType[]> = { [K in keyof P]: JsValue<P[K]> };
 
-/** The JS arguments `original(...)` takes. */
-export type JsArguments<P extends readonly NativeType[]> = { [K in keyof P]: JsArgument<P[K]> };
+/**
+ * The JS arguments `original(...)` takes: the same as a replacement receives (pointers and buffers
+ * as `bigint` addresses).
+ *
+ * @example
+ * ```ts
+ * import type { JsArguments } from "./mod.ts";
+ * const args: JsArguments<["pointer", "usize"]> = [0x1000n, 16n];
+ * ```
+ */
+export type JsArguments<P extends readonly NativeType[]> = JsParameters<P>;
 
 /**
  * A JS function with the shape of a signature.

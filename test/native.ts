@@ -16,6 +16,10 @@ export const libc = runtime.open("libc.so.6", {
   atoi: { parameters: ["buffer"], result: "i32" },
   strtol: { parameters: ["buffer", "pointer", "i32"], result: "i64" },
   strlen: { parameters: ["buffer"], result: "u64" },
+  memcmp: { parameters: ["buffer", "buffer", "usize"], result: "i32" },
+  qsort: { parameters: ["buffer", "usize", "usize", "pointer"], result: "void" },
+  pthread_create: { parameters: ["buffer", "pointer", "pointer", "buffer"], result: "i32" },
+  pthread_join: { parameters: ["u64", "pointer"], result: "i32" },
   mmap: { parameters: ["usize", "usize", "i32", "i32", "i32", "i64"], result: "usize" },
   mprotect: { parameters: ["usize", "usize", "i32"], result: "i32" },
   munmap: { parameters: ["usize", "usize"], result: "i32" },
@@ -70,4 +74,29 @@ export function assemble(code: readonly number[], offset = 0): { address: bigint
 /** Unmaps what `assemble` mapped. */
 export function unassemble(base: bigint): void {
   libc.munmap(base, BigInt(2 * os.pageSize));
+}
+
+// Runs `fn(arg)` on a new native thread and waits for it: the JS thread blocks in pthread_join
+// while the other thread calls the function pointer in `record[0]` and stores its result in
+// `record[1]`. thread_main(record):
+const THREAD_MAIN = [
+  0x53, //                   push rbx
+  0x48, 0x89, 0xfb, //       mov rbx, rdi
+  0xff, 0x13, //             call [rbx]
+  0x48, 0x89, 0x43, 0x08, // mov [rbx+8], rax
+  0x5b, //                   pop rbx
+  0x31, 0xc0, //             xor eax, eax
+  0xc3, //                   ret
+];
+let threadMain: bigint | undefined;
+
+/** Calls the native function at `fn` (no arguments, 64-bit result) on another thread. */
+export function callOnAnotherThread(fn: bigint): bigint {
+  threadMain ??= assemble(THREAD_MAIN).address;
+  const record = new BigUint64Array([fn, 0n]);
+  const id = new BigUint64Array(1);
+  const bytes = (a: BigUint64Array) => new Uint8Array(a.buffer);
+  if (libc.pthread_create(bytes(id), 0n, threadMain, bytes(record)) !== 0) throw new Error("pthread_create failed");
+  libc.pthread_join(id[0], 0n);
+  return record[1];
 }

@@ -3,9 +3,6 @@ import { redefine, RedefineError, restoreAll } from "../mod.ts";
 import { assemble, bytesAt, cstr, libc, mapPages, os, protectionAt, runtime, unassemble, writableExecutable } from "./native.ts";
 import { PROT_EXEC, PROT_READ } from "../platform/mod.ts";
 
-// The runtimes' own threads call getpid, and a JS replacement called from another thread hangs
-// until the guard stub exists (see the README's known limits), so JS replacements here take
-// functions only the JS thread calls: getppid, labs, strtol.
 const realPid = libc.getpid() as number;
 const realParent = libc.getppid() as number;
 
@@ -32,6 +29,19 @@ test("a JS replacement of getppid is what every native caller gets, until restor
     assert.equal(patch.active, false);
     assert.equal(libc.getppid(), realParent);
     patch.restore(); // harmless the second time
+  });
+});
+
+test("getpid, which the runtimes' own threads call too: the JS thread sees 4242, the rest the truth", () => {
+  const address = os.symbolAddress("getpid", "libc.so.6");
+  leavesNoTrace(address, () => {
+    const patch = redefine({ symbol: "getpid", library: "libc.so.6", parameters: [], result: "i32" }, () => 4242);
+    try {
+      for (let i = 0; i < 1000; i++) assert.equal(libc.getpid(), 4242);
+    } finally {
+      patch.restore();
+    }
+    assert.equal(libc.getpid(), realPid);
   });
 });
 
