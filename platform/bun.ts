@@ -71,6 +71,8 @@ export const bun: Runtime = {
   },
 
   view(address, length) {
+    // Bun refuses an empty view; Deno gives one.
+    if (length === 0) return new Uint8Array(0);
     return new Uint8Array(ffi.toArrayBuffer(Number(address) as never, 0, length));
   },
 

@@ -158,6 +158,11 @@ function take(block: PoolBlock, size: number, dataSize: number): CodeSlot | null
 export interface CodeWrite {
   readonly address: bigint;
   readonly bytes: Uint8Array;
+  /**
+   * The architecture's jump-to-itself, for writes at a live entry that no single store can cover:
+   * it goes in first, so threads arriving meanwhile wait on it instead of running half-written code.
+   */
+  readonly spin?: Uint8Array;
 }
 
 /**
@@ -183,7 +188,7 @@ export function writeCode(platform: Platform, writes: readonly CodeWrite[]): voi
   const opened: [bigint, number][] = [];
   const done: CodeWrite[] = [];
   const undo = () => {
-    for (const w of done.reverse()) store(runtime, w.address, w.bytes);
+    for (const w of done.reverse()) store(platform, w);
     for (const [p, protection] of opened) os.protect(p, os.pageSize, protection);
   };
   try {
@@ -194,8 +199,8 @@ export function writeCode(platform: Platform, writes: readonly CodeWrite[]): voi
       }
     }
     for (const w of writes) {
-      done.push({ address: w.address, bytes: runtime.view(w.address, w.bytes.length).slice() });
-      store(runtime, w.address, w.bytes);
+      done.push({ ...w, bytes: runtime.view(w.address, w.bytes.length).slice() });
+      store(platform, w);
     }
   } catch (error) {
     undo();
@@ -208,16 +213,32 @@ export function writeCode(platform: Platform, writes: readonly CodeWrite[]): voi
 }
 
 /**
- * Stores `bytes` at `address` through `view`. When they fit in one aligned 8-byte word, the word is
- * written with a single atomic store (its other bytes unchanged), so a thread running the code sees
- * either all of the old bytes or all of the new ones.
+ * Stores `bytes` at `address`. When they fit in one aligned 8-byte word, the word is written with a
+ * single atomic store (its other bytes unchanged), so a thread running the code sees either all of
+ * the old bytes or all of the new ones. Otherwise, given a `spin`, the entry first becomes a jump to
+ * itself (one atomic store), then the tail is written, then the head replaces the spin.
  */
-function store(runtime: Runtime, address: bigint, bytes: Uint8Array): void {
+function store(platform: Platform, write: CodeWrite): void {
+  const { address, bytes, spin } = write;
   const offset = address % 8n;
-  if (offset + BigInt(bytes.length) > 8n) {
-    runtime.view(address, bytes.length).set(bytes);
+  if (offset + BigInt(bytes.length) <= 8n) {
+    storeWord(platform.runtime, address, bytes);
     return;
   }
+  if (!spin || offset + BigInt(spin.length) > 8n || bytes.length <= spin.length) {
+    platform.runtime.view(address, bytes.length).set(bytes);
+    return;
+  }
+  storeWord(platform.runtime, address, spin);
+  platform.os.flushCode(address, spin.length);
+  platform.runtime.view(address + BigInt(spin.length), bytes.length - spin.length).set(bytes.subarray(spin.length));
+  platform.os.flushCode(address, bytes.length);
+  storeWord(platform.runtime, address, bytes.subarray(0, spin.length));
+}
+
+/** One atomic store of the aligned 8-byte word holding `bytes`, its other bytes unchanged. */
+function storeWord(runtime: Runtime, address: bigint, bytes: Uint8Array): void {
+  const offset = address % 8n;
   const live = runtime.view(address - offset, 8);
   const word = live.slice();
   word.set(bytes, Number(offset));

@@ -196,7 +196,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
           `that patch first; redefine leaves these bytes alone rather than clobber them.`,
       );
     }
-    writeCode(platform, [{ address: applied.at, bytes: applied.original }]);
+    writeCode(platform, [{ address: applied.at, bytes: applied.original, spin: machine().arch.selfLoop }]);
     this.#applied = null;
     live.splice(live.indexOf(this as never), 1);
     this.#original?.point(this.address);
@@ -211,6 +211,16 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
         callback.close();
       }
     }
+  }
+
+  /** @internal Copies the bytes this patch replaced into `bytes` (which start at `start`). */
+  overlayOriginal(bytes: Uint8Array, start: bigint): void {
+    const applied = this.#applied;
+    if (!applied) return;
+    applied.original.forEach((b, i) => {
+      const at = applied.at + BigInt(i) - start;
+      if (at >= 0n && at < BigInt(bytes.length)) bytes[Number(at)] = b;
+    });
   }
 
   /** Restores at the end of a `using` scope. */
@@ -342,6 +352,27 @@ export function redefine<const P extends readonly NativeType[], const R extends 
   target: Target<P, R>,
   replacement: NoInfer<Replacement<P, R>>,
 ): Patch<P, R> {
+  return apply(target, (p, signature) => resolveReplacement(p, signature, replacement));
+}
+
+/** In place of a replacement: the function's own trampoline (see `redefineToOriginal`). */
+const ORIGINAL = Symbol("original");
+
+/**
+ * Redirects a function to its own trampoline: every call then runs the relocated first
+ * instructions and jumps back, behaving exactly as before. Not public: it exists to test the
+ * relocator on live code (every caller in the process runs relocated code).
+ */
+export function redefineToOriginal<const P extends readonly NativeType[], const R extends NativeType>(
+  target: Target<P, R>,
+): Patch<P, R> {
+  return apply(target, () => ({ address: ORIGINAL, callback: null }));
+}
+
+function apply<const P extends readonly NativeType[], const R extends NativeType>(
+  target: Target<P, R>,
+  resolve: (p: Platform, signature: Signature) => { address: bigint | typeof ORIGINAL; callback: NativeCallback | null },
+): Patch<P, R> {
   if (target === null || typeof target !== "object") {
     throw new RedefineError("INVALID_ADDRESS", "the target must be { symbol | address, parameters, result }.");
   }
@@ -376,12 +407,13 @@ export function redefine<const P extends readonly NativeType[], const R extends 
         `${arch.nearJumpSize} after the ${pad}-byte landing pad. Redefine a caller instead.`,
     );
   }
-  const { address: to, callback } = resolveReplacement(p, signature, replacement);
+  const { address: to, callback } = resolve(p, signature);
   let built: Built | undefined;
   try {
     built = build(m, code.subarray(pad, pad + room), at, room, to, callback);
+    refuseBranchesInto(m, at, built.entry.length);
     const original = code.slice(pad, pad + built.entry.length);
-    writeCode(p, [{ address: at, bytes: built.entry }]);
+    writeCode(p, [{ address: at, bytes: built.entry, spin: arch.selfLoop }]);
     const patch = new Patch(address, signature, {
       at,
       original,
@@ -402,6 +434,29 @@ export function redefine<const P extends readonly NativeType[], const R extends 
 
 /** How far into a function the relocator looks for branches back into its first bytes. */
 const MAX_SCAN = 4096;
+/** How far before a function to look for code jumping into its first bytes. */
+const SCAN_BEFORE = 2048;
+
+/**
+ * Refuses to overwrite bytes that nearby code jumps into: hand-written routines share code by
+ * jumping past each other's first instruction (glibc's `mempcpy` jumps to `memmove` + 3).
+ */
+function refuseBranchesInto(m: Machine, at: bigint, length: number): void {
+  const mapping = m.platform.os.mappingAt(at);
+  const start = mapping && mapping.start > at - BigInt(SCAN_BEFORE) ? mapping.start : at - BigInt(SCAN_BEFORE);
+  const before = m.platform.runtime.view(start, Number(at - start)).slice();
+  // Read through our own live patches: their jumps would throw the decoder off the original code.
+  for (const patch of live) patch.overlayOriginal(before, start);
+  const found = m.arch.branchesInto(before, start, at, at + BigInt(length));
+  if (found.length) {
+    throw new RedefineError(
+      "UNRELOCATABLE",
+      `code at ${found.map(hex).join(", ")} jumps into the first ${length} bytes of the function at ` +
+        `${hex(at)}, which the entry jump would overwrite: redefining it would break that code. ` +
+        `Redefine the function that jumps there, or a caller.`,
+    );
+  }
+}
 
 interface Built {
   readonly entry: Uint8Array;
@@ -421,7 +476,7 @@ function build(
   body: Uint8Array,
   at: bigint,
   room: number,
-  to: bigint,
+  to: bigint | typeof ORIGINAL,
   callback: NativeCallback | null,
 ): Built {
   const { arch, pool, platform: p } = m;
@@ -439,7 +494,7 @@ function build(
   };
   let jumpSize = arch.nearJumpSize;
   let shape = layout(jumpSize);
-  const direct = guard ? null : arch.nearJump(at, to);
+  const direct = guard || to === ORIGINAL ? null : arch.nearJump(at, to);
   if (direct && shape.plan instanceof RedefineError) {
     // Nothing to place: the jump reaches the replacement and there is no original to keep.
     return { entry: direct, slot: null, trampoline: shape.plan, busy: null };
@@ -471,6 +526,7 @@ function build(
         trampoline = error;
       }
     }
+    if (to === ORIGINAL && trampoline instanceof RedefineError) throw trampoline;
     if (guard && trampoline instanceof RedefineError) {
       throw new RedefineError(
         trampoline.code,
@@ -480,19 +536,20 @@ function build(
       );
     }
     const front = slot.address + BigInt(shape.trampolineSize);
-    const straight = jumpSize === arch.nearJumpSize ? direct : null;
+    const dest = to === ORIGINAL ? trampoline as bigint : to;
+    const straight = !guard && jumpSize === arch.nearJumpSize ? arch.nearJump(at, dest) : null;
     const frontCode = guard
       ? guard.encode({
         at: front,
         data: slot.data,
         jsThread: jsThreadOf(m, guard.threadPointerReader(p.runtime.os)),
-        callback: to,
+        callback: dest,
         original: trampoline as bigint,
         os: p.runtime.os,
       })
       : straight
       ? new Uint8Array(0)
-      : arch.farJump(front, to);
+      : arch.farJump(front, dest);
     const bytes = new Uint8Array(shape.trampolineSize + frontCode.length);
     bytes.set(relocated, 0);
     bytes.set(frontCode, shape.trampolineSize);

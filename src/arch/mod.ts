@@ -40,6 +40,8 @@ export interface Arch {
   readonly nearJumpSize: number;
   /** Size of the absolute jump written when no near memory can be had. */
   readonly farJumpSize: number;
+  /** A jump to itself: what a live entry holds while a multi-store write is under way. */
+  readonly selfLoop: Uint8Array;
   /** Alignment of instructions, and of code this library writes. */
   readonly codeAlignment: number;
   /** Bytes at the entry that must stay in place (`endbr64`, `bti c`): the patch goes after them. */
@@ -65,6 +67,12 @@ export interface Arch {
    * not decode). Execution runs through all of them from the entry, so they belong to it.
    */
   straightLineLength(code: Uint8Array, address: bigint): number;
+  /**
+   * Addresses of the relative branches in `code` (which starts at `address`) that land strictly
+   * between `from` and `to`. Decodes linearly and steps over bytes that do not decode, so it may
+   * find branches that are not really there, never fewer than there are on that path.
+   */
+  branchesInto(code: Uint8Array, address: bigint, from: bigint, to: bigint): bigint[];
   /** Size of `indirectJump`. */
   readonly indirectJumpSize: number;
   /**

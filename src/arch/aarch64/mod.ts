@@ -3,8 +3,9 @@
  * the relocator for the words they overwrite.
  */
 import type { Arch } from "../mod.ts";
-import { decodeAt } from "./decoder.ts";
+import { decodeAt, isBranch } from "./decoder.ts";
 import { planRelocation, relocate } from "./relocator.ts";
+import { GUARD_DATA_SIZE, GUARD_SIZE, guardStub, threadPointerReader } from "./guard.ts";
 import { assemble, b, B_REACH, B_SIZE, JUMP_ABS_SIZE, JUMP_INDIRECT_SIZE, jumpAbs, jumpIndirect } from "./writer.ts";
 
 /**
@@ -23,6 +24,7 @@ export const aarch64: Arch = {
   nearReach: B_REACH,
   nearJumpSize: B_SIZE,
   farJumpSize: JUMP_ABS_SIZE,
+  selfLoop: Uint8Array.of(0x00, 0x00, 0x00, 0x14), // b .
   codeAlignment: 4,
   landingPadLength(code: Uint8Array): number {
     return code.length >= 4 && decodeAt(code, 0, 0n).kind === "landingPad" ? 4 : 0;
@@ -45,6 +47,15 @@ export const aarch64: Arch = {
     }
     return offset;
   },
+  branchesInto(code: Uint8Array, address: bigint, from: bigint, to: bigint): bigint[] {
+    const found: bigint[] = [];
+    for (let offset = 0; offset + 4 <= code.length; offset += 4) {
+      const insn = decodeAt(code, offset, address);
+      if (isBranch(insn) && insn.target > from && insn.target < to) found.push(insn.address);
+    }
+    return found;
+  },
   indirectJumpSize: JUMP_INDIRECT_SIZE,
   indirectJump: jumpIndirect,
+  guard: { size: GUARD_SIZE, dataSize: GUARD_DATA_SIZE, threadPointerReader, encode: guardStub },
 };

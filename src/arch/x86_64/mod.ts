@@ -35,6 +35,7 @@ export const x86_64: Arch = {
   nearReach: 2n ** 31n - BigInt(JMP_REL32_SIZE),
   nearJumpSize: JMP_REL32_SIZE,
   farJumpSize: JMP_ABS_SIZE,
+  selfLoop: Uint8Array.of(0xeb, 0xfe), // jmp $
   codeAlignment: 1,
   landingPadLength: (code) => (startsWithEndbr64(code) ? ENDBR64.length : 0),
   nearJump: jmpRel32,
@@ -54,6 +55,22 @@ export const x86_64: Arch = {
       if (insn.flow !== "normal" && insn.flow !== "syscall") break;
     }
     return offset;
+  },
+  branchesInto(code, address, from, to) {
+    const found: bigint[] = [];
+    for (let offset = 0; offset < code.length;) {
+      let insn;
+      try {
+        insn = decode(code, offset, address + BigInt(offset));
+      } catch {
+        offset++;
+        continue;
+      }
+      const target = insn.branch?.target;
+      if (target !== undefined && target > from && target < to) found.push(insn.address);
+      offset += insn.length;
+    }
+    return found;
   },
   indirectJumpSize: JMP_INDIRECT_SIZE,
   indirectJump: jmpIndirect,
