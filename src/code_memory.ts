@@ -4,7 +4,7 @@
  * protection back, flush), undoing every step when one fails.
  */
 import { hex, RedefineError } from "./errors.ts";
-import type { CodeBlock, Platform, Runtime } from "../platform/mod.ts";
+import type { CodeBlock, Mapping, Platform, Runtime } from "../platform/mod.ts";
 import { PROT_EXEC, PROT_WRITE } from "../platform/mod.ts";
 
 /** A piece of a code block handed to one patch: code, and optionally data next to it. */
@@ -175,28 +175,27 @@ export function writeCode(platform: Platform, writes: readonly CodeWrite[]): voi
   const { os, runtime } = platform;
   const page = BigInt(os.pageSize);
   const pages = new Map<bigint, number>();
+  let known: Mapping | null = null;
   for (const { address, bytes } of writes) {
-    const first = address - address % page;
-    for (let p = first; p < address + BigInt(bytes.length); p += page) {
-      const mapping = os.mappingAt(p);
-      if (!mapping) {
-        throw new RedefineError("INVALID_ADDRESS", `${hex(p)} is not mapped: nothing was written.`);
-      }
-      pages.set(p, mapping.protection);
+    for (let p = address - address % page; p < address + BigInt(bytes.length); p += page) {
+      if (pages.has(p)) continue;
+      // One query answers for every page of a mapping.
+      if (!known || p < known.start || p >= known.end) known = os.mappingAt(p);
+      if (!known) throw new RedefineError("INVALID_ADDRESS", `${hex(p)} is not mapped: nothing was written.`);
+      pages.set(p, known.protection);
     }
   }
-  const opened: [bigint, number][] = [];
+  const runs = protectionRuns(pages, page).filter((r) => !(r.protection & PROT_WRITE));
+  const opened: typeof runs = [];
   const done: CodeWrite[] = [];
   const undo = () => {
     for (const w of done.reverse()) store(platform, w);
-    for (const [p, protection] of opened) os.protect(p, os.pageSize, protection);
+    for (const r of opened) os.protect(r.start, r.length, r.protection);
   };
   try {
-    for (const [p, protection] of pages) {
-      if (!(protection & PROT_WRITE)) {
-        os.protect(p, os.pageSize, protection | PROT_WRITE);
-        opened.push([p, protection]);
-      }
+    for (const r of runs) {
+      os.protect(r.start, r.length, r.protection | PROT_WRITE);
+      opened.push(r);
     }
     for (const w of writes) {
       done.push({ ...w, bytes: runtime.view(w.address, w.bytes.length).slice() });
@@ -206,10 +205,24 @@ export function writeCode(platform: Platform, writes: readonly CodeWrite[]): voi
     undo();
     throw error;
   }
-  for (const [p, protection] of opened) os.protect(p, os.pageSize, protection);
+  for (const r of opened) os.protect(r.start, r.length, r.protection);
   for (const w of writes) {
     if (pages.get(w.address - w.address % page)! & PROT_EXEC) os.flushCode(w.address, w.bytes.length);
   }
+}
+
+/** Consecutive pages of the same protection, merged: one protection change each. */
+function protectionRuns(pages: Map<bigint, number>, page: bigint) {
+  const runs: { start: bigint; length: number; protection: number }[] = [];
+  for (const p of [...pages.keys()].sort((a, b) => (a < b ? -1 : a > b ? 1 : 0))) {
+    const last = runs.at(-1);
+    if (last && last.start + BigInt(last.length) === p && last.protection === pages.get(p)) {
+      last.length += Number(page);
+    } else {
+      runs.push({ start: p, length: Number(page), protection: pages.get(p)! });
+    }
+  }
+  return runs;
 }
 
 /**
