@@ -5,7 +5,9 @@
  * surfaces as a typed error from the call that needed it.
  */
 import { RedefineError } from "../src/errors.ts";
+import { darwin } from "./darwin.ts";
 import { linux } from "./linux.ts";
+import { windows } from "./windows.ts";
 import type { Os, Platform, Runtime } from "./types.ts";
 
 export type * from "./types.ts";
@@ -23,10 +25,14 @@ export function osFor(runtime: Runtime): Os {
   switch (runtime.os) {
     case "linux":
       return linux(runtime);
+    case "darwin":
+      return darwin(runtime);
+    case "windows":
+      return windows(runtime);
     default:
       throw new RedefineError(
         "UNSUPPORTED_PLATFORM",
-        `redefine does not support the '${runtime.os}' operating system yet (supported: linux).`,
+        `redefine does not support the '${runtime.os}' operating system yet (supported: linux, darwin, windows).`,
       );
   }
 }

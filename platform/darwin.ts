@@ -1,0 +1,441 @@
+/**
+ * macOS memory services (x86-64 and arm64) through libSystem, called with the runtime's FFI.
+ *
+ * - Symbols: `dlsym` (`RTLD_DEFAULT` when no library is named). macOS symbols carry no size, so a
+ *   function's extent comes from the image's `LC_FUNCTION_STARTS` table (the one every linker since
+ *   2010 writes, the shared cache's images included): from a function's start to the next start,
+ *   the last one ending with `__TEXT,__text`. No table: size 0, and `src/` asks for `{ size }` or
+ *   falls back to the straight-line length of an exported entry.
+ * - Protections: a write into code goes through `mach_vm_protect(..., VM_PROT_COPY)`, which gives
+ *   this process a private copy-on-write copy of a shared, signed text page (the dyld shared cache,
+ *   a signed dylib); `mprotect` cannot. On arm64 no page outside a `MAP_JIT` region may be writable
+ *   and executable at once, so the page loses execute while it is written (another thread running
+ *   code on that very page faults: see the README's caveats); on x86-64 it keeps it, falling back
+ *   to dropping it when the system refuses write+execute.
+ * - Our own code: a block is `mach_vm_allocate`d near the target and made read+execute, with a
+ *   read+write alias made by `mach_vm_remap` (copy = false: the same pages) — the same W^X double
+ *   mapping as Linux's memfd. `MAP_JIT` with `pthread_jit_write_protect_np` is not used: that call
+ *   flips every `MAP_JIT` page of the calling thread to write-only, the JS engine's own JIT code
+ *   and FFI trampolines included, and this thread is running that code when it makes the call; a
+ *   write from JS through the FFI cannot be bracketed by it safely. Where the system refuses
+ *   executable anonymous memory (hardened runtime without
+ *   `com.apple.security.cs.allow-unsigned-executable-memory`): on x86-64, `mmap(MAP_JIT)` memory,
+ *   writable and executable (the block is its own write alias); on arm64 no block (`allocateCode`
+ *   returns null) and `src/` falls back to an absolute jump at the entry.
+ * - Cache: `sys_icache_invalidate` after every write into code (a no-op on x86-64 machines).
+ * - Maps: `mach_vm_region_recurse`, descending into submaps (the shared region), and
+ *   `proc_regionfilename` for the file behind a region.
+ *
+ * Not run on a Mac: every call sequence is tested against a recording fake FFI
+ * (test/darwin.test.ts).
+ */
+import { hex, RedefineError } from "../src/errors.ts";
+import { nearCandidates, protectionText } from "./linux.ts";
+import type { CodeBlock, Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
+import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
+
+/** Where libSystem lives (only in the shared cache on macOS 11+, but dlopen finds it by path). */
+export const LIBSYSTEM = "/usr/lib/libSystem.B.dylib";
+
+const RTLD_LAZY = 1;
+/** `RTLD_DEFAULT` on macOS is `(void *)-2`. */
+const RTLD_DEFAULT = 2n ** 64n - 2n;
+/** macOS numbers `_SC_PAGESIZE` 29 (Linux: 30). */
+const SC_PAGESIZE = 29;
+const VM_PROT_COPY = 0x10;
+const MAP_PRIVATE = 0x0002;
+const MAP_JIT = 0x0800;
+const MAP_ANON = 0x1000;
+const MAP_FAILED = 2n ** 64n - 1n;
+const VM_FLAGS_FIXED = 0;
+const VM_FLAGS_ANYWHERE = 1;
+const VM_INHERIT_NONE = 2;
+/** `vm_region_submap_info_64`: 19 `natural_t`s (`VM_REGION_SUBMAP_INFO_COUNT_64`). */
+const SUBMAP_INFO_COUNT = 19;
+const SUBMAP_INFO_IS_SUBMAP = 48;
+const MH_MAGIC_64 = 0xfeedfacf;
+const LC_SEGMENT_64 = 0x19;
+const LC_FUNCTION_STARTS = 0x26;
+
+const KERN_NAMES: Record<number, string> = {
+  1: "KERN_INVALID_ADDRESS",
+  2: "KERN_PROTECTION_FAILURE",
+  3: "KERN_NO_SPACE",
+  4: "KERN_INVALID_ARGUMENT",
+  5: "KERN_FAILURE",
+  6: "KERN_RESOURCE_SHORTAGE",
+  8: "KERN_NO_ACCESS",
+};
+const ERRNO_NAMES: Record<number, string> = { 1: "EPERM", 12: "ENOMEM", 13: "EACCES", 22: "EINVAL" };
+
+/** What the user can do when macOS refuses to let code be written or run again. */
+const HARDENED_RUNTIME_ADVICE = "This is what macOS does for a process with the hardened runtime (code signing " +
+  "enforcement: Deno and Bun as released are signed with it). Run a copy of the runtime re-signed " +
+  "without it (`cp $(which deno) ./deno && codesign --force --sign - ./deno`), or signed with the " +
+  "entitlement com.apple.security.cs.disable-executable-page-protection; or redefine a function of " +
+  "a library you built and loaded yourself.";
+
+function libSystem(runtime: Runtime) {
+  return runtime.open(LIBSYSTEM, {
+    sysconf: { parameters: ["i32"], result: "i64" },
+    mprotect: { parameters: ["usize", "usize", "i32"], result: "i32" },
+    mmap: { parameters: ["usize", "usize", "i32", "i32", "i32", "i64"], result: "usize" },
+    munmap: { parameters: ["usize", "usize"], result: "i32" },
+    __error: { parameters: [], result: "usize" },
+    strerror: { parameters: ["i32"], result: "usize" },
+    getpid: { parameters: [], result: "i32" },
+    dlopen: { parameters: ["buffer", "i32"], result: "usize" },
+    dlerror: { parameters: [], result: "usize" },
+    dlsym: { parameters: ["usize", "buffer"], result: "usize" },
+    dladdr: { parameters: ["usize", "buffer"], result: "i32" },
+    sys_icache_invalidate: { parameters: ["usize", "usize"], result: "void" },
+    mach_task_self: { parameters: [], result: "u32" },
+    mach_vm_protect: { parameters: ["u32", "u64", "u64", "i32", "i32"], result: "i32" },
+    mach_vm_allocate: { parameters: ["u32", "buffer", "u64", "i32"], result: "i32" },
+    mach_vm_deallocate: { parameters: ["u32", "u64", "u64"], result: "i32" },
+    mach_vm_remap: {
+      // target task, *target address, size, mask, flags, source task, source address, copy,
+      // *current protection, *maximum protection, inheritance
+      parameters: ["u32", "buffer", "u64", "u64", "i32", "u32", "u64", "i32", "buffer", "buffer", "u32"],
+      result: "i32",
+    },
+    mach_vm_region_recurse: {
+      // task, *address, *size, *depth, info, *info count
+      parameters: ["u32", "buffer", "buffer", "buffer", "buffer", "buffer"],
+      result: "i32",
+    },
+    proc_regionfilename: { parameters: ["i32", "u64", "buffer", "u32"], result: "i32" },
+  });
+}
+
+function cString(text: string): Uint8Array {
+  return new TextEncoder().encode(text + "\0");
+}
+
+function kernText(code: number): string {
+  return `${KERN_NAMES[code] ?? "kern_return_t"} (${code})`;
+}
+
+/** A region as `mach_vm_region_recurse` reports it. */
+interface Region {
+  readonly start: bigint;
+  readonly end: bigint;
+  readonly protection: number;
+  readonly isSubmap: boolean;
+  readonly depth: number;
+}
+
+/** One image's function starts, as absolute addresses, closed by the end of its `__text`. */
+interface FunctionStarts {
+  readonly starts: bigint[];
+  readonly textEnd: bigint;
+}
+
+/** Decodes `LC_FUNCTION_STARTS` data: ULEB128 deltas from `base`, ended by a zero delta. */
+export function decodeFunctionStarts(data: Uint8Array, base: bigint): bigint[] {
+  const starts: bigint[] = [];
+  let address = base;
+  for (let i = 0; i < data.length;) {
+    let delta = 0n;
+    let shift = 0n;
+    let byte: number;
+    do {
+      byte = data[i++];
+      delta |= BigInt(byte & 0x7f) << shift;
+      shift += 7n;
+    } while (byte & 0x80 && i < data.length);
+    if (delta === 0n) break;
+    address += delta;
+    starts.push(address);
+  }
+  return starts;
+}
+
+/** The macOS layer over `runtime`. */
+export function darwin(runtime: Runtime): Os {
+  const c = libSystem(runtime);
+  const arm64 = runtime.arch === "aarch64" || runtime.arch === "arm64";
+  const pageSize = Number(c.sysconf(SC_PAGESIZE));
+  const task = c.mach_task_self() as number;
+  const pid = c.getpid() as number;
+  const page = BigInt(pageSize);
+
+  const u32 = (bytes: Uint8Array, at = 0) => new DataView(bytes.buffer, bytes.byteOffset).getUint32(at, true);
+  const u64 = (bytes: Uint8Array, at = 0) => new DataView(bytes.buffer, bytes.byteOffset).getBigUint64(at, true);
+  const read = (address: bigint, length: number) => runtime.view(address, length).slice();
+
+  function errnoText(): string {
+    const code = new DataView(read(c.__error() as bigint, 4).buffer).getInt32(0, true);
+    return `${ERRNO_NAMES[code] ?? "errno " + code} (${runtime.cString(c.strerror(code) as bigint)})`;
+  }
+
+  /** The first region at or above `address`, looking `depth` submaps deep; null past the last. */
+  function region(address: bigint, depth: number): Region | null {
+    const at = new BigUint64Array([address]);
+    const size = new BigUint64Array(1);
+    const depthIn = new Uint32Array([depth]);
+    const info = new Uint8Array(SUBMAP_INFO_COUNT * 4);
+    const count = new Uint32Array([SUBMAP_INFO_COUNT]);
+    const bytes = (a: BigUint64Array | Uint32Array) => new Uint8Array(a.buffer);
+    const kr = c.mach_vm_region_recurse(task, bytes(at), bytes(size), bytes(depthIn), info, bytes(count)) as number;
+    if (kr !== 0) return null;
+    return {
+      start: at[0],
+      end: at[0] + size[0],
+      protection: u32(info, 0) & (PROT_READ | PROT_WRITE | PROT_EXEC),
+      isSubmap: u32(info, SUBMAP_INFO_IS_SUBMAP) !== 0,
+      depth: depthIn[0],
+    };
+  }
+
+  function regionPath(address: bigint): string {
+    const buffer = new Uint8Array(1024);
+    const n = c.proc_regionfilename(pid, address, buffer, buffer.length) as number;
+    return n > 0 ? new TextDecoder().decode(buffer.subarray(0, n)) : "";
+  }
+
+  function mappingAt(address: bigint): Mapping | null {
+    for (let depth = 0;;) {
+      const r = region(address, depth);
+      if (!r || r.start > address) return null;
+      if (!r.isSubmap) return { start: r.start, end: r.end, protection: r.protection, path: "" };
+      depth = r.depth + 1;
+    }
+  }
+
+  function mappings(): Mapping[] {
+    const found: Mapping[] = [];
+    let address = 0n;
+    for (let depth = 0;;) {
+      const r = region(address, depth);
+      if (!r) return found;
+      if (r.isSubmap) {
+        depth = r.depth + 1;
+        address = r.start;
+        continue;
+      }
+      found.push({ start: r.start, end: r.end, protection: r.protection, path: regionPath(r.start) });
+      depth = r.depth;
+      address = r.end;
+    }
+  }
+
+  /** The readable bytes at `address`, or null when any of them is unmapped or unreadable. */
+  function readChecked(address: bigint, length: number): Uint8Array | null {
+    for (let p = address - address % page; p < address + BigInt(length); p += page) {
+      const m = mappingAt(p);
+      if (!m || !(m.protection & PROT_READ)) return null;
+    }
+    return read(address, length);
+  }
+
+  const functionStartsCache = new Map<bigint, FunctionStarts | null>();
+
+  /** The function starts of the Mach-O image whose header is at `header`. */
+  function functionStartsOf(header: bigint): FunctionStarts | null {
+    if (functionStartsCache.has(header)) return functionStartsCache.get(header)!;
+    let result: FunctionStarts | null = null;
+    const head = readChecked(header, 32);
+    if (head && u32(head, 0) === MH_MAGIC_64) {
+      const commands = readChecked(header + 32n, u32(head, 20));
+      let text: { vmaddr: bigint; textEnd: bigint } | null = null;
+      let linkedit: { vmaddr: bigint; fileoff: bigint } | null = null;
+      let startsAt: { offset: number; size: number } | null = null;
+      for (let at = 0, i = 0; commands && i < u32(head, 16) && at + 8 <= commands.length; i++) {
+        const cmd = u32(commands, at), size = u32(commands, at + 4);
+        if (size < 8) break;
+        if (cmd === LC_SEGMENT_64) {
+          const name = new TextDecoder().decode(commands.subarray(at + 8, at + 24)).replace(/\0.*$/s, "");
+          const vmaddr = u64(commands, at + 24);
+          if (name === "__TEXT") {
+            let textEnd = vmaddr + u64(commands, at + 32);
+            // section_64 records (80 bytes) follow the 72-byte segment command.
+            for (let s = 0; s < u32(commands, at + 64); s++) {
+              const section = at + 72 + 80 * s;
+              const sectionName = new TextDecoder().decode(commands.subarray(section, section + 16)).replace(/\0.*$/s, "");
+              if (sectionName === "__text") textEnd = u64(commands, section + 32) + u64(commands, section + 40);
+            }
+            text = { vmaddr, textEnd };
+          }
+          if (name === "__LINKEDIT") linkedit = { vmaddr, fileoff: u64(commands, at + 40) };
+        }
+        if (cmd === LC_FUNCTION_STARTS) startsAt = { offset: u32(commands, at + 8), size: u32(commands, at + 12) };
+        at += size;
+      }
+      if (text && linkedit && startsAt) {
+        const slide = header - text.vmaddr;
+        // The data's file offset counts in the same file as __LINKEDIT's (the shared cache's, for
+        // its images), so its address is the segment's, moved by the offset difference.
+        const data = readChecked(linkedit.vmaddr + slide - linkedit.fileoff + BigInt(startsAt.offset), startsAt.size);
+        if (data) result = { starts: decodeFunctionStarts(data, header), textEnd: text.textEnd + slide };
+      }
+    }
+    functionStartsCache.set(header, result);
+    return result;
+  }
+
+  function dlHandle(library: string): bigint {
+    const handle = c.dlopen(cString(library), RTLD_LAZY) as bigint;
+    if (handle === 0n) {
+      const why = c.dlerror() as bigint;
+      throw new RedefineError(
+        "LIBRARY_NOT_FOUND",
+        `cannot open library '${library}'${why ? ": " + runtime.cString(why) : ""}. Give the install name or ` +
+          `path the dynamic loader knows (e.g. "${LIBSYSTEM}", "/usr/lib/libz.1.dylib").`,
+      );
+    }
+    return handle;
+  }
+
+  function machProtect(start: bigint, length: number, protection: number): number {
+    return c.mach_vm_protect(task, start, BigInt(length), 0, protection) as number;
+  }
+
+  function deallocate(address: bigint, size: bigint): void {
+    c.mach_vm_deallocate(task, address, size);
+  }
+
+  const os: Os = {
+    pageSize,
+
+    symbolAddress(symbol, library) {
+      const handle = library === undefined ? RTLD_DEFAULT : dlHandle(library);
+      // dlsym takes the C name and adds the leading underscore itself.
+      const address = c.dlsym(handle, cString(symbol)) as bigint;
+      if (address === 0n) {
+        throw new RedefineError(
+          "SYMBOL_NOT_FOUND",
+          `no symbol '${symbol}' in ${library === undefined ? "the process" : `'${library}'`}. Check ` +
+            `the spelling (the C name, without the leading underscore) and that the library exporting ` +
+            `it is loaded` + (library === undefined ? ", or name it with { library }." : "."),
+        );
+      }
+      return address;
+    },
+
+    symbolAt(address) {
+      const info = new Uint8Array(32);
+      if ((c.dladdr(address, info) as number) === 0) return null;
+      // Dl_info: dli_fname, dli_fbase, dli_sname, dli_saddr.
+      const fileName = u64(info, 0), base = u64(info, 8), symbolName = u64(info, 16), symbolAddress = u64(info, 24);
+      const name = symbolName === 0n ? "" : runtime.cString(symbolName);
+      const library = fileName === 0n ? "" : runtime.cString(fileName);
+      const table = base === 0n ? null : functionStartsOf(base);
+      if (table) {
+        const { starts, textEnd } = table;
+        let i = starts.length - 1;
+        while (i >= 0 && starts[i] > address) i--;
+        const end = i + 1 < starts.length ? starts[i + 1] : textEnd;
+        if (i >= 0 && address < end) {
+          const start = starts[i];
+          return {
+            name: start === symbolAddress || name === "" ? name : `${name}+${hex(start - symbolAddress)}`,
+            start,
+            size: Number(end - start),
+            library,
+          } satisfies SymbolInfo;
+        }
+      }
+      if (symbolName === 0n) return null;
+      return { name, start: symbolAddress, size: 0, library } satisfies SymbolInfo;
+    },
+
+    mappings,
+    mappingAt,
+
+    protect(start, length, protection) {
+      if (protection & PROT_WRITE) {
+        // VM_PROT_COPY: a private copy of shared text (the shared cache, signed images), which
+        // plain mprotect refuses to make writable.
+        const wanted = arm64 ? protection & ~PROT_EXEC : protection;
+        let kr = machProtect(start, length, wanted | VM_PROT_COPY);
+        if (kr !== 0 && wanted & PROT_EXEC) kr = machProtect(start, length, (wanted & ~PROT_EXEC) | VM_PROT_COPY);
+        if (kr !== 0) {
+          throw new RedefineError(
+            "PROTECT_FAILED",
+            `mach_vm_protect(${hex(start)}, ${length}, ${protectionText(wanted)} | VM_PROT_COPY) failed: ` +
+              `${kernText(kr)}: macOS will not make this code writable. ${HARDENED_RUNTIME_ADVICE}`,
+          );
+        }
+        return;
+      }
+      if ((c.mprotect(start, BigInt(length), protection) as number) !== 0) {
+        const why = errnoText();
+        throw new RedefineError(
+          "PROTECT_FAILED",
+          `mprotect(${hex(start)}, ${length}, ${protectionText(protection)}) failed: ${why}.` +
+            (protection & PROT_EXEC
+              ? ` macOS will not let modified code run again. ${HARDENED_RUNTIME_ADVICE}`
+              : ""),
+        );
+      }
+    },
+
+    allocateCode(near, reach, size) {
+      const dataSize = pageSize;
+      const total = BigInt(size + dataSize);
+      const candidates = nearCandidates(mappings(), near, reach, total, page).slice(0, 16);
+      let refused = false;
+      for (const at of candidates) {
+        const where = new BigUint64Array([at]);
+        if ((c.mach_vm_allocate(task, new Uint8Array(where.buffer), total, VM_FLAGS_FIXED) as number) !== 0) continue;
+        // The write alias: the same pages (copy = false), anywhere.
+        const alias = new BigUint64Array(1);
+        const current = new Uint32Array(1), maximum = new Uint32Array(1);
+        const kr = c.mach_vm_remap(
+          task, new Uint8Array(alias.buffer), BigInt(size), 0n, VM_FLAGS_ANYWHERE, task, at, 0,
+          new Uint8Array(current.buffer), new Uint8Array(maximum.buffer), VM_INHERIT_NONE,
+        ) as number;
+        if (kr !== 0) {
+          deallocate(at, total);
+          throw new RedefineError("ALLOCATION_FAILED", `mach_vm_remap of a code block failed: ${kernText(kr)}.`);
+        }
+        // The code half runs read+execute; the data after it stays read+write.
+        if (machProtect(at, size, PROT_READ | PROT_EXEC) === 0) {
+          return { address: at, writable: alias[0], size, data: at + BigInt(size), dataSize };
+        }
+        deallocate(alias[0], BigInt(size));
+        deallocate(at, total);
+        refused = true; // executable anonymous memory is refused (hardened runtime): not here either
+        break;
+      }
+      // A hardened x86-64 runtime with com.apple.security.cs.allow-jit may still map MAP_JIT memory,
+      // writable and executable at once (x86-64 has no per-thread JIT write protection): the block
+      // is then its own write alias. On arm64 that memory would need pthread_jit_write_protect_np
+      // around each write, which a write from JS cannot have (see the module doc): no block.
+      if (refused && !arm64) {
+        for (const at of candidates) {
+          const address = c.mmap(at, total, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANON | MAP_JIT, -1, 0n) as bigint;
+          if (address === MAP_FAILED) return null;
+          if (address === at) return { address, writable: address, size, data: at + BigInt(size), dataSize };
+          c.munmap(address, total);
+        }
+      }
+      return null;
+    },
+
+    loadableImage() {
+      throw new RedefineError(
+        "UNSUPPORTED_PLATFORM",
+        "calling the original at full speed needs a stub library the runtime can dlopen; on macOS that " +
+          "is a Mach-O dylib (ad-hoc signed on arm64), which redefine does not build yet. Call the " +
+          "trampoline through the runtime's function-pointer call instead.",
+      );
+    },
+
+    freeCode(block: CodeBlock) {
+      const total = BigInt(block.size + block.dataSize);
+      if (block.writable === block.address) {
+        c.munmap(block.address, total);
+        return;
+      }
+      deallocate(block.writable, BigInt(block.size));
+      deallocate(block.address, total);
+    },
+
+    flushCode(address, length) {
+      c.sys_icache_invalidate(address, BigInt(length));
+    },
+  };
+  return os;
+}
