@@ -72,6 +72,17 @@ export const x86_64: Arch = {
     }
     return found;
   },
+  startsInstruction(code, address, offset) {
+    let at = 0;
+    while (at < offset) {
+      try {
+        at += decode(code, at, address + BigInt(at)).length;
+      } catch {
+        return null;
+      }
+    }
+    return at === offset;
+  },
   indirectJumpSize: JMP_INDIRECT_SIZE,
   indirectJump: jmpIndirect,
   guard: { size: GUARD_SIZE, dataSize: GUARD_DATA_SIZE, threadPointerReader, encode: guardStub },
