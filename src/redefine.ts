@@ -134,8 +134,13 @@ interface Applied {
   readonly destination: bigint;
   /** Trampoline, then stub or guard: null when the jump reaches the replacement directly. */
   readonly slot: CodeSlot | null;
-  /** The relocated prologue (or the patch below's destination), or why there is none. */
-  readonly trampoline: bigint | RedefineError;
+  /**
+   * The relocated prologue (or the patch below's destination), or why there is none, or how to
+   * make it when first asked for (a native replacement the entry jump reaches directly).
+   */
+  trampoline: bigint | RedefineError | LazyTrampoline;
+  /** The slot of a trampoline made on demand. */
+  lateSlot: CodeSlot | null;
   readonly callback: NativeCallback | null;
   /** The guard's busy flag (JS replacements): set while the replacement runs. */
   readonly busy: bigint | null;
@@ -221,6 +226,16 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   get originalAddress(): bigint {
     const applied = this.#applied;
     if (!applied) return this.address;
+    if (typeof applied.trampoline === "function") {
+      try {
+        const made = applied.trampoline();
+        applied.lateSlot = made.slot;
+        applied.trampoline = made.address;
+      } catch (error) {
+        if (!(error instanceof RedefineError)) throw error;
+        applied.trampoline = error;
+      }
+    }
     if (applied.trampoline instanceof RedefineError) throw applied.trampoline;
     return applied.trampoline;
   }
@@ -287,6 +302,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
         if (applied.under) applied.under.#over = null;
         this.#original?.point(this.address);
         if (applied.slot) pool.release(applied.slot, applied.busy);
+        if (applied.lateSlot) pool.release(applied.lateSlot, null);
         closeWhenIdle(platform, applied);
       },
       () => (this.#restoring = false),
@@ -307,6 +323,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     live.splice(live.indexOf(patch), 1);
     if (applied.under) applied.under.#over = null;
     if (applied.slot) machine().pool.release(applied.slot, null);
+    if (applied.lateSlot) machine().pool.release(applied.lateSlot, null);
     applied.callback?.close();
   }
 
@@ -629,6 +646,7 @@ function apply<const P extends readonly NativeType[], const R extends NativeType
     destination: built.destination,
     slot: built.slot,
     trampoline: built.trampoline,
+    lateSlot: null,
     callback,
     busy: built.busy,
     under,
@@ -640,6 +658,8 @@ function apply<const P extends readonly NativeType[], const R extends NativeType
 
 /** How far into a function the relocator looks for branches back into its first bytes. */
 const MAX_SCAN = 4096;
+/** Entries found clean by `refuseBranchesInto`, with how many of their bytes. */
+const cleanEntries = new Map<bigint, number>();
 /** How far before a function to look for code jumping into its first bytes. */
 const SCAN_BEFORE = 2048;
 
@@ -648,6 +668,8 @@ const SCAN_BEFORE = 2048;
  * jumping past each other's first instruction (glibc's `mempcpy` jumps to `memmove` + 3).
  */
 function refuseBranchesInto(m: Machine, at: bigint, length: number): void {
+  // Code does not change under us (our own patches are read through), so a clean scan stays clean.
+  if ((cleanEntries.get(at) ?? 0) >= length) return;
   const mapping = m.platform.os.mappingAt(at);
   const start = mapping && mapping.start > at - BigInt(SCAN_BEFORE) ? mapping.start : at - BigInt(SCAN_BEFORE);
   const before = m.platform.runtime.view(start, Number(at - start)).slice();
@@ -662,14 +684,18 @@ function refuseBranchesInto(m: Machine, at: bigint, length: number): void {
         `Redefine the function that jumps there, or a caller.`,
     );
   }
+  cleanEntries.set(at, length);
 }
+
+/** Builds a trampoline on demand: its address and the slot holding it. */
+type LazyTrampoline = () => { address: bigint; slot: CodeSlot };
 
 interface Built {
   readonly entry: Uint8Array;
   /** Where the entry jump leads. */
   readonly destination: bigint;
   readonly slot: CodeSlot | null;
-  readonly trampoline: bigint | RedefineError;
+  readonly trampoline: bigint | RedefineError | LazyTrampoline;
   readonly busy: bigint | null;
 }
 
@@ -708,10 +734,21 @@ function build(
   let shape = layout(jumpSize);
   const plain = !guard && to !== ORIGINAL;
   const direct = plain ? arch.nearJump(at, to) : null;
-  if (direct && plain && shape.trampolineSize === 0) {
-    // Nothing to place: the jump reaches the replacement, and the original is the patch below or
-    // cannot be kept.
-    const trampoline = below ?? (shape.plan as RedefineError);
+  if (direct && plain) {
+    // Nothing to place now: the jump reaches the replacement. The original is the patch below, or
+    // cannot be kept, or is relocated when first asked for (most native redirects never are).
+    const plan = shape.plan;
+    const trampoline = below ?? (plan instanceof RedefineError ? plan : () => {
+      const slot = pool.allocate(at, arch.nearReach - BigInt(plan!.maxSize), plan!.maxSize);
+      if (!slot) throw new RedefineError("ALLOCATION_FAILED", `no executable memory near ${hex(at)} for the original.`);
+      try {
+        pool.write(slot, arch.relocate(body, at, jumpSize, slot.address));
+      } catch (error) {
+        pool.release(slot, null);
+        throw error;
+      }
+      return { address: slot.address, slot };
+    });
     return { entry: direct, destination: to, slot: null, trampoline, busy: null };
   }
   const dataSize = guard?.dataSize ?? 0;
