@@ -17,7 +17,7 @@
  *
  * @module
  */
-export { Patch, redefine, restoreAll } from "./src/redefine.ts";
+export { Patch, redefine, redefineAll, restoreAll, transaction } from "./src/redefine.ts";
 export type { AddressTarget, Replacement, SymbolReplacement, SymbolTarget, Target } from "./src/redefine.ts";
 export { RedefineError } from "./src/errors.ts";
 export type { RedefineErrorCode } from "./src/errors.ts";

@@ -18,7 +18,8 @@ export type RedefineErrorCode =
   | "FFI_PERMISSION"
   | "BAD_SIGNATURE"
   | "BAD_REPLACEMENT"
-  | "UNKNOWN_SIZE";
+  | "UNKNOWN_SIZE"
+  | "OUT_OF_ORDER";
 
 /**
  * Raised for every failure of `redefine`; nothing has been written when it is thrown from

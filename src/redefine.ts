@@ -5,7 +5,7 @@ import { hex, hexBytes, RedefineError } from "./errors.ts";
 import { checkSignature } from "./signature.ts";
 import type { JsArguments, JsFunction, JsValue, NativeType, Signature } from "./signature.ts";
 import { CodePool, writeCode } from "./code_memory.ts";
-import type { CodeSlot } from "./code_memory.ts";
+import type { CodeSlot, CodeWrite } from "./code_memory.ts";
 import { archFor } from "./arch/mod.ts";
 import type { Arch, RelocationPlan } from "./arch/mod.ts";
 import { OriginalStubs } from "./original.ts";
@@ -84,7 +84,33 @@ function machine(): Machine {
   const p = platform();
   const arch = archFor(p.runtime.arch);
   current = { platform: p, pool: new CodePool(p), arch, originals: new OriginalStubs(p, arch) };
+  restoreAtExit();
   return current;
+}
+
+/**
+ * Puts every function back when the process exits normally (Deno's `unload` event, Bun's
+ * `process.on("exit")`): native code that runs later — other threads, atexit handlers — must not
+ * jump into callbacks the runtime is tearing down. Each patch alone: one that refuses does not
+ * keep the others in place.
+ */
+function restoreAtExit(): void {
+  const restoreEach = () => {
+    for (const patch of [...live].reverse()) {
+      try {
+        patch.restore();
+      } catch {
+        // Someone else rewrote its entry (PATCH_MODIFIED): leave their bytes be.
+      }
+    }
+  };
+  const global = globalThis as {
+    Deno?: unknown;
+    addEventListener?: (type: string, listener: () => void) => void;
+    process?: { on(event: string, listener: () => void): void };
+  };
+  if (global.Deno !== undefined) global.addEventListener?.("unload", restoreEach);
+  else global.process?.on("exit", restoreEach);
 }
 
 /** The JS thread's thread pointer, read by running the guard's own read on this thread. */
@@ -101,15 +127,51 @@ function jsThreadOf(m: Machine, reader: Uint8Array): bigint {
 interface Applied {
   /** Where the entry jump is written (after a landing pad). */
   readonly at: bigint;
+  /** What was at `at` before: the function's bytes, or the entry jump of the patch below. */
   readonly original: Uint8Array;
   readonly written: Uint8Array;
+  /** Where the entry jump leads (a stub, the guard, or the replacement itself). */
+  readonly destination: bigint;
   /** Trampoline, then stub or guard: null when the jump reaches the replacement directly. */
   readonly slot: CodeSlot | null;
-  /** The relocated prologue, or why there is none. */
-  readonly trampoline: bigint | RedefineError;
+  /**
+   * The relocated prologue (or the patch below's destination), or why there is none, or how to
+   * make it when first asked for (a native replacement the entry jump reaches directly).
+   */
+  trampoline: bigint | RedefineError | LazyTrampoline;
+  /** The slot of a trampoline made on demand. */
+  lateSlot: CodeSlot | null;
   readonly callback: NativeCallback | null;
   /** The guard's busy flag (JS replacements): set while the replacement runs. */
   readonly busy: bigint | null;
+  /** The patch this one is layered on, if the function was already redefined. */
+  readonly under: Patch<readonly NativeType[], NativeType> | null;
+}
+
+/** Writes collected by `transaction()`, applied together when its body returns. */
+interface Batch {
+  readonly writes: CodeWrite[];
+  readonly commits: (() => void)[];
+  readonly rollbacks: (() => void)[];
+}
+
+let batch: Batch | null = null;
+
+/** Writes now, or as part of the enclosing transaction. */
+function schedule(p: Platform, write: CodeWrite, commit: () => void, rollback: () => void): void {
+  if (batch) {
+    batch.writes.push(write);
+    batch.commits.push(commit);
+    batch.rollbacks.push(rollback);
+    return;
+  }
+  try {
+    writeCode(p, [write]);
+  } catch (error) {
+    rollback();
+    throw error;
+  }
+  commit();
 }
 
 /**
@@ -133,6 +195,10 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   readonly signature: { readonly parameters: P; readonly result: R };
   #applied: Applied | null;
   #original: OriginalStub | undefined;
+  /** A newer patch layered on this one: it must be restored first. */
+  #over: Patch<readonly NativeType[], NativeType> | null = null;
+  /** Set while a restore waits for its transaction to commit. */
+  #restoring = false;
 
   /** @internal Made by `redefine()`. */
   constructor(address: bigint, signature: { parameters: P; result: R }, applied: Applied) {
@@ -152,14 +218,24 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   }
 
   /**
-   * The original function as a native address: the trampoline (the relocated first instructions
-   * and a jump back into the function) while the patch is live, the function itself once restored.
-   * For a native replacement to call. Throws `UNRELOCATABLE` when the first instructions could not
-   * be moved.
+   * The original function as a native address, for a native replacement to call: the trampoline
+   * (the relocated first instructions and a jump back into the function) while the patch is live
+   * — or, for a patch layered on another, the replacement below it — and the function itself once
+   * restored. Throws `UNRELOCATABLE` when the first instructions could not be moved.
    */
   get originalAddress(): bigint {
     const applied = this.#applied;
     if (!applied) return this.address;
+    if (typeof applied.trampoline === "function") {
+      try {
+        const made = applied.trampoline();
+        applied.lateSlot = made.slot;
+        applied.trampoline = made.address;
+      } catch (error) {
+        if (!(error instanceof RedefineError)) throw error;
+        applied.trampoline = error;
+      }
+    }
     if (applied.trampoline instanceof RedefineError) throw applied.trampoline;
     return applied.trampoline;
   }
@@ -173,21 +249,40 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     if (!this.#original) {
       const address = this.originalAddress;
       const signature = nativeSignature(this.signature);
-      const key = `${this.address}:${signature.parameters.join()}:${signature.result}`;
+      const key = `${this.address}:${this.depth}:${signature.parameters.join()}:${signature.result}`;
       this.#original = machine().originals.acquire(key, signature, address);
     }
     return this.#original.call;
   }
 
+  /** How many live patches this one is layered on. */
+  get depth(): number {
+    let depth = 0;
+    for (let under = this.#applied?.under; under; under = under.#applied?.under) depth++;
+    return depth;
+  }
+
   /**
-   * Puts the original bytes and page protections back. Refuses (PATCH_MODIFIED) when the bytes at
-   * the entry are no longer the ones this patch wrote. A second call does nothing.
+   * Puts the original bytes and page protections back (for a layered patch: the patch below it).
+   * Refuses with PATCH_MODIFIED when the bytes at the entry are no longer the ones this patch
+   * wrote, and with OUT_OF_ORDER while a newer patch is layered on this one. A second call does
+   * nothing. Inside `transaction()`, takes effect when the transaction commits.
    */
   restore(): void {
     const applied = this.#applied;
-    if (!applied) return;
-    const { platform, pool } = machine();
-    const now = platform.runtime.view(applied.at, applied.written.length).slice();
+    if (!applied || this.#restoring) return;
+    const over = this.#over;
+    if (over && !over.#restoring) {
+      throw new RedefineError(
+        "OUT_OF_ORDER",
+        `the function at ${hex(this.address)} was redefined again on top of this patch: restore the ` +
+          `newer patch first (restoreAll() goes newest first).`,
+      );
+    }
+    const { platform, pool, arch } = machine();
+    // Under a patch whose restore is pending in this transaction, the entry will hold our jump
+    // again once that write lands; that patch has checked the bytes.
+    const now = over ? applied.written : platform.runtime.view(applied.at, applied.written.length).slice();
     if (!now.every((b, i) => b === applied.written[i])) {
       throw new RedefineError(
         "PATCH_MODIFIED",
@@ -196,27 +291,56 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
           `that patch first; redefine leaves these bytes alone rather than clobber them.`,
       );
     }
-    writeCode(platform, [{ address: applied.at, bytes: applied.original, spin: machine().arch.selfLoop }]);
-    this.#applied = null;
-    live.splice(live.indexOf(this as never), 1);
-    this.#original?.point(this.address);
-    if (applied.slot) pool.release(applied.slot, applied.busy);
-    const callback = applied.callback;
-    if (callback) {
-      // Restored from inside the replacement: the callback is still running, so close it once it
-      // is done. Otherwise no entry leads to it any more and it can go now.
-      if (applied.busy !== null && platform.runtime.view(applied.busy, 1)[0] !== 0) {
-        setTimeout(() => callback.close(), 0);
-      } else {
-        callback.close();
-      }
-    }
+    this.#restoring = true;
+    schedule(
+      platform,
+      { address: applied.at, bytes: applied.original, spin: arch.selfLoop },
+      () => {
+        this.#restoring = false;
+        this.#applied = null;
+        live.splice(live.indexOf(this as never), 1);
+        if (applied.under) applied.under.#over = null;
+        this.#original?.point(this.address);
+        if (applied.slot) pool.release(applied.slot, applied.busy);
+        if (applied.lateSlot) pool.release(applied.lateSlot, null);
+        closeWhenIdle(platform, applied);
+      },
+      () => (this.#restoring = false),
+    );
   }
 
-  /** @internal Copies the bytes this patch replaced into `bytes` (which start at `start`). */
+  /** @internal Registers a freshly built patch; `abandon` undoes it if its write fails. */
+  static register(patch: Patch<readonly NativeType[], NativeType>): void {
+    live.push(patch);
+    const under = patch.#applied!.under;
+    if (under) under.#over = patch;
+  }
+
+  /** @internal Undoes `register` for a patch whose entry was never written. */
+  static abandon(patch: Patch<readonly NativeType[], NativeType>): void {
+    const applied = patch.#applied!;
+    patch.#applied = null;
+    live.splice(live.indexOf(patch), 1);
+    if (applied.under) applied.under.#over = null;
+    if (applied.slot) machine().pool.release(applied.slot, null);
+    if (applied.lateSlot) machine().pool.release(applied.lateSlot, null);
+    applied.callback?.close();
+  }
+
+  /** @internal Where this patch's entry jump leads. */
+  get destination(): bigint | undefined {
+    return this.#applied?.destination;
+  }
+
+  /** @internal The bytes this patch wrote at its entry. */
+  get written(): Uint8Array | undefined {
+    return this.#applied?.written;
+  }
+
+  /** @internal Copies the function's own bytes under this patch into `bytes` (starting at `start`). */
   overlayOriginal(bytes: Uint8Array, start: bigint): void {
     const applied = this.#applied;
-    if (!applied) return;
+    if (!applied || applied.under) return; // a layered patch's `original` is the jump below
     applied.original.forEach((b, i) => {
       const at = applied.at + BigInt(i) - start;
       if (at >= 0n && at < BigInt(bytes.length)) bytes[Number(at)] = b;
@@ -227,6 +351,73 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   [Symbol.dispose](): void {
     this.restore();
   }
+}
+
+/**
+ * Closes a restored patch's callback. Restored from inside the replacement, the callback is still
+ * running: it closes once the replacement has returned (the guard's busy flag says when).
+ */
+function closeWhenIdle(platform: Platform, applied: Applied): void {
+  const callback = applied.callback;
+  if (!callback) return;
+  if (applied.busy !== null && platform.runtime.view(applied.busy, 1)[0] !== 0) {
+    setTimeout(() => callback.close(), 0);
+  } else {
+    callback.close();
+  }
+}
+
+/**
+ * Applies everything `body` redefines and restores as one transaction: each page is made writable
+ * once and gets its protection back once, however many patches it holds, and if anything fails —
+ * in `body` or while writing — every page and byte is as it was before and the error is rethrown.
+ * Patches made in `body` become active when it returns. Nested transactions join the outer one.
+ *
+ * @example
+ * ```ts
+ * import { redefine, restoreAll, transaction } from "./mod.ts";
+ * const [a, b] = transaction(() => [
+ *   redefine({ symbol: "getppid", parameters: [], result: "i32" }, { symbol: "getpid" }),
+ *   redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, (x) => x),
+ * ]);
+ * transaction(() => restoreAll());
+ * ```
+ */
+export function transaction<T>(body: () => T): T {
+  if (batch) return body();
+  const current: Batch = { writes: [], commits: [], rollbacks: [] };
+  batch = current;
+  let result: T;
+  try {
+    result = body();
+    batch = null;
+    writeCode(machine().platform, current.writes);
+  } catch (error) {
+    batch = null;
+    for (const rollback of current.rollbacks.reverse()) rollback();
+    throw error;
+  }
+  for (const commit of current.commits) commit();
+  return result;
+}
+
+/**
+ * Redefines many functions at once, all or nothing: `transaction()` around one `redefine()` each.
+ *
+ * @example
+ * ```ts
+ * import { redefineAll, restoreAll } from "./mod.ts";
+ * const patches = redefineAll([
+ *   [{ symbol: "getppid", parameters: [], result: "i32" }, { symbol: "getpid" }],
+ *   [{ symbol: "labs", parameters: ["i64"], result: "i64" }, (x: bigint) => x],
+ * ]);
+ * restoreAll();
+ * ```
+ */
+export function redefineAll(
+  entries: readonly (readonly [Target<readonly NativeType[], NativeType>, Replacement<readonly NativeType[], NativeType>])[],
+): Patch<readonly NativeType[], NativeType>[] {
+  return transaction(() => entries.map(([target, replacement]) => redefine(target, replacement)));
 }
 
 function resolveTarget(p: Platform, target: Target<readonly NativeType[], NativeType>): bigint {
@@ -267,15 +458,36 @@ function checkExecutable(p: Platform, address: bigint, what: string): void {
 const extents = new Map<bigint, SymbolInfo | null>();
 
 /** How many bytes from `address` belong to the function: a given size, or its symbol's extent. */
+function symbolAt(p: Platform, address: bigint): SymbolInfo | null {
+  let symbol = extents.get(address);
+  if (symbol === undefined) extents.set(address, symbol = p.os.symbolAt(address));
+  return symbol;
+}
+
+/** Refuses an address that a symbol's code, decoded from its start, shows to be mid-instruction. */
+function checkInstructionStart(p: Platform, arch: Arch, address: bigint): void {
+  const symbol = symbolAt(p, address);
+  if (!symbol || symbol.size === 0 || address <= symbol.start || address >= symbol.start + BigInt(symbol.size)) return;
+  const offset = Number(address - symbol.start);
+  const code = p.runtime.view(symbol.start, Math.min(symbol.size, offset + 16)).slice();
+  if (arch.startsInstruction(code, symbol.start, offset) === false) {
+    throw new RedefineError(
+      "INVALID_ADDRESS",
+      `${hex(address)} is inside an instruction of '${symbol.name}' (at +${offset}): a jump written ` +
+        `there would corrupt it. Use the function's entry, ${hex(symbol.start)}.`,
+    );
+  }
+}
+
 function extentOf(p: Platform, address: bigint, size: number | undefined, arch: Arch, bySymbol: boolean): number {
+  checkInstructionStart(p, arch, address);
   if (size !== undefined) {
     if (!Number.isSafeInteger(size) || size <= 0) {
       throw new RedefineError("FUNCTION_TOO_SHORT", `'size' must be a positive integer, not ${size}.`);
     }
     return size;
   }
-  let symbol = extents.get(address);
-  if (symbol === undefined) extents.set(address, symbol = p.os.symbolAt(address));
+  const symbol = symbolAt(p, address);
   if (symbol && symbol.size > 0 && address >= symbol.start && address < symbol.start + BigInt(symbol.size)) {
     return Number(symbol.start + BigInt(symbol.size) - address);
   }
@@ -393,11 +605,17 @@ function apply<const P extends readonly NativeType[], const R extends NativeType
   const pad = arch.landingPadLength(code);
   const at = address + BigInt(pad);
   const room = extent - pad;
-  const clash = live.find((patch) => patch.patchedAddress === at || patch.address === address);
-  if (clash) {
+  // Redefining a redefined function layers the new patch on top of the newest one.
+  const under = live.findLast((patch) => patch.address === address) ?? null;
+  const overlap = live.find((patch) =>
+    patch.address !== address && patch.patchedAddress < at + BigInt(room) &&
+    at < patch.patchedAddress + BigInt(patch.written!.length)
+  );
+  if (overlap) {
     throw new RedefineError(
       "ALREADY_PATCHED",
-      `the function at ${hex(address)} is already redefined: restore that patch first.`,
+      `the bytes at ${hex(at)} overlap the entry jump of the function redefined at ` +
+        `${hex(overlap.address)}: restore that patch first.`,
     );
   }
   if (room < arch.nearJumpSize) {
@@ -410,30 +628,38 @@ function apply<const P extends readonly NativeType[], const R extends NativeType
   const { address: to, callback } = resolve(p, signature);
   let built: Built | undefined;
   try {
-    built = build(m, code.subarray(pad, pad + room), at, room, to, callback);
+    built = build(m, code.subarray(pad, pad + room), at, room, to, callback, under?.destination ?? null);
     refuseBranchesInto(m, at, built.entry.length);
-    const original = code.slice(pad, pad + built.entry.length);
-    writeCode(p, [{ address: at, bytes: built.entry, spin: arch.selfLoop }]);
-    const patch = new Patch(address, signature, {
-      at,
-      original,
-      written: built.entry,
-      slot: built.slot,
-      trampoline: built.trampoline,
-      callback,
-      busy: built.busy,
-    });
-    live.push(patch as never);
-    return patch;
   } catch (error) {
     if (built?.slot) m.pool.release(built.slot, null);
     callback?.close();
     throw error;
   }
+  // What the entry holds once every earlier write has landed: the function's bytes, under the
+  // jump of the patch below if there is one.
+  const original = code.slice(pad, pad + built.entry.length);
+  if (under) original.set(under.written!.subarray(0, original.length));
+  const patch = new Patch(address, signature, {
+    at,
+    original,
+    written: built.entry,
+    destination: built.destination,
+    slot: built.slot,
+    trampoline: built.trampoline,
+    lateSlot: null,
+    callback,
+    busy: built.busy,
+    under,
+  });
+  Patch.register(patch as never);
+  schedule(p, { address: at, bytes: built.entry, spin: arch.selfLoop }, () => {}, () => Patch.abandon(patch as never));
+  return patch;
 }
 
 /** How far into a function the relocator looks for branches back into its first bytes. */
 const MAX_SCAN = 4096;
+/** Entries found clean by `refuseBranchesInto`, with how many of their bytes. */
+const cleanEntries = new Map<bigint, number>();
 /** How far before a function to look for code jumping into its first bytes. */
 const SCAN_BEFORE = 2048;
 
@@ -442,6 +668,8 @@ const SCAN_BEFORE = 2048;
  * jumping past each other's first instruction (glibc's `mempcpy` jumps to `memmove` + 3).
  */
 function refuseBranchesInto(m: Machine, at: bigint, length: number): void {
+  // Code does not change under us (our own patches are read through), so a clean scan stays clean.
+  if ((cleanEntries.get(at) ?? 0) >= length) return;
   const mapping = m.platform.os.mappingAt(at);
   const start = mapping && mapping.start > at - BigInt(SCAN_BEFORE) ? mapping.start : at - BigInt(SCAN_BEFORE);
   const before = m.platform.runtime.view(start, Number(at - start)).slice();
@@ -456,20 +684,27 @@ function refuseBranchesInto(m: Machine, at: bigint, length: number): void {
         `Redefine the function that jumps there, or a caller.`,
     );
   }
+  cleanEntries.set(at, length);
 }
+
+/** Builds a trampoline on demand: its address and the slot holding it. */
+type LazyTrampoline = () => { address: bigint; slot: CodeSlot };
 
 interface Built {
   readonly entry: Uint8Array;
+  /** Where the entry jump leads. */
+  readonly destination: bigint;
   readonly slot: CodeSlot | null;
-  readonly trampoline: bigint | RedefineError;
+  readonly trampoline: bigint | RedefineError | LazyTrampoline;
   readonly busy: bigint | null;
 }
 
 /**
  * Lays out and writes a patch's code: in one pool slot near the entry, the trampoline (the
  * relocated first instructions, so the original stays callable), then the guard (JS replacements)
- * or an absolute jump to the replacement (when the entry's near jump cannot reach it). Returns the
- * entry jump to write; nothing is written at the entry here.
+ * or an absolute jump to the replacement (when the entry's near jump cannot reach it). A patch
+ * layered on another (`below`: where the other's entry jump leads) needs no trampoline: its
+ * original is `below`. Returns the entry jump to write; nothing is written at the entry here.
  */
 function build(
   m: Machine,
@@ -478,26 +713,43 @@ function build(
   room: number,
   to: bigint | typeof ORIGINAL,
   callback: NativeCallback | null,
+  below: bigint | null,
 ): Built {
   const { arch, pool, platform: p } = m;
   const guard = callback ? arch.guard : undefined;
   const layout = (jumpSize: number) => {
-    let plan: RelocationPlan | RedefineError;
-    try {
-      plan = arch.planRelocation(body, at, jumpSize);
-    } catch (error) {
-      if (!(error instanceof RedefineError)) throw error;
-      plan = error;
+    let plan: RelocationPlan | RedefineError | null = null;
+    if (below === null) {
+      try {
+        plan = arch.planRelocation(body, at, jumpSize);
+      } catch (error) {
+        if (!(error instanceof RedefineError)) throw error;
+        plan = error;
+      }
     }
-    const trampolineSize = plan instanceof RedefineError ? 0 : roundUp(plan.maxSize, 16);
+    const trampolineSize = plan === null || plan instanceof RedefineError ? 0 : roundUp(plan.maxSize, 16);
     return { plan, trampolineSize, size: trampolineSize + (guard ? guard.size : arch.farJumpSize) };
   };
   let jumpSize = arch.nearJumpSize;
   let shape = layout(jumpSize);
-  const direct = guard || to === ORIGINAL ? null : arch.nearJump(at, to);
-  if (direct && shape.plan instanceof RedefineError) {
-    // Nothing to place: the jump reaches the replacement and there is no original to keep.
-    return { entry: direct, slot: null, trampoline: shape.plan, busy: null };
+  const plain = !guard && to !== ORIGINAL;
+  const direct = plain ? arch.nearJump(at, to) : null;
+  if (direct && plain) {
+    // Nothing to place now: the jump reaches the replacement. The original is the patch below, or
+    // cannot be kept, or is relocated when first asked for (most native redirects never are).
+    const plan = shape.plan;
+    const trampoline = below ?? (plan instanceof RedefineError ? plan : () => {
+      const slot = pool.allocate(at, arch.nearReach - BigInt(plan!.maxSize), plan!.maxSize);
+      if (!slot) throw new RedefineError("ALLOCATION_FAILED", `no executable memory near ${hex(at)} for the original.`);
+      try {
+        pool.write(slot, arch.relocate(body, at, jumpSize, slot.address));
+      } catch (error) {
+        pool.release(slot, null);
+        throw error;
+      }
+      return { address: slot.address, slot };
+    });
+    return { entry: direct, destination: to, slot: null, trampoline, busy: null };
   }
   const dataSize = guard?.dataSize ?? 0;
   let slot = pool.allocate(at, arch.nearReach - BigInt(shape.size), shape.size, dataSize);
@@ -516,9 +768,9 @@ function build(
     if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for a stub.");
   }
   try {
-    let trampoline: bigint | RedefineError = shape.plan instanceof RedefineError ? shape.plan : slot.address;
+    let trampoline: bigint | RedefineError = below ?? (shape.plan instanceof RedefineError ? shape.plan : slot.address);
     let relocated: Uint8Array = new Uint8Array(0);
-    if (!(trampoline instanceof RedefineError)) {
+    if (below === null && !(trampoline instanceof RedefineError)) {
       try {
         relocated = arch.relocate(body, at, jumpSize, slot.address);
       } catch (error) {
@@ -553,10 +805,11 @@ function build(
     const bytes = new Uint8Array(shape.trampolineSize + frontCode.length);
     bytes.set(relocated, 0);
     bytes.set(frontCode, shape.trampolineSize);
-    pool.write(slot, bytes);
+    if (bytes.length) pool.write(slot, bytes);
+    const destination = straight ? dest : front;
     const entry = straight ??
       (jumpSize === arch.nearJumpSize ? arch.nearJump(at, front)! : arch.farJump(at, front));
-    return { entry, slot, trampoline, busy: guard ? slot.data + 8n : null };
+    return { entry, destination, slot, trampoline, busy: guard ? slot.data + 8n : null };
   } catch (error) {
     pool.release(slot, null);
     throw error;
@@ -568,7 +821,8 @@ function roundUp(n: number, to: number): number {
 }
 
 /**
- * Restores every live patch, newest first.
+ * Restores every live patch, newest first, as one transaction: all of them or (when one refuses,
+ * e.g. PATCH_MODIFIED) none.
  *
  * @example
  * ```ts
@@ -578,5 +832,7 @@ function roundUp(n: number, to: number): number {
  * ```
  */
 export function restoreAll(): void {
-  for (const patch of [...live].reverse()) patch.restore();
+  transaction(() => {
+    for (const patch of [...live].reverse()) patch.restore();
+  });
 }

@@ -193,14 +193,18 @@ test("errors: NULL, non-code and too-short targets; nothing written", () => {
   throwsCode("INVALID_ADDRESS", () => redefine({ address: base, size: 16, parameters: [], result: "void" }, () => {}), /not mapped/);
 });
 
-test("errors: ALREADY_PATCHED, then PATCH_MODIFIED when something else rewrote the entry", () => {
-  const patch = redefine({ symbol: "getppid", parameters: [], result: "i32" }, { symbol: "getpid" });
+test("errors: ALREADY_PATCHED for overlapping entries, then PATCH_MODIFIED when something else rewrote the entry", () => {
+  const { address: f, base } = assemble([...DOUBLE, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90, 0x90], 0);
   try {
-    throwsCode("ALREADY_PATCHED", () => redefine({ symbol: "getppid", parameters: [], result: "i32" }, () => 2));
-    assert.equal(libc.getppid(), realPid);
+    const p = redefine({ address: f, size: 16, parameters: ["i64"], result: "i64" }, (x) => x);
+    throwsCode("ALREADY_PATCHED", () => redefine({ address: f + 3n, size: 13, parameters: [], result: "void" }, () => {}), /overlap/);
+    p.restore();
   } finally {
-    patch.restore();
+    unassemble(base);
   }
+});
+
+test("errors: PATCH_MODIFIED when something else rewrote the entry", () => {
   const { address: f, base } = assemble(DOUBLE, 0);
   try {
     const p = redefine({ address: f, size: 7, parameters: ["i64"], result: "i64" }, (x) => x);

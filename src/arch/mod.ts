@@ -73,6 +73,11 @@ export interface Arch {
    * find branches that are not really there, never fewer than there are on that path.
    */
   branchesInto(code: Uint8Array, address: bigint, from: bigint, to: bigint): bigint[];
+  /**
+   * Whether `offset` starts an instruction when `code` (at `address`) is decoded from its first
+   * byte: true, false (it falls inside one), or null when decoding stops before reaching it.
+   */
+  startsInstruction(code: Uint8Array, address: bigint, offset: number): boolean | null;
   /** Size of `indirectJump`. */
   readonly indirectJumpSize: number;
   /**

@@ -55,6 +55,9 @@ export const aarch64: Arch = {
     }
     return found;
   },
+  startsInstruction(_code: Uint8Array, _address: bigint, offset: number): boolean {
+    return offset % 4 === 0;
+  },
   indirectJumpSize: JUMP_INDIRECT_SIZE,
   indirectJump: jumpIndirect,
   guard: { size: GUARD_SIZE, dataSize: GUARD_DATA_SIZE, threadPointerReader, encode: guardStub },
