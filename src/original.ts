@@ -8,6 +8,7 @@ import type { Arch } from "./arch/mod.ts";
 import type { NativeCall, Platform } from "../platform/mod.ts";
 import type { Signature } from "./signature.ts";
 import { buildStubImage, type StubImage } from "../platform/elf_image.ts";
+import { RedefineError } from "./errors.ts";
 
 const STUBS_PER_LIBRARY = 64;
 
@@ -59,7 +60,13 @@ export class OriginalStubs {
   }
 
   #create(signature: Signature, address: bigint): OriginalStub {
-    const library = this.#libraries.find((l) => l.free.length > 0) ?? this.#load();
+    let library: StubLibrary;
+    try {
+      library = this.#libraries.find((l) => l.free.length > 0) ?? this.#load();
+    } catch (error) {
+      if (!(error instanceof RedefineError && error.code === "UNSUPPORTED_PLATFORM")) throw error;
+      return this.#slowStub(signature, address);
+    }
     const index = library.free.pop()!;
     const { runtime } = this.#platform;
     const slot = library.base + BigInt(library.image.slotOffset(index));
@@ -74,6 +81,19 @@ export class OriginalStubs {
     // Free once the JS function is garbage: whoever holds it may still call through the slot.
     this.#collected.register(call, { library, index });
     return stub;
+  }
+
+  /**
+   * Where no stub library can be loaded (macOS: it would need a signed Mach-O), a call through
+   * the runtime's raw function pointer: correct, and as slow as that is on the runtime.
+   */
+  #slowStub(signature: Signature, address: bigint): OriginalStub {
+    const { runtime } = this.#platform;
+    let target = runtime.fnPointer(address, signature);
+    return {
+      call: (...args: unknown[]) => target(...args),
+      point: (to) => (target = runtime.fnPointer(to, signature)),
+    };
   }
 
   #load(): StubLibrary {

@@ -65,8 +65,43 @@ export type Replacement<P extends readonly NativeType[], R extends NativeType> =
   | bigint
   | SymbolReplacement;
 
+type AnyPatch = Patch<readonly NativeType[], NativeType>;
+
 /** The live patches, oldest first. */
-const live: Patch<readonly NativeType[], NativeType>[] = [];
+const live: AnyPatch[] = [];
+/** The newest live patch of each function, by its entry. */
+const newest = new Map<bigint, AnyPatch>();
+/** Live patches by the 64-byte block their entry jump starts in, to find neighbours quickly. */
+const byBlock = new Map<bigint, AnyPatch[]>();
+const BLOCK = 64n;
+/** No entry jump is longer than this (x86-64's 14 bytes, arm64's 16). */
+const LONGEST_JUMP = 16n;
+
+function index(patch: AnyPatch): void {
+  live.push(patch);
+  newest.set(patch.address, patch);
+  const block = patch.patchedAddress / BLOCK;
+  byBlock.set(block, [...(byBlock.get(block) ?? []), patch]);
+}
+
+function unindex(patch: AnyPatch, under: AnyPatch | null): void {
+  live.splice(live.lastIndexOf(patch), 1);
+  if (under) newest.set(patch.address, under);
+  else newest.delete(patch.address);
+  const block = patch.patchedAddress / BLOCK;
+  const rest = byBlock.get(block)!.filter((p) => p !== patch);
+  if (rest.length) byBlock.set(block, rest);
+  else byBlock.delete(block);
+}
+
+/** Live patches whose entry jump may touch [from, to). */
+function patchesNear(from: bigint, to: bigint): AnyPatch[] {
+  const found: AnyPatch[] = [];
+  for (let block = (from - LONGEST_JUMP) / BLOCK; block <= (to - 1n) / BLOCK; block++) {
+    found.push(...(byBlock.get(block) ?? []));
+  }
+  return found;
+}
 
 interface Machine {
   readonly platform: Platform;
@@ -297,8 +332,8 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
       { address: applied.at, bytes: applied.original, spin: arch.selfLoop },
       () => {
         this.#restoring = false;
+        unindex(this as never, applied.under);
         this.#applied = null;
-        live.splice(live.indexOf(this as never), 1);
         if (applied.under) applied.under.#over = null;
         this.#original?.point(this.address);
         if (applied.slot) pool.release(applied.slot, applied.busy);
@@ -311,7 +346,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
 
   /** @internal Registers a freshly built patch; `abandon` undoes it if its write fails. */
   static register(patch: Patch<readonly NativeType[], NativeType>): void {
-    live.push(patch);
+    index(patch);
     const under = patch.#applied!.under;
     if (under) under.#over = patch;
   }
@@ -319,8 +354,8 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   /** @internal Undoes `register` for a patch whose entry was never written. */
   static abandon(patch: Patch<readonly NativeType[], NativeType>): void {
     const applied = patch.#applied!;
+    unindex(patch, applied.under);
     patch.#applied = null;
-    live.splice(live.indexOf(patch), 1);
     if (applied.under) applied.under.#over = null;
     if (applied.slot) machine().pool.release(applied.slot, null);
     if (applied.lateSlot) machine().pool.release(applied.lateSlot, null);
@@ -341,9 +376,9 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   overlayOriginal(bytes: Uint8Array, start: bigint): void {
     const applied = this.#applied;
     if (!applied || applied.under) return; // a layered patch's `original` is the jump below
+    const offset = Number(applied.at - start);
     applied.original.forEach((b, i) => {
-      const at = applied.at + BigInt(i) - start;
-      if (at >= 0n && at < BigInt(bytes.length)) bytes[Number(at)] = b;
+      if (offset + i >= 0 && offset + i < bytes.length) bytes[offset + i] = b;
     });
   }
 
@@ -606,18 +641,7 @@ function apply<const P extends readonly NativeType[], const R extends NativeType
   const at = address + BigInt(pad);
   const room = extent - pad;
   // Redefining a redefined function layers the new patch on top of the newest one.
-  const under = live.findLast((patch) => patch.address === address) ?? null;
-  const overlap = live.find((patch) =>
-    patch.address !== address && patch.patchedAddress < at + BigInt(room) &&
-    at < patch.patchedAddress + BigInt(patch.written!.length)
-  );
-  if (overlap) {
-    throw new RedefineError(
-      "ALREADY_PATCHED",
-      `the bytes at ${hex(at)} overlap the entry jump of the function redefined at ` +
-        `${hex(overlap.address)}: restore that patch first.`,
-    );
-  }
+  const under = newest.get(address) ?? null;
   if (room < arch.nearJumpSize) {
     throw new RedefineError(
       "FUNCTION_TOO_SHORT",
@@ -629,6 +653,7 @@ function apply<const P extends readonly NativeType[], const R extends NativeType
   let built: Built | undefined;
   try {
     built = build(m, code.subarray(pad, pad + room), at, room, to, callback, under?.destination ?? null);
+    refuseOverlap(at, built.covers);
     refuseBranchesInto(m, at, built.entry.length);
   } catch (error) {
     if (built?.slot) m.pool.release(built.slot, null);
@@ -658,6 +683,26 @@ function apply<const P extends readonly NativeType[], const R extends NativeType
 
 /** How far into a function the relocator looks for branches back into its first bytes. */
 const MAX_SCAN = 4096;
+/**
+ * Refuses to write or relocate bytes that hold another function's live entry jump (aliases and
+ * internal entry points sit inside other functions): restoring one would leave the other with a
+ * copy of a jump into freed memory.
+ */
+function refuseOverlap(at: bigint, covers: number): void {
+  // Patches of the same function write at the same place: those are layers, not overlaps.
+  const overlap = patchesNear(at, at + BigInt(covers)).find((patch) =>
+    patch.patchedAddress !== at && patch.patchedAddress < at + BigInt(covers) &&
+    at < patch.patchedAddress + BigInt(patch.written!.length)
+  );
+  if (overlap) {
+    throw new RedefineError(
+      "ALREADY_PATCHED",
+      `the first ${covers} bytes at ${hex(at)} overlap the entry jump of the function redefined at ` +
+        `${hex(overlap.address)}: restore that patch first.`,
+    );
+  }
+}
+
 /** Entries found clean by `refuseBranchesInto`, with how many of their bytes. */
 const cleanEntries = new Map<bigint, number>();
 /** How far before a function to look for code jumping into its first bytes. */
@@ -674,7 +719,7 @@ function refuseBranchesInto(m: Machine, at: bigint, length: number): void {
   const start = mapping && mapping.start > at - BigInt(SCAN_BEFORE) ? mapping.start : at - BigInt(SCAN_BEFORE);
   const before = m.platform.runtime.view(start, Number(at - start)).slice();
   // Read through our own live patches: their jumps would throw the decoder off the original code.
-  for (const patch of live) patch.overlayOriginal(before, start);
+  for (const patch of patchesNear(start, at)) patch.overlayOriginal(before, start);
   const found = m.arch.branchesInto(before, start, at, at + BigInt(length));
   if (found.length) {
     throw new RedefineError(
@@ -692,6 +737,8 @@ type LazyTrampoline = () => { address: bigint; slot: CodeSlot };
 
 interface Built {
   readonly entry: Uint8Array;
+  /** Bytes from the entry that the jump overwrites or the trampoline copies. */
+  readonly covers: number;
   /** Where the entry jump leads. */
   readonly destination: bigint;
   readonly slot: CodeSlot | null;
@@ -731,15 +778,14 @@ function build(
     return { plan, trampolineSize, size: trampolineSize + (guard ? guard.size : arch.farJumpSize) };
   };
   let jumpSize = arch.nearJumpSize;
-  let shape = layout(jumpSize);
-  const plain = !guard && to !== ORIGINAL;
-  const direct = plain ? arch.nearJump(at, to) : null;
-  if (direct && plain) {
+  const direct = !guard && to !== ORIGINAL ? arch.nearJump(at, to) : null;
+  if (direct) {
     // Nothing to place now: the jump reaches the replacement. The original is the patch below, or
-    // cannot be kept, or is relocated when first asked for (most native redirects never are).
-    const plan = shape.plan;
-    const trampoline = below ?? (plan instanceof RedefineError ? plan : () => {
-      const slot = pool.allocate(at, arch.nearReach - BigInt(plan!.maxSize), plan!.maxSize);
+    // is relocated when first asked for (most native redirects never are).
+    const trampoline = below ?? (() => {
+      const plan = arch.planRelocation(body, at, jumpSize);
+      refuseOverlap(at, plan.consumed);
+      const slot = pool.allocate(at, arch.nearReach - BigInt(plan.maxSize), plan.maxSize);
       if (!slot) throw new RedefineError("ALLOCATION_FAILED", `no executable memory near ${hex(at)} for the original.`);
       try {
         pool.write(slot, arch.relocate(body, at, jumpSize, slot.address));
@@ -749,8 +795,9 @@ function build(
       }
       return { address: slot.address, slot };
     });
-    return { entry: direct, destination: to, slot: null, trampoline, busy: null };
+    return { entry: direct, covers: direct.length, destination: to as bigint, slot: null, trampoline, busy: null };
   }
+  let shape = layout(jumpSize);
   const dataSize = guard?.dataSize ?? 0;
   let slot = pool.allocate(at, arch.nearReach - BigInt(shape.size), shape.size, dataSize);
   if (!slot) {
@@ -809,11 +856,22 @@ function build(
     const destination = straight ? dest : front;
     const entry = straight ??
       (jumpSize === arch.nearJumpSize ? arch.nearJump(at, front)! : arch.farJump(at, front));
-    return { entry, destination, slot, trampoline, busy: guard ? slot.data + 8n : null };
+    return {
+      entry,
+      covers: coverage(entry, shape.plan),
+      destination,
+      slot,
+      trampoline,
+      busy: guard ? slot.data + 8n : null,
+    };
   } catch (error) {
     pool.release(slot, null);
     throw error;
   }
+}
+
+function coverage(entry: Uint8Array, plan: RelocationPlan | RedefineError | null): number {
+  return plan && !(plan instanceof RedefineError) ? Math.max(entry.length, plan.consumed) : entry.length;
 }
 
 function roundUp(n: number, to: number): number {

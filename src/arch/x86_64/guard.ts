@@ -23,7 +23,8 @@ export const GUARD_DATA_SIZE = 16;
 
 /**
  * The thread pointer's home: glibc keeps the thread's own address at `fs:[0x10]` (what
- * `pthread_self()` returns); Windows keeps the TEB's self pointer at `gs:[0x30]`.
+ * `pthread_self()` returns); Windows keeps the TEB's self pointer at `gs:[0x30]`; macOS keeps
+ * `pthread_self` in slot 0 of the thread-specific data at `gs:[0]` (not run on a Mac).
  */
 function threadPointerOperand(os: string): number[] {
   switch (os) {
@@ -31,6 +32,8 @@ function threadPointerOperand(os: string): number[] {
       return [0x64, 0x25, 0x10, 0, 0, 0]; // fs: prefix, SIB absolute disp32 0x10
     case "windows":
       return [0x65, 0x25, 0x30, 0, 0, 0]; // gs: prefix, SIB absolute disp32 0x30
+    case "darwin":
+      return [0x65, 0x25, 0, 0, 0, 0]; // gs:[0]: slot 0 of the thread's TSD is pthread_self
     default:
       throw new RedefineError(
         "UNSUPPORTED_PLATFORM",

@@ -5,6 +5,7 @@
 import type { Arch } from "../mod.ts";
 import { planRelocation, relocate } from "./relocator.ts";
 import { decode } from "./decoder.ts";
+import { mayBranchInto } from "./scan.ts";
 import { GUARD_DATA_SIZE, GUARD_SIZE, guardStub, threadPointerReader } from "./guard.ts";
 import {
   ENDBR64,
@@ -91,23 +92,3 @@ export const x86_64: Arch = {
   guard: { size: GUARD_SIZE, dataSize: GUARD_DATA_SIZE, threadPointerReader, encode: guardStub },
 };
 
-/**
- * True when some byte of `code` could start a relative branch (jmp/jcc/call/loop/jrcxz, rel8 or
- * rel32) landing strictly between `from` and `to`: a superset of the real ones, found without
- * decoding.
- */
-function mayBranchInto(code: Uint8Array, address: bigint, from: bigint, to: bigint): boolean {
-  // Offsets relative to code[0]; the range is a few bytes, so plain numbers are exact here.
-  const lo = Number(from - address), hi = Number(to - address);
-  const lands = (end: number, disp: number) => end + disp > lo && end + disp < hi;
-  const view = new DataView(code.buffer, code.byteOffset, code.byteLength);
-  for (let i = 0; i < code.length; i++) {
-    const b = code[i];
-    const rel8 = (b >= 0x70 && b <= 0x7f) || b === 0xeb || (b >= 0xe0 && b <= 0xe3);
-    if (rel8 && i + 1 < code.length && lands(i + 2, view.getInt8(i + 1))) return true;
-    if ((b === 0xe8 || b === 0xe9) && i + 4 < code.length && lands(i + 5, view.getInt32(i + 1, true))) return true;
-    if (b === 0x0f && i + 5 < code.length && code[i + 1] >= 0x80 && code[i + 1] <= 0x8f &&
-      lands(i + 6, view.getInt32(i + 2, true))) return true;
-  }
-  return false;
-}

@@ -7,6 +7,7 @@
  */
 import type { RelocationPlan } from "../mod.ts";
 import { decode, type Instruction, unrelocatable } from "./decoder.ts";
+import { mayBranchInto } from "./scan.ts";
 import { hex, RedefineError } from "../../errors.ts";
 import {
   CALL_ABS_SIZE,
@@ -151,6 +152,7 @@ function copiedInstructions(code: Uint8Array, address: bigint, minLength: number
  */
 function refuseBranchesInto(code: Uint8Array, address: bigint, consumed: number): void {
   const end = address + BigInt(consumed);
+  if (!mayBranchInto(code.subarray(consumed), end, address, end)) return;
   for (let offset = consumed; offset < code.length;) {
     let insn: Instruction;
     try {

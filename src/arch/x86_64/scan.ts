@@ -1,0 +1,24 @@
+/**
+ * A fast, decoding-free look for relative branches into a range of bytes: the decoder costs about
+ * a microsecond an instruction, and the answer is almost always "none".
+ */
+/**
+ * True when some byte of `code` could start a relative branch (jmp/jcc/call/loop/jrcxz, rel8 or
+ * rel32) landing strictly between `from` and `to`: a superset of the real ones, found without
+ * decoding.
+ */
+export function mayBranchInto(code: Uint8Array, address: bigint, from: bigint, to: bigint): boolean {
+  // Offsets relative to code[0]; the range is a few bytes, so plain numbers are exact here.
+  const lo = Number(from - address), hi = Number(to - address);
+  const lands = (end: number, disp: number) => end + disp > lo && end + disp < hi;
+  const view = new DataView(code.buffer, code.byteOffset, code.byteLength);
+  for (let i = 0; i < code.length; i++) {
+    const b = code[i];
+    const rel8 = (b >= 0x70 && b <= 0x7f) || b === 0xeb || (b >= 0xe0 && b <= 0xe3);
+    if (rel8 && i + 1 < code.length && lands(i + 2, view.getInt8(i + 1))) return true;
+    if ((b === 0xe8 || b === 0xe9) && i + 4 < code.length && lands(i + 5, view.getInt32(i + 1, true))) return true;
+    if (b === 0x0f && i + 5 < code.length && code[i + 1] >= 0x80 && code[i + 1] <= 0x8f &&
+      lands(i + 6, view.getInt32(i + 2, true))) return true;
+  }
+  return false;
+}
