@@ -1,0 +1,29 @@
+import { assert, runtimeName, test } from "./harness.ts";
+import { execFileSync } from "node:child_process";
+
+/** Runs an example the way its header says, with the runtime running the tests. */
+function run(example: string): string {
+  const file = new URL(`../examples/${example}`, import.meta.url).pathname;
+  const bin = new URL(`../node_modules/.bin/${runtimeName}`, import.meta.url).pathname;
+  return execFileSync(bin, runtimeName === "deno" ? ["run", "--allow-ffi", file] : [file], { encoding: "utf8" });
+}
+
+test("example hex_atoi: atoi reads hex while strtol is redefined, decimal after", () => {
+  const out = run("hex_atoi.ts");
+  assert.match(out, /libc as shipped: +atoi\("10"\) = 10, atoi\("ff"\) = 0/);
+  assert.match(out, /strtol redefined \(hex\): +atoi\("10"\) = 16, atoi\("ff"\) = 255, atoi\("7fff"\) = 32767/);
+  assert.match(out, /restored: +atoi\("10"\) = 10/);
+});
+
+test("example trace_strtol: every strtol call atoi makes is logged, answers unchanged", () => {
+  const out = run("trace_strtol.ts");
+  assert.match(out, /atoi summed to 40; libc called strtol 3 times/);
+  assert.match(out, /strtol\("-2", NULL, 10\) = -2/);
+});
+
+test("example mock_getpid: the JS thread sees the mock, the original the truth", () => {
+  const out = run("mock_getpid.ts");
+  const real = /real: (\d+)/.exec(out)![1];
+  assert.match(out, new RegExp(`mocked: getpid\\(\\) = 4242; the original says ${real}`));
+  assert.match(out, new RegExp(`restored: getpid\\(\\) = ${real}`));
+});
