@@ -652,7 +652,7 @@ function apply<const P extends readonly NativeType[], const R extends NativeType
   const { address: to, callback } = resolve(p, signature);
   let built: Built | undefined;
   try {
-    built = build(m, code.subarray(pad, pad + room), at, room, to, callback, under?.destination ?? null);
+    built = build(m, code.subarray(pad, pad + room), at, room, to, callback, signature, under?.destination ?? null);
     refuseOverlap(at, built.covers);
     refuseBranchesInto(m, at, built.entry.length);
   } catch (error) {
@@ -760,6 +760,7 @@ function build(
   room: number,
   to: bigint | typeof ORIGINAL,
   callback: NativeCallback | null,
+  signature: Signature,
   below: bigint | null,
 ): Built {
   const { arch, pool, platform: p } = m;
@@ -845,6 +846,7 @@ function build(
         callback: dest,
         original: trampoline as bigint,
         os: p.runtime.os,
+        signature,
       })
       : straight
       ? new Uint8Array(0)

@@ -4,6 +4,7 @@
  * `archFor()`.
  */
 import { RedefineError } from "../errors.ts";
+import type { Signature } from "../signature.ts";
 import { x86_64 } from "./x86_64/mod.ts";
 import { aarch64 } from "./aarch64/mod.ts";
 
@@ -27,8 +28,10 @@ export interface GuardOptions {
   readonly callback: bigint;
   /** The original function, relocated (the trampoline). */
   readonly original: bigint;
-  /** The operating system: where the thread pointer lives differs. */
+  /** The operating system: where the thread pointer lives differs, and the calling convention. */
   readonly os: string;
+  /** The replacement's signature: without stack-passed arguments the guard can simply call it. */
+  readonly signature: Signature;
 }
 
 /** What `src/` asks of an instruction set. */
