@@ -3,6 +3,7 @@
  * rewrites each PC-relative one to reach the same place from there, and refuses what cannot move.
  * Scratch registers: x16 for far jumps and calls, x17 as the base of relocated literal loads.
  */
+import { concat } from "../bytes.ts";
 import { hex, RedefineError } from "../../errors.ts";
 import type { RelocationPlan } from "../mod.ts";
 import { type Branch, decodeAt, type Instruction, isBranch } from "./decoder.ts";
@@ -110,15 +111,6 @@ function analyse(code: Uint8Array, address: bigint, minLength: number): Analysis
   return { instructions: all.slice(0, consumed / 4), consumed };
 }
 
-function concat(parts: readonly Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((sum, part) => sum + part.length, 0));
-  let at = 0;
-  for (const part of parts) {
-    out.set(part, at);
-    at += part.length;
-  }
-  return out;
-}
 
 /** The shortest jump from `at` to `target`. */
 function jump(at: bigint, target: bigint): Uint8Array {

@@ -5,6 +5,7 @@
  * jump back to the rest of the function closes the copy. No form used here touches a register or
  * the flags beyond what the original instruction did.
  */
+import { concat } from "../bytes.ts";
 import type { RelocationPlan } from "../mod.ts";
 import { decode, type Instruction, unrelocatable } from "./decoder.ts";
 import { mayBranchInto } from "./scan.ts";
@@ -77,13 +78,7 @@ export function relocate(
 
   const parts = copied.map((insn, i) => rewrite(insn, starts[i], address, consumed, newAddressOf));
   parts.push(jmpNearest(starts[copied.length], address + BigInt(consumed)));
-  const out = new Uint8Array(parts.reduce((sum, part) => sum + part.length, 0));
-  let offset = 0;
-  for (const part of parts) {
-    out.set(part, offset);
-    offset += part.length;
-  }
-  return out;
+  return concat(parts);
 }
 
 /** The instructions that cover `minLength` bytes, after checking that moving them is safe. */
