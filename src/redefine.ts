@@ -602,6 +602,11 @@ export function redefine<const P extends readonly NativeType[], const R extends 
   return apply(target, (p, signature) => resolveReplacement(p, signature, replacement));
 }
 
+/** Executable bytes the live patches hold in the code pool (for the memory-per-patch measure). */
+export function codeBytesInUse(): number {
+  return machine().pool.codeBytesInUse;
+}
+
 /** In place of a replacement: the function's own trampoline (see `redefineToOriginal`). */
 const ORIGINAL = Symbol("original");
 
