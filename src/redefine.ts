@@ -110,6 +110,8 @@ interface Machine {
   readonly originals: OriginalStubs;
   /** The JS thread's identity as the guard stub reads it; computed on first use. */
   jsThread?: bigint;
+  /** Code shared by many patches, by its bytes: where each copy was placed. */
+  readonly shared: Map<string, bigint[]>;
 }
 
 let current: Machine | undefined;
@@ -118,7 +120,7 @@ function machine(): Machine {
   if (current) return current;
   const p = platform();
   const arch = archFor(p.runtime.arch);
-  current = { platform: p, pool: new CodePool(p), arch, originals: new OriginalStubs(p, arch) };
+  current = { platform: p, pool: new CodePool(p), arch, originals: new OriginalStubs(p, arch), shared: new Map() };
   restoreAtExit();
   return current;
 }
@@ -146,6 +148,23 @@ function restoreAtExit(): void {
   };
   if (global.Deno !== undefined) global.addEventListener?.("unload", restoreEach);
   else global.process?.on("exit", restoreEach);
+}
+
+/**
+ * A copy of `code` (code shared by many patches, such as the calling guard) within near-jump
+ * reach of `near`: placed once per region and reused.
+ */
+function sharedCode(m: Machine, code: Uint8Array, near: bigint): bigint {
+  const key = code.join();
+  const reach = m.arch.nearReach - BigInt(code.length) - 4096n;
+  const copies = m.shared.get(key) ?? [];
+  const found = copies.find((at) => (at > near ? at - near : near - at) < reach);
+  if (found !== undefined) return found;
+  const slot = m.pool.allocate(near, reach, code.length);
+  if (!slot) throw new RedefineError("ALLOCATION_FAILED", `no executable memory near ${hex(near)} for the guard.`);
+  m.pool.write(slot, code);
+  m.shared.set(key, [...copies, slot.address]);
+  return slot.address;
 }
 
 /** The JS thread's thread pointer, read by running the guard's own read on this thread. */
@@ -770,6 +789,7 @@ function build(
 ): Built {
   const { arch, pool, platform: p } = m;
   const guard = callback ? arch.guard : undefined;
+  const guardLayout = guard?.layout(p.runtime.os, signature);
   const layout = (jumpSize: number) => {
     let plan: RelocationPlan | RedefineError | null = null;
     if (below === null) {
@@ -781,7 +801,7 @@ function build(
       }
     }
     const trampolineSize = plan === null || plan instanceof RedefineError ? 0 : roundUp(plan.maxSize, 16);
-    return { plan, trampolineSize, size: trampolineSize + (guard ? guard.size : arch.farJumpSize) };
+    return { plan, trampolineSize, size: trampolineSize + (guardLayout ? guardLayout.size : arch.farJumpSize) };
   };
   let jumpSize = arch.nearJumpSize;
   const direct = !guard && to !== ORIGINAL ? arch.nearJump(at, to) : null;
@@ -804,7 +824,7 @@ function build(
     return { entry: direct, covers: direct.length, destination: to as bigint, slot: null, trampoline, busy: null };
   }
   let shape = layout(jumpSize);
-  const dataSize = guard?.dataSize ?? 0;
+  const dataSize = guardLayout?.dataSize ?? 0;
   let slot = pool.allocate(at, arch.nearReach - BigInt(shape.size), shape.size, dataSize);
   if (!slot) {
     // No memory within reach of a near jump: the absolute jump goes at the entry itself.
@@ -843,8 +863,9 @@ function build(
     const front = slot.address + BigInt(shape.trampolineSize);
     const dest = to === ORIGINAL ? trampoline as bigint : to;
     const straight = !guard && jumpSize === arch.nearJumpSize ? arch.nearJump(at, dest) : null;
-    const frontCode = guard
-      ? guard.encode({
+    let frontCode: Uint8Array;
+    if (guard && guardLayout) {
+      const { code, data } = guard.encode({
         at: front,
         data: slot.data,
         jsThread: jsThreadOf(m, guard.threadPointerReader(p.runtime.os)),
@@ -852,10 +873,13 @@ function build(
         original: trampoline as bigint,
         os: p.runtime.os,
         signature,
-      })
-      : straight
-      ? new Uint8Array(0)
-      : arch.farJump(front, dest);
+        shared: guardLayout.shared ? sharedCode(m, guardLayout.shared, front) : undefined,
+      });
+      p.runtime.view(slot.data, data.length).set(data);
+      frontCode = code;
+    } else {
+      frontCode = straight ? new Uint8Array(0) : arch.farJump(front, dest);
+    }
     const bytes = new Uint8Array(shape.trampolineSize + frontCode.length);
     bytes.set(relocated, 0);
     bytes.set(frontCode, shape.trampolineSize);
@@ -869,7 +893,7 @@ function build(
       destination,
       slot,
       trampoline,
-      busy: guard ? slot.data + 8n : null,
+      busy: guardLayout ? slot.data + BigInt(guardLayout.busyOffset) : null,
     };
   } catch (error) {
     pool.release(slot, null);

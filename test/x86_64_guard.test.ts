@@ -3,7 +3,7 @@
  */
 import { assert, test } from "./harness.ts";
 import { Decoder, DecoderOptions, FastFormatter } from "iced-x86";
-import { guardStub, threadPointerReader } from "../src/arch/x86_64/guard.ts";
+import { guardLayout, guardStub, threadPointerReader } from "../src/arch/x86_64/guard.ts";
 import type { NativeType } from "../src/signature.ts";
 
 const AT = 0x7f00_0000_1000n;
@@ -20,39 +20,61 @@ function disassemble(code: Uint8Array, address: bigint, count: number): string[]
   return lines;
 }
 
-function guard(os: string, parameters: NativeType[]): Uint8Array {
-  return guardStub({ at: AT, data: DATA, jsThread: 0x1111n, callback: 0x2222n, original: 0x3333n, os, signature: { parameters, result: "i64" } });
+const SHARED = AT + 0x800n;
+
+function guard(os: string, parameters: NativeType[]) {
+  const signature = { parameters, result: "i64" as const };
+  const layout = guardLayout(os, signature);
+  const { code, data } = guardStub({
+    at: AT, data: DATA, jsThread: 0x1111n, callback: 0x2222n, original: 0x3333n, os, signature,
+    shared: layout.shared ? SHARED : undefined,
+  });
+  return { layout, code, data };
 }
 
-const CHECKS_LINUX = [
-  "mov r11,fs:[10h]",
-  "cmp r11,[7F0000001060h]",
-  "jne 7F0000001040h",
-  "cmp byte ptr [7F0000002008h],0h",
-  "jne 7F0000001040h",
-  "mov byte ptr [7F0000002008h],1h",
-];
-
-test("guard, registers only (System V): checks, then calls the replacement with rsp aligned", () => {
-  const code = guard("linux", ["i64", "pointer", "i32", "f64"]);
-  assert.deepEqual(disassemble(code, AT, 12), [
-    ...CHECKS_LINUX,
-    "sub rsp,8h",
-    "call qword ptr [7F0000001068h]",
-    "add rsp,8h",
-    "mov byte ptr [7F0000002008h],0h",
+test("calling guard (nothing on the stack): a 12-byte thunk per patch, its record, one shared body", () => {
+  const { layout, code, data } = guard("linux", ["i64", "pointer", "i32", "f64"]);
+  assert.equal(layout.size, 12);
+  assert.equal(code.length, 12);
+  assert.deepEqual(disassemble(code, AT, 2), ["lea r11,[7F0000002000h]", "jmp 7F0000001800h"]);
+  const record = new DataView(data.buffer);
+  assert.deepEqual([0, 8, 16].map((o) => record.getBigUint64(o, true)), [0x1111n, 0x2222n, 0x3333n]);
+  assert.equal(data[layout.busyOffset], 0, "not busy");
+  assert.deepEqual(disassemble(layout.shared!, SHARED, 18), [
+    "push r11",
+    "mov r11,fs:[10h]",
+    "push r11",
+    "mov r11,[rsp+8h]",
+    "mov r11,[r11]",
+    "cmp r11,[rsp]",
+    "pop r11",
+    "pop r11",
+    "jne 7F0000001842h",
+    "cmp byte ptr [r11+18h],0h",
+    "jne 7F0000001842h",
+    "mov byte ptr [r11+18h],1h",
+    "push r11",
+    "call qword ptr [r11+8h]",
+    "pop r11",
+    "mov byte ptr [r11+18h],0h",
     "ret",
-    "jmp qword ptr [7F0000001070h]",
+    "jmp qword ptr [r11+10h]",
   ]);
-  const literals = new DataView(code.buffer, 96, 24);
-  assert.deepEqual([0, 8, 16].map((o) => literals.getBigUint64(o, true)), [0x1111n, 0x2222n, 0x3333n]);
+  assert.equal(layout.shared!.length, 0x46, "to_original (the last instruction) at +0x42");
 });
 
-test("guard, stack arguments (7 integers): swaps the return address instead of calling", () => {
-  const code = guard("linux", ["i64", "i64", "i64", "i64", "i64", "i64", "i64"]);
+test("swapping guard (stack arguments, 7 integers): keeps the return address aside instead of calling", () => {
+  const { layout, code } = guard("linux", ["i64", "i64", "i64", "i64", "i64", "i64", "i64"]);
+  assert.equal(layout.shared, null);
   const lines = disassemble(code, AT, 14);
-  assert.deepEqual(lines.slice(0, 2), CHECKS_LINUX.slice(0, 2));
-  assert.equal(lines[2], "jne 7F0000001053h");
+  assert.deepEqual(lines.slice(0, 6), [
+    "mov r11,fs:[10h]",
+    "cmp r11,[7F0000001060h]",
+    "jne 7F0000001053h",
+    "cmp byte ptr [7F0000002008h],0h",
+    "jne 7F0000001053h",
+    "mov byte ptr [7F0000002008h],1h",
+  ]);
   assert.deepEqual(lines.slice(6), [
     "mov r11,[rsp]",
     "mov [7F0000002000h],r11",
@@ -66,10 +88,11 @@ test("guard, stack arguments (7 integers): swaps the return address instead of c
 });
 
 test("guard on Windows: the TEB's self pointer, and 32 bytes of shadow space below 5 arguments", () => {
-  const calling = disassemble(guard("windows", ["i64", "i64", "i64", "i64"]), AT, 8);
-  assert.equal(calling[0], "mov r11,gs:[30h]");
-  assert.equal(calling[6], "sub rsp,28h");
-  assert.equal(disassemble(guard("windows", ["i64", "i64", "i64", "i64", "i64"]), AT, 7)[6], "mov r11,[rsp]");
+  const { layout } = guard("windows", ["i64", "i64", "i64", "i64"]);
+  const shared = disassemble(layout.shared!, SHARED, 16);
+  assert.equal(shared[1], "mov r11,gs:[30h]");
+  assert.deepEqual(shared.slice(12, 15), ["push r11", "sub rsp,20h", "call qword ptr [r11+8h]"]);
+  assert.equal(guard("windows", ["i64", "i64", "i64", "i64", "i64"]).layout.shared, null, "a fifth argument goes on the stack");
 });
 
 test("the thread pointer reader reads what the guard compares", () => {

@@ -32,6 +32,16 @@ export interface GuardOptions {
   readonly os: string;
   /** The replacement's signature: without stack-passed arguments the guard can simply call it. */
   readonly signature: Signature;
+  /** Where the layout's shared code was placed, when it has some. */
+  readonly shared?: bigint;
+}
+
+/** See `Arch.guard.layout`. */
+export interface GuardLayout {
+  readonly size: number;
+  readonly dataSize: number;
+  readonly busyOffset: number;
+  readonly shared: Uint8Array | null;
 }
 
 /** What `src/` asks of an instruction set. */
@@ -93,11 +103,16 @@ export interface Arch {
    * the JS thread, go to the original. Absent where it is not written yet.
    */
   readonly guard?: {
-    readonly size: number;
-    readonly dataSize: number;
+    /**
+     * What one patch's guard takes for `signature` on `os`: code bytes, data bytes (at
+     * `busyOffset` of the data, the busy flag), and code shared by many patches, placed once
+     * within reach of them (`GuardOptions.shared`), if any.
+     */
+    layout(os: string, signature: Signature): GuardLayout;
     /** A function returning the current thread's identity, as the guard compares it. */
     threadPointerReader(os: string): Uint8Array;
-    encode(options: GuardOptions): Uint8Array;
+    /** The patch's guard code at `options.at`, and the first contents of its data at `options.data`. */
+    encode(options: GuardOptions): { code: Uint8Array; data: Uint8Array };
   };
 }
 

@@ -60,5 +60,9 @@ export const aarch64: Arch = {
   },
   indirectJumpSize: JUMP_INDIRECT_SIZE,
   indirectJump: jumpIndirect,
-  guard: { size: GUARD_SIZE, dataSize: GUARD_DATA_SIZE, threadPointerReader, encode: guardStub },
+  guard: {
+    layout: () => ({ size: GUARD_SIZE, dataSize: GUARD_DATA_SIZE, busyOffset: 8, shared: null }),
+    threadPointerReader,
+    encode: (options) => ({ code: guardStub(options), data: new Uint8Array(GUARD_DATA_SIZE) }),
+  },
 };

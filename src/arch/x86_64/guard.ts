@@ -1,26 +1,35 @@
 /**
- * The guard stub that stands in front of a JS replacement (x86-64, glibc's thread pointer).
+ * The guard stub that stands in front of a JS replacement (x86-64).
  *
  * A JS replacement can only run on the JS thread, and must not be re-entered while the runtime is
  * dispatching it (Deno calls `strlen` there, for one). The guard sends every other call to the
- * original: calls from other threads, and calls from the JS thread while the replacement is
- * already running. It must clear its busy flag when the replacement returns. When the signature
- * passes nothing on the stack it simply calls the replacement (returns stay predicted); otherwise
- * it must not push anything (stack arguments must stay where the callee expects them), so it keeps
- * the caller's return address in a per-patch slot and puts its own return point in its place.
+ * original: calls from other threads (told apart by the thread pointer), and calls from the JS
+ * thread while the replacement is already running. It must clear its busy flag when the
+ * replacement returns, which it can do two ways:
  *
- * It touches only r11 (scratch, never an argument) and the flags; every argument register, `al`
+ * - When the signature passes nothing on the stack, it simply calls the replacement (returns stay
+ *   predicted). That code is the same for every patch: each patch has only a 12-byte thunk that
+ *   loads its record (JS thread, callback, original, busy flag) into r11 and jumps to it.
+ * - Otherwise it must not push anything (stack arguments must stay where the callee expects them),
+ *   so a per-patch guard keeps the caller's return address in a data slot and puts its own return
+ *   point in its place.
+ *
+ * Both touch only r11 (scratch, never an argument) and the flags; every argument register, `al`
  * (the vector count of varargs calls) and the stack arguments reach the replacement or the
  * original untouched, and the replacement's results (rax, rdx, xmm0, xmm1) reach the caller.
  */
-import type { GuardOptions } from "../mod.ts";
+import type { GuardLayout, GuardOptions } from "../mod.ts";
 import { RedefineError } from "../../errors.ts";
-import { i32le, INT3, u64le } from "./writer.ts";
+import { i32le, INT3, jmpRel32, u64le } from "./writer.ts";
 
-/** Bytes of code (with its three literals). */
-export const GUARD_SIZE = 120;
-/** Bytes of read+write data: the saved return address, then the busy flag. */
-export const GUARD_DATA_SIZE = 16;
+/** The swapping guard: bytes of code (with its three literals). */
+const SWAP_SIZE = 120;
+/** The swapping guard's data: the saved return address, then the busy flag. */
+const SWAP_DATA_SIZE = 16;
+/** A calling guard's thunk: `lea r11, [rip+record]; jmp shared`. */
+const THUNK_SIZE = 12;
+/** A calling guard's record: JS thread, callback, original, busy flag. */
+const RECORD = { jsThread: 0, callback: 8, original: 16, busy: 24, size: 32 };
 
 /**
  * The thread pointer's home: glibc keeps the thread's own address at `fs:[0x10]` (what
@@ -66,13 +75,80 @@ function callPadding(os: string, parameters: readonly string[]): number | null {
   return integers <= 6 && parameters.length - integers <= 8 ? 8 : null;
 }
 
-/** The guard's bytes for `options`. */
-export function guardStub(options: GuardOptions): Uint8Array {
-  const padding = callPadding(options.os, options.signature.parameters);
-  return padding === null ? swappingGuard(options) : callingGuard(options, padding);
+/** What a patch's guard takes: see `Arch.guard.layout`. */
+export function guardLayout(os: string, signature: { parameters: readonly string[] }): GuardLayout {
+  const padding = callPadding(os, signature.parameters);
+  return padding === null
+    ? { size: SWAP_SIZE, dataSize: SWAP_DATA_SIZE, busyOffset: 8, shared: null }
+    : { size: THUNK_SIZE, dataSize: RECORD.size, busyOffset: RECORD.busy, shared: sharedCallingGuard(os, padding) };
 }
 
-/** Shared layout: the checks, then either way of running the replacement, then the literals. */
+/** The guard's code and first data for `options`. */
+export function guardStub(options: GuardOptions): { code: Uint8Array; data: Uint8Array } {
+  const layout = guardLayout(options.os, options.signature);
+  if (!layout.shared) return { code: swappingGuard(options), data: new Uint8Array(SWAP_DATA_SIZE) };
+  if (options.shared === undefined) throw new RangeError("the calling guard needs its shared code placed");
+  const record = new Uint8Array(RECORD.size);
+  record.set(u64le(options.jsThread), RECORD.jsThread);
+  record.set(u64le(options.callback), RECORD.callback);
+  record.set(u64le(options.original), RECORD.original);
+  const jump = jmpRel32(options.at + 7n, options.shared);
+  if (!jump) throw new RangeError("shared guard out of rel32 reach");
+  return {
+    code: Uint8Array.of(
+      0x4c, 0x8d, 0x1d, ...ripFrom(options.at, 7, options.data), // lea r11, [rip+record]
+      ...jump, //                                                 jmp shared
+    ),
+    data: record,
+  };
+}
+
+/**
+ * The calling guard's code, shared by every patch (r11 holds the patch's record). It may push:
+ * nothing is on the stack for the callee to find, and the stack is as it came whenever it leaves
+ * for the original.
+ */
+function sharedCallingGuard(os: string, padding: number): Uint8Array {
+  const [segment, sib, ...disp] = threadPointerOperand(os);
+  const shadow = padding - 8; // the push of r11 already aligns rsp for the call
+  const reserve = shadow ? [0x48, 0x83, 0xec, shadow] : []; // sub rsp, shadow (Windows' shadow space)
+  const release = shadow ? [0x48, 0x83, 0xc4, shadow] : []; // add rsp, shadow
+  const head = [
+    0x41, 0x53, //                               push r11 (the record)
+    segment, 0x4c, 0x8b, 0x1c, sib, ...disp, //  mov r11, qword fs:[0x10] (gs:[0x30] on Windows)
+    0x41, 0x53, //                               push r11 (the thread)
+    0x4c, 0x8b, 0x5c, 0x24, 0x08, //             mov r11, [rsp+8]: the record
+    0x4d, 0x8b, 0x5b, RECORD.jsThread, //        mov r11, [r11+jsThread]
+    0x4c, 0x3b, 0x1c, 0x24, //                   cmp r11, [rsp]: this thread?
+    0x41, 0x5b, //                               pop r11 (flags stay)
+    0x41, 0x5b, //                               pop r11: the record again
+  ];
+  const body = [
+    0x41, 0x80, 0x7b, RECORD.busy, 0x00, //      cmp byte [r11+busy], 0
+    0x0f, 0x85, 0, 0, 0, 0, //                   jne to_original: re-entered (patched below)
+    0x41, 0xc6, 0x43, RECORD.busy, 0x01, //      mov byte [r11+busy], 1
+    0x41, 0x53, //                               push r11: kept across the call; aligns rsp
+    ...reserve,
+    0x41, 0xff, 0x53, RECORD.callback, //        call [r11+callback]
+    ...release,
+    0x41, 0x5b, //                               pop r11
+    0x41, 0xc6, 0x43, RECORD.busy, 0x00, //      mov byte [r11+busy], 0
+    0xc3, //                                     ret
+  ];
+  const toOriginal = [
+    0x41, 0xff, 0x63, RECORD.original, //        to_original: jmp [r11+original]
+  ];
+  // jne to_original after the thread compare, and again after the busy check.
+  const firstJne = head.length;
+  const code = [...head, 0x0f, 0x85, 0, 0, 0, 0, ...body, ...toOriginal];
+  const target = code.length - toOriginal.length;
+  const patchJne = (at: number) => code.splice(at + 2, 4, ...i32le(target - (at + 6)));
+  patchJne(firstJne);
+  patchJne(firstJne + 6 + 5);
+  return Uint8Array.from(code);
+}
+
+/** The swapping guard's literals, after its code. */
 const THREAD = 96, CALLBACK = 104, ORIGINAL = 112;
 
 /** rip-relative displacement from the end of an instruction ending at `at + end` to `target`. */
@@ -83,7 +159,7 @@ function ripFrom(at: bigint, end: number, target: bigint): Uint8Array {
 }
 
 function finish(code: Uint8Array, options: GuardOptions): Uint8Array {
-  const out = new Uint8Array(GUARD_SIZE).fill(INT3);
+  const out = new Uint8Array(SWAP_SIZE).fill(INT3);
   out.set(code, 0);
   out.set(u64le(options.jsThread), THREAD);
   out.set(u64le(options.callback), CALLBACK);
@@ -92,7 +168,7 @@ function finish(code: Uint8Array, options: GuardOptions): Uint8Array {
 }
 
 /**
- * The first 42 bytes of both guards: another thread, or the JS thread re-entering, goes to
+ * The swapping guard's first 42 bytes: another thread, or the JS thread re-entering, goes to
  * `toOriginal`; otherwise the busy flag is set. Only r11 and the flags change.
  */
 function checks(options: GuardOptions, toOriginal: number): number[] {
@@ -107,22 +183,6 @@ function checks(options: GuardOptions, toOriginal: number): number[] {
     0x0f, 0x85, ...i32le(toOriginal - 35), //                 29 jne to_original: re-entered
     0xc6, 0x05, ...ripFrom(at, 42, busy), 0x01, //            35 mov byte [rip+busy], 1
   ];
-}
-
-/** The guard that calls the replacement: for signatures with nothing on the stack. */
-function callingGuard(options: GuardOptions, padding: number): Uint8Array {
-  const { at } = options;
-  const busy = options.data + 8n;
-  const local = (end: number, offset: number) => ripFrom(at, end, at + BigInt(offset));
-  return finish(Uint8Array.of(
-    ...checks(options, 64), //                          0 thread and re-entrance checks
-    0x48, 0x83, 0xec, padding, //                      42 sub rsp, padding (alignment, shadow space)
-    0xff, 0x15, ...local(52, CALLBACK), //             46 call [rip+callback]
-    0x48, 0x83, 0xc4, padding, //                      52 add rsp, padding
-    0xc6, 0x05, ...ripFrom(at, 63, busy), 0x00, //     56 mov byte [rip+busy], 0
-    0xc3, //                                           63 ret
-    0xff, 0x25, ...local(70, ORIGINAL), //             64 to_original: jmp [rip+original]
-  ), options);
 }
 
 /** The guard that swaps the return address: for signatures that pass arguments on the stack. */

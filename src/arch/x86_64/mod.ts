@@ -6,7 +6,7 @@ import type { Arch } from "../mod.ts";
 import { planRelocation, relocate } from "./relocator.ts";
 import { decode } from "./decoder.ts";
 import { mayBranchInto } from "./scan.ts";
-import { GUARD_DATA_SIZE, GUARD_SIZE, guardStub, threadPointerReader } from "./guard.ts";
+import { guardLayout, guardStub, threadPointerReader } from "./guard.ts";
 import {
   ENDBR64,
   JMP_ABS_SIZE,
@@ -89,6 +89,6 @@ export const x86_64: Arch = {
   },
   indirectJumpSize: JMP_INDIRECT_SIZE,
   indirectJump: jmpIndirect,
-  guard: { size: GUARD_SIZE, dataSize: GUARD_DATA_SIZE, threadPointerReader, encode: guardStub },
+  guard: { layout: guardLayout, threadPointerReader, encode: guardStub },
 };
 
