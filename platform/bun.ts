@@ -49,7 +49,8 @@ export const bun: Runtime = {
     const required = Object.fromEntries(
       entries.filter(([, s]) => !s.optional).map(([n, s]) => [n, bunDefinition(s)]),
     );
-    const bound = openOne(path, required);
+    // Bun refuses a library with no symbols to bind: with only optional ones, bind none together.
+    const bound = Object.keys(required).length ? openOne(path, required) : {};
     if (bound instanceof Error) {
       const missingLibrary = /cannot open|no such file|not found|failed to open library/i.test(bound.message) &&
         !/symbol/i.test(bound.message);

@@ -7,6 +7,7 @@
 import { hex, RedefineError } from "../src/errors.ts";
 import type { CodeBlock, Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
+import { aarch64CacheFlush } from "./aarch64_flush.ts";
 
 const RTLD_LAZY = 1;
 const RTLD_DL_SYMENT = 1;
@@ -116,8 +117,9 @@ export function nearCandidates(
 export function linux(runtime: Runtime): Os {
   const c = libc(runtime);
   const pageSize = Number(c.sysconf(SC_PAGESIZE));
-  const libgcc = runtime.arch === "aarch64" || runtime.arch === "arm64"
-    ? runtime.open("libgcc_s.so.1", { __clear_cache: { parameters: ["usize", "usize"], result: "void" } })
+  // x86-64 keeps instruction fetch coherent with stores by itself; arm64 needs a flush.
+  const flush = runtime.arch === "aarch64" || runtime.arch === "arm64"
+    ? aarch64CacheFlush(runtime, pageSize).flush
     : null;
 
   function errno(): number {
@@ -324,7 +326,7 @@ export function linux(runtime: Runtime): Os {
     },
 
     flushCode(address, length) {
-      libgcc?.__clear_cache(address, address + BigInt(length));
+      flush?.(address, length);
     },
   };
   return os;

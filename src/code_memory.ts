@@ -188,9 +188,20 @@ export function writeCode(platform: Platform, writes: readonly CodeWrite[]): voi
   const runs = protectionRuns(pages, page).filter((r) => !(r.protection & PROT_WRITE));
   const opened: typeof runs = [];
   const done: CodeWrite[] = [];
+  // A write is flushed when any page it touches is executable.
+  const executable = (w: CodeWrite) => {
+    for (let p = w.address - w.address % page; p < w.address + BigInt(w.bytes.length); p += page) {
+      if (pages.get(p)! & PROT_EXEC) return true;
+    }
+    return false;
+  };
+  const flush = (list: readonly CodeWrite[]) => {
+    for (const w of list) if (executable(w)) os.flushCode(w.address, w.bytes.length);
+  };
   const undo = () => {
     for (const w of done.reverse()) store(platform, w);
     for (const r of opened) os.protect(r.start, r.length, r.protection);
+    flush(done);
   };
   try {
     for (const r of runs) {
@@ -206,9 +217,7 @@ export function writeCode(platform: Platform, writes: readonly CodeWrite[]): voi
     throw error;
   }
   for (const r of opened) os.protect(r.start, r.length, r.protection);
-  for (const w of writes) {
-    if (pages.get(w.address - w.address % page)! & PROT_EXEC) os.flushCode(w.address, w.bytes.length);
-  }
+  flush(writes);
 }
 
 /** Consecutive pages of the same protection, merged: one protection change each. */

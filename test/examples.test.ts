@@ -1,10 +1,10 @@
-import { assert, runtimeName, test } from "./harness.ts";
+import { assert, runtimeName, runtimePath, test } from "./harness.ts";
 import { execFileSync } from "node:child_process";
 
 /** Runs an example the way its header says, with the runtime running the tests. */
 function run(example: string): string {
   const file = new URL(`../examples/${example}`, import.meta.url).pathname;
-  const bin = new URL(`../node_modules/.bin/${runtimeName}`, import.meta.url).pathname;
+  const bin = runtimePath;
   return execFileSync(bin, runtimeName === "deno" ? ["run", "--allow-ffi", file] : [file], { encoding: "utf8" });
 }
 
@@ -21,9 +21,10 @@ test("example trace_strtol: every strtol call atoi makes is logged, answers unch
   assert.match(out, /strtol\("-2", NULL, 10\) = -2/);
 });
 
-test("example mock_getpid: the JS thread sees the mock, the original the truth", () => {
-  const out = run("mock_getpid.ts");
+test("example mock_getuid: the JS thread sees the mock, the original the truth", () => {
+  const out = run("mock_getuid.ts");
   const real = /real: (\d+)/.exec(out)![1];
-  assert.match(out, new RegExp(`mocked: getpid\\(\\) = 4242; the original says ${real}`));
-  assert.match(out, new RegExp(`restored: getpid\\(\\) = ${real}`));
+  const fake = real === "0" ? "1000" : "0";
+  assert.match(out, new RegExp(`mocked: getuid\\(\\) = ${fake}; the original says ${real}`));
+  assert.match(out, new RegExp(`restored: getuid\\(\\) = ${real}`));
 });

@@ -3,6 +3,7 @@
  * `bun:test`. Assertions come from `node:assert/strict`, which both runtimes provide.
  */
 export { default as assert } from "node:assert/strict";
+import process from "node:process";
 
 type TestFn = () => void | Promise<void>;
 
@@ -25,3 +26,9 @@ export function test(name: string, fn: TestFn): void {
 
 /** The runtime running the tests. */
 export const runtimeName: "deno" | "bun" = isDeno ? "deno" : "bun";
+
+/**
+ * The executable running the tests, for child processes of the same runtime: under emulation an
+ * arm64 one, which the kernel starts through qemu (binfmt_misc, registered by scripts/test_arm64.mjs).
+ */
+export const runtimePath: string = isDeno ? Deno.execPath() : process.execPath;

@@ -1,11 +1,11 @@
-import { assert, test } from "./harness.ts";
+import { assert, runtimeName, runtimePath, test } from "./harness.ts";
 import { RedefineError } from "../mod.ts";
 import { archFor } from "../src/arch/mod.ts";
 import { osFor } from "../platform/mod.ts";
 import { nearCandidates, parseMaps } from "../platform/linux.ts";
 import { writeCode } from "../src/code_memory.ts";
 import { platform } from "../platform/mod.ts";
-import { bytesAt, os, protectionAt, runtime } from "./native.ts";
+import { bytesAt, libc, os, protectionAt, runtime, unwritableCode } from "./native.ts";
 import { execFileSync } from "node:child_process";
 
 function isCode(code: string) {
@@ -21,7 +21,8 @@ test("Deno without --allow-ffi: FFI_PERMISSION naming the flag", () => {
   const script = `import { redefine } from "${new URL("../mod.ts", import.meta.url).href}";
 try { redefine({ symbol: "getppid", parameters: [], result: "i32" }, () => 1); }
 catch (e) { console.log(e.code + ": " + e.message); }`;
-  const deno = new URL("../node_modules/.bin/deno", import.meta.url).pathname;
+  // The Deno running the tests (an arm64 one under emulation); from Bun, the project's Deno.
+  const deno = runtimeName === "deno" ? runtimePath : new URL("../node_modules/.bin/deno", import.meta.url).pathname;
   // `deno run -` reads the program from stdin and, unlike `deno eval`, grants nothing by default.
   const out = execFileSync(deno, ["run", "--no-check", "--allow-read", "-"], { input: script, encoding: "utf8" });
   assert.match(out, /^FFI_PERMISSION: .*--allow-ffi/);
@@ -53,13 +54,17 @@ test("/proc/self/maps parsing and the choice of near free space", () => {
 test("a write that fails half-way rolls back every page and byte", () => {
   const p = platform();
   const labs = os.symbolAddress("labs");
-  const time = os.symbolAddress("time"); // in the vDSO: mprotect refuses
+  const unwritable = unwritableCode(); // mprotect refuses to make it writable
   const before = bytesAt(labs, 8);
   const protection = protectionAt(labs);
-  assert.throws(
-    () => writeCode(p, [{ address: labs, bytes: new Uint8Array(8).fill(0xcc) }, { address: time, bytes: Uint8Array.of(0xcc) }]),
-    isCode("PROTECT_FAILED"),
-  );
+  try {
+    assert.throws(
+      () => writeCode(p, [{ address: labs, bytes: new Uint8Array(8).fill(0xcc) }, { address: unwritable, bytes: Uint8Array.of(0xcc) }]),
+      isCode("PROTECT_FAILED"),
+    );
+  } finally {
+    libc.munmap(unwritable, BigInt(os.pageSize));
+  }
   assert.deepEqual(bytesAt(labs, 8), before);
   assert.equal(protectionAt(labs), protection);
 });

@@ -1,6 +1,18 @@
-import { assert, runtimeName, test } from "./harness.ts";
+import { assert, runtimeName, runtimePath, test } from "./harness.ts";
 import { redefine, RedefineError, redefineAll, restoreAll, transaction } from "../mod.ts";
-import { assemble, bytesAt, libc, os, protectionAt, runtime, unassemble, writableExecutable } from "./native.ts";
+import {
+  assemble,
+  bytesAt,
+  isArm64,
+  libc,
+  os,
+  protectionAt,
+  runtime,
+  unassemble,
+  unwritableCode,
+  words,
+  writableExecutable,
+} from "./native.ts";
 import { execFileSync } from "node:child_process";
 
 function isCode(code: string, message?: RegExp) {
@@ -65,15 +77,20 @@ test("transaction: all or nothing when the commit fails half-way", () => {
   const before = state(addresses);
   const wx = writableExecutable();
   let made: { active: boolean }[] = [];
-  assert.throws(() =>
-    transaction(() => {
-      made = [
-        redefine({ symbol: "getppid", parameters: [], result: "i32" }, { symbol: "getpid" }),
-        redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, (x) => x),
-        // The vDSO refuses mprotect: the whole transaction fails at commit.
-        redefine({ symbol: "time", parameters: ["pointer"], result: "i64" }, () => 0n),
-      ];
-    }), isCode("PROTECT_FAILED"));
+  const unwritable = unwritableCode();
+  try {
+    assert.throws(() =>
+      transaction(() => {
+        made = [
+          redefine({ symbol: "getppid", parameters: [], result: "i32" }, { symbol: "getpid" }),
+          redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, (x) => x),
+          // mprotect refuses this page: the whole transaction fails at commit.
+          redefine({ address: unwritable, size: 64, parameters: [], result: "void" }, () => {}),
+        ];
+      }), isCode("PROTECT_FAILED"));
+  } finally {
+    libc.munmap(unwritable, BigInt(os.pageSize));
+  }
   assert.deepEqual(state(addresses), before, "every byte and protection as before");
   assert.ok(made.every((p) => !p.active), "no patch of the failed transaction is active");
   assert.deepEqual(writableExecutable(), wx);
@@ -93,7 +110,9 @@ test("transaction: an error inside the body writes nothing", () => {
 
 test("transaction: one protection change per run of pages, not two per patch", () => {
   // 64 small functions on two pages, patched and restored in one transaction each.
-  const body = [0x48, 0x89, 0xf8, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc];
+  const body = isArm64
+    ? words(0xd65f03c0, 0xd4200000, 0xd4200000, 0xd4200000) // ret (x0 is the argument); brk #0 ×3
+    : [0x48, 0x89, 0xf8, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc];
   const { address, base } = assemble(Array.from({ length: 64 }, () => body).flat(), 0);
   const protect = os.protect;
   const calls: string[] = [];
@@ -136,7 +155,7 @@ test("W^X: after every public operation, no new writable+executable mapping", ()
 });
 
 test("bad input: mid-instruction address, our own stubs", () => {
-  // labs starts with a 3-byte mov; +1 is inside it.
+  // labs starts with a 3-byte mov on x86-64, a 4-byte word on arm64; +1 is inside it.
   const labs = os.symbolAddress("labs");
   assert.throws(() => redefine({ address: labs + 1n, parameters: ["i64"], result: "i64" }, (x) => x), isCode("INVALID_ADDRESS", /inside an instruction/));
   const patch = redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, (x) => x);
@@ -152,13 +171,15 @@ test("bad input: mid-instruction address, our own stubs", () => {
 
 test("a function already hooked by someone else (entry is a jump): patched on top, their hook kept", () => {
   // The "foreign hook": target's entry jumps to `other`, which returns 7; our original goes there.
-  const other = assemble([0xb8, 0x07, 0, 0, 0, 0xc3]); // mov eax, 7; ret
-  const target = assemble(Array(16).fill(0xcc));
-  const jump = Number(other.address - (target.address + 5n));
-  const rel = new Uint8Array(new Int32Array([jump]).buffer);
+  const other = assemble(isArm64 ? words(0x528000e0, 0xd65f03c0) : [0xb8, 0x07, 0, 0, 0, 0xc3]); // mov eax, 7; ret
+  const target = assemble(isArm64 ? words(...Array(4).fill(0xd4200000)) : Array(16).fill(0xcc)); // brk #0; int3
+  const jump = isArm64
+    ? words(0x14000000 | Number(BigInt.asUintN(26, (other.address - target.address) / 4n))) // b other
+    : [0xe9, ...new Uint8Array(new Int32Array([Number(other.address - (target.address + 5n))]).buffer)]; // jmp other
   libc.mprotect(target.base, BigInt(os.pageSize), 7);
-  runtime.view(target.address, 5).set([0xe9, ...rel]); // jmp other
+  runtime.view(target.address, jump.length).set(jump);
   libc.mprotect(target.base, BigInt(os.pageSize), 5);
+  os.flushCode(target.address, jump.length);
   try {
     const f = runtime.fnPointer(target.address, { parameters: [], result: "i32" });
     assert.equal(f(), 7);
@@ -177,7 +198,7 @@ test("a function already hooked by someone else (entry is a jump): patched on to
 
 test("patches are restored when the process exits normally", () => {
   const fixture = new URL("./fixtures/exit_restore.ts", import.meta.url).pathname;
-  const bin = new URL(`../node_modules/.bin/${runtimeName}`, import.meta.url).pathname;
+  const bin = runtimePath;
   const out = execFileSync(bin, runtimeName === "deno" ? ["run", "-A", "--no-check", fixture] : [fixture], { encoding: "utf8" });
   assert.match(out, /patched true/);
   assert.match(out, /restored at exit true/);

@@ -1,13 +1,51 @@
 import { assert, test } from "./harness.ts";
 import { redefine } from "../mod.ts";
 import { redefineToOriginal } from "../src/redefine.ts";
-import { assemble, libc, unassemble } from "./native.ts";
+import { assemble, isArm64, libc, unassemble, words } from "./native.ts";
 import { log } from "node:console";
+import process from "node:process";
 
 // thread_loop(record): until record.stop, call record.fn and count what it returned:
 // 1 → record.ones, 2 → record.twos, anything else → record.others. Every 1024 calls it yields the
 // CPU, so that on a 2-core machine the JS thread doing the patching still gets to run.
-const THREAD_LOOP = [
+const THREAD_LOOP = isArm64
+  ? words(
+    0xa9be7bfd, // stp x29, x30, [sp, #-32]!
+    0x910003fd, // mov x29, sp
+    0xf9000bf3, // str x19, [sp, #16]
+    0xaa0003f3, // mov x19, x0
+    0xf9400270, // loop: ldr x16, [x19]
+    0xd63f0200, // blr x16
+    0x7100041f, // cmp w0, #1
+    0x540000a1, // b.ne not_one
+    0xf9400669, // ldr x9, [x19, #8]
+    0x91000529, // add x9, x9, #1
+    0xf9000669, // str x9, [x19, #8]
+    0x1400000a, // b next
+    0x7100081f, // not_one: cmp w0, #2
+    0x540000a1, // b.ne other
+    0xf9400a69, // ldr x9, [x19, #16]
+    0x91000529, // add x9, x9, #1
+    0xf9000a69, // str x9, [x19, #16]
+    0x14000004, // b next
+    0xf9400e69, // other: ldr x9, [x19, #24]
+    0x91000529, // add x9, x9, #1
+    0xf9000e69, // str x9, [x19, #24]
+    0xb9402a69, // next: ldr w9, [x19, #40]
+    0x11000529, // add w9, w9, #1
+    0xb9002a69, // str w9, [x19, #40]
+    0x7200253f, // tst w9, #0x3ff
+    0x54000061, // b.ne check
+    0xd2800f88, // mov x8, #124 (sched_yield)
+    0xd4000001, // svc #0
+    0x39408269, // check: ldrb w9, [x19, #32]
+    0x34fffce9, // cbz w9, loop
+    0xf9400bf3, // ldr x19, [sp, #16]
+    0xa8c27bfd, // ldp x29, x30, [sp], #32
+    0xd2800000, // mov x0, #0
+    0xd65f03c0, // ret
+  )
+  : [
   0x53, //                                 push rbx
   0x48, 0x89, 0xfb, //                     mov rbx, rdi
   0xff, 0x13, //                           loop: call [rbx]
@@ -30,10 +68,16 @@ const THREAD_LOOP = [
   0x5b, //                                 pop rbx
   0x31, 0xc0, //                           xor eax, eax
   0xc3, //                                 ret
-];
-const RETURN_1 = [0xb8, 0x01, 0, 0, 0, 0xc3]; // mov eax, 1; ret
-const RETURN_2 = [0xb8, 0x02, 0, 0, 0, 0xc3]; // mov eax, 2; ret
-const TOGGLES = 100_000;
+  ];
+const RETURN_1 = isArm64 ? words(0x52800020, 0xd65f03c0) : [0xb8, 0x01, 0, 0, 0, 0xc3]; // mov eax, 1; ret
+const RETURN_2 = isArm64 ? words(0x52800040, 0xd65f03c0) : [0xb8, 0x02, 0, 0, 0, 0xc3]; // mov eax, 2; ret
+/** Filler after a function, and before one to shift its entry: `int3`, `nop`; `brk #0`, `nop`. */
+const TRAP = isArm64 ? words(0xd4200000) : [0xcc];
+const NOP = isArm64 ? words(0xd503201f) : [0x90];
+const fill = (bytes: number[], count: number) => Array.from({ length: count / bytes.length }, () => bytes).flat();
+// Under qemu-user (scripts/test_arm64.mjs) a redefine costs 20–150 ms (qemu builds /proc/self/maps
+// itself, and has no PROCMAP_QUERY).
+const TOGGLES = process.env.REDEFINE_TEST_EMULATED ? 200 : 100_000;
 
 /**
  * Two native threads call `targets[0]` and `targets[1]` in a loop while the JS thread runs
@@ -61,8 +105,10 @@ function hammer(targets: bigint[], toggle: (i: number) => void): { ones: bigint;
 
 test(`stress: ${TOGGLES} native redirects on and off under two calling threads`, () => {
   // One entry inside an aligned 8-byte word (one atomic store), one across two (spin, tail, head).
-  const targets = [0, 5].map((offset) => assemble([...Array(offset).fill(0x90), ...RETURN_1, ...Array(16).fill(0xcc)]));
-  const addresses = [targets[0].address, targets[1].address + 5n];
+  // An arm64 entry jump is one aligned word: always one store.
+  const offsets = isArm64 ? [0, 4] : [0, 5];
+  const targets = offsets.map((offset) => assemble([...fill(NOP, offset), ...RETURN_1, ...fill(TRAP, 16)]));
+  const addresses = targets.map((t, i) => t.address + BigInt(offsets[i]));
   const replacement = assemble(RETURN_2);
   try {
     const seen = hammer(addresses, (i) => {
@@ -78,7 +124,7 @@ test(`stress: ${TOGGLES} native redirects on and off under two calling threads`,
 });
 
 test(`stress: ${TOGGLES} identity hooks through call-original trampolines, on and off under two calling threads`, () => {
-  const target = assemble([...RETURN_1, ...Array(16).fill(0xcc)], 5);
+  const target = assemble([...RETURN_1, ...fill(TRAP, 16)], isArm64 ? 4 : 5);
   try {
     const seen = hammer([target.address, target.address], () => {
       redefineToOriginal({ address: target.address, size: 16, parameters: [], result: "i32" }).restore();

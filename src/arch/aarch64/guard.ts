@@ -1,9 +1,10 @@
 /**
  * The guard stub that stands in front of a JS replacement (AArch64), with the contract of
  * src/arch/x86_64/guard.ts: calls from other threads, and calls from the JS thread while the
- * replacement is already running, go to the original. To know when the replacement returns, it
- * keeps the caller's return address (x30) in a per-patch slot and points x30 at its own return
- * point; nothing is pushed, so stack arguments stay where the callee expects them.
+ * replacement is already running, go to the original. It calls the replacement with `blr` (so its
+ * return stays predicted) after keeping the caller's return address (x30) in a per-patch slot, and
+ * clears its busy flag when the replacement returns. A call pushes nothing on AArch64, so stack
+ * arguments stay where the callee expects them, whatever the signature.
  *
  * It writes only x16 and x17 (the intra-procedure-call scratch registers, which any veneer or PLT
  * entry may clobber) and x30 (the link register, which the caller gave up by calling). Arguments
@@ -12,33 +13,42 @@
  */
 import type { GuardOptions } from "../mod.ts";
 import { RedefineError } from "../../errors.ts";
-import { adr, adrp, assemble, br, cbz, ldrLiteral, NOP } from "./writer.ts";
+import { adrp, assemble, blr, br, cbz, ldrLiteral, NOP } from "./writer.ts";
 
 /** Bytes of code (with its three literals). */
 export const GUARD_SIZE = 112;
 /** Bytes of read+write data: the saved return address, then the busy flag. */
 export const GUARD_DATA_SIZE = 16;
 
-/** The thread pointer's home, as `mrs`/`mov` into `rd`. */
-function threadPointer(os: string, rd: number): number {
-  switch (os) {
-    case "linux":
-      return (0xd53bd040 | rd) >>> 0; // mrs xd, tpidr_el0: glibc's thread pointer
-    case "windows":
-      return (0xaa1203e0 | rd) >>> 0; // mov xd, x18: the platform register holds the TEB
-    default:
-      throw new RedefineError(
-        "UNSUPPORTED_PLATFORM",
-        `the aarch64 guard stub does not know where '${os}' keeps the thread pointer.`,
-      );
+/**
+ * The thread's identity into `rd`, two words: glibc's thread pointer is `tpidr_el0`; Windows keeps
+ * the TEB in x18, the platform register; macOS keeps its thread-specific data base in
+ * `tpidrro_el0`, whose low three bits held the CPU number in some versions (not run on a Mac). The
+ * low bits are cleared everywhere: the others are aligned anyway.
+ */
+function threadPointer(os: string, rd: number): number[] {
+  const read = {
+    linux: 0xd53bd040, //   mrs xd, tpidr_el0
+    windows: 0xaa1203e0, // mov xd, x18
+    darwin: 0xd53bd060, //  mrs xd, tpidrro_el0
+  }[os];
+  if (read === undefined) {
+    throw new RedefineError(
+      "UNSUPPORTED_PLATFORM",
+      `the aarch64 guard stub does not know where '${os}' keeps the thread pointer.`,
+    );
   }
+  return [
+    (read | rd) >>> 0,
+    (0x927df000 | (rd << 5) | rd) >>> 0, // and xd, xd, #~7
+  ];
 }
 
 /** A function returning the current thread's pointer, read exactly as the guard reads it. */
 export function threadPointerReader(os: string): Uint8Array {
   return assemble([
-    threadPointer(os, 0), // mrs x0, tpidr_el0 (mov x0, x18 on Windows)
-    0xd65f03c0, //           ret
+    ...threadPointer(os, 0), // mrs x0, tpidr_el0; and x0, x0, #~7
+    0xd65f03c0, //              ret
   ]);
 }
 
@@ -50,8 +60,8 @@ function addImmediate(rd: number, rn: number, imm12: number): number {
 /** The guard's bytes for `options`. */
 export function guardStub(options: GuardOptions): Uint8Array {
   const { at, data } = options;
-  const X16 = 16, X17 = 17, X30 = 30;
-  const THREAD = 88, CALLBACK = 96, ORIGINAL = 104, AFTER = 56, TO_ORIGINAL = 76;
+  const X16 = 16, X17 = 17;
+  const THREAD = 88, CALLBACK = 96, ORIGINAL = 104, TO_ORIGINAL = 76;
   const pc = (offset: number) => at + BigInt(offset);
   const reach = <T>(value: T | null): T => {
     if (value === null) throw new RangeError("guard data or literal out of pc-relative reach");
@@ -66,20 +76,19 @@ export function guardStub(options: GuardOptions): Uint8Array {
     reach(cbz({ nonzero: true, sf, rt: X16 }, pc(offset), pc(TO_ORIGINAL)));
   if (data % 8n !== 0n) throw new RangeError("guard data must be 8-byte aligned");
   const words = [
-    threadPointer(options.os, X16), //            0 mrs x16, tpidr_el0
-    reach(ldrLiteral("x", X17, pc(4), pc(THREAD))), //  4 ldr x17, thread
-    0xca110210, //                                 8 eor x16, x16, x17
-    toOriginal(12, true), //                      12 cbnz x16, to_original: another thread
-    ...dataAddress(16), //                        16 adrp x17, data; add x17, x17, :lo12:data
-    0x39402230, //                                24 ldrb w16, [x17, #8]
-    toOriginal(28, false), //                     28 cbnz w16, to_original: re-entered
-    0x52800030, //                                32 mov w16, #1
-    0x39002230, //                                36 strb w16, [x17, #8]: busy
-    0xf900023e, //                                40 str x30, [x17]: the caller's return address
-    reach(adr(X30, pc(44), pc(AFTER))), //        44 adr x30, after: the replacement returns there
+    ...threadPointer(options.os, X16), //          0 mrs x16, tpidr_el0; and x16, x16, #~7
+    reach(ldrLiteral("x", X17, pc(8), pc(THREAD))), //   8 ldr x17, thread
+    0xca110210, //                                12 eor x16, x16, x17
+    toOriginal(16, true), //                      16 cbnz x16, to_original: another thread
+    ...dataAddress(20), //                        20 adrp x17, data; add x17, x17, :lo12:data
+    0x39402230, //                                28 ldrb w16, [x17, #8]
+    toOriginal(32, false), //                     32 cbnz w16, to_original: re-entered
+    0x52800030, //                                36 mov w16, #1
+    0x39002230, //                                40 strb w16, [x17, #8]: busy
+    0xf900023e, //                                44 str x30, [x17]: the caller's return address
     reach(ldrLiteral("x", X16, pc(48), pc(CALLBACK))), // 48 ldr x16, callback
-    br(X16), //                                   52 br x16
-    ...dataAddress(AFTER), //                     56 after: adrp x17, data; add x17, x17, :lo12:data
+    blr(X16), //                                  52 blr x16
+    ...dataAddress(56), //                        56 adrp x17, data; add x17, x17, :lo12:data
     0x3900223f, //                                64 strb wzr, [x17, #8]: not busy
     0xf940023e, //                                68 ldr x30, [x17]
     0xd65f03c0, //                                72 ret: back to the caller

@@ -1,0 +1,137 @@
+// Every write of code is followed by an instruction-cache flush over exactly the bytes written.
+// qemu keeps self-modifying code coherent by itself (and x86-64 hardware does too), so a missing
+// flush would pass every other test: this one watches the platform layer's `os.flushCode` instead.
+import { assert, test } from "./harness.ts";
+import { type Patch, redefine } from "../mod.ts";
+import { platform } from "../platform/mod.ts";
+import { CodePool, writeCode } from "../src/code_memory.ts";
+import type { CodeSlot } from "../src/code_memory.ts";
+import { archFor } from "../src/arch/mod.ts";
+import { assemble, bytesAt, libc, os, protectionAt, unassemble } from "./native.ts";
+import { PROT_EXEC, PROT_READ } from "../platform/mod.ts";
+
+type Event =
+  | { kind: "pool write"; address: bigint; bytes: Uint8Array }
+  | { kind: "flush"; address: bigint; length: number; bytes: Uint8Array; protection: number };
+
+/** Runs `body` with `os.flushCode` and `CodePool.prototype.write` watched, then puts both back. */
+function watch(body: () => void): Event[] {
+  const events: Event[] = [];
+  const flushCode = os.flushCode;
+  const poolWrite = Object.getOwnPropertyDescriptor(CodePool.prototype, "write")!;
+  os.flushCode = (address, length) => {
+    // What the flushed range holds at the moment of the flush: the write must be complete.
+    events.push({ kind: "flush", address, length, bytes: bytesAt(address, length), protection: protectionAt(address) });
+    flushCode.call(os, address, length);
+  };
+  CodePool.prototype.write = function (this: CodePool, slot: CodeSlot, bytes: Uint8Array) {
+    events.push({ kind: "pool write", address: slot.address, bytes: bytes.slice() });
+    return poolWrite.value.call(this, slot, bytes);
+  };
+  try {
+    body();
+  } finally {
+    os.flushCode = flushCode;
+    Object.defineProperty(CodePool.prototype, "write", poolWrite);
+  }
+  return events;
+}
+
+/** Every pool write is flushed at once, over exactly its bytes; returns the other flushes. */
+function checkPoolWrites(events: Event[]): Extract<Event, { kind: "flush" }>[] {
+  const others: Extract<Event, { kind: "flush" }>[] = [];
+  for (let i = 0; i < events.length; i++) {
+    const event = events[i];
+    if (event.kind === "flush") {
+      others.push(event);
+      continue;
+    }
+    const next = events[++i];
+    assert.ok(next?.kind === "flush", `the pool write at ${event.address.toString(16)} is flushed next`);
+    assert.equal(next.address, event.address, "flushed from the first byte written");
+    assert.equal(next.length, event.bytes.length, "flushed to the last byte written");
+    assert.deepEqual(next.bytes, event.bytes, "flushed after the bytes were in place");
+  }
+  return others;
+}
+
+test("flush: a code pool write is flushed over exactly its bytes, where the code runs", () => {
+  const pool = new CodePool(platform());
+  const near = os.symbolAddress("labs");
+  const slot = pool.allocate(near, 2n ** 26n, 40)!;
+  assert.ok(slot, "near memory for a slot");
+  const bytes = Uint8Array.from({ length: 40 }, (_, i) => 0x10 + i);
+  const events = watch(() => pool.write(slot, bytes));
+  assert.deepEqual(events.map((e) => e.kind), ["pool write", "flush"]);
+  assert.deepEqual(checkPoolWrites(events), []);
+});
+
+test("flush: writeCode flushes each write into code over exactly its bytes, after restoring protection", () => {
+  const { address, base } = assemble(new Array(64).fill(0));
+  try {
+    const writes = [
+      { address, bytes: Uint8Array.of(1, 2, 3, 4) }, // one aligned word: the atomic store
+      { address: address + 21n, bytes: Uint8Array.of(5, 6, 7, 8, 9, 10, 11, 12, 13) }, // across words
+    ];
+    const events = watch(() => writeCode(platform(), writes));
+    assert.deepEqual(
+      events.map((e) => e.kind === "flush" && [e.address - address, e.length, Array.from(e.bytes), e.protection]),
+      writes.map((w) => [w.address - address, w.bytes.length, Array.from(w.bytes), PROT_READ | PROT_EXEC]),
+    );
+  } finally {
+    unassemble(base);
+  }
+});
+
+test("flush: a live entry written in several stores (spin first) is flushed after each, then whole", () => {
+  const arch = archFor(platform().runtime.arch);
+  const { address, base } = assemble(new Array(64).fill(0));
+  try {
+    // Sixteen bytes from the second word of an aligned 8-byte word: no single store covers them.
+    const at = address + 4n;
+    const bytes = Uint8Array.from({ length: 16 }, (_, i) => 0x40 + i);
+    const events = watch(() => writeCode(platform(), [{ address: at, bytes, spin: arch.selfLoop }]));
+    const spun = Uint8Array.of(...arch.selfLoop, ...bytes.subarray(arch.selfLoop.length));
+    assert.deepEqual(
+      events.map((e) => e.kind === "flush" && [e.address - at, e.length, Array.from(e.bytes)]),
+      [
+        [0n, arch.selfLoop.length, Array.from(arch.selfLoop)], // the spin, before the tail is written
+        [0n, bytes.length, Array.from(spun)], //                  the tail, before the head replaces the spin
+        [0n, bytes.length, Array.from(bytes)], //                 the whole write, once complete
+      ],
+    );
+  } finally {
+    unassemble(base);
+  }
+});
+
+test("flush: redefine and restore flush every stub they write and the entry, exactly", () => {
+  const arch = archFor(platform().runtime.arch);
+  const address = os.symbolAddress("labs");
+  const before = bytesAt(address, 64);
+  let patch: Patch<readonly ["i64"], "i64"> | undefined;
+  const applying = watch(() => {
+    patch = redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, (x) => x + 1n);
+  });
+  assert.equal(libc.labs(-7n), -6n);
+  const patchedAddress = patch!.patchedAddress;
+  const during = bytesAt(address, 64);
+  const entry = checkPoolWrites(applying);
+  assert.ok(applying.some((e) => e.kind === "pool write"), "a JS replacement needs a stub in the pool");
+  assert.equal(entry.length, 1, "one flush besides the pool's: the entry");
+  const at = Number(patchedAddress - address);
+  assert.equal(entry[0].address, patchedAddress, "flushed from the first byte of the entry jump");
+  assert.equal(entry[0].length, arch.nearJumpSize, "flushed to its last byte");
+  assert.deepEqual(entry[0].bytes, during.subarray(at, at + arch.nearJumpSize), "after the jump was in place");
+  for (let i = 0; i < 64; i++) {
+    if (before[i] !== during[i]) assert.ok(i >= at && i < at + arch.nearJumpSize, `byte ${i} changed unflushed`);
+  }
+
+  const restoring = watch(() => patch!.restore());
+  assert.deepEqual(bytesAt(address, 64), before);
+  assert.deepEqual(
+    restoring.map((e) => e.kind === "flush" && [e.address, e.length, Array.from(e.bytes)]),
+    [[patchedAddress, arch.nearJumpSize, Array.from(before.subarray(at, at + arch.nearJumpSize))]],
+    "restore flushes the original bytes it put back, and nothing else is written",
+  );
+});
