@@ -623,7 +623,6 @@ test("aarch64: entry jumps, sizes and landing pads", () => {
   assert.equal(aarch64.nearReach, 2n ** 27n - 4n);
   assert.equal(aarch64.nearJumpSize, 4);
   assert.equal(aarch64.farJumpSize, 16);
-  assert.equal(aarch64.codeAlignment, 4);
   assertDisassembly(aarch64.nearJump(A, A + aarch64.nearReach)!, A, [`b ${h(A + aarch64.nearReach)}`]);
   assertDisassembly(aarch64.nearJump(A, A - aarch64.nearReach)!, A, [`b ${h(A - aarch64.nearReach)}`]);
   assert.equal(aarch64.nearJump(A, A + aarch64.nearReach + 4n), null);

@@ -55,8 +55,6 @@ export interface Arch {
   readonly farJumpSize: number;
   /** A jump to itself: what a live entry holds while a multi-store write is under way. */
   readonly selfLoop: Uint8Array;
-  /** Alignment of instructions, and of code this library writes. */
-  readonly codeAlignment: number;
   /** Bytes at the entry that must stay in place (`endbr64`, `bti c`): the patch goes after them. */
   landingPadLength(code: Uint8Array): number;
   /** The near entry jump from `from` to `to`, or null when out of reach. */

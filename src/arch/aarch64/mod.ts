@@ -25,7 +25,6 @@ export const aarch64: Arch = {
   nearJumpSize: B_SIZE,
   farJumpSize: JUMP_ABS_SIZE,
   selfLoop: Uint8Array.of(0x00, 0x00, 0x00, 0x14), // b .
-  codeAlignment: 4,
   landingPadLength(code: Uint8Array): number {
     return code.length >= 4 && decodeAt(code, 0, 0n).kind === "landingPad" ? 4 : 0;
   },

@@ -37,7 +37,6 @@ export const x86_64: Arch = {
   nearJumpSize: JMP_REL32_SIZE,
   farJumpSize: JMP_ABS_SIZE,
   selfLoop: Uint8Array.of(0xeb, 0xfe), // jmp $
-  codeAlignment: 1,
   landingPadLength: (code) => (startsWithEndbr64(code) ? ENDBR64.length : 0),
   nearJump: jmpRel32,
   farJump: (_from, to) => jmpAbs(to),
