@@ -673,6 +673,8 @@ function apply<const P extends readonly NativeType[], const R extends NativeType
         `${arch.nearJumpSize} after the ${pad}-byte landing pad. Redefine a caller instead.`,
     );
   }
+  // Before anything is decoded there: the bytes may be the middle of another patch's jump.
+  refuseOverlap(at, arch.nearJumpSize);
   const { address: to, callback } = resolve(p, signature);
   let built: Built | undefined;
   try {
