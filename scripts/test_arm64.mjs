@@ -9,6 +9,7 @@
 import { spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { npmPackage, versionOf } from "./packages.mjs";
 
 const root = new URL("..", import.meta.url).pathname;
 const cache = join(root, ".cache", "arm64");
@@ -50,37 +51,6 @@ function aptInstall(names) {
   console.log("apt-get install failed; updating the package lists and trying again");
   if (sh("apt-get", ["update", "-qq"], { env, stdio: "inherit" }).status !== 0) throw new Error("apt-get update failed");
   if (install().status !== 0) throw new Error(`apt-get install ${names.join(" ")} failed`);
-}
-
-/** The version of an installed x86-64 devDependency (falls back to package.json's pin). */
-function versionOf(name) {
-  const installed = join(root, "node_modules", name, "package.json");
-  if (existsSync(installed)) return JSON.parse(readFileSync(installed, "utf8")).version;
-  const pinned = JSON.parse(readFileSync(join(root, "package.json"), "utf8")).devDependencies[name];
-  if (!/^\d+\.\d+\.\d+$/.test(pinned ?? "")) throw new Error(`no exact version of ${name} to match`);
-  return pinned;
-}
-
-/** `npm pack`s `spec` into the cache and extracts it once; returns the package directory. */
-function npmPackage(spec) {
-  const dir = join(cache, spec.replace(/[@/]/g, "_").replace(/^_/, ""));
-  if (existsSync(join(dir, "package", "package.json"))) return join(dir, "package");
-  rmSync(dir, { recursive: true, force: true });
-  mkdirSync(dir, { recursive: true });
-  console.log(`npm pack ${spec}`);
-  const pack = sh("npm", ["pack", spec, "--pack-destination", dir, "--silent"], { stdio: ["ignore", "pipe", "inherit"] });
-  const tarball = readdirSync(dir).find((f) => f.endsWith(".tgz"));
-  if (pack.status !== 0 || !tarball) throw new Error(`npm pack ${spec} failed`);
-  // Extract beside, then rename: an interrupted extraction never looks finished.
-  const partial = join(dir, "partial");
-  mkdirSync(partial);
-  if (sh("tar", ["-xzf", join(dir, tarball), "-C", partial], { stdio: "inherit" }).status !== 0) {
-    throw new Error(`extracting ${tarball} failed`);
-  }
-  renameSync(join(partial, "package"), join(dir, "package"));
-  rmSync(partial, { recursive: true, force: true });
-  rmSync(join(dir, tarball));
-  return join(dir, "package");
 }
 
 /** True when `binary` is a qemu-user of version 8.1 or later. */
@@ -164,8 +134,8 @@ function setUp() {
     console.log("WARNING: no qemu-aarch64 8.1 or later could be had; Debian's 7.2 ignores ic ivau (see modernQemu)");
     qemu = "qemu-aarch64-static";
   }
-  const deno = join(npmPackage(`@deno/linux-arm64-glibc@${versionOf("deno")}`), "deno");
-  const bun = join(npmPackage(`@oven/bun-linux-aarch64@${versionOf("bun")}`), "bin", "bun");
+  const deno = join(npmPackage(cache, `@deno/linux-arm64-glibc@${versionOf("deno")}`), "deno");
+  const bun = join(npmPackage(cache, `@oven/bun-linux-aarch64@${versionOf("bun")}`), "bin", "bun");
   for (const binary of [deno, bun]) {
     if (!existsSync(binary)) throw new Error(`${binary} is missing from its npm package`);
   }

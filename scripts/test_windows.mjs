@@ -8,8 +8,9 @@
 // Only the test files that hold on Windows run (see WINDOWS_TESTS); the rest bind libc.so.6 or
 // call Linux tools. Arguments pick runtimes by name ("deno", "bun"); none runs both.
 import { spawnSync } from "node:child_process";
-import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { npmPackage, versionOf } from "./packages.mjs";
 
 const root = new URL("..", import.meta.url).pathname.replace(/\/$/, "");
 const cache = join(root, ".cache", "windows");
@@ -47,33 +48,6 @@ function aptInstall(names) {
   if (install().status === 0) return;
   must(sh("apt-get", ["update", "-qq"], { env, stdio: "inherit" }), "apt-get update");
   must(install(), `apt-get install ${missing.join(" ")}`);
-}
-
-/** The version of an installed x86-64 devDependency (falls back to package.json's pin). */
-function versionOf(name) {
-  const installed = join(root, "node_modules", name, "package.json");
-  if (existsSync(installed)) return JSON.parse(readFileSync(installed, "utf8")).version;
-  const pinned = JSON.parse(readFileSync(join(root, "package.json"), "utf8")).devDependencies[name];
-  if (!/^\d+\.\d+\.\d+$/.test(pinned ?? "")) throw new Error(`no exact version of ${name} to match`);
-  return pinned;
-}
-
-/** `npm pack`s `spec` into the cache and extracts it once; returns the package directory. */
-function npmPackage(spec) {
-  const dir = join(cache, spec.replace(/[@/]/g, "_").replace(/^_/, ""));
-  if (existsSync(join(dir, "package", "package.json"))) return join(dir, "package");
-  rmSync(dir, { recursive: true, force: true });
-  mkdirSync(dir, { recursive: true });
-  console.log(`npm pack ${spec}`);
-  must(sh("npm", ["pack", spec, "--pack-destination", dir, "--silent"], { stdio: ["ignore", "pipe", "inherit"] }), `npm pack ${spec}`);
-  const tarball = readdirSync(dir).find((f) => f.endsWith(".tgz"));
-  const partial = join(dir, "partial");
-  mkdirSync(partial);
-  must(sh("tar", ["-xzf", join(dir, tarball), "-C", partial]), `extracting ${tarball}`);
-  renameSync(join(partial, "package"), join(dir, "package"));
-  rmSync(partial, { recursive: true, force: true });
-  rmSync(join(dir, tarball));
-  return join(dir, "package");
 }
 
 function mountPoints() {
@@ -137,8 +111,8 @@ function setUpChroot() {
 
 function setUp() {
   const started = Date.now();
-  const deno = join(npmPackage(`@deno/win32-x64@${versionOf("deno")}`), "deno.exe");
-  const bun = join(npmPackage(`@oven/bun-windows-x64@${versionOf("bun")}`), "bin", "bun.exe");
+  const deno = join(npmPackage(cache, `@deno/win32-x64@${versionOf("deno")}`), "deno.exe");
+  const bun = join(npmPackage(cache, `@oven/bun-windows-x64@${versionOf("bun")}`), "bin", "bun.exe");
   for (const binary of [deno, bun]) {
     if (!existsSync(binary)) throw new Error(`${binary} is missing from its npm package`);
   }
