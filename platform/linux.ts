@@ -31,6 +31,10 @@ const ERRNO_NAMES: Record<number, string> = {
   38: "ENOSYS",
 };
 
+/** How many places to try in one free gap, and how far apart. */
+const GAP_TRIES = 4n;
+const GAP_STEP = 1n << 20n;
+
 /** A stack may grow down into this much space below it; never put code there. */
 const STACK_GUARD = 1n << 24n;
 
@@ -106,8 +110,16 @@ export function nearCandidates(
     const from = ceil(gapStart > low ? gapStart : low);
     const to = floor(gapEnd < high ? gapEnd : high);
     if (to - from < size) continue;
-    // The place in this gap closest to `near`: its top when the gap lies below, its bottom above.
-    candidates.push(to <= near ? to - size : from >= near ? from : floor(near));
+    // The place in this gap closest to `near` (its top when the gap lies below, its bottom above),
+    // then a few more further away: part of a gap the maps show free may be taken by something
+    // they do not show (qemu-user hides its own mappings from the guest's /proc/self/maps).
+    const below = to <= near;
+    const first = below ? to - size : from >= near ? from : floor(near);
+    for (let k = 0n; k < GAP_TRIES; k++) {
+      const at = below ? first - k * GAP_STEP : first + k * GAP_STEP;
+      if (at < from || at + size > to) break;
+      candidates.push(at);
+    }
   }
   const distance = (a: bigint) => (a > near ? a - near : near - a);
   return candidates.sort((a, b) => (distance(a) < distance(b) ? -1 : distance(a) > distance(b) ? 1 : 0));
@@ -280,7 +292,7 @@ export function linux(runtime: Runtime): Os {
       try {
         const total = BigInt(size + dataSize);
         const candidates = nearCandidates(parseMaps(readMaps()), near, reach, total, BigInt(pageSize));
-        for (const at of candidates.slice(0, 16)) {
+        for (const at of candidates.slice(0, 64)) {
           const address = mapShared(fd, at, size, PROT_READ | PROT_EXEC, MAP_FIXED_NOREPLACE);
           if (address === null) continue;
           // The guard stubs' flags and saved return addresses, right after the code so that
