@@ -2,6 +2,7 @@
 // Each test suite counts its tests; each whole-program check (types, docs, publish) counts as one.
 import { spawnSync } from "node:child_process";
 import { mkdirSync, writeFileSync } from "node:fs";
+import { bunCounts, denoCounts } from "./counts.mjs";
 
 const bin = (name) => new URL(`../node_modules/.bin/${name}`, import.meta.url).pathname;
 const root = new URL("..", import.meta.url).pathname;
@@ -16,16 +17,10 @@ function run(command, args) {
 
 const steps = [
   ["deno test", () => {
-    const { output, ok } = run(bin("deno"), ["test", "-A", "--no-check", "test/"]);
-    const m = /(\d+) passed(?: \(\d+ steps?\))? \| (\d+) failed/.exec(output);
-    return m ? [Number(m[1]), Number(m[2]) + (ok || Number(m[2]) ? 0 : 1)] : [0, 1];
+    return denoCounts(run(bin("deno"), ["test", "-A", "--no-check", "test/"]));
   }],
   ["bun test", () => {
-    const { output, ok } = run(bin("bun"), ["test", "./test/"]);
-    const pass = /^\s*(\d+) pass/m.exec(output), fail = /^\s*(\d+) fail/m.exec(output);
-    if (!pass) return [0, 1];
-    const failed = fail ? Number(fail[1]) : 0;
-    return [Number(pass[1]), failed + (ok || failed ? 0 : 1)];
+    return bunCounts(run(bin("bun"), ["test", "./test/"]));
   }],
   ["deno check", () => one(run(bin("deno"), ["check", "mod.ts", "test/", "examples/", "bench/"]))],
   ["tsc (bun-types)", () => {

@@ -9,6 +9,7 @@
 import { spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { bunCounts, denoCounts } from "./counts.mjs";
 import { npmPackage, versionOf } from "./packages.mjs";
 
 const root = new URL("..", import.meta.url).pathname;
@@ -156,20 +157,6 @@ function emulate(qemu, binary, args, qemuArgs = []) {
   process.stdout.write(output);
   if (result.error) console.log(`\n${result.error.message}`);
   return { output, ok: result.status === 0 };
-}
-
-/** [passed, failed] from `deno test`'s closing line; a crash or a missing line is one failure. */
-function denoCounts({ output, ok }) {
-  const m = /(\d+) passed(?: \(\d+ steps?\))? \| (\d+) failed/.exec(output);
-  return m ? [Number(m[1]), Number(m[2]) + (ok || Number(m[2]) ? 0 : 1)] : [0, 1];
-}
-
-/** [passed, failed] from `bun test`'s closing lines; a crash or a missing line is one failure. */
-function bunCounts({ output, ok }) {
-  const pass = /^\s*(\d+) pass/m.exec(output), fail = /^\s*(\d+) fail/m.exec(output);
-  if (!pass) return [0, 1];
-  const failed = fail ? Number(fail[1]) : 0;
-  return [Number(pass[1]), failed + (ok || failed ? 0 : 1)];
 }
 
 const machine = setUp();
