@@ -1,8 +1,8 @@
-// Runs every check of `npm test` and closes with one line: "N passed, N failed".
+// Runs every check of `npm test` and closes with one line: "N passed, N failed, N skipped".
 // Each test suite counts its tests; each whole-program check (types, docs, publish) counts as one.
 import { spawnSync } from "node:child_process";
 import { mkdirSync, writeFileSync } from "node:fs";
-import { bunCounts, denoCounts } from "./counts.mjs";
+import { bunCounts, denoCounts, nodeCounts } from "./counts.mjs";
 
 const bin = (name) => new URL(`../node_modules/.bin/${name}`, import.meta.url).pathname;
 const root = new URL("..", import.meta.url).pathname;
@@ -22,6 +22,11 @@ const steps = [
   ["bun test", () => {
     return bunCounts(run(bin("bun"), ["test", "./test/"]));
   }],
+  ["node test", () => {
+    // Node 26 from npm (node:ffi), by its path: inside npm scripts `node` may be another Node.
+    const node = new URL("../node_modules/node/bin/node", import.meta.url).pathname;
+    return nodeCounts(run(node, ["--test", "--test-reporter=tap", "test/*.test.ts"]));
+  }],
   ["deno check", () => one(run(bin("deno"), ["check", "mod.ts", "test/", "examples/", "bench/"]))],
   ["tsc (bun-types)", () => {
     // Deno's own declarations let tsc check the Deno adapter beside the Bun one.
@@ -38,16 +43,17 @@ function one({ ok }) {
   return ok ? [1, 0] : [0, 1];
 }
 
-let passed = 0, failed = 0;
+let passed = 0, failed = 0, skipped = 0;
 const summary = [];
 for (const [name, step] of steps) {
   if (only.length && !only.includes(name)) continue;
   console.log(`\n=== ${name}`);
-  const [p, f] = step();
+  const [p, f, s = 0] = step();
   passed += p;
   failed += f;
-  summary.push(`${f ? "FAIL" : "ok  "} ${name}: ${p} passed, ${f} failed`);
+  skipped += s;
+  summary.push(`${f ? "FAIL" : "ok  "} ${name}: ${p} passed, ${f} failed, ${s} skipped`);
 }
 console.log("\n" + summary.join("\n"));
-console.log(`${passed} passed, ${failed} failed`);
+console.log(`${passed} passed, ${failed} failed, ${skipped} skipped`);
 process.exit(failed ? 1 : 0);
