@@ -23,9 +23,8 @@ const steps = [
     return bunCounts(run(bin("bun"), ["test", "./test/"]));
   }],
   ["node test", () => {
-    // Node 26 from npm (node:ffi), by its path: inside npm scripts `node` may be another Node.
-    const node = new URL("../node_modules/node/bin/node", import.meta.url).pathname;
-    return nodeCounts(run(node, ["--test", "--test-reporter=tap", "test/*.test.ts"]));
+    // Node 26 from npm (it has node:ffi), by its path: a bare `node` may be another Node.
+    return nodeCounts(run(bin("node"), ["--test", "--test-reporter=tap", "test/*.test.ts"]));
   }],
   ["deno check", () => one(run(bin("deno"), ["check", "mod.ts", "test/", "examples/", "bench/"]))],
   ["tsc (bun-types)", () => {

@@ -7,7 +7,7 @@ import { assert, runtimeName, runtimePath, test } from "./harness.ts";
 import { execFileSync } from "node:child_process";
 import { runtime } from "./native.ts";
 
-const node = runtimeName === "node" ? runtimePath : new URL("../node_modules/node/bin/node", import.meta.url).pathname;
+const node = runtimeName === "node" ? runtimePath : new URL("../node_modules/.bin/node", import.meta.url).pathname;
 const mod = new URL("../mod.ts", import.meta.url).href;
 const platformMod = new URL("../platform/mod.ts", import.meta.url).href;
 
