@@ -72,7 +72,7 @@ function expectRelocation(
 ): Uint8Array {
   const plan = planRelocation(bytes, A, minLength);
   assert.equal(plan.consumed, consumed);
-  const out = relocate(bytes, A, minLength, trampoline);
+  const out = relocate(plan, trampoline);
   assert.ok(out.length <= plan.maxSize, `${out.length} bytes fit the bound ${plan.maxSize}`);
   assertDisassembly(out, trampoline, listing);
   return out;
@@ -80,7 +80,7 @@ function expectRelocation(
 
 function assertRefused(bytes: Uint8Array, minLength: number, code: string, ...patterns: RegExp[]): void {
   for (
-    const attempt of [() => planRelocation(bytes, A, minLength), () => relocate(bytes, A, minLength, NEAR)]
+    const attempt of [() => planRelocation(bytes, A, minLength), () => relocate(planRelocation(bytes, A, minLength), NEAR)]
   ) {
     assert.throws(attempt, (error: unknown) => {
       assert.ok(error instanceof RedefineError);
@@ -585,7 +585,7 @@ test("maxSize: every class at its longest reaches the bound exactly", () => {
   );
   const plan = planRelocation(fn, base, fn.length);
   assert.equal(plan.maxSize, 16 + 16 + 20 + 16 + 20 + 20 + 20 + 20 + 4 + 4 + 16);
-  assert.equal(relocate(fn, base, fn.length, far).length, plan.maxSize);
+  assert.equal(relocate(plan, far).length, plan.maxSize);
 });
 
 test("maxSize: bounds random prologues wherever the trampoline lands", () => {
@@ -607,7 +607,7 @@ test("maxSize: bounds random prologues wherever the trampoline lands", () => {
       continue;
     }
     for (const trampoline of trampolines) {
-      const out = relocate(fn, A, minLength, trampoline);
+      const out = relocate(plan, trampoline);
       assert.ok(out.length <= plan.maxSize, `${out.length} <= ${plan.maxSize}`);
       assert.equal(out.length % 4, 0);
       relocated++;

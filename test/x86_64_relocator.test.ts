@@ -116,7 +116,7 @@ function check(
   address = AT,
 ): Uint8Array {
   const plan = planRelocation(code, address, minLength);
-  const out = relocate(code, address, minLength, trampoline);
+  const out = relocate(plan, trampoline);
   assert.ok(out.length <= plan.maxSize, `${out.length} bytes > maxSize ${plan.maxSize}`);
   assert.equal(effects(code.subarray(0, plan.consumed), address).length, copied, "instructions");
   // Targets inside the copy are compared as indexes; the jump back is the entry after the copy.
@@ -137,15 +137,20 @@ function assertRefused(fn: () => unknown, pattern: RegExp, code = "UNRELOCATABLE
   });
 }
 
+/** The sizes of a plan, without its decoded instructions. */
+function sizes(plan: { consumed: number; maxSize: number }): { consumed: number; maxSize: number } {
+  return { consumed: plan.consumed, maxSize: plan.maxSize };
+}
+
 const PROLOGUE = bytes("55 48 89 e5 48 83 ec 10 c3");
 
 test("relocator: plain prologue, jump back near and far", () => {
-  assert.deepEqual(planRelocation(PROLOGUE, AT, 5), { consumed: 8, maxSize: 8 + 14 });
+  assert.deepEqual(sizes(planRelocation(PROLOGUE, AT, 5)), { consumed: 8, maxSize: 8 + 14 });
   const near = check(PROLOGUE, 5, NEAR, 3);
   assert.deepEqual(near.subarray(0, 8), PROLOGUE.subarray(0, 8));
   assert.equal(near.length, 8 + 5);
   assert.equal(check(PROLOGUE, 5, FAR, 3).length, 8 + 14);
-  assert.deepEqual(planRelocation(PROLOGUE, AT, 1), { consumed: 1, maxSize: 1 + 14 });
+  assert.deepEqual(sizes(planRelocation(PROLOGUE, AT, 1)), { consumed: 1, maxSize: 1 + 14 });
   assert.equal(planRelocation(PROLOGUE, AT, 9).consumed, 9);
 });
 
@@ -159,10 +164,10 @@ test("relocator: RIP-relative displacement rewritten, refused beyond ±2 GiB", (
   // The last trampoline that still reaches `target` from the end of the first instruction.
   check(code.subarray(0, 7), 5, target + 2n ** 31n - 7n, 1);
   assertRefused(
-    () => relocate(code.subarray(0, 7), AT, 5, target + 2n ** 31n - 6n),
+    () => relocate(planRelocation(code.subarray(0, 7), AT, 5), target + 2n ** 31n - 6n),
     /0x7f1234560000 \(48 8b 05 00 01 00 00\).*relative to the instruction pointer.*trampoline/,
   );
-  assertRefused(() => relocate(code, AT, 8, FAR), /out of ±2 GiB reach/);
+  assertRefused(() => relocate(planRelocation(code, AT, 8), FAR), /out of ±2 GiB reach/);
 });
 
 test("relocator: jmp rel8 and rel32 leaving the copy, as rel32 or absolute", () => {

@@ -5,7 +5,7 @@
  */
 import { concat } from "../bytes.ts";
 import { hex, RedefineError } from "../../errors.ts";
-import type { RelocationPlan } from "../mod.ts";
+import type { RelocationPlan } from "../types.ts";
 import { type Branch, decodeAt, type Instruction, isBranch } from "./decoder.ts";
 import {
   adr,
@@ -226,24 +226,23 @@ function internalTo(address: bigint, consumed: number): (instruction: Instructio
 }
 
 /** See `Arch.planRelocation`. */
-export function planRelocation(code: Uint8Array, address: bigint, minLength: number): RelocationPlan {
+export function planRelocation(
+  code: Uint8Array,
+  address: bigint,
+  minLength: number,
+): RelocationPlan<Instruction> {
   const { instructions, consumed } = analyse(code, address, minLength);
   const internal = internalTo(address, consumed);
   const maxSize = instructions.reduce(
     (sum, instruction) => sum + worstCase(instruction, internal(instruction)),
     JUMP_ABS_SIZE,
   );
-  return { consumed, maxSize };
+  return { address, consumed, maxSize, instructions };
 }
 
 /** See `Arch.relocate`. */
-export function relocate(
-  code: Uint8Array,
-  address: bigint,
-  minLength: number,
-  trampoline: bigint,
-): Uint8Array {
-  const { instructions, consumed } = analyse(code, address, minLength);
+export function relocate(plan: RelocationPlan<Instruction>, trampoline: bigint): Uint8Array {
+  const { address, consumed, instructions } = plan;
   const internal = internalTo(address, consumed);
 
   // An internal branch stays one word, its target being a few words away, so aiming it at

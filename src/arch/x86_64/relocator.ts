@@ -6,7 +6,7 @@
  * the flags beyond what the original instruction did.
  */
 import { concat } from "../bytes.ts";
-import type { RelocationPlan } from "../mod.ts";
+import type { RelocationPlan } from "../types.ts";
 import { decode, type Instruction, unrelocatable } from "./decoder.ts";
 import { mayBranchInto } from "./scan.ts";
 import { hex, RedefineError } from "../../errors.ts";
@@ -28,50 +28,45 @@ const FORMS = {
 };
 
 /**
- * How many bytes from `address` must move to free `minLength` bytes, and the largest trampoline
- * `relocate` can make of them. Throws `UNRELOCATABLE` for code that cannot move and
- * `FUNCTION_TOO_SHORT` when `code` (the function's extent) is shorter than `minLength`.
+ * How many bytes from `address` must move to free `minLength` bytes, decoded once, and the
+ * largest trampoline `relocate` can make of them. Throws `UNRELOCATABLE` for code that cannot
+ * move and `FUNCTION_TOO_SHORT` when `code` (the function's extent) is shorter than `minLength`.
  *
  * @example
  * ```ts
  * import { planRelocation } from "./relocator.ts";
  * // push rbp; mov rbp, rsp; sub rsp, 0x10; ret
  * const code = Uint8Array.of(0x55, 0x48, 0x89, 0xe5, 0x48, 0x83, 0xec, 0x10, 0xc3);
- * console.log(planRelocation(code, 0x1000n, 5)); // { consumed: 8, maxSize: 22 }
+ * const plan = planRelocation(code, 0x1000n, 5);
+ * console.log(plan.consumed, plan.maxSize, plan.instructions.length); // 8 22 3
  * ```
  */
 export function planRelocation(
   code: Uint8Array,
   address: bigint,
   minLength: number,
-): RelocationPlan {
-  const copied = copiedInstructions(code, address, minLength);
-  const consumed = copied.reduce((sum, insn) => sum + insn.length, 0);
-  const worst = layout(copied, address, consumed, null);
-  return { consumed, maxSize: Number(worst[copied.length]) + JMP_ABS_SIZE };
+): RelocationPlan<Instruction> {
+  const instructions = copiedInstructions(code, address, minLength);
+  const consumed = instructions.reduce((sum, insn) => sum + insn.length, 0);
+  const worst = layout(instructions, address, consumed, null);
+  return { address, consumed, maxSize: Number(worst[instructions.length]) + JMP_ABS_SIZE, instructions };
 }
 
 /**
- * The trampoline placed at `trampoline` for the instructions `planRelocation` chose: the copy,
- * rewritten to run there, and a jump back to the first instruction left in place.
+ * The trampoline placed at `trampoline` for the instructions of `plan`: the copy, rewritten to
+ * run there, and a jump back to the first instruction left in place.
  *
  * @example
  * ```ts
- * import { relocate } from "./relocator.ts";
+ * import { planRelocation, relocate } from "./relocator.ts";
  * // mov rax, [rip+0x100]; ret — the load keeps reading 0x1107 from the trampoline at 0x2000
  * const code = Uint8Array.of(0x48, 0x8b, 0x05, 0x00, 0x01, 0x00, 0x00, 0xc3);
- * const out = relocate(code, 0x1000n, 5, 0x2000n);
+ * const out = relocate(planRelocation(code, 0x1000n, 5), 0x2000n);
  * console.log(out.slice(0, 7)); // Uint8Array(7) [ 72, 139, 5, 0, 241, 255, 255 ]
  * ```
  */
-export function relocate(
-  code: Uint8Array,
-  address: bigint,
-  minLength: number,
-  trampoline: bigint,
-): Uint8Array {
-  const copied = copiedInstructions(code, address, minLength);
-  const consumed = copied.reduce((sum, insn) => sum + insn.length, 0);
+export function relocate(plan: RelocationPlan<Instruction>, trampoline: bigint): Uint8Array {
+  const { address, consumed, instructions: copied } = plan;
   const starts = layout(copied, address, consumed, trampoline);
   const newAddressOf = (target: bigint): bigint =>
     starts[copied.findIndex((insn) => insn.address === target)];
@@ -177,7 +172,7 @@ function isInternal(insn: Instruction, address: bigint, consumed: number): boole
  * with `trampoline` null, offsets from 0 of the largest layout any placement can produce.
  */
 function layout(
-  copied: Instruction[],
+  copied: readonly Instruction[],
   address: bigint,
   consumed: number,
   trampoline: bigint | null,
