@@ -391,8 +391,8 @@ test("relocator: the entries of libc, libm and libstdc++ relocate or are refused
           } catch (error) {
             if (!(error instanceof RedefineError)) throw error;
             const reason = `${where} ${minLength}: ${error.code} ` + error.message
-              .replace(/^Cannot relocate the instruction at .*?\): /, "")
-              .replace(/\. (Pass|Patch) .*/, "")
+              .replace(/^the instruction at .*?\): /, "").replace(/, so the start .*/, "")
+              .replace(/(\. Pass|: patch) .*/, "")
               .replace(/0x[0-9a-f]+/g, "X")
               .replace(/\d+ bytes/g, "N bytes");
             refusals.set(reason, (refusals.get(reason) ?? 0) + 1);

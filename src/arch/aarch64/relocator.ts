@@ -5,6 +5,7 @@
  */
 import { concat } from "../bytes.ts";
 import { hex, RedefineError } from "../../errors.ts";
+import { tooShort, unrelocatable } from "../refusals.ts";
 import type { RelocationPlan } from "../types.ts";
 import { type Branch, decodeAt, type Instruction, isBranch } from "./decoder.ts";
 import {
@@ -34,17 +35,10 @@ interface Analysis {
   consumed: number;
 }
 
-function wordHex(word: number): string {
-  return "0x" + word.toString(16).padStart(8, "0");
-}
-
-function refusal(address: bigint, instruction: Instruction, why: string): RedefineError {
-  return new RedefineError(
-    "UNRELOCATABLE",
-    `Cannot relocate the start of the function at ${hex(address)}: the instruction at ` +
-      `${hex(instruction.address)} (${wordHex(instruction.word)}, ${instruction.kind}) ${why}. Pass a ` +
-      "native replacement that does not call the original, or patch a different function.",
-  );
+/** The refusal naming `instruction`, its word and class. */
+function refusal(instruction: Instruction, why: string): RedefineError {
+  const word = "0x" + instruction.word.toString(16).padStart(8, "0");
+  return unrelocatable(instruction.address, `${word}, ${instruction.kind}`, why);
 }
 
 /**
@@ -62,55 +56,35 @@ function analyse(code: Uint8Array, address: bigint, minLength: number): Analysis
   }
   const consumed = Math.ceil(minLength / 4) * 4;
   if (code.length < consumed) {
-    throw new RedefineError(
-      "FUNCTION_TOO_SHORT",
-      `The function at ${hex(address)} has ${code.length} bytes, and patching it needs ${consumed}. ` +
-        "Patch a larger function, or the function that calls this one.",
-    );
+    throw tooShort(address, code.length, consumed);
   }
   const end = address + BigInt(consumed);
   const strictlyInside = (target: bigint) => target > address && target < end;
+  const overwritten = `inside the ${consumed} bytes the patch overwrites at ${hex(address)}`;
   const all: Instruction[] = [];
   for (let at = 0; at + 4 <= code.length; at += 4) all.push(decodeAt(code, at, address));
 
   for (const instruction of all) {
     const moved = instruction.address < end;
     if (instruction.kind === "cmpbr" && moved) {
-      throw refusal(
-        address,
-        instruction,
-        "is a FEAT_CMPBR compare-and-branch, which cannot be relocated yet",
-      );
+      throw refusal(instruction, "it is a FEAT_CMPBR compare-and-branch, which cannot be relocated yet");
     }
     // A branch among the moved words that targets them stays internal to the trampoline.
     if (isBranch(instruction) && !moved && strictlyInside(instruction.target)) {
-      throw refusal(
-        address,
-        instruction,
-        `jumps to ${hex(instruction.target)}, inside the ${consumed} bytes the patch overwrites`,
-      );
+      throw refusal(instruction, `it jumps to ${hex(instruction.target)}, ${overwritten}`);
     }
     if (instruction.kind === "adr" && strictlyInside(instruction.target)) {
-      throw refusal(
-        address,
-        instruction,
-        `takes the address ${hex(instruction.target)}, inside the ${consumed} bytes the patch overwrites`,
-      );
+      throw refusal(instruction, `it takes the address ${hex(instruction.target)}, ${overwritten}`);
     }
     if (instruction.kind === "ldrLiteral") {
       const size = BigInt(LITERAL_SIZES[instruction.load]);
       if (size > 0n && instruction.target < end && instruction.target + size > address) {
-        throw refusal(
-          address,
-          instruction,
-          `reads data at ${hex(instruction.target)}, inside the ${consumed} bytes the patch overwrites`,
-        );
+        throw refusal(instruction, `it reads data at ${hex(instruction.target)}, ${overwritten}`);
       }
     }
   }
   return { instructions: all.slice(0, consumed / 4), consumed };
 }
-
 
 /** The shortest jump from `at` to `target`. */
 function jump(at: bigint, target: bigint): Uint8Array {

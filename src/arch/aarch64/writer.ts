@@ -83,7 +83,7 @@ function wordOffset(from: bigint, to: bigint, bits: number): number | null {
   if (from % 4n !== 0n || to % 4n !== 0n) {
     throw new RedefineError(
       "INVALID_ADDRESS",
-      `A branch from ${hex(from)} to ${hex(to)} cannot be encoded: aarch64 instructions sit at ` +
+      `a branch from ${hex(from)} to ${hex(to)} cannot be encoded: aarch64 instructions sit at ` +
         "4-byte aligned addresses. Pass the address of an instruction.",
     );
   }

@@ -7,9 +7,10 @@
  */
 import { concat } from "../bytes.ts";
 import type { RelocationPlan } from "../types.ts";
-import { decode, type Instruction, unrelocatable } from "./decoder.ts";
+import { decode, type Instruction } from "./decoder.ts";
+import { tooShort, unrelocatable } from "../refusals.ts";
 import { mayBranchInto } from "./scan.ts";
-import { hex, RedefineError } from "../../errors.ts";
+import { hex, hexBytes, type RedefineError } from "../../errors.ts";
 import {
   CALL_ABS_SIZE,
   callAbs,
@@ -79,11 +80,7 @@ export function relocate(plan: RelocationPlan<Instruction>, trampoline: bigint):
 /** The instructions that cover `minLength` bytes, after checking that moving them is safe. */
 function copiedInstructions(code: Uint8Array, address: bigint, minLength: number): Instruction[] {
   if (code.length < minLength) {
-    throw new RedefineError(
-      "FUNCTION_TOO_SHORT",
-      `The function at ${hex(address)} has ${code.length} bytes, and patching it needs ` +
-        `${minLength}. Patch a larger function, or the function that calls this one.`,
-    );
+    throw tooShort(address, code.length, minLength);
   }
   const copied: Instruction[] = [];
   let consumed = 0;
@@ -99,19 +96,14 @@ function copiedInstructions(code: Uint8Array, address: bigint, minLength: number
     if (branch === undefined) continue;
     const internal = branch.target >= address && branch.target < end;
     if (internal && !boundaries.has(branch.target)) {
-      throw unrelocatable(
-        insn.address,
-        insn.bytes,
-        "it branches into the middle of a copied instruction",
-      );
+      throw refuse(insn, "it branches into the middle of a copied instruction");
     }
     if (branch.kind === "xbegin") {
-      throw unrelocatable(insn.address, insn.bytes, "an xbegin's abort address cannot be moved");
+      throw refuse(insn, "an xbegin's abort address cannot be moved");
     }
     if ((branch.kind === "loop" || branch.kind === "jrcxz") && !internal) {
-      throw unrelocatable(
-        insn.address,
-        insn.bytes,
+      throw refuse(
+        insn,
         `${branch.kind} has only a rel8 form and its target leaves the bytes the patch overwrites`,
       );
     }
@@ -124,14 +116,13 @@ function copiedInstructions(code: Uint8Array, address: bigint, minLength: number
     const target = worst[copied.findIndex((other) => other.address === branch.target)];
     const disp = target - worst[i + 1];
     if (disp < -128n || disp > 127n) {
-      throw unrelocatable(
-        insn.address,
-        insn.bytes,
+      throw refuse(
+        insn,
         `${branch.kind} cannot reach its target once the branches around it are widened`,
       );
     }
   });
-  refuseBranchesInto(code, address, consumed);
+  refuseJumpsIntoCopy(code, address, consumed);
   return copied;
 }
 
@@ -140,7 +131,7 @@ function copiedInstructions(code: Uint8Array, address: bigint, minLength: number
  * the entry is overwritten, that branch would land in the middle of the jump. The scan stops at
  * the first bytes that do not decode, since data or padding may follow the code.
  */
-function refuseBranchesInto(code: Uint8Array, address: bigint, consumed: number): void {
+function refuseJumpsIntoCopy(code: Uint8Array, address: bigint, consumed: number): void {
   const end = address + BigInt(consumed);
   if (!mayBranchInto(code.subarray(consumed), end, address, end)) return;
   for (let offset = consumed; offset < code.length;) {
@@ -152,14 +143,18 @@ function refuseBranchesInto(code: Uint8Array, address: bigint, consumed: number)
     }
     const target = insn.branch?.target;
     if (target !== undefined && target > address && target < end) {
-      throw unrelocatable(
-        insn.address,
-        insn.bytes,
-        `it branches to ${hex(target)}, inside the ${consumed} bytes the patch overwrites`,
+      throw refuse(
+        insn,
+        `it branches to ${hex(target)}, inside the ${consumed} bytes the patch overwrites at ${hex(address)}`,
       );
     }
     offset += insn.length;
   }
+}
+
+/** The refusal naming `insn`. */
+function refuse(insn: Instruction, reason: string): RedefineError {
+  return unrelocatable(insn.address, hexBytes(insn.bytes), reason);
 }
 
 function isInternal(insn: Instruction, address: bigint, consumed: number): boolean {
@@ -218,9 +213,8 @@ function rewrite(
   if (ripRelative !== undefined) {
     const disp = rel32(at + BigInt(insn.length), ripRelative.target);
     if (disp === null) {
-      throw unrelocatable(
-        insn.address,
-        insn.bytes,
+      throw refuse(
+        insn,
         `it addresses ${hex(ripRelative.target)} relative to the instruction pointer, out of ` +
           `±2 GiB reach from the trampoline at ${hex(at)}`,
       );
