@@ -14,9 +14,6 @@ import {
   assemble,
   b,
   bCond,
-  bl,
-  CALL_ABS_SIZE,
-  callAbs,
   cbz,
   JUMP_ABS_SIZE,
   jumpAbs,
@@ -27,6 +24,7 @@ import {
   movAbs,
   tbz,
   X17,
+  X30,
 } from "./writer.ts";
 
 /** The instructions to move and the bytes they span. */
@@ -66,6 +64,11 @@ function analyse(code: Uint8Array, address: bigint, minLength: number): Analysis
 
   for (const instruction of all) {
     const moved = instruction.address < end;
+    // The callee must find the original return address in x30, and only the word after the moved
+    // ones is still there to return to.
+    if (instruction.kind === "bl" && moved && instruction.address + 4n < end) {
+      throw refusal(instruction, `it is a call returning to ${hex(instruction.address + 4n)}, ${overwritten}`);
+    }
     if (instruction.kind === "cmpbr" && moved) {
       throw refusal(instruction, "it is a FEAT_CMPBR compare-and-branch, which cannot be relocated yet");
     }
@@ -131,9 +134,10 @@ function rewrite(instruction: Instruction, at: bigint): Uint8Array {
     case "b":
       return jump(at, instruction.target);
     case "bl": {
-      // The call returns to the next word of the trampoline, which carries on as the original would.
-      const near = bl(at, instruction.target);
-      return near === null ? callAbs(instruction.target) : assemble([near]);
+      // The last moved word (analyse() refuses others): x30 gets the original return address, the
+      // first word left in place, so the callee returns straight there and sees what it would.
+      const link = assemble(movAbs(X30, instruction.address + 4n));
+      return concat([link, jump(at + BigInt(link.length), instruction.target)]);
     }
     case "bCond": {
       const { cond, consistent, target } = instruction;
@@ -182,7 +186,7 @@ function worstCase(instruction: Instruction, internal: boolean): number {
     case "b":
       return JUMP_ABS_SIZE;
     case "bl":
-      return CALL_ABS_SIZE;
+      return MOV_ABS_MAX_SIZE + JUMP_ABS_SIZE;
     case "bCond":
     case "cbz":
     case "tbz":
@@ -209,7 +213,7 @@ export function planRelocation(
   const internal = internalTo(address, consumed);
   const maxSize = instructions.reduce(
     (sum, instruction) => sum + worstCase(instruction, internal(instruction)),
-    JUMP_ABS_SIZE,
+    endsInCall(instructions) ? 0 : JUMP_ABS_SIZE,
   );
   return { address, consumed, maxSize, instructions };
 }
@@ -234,5 +238,11 @@ export function relocate(plan: RelocationPlan<Instruction>, trampoline: bigint):
       starts[i],
     );
   });
-  return concat([...moved, jump(at, address + BigInt(consumed))]);
+  if (!endsInCall(instructions)) moved.push(jump(at, address + BigInt(consumed)));
+  return concat(moved);
+}
+
+/** True when the moved words end with a `bl`: the callee returns to the original, no jump back. */
+function endsInCall(instructions: readonly Instruction[]): boolean {
+  return instructions[instructions.length - 1]?.kind === "bl";
 }

@@ -11,21 +11,14 @@ import { decode, type Instruction } from "./decoder.ts";
 import { tooShort, unrelocatable } from "../refusals.ts";
 import { mayBranchInto } from "./scan.ts";
 import { hex, hexBytes, type RedefineError } from "../../errors.ts";
-import {
-  CALL_ABS_SIZE,
-  callAbs,
-  i32le,
-  JMP_ABS_SIZE,
-  jmpAbs,
-  jmpNearest,
-  rel32,
-} from "./writer.ts";
+import { i32le, JMP_ABS_SIZE, jmpAbs, jmpNearest, PUSH_ADDRESS_SIZE, pushAddress, rel32 } from "./writer.ts";
 
 /** The bytes a copied branch takes: `near` with a rel32 operand, `far` with an absolute address. */
 const FORMS = {
   jmp: { near: 5, far: JMP_ABS_SIZE }, // jmp rel32 | jmp qword [rip+0]; dq target
   jcc: { near: 6, far: 2 + JMP_ABS_SIZE }, // jcc rel32 | j!cc +14; jmp qword [rip+0]; dq target
-  call: { near: 5, far: CALL_ABS_SIZE }, // call rel32 | call qword [rip+2]; jmp +8; dq target
+  // push the original return address; then jmp rel32 | jmp qword [rip+0]; dq target
+  call: { near: PUSH_ADDRESS_SIZE + 5, far: PUSH_ADDRESS_SIZE + JMP_ABS_SIZE },
 };
 
 /**
@@ -50,7 +43,8 @@ export function planRelocation(
   const instructions = copiedInstructions(code, address, minLength);
   const consumed = instructions.reduce((sum, insn) => sum + insn.length, 0);
   const worst = layout(instructions, address, consumed, null);
-  return { address, consumed, maxSize: Number(worst[instructions.length]) + JMP_ABS_SIZE, instructions };
+  const jumpBack = endsInCall(instructions) ? 0 : JMP_ABS_SIZE;
+  return { address, consumed, maxSize: Number(worst[instructions.length]) + jumpBack, instructions };
 }
 
 /**
@@ -73,8 +67,16 @@ export function relocate(plan: RelocationPlan<Instruction>, trampoline: bigint):
     starts[copied.findIndex((insn) => insn.address === target)];
 
   const parts = copied.map((insn, i) => rewrite(insn, starts[i], address, consumed, newAddressOf));
-  parts.push(jmpNearest(starts[copied.length], address + BigInt(consumed)));
+  if (!endsInCall(copied)) parts.push(jmpNearest(starts[copied.length], address + BigInt(consumed)));
   return concat(parts);
+}
+
+/**
+ * True when the copy ends with a `call`: the callee returns straight to the original code after
+ * the copy, so the trampoline needs no jump back.
+ */
+function endsInCall(copied: readonly Instruction[]): boolean {
+  return copied[copied.length - 1]?.branch?.kind === "call";
 }
 
 /** The instructions that cover `minLength` bytes, after checking that moving them is safe. */
@@ -100,6 +102,15 @@ function copiedInstructions(code: Uint8Array, address: bigint, minLength: number
     }
     if (branch.kind === "xbegin") {
       throw refuse(insn, "an xbegin's abort address cannot be moved");
+    }
+    // The callee must see the original return address (code such as `call next; pop rcx` reads its
+    // own position from it), and only the end of the copy is still there to return to.
+    if (branch.kind === "call" && insn !== copied[copied.length - 1]) {
+      throw refuse(
+        insn,
+        `it is a call returning to ${hex(insn.address + BigInt(insn.length))}, inside the ` +
+          `${consumed} bytes the patch overwrites at ${hex(address)}`,
+      );
     }
     if ((branch.kind === "loop" || branch.kind === "jrcxz") && !internal) {
       throw refuse(
@@ -247,11 +258,15 @@ function rewrite(
           ...jmpAbs(target),
         );
     case "call":
-      return size === FORMS.call.near
-        ? Uint8Array.of(
-          0xe8, ...i32le(Number(disp)), // call rel32
-        )
-        : callAbs(target);
+      // As the original call would have: its return address pushed, then the jump to the callee.
+      return concat([
+        pushAddress(address + BigInt(consumed)),
+        size === FORMS.call.near
+          ? Uint8Array.of(
+            0xe9, ...i32le(Number(disp)), // jmp rel32
+          )
+          : jmpAbs(target),
+      ]);
     default:
       return size === FORMS.jmp.near
         ? Uint8Array.of(
