@@ -3,7 +3,9 @@
  * `bun:test`. Assertions come from `node:assert/strict`, which both runtimes provide.
  */
 export { default as assert } from "node:assert/strict";
+import assert from "node:assert/strict";
 import process from "node:process";
+import { RedefineError, type RedefineErrorCode } from "../src/errors.ts";
 
 type TestFn = () => void | Promise<void>;
 
@@ -32,3 +34,16 @@ export const runtimeName: "deno" | "bun" = isDeno ? "deno" : "bun";
  * arm64 one, which the kernel starts through qemu (binfmt_misc, registered by scripts/test_arm64.mjs).
  */
 export const runtimePath: string = isDeno ? Deno.execPath() : process.execPath;
+
+/**
+ * Asserts that `fn` throws a `RedefineError` with `code`, and a message matching `message` when
+ * given: the one check of every test that expects a typed failure.
+ */
+export function assertCode(fn: () => unknown, code: RedefineErrorCode, message?: RegExp): void {
+  assert.throws(fn, (error: unknown) => {
+    assert.ok(error instanceof RedefineError, `expected a RedefineError, got ${error}`);
+    assert.equal(error.code, code, error.message);
+    if (message) assert.match(error.message, message);
+    return true;
+  });
+}
