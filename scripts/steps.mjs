@@ -32,14 +32,15 @@ export function aptInstall(names) {
   if (install().status !== 0) throw new Error(`apt-get install ${missing.join(" ")} failed`);
 }
 
-/** The running totals of `runSteps`: tests passed and failed, and one summary line per step. */
+/** The running totals of `runSteps`: tests passed, failed and skipped, and one summary line per step. */
 export function totals() {
-  return { passed: 0, failed: 0, lines: [] };
+  return { passed: 0, failed: 0, skipped: 0, lines: [] };
 }
 
 /**
  * Runs each `[name, step]` of `steps` whose name is in `only` (every one when `only` is empty); a
- * step returns `[passed, failed]`. Adds them to `into`, with a summary line titled `label name`.
+ * step returns `[passed, failed, skipped]` (skipped: the
+ * tests that report an optional system tool or library missing). Adds them to `into`, with a summary line titled `label name`.
  */
 export function runSteps(steps, { only = [], label = "", into = totals() } = {}) {
   for (const [name, step] of steps) {
@@ -47,18 +48,23 @@ export function runSteps(steps, { only = [], label = "", into = totals() } = {})
     const title = label ? `${label} ${name}` : name;
     console.log(`\n=== ${title}`);
     const started = Date.now();
-    const [passed, failed] = step();
+    const [passed, failed, skipped = 0] = step();
     into.passed += passed;
     into.failed += failed;
+    into.skipped += skipped;
     const seconds = ((Date.now() - started) / 1000).toFixed(0);
-    into.lines.push(`${failed ? "FAIL" : "ok  "} ${title}: ${passed} passed, ${failed} failed (${seconds} s)`);
+    into.lines.push(`${failed ? "FAIL" : "ok  "} ${title}: ${counted(passed, failed, skipped)} (${seconds} s)`);
   }
   return into;
 }
 
-/** Prints the summary and the closing line "N passed, N failed"; the exit code to end with. */
-export function report({ passed, failed, lines }) {
+function counted(passed, failed, skipped) {
+  return `${passed} passed, ${failed} failed, ${skipped} skipped`;
+}
+
+/** Prints the summary and the closing line "N passed, N failed, N skipped"; the exit code to end with. */
+export function report({ passed, failed, skipped, lines }) {
   console.log("\n" + lines.join("\n"));
-  console.log(`${passed} passed, ${failed} failed`);
+  console.log(counted(passed, failed, skipped));
   return failed ? 1 : 0;
 }

@@ -1,4 +1,4 @@
-// Runs every check of `npm test` and closes with one line: "N passed, N failed".
+// Runs every check of `npm test` and closes with one line: "N passed, N failed, N skipped".
 // Each test suite counts its tests; each whole-program check (types, docs, publish) counts as one.
 import { mkdirSync, writeFileSync } from "node:fs";
 import { bunCounts, denoCounts } from "./counts.mjs";

@@ -3,7 +3,7 @@
 // npm). Wine 10 comes from a Debian 13 (trixie) chroot made with debootstrap: Debian 12's Wine 8
 // cannot run Deno at all (V8's memory reservations) and runs Bun only with a bcryptprimitives.dll
 // forwarder. Sets up what it needs first and skips what is already there. Closes with one line:
-// "N passed, N failed".
+// "N passed, N failed, N skipped".
 //
 // Only the test files that hold on Windows run (see WINDOWS_TESTS); the rest bind libc.so.6 or
 // call Linux tools. Arguments pick runtimes by name ("deno", "bun"); none runs both.

@@ -11,16 +11,27 @@ type TestFn = () => void | Promise<void>;
 
 const isDeno = typeof (globalThis as { Deno?: unknown }).Deno !== "undefined";
 // A static `bun:` import fails under Deno at load time, so it must stay dynamic.
-const bunTest: ((name: string, fn: TestFn, timeout?: number) => void) | undefined = isDeno
-  ? undefined
-  : (await import("bun:test" as string)).test;
+type BunTest = ((name: string, fn: TestFn, timeout?: number) => void) & { skip(name: string, fn: TestFn): void };
+const bunTest: BunTest | undefined = isDeno ? undefined : (await import("bun:test" as string)).test;
+
+/** How a test is registered. */
+export interface TestOptions {
+  /**
+   * Why the test cannot run here (an optional system tool or library is missing): it is then
+   * reported as skipped, never passed, with the reason in its name.
+   */
+  skip?: string | undefined;
+}
 
 /** Registers one test under whichever runtime runs the file. */
-export function test(name: string, fn: TestFn): void {
+export function test(name: string, fn: TestFn, options: TestOptions = {}): void {
+  const title = options.skip === undefined ? name : `${name} (skipped: ${options.skip})`;
   if (isDeno) {
     // FFI tests open libraries and callbacks that live for the process: the resource and op
     // sanitizers would report those as leaks.
-    Deno.test({ name, fn, sanitizeResources: false, sanitizeOps: false });
+    Deno.test({ name: title, fn, ignore: options.skip !== undefined, sanitizeResources: false, sanitizeOps: false });
+  } else if (options.skip !== undefined) {
+    bunTest!.skip(title, fn);
   } else {
     bunTest!(name, fn, 60_000);
   }
