@@ -1,7 +1,7 @@
 /**
  * The Node adapter (Node 26 and later): `node:ffi`'s DynamicLibrary, toArrayBuffer and
  * registerCallback. node:ffi has no call through a raw address; a callable for one is a symbol of a
- * one-symbol library built in memory whose symbol is absolute (SHN_ABS, platform/elf_image.ts):
+ * one-symbol library built in memory whose symbol is absolute (SHN_ABS, platform/image/elf.ts):
  * `dlsym` returns the address itself, and node:ffi binds it like any symbol, on its fast path.
  */
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
@@ -10,7 +10,7 @@ import { join } from "node:path";
 import process from "node:process";
 import { hex, RedefineError } from "../src/errors.ts";
 import type { NativeType, Signature } from "../src/signature.ts";
-import { buildStubImage } from "./elf_image.ts";
+import { buildStubImage } from "./image/elf.ts";
 import type { NativeCall, NativeCallback, Runtime } from "./types.ts";
 
 type FfiSignature = { arguments: string[]; return: string };

@@ -4,29 +4,42 @@
  * three provide.
  */
 export { default as assert } from "node:assert/strict";
+import assert from "node:assert/strict";
 import process from "node:process";
+import { RedefineError, type RedefineErrorCode } from "../src/errors.ts";
 
 type TestFn = () => void | Promise<void>;
 
 const isDeno = typeof (globalThis as { Deno?: unknown }).Deno !== "undefined";
 const isBun = typeof (globalThis as { Bun?: unknown }).Bun !== "undefined";
 // A static `bun:` import fails under Deno and Node at load time, so it must stay dynamic.
-const bunTest: ((name: string, fn: TestFn, timeout?: number) => void) | undefined = isBun
-  ? (await import("bun:test" as string)).test
-  : undefined;
-const nodeTest: ((name: string, options: { timeout: number }, fn: TestFn) => void) | undefined =
-  isDeno || isBun ? undefined : (await import("node:test")).test;
+type BunTest = ((name: string, fn: TestFn, timeout?: number) => void) & { skip(name: string, fn: TestFn): void };
+const bunTest: BunTest | undefined = isBun ? (await import("bun:test" as string)).test : undefined;
+type NodeTest = (name: string, options: { timeout: number; skip?: string | undefined }, fn: TestFn) => void;
+const nodeTest: NodeTest | undefined = isDeno || isBun ? undefined : (await import("node:test")).test;
+
+/** How a test is registered. */
+export interface TestOptions {
+  /**
+   * Why the test cannot run here (an optional system tool or library is missing): it is then
+   * reported as skipped, never passed, with the reason in its name.
+   */
+  skip?: string | undefined;
+}
 
 /** Registers one test under whichever runtime runs the file. */
-export function test(name: string, fn: TestFn): void {
+export function test(name: string, fn: TestFn, options: TestOptions = {}): void {
+  const title = options.skip === undefined ? name : `${name} (skipped: ${options.skip})`;
   if (isDeno) {
     // FFI tests open libraries and callbacks that live for the process: the resource and op
     // sanitizers would report those as leaks.
-    Deno.test({ name, fn, sanitizeResources: false, sanitizeOps: false });
+    Deno.test({ name: title, fn, ignore: options.skip !== undefined, sanitizeResources: false, sanitizeOps: false });
+  } else if (bunTest && options.skip !== undefined) {
+    bunTest.skip(title, fn);
   } else if (bunTest) {
     bunTest(name, fn, 60_000);
   } else {
-    nodeTest!(name, { timeout: 60_000 }, fn);
+    nodeTest!(title, { timeout: 60_000, skip: options.skip }, fn);
   }
 }
 
@@ -38,3 +51,16 @@ export const runtimeName: "deno" | "bun" | "node" = isDeno ? "deno" : isBun ? "b
  * arm64 one, which the kernel starts through qemu (binfmt_misc, registered by scripts/test_arm64.mjs).
  */
 export const runtimePath: string = isDeno ? Deno.execPath() : process.execPath;
+
+/**
+ * Asserts that `fn` throws a `RedefineError` with `code`, and a message matching `message` when
+ * given: the one check of every test that expects a typed failure.
+ */
+export function assertCode(fn: () => unknown, code: RedefineErrorCode, message?: RegExp): void {
+  assert.throws(fn, (error: unknown) => {
+    assert.ok(error instanceof RedefineError, `expected a RedefineError, got ${error}`);
+    assert.equal(error.code, code, error.message);
+    if (message) assert.match(error.message, message);
+    return true;
+  });
+}
