@@ -56,29 +56,55 @@ function withBooleans(signature: Signature, call: NativeCall): NativeCall {
   };
 }
 
+/** The integer types' ranges, for checking what a callback returns. */
+const RANGES: Partial<Record<NativeType, readonly [bigint, bigint]>> = {
+  i8: [-(2n ** 7n), 2n ** 7n - 1n], u8: [0n, 2n ** 8n - 1n],
+  i16: [-(2n ** 15n), 2n ** 15n - 1n], u16: [0n, 2n ** 16n - 1n],
+  i32: [-(2n ** 31n), 2n ** 31n - 1n], u32: [0n, 2n ** 32n - 1n],
+  i64: [-(2n ** 63n), 2n ** 63n - 1n], isize: [-(2n ** 63n), 2n ** 63n - 1n],
+  u64: [0n, 2n ** 64n - 1n], usize: [0n, 2n ** 64n - 1n],
+  pointer: [0n, 2n ** 64n - 1n], buffer: [0n, 2n ** 64n - 1n], function: [0n, 2n ** 64n - 1n],
+};
 const WIDE: ReadonlySet<NativeType> = new Set(["i64", "u64", "usize", "isize", "pointer", "buffer", "function"]);
 
-/** What a callback returns to its native caller when the JS function threw. */
-function zeroOf(type: NativeType): unknown {
-  return type === "void" ? undefined : WIDE.has(type) ? 0n : 0;
+/**
+ * `value`, returned by a replacement, as node:ffi takes a `type`: a value it would not take aborts
+ * the process there, so it is refused here with BAD_REPLACEMENT.
+ */
+function nativeResult(type: NativeType, value: unknown): unknown {
+  if (type === "void") return undefined;
+  if (type === "bool") return value ? 1 : 0;
+  const range = RANGES[type];
+  const integer = typeof value === "bigint" ? value : Number.isInteger(value) ? BigInt(value as number) : null;
+  if (range ? integer !== null && integer >= range[0] && integer <= range[1] : typeof value === "number") {
+    return WIDE.has(type) ? integer : range ? Number(integer) : value;
+  }
+  throw new RedefineError(
+    "BAD_REPLACEMENT",
+    `the replacement returned ${shown(value)}, which ${type} cannot hold: return ` +
+      `${WIDE.has(type) ? "a bigint" : "a number"}${range ? ` from ${range[0]} to ${range[1]}` : ""}.`,
+  );
+}
+
+function shown(value: unknown): string {
+  return typeof value === "bigint" ? `${value}n` : typeof value === "string" ? JSON.stringify(value) : String(value);
 }
 
 /** A callback's JS function as node:ffi wants it: native values in, a native value out, no throw. */
 function callbackBody(signature: Signature, fn: NativeCall): NativeCall {
   const { parameters, result } = signature;
   const booleans = parameters.includes("bool");
+  const zero = result === "void" ? undefined : WIDE.has(result) ? 0n : 0;
   return (...args: unknown[]) => {
     try {
-      const value = fn(...(booleans ? args.map((a, i) => (parameters[i] === "bool" ? a !== 0 : a)) : args));
-      if (result === "bool") return value ? 1 : 0;
-      return WIDE.has(result) && typeof value === "number" ? BigInt(value) : value;
+      return nativeResult(result, fn(...(booleans ? args.map((a, i) => (parameters[i] === "bool" ? a !== 0 : a)) : args)));
     } catch (error) {
       // node:ffi aborts the process when a callback throws: the native caller gets 0 instead and
       // the error is thrown again as soon as the current JS turn ends, as an uncaught exception.
       queueMicrotask(() => {
         throw error;
       });
-      return zeroOf(result);
+      return zero;
     }
   };
 }
@@ -101,7 +127,8 @@ function permissionError(error: unknown, what: string): RedefineError | null {
 const MACHINES: Record<string, "x86_64" | "aarch64"> = { x64: "x86_64", arm64: "aarch64" };
 
 function adapter(ffi: Ffi): Runtime {
-  // Callbacks belong to a library in node:ffi; this one, the process itself, is never closed.
+  // Callbacks belong to a library in node:ffi; this one, the process itself, is never closed. It is
+  // made on first use, so that a missing --allow-ffi is an error of the call that needed FFI.
   let owner: FfiLibrary | undefined;
   const callbacks = () => (owner ??= new ffi.DynamicLibrary(process.platform === "win32" ? "kernel32.dll" : null));
 
@@ -126,8 +153,7 @@ function adapter(ffi: Ffi): Runtime {
         bound[name] = withBooleans(signature, lib.getFunction(name, definition(signature)));
       } catch (error) {
         if (signature.optional) continue;
-        throw permissionError(error, `binding ${name}`) ??
-          new RedefineError("SYMBOL_NOT_FOUND", `binding ${path}: ${(error as Error).message}`, { cause: error });
+        throw new RedefineError("SYMBOL_NOT_FOUND", `binding ${path}: ${(error as Error).message}`, { cause: error });
       }
     }
     return bound as Record<K, NativeCall>;
@@ -171,14 +197,13 @@ function adapter(ffi: Ffi): Runtime {
     },
 
     callback(signature, fn): NativeCallback {
-      const lib = callbacks();
-      let address: bigint;
       try {
-        address = lib.registerCallback(definition(signature), callbackBody(signature, fn));
+        const lib = callbacks();
+        const address = lib.registerCallback(definition(signature), callbackBody(signature, fn));
+        return { address, close: () => lib.unregisterCallback(address) };
       } catch (error) {
         throw permissionError(error, "a JS replacement") ?? error;
       }
-      return { address, close: () => lib.unregisterCallback(address) };
     },
 
     fnPointer(address, signature) {

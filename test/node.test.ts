@@ -1,7 +1,8 @@
 /**
  * What the Node adapter adds to node:ffi, seen from every runtime: booleans cross as booleans (node:ffi
  * passes numbers), and, in a child Node 26 (the project's, from npm): no node:ffi, the permission
- * model, a JS replacement that throws (node:ffi would abort the process).
+ * model, a JS replacement that throws or returns what its result type cannot hold (node:ffi would
+ * abort the process).
  */
 import { assert, runtimeName, runtimePath, test } from "./harness.ts";
 import { execFileSync } from "node:child_process";
@@ -57,4 +58,15 @@ console.log("getppid() = " + libc.getppid());
 patch.restore();
 console.log("restored: " + (libc.getppid() === process.ppid));`);
   assert.match(out, /^getppid\(\) = 0\nrestored: true\nuncaught: from the replacement\n$/);
+});
+
+test("Node: a JS replacement returning what its result type cannot hold: 0, then BAD_REPLACEMENT uncaught", () => {
+  const out = childNode([], `import { redefine } from "${mod}";
+import { platform } from "${platformMod}";
+process.on("uncaughtException", (e) => console.log("uncaught: " + e.code + ": " + e.message));
+const libc = platform().runtime.open("libc.so.6", { getppid: { parameters: [], result: "i32" } });
+const patch = redefine({ symbol: "getppid", parameters: [], result: "i32" }, () => 2 ** 40);
+console.log("getppid() = " + libc.getppid());
+patch.restore();`);
+  assert.match(out, /^getppid\(\) = 0\nuncaught: BAD_REPLACEMENT: the replacement returned 1099511627776, which i32 cannot hold/);
 });
