@@ -4,9 +4,7 @@
  * one-symbol library built in memory whose symbol is absolute (SHN_ABS, platform/image/elf.ts):
  * `dlsym` returns the address itself, and node:ffi binds it like any symbol, on its fast path.
  */
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { writeFileSync } from "node:fs";
 import process from "node:process";
 import { hex, RedefineError } from "../src/errors.ts";
 import type { NativeType, Signature } from "../src/signature.ts";
@@ -125,6 +123,8 @@ function permissionError(error: unknown, what: string): RedefineError | null {
 }
 
 const MACHINES: Record<string, "x86_64" | "aarch64"> = { x64: "x86_64", arm64: "aarch64" };
+const MFD_CLOEXEC = 1;
+const MFD_EXEC = 0x10;
 
 function adapter(ffi: Ffi): Runtime {
   // Callbacks belong to a library in node:ffi; this one, the process itself, is never closed. It is
@@ -180,6 +180,24 @@ function adapter(ffi: Ffi): Runtime {
     return { bytes: image.bytes, name: image.name(0) };
   }
 
+  let memfdCreate: NativeCall | undefined;
+
+  /**
+   * A path the loader opens, holding `bytes`: a memfd, /proc/self/fd/N (no file on disk, where a
+   * temporary directory may be mounted noexec). The descriptor stays open: the loader knows a
+   * library by its path, so a number used again would give back the library loaded before.
+   */
+  function memoryFile(bytes: Uint8Array): string {
+    memfdCreate ??= open("libc.so.6", { memfd_create: { parameters: ["buffer", "u32"], result: "i32" } })
+      .memfd_create;
+    const label = new TextEncoder().encode("redefine-call\0");
+    let fd = memfdCreate(label, MFD_CLOEXEC | MFD_EXEC) as number;
+    if (fd < 0) fd = memfdCreate(label, MFD_CLOEXEC) as number; // kernels before 6.3 lack MFD_EXEC
+    if (fd < 0) throw new RedefineError("ALLOCATION_FAILED", "memfd_create failed for a call through an address.");
+    writeFileSync(fd, bytes);
+    return `/proc/self/fd/${fd}`;
+  }
+
   return {
     name: "node",
     os: process.platform === "win32" ? "windows" : process.platform,
@@ -208,14 +226,7 @@ function adapter(ffi: Ffi): Runtime {
 
     fnPointer(address, signature) {
       const { bytes, name } = absoluteSymbol(notNull(address, "a native call"));
-      // The loader keeps the mapping; the file can go as soon as it is open.
-      const directory = mkdtempSync(join(tmpdir(), "redefine-"));
-      try {
-        writeFileSync(join(directory, "call.so"), bytes);
-        return open(join(directory, "call.so"), { [name]: signature })[name];
-      } finally {
-        rmSync(directory, { recursive: true, force: true });
-      }
+      return open(memoryFile(bytes), { [name]: signature })[name];
     },
   };
 }
