@@ -108,15 +108,7 @@ function guardedStub(m: Machine, site: AnySite, callback: bigint, below: bigint 
     });
     m.platform.runtime.view(stub.slot.data, data.length).set(data);
     write(m, stub, relocated, code);
-    const entry = jumpFrom(m, site.at, stub.front, stub.jumpSize);
-    return {
-      entry,
-      covers: coverage(entry, stub),
-      destination: stub.front,
-      stub: stub.slot,
-      trampoline,
-      busy: stub.slot.data + BigInt(shape.busyOffset),
-    };
+    return throughStub(m, site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset));
   });
 }
 
@@ -144,15 +136,7 @@ function jumpStub(m: Machine, site: AnySite, to: bigint, below: bigint | null): 
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
     write(m, stub, relocated, m.arch.farJump(stub.front, to));
-    const entry = jumpFrom(m, site.at, stub.front, stub.jumpSize);
-    return {
-      entry,
-      covers: coverage(entry, stub),
-      destination: stub.front,
-      stub: stub.slot,
-      trampoline,
-      busy: null,
-    };
+    return throughStub(m, site, stub, trampoline, null);
   });
 }
 
@@ -167,12 +151,15 @@ function toOriginal(m: Machine, site: AnySite, below: bigint | null): Layout {
     const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
     const original = trampoline.address;
     const straight = stub.jumpSize === m.arch.nearJumpSize ? m.arch.nearJump(site.at, original) : null;
-    write(m, stub, relocated, straight ? new Uint8Array(0) : m.arch.farJump(stub.front, original));
-    const entry = straight ?? jumpFrom(m, site.at, stub.front, stub.jumpSize);
+    if (!straight) {
+      write(m, stub, relocated, m.arch.farJump(stub.front, original));
+      return throughStub(m, site, stub, trampoline, null);
+    }
+    write(m, stub, relocated, new Uint8Array(0));
     return {
-      entry,
-      covers: coverage(entry, stub),
-      destination: straight ? original : stub.front,
+      entry: straight,
+      covers: coverage(straight, stub),
+      destination: original,
       stub: stub.slot,
       trampoline,
       busy: null,
@@ -180,13 +167,15 @@ function toOriginal(m: Machine, site: AnySite, below: bigint | null): Layout {
   });
 }
 
+/** How the first instructions move to a stub's slot; null when layered, or why they cannot. */
+type Plan = RelocationPlan | RedefineError | null;
+
 /** A pool slot for a trampoline and the stub after it, and the entry jump that reaches it. */
 interface Stub {
   readonly slot: CodeSlot;
   /** The entry jump's size: the near jump, or the absolute one when no memory is in near reach. */
   readonly jumpSize: number;
-  /** How the first instructions move to the slot's start; null when layered, or why they cannot. */
-  readonly plan: RelocationPlan | RedefineError | null;
+  readonly plan: Plan;
   /** Where the stub's code starts: after the trampoline. */
   readonly front: bigint;
 }
@@ -199,31 +188,31 @@ function reserve(m: Machine, site: AnySite, below: bigint | null, frontSize: num
   const { arch, pool } = m;
   let jumpSize = arch.nearJumpSize;
   let plan = planFor(m, site, below, jumpSize);
-  let slot = pool.allocate(site.at, arch.nearReach - BigInt(sizeOf(plan) + frontSize), sizeOf(plan) + frontSize, dataSize);
+  let size = sizeOf(plan) + frontSize;
+  let slot = pool.allocate(site.at, arch.nearReach - BigInt(size), size, dataSize);
   if (!slot) {
     if (site.room < arch.farJumpSize) {
       throw new RedefineError(
         "FUNCTION_TOO_SHORT",
         `no memory could be had within reach of ${hex(site.at)} for a stub, and the function has only ` +
-          `${site.room} bytes, fewer than the ${arch.farJumpSize} an absolute jump needs: redefine a caller instead.`,
+          `${site.room} bytes, fewer than the ${arch.farJumpSize} an absolute jump needs: redefine a caller ` +
+          `instead.`,
       );
     }
     refuseJumpsIntoEntry(site.at, arch.farJumpSize);
     jumpSize = arch.farJumpSize;
     plan = planFor(m, site, below, jumpSize);
-    slot = pool.allocate(site.at, 2n ** 62n, sizeOf(plan) + frontSize, dataSize);
+    size = sizeOf(plan) + frontSize;
+    slot = pool.allocate(site.at, 2n ** 62n, size, dataSize);
     if (!slot) {
-      throw new RedefineError(
-        "ALLOCATION_FAILED",
-        "no executable memory could be mapped for a stub.",
-      );
+      throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for a stub.");
     }
   }
   return { slot, jumpSize, plan, front: slot.address + BigInt(sizeOf(plan)) };
 }
 
 /** How the first instructions move for an entry jump of `jumpSize` bytes; why not; null when layered. */
-function planFor(m: Machine, site: AnySite, below: bigint | null, jumpSize: number): RelocationPlan | RedefineError | null {
+function planFor(m: Machine, site: AnySite, below: bigint | null, jumpSize: number): Plan {
   if (below !== null) return null;
   try {
     return m.arch.planRelocation(site.code, site.at, jumpSize);
@@ -234,7 +223,7 @@ function planFor(m: Machine, site: AnySite, below: bigint | null, jumpSize: numb
 }
 
 /** The trampoline's room at the start of a stub's slot. */
-function sizeOf(plan: RelocationPlan | RedefineError | null): number {
+function sizeOf(plan: Plan): number {
   return plan === null || plan instanceof RedefineError ? 0 : Math.ceil(plan.maxSize / 16) * 16;
 }
 
@@ -276,9 +265,13 @@ function filling(m: Machine, stub: Stub, fill: () => Layout): Layout {
   }
 }
 
-/** The entry jump of `jumpSize` bytes from `at` to `to` (the near one surely reaches a near slot). */
-function jumpFrom(m: Machine, at: bigint, to: bigint, jumpSize: number): Uint8Array {
-  return jumpSize === m.arch.nearJumpSize ? m.arch.nearJump(at, to)! : m.arch.farJump(at, to);
+/** The layout of a patch whose entry jump leads to the code at the stub's front. */
+function throughStub(m: Machine, site: AnySite, stub: Stub, trampoline: Trampoline, busy: bigint | null): Layout {
+  // The near jump surely reaches: the slot was allocated within its reach.
+  const entry = stub.jumpSize === m.arch.nearJumpSize
+    ? m.arch.nearJump(site.at, stub.front)!
+    : m.arch.farJump(site.at, stub.front);
+  return { entry, covers: coverage(entry, stub), destination: stub.front, stub: stub.slot, trampoline, busy };
 }
 
 /** Bytes from the entry that the entry jump overwrites or the trampoline copies. */

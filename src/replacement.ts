@@ -47,7 +47,8 @@ export function destinationFor(signature: Signature, replacement: unknown): Dest
           `${signature.parameters.length}: make them agree.`,
       );
     }
-    return { kind: "callback", callback: m.platform.runtime.callback(nativeSignature(signature), replacement as never) };
+    const callback = m.platform.runtime.callback(nativeSignature(signature), replacement as never);
+    return { kind: "callback", callback };
   }
   if (typeof replacement === "bigint") {
     checkExecutable(m, replacement, "the replacement address");
