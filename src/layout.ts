@@ -8,7 +8,7 @@
  * original is where the patch below leads. Nothing is written at the entry here.
  */
 import { hex, RedefineError } from "./errors.ts";
-import type { RelocationPlan } from "./arch/mod.ts";
+import type { RelocationPlan } from "./arch/types.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { NativeType } from "./signature.ts";
 import { machine, refuseOverlap } from "./registry.ts";
@@ -76,7 +76,7 @@ function trampolineAlone(m: Machine, site: AnySite): { address: bigint; slot: Co
     );
   }
   try {
-    pool.write(slot, arch.relocate(site.code, site.at, arch.nearJumpSize, slot.address));
+    pool.write(slot, arch.relocate(plan, slot.address));
   } catch (error) {
     pool.release(slot, null);
     throw error;
@@ -238,7 +238,8 @@ function relocateInto(
   if (below !== null) return { code: none, trampoline: Trampoline.at(below) };
   if (stub.plan instanceof RedefineError) return { code: none, trampoline: Trampoline.refused(stub.plan) };
   try {
-    const code = m.arch.relocate(site.code, site.at, stub.jumpSize, stub.slot.address);
+    // Planned: there is no patch below.
+    const code = m.arch.relocate(stub.plan!, stub.slot.address);
     return { code, trampoline: Trampoline.at(stub.slot.address) };
   } catch (error) {
     if (!(error instanceof RedefineError)) throw error;

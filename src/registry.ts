@@ -10,7 +10,7 @@ import { hex, RedefineError } from "./errors.ts";
 import { CodePool } from "./code_memory.ts";
 import type { CodeWrite } from "./code_memory.ts";
 import { archFor } from "./arch/mod.ts";
-import type { Arch } from "./arch/mod.ts";
+import type { Arch } from "./arch/types.ts";
 import { OriginalStubs } from "./original.ts";
 import { platform } from "../platform/mod.ts";
 import type { Platform, SymbolInfo } from "../platform/mod.ts";
