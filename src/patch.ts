@@ -192,8 +192,8 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
       throw new RedefineError(
         "PATCH_MODIFIED",
         `the entry of the function at ${hex(this.address)} changed after it was redefined (expected ` +
-          `${hexBytes(applied.written)}, found ${hexBytes(now)}): something else patched it. Restore ` +
-          `that patch first; redefine leaves these bytes alone rather than clobber them.`,
+          `${hexBytes(applied.written)}, found ${hexBytes(now)}), so something else patched it: restore ` +
+          `that patch first (redefine leaves these bytes alone rather than clobber them).`,
       );
     }
     entry.restoring = true;

@@ -114,8 +114,8 @@ export function checkExecutable(m: Machine, address: bigint, what: string): void
   if (!mapping || !(mapping.protection & PROT_EXEC)) {
     throw new RedefineError(
       "INVALID_ADDRESS",
-      `${what} ${hex(address)} is ${mapping ? "in a non-executable mapping" : "not mapped"}: it is not ` +
-        `code. Check the address against the process's memory map, or name the function by its symbol.`,
+      `${what} ${hex(address)} is ${mapping ? "in a non-executable mapping" : "not mapped"}, so it is not ` +
+        `code: check the address against the process's memory map, or name the function by its symbol.`,
     );
   }
 }
@@ -138,8 +138,8 @@ export function refuseJumpsIntoEntry(at: bigint, length: number): void {
     throw new RedefineError(
       "UNRELOCATABLE",
       `code at ${found.map(hex).join(", ")} jumps into the first ${length} bytes of the function at ` +
-        `${hex(at)}, which the entry jump would overwrite: redefining it would break that code. ` +
-        `Redefine the function that jumps there, or a caller.`,
+        `${hex(at)}, which the entry jump would overwrite, so redefining it would break that code: ` +
+        `redefine the function that jumps there, or a caller.`,
     );
   }
   m.cleanEntries.set(at, length);
@@ -178,8 +178,8 @@ function checkInstructionStart(m: Machine, address: bigint): void {
   if (m.arch.startsInstruction(code, symbol.start, offset) === false) {
     throw new RedefineError(
       "INVALID_ADDRESS",
-      `${hex(address)} is inside an instruction of '${symbol.name}' (at +${offset}): a jump written ` +
-        `there would corrupt it. Use the function's entry, ${hex(symbol.start)}.`,
+      `${hex(address)} is inside an instruction of '${symbol.name}' (at +${offset}), where a jump would ` +
+        `corrupt it: use the function's entry, ${hex(symbol.start)}.`,
     );
   }
 }
@@ -209,7 +209,7 @@ function extentOf(m: Machine, address: bigint, size: number | undefined, bySymbo
   throw new RedefineError(
     "UNKNOWN_SIZE",
     `no symbol tells how long the function at ${hex(address)} is` +
-      `${symbol ? ` (nearest symbol: '${symbol.name}' at ${hex(symbol.start)})` : ""}, so redefine will ` +
-      `not guess how many bytes it may overwrite. Pass { size } with the function's length in bytes.`,
+      `${symbol ? ` (nearest symbol: '${symbol.name}' at ${hex(symbol.start)})` : ""}, and redefine will ` +
+      `not guess how many bytes it may overwrite: pass { size } with the function's length in bytes.`,
   );
 }
