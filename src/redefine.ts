@@ -79,15 +79,17 @@ export function restoreAll(): void {
 }
 
 /**
- * Sends the callers of a located function to `to`: lays out the code, registers the patch —
- * layered on the function's newest live patch, if it has one — and writes the entry jump. What
+ * Sends the callers of a located function to `to`: lays out the code, registers the patch and
+ * writes the entry jump. What
  * fails before the write leaves nothing allocated; `to`'s callback is closed.
  */
 export function apply<P extends readonly NativeType[], R extends NativeType>(
   site: Site<P, R>,
   to: Destination,
 ): Patch<P, R> {
-  const under = layers(site.address).at(-1) ?? null;
+  // Layered on the function's newest patch, unless that one's restore is pending in this
+  // transaction: then on the newest that stays, or on the function itself.
+  const under = layers(site.address).filter((entry) => !entry.restoring).at(-1) ?? null;
   let layout: Layout | undefined;
   try {
     layout = layOut(site, to, under?.destination ?? null);

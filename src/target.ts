@@ -7,7 +7,7 @@
 import { hex, RedefineError } from "./errors.ts";
 import { checkSignature } from "./signature.ts";
 import type { NativeType } from "./signature.ts";
-import { machine, readThrough, refuseOverlap } from "./registry.ts";
+import { layers, machine, readThrough, refuseOverlap } from "./registry.ts";
 import type { Machine } from "./registry.ts";
 import type { SymbolInfo } from "../platform/mod.ts";
 import { PROT_EXEC } from "../platform/mod.ts";
@@ -91,6 +91,10 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   const whole = m.platform.runtime.view(address, Math.min(extent, MAX_SCAN)).slice();
   const pad = m.arch.landingPadLength(whole);
   const at = address + BigInt(pad);
+  // The function's own bytes, not its live patches' jump: a restore pending in this transaction
+  // puts them back before this patch's jump lands.
+  const lowest = layers(address)[0];
+  if (lowest) whole.set(lowest.original, pad);
   const room = extent - pad;
   if (room < m.arch.nearJumpSize) {
     throw new RedefineError(
