@@ -80,8 +80,8 @@ export function restoreAll(): void {
 
 /**
  * Sends the callers of a located function to `to`: lays out the code, registers the patch and
- * writes the entry jump. What
- * fails before the write leaves nothing allocated; `to`'s callback is closed.
+ * writes the entry jump. What fails before the write leaves nothing allocated, and closes `to`'s
+ * callback.
  */
 export function apply<P extends readonly NativeType[], R extends NativeType>(
   site: Site<P, R>,

@@ -91,10 +91,6 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   const whole = m.platform.runtime.view(address, Math.min(extent, MAX_SCAN)).slice();
   const pad = m.arch.landingPadLength(whole);
   const at = address + BigInt(pad);
-  // The function's own bytes, not its live patches' jump: a restore pending in this transaction
-  // puts them back before this patch's jump lands.
-  const lowest = layers(address)[0];
-  if (lowest) whole.set(lowest.original, pad);
   const room = extent - pad;
   if (room < m.arch.nearJumpSize) {
     throw new RedefineError(
@@ -103,6 +99,10 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
         `${m.arch.nearJumpSize} after the ${pad}-byte landing pad: redefine a caller instead.`,
     );
   }
+  // The function's own bytes, not its live patches' jump: a restore pending in this transaction
+  // puts them back before this patch's jump lands.
+  const lowest = layers(address)[0];
+  if (lowest) whole.set(lowest.original.subarray(0, whole.length - pad), pad);
   // Before anything is decoded there: the bytes may be the middle of another patch's jump.
   refuseOverlap(at, m.arch.nearJumpSize);
   refuseJumpsIntoEntry(at, m.arch.nearJumpSize);
