@@ -226,7 +226,7 @@ function adapter(ffi: Ffi): Runtime {
 
     fnPointer(address, signature) {
       const { bytes, name } = absoluteSymbol(notNull(address, "a native call"));
-      return open(memoryFile(bytes), { [name]: signature })[name];
+      return withBooleans(signature, library(memoryFile(bytes)).getFunction(name, definition(signature)));
     },
   };
 }

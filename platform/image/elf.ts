@@ -130,8 +130,10 @@ export function buildStubImage(options: {
     const stub = textAt + stubStride * i;
     u32(s, nameAt[i + 1]);
     bytes[s + 4] = 0x12; // STB_GLOBAL, STT_FUNC
-    u16(s + 6, targets ? SHN_ABS : 1); // else any defined section index (not SHN_UNDEF)
-    v.setBigUint64(s + 8, targets ? targets[i] : BigInt(stub), true);
+    const target = targets?.[i];
+    // SHN_ABS: the value is the address itself; else any defined section (not SHN_UNDEF) relocates it
+    u16(s + 6, target === undefined ? 1 : SHN_ABS);
+    v.setBigUint64(s + 8, target ?? BigInt(stub), true);
     u64(s + 16, stubStride);
     const code = jump(stub, slotsAt + 8 * i);
     if (code.length > stubSize) throw new Error(`stub of ${code.length} bytes exceeds ${stubSize}`);
