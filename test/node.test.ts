@@ -1,12 +1,14 @@
 /**
- * What the Node adapter adds to node:ffi, seen from every runtime: booleans cross as booleans (node:ffi
- * passes numbers), and, in a child Node 26 (the project's, from npm): no node:ffi, the permission
- * model, a JS replacement that throws or returns what its result type cannot hold (node:ffi would
- * abort the process).
+ * What the Node adapter adds to node:ffi, seen from every runtime: calls through an address by an
+ * absolute symbol, booleans as booleans (node:ffi passes numbers); and, in a child Node 26 (the
+ * project's, from npm): no node:ffi, the permission model, a JS replacement that throws or returns
+ * what its result type cannot hold (node:ffi would abort the process).
  */
 import { assert, runtimeName, runtimePath, test } from "./harness.ts";
 import { execFileSync } from "node:child_process";
-import { runtime } from "./native.ts";
+import { buildStubImage } from "../platform/mod.ts";
+import { archFor } from "../src/arch/mod.ts";
+import { libc, os, runtime } from "./native.ts";
 
 const node = runtimeName === "node" ? runtimePath : new URL("../node_modules/.bin/node", import.meta.url).pathname;
 const mod = new URL("../mod.ts", import.meta.url).href;
@@ -16,6 +18,26 @@ const platformMod = new URL("../platform/mod.ts", import.meta.url).href;
 function childNode(flags: string[], script: string): string {
   return execFileSync(node, [...flags, "--no-warnings", "--input-type=module", "-"], { input: script, encoding: "utf8" });
 }
+
+test("a library whose symbol is absolute: dlsym gives the address itself, and calling the symbol calls it", () => {
+  const labs = os.symbolAddress("labs");
+  const image = buildStubImage({
+    machine: archFor(runtime.arch).name,
+    count: 2,
+    prefix: "redefine_test_absolute_",
+    stubSize: 0,
+    jump: () => new Uint8Array(0),
+    targets: [labs, os.symbolAddress("getppid")],
+  });
+  const path = os.loadableImage(image.bytes);
+  assert.equal(os.symbolAddress(image.name(0), path), labs);
+  const bound = runtime.open(path, {
+    [image.name(0)]: { parameters: ["i64"], result: "i64" },
+    [image.name(1)]: { parameters: [], result: "i32" },
+  });
+  assert.equal(bound[image.name(0)]!(-42n), 42n);
+  assert.equal(bound[image.name(1)]!(), libc.getppid());
+});
 
 test("booleans cross the FFI as booleans, into a callback and out of a call through its address", () => {
   const seen: unknown[] = [];
