@@ -9,7 +9,7 @@ import { concat } from "../bytes.ts";
 import type { RelocationPlan } from "../types.ts";
 import { decode, type Instruction } from "./decoder.ts";
 import { tooShort, unrelocatable } from "../refusals.ts";
-import { mayBranchInto } from "./scan.ts";
+import { branchesBetween, mayBranchInto } from "./scan.ts";
 import { hex, hexBytes, type RedefineError } from "../../errors.ts";
 import { i32le, JMP_ABS_SIZE, jmpAbs, jmpNearest, PUSH_ADDRESS_SIZE, pushAddress, rel32 } from "./writer.ts";
 
@@ -144,23 +144,15 @@ function copiedInstructions(code: Uint8Array, address: bigint, minLength: number
  */
 function refuseJumpsIntoCopy(code: Uint8Array, address: bigint, consumed: number): void {
   const end = address + BigInt(consumed);
-  if (!mayBranchInto(code.subarray(consumed), end, address, end)) return;
-  for (let offset = consumed; offset < code.length;) {
-    let insn: Instruction;
-    try {
-      insn = decode(code, offset, address + BigInt(offset));
-    } catch {
-      return;
-    }
-    const target = insn.branch?.target;
-    if (target !== undefined && target > address && target < end) {
-      throw refuse(
-        insn,
-        `it branches to ${hex(target)}, inside the ${consumed} bytes the patch overwrites at ${hex(address)}`,
-      );
-    }
-    offset += insn.length;
-  }
+  const rest = code.subarray(consumed);
+  if (!mayBranchInto(rest, end, address, end)) return;
+  const [first] = branchesBetween(rest, end, address, end, true);
+  if (first === undefined) return;
+  const insn = decode(code, Number(first - address), first);
+  throw refuse(
+    insn,
+    `it branches to ${hex(insn.branch!.target)}, inside the ${consumed} bytes the patch overwrites at ${hex(address)}`,
+  );
 }
 
 /** The refusal naming `insn`. */

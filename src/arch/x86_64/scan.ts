@@ -1,7 +1,10 @@
 /**
- * A fast, decoding-free look for relative branches into a range of bytes: the decoder costs about
- * a microsecond an instruction, and the answer is almost always "none".
+ * The scans for relative branches into a range of bytes, the question asked before an entry is
+ * overwritten: a decoding-free look for byte patterns that could be one (the answer is almost
+ * always "none"), and the linear sweep that finds the real ones.
  */
+import { instructionLength, operands } from "./decoder.ts";
+
 /**
  * True when some byte of `code` could start a relative branch (jmp/jcc/call/loop/jrcxz, rel8 or
  * rel32) landing strictly between `from` and `to`: a superset of the real ones, found without
@@ -21,4 +24,35 @@ export function mayBranchInto(code: Uint8Array, address: bigint, from: bigint, t
       lands(i + 6, view.getInt32(i + 2, true))) return true;
   }
   return false;
+}
+
+/**
+ * Addresses of the relative branches of `code` (at `address`) that land strictly between `from`
+ * and `to`, decoding from its first byte. Bytes that do not decode end the sweep when
+ * `stopAtUndecodable` (data or padding may follow the code), else it steps over them one byte.
+ * Targets are offsets from `code` in plain numbers: a rel32 reaches ±2 GiB, and user-space code
+ * sits far from both ends of the address space, so no target wraps around it.
+ */
+export function branchesBetween(
+  code: Uint8Array,
+  address: bigint,
+  from: bigint,
+  to: bigint,
+  stopAtUndecodable: boolean,
+): bigint[] {
+  const lo = Number(from - address), hi = Number(to - address);
+  const found = operands();
+  const hits: bigint[] = [];
+  for (let offset = 0; offset < code.length;) {
+    const length = instructionLength(code, offset, found);
+    if (length < 0) {
+      if (stopAtUndecodable) break;
+      offset++;
+      continue;
+    }
+    const target = offset + length + found.rel;
+    if (found.relSize !== 0 && target > lo && target < hi) hits.push(address + BigInt(offset));
+    offset += length;
+  }
+  return hits;
 }
