@@ -142,6 +142,17 @@ function conditional(
   return concat([assemble([encodeInverse(at, at + 4n + BigInt(JUMP_ABS_SIZE))!]), jumpAbs(target)]);
 }
 
+/** A compare- or test-and-branch at `at` to `target`: its inverse is the same with `nonzero` flipped. */
+function flippable<T extends { nonzero: boolean }>(
+  at: bigint,
+  target: bigint,
+  branch: T,
+  encode: (branch: T, from: bigint, to: bigint) => number | null,
+): Uint8Array {
+  const inverse = { ...branch, nonzero: !branch.nonzero };
+  return conditional(at, target, (from, to) => encode(branch, from, to), (from, to) => encode(inverse, from, to));
+}
+
 /** `instruction`, rewritten to run at `at` and reach the same target. */
 function rewrite(instruction: Instruction, at: bigint): Uint8Array {
   switch (instruction.kind) {
@@ -179,26 +190,10 @@ function rewrite(instruction: Instruction, at: bigint): Uint8Array {
       }
       return conditional(at, target, encode, (from, to) => bCond(cond ^ 1, consistent, from, to));
     }
-    case "cbz": {
-      const { branch, target } = instruction;
-      const inverse = { ...branch, nonzero: !branch.nonzero };
-      return conditional(
-        at,
-        target,
-        (from, to) => cbz(branch, from, to),
-        (from, to) => cbz(inverse, from, to),
-      );
-    }
-    case "tbz": {
-      const { branch, target } = instruction;
-      const inverse = { ...branch, nonzero: !branch.nonzero };
-      return conditional(
-        at,
-        target,
-        (from, to) => tbz(branch, from, to),
-        (from, to) => tbz(inverse, from, to),
-      );
-    }
+    case "cbz":
+      return flippable(at, instruction.target, instruction.branch, cbz);
+    case "tbz":
+      return flippable(at, instruction.target, instruction.branch, tbz);
     default:
       return assemble([instruction.word]);
   }
