@@ -5,6 +5,14 @@
  */
 import { instructionLength, operands } from "./decoder.ts";
 
+/** What a byte may start: 0 nothing, else a rel8 branch, a rel32 jmp/call, or the 0F of jcc rel32. */
+const OPENS = new Uint8Array(256);
+const REL8 = 1, REL32 = 2, ESCAPE = 3;
+OPENS.fill(REL8, 0x70, 0x80).fill(REL8, 0xe0, 0xe4);
+OPENS[0xeb] = REL8;
+OPENS[0xe8] = OPENS[0xe9] = REL32;
+OPENS[0x0f] = ESCAPE;
+
 /**
  * True when some byte of `code` could start a relative branch (jmp/jcc/call/loop/jrcxz, rel8 or
  * rel32) landing strictly between `from` and `to`: a superset of the real ones, found without
@@ -13,15 +21,22 @@ import { instructionLength, operands } from "./decoder.ts";
 export function mayBranchInto(code: Uint8Array, address: bigint, from: bigint, to: bigint): boolean {
   // Offsets relative to code[0]; the range is a few bytes, so plain numbers are exact here.
   const lo = Number(from - address), hi = Number(to - address);
-  const lands = (end: number, disp: number) => end + disp > lo && end + disp < hi;
-  const view = new DataView(code.buffer, code.byteOffset, code.byteLength);
-  for (let i = 0; i < code.length; i++) {
-    const b = code[i];
-    const rel8 = (b >= 0x70 && b <= 0x7f) || b === 0xeb || (b >= 0xe0 && b <= 0xe3);
-    if (rel8 && i + 1 < code.length && lands(i + 2, view.getInt8(i + 1))) return true;
-    if ((b === 0xe8 || b === 0xe9) && i + 4 < code.length && lands(i + 5, view.getInt32(i + 1, true))) return true;
-    if (b === 0x0f && i + 5 < code.length && code[i + 1] >= 0x80 && code[i + 1] <= 0x8f &&
-      lands(i + 6, view.getInt32(i + 2, true))) return true;
+  const n = code.length;
+  for (let i = 0; i < n; i++) {
+    const opens = OPENS[code[i]];
+    if (opens === 0) continue;
+    let target: number;
+    if (opens === REL8) {
+      if (i + 1 >= n) continue;
+      target = i + 2 + ((code[i + 1] << 24) >> 24);
+    } else if (opens === REL32) {
+      if (i + 4 >= n) continue;
+      target = i + 5 + (code[i + 1] | (code[i + 2] << 8) | (code[i + 3] << 16) | (code[i + 4] << 24));
+    } else {
+      if (i + 5 >= n || code[i + 1] < 0x80 || code[i + 1] > 0x8f) continue;
+      target = i + 6 + (code[i + 2] | (code[i + 3] << 8) | (code[i + 4] << 16) | (code[i + 5] << 24));
+    }
+    if (target > lo && target < hi) return true;
   }
   return false;
 }
