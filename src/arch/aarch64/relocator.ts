@@ -1,7 +1,8 @@
 /**
  * The AArch64 relocator: moves the first whole instructions of a function into a trampoline,
  * rewrites each PC-relative one to reach the same place from there, and refuses what cannot move.
- * Scratch registers: x16 for far jumps and calls, x17 as the base of relocated literal loads.
+ * A `bl` may only end the moved words: x30 gets the original return address. Scratch registers:
+ * x16 for far jumps, x17 as the base of relocated literal loads.
  */
 import { concat } from "../bytes.ts";
 import { hex, RedefineError } from "../../errors.ts";

@@ -2,8 +2,9 @@
  * Moves the first instructions of an x86-64 function into a trampoline so that the entry can be
  * overwritten with a jump while the original stays callable: whole instructions are copied,
  * everything addressed relative to the instruction pointer is rewritten for the new place, and a
- * jump back to the rest of the function closes the copy. No form used here touches a register or
- * the flags beyond what the original instruction did.
+ * jump back to the rest of the function closes the copy. A call may only end the copy: the callee
+ * gets the original return address and returns to the rest itself. No form used here touches a
+ * register or the flags beyond what the original instruction did.
  */
 import { concat } from "../bytes.ts";
 import type { RelocationPlan } from "../types.ts";
@@ -49,7 +50,7 @@ export function planRelocation(
 
 /**
  * The trampoline placed at `trampoline` for the instructions of `plan`: the copy, rewritten to
- * run there, and a jump back to the first instruction left in place.
+ * run there, and a jump back to the first instruction left in place (unless a call ends it).
  *
  * @example
  * ```ts
