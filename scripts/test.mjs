@@ -20,7 +20,7 @@ const steps = [
     return bunCounts(run(bin("bun"), ["test", "./test/"]));
   }],
   // src/ and platform/ import each other one way only (see ARCHITECTURE.md).
-  ["import circles", () => one(run("node", ["scripts/import_cycles.mjs"]))],
+  ["import circles", () => one(run(process.execPath, ["scripts/import_cycles.mjs"]))],
   ["deno check", () => one(run(bin("deno"), ["check", "mod.ts", "test/", "examples/", "bench/"]))],
   ["tsc (bun-types)", () => {
     // Deno's own declarations let tsc check the Deno adapter beside the Bun one.
