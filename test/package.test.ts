@@ -1,6 +1,7 @@
 // The npm package as its users get it: `npm pack`'s tarball (prepack compiles dist/), installed by
 // file path into a fresh project of each runtime in a temporary folder, imported by its bare name,
-// redefining libc's getpid natively to getppid, checked through the runtime's own FFI, restored.
+// redefining libc's getpid natively to getppid, checked through the runtime's own FFI, restored;
+// and a strict Node TypeScript project type-checking against the declarations it ships.
 import { spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -90,6 +91,34 @@ test("package: the tarball installs into a fresh Deno project with npm; a bare i
   );
   // Deno strips no types under node_modules: its "deno" condition is the compiled JavaScript.
   assertRedefined(run(bin("deno"), ["run", "--allow-ffi", "--allow-read", "check.ts"], dir), "dist/mod.js");
+});
+
+test("package: a strict Node TypeScript project (nodenext) type-checks against the compiled declarations", () => {
+  const dir = project("tsc-node");
+  run("npm", ["install", "--no-audit", "--no-fund", "--offline", tarball().tarball], dir);
+  writeFileSync(
+    join(dir, "consumer.ts"),
+    `import { redefine, RedefineError } from "${NAME}";
+const labs = redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, (x) => x * 2n);
+const real: bigint = labs.original(-3n);
+labs.restore();
+export const answer: [bigint, string] = [real, RedefineError.name];
+`,
+  );
+  const compilerOptions = {
+    module: "nodenext",
+    target: "esnext",
+    strict: true,
+    noUncheckedIndexedAccess: true,
+    exactOptionalPropertyTypes: true,
+    noEmit: true,
+    types: ["node"],
+    typeRoots: [join(root, "node_modules", "@types")],
+  };
+  writeFileSync(join(dir, "tsconfig.json"), JSON.stringify({ compilerOptions, files: ["consumer.ts"] }));
+  const trace = run(bin("tsc"), ["-p", dir, "--traceResolution"], dir);
+  // The "node" export condition's declarations, not the sources.
+  assert.match(trace, new RegExp(`'${NAME}' was successfully resolved to '[^']*/node_modules/${NAME}/dist/mod\\.d\\.ts'`));
 });
 
 // Node 26 (node:ffi) comes with platform/node.ts and the `node` devDependency; until both are here
