@@ -31,8 +31,16 @@ const steps = [
     writeDenoTypes();
     return one(run(bin("tsc"), ["-p", "tsconfig.bun.json"]));
   }],
+  // The sources as a strict consumer's checker sees them, with bun-types and with @types/node.
+  ["consumer types", () => one(run(process.execPath, ["scripts/consumer_types.mjs"]))],
   ["deno doc --lint", () => one(run(bin("deno"), ["doc", "--lint", "mod.ts"]))],
-  ["deno publish --dry-run", () => one(run(bin("deno"), ["publish", "--dry-run", "--allow-dirty"]))],
+  // Every JSDoc example type-checks, importing the package by its name (not run: they patch libc).
+  ["deno test --doc", () => one(run(bin("deno"), ["test", "--doc", "--no-run", "mod.ts", "src/", "platform/"]))],
+  ["deno publish --dry-run", () => {
+    // JSR scores a package down for every warning (an unanalyzable dynamic import, a slow type).
+    const result = run(bin("deno"), ["publish", "--dry-run", "--allow-dirty"]);
+    return one({ ok: result.ok && !/^warning\[/m.test(result.output) });
+  }],
 ];
 
 function one({ ok }) {
