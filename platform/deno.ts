@@ -4,16 +4,20 @@
  */
 import { RedefineError } from "../src/errors.ts";
 import type { NativeType, Signature } from "../src/signature.ts";
+import type { DenoDefinition, DenoFfi, DenoParameterType, DenoPointer, DenoResultType } from "./deno_types.ts";
 import type { NativeCall, NativeCallback, Runtime } from "./types.ts";
 
+// Through the adapter's own declaration of it: a Bun or Node project's type check has no Deno namespace.
+const Deno = (globalThis as unknown as { Deno: DenoFfi }).Deno;
+
 /** Pointers travel as `usize` (a bigint address); buffers stay buffers (a TypedArray goes in). */
-function denoType(type: NativeType): Deno.NativeResultType {
+function denoType(type: NativeType): DenoResultType {
   return type === "pointer" || type === "function" ? "usize" : type;
 }
 
-function denoDefinition(signature: Signature) {
+function denoDefinition(signature: Signature): DenoDefinition {
   return {
-    parameters: signature.parameters.map(denoType) as Deno.NativeType[],
+    parameters: signature.parameters.map(denoType) as DenoParameterType[],
     result: denoType(signature.result),
   };
 }
@@ -36,7 +40,7 @@ function ffiGuard<T>(what: string, body: () => T): T {
   }
 }
 
-function pointer(address: bigint): Deno.PointerObject {
+function pointer(address: bigint): DenoPointer {
   const p = Deno.UnsafePointer.create(address);
   if (p === null) throw new RedefineError("INVALID_ADDRESS", "the NULL address cannot be used here.");
   return p;
@@ -88,8 +92,8 @@ export const deno: Runtime = {
       "a JS replacement",
       () =>
         new Deno.UnsafeCallback(
-          denoDefinition(signature) as Deno.UnsafeCallbackDefinition,
-          fn as Deno.UnsafeCallbackFunction,
+          denoDefinition(signature),
+          fn as ConstructorParameters<DenoFfi["UnsafeCallback"]>[1],
         ),
     );
     return {
@@ -101,7 +105,7 @@ export const deno: Runtime = {
   fnPointer(address, signature) {
     const fn = ffiGuard(
       "calling a native address",
-      () => new Deno.UnsafeFnPointer(pointer(address) as never, denoDefinition(signature) as Deno.ForeignFunction),
+      () => new Deno.UnsafeFnPointer(pointer(address) as never, denoDefinition(signature)),
     );
     return fn.call.bind(fn) as NativeCall;
   },
