@@ -7,8 +7,18 @@ import { RedefineError } from "../src/errors.ts";
 import type { NativeType, Signature } from "../src/signature.ts";
 import type { NativeCall, NativeCallback, Runtime } from "./types.ts";
 
-// A static `bun:ffi` import breaks Deno at load time; platform/mod.ts only loads this file on Bun.
-const ffi: typeof import("bun:ffi") = await import("bun:ffi" as string);
+/** What this adapter uses of bun:ffi, declared here: neither Deno's checker nor @types/node knows bun:ffi. */
+interface BunFfi {
+  dlopen(path: string, symbols: Record<string, unknown>): { symbols: Record<string, NativeCall> };
+  toArrayBuffer(pointer: number, offset: number, length: number): ArrayBuffer;
+  CString: new (pointer: number) => { toString(): string };
+  JSCallback: new (fn: NativeCall, definition: unknown) => { ptr: number | null; close(): void };
+  CFunction(definition: { ptr: number }): unknown;
+}
+
+// Asked of `process`, not imported: a static `bun:ffi` import breaks Deno at load time, and a
+// dynamic one is unanalyzable to JSR. platform/mod.ts only loads this file on Bun.
+const ffi = (process as unknown as { getBuiltinModule(id: string): unknown }).getBuiltinModule("bun:ffi") as BunFfi;
 
 /** Pointers travel as `usize` (a bigint address); buffers stay buffers (a TypedArray goes in). */
 function bunType(type: NativeType): string {
@@ -30,8 +40,7 @@ function bunDefinition(signature: Signature) {
 
 function openOne(path: string, definitions: Record<string, unknown>) {
   try {
-    // deno-lint-ignore no-explicit-any
-    return ffi.dlopen(path, definitions as any).symbols as Record<string, NativeCall>;
+    return ffi.dlopen(path, definitions).symbols;
   } catch (error) {
     return error as Error;
   }
@@ -74,11 +83,11 @@ export const bun: Runtime = {
   view(address, length) {
     // Bun refuses an empty view; Deno gives one.
     if (length === 0) return new Uint8Array(0);
-    return new Uint8Array(ffi.toArrayBuffer(Number(address) as never, 0, length));
+    return new Uint8Array(ffi.toArrayBuffer(Number(address), 0, length));
   },
 
   cString(address) {
-    return new ffi.CString(Number(address) as never).toString();
+    return new ffi.CString(Number(address)).toString();
   },
 
   callback(signature, fn): NativeCallback {
@@ -87,6 +96,6 @@ export const bun: Runtime = {
   },
 
   fnPointer(address, signature) {
-    return ffi.CFunction({ ptr: Number(address) as never, ...bunDefinition(signature) }) as unknown as NativeCall;
+    return ffi.CFunction({ ptr: Number(address), ...bunDefinition(signature) }) as unknown as NativeCall;
   },
 };
