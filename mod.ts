@@ -6,7 +6,7 @@
  *
  * @example
  * ```ts
- * import { redefine } from "./mod.ts";
+ * import { redefine } from "@redefine/redefine";
  *
  * using patch = redefine(
  *   { symbol: "getpid", library: "libc.so.6", parameters: [], result: "i32" },

@@ -27,7 +27,7 @@ export type RedefineErrorCode =
  *
  * @example
  * ```ts
- * import { RedefineError } from "./mod.ts";
+ * import { RedefineError } from "@redefine/redefine";
  * const error = new RedefineError("SYMBOL_NOT_FOUND", "no symbol 'nope' in the process");
  * console.log(error.code); // "SYMBOL_NOT_FOUND"
  * ```

@@ -95,7 +95,7 @@ export interface Applied {
  *
  * @example
  * ```ts
- * import { redefine } from "./mod.ts";
+ * import { redefine } from "@redefine/redefine";
  * const patch = redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, (x) => -x);
  * patch.active; // true
  * patch.original(-5n); // 5n: the real labs, through the trampoline

@@ -22,7 +22,7 @@ import { schedule, transaction } from "./transaction.ts";
  *
  * @example
  * ```ts
- * import { redefine } from "./mod.ts";
+ * import { redefine } from "@redefine/redefine";
  * const patch = redefine(
  *   { symbol: "getpid", library: "libc.so.6", parameters: [], result: "i32" },
  *   () => 4242,
@@ -47,7 +47,7 @@ export function redefine<const P extends readonly NativeType[], const R extends 
  *
  * @example
  * ```ts
- * import { redefineAll, restoreAll } from "./mod.ts";
+ * import { redefineAll, restoreAll } from "@redefine/redefine";
  * const patches = redefineAll([
  *   [{ symbol: "getppid", parameters: [], result: "i32" }, { symbol: "getpid" }],
  *   [{ symbol: "labs", parameters: ["i64"], result: "i64" }, (x: bigint) => x],
@@ -67,7 +67,7 @@ export function redefineAll(
  *
  * @example
  * ```ts
- * import { redefine, restoreAll } from "./mod.ts";
+ * import { redefine, restoreAll } from "@redefine/redefine";
  * redefine({ symbol: "getpid", parameters: [], result: "i32" }, () => 1);
  * restoreAll();
  * ```

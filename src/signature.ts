@@ -9,7 +9,7 @@ import { RedefineError } from "./errors.ts";
  *
  * @example
  * ```ts
- * import type { NativeType } from "./mod.ts";
+ * import type { NativeType } from "@redefine/redefine";
  * const types: NativeType[] = ["i64", "pointer", "f64"];
  * ```
  */
@@ -22,7 +22,7 @@ export type NativeType =
  *
  * @example
  * ```ts
- * import type { Signature } from "./mod.ts";
+ * import type { Signature } from "@redefine/redefine";
  * const strlen: Signature = { parameters: ["pointer"], result: "u64" };
  * ```
  */
@@ -38,7 +38,7 @@ export interface Signature {
  *
  * @example
  * ```ts
- * import type { JsValue } from "./mod.ts";
+ * import type { JsValue } from "@redefine/redefine";
  * const address: JsValue<"pointer"> = 0n; // pointers are bigint addresses, 0n for NULL
  * ```
  */
@@ -58,7 +58,7 @@ export type JsArgument<T extends NativeType> = T extends "buffer" ? bigint | Uin
  *
  * @example
  * ```ts
- * import type { JsParameters } from "./mod.ts";
+ * import type { JsParameters } from "@redefine/redefine";
  * const args: JsParameters<["i32", "i64"]> = [1, 2n];
  * ```
  */
@@ -70,7 +70,7 @@ export type JsParameters<P extends readonly NativeType[]> = { [K in keyof P]: Js
  *
  * @example
  * ```ts
- * import type { JsArguments } from "./mod.ts";
+ * import type { JsArguments } from "@redefine/redefine";
  * const args: JsArguments<["pointer", "usize"]> = [0x1000n, 16n];
  * ```
  */
@@ -81,7 +81,7 @@ export type JsArguments<P extends readonly NativeType[]> = JsParameters<P>;
  *
  * @example
  * ```ts
- * import type { JsFunction } from "./mod.ts";
+ * import type { JsFunction } from "@redefine/redefine";
  * const double: JsFunction<{ parameters: ["i64"]; result: "i64" }> = (x) => x * 2n;
  * ```
  */

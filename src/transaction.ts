@@ -37,7 +37,7 @@ export function schedule(write: CodeWrite, commit: () => void, rollback: () => v
  *
  * @example
  * ```ts
- * import { redefine, restoreAll, transaction } from "./mod.ts";
+ * import { redefine, restoreAll, transaction } from "@redefine/redefine";
  * const [a, b] = transaction(() => [
  *   redefine({ symbol: "getppid", parameters: [], result: "i32" }, { symbol: "getpid" }),
  *   redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, (x) => x),
