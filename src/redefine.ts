@@ -50,15 +50,18 @@ export function redefine<const P extends readonly NativeType[], const R extends 
  * import { redefineAll, restoreAll } from "@redefine/redefine";
  * const patches = redefineAll([
  *   [{ symbol: "getppid", parameters: [], result: "i32" }, { symbol: "getpid" }],
- *   [{ symbol: "labs", parameters: ["i64"], result: "i64" }, (x: bigint) => x],
+ *   [{ symbol: "labs", parameters: ["i64"], result: "i64" }, (x) => x * 2n],
  * ]);
+ * patches[1].original(-3n); // 3n: each patch keeps its own target's signature
  * restoreAll();
  * ```
  */
-export function redefineAll(
-  entries: readonly (readonly [Target<readonly NativeType[], NativeType>, Replacement<readonly NativeType[], NativeType>])[],
-): Patch<readonly NativeType[], NativeType>[] {
-  return transaction(() => entries.map(([target, replacement]) => redefine(target, replacement)));
+export function redefineAll<const T extends readonly Target<readonly NativeType[], NativeType>[]>(
+  // Mapped over the targets, so each entry's replacement and patch get that target's signature.
+  entries: { readonly [K in keyof T]: readonly [T[K], T[K] extends Target<infer P, infer R> ? Replacement<P, R> : never] },
+): { -readonly [K in keyof T]: T[K] extends Target<infer P, infer R> ? Patch<P, R> : never } {
+  const pairs = entries as readonly (readonly [Target<readonly NativeType[], NativeType>, never])[];
+  return transaction(() => pairs.map(([target, replacement]) => redefine(target, replacement))) as never;
 }
 
 /**
