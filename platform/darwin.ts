@@ -31,6 +31,7 @@
  */
 import { hex, RedefineError } from "../src/errors.ts";
 import { nearCandidates, protectionText } from "./linux.ts";
+import { noIntrospection } from "./no_introspection.ts";
 import type { CodeBlock, Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 
@@ -436,6 +437,7 @@ export function darwin(runtime: Runtime): Os {
     flushCode(address, length) {
       c.sys_icache_invalidate(address, BigInt(length));
     },
+    ...noIntrospection("macOS"),
   };
   return os;
 }

@@ -24,6 +24,7 @@
  */
 import { hex, RedefineError } from "../src/errors.ts";
 import { nearCandidates, protectionText } from "./linux.ts";
+import { noIntrospection } from "./no_introspection.ts";
 import { peFromStubElf } from "./pe_image.ts";
 import type { CodeBlock, Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
@@ -435,6 +436,7 @@ export function windows(runtime: Runtime): Os {
     flushCode(address, length) {
       k.FlushInstructionCache(CURRENT_PROCESS, address, BigInt(length));
     },
+    ...noIntrospection("Windows"),
   };
   return os;
 }
