@@ -5,7 +5,7 @@
  * that import's slot, plus a data word. Loaded with the real dynamic loader, it stands for any
  * library whose import table `callers` rewrites, on a machine with no optional library installed.
  */
-import { elfHash } from "../platform/elf_image.ts";
+import { writeElfHeaders, writeSysvHash } from "../platform/image/elf.ts";
 import type { Os, Runtime } from "../platform/types.ts";
 
 /** The imports, in slot order, and how each is bound. */
@@ -26,9 +26,9 @@ const DT_NULL = 0, DT_NEEDED = 1, DT_PLTRELSZ = 2, DT_HASH = 4, DT_STRTAB = 5, D
   DT_JMPREL = 23, DT_FLAGS = 30, DT_FLAGS_1 = 0x6ffffffb;
 const DF_BIND_NOW = 8, DF_1_NOW = 1;
 const STT_OBJECT = 1, STT_FUNC = 2, STB_GLOBAL = 1;
-const MACHINE = {
-  x86_64: { number: 62, jumpSlot: 7, globDat: 6 },
-  aarch64: { number: 183, jumpSlot: 1026, globDat: 1025 },
+const RELOCATION = {
+  x86_64: { jumpSlot: 7, globDat: 6 }, // R_X86_64_JUMP_SLOT, R_X86_64_GLOB_DAT
+  aarch64: { jumpSlot: 1026, globDat: 1025 }, // R_AARCH64_JUMP_SLOT, R_AARCH64_GLOB_DAT
 } as const;
 
 /** A tail call through the 8-byte slot at offset `slot`, placed at offset `at` (position independent). */
@@ -94,43 +94,17 @@ export function buildImportLibrary(machine: Machine, prefix: string): ImportLibr
   const u32 = (at: number, x: number) => v.setUint32(at, x, true);
   const u64 = (at: number, x: number | bigint) => v.setBigUint64(at, BigInt(x), true);
 
-  bytes.set([0x7f, 0x45, 0x4c, 0x46, 2 /* 64-bit */, 1 /* little-endian */, 1 /* version */], 0);
-  u16(16, 3); // ET_DYN
-  u16(18, MACHINE[machine].number);
-  u32(20, 1);
-  u64(32, EHDR); // e_phoff
-  u16(52, EHDR);
-  u16(54, PHDR);
-  u16(56, phnum);
-  u16(58, 64); // e_shentsize; no section headers
-
-  const phdr = (i: number, type: number, flags: number, at: number, fileSize: number, memorySize: number) => {
-    const p = EHDR + PHDR * i;
-    u32(p, type);
-    u32(p + 4, flags);
-    u64(p + 8, at); // p_offset
-    u64(p + 16, at); // p_vaddr
-    u64(p + 24, at); // p_paddr
-    u64(p + 32, fileSize);
-    u64(p + 40, memorySize);
-    u64(p + 48, type === PT_LOAD ? PAGE : 8);
-  };
-  phdr(0, PT_LOAD, PF_R | PF_X, 0, textEnd, textEnd);
-  phdr(1, PT_LOAD, PF_R | PF_W, dataAt, bytes.length - dataAt, wordAt + 8 - dataAt);
-  phdr(2, PT_DYNAMIC, PF_R | PF_W, dataAt, DYN * dynamicCount, DYN * dynamicCount);
-  phdr(3, PT_GNU_RELRO, PF_R, dataAt, bytes.length - dataAt, PAGE);
-  phdr(4, PT_GNU_STACK, PF_R | PF_W, 0, 0, 0);
-
+  const segment = (type: number, flags: number, at: number, fileSize: number, memorySize: number) =>
+    ({ type, flags, at, fileSize, memorySize, alignment: type === PT_LOAD ? PAGE : 8 });
+  writeElfHeaders(bytes, machine, [
+    segment(PT_LOAD, PF_R | PF_X, 0, textEnd, textEnd),
+    segment(PT_LOAD, PF_R | PF_W, dataAt, bytes.length - dataAt, wordAt + 8 - dataAt),
+    segment(PT_DYNAMIC, PF_R | PF_W, dataAt, DYN * dynamicCount, DYN * dynamicCount),
+    segment(PT_GNU_RELRO, PF_R, dataAt, bytes.length - dataAt, PAGE),
+    segment(PT_GNU_STACK, PF_R | PF_W, 0, 0, 0),
+  ]);
   // DT_HASH over every symbol (the loader skips the undefined ones)
-  u32(hashAt, nbucket);
-  u32(hashAt + 4, nsyms);
-  const bucket = (i: number) => hashAt + 8 + 4 * i;
-  const chain = (i: number) => hashAt + 8 + 4 * nbucket + 4 * i;
-  for (let s = 1; s < nsyms; s++) {
-    const b = elfHash(names[s - 1]) % nbucket;
-    u32(chain(s), v.getUint32(bucket(b), true));
-    u32(bucket(b), s);
-  }
+  writeSysvHash(v, hashAt, nbucket, names);
 
   const symbol = (index: number, type: number, value: number, size: number) => {
     const s = symAt + SYM * index;
@@ -153,7 +127,7 @@ export function buildImportLibrary(machine: Machine, prefix: string): ImportLibr
   IMPORTS.forEach((imported, i) => {
     const at = imported.kind === "glob_dat" ? relaAt + RELA * glob++ : jmprelAt + RELA * jump++;
     u64(at, gotAt + 8 * i); // r_offset
-    u32(at + 8, imported.kind === "glob_dat" ? MACHINE[machine].globDat : MACHINE[machine].jumpSlot);
+    u32(at + 8, imported.kind === "glob_dat" ? RELOCATION[machine].globDat : RELOCATION[machine].jumpSlot);
     u32(at + 12, 1 + i); // symbol index, the high half of r_info
   });
 
