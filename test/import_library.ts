@@ -1,6 +1,6 @@
 /**
- * A small shared library built in memory that imports `time`, `gettimeofday` (JUMP_SLOT, as calls
- * through a PLT do) and `clock_gettime` (GLOB_DAT, as `&clock_gettime` does) through a GOT under
+ * A small shared library built in memory that imports `time`, `gettimeofday`, `labs` (JUMP_SLOT, as
+ * calls through a PLT do) and `clock_gettime` (GLOB_DAT, as `&clock_gettime` does) through a GOT under
  * RELRO, bound at load (BIND_NOW), and exports one function per import that tail-calls through
  * that import's slot, plus a data word. Loaded with the real dynamic loader, it stands for any
  * library whose import table `callers` rewrites, on a machine with no optional library installed.
@@ -13,6 +13,7 @@ export const IMPORTS = [
   { name: "time", kind: "jump_slot" },
   { name: "gettimeofday", kind: "jump_slot" },
   { name: "clock_gettime", kind: "glob_dat" },
+  { name: "labs", kind: "jump_slot" },
 ] as const;
 
 type Machine = "x86_64" | "aarch64";
@@ -149,10 +150,11 @@ export function buildImportLibrary(machine: Machine, prefix: string): ImportLibr
 export function loadImportLibrary(runtime: Runtime, os: Os, prefix: string): {
   library: ImportLibrary;
   path: string;
-  /** `time(NULL)`, `gettimeofday(tv, NULL)`, `clock_gettime(id, ts)` as the library calls them. */
+  /** `time(NULL)`, `gettimeofday(tv, NULL)`, `clock_gettime(id, ts)`, `labs(x)` as the library calls them. */
   time(): bigint;
   gettimeofday(tv: Uint8Array): number;
   clockGettime(id: number, ts: Uint8Array): number;
+  labs(x: bigint): bigint;
 } {
   const machine = runtime.arch === "aarch64" || runtime.arch === "arm64" ? "aarch64" : "x86_64";
   const library = buildImportLibrary(machine, prefix);
@@ -161,6 +163,7 @@ export function loadImportLibrary(runtime: Runtime, os: Os, prefix: string): {
     [library.caller(0)]: { parameters: ["pointer"], result: "i64" },
     [library.caller(1)]: { parameters: ["buffer", "pointer"], result: "i32" },
     [library.caller(2)]: { parameters: ["i32", "buffer"], result: "i32" },
+    [library.caller(3)]: { parameters: ["i64"], result: "i64" },
   });
   return {
     library,
@@ -168,6 +171,7 @@ export function loadImportLibrary(runtime: Runtime, os: Os, prefix: string): {
     time: () => symbols[library.caller(0)](0n) as bigint,
     gettimeofday: (tv) => symbols[library.caller(1)](tv, 0n) as number,
     clockGettime: (id, ts) => symbols[library.caller(2)](id, ts) as number,
+    labs: (x) => symbols[library.caller(3)](x) as bigint,
   };
 }
 
