@@ -3,18 +3,13 @@
  * at load), found, checked and rewritten with one store each, protections given back exactly; the
  * program's own calls of the same functions untouched.
  */
-import { assert, test } from "./harness.ts";
-import { RedefineError } from "../mod.ts";
+import { assert, assertCode, test } from "./harness.ts";
 import { callerNames, callerSlots, callTarget, pointerBytes } from "../src/import_slots.ts";
 import { writeCode } from "../src/code_memory.ts";
 import { modules } from "../src/introspect.ts";
 import { platform } from "../platform/mod.ts";
 import { loadImportLibrary } from "./import_library.ts";
 import { bytesAt, libc, os, protectionAt, runtime } from "./native.ts";
-
-function isCode(code: string, message?: RegExp) {
-  return (e: unknown) => e instanceof RedefineError && e.code === code && (!message || message.test(e.message));
-}
 
 const first = loadImportLibrary(runtime, os, "callers_a_");
 const second = loadImportLibrary(runtime, os, "callers_b_");
@@ -34,11 +29,11 @@ test("callerSlots: the slots of the named libraries, what each holds, whatever t
 });
 
 test("callerSlots: a library not loaded, one not importing the symbol, and bad 'callers' are typed errors", () => {
-  assert.throws(() => callerSlots("time", "libnot-loaded.so.3"), isCode("LIBRARY_NOT_FOUND"));
-  assert.throws(() => callerSlots("getpid", first.path), isCode("NOT_IMPORTED", /does not import 'getpid'/));
-  assert.throws(() => callerSlots("time", [first.path, "libc.so.6"]), isCode("NOT_IMPORTED", /libc\.so\.6/));
-  assert.throws(() => callerSlots("time", `${first.path}\0x`), isCode("LIBRARY_NOT_FOUND", /NUL/));
-  for (const bad of [[], [42], 7, null, {}]) assert.throws(() => callerNames(bad), isCode("LIBRARY_NOT_FOUND"));
+  assertCode(() => callerSlots("time", "libnot-loaded.so.3"), "LIBRARY_NOT_FOUND");
+  assertCode(() => callerSlots("getpid", first.path), "NOT_IMPORTED", /does not import 'getpid'/);
+  assertCode(() => callerSlots("time", [first.path, "libc.so.6"]), "NOT_IMPORTED", /libc\.so\.6/);
+  assertCode(() => callerSlots("time", `${first.path}\0x`), "LIBRARY_NOT_FOUND", /NUL/);
+  for (const bad of [[], [42], 7, null, {}]) assertCode(() => callerNames(bad), "LIBRARY_NOT_FOUND");
 });
 
 test("callTarget: a bound slot's value; a lazily bound one's (pointing into its own PLT) is resolved", () => {

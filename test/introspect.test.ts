@@ -4,7 +4,7 @@
  * memory, loaded as linked and as the loader relocates it.
  */
 import { readFileSync, realpathSync } from "node:fs";
-import { assert, runtimeName, runtimePath, test } from "./harness.ts";
+import { assert, assertCode, runtimeName, runtimePath, test } from "./harness.ts";
 import { exports, find, imports, modules, RedefineError, symbolAt } from "../mod.ts";
 import { dynamicInfo, exportedSymbols, importSlots, loadedSpan, programHeaders } from "../platform/image/elf_loaded.ts";
 import type { Reader } from "../platform/image/elf_loaded.ts";
@@ -13,12 +13,10 @@ import { elfFunctions } from "./elf_file.ts";
 import { buildImportLibrary, IMPORTS, loadImportLibrary } from "./import_library.ts";
 import { isArm64, os, runtime } from "./native.ts";
 
-function isCode(code: string, message?: RegExp) {
-  return (e: unknown) => e instanceof RedefineError && e.code === code && (!message || message.test(e.message));
-}
-
 const libcModule = () => modules().find((m) => m.name === "libc.so.6")!;
 const generated = loadImportLibrary(runtime, os, "introspect_");
+// qemu-user before 8.1 gives its guests no vDSO.
+const hasVdso = os.mappings().some((m) => m.path === "[vdso]");
 
 test("modules(): the main executable first, libc holding getpid, the vDSO, each inside the memory map", () => {
   const all = modules();
@@ -30,8 +28,8 @@ test("modules(): the main executable first, libc holding getpid, the vDSO, each 
   assert.ok(libc.base <= getpid && getpid < libc.base + BigInt(libc.size), "getpid lies in libc's span");
   assert.equal(libc.base % BigInt(os.pageSize), 0n);
   const vdso = all.find((m) => m.path === "[vdso]");
-  assert.ok(vdso, "the vDSO is listed");
-  assert.equal(vdso.name, "linux-vdso.so.1");
+  assert.equal(vdso !== undefined, hasVdso, "the vDSO is listed where the process has one");
+  if (vdso) assert.equal(vdso.name, "linux-vdso.so.1");
   assert.ok(all.some((m) => m.path === generated.path), "a library the runtime loaded itself is listed");
   for (const m of all) {
     assert.ok(os.mappingAt(m.base) !== null, `${m.name}'s first page is mapped`);
@@ -93,7 +91,7 @@ test("exports of the vDSO: its dynamic section holds offsets, the symbols land i
     assert.ok(e.address >= vdso.base && e.address < vdso.base + BigInt(vdso.size), `${e.name} inside the vDSO`);
     assert.equal(e.version, isArm64 ? "LINUX_2.6.39" : "LINUX_2.6");
   }
-});
+}, { skip: hasVdso ? undefined : "this process has no vDSO" });
 
 test("imports(): the generated library's GOT slots, each holding what dlsym resolves", () => {
   const module = modules().find((m) => m.path === generated.path)!;
@@ -123,9 +121,9 @@ test("symbolAt(getpid + 3n): libc, the public name, offset 3; null outside every
     library: "libc.so.6", path: libcModule().path, name: "getpid", address: getpid, offset: 3,
   });
   assert.equal(symbolAt(0x1000n), null);
-  assert.throws(() => symbolAt(-1n), isCode("INVALID_ADDRESS"));
-  assert.throws(() => symbolAt(2n ** 64n), isCode("INVALID_ADDRESS"));
-  assert.throws(() => symbolAt(5 as unknown as bigint), isCode("INVALID_ADDRESS"));
+  assertCode(() => symbolAt(-1n), "INVALID_ADDRESS");
+  assertCode(() => symbolAt(2n ** 64n), "INVALID_ADDRESS");
+  assertCode(() => symbolAt(5 as unknown as bigint), "INVALID_ADDRESS");
 });
 
 test("find('memcmp'): in the order RTLD_DEFAULT searches, its first hit what dlsym finds", () => {
@@ -144,13 +142,13 @@ test("find('memcmp'): in the order RTLD_DEFAULT searches, its first hit what dls
 });
 
 test("bad names: unknown, empty, or holding a NUL are typed errors", () => {
-  assert.throws(() => exports("libnot-loaded.so.9"), isCode("LIBRARY_NOT_FOUND", /modules\(\)/));
-  assert.throws(() => imports("libc.so.6\0junk"), isCode("LIBRARY_NOT_FOUND", /NUL/));
-  assert.throws(() => exports(""), isCode("LIBRARY_NOT_FOUND"));
-  assert.throws(() => find("getpid\0junk"), isCode("SYMBOL_NOT_FOUND", /NUL/));
-  assert.throws(() => exports(42 as unknown as string), isCode("LIBRARY_NOT_FOUND"));
+  assertCode(() => exports("libnot-loaded.so.9"), "LIBRARY_NOT_FOUND", /modules\(\)/);
+  assertCode(() => imports("libc.so.6\0junk"), "LIBRARY_NOT_FOUND", /NUL/);
+  assertCode(() => exports(""), "LIBRARY_NOT_FOUND");
+  assertCode(() => find("getpid\0junk"), "SYMBOL_NOT_FOUND", /NUL/);
+  assertCode(() => exports(42 as unknown as string), "LIBRARY_NOT_FOUND");
   const gone = { name: "gone.so", path: "/gone.so", base: 0x1000n, size: 4096 };
-  assert.throws(() => os.exports(gone), isCode("LIBRARY_NOT_FOUND", /no longer loaded/));
+  assertCode(() => os.exports(gone), "LIBRARY_NOT_FOUND", /no longer loaded/);
 });
 
 /** The image as if loaded at `bias`; `relocated` adds the bias in the dynamic section as glibc does. */
@@ -203,12 +201,12 @@ test("the image reader passes on the reader's refusal instead of reading past an
     if (address >= 0x10000n) throw new RedefineError("INVALID_ADDRESS", "outside");
     return read(address, length);
   };
-  assert.throws(() => dynamicInfo(refusing, image), isCode("INVALID_ADDRESS"));
+  assertCode(() => dynamicInfo(refusing, image), "INVALID_ADDRESS");
 });
 
 test("where images cannot be read yet (macOS, Windows), introspection says so with UNSUPPORTED_PLATFORM", () => {
   const layer = noIntrospection("macOS");
-  assert.throws(() => layer.modules(), isCode("UNSUPPORTED_PLATFORM", /macOS/));
-  assert.throws(() => layer.exports(libcModule()), isCode("UNSUPPORTED_PLATFORM"));
-  assert.throws(() => layer.imports(libcModule()), isCode("UNSUPPORTED_PLATFORM"));
+  assertCode(() => layer.modules(), "UNSUPPORTED_PLATFORM", /macOS/);
+  assertCode(() => layer.exports(libcModule()), "UNSUPPORTED_PLATFORM");
+  assertCode(() => layer.imports(libcModule()), "UNSUPPORTED_PLATFORM");
 });
