@@ -8,7 +8,7 @@ import type { Os } from "./types.ts";
 /** `modules`, `exports` and `imports` for `system`, each refusing. */
 export function noIntrospection(system: string): Pick<Os, "modules" | "exports" | "imports"> {
   const refuse = (what: string) => (): never => {
-    throw new RedefineError("UNSUPPORTED_PLATFORM", `${what} is not implemented on ${system} yet (Linux only).`);
+    throw new RedefineError("UNSUPPORTED_PLATFORM", `${what} is not implemented on ${system} yet (Linux and Windows only).`);
   };
   return {
     modules: refuse("listing loaded modules"),

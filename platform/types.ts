@@ -137,10 +137,15 @@ export interface ModuleImport {
   readonly slot: bigint;
   /** What the slot holds now. */
   readonly target: bigint;
-  /** ELF `JUMP_SLOT` (calls through the PLT) or `GLOB_DAT` (the GOT entry of `&symbol`). */
-  readonly kind: "jump_slot" | "glob_dat";
-  /** The version the reference asks for, when it asks for one. */
+  /**
+   * ELF `JUMP_SLOT` (calls through the PLT) or `GLOB_DAT` (the GOT entry of `&symbol`); PE: an
+   * import address table entry.
+   */
+  readonly kind: "jump_slot" | "glob_dat" | "iat";
+  /** The version the reference asks for, when it asks for one (ELF). */
   readonly version?: string;
+  /** The library the import table names for it (PE; an ELF import names none). */
+  readonly from?: string;
 }
 
 /** What each OS layer (platform/linux.ts, ...) provides. */

@@ -7,7 +7,7 @@
  */
 import { hex, RedefineError } from "./errors.ts";
 import { findModule, imports } from "./introspect.ts";
-import type { LoadedModule } from "./introspect.ts";
+import type { LoadedModule, ModuleImport } from "./introspect.ts";
 
 /** One import slot of one calling library. */
 export interface CallerSlot {
@@ -17,7 +17,7 @@ export interface CallerSlot {
   readonly slot: bigint;
   /** What the slot holds now. */
   readonly held: bigint;
-  readonly kind: "jump_slot" | "glob_dat";
+  readonly kind: ModuleImport["kind"];
 }
 
 /** The names `callers` gives, checked: one string or a non-empty list of them. */

@@ -69,8 +69,7 @@ export function modules(): LoadedModule[] {
  */
 export function findModule(library: string): LoadedModule {
   checkName(library, "library");
-  const all = modules();
-  const found = all.find((m) => m.path === library) ?? all.find((m) => m.name === library);
+  const found = matchModule(modules(), library, platform().runtime.os === "windows");
   if (found === undefined) {
     throw new RedefineError(
       "LIBRARY_NOT_FOUND",
@@ -79,6 +78,16 @@ export function findModule(library: string): LoadedModule {
     );
   }
   return found;
+}
+
+/**
+ * The module `library` names among `all`: by path first, then by file name; Windows names match
+ * whatever their case (`KERNEL32.DLL` is `kernel32.dll`).
+ */
+export function matchModule(all: readonly LoadedModule[], library: string, foldCase: boolean): LoadedModule | undefined {
+  const fold = (text: string) => (foldCase ? text.toLowerCase() : text);
+  const wanted = fold(library);
+  return all.find((m) => fold(m.path) === wanted) ?? all.find((m) => fold(m.name) === wanted);
 }
 
 /**
@@ -100,8 +109,8 @@ export function exports(library: string): ModuleExport[] {
 
 /**
  * The import slots of a loaded library: each symbol it reaches through its GOT (`jump_slot` for
- * calls through the PLT, `glob_dat` for `&symbol`), the slot's address and what it holds now.
- * These slots are what a patch with `callers` rewrites.
+ * calls through the PLT, `glob_dat` for `&symbol`; on Windows its import address table, `iat`),
+ * the slot's address and what it holds now. These slots are what a patch with `callers` rewrites.
  *
  * @example
  * ```ts
