@@ -178,7 +178,7 @@ export function find(symbol: string): Definition[] {
 }
 
 /** Names are C strings: a NUL inside one would silently cut it short. */
-function checkName(name: string, what: "library" | "symbol"): void {
+export function checkName(name: string, what: "library" | "symbol"): void {
   const code = what === "library" ? "LIBRARY_NOT_FOUND" : "SYMBOL_NOT_FOUND";
   if (typeof name !== "string" || name === "") {
     throw new RedefineError(code, `a ${what} name must be a non-empty string, not ${String(name)}.`);

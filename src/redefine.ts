@@ -15,6 +15,7 @@ import type { Layout } from "./layout.ts";
 import { Patch } from "./patch.ts";
 import { layers, machine, newestFirst, refuseOverlap } from "./registry.ts";
 import { schedule, transaction } from "./transaction.ts";
+import { redefineCallers } from "./import_slots.ts";
 
 /**
  * Redefines a native function: every caller of `target`, native code and the runtime included, runs
@@ -38,6 +39,7 @@ export function redefine<const P extends readonly NativeType[], const R extends 
   target: Target<P, R>,
   replacement: NoInfer<Replacement<P, R>>,
 ): Patch<P, R> {
+  if ("callers" in target && target.callers !== undefined) return redefineCallers(target, replacement);
   const site = locate(target);
   return apply(site, destinationFor(site.signature, replacement));
 }
@@ -104,9 +106,7 @@ export function apply<P extends readonly NativeType[], R extends NativeType>(
   const original = site.code.slice(0, layout.entry.length);
   if (under) original.set(under.written.subarray(0, original.length));
   const patch = new Patch(site.address, site.signature, {
-    at: site.at,
-    original,
-    written: layout.entry,
+    writes: [{ key: site.address, at: site.at, original, written: layout.entry }],
     destination: layout.destination,
     stub: layout.stub,
     trampoline: layout.trampoline,

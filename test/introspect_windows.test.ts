@@ -7,7 +7,7 @@
 import { assert, assertCode, test } from "./harness.ts";
 import { windows } from "../platform/windows.ts";
 import { matchModule } from "../src/introspect.ts";
-import { fakeRuntime, fields } from "./fake_ffi.ts";
+import { fakeRuntime, fields, windowsSystemInfo } from "./fake_ffi.ts";
 import type { FakeMemory } from "./fake_ffi.ts";
 
 const APP = 0x1_4000_0000n;
@@ -111,13 +111,7 @@ function fakeProcess(exportRva = DATA) {
     os: "windows",
     arch: "x86_64",
     functions: {
-      GetSystemInfo: (info: Uint8Array) => {
-        const f = fields(info);
-        f.setUint32(4, 4096, true);
-        f.setBigUint64(8, 0x10000n, true);
-        f.setBigUint64(16, 0x7fff_fffe_ffffn, true);
-        f.setUint32(40, 0x10000, true);
-      },
+      GetSystemInfo: windowsSystemInfo,
       K32EnumProcessModules: (_process: bigint, buffer: Uint8Array, size: number, needed: Uint8Array) => {
         modules.slice(0, size / 8).forEach((m, i) => fields(buffer).setBigUint64(8 * i, m.base, true));
         fields(needed).setUint32(0, 8 * modules.length, true);
