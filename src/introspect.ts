@@ -140,8 +140,8 @@ export function symbolAt(address: bigint): SymbolLocation | null {
       `symbolAt wants an address as a bigint in [0, 2^64), not ${String(address)}.`,
     );
   }
-  const module = modules().find((m) => address >= m.base && address < m.base + BigInt(m.size));
-  if (module === undefined) return null;
+  const module = moduleAt(address);
+  if (module === null) return null;
   const covering = platform().os.exports(module)
     .filter((e) => address >= e.address && address < e.address + BigInt(Math.max(e.size, 1)));
   if (covering.length === 0) return null;
@@ -153,6 +153,11 @@ export function symbolAt(address: bigint): SymbolLocation | null {
   });
   return { library: module.name, path: module.path, name: best.name, address: best.address,
     offset: Number(address - best.address) };
+}
+
+/** The loaded module whose image holds `address`, or null. */
+export function moduleAt(address: bigint): LoadedModule | null {
+  return modules().find((m) => address >= m.base && address < m.base + BigInt(m.size)) ?? null;
 }
 
 /**

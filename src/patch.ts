@@ -9,6 +9,7 @@ import type { OriginalStub } from "./original.ts";
 import { layers, machine, register, unregister } from "./registry.ts";
 import type { Entry } from "./registry.ts";
 import { nativeSignature } from "./replacement.ts";
+import { moduleAt } from "./introspect.ts";
 import { schedule, transaction } from "./transaction.ts";
 import type { NativeCallback } from "../platform/mod.ts";
 
@@ -139,6 +140,21 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   /** True until the patch is restored. */
   get active(): boolean {
     return this.#applied !== null;
+  }
+
+  /**
+   * The module the redefined function lives in, as `modules()` names it: `"libc.so.6"`, the vDSO
+   * (`"linux-vdso.so.1"`) for glibc's `time`, or the runtime's own executable — Bun's exports a
+   * `memcmp` of its own, which a target without `library` finds first. "" when no module holds it,
+   * or where modules cannot be listed yet (macOS).
+   */
+  get library(): string {
+    try {
+      return moduleAt(this.address)?.name ?? "";
+    } catch (error) {
+      if (error instanceof RedefineError && error.code === "UNSUPPORTED_PLATFORM") return "";
+      throw error;
+    }
   }
 
   /** Where the entry jump is written: `address`, or just after a landing pad such as `endbr64`. */

@@ -5,7 +5,7 @@
  */
 import { readFileSync, realpathSync } from "node:fs";
 import { assert, assertCode, runtimeName, runtimePath, test } from "./harness.ts";
-import { exports, find, imports, modules, RedefineError, symbolAt } from "../mod.ts";
+import { exports, find, imports, modules, redefine, RedefineError, symbolAt } from "../mod.ts";
 import { dynamicInfo, exportedSymbols, importSlots, loadedSpan, programHeaders } from "../platform/image/elf_loaded.ts";
 import type { Reader } from "../platform/image/elf_loaded.ts";
 import { noIntrospection } from "../platform/no_introspection.ts";
@@ -209,4 +209,15 @@ test("where images cannot be read yet (macOS, Windows), introspection says so wi
   assertCode(() => layer.modules(), "UNSUPPORTED_PLATFORM", /macOS/);
   assertCode(() => layer.exports(libcModule()), "UNSUPPORTED_PLATFORM");
   assertCode(() => layer.imports(libcModule()), "UNSUPPORTED_PLATFORM");
+});
+
+test("Patch.library: the module the redefined function lives in, the vDSO for glibc's time", () => {
+  {
+    using patch = redefine({ symbol: "getppid", parameters: [], result: "i32" }, { symbol: "getpid" });
+    assert.equal(patch.library, "libc.so.6");
+  }
+  using scoped = redefine({ symbol: "time", parameters: ["pointer"], result: "i64", callers: generated.path }, () => 1n);
+  const time = os.symbolAddress("time");
+  assert.equal(scoped.library, modules().find((m) => time >= m.base && time < m.base + BigInt(m.size))!.name);
+  if (hasVdso && !isArm64) assert.equal(scoped.library, "linux-vdso.so.1");
 });
