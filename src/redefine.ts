@@ -3,7 +3,8 @@
  * live patch. Locate and check the site (src/target.ts), make the replacement a destination
  * (src/replacement.ts), lay out the stub and trampoline (src/layout.ts), then register the Patch
  * (src/patch.ts, src/registry.ts) and write its entry jump, now or with the enclosing transaction
- * (src/transaction.ts).
+ * (src/transaction.ts). A target with `callers` takes the other road, src/import_slots.ts: the
+ * import slots of those libraries are rewritten instead of the entry.
  */
 import type { NativeType } from "./signature.ts";
 import { locate } from "./target.ts";
