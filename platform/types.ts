@@ -139,12 +139,12 @@ export interface ModuleImport {
   readonly target: bigint;
   /**
    * ELF `JUMP_SLOT` (calls through the PLT) or `GLOB_DAT` (the GOT entry of `&symbol`); PE: an
-   * import address table entry.
+   * import address table entry; Mach-O: a lazy (`__la_symbol_ptr`) or non-lazy (`__got`) pointer.
    */
-  readonly kind: "jump_slot" | "glob_dat" | "iat";
+  readonly kind: "jump_slot" | "glob_dat" | "iat" | "lazy_pointer" | "non_lazy_pointer";
   /** The version the reference asks for, when it asks for one (ELF). */
   readonly version?: string;
-  /** The library the import table names for it (PE; an ELF import names none). */
+  /** The library the import table names for it (PE, Mach-O; an ELF import names none). */
   readonly from?: string;
 }
 

@@ -25,6 +25,7 @@ const WINDOWS_TESTS = [
   "test/windows.test.ts",
   "test/windows_e2e.test.ts",
   "test/introspect_windows.test.ts",
+  "test/introspect_darwin.test.ts",
   "test/introspect_windows_e2e.test.ts",
 ];
 const MIRROR = "http://deb.debian.org/debian";

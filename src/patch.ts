@@ -145,16 +145,10 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   /**
    * The module the redefined function lives in, as `modules()` names it: `"libc.so.6"`, the vDSO
    * (`"linux-vdso.so.1"`) for glibc's `time`, or the runtime's own executable — Bun's exports a
-   * `memcmp` of its own, which a target without `library` finds first. "" when no module holds it,
-   * or where modules cannot be listed yet (macOS).
+   * `memcmp` of its own, which a target without `library` finds first. "" when no module holds it.
    */
   get library(): string {
-    try {
-      return moduleAt(this.address)?.name ?? "";
-    } catch (error) {
-      if (error instanceof RedefineError && error.code === "UNSUPPORTED_PLATFORM") return "";
-      throw error;
-    }
+    return moduleAt(this.address)?.name ?? "";
   }
 
   /** Where the entry jump is written: `address`, or just after a landing pad such as `endbr64`. */

@@ -8,7 +8,6 @@ import { assert, assertCode, runtimeName, runtimePath, test } from "./harness.ts
 import { exports, find, imports, modules, redefine, RedefineError, symbolAt } from "../mod.ts";
 import { dynamicInfo, exportedSymbols, importSlots, loadedSpan, programHeaders } from "../platform/image/elf_loaded.ts";
 import type { Reader } from "../platform/image/elf_loaded.ts";
-import { noIntrospection } from "../platform/no_introspection.ts";
 import { elfFunctions } from "./elf_file.ts";
 import { buildImportLibrary, IMPORTS, loadImportLibrary } from "./import_library.ts";
 import { isArm64, os, runtime } from "./native.ts";
@@ -202,13 +201,6 @@ test("the image reader passes on the reader's refusal instead of reading past an
     return read(address, length);
   };
   assertCode(() => dynamicInfo(refusing, image), "INVALID_ADDRESS");
-});
-
-test("where images cannot be read yet (macOS, Windows), introspection says so with UNSUPPORTED_PLATFORM", () => {
-  const layer = noIntrospection("macOS");
-  assertCode(() => layer.modules(), "UNSUPPORTED_PLATFORM", /macOS/);
-  assertCode(() => layer.exports(libcModule()), "UNSUPPORTED_PLATFORM");
-  assertCode(() => layer.imports(libcModule()), "UNSUPPORTED_PLATFORM");
 });
 
 test("Patch.library: the module the redefined function lives in, the vDSO for glibc's time", () => {
