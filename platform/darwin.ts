@@ -398,6 +398,12 @@ export function darwin(runtime: Runtime): Os {
       );
     },
 
+    // mach_vm_write into this task would be the counterpart of Linux's /proc/self/mem; until it is
+    // measured against VM_PROT_COPY, every write makes its pages writable first.
+    forceWrite() {
+      return false;
+    },
+
     flushCode(address, length) {
       c.sys_icache_invalidate(address, BigInt(length));
     },

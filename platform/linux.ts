@@ -1,8 +1,9 @@
 /**
  * Linux memory services through glibc, called with the runtime's FFI: page size, protections
- * (`mprotect`, read back from /proc/self/maps), symbols (`dlsym`, `dladdr1`), executable memory
- * near a target (a memfd mapped twice: read+execute where the code runs, read+write elsewhere to
- * write it, so no page of ours is ever writable and executable), and the arm64 cache flush.
+ * (`mprotect`, read back from /proc/self/maps), writes into code without them (/proc/self/mem,
+ * platform/proc_mem.ts; x86-64), symbols (`dlsym`, `dladdr1`), executable memory near a target (a
+ * memfd mapped twice: read+execute where the code runs, read+write elsewhere to write it, so no
+ * page of ours is ever writable and executable), and the arm64 cache flush.
  */
 import { hex, RedefineError } from "../src/errors.ts";
 import type { Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
@@ -10,6 +11,7 @@ import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 import { aarch64CacheFlush } from "./aarch64_flush.ts";
 import { nearCandidates, protectionText } from "./address_space.ts";
 import { cString, posix } from "./posix.ts";
+import { procMem } from "./proc_mem.ts";
 
 const RTLD_DL_SYMENT = 1;
 const SC_PAGESIZE = 30;
@@ -40,6 +42,7 @@ function libc(runtime: Runtime) {
     open: { parameters: ["buffer", "i32"], result: "i32" },
     read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
     write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+    pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
     close: { parameters: ["i32"], result: "i32" },
     ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
     __errno_location: { parameters: [], result: "usize" },
@@ -73,9 +76,8 @@ export function linux(runtime: Runtime): Os {
   const c = libc(runtime);
   const pageSize = Number(c.sysconf(SC_PAGESIZE));
   // x86-64 keeps instruction fetch coherent with stores by itself; arm64 needs a flush.
-  const flush = runtime.arch === "aarch64" || runtime.arch === "arm64"
-    ? aarch64CacheFlush(runtime, pageSize).flush
-    : null;
+  const arm64 = runtime.arch === "aarch64" || runtime.arch === "arm64";
+  const flush = arm64 ? aarch64CacheFlush(runtime, pageSize).flush : null;
 
   const { errno, errnoText, symbolAddress } = posix(runtime, c, {
     errnoAddress: () => c.__errno_location() as bigint,
@@ -84,6 +86,11 @@ export function linux(runtime: Runtime): Os {
     libraryAdvice: `Give the name the dynamic loader knows (e.g. "libc.so.6", "libm.so.6") or an absolute path.`,
     spelling: "C names, no mangling",
   });
+
+  // Forced writes on x86-64 only, where the kernel's copy of an aligned 8-byte word was measured to
+  // be one store (README: live patching). On arm64 it is unmeasured, and under qemu-user, where the
+  // arm64 suite runs, a write behind qemu's back would leave its translated code stale.
+  const forced = arm64 ? null : procMem(runtime, c, pageSize, () => errnoText());
 
   // One open /proc/self/maps answers PROCMAP_QUERY for the life of the process; null once the
   // kernel turns out not to know the ioctl, and we read the whole text instead.
@@ -195,13 +202,22 @@ export function linux(runtime: Runtime): Os {
 
     protect(start, length, protection) {
       if ((c.mprotect(start, BigInt(length), protection) as number) !== 0) {
+        const why = errnoText();
+        const refusal = forced?.refusal();
         throw new RedefineError(
           "PROTECT_FAILED",
-          `mprotect(${hex(start)}, ${length}, ${protectionText(protection)}) failed: ${errnoText()}. ` +
-            `The kernel refuses to make this memory writable (the vDSO, for one, cannot be patched); ` +
-            `redefine a function that calls it instead.`,
+          `mprotect(${hex(start)}, ${length}, ${protectionText(protection)}) failed: ${why}` +
+            (refusal ? `, and ${refusal}` : "") +
+            (protection & PROT_WRITE
+              ? `. The kernel will not let this process change this code; to change what given ` +
+                `libraries see, redefine only their calls with { callers } (their import slots are data).`
+              : "."),
         );
       }
+    },
+
+    forceWrite(address, bytes) {
+      return forced?.write(address, bytes) ?? false;
     },
 
     allocateCode(near, reach, size) {

@@ -88,6 +88,13 @@ export interface Os {
   /** Changes the protection of whole pages; throws PROTECT_FAILED with the errno text. */
   protect(start: bigint, length: number, protection: number): void;
   /**
+   * Writes `bytes` at `address` into code this process cannot write through its own mapping,
+   * without changing any protection (Linux: /proc/self/mem). Returns false where the system
+   * refuses that, or has no such path, and then nothing was written: the caller makes the pages
+   * writable with `protect` and stores the bytes itself. One call is one copy by the kernel.
+   */
+  forceWrite(address: bigint, bytes: Uint8Array): boolean;
+  /**
    * Executable memory (with a writable alias) within `reach` bytes of `near`, or null when none
    * can be had there. It stays mapped for the life of the process: the code pool reuses it.
    */
