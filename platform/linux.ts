@@ -3,7 +3,8 @@
  * (`mprotect`, read back from /proc/self/maps), writes into code without them (/proc/self/mem,
  * platform/proc_mem.ts; x86-64), symbols (`dlsym`, `dladdr1`), executable memory near a target (a
  * memfd mapped twice: read+execute where the code runs, read+write elsewhere to write it, so no
- * page of ours is ever writable and executable), and the arm64 cache flush.
+ * page of ours is ever writable and executable), stub libraries for the loader (a sealed memfd),
+ * and the arm64 cache flush.
  */
 import { hex, RedefineError } from "../src/errors.ts";
 import type { Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
@@ -21,7 +22,11 @@ const MAP_ANONYMOUS = 0x20;
 const MAP_FIXED_NOREPLACE = 0x100000;
 const MAP_FAILED = 2n ** 64n - 1n;
 const MFD_CLOEXEC = 1;
+const MFD_ALLOW_SEALING = 2;
 const MFD_EXEC = 0x10;
+const F_ADD_SEALS = 1033;
+/** No more seals, no shrinking, no growing, no writing: the file's bytes are fixed for good. */
+const SEALED = 0x1 | 0x2 | 0x4 | 0x8;
 const O_RDONLY = 0;
 const O_CLOEXEC = 0x80000;
 /** `_IOWR('f', 17, struct procmap_query)`: one mapping by address, Linux 6.11 and later. */
@@ -44,6 +49,7 @@ function libc(runtime: Runtime) {
     write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
     pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
     close: { parameters: ["i32"], result: "i32" },
+    fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
     ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
     __errno_location: { parameters: [], result: "usize" },
     strerror: { parameters: ["i32"], result: "usize" },
@@ -150,10 +156,10 @@ export function linux(runtime: Runtime): Os {
     return address;
   }
 
-  function codeFile(size: number, label = "redefine-code"): number {
+  function codeFile(size: number, label = "redefine-code", flags = 0): number {
     const name = cString(label);
-    let fd = c.memfd_create(name, MFD_CLOEXEC | MFD_EXEC) as number;
-    if (fd < 0) fd = c.memfd_create(name, MFD_CLOEXEC) as number; // kernels before 6.3 lack MFD_EXEC
+    let fd = c.memfd_create(name, MFD_CLOEXEC | MFD_EXEC | flags) as number;
+    if (fd < 0) fd = c.memfd_create(name, MFD_CLOEXEC | flags) as number; // kernels before 6.3 lack MFD_EXEC
     if (fd < 0) {
       throw new RedefineError("ALLOCATION_FAILED", `memfd_create failed: ${errnoText()}.`);
     }
@@ -247,22 +253,26 @@ export function linux(runtime: Runtime): Os {
         }
         return null;
       } finally {
+        // The mappings keep the file; without a descriptor, our write alias is its only writable path.
         c.close(fd);
       }
     },
 
     loadableImage(image) {
-      const fd = codeFile(image.length, "redefine-stubs");
+      const fd = codeFile(image.length, "redefine-stubs", MFD_ALLOW_SEALING);
+      const fail = (what: string): never => {
+        const why = errnoText();
+        c.close(fd);
+        throw new RedefineError("ALLOCATION_FAILED", `${what} the stub library failed: ${why}.`);
+      };
       for (let done = 0; done < image.length;) {
         const n = Number(c.write(fd, image.subarray(done), BigInt(image.length - done)));
-        if (n <= 0) {
-          const why = errnoText();
-          c.close(fd);
-          throw new RedefineError("ALLOCATION_FAILED", `writing the stub library failed: ${why}.`);
-        }
+        if (n <= 0) fail("writing");
         done += n;
       }
-      // The descriptor stays open: the loader finds the library again by this path.
+      // The descriptor stays open, since the loader finds the library again by this path, so the
+      // file is sealed: no one can write code the process runs through /proc/self/fd/N.
+      if ((c.fcntl(fd, F_ADD_SEALS, SEALED) as number) !== 0) fail("sealing");
       return `/proc/self/fd/${fd}`;
     },
 

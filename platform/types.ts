@@ -101,7 +101,7 @@ export interface Os {
   allocateCode(near: bigint, reach: bigint, size: number): CodeBlock | null;
   /**
    * A path the runtime's `dlopen` can open, holding `image` (a shared library built in memory, see
-   * platform/image/elf.ts). It stays valid for the life of the process.
+   * platform/image/elf.ts). It stays valid, and its bytes as given, for the life of the process.
    */
   loadableImage(image: Uint8Array): string;
   /** Makes freshly written code visible to instruction fetch (a no-op on x86-64). */

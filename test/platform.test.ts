@@ -10,6 +10,8 @@ import { bytesAt, isArm64, libc, os, protectionAt, runtime, unwritableCode } fro
 import { PROT_EXEC, PROT_READ } from "../platform/mod.ts";
 import type { NativeCall, Runtime } from "../platform/mod.ts";
 import { execFileSync } from "node:child_process";
+import { closeSync, openSync, readdirSync, readFileSync, readlinkSync, writeFileSync, writeSync } from "node:fs";
+import { buildStubImage } from "../platform/mod.ts";
 
 function isCode(code: string) {
   return (e: unknown) => e instanceof RedefineError && e.code === code;
@@ -198,6 +200,45 @@ if (!isArm64 && runtime.os === "linux") {
       assert.equal(protectionAt(unwritable), PROT_READ | PROT_EXEC);
     } finally {
       libc.munmap(unwritable, BigInt(os.pageSize));
+    }
+  });
+}
+
+if (runtime.os === "linux") {
+  test("no writable alias of our code: the stub library's memfd is sealed, the code pool keeps no descriptor", () => {
+    const image = buildStubImage({
+      machine: isArm64 ? "aarch64" : "x86_64",
+      count: 2,
+      prefix: "redefine_sealed_test_",
+      stubSize: 16,
+      jump: () => new Uint8Array(isArm64 ? [0x00, 0x00, 0x20, 0xd4] : [0xcc]), // brk #0 / int3: never called
+    });
+    const path = os.loadableImage(image.bytes);
+    assert.match(path, /^\/proc\/self\/fd\/\d+$/);
+    assert.ok(os.symbolAddress(image.name(1), path) > 0n, "the loader still opens it");
+    assert.throws(() => writeFileSync(path, "x"), { code: "EPERM" });
+    const fd = openSync(path, "r+");
+    try {
+      assert.throws(() => writeSync(fd, Uint8Array.of(0xcc), 0, 1, 0x40), { code: "EPERM" });
+    } finally {
+      closeSync(fd);
+    }
+    assert.deepEqual(new Uint8Array(readFileSync(path)), image.bytes, "the file holds what was written");
+
+    // A patch that needs the code pool; then no descriptor of the process names its memfd.
+    const patch = redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, (x) => x);
+    try {
+      const links = readdirSync("/proc/self/fd").map((n) => {
+        try {
+          return readlinkSync(`/proc/self/fd/${n}`);
+        } catch {
+          return "";
+        }
+      });
+      assert.ok(links.some((l) => l.startsWith("/memfd:redefine-stubs")), links.join(" "));
+      assert.ok(!links.some((l) => l.startsWith("/memfd:redefine-code")), links.join(" "));
+    } finally {
+      patch.restore();
     }
   });
 }
