@@ -165,7 +165,8 @@ export function darwin(runtime: Runtime): Os {
     errnoAddress: () => c.__error() as bigint,
     errnoNames: ERRNO_NAMES,
     rtldDefault: RTLD_DEFAULT,
-    libraryAdvice: `Give the install name or path the dynamic loader knows (e.g. "${LIBSYSTEM}", "/usr/lib/libz.1.dylib").`,
+    libraryAdvice: `Give the install name or path the dynamic loader knows (e.g. "${LIBSYSTEM}", ` +
+      `"/usr/lib/libz.1.dylib").`,
     // dlsym takes the C name and adds the leading underscore itself.
     spelling: "the C name, without the leading underscore",
   });

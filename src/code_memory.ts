@@ -1,7 +1,8 @@
 /**
  * Writing code: the executable pool where stubs and trampolines live, and the all-or-nothing
- * transaction that writes into protected code (make the pages writable, write, put the original
- * protection back, flush), undoing every step when one fails.
+ * transaction that writes into protected code (through the kernel's forced write where the system
+ * has one, else make the pages writable, write, put the original protection back; then flush),
+ * undoing every step when one fails.
  */
 import { hex, RedefineError } from "./errors.ts";
 import type { CodeBlock, Mapping, Platform, Runtime } from "../platform/mod.ts";
