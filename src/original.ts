@@ -4,7 +4,7 @@
  * the patch's trampoline. Bound with the runtime's own `dlopen`, the stub takes the runtime's fast
  * call path — Deno has none for raw pointers (`UnsafeFnPointer` costs hundreds of ns a call).
  */
-import type { Arch } from "./arch/mod.ts";
+import type { Arch } from "./arch/types.ts";
 import { buildStubImage } from "../platform/mod.ts";
 import type { NativeCall, Platform, StubImage } from "../platform/mod.ts";
 import type { Signature } from "./signature.ts";

@@ -1,5 +1,5 @@
-import { assert, runtimeName, runtimePath, test } from "./harness.ts";
-import { redefine, RedefineError } from "../mod.ts";
+import { assert, assertCode, runtimeName, runtimePath, test } from "./harness.ts";
+import { redefine } from "../mod.ts";
 import { archFor } from "../src/arch/mod.ts";
 import { osFor } from "../platform/mod.ts";
 import { parseMaps } from "../platform/linux.ts";
@@ -13,17 +13,9 @@ import { execFileSync } from "node:child_process";
 import { closeSync, openSync, readdirSync, readFileSync, readlinkSync, writeFileSync, writeSync } from "node:fs";
 import { buildStubImage } from "../platform/mod.ts";
 
-function isCode(code: string) {
-  return (e: unknown) => e instanceof RedefineError && e.code === code;
-}
-
-function isCodeMatching(code: string, message: RegExp) {
-  return (e: unknown) => e instanceof RedefineError && e.code === code && message.test(e.message);
-}
-
 test("an unsupported CPU or OS is a typed error", () => {
-  assert.throws(() => archFor("riscv64"), isCode("UNSUPPORTED_PLATFORM"));
-  assert.throws(() => osFor({ ...runtime, os: "plan9" }), isCode("UNSUPPORTED_PLATFORM"));
+  assertCode(() => archFor("riscv64"), "UNSUPPORTED_PLATFORM");
+  assertCode(() => osFor({ ...runtime, os: "plan9" }), "UNSUPPORTED_PLATFORM");
 });
 
 test("Deno without --allow-ffi: FFI_PERMISSION naming the flag", () => {
@@ -67,9 +59,9 @@ test("a write that fails half-way rolls back every page and byte", () => {
   const before = bytesAt(labs, 8);
   const protection = protectionAt(labs);
   try {
-    assert.throws(
+    assertCode(
       () => writeCode(p, [{ address: labs, bytes: new Uint8Array(8).fill(0xcc) }, { address: unwritable, bytes: Uint8Array.of(0xcc) }]),
-      isCode("PROTECT_FAILED"),
+      "PROTECT_FAILED",
     );
   } finally {
     libc.munmap(unwritable, BigInt(os.pageSize));
@@ -183,18 +175,20 @@ if (!isArm64 && runtime.os === "linux") {
     const { platform: refused } = refusingLinux({ open: true });
     const time = os.symbolAddress("time");
     const bytes = bytesAt(time, 8);
-    assert.throws(
+    assertCode(
       () => writeCode(refused, [{ address: time, bytes: Uint8Array.of(0xc3) }]),
-      isCodeMatching("PROTECT_FAILED", /EINVAL.*opening \/proc\/self\/mem failed.*\{ callers \}/s),
+      "PROTECT_FAILED",
+      /EINVAL.*opening \/proc\/self\/mem failed.*\{ callers \}/s,
     );
     assert.deepEqual(bytesAt(time, 8), bytes);
     // A shared read-only file mapping: the kernel copies nothing for it, and mprotect says EACCES.
     const unwritable = unwritableCode();
     try {
       const before = bytesAt(unwritable, 8);
-      assert.throws(
+      assertCode(
         () => writeCode(platform(), [{ address: unwritable, bytes: Uint8Array.of(0xc3) }]),
-        isCodeMatching("PROTECT_FAILED", /EACCES.*through \/proc\/self\/mem was refused: EIO.*\{ callers \}/s),
+        "PROTECT_FAILED",
+        /EACCES.*through \/proc\/self\/mem was refused: EIO.*\{ callers \}/s,
       );
       assert.deepEqual(bytesAt(unwritable, 8), before);
       assert.equal(protectionAt(unwritable), PROT_READ | PROT_EXEC);
