@@ -6,7 +6,7 @@ import { parseMaps } from "../platform/linux.ts";
 import { nearCandidates } from "../platform/address_space.ts";
 import { writeCode } from "../src/code_memory.ts";
 import { platform } from "../platform/mod.ts";
-import { bytesAt, isArm64, libc, os, protectionAt, runtime, unwritableCode } from "./native.ts";
+import { assemble, bytesAt, isArm64, libc, os, protectionAt, runtime, unassemble, unwritableCode } from "./native.ts";
 import { PROT_EXEC, PROT_READ } from "../platform/mod.ts";
 import type { NativeCall, Runtime } from "../platform/mod.ts";
 import { execFileSync } from "node:child_process";
@@ -71,10 +71,11 @@ test("a write that fails half-way rolls back every page and byte", () => {
 });
 
 /**
- * The Linux layer over a runtime whose libc refuses what `refuse` says; counts the calls that
- * change code: `mprotect`, and `pwrite` (to /proc/self/mem, the only file the layer pwrites).
+ * The Linux layer over a runtime whose libc refuses what `refuse` says (`short`: a pwrite across a
+ * page boundary stops at it, as when the next page refuses); counts the calls that change code:
+ * `mprotect`, and `pwrite` (to /proc/self/mem, the only file the layer pwrites).
  */
-function refusingLinux(refuse: { open?: boolean; pwrite?: boolean }) {
+function refusingLinux(refuse: { open?: boolean; pwrite?: boolean; short?: boolean; mprotect?: boolean }) {
   const calls = { mprotect: 0, pwrite: 0, openProcMem: 0 };
   const wrapped: Runtime = {
     ...runtime,
@@ -89,8 +90,14 @@ function refusingLinux(refuse: { open?: boolean; pwrite?: boolean }) {
           if (procMem) calls.openProcMem++;
           return procMem && refuse.open ? -1 : open(name, flags);
         },
-        pwrite: (...args: unknown[]) => (calls.pwrite++, refuse.pwrite ? -1 : pwrite(...args)),
-        mprotect: (...args: unknown[]) => (calls.mprotect++, mprotect(...args)),
+        pwrite: (fd: number, bytes: Uint8Array, length: bigint, at: bigint) => {
+          calls.pwrite++;
+          if (refuse.pwrite) return -1;
+          const page = BigInt(os.pageSize);
+          const room = page - at % page;
+          return refuse.short && length > room ? pwrite(fd, bytes, room, at) : pwrite(fd, bytes, length, at);
+        },
+        mprotect: (...args: unknown[]) => (calls.mprotect++, refuse.mprotect ? -1 : mprotect(...args)),
       } as never;
     },
   };
@@ -167,6 +174,31 @@ if (!isArm64 && runtime.os === "linux") {
       assert.equal(calls.mprotect, 4, "a writable-and-back pair per write");
       assert.equal(calls.openProcMem, 1, "tried once");
       assert.equal(calls.pwrite, refuse.pwrite ? 1 : 0, "the probe only");
+    }
+  });
+
+  test("a forced write the kernel takes only part of is undone, and the write goes the mprotect way", () => {
+    const { platform: short, calls } = refusingLinux({ short: true });
+    // Eight bytes from three before the end of a read+execute page into the next one.
+    const { address, base } = assemble([0x90, 0x90, 0x90, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc], -3);
+    try {
+      const before = bytesAt(address, 8);
+      const protection = protectionAt(address);
+      const bytes = Uint8Array.of(0x31, 0xc0, 0x90, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc); // xor eax, eax; nop; ret
+      writeCode(short, [{ address, bytes }]);
+      assert.deepEqual(bytesAt(address, 8), bytes);
+      assert.equal(protectionAt(address), protection);
+      assert.equal(protectionAt(address + 7n), protection);
+      assert.equal(calls.pwrite, 3, "the probe, the short write, the write-back of its first part");
+      assert.equal(calls.mprotect, 2, "both pages opened and closed as one run");
+      writeCode(short, [{ address, bytes: before }]);
+      assert.deepEqual(bytesAt(address, 8), before, "restored exactly");
+      // With mprotect refused as well, nothing stays written: not even the part the kernel took.
+      const { platform: neither } = refusingLinux({ short: true, mprotect: true });
+      assertCode(() => writeCode(neither, [{ address, bytes }]), "PROTECT_FAILED", /the kernel took 3/);
+      assert.deepEqual(bytesAt(address, 8), before, "the first part written back");
+    } finally {
+      unassemble(base);
     }
   });
 
