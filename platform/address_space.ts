@@ -35,9 +35,9 @@ export function nearCandidates(
   const floor = (v: bigint) => v - v % pageSize;
   const ceil = (v: bigint) => floor(v + pageSize - 1n);
   for (let i = 0; i <= mappings.length; i++) {
-    const gapStart = i === 0 ? pageSize * 16n : mappings[i - 1].end;
-    let gapEnd = i === mappings.length ? 2n ** 47n : mappings[i].start;
-    if (i < mappings.length && mappings[i].path === "[stack]") gapEnd -= STACK_GUARD;
+    const gapStart = i === 0 ? pageSize * 16n : mappings[i - 1]!.end;
+    let gapEnd = i === mappings.length ? 2n ** 47n : mappings[i]!.start;
+    if (i < mappings.length && mappings[i]!.path === "[stack]") gapEnd -= STACK_GUARD;
     const from = ceil(gapStart > low ? gapStart : low);
     const to = floor(gapEnd < high ? gapEnd : high);
     if (to - from < size) continue;

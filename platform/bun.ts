@@ -75,7 +75,7 @@ export const bun: Runtime = {
     const result: Record<string, NativeCall> = { ...bound };
     for (const [name, s] of entries.filter(([, s]) => s.optional)) {
       const one = openOne(path, { [name]: bunDefinition(s) });
-      if (!(one instanceof Error)) result[name] = one[name];
+      if (!(one instanceof Error)) result[name] = one[name]!;
     }
     return result as Record<K, NativeCall>;
   },

@@ -142,7 +142,7 @@ export function decodeFunctionStarts(data: Uint8Array, base: bigint): bigint[] {
     let shift = 0n;
     let byte: number;
     do {
-      byte = data[i++];
+      byte = data[i++]!;
       delta |= BigInt(byte & 0x7f) << shift;
       shift += 7n;
     } while (byte & 0x80 && i < data.length);
@@ -187,11 +187,11 @@ export function darwin(runtime: Runtime): Os {
     const kr = c.mach_vm_region_recurse(task, bytes(at), bytes(size), bytes(depthIn), info, bytes(count)) as number;
     if (kr !== 0) return null;
     return {
-      start: at[0],
-      end: at[0] + size[0],
+      start: at[0]!,
+      end: at[0]! + size[0]!,
       protection: u32(info, 0) & (PROT_READ | PROT_WRITE | PROT_EXEC),
       isSubmap: u32(info, SUBMAP_INFO_IS_SUBMAP) !== 0,
-      depth: depthIn[0],
+      depth: depthIn[0]!,
     };
   }
 
@@ -330,7 +330,7 @@ export function darwin(runtime: Runtime): Os {
     return (address) => {
       const i = index.get(address);
       if (i === undefined) return 0;
-      return Number((i + 1 < table.starts.length ? table.starts[i + 1] : table.textEnd) - address);
+      return Number((i + 1 < table.starts.length ? table.starts[i + 1]! : table.textEnd) - address);
     };
   }
 
@@ -358,10 +358,10 @@ export function darwin(runtime: Runtime): Os {
       if (table) {
         const { starts, textEnd } = table;
         let i = starts.length - 1;
-        while (i >= 0 && starts[i] > address) i--;
-        const end = i + 1 < starts.length ? starts[i + 1] : textEnd;
+        while (i >= 0 && starts[i]! > address) i--;
+        const end = i + 1 < starts.length ? starts[i + 1]! : textEnd;
         if (i >= 0 && address < end) {
-          const start = starts[i];
+          const start = starts[i]!;
           return {
             name: start === symbolAddress || name === "" ? name : `${name}+${hex(start - symbolAddress)}`,
             start,
@@ -426,9 +426,9 @@ export function darwin(runtime: Runtime): Os {
         }
         // The code half runs read+execute; the data after it stays read+write.
         if (machProtect(at, size, PROT_READ | PROT_EXEC) === 0) {
-          return { address: at, writable: alias[0], size, data: at + BigInt(size), dataSize };
+          return { address: at, writable: alias[0]!, size, data: at + BigInt(size), dataSize };
         }
-        deallocate(alias[0], BigInt(size));
+        deallocate(alias[0]!, BigInt(size));
         deallocate(at, total);
         refused = true; // executable anonymous memory is refused (hardened runtime): not here either
         break;

@@ -82,7 +82,7 @@ export function parseMaps(text: string): Mapping[] {
       end: BigInt("0x" + m[2]),
       protection: (m[3] === "r" ? PROT_READ : 0) | (m[4] === "w" ? PROT_WRITE : 0) |
         (m[5] === "x" ? PROT_EXEC : 0),
-      path: m[6],
+      path: m[6]!,
     });
   }
   return mappings;
@@ -261,7 +261,7 @@ export function linux(runtime: Runtime): Os {
         `'${module.name}' at ${hex(module.base)} is no longer loaded: list the modules again.`,
       );
     }
-    return { image: all[found].image, main: found === 0 };
+    return { image: all[found]!.image, main: found === 0 };
   }
 
   /**

@@ -189,7 +189,7 @@ export function windows(runtime: Runtime): Os {
     const out = new BigUint64Array(1);
     const flags = GET_MODULE_HANDLE_EX_FLAG_FROM_ADDRESS | GET_MODULE_HANDLE_EX_FLAG_UNCHANGED_REFCOUNT;
     if ((k.GetModuleHandleExW(flags, address, new Uint8Array(out.buffer)) as number) === 0) return 0n;
-    return out[0];
+    return out[0]!;
   }
 
   function loadedModules(): bigint[] {
@@ -200,7 +200,7 @@ export function windows(runtime: Runtime): Os {
       if (ok === 0) {
         throw new RedefineError("SYMBOL_NOT_FOUND", `cannot list the process's modules (K32EnumProcessModules: ${lastError()}).`);
       }
-      if (needed[0] <= capacity * 8) return Array.from(modules.subarray(0, needed[0] / 8));
+      if (needed[0]! <= capacity * 8) return Array.from(modules.subarray(0, needed[0]! / 8));
     }
   }
 
@@ -370,7 +370,7 @@ export function windows(runtime: Runtime): Os {
       if (entry !== 0n) {
         // RUNTIME_FUNCTION: BeginAddress, EndAddress, UnwindData (RVAs from the image base).
         const fn = read(entry, 12);
-        const start = base[0] + BigInt(u32(fn, 0));
+        const start = base[0]! + BigInt(u32(fn, 0));
         return {
           name: names.get(start - module) ?? "",
           start,
@@ -414,7 +414,7 @@ export function windows(runtime: Runtime): Os {
         );
       }
       if (restoring) saved.delete(start);
-      else if (protection & PROT_WRITE && !(protectionBits(old[0]) & PROT_WRITE)) saved.set(start, old[0]);
+      else if (protection & PROT_WRITE && !(protectionBits(old[0]!) & PROT_WRITE)) saved.set(start, old[0]!);
     },
 
     allocateCode(near, reach, size) {

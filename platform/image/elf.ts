@@ -75,7 +75,7 @@ export function buildStubImage(options: {
   const dataAt = align(textEnd, PAGE);
   const dynamic: [number, number][] = [
     [DT_HASH, hashAt], [DT_STRTAB, strAt], [DT_SYMTAB, symAt], [DT_STRSZ, strtab.length],
-    [DT_SYMENT, SYM], [DT_SONAME, nameAt[0]], [DT_NULL, 0],
+    [DT_SYMENT, SYM], [DT_SONAME, nameAt[0]!], [DT_NULL, 0],
   ];
   const slotsAt = dataAt + align(dynamic.length * 16, 16);
   const end = slotsAt + 8 * count;
@@ -97,7 +97,7 @@ export function buildStubImage(options: {
   for (let i = 0; i < count; i++) {
     const s = symAt + SYM * (i + 1);
     const stub = textAt + stubStride * i;
-    u32(s, nameAt[i + 1]);
+    u32(s, nameAt[i + 1]!);
     bytes[s + 4] = 0x12; // STB_GLOBAL, STT_FUNC
     const target = targets?.[i];
     // SHN_ABS: the value is the address itself; else any defined section (not SHN_UNDEF) relocates it
@@ -149,7 +149,7 @@ export function writeElfHeaders(bytes: Uint8Array, machine: keyof typeof MACHINE
     v.setUint32(p, segment.type, true);
     v.setUint32(p + 4, segment.flags, true);
     for (const [field, value] of [[8, segment.at], [16, segment.at], [24, segment.at], [32, segment.fileSize],
-      [40, segment.memorySize], [48, segment.alignment]]) {
+      [40, segment.memorySize], [48, segment.alignment]] as const) {
       v.setBigUint64(p + field, BigInt(value), true); // p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
     }
   });
@@ -166,7 +166,7 @@ export function writeSysvHash(v: DataView, at: number, nbucket: number, names: r
   const bucket = (i: number) => at + 8 + 4 * i;
   const chain = (i: number) => at + 8 + 4 * nbucket + 4 * i;
   for (let s = 1; s < nsyms; s++) {
-    const b = elfHash(names[s - 1]) % nbucket;
+    const b = elfHash(names[s - 1]!) % nbucket;
     v.setUint32(chain(s), v.getUint32(bucket(b), true), true);
     v.setUint32(bucket(b), s, true);
   }

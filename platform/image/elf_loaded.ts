@@ -140,7 +140,7 @@ export function programHeaders(read: Reader, address: bigint, count: number): Pr
 function linkedRange(headers: readonly ProgramHeader[]): { low: bigint; high: bigint } | null {
   const loads = headers.filter((h) => h.type === PT_LOAD);
   if (loads.length === 0) return null;
-  let low = loads[0].vaddr, high = loads[0].vaddr + loads[0].memsz;
+  let low = loads[0]!.vaddr, high = loads[0]!.vaddr + loads[0]!.memsz;
   for (const h of loads) {
     if (h.vaddr < low) low = h.vaddr;
     if (h.vaddr + h.memsz > high) high = h.vaddr + h.memsz;
@@ -363,7 +363,7 @@ export function importSlots(read: Reader, image: LoadedImage, info: DynamicInfo,
       const symbol = bytes.getUint32(at + 12, true);
       if ((type !== jumpSlot && type !== globDat) || symbol === 0 || symbol > symbols.length) continue;
       const slot = image.bias + bytes.getBigUint64(at, true);
-      const s = symbols[symbol - 1];
+      const s = symbols[symbol - 1]!;
       imports.push({
         name: s.name,
         slot,

@@ -162,7 +162,7 @@ function uleb(bytes: Uint8Array, at: number): [bigint, number] {
   let value = 0n, shift = 0n;
   for (;;) {
     if (at >= bytes.length) throw new RedefineError("INVALID_ADDRESS", "the export trie ends inside a number.");
-    const byte = bytes[at++];
+    const byte = bytes[at++]!;
     value += BigInt(byte % 128) << shift;
     if (byte < 128) return [value, at];
     shift += 7n;
@@ -202,7 +202,7 @@ export function machoExports(read: Reader, header: bigint): MachOExport[] {
     }
     if (children >= trie.length) return;
     let next = children + 1;
-    for (let i = 0; i < trie[children]; i++) {
+    for (let i = 0; i < trie[children]!; i++) {
       const end = trie.indexOf(0, next);
       if (end < 0) return;
       const edge = new TextDecoder().decode(trie.subarray(next, end));

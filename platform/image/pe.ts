@@ -102,7 +102,7 @@ export function peFromStubElf(elf: Uint8Array, dllName: string): Uint8Array {
   e.setUint32(36, edataRva + ordinalsAt, true);
   sorted.forEach((entry, i) => {
     e.setUint32(functionsAt + 4 * i, SHIFT + entry.vaddr, true);
-    e.setUint32(namesAt + 4 * i, edataRva + nameAt[i], true);
+    e.setUint32(namesAt + 4 * i, edataRva + nameAt[i]!, true);
     e.setUint16(ordinalsAt + 2 * i, i, true);
   });
   for (const s of strings) edata.set(s.bytes, s.at);
@@ -140,8 +140,8 @@ export function peFromStubElf(elf: Uint8Array, dllName: string): Uint8Array {
 
   const o = optionalAt;
   v.setUint16(o, 0x20b, true); // PE32+
-  v.setUint32(o + 4, placed[0].raw, true); // SizeOfCode
-  v.setUint32(o + 8, placed[1].raw + placed[2].raw, true); // SizeOfInitializedData
+  v.setUint32(o + 4, placed[0]!.raw, true); // SizeOfCode
+  v.setUint32(o + 8, placed[1]!.raw + placed[2]!.raw, true); // SizeOfInitializedData
   v.setUint32(o + 16, 0, true); // no entry point: no DllMain
   v.setUint32(o + 20, codeRva, true); // BaseOfCode
   v.setBigUint64(o + 24, 0x1_8000_0000n, true); // ImageBase (any: the loader relocates freely)
