@@ -67,7 +67,7 @@ export function assembleListing(
   let start = 0;
   lines.forEach((line, i) => {
     if (typeof line === "string") return;
-    const numbers = numbersOf(line, { start, end: start + sizes[i], unit, label });
+    const numbers = numbersOf(line, { start, end: start + sizes[i]!, unit, label });
     if (numbers.length * unit !== sizes[i]) throw new RangeError(`line ${i} of the listing changed its size`);
     numbers.forEach((n, k) => (unit === 1 ? view.setUint8(start + k, n) : view.setUint32(start + 4 * k, n, true)));
     start += sizes[i];

@@ -258,10 +258,10 @@ export function relocate(plan: RelocationPlan<Instruction>, trampoline: bigint):
     at += BigInt(rewrite(internal(instruction) ? { ...instruction, target: at } : instruction, at).length);
   }
   const moved = instructions.map((instruction, i) => {
-    if (!internal(instruction)) return rewrite(instruction, starts[i]);
+    if (!internal(instruction)) return rewrite(instruction, starts[i]!);
     return rewrite(
-      { ...instruction, target: starts[Number((instruction.target - address) / 4n)] },
-      starts[i],
+      { ...instruction, target: starts[Number((instruction.target - address) / 4n)]! },
+      starts[i]!,
     );
   });
   if (!endsInCall(instructions)) moved.push(jump(at, address + BigInt(consumed)));

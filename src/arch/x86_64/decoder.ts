@@ -202,7 +202,7 @@ export function instructionLength(code: Uint8Array, offset: number, found: Opera
   let byte = 0;
   for (;;) {
     if (p >= limit) return cutShort(offset, limit, found);
-    byte = code[p++];
+    byte = code[p++]!;
     const kind = PREFIX[byte];
     if (kind === 0) break;
     if (kind === REX) {
@@ -220,17 +220,17 @@ export function instructionLength(code: Uint8Array, offset: number, found: Opera
   let map = 0, escape = 0, opcode = byte;
   if (opcode === 0x0f) {
     if (p >= limit) return cutShort(offset, limit, found);
-    opcode = code[p++];
+    opcode = code[p++]!;
     if (opcode === 0x38 || opcode === 0x3a) {
       map = opcode === 0x38 ? 2 : 3;
       if (p >= limit) return cutShort(offset, limit, found);
-      opcode = code[p++];
+      opcode = code[p++]!;
     } else {
       map = 1;
     }
   } else if (opcode === 0xc4 || opcode === 0xc5 || opcode === 0x62) {
     escape = opcode === 0x62 ? EVEX : VEX;
-  } else if (opcode === 0x8f && p < code.length && (code[p] & 0x1f) >= 8) {
+  } else if (opcode === 0x8f && p < code.length && (code[p]! & 0x1f) >= 8) {
     // 8F is `pop r/m` unless the next byte's map field names an XOP map (8 and up).
     escape = XOP;
   }
@@ -238,12 +238,12 @@ export function instructionLength(code: Uint8Array, offset: number, found: Opera
     if (found !== null) found.opcode = opcode;
     if (operand16 || repeat !== 0 || lock || rex !== 0) return fail(PREFIX_BEFORE_ESCAPE, offset, p, found);
     if (p >= limit) return cutShort(offset, limit, found);
-    const mapField = code[p++] & (escape === EVEX ? 0x07 : 0x1f);
+    const mapField = code[p++]! & (escape === EVEX ? 0x07 : 0x1f);
     // The byte after C5 holds no map field: 2-byte VEX always means map 1 (0F).
     map = opcode === 0xc5 ? 1 : mapField;
     if (escape === EVEX) {
       if (p >= limit) return cutShort(offset, limit, found);
-      if ((code[p++] & 0x04) === 0) return fail(EVEX_BIT, offset, p, found);
+      if ((code[p++]! & 0x04) === 0) return fail(EVEX_BIT, offset, p, found);
       if (p >= limit) return cutShort(offset, limit, found);
       p++;
     } else if (opcode !== 0xc5) {
@@ -256,12 +256,12 @@ export function instructionLength(code: Uint8Array, offset: number, found: Opera
       return fail(NO_SUCH_MAP, offset, p, found);
     }
     if (p >= limit) return cutShort(offset, limit, found);
-    opcode = code[p++];
+    opcode = code[p++]!;
   }
 
   let form: number;
   if (escape === 0) {
-    form = map === 0 ? ONE_BYTE[opcode] : map === 1 ? TWO_BYTE[opcode] : map === 2 ? MODRM : MODRM_IMM8;
+    form = map === 0 ? ONE_BYTE[opcode]! : map === 1 ? TWO_BYTE[opcode]! : map === 2 ? MODRM : MODRM_IMM8;
   } else if (map === 1) {
     form = opcode === 0x77 && escape === VEX ? NONE : VEX_MAP1_IMM8[opcode] === 1 ? MODRM_IMM8 : MODRM;
   } else {
@@ -272,19 +272,19 @@ export function instructionLength(code: Uint8Array, offset: number, found: Opera
   let modrm = -1, ripDispOffset = -1, ripDisp = 0;
   if (form >= MODRM && form <= MODRM_EXTRQ) {
     if (p >= limit) return cutShort(offset, limit, found);
-    modrm = code[p++];
+    modrm = code[p++]!;
     const mod = modrm >> 6;
     const rm = modrm & 7;
     if (form !== MODRM_REG && mod !== 3) {
       let sibBase = -1;
       if (rm === 4) {
         if (p >= limit) return cutShort(offset, limit, found);
-        sibBase = code[p++] & 7;
+        sibBase = code[p++]! & 7;
       }
       if (mod === 0 && rm === 5) {
         ripDispOffset = p - offset;
         if (p + 4 > limit) return cutShort(offset, limit, found);
-        ripDisp = code[p] | (code[p + 1] << 8) | (code[p + 2] << 16) | (code[p + 3] << 24);
+        ripDisp = code[p]! | (code[p + 1]! << 8) | (code[p + 2]! << 16) | (code[p + 3]! << 24);
         p += 4;
       } else {
         p += mod === 1 ? 1 : mod === 2 || sibBase === 5 ? 4 : 0;
@@ -336,11 +336,11 @@ export function instructionLength(code: Uint8Array, offset: number, found: Opera
     found.relSize = relSize;
     found.relOffset = p - offset;
     found.rel = relSize === 1
-      ? (code[p] << 24) >> 24
+      ? (code[p]! << 24) >> 24
       : relSize === 2
-      ? ((code[p] | (code[p + 1] << 8)) << 16) >> 16
+      ? ((code[p]! | (code[p + 1]! << 8)) << 16) >> 16
       : relSize === 4
-      ? code[p] | (code[p + 1] << 8) | (code[p + 2] << 16) | (code[p + 3] << 24)
+      ? code[p]! | (code[p + 1]! << 8) | (code[p + 2]! << 16) | (code[p + 3]! << 24)
       : 0;
     found.ripDispOffset = ripDispOffset;
     found.ripDisp = ripDisp;

@@ -65,10 +65,10 @@ export function relocate(plan: RelocationPlan<Instruction>, trampoline: bigint):
   const { address, consumed, instructions: copied } = plan;
   const starts = layout(copied, address, consumed, trampoline);
   const newAddressOf = (target: bigint): bigint =>
-    starts[copied.findIndex((insn) => insn.address === target)];
+    starts[copied.findIndex((insn) => insn.address === target)]!;
 
-  const parts = copied.map((insn, i) => rewrite(insn, starts[i], address, consumed, newAddressOf));
-  if (!endsInCall(copied)) parts.push(jmpNearest(starts[copied.length], address + BigInt(consumed)));
+  const parts = copied.map((insn, i) => rewrite(insn, starts[i]!, address, consumed, newAddressOf));
+  if (!endsInCall(copied)) parts.push(jmpNearest(starts[copied.length]!, address + BigInt(consumed)));
   return concat(parts);
 }
 
@@ -125,8 +125,8 @@ function copiedInstructions(code: Uint8Array, address: bigint, minLength: number
   copied.forEach((insn, i) => {
     const branch = insn.branch;
     if (branch?.kind !== "loop" && branch?.kind !== "jrcxz") return;
-    const target = worst[copied.findIndex((other) => other.address === branch.target)];
-    const disp = target - worst[i + 1];
+    const target = worst[copied.findIndex((other) => other.address === branch.target)]!;
+    const disp = target - worst[i + 1]!;
     if (disp < -128n || disp > 127n) {
       throw refuse(
         insn,
@@ -178,7 +178,7 @@ function layout(
 ): bigint[] {
   const starts = [trampoline ?? 0n];
   for (const insn of copied) {
-    const at = starts[starts.length - 1];
+    const at = starts[starts.length - 1]!;
     starts.push(at + BigInt(sizeAt(insn, trampoline === null ? null : at, address, consumed)));
   }
   return starts;

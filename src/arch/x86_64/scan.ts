@@ -23,18 +23,18 @@ export function mayBranchInto(code: Uint8Array, address: bigint, from: bigint, t
   const lo = Number(from - address), hi = Number(to - address);
   const n = code.length;
   for (let i = 0; i < n; i++) {
-    const opens = OPENS[code[i]];
+    const opens = OPENS[code[i]!];
     if (opens === 0) continue;
     let target: number;
     if (opens === REL8) {
       if (i + 1 >= n) continue;
-      target = i + 2 + ((code[i + 1] << 24) >> 24);
+      target = i + 2 + ((code[i + 1]! << 24) >> 24);
     } else if (opens === REL32) {
       if (i + 4 >= n) continue;
-      target = i + 5 + (code[i + 1] | (code[i + 2] << 8) | (code[i + 3] << 16) | (code[i + 4] << 24));
+      target = i + 5 + (code[i + 1]! | (code[i + 2]! << 8) | (code[i + 3]! << 16) | (code[i + 4]! << 24));
     } else {
-      if (i + 5 >= n || code[i + 1] < 0x80 || code[i + 1] > 0x8f) continue;
-      target = i + 6 + (code[i + 2] | (code[i + 3] << 8) | (code[i + 4] << 16) | (code[i + 5] << 24));
+      if (i + 5 >= n || code[i + 1]! < 0x80 || code[i + 1]! > 0x8f) continue;
+      target = i + 6 + (code[i + 2]! | (code[i + 3]! << 8) | (code[i + 4]! << 16) | (code[i + 5]! << 24));
     }
     if (target > lo && target < hi) return true;
   }
