@@ -121,7 +121,7 @@ export class CodePool {
     const { runtime } = this.#platform;
     const ready = (q: { since: number; busy: bigint | null }) =>
       now - q.since >= QUARANTINE_MS && (q.busy === null || runtime.view(q.busy, 1)[0] === 0);
-    while (this.#quarantine.length && ready(this.#quarantine[0])) {
+    while (this.#quarantine.length && ready(this.#quarantine[0]!)) {
       const { slot } = this.#quarantine.shift()!;
       slot.block.code.free.push({ offset: Number(slot.address - slot.block.address), size: slot.size });
       if (slot.dataSize) {
@@ -138,7 +138,7 @@ function roundUp(n: number, to: number): number {
 function carve(arena: Arena, size: number): number | null {
   if (size === 0) return 0;
   const reuse = arena.free.findIndex((f) => f.size === size);
-  if (reuse >= 0) return arena.free.splice(reuse, 1)[0].offset;
+  if (reuse >= 0) return arena.free.splice(reuse, 1)[0]!.offset;
   if (arena.used + size > arena.size) return null;
   arena.used += size;
   return arena.used - size;

@@ -116,11 +116,11 @@ export function redefineCallers<P extends readonly NativeType[], R extends Nativ
   const beneath = slots.map((s) => {
     const stack = layers(s.slot);
     const under = stack.filter((entry) => !entry.restoring).at(-1);
-    const unpatched = stack.length ? pointerAt(stack[0].original) : s.held;
+    const unpatched = stack.length ? pointerAt(stack[0]!.original) : s.held;
     const fn = callTarget({ ...s, held: unpatched }, resolve);
     return { original: under?.written ?? pointerBytes(unpatched), leadsTo: under?.destination ?? fn, fn };
   });
-  const below = beneath[0].leadsTo;
+  const below = beneath[0]!.leadsTo;
   if (beneath.some((b) => b.leadsTo !== below)) {
     throw new RedefineError(
       "ALREADY_PATCHED",
@@ -138,8 +138,8 @@ export function redefineCallers<P extends readonly NativeType[], R extends Nativ
     throw error;
   }
   const written = pointerBytes(layout.destination);
-  const patch = new Patch(beneath[0].fn, signature, {
-    writes: slots.map((s, i) => ({ key: s.slot, at: s.slot, original: beneath[i].original, written })),
+  const patch = new Patch(beneath[0]!.fn, signature, {
+    writes: slots.map((s, i) => ({ key: s.slot, at: s.slot, original: beneath[i]!.original, written })),
     destination: layout.destination,
     stub: layout.stub,
     trampoline: Trampoline.at(below),

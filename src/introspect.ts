@@ -146,11 +146,11 @@ export function symbolAt(address: bigint): SymbolLocation | null {
     .filter((e) => address >= e.address && address < e.address + BigInt(Math.max(e.size, 1)));
   if (covering.length === 0) return null;
   // Aliases share an address (glibc: getpid and __getpid): the public name is the one to show.
-  const rank = (e: ModuleExport) => [e.default ? 0 : 1, /^_*/.exec(e.name)![0].length, e.name.length];
-  const [best] = covering.sort((a, b) => {
+  const rank = (e: ModuleExport) => [e.default ? 0 : 1, /^_*/.exec(e.name)![0].length, e.name.length] as const;
+  const best = covering.sort((a, b) => {
     const [x, y] = [rank(a), rank(b)];
     return x[0] - y[0] || x[1] - y[1] || x[2] - y[2] || (a.name < b.name ? -1 : 1);
-  });
+  })[0]!;
   return { library: module.name, path: module.path, name: best.name, address: best.address,
     offset: Number(address - best.address) };
 }

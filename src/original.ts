@@ -76,7 +76,7 @@ export class OriginalStubs {
     };
     point(address);
     const name = library.image.name(index);
-    const call = runtime.open(library.path, { [name]: signature })[name];
+    const call = runtime.open(library.path, { [name]: signature })[name]!;
     const stub = { call, point };
     // Free once the JS function is garbage: whoever holds it may still call through the slot.
     this.#collected.register(call, { library, index });

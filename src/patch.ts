@@ -153,7 +153,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
 
   /** Where the entry jump is written: `address`, or just after a landing pad such as `endbr64`. */
   get patchedAddress(): bigint {
-    return this.#applied?.writes[0].at ?? this.address;
+    return this.#applied?.writes[0]!.at ?? this.address;
   }
 
   /**
@@ -175,7 +175,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     if (!this.#original) {
       const address = this.originalAddress;
       const signature = nativeSignature(this.signature);
-      const key = `${this.#entries[0].address}:${this.depth}:${signature.parameters.join()}:${signature.result}`;
+      const key = `${this.#entries[0]!.address}:${this.depth}:${signature.parameters.join()}:${signature.result}`;
       this.#original = machine().originals.acquire(key, signature, address);
     }
     return this.#original.call;
@@ -183,7 +183,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
 
   /** How many live patches this one is layered on. */
   get depth(): number {
-    return this.#applied ? layers(this.#entries[0].address).indexOf(this.#entries[0]) : 0;
+    return this.#applied ? layers(this.#entries[0]!.address).indexOf(this.#entries[0]!) : 0;
   }
 
   /**
@@ -195,7 +195,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   restore(): void {
     const applied = this.#applied;
     const entries = this.#entries;
-    if (!applied || entries[0].restoring) return;
+    if (!applied || entries[0]!.restoring) return;
     const overs = entries.map((entry) => {
       const stack = layers(entry.address);
       return stack[stack.indexOf(entry) + 1];

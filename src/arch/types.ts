@@ -37,7 +37,7 @@ export interface GuardOptions {
   /** The replacement's signature: without stack-passed arguments the guard can simply call it. */
   readonly signature: Signature;
   /** Where the layout's shared code was placed, when it has some. */
-  readonly shared?: bigint;
+  readonly shared?: bigint | undefined;
 }
 
 /** See `Arch.guard.layout`. */
