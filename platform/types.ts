@@ -79,8 +79,8 @@ export interface SymbolInfo {
  *
  * @example
  * ```ts
- * import { modules } from "./mod.ts";
- * import type { LoadedModule } from "./mod.ts";
+ * import { modules } from "@redefine/redefine";
+ * import type { LoadedModule } from "@redefine/redefine";
  * const libc: LoadedModule | undefined = modules().find((m) => m.name === "libc.so.6");
  * ```
  */
@@ -100,8 +100,8 @@ export interface LoadedModule {
  *
  * @example
  * ```ts
- * import { exports } from "./mod.ts";
- * import type { ModuleExport } from "./mod.ts";
+ * import { exports } from "@redefine/redefine";
+ * import type { ModuleExport } from "@redefine/redefine";
  * const compat: ModuleExport[] = exports("libc.so.6").filter((e) => !e.default);
  * ```
  */
@@ -125,8 +125,8 @@ export interface ModuleExport {
  *
  * @example
  * ```ts
- * import { imports } from "./mod.ts";
- * import type { ModuleImport } from "./mod.ts";
+ * import { imports } from "@redefine/redefine";
+ * import type { ModuleImport } from "@redefine/redefine";
  * const calls: ModuleImport[] = imports("libm.so.6").filter((i) => i.kind === "jump_slot");
  * ```
  */

@@ -14,7 +14,7 @@ export type { LoadedModule, ModuleExport, ModuleImport } from "../platform/types
  *
  * @example
  * ```ts
- * import type { SymbolLocation } from "./mod.ts";
+ * import type { SymbolLocation } from "@redefine/redefine";
  * const where: SymbolLocation = { library: "libc.so.6", path: "/lib/libc.so.6", name: "getpid",
  *   address: 0x7f00_0000_1000n, offset: 3 };
  * ```
@@ -37,7 +37,7 @@ export interface SymbolLocation {
  *
  * @example
  * ```ts
- * import { find } from "./mod.ts";
+ * import { find } from "@redefine/redefine";
  * const [first] = find("getpid");
  * console.log(`${first.library} defines getpid at 0x${first.address.toString(16)}`);
  * ```
@@ -55,7 +55,7 @@ export interface Definition extends ModuleExport {
  *
  * @example
  * ```ts
- * import { modules } from "./mod.ts";
+ * import { modules } from "@redefine/redefine";
  * for (const m of modules()) console.log(m.name, m.path, `0x${m.base.toString(16)}`, m.size);
  * ```
  */
@@ -98,7 +98,7 @@ export function matchModule(all: readonly LoadedModule[], library: string, foldC
  *
  * @example
  * ```ts
- * import { exports } from "./mod.ts";
+ * import { exports } from "@redefine/redefine";
  * const getpid = exports("libc.so.6").find((e) => e.name === "getpid" && e.default);
  * console.log(getpid?.kind, getpid?.size);
  * ```
@@ -114,7 +114,7 @@ export function exports(library: string): ModuleExport[] {
  *
  * @example
  * ```ts
- * import { imports } from "./mod.ts";
+ * import { imports } from "@redefine/redefine";
  * for (const i of imports("libm.so.6").slice(0, 3)) console.log(i.name, i.kind, i.target);
  * ```
  */
@@ -128,7 +128,7 @@ export function imports(library: string): ModuleImport[] {
  *
  * @example
  * ```ts
- * import { exports, symbolAt } from "./mod.ts";
+ * import { exports, symbolAt } from "@redefine/redefine";
  * const getpid = exports("libc.so.6").find((e) => e.name === "getpid")!;
  * console.log(symbolAt(getpid.address + 3n)); // { library: "libc.so.6", name: "getpid", offset: 3, ... }
  * ```
@@ -168,7 +168,7 @@ export function moduleAt(address: bigint): LoadedModule | null {
  *
  * @example
  * ```ts
- * import { find } from "./mod.ts";
+ * import { find } from "@redefine/redefine";
  * console.log(find("memcmp").map((d) => d.library)); // ["libc.so.6"]; under Bun, Bun's executable first
  * ```
  */
