@@ -19,6 +19,7 @@
  */
 export { redefine, redefineAll, restoreAll } from "./src/redefine.ts";
 export { transaction } from "./src/transaction.ts";
+export { wrap } from "./src/wrap.ts";
 export { Patch } from "./src/patch.ts";
 export type { AddressTarget, SymbolTarget, Target } from "./src/target.ts";
 export type { Replacement, SymbolReplacement } from "./src/replacement.ts";
