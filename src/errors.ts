@@ -3,7 +3,18 @@
  * message that names the address, bytes or errno involved and says what to do about it.
  */
 
-/** Every failure kind `redefine` reports. The strings are stable across releases. */
+/**
+ * Every failure kind `redefine` reports. The strings are stable across releases.
+ *
+ * @example
+ * ```ts
+ * import { RedefineError } from "@redefine/redefine";
+ * import type { RedefineErrorCode } from "@redefine/redefine";
+ * function codeOf(error: unknown): RedefineErrorCode | null {
+ *   return error instanceof RedefineError ? error.code : null;
+ * }
+ * ```
+ */
 export type RedefineErrorCode =
   | "SYMBOL_NOT_FOUND"
   | "LIBRARY_NOT_FOUND"

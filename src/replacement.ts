@@ -10,7 +10,17 @@ import { machine } from "./registry.ts";
 import { checkExecutable } from "./target.ts";
 import type { NativeCallback } from "../platform/mod.ts";
 
-/** A native replacement named by its symbol. */
+/**
+ * A native replacement named by its symbol.
+ *
+ * @example
+ * ```ts
+ * import { redefine } from "@redefine/redefine";
+ * import type { SymbolReplacement } from "@redefine/redefine";
+ * const getpid: SymbolReplacement = { symbol: "getpid", library: "libc.so.6" };
+ * using patch = redefine({ symbol: "getppid", parameters: [], result: "i32" }, getpid);
+ * ```
+ */
 export interface SymbolReplacement {
   /** The C name of the replacement function. */
   readonly symbol: string;
@@ -21,6 +31,13 @@ export interface SymbolReplacement {
 /**
  * What runs instead: a JS function of the target's signature, the address of a native function, or
  * a native function named by its symbol.
+ *
+ * @example
+ * ```ts
+ * import type { Replacement } from "@redefine/redefine";
+ * const negate: Replacement<["i64"], "i64"> = (x) => -x;
+ * const elsewhere: Replacement<["i64"], "i64"> = { symbol: "imaxabs" };
+ * ```
  */
 export type Replacement<P extends readonly NativeType[], R extends NativeType> =
   | JsFunction<{ parameters: P; result: R }>

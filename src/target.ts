@@ -12,7 +12,20 @@ import type { Machine } from "./registry.ts";
 import type { SymbolInfo } from "../platform/mod.ts";
 import { PROT_EXEC } from "../platform/mod.ts";
 
-/** A function to redefine, named by its symbol. */
+/**
+ * A function to redefine, named by its symbol.
+ *
+ * @example
+ * ```ts
+ * import type { SymbolTarget } from "@redefine/redefine";
+ * const strlen: SymbolTarget<["pointer"], "u64"> = {
+ *   symbol: "strlen",
+ *   library: "libc.so.6",
+ *   parameters: ["pointer"],
+ *   result: "u64",
+ * };
+ * ```
+ */
 export interface SymbolTarget<P extends readonly NativeType[], R extends NativeType> {
   /** The C name of the function, e.g. `"getpid"`. */
   readonly symbol: string;
@@ -33,7 +46,19 @@ export interface SymbolTarget<P extends readonly NativeType[], R extends NativeT
   readonly callers?: string | readonly string[];
 }
 
-/** A function to redefine, named by its entry address. */
+/**
+ * A function to redefine, named by its entry address.
+ *
+ * @example
+ * ```ts
+ * import { find } from "@redefine/redefine";
+ * import type { AddressTarget } from "@redefine/redefine";
+ * const [getpid] = find("getpid");
+ * if (getpid) {
+ *   const target: AddressTarget<[], "i32"> = { address: getpid.address, size: 16, parameters: [], result: "i32" };
+ * }
+ * ```
+ */
 export interface AddressTarget<P extends readonly NativeType[], R extends NativeType> {
   /** The function's entry. */
   readonly address: bigint;
@@ -48,7 +73,18 @@ export interface AddressTarget<P extends readonly NativeType[], R extends Native
   readonly result: R;
 }
 
-/** What to redefine: a symbol or an address, with the function's signature. */
+/**
+ * What to redefine: a symbol or an address, with the function's signature. A labeled parameter
+ * tuple names the parameters in the types inferred from it (`original: (n: bigint) => bigint`).
+ *
+ * @example
+ * ```ts
+ * import { wrap } from "@redefine/redefine";
+ * import type { Target } from "@redefine/redefine";
+ * const labs: Target<[n: "i64"], "i64"> = { symbol: "labs", parameters: ["i64"], result: "i64" };
+ * using patch = wrap(labs, (original) => (n) => original(n) + 1n);
+ * ```
+ */
 export type Target<P extends readonly NativeType[], R extends NativeType> =
   | SymbolTarget<P, R>
   | AddressTarget<P, R>;
