@@ -34,6 +34,8 @@ const steps = [
   // The sources as a strict consumer's checker sees them, with bun-types and with @types/node.
   ["consumer types", () => one(run(process.execPath, ["scripts/consumer_types.mjs"]))],
   ["deno doc --lint", () => one(run(bin("deno"), ["doc", "--lint", "mod.ts"]))],
+  // Every export of mod.ts has an @example (the next step type-checks them).
+  ["doc examples", () => one(run(process.execPath, ["scripts/doc_examples.mjs"]))],
   // Every JSDoc example type-checks, importing the package by its name (not run: they patch libc).
   ["deno test --doc", () => one(run(bin("deno"), ["test", "--doc", "--no-run", "mod.ts", "src/", "platform/"]))],
   ["deno publish --dry-run", () => {
