@@ -14,11 +14,12 @@ import { transaction } from "./transaction.ts";
 /**
  * Redefines `target` with the function `replacement` makes from the original: every caller of
  * `target` runs it until the patch is restored, and it calls the real function through the
- * `original` it was given (the patch's `original`, at the runtime's full FFI speed). `replacement`
- * runs once, before the entry jump is written; `original` may be called from the function it
- * returns, not while making it. Parameter names come from the target's type when its parameter
- * tuple is labeled (`Target<[n: "i64"], "i64">`). Throws like `redefine()`, and `UNRELOCATABLE`
- * when the original cannot be kept callable; nothing is written then.
+ * `original` it was given — the patch's own `original`, at the runtime's full FFI speed.
+ * `replacement` runs once, after the patch is laid out and before its entry jump is written (so
+ * `original` may be called already: the function as it is). Parameter names come from the target's
+ * type when its parameter tuple is labeled (`Target<[n: "i64"], "i64">`). Throws like `redefine()`,
+ * and `BAD_REPLACEMENT` when `replacement` returns no function of the signature; nothing is
+ * written when it throws.
  *
  * @example
  * ```ts
@@ -36,19 +37,22 @@ export function wrap<const P extends readonly NativeType[], const R extends Nati
     original: (...args: JsArguments<P>) => JsValue<R>,
   ) => NoInfer<JsFunction<{ parameters: P; result: R }>>,
 ): Patch<P, R> {
-  // The function `replacement` gets must exist before the patch does; it forwards to the patch's
-  // original, bound inside the transaction: before the entry jump is written, so before any call.
-  let call = (..._: JsArguments<P>): JsValue<R> => {
-    throw new RedefineError(
-      "BAD_REPLACEMENT",
-      `wrap()'s replacement called 'original' while making its function: call it from the ` +
-        `function it returns.`,
-    );
-  };
-  const made = replacement((...args) => call(...args));
+  // The callback must exist before the patch, and the patch's original before the replacement: the
+  // callback forwards to the replacement, made inside the transaction, so before the entry jump is
+  // written and any call. The forwarding is a JS-to-JS call; `original` stays the patch's own, a
+  // stub each call site of it sees alone (a forwarder shared by every wrap would make those call
+  // sites polymorphic, off the runtime's fast FFI path).
+  let made: JsFunction<{ parameters: P; result: R }>;
   return transaction(() => {
-    const patch = redefine(target, made);
-    call = patch.original;
+    const patch = redefine(target, (...args: JsArguments<P>) => made(...args));
+    made = replacement(patch.original);
+    if (typeof made !== "function" || made.length > patch.signature.parameters.length) {
+      throw new RedefineError(
+        "BAD_REPLACEMENT",
+        `wrap()'s replacement must return a JS function of at most ${patch.signature.parameters.length} ` +
+          `parameters to run instead, not ${typeof made === "function" ? `one of ${made.length}` : typeof made}.`,
+      );
+    }
     return patch;
   });
 }

@@ -7,7 +7,12 @@ const labs = { symbol: "labs", library: "libc.so.6", parameters: ["i64"], result
 test("wrap: the replacement made from the original is what every native caller gets, until restore", () => {
   const before = bytesAt(os.symbolAddress("labs", "libc.so.6"), 16);
   {
-    using patch = wrap(labs, (original) => (x) => original(x) * 2n);
+    let given: unknown;
+    using patch = wrap(labs, (original) => {
+      given = original;
+      return (x) => original(x) * 2n;
+    });
+    assert.equal(given, patch.original, "the replacement's original is the patch's own, the fast stub");
     assert.equal(libc.labs(-21n), 42n, "the native caller runs the replacement, which ran the real labs");
     assert.equal(patch.original(-21n), 21n, "the patch's original is the real labs");
     assert.notEqual(patch.originalAddress, patch.address, "through a trampoline");
@@ -16,12 +21,13 @@ test("wrap: the replacement made from the original is what every native caller g
   assert.deepEqual(bytesAt(os.symbolAddress("labs", "libc.so.6"), 16), before, "byte for byte");
 });
 
-test("wrap: the replacement is made once, before the entry jump is written", () => {
+test("wrap: the replacement is made once, before the entry jump is written, and may call the original already", () => {
   let made = 0;
   const patch = wrap(labs, (original) => {
     made++;
     assert.equal(libc.labs(-3n), 3n, "not redefined yet while the replacement is made");
-    return (x) => original(x) + 1n;
+    const offset = original(-1n);
+    return (x) => original(x) + offset;
   });
   try {
     assert.equal(libc.labs(-3n), 4n);
@@ -32,19 +38,18 @@ test("wrap: the replacement is made once, before the entry jump is written", () 
   }
 });
 
-test("wrap: calling original while making the replacement is BAD_REPLACEMENT, and nothing is written", () => {
+test("wrap: a replacement that returns no function of the signature, or throws, is refused and nothing is written", () => {
   const before = bytesAt(os.symbolAddress("labs", "libc.so.6"), 16);
-  assertCode(
-    () => wrap(labs, (original) => (original(-1n), (x) => x)),
-    "BAD_REPLACEMENT",
-    /from the function it returns/,
-  );
+  assertCode(() => wrap(labs, () => undefined as never), "BAD_REPLACEMENT", /not undefined/);
+  assertCode(() => wrap(labs, () => ((x: bigint, y: bigint) => x + y) as never), "BAD_REPLACEMENT", /one of 2/);
   assert.throws(() =>
     wrap(labs, () => {
       throw new RangeError("no replacement today");
     }), RangeError);
   assert.deepEqual(bytesAt(os.symbolAddress("labs", "libc.so.6"), 16), before);
   assert.equal(libc.labs(-5n), 5n);
+  using again = wrap(labs, (original) => (x) => original(x) * 3n);
+  assert.equal(libc.labs(-5n), 15n, "nothing left behind in the way of the next patch");
 });
 
 test("wrap inside a transaction: live when it commits, with its original already bound", () => {
