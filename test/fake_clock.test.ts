@@ -1,0 +1,387 @@
+/**
+ * The fake clock's native code: every instruction read back with the reference disassemblers
+ * (iced-x86; objdump for aarch64), for System V, Windows x64 and AAPCS64, frozen and running; then
+ * this machine's code placed in executable memory and called through FFI: the fake times each
+ * function reports, the clocks it leaves real, and the counter.
+ */
+import { assert, test } from "./harness.ts";
+import { assertDisassembly, h } from "./objdump_aarch64.ts";
+import { cannedCode as x86_64Code } from "../src/arch/x86_64/canned.ts";
+import { cannedCode as aarch64Code } from "../src/arch/aarch64/canned.ts";
+import type { ClockFunction } from "../src/arch/canned.ts";
+import { RedefineError } from "../src/errors.ts";
+import { callable, countListing, disassemble, place, placeCode } from "./canned_listing.ts";
+import { isArm64, libc, mapPages, os, runtime, words } from "./native.ts";
+
+const AT = 0x7f00_0000_1000n;
+const DATA = 0x7f00_0000_2230n;
+const STATE = 0x5555_0000_0040n;
+
+function x86(fn: ClockFunction, rate: 0 | 1, system = "linux"): string[] {
+  return disassemble(x86_64Code({ kind: "clock", function: fn, rate, state: STATE }, system).encode(AT, DATA), AT);
+}
+
+const X86_COUNT = "lock add qword ptr [7F0000002230h],1h";
+const X86_FROZEN = ["mov rax,555500000040h", "mov rax,[rax]"];
+const X86_RUNNING = [
+  "push rdi",
+  "push rsi",
+  "sub rsp,18h",
+  "mov edi,1h",
+  "mov rsi,rsp",
+  "call qword ptr [7F0000002238h]",
+  "mov rax,[rsp]",
+  "imul rax,rax,3B9ACA00h",
+  "add rax,[rsp+8h]",
+  "add rsp,18h",
+  "pop rsi",
+  "pop rdi",
+  "mov rcx,555500000040h",
+  "add rax,[rcx]",
+];
+const X86_BY_1E9 = ["mov ecx,3B9ACA00h", "xor edx,edx", "div rcx"];
+
+test("x86-64 time (System V): the fake seconds in rax and, given t, in *t", () => {
+  const tail = (done: bigint) => [...X86_BY_1E9, "test rdi,rdi", `je ${done.toString(16).toUpperCase()}h`, "mov [rdi],rax", "ret"];
+  assert.deepEqual(x86("time", 0), [X86_COUNT, ...X86_FROZEN, ...tail(AT + 0x28n)]);
+  assert.deepEqual(x86("time", 1), [X86_COUNT, ...X86_RUNNING, ...tail(AT + 0x52n)]);
+});
+
+test("x86-64 gettimeofday (System V): tv from the fake time, tz zeroed, 0", () => {
+  assert.deepEqual(x86("gettimeofday", 0), [
+    X86_COUNT,
+    ...X86_FROZEN,
+    "test rdi,rdi",
+    "je 7F0000001036h",
+    "mov ecx,3E8h",
+    "xor edx,edx",
+    "div rcx",
+    "mov ecx,0F4240h",
+    "xor edx,edx",
+    "div rcx",
+    "mov [rdi],rax",
+    "mov [rdi+8h],rdx",
+    "test rsi,rsi",
+    "je 7F0000001042h",
+    "mov qword ptr [rsi],0h",
+    "xor eax,eax",
+    "ret",
+  ]);
+  assert.deepEqual(x86("gettimeofday", 1).slice(0, 16), [X86_COUNT, ...X86_RUNNING, "test rdi,rdi"]);
+});
+
+test("x86-64 clock_gettime (System V): CLOCK_REALTIME and _COARSE faked, every other clock to the original", () => {
+  const fake = (at: number) => [
+    "test rsi,rsi",
+    `je 7F00000010${(at).toString(16).toUpperCase()}h`,
+    ...X86_BY_1E9,
+    "mov [rsi],rax",
+    "mov [rsi+8h],rdx",
+    "xor eax,eax",
+    "ret",
+    "mov eax,0FFFFFFFFh",
+    "ret",
+  ];
+  const dispatch = [
+    X86_COUNT,
+    "test edi,edi",
+    "je 7F0000001018h",
+    "cmp edi,5h",
+    "je 7F0000001018h",
+    "jmp qword ptr [7F0000002238h]",
+  ];
+  assert.deepEqual(x86("clock_gettime", 0), [...dispatch, ...X86_FROZEN, ...fake(0x3e)]);
+  assert.deepEqual(x86("clock_gettime", 1), [...dispatch, ...X86_RUNNING, ...fake(0x68)]);
+  // macOS: 5 is CLOCK_MONOTONIC_RAW_APPROX there, and CLOCK_MONOTONIC is 6.
+  assert.deepEqual(x86("clock_gettime", 0, "darwin").slice(0, 4), [
+    X86_COUNT,
+    "test edi,edi",
+    "je 7F0000001013h",
+    "jmp qword ptr [7F0000002238h]",
+  ]);
+  assert.equal(x86("clock_gettime", 1, "darwin")[7], "mov edi,6h");
+});
+
+test("x86-64 GetSystemTime[Precise]AsFileTime (Windows x64): the FILETIME at rcx, shadow space at the call", () => {
+  for (const fn of ["GetSystemTimeAsFileTime", "GetSystemTimePreciseAsFileTime"] as const) {
+    assert.deepEqual(x86(fn, 0, "windows"), [X86_COUNT, ...X86_FROZEN, "mov [rcx],rax", "ret"]);
+    assert.deepEqual(x86(fn, 1, "windows"), [
+      X86_COUNT,
+      "push rcx",
+      "sub rsp,30h",
+      "lea rcx,[rsp+20h]",
+      "call qword ptr [7F0000002238h]",
+      "mov rax,[rsp+20h]",
+      "add rsp,30h",
+      "pop rcx",
+      "mov rdx,555500000040h",
+      "add rax,[rdx]",
+      "mov [rcx],rax",
+      "ret",
+    ]);
+  }
+});
+
+test("clock functions of another system are refused", () => {
+  const refused = (fn: ClockFunction, system: string) =>
+    assert.throws(() => x86_64Code({ kind: "clock", function: fn, rate: 0, state: STATE }, system), RedefineError);
+  refused("time", "windows");
+  refused("GetSystemTimeAsFileTime", "linux");
+  assert.throws(() => aarch64Code({ kind: "clock", function: "gettimeofday", rate: 0, state: STATE }, "windows"), RedefineError);
+});
+
+function arm(fn: ClockFunction, rate: 0 | 1, system = "linux"): Uint8Array {
+  return aarch64Code({ kind: "clock", function: fn, rate, state: STATE }, system).encode(AT, DATA);
+}
+
+/** The fake time into x9, with the state literal at `literal`. */
+function armNow(rate: 0 | 1, literal: bigint, monotonic = 1): string[] {
+  if (rate === 0) return [`ldr x10, ${h(literal)}`, "ldr x9, [x10]"];
+  return [
+    "stp x29, x30, [sp, #-48]!",
+    "mov x29, sp",
+    "stp x0, x1, [sp, #16]",
+    `mov x0, #${h(monotonic)}`,
+    "add x1, sp, #0x20",
+    "ldr x16, [x16, #8]",
+    "blr x16",
+    "ldp x9, x10, [sp, #32]",
+    "mov x11, #0xca00",
+    "movk x11, #0x3b9a, lsl #16",
+    "madd x9, x9, x11, x10",
+    "ldp x0, x1, [sp, #16]",
+    "ldp x29, x30, [sp], #48",
+    `ldr x10, ${h(literal)}`,
+    "ldr x10, [x10]",
+    "add x9, x9, x10",
+  ];
+}
+
+const COUNT = countListing(AT, DATA);
+const BY_1E9 = ["mov x11, #0xca00", "movk x11, #0x3b9a, lsl #16", "udiv x10, x9, x11"];
+
+test("aarch64 time: the fake seconds in x0 and, given t, in *t", () => {
+  const tail = (cbz: bigint) => [...BY_1E9, `cbz x0, ${h(cbz + 8n)}`, "str x10, [x0]", "mov x0, x10", "ret"];
+  assertDisassembly(arm("time", 0), AT, [...COUNT, ...armNow(0, AT + 0x40n), ...tail(AT + 0x2cn), "nop", { quad: STATE }]);
+  assertDisassembly(arm("time", 1), AT, [...COUNT, ...armNow(1, AT + 0x78n), ...tail(AT + 0x64n), "nop", { quad: STATE }]);
+});
+
+test("aarch64 gettimeofday: tv from the fake time, tz zeroed, 0", () => {
+  assertDisassembly(arm("gettimeofday", 0), AT, [
+    ...COUNT,
+    ...armNow(0, AT + 0x50n),
+    `cbz x0, ${h(AT + 0x40n)}`,
+    "mov x11, #0x3e8",
+    "udiv x10, x9, x11",
+    "mov x11, #0x4240",
+    "movk x11, #0xf, lsl #16",
+    "udiv x12, x10, x11",
+    "msub x13, x12, x11, x10",
+    "stp x12, x13, [x0]",
+    `cbz x1, ${h(AT + 0x48n)}`,
+    "str xzr, [x1]",
+    "mov w0, #0x0",
+    "ret",
+    { quad: STATE },
+  ]);
+});
+
+test("aarch64 clock_gettime: CLOCK_REALTIME and _COARSE faked, every other clock to the original", () => {
+  const tail = (at: bigint) => [
+    `cbz x1, ${h(at + 0x20n)}`,
+    ...BY_1E9,
+    "msub x12, x10, x11, x9",
+    "stp x10, x12, [x1]",
+    "mov w0, #0x0",
+    "ret",
+    "mov w0, #0xffffffff",
+    "ret",
+  ];
+  const dispatch = [`cbz w0, ${h(AT + 0x2cn)}`, "cmp w0, #0x5", `b.eq ${h(AT + 0x2cn)}`, "ldr x16, [x16, #8]", "br x16"];
+  assertDisassembly(arm("clock_gettime", 0), AT, [
+    ...COUNT,
+    ...dispatch,
+    ...armNow(0, AT + 0x60n),
+    ...tail(AT + 0x34n),
+    "nop",
+    { quad: STATE },
+  ]);
+  assertDisassembly(arm("clock_gettime", 1), AT, [
+    ...COUNT,
+    ...dispatch,
+    ...armNow(1, AT + 0x98n),
+    ...tail(AT + 0x6cn),
+    "nop",
+    { quad: STATE },
+  ]);
+  assertDisassembly(arm("clock_gettime", 1, "darwin"), AT, [
+    ...COUNT,
+    `cbz w0, ${h(AT + 0x24n)}`,
+    "ldr x16, [x16, #8]",
+    "br x16",
+    ...armNow(1, AT + 0x90n, 6),
+    ...tail(AT + 0x64n),
+    "nop",
+    { quad: STATE },
+  ]);
+});
+
+test("aarch64 GetSystemTime[Precise]AsFileTime: the FILETIME at x0", () => {
+  assertDisassembly(arm("GetSystemTimeAsFileTime", 0, "windows"), AT, [
+    ...COUNT,
+    `ldr x10, ${h(AT + 0x28n)}`,
+    "ldr x9, [x10]",
+    "str x9, [x0]",
+    "ret",
+    { quad: STATE },
+  ]);
+  assertDisassembly(arm("GetSystemTimePreciseAsFileTime", 1, "windows"), AT, [
+    ...COUNT,
+    "stp x29, x30, [sp, #-48]!",
+    "mov x29, sp",
+    "stp x0, x1, [sp, #16]",
+    "add x0, sp, #0x20",
+    "ldr x16, [x16, #8]",
+    "blr x16",
+    "ldr x9, [sp, #32]",
+    "ldp x0, x1, [sp, #16]",
+    "ldp x29, x30, [sp], #48",
+    `ldr x10, ${h(AT + 0x50n)}`,
+    "ldr x10, [x10]",
+    "add x9, x9, x10",
+    "str x9, [x0]",
+    "ret",
+    { quad: STATE },
+  ]);
+});
+
+// Live: the code of this machine, called through FFI.
+
+const page = mapPages(1);
+const memory = runtime.view(page, 4096);
+const word = (offset: number) => new BigInt64Array(memory.buffer, memory.byteOffset + offset, 2);
+const state = word(0);
+const realClock = os.symbolAddress("clock_gettime");
+const clockGettime = callable(realClock, { parameters: ["i32", "pointer"], result: "i32" }) as (id: number, ts: bigint) => number;
+
+/** CLOCK_MONOTONIC in ns, read by the real clock_gettime. */
+function monotonicNs(): bigint {
+  assert.equal(clockGettime(1, page + 64n), 0);
+  const [sec, nsec] = word(64);
+  return sec * 1_000_000_000n + nsec;
+}
+
+/** The code of `fn` placed with the state word in `page` and the real clock_gettime as its original. */
+function clock(fn: ClockFunction, rate: 0 | 1) {
+  const placed = place({ kind: "clock", function: fn, rate, state: page }, "linux");
+  placed.setOriginal(realClock);
+  return placed;
+}
+
+const AT_NS = 1_000_000_000_123_456_789n; // 2001-09-09T01:46:40.123456789Z
+
+test("live fake clock, frozen: time, gettimeofday, clock_gettime report the state word", () => {
+  Atomics.store(state, 0, AT_NS);
+  const t = clock("time", 0);
+  const time = callable(t.address, { parameters: ["pointer"], result: "i64" });
+  assert.equal(time(0n), 1_000_000_000n);
+  word(128).fill(0n);
+  assert.equal(time(page + 128n), 1_000_000_000n);
+  assert.equal(word(128)[0], 1_000_000_000n, "*t");
+  assert.equal(t.calls(), 2n);
+
+  const g = clock("gettimeofday", 0);
+  const gettimeofday = callable(g.address, { parameters: ["pointer", "pointer"], result: "i32" });
+  word(128).fill(-1n);
+  word(144).fill(-1n);
+  assert.equal(gettimeofday(page + 128n, page + 144n), 0);
+  assert.deepEqual([...word(128)], [1_000_000_000n, 123_456n], "tv_sec, tv_usec");
+  assert.equal(word(144)[0], 0n, "tz zeroed");
+  assert.equal(gettimeofday(0n, 0n), 0, "both NULL");
+
+  const c = clock("clock_gettime", 0);
+  const fake = callable(c.address, { parameters: ["i32", "pointer"], result: "i32" });
+  for (const id of [0, 5]) {
+    word(128).fill(0n);
+    assert.equal(fake(id, page + 128n), 0);
+    assert.deepEqual([...word(128)], [1_000_000_000n, 123_456_789n], `clock ${id}`);
+  }
+  assert.equal(fake(0, 0n), -1, "no timespec");
+  const before = monotonicNs();
+  assert.equal(fake(1, page + 128n), 0);
+  const [sec, nsec] = word(128);
+  const monotonic = sec * 1_000_000_000n + nsec;
+  assert.ok(monotonic >= before && monotonic <= monotonicNs(), "CLOCK_MONOTONIC goes to the original");
+  assert.equal(fake(99, page + 128n), -1, "an invalid clock: the original's answer");
+  assert.equal(c.calls(), 5n);
+
+  Atomics.store(state, 0, AT_NS + 86_400_000_000_000n);
+  assert.equal(time(0n), 1_000_086_400n, "a new state word is seen at once");
+});
+
+test("live fake clock, running: the state word plus CLOCK_MONOTONIC, read through the original", () => {
+  const offset = AT_NS - monotonicNs();
+  Atomics.store(state, 0, offset);
+  const c = clock("clock_gettime", 1);
+  const fake = callable(c.address, { parameters: ["i32", "pointer"], result: "i32" });
+  const before = monotonicNs();
+  assert.equal(fake(0, page + 128n), 0);
+  const after = monotonicNs();
+  const [sec, nsec] = word(128);
+  const now = sec * 1_000_000_000n + nsec;
+  assert.ok(now >= before + offset && now <= after + offset, `${now} within [${before + offset}, ${after + offset}]`);
+
+  const t = clock("time", 1);
+  const seconds = callable(t.address, { parameters: ["pointer"], result: "i64" })(0n) as bigint;
+  assert.ok(seconds >= (monotonicNs() + offset) / 1_000_000_000n - 1n && seconds <= (monotonicNs() + offset) / 1_000_000_000n);
+
+  const g = clock("gettimeofday", 1);
+  const low = (monotonicNs() + offset) / 1000n;
+  assert.equal(callable(g.address, { parameters: ["pointer", "pointer"], result: "i32" })(page + 128n, 0n), 0);
+  const high = (monotonicNs() + offset) / 1000n;
+  const [s, us] = word(128);
+  assert.ok(us < 1_000_000n);
+  assert.ok(s * 1_000_000n + us >= low && s * 1_000_000n + us <= high, "tv within the readings around it");
+});
+
+// The Windows FILETIME code, called from here: an adapter gives it the pointer in rcx (x86-64; on
+// arm64 the conventions agree), and a stand-in for the precise system time returns 1000.
+const windowsCall = isArm64 ? (code: bigint) => code : (code: bigint) =>
+  placeCode(Uint8Array.of(
+    0x48, 0x89, 0xf9, //            mov rcx, rdi
+    0x48, 0x83, 0xec, 0x28, //      sub rsp, 40: shadow space, alignment
+    0x48, 0xb8, ...new Uint8Array(new BigUint64Array([code]).buffer), // mov rax, code
+    0xff, 0xd0, //                  call rax
+    0x48, 0x83, 0xc4, 0x28, //      add rsp, 40
+    0xc3, //                        ret
+  ));
+const preciseStandIn = placeCode(Uint8Array.from(
+  isArm64
+    ? words(
+      0xd2807d09, // mov x9, #1000
+      0xf9000009, // str x9, [x0]
+      0xd65f03c0, // ret
+    )
+    : [
+      0x48, 0xc7, 0x01, 0xe8, 0x03, 0, 0, // mov qword [rcx], 1000
+      0xc3, //                               ret
+    ],
+));
+
+test("live Windows clock code: the FILETIME frozen, and running on the precise time", () => {
+  const FILETIME = 0x01d2_3456_789a_bcden;
+  Atomics.store(state, 0, FILETIME);
+  for (const rate of [0, 1] as const) {
+    const placed = place({ kind: "clock", function: "GetSystemTimePreciseAsFileTime", rate, state: page }, "windows");
+    placed.setOriginal(preciseStandIn);
+    const call = callable(windowsCall(placed.address), { parameters: ["pointer"], result: "void" });
+    word(128).fill(0n);
+    call(page + 128n);
+    assert.equal(word(128)[0], FILETIME + (rate === 1 ? 1000n : 0n));
+    assert.equal(placed.calls(), 1n);
+  }
+});
+
+test("the page is given back", () => {
+  assert.equal(libc.munmap(page, 4096n), 0);
+});
