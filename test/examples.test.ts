@@ -28,3 +28,10 @@ test("example mock_getuid: the JS thread sees the mock, the original the truth",
   assert.match(out, new RegExp(`mocked: getuid\\(\\) = ${fake}; the original says ${real}`));
   assert.match(out, new RegExp(`restored: getuid\\(\\) = ${real}`));
 });
+
+test("example memoize: libm's jn answered from a cache, asked once per question", () => {
+  const out = run("memoize.ts");
+  assert.match(out, /jn memoized: 1200 calls, 1080 answered from the cache \(90\.0% hit rate\), 120 reached libm/);
+  assert.match(out, /every answer equals libm's own/);
+  assert.match(out, /restored: jn is libm's again \(the cache saw 0 more calls\)/);
+});
