@@ -12,6 +12,8 @@ import type { CannedValue } from "../src/arch/canned.ts";
 import { callable, countListing, disassemble, f32, f64, integer, place, quads } from "./canned_listing.ts";
 import { libc, mapPages, runtime } from "./native.ts";
 import type { NativeType } from "../src/signature.ts";
+import { cannedSpec, cannedValue, isCanned, returns, sequence } from "../src/mock/canned.ts";
+import type { RedefineError } from "../src/errors.ts";
 
 const AT = 0x7f00_0000_1000n;
 const DATA = 0x7f00_0000_2230n;
@@ -155,4 +157,36 @@ test("live sequence on native threads: each thread takes a distinct step", () =>
   assert.deepEqual(got, values);
   assert.equal(placed.calls(), BigInt(THREADS));
   libc.munmap(results, BigInt(4096));
+});
+
+test("returns() and sequence() values become the bits of the target's result type", () => {
+  const bits = (type: NativeType, value: unknown) => cannedValue(type, value, "test");
+  assert.deepEqual(bits("i32", -1), integer(-1n), "sign-extended");
+  assert.deepEqual(bits("u32", 0xffff_ffff), integer(0xffff_ffffn), "zero-extended");
+  assert.deepEqual(bits("i64", -5n), integer(-5n));
+  assert.deepEqual(bits("u64", 2n ** 64n - 1n), integer(2n ** 64n - 1n));
+  assert.deepEqual(bits("pointer", 0x7f00_1234n), integer(0x7f00_1234n));
+  assert.deepEqual(bits("bool", true), integer(1n));
+  assert.deepEqual(bits("void", undefined), integer(0n));
+  assert.deepEqual(bits("f64", 1.5), f64(1.5));
+  assert.deepEqual(bits("f32", 1.5), f32(1.5));
+  assert.deepEqual(cannedSpec(returns(42), "i32"), { kind: "returns", value: integer(42n) });
+  assert.deepEqual(cannedSpec(sequence(1, 2), "u8"), { kind: "sequence", values: [integer(1n), integer(2n)] });
+  assert.equal(isCanned(returns(1)), true);
+  assert.equal(isCanned({ symbol: "getpid" }), false);
+});
+
+test("values that do not fit the result type are refused with BAD_REPLACEMENT", () => {
+  const refused = (type: NativeType, value: unknown, message: RegExp) =>
+    assert.throws(() => cannedValue(type, value, "returns()"), (e: RedefineError) => e.code === "BAD_REPLACEMENT" && message.test(e.message));
+  refused("u8", 256, /256 is not an integer from 0 to 2\^8 - 1, which a function returning u8 needs/);
+  refused("i32", 2 ** 31, /from -2\^31 to 2\^31 - 1/);
+  refused("u64", -1n, /-1n is not an integer from 0 to 2\^64 - 1/);
+  refused("i32", 1.5, /1.5 is not an integer/);
+  refused("i64", "7", /"7" is not/);
+  refused("f64", 1n, /1n is not a number/);
+  refused("bool", 1, /1 is not a boolean/);
+  refused("void", 0, /0 is not undefined/);
+  assert.throws(() => cannedSpec(sequence(1), "void"), (e: RedefineError) => e.code === "BAD_REPLACEMENT");
+  assert.throws(() => cannedSpec(sequence(1, 2, 300), "u8"), (e: RedefineError) => /sequence\(\) value 2: 300/.test(e.message));
 });

@@ -10,6 +10,8 @@ import { cannedCode as x86_64Code } from "../src/arch/x86_64/canned.ts";
 import { cannedCode as aarch64Code } from "../src/arch/aarch64/canned.ts";
 import type { ClockFunction } from "../src/arch/canned.ts";
 import { RedefineError } from "../src/errors.ts";
+import { FakeClock, POSIX_UNITS, WINDOWS_UNITS } from "../src/mock/clock.ts";
+import type { ClockBackend } from "../src/mock/clock.ts";
 import { callable, countListing, disassemble, place, placeCode } from "./canned_listing.ts";
 import { isArm64, libc, mapPages, os, runtime, words } from "./native.ts";
 
@@ -384,4 +386,73 @@ test("live Windows clock code: the FILETIME frozen, and running on the precise t
 
 test("the page is given back", () => {
   assert.equal(libc.munmap(page, 4096n), 0);
+});
+
+// The JS side alone, on a state word of its own and a real clock the test moves.
+
+function backend(units: ClockBackend["units"] = POSIX_UNITS) {
+  const log: string[] = [];
+  let real = 5_000n;
+  return {
+    log,
+    tick: (by: bigint) => (real += by),
+    backend: {
+      state: new BigInt64Array(1),
+      real: () => real,
+      units,
+      restore: () => log.push("restored"),
+    },
+  };
+}
+
+test("FakeClock frozen: the state word is the time in ns; set and advance store it", () => {
+  const { backend: b, tick, log } = backend();
+  const clock = new FakeClock(b, 0, Date.UTC(2001, 8, 9, 1, 46, 40));
+  assert.equal(b.state[0], 1_000_000_000_000_000_000n);
+  assert.equal(clock.now(), 1_000_000_000_000);
+  tick(10_000_000_000n);
+  assert.equal(clock.now(), 1_000_000_000_000, "frozen: the real clock does not move it");
+  clock.advance(86_400_000);
+  assert.equal(b.state[0], 1_000_086_400_000_000_000n);
+  clock.advance(0.5);
+  assert.equal(b.state[0], 1_000_086_400_000_500_000n, "half a millisecond, in ns");
+  clock.set(new Date(0));
+  assert.equal(b.state[0], 0n);
+  assert.throws(() => clock.advance(-1), (e: RedefineError) => e.code === "BAD_REPLACEMENT" && /1970 to 2262/.test(e.message));
+  assert.equal(b.state[0], 0n, "a refused advance stores nothing");
+  clock.restore();
+  clock.restore();
+  assert.deepEqual(log, ["restored"], "restored once");
+  assert.equal(clock.active, false);
+  assert.throws(() => clock.set(1), (e: RedefineError) => e.code === "RESTORED");
+  assert.throws(() => clock.now(), (e: RedefineError) => e.code === "RESTORED");
+});
+
+test("FakeClock running: the state word is the offset from the real clock", () => {
+  const { backend: b, tick } = backend();
+  const clock = new FakeClock(b, 1, 1_000);
+  assert.equal(b.state[0], 1_000_000_000n - 5_000n);
+  assert.equal(clock.now(), 1_000);
+  tick(2_000_000_000n);
+  assert.equal(clock.now(), 3_000, "runs with the real clock");
+  clock.set(10_000);
+  assert.equal(clock.now(), 10_000);
+  tick(1_000_000n);
+  clock.advance(500);
+  assert.equal(clock.now(), 10_501);
+});
+
+test("FakeClock on Windows: FILETIME units since 1601", () => {
+  const { backend: b } = backend(WINDOWS_UNITS);
+  const clock = new FakeClock(b, 0, Date.UTC(2001, 8, 9, 1, 46, 40));
+  assert.equal(b.state[0], (1_000_000_000_000n + 11_644_473_600_000n) * 10_000n);
+  assert.equal(clock.now(), 1_000_000_000_000);
+  clock.advance(1);
+  assert.equal(b.state[0], (1_000_000_000_001n + 11_644_473_600_000n) * 10_000n);
+});
+
+test("FakeClock refuses times the clock functions cannot report", () => {
+  for (const at of [-1, Number.NaN, Infinity, new Date(Number.NaN), 1e16, "2001" as unknown as number]) {
+    assert.throws(() => new FakeClock(backend().backend, 0, at), (e: RedefineError) => e.code === "BAD_REPLACEMENT");
+  }
 });
