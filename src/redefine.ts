@@ -7,7 +7,7 @@ import type { JsArguments, JsFunction, JsValue, NativeType, Signature } from "./
 import { CodePool, writeCode } from "./code_memory.ts";
 import type { CodeSlot, CodeWrite } from "./code_memory.ts";
 import { archFor } from "./arch/mod.ts";
-import type { Arch, RelocationPlan } from "./arch/mod.ts";
+import type { Arch, RelocationPlan } from "./arch/types.ts";
 import { OriginalStubs } from "./original.ts";
 import type { OriginalStub } from "./original.ts";
 import { platform } from "../platform/mod.ts";
@@ -816,7 +816,7 @@ function build(
       const slot = pool.allocate(at, arch.nearReach - BigInt(plan.maxSize), plan.maxSize);
       if (!slot) throw new RedefineError("ALLOCATION_FAILED", `no executable memory near ${hex(at)} for the original.`);
       try {
-        pool.write(slot, arch.relocate(body, at, jumpSize, slot.address));
+        pool.write(slot, arch.relocate(plan, slot.address));
       } catch (error) {
         pool.release(slot, null);
         throw error;
@@ -845,9 +845,9 @@ function build(
   try {
     let trampoline: bigint | RedefineError = below ?? (shape.plan instanceof RedefineError ? shape.plan : slot.address);
     let relocated: Uint8Array = new Uint8Array(0);
-    if (below === null && !(trampoline instanceof RedefineError)) {
+    if (shape.plan !== null && !(shape.plan instanceof RedefineError)) {
       try {
-        relocated = arch.relocate(body, at, jumpSize, slot.address);
+        relocated = arch.relocate(shape.plan, slot.address);
       } catch (error) {
         if (!(error instanceof RedefineError)) throw error;
         trampoline = error;
