@@ -25,7 +25,7 @@ let memoized: number[];
 {
   using patch = redefine(
     { symbol: "jn", library: "libm.so.6", parameters: ["i32", "f64"], result: "f64" },
-    (n, x) => {
+    (n, x): number => {
       const key = `${n} ${x}`;
       const known = cache.get(key);
       if (known !== undefined) {
@@ -33,7 +33,7 @@ let memoized: number[];
         return known;
       }
       misses++;
-      const value = patch.original(n, x); // the real jn, through the trampoline
+      const value: number = patch.original(n, x); // the real jn, through the trampoline
       cache.set(key, value);
       return value;
     },
