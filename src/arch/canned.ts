@@ -18,13 +18,30 @@ export interface CannedValue {
   readonly bits: bigint;
 }
 
+import { RedefineError } from "../errors.ts";
+
+/** The clock functions a fake clock redefines on Linux and macOS. */
+export type PosixClockFunction = "time" | "gettimeofday" | "clock_gettime";
+/** The clock functions a fake clock redefines on Windows (both fill a FILETIME). */
+export type WindowsClockFunction = "GetSystemTimeAsFileTime" | "GetSystemTimePreciseAsFileTime";
 /** The clock functions a fake clock redefines. */
-export type ClockFunction =
-  | "time"
-  | "gettimeofday"
-  | "clock_gettime"
-  | "GetSystemTimeAsFileTime"
-  | "GetSystemTimePreciseAsFileTime";
+export type ClockFunction = PosixClockFunction | WindowsClockFunction;
+
+const WINDOWS_CLOCKS: readonly ClockFunction[] = ["GetSystemTimeAsFileTime", "GetSystemTimePreciseAsFileTime"];
+
+/** `fn` as a clock function of `os`: refuses one of another system's. */
+export function clockOn(fn: ClockFunction, os: string): { windows: true } | { windows: false; fn: PosixClockFunction } {
+  const windows = WINDOWS_CLOCKS.includes(fn);
+  if (windows !== (os === "windows")) {
+    throw new RedefineError(
+      "UNSUPPORTED_PLATFORM",
+      `'${fn}' is not a clock function of ${os}: fake ${
+        os === "windows" ? WINDOWS_CLOCKS.join(" and ") : "time, gettimeofday and clock_gettime"
+      } there.`,
+    );
+  }
+  return windows ? { windows } : { windows, fn: fn as PosixClockFunction };
+}
 
 /** What the canned code does. */
 export type CannedSpec =

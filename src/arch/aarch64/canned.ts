@@ -18,9 +18,8 @@
  * Listings are data with a comment per instruction; branch and pc-relative offsets come from
  * labels, resolved by `assemble`.
  */
-import type { CannedPlan, CannedSpec, CannedValue, ClockFunction } from "../canned.ts";
-import { CANNED_DATA, clockIds } from "../canned.ts";
-import { RedefineError } from "../../errors.ts";
+import type { CannedPlan, CannedSpec, CannedValue, PosixClockFunction } from "../canned.ts";
+import { CANNED_DATA, clockIds, clockOn } from "../canned.ts";
 import { adr, adrp, bCond, blr, br, cbz, ldrBase, ldrLiteral, movAbs, movz, NOP } from "./writer.ts";
 
 /** The address of a label, for the words that refer to one. */
@@ -222,7 +221,7 @@ function stateLiteral(state: bigint): Line[] {
 }
 
 /** `time`, `gettimeofday` and `clock_gettime` (Linux, macOS). */
-function posixClock(fn: ClockFunction, os: string, rate: 0 | 1, state: bigint): CannedPlan {
+function posixClock(fn: PosixClockFunction, os: string, rate: 0 | 1, state: bigint): CannedPlan {
   switch (fn) {
     case "time": // time_t time(time_t *t)
       return plan((data) => [
@@ -283,19 +282,11 @@ function posixClock(fn: ClockFunction, os: string, rate: 0 | 1, state: bigint): 
         RET, //                                                      ret
         ...stateLiteral(state),
       ]);
-    default:
-      throw new RedefineError("UNSUPPORTED_PLATFORM", `'${fn}' is a Windows function; there is no fake for it on ${os}.`);
   }
 }
 
 /** `GetSystemTimeAsFileTime` and `GetSystemTimePreciseAsFileTime` (Windows on arm64). */
-function windowsClock(fn: ClockFunction, rate: 0 | 1, state: bigint): CannedPlan {
-  if (fn !== "GetSystemTimeAsFileTime" && fn !== "GetSystemTimePreciseAsFileTime") {
-    throw new RedefineError(
-      "UNSUPPORTED_PLATFORM",
-      `'${fn}' is not a Windows clock function: fake GetSystemTimeAsFileTime and GetSystemTimePreciseAsFileTime there.`,
-    );
-  }
+function windowsClock(rate: 0 | 1, state: bigint): CannedPlan {
   // void GetSystemTime[Precise]AsFileTime(FILETIME *ft): ft in x0
   return plan((data) => [
     ...count(data),
@@ -317,9 +308,9 @@ export function cannedCode(spec: CannedSpec, os: string): CannedPlan {
       return returns(spec.value);
     case "sequence":
       return sequence(spec.values);
-    case "clock":
-      return os === "windows"
-        ? windowsClock(spec.function, spec.rate, spec.state)
-        : posixClock(spec.function, os, spec.rate, spec.state);
+    case "clock": {
+      const clock = clockOn(spec.function, os);
+      return clock.windows ? windowsClock(spec.rate, spec.state) : posixClock(clock.fn, os, spec.rate, spec.state);
+    }
   }
 }

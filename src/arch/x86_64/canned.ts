@@ -21,9 +21,8 @@
  * Listings are data with a comment per instruction; jump and rip-relative displacements come from
  * labels, resolved by `assemble`.
  */
-import type { CannedPlan, CannedSpec, CannedValue, ClockFunction } from "../canned.ts";
-import { CANNED_DATA, clockIds } from "../canned.ts";
-import { RedefineError } from "../../errors.ts";
+import type { CannedPlan, CannedSpec, CannedValue, PosixClockFunction } from "../canned.ts";
+import { CANNED_DATA, clockIds, clockOn } from "../canned.ts";
 import { i32le, INT3, u64le } from "./writer.ts";
 
 /** A label in the listing, or an absolute address (data, literals). */
@@ -202,7 +201,7 @@ function divide(divisor: number): Op[] {
 }
 
 /** `time`, `gettimeofday` and `clock_gettime` under System V (Linux, macOS). */
-function posixClock(fn: ClockFunction, os: string, rate: 0 | 1, state: bigint): CannedPlan {
+function posixClock(fn: PosixClockFunction, os: string, rate: 0 | 1, state: bigint): CannedPlan {
   const ids = clockIds(os);
   const now = (data: bigint) => fakeTimeSysV(rate, state, data, ids.monotonic);
   switch (fn) {
@@ -256,19 +255,11 @@ function posixClock(fn: ClockFunction, os: string, rate: 0 | 1, state: bigint): 
         raw(0xb8, ...i32le(-1)), //   mov eax, -1: no timespec to fill
         raw(0xc3), //                 ret
       ]);
-    default:
-      throw new RedefineError("UNSUPPORTED_PLATFORM", `'${fn}' is a Windows function; there is no fake for it on ${os}.`);
   }
 }
 
 /** `GetSystemTimeAsFileTime` and `GetSystemTimePreciseAsFileTime` under Windows x64. */
-function windowsClock(fn: ClockFunction, rate: 0 | 1, state: bigint): CannedPlan {
-  if (fn !== "GetSystemTimeAsFileTime" && fn !== "GetSystemTimePreciseAsFileTime") {
-    throw new RedefineError(
-      "UNSUPPORTED_PLATFORM",
-      `'${fn}' is not a Windows clock function: fake GetSystemTimeAsFileTime and GetSystemTimePreciseAsFileTime there.`,
-    );
-  }
+function windowsClock(rate: 0 | 1, state: bigint): CannedPlan {
   // void GetSystemTime[Precise]AsFileTime(FILETIME *ft): ft in rcx
   return plan((_at, data) => [
     count(data),
@@ -300,9 +291,9 @@ export function cannedCode(spec: CannedSpec, os: string): CannedPlan {
       return returns(spec.value);
     case "sequence":
       return sequence(spec.values);
-    case "clock":
-      return os === "windows"
-        ? windowsClock(spec.function, spec.rate, spec.state)
-        : posixClock(spec.function, os, spec.rate, spec.state);
+    case "clock": {
+      const clock = clockOn(spec.function, os);
+      return clock.windows ? windowsClock(spec.rate, spec.state) : posixClock(clock.fn, os, spec.rate, spec.state);
+    }
   }
 }
