@@ -99,3 +99,27 @@ export interface ClockIds {
 export function clockIds(os: string): ClockIds {
   return os === "darwin" ? { realtime: [0], monotonic: 6 } : { realtime: [0, 5], monotonic: 1 };
 }
+
+/** What an instruction set encodes; `cannedCodeWith` picks by the spec. */
+export interface CannedEncoders {
+  returns(value: CannedValue): CannedPlan;
+  sequence(values: readonly CannedValue[]): CannedPlan;
+  posixClock(fn: PosixClockFunction, os: string, rate: 0 | 1, state: bigint): CannedPlan;
+  windowsClock(rate: 0 | 1, state: bigint): CannedPlan;
+}
+
+/** The canned code of `spec` for `os` (the clock functions differ by system), from `encoders`. */
+export function cannedCodeWith(encoders: CannedEncoders, spec: CannedSpec, os: string): CannedPlan {
+  switch (spec.kind) {
+    case "returns":
+      return encoders.returns(spec.value);
+    case "sequence":
+      return encoders.sequence(spec.values);
+    case "clock": {
+      const clock = clockOn(spec.function, os);
+      return clock.windows
+        ? encoders.windowsClock(spec.rate, spec.state)
+        : encoders.posixClock(clock.fn, os, spec.rate, spec.state);
+    }
+  }
+}

@@ -19,7 +19,7 @@
  * labels, resolved by `assemble`.
  */
 import type { CannedPlan, CannedSpec, CannedValue, PosixClockFunction } from "../canned.ts";
-import { CANNED_DATA, clockIds, clockOn } from "../canned.ts";
+import { CANNED_DATA, cannedCodeWith, clockIds } from "../canned.ts";
 import { adr, adrp, bCond, blr, br, cbz, ldrBase, ldrLiteral, movAbs, movz, NOP } from "./writer.ts";
 
 /** The address of a label, for the words that refer to one. */
@@ -301,16 +301,7 @@ function windowsClock(rate: 0 | 1, state: bigint): CannedPlan {
   ]);
 }
 
-/** The canned code of `spec` for `os` (the clock ids differ by OS). */
+/** The canned code of `spec` for `os`. */
 export function cannedCode(spec: CannedSpec, os: string): CannedPlan {
-  switch (spec.kind) {
-    case "returns":
-      return returns(spec.value);
-    case "sequence":
-      return sequence(spec.values);
-    case "clock": {
-      const clock = clockOn(spec.function, os);
-      return clock.windows ? windowsClock(spec.rate, spec.state) : posixClock(clock.fn, os, spec.rate, spec.state);
-    }
-  }
+  return cannedCodeWith({ returns, sequence, posixClock, windowsClock }, spec, os);
 }
