@@ -321,6 +321,24 @@ test("live fake clock, frozen: time, gettimeofday, clock_gettime report the stat
   assert.equal(time(0n), 1_000_086_400n, "a new state word is seen at once");
 });
 
+test("live macOS clock_gettime code: only clock 0 is faked (5 is a monotonic clock there), the pace read from clock 6", () => {
+  Atomics.store(state, 0, AT_NS);
+  const c = place({ kind: "clock", function: "clock_gettime", rate: 0, state: page }, "darwin");
+  c.setOriginal(realClock);
+  const fake = callable(c.address, { parameters: ["i32", "pointer"], result: "i32" });
+  assert.equal(fake(0, page + 128n), 0);
+  assert.equal(word(128)[0], 1_000_000_000n);
+  assert.equal(fake(5, page + 128n), 0);
+  assert.ok(word(128)[0] > 1_700_000_000n, "clock 5 reached the original (here: Linux's CLOCK_REALTIME_COARSE)");
+  const running = place({ kind: "clock", function: "time", rate: 1, state: page }, "darwin");
+  running.setOriginal(realClock);
+  Atomics.store(state, 0, 0n);
+  const seconds = callable(running.address, { parameters: ["pointer"], result: "i64" })(0n) as bigint;
+  // Clock 6 is Linux's CLOCK_MONOTONIC_COARSE: the same seconds as CLOCK_MONOTONIC, give or take a tick.
+  const monotonic = monotonicNs() / 1_000_000_000n;
+  assert.ok(seconds >= monotonic - 1n && seconds <= monotonic, `${seconds} ~ ${monotonic}`);
+});
+
 test("live fake clock, running: the state word plus CLOCK_MONOTONIC, read through the original", () => {
   const offset = AT_NS - monotonicNs();
   Atomics.store(state, 0, offset);
