@@ -52,6 +52,26 @@ test("restoreAll unwinds stacks newest first, in one transaction", () => {
   assert.equal(libc.labs(-5n), 5n);
 });
 
+test("stacking in one transaction: a patch restored and one made again; restoring the new one leaves the function's bytes", () => {
+  const labs = os.symbolAddress("labs");
+  const before = state([labs]);
+  const first = redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, () => 1n);
+  const second = transaction(() => {
+    first.restore();
+    return redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, (x): bigint => second.original(x) + 2n);
+  });
+  try {
+    assert.equal(first.active, false);
+    assert.equal(second.depth, 0, "the restored patch is not under it");
+    assert.equal(libc.labs(-5n), 7n, "its original is labs itself");
+    second.restore();
+    assert.deepEqual(state([labs]), before);
+    assert.equal(libc.labs(-5n), 5n);
+  } finally {
+    restoreAll();
+  }
+});
+
 test("a replacement that restores its own patch while it runs: its code stays until it returns", () => {
   let calls = 0;
   const patch = redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, () => {
