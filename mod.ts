@@ -25,3 +25,7 @@ export type { Replacement, SymbolReplacement } from "./src/replacement.ts";
 export { RedefineError } from "./src/errors.ts";
 export type { RedefineErrorCode } from "./src/errors.ts";
 export type { JsArguments, JsFunction, JsParameters, JsValue, NativeType, Signature } from "./src/signature.ts";
+export { returns, sequence } from "./src/mock/canned.ts";
+export type { Canned } from "./src/mock/canned.ts";
+export { FakeClock, fakeClock } from "./src/mock/clock.ts";
+export type { FakeClockOptions } from "./src/mock/clock.ts";

@@ -16,6 +16,8 @@ import type { Machine } from "./registry.ts";
 import { refuseJumpsIntoEntry } from "./target.ts";
 import type { Site } from "./target.ts";
 import type { Destination } from "./replacement.ts";
+import { CANNED_DATA } from "./arch/canned.ts";
+import { cannedData } from "./mock/canned.ts";
 import { Trampoline } from "./patch.ts";
 
 type AnySite = Site<readonly NativeType[], NativeType>;
@@ -33,6 +35,8 @@ export interface Layout {
   readonly trampoline: Trampoline;
   /** The guard's busy flag (JS replacements): set while the replacement runs. */
   readonly busy: bigint | null;
+  /** Canned code's native call counter (a u64 in its data block). */
+  readonly counter?: bigint;
 }
 
 /**
@@ -49,6 +53,8 @@ export function layOut(site: AnySite, to: Destination, below: bigint | null): La
       return directJump(m, site, to.address, below) ?? jumpStub(m, site, to.address, below);
     case "original":
       return toOriginal(m, site, below);
+    case "canned":
+      return cannedStub(m, site, to, below);
   }
 }
 
@@ -137,6 +143,21 @@ function jumpStub(m: Machine, site: AnySite, to: bigint, below: bigint | null): 
     const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
     write(m, stub, relocated, m.arch.farJump(stub.front, to));
     return throughStub(m, site, stub, trampoline, null);
+  });
+}
+
+/**
+ * Canned native code (returns, sequence, a fake clock's function): placed after the trampoline in
+ * a slot near the entry, with its data block (`cannedData`); the entry jump leads straight to it.
+ */
+function cannedStub(m: Machine, site: AnySite, to: Destination & { kind: "canned" }, below: bigint | null): Layout {
+  const plan = m.arch.canned!(to.spec, m.platform.runtime.os);
+  const stub = reserve(m, site, below, plan.size, plan.dataSize);
+  return filling(m, stub, () => {
+    const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
+    m.platform.runtime.view(stub.slot.data, plan.dataSize).set(cannedData(to, () => trampoline.address));
+    write(m, stub, relocated, plan.encode(stub.front, stub.slot.data));
+    return { ...throughStub(m, site, stub, trampoline, null), counter: stub.slot.data + BigInt(CANNED_DATA.calls) };
   });
 }
 

@@ -4,13 +4,14 @@
  * memory and called through FFI: the values of each result type, the native call counter, and
  * distinct steps for callers on other threads.
  */
-import { assert, test } from "./harness.ts";
+import { assert, assertCode, test } from "./harness.ts";
 import { assertDisassembly, h } from "./objdump_aarch64.ts";
 import { cannedCode as x86_64Code } from "../src/arch/x86_64/canned.ts";
 import { cannedCode as aarch64Code } from "../src/arch/aarch64/canned.ts";
 import type { CannedValue } from "../src/arch/canned.ts";
 import { callable, countListing, disassemble, f32, f64, integer, place, quads } from "./canned_listing.ts";
-import { libc, mapPages, runtime } from "./native.ts";
+import { bytesAt, libc, mapPages, os, runtime } from "./native.ts";
+import { redefine } from "../mod.ts";
 import type { NativeType } from "../src/signature.ts";
 import { cannedSpec, cannedValue, isCanned, returns, sequence } from "../src/mock/canned.ts";
 import type { RedefineError } from "../src/errors.ts";
@@ -189,4 +190,57 @@ test("values that do not fit the result type are refused with BAD_REPLACEMENT", 
   refused("void", 0, /0 is not undefined/);
   assert.throws(() => cannedSpec(sequence(1), "void"), (e: RedefineError) => e.code === "BAD_REPLACEMENT");
   assert.throws(() => cannedSpec(sequence(1, 2, 300), "u8"), (e: RedefineError) => /sequence\(\) value 2: 300/.test(e.message));
+});
+
+// Through redefine(): canned code as the replacement of a live function.
+
+test("redefine with returns(42): the program's FFI call and a native thread started on getppid get 42; calls counts both", () => {
+  const address = os.symbolAddress("getppid", "libc.so.6");
+  const before = bytesAt(address, 16);
+  const real = libc.getppid();
+  const patch = redefine({ symbol: "getppid", library: "libc.so.6", parameters: [], result: "i32" }, returns(42));
+  try {
+    assert.equal(patch.calls, 0);
+    assert.equal(libc.getppid(), 42);
+    const id = new BigUint64Array(1);
+    assert.equal(libc.pthread_create(new Uint8Array(id.buffer), 0n, address, new Uint8Array(8)), 0);
+    const exit = mapPages(1);
+    assert.equal(libc.pthread_join(id[0], exit), 0);
+    assert.equal(new DataView(bytesAt(exit, 8).buffer).getInt32(0, true), 42, "the thread's exit value: getppid's result");
+    libc.munmap(exit, 4096n);
+    assert.equal(patch.calls, 2);
+    assert.equal(patch.original(), real, "the original through the trampoline");
+  } finally {
+    patch.restore();
+  }
+  assert.equal(patch.calls, 2, "the count it stopped at");
+  assert.deepEqual(bytesAt(address, 16), before, "the entry's bytes exactly back");
+  assert.equal(libc.getppid(), real);
+});
+
+test("redefine with sequence(): each call the next value, the last repeating; typed errors for values that do not fit", () => {
+  {
+    using patch = redefine({ symbol: "getppid", parameters: [], result: "i32" }, sequence(7, 8, -9));
+    assert.deepEqual([libc.getppid(), libc.getppid(), libc.getppid(), libc.getppid()], [7, 8, -9, -9]);
+    assert.equal(patch.calls, 4);
+  }
+  assertCode(
+    () => redefine({ symbol: "getppid", parameters: [], result: "i32" }, returns(2n ** 40n as never)),
+    "BAD_REPLACEMENT",
+    /returns\(\): 1099511627776n is not an integer from -2\^31 to 2\^31 - 1/,
+  );
+  assert.notEqual(libc.getppid(), -9, "nothing written on error");
+});
+
+test("canned replacements stack with other patches, in order", () => {
+  const real = libc.getppid();
+  const below = redefine({ symbol: "getppid", parameters: [], result: "i32" }, returns(1));
+  const above = redefine({ symbol: "getppid", parameters: [], result: "i32" }, (): number => 2);
+  assert.equal(libc.getppid(), 2);
+  assert.equal(above.original(), 1, "the original of the patch above is the canned code below");
+  above.restore();
+  assert.equal(libc.getppid(), 1);
+  assert.equal(below.calls, 2);
+  below.restore();
+  assert.equal(libc.getppid(), real);
 });

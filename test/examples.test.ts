@@ -35,3 +35,11 @@ test("example memoize: libm's jn answered from a cache, asked once per question"
   assert.match(out, /every answer equals libm's own/);
   assert.match(out, /restored: jn is libm's again \(the cache saw 0 more calls\)/);
 });
+
+test("example canned: returns() reaches a native thread and counts; sequence() deals its values, the last repeating", () => {
+  const out = run("canned.ts");
+  assert.match(out, /returns\(42\): getppid\(\) = 42; on a native thread: 42/);
+  assert.match(out, /calls counted natively: 2/);
+  assert.match(out, /restored: getppid\(\) is the real parent again: true/);
+  assert.match(out, /rand\(\) = 4, 8, 15, 16, 23, 42, 42, 42 \(the last repeats\); calls = 8/);
+});

@@ -4,16 +4,16 @@
  * this machine's code placed in executable memory and called through FFI: the fake times each
  * function reports, the clocks it leaves real, and the counter.
  */
-import { assert, test } from "./harness.ts";
+import { assert, assertCode, test } from "./harness.ts";
 import { assertDisassembly, h } from "./objdump_aarch64.ts";
 import { cannedCode as x86_64Code } from "../src/arch/x86_64/canned.ts";
 import { cannedCode as aarch64Code } from "../src/arch/aarch64/canned.ts";
 import type { ClockFunction } from "../src/arch/canned.ts";
 import { RedefineError } from "../src/errors.ts";
-import { FakeClock, POSIX_UNITS, WINDOWS_UNITS } from "../src/mock/clock.ts";
+import { FakeClock, fakeClock, fakeClockOf, POSIX_UNITS, WINDOWS_UNITS } from "../src/mock/clock.ts";
 import type { ClockBackend } from "../src/mock/clock.ts";
 import { callable, countListing, disassemble, place, placeCode } from "./canned_listing.ts";
-import { isArm64, libc, mapPages, os, runtime, words } from "./native.ts";
+import { bytesAt, isArm64, libc, mapPages, os, runtime, words } from "./native.ts";
 
 const AT = 0x7f00_0000_1000n;
 const DATA = 0x7f00_0000_2230n;
@@ -402,9 +402,6 @@ test("live Windows clock code: the FILETIME frozen, and running on the precise t
   }
 });
 
-test("the page is given back", () => {
-  assert.equal(libc.munmap(page, 4096n), 0);
-});
 
 // The JS side alone, on a state word of its own and a real clock the test moves.
 
@@ -473,4 +470,64 @@ test("FakeClock refuses times the clock functions cannot report", () => {
   for (const at of [-1, Number.NaN, Infinity, new Date(Number.NaN), 1e16, "2001" as unknown as number]) {
     assert.throws(() => new FakeClock(backend().backend, 0, at), (e: RedefineError) => e.code === "BAD_REPLACEMENT");
   }
+});
+
+// fakeClock() on the live process.
+
+const libcClock = runtime.open("libc.so.6", { clock_gettime: { parameters: ["i32", "pointer"], result: "i32" } });
+const timespec = mapPages(1);
+
+/** The program's own FFI call of libc's clock_gettime(id): ns. */
+function clockNs(id: number): bigint {
+  assert.equal(libcClock.clock_gettime(id, timespec), 0);
+  const view = runtime.view(timespec, 16);
+  const [sec, nsec] = new BigInt64Array(view.buffer, view.byteOffset, 2);
+  return sec * 1_000_000_000n + nsec;
+}
+
+test("fakeClock on libc's clock_gettime, process-wide: CLOCK_REALTIME frozen, advanced, set; the monotonic clock real; restored exactly", () => {
+  const entry = os.symbolAddress("clock_gettime");
+  const before = bytesAt(entry, 16);
+  const clock = fakeClockOf(["clock_gettime"], { at: Date.UTC(2001, 8, 9, 1, 46, 40) });
+  try {
+    assert.equal(clockNs(0), 1_000_000_000_000_000_000n);
+    assert.equal(clockNs(5), 1_000_000_000_000_000_000n, "CLOCK_REALTIME_COARSE");
+    const m0 = monotonicNs();
+    const m = clockNs(1);
+    assert.ok(m >= m0 && m <= monotonicNs(), "CLOCK_MONOTONIC stays real");
+    clock.advance(86_400_000);
+    assert.equal(clockNs(0), 1_000_086_400_000_000_000n);
+    assert.equal(clock.now(), 1_000_086_400_000);
+    clock.set(new Date("2030-01-01T00:00:00Z"));
+    assert.equal(clockNs(0) / 1_000_000n, BigInt(Date.UTC(2030, 0, 1)));
+  } finally {
+    clock.restore();
+  }
+  assert.deepEqual(bytesAt(entry, 16), before, "the entry's bytes exactly back");
+  const real = clockNs(0) / 1_000_000n;
+  assert.ok(real > BigInt(Date.UTC(2025, 0, 1)) && real < BigInt(Date.UTC(2030, 0, 1)), `real time again: ${real}`);
+  assertCode(() => clock.advance(1), "RESTORED");
+});
+
+test("fakeClock at rate 1: the fake time runs at the real pace from 'at'", () => {
+  const at = Date.UTC(2001, 8, 9, 1, 46, 40);
+  using clock = fakeClockOf(["clock_gettime"], { at, rate: 1 });
+  const first = clockNs(0);
+  const m0 = monotonicNs();
+  while (monotonicNs() - m0 < 20_000_000n); // 20 ms of real time
+  const second = clockNs(0);
+  assert.ok(first >= BigInt(at) * 1_000_000n && first < BigInt(at + 1_000) * 1_000_000n, `started at 'at': ${first}`);
+  assert.ok(second - first >= 20_000_000n && second - first < 1_000_000_000n, `ran on: ${second - first} ns`);
+  const now = clock.now();
+  assert.ok(now >= Number(second / 1_000_000n) && now < at + 1_000, `now() agrees: ${now}`);
+});
+
+test("fakeClock refuses a rate other than 0 and 1, and a time it cannot report", () => {
+  assertCode(() => fakeClock({ rate: 2 }), "BAD_REPLACEMENT", /rate is 2; it must be 0 \(frozen at 'at'\) or 1/);
+  assertCode(() => fakeClock({ at: -1 }), "BAD_REPLACEMENT", /'at': -1 is not a time from 1970 to 2262/);
+});
+
+test("the pages are given back", () => {
+  assert.equal(libc.munmap(page, 4096n), 0);
+  assert.equal(libc.munmap(timespec, 4096n), 0);
 });

@@ -7,6 +7,7 @@
 import { RedefineError } from "../errors.ts";
 import type { NativeType } from "../signature.ts";
 import type { CannedSpec, CannedValue } from "../arch/canned.ts";
+import { CANNED_DATA } from "../arch/canned.ts";
 
 /**
  * A native replacement that answers calls without running JS: made by `returns()` and
@@ -85,6 +86,21 @@ export function cannedSpec(canned: Canned<unknown>, result: NativeType): CannedS
     );
   }
   return { kind: "sequence", values: values.map((v, i) => cannedValue(result, v, `sequence() value ${i}`)) };
+}
+
+/**
+ * The first contents of a canned replacement's data block: the call counter at zero, and the
+ * original its code falls back on where it needs one — a clock's code calls it for the clocks it
+ * does not fake, or to read the real clock: `realClock` when given, else `original()` (the patched
+ * function's own original, which may throw why there is none).
+ */
+export function cannedData(destination: { spec: CannedSpec; realClock?: bigint }, original: () => bigint): Uint8Array {
+  const data = new DataView(new ArrayBuffer(CANNED_DATA.size));
+  const { spec } = destination;
+  if (spec.kind === "clock" && (spec.function === "clock_gettime" || spec.rate === 1)) {
+    data.setBigUint64(CANNED_DATA.original, destination.realClock ?? original(), true);
+  }
+  return new Uint8Array(data.buffer);
 }
 
 const INTEGER_BITS: Readonly<Partial<Record<NativeType, { bits: number; signed: boolean }>>> = {

@@ -9,6 +9,13 @@
  * time), and the native code adds the real clock back on every call.
  */
 import { RedefineError } from "../errors.ts";
+import type { ClockFunction } from "../arch/canned.ts";
+import { clockIds } from "../arch/canned.ts";
+import type { NativeType } from "../signature.ts";
+import { machine } from "../registry.ts";
+import { locate } from "../target.ts";
+import { apply } from "../redefine.ts";
+import { transaction } from "../transaction.ts";
 
 /** What a fake clock works with: the word the native code reads, and the clock it runs on. */
 export interface ClockBackend {
@@ -140,4 +147,146 @@ export function toMs(at: Date | number, what: string): number {
     );
   }
   return ms;
+}
+
+/**
+ * Options of `fakeClock()`.
+ *
+ * @example
+ * ```ts
+ * import type { FakeClockOptions } from "./mod.ts";
+ * const options: FakeClockOptions = { at: new Date("2001-09-09T01:46:40Z"), rate: 1 };
+ * ```
+ */
+export interface FakeClockOptions {
+  /** The fake time to start from: a `Date`, or milliseconds since 1970; default: now. */
+  readonly at?: Date | number;
+  /** 0 (the default): the clock stays at `at` until set or advanced; 1: it runs on from `at` at the real pace. */
+  readonly rate?: number;
+  /**
+   * Only the calls these libraries make through their import tables see the fake time (file names
+   * as the loader lists them, e.g. `"libsqlite3.so.0"`, or paths); default: the whole process.
+   */
+  readonly callers?: string | readonly string[];
+}
+
+/** A clock function: its name and signature. */
+interface ClockTarget {
+  readonly function: ClockFunction;
+  readonly parameters: readonly NativeType[];
+  readonly result: NativeType;
+}
+
+/**
+ * The clock functions of each system, the first being the real clock the others read at rate 1
+ * (through the first one's original, once it is redefined too).
+ */
+const CLOCKS: Readonly<Record<"posix" | "windows", readonly ClockTarget[]>> = {
+  posix: [
+    { function: "clock_gettime", parameters: ["i32", "pointer"], result: "i32" },
+    { function: "time", parameters: ["pointer"], result: "i64" },
+    { function: "gettimeofday", parameters: ["pointer", "pointer"], result: "i32" },
+  ],
+  windows: [
+    { function: "GetSystemTimePreciseAsFileTime", parameters: ["pointer"], result: "void" },
+    { function: "GetSystemTimeAsFileTime", parameters: ["pointer"], result: "void" },
+  ],
+};
+
+/**
+ * Fakes the time of day for the whole process, natively: `clock_gettime` (for CLOCK_REALTIME and
+ * CLOCK_REALTIME_COARSE only — every other clock, the monotonic ones that drive the runtime's timers
+ * among them, stays real), `time` and `gettimeofday`; on Windows `GetSystemTimeAsFileTime` and
+ * `GetSystemTimePreciseAsFileTime`. All are redefined in one transaction (all or none), by machine
+ * code that reads the fake time from one word of memory: no JS runs when they are called, so any
+ * thread may call them. The time is frozen at `at` (default: now) unless `rate` is 1.
+ *
+ * @example
+ * ```ts
+ * import { fakeClock } from "./mod.ts";
+ * using clock = fakeClock({ at: Date.UTC(2001, 8, 9, 1, 46, 40) });
+ * // time(NULL) returns 1000000000 for every native caller now
+ * clock.advance(86_400_000); // and 1000086400 from here on
+ * ```
+ */
+export function fakeClock(options: FakeClockOptions = {}): FakeClock {
+  return fakeClockOf(undefined, options);
+}
+
+/**
+ * `fakeClock()` over only the clock functions named in `only` (all when undefined): for the tests,
+ * on systems where some of them cannot be redefined process-wide.
+ */
+export function fakeClockOf(only: readonly ClockFunction[] | undefined, options: FakeClockOptions = {}): FakeClock {
+  const rate = options.rate ?? 0;
+  if (rate !== 0 && rate !== 1) {
+    throw new RedefineError(
+      "BAD_REPLACEMENT",
+      `fakeClock(): rate is ${String(rate)}; it must be 0 (frozen at 'at') or 1 (running from 'at' at the real pace).`,
+    );
+  }
+  const at = toMs(options.at ?? Date.now(), "fakeClock() 'at'");
+  if (options.callers !== undefined) {
+    throw new RedefineError("UNSUPPORTED_PLATFORM", "fakeClock(): 'callers' is not supported by this version of redefine yet.");
+  }
+  const m = machine();
+  const { os: system, runtime } = m.platform;
+  const windows = runtime.os === "windows";
+  const all = CLOCKS[windows ? "windows" : "posix"];
+  const reference = all[0];
+  const chosen = all.filter((clock) => only === undefined || only.includes(clock.function));
+  // The state word, then scratch for reading the real clock from JS.
+  const cell = m.pool.allocate(0n, 2n ** 62n, 16, 32);
+  if (!cell) throw new RedefineError("ALLOCATION_FAILED", "no memory for the fake clock's state.");
+  const state = cell.data;
+  const words = () => {
+    const view = runtime.view(state, 32);
+    return new BigInt64Array(view.buffer, view.byteOffset, 4);
+  };
+  const monotonic = clockIds(runtime.os).monotonic;
+  // The real clock, as the native code reads it at rate 1.
+  const realClockAt = (address: bigint) => {
+    const scratch = state + 16n;
+    if (windows) {
+      const read = runtime.fnPointer(address, { parameters: ["pointer"], result: "void" });
+      return () => {
+        read(scratch);
+        return words()[2];
+      };
+    }
+    const read = runtime.fnPointer(address, { parameters: ["i32", "pointer"], result: "i32" });
+    return () => {
+      read(monotonic, scratch);
+      const [, , sec, nsec] = words();
+      return sec * 1_000_000_000n + nsec;
+    };
+  };
+  // The reference's original once it is redefined; the function itself when it is not.
+  let realClock = chosen.includes(reference) ? undefined : system.symbolAddress(reference.function);
+  try {
+    return transaction(() => {
+      const patches = chosen.map((clock) => {
+        const site = locate({ symbol: clock.function, parameters: clock.parameters, result: clock.result });
+        const spec = { kind: "clock", function: clock.function, rate, state } as const;
+        const patch = apply(site, { kind: "canned", spec, realClock });
+        if (clock === reference && rate === 1) realClock = patch.originalAddress;
+        return patch;
+      });
+      // Made before the transaction writes the entry jumps: the state word holds the fake time first.
+      return new FakeClock({
+        state: words().subarray(0, 1),
+        real: rate === 1 ? realClockAt(realClock!) : () => 0n,
+        units: windows ? WINDOWS_UNITS : POSIX_UNITS,
+        restore: () => {
+          transaction(() => {
+            for (const patch of [...patches].reverse()) patch.restore();
+          });
+          m.pool.release(cell, null);
+        },
+      }, rate, at);
+    });
+  } catch (error) {
+    m.pool.release(cell, null);
+    throw error;
+  }
 }
