@@ -10,6 +10,7 @@ import { cannedCode as x86_64Code } from "../src/arch/x86_64/canned.ts";
 import { cannedCode as aarch64Code } from "../src/arch/aarch64/canned.ts";
 import type { ClockFunction } from "../src/arch/canned.ts";
 import { RedefineError } from "../src/errors.ts";
+import { transaction } from "../src/transaction.ts";
 import { FakeClock, fakeClock, fakeClockOf, POSIX_UNITS, WINDOWS_UNITS } from "../src/mock/clock.ts";
 import type { ClockBackend } from "../src/mock/clock.ts";
 import { callable, countListing, disassemble, place, placeCode } from "./canned_listing.ts";
@@ -520,6 +521,22 @@ test("fakeClock at rate 1: the fake time runs at the real pace from 'at'", () =>
   assert.ok(second - first >= 20_000_000n && second - first < 1_000_000_000n, `ran on: ${second - first} ns`);
   const now = clock.now();
   assert.ok(now >= Number(second / 1_000_000n) && now < at + 1_000, `now() agrees: ${now}`);
+});
+
+test("fakeClock inside an enclosing transaction: live when it commits, gone with it when it fails", () => {
+  const at = Date.UTC(2001, 8, 9, 1, 46, 40);
+  const clock = transaction(() => fakeClockOf(["clock_gettime"], { at }));
+  assert.equal(clockNs(0), 1_000_000_000_000_000_000n);
+  transaction(() => clock.restore());
+  assert.ok(clockNs(0) > 1_700_000_000_000_000_000n, "restored when the transaction committed");
+  const entry = bytesAt(os.symbolAddress("clock_gettime"), 16);
+  assert.throws(() =>
+    transaction(() => {
+      fakeClockOf(["clock_gettime"], { at });
+      throw new Error("later in the transaction");
+    }), /later in the transaction/);
+  assert.deepEqual(bytesAt(os.symbolAddress("clock_gettime"), 16), entry, "nothing written");
+  assert.ok(clockNs(0) > 1_700_000_000_000_000_000n);
 });
 
 test("fakeClock refuses a rate other than 0 and 1, and a time it cannot report", () => {

@@ -16,6 +16,7 @@ import { machine } from "../registry.ts";
 import { locate } from "../target.ts";
 import { apply } from "../redefine.ts";
 import { transaction } from "../transaction.ts";
+import type { Runtime } from "../../platform/mod.ts";
 
 /** What a fake clock works with: the word the native code reads, and the clock it runs on. */
 export interface ClockBackend {
@@ -239,30 +240,15 @@ export function fakeClockOf(only: readonly ClockFunction[] | undefined, options:
   const cell = m.pool.allocate(0n, 2n ** 62n, 16, 32);
   if (!cell) throw new RedefineError("ALLOCATION_FAILED", "no memory for the fake clock's state.");
   const state = cell.data;
-  const words = () => {
-    const view = runtime.view(state, 32);
-    return new BigInt64Array(view.buffer, view.byteOffset, 4);
+  let released = false;
+  const release = () => {
+    if (!released) m.pool.release(cell, null);
+    released = true;
   };
-  const monotonic = clockIds(runtime.os).monotonic;
-  // The real clock, as the native code reads it at rate 1.
-  const realClockAt = (address: bigint) => {
-    const scratch = state + 16n;
-    if (windows) {
-      const read = runtime.fnPointer(address, { parameters: ["pointer"], result: "void" });
-      return () => {
-        read(scratch);
-        return words()[2];
-      };
-    }
-    const read = runtime.fnPointer(address, { parameters: ["i32", "pointer"], result: "i32" });
-    return () => {
-      read(monotonic, scratch);
-      const [, , sec, nsec] = words();
-      return sec * 1_000_000_000n + nsec;
-    };
-  };
-  // The reference's original once it is redefined; the function itself when it is not.
-  let realClock = chosen.includes(reference) ? undefined : system.symbolAddress(reference.function);
+  // Made inside an enclosing transaction that fails later, the clock never goes live.
+  m.batch?.rollbacks.push(release);
+  // The real clock: the reference's original once it is redefined, the function itself if it is not.
+  let realClock = chosen[0] === reference ? undefined : system.symbolAddress(reference.function);
   try {
     return transaction(() => {
       const patches = chosen.map((clock) => {
@@ -272,21 +258,52 @@ export function fakeClockOf(only: readonly ClockFunction[] | undefined, options:
         if (clock === reference && rate === 1) realClock = patch.originalAddress;
         return patch;
       });
-      // Made before the transaction writes the entry jumps: the state word holds the fake time first.
+      // Made before the transaction writes the patches: the state word holds the fake time first.
       return new FakeClock({
-        state: words().subarray(0, 1),
-        real: rate === 1 ? realClockAt(realClock!) : () => 0n,
+        state: stateWords(runtime, state).subarray(0, 1),
+        real: rate === 1 ? realClockReader(runtime, realClock!, state) : () => 0n,
         units: windows ? WINDOWS_UNITS : POSIX_UNITS,
         restore: () => {
           transaction(() => {
             for (const patch of [...patches].reverse()) patch.restore();
           });
-          m.pool.release(cell, null);
+          // Inside an enclosing transaction the patches go when it commits; the state word after them.
+          if (m.batch) m.batch.commits.push(release);
+          else release();
         },
       }, rate, at);
     });
   } catch (error) {
-    m.pool.release(cell, null);
+    release();
     throw error;
   }
+}
+
+/** The fake clock's four words: the state, then scratch for reading the real clock. */
+function stateWords(runtime: Runtime, state: bigint): BigInt64Array {
+  const view = runtime.view(state, 32);
+  return new BigInt64Array(view.buffer, view.byteOffset, 4);
+}
+
+/**
+ * The real clock read from JS as the native code reads it at rate 1, through `address`: POSIX
+ * CLOCK_MONOTONIC in ns through `clock_gettime`, Windows FILETIME through
+ * `GetSystemTimePreciseAsFileTime`, into the scratch words after the state.
+ */
+function realClockReader(runtime: Runtime, address: bigint, state: bigint): () => bigint {
+  const scratch = state + 16n;
+  if (runtime.os === "windows") {
+    const read = runtime.fnPointer(address, { parameters: ["pointer"], result: "void" });
+    return () => {
+      read(scratch);
+      return stateWords(runtime, state)[2];
+    };
+  }
+  const read = runtime.fnPointer(address, { parameters: ["i32", "pointer"], result: "i32" });
+  const monotonic = clockIds(runtime.os).monotonic;
+  return () => {
+    read(monotonic, scratch);
+    const [, , sec, nsec] = stateWords(runtime, state);
+    return sec * 1_000_000_000n + nsec;
+  };
 }
