@@ -165,7 +165,8 @@ export function darwin(runtime: Runtime): Os {
     errnoAddress: () => c.__error() as bigint,
     errnoNames: ERRNO_NAMES,
     rtldDefault: RTLD_DEFAULT,
-    libraryAdvice: `Give the install name or path the dynamic loader knows (e.g. "${LIBSYSTEM}", "/usr/lib/libz.1.dylib").`,
+    libraryAdvice: `Give the install name or path the dynamic loader knows (e.g. "${LIBSYSTEM}", ` +
+      `"/usr/lib/libz.1.dylib").`,
     // dlsym takes the C name and adds the leading underscore itself.
     spelling: "the C name, without the leading underscore",
   });
@@ -396,6 +397,12 @@ export function darwin(runtime: Runtime): Os {
           "is a Mach-O dylib (ad-hoc signed on arm64), which redefine does not build yet. Call the " +
           "trampoline through the runtime's function-pointer call instead.",
       );
+    },
+
+    // mach_vm_write into this task would be the counterpart of Linux's /proc/self/mem; until it is
+    // measured against VM_PROT_COPY, every write makes its pages writable first.
+    forceWrite() {
+      return false;
     },
 
     flushCode(address, length) {

@@ -1,8 +1,10 @@
 /**
  * Linux memory services through glibc, called with the runtime's FFI: page size, protections
- * (`mprotect`, read back from /proc/self/maps), symbols (`dlsym`, `dladdr1`), executable memory
- * near a target (a memfd mapped twice: read+execute where the code runs, read+write elsewhere to
- * write it, so no page of ours is ever writable and executable), and the arm64 cache flush.
+ * (`mprotect`, read back from /proc/self/maps), writes into code without them (/proc/self/mem,
+ * platform/proc_mem.ts; x86-64), symbols (`dlsym`, `dladdr1`), executable memory near a target (a
+ * memfd mapped twice: read+execute where the code runs, read+write elsewhere to write it, so no
+ * page of ours is ever writable and executable), stub libraries for the loader (a sealed memfd),
+ * and the arm64 cache flush.
  */
 import { hex, RedefineError } from "../src/errors.ts";
 import type { Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
@@ -10,6 +12,7 @@ import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 import { aarch64CacheFlush } from "./aarch64_flush.ts";
 import { nearCandidates, protectionText } from "./address_space.ts";
 import { cString, posix } from "./posix.ts";
+import { procMem } from "./proc_mem.ts";
 
 const RTLD_DL_SYMENT = 1;
 const SC_PAGESIZE = 30;
@@ -19,7 +22,11 @@ const MAP_ANONYMOUS = 0x20;
 const MAP_FIXED_NOREPLACE = 0x100000;
 const MAP_FAILED = 2n ** 64n - 1n;
 const MFD_CLOEXEC = 1;
+const MFD_ALLOW_SEALING = 2;
 const MFD_EXEC = 0x10;
+const F_ADD_SEALS = 1033;
+/** No more seals, no shrinking, no growing, no writing: the file's bytes are fixed for good. */
+const SEALED = 0x1 | 0x2 | 0x4 | 0x8;
 const O_RDONLY = 0;
 const O_CLOEXEC = 0x80000;
 /** `_IOWR('f', 17, struct procmap_query)`: one mapping by address, Linux 6.11 and later. */
@@ -40,7 +47,9 @@ function libc(runtime: Runtime) {
     open: { parameters: ["buffer", "i32"], result: "i32" },
     read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
     write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+    pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
     close: { parameters: ["i32"], result: "i32" },
+    fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
     ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
     __errno_location: { parameters: [], result: "usize" },
     strerror: { parameters: ["i32"], result: "usize" },
@@ -73,9 +82,8 @@ export function linux(runtime: Runtime): Os {
   const c = libc(runtime);
   const pageSize = Number(c.sysconf(SC_PAGESIZE));
   // x86-64 keeps instruction fetch coherent with stores by itself; arm64 needs a flush.
-  const flush = runtime.arch === "aarch64" || runtime.arch === "arm64"
-    ? aarch64CacheFlush(runtime, pageSize).flush
-    : null;
+  const arm64 = runtime.arch === "aarch64" || runtime.arch === "arm64";
+  const flush = arm64 ? aarch64CacheFlush(runtime, pageSize).flush : null;
 
   const { errno, errnoText, symbolAddress } = posix(runtime, c, {
     errnoAddress: () => c.__errno_location() as bigint,
@@ -84,6 +92,11 @@ export function linux(runtime: Runtime): Os {
     libraryAdvice: `Give the name the dynamic loader knows (e.g. "libc.so.6", "libm.so.6") or an absolute path.`,
     spelling: "C names, no mangling",
   });
+
+  // Forced writes on x86-64 only, where the kernel's copy of an aligned 8-byte word was measured to
+  // be one store (README: live patching). On arm64 it is unmeasured, and under qemu-user, where the
+  // arm64 suite runs, a write behind qemu's back would leave its translated code stale.
+  const forced = arm64 ? null : procMem(runtime, c, pageSize, () => errnoText());
 
   // One open /proc/self/maps answers PROCMAP_QUERY for the life of the process; null once the
   // kernel turns out not to know the ioctl, and we read the whole text instead.
@@ -143,10 +156,10 @@ export function linux(runtime: Runtime): Os {
     return address;
   }
 
-  function codeFile(size: number, label = "redefine-code"): number {
+  function codeFile(size: number, label = "redefine-code", flags = 0): number {
     const name = cString(label);
-    let fd = c.memfd_create(name, MFD_CLOEXEC | MFD_EXEC) as number;
-    if (fd < 0) fd = c.memfd_create(name, MFD_CLOEXEC) as number; // kernels before 6.3 lack MFD_EXEC
+    let fd = c.memfd_create(name, MFD_CLOEXEC | MFD_EXEC | flags) as number;
+    if (fd < 0) fd = c.memfd_create(name, MFD_CLOEXEC | flags) as number; // kernels before 6.3 lack MFD_EXEC
     if (fd < 0) {
       throw new RedefineError("ALLOCATION_FAILED", `memfd_create failed: ${errnoText()}.`);
     }
@@ -195,13 +208,22 @@ export function linux(runtime: Runtime): Os {
 
     protect(start, length, protection) {
       if ((c.mprotect(start, BigInt(length), protection) as number) !== 0) {
+        const why = errnoText();
+        const refusal = forced?.refusal();
         throw new RedefineError(
           "PROTECT_FAILED",
-          `mprotect(${hex(start)}, ${length}, ${protectionText(protection)}) failed: ${errnoText()}. ` +
-            `The kernel refuses to make this memory writable (the vDSO, for one, cannot be patched); ` +
-            `redefine a function that calls it instead.`,
+          `mprotect(${hex(start)}, ${length}, ${protectionText(protection)}) failed: ${why}` +
+            (refusal ? `, and ${refusal}` : "") +
+            (protection & PROT_WRITE
+              ? `. The kernel will not let this process change this code; to change what given ` +
+                `libraries see, redefine only their calls with { callers } (their import slots are data).`
+              : "."),
         );
       }
+    },
+
+    forceWrite(address, bytes) {
+      return forced?.write(address, bytes) ?? false;
     },
 
     allocateCode(near, reach, size) {
@@ -231,22 +253,26 @@ export function linux(runtime: Runtime): Os {
         }
         return null;
       } finally {
+        // The mappings keep the file; without a descriptor, our write alias is its only writable path.
         c.close(fd);
       }
     },
 
     loadableImage(image) {
-      const fd = codeFile(image.length, "redefine-stubs");
+      const fd = codeFile(image.length, "redefine-stubs", MFD_ALLOW_SEALING);
+      const fail = (what: string): never => {
+        const why = errnoText();
+        c.close(fd);
+        throw new RedefineError("ALLOCATION_FAILED", `${what} the stub library failed: ${why}.`);
+      };
       for (let done = 0; done < image.length;) {
         const n = Number(c.write(fd, image.subarray(done), BigInt(image.length - done)));
-        if (n <= 0) {
-          const why = errnoText();
-          c.close(fd);
-          throw new RedefineError("ALLOCATION_FAILED", `writing the stub library failed: ${why}.`);
-        }
+        if (n <= 0) fail("writing");
         done += n;
       }
-      // The descriptor stays open: the loader finds the library again by this path.
+      // The descriptor stays open, since the loader finds the library again by this path, so the
+      // file is sealed: no one can write code the process runs through /proc/self/fd/N.
+      if ((c.fcntl(fd, F_ADD_SEALS, SEALED) as number) !== 0) fail("sealing");
       return `/proc/self/fd/${fd}`;
     },
 

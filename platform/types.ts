@@ -14,9 +14,9 @@ export interface NativeCallback {
   close(): void;
 }
 
-/** What each runtime adapter (platform/deno.ts, platform/bun.ts) provides. */
+/** What each runtime adapter (platform/deno.ts, platform/bun.ts, platform/node.ts) provides. */
 export interface Runtime {
-  readonly name: "deno" | "bun";
+  readonly name: "deno" | "bun" | "node";
   /** `"linux"`, `"darwin"` or `"windows"` (anything else is refused by platform/mod.ts). */
   readonly os: string;
   /** `"x86_64"` or `"aarch64"`, whatever the runtime calls it. */
@@ -88,13 +88,20 @@ export interface Os {
   /** Changes the protection of whole pages; throws PROTECT_FAILED with the errno text. */
   protect(start: bigint, length: number, protection: number): void;
   /**
+   * Writes `bytes` at `address` into code this process cannot write through its own mapping,
+   * without changing any protection (Linux: /proc/self/mem). Returns false where the system
+   * refuses that, or has no such path, and then nothing was written: the caller makes the pages
+   * writable with `protect` and stores the bytes itself. One call is one copy by the kernel.
+   */
+  forceWrite(address: bigint, bytes: Uint8Array): boolean;
+  /**
    * Executable memory (with a writable alias) within `reach` bytes of `near`, or null when none
    * can be had there. It stays mapped for the life of the process: the code pool reuses it.
    */
   allocateCode(near: bigint, reach: bigint, size: number): CodeBlock | null;
   /**
    * A path the runtime's `dlopen` can open, holding `image` (a shared library built in memory, see
-   * platform/image/elf.ts). It stays valid for the life of the process.
+   * platform/image/elf.ts). It stays valid, and its bytes as given, for the life of the process.
    */
   loadableImage(image: Uint8Array): string;
   /** Makes freshly written code visible to instruction fetch (a no-op on x86-64). */

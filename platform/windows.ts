@@ -427,6 +427,12 @@ export function windows(runtime: Runtime): Os {
       return path;
     },
 
+    // WriteProcessMemory on this process would be the counterpart of Linux's /proc/self/mem; until
+    // it is measured against VirtualProtect pairs under Wine, every write makes its pages writable.
+    forceWrite() {
+      return false;
+    },
+
     flushCode(address, length) {
       k.FlushInstructionCache(CURRENT_PROCESS, address, BigInt(length));
     },
