@@ -478,11 +478,16 @@ test("FakeClock refuses times the clock functions cannot report", () => {
 const libcClock = runtime.open("libc.so.6", { clock_gettime: { parameters: ["i32", "pointer"], result: "i32" } });
 const timespec = mapPages(1);
 
+/** The two 64-bit words at `address` (a timespec, a timeval). */
+function pairAt(address: bigint): bigint[] {
+  const view = runtime.view(address, 16);
+  return [...new BigInt64Array(view.buffer, view.byteOffset, 2)];
+}
+
 /** The program's own FFI call of libc's clock_gettime(id): ns. */
 function clockNs(id: number): bigint {
   assert.equal(libcClock.clock_gettime(id, timespec), 0);
-  const view = runtime.view(timespec, 16);
-  const [sec, nsec] = new BigInt64Array(view.buffer, view.byteOffset, 2);
+  const [sec, nsec] = pairAt(timespec);
   return sec * 1_000_000_000n + nsec;
 }
 
@@ -537,6 +542,37 @@ test("fakeClock inside an enclosing transaction: live when it commits, gone with
     }), /later in the transaction/);
   assert.deepEqual(bytesAt(os.symbolAddress("clock_gettime"), 16), entry, "nothing written");
   assert.ok(clockNs(0) > 1_700_000_000_000_000_000n);
+});
+
+test("fakeClock(): time, gettimeofday and clock_gettime for the program's FFI calls, a native thread and the runtime's Date.now(); restored exactly", () => {
+  const libcTime = runtime.open("libc.so.6", {
+    time: { parameters: ["pointer"], result: "i64" },
+    gettimeofday: { parameters: ["pointer", "pointer"], result: "i32" },
+  });
+  const entries = ["time", "gettimeofday", "clock_gettime"].map((name) => os.symbolAddress(name));
+  const before = entries.map((entry) => bytesAt(entry, 16));
+  const clock = fakeClock({ at: Date.UTC(2001, 8, 9, 1, 46, 40) });
+  try {
+    assert.equal(libcTime.time(0n), 1_000_000_000n);
+    assert.equal(libcTime.gettimeofday(timespec, 0n), 0);
+    assert.deepEqual(pairAt(timespec), [1_000_000_000n, 0n], "tv_sec, tv_usec");
+    assert.equal(clockNs(0), 1_000_000_000_000_000_000n);
+    // A native thread started on time(t): its exit value is the seconds, and so is *t.
+    const id = new BigUint64Array(1);
+    const t = new BigInt64Array(1);
+    assert.equal(libc.pthread_create(new Uint8Array(id.buffer), 0n, entries[0], new Uint8Array(t.buffer)), 0);
+    assert.equal(libc.pthread_join(id[0], timespec), 0);
+    assert.deepEqual([pairAt(timespec)[0], t[0]], [1_000_000_000n, 1_000_000_000n], "on a native thread");
+    assert.equal(Date.now(), 1_000_000_000_000, "the runtime's own Date.now()");
+    clock.advance(86_400_000);
+    assert.equal(libcTime.time(0n), 1_000_086_400n);
+    assert.equal(Date.now(), 1_000_086_400_000);
+  } finally {
+    clock.restore();
+  }
+  assert.deepEqual(entries.map((entry) => bytesAt(entry, 16)), before, "every entry's bytes exactly back");
+  const real = libcTime.time(0n) as bigint;
+  assert.ok(real * 1000n >= BigInt(Date.now()) - 2000n && real * 1000n <= BigInt(Date.now()), `real again: ${real}`);
 });
 
 test("fakeClock refuses a rate other than 0 and 1, and a time it cannot report", () => {
