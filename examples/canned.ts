@@ -13,7 +13,7 @@ import { open } from "./ffi.ts";
 const libc = open("libc.so.6", {
   getppid: { parameters: [], result: "i32" },
   rand: { parameters: [], result: "i32" },
-  pthread_create: { parameters: ["buffer", "usize", "usize", "usize"], result: "i32" },
+  pthread_create: { parameters: ["buffer", "u64", "u64", "u64"], result: "i32" },
   pthread_join: { parameters: ["u64", "buffer"], result: "i32" },
 });
 

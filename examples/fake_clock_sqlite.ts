@@ -12,11 +12,11 @@ import { cstr, open, readCString } from "./ffi.ts";
 
 const sqlite = open("libsqlite3.so.0", {
   sqlite3_open: { parameters: ["buffer", "buffer"], result: "i32" },
-  sqlite3_prepare_v2: { parameters: ["usize", "buffer", "i32", "buffer", "usize"], result: "i32" },
-  sqlite3_step: { parameters: ["usize"], result: "i32" },
-  sqlite3_column_text: { parameters: ["usize", "i32"], result: "usize" },
-  sqlite3_finalize: { parameters: ["usize"], result: "i32" },
-  sqlite3_close: { parameters: ["usize"], result: "i32" },
+  sqlite3_prepare_v2: { parameters: ["u64", "buffer", "i32", "buffer", "u64"], result: "i32" },
+  sqlite3_step: { parameters: ["u64"], result: "i32" },
+  sqlite3_column_text: { parameters: ["u64", "i32"], result: "u64" },
+  sqlite3_finalize: { parameters: ["u64"], result: "i32" },
+  sqlite3_close: { parameters: ["u64"], result: "i32" },
 });
 
 const handle = new BigUint64Array(1);
