@@ -29,3 +29,5 @@ export { returns, sequence } from "./src/mock/canned.ts";
 export type { Canned } from "./src/mock/canned.ts";
 export { FakeClock, fakeClock } from "./src/mock/clock.ts";
 export type { FakeClockOptions } from "./src/mock/clock.ts";
+export { exports, find, imports, modules, symbolAt } from "./src/introspect.ts";
+export type { Definition, LoadedModule, ModuleExport, ModuleImport, SymbolLocation } from "./src/introspect.ts";

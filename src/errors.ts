@@ -20,7 +20,8 @@ export type RedefineErrorCode =
   | "BAD_REPLACEMENT"
   | "UNKNOWN_SIZE"
   | "OUT_OF_ORDER"
-  | "RESTORED";
+  | "RESTORED"
+  | "NOT_IMPORTED";
 
 /**
  * Raised for every failure of `redefine`; nothing has been written when it is thrown from
