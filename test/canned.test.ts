@@ -12,6 +12,7 @@ import type { CannedValue } from "../src/arch/canned.ts";
 import { callable, countListing, disassemble, f32, f64, integer, place, quads } from "./canned_listing.ts";
 import { bytesAt, libc, mapPages, os, runtime } from "./native.ts";
 import { redefine } from "../mod.ts";
+import { loadImportLibrary } from "./import_library.ts";
 import type { NativeType } from "../src/signature.ts";
 import { cannedSpec, cannedValue, isCanned, returns, sequence } from "../src/mock/canned.ts";
 import type { RedefineError } from "../src/errors.ts";
@@ -243,4 +244,17 @@ test("canned replacements stack with other patches, in order", () => {
   assert.equal(below.calls, 2);
   below.restore();
   assert.equal(libc.getppid(), real);
+});
+
+test("returns() with callers: the library's calls through its import slot get the value, the program's do not", () => {
+  const importer = loadImportLibrary(runtime, os, "canned_");
+  const patch = redefine({ symbol: "labs", parameters: ["i64"], result: "i64", callers: importer.path }, returns(5n));
+  try {
+    assert.equal(importer.labs(-3n), 5n);
+    assert.equal(libc.labs(-3n), 3n, "the program's own labs is untouched");
+    assert.equal(patch.calls, 1);
+  } finally {
+    patch.restore();
+  }
+  assert.equal(importer.labs(-3n), 3n);
 });

@@ -1,5 +1,6 @@
 import { assert, runtimeName, runtimePath, test } from "./harness.ts";
 import { execFileSync } from "node:child_process";
+import { platform } from "../platform/mod.ts";
 
 /** Runs an example the way its header says, with the runtime running the tests. */
 function run(example: string): string {
@@ -43,3 +44,21 @@ test("example canned: returns() reaches a native thread and counts; sequence() d
   assert.match(out, /restored: getppid\(\) is the real parent again: true/);
   assert.match(out, /rand\(\) = 4, 8, 15, 16, 23, 42, 42, 42 \(the last repeats\); calls = 8/);
 });
+
+const sqlite = (() => {
+  try {
+    platform().runtime.open("libsqlite3.so.0", { sqlite3_libversion_number: { parameters: [], result: "i32" } });
+    return true;
+  } catch {
+    return false;
+  }
+})();
+
+test("example fake_clock_sqlite: sqlite's 'now' frozen, then a day later, while Date.now() runs on; real after restore", () => {
+  const out = run("fake_clock_sqlite.ts");
+  const real = /real: +sqlite datetime\('now'\) = \S+ \S+, strftime\('%s','now'\) = (\d+); Date.now\(\) 20[2-9]/.exec(out)!;
+  assert.match(out, /frozen: +sqlite datetime\('now'\) = 2001-09-09 01:46:40, strftime\('%s','now'\) = 1000000000; Date.now\(\) 20[2-9]/);
+  assert.match(out, /\+1 day: +sqlite datetime\('now'\) = 2001-09-10 01:46:40, strftime\('%s','now'\) = 1000086400; Date.now\(\) 20[2-9]/);
+  const restored = /restored: +sqlite datetime\('now'\) = \S+ \S+, strftime\('%s','now'\) = (\d+)/.exec(out)!;
+  assert.ok(Number(restored[1]) - Number(real[1]) < 60, `real again: ${restored[1]} after ${real[1]}`);
+}, { skip: sqlite ? undefined : "libsqlite3.so.0 is not installed" });

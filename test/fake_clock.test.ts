@@ -15,6 +15,8 @@ import { FakeClock, fakeClock, fakeClockOf, POSIX_UNITS, WINDOWS_UNITS } from ".
 import type { ClockBackend } from "../src/mock/clock.ts";
 import { callable, countListing, disassemble, place, placeCode } from "./canned_listing.ts";
 import { bytesAt, isArm64, libc, mapPages, os, runtime, words } from "./native.ts";
+import { IMPORTS, loadImportLibrary } from "./import_library.ts";
+import { imports, modules } from "../src/introspect.ts";
 
 const AT = 0x7f00_0000_1000n;
 const DATA = 0x7f00_0000_2230n;
@@ -579,6 +581,90 @@ test("fakeClock refuses a rate other than 0 and 1, and a time it cannot report",
   assertCode(() => fakeClock({ rate: 2 }), "BAD_REPLACEMENT", /rate is 2; it must be 0 \(frozen at 'at'\) or 1/);
   assertCode(() => fakeClock({ at: -1 }), "BAD_REPLACEMENT", /'at': -1 is not a time from 1970 to 2262/);
 });
+
+// fakeClock({ callers }): only the named library sees the fake time.
+
+const importer = loadImportLibrary(runtime, os, "fake_clock_");
+
+test("fakeClock with callers: the library's time, gettimeofday and clock_gettime are fake, the program's real; its slots come back exactly", () => {
+  const slots = IMPORTS.slice(0, 3).map((_, i) => BigInt(importer.library.slotOffset(i)));
+  const base = modules().find((m) => m.path === importer.path)!.base;
+  const before = slots.map((offset) => bytesAt(base + offset, 8));
+  const clock = fakeClock({ at: Date.UTC(2001, 8, 9, 1, 46, 40), callers: importer.path });
+  try {
+    assert.equal(importer.time(), 1_000_000_000n);
+    const tv = new BigInt64Array(2);
+    assert.equal(importer.gettimeofday(new Uint8Array(tv.buffer)), 0);
+    assert.deepEqual([...tv], [1_000_000_000n, 0n]);
+    const ts = new BigInt64Array(2);
+    assert.equal(importer.clockGettime(0, new Uint8Array(ts.buffer)), 0);
+    assert.deepEqual([...ts], [1_000_000_000n, 0n]);
+    assert.equal(importer.clockGettime(1, new Uint8Array(ts.buffer)), 0);
+    assert.ok(ts[0] * 1_000_000_000n + ts[1] <= monotonicNs(), "its monotonic clock stays real");
+    const real = clockNs(0) / 1_000_000n;
+    assert.ok(real > BigInt(Date.UTC(2025, 0, 1)), "the program's own clock_gettime is real");
+    assert.ok(Date.now() > Date.UTC(2025, 0, 1), "and so is the runtime's Date.now()");
+    clock.advance(86_400_000);
+    assert.equal(importer.time(), 1_000_086_400n);
+  } finally {
+    clock.restore();
+  }
+  assert.deepEqual(slots.map((offset) => bytesAt(base + offset, 8)), before, "the import slots exactly back");
+  assert.ok(importer.time() > 1_700_000_000n, "the library's time is real again");
+});
+
+test("fakeClock with callers that import no clock function: NOT_IMPORTED, nothing written", () => {
+  assertCode(() => fakeClock({ callers: "libc.so.6" }), "NOT_IMPORTED", /'libc\.so\.6' import none of clock_gettime, time, gettimeofday/);
+  assertCode(() => fakeClock({ callers: "libnot-loaded.so.3" }), "LIBRARY_NOT_FOUND");
+});
+
+/** libsqlite3, where it is installed (it is optional: the test reports itself skipped without it). */
+function openSqlite() {
+  try {
+    return runtime.open("libsqlite3.so.0", {
+      sqlite3_open: { parameters: ["buffer", "buffer"], result: "i32" },
+      sqlite3_prepare_v2: { parameters: ["pointer", "buffer", "i32", "buffer", "pointer"], result: "i32" },
+      sqlite3_step: { parameters: ["pointer"], result: "i32" },
+      sqlite3_column_int64: { parameters: ["pointer", "i32"], result: "i64" },
+      sqlite3_finalize: { parameters: ["pointer"], result: "i32" },
+      sqlite3_close: { parameters: ["pointer"], result: "i32" },
+    });
+  } catch (error) {
+    if (error instanceof RedefineError && error.code === "LIBRARY_NOT_FOUND") return null;
+    throw error;
+  }
+}
+const sqlite = openSqlite();
+
+test("fakeClock({ callers: \"libsqlite3.so.0\" }): strftime('%s','now') is 1000000000, a day later 1000086400; Date.now() real; the GOT exactly back", () => {
+  const s = sqlite!;
+  const handle = new BigUint64Array(1);
+  assert.equal(s.sqlite3_open(new TextEncoder().encode(":memory:\0"), new Uint8Array(handle.buffer)), 0);
+  const seconds = () => {
+    const statement = new BigUint64Array(1);
+    assert.equal(s.sqlite3_prepare_v2(handle[0], new TextEncoder().encode("SELECT strftime('%s','now')\0"), -1, new Uint8Array(statement.buffer), 0n), 0);
+    assert.equal(s.sqlite3_step(statement[0]), 100); // SQLITE_ROW
+    const value = s.sqlite3_column_int64(statement[0], 0) as bigint;
+    s.sqlite3_finalize(statement[0]);
+    return value;
+  };
+  const slots = imports("libsqlite3.so.0").filter((i) => ["time", "gettimeofday", "clock_gettime"].includes(i.name));
+  assert.ok(slots.length > 0, "libsqlite3 imports a clock function");
+  const before = slots.map((i) => bytesAt(i.slot, 8));
+  const clock = fakeClock({ at: Date.UTC(2001, 8, 9, 1, 46, 40), callers: "libsqlite3.so.0" });
+  try {
+    assert.equal(seconds(), 1_000_000_000n);
+    assert.ok(Date.now() > Date.UTC(2025, 0, 1), "Date.now() stays real");
+    clock.advance(86_400_000);
+    assert.equal(seconds(), 1_000_086_400n);
+    assert.ok(Date.now() > Date.UTC(2025, 0, 1), "Date.now() stays real");
+  } finally {
+    clock.restore();
+  }
+  assert.deepEqual(slots.map((i) => bytesAt(i.slot, 8)), before, "the GOT bytes exactly back");
+  assert.ok(seconds() * 1000n > BigInt(Date.now()) - 2000n, "sqlite's clock is real again");
+  s.sqlite3_close(handle[0]);
+}, { skip: sqlite ? undefined : "libsqlite3.so.0 is not installed" });
 
 test("the pages are given back", () => {
   assert.equal(libc.munmap(page, 4096n), 0);

@@ -16,6 +16,8 @@ import { machine } from "../registry.ts";
 import { locate } from "../target.ts";
 import { apply } from "../redefine.ts";
 import { transaction } from "../transaction.ts";
+import { callerNames, redefineCallers } from "../import_slots.ts";
+import { imports } from "../introspect.ts";
 import type { Runtime } from "../../platform/mod.ts";
 
 /** What a fake clock works with: the word the native code reads, and the clock it runs on. */
@@ -195,12 +197,14 @@ const CLOCKS: Readonly<Record<"posix" | "windows", readonly ClockTarget[]>> = {
 };
 
 /**
- * Fakes the time of day for the whole process, natively: `clock_gettime` (for CLOCK_REALTIME and
- * CLOCK_REALTIME_COARSE only — every other clock, the monotonic ones that drive the runtime's timers
- * among them, stays real), `time` and `gettimeofday`; on Windows `GetSystemTimeAsFileTime` and
- * `GetSystemTimePreciseAsFileTime`. All are redefined in one transaction (all or none), by machine
- * code that reads the fake time from one word of memory: no JS runs when they are called, so any
- * thread may call them. The time is frozen at `at` (default: now) unless `rate` is 1.
+ * Fakes the time of day, natively: `clock_gettime` (for CLOCK_REALTIME and CLOCK_REALTIME_COARSE
+ * only — every other clock, the monotonic ones that drive the runtime's timers among them, stays
+ * real), `time` and `gettimeofday`; on Windows `GetSystemTimeAsFileTime` and
+ * `GetSystemTimePreciseAsFileTime`. For the whole process, or with `callers` only for the calls
+ * those libraries make through their import tables (of the functions each imports; NOT_IMPORTED
+ * when they import none). All are redefined in one transaction (all or none), by machine code that
+ * reads the fake time from one word of memory: no JS runs when they are called, so any thread may
+ * call them. The time is frozen at `at` (default: now) unless `rate` is 1.
  *
  * @example
  * ```ts
@@ -227,15 +231,25 @@ export function fakeClockOf(only: readonly ClockFunction[] | undefined, options:
     );
   }
   const at = toMs(options.at ?? Date.now(), "fakeClock() 'at'");
-  if (options.callers !== undefined) {
-    throw new RedefineError("UNSUPPORTED_PLATFORM", "fakeClock(): 'callers' is not supported by this version of redefine yet.");
-  }
   const m = machine();
   const { os: system, runtime } = m.platform;
   const windows = runtime.os === "windows";
   const all = CLOCKS[windows ? "windows" : "posix"];
   const reference = all[0];
-  const chosen = all.filter((clock) => only === undefined || only.includes(clock.function));
+  // Each clock function with the callers that import it (all of the process: undefined).
+  const callers = options.callers === undefined ? undefined : callerNames(options.callers);
+  const chosen = all
+    .filter((clock) => only === undefined || only.includes(clock.function))
+    .map((clock) => ({ clock, importers: callers?.filter((name) => imports(name).some((i) => i.name === clock.function)) }))
+    .filter(({ importers }) => importers === undefined || importers.length > 0);
+  if (callers && chosen.length === 0) {
+    throw new RedefineError(
+      "NOT_IMPORTED",
+      `fakeClock(): ${callers.map((name) => `'${name}'`).join(", ")} import none of ` +
+        `${all.map((c) => c.function).join(", ")}, so they do not read the time through the loader: ` +
+        `fake the clock for the whole process (no 'callers'), or name the libraries that read it.`,
+    );
+  }
   // The state word, then scratch for reading the real clock from JS.
   const cell = m.pool.allocate(0n, 2n ** 62n, 16, 32);
   if (!cell) throw new RedefineError("ALLOCATION_FAILED", "no memory for the fake clock's state.");
@@ -248,13 +262,14 @@ export function fakeClockOf(only: readonly ClockFunction[] | undefined, options:
   // Made inside an enclosing transaction that fails later, the clock never goes live.
   m.batch?.rollbacks.push(release);
   // The real clock: the reference's original once it is redefined, the function itself if it is not.
-  let realClock = chosen[0] === reference ? undefined : system.symbolAddress(reference.function);
+  let realClock = chosen[0]?.clock === reference ? undefined : system.symbolAddress(reference.function);
   try {
     return transaction(() => {
-      const patches = chosen.map((clock) => {
-        const site = locate({ symbol: clock.function, parameters: clock.parameters, result: clock.result });
+      const patches = chosen.map(({ clock, importers }) => {
+        const target = { symbol: clock.function, parameters: clock.parameters, result: clock.result };
         const spec = { kind: "clock", function: clock.function, rate, state } as const;
-        const patch = apply(site, { kind: "canned", spec, realClock });
+        const to = { kind: "canned", spec, realClock } as const;
+        const patch = importers ? redefineCallers({ ...target, callers: importers }, () => to) : apply(locate(target), to);
         if (clock === reference && rate === 1) realClock = patch.originalAddress;
         return patch;
       });
