@@ -40,8 +40,9 @@ export type Destination =
   /** The function's own trampoline: it behaves as before, running relocated code. */
   | { readonly kind: "original" }
   /**
-   * Canned native code, placed near the entry with its data block. `realClock`: the function a
-   * clock's code reads the real clock through, when not the patched function's own original.
+   * Canned native code (`returns()`, `sequence()`, a fake clock's function), placed with its data
+   * block. `realClock`: the function a clock's code reads the real clock through, when not the
+   * patched function's own original.
    */
   | { readonly kind: "canned"; readonly spec: CannedSpec; readonly realClock?: bigint };
 
@@ -61,7 +62,10 @@ export function destinationFor(signature: Signature, replacement: unknown): Dest
   }
   if (isCanned(replacement)) {
     if (!m.arch.canned) {
-      throw new RedefineError("UNSUPPORTED_PLATFORM", `canned replacements have no ${m.arch.name} code.`);
+      throw new RedefineError(
+        "UNSUPPORTED_PLATFORM",
+        `returns() and sequence() have no ${m.arch.name} code: use a native or a JS replacement.`,
+      );
     }
     return { kind: "canned", spec: cannedSpec(replacement, signature.result) };
   }
@@ -75,9 +79,8 @@ export function destinationFor(signature: Signature, replacement: unknown): Dest
   }
   throw new RedefineError(
     "BAD_REPLACEMENT",
-    `the replacement must be a JS function, a native address (bigint), { symbol, library? }, returns() or ` +
-      `sequence(), not ` +
-      `${replacement === null ? "null" : typeof replacement}.`,
+    `the replacement must be a JS function, a native address (bigint), { symbol, library? }, returns() ` +
+      `or sequence(), not ${replacement === null ? "null" : typeof replacement}.`,
   );
 }
 
