@@ -2,7 +2,8 @@
  * The canned replacements `returns` and `sequence`: every instruction read back with the reference
  * disassemblers (iced-x86; objdump for aarch64), then this machine's code placed in executable
  * memory and called through FFI: the values of each result type, the native call counter, and
- * distinct steps for callers on other threads.
+ * distinct steps for callers on other threads. Then through `redefine()`: on a live function, a
+ * native thread, stacking, `callers`, and the values refused.
  */
 import { assert, assertCode, test } from "./harness.ts";
 import { assertDisassembly, h } from "./objdump_aarch64.ts";

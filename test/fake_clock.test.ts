@@ -1,8 +1,10 @@
 /**
- * The fake clock's native code: every instruction read back with the reference disassemblers
+ * The fake clock. Its native code: every instruction read back with the reference disassemblers
  * (iced-x86; objdump for aarch64), for System V, Windows x64 and AAPCS64, frozen and running; then
  * this machine's code placed in executable memory and called through FFI: the fake times each
- * function reports, the clocks it leaves real, and the counter.
+ * function reports, the clocks it leaves real, and the counter. `FakeClock`'s state word alone.
+ * Then `fakeClock()` on the live process: process-wide (the program's calls, a native thread, the
+ * runtime's `Date.now()`), inside transactions, and with `callers` (a generated library, libsqlite3).
  */
 import { assert, assertCode, test } from "./harness.ts";
 import { assertDisassembly, h } from "./objdump_aarch64.ts";
