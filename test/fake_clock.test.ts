@@ -526,10 +526,10 @@ test("fakeClock at rate 1: the fake time runs at the real pace from 'at'", () =>
   const m0 = monotonicNs();
   while (monotonicNs() - m0 < 20_000_000n); // 20 ms of real time
   const second = clockNs(0);
-  assert.ok(first >= BigInt(at) * 1_000_000n && first < BigInt(at + 1_000) * 1_000_000n, `started at 'at': ${first}`);
-  assert.ok(second - first >= 20_000_000n && second - first < 1_000_000_000n, `ran on: ${second - first} ns`);
+  assert.ok(first >= BigInt(at) * 1_000_000n && first < BigInt(at + 10_000) * 1_000_000n, `started at 'at': ${first}`);
+  assert.ok(second - first >= 20_000_000n && second - first < 10_000_000_000n, `ran on: ${second - first} ns`);
   const now = clock.now();
-  assert.ok(now >= Number(second / 1_000_000n) && now < at + 1_000, `now() agrees: ${now}`);
+  assert.ok(now >= Number(second / 1_000_000n) && now < at + 10_000, `now() agrees: ${now}`);
 });
 
 test("fakeClock inside an enclosing transaction: live when it commits, gone with it when it fails", () => {
