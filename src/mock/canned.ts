@@ -15,8 +15,8 @@ import { CANNED_DATA } from "../arch/canned.ts";
  *
  * @example
  * ```ts
- * import { returns } from "./mod.ts";
- * import type { Canned } from "./mod.ts";
+ * import { returns } from "@redefine/redefine";
+ * import type { Canned } from "@redefine/redefine";
  * const answer: Canned<number> = returns(42);
  * console.log(answer.values); // [ 42 ]
  * ```
@@ -35,7 +35,7 @@ export interface Canned<V> {
  *
  * @example
  * ```ts
- * import { redefine, returns } from "./mod.ts";
+ * import { redefine, returns } from "@redefine/redefine";
  * using patch = redefine({ symbol: "getppid", parameters: [], result: "i32" }, returns(42));
  * // every caller of getppid, on any thread, now gets 42; patch.calls counts them
  * ```
@@ -53,7 +53,7 @@ export const SEQUENCE_LIMIT = 65_536;
  *
  * @example
  * ```ts
- * import { redefine, sequence } from "./mod.ts";
+ * import { redefine, sequence } from "@redefine/redefine";
  * using patch = redefine({ symbol: "getppid", parameters: [], result: "i32" }, sequence(1, 2, 3));
  * // getppid() now returns 1, then 2, then 3, 3, 3, ...
  * ```

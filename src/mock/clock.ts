@@ -46,7 +46,7 @@ const LATEST_MS = 9_223_372_036_854;
  *
  * @example
  * ```ts
- * import { fakeClock } from "./mod.ts";
+ * import { fakeClock } from "@redefine/redefine";
  * using clock = fakeClock({ at: Date.UTC(2001, 8, 9, 1, 46, 40) });
  * clock.now(); // 1000000000000
  * clock.advance(86_400_000); // one day later
@@ -157,7 +157,7 @@ export function toMs(at: Date | number, what: string): number {
  *
  * @example
  * ```ts
- * import type { FakeClockOptions } from "./mod.ts";
+ * import type { FakeClockOptions } from "@redefine/redefine";
  * const options: FakeClockOptions = { at: new Date("2001-09-09T01:46:40Z"), rate: 1 };
  * ```
  */
@@ -208,7 +208,7 @@ const CLOCKS: Readonly<Record<"posix" | "windows", readonly ClockTarget[]>> = {
  *
  * @example
  * ```ts
- * import { fakeClock } from "./mod.ts";
+ * import { fakeClock } from "@redefine/redefine";
  * using clock = fakeClock({ at: Date.UTC(2001, 8, 9, 1, 46, 40) });
  * // time(NULL) returns 1000000000 for every native caller now
  * clock.advance(86_400_000); // and 1000086400 from here on
