@@ -97,7 +97,7 @@ export interface Applied {
   /** The guard's busy flag (JS replacements): set while the replacement runs. */
   readonly busy: bigint | null;
   /** Canned code's native call counter. */
-  readonly counter?: bigint;
+  readonly counter?: bigint | undefined;
 }
 
 /**

@@ -61,7 +61,7 @@ export type Destination =
    * block. `realClock`: the function a clock's code reads the real clock through, when not the
    * patched function's own original.
    */
-  | { readonly kind: "canned"; readonly spec: CannedSpec; readonly realClock?: bigint };
+  | { readonly kind: "canned"; readonly spec: CannedSpec; readonly realClock?: bigint | undefined };
 
 /** The destination for `replacement`, a function of `signature`; refuses what cannot be one. */
 export function destinationFor(signature: Signature, replacement: unknown): Destination {

@@ -94,7 +94,7 @@ export function cannedSpec(canned: Canned<unknown>, result: NativeType): CannedS
  * does not fake, or to read the real clock: `realClock` when given, else `original()` (the patched
  * function's own original, which may throw why there is none).
  */
-export function cannedData(destination: { spec: CannedSpec; realClock?: bigint }, original: () => bigint): Uint8Array {
+export function cannedData(destination: { spec: CannedSpec; realClock?: bigint | undefined }, original: () => bigint): Uint8Array {
   const data = new DataView(new ArrayBuffer(CANNED_DATA.size));
   const { spec } = destination;
   if (spec.kind === "clock" && (spec.function === "clock_gettime" || spec.rate === 1)) {
@@ -136,10 +136,10 @@ export function cannedValue(type: NativeType, value: unknown, what: string): Can
       return { register: "integer", bits: value ? 1n : 0n };
     case "f64":
       if (typeof value !== "number") refuse("a number");
-      return { register: "f64", bits: new BigUint64Array(new Float64Array([value as number]).buffer)[0] };
+      return { register: "f64", bits: new BigUint64Array(new Float64Array([value as number]).buffer)[0]! };
     case "f32":
       if (typeof value !== "number") refuse("a number");
-      return { register: "f32", bits: BigInt(new Uint32Array(new Float32Array([value as number]).buffer)[0]) };
+      return { register: "f32", bits: BigInt(new Uint32Array(new Float32Array([value as number]).buffer)[0]!) };
   }
   const { bits, signed } = INTEGER_BITS[type]!;
   const range = signed ? `an integer from -2^${bits - 1} to 2^${bits - 1} - 1` : `an integer from 0 to 2^${bits} - 1`;

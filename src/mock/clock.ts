@@ -235,7 +235,7 @@ export function fakeClockOf(only: readonly ClockFunction[] | undefined, options:
   const { os: system, runtime } = m.platform;
   const windows = runtime.os === "windows";
   const all = CLOCKS[windows ? "windows" : "posix"];
-  const reference = all[0];
+  const reference = all[0]!;
   // Each clock function with the callers that import it (all of the process: undefined).
   const callers = options.callers === undefined ? undefined : callerNames(options.callers);
   const chosen = all
@@ -311,7 +311,7 @@ function realClockReader(runtime: Runtime, address: bigint, state: bigint): () =
     const read = runtime.fnPointer(address, { parameters: ["pointer"], result: "void" });
     return () => {
       read(scratch);
-      return stateWords(runtime, state)[2];
+      return stateWords(runtime, state)[2]!;
     };
   }
   const read = runtime.fnPointer(address, { parameters: ["i32", "pointer"], result: "i32" });
@@ -319,6 +319,6 @@ function realClockReader(runtime: Runtime, address: bigint, state: bigint): () =
   return () => {
     read(monotonic, scratch);
     const [, , sec, nsec] = stateWords(runtime, state);
-    return sec * 1_000_000_000n + nsec;
+    return sec! * 1_000_000_000n + nsec!;
   };
 }

@@ -161,7 +161,7 @@ function returns(value: CannedValue): CannedPlan {
 function sequence(values: readonly CannedValue[]): CannedPlan {
   const last = values.length - 1;
   if (values.length === 0 || last > 0x7fff_ffff) throw new RangeError("a sequence needs 1 to 2^31 values");
-  const kind = values[0].register === "integer" ? "x" : values[0].register === "f64" ? "d" : "s";
+  const kind = values[0]!.register === "integer" ? "x" : values[0]!.register === "f64" ? "d" : "s";
   return plan((data) => [
     ...count(data), //                                                  x17 = the step
     ...movAbs(X9, BigInt(last)), //                                     mov x9, #last

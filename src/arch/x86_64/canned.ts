@@ -148,7 +148,7 @@ function returns(value: CannedValue): CannedPlan {
 function sequence(values: readonly CannedValue[]): CannedPlan {
   const last = values.length - 1;
   if (values.length === 0 || last > 0x7fff_ffff) throw new RangeError("a sequence needs 1 to 2^31 values");
-  const register = values[0].register;
+  const register = values[0]!.register;
   return plan((_at, data) => [
     raw(0xb8, ...i32le(1)), //                                                     mov eax, 1
     rip([0xf0, 0x48, 0x0f, 0xc1, 0x05], data + BigInt(CANNED_DATA.calls)), //       lock xadd [rip+calls], rax: the step
