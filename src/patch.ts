@@ -157,7 +157,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
 
   /** Where the entry jump is written: `address`, or just after a landing pad such as `endbr64`. */
   get patchedAddress(): bigint {
-    return this.#applied?.writes[0]!.at ?? this.address;
+    return this.#applied?.writes[0]?.at ?? this.address;
   }
 
   /**

@@ -49,6 +49,7 @@ test("wrap: a replacement that returns no function of the signature, or throws, 
   assert.deepEqual(bytesAt(os.symbolAddress("labs", "libc.so.6"), 16), before);
   assert.equal(libc.labs(-5n), 5n);
   using again = wrap(labs, (original) => (x) => original(x) * 3n);
+  assert.ok(again.active);
   assert.equal(libc.labs(-5n), 15n, "nothing left behind in the way of the next patch");
 });
 
