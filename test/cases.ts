@@ -24,7 +24,14 @@ export async function cases(table: Record<string, () => unknown>): Promise<void>
   const name = process.argv[2];
   const body = table[name];
   if (!body) throw new Error(`no case '${name}': one of ${Object.keys(table).join(", ")}`);
-  const result = await body();
+  let result: unknown;
+  try {
+    result = await body();
+  } catch (error) {
+    // Printed here: a fixture's own uncaught-error handler must not swallow the case's failure.
+    console.error(`case '${name}' threw:`, error);
+    process.exit(1);
+  }
   console.log(MARK + JSON.stringify(result ?? null, encode));
   // Deno keeps running while callbacks are open; the case is over.
   process.exit(0);
