@@ -53,7 +53,7 @@ test("async functions, generators and classes as replacements: BAD_REPLACEMENT, 
     ["async function", async function () {
       return await Promise.resolve(1);
     }],
-    ["async arrow", async () => 1],
+    ["async arrow", async () => await Promise.resolve(1)],
     ["generator", function* () {
       yield 1;
     }],
@@ -63,7 +63,7 @@ test("async functions, generators and classes as replacements: BAD_REPLACEMENT, 
     ["class", class {
       constructor() {}
     }],
-    ["bound async function", (async () => 1).bind(null)],
+    ["bound async function", (async () => await Promise.resolve(1)).bind(null)],
   ];
   for (const [kind, replacement] of refused) {
     try {
