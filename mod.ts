@@ -17,8 +17,11 @@
  *
  * @module
  */
-export { Patch, redefine, redefineAll, restoreAll, transaction } from "./src/redefine.ts";
-export type { AddressTarget, Replacement, SymbolReplacement, SymbolTarget, Target } from "./src/redefine.ts";
+export { redefine, redefineAll, restoreAll } from "./src/redefine.ts";
+export { transaction } from "./src/transaction.ts";
+export { Patch } from "./src/patch.ts";
+export type { AddressTarget, SymbolTarget, Target } from "./src/target.ts";
+export type { Replacement, SymbolReplacement } from "./src/replacement.ts";
 export { RedefineError } from "./src/errors.ts";
 export type { RedefineErrorCode } from "./src/errors.ts";
 export type { JsArguments, JsFunction, JsParameters, JsValue, NativeType, Signature } from "./src/signature.ts";

@@ -6,8 +6,8 @@
  * - assembled: 1000 small functions on a few pages of our own, each redirected to labs.
  */
 import { readFileSync } from "node:fs";
-import { RedefineError, restoreAll, transaction } from "../mod.ts";
-import { codeBytesInUse, redefine, redefineToOriginal } from "../src/redefine.ts";
+import { redefine, RedefineError, restoreAll, transaction } from "../mod.ts";
+import { codeBytesInUse, redefineToOriginal } from "../src/internal.ts";
 import { platform } from "../platform/mod.ts";
 import { elfFunctions, findLibrary } from "../test/elf_file.ts";
 import { assemble } from "../test/native.ts";

@@ -30,14 +30,14 @@
  * (test/darwin.test.ts).
  */
 import { hex, RedefineError } from "../src/errors.ts";
-import { nearCandidates, protectionText } from "./linux.ts";
-import type { CodeBlock, Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
+import { nearCandidates, protectionText } from "./address_space.ts";
+import { posix } from "./posix.ts";
+import type { Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 
 /** Where libSystem lives (only in the shared cache on macOS 11+, but dlopen finds it by path). */
 export const LIBSYSTEM = "/usr/lib/libSystem.B.dylib";
 
-const RTLD_LAZY = 1;
 /** `RTLD_DEFAULT` on macOS is `(void *)-2`. */
 const RTLD_DEFAULT = 2n ** 64n - 2n;
 /** macOS numbers `_SC_PAGESIZE` 29 (Linux: 30). */
@@ -66,7 +66,8 @@ const KERN_NAMES: Record<number, string> = {
   6: "KERN_RESOURCE_SHORTAGE",
   8: "KERN_NO_ACCESS",
 };
-const ERRNO_NAMES: Record<number, string> = { 1: "EPERM", 12: "ENOMEM", 13: "EACCES", 22: "EINVAL" };
+/** macOS's number for ENOSYS (Linux: 38); the others posix.ts knows. */
+const ERRNO_NAMES: Record<number, string> = { 78: "ENOSYS" };
 
 /** What the user can do when macOS refuses to let code be written or run again. */
 const HARDENED_RUNTIME_ADVICE = "This is what macOS does for a process with the hardened runtime (code signing " +
@@ -106,10 +107,6 @@ function libSystem(runtime: Runtime) {
     },
     proc_regionfilename: { parameters: ["i32", "u64", "buffer", "u32"], result: "i32" },
   });
-}
-
-function cString(text: string): Uint8Array {
-  return new TextEncoder().encode(text + "\0");
 }
 
 function kernText(code: number): string {
@@ -164,10 +161,14 @@ export function darwin(runtime: Runtime): Os {
   const u64 = (bytes: Uint8Array, at = 0) => new DataView(bytes.buffer, bytes.byteOffset).getBigUint64(at, true);
   const read = (address: bigint, length: number) => runtime.view(address, length).slice();
 
-  function errnoText(): string {
-    const code = new DataView(read(c.__error() as bigint, 4).buffer).getInt32(0, true);
-    return `${ERRNO_NAMES[code] ?? "errno " + code} (${runtime.cString(c.strerror(code) as bigint)})`;
-  }
+  const { errnoText, symbolAddress } = posix(runtime, c, {
+    errnoAddress: () => c.__error() as bigint,
+    errnoNames: ERRNO_NAMES,
+    rtldDefault: RTLD_DEFAULT,
+    libraryAdvice: `Give the install name or path the dynamic loader knows (e.g. "${LIBSYSTEM}", "/usr/lib/libz.1.dylib").`,
+    // dlsym takes the C name and adds the leading underscore itself.
+    spelling: "the C name, without the leading underscore",
+  });
 
   /** The first region at or above `address`, looking `depth` submaps deep; null past the last. */
   function region(address: bigint, depth: number): Region | null {
@@ -274,19 +275,6 @@ export function darwin(runtime: Runtime): Os {
     return result;
   }
 
-  function dlHandle(library: string): bigint {
-    const handle = c.dlopen(cString(library), RTLD_LAZY) as bigint;
-    if (handle === 0n) {
-      const why = c.dlerror() as bigint;
-      throw new RedefineError(
-        "LIBRARY_NOT_FOUND",
-        `cannot open library '${library}'${why ? ": " + runtime.cString(why) : ""}. Give the install name or ` +
-          `path the dynamic loader knows (e.g. "${LIBSYSTEM}", "/usr/lib/libz.1.dylib").`,
-      );
-    }
-    return handle;
-  }
-
   function machProtect(start: bigint, length: number, protection: number): number {
     return c.mach_vm_protect(task, start, BigInt(length), 0, protection) as number;
   }
@@ -298,20 +286,7 @@ export function darwin(runtime: Runtime): Os {
   const os: Os = {
     pageSize,
 
-    symbolAddress(symbol, library) {
-      const handle = library === undefined ? RTLD_DEFAULT : dlHandle(library);
-      // dlsym takes the C name and adds the leading underscore itself.
-      const address = c.dlsym(handle, cString(symbol)) as bigint;
-      if (address === 0n) {
-        throw new RedefineError(
-          "SYMBOL_NOT_FOUND",
-          `no symbol '${symbol}' in ${library === undefined ? "the process" : `'${library}'`}. Check ` +
-            `the spelling (the C name, without the leading underscore) and that the library exporting ` +
-            `it is loaded` + (library === undefined ? ", or name it with { library }." : "."),
-        );
-      }
-      return address;
-    },
+    symbolAddress,
 
     symbolAt(address) {
       const info = new Uint8Array(32);
@@ -421,16 +396,6 @@ export function darwin(runtime: Runtime): Os {
           "is a Mach-O dylib (ad-hoc signed on arm64), which redefine does not build yet. Call the " +
           "trampoline through the runtime's function-pointer call instead.",
       );
-    },
-
-    freeCode(block: CodeBlock) {
-      const total = BigInt(block.size + block.dataSize);
-      if (block.writable === block.address) {
-        c.munmap(block.address, total);
-        return;
-      }
-      deallocate(block.writable, BigInt(block.size));
-      deallocate(block.address, total);
     },
 
     flushCode(address, length) {

@@ -5,11 +5,12 @@
  * write it, so no page of ours is ever writable and executable), and the arm64 cache flush.
  */
 import { hex, RedefineError } from "../src/errors.ts";
-import type { CodeBlock, Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
+import type { Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 import { aarch64CacheFlush } from "./aarch64_flush.ts";
+import { nearCandidates, protectionText } from "./address_space.ts";
+import { cString, posix } from "./posix.ts";
 
-const RTLD_LAZY = 1;
 const RTLD_DL_SYMENT = 1;
 const SC_PAGESIZE = 30;
 const MAP_SHARED = 0x01;
@@ -25,18 +26,8 @@ const O_CLOEXEC = 0x80000;
 const PROCMAP_QUERY = 0xc0686611n;
 const PROCMAP_QUERY_SIZE = 104;
 const ENOENT = 2;
-
-const ERRNO_NAMES: Record<number, string> = {
-  1: "EPERM", 9: "EBADF", 12: "ENOMEM", 13: "EACCES", 14: "EFAULT", 17: "EEXIST", 22: "EINVAL",
-  38: "ENOSYS",
-};
-
-/** How many places to try in one free gap, and how far apart. */
-const GAP_TRIES = 4n;
-const GAP_STEP = 1n << 20n;
-
-/** A stack may grow down into this much space below it; never put code there. */
-const STACK_GUARD = 1n << 24n;
+/** Linux's number for ENOSYS (macOS: 78); the others posix.ts knows. */
+const ERRNO_NAMES: Record<number, string> = { 38: "ENOSYS" };
 
 function libc(runtime: Runtime) {
   return runtime.open("libc.so.6", {
@@ -60,10 +51,6 @@ function libc(runtime: Runtime) {
   });
 }
 
-function cString(text: string): Uint8Array {
-  return new TextEncoder().encode(text + "\0");
-}
-
 /** Parses /proc/self/maps text. */
 export function parseMaps(text: string): Mapping[] {
   const mappings: Mapping[] = [];
@@ -81,50 +68,6 @@ export function parseMaps(text: string): Mapping[] {
   return mappings;
 }
 
-/** `r-x` style, for messages. */
-export function protectionText(protection: number): string {
-  return (protection & PROT_READ ? "r" : "-") + (protection & PROT_WRITE ? "w" : "-") +
-    (protection & PROT_EXEC ? "x" : "-");
-}
-
-/**
- * Free page-aligned places for `size` bytes whose every byte is within `reach` of `near`, nearest
- * first. Gaps below a stack keep a margin for its growth.
- */
-export function nearCandidates(
-  mappings: readonly Mapping[],
-  near: bigint,
-  reach: bigint,
-  size: bigint,
-  pageSize: bigint,
-): bigint[] {
-  const low = near > reach ? near - reach : pageSize * 16n;
-  const high = near + reach;
-  const candidates: bigint[] = [];
-  const floor = (v: bigint) => v - v % pageSize;
-  const ceil = (v: bigint) => floor(v + pageSize - 1n);
-  for (let i = 0; i <= mappings.length; i++) {
-    const gapStart = i === 0 ? pageSize * 16n : mappings[i - 1].end;
-    let gapEnd = i === mappings.length ? 2n ** 47n : mappings[i].start;
-    if (i < mappings.length && mappings[i].path === "[stack]") gapEnd -= STACK_GUARD;
-    const from = ceil(gapStart > low ? gapStart : low);
-    const to = floor(gapEnd < high ? gapEnd : high);
-    if (to - from < size) continue;
-    // The place in this gap closest to `near` (its top when the gap lies below, its bottom above),
-    // then a few more further away: part of a gap the maps show free may be taken by something
-    // they do not show (qemu-user hides its own mappings from the guest's /proc/self/maps).
-    const below = to <= near;
-    const first = below ? to - size : from >= near ? from : floor(near);
-    for (let k = 0n; k < GAP_TRIES; k++) {
-      const at = below ? first - k * GAP_STEP : first + k * GAP_STEP;
-      if (at < from || at + size > to) break;
-      candidates.push(at);
-    }
-  }
-  const distance = (a: bigint) => (a > near ? a - near : near - a);
-  return candidates.sort((a, b) => (distance(a) < distance(b) ? -1 : distance(a) > distance(b) ? 1 : 0));
-}
-
 /** The Linux layer over `runtime`. */
 export function linux(runtime: Runtime): Os {
   const c = libc(runtime);
@@ -134,13 +77,13 @@ export function linux(runtime: Runtime): Os {
     ? aarch64CacheFlush(runtime, pageSize).flush
     : null;
 
-  function errno(): number {
-    return new DataView(runtime.view(c.__errno_location(), 4).slice().buffer).getInt32(0, true);
-  }
-
-  function errnoText(code = errno()): string {
-    return `${ERRNO_NAMES[code] ?? "errno " + code} (${runtime.cString(c.strerror(code))})`;
-  }
+  const { errno, errnoText, symbolAddress } = posix(runtime, c, {
+    errnoAddress: () => c.__errno_location() as bigint,
+    errnoNames: ERRNO_NAMES,
+    rtldDefault: 0n,
+    libraryAdvice: `Give the name the dynamic loader knows (e.g. "libc.so.6", "libm.so.6") or an absolute path.`,
+    spelling: "C names, no mangling",
+  });
 
   // One open /proc/self/maps answers PROCMAP_QUERY for the life of the process; null once the
   // kernel turns out not to know the ioctl, and we read the whole text instead.
@@ -189,19 +132,6 @@ export function linux(runtime: Runtime): Os {
     return new TextDecoder().decode(all);
   }
 
-  function dlHandle(library: string): bigint {
-    const handle = c.dlopen(cString(library), RTLD_LAZY) as bigint;
-    if (handle === 0n) {
-      const why = c.dlerror() as bigint;
-      throw new RedefineError(
-        "LIBRARY_NOT_FOUND",
-        `cannot open library '${library}'${why ? ": " + runtime.cString(why) : ""}. Give the name the ` +
-          `dynamic loader knows (e.g. "libc.so.6", "libm.so.6") or an absolute path.`,
-      );
-    }
-    return handle;
-  }
-
   function mapShared(fd: number, at: bigint, size: number, protection: number, flags: number): bigint | null {
     const address = c.mmap(at, BigInt(size), protection, MAP_SHARED | flags, fd, 0n) as bigint;
     if (address === MAP_FAILED) return null;
@@ -231,19 +161,7 @@ export function linux(runtime: Runtime): Os {
   const os: Os = {
     pageSize,
 
-    symbolAddress(symbol, library) {
-      const handle = library === undefined ? 0n : dlHandle(library);
-      const address = c.dlsym(handle, cString(symbol)) as bigint;
-      if (address === 0n) {
-        throw new RedefineError(
-          "SYMBOL_NOT_FOUND",
-          `no symbol '${symbol}' in ${library === undefined ? "the process" : `'${library}'`}. Check ` +
-            `the spelling (C names, no mangling) and that the library exporting it is loaded` +
-            (library === undefined ? ", or name it with { library }." : "."),
-        );
-      }
-      return address;
-    },
+    symbolAddress,
 
     symbolAt(address) {
       const info = new Uint8Array(32);
@@ -330,11 +248,6 @@ export function linux(runtime: Runtime): Os {
       }
       // The descriptor stays open: the loader finds the library again by this path.
       return `/proc/self/fd/${fd}`;
-    },
-
-    freeCode(block: CodeBlock) {
-      c.munmap(block.address, BigInt(block.size + block.dataSize));
-      c.munmap(block.writable, BigInt(block.size));
     },
 
     flushCode(address, length) {

@@ -12,6 +12,7 @@ import type { Os, Platform, Runtime } from "./types.ts";
 
 export type * from "./types.ts";
 export { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
+export { buildStubImage, type StubImage } from "./image/elf.ts";
 
 const global = globalThis as { Deno?: unknown; Bun?: unknown };
 const runtime: Runtime | null = global.Deno !== undefined

@@ -89,16 +89,14 @@ export interface Os {
   protect(start: bigint, length: number, protection: number): void;
   /**
    * Executable memory (with a writable alias) within `reach` bytes of `near`, or null when none
-   * can be had there.
+   * can be had there. It stays mapped for the life of the process: the code pool reuses it.
    */
   allocateCode(near: bigint, reach: bigint, size: number): CodeBlock | null;
   /**
    * A path the runtime's `dlopen` can open, holding `image` (a shared library built in memory, see
-   * platform/elf_image.ts). It stays valid for the life of the process.
+   * platform/image/elf.ts). It stays valid for the life of the process.
    */
   loadableImage(image: Uint8Array): string;
-  /** Gives a code block back. */
-  freeCode(block: CodeBlock): void;
   /** Makes freshly written code visible to instruction fetch (a no-op on x86-64). */
   flushCode(address: bigint, length: number): void;
 }

@@ -18,14 +18,14 @@
  *   address near the target (found by a `VirtualQuery` walk) and read+write anywhere, so none of
  *   our pages is writable and executable (a single `VirtualAlloc` region would have to be both);
  *   the data pages after the code are the same view's, left read+write.
- * - Stub libraries (`loadableImage`): the ELF stub image of platform/elf_image.ts, rewritten as a
- *   PE DLL with the same code at the same relative places (platform/pe_image.ts), in the temp
+ * - Stub libraries (`loadableImage`): the ELF stub image of platform/image/elf.ts, rewritten as
+ *   a PE DLL with the same code at the same relative places (platform/image/pe.ts), in the temp
  *   directory.
  */
 import { hex, RedefineError } from "../src/errors.ts";
-import { nearCandidates, protectionText } from "./linux.ts";
-import { peFromStubElf } from "./pe_image.ts";
-import type { CodeBlock, Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
+import { nearCandidates, protectionText } from "./address_space.ts";
+import { peFromStubElf } from "./image/pe.ts";
+import type { Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 
 const PAGE_NOACCESS = 0x01;
@@ -425,11 +425,6 @@ export function windows(runtime: Runtime): Os {
       const path = `${directory}redefine-stubs-${stamp}.dll`;
       writeFile(path, peFromStubElf(image, `redefine-stubs-${stamp}.dll`));
       return path;
-    },
-
-    freeCode(block: CodeBlock) {
-      k.UnmapViewOfFile(block.writable);
-      k.UnmapViewOfFile(block.address);
     },
 
     flushCode(address, length) {

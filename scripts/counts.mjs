@@ -1,15 +1,19 @@
 // Reading the test runners' closing lines, for the scripts that add them up.
 
-/** [passed, failed] from `deno test`'s closing line; a crash or a missing line is one failure. */
+/**
+ * [passed, failed, skipped] from `deno test`'s closing line (skipped: its "ignored"); a crash or a
+ * missing line is one failure.
+ */
 export function denoCounts({ output, ok }) {
-  const m = /(\d+) passed(?: \(\d+ steps?\))? \| (\d+) failed/.exec(output);
-  return m ? [Number(m[1]), Number(m[2]) + (ok || Number(m[2]) ? 0 : 1)] : [0, 1];
+  const m = /(\d+) passed(?: \(\d+ steps?\))? \| (\d+) failed(?: \(\d+ steps?\))?(?: \| (\d+) ignored)?/.exec(output);
+  if (!m) return [0, 1, 0];
+  return [Number(m[1]), Number(m[2]) + (ok || Number(m[2]) ? 0 : 1), Number(m[3] ?? 0)];
 }
 
-/** [passed, failed] from `bun test`'s closing lines; a crash or a missing line is one failure. */
+/** [passed, failed, skipped] from `bun test`'s closing lines; a crash or a missing line is one failure. */
 export function bunCounts({ output, ok }) {
-  const pass = /^\s*(\d+) pass/m.exec(output), fail = /^\s*(\d+) fail/m.exec(output);
-  if (!pass) return [0, 1];
-  const failed = fail ? Number(fail[1]) : 0;
-  return [Number(pass[1]), failed + (ok || failed ? 0 : 1)];
+  const count = (word) => Number(new RegExp(`^\\s*(\\d+) ${word}$`, "m").exec(output)?.[1] ?? 0);
+  if (!/^\s*\d+ pass$/m.test(output)) return [0, 1, 0];
+  const failed = count("fail");
+  return [count("pass"), failed + (ok || failed ? 0 : 1), count("skip")];
 }

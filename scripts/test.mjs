@@ -1,18 +1,15 @@
-// Runs every check of `npm test` and closes with one line: "N passed, N failed".
+// Runs every check of `npm test` and closes with one line: "N passed, N failed, N skipped".
 // Each test suite counts its tests; each whole-program check (types, docs, publish) counts as one.
-import { spawnSync } from "node:child_process";
 import { mkdirSync, writeFileSync } from "node:fs";
 import { bunCounts, denoCounts } from "./counts.mjs";
+import { echoed, report, runSteps, sh } from "./steps.mjs";
 
 const bin = (name) => new URL(`../node_modules/.bin/${name}`, import.meta.url).pathname;
 const root = new URL("..", import.meta.url).pathname;
 const only = process.argv.slice(2);
 
 function run(command, args) {
-  const result = spawnSync(command, args, { cwd: root, encoding: "utf8", env: { ...process.env, NO_COLOR: "1" } });
-  const output = (result.stdout ?? "") + (result.stderr ?? "");
-  process.stdout.write(output);
-  return { output, ok: result.status === 0 };
+  return echoed(command, args, { cwd: root, env: { ...process.env, NO_COLOR: "1" } });
 }
 
 const steps = [
@@ -22,11 +19,13 @@ const steps = [
   ["bun test", () => {
     return bunCounts(run(bin("bun"), ["test", "./test/"]));
   }],
+  // src/ and platform/ import each other one way only (see ARCHITECTURE.md).
+  ["import circles", () => one(run("node", ["scripts/import_cycles.mjs"]))],
   ["deno check", () => one(run(bin("deno"), ["check", "mod.ts", "test/", "examples/", "bench/"]))],
   ["tsc (bun-types)", () => {
     // Deno's own declarations let tsc check the Deno adapter beside the Bun one.
     mkdirSync(new URL("../.cache", import.meta.url), { recursive: true });
-    const types = spawnSync(bin("deno"), ["types"], { encoding: "utf8" });
+    const types = sh(bin("deno"), ["types"]);
     writeFileSync(new URL("../.cache/lib.deno.d.ts", import.meta.url), types.stdout);
     return one(run(bin("tsc"), ["-p", "tsconfig.bun.json"]));
   }],
@@ -38,16 +37,4 @@ function one({ ok }) {
   return ok ? [1, 0] : [0, 1];
 }
 
-let passed = 0, failed = 0;
-const summary = [];
-for (const [name, step] of steps) {
-  if (only.length && !only.includes(name)) continue;
-  console.log(`\n=== ${name}`);
-  const [p, f] = step();
-  passed += p;
-  failed += f;
-  summary.push(`${f ? "FAIL" : "ok  "} ${name}: ${p} passed, ${f} failed`);
-}
-console.log("\n" + summary.join("\n"));
-console.log(`${passed} passed, ${failed} failed`);
-process.exit(failed ? 1 : 0);
+process.exit(report(runSteps(steps, { only })));

@@ -3,14 +3,14 @@
 // needs first and skips what is already there: Debian's qemu and arm64 libraries, a qemu recent
 // enough to honour instruction-cache flushes (see `modernQemu`), the arm64 Deno and Bun of the same
 // versions as the x86-64 devDependencies (from npm), and binfmt_misc so that tests can start arm64
-// child processes. Closes with one line: "N passed, N failed".
+// child processes. Closes with one line: "N passed, N failed, N skipped".
 //
 // Arguments pick steps by name ("deno", "bun", "deno 16k"); none runs them all.
-import { spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { bunCounts, denoCounts } from "./counts.mjs";
 import { npmPackage, versionOf } from "./packages.mjs";
+import { aptInstall, echoed, report, runSteps, sh } from "./steps.mjs";
 
 const root = new URL("..", import.meta.url).pathname;
 const cache = join(root, ".cache", "arm64");
@@ -32,27 +32,6 @@ const QEMU_ENV = {
 const TIMEOUT_MS = 15 * 60 * 1000;
 /** Our binfmt_misc entry; newer entries win, so it goes before a distribution's qemu-aarch64. */
 const BINFMT_NAME = "redefine-qemu-aarch64";
-
-function sh(command, args, options = {}) {
-  return spawnSync(command, args, { encoding: "utf8", ...options });
-}
-
-function installedPackages(names) {
-  const result = sh("dpkg-query", ["-W", "-f", "${Package} ${db:Status-Status}\n", ...names]);
-  return new Set(
-    (result.stdout ?? "").split("\n").filter((l) => l.endsWith(" installed")).map((l) => l.split(" ")[0]),
-  );
-}
-
-function aptInstall(names) {
-  const env = { ...process.env, DEBIAN_FRONTEND: "noninteractive" };
-  const install = () => sh("apt-get", ["install", "-y", "-qq", "--no-install-recommends", ...names], { env, stdio: "inherit" });
-  // Package lists may be missing or stale on a fresh machine: refresh them only when needed.
-  if (install().status === 0) return;
-  console.log("apt-get install failed; updating the package lists and trying again");
-  if (sh("apt-get", ["update", "-qq"], { env, stdio: "inherit" }).status !== 0) throw new Error("apt-get update failed");
-  if (install().status !== 0) throw new Error(`apt-get install ${names.join(" ")} failed`);
-}
 
 /** True when `binary` is a qemu-user of version 8.1 or later. */
 function honoursIcIvau(binary) {
@@ -124,8 +103,7 @@ function registerBinfmt(qemu) {
 
 function setUp() {
   const started = Date.now();
-  const missing = APT_PACKAGES.filter((p) => !installedPackages(APT_PACKAGES).has(p));
-  if (missing.length) aptInstall(missing);
+  aptInstall(APT_PACKAGES);
   for (const file of [`${SYSROOT}/lib/ld-linux-aarch64.so.1`, `${SYSROOT}/lib/libgcc_s.so.1`]) {
     if (!existsSync(file)) throw new Error(`${file} is missing after installing ${APT_PACKAGES.join(" ")}`);
   }
@@ -147,16 +125,11 @@ function setUp() {
 
 /** Runs the arm64 `binary` under `qemu`, with `qemuArgs` before it. */
 function emulate(qemu, binary, args, qemuArgs = []) {
-  const result = sh(qemu, [...qemuArgs, binary, ...args], {
+  return echoed(qemu, [...qemuArgs, binary, ...args], {
     cwd: root,
     env: { ...process.env, ...QEMU_ENV, NO_COLOR: "1" },
     timeout: TIMEOUT_MS,
-    maxBuffer: 256 * 1024 * 1024,
   });
-  const output = (result.stdout ?? "") + (result.stderr ?? "");
-  process.stdout.write(output);
-  if (result.error) console.log(`\n${result.error.message}`);
-  return { output, ok: result.status === 0 };
 }
 
 const machine = setUp();
@@ -176,18 +149,4 @@ const steps = [
     denoCounts(emulate("qemu-aarch64-static", machine.deno, ["test", "-A", "--no-check", "test/"], ["-p", "16384"]))],
 ];
 
-let passed = 0, failed = 0;
-const summary = [];
-for (const [name, step] of steps) {
-  if (only.length && !only.includes(name)) continue;
-  console.log(`\n=== arm64 ${name}`);
-  const started = Date.now();
-  const [p, f] = step();
-  passed += p;
-  failed += f;
-  const seconds = ((Date.now() - started) / 1000).toFixed(0);
-  summary.push(`${f ? "FAIL" : "ok  "} arm64 ${name}: ${p} passed, ${f} failed (${seconds} s)`);
-}
-console.log("\n" + summary.join("\n"));
-console.log(`${passed} passed, ${failed} failed`);
-process.exit(failed ? 1 : 0);
+process.exit(report(runSteps(steps, { only, label: "arm64" })));

@@ -3,15 +3,15 @@
 // npm). Wine 10 comes from a Debian 13 (trixie) chroot made with debootstrap: Debian 12's Wine 8
 // cannot run Deno at all (V8's memory reservations) and runs Bun only with a bcryptprimitives.dll
 // forwarder. Sets up what it needs first and skips what is already there. Closes with one line:
-// "N passed, N failed".
+// "N passed, N failed, N skipped".
 //
 // Only the test files that hold on Windows run (see WINDOWS_TESTS); the rest bind libc.so.6 or
 // call Linux tools. Arguments pick runtimes by name ("deno", "bun"); none runs both.
-import { spawnSync } from "node:child_process";
 import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { bunCounts, denoCounts } from "./counts.mjs";
 import { npmPackage, versionOf } from "./packages.mjs";
+import { aptInstall, report, runSteps, sh, totals } from "./steps.mjs";
 
 const root = new URL("..", import.meta.url).pathname.replace(/\/$/, "");
 const cache = join(root, ".cache", "windows");
@@ -29,26 +29,12 @@ const MIRROR = "http://deb.debian.org/debian";
 /** Per run: Wine starts slowly the first time (it makes its prefix), but a hang must not eat CI. */
 const TIMEOUT_MS = 10 * 60 * 1000;
 
-function sh(command, args, options = {}) {
-  return spawnSync(command, args, { encoding: "utf8", maxBuffer: 64 * 1024 * 1024, ...options });
-}
-
 function must(result, what) {
   if (result.status !== 0) {
     process.stdout.write((result.stdout ?? "") + (result.stderr ?? ""));
     throw new Error(`${what} failed (${result.error?.message ?? `exit ${result.status}`})`);
   }
   return result;
-}
-
-function aptInstall(names) {
-  const env = { ...process.env, DEBIAN_FRONTEND: "noninteractive" };
-  const missing = names.filter((n) => sh("dpkg-query", ["-W", "-f", "${db:Status-Status}", n]).stdout !== "installed");
-  if (!missing.length) return;
-  const install = () => sh("apt-get", ["install", "-y", "-qq", "--no-install-recommends", ...missing], { env, stdio: "inherit" });
-  if (install().status === 0) return;
-  must(sh("apt-get", ["update", "-qq"], { env, stdio: "inherit" }), "apt-get update");
-  must(install(), `apt-get install ${missing.join(" ")}`);
 }
 
 function mountPoints() {
@@ -155,8 +141,7 @@ function wine(name, binary, args) {
   return { output, ok: code === 0, seconds: (Date.now() - started) / 1000 };
 }
 
-let passed = 0, failed = 0;
-const summary = [];
+const done = totals();
 try {
   const binaries = setUp();
   const version = sh("chroot", [chroot, "wine", "--version"]).stdout.trim();
@@ -165,22 +150,12 @@ try {
     ["deno", () => denoCounts(wine("deno", binaries.deno, ["test", "-A", "--no-check", ...WINDOWS_TESTS]))],
     ["bun", () => bunCounts(wine("bun", binaries.bun, ["test", ...WINDOWS_TESTS.map((f) => `./${f}`)]))],
   ];
-  for (const [name, step] of steps) {
-    if (only.length && !only.includes(name)) continue;
-    console.log(`\n=== windows ${name}`);
-    const started = Date.now();
-    const [p, f] = step();
-    passed += p;
-    failed += f;
-    summary.push(`${f ? "FAIL" : "ok  "} windows ${name}: ${p} passed, ${f} failed (${((Date.now() - started) / 1000).toFixed(0)} s)`);
-  }
+  runSteps(steps, { only, label: "windows", into: done });
 } catch (error) {
   console.log(`\nwindows set-up failed: ${error.message}`);
-  failed += 1;
+  done.failed += 1;
 } finally {
   unmountAll();
 }
-writeFileSync(join(cache, "summary.txt"), summary.join("\n") + "\n");
-console.log("\n" + summary.join("\n"));
-console.log(`${passed} passed, ${failed} failed`);
-process.exit(failed ? 1 : 0);
+writeFileSync(join(cache, "summary.txt"), done.lines.join("\n") + "\n");
+process.exit(report(done));

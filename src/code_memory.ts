@@ -38,7 +38,13 @@ const SLOT_ALIGN = 16;
  */
 const QUARANTINE_MS = 1000;
 
-/** Executable memory shared by many patches: one page serves many stubs. */
+/**
+ * Executable memory shared by many patches: one page serves many stubs. Blocks are never unmapped:
+ * their slots are reused, so the pool is as large as the most patches ever live at once, and
+ * memory near a library (scarce: ±2 GiB on x86-64, ±128 MiB on arm64) stays ours for later patches.
+ * Unmapping would also reach a thread still inside any stale stub, where reuse only reaches one
+ * inside a slot reused at the same size.
+ */
 export class CodePool {
   readonly #platform: Platform;
   readonly #blocks: PoolBlock[] = [];

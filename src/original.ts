@@ -1,13 +1,13 @@
 /**
  * Calling the original from JS at full speed. Each patch's original gets a stub in a small shared
- * library generated in memory (platform/elf_image.ts): the stub jumps through a slot that points at
+ * library generated in memory (platform/image/elf.ts): the stub jumps through a slot that points at
  * the patch's trampoline. Bound with the runtime's own `dlopen`, the stub takes the runtime's fast
  * call path — Deno has none for raw pointers (`UnsafeFnPointer` costs hundreds of ns a call).
  */
-import type { Arch } from "./arch/mod.ts";
-import type { NativeCall, Platform } from "../platform/mod.ts";
+import type { Arch } from "./arch/types.ts";
+import { buildStubImage } from "../platform/mod.ts";
+import type { NativeCall, Platform, StubImage } from "../platform/mod.ts";
 import type { Signature } from "./signature.ts";
-import { buildStubImage, type StubImage } from "../platform/elf_image.ts";
 import { RedefineError } from "./errors.ts";
 
 const STUBS_PER_LIBRARY = 64;

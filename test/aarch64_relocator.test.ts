@@ -17,6 +17,8 @@ import {
   tbz,
 } from "../src/arch/aarch64/writer.ts";
 import { RedefineError } from "../src/errors.ts";
+import { isArm64, words } from "./native.ts";
+import { runRelocated } from "./live_trampoline.ts";
 
 /** The patched function. Its halfwords 0x7f00, 0x1234, 0 show in the movz/movk sequences. */
 const A = 0x7f00_1234_0000n;
@@ -72,7 +74,7 @@ function expectRelocation(
 ): Uint8Array {
   const plan = planRelocation(bytes, A, minLength);
   assert.equal(plan.consumed, consumed);
-  const out = relocate(bytes, A, minLength, trampoline);
+  const out = relocate(plan, trampoline);
   assert.ok(out.length <= plan.maxSize, `${out.length} bytes fit the bound ${plan.maxSize}`);
   assertDisassembly(out, trampoline, listing);
   return out;
@@ -80,7 +82,7 @@ function expectRelocation(
 
 function assertRefused(bytes: Uint8Array, minLength: number, code: string, ...patterns: RegExp[]): void {
   for (
-    const attempt of [() => planRelocation(bytes, A, minLength), () => relocate(bytes, A, minLength, NEAR)]
+    const attempt of [() => planRelocation(bytes, A, minLength), () => relocate(planRelocation(bytes, A, minLength), NEAR)]
   ) {
     assert.throws(attempt, (error: unknown) => {
       assert.ok(error instanceof RedefineError);
@@ -345,20 +347,50 @@ test("relocate: b re-targets when in reach, else jumps through x16", () => {
   ]);
 });
 
-test("relocate: bl re-targets when in reach, else calls through x16 and returns into the trampoline", () => {
+test("relocate: bl, the last moved word, puts the original return address in x30, then jumps", () => {
   const target = A - 0x40_0000n;
   const fn = code(bl(A, target), NOP);
-  expectRelocation(fn, 4, MID, [`bl ${h(target)}`, `b ${h(A + 4n)}`]);
+  expectRelocation(fn, 4, MID, [...movs("x30", A + 4n), `b ${h(target)}`]);
+  const link = movs("x30", A + 4n);
   expectRelocation(fn, 4, FAR, [
-    `ldr x16, ${h(FAR + 12n)}`,
-    "blr x16",
-    `b ${h(FAR + 20n)}`,
-    { quad: target },
-    `ldr x16, ${h(FAR + 28n)}`,
+    ...link,
+    `ldr x16, ${h(FAR + BigInt(4 * link.length + 8))}`,
     "br x16",
-    { quad: A + 4n },
+    { quad: target },
+  ]);
+  // bl +4; mov x0, x30 (Frida's call +0; pop shape): x0 must get the original's A + 4.
+  const getPc = code(bl(A, A + 4n), 0xaa1e03e0, RET);
+  expectRelocation(getPc, 4, NEAR, [...movs("x30", A + 4n), `b ${h(A + 4n)}`]);
+  // A bl with more moved words after it would return into the overwritten ones.
+  assertRefused(
+    code(bl(A, target), NOP, RET),
+    8,
+    "UNRELOCATABLE",
+    /\(0x97f00000, bl\)/,
+    /it is a call returning to 0x7f0012340004, inside the 8 bytes the patch overwrites at 0x7f0012340000/,
+  );
+  // push-and-call shape: stp; bl, moved together by a 16-byte patch only when bl is last.
+  expectRelocation(code(STP, MOV_FP, NOP, bl(A + 12n, target), RET), 16, MID, [
+    "stp x29, x30, [sp, #-16]!",
+    "mov x29, sp",
+    "nop",
+    ...movs("x30", A + 16n),
+    `b ${h(target)}`,
   ]);
 });
+
+if (isArm64) {
+  test("relocate: a relocated bl that reads its return address gets the original's, run live", () => {
+    const getPc = runRelocated(aarch64, [
+      ...words(
+        0x94000001, // bl +4
+        0xaa1e03e0, // mov x0, x30: the address after the bl
+        0xd65f03c0, // ret
+      ),
+    ], 4);
+    assert.equal(getPc.result, getPc.address + 4n);
+  });
+}
 
 test("relocate: b.cond re-targets, else its inverse steps over b, else over an absolute jump", () => {
   const target = A + 0x8_0000n;
@@ -576,16 +608,16 @@ test("maxSize: every class at its longest reaches the bound exactly", () => {
     adrp(1, at(1), base + 0x8_1000n), // page offset non-zero in its low halfword
     ldrLiteral("d", 2, at(2), base + 0x8_0020n),
     b(at(3), base + 0x8_0000n),
-    bl(at(4), base + 0x8_0000n),
-    bCond(0, false, at(5), base + 0x8_0000n),
-    cbz({ nonzero: false, sf: true, rt: 3 }, at(6), base + 0x8_0000n),
-    tbz({ nonzero: false, bit: 1, rt: 4 }, at(7), base + 0x7000n),
+    bCond(0, false, at(4), base + 0x8_0000n),
+    cbz({ nonzero: false, sf: true, rt: 3 }, at(5), base + 0x8_0000n),
+    tbz({ nonzero: false, bit: 1, rt: 4 }, at(6), base + 0x7000n),
     STP,
-    cbz({ nonzero: false, sf: true, rt: 3 }, at(9), base),
+    cbz({ nonzero: false, sf: true, rt: 3 }, at(8), base),
+    bl(at(9), base + 0x8_0000n), // last, so no jump back: the callee returns to the original
   );
   const plan = planRelocation(fn, base, fn.length);
-  assert.equal(plan.maxSize, 16 + 16 + 20 + 16 + 20 + 20 + 20 + 20 + 4 + 4 + 16);
-  assert.equal(relocate(fn, base, fn.length, far).length, plan.maxSize);
+  assert.equal(plan.maxSize, 16 + 16 + 20 + 16 + 20 + 20 + 20 + 4 + 4 + 32);
+  assert.equal(relocate(plan, far).length, plan.maxSize);
 });
 
 test("maxSize: bounds random prologues wherever the trampoline lands", () => {
@@ -607,7 +639,7 @@ test("maxSize: bounds random prologues wherever the trampoline lands", () => {
       continue;
     }
     for (const trampoline of trampolines) {
-      const out = relocate(fn, A, minLength, trampoline);
+      const out = relocate(plan, trampoline);
       assert.ok(out.length <= plan.maxSize, `${out.length} <= ${plan.maxSize}`);
       assert.equal(out.length % 4, 0);
       relocated++;

@@ -10,8 +10,6 @@ import {
   bl,
   blr,
   br,
-  CALL_ABS_SIZE,
-  callAbs,
   cbz,
   JUMP_ABS_SIZE,
   jumpAbs,
@@ -286,12 +284,4 @@ test("writer: jumpAbs is ldr x16, #8; br x16; .quad", () => {
   assert.equal(bytes.length, JUMP_ABS_SIZE);
   assert.deepEqual(bytes.subarray(0, 8), assemble([ldrLiteral("x", 16, 0n, 8n)!, br(16)]));
   assertDisassembly(bytes, AT, [`ldr x16, ${h(AT + 8n)}`, "br x16", { quad: target }]);
-});
-
-test("writer: callAbs returns to a b that steps over its literal", () => {
-  const target = 0x7fff_8765_4320n;
-  const bytes = callAbs(target);
-  assert.equal(bytes.length, CALL_ABS_SIZE);
-  assert.deepEqual(bytes.subarray(0, 12), assemble([ldrLiteral("x", 16, 0n, 12n)!, blr(16), b(8n, 20n)!]));
-  assertDisassembly(bytes, AT, [`ldr x16, ${h(AT + 12n)}`, "blr x16", `b ${h(AT + 20n)}`, { quad: target }]);
 });

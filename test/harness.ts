@@ -3,22 +3,35 @@
  * `bun:test`. Assertions come from `node:assert/strict`, which both runtimes provide.
  */
 export { default as assert } from "node:assert/strict";
+import assert from "node:assert/strict";
 import process from "node:process";
+import { RedefineError, type RedefineErrorCode } from "../src/errors.ts";
 
 type TestFn = () => void | Promise<void>;
 
 const isDeno = typeof (globalThis as { Deno?: unknown }).Deno !== "undefined";
 // A static `bun:` import fails under Deno at load time, so it must stay dynamic.
-const bunTest: ((name: string, fn: TestFn, timeout?: number) => void) | undefined = isDeno
-  ? undefined
-  : (await import("bun:test" as string)).test;
+type BunTest = ((name: string, fn: TestFn, timeout?: number) => void) & { skip(name: string, fn: TestFn): void };
+const bunTest: BunTest | undefined = isDeno ? undefined : (await import("bun:test" as string)).test;
+
+/** How a test is registered. */
+export interface TestOptions {
+  /**
+   * Why the test cannot run here (an optional system tool or library is missing): it is then
+   * reported as skipped, never passed, with the reason in its name.
+   */
+  skip?: string | undefined;
+}
 
 /** Registers one test under whichever runtime runs the file. */
-export function test(name: string, fn: TestFn): void {
+export function test(name: string, fn: TestFn, options: TestOptions = {}): void {
+  const title = options.skip === undefined ? name : `${name} (skipped: ${options.skip})`;
   if (isDeno) {
     // FFI tests open libraries and callbacks that live for the process: the resource and op
     // sanitizers would report those as leaks.
-    Deno.test({ name, fn, sanitizeResources: false, sanitizeOps: false });
+    Deno.test({ name: title, fn, ignore: options.skip !== undefined, sanitizeResources: false, sanitizeOps: false });
+  } else if (options.skip !== undefined) {
+    bunTest!.skip(title, fn);
   } else {
     bunTest!(name, fn, 60_000);
   }
@@ -32,3 +45,16 @@ export const runtimeName: "deno" | "bun" = isDeno ? "deno" : "bun";
  * arm64 one, which the kernel starts through qemu (binfmt_misc, registered by scripts/test_arm64.mjs).
  */
 export const runtimePath: string = isDeno ? Deno.execPath() : process.execPath;
+
+/**
+ * Asserts that `fn` throws a `RedefineError` with `code`, and a message matching `message` when
+ * given: the one check of every test that expects a typed failure.
+ */
+export function assertCode(fn: () => unknown, code: RedefineErrorCode, message?: RegExp): void {
+  assert.throws(fn, (error: unknown) => {
+    assert.ok(error instanceof RedefineError, `expected a RedefineError, got ${error}`);
+    assert.equal(error.code, code, error.message);
+    if (message) assert.match(error.message, message);
+    return true;
+  });
+}

@@ -1,20 +1,16 @@
-import { assert, runtimeName, runtimePath, test } from "./harness.ts";
-import { RedefineError } from "../mod.ts";
+import { assert, assertCode, runtimeName, runtimePath, test } from "./harness.ts";
 import { archFor } from "../src/arch/mod.ts";
 import { osFor } from "../platform/mod.ts";
-import { nearCandidates, parseMaps } from "../platform/linux.ts";
+import { parseMaps } from "../platform/linux.ts";
+import { nearCandidates } from "../platform/address_space.ts";
 import { writeCode } from "../src/code_memory.ts";
 import { platform } from "../platform/mod.ts";
 import { bytesAt, libc, os, protectionAt, runtime, unwritableCode } from "./native.ts";
 import { execFileSync } from "node:child_process";
 
-function isCode(code: string) {
-  return (e: unknown) => e instanceof RedefineError && e.code === code;
-}
-
 test("an unsupported CPU or OS is a typed error", () => {
-  assert.throws(() => archFor("riscv64"), isCode("UNSUPPORTED_PLATFORM"));
-  assert.throws(() => osFor({ ...runtime, os: "plan9" }), isCode("UNSUPPORTED_PLATFORM"));
+  assertCode(() => archFor("riscv64"), "UNSUPPORTED_PLATFORM");
+  assertCode(() => osFor({ ...runtime, os: "plan9" }), "UNSUPPORTED_PLATFORM");
 });
 
 test("Deno without --allow-ffi: FFI_PERMISSION naming the flag", () => {
@@ -58,9 +54,9 @@ test("a write that fails half-way rolls back every page and byte", () => {
   const before = bytesAt(labs, 8);
   const protection = protectionAt(labs);
   try {
-    assert.throws(
+    assertCode(
       () => writeCode(p, [{ address: labs, bytes: new Uint8Array(8).fill(0xcc) }, { address: unwritable, bytes: Uint8Array.of(0xcc) }]),
-      isCode("PROTECT_FAILED"),
+      "PROTECT_FAILED",
     );
   } finally {
     libc.munmap(unwritable, BigInt(os.pageSize));

@@ -1,5 +1,5 @@
-import { assert, test } from "./harness.ts";
-import { redefine, RedefineError, restoreAll } from "../mod.ts";
+import { assert, assertCode, test } from "./harness.ts";
+import { redefine, restoreAll } from "../mod.ts";
 import {
   assemble,
   bytesAt,
@@ -175,51 +175,39 @@ test("a function with no symbol and no size is refused: UNKNOWN_SIZE, nothing wr
   const { address, base } = assemble(DOUBLE, 0);
   try {
     leavesNoTrace(address, () => {
-      assert.throws(
-        () => redefine({ address, parameters: ["i64"], result: "i64" }, (x) => x),
-        (e) => e instanceof RedefineError && e.code === "UNKNOWN_SIZE" && /\{ size \}/.test(e.message),
-      );
+      assertCode(() => redefine({ address, parameters: ["i64"], result: "i64" }, (x) => x), "UNKNOWN_SIZE", /\{ size \}/);
     });
   } finally {
     unassemble(base);
   }
 });
 
-function throwsCode(code: string, body: () => unknown, message?: RegExp): void {
-  assert.throws(body, (e) => {
-    assert.ok(e instanceof RedefineError, `expected a RedefineError, got ${e}`);
-    assert.equal(e.code, code, e.message);
-    if (message) assert.match(e.message, message);
-    return true;
-  });
-}
-
 test("errors: unknown symbol, missing library, bad signature, bad replacement", () => {
-  throwsCode("SYMBOL_NOT_FOUND", () => redefine({ symbol: "no_such_function_xyz", parameters: [], result: "void" }, () => {}), /no_such_function_xyz/);
-  throwsCode("LIBRARY_NOT_FOUND", () => redefine({ symbol: "getpid", library: "libnope.so.9", parameters: [], result: "i32" }, () => 1), /libnope/);
-  throwsCode("BAD_SIGNATURE", () => redefine({ symbol: "getpid", parameters: ["int" as "i32"], result: "i32" }, () => 1), /'int'/);
-  throwsCode("BAD_SIGNATURE", () => redefine({ symbol: "getpid", parameters: [], result: "long" as "i32" }, () => 1));
-  throwsCode("BAD_REPLACEMENT", () => redefine({ symbol: "getpid", parameters: [], result: "i32" }, null as never));
-  throwsCode("BAD_REPLACEMENT", () => redefine({ symbol: "getpid", parameters: [], result: "i32" }, "getpid" as never));
-  throwsCode("BAD_REPLACEMENT", () => redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, ((a: bigint, b: bigint) => a + b) as never), /2 parameters/);
+  assertCode(() => redefine({ symbol: "no_such_function_xyz", parameters: [], result: "void" }, () => {}), "SYMBOL_NOT_FOUND", /no_such_function_xyz/);
+  assertCode(() => redefine({ symbol: "getpid", library: "libnope.so.9", parameters: [], result: "i32" }, () => 1), "LIBRARY_NOT_FOUND", /libnope/);
+  assertCode(() => redefine({ symbol: "getpid", parameters: ["int" as "i32"], result: "i32" }, () => 1), "BAD_SIGNATURE", /'int'/);
+  assertCode(() => redefine({ symbol: "getpid", parameters: [], result: "long" as "i32" }, () => 1), "BAD_SIGNATURE");
+  assertCode(() => redefine({ symbol: "getpid", parameters: [], result: "i32" }, null as never), "BAD_REPLACEMENT");
+  assertCode(() => redefine({ symbol: "getpid", parameters: [], result: "i32" }, "getpid" as never), "BAD_REPLACEMENT");
+  assertCode(() => redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, ((a: bigint, b: bigint) => a + b) as never), "BAD_REPLACEMENT", /2 parameters/);
   assert.equal(libc.getpid(), realPid);
 });
 
 test("errors: NULL, non-code and too-short targets; nothing written", () => {
-  throwsCode("INVALID_ADDRESS", () => redefine({ address: 0n, size: 16, parameters: [], result: "void" }, () => {}), /NULL/);
+  assertCode(() => redefine({ address: 0n, size: 16, parameters: [], result: "void" }, () => {}), "INVALID_ADDRESS", /NULL/);
   const data = mapPages(1);
-  throwsCode("INVALID_ADDRESS", () => redefine({ address: data, size: 16, parameters: [], result: "void" }, () => {}), /non-executable/);
+  assertCode(() => redefine({ address: data, size: 16, parameters: [], result: "void" }, () => {}), "INVALID_ADDRESS", /non-executable/);
   libc.munmap(data, BigInt(os.pageSize));
   const { address, base } = assemble(DOUBLE, 0);
   try {
     leavesNoTrace(address, () => {
-      throwsCode("FUNCTION_TOO_SHORT", () => redefine({ address, size: JUMP - 1, parameters: ["i64"], result: "i64" }, (x) => x), new RegExp(`${JUMP - 1} bytes`));
+      assertCode(() => redefine({ address, size: JUMP - 1, parameters: ["i64"], result: "i64" }, (x) => x), "FUNCTION_TOO_SHORT", new RegExp(`${JUMP - 1} bytes`));
     });
   } finally {
     unassemble(base);
   }
   // Unmapped: just past a fresh mapping that was unmapped again.
-  throwsCode("INVALID_ADDRESS", () => redefine({ address: base, size: 16, parameters: [], result: "void" }, () => {}), /not mapped/);
+  assertCode(() => redefine({ address: base, size: 16, parameters: [], result: "void" }, () => {}), "INVALID_ADDRESS", /not mapped/);
 });
 
 // arm64's entry jumps are one word each: two can coincide (layers), never overlap.
@@ -229,7 +217,7 @@ if (!isArm64) test("errors: ALREADY_PATCHED for overlapping entries, then PATCH_
     const p = redefine({ address: f, size: 16, parameters: ["i64"], result: "i64" }, (x) => x);
     // Whatever the jump's displacement bytes decode to, the overlap is what refuses it.
     for (const offset of [1n, 2n, 3n, 4n]) {
-      throwsCode("ALREADY_PATCHED", () => redefine({ address: f + offset, size: 16 - Number(offset), parameters: [], result: "void" }, () => {}), /overlap/);
+      assertCode(() => redefine({ address: f + offset, size: 16 - Number(offset), parameters: [], result: "void" }, () => {}), "ALREADY_PATCHED", /overlap/);
     }
     p.restore();
   } finally {
@@ -245,7 +233,7 @@ test("errors: PATCH_MODIFIED when something else rewrote the entry", () => {
     const ours = bytesAt(f, JUMP);
     libc.mprotect(base, BigInt(os.pageSize), 7);
     runtime.view(f, 1).set([0xcc]);
-    throwsCode("PATCH_MODIFIED", () => p.restore(), /something else patched it/);
+    assertCode(() => p.restore(), "PATCH_MODIFIED", /something else patched it/);
     assert.equal(p.active, true);
     runtime.view(f, JUMP).set(ours);
     libc.mprotect(base, BigInt(os.pageSize), PROT_READ | PROT_EXEC);
@@ -263,7 +251,7 @@ if (!isArm64) {
     const vdso = os.mappings().find((m) => m.path === "[vdso]")!;
     assert.ok(address >= vdso.start && address < vdso.end, "glibc's time resolves into the vDSO");
     leavesNoTrace(address, () => {
-      throwsCode("PROTECT_FAILED", () => redefine({ symbol: "time", parameters: ["pointer"], result: "i64" }, () => 0n), /EINVAL/);
+      assertCode(() => redefine({ symbol: "time", parameters: ["pointer"], result: "i64" }, () => 0n), "PROTECT_FAILED", /EINVAL/);
     });
   });
 }
@@ -272,7 +260,7 @@ test("code in a read-only shared file mapping, which mprotect refuses: PROTECT_F
   const address = unwritableCode();
   try {
     leavesNoTrace(address, () => {
-      throwsCode("PROTECT_FAILED", () => redefine({ address, size: 64, parameters: [], result: "void" }, os.symbolAddress("getpid")), /EACCES/);
+      assertCode(() => redefine({ address, size: 64, parameters: [], result: "void" }, os.symbolAddress("getpid")), "PROTECT_FAILED", /EACCES/);
     });
   } finally {
     libc.munmap(address, BigInt(os.pageSize));

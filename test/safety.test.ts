@@ -1,5 +1,5 @@
-import { assert, runtimeName, runtimePath, test } from "./harness.ts";
-import { redefine, RedefineError, redefineAll, restoreAll, transaction } from "../mod.ts";
+import { assert, assertCode, runtimeName, runtimePath, test } from "./harness.ts";
+import { redefine, redefineAll, restoreAll, transaction } from "../mod.ts";
 import {
   assemble,
   bytesAt,
@@ -15,10 +15,6 @@ import {
 } from "./native.ts";
 import { execFileSync } from "node:child_process";
 
-function isCode(code: string, message?: RegExp) {
-  return (e: unknown) => e instanceof RedefineError && e.code === code && (!message || message.test(e.message));
-}
-
 /** The code bytes and protections of `addresses`, to compare before and after. */
 function state(addresses: bigint[]) {
   return addresses.map((a) => ({ bytes: [...bytesAt(a, 16)].join(), protection: protectionAt(a) }));
@@ -32,7 +28,7 @@ test("stacking: a second redefine layers on the first; its original is the first
   try {
     assert.equal(libc.labs(-5n), 60n, "outer(inner(labs))");
     assert.equal(outer.depth, 1);
-    assert.throws(() => inner.restore(), isCode("OUT_OF_ORDER", /newer patch first/));
+    assertCode(() => inner.restore(), "OUT_OF_ORDER", /newer patch first/);
     assert.equal(libc.labs(-5n), 60n, "a refused restore changes nothing");
     outer.restore();
     assert.equal(libc.labs(-5n), 6n, "back to the inner patch alone");
@@ -54,6 +50,26 @@ test("restoreAll unwinds stacks newest first, in one transaction", () => {
   restoreAll();
   assert.deepEqual(state([labs]), before);
   assert.equal(libc.labs(-5n), 5n);
+});
+
+test("stacking in one transaction: a patch restored and one made again; restoring the new one leaves the function's bytes", () => {
+  const labs = os.symbolAddress("labs");
+  const before = state([labs]);
+  const first = redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, () => 1n);
+  const second = transaction(() => {
+    first.restore();
+    return redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, (x): bigint => second.original(x) + 2n);
+  });
+  try {
+    assert.equal(first.active, false);
+    assert.equal(second.depth, 0, "the restored patch is not under it");
+    assert.equal(libc.labs(-5n), 7n, "its original is labs itself");
+    second.restore();
+    assert.deepEqual(state([labs]), before);
+    assert.equal(libc.labs(-5n), 5n);
+  } finally {
+    restoreAll();
+  }
 });
 
 test("a replacement that restores its own patch while it runs: its code stays until it returns", () => {
@@ -79,7 +95,7 @@ test("transaction: all or nothing when the commit fails half-way", () => {
   let made: { active: boolean }[] = [];
   const unwritable = unwritableCode();
   try {
-    assert.throws(() =>
+    assertCode(() =>
       transaction(() => {
         made = [
           redefine({ symbol: "getppid", parameters: [], result: "i32" }, { symbol: "getpid" }),
@@ -87,7 +103,7 @@ test("transaction: all or nothing when the commit fails half-way", () => {
           // mprotect refuses this page: the whole transaction fails at commit.
           redefine({ address: unwritable, size: 64, parameters: [], result: "void" }, () => {}),
         ];
-      }), isCode("PROTECT_FAILED"));
+      }), "PROTECT_FAILED");
   } finally {
     libc.munmap(unwritable, BigInt(os.pageSize));
   }
@@ -100,11 +116,11 @@ test("transaction: all or nothing when the commit fails half-way", () => {
 test("transaction: an error inside the body writes nothing", () => {
   const labs = os.symbolAddress("labs");
   const before = state([labs]);
-  assert.throws(() =>
+  assertCode(() =>
     transaction(() => {
       redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, (x) => x);
       redefine({ symbol: "no_such_function_xyz", parameters: [], result: "void" }, () => {});
-    }), isCode("SYMBOL_NOT_FOUND"));
+    }), "SYMBOL_NOT_FOUND");
   assert.deepEqual(state([labs]), before);
 });
 
@@ -157,12 +173,13 @@ test("W^X: after every public operation, no new writable+executable mapping", ()
 test("bad input: mid-instruction address, our own stubs", () => {
   // labs starts with a 3-byte mov on x86-64, a 4-byte word on arm64; +1 is inside it.
   const labs = os.symbolAddress("labs");
-  assert.throws(() => redefine({ address: labs + 1n, parameters: ["i64"], result: "i64" }, (x) => x), isCode("INVALID_ADDRESS", /inside an instruction/));
+  assertCode(() => redefine({ address: labs + 1n, parameters: ["i64"], result: "i64" }, (x) => x), "INVALID_ADDRESS", /inside an instruction/);
   const patch = redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, (x) => x);
   try {
-    assert.throws(
+    assertCode(
       () => redefine({ address: patch.originalAddress, size: 16, parameters: ["i64"], result: "i64" }, (x) => x),
-      isCode("INVALID_ADDRESS", /own stubs/),
+      "INVALID_ADDRESS",
+      /own stubs/,
     );
   } finally {
     patch.restore();

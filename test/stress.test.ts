@@ -1,6 +1,6 @@
 import { assert, test } from "./harness.ts";
 import { redefine } from "../mod.ts";
-import { redefineToOriginal } from "../src/redefine.ts";
+import { redefineToOriginal } from "../src/internal.ts";
 import { assemble, isArm64, libc, unassemble, words } from "./native.ts";
 import { log } from "node:console";
 import process from "node:process";

@@ -11,6 +11,8 @@ import { RedefineError } from "../src/errors.ts";
 import { elfFunctions, findLibrary } from "./elf_file.ts";
 import { readFileSync } from "node:fs";
 import { log } from "node:console";
+import { isArm64 } from "./native.ts";
+import { runRelocated } from "./live_trampoline.ts";
 
 const AT = 0x7f12_3456_0000n;
 const NEAR = AT + 0x10_0000n;
@@ -27,6 +29,7 @@ function le32(value: number): string {
 /** What one instruction does, independent of where it sits. */
 type Effect =
   | { plain: string }
+  | { pushed: bigint }
   | { rip: bigint; rest: string }
   | {
     branch: "jmp" | "call" | "jcc" | "loop";
@@ -36,8 +39,9 @@ type Effect =
 
 /**
  * Reads `code` placed at `address` with iced-x86. The trampoline's multi-instruction forms (an
- * absolute jump or call with its literal, an inverted jcc over an absolute jump) count as one
- * branch. Targets inside `code` become `{ internal: index }` of the effect there.
+ * absolute jump with its literal, an inverted jcc over an absolute jump, the push of a 64-bit
+ * return address) count as one effect. Targets inside `code` become `{ internal: index }` of the
+ * effect there.
  */
 function effects(code: Uint8Array, address: bigint, count = Infinity): Effect[] {
   const found: { offset: number; effect: Effect }[] = [];
@@ -51,9 +55,11 @@ function effects(code: Uint8Array, address: bigint, count = Infinity): Effect[] 
     if (startsWith(offset, "ff 25 00 00 00 00")) {
       effect = { branch: "jmp", condition: 0, target: literal(offset + 6) };
       length = 14;
-    } else if (startsWith(offset, "ff 15 02 00 00 00 eb 08")) {
-      effect = { branch: "call", condition: 0, target: literal(offset + 8) };
-      length = 16;
+    } else if (code[offset] === 0x68 && startsWith(offset + 5, "c7 44 24 04")) {
+      // push imm32; mov dword [rsp+4], imm32
+      const half = (at: number) => BigInt(new DataView(code.buffer, code.byteOffset + at).getUint32(0, true));
+      effect = { pushed: half(offset + 1) + (half(offset + 9) << 32n) };
+      length = 13;
     } else if ((code[offset] & 0xf0) === 0x70 && startsWith(offset + 1, "0e ff 25 00 00 00 00")) {
       effect = { branch: "jcc", condition: (code[offset] & 0x0f) ^ 1, target: literal(offset + 8) };
       length = 16;
@@ -106,7 +112,8 @@ function effects(code: Uint8Array, address: bigint, count = Infinity): Effect[] 
 
 /**
  * Relocates and checks: the plan's bound holds, and the trampoline does what the first `copied`
- * original instructions did, then jumps back to the first one left in place.
+ * original instructions did, then jumps back to the first one left in place. A copy ending in a
+ * call pushes that place as the return address and jumps to the callee instead.
  */
 function check(
   code: Uint8Array,
@@ -116,14 +123,18 @@ function check(
   address = AT,
 ): Uint8Array {
   const plan = planRelocation(code, address, minLength);
-  const out = relocate(code, address, minLength, trampoline);
+  const out = relocate(plan, trampoline);
   assert.ok(out.length <= plan.maxSize, `${out.length} bytes > maxSize ${plan.maxSize}`);
   assert.equal(effects(code.subarray(0, plan.consumed), address).length, copied, "instructions");
   // Targets inside the copy are compared as indexes; the jump back is the entry after the copy.
-  const expected = [
-    ...effects(code, address, copied),
-    { branch: "jmp", condition: 0, target: address + BigInt(plan.consumed) },
-  ];
+  const end = address + BigInt(plan.consumed);
+  const expected = effects(code, address, copied);
+  const last = expected[expected.length - 1];
+  if ("branch" in last && last.branch === "call") {
+    expected.splice(-1, 1, { pushed: end }, { ...last, branch: "jmp" });
+  } else {
+    expected.push({ branch: "jmp", condition: 0, target: end });
+  }
   assert.deepEqual(effects(out, trampoline), expected);
   return out;
 }
@@ -137,15 +148,20 @@ function assertRefused(fn: () => unknown, pattern: RegExp, code = "UNRELOCATABLE
   });
 }
 
+/** The sizes of a plan, without its decoded instructions. */
+function sizes(plan: { consumed: number; maxSize: number }): { consumed: number; maxSize: number } {
+  return { consumed: plan.consumed, maxSize: plan.maxSize };
+}
+
 const PROLOGUE = bytes("55 48 89 e5 48 83 ec 10 c3");
 
 test("relocator: plain prologue, jump back near and far", () => {
-  assert.deepEqual(planRelocation(PROLOGUE, AT, 5), { consumed: 8, maxSize: 8 + 14 });
+  assert.deepEqual(sizes(planRelocation(PROLOGUE, AT, 5)), { consumed: 8, maxSize: 8 + 14 });
   const near = check(PROLOGUE, 5, NEAR, 3);
   assert.deepEqual(near.subarray(0, 8), PROLOGUE.subarray(0, 8));
   assert.equal(near.length, 8 + 5);
   assert.equal(check(PROLOGUE, 5, FAR, 3).length, 8 + 14);
-  assert.deepEqual(planRelocation(PROLOGUE, AT, 1), { consumed: 1, maxSize: 1 + 14 });
+  assert.deepEqual(sizes(planRelocation(PROLOGUE, AT, 1)), { consumed: 1, maxSize: 1 + 14 });
   assert.equal(planRelocation(PROLOGUE, AT, 9).consumed, 9);
 });
 
@@ -159,10 +175,10 @@ test("relocator: RIP-relative displacement rewritten, refused beyond ±2 GiB", (
   // The last trampoline that still reaches `target` from the end of the first instruction.
   check(code.subarray(0, 7), 5, target + 2n ** 31n - 7n, 1);
   assertRefused(
-    () => relocate(code.subarray(0, 7), AT, 5, target + 2n ** 31n - 6n),
+    () => relocate(planRelocation(code.subarray(0, 7), AT, 5), target + 2n ** 31n - 6n),
     /0x7f1234560000 \(48 8b 05 00 01 00 00\).*relative to the instruction pointer.*trampoline/,
   );
-  assertRefused(() => relocate(code, AT, 8, FAR), /out of ±2 GiB reach/);
+  assertRefused(() => relocate(planRelocation(code, AT, 8), FAR), /out of ±2 GiB reach/);
 });
 
 test("relocator: jmp rel8 and rel32 leaving the copy, as rel32 or absolute", () => {
@@ -192,13 +208,63 @@ test("relocator: jcc leaving the copy, as jcc rel32 or inverted over an absolute
   }
 });
 
-test("relocator: call rel32 stays rel32 or becomes the absolute call", () => {
+test("relocator: a call ending the copy pushes the original return address, then jumps", () => {
   // call +0x1000; mov edi, eax; ret
   const code = bytes("e8 00 10 00 00 89 c7 c3");
-  assert.deepEqual(check(code, 5, NEAR, 1).subarray(0, 1), bytes("e8"));
-  assert.deepEqual(check(code, 5, FAR, 1).subarray(0, 8), bytes("ff 15 02 00 00 00 eb 08"));
-  assert.equal(planRelocation(code, AT, 5).maxSize, 16 + 14);
-  check(code, 7, FAR, 2);
+  const pushed = `68 ${le32(Number((AT + 5n) % 2n ** 32n))} c7 44 24 04 ${le32(Number((AT + 5n) / 2n ** 32n))}`;
+  const near = check(code, 5, NEAR, 1);
+  assert.deepEqual(near, bytes(`${pushed} e9 ${le32(Number(AT + 0x1005n - (NEAR + 18n)))}`));
+  const far = check(code, 5, FAR, 1);
+  assert.deepEqual(far.subarray(0, 19), bytes(`${pushed} ff 25 00 00 00 00`));
+  assert.equal(far.length, 13 + 14, "no jump back: the callee returns to the original");
+  assert.equal(planRelocation(code, AT, 5).maxSize, 13 + 14);
+  // A push imm32 alone would sign-extend: the high half must be written for any address.
+  const high = 0xffff_8000_1234_5000n;
+  assert.deepEqual(check(code, 5, high + 0x100n, 1, high).subarray(0, 13), bytes(
+    `68 ${le32(0x1234_5005)} c7 44 24 04 ${le32(0xffff_8000)}`,
+  ));
+});
+
+test("relocator: a call followed by more copied instructions is refused", () => {
+  // call +0x1000; mov edi, eax; ret: the callee would return into the overwritten bytes
+  assertRefused(
+    () => planRelocation(bytes("e8 00 10 00 00 89 c7 c3"), AT, 7),
+    /\(e8 00 10 00 00\): it is a call returning to 0x7f1234560005, inside the 7 bytes the patch overwrites at 0x7f1234560000/,
+  );
+  // funchook's x86_test_call_get_pc_thunk_bx, in 64 bits: push rbx; call thunk; add rbx, imm32
+  assertRefused(() => planRelocation(bytes("53 e8 00 01 00 00 48 81 c3 00 10 00 00 5b c3"), AT, 14), /call returning/);
+});
+
+test("relocator: code that reads its own return address sees the original's", () => {
+  // Frida's fixture: call +0; pop rcx — rcx must hold the original address after the call.
+  check(bytes("e8 00 00 00 00 59 c3"), 5, NEAR, 1);
+  check(bytes("e8 00 00 00 00 59 c3"), 5, FAR, 1);
+  // funchook's get_pc_thunk shapes, in 64 bits: call thunk (its first instruction reads [rsp]),
+  // and push rbx; call thunk, both moved whole by a 5-byte patch.
+  check(bytes("e8 0b 00 00 00 48 05 00 10 00 00 8b 00 c3"), 5, NEAR, 1);
+  check(bytes("53 e8 0b 00 00 00 48 81 c3 00 10 00 00 5b c3"), 5, FAR, 2);
+  // A call to the start of the copy (a loop through the patch point) goes to the copy.
+  check(bytes("90 90 90 90 e8 f7 ff ff ff c3"), 9, NEAR, 5);
+});
+
+test("relocator: a relocated call that reads its return address gets the original's, run live", () => {
+  if (isArm64) return;
+  const getPc = runRelocated(x86_64, [
+    0xe8, 0, 0, 0, 0, // call +0
+    0x58, //             pop rax: the address after the call
+    0xc3, //             ret
+  ], 5);
+  assert.equal(getPc.result, getPc.address + 5n);
+  const thunk = runRelocated(x86_64, [
+    0x53, //                   push rbx
+    0xe8, 0x05, 0, 0, 0, //    call thunk
+    0x48, 0x89, 0xd8, //       mov rax, rbx
+    0x5b, //                   pop rbx
+    0xc3, //                   ret
+    0x48, 0x8b, 0x1c, 0x24, // thunk: mov rbx, [rsp]
+    0xc3, //                   ret
+  ], 5);
+  assert.equal(thunk.result, thunk.address + 6n);
 });
 
 test("relocator: branches inside the copied bytes stay inside, re-pointed at the copy", () => {
@@ -354,9 +420,10 @@ test("relocator: the plan bounds the trampoline wherever it lands", () => {
       try {
         out = check(code, minLength, trampoline, copied);
       } catch (error) {
-        // A widened copy can put a jrcxz out of its rel8 reach; nothing else may fail.
+        // A widened copy can put a jrcxz out of its rel8 reach, and a call may be copied with
+        // more after it; nothing else may fail.
         assert.ok(
-          error instanceof RedefineError && /jrcxz cannot reach/.test(error.message),
+          error instanceof RedefineError && /jrcxz cannot reach|a call returning/.test(error.message),
           String(error),
         );
         continue;
@@ -365,6 +432,7 @@ test("relocator: the plan bounds the trampoline wherever it lands", () => {
       trampolinesChecked++;
     }
   }
+  log(`relocator: ${trampolinesChecked} random trampolines checked`);
   assert.ok(trampolinesChecked > 5000, `${trampolinesChecked}`);
 });
 
@@ -386,8 +454,8 @@ test("relocator: the entries of libc, libm and libstdc++ relocate or are refused
           } catch (error) {
             if (!(error instanceof RedefineError)) throw error;
             const reason = `${where} ${minLength}: ${error.code} ` + error.message
-              .replace(/^Cannot relocate the instruction at .*?\): /, "")
-              .replace(/\. (Pass|Patch) .*/, "")
+              .replace(/^the instruction at .*?\): /, "").replace(/, so the start .*/, "")
+              .replace(/(\. Pass|: patch) .*/, "")
               .replace(/0x[0-9a-f]+/g, "X")
               .replace(/\d+ bytes/g, "N bytes");
             refusals.set(reason, (refusals.get(reason) ?? 0) + 1);

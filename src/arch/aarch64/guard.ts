@@ -11,7 +11,7 @@
  * in x0–x7, v0–v7 and x8 (the indirect result), and the results in x0–x1 and v0–v3, pass untouched;
  * the condition flags too (`eor` + `cbnz`, not `cmp`).
  */
-import type { GuardOptions } from "../mod.ts";
+import type { GuardOptions } from "../types.ts";
 import { RedefineError } from "../../errors.ts";
 import { adrp, assemble, blr, br, cbz, ldrLiteral, NOP } from "./writer.ts";
 

@@ -2,7 +2,7 @@
  * The AArch64 instruction set: `b imm26` entry jumps, `ldr x16, #8; br x16` absolute jumps, and
  * the relocator for the words they overwrite.
  */
-import type { Arch } from "../mod.ts";
+import type { Arch } from "../types.ts";
 import { decodeAt, isBranch } from "./decoder.ts";
 import { planRelocation, relocate } from "./relocator.ts";
 import { GUARD_DATA_SIZE, GUARD_SIZE, guardStub, threadPointerReader } from "./guard.ts";

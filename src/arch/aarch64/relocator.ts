@@ -5,7 +5,8 @@
  */
 import { concat } from "../bytes.ts";
 import { hex, RedefineError } from "../../errors.ts";
-import type { RelocationPlan } from "../mod.ts";
+import { tooShort, unrelocatable } from "../refusals.ts";
+import type { RelocationPlan } from "../types.ts";
 import { type Branch, decodeAt, type Instruction, isBranch } from "./decoder.ts";
 import {
   adr,
@@ -13,9 +14,6 @@ import {
   assemble,
   b,
   bCond,
-  bl,
-  CALL_ABS_SIZE,
-  callAbs,
   cbz,
   JUMP_ABS_SIZE,
   jumpAbs,
@@ -26,6 +24,7 @@ import {
   movAbs,
   tbz,
   X17,
+  X30,
 } from "./writer.ts";
 
 /** The instructions to move and the bytes they span. */
@@ -34,17 +33,10 @@ interface Analysis {
   consumed: number;
 }
 
-function wordHex(word: number): string {
-  return "0x" + word.toString(16).padStart(8, "0");
-}
-
-function refusal(address: bigint, instruction: Instruction, why: string): RedefineError {
-  return new RedefineError(
-    "UNRELOCATABLE",
-    `Cannot relocate the start of the function at ${hex(address)}: the instruction at ` +
-      `${hex(instruction.address)} (${wordHex(instruction.word)}, ${instruction.kind}) ${why}. Pass a ` +
-      "native replacement that does not call the original, or patch a different function.",
-  );
+/** The refusal naming `instruction`, its word and class. */
+function refusal(instruction: Instruction, why: string): RedefineError {
+  const word = "0x" + instruction.word.toString(16).padStart(8, "0");
+  return unrelocatable(instruction.address, `${word}, ${instruction.kind}`, why);
 }
 
 /**
@@ -62,55 +54,40 @@ function analyse(code: Uint8Array, address: bigint, minLength: number): Analysis
   }
   const consumed = Math.ceil(minLength / 4) * 4;
   if (code.length < consumed) {
-    throw new RedefineError(
-      "FUNCTION_TOO_SHORT",
-      `The function at ${hex(address)} has ${code.length} bytes, and patching it needs ${consumed}. ` +
-        "Patch a larger function, or the function that calls this one.",
-    );
+    throw tooShort(address, code.length, consumed);
   }
   const end = address + BigInt(consumed);
   const strictlyInside = (target: bigint) => target > address && target < end;
+  const overwritten = `inside the ${consumed} bytes the patch overwrites at ${hex(address)}`;
   const all: Instruction[] = [];
   for (let at = 0; at + 4 <= code.length; at += 4) all.push(decodeAt(code, at, address));
 
   for (const instruction of all) {
     const moved = instruction.address < end;
+    // The callee must find the original return address in x30, and only the word after the moved
+    // ones is still there to return to.
+    if (instruction.kind === "bl" && moved && instruction.address + 4n < end) {
+      throw refusal(instruction, `it is a call returning to ${hex(instruction.address + 4n)}, ${overwritten}`);
+    }
     if (instruction.kind === "cmpbr" && moved) {
-      throw refusal(
-        address,
-        instruction,
-        "is a FEAT_CMPBR compare-and-branch, which cannot be relocated yet",
-      );
+      throw refusal(instruction, "it is a FEAT_CMPBR compare-and-branch, which cannot be relocated yet");
     }
     // A branch among the moved words that targets them stays internal to the trampoline.
     if (isBranch(instruction) && !moved && strictlyInside(instruction.target)) {
-      throw refusal(
-        address,
-        instruction,
-        `jumps to ${hex(instruction.target)}, inside the ${consumed} bytes the patch overwrites`,
-      );
+      throw refusal(instruction, `it jumps to ${hex(instruction.target)}, ${overwritten}`);
     }
     if (instruction.kind === "adr" && strictlyInside(instruction.target)) {
-      throw refusal(
-        address,
-        instruction,
-        `takes the address ${hex(instruction.target)}, inside the ${consumed} bytes the patch overwrites`,
-      );
+      throw refusal(instruction, `it takes the address ${hex(instruction.target)}, ${overwritten}`);
     }
     if (instruction.kind === "ldrLiteral") {
       const size = BigInt(LITERAL_SIZES[instruction.load]);
       if (size > 0n && instruction.target < end && instruction.target + size > address) {
-        throw refusal(
-          address,
-          instruction,
-          `reads data at ${hex(instruction.target)}, inside the ${consumed} bytes the patch overwrites`,
-        );
+        throw refusal(instruction, `it reads data at ${hex(instruction.target)}, ${overwritten}`);
       }
     }
   }
   return { instructions: all.slice(0, consumed / 4), consumed };
 }
-
 
 /** The shortest jump from `at` to `target`. */
 function jump(at: bigint, target: bigint): Uint8Array {
@@ -157,9 +134,10 @@ function rewrite(instruction: Instruction, at: bigint): Uint8Array {
     case "b":
       return jump(at, instruction.target);
     case "bl": {
-      // The call returns to the next word of the trampoline, which carries on as the original would.
-      const near = bl(at, instruction.target);
-      return near === null ? callAbs(instruction.target) : assemble([near]);
+      // The last moved word (analyse() refuses others): x30 gets the original return address, the
+      // first word left in place, so the callee returns straight there and sees what it would.
+      const link = assemble(movAbs(X30, instruction.address + 4n));
+      return concat([link, jump(at + BigInt(link.length), instruction.target)]);
     }
     case "bCond": {
       const { cond, consistent, target } = instruction;
@@ -208,7 +186,7 @@ function worstCase(instruction: Instruction, internal: boolean): number {
     case "b":
       return JUMP_ABS_SIZE;
     case "bl":
-      return CALL_ABS_SIZE;
+      return MOV_ABS_MAX_SIZE + JUMP_ABS_SIZE;
     case "bCond":
     case "cbz":
     case "tbz":
@@ -226,24 +204,23 @@ function internalTo(address: bigint, consumed: number): (instruction: Instructio
 }
 
 /** See `Arch.planRelocation`. */
-export function planRelocation(code: Uint8Array, address: bigint, minLength: number): RelocationPlan {
+export function planRelocation(
+  code: Uint8Array,
+  address: bigint,
+  minLength: number,
+): RelocationPlan<Instruction> {
   const { instructions, consumed } = analyse(code, address, minLength);
   const internal = internalTo(address, consumed);
   const maxSize = instructions.reduce(
     (sum, instruction) => sum + worstCase(instruction, internal(instruction)),
-    JUMP_ABS_SIZE,
+    endsInCall(instructions) ? 0 : JUMP_ABS_SIZE,
   );
-  return { consumed, maxSize };
+  return { address, consumed, maxSize, instructions };
 }
 
 /** See `Arch.relocate`. */
-export function relocate(
-  code: Uint8Array,
-  address: bigint,
-  minLength: number,
-  trampoline: bigint,
-): Uint8Array {
-  const { instructions, consumed } = analyse(code, address, minLength);
+export function relocate(plan: RelocationPlan<Instruction>, trampoline: bigint): Uint8Array {
+  const { address, consumed, instructions } = plan;
   const internal = internalTo(address, consumed);
 
   // An internal branch stays one word, its target being a few words away, so aiming it at
@@ -261,5 +238,11 @@ export function relocate(
       starts[i],
     );
   });
-  return concat([...moved, jump(at, address + BigInt(consumed))]);
+  if (!endsInCall(instructions)) moved.push(jump(at, address + BigInt(consumed)));
+  return concat(moved);
+}
+
+/** True when the moved words end with a `bl`: the callee returns to the original, no jump back. */
+function endsInCall(instructions: readonly Instruction[]): boolean {
+  return instructions[instructions.length - 1]?.kind === "bl";
 }

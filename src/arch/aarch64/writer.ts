@@ -12,8 +12,6 @@ export const NOP = 0xd503201f;
 export const B_SIZE = 4;
 /** Length of `ldr x16, #8; br x16` followed by the 8-byte target. */
 export const JUMP_ABS_SIZE = 16;
-/** Length of `ldr x16, #12; blr x16; b #12` followed by the 8-byte target. */
-export const CALL_ABS_SIZE = 20;
 /** Longest sequence `movAbs` returns, in bytes. */
 export const MOV_ABS_MAX_SIZE = 16;
 /** Largest distance, either way, `b` and `bl` reach: imm26 words reach 2^27 - 4 bytes forward. */
@@ -21,6 +19,9 @@ export const B_REACH = 2n ** 27n - 4n;
 
 /** x17, the scratch register the relocated code uses as a load base (x16 carries jump targets). */
 export const X17 = 17;
+
+/** x30, the link register, where `bl` leaves the return address. */
+export const X30 = 30;
 
 /**
  * The `ldr (literal)` variants: `w`/`x` load a general register, `sw` is `ldrsw`, `s`/`d`/`q`
@@ -83,7 +84,7 @@ function wordOffset(from: bigint, to: bigint, bits: number): number | null {
   if (from % 4n !== 0n || to % 4n !== 0n) {
     throw new RedefineError(
       "INVALID_ADDRESS",
-      `A branch from ${hex(from)} to ${hex(to)} cannot be encoded: aarch64 instructions sit at ` +
+      `a branch from ${hex(from)} to ${hex(to)} cannot be encoded: aarch64 instructions sit at ` +
         "4-byte aligned addresses. Pass the address of an instruction.",
     );
   }
@@ -227,19 +228,4 @@ export function jumpIndirect(from: bigint, slot: bigint): Uint8Array {
     load, //       ldr x16, slot
     br(16), //     br x16
   ]);
-}
-
-/**
- * An absolute call to `to` that writes only x16 and x30: the callee returns to the `b`, which
- * steps over the literal.
- */
-export function callAbs(to: bigint): Uint8Array {
-  return assemble(
-    [
-      0x58000070, // ldr x16, #12 (the literal)
-      0xd63f0200, // blr x16
-      0x14000003, // b #12 (over the literal)
-    ],
-    to, //           .quad to
-  );
 }

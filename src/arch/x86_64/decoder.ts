@@ -4,7 +4,8 @@
  * relocator needs. It does not name instructions; it follows the opcode tables closely enough to
  * agree with a full disassembler on every encoding compilers emit.
  */
-import { hex, hexBytes, RedefineError } from "../../errors.ts";
+import { hexBytes } from "../../errors.ts";
+import { unrelocatable } from "../refusals.ts";
 
 /** A relative branch: the only operand of `jmp`, `jcc`, `call`, `loop*`, `jrcxz` and `xbegin`. */
 export interface Branch {
@@ -31,24 +32,6 @@ export interface Instruction {
   ripRelative?: { dispOffset: number; target: bigint };
   /** Where control goes after it: `jmp` is any unconditional transfer, indirect ones included. */
   flow: "normal" | "ret" | "jmp" | "int3" | "syscall" | "ud";
-}
-
-/**
- * The error for machine code `redefine` will not move, naming the instruction and what to do.
- *
- * @example
- * ```ts
- * import { unrelocatable } from "./decoder.ts";
- * const error = unrelocatable(0x1000n, Uint8Array.of(0xe2, 0xfe), "loop leaves the copied bytes");
- * console.log(error.code); // "UNRELOCATABLE"
- * ```
- */
-export function unrelocatable(address: bigint, bytes: Uint8Array, reason: string): RedefineError {
-  return new RedefineError(
-    "UNRELOCATABLE",
-    `Cannot relocate the instruction at ${hex(address)} (${hexBytes(bytes)}): ${reason}. ` +
-      "Pass a native replacement that does not call the original, or patch a different function.",
-  );
 }
 
 /*
@@ -123,7 +106,7 @@ type Escape = "vex" | "evex" | "xop";
 export function decode(code: Uint8Array, offset: number, address: bigint): Instruction {
   let p = offset;
   const fail = (reason: string): never => {
-    throw unrelocatable(address, code.subarray(offset, p), reason);
+    throw unrelocatable(address, hexBytes(code.subarray(offset, p)), reason);
   };
   const next = (): number => {
     if (p - offset >= MAX_LENGTH) fail("longer than the 15 bytes an instruction can have");

@@ -18,7 +18,7 @@
  * (the vector count of varargs calls) and the stack arguments reach the replacement or the
  * original untouched, and the replacement's results (rax, rdx, xmm0, xmm1) reach the caller.
  */
-import type { GuardLayout, GuardOptions } from "../mod.ts";
+import type { GuardLayout, GuardOptions } from "../types.ts";
 import { RedefineError } from "../../errors.ts";
 import { i32le, INT3, jmpRel32, u64le } from "./writer.ts";
 

@@ -2,7 +2,7 @@
  * The x86-64 instruction set for `redefine`: entry jumps from `writer.ts`, prologue relocation
  * from `relocator.ts`.
  */
-import type { Arch } from "../mod.ts";
+import type { Arch } from "../types.ts";
 import { planRelocation, relocate } from "./relocator.ts";
 import { decode } from "./decoder.ts";
 import { mayBranchInto } from "./scan.ts";

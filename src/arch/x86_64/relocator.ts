@@ -6,89 +6,83 @@
  * the flags beyond what the original instruction did.
  */
 import { concat } from "../bytes.ts";
-import type { RelocationPlan } from "../mod.ts";
-import { decode, type Instruction, unrelocatable } from "./decoder.ts";
+import type { RelocationPlan } from "../types.ts";
+import { decode, type Instruction } from "./decoder.ts";
+import { tooShort, unrelocatable } from "../refusals.ts";
 import { mayBranchInto } from "./scan.ts";
-import { hex, RedefineError } from "../../errors.ts";
-import {
-  CALL_ABS_SIZE,
-  callAbs,
-  i32le,
-  JMP_ABS_SIZE,
-  jmpAbs,
-  jmpNearest,
-  rel32,
-} from "./writer.ts";
+import { hex, hexBytes, type RedefineError } from "../../errors.ts";
+import { i32le, JMP_ABS_SIZE, jmpAbs, jmpNearest, PUSH_ADDRESS_SIZE, pushAddress, rel32 } from "./writer.ts";
 
 /** The bytes a copied branch takes: `near` with a rel32 operand, `far` with an absolute address. */
 const FORMS = {
   jmp: { near: 5, far: JMP_ABS_SIZE }, // jmp rel32 | jmp qword [rip+0]; dq target
   jcc: { near: 6, far: 2 + JMP_ABS_SIZE }, // jcc rel32 | j!cc +14; jmp qword [rip+0]; dq target
-  call: { near: 5, far: CALL_ABS_SIZE }, // call rel32 | call qword [rip+2]; jmp +8; dq target
+  // push the original return address; then jmp rel32 | jmp qword [rip+0]; dq target
+  call: { near: PUSH_ADDRESS_SIZE + 5, far: PUSH_ADDRESS_SIZE + JMP_ABS_SIZE },
 };
 
 /**
- * How many bytes from `address` must move to free `minLength` bytes, and the largest trampoline
- * `relocate` can make of them. Throws `UNRELOCATABLE` for code that cannot move and
- * `FUNCTION_TOO_SHORT` when `code` (the function's extent) is shorter than `minLength`.
+ * How many bytes from `address` must move to free `minLength` bytes, decoded once, and the
+ * largest trampoline `relocate` can make of them. Throws `UNRELOCATABLE` for code that cannot
+ * move and `FUNCTION_TOO_SHORT` when `code` (the function's extent) is shorter than `minLength`.
  *
  * @example
  * ```ts
  * import { planRelocation } from "./relocator.ts";
  * // push rbp; mov rbp, rsp; sub rsp, 0x10; ret
  * const code = Uint8Array.of(0x55, 0x48, 0x89, 0xe5, 0x48, 0x83, 0xec, 0x10, 0xc3);
- * console.log(planRelocation(code, 0x1000n, 5)); // { consumed: 8, maxSize: 22 }
+ * const plan = planRelocation(code, 0x1000n, 5);
+ * console.log(plan.consumed, plan.maxSize, plan.instructions.length); // 8 22 3
  * ```
  */
 export function planRelocation(
   code: Uint8Array,
   address: bigint,
   minLength: number,
-): RelocationPlan {
-  const copied = copiedInstructions(code, address, minLength);
-  const consumed = copied.reduce((sum, insn) => sum + insn.length, 0);
-  const worst = layout(copied, address, consumed, null);
-  return { consumed, maxSize: Number(worst[copied.length]) + JMP_ABS_SIZE };
+): RelocationPlan<Instruction> {
+  const instructions = copiedInstructions(code, address, minLength);
+  const consumed = instructions.reduce((sum, insn) => sum + insn.length, 0);
+  const worst = layout(instructions, address, consumed, null);
+  const jumpBack = endsInCall(instructions) ? 0 : JMP_ABS_SIZE;
+  return { address, consumed, maxSize: Number(worst[instructions.length]) + jumpBack, instructions };
 }
 
 /**
- * The trampoline placed at `trampoline` for the instructions `planRelocation` chose: the copy,
- * rewritten to run there, and a jump back to the first instruction left in place.
+ * The trampoline placed at `trampoline` for the instructions of `plan`: the copy, rewritten to
+ * run there, and a jump back to the first instruction left in place.
  *
  * @example
  * ```ts
- * import { relocate } from "./relocator.ts";
+ * import { planRelocation, relocate } from "./relocator.ts";
  * // mov rax, [rip+0x100]; ret — the load keeps reading 0x1107 from the trampoline at 0x2000
  * const code = Uint8Array.of(0x48, 0x8b, 0x05, 0x00, 0x01, 0x00, 0x00, 0xc3);
- * const out = relocate(code, 0x1000n, 5, 0x2000n);
+ * const out = relocate(planRelocation(code, 0x1000n, 5), 0x2000n);
  * console.log(out.slice(0, 7)); // Uint8Array(7) [ 72, 139, 5, 0, 241, 255, 255 ]
  * ```
  */
-export function relocate(
-  code: Uint8Array,
-  address: bigint,
-  minLength: number,
-  trampoline: bigint,
-): Uint8Array {
-  const copied = copiedInstructions(code, address, minLength);
-  const consumed = copied.reduce((sum, insn) => sum + insn.length, 0);
+export function relocate(plan: RelocationPlan<Instruction>, trampoline: bigint): Uint8Array {
+  const { address, consumed, instructions: copied } = plan;
   const starts = layout(copied, address, consumed, trampoline);
   const newAddressOf = (target: bigint): bigint =>
     starts[copied.findIndex((insn) => insn.address === target)];
 
   const parts = copied.map((insn, i) => rewrite(insn, starts[i], address, consumed, newAddressOf));
-  parts.push(jmpNearest(starts[copied.length], address + BigInt(consumed)));
+  if (!endsInCall(copied)) parts.push(jmpNearest(starts[copied.length], address + BigInt(consumed)));
   return concat(parts);
+}
+
+/**
+ * True when the copy ends with a `call`: the callee returns straight to the original code after
+ * the copy, so the trampoline needs no jump back.
+ */
+function endsInCall(copied: readonly Instruction[]): boolean {
+  return copied[copied.length - 1]?.branch?.kind === "call";
 }
 
 /** The instructions that cover `minLength` bytes, after checking that moving them is safe. */
 function copiedInstructions(code: Uint8Array, address: bigint, minLength: number): Instruction[] {
   if (code.length < minLength) {
-    throw new RedefineError(
-      "FUNCTION_TOO_SHORT",
-      `The function at ${hex(address)} has ${code.length} bytes, and patching it needs ` +
-        `${minLength}. Patch a larger function, or the function that calls this one.`,
-    );
+    throw tooShort(address, code.length, minLength);
   }
   const copied: Instruction[] = [];
   let consumed = 0;
@@ -104,19 +98,23 @@ function copiedInstructions(code: Uint8Array, address: bigint, minLength: number
     if (branch === undefined) continue;
     const internal = branch.target >= address && branch.target < end;
     if (internal && !boundaries.has(branch.target)) {
-      throw unrelocatable(
-        insn.address,
-        insn.bytes,
-        "it branches into the middle of a copied instruction",
-      );
+      throw refuse(insn, "it branches into the middle of a copied instruction");
     }
     if (branch.kind === "xbegin") {
-      throw unrelocatable(insn.address, insn.bytes, "an xbegin's abort address cannot be moved");
+      throw refuse(insn, "an xbegin's abort address cannot be moved");
+    }
+    // The callee must see the original return address (code such as `call next; pop rcx` reads its
+    // own position from it), and only the end of the copy is still there to return to.
+    if (branch.kind === "call" && insn !== copied[copied.length - 1]) {
+      throw refuse(
+        insn,
+        `it is a call returning to ${hex(insn.address + BigInt(insn.length))}, inside the ` +
+          `${consumed} bytes the patch overwrites at ${hex(address)}`,
+      );
     }
     if ((branch.kind === "loop" || branch.kind === "jrcxz") && !internal) {
-      throw unrelocatable(
-        insn.address,
-        insn.bytes,
+      throw refuse(
+        insn,
         `${branch.kind} has only a rel8 form and its target leaves the bytes the patch overwrites`,
       );
     }
@@ -129,14 +127,13 @@ function copiedInstructions(code: Uint8Array, address: bigint, minLength: number
     const target = worst[copied.findIndex((other) => other.address === branch.target)];
     const disp = target - worst[i + 1];
     if (disp < -128n || disp > 127n) {
-      throw unrelocatable(
-        insn.address,
-        insn.bytes,
+      throw refuse(
+        insn,
         `${branch.kind} cannot reach its target once the branches around it are widened`,
       );
     }
   });
-  refuseBranchesInto(code, address, consumed);
+  refuseJumpsIntoCopy(code, address, consumed);
   return copied;
 }
 
@@ -145,7 +142,7 @@ function copiedInstructions(code: Uint8Array, address: bigint, minLength: number
  * the entry is overwritten, that branch would land in the middle of the jump. The scan stops at
  * the first bytes that do not decode, since data or padding may follow the code.
  */
-function refuseBranchesInto(code: Uint8Array, address: bigint, consumed: number): void {
+function refuseJumpsIntoCopy(code: Uint8Array, address: bigint, consumed: number): void {
   const end = address + BigInt(consumed);
   if (!mayBranchInto(code.subarray(consumed), end, address, end)) return;
   for (let offset = consumed; offset < code.length;) {
@@ -157,14 +154,18 @@ function refuseBranchesInto(code: Uint8Array, address: bigint, consumed: number)
     }
     const target = insn.branch?.target;
     if (target !== undefined && target > address && target < end) {
-      throw unrelocatable(
-        insn.address,
-        insn.bytes,
-        `it branches to ${hex(target)}, inside the ${consumed} bytes the patch overwrites`,
+      throw refuse(
+        insn,
+        `it branches to ${hex(target)}, inside the ${consumed} bytes the patch overwrites at ${hex(address)}`,
       );
     }
     offset += insn.length;
   }
+}
+
+/** The refusal naming `insn`. */
+function refuse(insn: Instruction, reason: string): RedefineError {
+  return unrelocatable(insn.address, hexBytes(insn.bytes), reason);
 }
 
 function isInternal(insn: Instruction, address: bigint, consumed: number): boolean {
@@ -177,7 +178,7 @@ function isInternal(insn: Instruction, address: bigint, consumed: number): boole
  * with `trampoline` null, offsets from 0 of the largest layout any placement can produce.
  */
 function layout(
-  copied: Instruction[],
+  copied: readonly Instruction[],
   address: bigint,
   consumed: number,
   trampoline: bigint | null,
@@ -223,9 +224,8 @@ function rewrite(
   if (ripRelative !== undefined) {
     const disp = rel32(at + BigInt(insn.length), ripRelative.target);
     if (disp === null) {
-      throw unrelocatable(
-        insn.address,
-        insn.bytes,
+      throw refuse(
+        insn,
         `it addresses ${hex(ripRelative.target)} relative to the instruction pointer, out of ` +
           `±2 GiB reach from the trampoline at ${hex(at)}`,
       );
@@ -258,11 +258,15 @@ function rewrite(
           ...jmpAbs(target),
         );
     case "call":
-      return size === FORMS.call.near
-        ? Uint8Array.of(
-          0xe8, ...i32le(Number(disp)), // call rel32
-        )
-        : callAbs(target);
+      // As the original call would have: its return address pushed, then the jump to the callee.
+      return concat([
+        pushAddress(address + BigInt(consumed)),
+        size === FORMS.call.near
+          ? Uint8Array.of(
+            0xe9, ...i32le(Number(disp)), // jmp rel32
+          )
+          : jmpAbs(target),
+      ]);
     default:
       return size === FORMS.jmp.near
         ? Uint8Array.of(

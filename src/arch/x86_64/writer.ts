@@ -8,8 +8,8 @@
 export const JMP_REL32_SIZE = 5;
 /** Length of `jmp qword [rip+0]` followed by its 8-byte target. */
 export const JMP_ABS_SIZE = 14;
-/** Length of `call qword [rip+2]; jmp +8` followed by the 8-byte target. */
-export const CALL_ABS_SIZE = 16;
+/** Length of `pushAddress`'s sequence. */
+export const PUSH_ADDRESS_SIZE = 13;
 
 const INT32_MIN = -(2n ** 31n);
 const INT32_MAX = 2n ** 31n - 1n;
@@ -57,15 +57,23 @@ export function jmpAbs(to: bigint): Uint8Array {
 }
 
 /**
- * An absolute call that returns to the instruction after the literal: `call qword [rip+2]` pushes
- * the address of the `jmp`, which skips the 8-byte target.
+ * Pushes the 64-bit `value` as a `call` pushes its return address, touching no register and no
+ * flag: `push imm32` sign-extends, so the high half is written over afterwards.
  */
-export function callAbs(to: bigint): Uint8Array {
+export function pushAddress(value: bigint): Uint8Array {
+  const bits = BigInt.asUintN(64, value);
+  const low = bits % 2n ** 32n, high = bits / 2n ** 32n;
   return Uint8Array.of(
-    0xff, 0x15, 2, 0, 0, 0, // call qword [rip+2]
-    0xeb, 0x08, //           jmp +8 (over the literal)
-    ...u64le(to), //         dq to
+    0x68, ...u32le(low), //                    push imm32 (the low half, sign-extended)
+    0xc7, 0x44, 0x24, 0x04, ...u32le(high), // mov dword [rsp+4], imm32 (the high half)
   );
+}
+
+/** Little-endian bytes of an unsigned 32-bit value. */
+function u32le(value: bigint): Uint8Array {
+  const out = new Uint8Array(4);
+  new DataView(out.buffer).setUint32(0, Number(value), true);
+  return out;
 }
 
 /** Length of `jmp qword [rip+disp32]`. */

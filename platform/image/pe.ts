@@ -1,5 +1,5 @@
 /**
- * The stub library of platform/elf_image.ts as a Windows DLL. The ELF image's code and slots keep
+ * The stub library of platform/image/elf.ts as a Windows DLL. The ELF image's code and slots keep
  * their places relative to each other (everything moves up by one page, the headers' room), so the
  * position-independent stubs work unchanged and `src/original.ts`, which only adds the ELF offsets
  * to the address of the first stub minus its offset, finds every slot where the DLL put it.

@@ -1,0 +1,94 @@
+/**
+ * What Linux and macOS share, over the libc functions their layers bind: C strings, errno as text,
+ * and symbols through dlfcn (`dlopen`, `dlsym`, `dlerror`). Each system keeps its own spelling:
+ * where errno lives, `RTLD_DEFAULT`, the errno numbers they assign differently, the advice in
+ * messages.
+ */
+import { RedefineError } from "../src/errors.ts";
+import type { NativeCall, Runtime } from "./types.ts";
+
+const RTLD_LAZY = 1;
+
+/** The errno numbers Linux and macOS agree on. */
+const ERRNO_NAMES: Readonly<Record<number, string>> = {
+  1: "EPERM", 5: "EIO", 9: "EBADF", 12: "ENOMEM", 13: "EACCES", 14: "EFAULT", 17: "EEXIST", 22: "EINVAL",
+};
+
+/** The libc functions the helpers call, as the OS layer bound them. */
+export interface PosixLibc {
+  readonly strerror: NativeCall;
+  readonly dlopen: NativeCall;
+  readonly dlerror: NativeCall;
+  readonly dlsym: NativeCall;
+}
+
+/** How one system differs. */
+export interface PosixFlavour {
+  /** The calling thread's errno (`__errno_location()` on Linux, `__error()` on macOS). */
+  readonly errnoAddress: () => bigint;
+  /** errno names beyond the shared ones, numbered the system's way. */
+  readonly errnoNames: Readonly<Record<number, string>>;
+  /** `dlsym`'s handle for "anywhere in the process". */
+  readonly rtldDefault: bigint;
+  /** The sentence that ends LIBRARY_NOT_FOUND: which names the loader takes. */
+  readonly libraryAdvice: string;
+  /** How a symbol is spelled, for SYMBOL_NOT_FOUND (in parentheses after "Check the spelling"). */
+  readonly spelling: string;
+}
+
+/** The helpers, bound to one libc. */
+export interface Posix {
+  /** The calling thread's errno, read right after the failed call. */
+  errno(): number;
+  /** `EACCES (Permission denied)` style, for messages. */
+  errnoText(code?: number): string;
+  /** A `dlopen` handle for `library`; throws LIBRARY_NOT_FOUND with `dlerror`'s reason. */
+  dlHandle(library: string): bigint;
+  /** `Os.symbolAddress` through `dlsym`. */
+  symbolAddress(symbol: string, library?: string): bigint;
+}
+
+/** A NUL-terminated C string. */
+export function cString(text: string): Uint8Array {
+  return new TextEncoder().encode(text + "\0");
+}
+
+/** The shared helpers over `c`, spoken in `flavour`. */
+export function posix(runtime: Runtime, c: PosixLibc, flavour: PosixFlavour): Posix {
+  function errno(): number {
+    return new DataView(runtime.view(flavour.errnoAddress(), 4).slice().buffer).getInt32(0, true);
+  }
+
+  function errnoText(code = errno()): string {
+    const name = flavour.errnoNames[code] ?? ERRNO_NAMES[code] ?? "errno " + code;
+    return `${name} (${runtime.cString(c.strerror(code) as bigint)})`;
+  }
+
+  function dlHandle(library: string): bigint {
+    const handle = c.dlopen(cString(library), RTLD_LAZY) as bigint;
+    if (handle === 0n) {
+      const why = c.dlerror() as bigint;
+      throw new RedefineError(
+        "LIBRARY_NOT_FOUND",
+        `cannot open library '${library}'${why ? ": " + runtime.cString(why) : ""}. ${flavour.libraryAdvice}`,
+      );
+    }
+    return handle;
+  }
+
+  function symbolAddress(symbol: string, library?: string): bigint {
+    const handle = library === undefined ? flavour.rtldDefault : dlHandle(library);
+    const address = c.dlsym(handle, cString(symbol)) as bigint;
+    if (address === 0n) {
+      throw new RedefineError(
+        "SYMBOL_NOT_FOUND",
+        `no symbol '${symbol}' in ${library === undefined ? "the process" : `'${library}'`}. Check ` +
+          `the spelling (${flavour.spelling}) and that the library exporting it is loaded` +
+          (library === undefined ? ", or name it with { library }." : "."),
+      );
+    }
+    return address;
+  }
+
+  return { errno, errnoText, dlHandle, symbolAddress };
+}

@@ -1,0 +1,70 @@
+// What the test scripts (test, test:arm64, test:windows) share: running a command, installing
+// Debian packages, and running named steps that each count their tests, closed by one summary line.
+import { spawnSync } from "node:child_process";
+
+/** Runs `command` synchronously, its output as text. */
+export function sh(command, args, options = {}) {
+  return spawnSync(command, args, { encoding: "utf8", maxBuffer: 256 * 1024 * 1024, ...options });
+}
+
+/** Runs `command`, echoes its output and returns it with whether it exited 0, for `counts.mjs`. */
+export function echoed(command, args, options = {}) {
+  const result = sh(command, args, options);
+  const output = (result.stdout ?? "") + (result.stderr ?? "");
+  process.stdout.write(output);
+  if (result.error) console.log(`\n${result.error.message}`);
+  return { output, ok: result.status === 0 };
+}
+
+/** Installs the Debian packages of `names` not installed yet; throws when apt cannot. */
+export function aptInstall(names) {
+  const listed = sh("dpkg-query", ["-W", "-f", "${Package} ${db:Status-Status}\n", ...names]).stdout ?? "";
+  const installed = new Set(listed.split("\n").filter((l) => l.endsWith(" installed")).map((l) => l.split(" ")[0]));
+  const missing = names.filter((name) => !installed.has(name));
+  if (!missing.length) return;
+  const env = { ...process.env, DEBIAN_FRONTEND: "noninteractive" };
+  const install = () =>
+    sh("apt-get", ["install", "-y", "-qq", "--no-install-recommends", ...missing], { env, stdio: "inherit" });
+  // Package lists may be missing or stale on a fresh machine: refresh them only when needed.
+  if (install().status === 0) return;
+  console.log("apt-get install failed; updating the package lists and trying again");
+  if (sh("apt-get", ["update", "-qq"], { env, stdio: "inherit" }).status !== 0) throw new Error("apt-get update failed");
+  if (install().status !== 0) throw new Error(`apt-get install ${missing.join(" ")} failed`);
+}
+
+/** The running totals of `runSteps`: tests passed, failed and skipped, and one summary line per step. */
+export function totals() {
+  return { passed: 0, failed: 0, skipped: 0, lines: [] };
+}
+
+/**
+ * Runs each `[name, step]` of `steps` whose name is in `only` (every one when `only` is empty); a
+ * step returns `[passed, failed, skipped]` (skipped: the
+ * tests that report an optional system tool or library missing). Adds them to `into`, with a summary line titled `label name`.
+ */
+export function runSteps(steps, { only = [], label = "", into = totals() } = {}) {
+  for (const [name, step] of steps) {
+    if (only.length && !only.includes(name)) continue;
+    const title = label ? `${label} ${name}` : name;
+    console.log(`\n=== ${title}`);
+    const started = Date.now();
+    const [passed, failed, skipped = 0] = step();
+    into.passed += passed;
+    into.failed += failed;
+    into.skipped += skipped;
+    const seconds = ((Date.now() - started) / 1000).toFixed(0);
+    into.lines.push(`${failed ? "FAIL" : "ok  "} ${title}: ${counted(passed, failed, skipped)} (${seconds} s)`);
+  }
+  return into;
+}
+
+function counted(passed, failed, skipped) {
+  return `${passed} passed, ${failed} failed, ${skipped} skipped`;
+}
+
+/** Prints the summary and the closing line "N passed, N failed, N skipped"; the exit code to end with. */
+export function report({ passed, failed, skipped, lines }) {
+  console.log("\n" + lines.join("\n"));
+  console.log(counted(passed, failed, skipped));
+  return failed ? 1 : 0;
+}

@@ -1,0 +1,120 @@
+/**
+ * The contract between `src/` and an instruction set: what `redefine` asks of the machine code
+ * layer (entry jumps, relocation, guards), as pure functions of bytes and addresses.
+ */
+import type { Signature } from "../signature.ts";
+
+/**
+ * The instructions a relocation moves, decoded once by `Arch.planRelocation` and written by
+ * `Arch.relocate`: the reader and the writer of Frida's gum relocator, split at the plan.
+ * `Instruction` is the arch's own decoded form; `src/` reads only the sizes.
+ */
+export interface RelocationPlan<Instruction = unknown> {
+  /** Where the moved instructions run today: the patch point. */
+  readonly address: bigint;
+  /** Bytes of the original code, from the patch point, that the relocated copy replaces. */
+  readonly consumed: number;
+  /** Upper bound of the trampoline's size (relocated code plus the jump back), wherever it lands. */
+  readonly maxSize: number;
+  /** The moved instructions, in order, as the arch's decoder gave them. */
+  readonly instructions: readonly Instruction[];
+}
+
+/** Where a guard stub lives and where it sends calls (see src/arch/x86_64/guard.ts). */
+export interface GuardOptions {
+  /** Where the guard's code is placed. */
+  readonly at: bigint;
+  /** Its read+write data slot (`guardDataSize` bytes), within pc-relative reach of `at`. */
+  readonly data: bigint;
+  /** The JS thread's identity, as `threadPointerReader` returns it on the JS thread. */
+  readonly jsThread: bigint;
+  /** The JS replacement's native entry (the runtime's callback). */
+  readonly callback: bigint;
+  /** The original function, relocated (the trampoline). */
+  readonly original: bigint;
+  /** The operating system: where the thread pointer lives differs, and the calling convention. */
+  readonly os: string;
+  /** The replacement's signature: without stack-passed arguments the guard can simply call it. */
+  readonly signature: Signature;
+  /** Where the layout's shared code was placed, when it has some. */
+  readonly shared?: bigint;
+}
+
+/** See `Arch.guard.layout`. */
+export interface GuardLayout {
+  readonly size: number;
+  readonly dataSize: number;
+  readonly busyOffset: number;
+  readonly shared: Uint8Array | null;
+}
+
+/** What `src/` asks of an instruction set. */
+export interface Arch {
+  readonly name: "x86_64" | "aarch64";
+  /** Largest distance, either way, a near entry jump covers. */
+  readonly nearReach: bigint;
+  /** Size of the near entry jump (`jmp rel32`, `b imm26`). */
+  readonly nearJumpSize: number;
+  /** Size of the absolute jump written when no near memory can be had. */
+  readonly farJumpSize: number;
+  /** A jump to itself: what a live entry holds while a multi-store write is under way. */
+  readonly selfLoop: Uint8Array;
+  /** Bytes at the entry that must stay in place (`endbr64`, `bti c`): the patch goes after them. */
+  landingPadLength(code: Uint8Array): number;
+  /** The near entry jump from `from` to `to`, or null when out of reach. */
+  nearJump(from: bigint, to: bigint): Uint8Array | null;
+  /** An absolute jump placed at `from` that reaches `to` anywhere and clobbers no argument register. */
+  farJump(from: bigint, to: bigint): Uint8Array;
+  /**
+   * Decides how many whole instructions from `address` must move to free `minLength` bytes, and
+   * how large their relocated copy can get. Throws `UNRELOCATABLE` for what cannot be moved.
+   * `code` holds the bytes from `address` to the end of the function's known extent.
+   */
+  planRelocation(code: Uint8Array, address: bigint, minLength: number): RelocationPlan;
+  /**
+   * The trampoline for `trampoline`: the instructions of `plan` (made by this arch's
+   * `planRelocation`), rewritten to run there, then a jump back to `plan.address + plan.consumed`.
+   * At most `plan.maxSize` bytes. Throws `UNRELOCATABLE` for what cannot reach from there.
+   */
+  relocate(plan: RelocationPlan, trampoline: bigint): Uint8Array;
+  /**
+   * How many bytes from `address` are surely this function's code when no symbol tells its size:
+   * the instructions up to and including the first unconditional transfer (or the first that does
+   * not decode). Execution runs through all of them from the entry, so they belong to it.
+   */
+  straightLineLength(code: Uint8Array, address: bigint): number;
+  /**
+   * Addresses of the relative branches in `code` (which starts at `address`) that land strictly
+   * between `from` and `to`. Decodes linearly and steps over bytes that do not decode, so it may
+   * find branches that are not really there, never fewer than there are on that path.
+   */
+  branchesInto(code: Uint8Array, address: bigint, from: bigint, to: bigint): bigint[];
+  /**
+   * Whether `offset` starts an instruction when `code` (at `address`) is decoded from its first
+   * byte: true, false (it falls inside one), or null when decoding stops before reaching it.
+   */
+  startsInstruction(code: Uint8Array, address: bigint, offset: number): boolean | null;
+  /** Size of `indirectJump`. */
+  readonly indirectJumpSize: number;
+  /**
+   * A jump placed at `from` through the 8-byte pointer at `slot` (within pc-relative reach);
+   * position independent, clobbering no argument register.
+   */
+  indirectJump(from: bigint, slot: bigint): Uint8Array;
+  /**
+   * The guard stub in front of JS replacements: calls from other threads, and re-entrant calls on
+   * the JS thread, go to the original. Absent where it is not written yet.
+   */
+  readonly guard?: {
+    /**
+     * What one patch's guard takes for `signature` on `os`: code bytes, data bytes (at
+     * `busyOffset` of the data, the busy flag), and code shared by many patches, placed once
+     * within reach of them (`GuardOptions.shared`), if any.
+     */
+    layout(os: string, signature: Signature): GuardLayout;
+    /** A function returning the current thread's identity, as the guard compares it. */
+    threadPointerReader(os: string): Uint8Array;
+    /** The patch's guard code at `options.at`, and the first contents of its data at `options.data`. */
+    encode(options: GuardOptions): { code: Uint8Array; data: Uint8Array };
+  };
+}

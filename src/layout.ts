@@ -1,0 +1,319 @@
+/**
+ * Where a patch's code goes and what it holds, one function per case: a direct entry jump to a
+ * native replacement in reach; a guarded stub in front of a JS replacement; a stub with an
+ * absolute jump to a native replacement out of reach; and the function's own trampoline
+ * (`redefineToOriginal`). Stubs share one pool slot with the trampoline (the relocated first
+ * instructions), placed within near-jump reach of the entry, or anywhere, behind an absolute entry
+ * jump, when no memory is that near. A patch layered on another has no trampoline of its own: its
+ * original is where the patch below leads. Nothing is written at the entry here.
+ */
+import { hex, RedefineError } from "./errors.ts";
+import type { RelocationPlan } from "./arch/types.ts";
+import type { CodeSlot } from "./code_memory.ts";
+import type { NativeType } from "./signature.ts";
+import { machine, refuseOverlap } from "./registry.ts";
+import type { Machine } from "./registry.ts";
+import { refuseJumpsIntoEntry } from "./target.ts";
+import type { Site } from "./target.ts";
+import type { Destination } from "./replacement.ts";
+import { Trampoline } from "./patch.ts";
+
+type AnySite = Site<readonly NativeType[], NativeType>;
+
+/** A patch's code, placed; what to write at the entry. */
+export interface Layout {
+  /** The entry jump to write. */
+  readonly entry: Uint8Array;
+  /** Bytes from the entry that the jump overwrites or the trampoline copies. */
+  readonly covers: number;
+  /** Where the entry jump leads. */
+  readonly destination: bigint;
+  /** The slot holding the trampoline and the stub or guard; null for a direct jump. */
+  readonly stub: CodeSlot | null;
+  readonly trampoline: Trampoline;
+  /** The guard's busy flag (JS replacements): set while the replacement runs. */
+  readonly busy: bigint | null;
+}
+
+/**
+ * Lays out the code that sends the callers of `site` to `to`. `below` is where the entry jump of
+ * the patch this one is layered on leads, or null. On failure nothing stays allocated.
+ */
+export function layOut(site: AnySite, to: Destination, below: bigint | null): Layout {
+  const m = machine();
+  switch (to.kind) {
+    case "callback":
+      if (m.arch.guard) return guardedStub(m, site, to.callback.address, below);
+      return directJump(m, site, to.callback.address, below) ?? jumpStub(m, site, to.callback.address, below);
+    case "native":
+      return directJump(m, site, to.address, below) ?? jumpStub(m, site, to.address, below);
+    case "original":
+      return toOriginal(m, site, below);
+  }
+}
+
+/**
+ * The entry jump reaches the native replacement: nothing to place now. The original is the patch
+ * below, or is relocated when first asked for (most native redirects never are), then in a slot
+ * of its own.
+ */
+function directJump(m: Machine, site: AnySite, to: bigint, below: bigint | null): Layout | null {
+  const entry = m.arch.nearJump(site.at, to);
+  if (!entry) return null;
+  const trampoline = below !== null ? Trampoline.at(below) : new Trampoline(() => trampolineAlone(m, site));
+  return { entry, covers: entry.length, destination: to, stub: null, trampoline, busy: null };
+}
+
+function trampolineAlone(m: Machine, site: AnySite): { address: bigint; slot: CodeSlot } {
+  const { arch, pool } = m;
+  const plan = arch.planRelocation(site.code, site.at, arch.nearJumpSize);
+  refuseOverlap(site.at, plan.consumed);
+  const slot = pool.allocate(site.at, arch.nearReach - BigInt(plan.maxSize), plan.maxSize);
+  if (!slot) {
+    throw new RedefineError(
+      "ALLOCATION_FAILED",
+      `no executable memory near ${hex(site.at)} for the original.`,
+    );
+  }
+  try {
+    pool.write(slot, arch.relocate(plan, slot.address));
+  } catch (error) {
+    pool.release(slot, null);
+    throw error;
+  }
+  return { address: slot.address, slot };
+}
+
+/**
+ * A JS replacement: the entry jump leads to the guard, which sends the JS thread's calls to the
+ * callback and every other call (other threads, re-entrant calls) to the original — so a JS
+ * replacement needs a trampoline.
+ */
+function guardedStub(m: Machine, site: AnySite, callback: bigint, below: bigint | null): Layout {
+  const guard = m.arch.guard!;
+  const { os } = m.platform.runtime;
+  const shape = guard.layout(os, site.signature);
+  const stub = reserve(m, site, below, shape.size, shape.dataSize);
+  return filling(m, stub, () => {
+    const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
+    const { code, data } = guard.encode({
+      at: stub.front,
+      data: stub.slot.data,
+      jsThread: jsThreadOf(m, guard.threadPointerReader(os)),
+      callback,
+      original: originalForGuard(trampoline),
+      os,
+      signature: site.signature,
+      shared: shape.shared ? sharedCode(m, shape.shared, stub.front) : undefined,
+    });
+    m.platform.runtime.view(stub.slot.data, data.length).set(data);
+    write(m, stub, relocated, code);
+    return throughStub(m, site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset));
+  });
+}
+
+function originalForGuard(trampoline: Trampoline): bigint {
+  try {
+    return trampoline.address;
+  } catch (error) {
+    if (!(error instanceof RedefineError)) throw error;
+    throw new RedefineError(
+      error.code,
+      `${error.message} A JS replacement needs the original for calls from other threads: ` +
+        `use a native replacement for this function.`,
+      { cause: error },
+    );
+  }
+}
+
+/**
+ * A native replacement out of the entry jump's reach: the entry jump leads to an absolute jump
+ * there, placed after the trampoline. An original that cannot be relocated is refused only when
+ * asked for.
+ */
+function jumpStub(m: Machine, site: AnySite, to: bigint, below: bigint | null): Layout {
+  const stub = reserve(m, site, below, m.arch.farJumpSize, 0);
+  return filling(m, stub, () => {
+    const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
+    write(m, stub, relocated, m.arch.farJump(stub.front, to));
+    return throughStub(m, site, stub, trampoline, null);
+  });
+}
+
+/**
+ * The function redirected to its own trampoline (or, layered, to the patch below): every call runs
+ * the relocated first instructions and jumps back. The entry jump leads straight there when it
+ * reaches, else through an absolute jump after the trampoline.
+ */
+function toOriginal(m: Machine, site: AnySite, below: bigint | null): Layout {
+  const stub = reserve(m, site, below, m.arch.farJumpSize, 0);
+  return filling(m, stub, () => {
+    const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
+    const original = trampoline.address;
+    const straight = stub.jumpSize === m.arch.nearJumpSize ? m.arch.nearJump(site.at, original) : null;
+    if (!straight) {
+      write(m, stub, relocated, m.arch.farJump(stub.front, original));
+      return throughStub(m, site, stub, trampoline, null);
+    }
+    write(m, stub, relocated, new Uint8Array(0));
+    return {
+      entry: straight,
+      covers: coverage(straight, stub),
+      destination: original,
+      stub: stub.slot,
+      trampoline,
+      busy: null,
+    };
+  });
+}
+
+/** How the first instructions move to a stub's slot; null when layered, or why they cannot. */
+type Plan = RelocationPlan | RedefineError | null;
+
+/** A pool slot for a trampoline and the stub after it, and the entry jump that reaches it. */
+interface Stub {
+  readonly slot: CodeSlot;
+  /** The entry jump's size: the near jump, or the absolute one when no memory is in near reach. */
+  readonly jumpSize: number;
+  readonly plan: Plan;
+  /** Where the stub's code starts: after the trampoline. */
+  readonly front: bigint;
+}
+
+/**
+ * Reserves a slot for the trampoline and `frontSize` bytes of stub code (and `dataSize` of data):
+ * within near-jump reach of the entry, or else anywhere, with an absolute jump at the entry.
+ */
+function reserve(m: Machine, site: AnySite, below: bigint | null, frontSize: number, dataSize: number): Stub {
+  const { arch, pool } = m;
+  let jumpSize = arch.nearJumpSize;
+  let plan = planFor(m, site, below, jumpSize);
+  let size = sizeOf(plan) + frontSize;
+  let slot = pool.allocate(site.at, arch.nearReach - BigInt(size), size, dataSize);
+  if (!slot) {
+    if (site.room < arch.farJumpSize) {
+      throw new RedefineError(
+        "FUNCTION_TOO_SHORT",
+        `no memory could be had within reach of ${hex(site.at)} for a stub, and the function has only ` +
+          `${site.room} bytes, fewer than the ${arch.farJumpSize} an absolute jump needs: redefine a caller ` +
+          `instead.`,
+      );
+    }
+    refuseJumpsIntoEntry(site.at, arch.farJumpSize);
+    jumpSize = arch.farJumpSize;
+    plan = planFor(m, site, below, jumpSize);
+    size = sizeOf(plan) + frontSize;
+    slot = pool.allocate(site.at, 2n ** 62n, size, dataSize);
+    if (!slot) {
+      throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for a stub.");
+    }
+  }
+  return { slot, jumpSize, plan, front: slot.address + BigInt(sizeOf(plan)) };
+}
+
+/** How the first instructions move for an entry jump of `jumpSize` bytes; why not; null when layered. */
+function planFor(m: Machine, site: AnySite, below: bigint | null, jumpSize: number): Plan {
+  if (below !== null) return null;
+  try {
+    return m.arch.planRelocation(site.code, site.at, jumpSize);
+  } catch (error) {
+    if (!(error instanceof RedefineError)) throw error;
+    return error;
+  }
+}
+
+/** The trampoline's room at the start of a stub's slot. */
+function sizeOf(plan: Plan): number {
+  return plan === null || plan instanceof RedefineError ? 0 : Math.ceil(plan.maxSize / 16) * 16;
+}
+
+/** The trampoline's code for the start of the stub's slot, and the trampoline (or why there is none). */
+function relocateInto(
+  m: Machine,
+  site: AnySite,
+  stub: Stub,
+  below: bigint | null,
+): { code: Uint8Array; trampoline: Trampoline } {
+  const none = new Uint8Array(0);
+  if (below !== null) return { code: none, trampoline: Trampoline.at(below) };
+  if (stub.plan instanceof RedefineError) return { code: none, trampoline: Trampoline.refused(stub.plan) };
+  try {
+    // Planned: there is no patch below.
+    const code = m.arch.relocate(stub.plan!, stub.slot.address);
+    return { code, trampoline: Trampoline.at(stub.slot.address) };
+  } catch (error) {
+    if (!(error instanceof RedefineError)) throw error;
+    return { code: none, trampoline: Trampoline.refused(error) };
+  }
+}
+
+/** Writes the trampoline's code and the stub's into the stub's slot. */
+function write(m: Machine, stub: Stub, trampoline: Uint8Array, front: Uint8Array): void {
+  const offset = Number(stub.front - stub.slot.address);
+  const bytes = new Uint8Array(offset + front.length);
+  bytes.set(trampoline, 0);
+  bytes.set(front, offset);
+  if (bytes.length) m.pool.write(stub.slot, bytes);
+}
+
+/** Runs `fill`, giving the stub's slot back if it fails. */
+function filling(m: Machine, stub: Stub, fill: () => Layout): Layout {
+  try {
+    return fill();
+  } catch (error) {
+    m.pool.release(stub.slot, null);
+    throw error;
+  }
+}
+
+/** The layout of a patch whose entry jump leads to the code at the stub's front. */
+function throughStub(m: Machine, site: AnySite, stub: Stub, trampoline: Trampoline, busy: bigint | null): Layout {
+  // The near jump surely reaches: the slot was allocated within its reach.
+  const entry = stub.jumpSize === m.arch.nearJumpSize
+    ? m.arch.nearJump(site.at, stub.front)!
+    : m.arch.farJump(site.at, stub.front);
+  return { entry, covers: coverage(entry, stub), destination: stub.front, stub: stub.slot, trampoline, busy };
+}
+
+/** Bytes from the entry that the entry jump overwrites or the trampoline copies. */
+function coverage(entry: Uint8Array, stub: Stub): number {
+  const plan = stub.plan;
+  return plan && !(plan instanceof RedefineError) ? Math.max(entry.length, plan.consumed) : entry.length;
+}
+
+/**
+ * A copy of `code` (code shared by many patches, such as the calling guard) within near-jump
+ * reach of `near`: placed once per region and reused.
+ */
+function sharedCode(m: Machine, code: Uint8Array, near: bigint): bigint {
+  const key = code.join();
+  const reach = m.arch.nearReach - BigInt(code.length) - 4096n;
+  const copies = m.shared.get(key) ?? [];
+  const found = copies.find((at) => (at > near ? at - near : near - at) < reach);
+  if (found !== undefined) return found;
+  const slot = m.pool.allocate(near, reach, code.length);
+  if (!slot) {
+    throw new RedefineError(
+      "ALLOCATION_FAILED",
+      `no executable memory near ${hex(near)} for the guard.`,
+    );
+  }
+  m.pool.write(slot, code);
+  m.shared.set(key, [...copies, slot.address]);
+  return slot.address;
+}
+
+/** The JS thread's thread pointer, read by running the guard's own read on this thread. */
+function jsThreadOf(m: Machine, reader: Uint8Array): bigint {
+  if (m.jsThread !== undefined) return m.jsThread;
+  const slot = m.pool.allocate(0n, 2n ** 62n, reader.length);
+  if (!slot) {
+    throw new RedefineError(
+      "ALLOCATION_FAILED",
+      "no executable memory for the thread probe.",
+    );
+  }
+  m.pool.write(slot, reader);
+  m.jsThread = m.platform.runtime.fnPointer(slot.address, { parameters: [], result: "u64" })() as bigint;
+  return m.jsThread;
+}

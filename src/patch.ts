@@ -1,0 +1,246 @@
+/**
+ * The `Patch` handle of one live redefinition — calling the original, restoring exactly — and the
+ * `Trampoline` that keeps the original callable while the entry holds the jump.
+ */
+import { hex, hexBytes, RedefineError } from "./errors.ts";
+import type { JsArguments, JsValue, NativeType } from "./signature.ts";
+import type { CodeSlot } from "./code_memory.ts";
+import type { OriginalStub } from "./original.ts";
+import { layers, machine, register, unregister } from "./registry.ts";
+import type { Entry } from "./registry.ts";
+import { nativeSignature } from "./replacement.ts";
+import { schedule } from "./transaction.ts";
+import type { NativeCallback } from "../platform/mod.ts";
+
+/** A trampoline's code: where it is, and the pool slot it got for itself (null: it lives in a stub's). */
+interface Built {
+  readonly address: bigint;
+  readonly slot: CodeSlot | null;
+}
+
+/**
+ * The original function as native code can call it while the patch is live: the relocated first
+ * instructions and a jump back into the function, or, for a patch layered on another, what the
+ * patch below leads to. Built at most once, by `build`: with the patch's stub, or on first use when
+ * the entry jump reaches a native replacement directly (most native redirects never call the
+ * original). Why it cannot be built is kept and thrown to whoever asks for it.
+ */
+export class Trampoline {
+  #build: (() => Built) | null;
+  #built: Built | RedefineError | null = null;
+
+  constructor(build: () => Built) {
+    this.#build = build;
+  }
+
+  /** A trampoline already in place at `address`. */
+  static at(address: bigint): Trampoline {
+    return new Trampoline(() => ({ address, slot: null }));
+  }
+
+  /** No trampoline, for the reason `why`. */
+  static refused(why: RedefineError): Trampoline {
+    return new Trampoline(() => {
+      throw why;
+    });
+  }
+
+  /** Where the trampoline is; throws why there is none (`UNRELOCATABLE`, `ALLOCATION_FAILED`). */
+  get address(): bigint {
+    if (this.#build) {
+      try {
+        this.#built = this.#build();
+      } catch (error) {
+        if (!(error instanceof RedefineError)) throw error;
+        this.#built = error;
+      }
+      this.#build = null;
+    }
+    if (this.#built instanceof RedefineError) throw this.#built;
+    return this.#built!.address;
+  }
+
+  /** Gives back the slot it got for itself, once its patch is gone. */
+  release(): void {
+    if (this.#built && !(this.#built instanceof RedefineError) && this.#built.slot) {
+      machine().pool.release(this.#built.slot, null);
+    }
+    this.#build = null;
+    this.#built = null;
+  }
+}
+
+/** What `redefine()` hands a new patch. */
+export interface Applied {
+  /** Where the entry jump is written (after a landing pad). */
+  readonly at: bigint;
+  /** What was at `at` before: the function's bytes, or the entry jump of the patch below. */
+  readonly original: Uint8Array;
+  /** The entry jump. */
+  readonly written: Uint8Array;
+  /** Where the entry jump leads (a stub, the guard, or the replacement itself). */
+  readonly destination: bigint;
+  /** Trampoline, then stub or guard: null when the jump reaches the replacement directly. */
+  readonly stub: CodeSlot | null;
+  readonly trampoline: Trampoline;
+  /** A JS replacement's callback. */
+  readonly callback: NativeCallback | null;
+  /** The guard's busy flag (JS replacements): set while the replacement runs. */
+  readonly busy: bigint | null;
+}
+
+/**
+ * A live redefinition. `restore()` (or leaving a `using` scope) puts the original bytes and page
+ * protections back exactly; `original(...)` calls the function as it was.
+ *
+ * @example
+ * ```ts
+ * import { redefine } from "./mod.ts";
+ * const patch = redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, (x) => -x);
+ * patch.active; // true
+ * patch.original(-5n); // 5n: the real labs, through the trampoline
+ * patch.restore();
+ * patch.active; // false
+ * ```
+ */
+export class Patch<P extends readonly NativeType[], R extends NativeType> {
+  /** The function's entry (the symbol's address, even when the jump is written after `endbr64`). */
+  readonly address: bigint;
+  /** The signature the patch was made with. */
+  readonly signature: { readonly parameters: P; readonly result: R };
+  #applied: Applied | null;
+  readonly #entry: Entry;
+  #original: OriginalStub | undefined;
+
+  /**
+   * @internal Made by `redefine()`, which then writes the entry jump: the patch is registered
+   * (layered on the function's newest patch) from here on; `abandon()` if the write fails.
+   */
+  constructor(address: bigint, signature: { parameters: P; result: R }, applied: Applied) {
+    this.address = address;
+    this.signature = signature;
+    this.#applied = applied;
+    const { at, written, original, destination } = applied;
+    this.#entry = { address, at, written, original, destination, restoring: false, restore: () => this.restore() };
+    register(this.#entry);
+  }
+
+  /** True until the patch is restored. */
+  get active(): boolean {
+    return this.#applied !== null;
+  }
+
+  /** Where the entry jump is written: `address`, or just after a landing pad such as `endbr64`. */
+  get patchedAddress(): bigint {
+    return this.#applied?.at ?? this.address;
+  }
+
+  /**
+   * The original function as a native address, for a native replacement to call: the trampoline
+   * (the relocated first instructions and a jump back into the function) while the patch is live
+   * — or, for a patch layered on another, the replacement below it — and the function itself once
+   * restored. Throws `UNRELOCATABLE` when the first instructions could not be moved.
+   */
+  get originalAddress(): bigint {
+    return this.#applied ? this.#applied.trampoline.address : this.address;
+  }
+
+  /**
+   * Calls the original function, with the signature's JS types, at the runtime's full FFI speed.
+   * Works while the patch is live (through the trampoline) and after it is restored (the function
+   * itself). Throws `UNRELOCATABLE` when the first instructions could not be moved.
+   */
+  get original(): (...args: JsArguments<P>) => JsValue<R> {
+    if (!this.#original) {
+      const address = this.originalAddress;
+      const signature = nativeSignature(this.signature);
+      const key = `${this.address}:${this.depth}:${signature.parameters.join()}:${signature.result}`;
+      this.#original = machine().originals.acquire(key, signature, address);
+    }
+    return this.#original.call;
+  }
+
+  /** How many live patches this one is layered on. */
+  get depth(): number {
+    return this.#applied ? layers(this.address).indexOf(this.#entry) : 0;
+  }
+
+  /**
+   * Puts the original bytes and page protections back (for a layered patch: the patch below it).
+   * Refuses with PATCH_MODIFIED when the bytes at the entry are no longer the ones this patch
+   * wrote, and with OUT_OF_ORDER while a newer patch is layered on this one. A second call does
+   * nothing. Inside `transaction()`, takes effect when the transaction commits.
+   */
+  restore(): void {
+    const applied = this.#applied;
+    const entry = this.#entry;
+    if (!applied || entry.restoring) return;
+    const stack = layers(this.address);
+    const over = stack[stack.indexOf(entry) + 1];
+    if (over && !over.restoring) {
+      throw new RedefineError(
+        "OUT_OF_ORDER",
+        `the function at ${hex(this.address)} was redefined again on top of this patch: restore the ` +
+          `newer patch first (restoreAll() goes newest first).`,
+      );
+    }
+    const { platform, arch } = machine();
+    // Under a patch whose restore is pending in this transaction, the entry will hold our jump
+    // again once that write lands; that patch has checked the bytes.
+    const now = over ? applied.written : platform.runtime.view(applied.at, applied.written.length).slice();
+    if (!now.every((b, i) => b === applied.written[i])) {
+      throw new RedefineError(
+        "PATCH_MODIFIED",
+        `the entry of the function at ${hex(this.address)} changed after it was redefined (expected ` +
+          `${hexBytes(applied.written)}, found ${hexBytes(now)}), so something else patched it: restore ` +
+          `that patch first (redefine leaves these bytes alone rather than clobber them).`,
+      );
+    }
+    entry.restoring = true;
+    schedule(
+      { address: applied.at, bytes: applied.original, spin: arch.selfLoop },
+      () => {
+        entry.restoring = false;
+        this.#original?.point(this.address);
+        this.#forget(applied, applied.busy);
+        closeWhenIdle(applied);
+      },
+      () => (entry.restoring = false),
+    );
+  }
+
+  /** @internal Undoes the constructor for a patch whose entry jump was never written. */
+  abandon(): void {
+    const applied = this.#applied;
+    if (!applied) return;
+    this.#forget(applied, null);
+    applied.callback?.close();
+  }
+
+  /** Restores at the end of a `using` scope. */
+  [Symbol.dispose](): void {
+    this.restore();
+  }
+
+  /** Unregisters the patch and gives its code back (the stub after its guard's `busy` flag clears). */
+  #forget(applied: Applied, busy: bigint | null): void {
+    unregister(this.#entry);
+    this.#applied = null;
+    if (applied.stub) machine().pool.release(applied.stub, busy);
+    applied.trampoline.release();
+  }
+}
+
+/**
+ * Closes a restored patch's callback. Restored from inside the replacement, the callback is still
+ * running: it closes once the replacement has returned (the guard's busy flag says when).
+ */
+function closeWhenIdle(applied: Applied): void {
+  const callback = applied.callback;
+  if (!callback) return;
+  if (applied.busy !== null && machine().platform.runtime.view(applied.busy, 1)[0] !== 0) {
+    setTimeout(() => callback.close(), 0);
+  } else {
+    callback.close();
+  }
+}
