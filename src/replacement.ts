@@ -4,11 +4,12 @@
  * Each kind of replacement is one member of the union: canned native code, carrying its own code
  * bytes and data block, joins it as one more.
  */
-import { RedefineError } from "./errors.ts";
+import { hex, RedefineError } from "./errors.ts";
 import type { JsFunction, NativeType, Signature } from "./signature.ts";
 import { machine } from "./registry.ts";
-import { checkExecutable } from "./target.ts";
-import type { NativeCallback } from "../platform/mod.ts";
+import { checkExecutable, symbolAddress } from "./target.ts";
+import type { NativeCall, NativeCallback } from "../platform/mod.ts";
+import { PROT_EXEC } from "../platform/mod.ts";
 
 /** A native replacement named by its symbol. */
 export interface SymbolReplacement {
@@ -40,6 +41,7 @@ export type Destination =
 export function destinationFor(signature: Signature, replacement: unknown): Destination {
   const m = machine();
   if (typeof replacement === "function") {
+    refuseUncallable(replacement);
     if (replacement.length > signature.parameters.length) {
       throw new RedefineError(
         "BAD_REPLACEMENT",
@@ -47,7 +49,8 @@ export function destinationFor(signature: Signature, replacement: unknown): Dest
           `${signature.parameters.length}: make them agree.`,
       );
     }
-    const callback = m.platform.runtime.callback(nativeSignature(signature), replacement as never);
+    const native = nativeSignature(signature);
+    const callback = m.platform.runtime.callback(native, checked(replacement as NativeCall, native.result));
     return { kind: "callback", callback };
   }
   if (typeof replacement === "bigint") {
@@ -56,7 +59,16 @@ export function destinationFor(signature: Signature, replacement: unknown): Dest
   }
   if (replacement && typeof replacement === "object" && typeof (replacement as SymbolReplacement).symbol === "string") {
     const { symbol, library } = replacement as SymbolReplacement;
-    return { kind: "native", address: m.platform.os.symbolAddress(symbol, library) };
+    const address = symbolAddress(m, symbol, library);
+    const mapping = m.platform.os.mappingAt(address);
+    if (!mapping || !(mapping.protection & PROT_EXEC)) {
+      throw new RedefineError(
+        "BAD_REPLACEMENT",
+        `the replacement '${symbol}' at ${hex(address)} is data, not code: a replacement must be a ` +
+          `function. Name a function, or pass a JS function.`,
+      );
+    }
+    return { kind: "native", address };
   }
   throw new RedefineError(
     "BAD_REPLACEMENT",
@@ -65,6 +77,154 @@ export function destinationFor(signature: Signature, replacement: unknown): Dest
   );
 }
 
+/**
+ * Refuses functions that cannot answer a native call with a value: async functions (a promise),
+ * generators (an iterator) and classes (which cannot be called without `new`).
+ */
+function refuseUncallable(fn: Function): void {
+  // Bound functions keep their target's prototype, so a bound async function is caught too.
+  const kind = Object.getPrototypeOf(fn)?.[Symbol.toStringTag];
+  const isClass = Function.prototype.toString.call(fn).startsWith("class");
+  if (kind === "AsyncFunction" || kind === "GeneratorFunction" || kind === "AsyncGeneratorFunction" || isClass) {
+    throw new RedefineError(
+      "BAD_REPLACEMENT",
+      `the replacement is ${isClass ? "a class" : `an ${kind}`}: a native caller needs its result ` +
+        `synchronously. Pass a plain function (do async work elsewhere and return a value).`,
+    );
+  }
+}
+
+/** A result a replacement returned that its type cannot carry. */
+const REFUSED = Symbol("refused");
+
+/**
+ * The check of a result of type `type`: the value as the runtime must receive it (an integer
+ * number for a 64-bit type becomes a bigint), or REFUSED. Integers must be in the type's range.
+ */
+function resultCheck(type: NativeType): (value: unknown) => unknown {
+  // deno-lint-ignore no-explicit-any
+  const int = (fits: (v: number) => boolean) => (v: any) => typeof v === "number" && fits(v) ? v : REFUSED;
+  const big = (wrap: (v: bigint) => bigint, min: bigint) => (v: unknown) =>
+    typeof v === "bigint" ? (wrap(v) === v ? v : REFUSED) : Number.isSafeInteger(v) && BigInt(v as number) >= min
+      ? BigInt(v as number)
+      : REFUSED;
+  switch (type) {
+    case "void":
+      return () => undefined;
+    case "bool":
+      return (v) => typeof v === "boolean" ? v : REFUSED;
+    case "f32":
+    case "f64":
+      return (v) => typeof v === "number" ? v : REFUSED;
+    case "i8":
+      return int((v) => v === (v << 24) >> 24);
+    case "u8":
+      return int((v) => v === (v & 0xff));
+    case "i16":
+      return int((v) => v === (v << 16) >> 16);
+    case "u16":
+      return int((v) => v === (v & 0xffff));
+    case "i32":
+      return int((v) => v === (v | 0));
+    case "u32":
+      return int((v) => v === v >>> 0);
+    case "i64":
+    case "isize":
+      return big((v) => BigInt.asIntN(64, v), -(2n ** 63n));
+    default: // u64, usize and addresses
+      return big((v) => BigInt.asUintN(64, v), 0n);
+  }
+}
+
+/** What a native caller gets from a replacement that failed: 0 of the result type. */
+function zeroOf(type: NativeType): unknown {
+  switch (type) {
+    case "void":
+      return undefined;
+    case "bool":
+      return false;
+    case "i64":
+    case "u64":
+    case "isize":
+    case "usize":
+    case "pointer":
+    case "function":
+    case "buffer":
+      return 0n;
+    default:
+      return 0;
+  }
+}
+
+/**
+ * `fn` as the runtime's callback must run it: an exception never reaches the runtime's callback
+ * machinery (Deno drops it when a later call returns normally, Bun skips the rest of the native
+ * call), and a result of the wrong type never reaches the runtime's conversion (Deno panics on a
+ * bigint for an `i32`). The native caller gets 0 instead, and the error is thrown again as soon as
+ * the current synchronous JS has run, as an uncaught error: the same on both runtimes.
+ */
+function checked(fn: NativeCall, type: NativeType): NativeCall {
+  const check = resultCheck(type);
+  const zero = zeroOf(type);
+  return (...args: unknown[]) => {
+    let value: unknown;
+    try {
+      value = fn(...args);
+    } catch (error) {
+      rethrowLater(error);
+      return zero;
+    }
+    const result = check(value);
+    if (result !== REFUSED) return result;
+    rethrowLater(
+      new RedefineError(
+        "BAD_RESULT",
+        `a JS replacement returned ${describe(value)} for a result of type '${type}', which that type ` +
+          `cannot carry; its native caller got ${String(zero)}. Return ${expected(type)}.`,
+      ),
+    );
+    return zero;
+  };
+}
+
+/** Throws `error` once the current synchronous JS has run: an uncaught error, never lost. */
+function rethrowLater(error: unknown): void {
+  queueMicrotask(() => {
+    throw error;
+  });
+}
+
+/** A returned value, for a message. */
+function describe(value: unknown): string {
+  if (typeof value === "bigint") return `the bigint ${value}n`;
+  if (typeof value === "string") return `the string ${JSON.stringify(value.slice(0, 40))}`;
+  if (value === null || value === undefined || typeof value === "number" || typeof value === "boolean") {
+    return String(value);
+  }
+  return `a value of type ${typeof value}${value instanceof Promise ? " (a promise)" : ""}`;
+}
+
+/** What a result of `type` must be, for a message. */
+function expected(type: NativeType): string {
+  switch (type) {
+    case "bool":
+      return "a boolean";
+    case "f32":
+    case "f64":
+      return "a number";
+    case "i64":
+    case "isize":
+    case "u64":
+    case "usize":
+      return `a bigint (or a safe integer number) in the range of ${type}`;
+    case "pointer":
+    case "function":
+    case "buffer":
+      return "a bigint address (0n for NULL)";
+    default:
+      return `an integer number in the range of ${type}`;
+  }
+}
 /** Frees what a destination holds (a JS replacement's callback), for a patch that never went live. */
 export function discard(destination: Destination): void {
   if (destination.kind === "callback") destination.callback.close();
