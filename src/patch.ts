@@ -9,7 +9,7 @@ import type { OriginalStub } from "./original.ts";
 import { layers, machine, register, unregister } from "./registry.ts";
 import type { Entry } from "./registry.ts";
 import { nativeSignature } from "./replacement.ts";
-import { schedule } from "./transaction.ts";
+import { pendingAt, schedule } from "./transaction.ts";
 import type { NativeCallback } from "../platform/mod.ts";
 
 /** A trampoline's code: where it is, and the pool slot it got for itself (null: it lives in a stub's). */
@@ -87,6 +87,10 @@ export interface Applied {
   readonly callback: NativeCallback | null;
   /** The guard's busy flag (JS replacements): set while the replacement runs. */
   readonly busy: bigint | null;
+  /** Where calls that must not enter JS go (see the registry's `Entry.bypass`). */
+  readonly bypass: bigint;
+  /** The target's `originalSlot`: filled with the original before the entry jump is written. */
+  readonly originalSlot: bigint | null;
 }
 
 /**
@@ -111,6 +115,8 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   #applied: Applied | null;
   readonly #entry: Entry;
   #original: OriginalStub | undefined;
+  /** What the `originalSlot` held before the patch filled it, put back if the patch never goes live. */
+  #slotBefore = 0n;
 
   /**
    * @internal Made by `redefine()`, which then writes the entry jump: the patch is registered
@@ -120,9 +126,12 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     this.address = address;
     this.signature = signature;
     this.#applied = applied;
-    const { at, written, original, destination } = applied;
-    this.#entry = { address, at, written, original, destination, restoring: false, restore: () => this.restore() };
+    const { at, written, original, destination, bypass } = applied;
+    this.#entry = { address, at, written, original, destination, bypass, restoring: false, restore: () => this.restore() };
     register(this.#entry);
+    if (applied.originalSlot !== null) {
+      this.#slotBefore = storeSlot(applied.originalSlot, applied.trampoline.address);
+    }
   }
 
   /** True until the patch is restored. */
@@ -186,8 +195,10 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     }
     const { platform, arch } = machine();
     // Under a patch whose restore is pending in this transaction, the entry will hold our jump
-    // again once that write lands; that patch has checked the bytes.
-    const now = over ? applied.written : platform.runtime.view(applied.at, applied.written.length).slice();
+    // again once that write lands; that patch has checked the bytes. Made in the open transaction,
+    // the entry holds our jump once that transaction's writes land.
+    const length = applied.written.length;
+    const now = over ? applied.written : pendingAt(applied.at, length) ?? platform.runtime.view(applied.at, length).slice();
     if (!now.every((b, i) => b === applied.written[i])) {
       throw new RedefineError(
         "PATCH_MODIFIED",
@@ -202,6 +213,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
       () => {
         entry.restoring = false;
         this.#original?.point(this.address);
+        if (applied.originalSlot !== null) storeSlot(applied.originalSlot, this.address);
         this.#forget(applied, applied.busy);
         closeWhenIdle(applied);
       },
@@ -213,6 +225,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   abandon(): void {
     const applied = this.#applied;
     if (!applied) return;
+    if (applied.originalSlot !== null) storeSlot(applied.originalSlot, this.#slotBefore);
     this.#forget(applied, null);
     applied.callback?.close();
   }
@@ -229,6 +242,13 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     if (applied.stub) machine().pool.release(applied.stub, busy);
     applied.trampoline.release();
   }
+}
+
+/** Stores `value` in the 8-byte aligned slot at `slot` in one store; returns what was there. */
+function storeSlot(slot: bigint, value: bigint): bigint {
+  const view = machine().platform.runtime.view(slot, 8);
+  const word = new BigInt64Array(view.buffer, view.byteOffset, 1);
+  return BigInt.asUintN(64, Atomics.exchange(word, 0, BigInt.asIntN(64, value)));
 }
 
 /**
