@@ -103,9 +103,6 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   const extent = extentOf(m, address, target.size, "symbol" in target && target.symbol !== undefined);
   checkReadable(m, address, extent, "the function");
   const whole = m.platform.runtime.view(address, Math.min(extent, MAX_SCAN)).slice();
-  // The function's own bytes under our live patches: a patch made after one whose restore is still
-  // pending in a transaction relocates these, not the jump about to go.
-  readThrough(whole, address);
   const pad = m.arch.landingPadLength(whole);
   const at = address + BigInt(pad);
   const room = extent - pad;

@@ -3,25 +3,17 @@
  * with nothing written (code bytes and page protections as before). Cases that crashed the process
  * run in a child (test/fixtures/bad_extents.ts).
  */
-import { assert, test } from "./harness.ts";
-import { redefine, RedefineError, restoreAll } from "../mod.ts";
+import { assert, assertCode, test } from "./harness.ts";
+import { redefine, restoreAll } from "../mod.ts";
+import type { RedefineErrorCode } from "../mod.ts";
 import { runCase, snapshot } from "./cases.ts";
 import { assemble, isArm64, os, unassemble, words } from "./native.ts";
 import { PROT_EXEC } from "../platform/mod.ts";
 
 const fixture = new URL("./fixtures/bad_extents.ts", import.meta.url);
 
-function assertCode(fn: () => unknown, code: string, message?: RegExp): void {
-  assert.throws(fn, (error: unknown) => {
-    assert.ok(error instanceof RedefineError, `expected a RedefineError, got ${error}`);
-    assert.equal(error.code, code, error.message);
-    if (message) assert.match(error.message, message);
-    return true;
-  });
-}
-
 /** Asserts `body` fails with `code` and leaves `addresses` exactly as they were. */
-function refused(addresses: readonly bigint[], code: string, body: () => unknown, message?: RegExp): void {
+function refused(addresses: readonly bigint[], code: RedefineErrorCode, body: () => unknown, message?: RegExp): void {
   const before = snapshot(addresses);
   try {
     assertCode(body, code, message);

@@ -4,21 +4,12 @@
  * surfaces as an uncaught error once the current synchronous JS has run; replacements that cannot
  * answer synchronously (async functions, generators) or cannot be called (classes) are refused.
  */
-import { assert, test } from "./harness.ts";
-import { redefine, RedefineError, restoreAll } from "../mod.ts";
+import { assert, assertCode, test } from "./harness.ts";
+import { redefine, restoreAll } from "../mod.ts";
 import { runCase, snapshot } from "./cases.ts";
 import { libc, os } from "./native.ts";
 
 const fixture = new URL("./fixtures/js_results.ts", import.meta.url);
-
-function assertCode(fn: () => unknown, code: string, message?: RegExp): void {
-  assert.throws(fn, (error: unknown) => {
-    assert.ok(error instanceof RedefineError, `expected a RedefineError, got ${error}`);
-    assert.equal(error.code, code, error.message);
-    if (message) assert.match(error.message, message);
-    return true;
-  });
-}
 
 interface ResultReport {
   report: { type: string; value: string; got: string; ok: boolean; errors: string[]; bad: boolean }[];

@@ -2,21 +2,12 @@
  * The order of a patch's writes (issue 12 §3: the original exists before the entry jump is live)
  * and transactions that undo their own work (§6): each nets out to exactly the bytes it should.
  */
-import { assert, test } from "./harness.ts";
-import { redefine, RedefineError, restoreAll, transaction } from "../mod.ts";
+import { assert, assertCode, test } from "./harness.ts";
+import { redefine, restoreAll, transaction } from "../mod.ts";
 import { runCase, snapshot } from "./cases.ts";
 import { assemble, isArm64, libc, mapPages, os, runtime, unassemble, words } from "./native.ts";
 
 const fixture = new URL("./fixtures/original_first.ts", import.meta.url);
-
-function assertCode(fn: () => unknown, code: string, message?: RegExp): void {
-  assert.throws(fn, (error: unknown) => {
-    assert.ok(error instanceof RedefineError, `expected a RedefineError, got ${error}`);
-    assert.equal(error.code, code, error.message);
-    if (message) assert.match(error.message, message);
-    return true;
-  });
-}
 
 const labsTarget = { symbol: "labs", parameters: ["i64"], result: "i64" } as const;
 
