@@ -95,10 +95,7 @@ function refuseUncallable(fn: object): void {
   }
 }
 
-/** A result a replacement returned that its type cannot carry. */
-const REFUSED = Symbol("refused");
-
-/** What kind of JS value a result type takes. */
+/** What kind of JS value a result type takes, named as `typeof` names it. */
 type Kind = "void" | "boolean" | "bigint" | "number";
 
 function kindOf(type: NativeType): Kind {
@@ -120,19 +117,6 @@ function kindOf(type: NativeType): Kind {
   }
 }
 
-/**
- * Each kind's check: the value as the runtime must receive it, or REFUSED. A value of the right
- * kind is passed on as is — both runtimes convert it alike, as C would (a number truncated and
- * wrapped to an `i32`, a bigint wrapped to 64 bits); a safe integer number becomes a bigint for a
- * 64-bit type, where the runtimes would convert it differently.
- */
-const CHECKS: Readonly<Record<Kind, (value: unknown) => unknown>> = {
-  void: () => undefined,
-  boolean: (v) => typeof v === "boolean" ? v : REFUSED,
-  bigint: (v) => typeof v === "bigint" ? v : Number.isSafeInteger(v) ? BigInt(v as number) : REFUSED,
-  number: (v) => typeof v === "number" ? v : REFUSED,
-};
-
 /** What a native caller gets from a replacement that failed: 0 of the result type. */
 const ZERO: Readonly<Record<Kind, unknown>> = { void: undefined, boolean: false, bigint: 0n, number: 0 };
 
@@ -147,17 +131,20 @@ const EXPECTED: Readonly<Record<Kind, string>> = {
 /**
  * `fn` as the runtime's callback must run it: an exception never reaches the runtime's callback
  * machinery (Deno drops it when a later call returns normally, Bun skips the rest of the native
- * call), and a result of the wrong type never reaches the runtime's conversion (Deno panics on a
+ * call), and a result of the wrong kind never reaches the runtime's conversion (Deno panics on a
  * bigint for an `i32`). The native caller gets 0 instead, and the error is thrown again as soon as
- * the current synchronous JS has run, as an uncaught error: the same on both runtimes.
+ * the current synchronous JS has run, as an uncaught error: the same on both runtimes. A value of
+ * the right kind is passed on as is — both runtimes convert it alike, as C would (a number
+ * truncated and wrapped to an `i32`, a bigint wrapped to 64 bits); a safe integer number becomes a
+ * bigint for a 64-bit type, where the runtimes would convert it differently.
  */
 function checked(fn: NativeCall, type: NativeType, arity: number): NativeCall {
   const kind = kindOf(type);
-  const check = CHECKS[kind];
   const zero = ZERO[kind];
+  // A value not of `kind`: nothing for a void function, a bigint for a safe integer, else refused.
   const settle = (value: unknown): unknown => {
-    const result = check(value);
-    if (result !== REFUSED) return result;
+    if (kind === "void") return undefined;
+    if (kind === "bigint" && Number.isSafeInteger(value)) return BigInt(value as number);
     rethrowLater(
       new RedefineError(
         "BAD_RESULT",
@@ -171,22 +158,47 @@ function checked(fn: NativeCall, type: NativeType, arity: number): NativeCall {
     rethrowLater(error);
     return zero;
   };
-  // One wrapper per arity: forwarding `arguments` or a rest array costs a JS replacement's call 6%.
+  // One wrapper per arity (forwarding `arguments` or a rest array costs a JS replacement's call
+  // 6%), and a value of the right kind — a kind is named as `typeof` names it — goes straight on.
   // deno-lint-ignore no-explicit-any
   type A = any;
   switch (arity) {
     case 0:
-      return () => { try { return settle(fn()); } catch (e) { return fail(e); } };
+      return () => {
+        let v;
+        try { v = fn(); } catch (e) { return fail(e); }
+        return typeof v === kind ? v : settle(v);
+      };
     case 1:
-      return (a: A) => { try { return settle(fn(a)); } catch (e) { return fail(e); } };
+      return (a: A) => {
+        let v;
+        try { v = fn(a); } catch (e) { return fail(e); }
+        return typeof v === kind ? v : settle(v);
+      };
     case 2:
-      return (a: A, b: A) => { try { return settle(fn(a, b)); } catch (e) { return fail(e); } };
+      return (a: A, b: A) => {
+        let v;
+        try { v = fn(a, b); } catch (e) { return fail(e); }
+        return typeof v === kind ? v : settle(v);
+      };
     case 3:
-      return (a: A, b: A, c: A) => { try { return settle(fn(a, b, c)); } catch (e) { return fail(e); } };
+      return (a: A, b: A, c: A) => {
+        let v;
+        try { v = fn(a, b, c); } catch (e) { return fail(e); }
+        return typeof v === kind ? v : settle(v);
+      };
     case 4:
-      return (a: A, b: A, c: A, d: A) => { try { return settle(fn(a, b, c, d)); } catch (e) { return fail(e); } };
+      return (a: A, b: A, c: A, d: A) => {
+        let v;
+        try { v = fn(a, b, c, d); } catch (e) { return fail(e); }
+        return typeof v === kind ? v : settle(v);
+      };
     default:
-      return (...args: A[]) => { try { return settle(fn(...args)); } catch (e) { return fail(e); } };
+      return (...args: A[]) => {
+        let v;
+        try { v = fn(...args); } catch (e) { return fail(e); }
+        return typeof v === kind ? v : settle(v);
+      };
   }
 }
 
