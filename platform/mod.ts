@@ -14,11 +14,14 @@ export type * from "./types.ts";
 export { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 export { buildStubImage, type StubImage } from "./image/elf.ts";
 
-const global = globalThis as { Deno?: unknown; Bun?: unknown };
+// Deno and Bun define `process` too: they are told apart first.
+const global = globalThis as { Deno?: unknown; Bun?: unknown; process?: { versions?: { node?: string } } };
 const runtime: Runtime | null = global.Deno !== undefined
   ? (await import("./deno.ts")).deno
   : global.Bun !== undefined
   ? (await import("./bun.ts")).bun
+  : global.process?.versions?.node !== undefined
+  ? (await import("./node.ts")).node
   : null;
 
 /** The OS layer for `runtime`'s operating system. */
@@ -46,7 +49,10 @@ export function platform(): Platform {
   if (runtime === null) {
     throw new RedefineError(
       "UNSUPPORTED_PLATFORM",
-      "redefine runs on Deno and Bun (their FFI does the work); this runtime has neither.",
+      global.process?.versions?.node !== undefined
+        ? `redefine needs node:ffi, which this Node (${global.process.versions.node}) lacks: use Node 26 or ` +
+          `later, without --no-experimental-ffi.`
+        : "redefine runs on Deno, Bun and Node 26 or later (their FFI does the work); this runtime is none of them.",
     );
   }
   current = { runtime, os: osFor(runtime) };

@@ -14,9 +14,9 @@ export interface NativeCallback {
   close(): void;
 }
 
-/** What each runtime adapter (platform/deno.ts, platform/bun.ts) provides. */
+/** What each runtime adapter (platform/deno.ts, platform/bun.ts, platform/node.ts) provides. */
 export interface Runtime {
-  readonly name: "deno" | "bun";
+  readonly name: "deno" | "bun" | "node";
   /** `"linux"`, `"darwin"` or `"windows"` (anything else is refused by platform/mod.ts). */
   readonly os: string;
   /** `"x86_64"` or `"aarch64"`, whatever the runtime calls it. */

@@ -1,7 +1,7 @@
 // Runs every check of `npm test` and closes with one line: "N passed, N failed, N skipped".
 // Each test suite counts its tests; each whole-program check (types, docs, publish) counts as one.
 import { mkdirSync, writeFileSync } from "node:fs";
-import { bunCounts, denoCounts } from "./counts.mjs";
+import { bunCounts, denoCounts, nodeCounts } from "./counts.mjs";
 import { echoed, report, runSteps, sh } from "./steps.mjs";
 
 const bin = (name) => new URL(`../node_modules/.bin/${name}`, import.meta.url).pathname;
@@ -18,6 +18,10 @@ const steps = [
   }],
   ["bun test", () => {
     return bunCounts(run(bin("bun"), ["test", "./test/"]));
+  }],
+  ["node test", () => {
+    // Node 26 from npm (it has node:ffi), by its path: a bare `node` may be another Node.
+    return nodeCounts(run(bin("node"), ["--test", "--test-reporter=tap", "test/*.test.ts"]));
   }],
   // src/ and platform/ import each other one way only (see ARCHITECTURE.md).
   ["import circles", () => one(run("node", ["scripts/import_cycles.mjs"]))],

@@ -23,6 +23,7 @@ const SYM = 24;
 const PT_LOAD = 1, PT_DYNAMIC = 2, PT_GNU_STACK = 0x6474e551;
 const PF_X = 1, PF_W = 2, PF_R = 4;
 const DT_NULL = 0, DT_HASH = 4, DT_STRTAB = 5, DT_SYMTAB = 6, DT_STRSZ = 10, DT_SYMENT = 11, DT_SONAME = 14;
+const SHN_ABS = 0xfff1;
 const MACHINES = { x86_64: 62, aarch64: 183 } as const;
 
 /** The System V ELF hash of a symbol name (DT_HASH). */
@@ -40,7 +41,9 @@ export function elfHash(name: string): number {
 /**
  * Builds the image. `jump(stub, slot)` encodes an indirect jump placed at offset `stub` through the
  * 8-byte slot at offset `slot` (offsets, since the load address is not known yet; the encoding is
- * position independent), `stubSize` bytes at most.
+ * position independent), `stubSize` bytes at most. With `targets`, symbol `i` is instead absolute
+ * (SHN_ABS) with the value `targets[i]`: `dlsym` returns that address itself, so a runtime that can
+ * only call symbols (Node) calls any address directly; give `stubSize` 0 then.
  */
 export function buildStubImage(options: {
   machine: keyof typeof MACHINES;
@@ -48,8 +51,9 @@ export function buildStubImage(options: {
   prefix: string;
   stubSize: number;
   jump: (stub: number, slot: number) => Uint8Array;
+  targets?: readonly bigint[];
 }): StubImage {
-  const { count, prefix, stubSize, jump } = options;
+  const { count, prefix, stubSize, jump, targets } = options;
   const name = (i: number) => `${prefix}${i}`;
   const soname = `${prefix}lib.so`;
   const strings = [soname, ...Array.from({ length: count }, (_, i) => name(i))];
@@ -126,8 +130,10 @@ export function buildStubImage(options: {
     const stub = textAt + stubStride * i;
     u32(s, nameAt[i + 1]);
     bytes[s + 4] = 0x12; // STB_GLOBAL, STT_FUNC
-    u16(s + 6, 1); // any defined section index (not SHN_UNDEF, not SHN_ABS)
-    u64(s + 8, stub);
+    const target = targets?.[i];
+    // SHN_ABS: the value is the address itself; else any defined section (not SHN_UNDEF) relocates it
+    u16(s + 6, target === undefined ? 1 : SHN_ABS);
+    v.setBigUint64(s + 8, target ?? BigInt(stub), true);
     u64(s + 16, stubStride);
     const code = jump(stub, slotsAt + 8 * i);
     if (code.length > stubSize) throw new Error(`stub of ${code.length} bytes exceeds ${stubSize}`);

@@ -13,6 +13,7 @@
  */
 import type { GuardOptions } from "../types.ts";
 import { RedefineError } from "../../errors.ts";
+import { align, assembleListing, type Line } from "../listing.ts";
 import { adrp, assemble, blr, br, cbz, ldrLiteral, NOP } from "./writer.ts";
 
 /** Bytes of code (with its three literals). */
@@ -61,46 +62,55 @@ function addImmediate(rd: number, rn: number, imm12: number): number {
 export function guardStub(options: GuardOptions): Uint8Array {
   const { at, data } = options;
   const X16 = 16, X17 = 17;
-  const THREAD = 88, CALLBACK = 96, ORIGINAL = 104, TO_ORIGINAL = 76;
   const pc = (offset: number) => at + BigInt(offset);
   const reach = <T>(value: T | null): T => {
     if (value === null) throw new RangeError("guard data or literal out of pc-relative reach");
     return value;
   };
+  if (data % 8n !== 0n) throw new RangeError("guard data must be 8-byte aligned");
   // x17 = data: adrp gives its 4 KiB page (±4 GiB), add the offset within the page.
-  const dataAddress = (offset: number) => [
-    reach(adrp(X17, pc(offset), data)),
+  const dataAddress: Line = (p) => [
+    reach(adrp(X17, pc(p.start), data)),
     addImmediate(X17, X17, Number(data % 4096n)),
   ];
-  const toOriginal = (offset: number, sf: boolean) =>
-    reach(cbz({ nonzero: true, sf, rt: X16 }, pc(offset), pc(TO_ORIGINAL)));
-  if (data % 8n !== 0n) throw new RangeError("guard data must be 8-byte aligned");
-  const words = [
-    ...threadPointer(options.os, X16), //          0 mrs x16, tpidr_el0; and x16, x16, #~7
-    reach(ldrLiteral("x", X17, pc(8), pc(THREAD))), //   8 ldr x17, thread
-    0xca110210, //                                12 eor x16, x16, x17
-    toOriginal(16, true), //                      16 cbnz x16, to_original: another thread
-    ...dataAddress(20), //                        20 adrp x17, data; add x17, x17, :lo12:data
-    0x39402230, //                                28 ldrb w16, [x17, #8]
-    toOriginal(32, false), //                     32 cbnz w16, to_original: re-entered
-    0x52800030, //                                36 mov w16, #1
-    0x39002230, //                                40 strb w16, [x17, #8]: busy
-    0xf900023e, //                                44 str x30, [x17]: the caller's return address
-    reach(ldrLiteral("x", X16, pc(48), pc(CALLBACK))), // 48 ldr x16, callback
-    blr(X16), //                                  52 blr x16
-    ...dataAddress(56), //                        56 adrp x17, data; add x17, x17, :lo12:data
-    0x3900223f, //                                64 strb wzr, [x17, #8]: not busy
-    0xf940023e, //                                68 ldr x30, [x17]
-    0xd65f03c0, //                                72 ret: back to the caller
-    reach(ldrLiteral("x", X16, pc(TO_ORIGINAL), pc(ORIGINAL))), // 76 to_original: ldr x16, original
-    br(X16), //                                   80 br x16
-    NOP, //                                       84 (the literals are 8-byte aligned)
+  const load = (rt: number, label: string): Line => (p) => [reach(ldrLiteral("x", rt, pc(p.start), pc(p.label(label))))];
+  const toOriginal = (sf: boolean): Line => (p) => [
+    reach(cbz({ nonzero: true, sf, rt: X16 }, pc(p.start), pc(p.label("to_original")))),
   ];
-  const out = new Uint8Array(GUARD_SIZE);
-  out.set(assemble(words), 0);
-  const view = new DataView(out.buffer);
-  view.setBigUint64(THREAD, BigInt.asUintN(64, options.jsThread), true);
-  view.setBigUint64(CALLBACK, options.callback, true);
-  view.setBigUint64(ORIGINAL, options.original, true);
-  return out;
+  const { bytes } = assembleListing([
+    threadPointer(options.os, X16), // mrs x16, tpidr_el0; and x16, x16, #~7
+    load(X17, "thread"), //            ldr x17, thread
+    [0xca110210], //                   eor x16, x16, x17
+    toOriginal(true), //               cbnz x16, to_original: another thread
+    dataAddress, //                    adrp x17, data; add x17, x17, :lo12:data
+    [0x39402230], //                   ldrb w16, [x17, #8]
+    toOriginal(false), //              cbnz w16, to_original: re-entered
+    [0x52800030], //                   mov w16, #1
+    [0x39002230], //                   strb w16, [x17, #8]: busy
+    [0xf900023e], //                   str x30, [x17]: the caller's return address
+    load(X16, "callback"), //          ldr x16, callback
+    [blr(X16)], //                     blr x16
+    dataAddress, //                    adrp x17, data; add x17, x17, :lo12:data
+    [0x3900223f], //                   strb wzr, [x17, #8]: not busy
+    [0xf940023e], //                   ldr x30, [x17]
+    [0xd65f03c0], //                   ret: back to the caller
+    "to_original",
+    load(X16, "original"), //          ldr x16, original
+    [br(X16)], //                      br x16
+    align(8, NOP), //                  (the literals are 8-byte aligned)
+    "thread",
+    quad(options.jsThread),
+    "callback",
+    quad(options.callback),
+    "original",
+    quad(options.original),
+  ], 4);
+  if (bytes.length !== GUARD_SIZE) throw new RangeError(`the guard takes ${bytes.length} bytes, not ${GUARD_SIZE}`);
+  return bytes;
+}
+
+/** A 64-bit literal as the two words of a listing, low word first. */
+function quad(value: bigint): number[] {
+  const bits = BigInt.asUintN(64, value);
+  return [Number(bits % 2n ** 32n), Number(bits / 2n ** 32n)];
 }

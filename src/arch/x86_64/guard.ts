@@ -20,6 +20,7 @@
  */
 import type { GuardLayout, GuardOptions } from "../types.ts";
 import { RedefineError } from "../../errors.ts";
+import { align, assembleListing, type Line, type Place } from "../listing.ts";
 import { i32le, INT3, jmpRel32, u64le } from "./writer.ts";
 
 /** The swapping guard: bytes of code (with its three literals). */
@@ -111,45 +112,37 @@ export function guardStub(options: GuardOptions): { code: Uint8Array; data: Uint
 function sharedCallingGuard(os: string, padding: number): Uint8Array {
   const [segment, sib, ...disp] = threadPointerOperand(os);
   const shadow = padding - 8; // the push of r11 already aligns rsp for the call
-  const reserve = shadow ? [0x48, 0x83, 0xec, shadow] : []; // sub rsp, shadow (Windows' shadow space)
-  const release = shadow ? [0x48, 0x83, 0xc4, shadow] : []; // add rsp, shadow
-  const head = [
-    0x41, 0x53, //                               push r11 (the record)
-    segment, 0x4c, 0x8b, 0x1c, sib, ...disp, //  mov r11, qword fs:[0x10] (gs:[0x30] on Windows)
-    0x41, 0x53, //                               push r11 (the thread)
-    0x4c, 0x8b, 0x5c, 0x24, 0x08, //             mov r11, [rsp+8]: the record
-    0x4d, 0x8b, 0x5b, RECORD.jsThread, //        mov r11, [r11+jsThread]
-    0x4c, 0x3b, 0x1c, 0x24, //                   cmp r11, [rsp]: this thread?
-    0x41, 0x5b, //                               pop r11 (flags stay)
-    0x41, 0x5b, //                               pop r11: the record again
-  ];
-  const body = [
-    0x41, 0x80, 0x7b, RECORD.busy, 0x00, //      cmp byte [r11+busy], 0
-    0x0f, 0x85, 0, 0, 0, 0, //                   jne to_original: re-entered (patched below)
-    0x41, 0xc6, 0x43, RECORD.busy, 0x01, //      mov byte [r11+busy], 1
-    0x41, 0x53, //                               push r11: kept across the call; aligns rsp
+  const reserve = shadow ? [[0x48, 0x83, 0xec, shadow]] : []; // sub rsp, shadow (Windows' shadow space)
+  const release = shadow ? [[0x48, 0x83, 0xc4, shadow]] : []; // add rsp, shadow
+  return assembleListing([
+    [0x41, 0x53], //                               push r11 (the record)
+    [segment, 0x4c, 0x8b, 0x1c, sib, ...disp], //  mov r11, qword fs:[0x10] (gs:[0x30] on Windows)
+    [0x41, 0x53], //                               push r11 (the thread)
+    [0x4c, 0x8b, 0x5c, 0x24, 0x08], //             mov r11, [rsp+8]: the record
+    [0x4d, 0x8b, 0x5b, RECORD.jsThread], //        mov r11, [r11+jsThread]
+    [0x4c, 0x3b, 0x1c, 0x24], //                   cmp r11, [rsp]: this thread?
+    [0x41, 0x5b], //                               pop r11 (flags stay)
+    [0x41, 0x5b], //                               pop r11: the record again
+    jne("to_original"), //                         jne to_original: another thread
+    [0x41, 0x80, 0x7b, RECORD.busy, 0x00], //      cmp byte [r11+busy], 0
+    jne("to_original"), //                         jne to_original: re-entered
+    [0x41, 0xc6, 0x43, RECORD.busy, 0x01], //      mov byte [r11+busy], 1
+    [0x41, 0x53], //                               push r11: kept across the call; aligns rsp
     ...reserve,
-    0x41, 0xff, 0x53, RECORD.callback, //        call [r11+callback]
+    [0x41, 0xff, 0x53, RECORD.callback], //        call [r11+callback]
     ...release,
-    0x41, 0x5b, //                               pop r11
-    0x41, 0xc6, 0x43, RECORD.busy, 0x00, //      mov byte [r11+busy], 0
-    0xc3, //                                     ret
-  ];
-  const toOriginal = [
-    0x41, 0xff, 0x63, RECORD.original, //        to_original: jmp [r11+original]
-  ];
-  // jne to_original after the thread compare, and again after the busy check.
-  const firstJne = head.length;
-  const code = [...head, 0x0f, 0x85, 0, 0, 0, 0, ...body, ...toOriginal];
-  const target = code.length - toOriginal.length;
-  const patchJne = (at: number) => code.splice(at + 2, 4, ...i32le(target - (at + 6)));
-  patchJne(firstJne);
-  patchJne(firstJne + 6 + 5);
-  return Uint8Array.from(code);
+    [0x41, 0x5b], //                               pop r11
+    [0x41, 0xc6, 0x43, RECORD.busy, 0x00], //      mov byte [r11+busy], 0
+    [0xc3], //                                     ret
+    "to_original",
+    [0x41, 0xff, 0x63, RECORD.original], //        jmp [r11+original]
+  ]).bytes;
 }
 
-/** The swapping guard's literals, after its code. */
-const THREAD = 96, CALLBACK = 104, ORIGINAL = 112;
+/** `jne rel32` to `label`. */
+function jne(label: string): Line {
+  return (place) => [0x0f, 0x85, ...i32le(place.label(label) - place.end)];
+}
 
 /** rip-relative displacement from the end of an instruction ending at `at + end` to `target`. */
 function ripFrom(at: bigint, end: number, target: bigint): Uint8Array {
@@ -158,47 +151,42 @@ function ripFrom(at: bigint, end: number, target: bigint): Uint8Array {
   return i32le(Number(d));
 }
 
-function finish(code: Uint8Array, options: GuardOptions): Uint8Array {
-  const out = new Uint8Array(SWAP_SIZE).fill(INT3);
-  out.set(code, 0);
-  out.set(u64le(options.jsThread), THREAD);
-  out.set(u64le(options.callback), CALLBACK);
-  out.set(u64le(options.original), ORIGINAL);
-  return out;
-}
-
 /**
- * The swapping guard's first 42 bytes: another thread, or the JS thread re-entering, goes to
- * `toOriginal`; otherwise the busy flag is set. Only r11 and the flags change.
+ * The guard that swaps the return address: for signatures that pass arguments on the stack.
+ * Another thread, or the JS thread re-entering, goes to `to_original`; otherwise the busy flag is
+ * set, and the replacement returns to `after`. Only r11 and the flags change.
  */
-function checks(options: GuardOptions, toOriginal: number): number[] {
-  const { at } = options;
-  const [segment, sib, ...disp] = threadPointerOperand(options.os);
-  const busy = options.data + 8n;
-  return [
-    segment, 0x4c, 0x8b, 0x1c, sib, ...disp, //               0 mov r11, qword fs:[0x10] (gs:[0x30] on Windows)
-    0x4c, 0x3b, 0x1d, ...ripFrom(at, 16, at + BigInt(THREAD)), // 9 cmp r11, [rip+thread]
-    0x0f, 0x85, ...i32le(toOriginal - 22), //                 16 jne to_original: another thread
-    0x80, 0x3d, ...ripFrom(at, 29, busy), 0x00, //            22 cmp byte [rip+busy], 0
-    0x0f, 0x85, ...i32le(toOriginal - 35), //                 29 jne to_original: re-entered
-    0xc6, 0x05, ...ripFrom(at, 42, busy), 0x01, //            35 mov byte [rip+busy], 1
-  ];
-}
-
-/** The guard that swaps the return address: for signatures that pass arguments on the stack. */
 function swappingGuard(options: GuardOptions): Uint8Array {
   const { at, data } = options;
+  const [segment, sib, ...disp] = threadPointerOperand(options.os);
   const saved = data, busy = data + 8n;
-  const local = (end: number, offset: number) => ripFrom(at, end, at + BigInt(offset));
-  return finish(Uint8Array.of(
-    ...checks(options, 83), //                          0 thread and re-entrance checks
-    0x4c, 0x8b, 0x1c, 0x24, //                         42 mov r11, [rsp]
-    0x4c, 0x89, 0x1d, ...ripFrom(at, 53, saved), //    46 mov [rip+saved], r11
-    0x4c, 0x8d, 0x1d, ...local(60, 70), //             53 lea r11, [rip+after]
-    0x4c, 0x89, 0x1c, 0x24, //                         60 mov [rsp], r11: return to `after`
-    0xff, 0x25, ...local(70, CALLBACK), //             64 jmp [rip+callback]
-    0xc6, 0x05, ...ripFrom(at, 77, busy), 0x00, //     70 after: mov byte [rip+busy], 0
-    0xff, 0x25, ...ripFrom(at, 83, saved), //          77 jmp [rip+saved]: back to the caller
-    0xff, 0x25, ...local(89, ORIGINAL), //             83 to_original: jmp [rip+original]
-  ), options);
+  const rip = (p: Place, target: bigint) => ripFrom(at, p.end, target);
+  const local = (p: Place, label: string) => rip(p, at + BigInt(p.label(label)));
+  const { bytes } = assembleListing([
+    [segment, 0x4c, 0x8b, 0x1c, sib, ...disp], //           mov r11, qword fs:[0x10] (gs:[0x30] on Windows)
+    (p) => [0x4c, 0x3b, 0x1d, ...local(p, "thread")], //     cmp r11, [rip+thread]
+    jne("to_original"), //                                   jne to_original: another thread
+    (p) => [0x80, 0x3d, ...rip(p, busy), 0x00], //           cmp byte [rip+busy], 0
+    jne("to_original"), //                                   jne to_original: re-entered
+    (p) => [0xc6, 0x05, ...rip(p, busy), 0x01], //           mov byte [rip+busy], 1
+    [0x4c, 0x8b, 0x1c, 0x24], //                             mov r11, [rsp]
+    (p) => [0x4c, 0x89, 0x1d, ...rip(p, saved)], //          mov [rip+saved], r11
+    (p) => [0x4c, 0x8d, 0x1d, ...local(p, "after")], //      lea r11, [rip+after]
+    [0x4c, 0x89, 0x1c, 0x24], //                             mov [rsp], r11: return to `after`
+    (p) => [0xff, 0x25, ...local(p, "callback")], //         jmp [rip+callback]
+    "after",
+    (p) => [0xc6, 0x05, ...rip(p, busy), 0x00], //           mov byte [rip+busy], 0
+    (p) => [0xff, 0x25, ...rip(p, saved)], //                jmp [rip+saved]: back to the caller
+    "to_original",
+    (p) => [0xff, 0x25, ...local(p, "original")], //         jmp [rip+original]
+    align(8, INT3),
+    "thread",
+    [...u64le(options.jsThread)],
+    "callback",
+    [...u64le(options.callback)],
+    "original",
+    [...u64le(options.original)],
+  ]);
+  if (bytes.length !== SWAP_SIZE) throw new RangeError(`the swapping guard takes ${bytes.length} bytes, not ${SWAP_SIZE}`);
+  return bytes;
 }
