@@ -18,7 +18,6 @@ export type RedefineErrorCode =
   | "FFI_PERMISSION"
   | "BAD_SIGNATURE"
   | "BAD_REPLACEMENT"
-  | "BAD_RESULT"
   | "UNKNOWN_SIZE"
   | "OUT_OF_ORDER";
 

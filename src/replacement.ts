@@ -117,16 +117,38 @@ function kindOf(type: NativeType): Kind {
   }
 }
 
+/**
+ * The integer types narrower than 64 bits and their ranges. A number returned for one must be an
+ * integer in its range: Deno and Bun would truncate and wrap any other, node:ffi abort on it. A
+ * bigint for a 64-bit type is not checked: every runtime wraps it to 64 bits, and a range check
+ * would cost the call through a JS replacement 4%.
+ */
+const NARROW: Partial<Record<NativeType, readonly [number, number]>> = {
+  i8: [-(2 ** 7), 2 ** 7 - 1],
+  u8: [0, 2 ** 8 - 1],
+  i16: [-(2 ** 15), 2 ** 15 - 1],
+  u16: [0, 2 ** 16 - 1],
+  i32: [-(2 ** 31), 2 ** 31 - 1],
+  u32: [0, 2 ** 32 - 1],
+};
+
+/** Whether a value of the result's kind is one `type` holds. */
+function holder(type: NativeType): (value: number) => boolean {
+  const range = NARROW[type];
+  if (!range) return () => true;
+  const [low, high] = range;
+  return (v) => v >= low && v <= high && Number.isInteger(v);
+}
+
 /** What a native caller gets from a replacement that failed: 0 of the result type. */
 const ZERO: Readonly<Record<Kind, unknown>> = { void: undefined, boolean: false, bigint: 0n, number: 0 };
 
-/** What a result of each kind must be, for a message (a void result is never refused). */
-const EXPECTED: Readonly<Record<Kind, string>> = {
-  void: "anything",
-  boolean: "a boolean",
-  bigint: "a bigint (or an integer number up to 2^53)",
-  number: "a number",
-};
+/** What a result of `type` must be, for a message (a void result is never refused). */
+function expected(type: NativeType, kind: Kind): string {
+  const range = NARROW[type];
+  if (range) return `an integer number from ${range[0]} to ${range[1]}`;
+  return { void: "anything", boolean: "a boolean", bigint: "a bigint (or an integer number up to 2^53)", number: "a number" }[kind];
+}
 
 /**
  * `fn` as the runtime's callback must run it: an exception never reaches the runtime's callback
@@ -141,15 +163,16 @@ const EXPECTED: Readonly<Record<Kind, string>> = {
 function checked(fn: NativeCall, type: NativeType, arity: number): NativeCall {
   const kind = kindOf(type);
   const zero = ZERO[kind];
+  const holds = holder(type);
   // A value not of `kind`: nothing for a void function, a bigint for a safe integer, else refused.
   const settle = (value: unknown): unknown => {
     if (kind === "void") return undefined;
     if (kind === "bigint" && Number.isSafeInteger(value)) return BigInt(value as number);
     rethrowLater(
       new RedefineError(
-        "BAD_RESULT",
-        `a JS replacement returned ${describe(value)} for a result of type '${type}': its native ` +
-          `caller got ${kind === "boolean" ? "false" : "0"} instead. Return ${EXPECTED[kind]}.`,
+        "BAD_REPLACEMENT",
+        `the replacement returned ${describe(value)}, which ${type} cannot hold: return ` +
+          `${expected(type, kind)} (its native caller got ${kind === "boolean" ? "false" : "0"}).`,
       ),
     );
     return zero;
@@ -167,37 +190,37 @@ function checked(fn: NativeCall, type: NativeType, arity: number): NativeCall {
       return () => {
         let v;
         try { v = fn(); } catch (e) { return fail(e); }
-        return typeof v === kind ? v : settle(v);
+        return typeof v === kind && holds(v) ? v : settle(v);
       };
     case 1:
       return (a: A) => {
         let v;
         try { v = fn(a); } catch (e) { return fail(e); }
-        return typeof v === kind ? v : settle(v);
+        return typeof v === kind && holds(v) ? v : settle(v);
       };
     case 2:
       return (a: A, b: A) => {
         let v;
         try { v = fn(a, b); } catch (e) { return fail(e); }
-        return typeof v === kind ? v : settle(v);
+        return typeof v === kind && holds(v) ? v : settle(v);
       };
     case 3:
       return (a: A, b: A, c: A) => {
         let v;
         try { v = fn(a, b, c); } catch (e) { return fail(e); }
-        return typeof v === kind ? v : settle(v);
+        return typeof v === kind && holds(v) ? v : settle(v);
       };
     case 4:
       return (a: A, b: A, c: A, d: A) => {
         let v;
         try { v = fn(a, b, c, d); } catch (e) { return fail(e); }
-        return typeof v === kind ? v : settle(v);
+        return typeof v === kind && holds(v) ? v : settle(v);
       };
     default:
       return (...args: A[]) => {
         let v;
         try { v = fn(...args); } catch (e) { return fail(e); }
-        return typeof v === kind ? v : settle(v);
+        return typeof v === kind && holds(v) ? v : settle(v);
       };
   }
 }
@@ -211,12 +234,9 @@ function rethrowLater(error: unknown): void {
 
 /** A returned value, for a message. */
 function describe(value: unknown): string {
-  if (typeof value === "bigint") return `the bigint ${value}n`;
-  if (typeof value === "string") return `the string ${JSON.stringify(value.slice(0, 40))}`;
-  if (value === null || value === undefined || typeof value === "number" || typeof value === "boolean") {
-    return String(value);
-  }
-  return `a value of type ${typeof value}${value instanceof Promise ? " (a promise)" : ""}`;
+  if (typeof value === "bigint") return `${value}n`;
+  if (typeof value === "string") return JSON.stringify(value.length > 40 ? value.slice(0, 40) + "…" : value);
+  return typeof value === "function" ? "a function" : String(value);
 }
 
 /** Frees what a destination holds (a JS replacement's callback), for a patch that never went live. */

@@ -16,11 +16,11 @@ interface ResultReport {
   unchanged: boolean;
 }
 
-test("a JS replacement's result is checked against the signature: wrong types give 0 and BAD_RESULT", () => {
+test("a JS replacement's result is checked against the signature: what it cannot hold gives 0 and BAD_REPLACEMENT", () => {
   const { report, unchanged } = runCase(fixture, "results of the wrong type") as ResultReport;
   for (const { type, value, got, ok, errors, bad } of report) {
     assert.ok(ok, `${type} ← ${value}: the native caller got ${got}`);
-    assert.deepEqual(errors, bad ? ["BAD_RESULT"] : [], `${type} ← ${value}: ${errors.join(", ")}`);
+    assert.deepEqual(errors, bad ? ["BAD_REPLACEMENT"] : [], `${type} ← ${value}: ${errors.join(", ")}`);
   }
   assert.ok(unchanged, "bytes and protection restored");
 });
