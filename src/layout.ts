@@ -84,15 +84,13 @@ function choose(m: Machine, site: AnySite, to: Destination, below: bigint | null
 
 /** The original for an `originalSlot`: a native replacement calls it, so it must exist. */
 function originalForSlot(trampoline: Trampoline): void {
-  try {
-    trampoline.address;
-  } catch (error) {
-    if (!(error instanceof RedefineError)) throw error;
+  const built = trampoline.build();
+  if (built instanceof RedefineError) {
     throw new RedefineError(
-      error.code,
-      `${error.message} An 'originalSlot' needs the original: redefine this function without one, ` +
+      built.code,
+      `${built.message} An 'originalSlot' needs the original: redefine this function without one, ` +
         `with a replacement that does not call the original.`,
-      { cause: error },
+      { cause: built },
     );
   }
 }
@@ -107,12 +105,7 @@ function directJump(m: Machine, site: AnySite, to: bigint, below: bigint | null)
   const entry = m.arch.nearJump(site.at, to);
   if (!entry) return null;
   const trampoline = below !== null ? Trampoline.at(below) : new Trampoline(() => trampolineAlone(m, site));
-  try {
-    trampoline.address;
-  } catch (error) {
-    if (!(error instanceof RedefineError)) throw error;
-    // Kept for whoever asks for the original.
-  }
+  trampoline.build();
   return { entry, covers: entry.length, destination: to, stub: null, trampoline, busy: null, bypass: to };
 }
 

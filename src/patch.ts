@@ -21,9 +21,9 @@ interface Built {
 /**
  * The original function as native code can call it while the patch is live: the relocated first
  * instructions and a jump back into the function, or, for a patch layered on another, what the
- * patch below leads to. Built at most once, by `build`: with the patch's stub, or on first use when
- * the entry jump reaches a native replacement directly (most native redirects never call the
- * original). Why it cannot be built is kept and thrown to whoever asks for it.
+ * patch below leads to. Built once, with the layout, before the entry jump can go live: with the
+ * patch's stub, or in a slot of its own when the entry jump reaches a native replacement directly.
+ * Why it cannot be built is kept and thrown to whoever asks for it.
  */
 export class Trampoline {
   #build: (() => Built) | null;
@@ -47,6 +47,16 @@ export class Trampoline {
 
   /** Where the trampoline is; throws why there is none (`UNRELOCATABLE`, `ALLOCATION_FAILED`). */
   get address(): bigint {
+    const built = this.build();
+    if (built instanceof RedefineError) throw built;
+    return built.address;
+  }
+
+  /**
+   * Builds the trampoline now if it is not yet: its code, or why there is none, kept for whoever
+   * asks for its address.
+   */
+  build(): Built | RedefineError {
     if (this.#build) {
       try {
         this.#built = this.#build();
@@ -56,8 +66,7 @@ export class Trampoline {
       }
       this.#build = null;
     }
-    if (this.#built instanceof RedefineError) throw this.#built;
-    return this.#built!.address;
+    return this.#built!;
   }
 
   /** Gives back the slot it got for itself, once its patch is gone. */
