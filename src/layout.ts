@@ -141,29 +141,83 @@ function guardedStub(
   below: bigint | null,
   belowBypass: bigint | null,
 ): Layout {
-  const guard = m.arch.guard!;
-  const { os } = m.platform.runtime;
-  const shape = guard.layout(os, site.signature);
+  const shape = m.arch.guard!.layout(m.platform.runtime.os, site.signature);
   const stub = reserve(m, site, below, shape.size, shape.dataSize);
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
     // Past every JS layer below: a call that must not run JS (V8's own getpid while it collects
     // garbage, say) must not enter the replacement of the patch below either.
     const bypass = belowBypass ?? originalForGuard(trampoline);
-    const { code, data } = guard.encode({
-      at: stub.front,
-      data: stub.slot.data,
-      jsThread: jsThreadOf(m, guard.threadPointerReader(os)),
-      callback,
-      original: bypass,
-      os,
-      signature: site.signature,
-      shared: shape.shared ? sharedCode(m, shape.shared, stub.front) : undefined,
-    });
-    m.platform.runtime.view(stub.slot.data, data.length).set(data);
+    const code = guardCode(m, site.signature, stub.slot, stub.front, callback, bypass);
     write(m, stub, relocated, code);
     return { ...throughStub(m, site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset)), bypass };
   });
+}
+
+/** The guard's code for `front` in `slot`, its data written into the slot's data. */
+function guardCode(
+  m: Machine,
+  signature: AnySite["signature"],
+  slot: CodeSlot,
+  front: bigint,
+  callback: bigint,
+  original: bigint,
+): Uint8Array {
+  const guard = m.arch.guard!;
+  const { os } = m.platform.runtime;
+  const shape = guard.layout(os, signature);
+  const { code, data } = guard.encode({
+    at: front,
+    data: slot.data,
+    jsThread: jsThreadOf(m, guard.threadPointerReader(os)),
+    callback,
+    original,
+    os,
+    signature,
+    shared: shape.shared ? sharedCode(m, shape.shared, front) : undefined,
+  });
+  m.platform.runtime.view(slot.data, data.length).set(data);
+  return code;
+}
+
+/** What an import slot leads to instead of the function (`callers`), and the code placed for it. */
+export interface SlotLayout {
+  readonly destination: bigint;
+  /** The guard's slot (JS replacements); null when the slot leads to the replacement itself. */
+  readonly stub: CodeSlot | null;
+  /** The guard's busy flag: set while the replacement runs. */
+  readonly busy: bigint | null;
+  /** Where calls that must not enter JS go (see the registry's `Entry.bypass`). */
+  readonly bypass: bigint;
+}
+
+/**
+ * Lays out where import slots lead instead of `original` (what they held): a native replacement
+ * itself — a slot holds a whole address, so nothing is out of reach — or, for a JS one, the guard,
+ * which sends other threads' and re-entrant calls to `bypass` (`original`, or past the JS layers
+ * below it). Nothing needs relocating.
+ */
+export function slotLayout(
+  signature: AnySite["signature"],
+  to: Destination,
+  original: bigint,
+  bypass: bigint,
+): SlotLayout {
+  const m = machine();
+  if (to.kind === "native") return { destination: to.address, stub: null, busy: null, bypass: to.address };
+  if (to.kind === "original") return { destination: original, stub: null, busy: null, bypass: original };
+  const guard = m.arch.guard;
+  if (!guard) return { destination: to.callback.address, stub: null, busy: null, bypass: to.callback.address };
+  const shape = guard.layout(m.platform.runtime.os, signature);
+  const slot = m.pool.allocate(original, 2n ** 62n, shape.size, shape.dataSize);
+  if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for the guard.");
+  try {
+    m.pool.write(slot, guardCode(m, signature, slot, slot.address, to.callback.address, bypass));
+  } catch (error) {
+    m.pool.release(slot, null);
+    throw error;
+  }
+  return { destination: slot.address, stub: slot, busy: slot.data + BigInt(shape.busyOffset), bypass };
 }
 
 function originalForGuard(trampoline: Trampoline): bigint {

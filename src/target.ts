@@ -9,6 +9,7 @@ import { checkSignature } from "./signature.ts";
 import type { NativeType } from "./signature.ts";
 import { layers, machine, readThrough, refuseOverlap } from "./registry.ts";
 import type { Machine } from "./registry.ts";
+import { checkName } from "./introspect.ts";
 import type { SymbolInfo } from "../platform/mod.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "../platform/mod.ts";
 
@@ -26,6 +27,13 @@ export interface SymbolTarget<P extends readonly NativeType[], R extends NativeT
   readonly size?: number;
   /** See {@linkcode AddressTarget.originalSlot}. */
   readonly originalSlot?: bigint;
+  /**
+   * Only the calls these loaded libraries make through their import tables are redefined (file
+   * names as the loader lists them, `"libsqlite3.so.0"`, or paths): their import slots for the
+   * symbol are rewritten and the function itself is left alone, so the runtime and every other
+   * library keep calling it. Libraries loaded after the patch are not affected.
+   */
+  readonly callers?: string | readonly string[];
 }
 
 /** A function to redefine, named by its entry address. */
@@ -205,20 +213,8 @@ function slotOf(m: Machine, slot: unknown): bigint | null {
  * such a name only up to the NUL, which would name another symbol or library.
  */
 export function symbolAddress(m: Machine, symbol: string, library: string | undefined): bigint {
-  if (symbol.includes("\0")) {
-    throw new RedefineError(
-      "SYMBOL_NOT_FOUND",
-      `the symbol name ${JSON.stringify(symbol)} has a NUL inside: C would read it as ` +
-        `'${symbol.slice(0, symbol.indexOf("\0"))}'. Pass the name without it.`,
-    );
-  }
-  if (library !== undefined && (typeof library !== "string" || library.includes("\0"))) {
-    throw new RedefineError(
-      "LIBRARY_NOT_FOUND",
-      `the library name ${JSON.stringify(library)} ${typeof library === "string" ? "has a NUL inside" : "is not a string"}: ` +
-        `pass the name the dynamic loader knows, e.g. "libc.so.6".`,
-    );
-  }
+  checkName(symbol, "symbol");
+  if (library !== undefined) checkName(library, "library");
   return m.platform.os.symbolAddress(symbol, library);
 }
 
