@@ -10,7 +10,7 @@ import type { NativeType } from "./signature.ts";
 import { layers, machine, readThrough, refuseOverlap } from "./registry.ts";
 import type { Machine } from "./registry.ts";
 import { checkName } from "./introspect.ts";
-import type { SymbolInfo } from "../platform/mod.ts";
+import type { Mapping, SymbolInfo } from "../platform/mod.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "../platform/mod.ts";
 
 /** A function to redefine, named by its symbol. */
@@ -99,7 +99,7 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   const signature = checkSignature(target, "the target's signature") as { parameters: P; result: R };
   const m = machine();
   const address = addressOf(m, target);
-  checkExecutable(m, address, "the function");
+  const mapping = checkExecutable(m, address, "the function");
   if (m.pool.contains(address) || m.originals.contains(address)) {
     throw new RedefineError(
       "INVALID_ADDRESS",
@@ -107,9 +107,9 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
     );
   }
   const originalSlot = slotOf(m, target.originalSlot);
-  checkReadable(m, address, 1, "the function");
+  checkReadable(m, address, 1, mapping);
   const extent = extentOf(m, address, target.size, "symbol" in target && target.symbol !== undefined);
-  checkReadable(m, address, extent, "the function");
+  checkReadable(m, address, extent, mapping);
   const whole = m.platform.runtime.view(address, Math.min(extent, MAX_SCAN)).slice();
   const pad = m.arch.landingPadLength(whole);
   const at = address + BigInt(pad);
@@ -131,8 +131,11 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   return { address, at, room, code: whole.subarray(pad), signature, originalSlot };
 }
 
-/** Refuses an address that is not a 64-bit address, NULL, unmapped or not executable: it is not code. */
-export function checkExecutable(m: Machine, address: bigint, what: string): void {
+/**
+ * Refuses an address that is not a 64-bit address, NULL, unmapped or not executable: it is not
+ * code. Returns its mapping.
+ */
+export function checkExecutable(m: Machine, address: bigint, what: string): Mapping {
   checkAddress(address, what);
   const mapping = m.platform.os.mappingAt(address);
   if (!mapping || !(mapping.protection & PROT_EXEC)) {
@@ -142,6 +145,7 @@ export function checkExecutable(m: Machine, address: bigint, what: string): void
         `code: check the address against the process's memory map, or name the function by its symbol.`,
     );
   }
+  return mapping;
 }
 
 /** Refuses what cannot be a 64-bit address: NULL, negative or 2^64 and more. */
@@ -159,31 +163,30 @@ function checkAddress(address: bigint, what: string): void {
 }
 
 /**
- * Refuses `[address, address + length)` unless every byte of it is in readable, executable
- * mappings, before anything reads it: a size running into an inaccessible page, or an
- * execute-only page, would fault.
+ * Refuses the `length` bytes of the function at `address` (in `mapping`) unless every one of them
+ * is in readable, executable mappings, before anything reads them: a size running into an
+ * inaccessible page, or an execute-only page, would fault.
  */
-function checkReadable(m: Machine, address: bigint, length: number, what: string): void {
+function checkReadable(m: Machine, address: bigint, length: number, mapping: Mapping): void {
   const end = address + BigInt(length);
-  for (let from = address; from < end;) {
-    const mapping = m.platform.os.mappingAt(from);
-    const code = PROT_READ | PROT_EXEC;
-    if (mapping && (mapping.protection & code) === code) {
-      from = mapping.end;
+  const code = PROT_READ | PROT_EXEC;
+  for (let from = address, here: Mapping | null = mapping;; from = here.end, here = m.platform.os.mappingAt(from)) {
+    if (here && (here.protection & code) === code) {
+      if (here.end >= end) return;
       continue;
     }
-    if (from === address && mapping && mapping.protection & PROT_EXEC) {
+    if (from === address) {
       throw new RedefineError(
         "INVALID_ADDRESS",
-        `${what} at ${hex(address)} is in an execute-only mapping: redefine must read the code it ` +
-          `moves. Make the page readable first (mprotect with PROT_READ | PROT_EXEC).`,
+        `the function at ${hex(address)} is in an execute-only mapping, and redefine must read the code ` +
+          `it moves: make the page readable first (mprotect with PROT_READ | PROT_EXEC).`,
       );
     }
     throw new RedefineError(
       "INVALID_ADDRESS",
-      `the ${length} bytes of ${what} from ${hex(address)} run past its code into ` +
-        `${mapping ? "a mapping that is not readable code" : "unmapped memory"} at ${hex(from)}: pass ` +
-        `a size that ends within the function (size ${length} is too large).`,
+      `the ${length} bytes of the function from ${hex(address)} run past its code into ` +
+        `${here ? "a mapping that is not readable code" : "unmapped memory"} at ${hex(from)}: pass a ` +
+        `size that ends within the function (size ${length} is too large).`,
     );
   }
 }
