@@ -40,7 +40,9 @@ export function redefine<const P extends readonly NativeType[], const R extends 
   target: Target<P, R>,
   replacement: NoInfer<Replacement<P, R>>,
 ): Patch<P, R> {
-  if ("callers" in target && target.callers !== undefined) return redefineCallers(target, replacement);
+  if ("callers" in target && target.callers !== undefined) {
+    return redefineCallers(target, (signature) => destinationFor(signature, replacement));
+  }
   const site = locate(target);
   return apply(site, destinationFor(site.signature, replacement));
 }
@@ -115,6 +117,7 @@ export function apply<P extends readonly NativeType[], R extends NativeType>(
     busy: layout.busy,
     bypass: layout.bypass,
     originalSlot: site.originalSlot,
+    counter: layout.counter,
   });
   schedule({ address: site.at, bytes: layout.entry, spin: machine().arch.selfLoop }, () => {}, () => patch.abandon());
   return patch;
