@@ -424,7 +424,8 @@ function throughStub(m: Machine, site: AnySite, stub: Stub, trampoline: Trampoli
   const entry = stub.jumpSize === m.arch.nearJumpSize
     ? m.arch.nearJump(site.at, stub.front)!
     : m.arch.farJump(site.at, stub.front);
-  return { entry, covers: coverage(entry, stub), destination: stub.front, stub: stub.slot, trampoline, busy, bypass: stub.front };
+  const destination = stub.front;
+  return { entry, covers: coverage(entry, stub), destination, stub: stub.slot, trampoline, busy, bypass: destination };
 }
 
 /** Bytes from the entry that the entry jump overwrites or the trampoline copies. */

@@ -248,7 +248,8 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
       // again once that write lands; that patch has checked them. Made in the open transaction, it
       // holds our bytes once that transaction's writes land.
       const length = entry.written.length;
-      const now = overs[i] ? entry.written : pendingAt(entry.at, length) ?? platform.runtime.view(entry.at, length).slice();
+      const now = overs[i] ? entry.written : pendingAt(entry.at, length) ??
+        platform.runtime.view(entry.at, length).slice();
       if (!now.every((b, j) => b === entry.written[j])) {
         const where = entry.address === this.address ? "the entry of the function" : "the import slot";
         throw new RedefineError(

@@ -108,8 +108,8 @@ function refuseUncallable(fn: object): void {
   if (kind === "AsyncFunction" || kind === "GeneratorFunction" || kind === "AsyncGeneratorFunction" || isClass) {
     throw new RedefineError(
       "BAD_REPLACEMENT",
-      `the replacement is ${isClass ? "a class" : `an ${kind}`}: a native caller needs its result ` +
-        `synchronously. Pass a plain function (do async work elsewhere and return a value).`,
+      `the replacement is ${isClass ? "a class" : `an ${kind}`}, and a native caller needs its result ` +
+        `synchronously: pass a plain function that returns a value (do async work elsewhere).`,
     );
   }
 }
@@ -166,18 +166,18 @@ const ZERO: Readonly<Record<Kind, unknown>> = { void: undefined, boolean: false,
 function expected(type: NativeType, kind: Kind): string {
   const range = NARROW[type];
   if (range) return `an integer number from ${range[0]} to ${range[1]}`;
-  return { void: "anything", boolean: "a boolean", bigint: "a bigint (or an integer number up to 2^53)", number: "a number" }[kind];
+  const kinds = { void: "anything", boolean: "a boolean", bigint: "a bigint (or an integer number up to 2^53)" };
+  return kinds[kind as keyof typeof kinds] ?? "a number";
 }
 
 /**
  * `fn` as the runtime's callback must run it: an exception never reaches the runtime's callback
  * machinery (Deno drops it when a later call returns normally, Bun skips the rest of the native
  * call), and a result of the wrong kind never reaches the runtime's conversion (Deno panics on a
- * bigint for an `i32`). The native caller gets 0 instead, and the error is thrown again as soon as
- * the current synchronous JS has run, as an uncaught error: the same on both runtimes. A value of
- * the right kind is passed on as is — both runtimes convert it alike, as C would (a number
- * truncated and wrapped to an `i32`, a bigint wrapped to 64 bits); a safe integer number becomes a
- * bigint for a 64-bit type, where the runtimes would convert it differently.
+ * bigint for an `i32`; node:ffi aborts on a number out of range). The native caller gets 0
+ * instead, and the error is thrown again as soon as the current synchronous JS has run, as an
+ * uncaught error: the same on every runtime. A value the type holds is passed on as is; a safe
+ * integer number becomes a bigint for a 64-bit type, where the runtimes would convert it differently.
  */
 function checked(fn: NativeCall, type: NativeType, arity: number): NativeCall {
   const kind = kindOf(type);
