@@ -134,7 +134,7 @@ export function redefineCallers<P extends readonly NativeType[], R extends Nativ
   const to = destinationOf(signature);
   let layout;
   try {
-    layout = slotLayout(signature, to, below, beneath[0].bypass);
+    layout = slotLayout(signature, to, below, beneath[0]!.bypass);
   } catch (error) {
     discard(to);
     throw error;

@@ -44,7 +44,7 @@ export function pendingAt(address: bigint, length: number): Uint8Array | null {
 /** The bytes at the writes' common address once they have all landed, in order. */
 function outcome(writes: readonly CodeWrite[], length = 0): Uint8Array {
   const size = Math.max(length, ...writes.map((w) => w.bytes.length));
-  const bytes = machine().platform.runtime.view(writes[0].address, size).slice();
+  const bytes = machine().platform.runtime.view(writes[0]!.address, size).slice();
   for (const write of writes) bytes.set(write.bytes);
   return bytes.subarray(0, length || size);
 }
