@@ -118,7 +118,7 @@ export function destinationFor(signature: Signature, replacement: unknown): Dest
  * Refuses functions that cannot answer a native call with a value: async functions (a promise),
  * generators (an iterator) and classes (which cannot be called without `new`).
  */
-function refuseUncallable(fn: object): void {
+export function refuseUncallable(fn: object): void {
   // Bound functions keep their target's prototype, so a bound async function is caught too.
   const kind = Object.getPrototypeOf(fn)?.[Symbol.toStringTag];
   const isClass = Function.prototype.toString.call(fn).startsWith("class");

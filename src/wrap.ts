@@ -9,6 +9,7 @@ import type { JsArguments, JsFunction, JsValue, NativeType } from "./signature.t
 import type { Target } from "./target.ts";
 import type { Patch } from "./patch.ts";
 import { redefine } from "./redefine.ts";
+import { refuseUncallable } from "./replacement.ts";
 import { transaction } from "./transaction.ts";
 
 /**
@@ -53,6 +54,8 @@ export function wrap<const P extends readonly NativeType[], const R extends Nati
           `parameters to run instead, not ${typeof made === "function" ? `one of ${made.length}` : typeof made}.`,
       );
     }
+    // redefine() saw only the forwarder: what the forwarder calls must answer synchronously too.
+    refuseUncallable(made);
     return patch;
   });
 }
