@@ -417,7 +417,9 @@ export function windows(runtime: Runtime): Os {
       else if (protection & PROT_WRITE && !(protectionBits(old[0]) & PROT_WRITE)) saved.set(start, old[0]);
     },
 
-    allocateCode(near, reach, size) {
+    allocateCode(near, reach, codeSize) {
+      // Whole pages: the data page's VirtualProtect must not reach back into the code's last page.
+      const size = Math.ceil(codeSize / pageSize) * pageSize;
       const dataSize = pageSize;
       const total = size + dataSize;
       const span = (BigInt(total) + granularity - 1n) / granularity * granularity;

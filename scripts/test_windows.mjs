@@ -27,6 +27,7 @@ const WINDOWS_TESTS = [
   "test/introspect_windows.test.ts",
   "test/introspect_darwin.test.ts",
   "test/introspect_windows_e2e.test.ts",
+  "test/windows_callers_e2e.test.ts",
 ];
 const MIRROR = "http://deb.debian.org/debian";
 /** Per run: Wine starts slowly the first time (it makes its prefix), but a hang must not eat CI. */

@@ -367,6 +367,21 @@ test("windows: a code block is a section mapped twice: read+execute near the tar
   assert.deepEqual(win.runtime.names(["CloseHandle"]), ["CloseHandle"], "the section handle is closed: the views keep it");
 });
 
+test("windows: a code block of less than a page is a whole page, so the data page's protection stays off the code", () => {
+  const win = fakeWindows();
+  const os = windows(win.runtime);
+  win.runtime.clear();
+  const block = os.allocateCode(KERNEL32 + 0x1000n, 2n ** 31n, 16)!;
+  assert.ok(block);
+  assert.equal(block.size, 4096);
+  assert.equal(block.data, block.address + 4096n);
+  assert.deepEqual(win.runtime.callsTo("VirtualProtect").map((a) => a.slice(0, 3)), [
+    [block.address, 4096n, PAGE_EXECUTE_READ],
+    [block.address + 4096n, 4096n, PAGE_READWRITE],
+  ]);
+  assert.equal(os.mappingAt(block.address)!.protection, R | X);
+});
+
 test("windows: the stub library is a PE DLL in the temp directory, its stubs and slots as far apart as in the ELF image", () => {
   const win = fakeWindows();
   const os = windows(win.runtime);
