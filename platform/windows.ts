@@ -14,6 +14,8 @@
  * - Writes: `VirtualProtect(PAGE_EXECUTE_READWRITE)`, and back to exactly the protection it
  *   returned (`PAGE_EXECUTE_WRITECOPY`, guard bits... survive), then
  *   `FlushInstructionCache(GetCurrentProcess(), address, size)`, as the Windows API requires.
+ *   Never `WriteProcessMemory` on this process: it changes the same protections itself, and is
+ *   slower (see `forceWrite`).
  * - Our own code: a pagefile-backed section mapped twice, read+execute at a free, 64 KiB-aligned
  *   address near the target (found by a `VirtualQuery` walk) and read+write anywhere, so none of
  *   our pages is writable and executable (a single `VirtualAlloc` region would have to be both);
@@ -472,8 +474,11 @@ export function windows(runtime: Runtime): Os {
       return path;
     },
 
-    // WriteProcessMemory on this process would be the counterpart of Linux's /proc/self/mem; until
-    // it is measured against VirtualProtect pairs under Wine, every write makes its pages writable.
+    // No forced write: WriteProcessMemory on this process is no /proc/self/mem. On a read+execute
+    // page it makes the page writable+executable itself (Wine: PAGE_EXECUTE_WRITECOPY, then the
+    // write as a wineserver request, then the old protection back), so no page stays closed; it
+    // refuses PAGE_READONLY pages (ERROR_NOACCESS); and under Wine a write and its undo cost
+    // 13-108x the same two writes between VirtualProtect pairs (bench/windows_write.bench.ts).
     forceWrite() {
       return false;
     },

@@ -325,6 +325,10 @@ test("windows: writing code: VirtualProtect(PAGE_EXECUTE_READWRITE), store, the 
   assert.deepEqual(close.slice(0, 3), [address, 4096n, PAGE_EXECUTE_READ | PAGE_NOCACHE]);
   assert.deepEqual(win.runtime.callsTo("FlushInstructionCache"), [[-1n, address, 5n]]);
   assert.equal(text.protect, PAGE_EXECUTE_READ | PAGE_NOCACHE);
+  win.runtime.clear();
+  assert.equal(os.forceWrite(address, Uint8Array.of(0xcc)), false, "no forced write (WriteProcessMemory opens the page itself, and is slower)");
+  assert.deepEqual(win.runtime.names(), [], "no foreign call");
+  assert.equal(win.runtime.memory.view(address, 1)[0], 0xe9, "nothing written");
 });
 
 test("windows: a refused VirtualProtect is PROTECT_FAILED with the error; nothing is written", () => {
