@@ -61,6 +61,7 @@ const FILE_ATTRIBUTE_NORMAL = 0x80;
 const CURRENT_PROCESS = -1n;
 /** MEMORY_BASIC_INFORMATION on x64. */
 const MBI_SIZE = 48;
+const MBI_BYTES = BigInt(MBI_SIZE);
 /** How many thunks in a row are followed before giving up (a cycle, or a chain of forwarders). */
 const MAX_THUNKS = 4;
 
@@ -174,11 +175,14 @@ export function windows(runtime: Runtime): Os {
     return `${ERROR_NAMES[code] ?? "error"} (${code})`;
   }
 
-  function query(address: bigint): DataView | null {
-    const mbi = new Uint8Array(MBI_SIZE);
-    if ((k.VirtualQuery(address, mbi, BigInt(MBI_SIZE)) as bigint) === 0n) return null;
-    return new DataView(mbi.buffer);
+  /** MEMORY_BASIC_INFORMATION of the region at `address`, into `into` (fresh by default). */
+  function query(address: bigint, into = new Uint8Array(MBI_SIZE)): DataView | null {
+    if ((k.VirtualQuery(address, into, MBI_BYTES) as bigint) === 0n) return null;
+    return new DataView(into.buffer);
   }
+  // mappingAt and protect run for every page a write touches: one buffer each for all their calls.
+  const scratch = new Uint8Array(MBI_SIZE);
+  const oldProtection = new Uint8Array(4);
 
   function moduleFileName(module: bigint): string {
     const buffer = new Uint16Array(1024);
@@ -260,7 +264,7 @@ export function windows(runtime: Runtime): Os {
   }
 
   function mappingAt(address: bigint): Mapping | null {
-    const mbi = query(address);
+    const mbi = query(address, scratch);
     if (!mbi || mbi.getUint32(32, true) !== MEM_COMMIT) return null;
     const start = mbi.getBigUint64(0, true);
     return { start, end: start + mbi.getBigUint64(24, true), protection: protectionBits(mbi.getUint32(36, true)), path: "" };
@@ -405,8 +409,7 @@ export function windows(runtime: Runtime): Os {
       const before = saved.get(start);
       const restoring = before !== undefined && protectionBits(before) === protection;
       const value = restoring ? before : pageProtection(protection);
-      const old = new Uint32Array(1);
-      if ((k.VirtualProtect(start, BigInt(length), value, new Uint8Array(old.buffer)) as number) === 0) {
+      if ((k.VirtualProtect(start, BigInt(length), value, oldProtection) as number) === 0) {
         throw new RedefineError(
           "PROTECT_FAILED",
           `VirtualProtect(${hex(start)}, ${length}, ${hex(value)} [${protectionText(protection)}]) failed: ` +
@@ -415,8 +418,9 @@ export function windows(runtime: Runtime): Os {
             `another module.`,
         );
       }
+      const old = u32(oldProtection);
       if (restoring) saved.delete(start);
-      else if (protection & PROT_WRITE && !(protectionBits(old[0]) & PROT_WRITE)) saved.set(start, old[0]);
+      else if (protection & PROT_WRITE && !(protectionBits(old) & PROT_WRITE)) saved.set(start, old);
     },
 
     allocateCode(near, reach, codeSize) {
