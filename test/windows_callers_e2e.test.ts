@@ -1,9 +1,10 @@
 /**
  * `callers` on Windows x64, for real (run under Wine by `npm run test:windows`; registers nothing on
  * other systems): msvcrt's `time` reads the clock through its import address table slot for
- * kernel32's `GetSystemTimeAsFileTime`; redefined for msvcrt only, that slot is rewritten with one
- * store and comes back to its exact value and page protection, while ucrtbase (which imports the
- * same function) and the program's own call of kernel32 keep the real clock.
+ * kernel32's `GetSystemTimeAsFileTime`; redefined for msvcrt only, that slot (on a PAGE_READONLY
+ * page) is rewritten with one store and comes back to its exact value and page protection, while
+ * ucrtbase (which imports the same function) and the program's own call of kernel32 keep the real
+ * clock.
  */
 import { assert, assertCode, test } from "./harness.ts";
 import { imports, redefine } from "../mod.ts";
@@ -39,6 +40,7 @@ if (onWindows) {
   const EPOCH_1601 = 116_444_736_000_000_000n;
   const fileTime = (unixSeconds: bigint) => unixSeconds * 10_000_000n + EPOCH_1601;
   const FAKE = 1_000_000_000n;
+  const PAGE_READONLY = 0x02;
   const real = (t: bigint) => t > 1_700_000_000n;
 
   const TIME = { symbol: "GetSystemTimeAsFileTime", library: "kernel32.dll", parameters: ["pointer"], result: "void" } as const;
@@ -86,6 +88,7 @@ if (onWindows) {
 
   test("windows callers: msvcrt's IAT slot of GetSystemTimeAsFileTime is what GetProcAddress gives kernel32's", () => {
     assert.equal(u64At(slot()), procAddress("kernel32.dll", TIME.symbol));
+    assert.equal(pageProtection(slot()), PAGE_READONLY, "the bound import address table is read-only");
     assert.ok(imports("ucrtbase.dll").some((i) => i.name === TIME.symbol), "ucrtbase imports it too");
     assert.ok(real(msvcrt.time(0n) as bigint));
   });
@@ -100,6 +103,7 @@ if (onWindows) {
       try {
         assert.equal(patch.patchedAddress, at);
         assert.notEqual(u64At(at), held, "the slot is rewritten");
+        assert.equal(pageProtection(at), PAGE_READONLY, "and its page read-only again while patched");
         assert.equal(msvcrt.time(0n), FAKE);
         assert.ok(real(ucrtbase._time64(0n) as bigint), "ucrtbase, importing the same function, is untouched");
         assert.ok(real(kernel32Now()), "the program's own call of kernel32 is untouched");
