@@ -6,20 +6,10 @@
  */
 import { assert, test } from "./harness.ts";
 import { exports, find, imports, modules, symbolAt } from "../mod.ts";
-import { platform } from "../platform/mod.ts";
-
-const onWindows = (globalThis as { Deno?: { build: { os: string } } }).Deno?.build.os === "windows" ||
-  (globalThis as { process?: { platform: string } }).process?.platform === "win32";
+import { onWindows, win32 } from "./windows_native.ts";
 
 if (onWindows) {
-  const { runtime } = platform();
-  const kernel32 = runtime.open("kernel32.dll", {
-    GetModuleHandleW: { parameters: ["buffer"], result: "usize" },
-    GetProcAddress: { parameters: ["usize", "buffer"], result: "usize" },
-  });
-  const wide = (text: string) => new Uint8Array(Uint16Array.from([...text, "\0"].map((c) => c.charCodeAt(0))).buffer);
-  const procAddress = (library: string, name: string) =>
-    kernel32.GetProcAddress(kernel32.GetModuleHandleW(wide(library)), new TextEncoder().encode(name + "\0")) as bigint;
+  const { procAddress } = win32();
 
   test("windows modules(): the executable first, kernel32 by any case, each image inside its SizeOfImage", () => {
     const all = modules();

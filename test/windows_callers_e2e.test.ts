@@ -9,9 +9,7 @@
 import { assert, assertCode, test } from "./harness.ts";
 import { imports, redefine } from "../mod.ts";
 import { platform } from "../platform/mod.ts";
-
-const onWindows = (globalThis as { Deno?: { build: { os: string } } }).Deno?.build.os === "windows" ||
-  (globalThis as { process?: { platform: string } }).process?.platform === "win32";
+import { onWindows, win32 } from "./windows_native.ts";
 
 if (onWindows) {
   const { runtime, os } = platform();
@@ -23,18 +21,10 @@ if (onWindows) {
   const ucrtbase = runtime.open("ucrtbase.dll", { _time64: { parameters: ["pointer"], result: "i64" } });
   const kernel32 = runtime.open("kernel32.dll", {
     GetSystemTimeAsFileTime: { parameters: ["buffer"], result: "void" },
-    GetModuleHandleW: { parameters: ["buffer"], result: "usize" },
-    GetProcAddress: { parameters: ["usize", "buffer"], result: "usize" },
     VirtualQuery: { parameters: ["usize", "buffer", "usize"], result: "usize" },
-    CreateThread: { parameters: ["usize", "usize", "usize", "usize", "u32", "buffer"], result: "usize" },
-    WaitForSingleObject: { parameters: ["usize", "u32"], result: "u32" },
-    GetExitCodeThread: { parameters: ["usize", "buffer"], result: "i32" },
-    CloseHandle: { parameters: ["usize"], result: "i32" },
     UnmapViewOfFile: { parameters: ["usize"], result: "i32" },
   });
-  const wide = (text: string) => new Uint8Array(Uint16Array.from([...text, "\0"].map((c) => c.charCodeAt(0))).buffer);
-  const procAddress = (library: string, name: string) =>
-    kernel32.GetProcAddress(kernel32.GetModuleHandleW(wide(library)), new TextEncoder().encode(name + "\0")) as bigint;
+  const { procAddress, onAnotherThread } = win32();
 
   /** FILETIME counts 100 ns from 1601; Unix seconds count from 1970. */
   const EPOCH_1601 = 116_444_736_000_000_000n;
@@ -62,19 +52,8 @@ if (onWindows) {
     kernel32.GetSystemTimeAsFileTime(new Uint8Array(ft.buffer));
     return (ft[0] - EPOCH_1601) / 10_000_000n;
   };
-  /** msvcrt's `time(NULL)` run on a new thread; its exit code is the low 32 bits of the result. */
-  const timeOnAnotherThread = () => {
-    const thread = kernel32.CreateThread(0n, 0n, procAddress("msvcrt.dll", "time"), 0n, 0, new Uint8Array(4)) as bigint;
-    assert.notEqual(thread, 0n);
-    try {
-      assert.equal(kernel32.WaitForSingleObject(thread, 10_000), 0, "the thread ends");
-      const code = new Uint32Array(1);
-      assert.notEqual(kernel32.GetExitCodeThread(thread, new Uint8Array(code.buffer)), 0);
-      return BigInt(code[0]);
-    } finally {
-      kernel32.CloseHandle(thread);
-    }
-  };
+  /** msvcrt's `time(NULL)` on a new thread (time_t fits the 32-bit exit code until 2106). */
+  const timeOnAnotherThread = () => BigInt(onAnotherThread(procAddress("msvcrt.dll", "time")));
 
   /** Runs `body`; the slot's 8 bytes and its page's PAGE_* protection must come back exactly. */
   const slotComesBack = (at: bigint, body: () => void) => {

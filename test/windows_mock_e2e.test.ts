@@ -9,9 +9,7 @@
 import { assert, assertCode, test } from "./harness.ts";
 import { fakeClock, imports, redefine, returns, sequence } from "../mod.ts";
 import { platform } from "../platform/mod.ts";
-
-const onWindows = (globalThis as { Deno?: { build: { os: string } } }).Deno?.build.os === "windows" ||
-  (globalThis as { process?: { platform: string } }).process?.platform === "win32";
+import { onWindows, win32 } from "./windows_native.ts";
 
 if (onWindows) {
   const { runtime, os } = platform();
@@ -19,33 +17,11 @@ if (onWindows) {
   const kernel32 = runtime.open("kernel32.dll", {
     GetSystemTimeAsFileTime: { parameters: ["buffer"], result: "void" },
     GetSystemTimePreciseAsFileTime: { parameters: ["buffer"], result: "void" },
-    GetModuleHandleW: { parameters: ["buffer"], result: "usize" },
     GetCurrentProcessId: { parameters: [], result: "u32" },
     GetTickCount: { parameters: [], result: "u32" },
-    GetProcAddress: { parameters: ["usize", "buffer"], result: "usize" },
-    CreateThread: { parameters: ["usize", "usize", "usize", "usize", "u32", "buffer"], result: "usize" },
-    WaitForSingleObject: { parameters: ["usize", "u32"], result: "u32" },
-    GetExitCodeThread: { parameters: ["usize", "buffer"], result: "i32" },
-    CloseHandle: { parameters: ["usize"], result: "i32" },
     Sleep: { parameters: ["u32"], result: "void" },
   });
-  const wide = (text: string) => new Uint8Array(Uint16Array.from([...text, "\0"].map((c) => c.charCodeAt(0))).buffer);
-  const procAddress = (library: string, name: string) =>
-    kernel32.GetProcAddress(kernel32.GetModuleHandleW(wide(library)), new TextEncoder().encode(name + "\0")) as bigint;
-
-  /** `address` (a function of no arguments) run on a new thread: its exit code, the low 32 bits of its result. */
-  const onAnotherThread = (address: bigint) => {
-    const thread = kernel32.CreateThread(0n, 0n, address, 0n, 0, new Uint8Array(4)) as bigint;
-    assert.notEqual(thread, 0n);
-    try {
-      assert.equal(kernel32.WaitForSingleObject(thread, 10_000), 0, "the thread ends");
-      const code = new Uint32Array(1);
-      assert.notEqual(kernel32.GetExitCodeThread(thread, new Uint8Array(code.buffer)), 0);
-      return code[0];
-    } finally {
-      kernel32.CloseHandle(thread);
-    }
-  };
+  const { procAddress, onAnotherThread } = win32();
 
   /** FILETIME counts 100 ns from 1601; Unix seconds count from 1970. */
   const EPOCH_1601 = 116_444_736_000_000_000n;

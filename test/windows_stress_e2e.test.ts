@@ -9,9 +9,7 @@ import { assert, test } from "./harness.ts";
 import { redefine } from "../mod.ts";
 import { platform } from "../platform/mod.ts";
 import { log } from "node:console";
-
-const onWindows = (globalThis as { Deno?: { build: { os: string } } }).Deno?.build.os === "windows" ||
-  (globalThis as { process?: { platform: string } }).process?.platform === "win32";
+import { onWindows, wide } from "./windows_native.ts";
 
 // thread_loop(record), Windows x64: until record.stop, call record.fn and count what it returned:
 // 1 → record.ones, 2 → record.twos, anything else → record.others. Every 1024 calls it calls
@@ -63,7 +61,6 @@ if (onWindows) {
   });
   const MEM_COMMIT_RESERVE = 0x3000, MEM_RELEASE = 0x8000;
   const PAGE_READWRITE = 0x04, PAGE_EXECUTE_READ = 0x20;
-  const wide = (text: string) => new Uint8Array(Uint16Array.from([...text, "\0"].map((c) => c.charCodeAt(0))).buffer);
   const switchToThread = kernel32.GetProcAddress(
     kernel32.GetModuleHandleW(wide("kernel32.dll")),
     new TextEncoder().encode("SwitchToThread\0"),
