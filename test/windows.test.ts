@@ -6,6 +6,8 @@ import { assert, assertCode, test } from "./harness.ts";
 import { pageProtection, protectionBits, wideString, windows } from "../platform/windows.ts";
 import { osFor } from "../platform/mod.ts";
 import { buildStubImage } from "../platform/image/elf.ts";
+import { importingDll } from "../platform/image/pe.ts";
+import { peExports, peImports } from "../platform/image/pe_loaded.ts";
 import { x86_64 } from "../src/arch/x86_64/mod.ts";
 import { writeCode } from "../src/code_memory.ts";
 import { fakeRuntime, fields, windowsSystemInfo } from "./fake_ffi.ts";
@@ -432,4 +434,36 @@ test("windows: the stub library is a PE DLL in the temp directory, its stubs and
     assert.equal(rva + 6 + new DataView(code.slice().buffer).getInt32(2, true), 0x1000 + image.slotOffset(index));
   }
   assert.deepEqual(names, [...names].sort(), "names sorted, as the loader's binary search wants");
+});
+
+test("windows: a DLL importing given functions: descriptors per DLL, a slot each, and call_ exports jumping through them", () => {
+  const file = importingDll("imports.dll", [
+    { library: "kernel32.dll", name: "GetTickCount" },
+    { library: "ntdll.dll", name: "NtClose" },
+    { library: "kernel32.dll", name: "Sleep" },
+  ]);
+  // Mapped as the loader maps it, before binding: the headers, then each section at its RVA.
+  const v = fields(file);
+  const pe = v.getUint32(0x3c, true), sections = v.getUint16(pe + 6, true), table = pe + 24 + v.getUint16(pe + 20, true);
+  const image = new Uint8Array(v.getUint32(pe + 24 + 56, true));
+  image.set(file.subarray(0, v.getUint32(pe + 24 + 60, true)));
+  for (let i = 0; i < sections; i++) {
+    const h = table + 40 * i, raw = v.getUint32(h + 20, true);
+    image.set(file.subarray(raw, raw + v.getUint32(h + 16, true)).subarray(0, v.getUint32(h + 8, true)), v.getUint32(h + 12, true));
+  }
+  const read = (address: bigint, length: number) => image.slice(Number(address), Number(address) + length);
+  const imported = peImports(read, 0n);
+  assert.deepEqual(imported.map((i) => [i.name, i.from]), [
+    ["GetTickCount", "kernel32.dll"], ["Sleep", "kernel32.dll"], ["NtClose", "ntdll.dll"],
+  ]);
+  assert.ok(imported.every((i) => i.slot % 8n === 0n), "8-byte aligned slots");
+  const exported = peExports(read, 0n);
+  assert.deepEqual(exported.map((e) => e.name), ["call_GetTickCount", "call_NtClose", "call_Sleep"]);
+  for (const e of exported) {
+    assert.ok(e.executable, `${e.name} is code`);
+    const code = read(e.address, 6);
+    assert.deepEqual([...code.subarray(0, 2)], [0xff, 0x25], "jmp qword [rip+disp32]");
+    const slot = e.address + 6n + BigInt(fields(code).getInt32(2, true));
+    assert.equal(slot, imported.find((i) => `call_${i.name}` === e.name)!.slot, `${e.name} jumps through its own slot`);
+  }
 });

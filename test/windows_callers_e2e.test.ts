@@ -4,10 +4,16 @@
  * kernel32's `GetSystemTimeAsFileTime`; redefined for msvcrt only, that slot (on a PAGE_READONLY
  * page) is rewritten with one store and comes back to its exact value and page protection, while
  * ucrtbase (which imports the same function) and the program's own call of kernel32 keep the real
- * clock.
+ * clock. The same through a DLL written here (platform/image/pe.ts), which imports from kernel32
+ * by name on any Windows, loaded by the system's loader.
  */
 import { assert, assertCode, test } from "./harness.ts";
-import { imports, redefine } from "../mod.ts";
+import { imports, redefine, returns } from "../mod.ts";
+import { importingDll } from "../platform/image/pe.ts";
+import { writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import process from "node:process";
 import { platform } from "../platform/mod.ts";
 import { onWindows, win32 } from "./windows_native.ts";
 
@@ -21,6 +27,7 @@ if (onWindows) {
   const ucrtbase = runtime.open("ucrtbase.dll", { _time64: { parameters: ["pointer"], result: "i64" } });
   const kernel32 = runtime.open("kernel32.dll", {
     GetSystemTimeAsFileTime: { parameters: ["buffer"], result: "void" },
+    GetCurrentProcessId: { parameters: [], result: "u32" },
     VirtualQuery: { parameters: ["usize", "buffer", "usize"], result: "usize" },
     UnmapViewOfFile: { parameters: ["usize"], result: "i32" },
   });
@@ -165,5 +172,49 @@ if (onWindows) {
       assertCode(() => redefine({ ...TIME, callers: "no_such_library.dll" }, () => {}), "LIBRARY_NOT_FOUND");
       assertCode(() => redefine({ ...TIME, callers: ["msvcrt.dll", "ntdll.dll"] }, () => {}), "NOT_IMPORTED", /ntdll\.dll/);
     });
+  });
+
+  test("windows callers: a DLL written here imports from kernel32 through its IAT; its slots redirected and restored exactly", () => {
+    const name = `redefine-imports-${process.pid}-${Date.now().toString(36)}.dll`;
+    const path = join(tmpdir(), name);
+    writeFileSync(path, importingDll(name, [
+      { library: "kernel32.dll", name: "GetCurrentProcessId" },
+      { library: "kernel32.dll", name: TIME.symbol },
+    ]));
+    const dll = runtime.open(path, {
+      call_GetCurrentProcessId: { parameters: [], result: "u32" },
+      call_GetSystemTimeAsFileTime: { parameters: ["buffer"], result: "void" },
+    });
+    const slots = imports(name);
+    assert.deepEqual(slots.map((i) => [i.name, i.from, i.kind]), [
+      ["GetCurrentProcessId", "kernel32.dll", "iat"],
+      [TIME.symbol, "kernel32.dll", "iat"],
+    ]);
+    for (const i of slots) assert.equal(i.target, procAddress("kernel32.dll", i.name), `the loader bound ${i.name}`);
+    const pid = kernel32.GetCurrentProcessId() as number;
+    assert.equal(dll.call_GetCurrentProcessId(), pid);
+    const ft = new BigUint64Array(1);
+    const viaDll = () => (dll.call_GetSystemTimeAsFileTime(new Uint8Array(ft.buffer)), (ft[0] - EPOCH_1601) / 10_000_000n);
+    assert.ok(real(viaDll()));
+
+    slotComesBack(slots[0].slot, () => {
+      using patch = redefine(
+        { symbol: "GetCurrentProcessId", library: "kernel32.dll", parameters: [], result: "u32", callers: name },
+        returns(4242),
+      );
+      assert.equal(dll.call_GetCurrentProcessId(), 4242);
+      assert.equal(kernel32.GetCurrentProcessId(), pid, "the program's own call is untouched");
+      assert.equal(onAnotherThread(procAddress(name, "call_GetCurrentProcessId")), 4242, "a native replacement serves every thread");
+      assert.equal(patch.calls, 2);
+    });
+    assert.equal(dll.call_GetCurrentProcessId(), pid);
+    slotComesBack(slots[1].slot, () => {
+      using _patch = redefine({ ...TIME, callers: path }, (p) => {
+        runtime.view(p, 8).set(new Uint8Array(BigUint64Array.of(fileTime(FAKE)).buffer));
+      });
+      assert.equal(viaDll(), FAKE, "named by its path");
+      assert.ok(real(msvcrt.time(0n) as bigint), "msvcrt, not named, keeps the real clock");
+    });
+    assert.ok(real(viaDll()));
   });
 }
