@@ -6,7 +6,7 @@ import { assert, assertCode, test } from "./harness.ts";
 import { pageProtection, protectionBits, wideString, windows } from "../platform/windows.ts";
 import { osFor } from "../platform/mod.ts";
 import { buildStubImage } from "../platform/image/elf.ts";
-import { importingDll } from "../platform/image/pe.ts";
+import { importingDll } from "./import_dll.ts";
 import { peExports, peImports } from "../platform/image/pe_loaded.ts";
 import { x86_64 } from "../src/arch/x86_64/mod.ts";
 import { writeCode } from "../src/code_memory.ts";

@@ -4,12 +4,12 @@
  * kernel32's `GetSystemTimeAsFileTime`; redefined for msvcrt only, that slot (on a PAGE_READONLY
  * page) is rewritten with one store and comes back to its exact value and page protection, while
  * ucrtbase (which imports the same function) and the program's own call of kernel32 keep the real
- * clock. The same through a DLL written here (platform/image/pe.ts), which imports from kernel32
+ * clock. The same through a DLL written here (test/import_dll.ts), which imports from kernel32
  * by name on any Windows, loaded by the system's loader.
  */
 import { assert, assertCode, test } from "./harness.ts";
 import { imports, redefine, returns } from "../mod.ts";
-import { importingDll } from "../platform/image/pe.ts";
+import { importingDll } from "./import_dll.ts";
 import { writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";

@@ -3,19 +3,22 @@
  * image's code and slots keep their places relative to each other (everything moves up by one
  * page, the headers' room), so the position-independent stubs work unchanged and
  * `src/original.ts`, which only adds the ELF offsets to the address of the first stub minus its
- * offset, finds every slot where the DLL put it. And a DLL that imports given functions through
- * its import address table, for tests of `callers` that need no DLL of the system's.
+ * offset, finds every slot where the DLL put it. The header and export writers are shared with
+ * the tests' DLL that imports through its import address table (test/import_dll.ts).
  */
 
 const SHIFT = 0x1000; // the DLL's headers take the first page; the ELF image starts right after
-const SECTION_ALIGNMENT = 0x1000;
+/** Where sections start in memory: whole pages. */
+export const SECTION_ALIGNMENT = 0x1000;
 const FILE_ALIGNMENT = 0x200;
 const PT_LOAD = 1, PT_DYNAMIC = 2;
 const PF_X = 1;
 const DT_NULL = 0, DT_HASH = 4, DT_STRTAB = 5, DT_SYMTAB = 6;
 const IMAGE_FILE_MACHINE_AMD64 = 0x8664;
-const IMAGE_SCN_CODE_EXECUTE_READ = 0x60000020;
-const IMAGE_SCN_DATA_READ_WRITE = 0xc0000040;
+/** Section flags: code, execute, read. */
+export const IMAGE_SCN_CODE_EXECUTE_READ = 0x60000020;
+/** Section flags: initialised data, read, write. */
+export const IMAGE_SCN_DATA_READ_WRITE = 0xc0000040;
 const IMAGE_SCN_DATA_READ = 0x40000040;
 
 /** What the DLL is made of: the ELF image's loadable pieces and exported functions. */
@@ -25,7 +28,8 @@ interface StubElf {
   readonly exports: { name: string; vaddr: number }[];
 }
 
-function align(n: number, to: number): number {
+/** `n` rounded up to a multiple of `to`. */
+export function align(n: number, to: number): number {
   return Math.ceil(n / to) * to;
 }
 
@@ -67,7 +71,7 @@ function readStubElf(elf: Uint8Array): StubElf {
 }
 
 /** A section of a DLL being written: its place in memory, its bytes, and what it may be used for. */
-interface Section {
+export interface Section {
   readonly name: string;
   readonly rva: number;
   readonly bytes: Uint8Array;
@@ -77,14 +81,20 @@ interface Section {
 }
 
 /** Data directory indices. */
-const EXPORT = 0, IMPORT = 1, BASE_RELOCATIONS = 5, IAT = 12;
+const EXPORT = 0, BASE_RELOCATIONS = 5;
+const encoder = new TextEncoder();
 
 /**
  * `.edata` at `rva`: the export directory naming `dllName`, its three tables and the names, each
  * export by name at its RVA; then an empty base relocation block (the code is position
  * independent) so that the loader may place the DLL anywhere. `codeRva` is the page the block is for.
  */
-function exportSection(rva: number, dllName: string, exports: readonly { name: string; rva: number }[], codeRva: number) {
+export function exportSection(
+  rva: number,
+  dllName: string,
+  exports: readonly { name: string; rva: number }[],
+  codeRva: number,
+): { section: Section; directories: [number, number, number][] } {
   const sorted = [...exports].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   const functionsAt = 40, namesAt = functionsAt + 4 * exports.length, ordinalsAt = namesAt + 4 * exports.length;
   let stringsAt = ordinalsAt + 2 * exports.length;
@@ -119,17 +129,15 @@ function exportSection(rva: number, dllName: string, exports: readonly { name: s
   const section: Section = { name: ".edata", rva, bytes, virtualSize: bytes.length, flags: IMAGE_SCN_DATA_READ };
   return {
     section,
-    directories: [[EXPORT, rva, exportSize], [BASE_RELOCATIONS, rva + relocAt, 8]] as [number, number, number][],
+    directories: [[EXPORT, rva, exportSize], [BASE_RELOCATIONS, rva + relocAt, 8]],
   };
 }
-
-const encoder = new TextEncoder();
 
 /**
  * A PE32+ DLL (x86-64) of `sections` (in address order, the first the code) with the data
  * directories given as [index, rva, size].
  */
-function dll(sections: readonly Section[], directories: readonly [number, number, number][]): Uint8Array {
+export function writeDll(sections: readonly Section[], directories: readonly [number, number, number][]): Uint8Array {
   const peAt = 0x40, coffAt = peAt + 4, optionalAt = coffAt + 20, optionalSize = 240;
   const sectionTableAt = optionalAt + optionalSize;
   const headersSize = align(sectionTableAt + 40 * sections.length, FILE_ALIGNMENT);
@@ -203,81 +211,9 @@ export function peFromStubElf(elf: Uint8Array, dllName: string): Uint8Array {
   const edata = exportSection(edataRva, dllName, exports.map((e) => ({ name: e.name, rva: SHIFT + e.vaddr })), codeRva);
   // The code section runs up to the data (zeros after the stubs): an image with no holes between
   // its sections, which loaders map most plainly.
-  return dll([
+  return writeDll([
     { name: ".text", rva: codeRva, bytes: code.bytes, virtualSize: dataRva - codeRva, flags: IMAGE_SCN_CODE_EXECUTE_READ },
     { name: ".data", rva: dataRva, bytes: data.bytes, virtualSize: edataRva - dataRva, flags: IMAGE_SCN_DATA_READ_WRITE },
     edata.section,
   ], edata.directories);
-}
-
-/** One function a DLL made by `importingDll` imports, and the export that calls it. */
-export interface DllImport {
-  /** The DLL it is imported from, as the import descriptor names it ("kernel32.dll"). */
-  readonly library: string;
-  readonly name: string;
-}
-
-/**
- * A PE32+ DLL (x86-64) named `dllName` that imports each of `imports` through its import address
- * table and exports, for each, `call_<name>`: a tail jump through that slot (`jmp [rip+slot]`),
- * so that calling it is calling the import the way any DLL does — what `callers` redirects.
- * The slots lie in a read+write `.idata` section, one table per imported DLL, in the order given.
- */
-export function importingDll(dllName: string, imports: readonly DllImport[]): Uint8Array {
-  const libraries = [...new Set(imports.map((i) => i.library))];
-  const grouped = libraries.map((library) => imports.filter((i) => i.library === library));
-  const codeRva = 0x1000, idataRva = 0x2000;
-  // .idata: the descriptors (one per DLL and a null one), then per DLL its lookup table and its
-  // import address table (the same entries, each ended by a zero), then hint/name entries, then names.
-  const descriptorsSize = 20 * (libraries.length + 1);
-  let at = align(descriptorsSize, 8); // the slots must be 8-byte aligned: callers rewrites each with one store
-  const tables = grouped.map((group) => {
-    const lookup = at, iat = lookup + 8 * (group.length + 1);
-    at = iat + 8 * (group.length + 1);
-    return { lookup, iat };
-  });
-  const iatStart = tables[0]?.iat ?? at, iatEnd = at;
-  const strings: { at: number; bytes: Uint8Array }[] = [];
-  const string = (bytes: Uint8Array) => {
-    at = align(at, 2); // hint/name entries are 2-byte aligned
-    strings.push({ at, bytes });
-    at += bytes.length;
-    return strings[strings.length - 1].at;
-  };
-  const hintNames = grouped.map((group) => group.map((i) => string(Uint8Array.of(0, 0, ...encoder.encode(i.name + "\0")))));
-  const dllNames = libraries.map((library) => string(encoder.encode(library + "\0")));
-  const idata = new Uint8Array(at);
-  const d = new DataView(idata.buffer);
-  grouped.forEach((group, g) => {
-    const { lookup, iat } = tables[g];
-    d.setUint32(20 * g, idataRva + lookup, true); // OriginalFirstThunk
-    d.setUint32(20 * g + 12, idataRva + dllNames[g], true); // Name
-    d.setUint32(20 * g + 16, idataRva + iat, true); // FirstThunk
-    group.forEach((_, i) => {
-      d.setBigUint64(lookup + 8 * i, BigInt(idataRva + hintNames[g][i]), true);
-      d.setBigUint64(iat + 8 * i, BigInt(idataRva + hintNames[g][i]), true);
-    });
-  });
-  for (const s of strings) idata.set(s.bytes, s.at);
-
-  // .text: 8 bytes per import, its slot in the order the imports were given.
-  const slots = imports.map((imp) => {
-    const g = libraries.indexOf(imp.library);
-    return idataRva + tables[g].iat + 8 * grouped[g].indexOf(imp);
-  });
-  const text = new Uint8Array(8 * imports.length);
-  const t = new DataView(text.buffer);
-  slots.forEach((slot, i) => {
-    const here = codeRva + 8 * i;
-    text.set([0xff, 0x25], 8 * i); // jmp qword [rip+disp32]
-    t.setInt32(8 * i + 2, slot - (here + 6), true);
-    text.set([0xcc, 0xcc], 8 * i + 6); // int3 ×2: padding
-  });
-  const edataRva = align(idataRva + idata.length, SECTION_ALIGNMENT);
-  const edata = exportSection(edataRva, dllName, imports.map((imp, i) => ({ name: `call_${imp.name}`, rva: codeRva + 8 * i })), codeRva);
-  return dll([
-    { name: ".text", rva: codeRva, bytes: text, virtualSize: text.length, flags: IMAGE_SCN_CODE_EXECUTE_READ },
-    { name: ".idata", rva: idataRva, bytes: idata, virtualSize: idata.length, flags: IMAGE_SCN_DATA_READ_WRITE },
-    edata.section,
-  ], [...edata.directories, [IMPORT, idataRva, descriptorsSize], [IAT, idataRva + iatStart, iatEnd - iatStart]]);
 }
