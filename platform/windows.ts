@@ -481,8 +481,9 @@ export function windows(runtime: Runtime): Os {
     // No forced write: WriteProcessMemory on this process is no /proc/self/mem. On a read+execute
     // page it makes the page writable+executable itself (Wine: PAGE_EXECUTE_WRITECOPY, then the
     // write as a wineserver request, then the old protection back), so no page stays closed; it
-    // refuses PAGE_READONLY pages (ERROR_NOACCESS); and under Wine a write and its undo cost
-    // 13-108x the same two writes between VirtualProtect pairs (bench/windows_write.bench.ts).
+    // refuses PAGE_READONLY pages (ERROR_NOACCESS); and under Wine, where the write itself is a
+    // wineserver request, a write and its undo cost 3-108x (3-5x on a quiet machine) the same two
+    // writes between VirtualProtect pairs (bench/windows_write.bench.ts).
     forceWrite() {
       return false;
     },
