@@ -7,7 +7,7 @@
  * and the arm64 cache flush.
  */
 import { hex, RedefineError } from "../src/errors.ts";
-import type { Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
+import type { AddressRange, Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 import { aarch64CacheFlush } from "./aarch64_flush.ts";
 import { nearCandidates, protectionText } from "./address_space.ts";
@@ -33,6 +33,14 @@ const O_CLOEXEC = 0x80000;
 const PROCMAP_QUERY = 0xc0686611n;
 const PROCMAP_QUERY_SIZE = 104;
 const ENOENT = 2;
+/** `getauxval` keys: where the kernel put the main program's program headers, and how many. */
+const AT_PHDR = 3n;
+const AT_PHNUM = 5n;
+/** Elf64_Phdr: its size, and the segment types and flag the program's text is found by. */
+const PHDR_SIZE = 56;
+const PT_LOAD = 1;
+const PT_PHDR = 6;
+const PF_X = 1;
 /** Linux's number for ENOSYS (macOS: 78); the others posix.ts knows. */
 const ERRNO_NAMES: Record<number, string> = { 38: "ENOSYS" };
 
@@ -57,6 +65,7 @@ function libc(runtime: Runtime) {
     dlerror: { parameters: [], result: "usize" },
     dlsym: { parameters: ["usize", "buffer"], result: "usize" },
     dladdr1: { parameters: ["usize", "buffer", "buffer", "i32"], result: "i32" },
+    getauxval: { parameters: ["u64"], result: "u64" },
   });
 }
 
@@ -171,6 +180,9 @@ export function linux(runtime: Runtime): Os {
     return fd;
   }
 
+  // The main program's text, read once: it does not move.
+  let programText: AddressRange | null | undefined;
+
   const os: Os = {
     pageSize,
 
@@ -276,6 +288,11 @@ export function linux(runtime: Runtime): Os {
       return `/proc/self/fd/${fd}`;
     },
 
+    programText() {
+      programText ??= mainProgramText(runtime, c.getauxval(AT_PHDR) as bigint, Number(c.getauxval(AT_PHNUM)));
+      return programText;
+    },
+
     flushCode(address, length) {
       flush?.(address, length);
     },
@@ -283,3 +300,27 @@ export function linux(runtime: Runtime): Os {
   return os;
 }
 
+
+/**
+ * The main program's executable segments, from the program headers the kernel mapped at `phdr`
+ * (`AT_PHDR`): the load bias is where `PT_PHDR` landed minus where it asked to be. Null without
+ * `PT_PHDR` or an executable `PT_LOAD`.
+ */
+function mainProgramText(runtime: Runtime, phdr: bigint, count: number): AddressRange | null {
+  if (phdr === 0n || count === 0) return null;
+  const headers = new DataView(runtime.view(phdr, count * PHDR_SIZE).slice().buffer);
+  const segments = Array.from({ length: count }, (_, i) => ({
+    type: headers.getUint32(i * PHDR_SIZE, true),
+    flags: headers.getUint32(i * PHDR_SIZE + 4, true),
+    vaddr: headers.getBigUint64(i * PHDR_SIZE + 16, true),
+    memsz: headers.getBigUint64(i * PHDR_SIZE + 40, true),
+  }));
+  const self = segments.find((s) => s.type === PT_PHDR);
+  const text = segments.filter((s) => s.type === PT_LOAD && (s.flags & PF_X) !== 0);
+  if (!self || text.length === 0) return null;
+  const bias = phdr - self.vaddr;
+  return {
+    start: bias + text.reduce((low, s) => (s.vaddr < low ? s.vaddr : low), text[0].vaddr),
+    end: bias + text.reduce((high, s) => (s.vaddr + s.memsz > high ? s.vaddr + s.memsz : high), 0n),
+  };
+}

@@ -8,7 +8,7 @@
  * original is where the patch below leads. Nothing is written at the entry here.
  */
 import { hex, RedefineError } from "./errors.ts";
-import type { RelocationPlan } from "./arch/types.ts";
+import type { RelocationPlan, RuntimeCode } from "./arch/types.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { NativeType } from "./signature.ts";
 import { machine, refuseOverlap } from "./registry.ts";
@@ -86,8 +86,8 @@ function trampolineAlone(m: Machine, site: AnySite): { address: bigint; slot: Co
 
 /**
  * A JS replacement: the entry jump leads to the guard, which sends the JS thread's calls to the
- * callback and every other call (other threads, re-entrant calls) to the original — so a JS
- * replacement needs a trampoline.
+ * callback and every other call (other threads, re-entrant calls, the runtime's own calls) to the
+ * original — so a JS replacement needs a trampoline.
  */
 function guardedStub(m: Machine, site: AnySite, callback: bigint, below: bigint | null): Layout {
   const guard = m.arch.guard!;
@@ -102,6 +102,7 @@ function guardedStub(m: Machine, site: AnySite, callback: bigint, below: bigint 
       jsThread: jsThreadOf(m, guard.threadPointerReader(os)),
       callback,
       original: originalForGuard(trampoline),
+      runtimeCode: runtimeCodeOf(m, guard.returnAddressReader(), stub.front),
       os,
       signature: site.signature,
       shared: shape.shared ? sharedCode(m, shape.shared, stub.front) : undefined,
@@ -316,4 +317,18 @@ function jsThreadOf(m: Machine, reader: Uint8Array): bigint {
   m.pool.write(slot, reader);
   m.jsThread = m.platform.runtime.fnPointer(slot.address, { parameters: [], result: "u64" })() as bigint;
   return m.jsThread;
+}
+
+/**
+ * The runtime's own code, for the guard: its executable's text, and the return address in it of
+ * the runtime's FFI calls, read by calling the guard's own read of it through the FFI (Deno's and
+ * Node's libffi sits inside their executables and calls from one place; Bun's FFI calls come from
+ * JIT code outside). Where the OS layer cannot tell the text, no call is the runtime's own.
+ */
+function runtimeCodeOf(m: Machine, reader: Uint8Array, near: bigint): RuntimeCode {
+  const text = m.platform.os.programText?.() ?? null;
+  if (!text) return { start: 0n, end: 0n, ffiReturn: 0n };
+  const at = sharedCode(m, reader, near);
+  const ffiReturn = BigInt(m.platform.runtime.fnPointer(at, { parameters: [], result: "u64" })());
+  return { start: text.start, end: text.end, ffiReturn };
 }
