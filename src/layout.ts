@@ -10,7 +10,7 @@
 import { hex, RedefineError } from "./errors.ts";
 import type { RelocationPlan, RuntimeCode } from "./arch/types.ts";
 import type { CodeSlot } from "./code_memory.ts";
-import type { NativeType } from "./signature.ts";
+import type { NativeType, Signature } from "./signature.ts";
 import { machine, refuseOverlap } from "./registry.ts";
 import type { Machine } from "./registry.ts";
 import { refuseJumpsIntoEntry } from "./target.ts";
@@ -320,15 +320,42 @@ function jsThreadOf(m: Machine, reader: Uint8Array): bigint {
 }
 
 /**
- * The runtime's own code, for the guard: its executable's text, and the return address in it of
- * the runtime's FFI calls, read by calling the guard's own read of it through the FFI (Deno's and
- * Node's libffi sits inside their executables and calls from one place; Bun's FFI calls come from
- * JIT code outside). Where the OS layer cannot tell the text, no call is the runtime's own.
+ * Signatures the FFI path is probed with: libffi picks its call instruction by the kinds of the
+ * arguments (Node 26's has one per count of integer arguments up to six, and a general one).
+ */
+const FFI_PROBES: readonly Signature[] = [
+  { parameters: [], result: "u64" },
+  { parameters: ["i64", "i64", "i64", "i64", "i64", "i64"], result: "u64" },
+  { parameters: ["i64", "i64", "i64", "i64", "i64", "i64", "i64", "f64"], result: "u64" },
+];
+
+/**
+ * How far either side of the call instructions seen, the FFI's others can lie: libffi's sit
+ * together in its hand-written call routines (Node 26's span 0x134 bytes), and the VM's own calls
+ * are megabytes away.
+ */
+const FFI_SPREAD = 4096n;
+
+/**
+ * The runtime's own code, for the guard: its executable's text, and the part of it whose calls
+ * are the FFI's, found by calling the guard's own read of the return address through the FFI
+ * (Deno's and Node's libffi sits inside their executables; Bun's FFI calls come from JIT code
+ * outside, so none of its text is the FFI's). Where the OS layer cannot tell the text, no call is
+ * the runtime's own. Learnt once.
  */
 function runtimeCodeOf(m: Machine, reader: Uint8Array, near: bigint): RuntimeCode {
+  if (m.runtimeCode) return m.runtimeCode;
   const text = m.platform.os.programText?.() ?? null;
-  if (!text) return { start: 0n, end: 0n, ffiReturn: 0n };
+  if (!text) return (m.runtimeCode = { start: 0n, end: 0n, ffiStart: 0n, ffiEnd: 0n });
   const at = sharedCode(m, reader, near);
-  const ffiReturn = BigInt(m.platform.runtime.fnPointer(at, { parameters: [], result: "u64" })());
-  return { start: text.start, end: text.end, ffiReturn };
+  const sites = FFI_PROBES.map((signature) => {
+    const zeros = signature.parameters.map((type) => (type === "f64" ? 0 : 0n));
+    return BigInt(m.platform.runtime.fnPointer(at, signature)(...zeros));
+  }).filter((site) => site >= text.start && site < text.end);
+  const low = sites.reduce((a, b) => (b < a ? b : a), text.end);
+  const high = sites.reduce((a, b) => (b > a ? b : a), text.start);
+  m.runtimeCode = sites.length === 0
+    ? { start: text.start, end: text.end, ffiStart: 0n, ffiEnd: 0n }
+    : { start: text.start, end: text.end, ffiStart: low - FFI_SPREAD, ffiEnd: high + FFI_SPREAD };
+  return m.runtimeCode;
 }

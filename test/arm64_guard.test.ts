@@ -16,49 +16,54 @@ const THREAD_POINTER: Record<string, string> = {
   darwin: "mrs x16, tpidrro_el0",
 };
 
-/** The runtime's code as the guards take it: its executable's text and its FFI's return address. */
-const RUNTIME_CODE = { start: 0x5555_0000_0000n, end: 0x5555_0400_0000n, ffiReturn: 0x5555_0123_4568n };
+/** The runtime's code as the guards take it: its executable's text, and its FFI's part of that. */
+const RUNTIME_CODE = { start: 0x5555_0000_0000n, end: 0x5555_0400_0000n, ffiStart: 0x5555_0123_0000n, ffiEnd: 0x5555_0123_2000n };
 
 function listing(at: bigint, data: bigint, os = "linux"): (string | { quad: bigint })[] {
   const page = data - data % 4096n;
   const lo12 = data % 4096n;
   return [
-    `ldr x16, ${h(at + 144n)}`,
-    "sub x16, x30, x16",
-    `tbnz x16, #63, ${h(at + 36n)}`,
-    `ldr x16, ${h(at + 152n)}`,
-    "sub x16, x30, x16",
-    `tbz x16, #63, ${h(at + 36n)}`,
     `ldr x16, ${h(at + 160n)}`,
-    "eor x16, x16, x30",
-    `cbnz x16, ${h(at + 112n)}`,
+    "sub x16, x30, x16",
+    `tbnz x16, #63, ${h(at + 48n)}`,
+    `ldr x16, ${h(at + 168n)}`,
+    "sub x16, x30, x16",
+    `tbz x16, #63, ${h(at + 48n)}`,
+    `ldr x16, ${h(at + 176n)}`,
+    "sub x16, x30, x16",
+    `tbnz x16, #63, ${h(at + 124n)}`,
+    `ldr x16, ${h(at + 184n)}`,
+    "sub x16, x30, x16",
+    `tbz x16, #63, ${h(at + 124n)}`,
     THREAD_POINTER[os],
     "and x16, x16, #0xfffffffffffffff8",
-    `ldr x17, ${h(at + 120n)}`,
+    `ldr x17, ${h(at + 136n)}`,
     "eor x16, x16, x17",
-    `cbnz x16, ${h(at + 112n)}`,
+    `cbnz x16, ${h(at + 124n)}`,
     `adrp x17, ${h(page)}`,
     `add x17, x17, #${h(lo12)}`,
     "ldrb w16, [x17, #8]",
-    `cbnz w16, ${h(at + 112n)}`,
+    `cbnz w16, ${h(at + 124n)}`,
     "mov w16, #0x1",
     "strb w16, [x17, #8]",
     "str x30, [x17]",
-    `ldr x16, ${h(at + 128n)}`,
+    `ldr x16, ${h(at + 144n)}`,
     "blr x16",
     `adrp x17, ${h(page)}`,
     `add x17, x17, #${h(lo12)}`,
     "strb wzr, [x17, #8]",
     "ldr x30, [x17]",
     "ret",
-    `ldr x16, ${h(at + 136n)}`,
+    `ldr x16, ${h(at + 152n)}`,
     "br x16",
+    "nop",
     { quad: 0x7f00_dead_0000n },
     { quad: 0x7f00_cafe_1230n },
     { quad: 0x7f12_3456_0000n },
     { quad: RUNTIME_CODE.start },
     { quad: RUNTIME_CODE.end },
-    { quad: RUNTIME_CODE.ffiReturn },
+    { quad: RUNTIME_CODE.ffiStart },
+    { quad: RUNTIME_CODE.ffiEnd },
   ];
 }
 
@@ -93,7 +98,7 @@ test("arm64 guard: Windows keeps the thread's TEB in x18, macOS its TSD in tpidr
 
 test("arm64 guard: writes only x16, x17 and x30, and leaves the flags alone", () => {
   const bytes = guardStub({ at: AT, data: AT + 0x2000n, jsThread: 1n, callback: 2n, original: 3n, runtimeCode: RUNTIME_CODE, os: "linux", signature });
-  const code = disassemble(bytes.subarray(0, 120), AT);
+  const code = disassemble(bytes.subarray(0, 132), AT);
   for (const line of code) {
     const [mnemonic, first] = line.split(/[ ,]+/);
     assert.ok(!/^(cmp|cmn|tst|subs|adds|ands|bics|ccmp)$/.test(mnemonic), `${line} sets the flags`);

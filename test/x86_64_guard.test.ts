@@ -22,8 +22,8 @@ function disassemble(code: Uint8Array, address: bigint, count: number): string[]
 }
 
 const SHARED = AT + 0x800n;
-/** The runtime's code as the guards take it: its executable's text and its FFI's return address. */
-const RUNTIME_CODE = { start: 0x5555_0000_0000n, end: 0x5555_0400_0000n, ffiReturn: 0x5555_0123_4568n };
+/** The runtime's code as the guards take it: its executable's text, and its FFI's part of that. */
+const RUNTIME_CODE = { start: 0x5555_0000_0000n, end: 0x5555_0400_0000n, ffiStart: 0x5555_0123_0000n, ffiEnd: 0x5555_0123_2000n };
 
 function guard(os: string, parameters: NativeType[]) {
   const signature = { parameters, result: "i64" as const };
@@ -42,22 +42,26 @@ test("calling guard (nothing on the stack): a 12-byte thunk per patch, its recor
   assert.deepEqual(disassemble(code, AT, 2), ["lea r11,[7F0000002000h]", "jmp 7F0000001800h"]);
   const record = new DataView(data.buffer);
   assert.deepEqual([0, 8, 16].map((o) => record.getBigUint64(o, true)), [0x1111n, 0x2222n, 0x3333n]);
-  assert.deepEqual([32, 40, 48].map((o) => record.getBigUint64(o, true)), Object.values(RUNTIME_CODE));
+  assert.deepEqual([32, 40, 48, 56].map((o) => record.getBigUint64(o, true)), Object.values(RUNTIME_CODE));
   assert.equal(data[layout.busyOffset], 0, "not busy");
-  assert.deepEqual(disassemble(layout.shared!, SHARED, 31), [
+  assert.deepEqual(disassemble(layout.shared!, SHARED, 35), [
     "push r11",
     "mov r11,[r11+20h]",
     "cmp [rsp+8h],r11",
     "mov r11,[rsp]",
-    "jb 7F000000183Bh",
+    "jb 7F000000184Eh",
     "mov r11,[r11+28h]",
     "cmp [rsp+8h],r11",
     "mov r11,[rsp]",
-    "jae 7F000000183Bh",
+    "jae 7F000000184Eh",
     "mov r11,[r11+30h]",
     "cmp [rsp+8h],r11",
     "mov r11,[rsp]",
-    "jne 7F000000187Bh",
+    "jb 7F000000188Eh",
+    "mov r11,[r11+38h]",
+    "cmp [rsp+8h],r11",
+    "mov r11,[rsp]",
+    "jae 7F000000188Eh",
     "mov r11,fs:[10h]",
     "push r11",
     "mov r11,[rsp+8h]",
@@ -65,9 +69,9 @@ test("calling guard (nothing on the stack): a 12-byte thunk per patch, its recor
     "cmp r11,[rsp]",
     "pop r11",
     "pop r11",
-    "jne 7F000000187Dh",
+    "jne 7F0000001890h",
     "cmp byte ptr [r11+18h],0h",
-    "jne 7F000000187Dh",
+    "jne 7F0000001890h",
     "mov byte ptr [r11+18h],1h",
     "push r11",
     "call qword ptr [r11+8h]",
@@ -77,52 +81,54 @@ test("calling guard (nothing on the stack): a 12-byte thunk per patch, its recor
     "pop r11",
     "jmp qword ptr [r11+10h]",
   ]);
-  assert.equal(layout.shared!.length, 0x81, "to_original (the last instruction) at +0x7d");
+  assert.equal(layout.shared!.length, 0x94, "to_original (the last instruction) at +0x90");
 });
 
 test("swapping guard (stack arguments, 7 integers): keeps the return address aside instead of calling", () => {
   const { layout, code } = guard("linux", ["i64", "i64", "i64", "i64", "i64", "i64", "i64"]);
   assert.equal(layout.shared, null);
-  const lines = disassemble(code, AT, 21);
-  assert.deepEqual(lines.slice(0, 7), [
+  const lines = disassemble(code, AT, 23);
+  assert.deepEqual(lines.slice(0, 9), [
     "mov r11,[rsp]",
-    "cmp r11,[7F00000010A0h]",
-    "jb 7F000000102Bh",
-    "cmp r11,[7F00000010A8h]",
-    "jae 7F000000102Bh",
     "cmp r11,[7F00000010B0h]",
-    "jne 7F000000107Eh",
+    "jb 7F0000001038h",
+    "cmp r11,[7F00000010B8h]",
+    "jae 7F0000001038h",
+    "cmp r11,[7F00000010C0h]",
+    "jb 7F000000108Bh",
+    "cmp r11,[7F00000010C8h]",
+    "jae 7F000000108Bh",
   ]);
-  assert.deepEqual(lines.slice(7, 13), [
+  assert.deepEqual(lines.slice(9, 15), [
     "mov r11,fs:[10h]",
-    "cmp r11,[7F0000001088h]",
-    "jne 7F000000107Eh",
+    "cmp r11,[7F0000001098h]",
+    "jne 7F000000108Bh",
     "cmp byte ptr [7F0000002008h],0h",
-    "jne 7F000000107Eh",
+    "jne 7F000000108Bh",
     "mov byte ptr [7F0000002008h],1h",
   ]);
-  assert.deepEqual(lines.slice(13), [
+  assert.deepEqual(lines.slice(15), [
     "mov r11,[rsp]",
     "mov [7F0000002000h],r11",
-    "lea r11,[7F0000001071h]",
+    "lea r11,[7F000000107Eh]",
     "mov [rsp],r11",
-    "jmp qword ptr [7F0000001090h]",
+    "jmp qword ptr [7F00000010A0h]",
     "mov byte ptr [7F0000002008h],0h",
     "jmp qword ptr [7F0000002000h]",
-    "jmp qword ptr [7F0000001098h]",
+    "jmp qword ptr [7F00000010A8h]",
   ]);
-  const literals = new DataView(code.buffer, code.byteOffset + 0x88);
-  assert.deepEqual([0, 8, 16, 24, 32, 40].map((o) => literals.getBigUint64(o, true)), [
+  const literals = new DataView(code.buffer, code.byteOffset + 0x98);
+  assert.deepEqual([0, 8, 16, 24, 32, 40, 48].map((o) => literals.getBigUint64(o, true)), [
     0x1111n, 0x2222n, 0x3333n, ...Object.values(RUNTIME_CODE),
   ]);
-  assert.equal(code.length, 0xb8, "the literals end the guard");
+  assert.equal(code.length, 0xd0, "the literals end the guard");
 });
 
 test("guard on Windows: the TEB's self pointer, and 32 bytes of shadow space below 5 arguments", () => {
   const { layout } = guard("windows", ["i64", "i64", "i64", "i64"]);
-  const shared = disassemble(layout.shared!, SHARED, 29);
-  assert.equal(shared[13], "mov r11,gs:[30h]");
-  assert.deepEqual(shared.slice(24, 27), ["push r11", "sub rsp,20h", "call qword ptr [r11+8h]"]);
+  const shared = disassemble(layout.shared!, SHARED, 33);
+  assert.equal(shared[17], "mov r11,gs:[30h]");
+  assert.deepEqual(shared.slice(28, 31), ["push r11", "sub rsp,20h", "call qword ptr [r11+8h]"]);
   assert.equal(guard("windows", ["i64", "i64", "i64", "i64", "i64"]).layout.shared, null, "a fifth argument goes on the stack");
 });
 

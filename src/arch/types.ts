@@ -23,14 +23,15 @@ export interface RelocationPlan<Instruction = unknown> {
 /**
  * The runtime's own code: the VM calls functions from there at moments when JS may not run (V8
  * calls `getpid` during garbage collection), so a guard sends calls returning into `[start, end)`
- * to the original — all but those returning to `ffiReturn`, the instruction after the call with
- * which the runtime's FFI (libffi, inside the executable) calls native code for the program.
- * All zeros: no such range, every call passes.
+ * to the original — all but those returning into `[ffiStart, ffiEnd)`, where the runtime's FFI
+ * (libffi, inside Deno's and Node's executables) calls native code for the program. All zeros:
+ * no such range, every call passes.
  */
 export interface RuntimeCode {
   readonly start: bigint;
   readonly end: bigint;
-  readonly ffiReturn: bigint;
+  readonly ffiStart: bigint;
+  readonly ffiEnd: bigint;
 }
 
 /** Where a guard stub lives and where it sends calls (see src/arch/x86_64/guard.ts). */
@@ -133,7 +134,7 @@ export interface Arch {
     threadPointerReader(os: string): Uint8Array;
     /**
      * A function returning its own return address, as the guard reads it: called through the
-     * runtime's FFI, it tells `RuntimeCode.ffiReturn`.
+     * runtime's FFI, it tells where `RuntimeCode`'s FFI range is.
      */
     returnAddressReader(): Uint8Array;
     /** The patch's guard code at `options.at`, and the first contents of its data at `options.data`. */

@@ -2,7 +2,7 @@
  * The guard stub that stands in front of a JS replacement (AArch64), with the contract of
  * src/arch/x86_64/guard.ts: calls from other threads, and calls from the JS thread while the
  * replacement is already running, go to the original, and so do the runtime's own calls (a
- * return address in the runtime's executable other than its FFI's, `RuntimeCode`). It calls the
+ * return address in the runtime's executable outside its FFI's part, `RuntimeCode`). It calls the
  * replacement with `blr` (so its
  * return stays predicted) after keeping the caller's return address (x30) in a per-patch slot, and
  * clears its busy flag when the replacement returns. A call pushes nothing on AArch64, so stack
@@ -18,8 +18,8 @@ import { RedefineError } from "../../errors.ts";
 import { align, assembleListing, type Line } from "../listing.ts";
 import { adrp, assemble, blr, br, cbz, ldrLiteral, NOP, tbz } from "./writer.ts";
 
-/** Bytes of code (with its six literals). */
-export const GUARD_SIZE = 168;
+/** Bytes of code (with its seven literals). */
+export const GUARD_SIZE = 192;
 /** Bytes of read+write data: the saved return address, then the busy flag. */
 export const GUARD_DATA_SIZE = 16;
 
@@ -98,9 +98,12 @@ export function guardStub(options: GuardOptions): Uint8Array {
     load(X16, "text_end"), //          ldr x16, text_end
     [0xcb1003d0], //                   sub x16, x30, x16
     sign(false, "elsewhere"), //       tbz x16, #63, elsewhere: at or above its end
-    load(X16, "ffi_return"), //        ldr x16, ffi_return
-    [0xca1e0210], //                   eor x16, x16, x30
-    toOriginal(true), //               cbnz x16, to_original: the runtime's own call
+    load(X16, "ffi_start"), //         ldr x16, ffi_start
+    [0xcb1003d0], //                   sub x16, x30, x16
+    sign(true, "to_original"), //      tbnz x16, #63, to_original: the runtime's own call
+    load(X16, "ffi_end"), //           ldr x16, ffi_end
+    [0xcb1003d0], //                   sub x16, x30, x16
+    sign(false, "to_original"), //     tbz x16, #63, to_original: so is this; inside, its FFI's
     "elsewhere",
     threadPointer(options.os, X16), // mrs x16, tpidr_el0; and x16, x16, #~7
     load(X17, "thread"), //            ldr x17, thread
@@ -142,5 +145,8 @@ function quad(value: bigint): number[] {
 
 /** The literals the guard compares the return address with. */
 function runtimeCodeLiterals(code: RuntimeCode): Line[] {
-  return ["text_start", quad(code.start), "text_end", quad(code.end), "ffi_return", quad(code.ffiReturn)];
+  return [code.start, code.end, code.ffiStart, code.ffiEnd].flatMap((value, i) => [
+    ["text_start", "text_end", "ffi_start", "ffi_end"][i],
+    quad(value),
+  ]);
 }

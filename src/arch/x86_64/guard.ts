@@ -15,9 +15,9 @@
  *   point in its place.
  *
  * Before anything else both send the runtime's own calls to the original: a call returning into the
- * runtime's executable (`RuntimeCode`), unless to the one place its FFI calls native code from.
+ * runtime's executable (`RuntimeCode`), unless into the part of it that makes the FFI's calls.
  * V8 calls `getpid` from there during garbage collection, where entering JS aborts the process;
- * the program's FFI calls come from that place or from JIT code outside the executable.
+ * the program's FFI calls come from that part (libffi) or from JIT code outside the executable.
  *
  * Both touch only r11 (scratch, never an argument) and the flags; every argument register, `al`
  * (the vector count of varargs calls) and the stack arguments reach the replacement or the
@@ -28,14 +28,16 @@ import { RedefineError } from "../../errors.ts";
 import { align, assembleListing, type Line, type Place } from "../listing.ts";
 import { i32le, INT3, jmpRel32, u64le } from "./writer.ts";
 
-/** The swapping guard: bytes of code (with its six literals). */
-const SWAP_SIZE = 184;
+/** The swapping guard: bytes of code (with its seven literals). */
+const SWAP_SIZE = 208;
 /** The swapping guard's data: the saved return address, then the busy flag. */
 const SWAP_DATA_SIZE = 16;
 /** A calling guard's thunk: `lea r11, [rip+record]; jmp shared`. */
 const THUNK_SIZE = 12;
 /** A calling guard's record: JS thread, callback, original, busy flag, the runtime's code. */
-const RECORD = { jsThread: 0, callback: 8, original: 16, busy: 24, textStart: 32, textEnd: 40, ffiReturn: 48, size: 56 };
+const RECORD = {
+  jsThread: 0, callback: 8, original: 16, busy: 24, textStart: 32, textEnd: 40, ffiStart: 48, ffiEnd: 56, size: 64,
+};
 
 /**
  * The thread pointer's home: glibc keeps the thread's own address at `fs:[0x10]` (what
@@ -108,7 +110,8 @@ export function guardStub(options: GuardOptions): { code: Uint8Array; data: Uint
   record.set(u64le(options.original), RECORD.original);
   record.set(u64le(options.runtimeCode.start), RECORD.textStart);
   record.set(u64le(options.runtimeCode.end), RECORD.textEnd);
-  record.set(u64le(options.runtimeCode.ffiReturn), RECORD.ffiReturn);
+  record.set(u64le(options.runtimeCode.ffiStart), RECORD.ffiStart);
+  record.set(u64le(options.runtimeCode.ffiEnd), RECORD.ffiEnd);
   const jump = jmpRel32(options.at + 7n, options.shared);
   if (!jump) throw new RangeError("shared guard out of rel32 reach");
   return {
@@ -142,8 +145,10 @@ function sharedCallingGuard(os: string, padding: number): Uint8Array {
     jcc(JB, "elsewhere"), //                       jb elsewhere: below the runtime's code
     ...againstRecord(RECORD.textEnd),
     jcc(JAE, "elsewhere"), //                      jae elsewhere: above it
-    ...againstRecord(RECORD.ffiReturn),
-    jcc(JNE, "runtime_call"), //                   jne runtime_call: the runtime's own call
+    ...againstRecord(RECORD.ffiStart),
+    jcc(JB, "runtime_call"), //                    jb runtime_call: the runtime's own call
+    ...againstRecord(RECORD.ffiEnd),
+    jcc(JAE, "runtime_call"), //                   jae runtime_call: so is this; inside, its FFI's
     "elsewhere",
     [segment, 0x4c, 0x8b, 0x1c, sib, ...disp], //  mov r11, qword fs:[0x10] (gs:[0x30] on Windows)
     [0x41, 0x53], //                               push r11 (the thread)
@@ -173,7 +178,7 @@ function sharedCallingGuard(os: string, padding: number): Uint8Array {
 /** The second opcode bytes of `jb`, `jae` and `jne` with a rel32 operand. */
 const JB = 0x82, JAE = 0x83, JNE = 0x85;
 
-/** The conditional jump `condition` (JB, JAE, JNE), rel32, to `label`. */
+/** The conditional jump `condition` (`JB`, `JAE`, `JNE`), rel32, to `label`. */
 function jcc(condition: number, label: string): Line {
   return (place) => [0x0f, condition, ...i32le(place.label(label) - place.end)];
 }
@@ -207,8 +212,10 @@ function swappingGuard(options: GuardOptions): Uint8Array {
     jcc(JB, "elsewhere"), //                                 jb elsewhere: below the runtime's code
     (p) => [0x4c, 0x3b, 0x1d, ...local(p, "text_end")], //   cmp r11, [rip+text_end]
     jcc(JAE, "elsewhere"), //                                jae elsewhere: above it
-    (p) => [0x4c, 0x3b, 0x1d, ...local(p, "ffi_return")], // cmp r11, [rip+ffi_return]
-    jne("to_original"), //                                   jne to_original: the runtime's own call
+    (p) => [0x4c, 0x3b, 0x1d, ...local(p, "ffi_start")], //  cmp r11, [rip+ffi_start]
+    jcc(JB, "to_original"), //                               jb to_original: the runtime's own call
+    (p) => [0x4c, 0x3b, 0x1d, ...local(p, "ffi_end")], //    cmp r11, [rip+ffi_end]
+    jcc(JAE, "to_original"), //                              jae to_original: so is this; inside, its FFI's
     "elsewhere",
     [segment, 0x4c, 0x8b, 0x1c, sib, ...disp], //           mov r11, qword fs:[0x10] (gs:[0x30] on Windows)
     (p) => [0x4c, 0x3b, 0x1d, ...local(p, "thread")], //     cmp r11, [rip+thread]
@@ -241,5 +248,8 @@ function swappingGuard(options: GuardOptions): Uint8Array {
 
 /** The swapping guard's literals for `code`. */
 function runtimeCodeLiterals(code: RuntimeCode): Line[] {
-  return ["text_start", [...u64le(code.start)], "text_end", [...u64le(code.end)], "ffi_return", [...u64le(code.ffiReturn)]];
+  return [code.start, code.end, code.ffiStart, code.ffiEnd].flatMap((value, i) => [
+    ["text_start", "text_end", "ffi_start", "ffi_end"][i],
+    [...u64le(value)],
+  ]);
 }
