@@ -19,7 +19,9 @@ export type RedefineErrorCode =
   | "BAD_SIGNATURE"
   | "BAD_REPLACEMENT"
   | "UNKNOWN_SIZE"
-  | "OUT_OF_ORDER";
+  | "OUT_OF_ORDER"
+  | "RESTORED"
+  | "NOT_IMPORTED";
 
 /**
  * Raised for every failure of `redefine`; nothing has been written when it is thrown from

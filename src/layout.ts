@@ -16,6 +16,8 @@ import type { Machine } from "./registry.ts";
 import { refuseJumpsIntoEntry } from "./target.ts";
 import type { Site } from "./target.ts";
 import type { Destination } from "./replacement.ts";
+import { CANNED_DATA } from "./arch/canned.ts";
+import { cannedData } from "./mock/canned.ts";
 import { Trampoline } from "./patch.ts";
 
 type AnySite = Site<readonly NativeType[], NativeType>;
@@ -33,6 +35,8 @@ export interface Layout {
   readonly trampoline: Trampoline;
   /** The guard's busy flag (JS replacements): set while the replacement runs. */
   readonly busy: bigint | null;
+  /** Canned code's native call counter (a u64 in its data block). */
+  readonly counter?: bigint;
 }
 
 /**
@@ -49,6 +53,8 @@ export function layOut(site: AnySite, to: Destination, below: bigint | null): La
       return directJump(m, site, to.address, below) ?? jumpStub(m, site, to.address, below);
     case "original":
       return toOriginal(m, site, below);
+    case "canned":
+      return cannedStub(m, site, to, below);
   }
 }
 
@@ -90,27 +96,94 @@ function trampolineAlone(m: Machine, site: AnySite): { address: bigint; slot: Co
  * original — so a JS replacement needs a trampoline.
  */
 function guardedStub(m: Machine, site: AnySite, callback: bigint, below: bigint | null): Layout {
-  const guard = m.arch.guard!;
-  const { os } = m.platform.runtime;
-  const shape = guard.layout(os, site.signature);
+  const shape = m.arch.guard!.layout(m.platform.runtime.os, site.signature);
   const stub = reserve(m, site, below, shape.size, shape.dataSize);
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
-    const { code, data } = guard.encode({
-      at: stub.front,
-      data: stub.slot.data,
-      jsThread: jsThreadOf(m, guard.threadPointerReader(os)),
-      callback,
-      original: originalForGuard(trampoline),
-      runtimeCode: runtimeCodeOf(m, guard.returnAddressReader(), stub.front),
-      os,
-      signature: site.signature,
-      shared: shape.shared ? sharedCode(m, shape.shared, stub.front) : undefined,
-    });
-    m.platform.runtime.view(stub.slot.data, data.length).set(data);
+    const code = guardCode(m, site.signature, stub.slot, stub.front, callback, originalForGuard(trampoline));
     write(m, stub, relocated, code);
     return throughStub(m, site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset));
   });
+}
+
+/** The guard's code for `front` in `slot`, its data written into the slot's data. */
+function guardCode(
+  m: Machine,
+  signature: AnySite["signature"],
+  slot: CodeSlot,
+  front: bigint,
+  callback: bigint,
+  original: bigint,
+): Uint8Array {
+  const guard = m.arch.guard!;
+  const { os } = m.platform.runtime;
+  const shape = guard.layout(os, signature);
+  const { code, data } = guard.encode({
+    at: front,
+    data: slot.data,
+    jsThread: jsThreadOf(m, guard.threadPointerReader(os)),
+    callback,
+    original,
+    runtimeCode: runtimeCodeOf(m, guard.returnAddressReader(), front),
+    os,
+    signature,
+    shared: shape.shared ? sharedCode(m, shape.shared, front) : undefined,
+  });
+  m.platform.runtime.view(slot.data, data.length).set(data);
+  return code;
+}
+
+/** What an import slot leads to instead of the function (`callers`), and the code placed for it. */
+export interface SlotLayout {
+  readonly destination: bigint;
+  /** The guard's or the canned code's slot; null when the slot leads to the replacement itself. */
+  readonly stub: CodeSlot | null;
+  /** The guard's busy flag: set while the replacement runs. */
+  readonly busy: bigint | null;
+  /** Canned code's native call counter. */
+  readonly counter?: bigint;
+}
+
+/**
+ * Lays out where import slots lead instead of `original` (what they held): a native replacement
+ * itself — a slot holds a whole address, so nothing is out of reach — or, for a JS one, the guard,
+ * which sends other threads' and re-entrant calls to `original`. Nothing needs relocating.
+ */
+export function slotLayout(signature: AnySite["signature"], to: Destination, original: bigint): SlotLayout {
+  const m = machine();
+  if (to.kind === "native") return { destination: to.address, stub: null, busy: null };
+  if (to.kind === "original") return { destination: original, stub: null, busy: null };
+  if (to.kind === "canned") return cannedAlone(m, to, original);
+  const guard = m.arch.guard;
+  if (!guard) return { destination: to.callback.address, stub: null, busy: null };
+  const shape = guard.layout(m.platform.runtime.os, signature);
+  const slot = m.pool.allocate(original, 2n ** 62n, shape.size, shape.dataSize);
+  if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for the guard.");
+  try {
+    m.pool.write(slot, guardCode(m, signature, slot, slot.address, to.callback.address, original));
+  } catch (error) {
+    m.pool.release(slot, null);
+    throw error;
+  }
+  return { destination: slot.address, stub: slot, busy: slot.data + BigInt(shape.busyOffset) };
+}
+
+/**
+ * Canned code for import slots: anywhere (a slot holds a whole address), with its data block
+ * (`cannedData`) whose original is what the slots held.
+ */
+function cannedAlone(m: Machine, to: Destination & { kind: "canned" }, original: bigint): SlotLayout {
+  const plan = m.arch.canned!(to.spec, m.platform.runtime.os);
+  const slot = m.pool.allocate(original, 2n ** 62n, plan.size, plan.dataSize);
+  if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for the canned code.");
+  try {
+    m.platform.runtime.view(slot.data, plan.dataSize).set(cannedData(to, () => original));
+    m.pool.write(slot, plan.encode(slot.address, slot.data));
+  } catch (error) {
+    m.pool.release(slot, null);
+    throw error;
+  }
+  return { destination: slot.address, stub: slot, busy: null, counter: slot.data + BigInt(CANNED_DATA.calls) };
 }
 
 function originalForGuard(trampoline: Trampoline): bigint {
@@ -138,6 +211,21 @@ function jumpStub(m: Machine, site: AnySite, to: bigint, below: bigint | null): 
     const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
     write(m, stub, relocated, m.arch.farJump(stub.front, to));
     return throughStub(m, site, stub, trampoline, null);
+  });
+}
+
+/**
+ * Canned native code (returns, sequence, a fake clock's function): placed after the trampoline in
+ * a slot near the entry, with its data block (`cannedData`); the entry jump leads straight to it.
+ */
+function cannedStub(m: Machine, site: AnySite, to: Destination & { kind: "canned" }, below: bigint | null): Layout {
+  const plan = m.arch.canned!(to.spec, m.platform.runtime.os);
+  const stub = reserve(m, site, below, plan.size, plan.dataSize);
+  return filling(m, stub, () => {
+    const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
+    m.platform.runtime.view(stub.slot.data, plan.dataSize).set(cannedData(to, () => trampoline.address));
+    write(m, stub, relocated, plan.encode(stub.front, stub.slot.data));
+    return { ...throughStub(m, site, stub, trampoline, null), counter: stub.slot.data + BigInt(CANNED_DATA.calls) };
   });
 }
 
