@@ -151,13 +151,16 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
    * itself). Throws `UNRELOCATABLE` when the first instructions could not be moved.
    */
   get original(): (...args: JsArguments<P>) => JsValue<R> {
-    if (!this.#original) {
-      const address = this.originalAddress;
-      const signature = nativeSignature(this.signature);
-      const key = `${this.address}:${this.depth}:${signature.parameters.join()}:${signature.result}`;
-      this.#original = machine().originals.acquire(key, signature, address);
-    }
-    return this.#original.call;
+    const address = this.originalAddress;
+    const signature = nativeSignature(this.signature);
+    const key = `${this.address}:${this.depth}:${signature.parameters.join()}:${signature.result}`;
+    this.#original = machine().originals.acquire(key, signature, address);
+    const call = this.#original.call;
+    // The stub stays this patch's for good (restore re-points it at the function itself), so from
+    // now on the property is the stub's function: `patch.original(x)` costs a direct FFI call, with
+    // no getter run per call.
+    Object.defineProperty(this, "original", { value: call, enumerable: false });
+    return call;
   }
 
   /** How many live patches this one is layered on. */
@@ -187,12 +190,12 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     const { platform, arch } = machine();
     // Under a patch whose restore is pending in this transaction, the entry will hold our jump
     // again once that write lands; that patch has checked the bytes.
-    const now = over ? applied.written : platform.runtime.view(applied.at, applied.written.length).slice();
-    if (!now.every((b, i) => b === applied.written[i])) {
+    const now = over ? applied.written : platform.runtime.view(applied.at, applied.written.length);
+    if (!sameBytes(now, applied.written)) {
       throw new RedefineError(
         "PATCH_MODIFIED",
         `the entry of the function at ${hex(this.address)} changed after it was redefined (expected ` +
-          `${hexBytes(applied.written)}, found ${hexBytes(now)}), so something else patched it: restore ` +
+          `${hexBytes(applied.written)}, found ${hexBytes(now.slice())}), so something else patched it: restore ` +
           `that patch first (redefine leaves these bytes alone rather than clobber them).`,
       );
     }
@@ -229,6 +232,12 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     if (applied.stub) machine().pool.release(applied.stub, busy);
     applied.trampoline.release();
   }
+}
+
+/** Whether `live` (a view of the code) holds exactly `expected`, read in place. */
+function sameBytes(live: Uint8Array, expected: Uint8Array): boolean {
+  for (let i = 0; i < expected.length; i++) if (live[i] !== expected[i]) return false;
+  return true;
 }
 
 /**

@@ -13,13 +13,15 @@ import { archFor } from "./arch/mod.ts";
 import type { Arch } from "./arch/types.ts";
 import { OriginalStubs } from "./original.ts";
 import { platform } from "../platform/mod.ts";
-import type { Platform, SymbolInfo } from "../platform/mod.ts";
+import type { Mapping, Platform, SymbolInfo } from "../platform/mod.ts";
 
 /** Writes collected by `transaction()` (src/transaction.ts), applied together when its body returns. */
 export interface Batch {
   readonly writes: CodeWrite[];
   readonly commits: (() => void)[];
   readonly rollbacks: (() => void)[];
+  /** The mappings this transaction's checks have found, made on first use (see `mappingAt`). */
+  mappings?: Mapping[];
 }
 
 /** The process's platform and the state built on it, made on first use. */
@@ -64,6 +66,24 @@ export function machine(): Machine {
     batch: null,
   };
   return current;
+}
+
+/**
+ * The mapping holding `address`, or null when it is unmapped. Inside a transaction each mapping is
+ * asked of the OS once: a thousand patches of one library make one query, not two thousand. Only
+ * mappings found are kept, never an answer of "unmapped": what the transaction itself maps (code
+ * pool blocks, stub libraries) lands in free space, and its writes give every page its protection
+ * back, so what it has seen stays true until it ends.
+ */
+export function mappingAt(address: bigint): Mapping | null {
+  const m = machine();
+  const known = m.batch?.mappings;
+  if (known) {
+    for (const mapping of known) if (address >= mapping.start && address < mapping.end) return mapping;
+  }
+  const found = m.platform.os.mappingAt(address);
+  if (found && m.batch) (m.batch.mappings ??= []).push(found);
+  return found;
 }
 
 /** What the registry knows of one live patch. */
