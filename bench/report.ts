@@ -10,7 +10,8 @@ import { platform } from "../platform/mod.ts";
 export interface Row {
   readonly name: string;
   readonly ours: number;
-  readonly baseline: number;
+  /** Null when the goal is a bound on ours alone (memory per patch). */
+  readonly baseline: number | null;
   readonly unit: string;
   /**
    * The goal: `ratio` bounds ours / baseline, `most` bounds ours itself (in `unit`), `delta` bounds
@@ -54,9 +55,10 @@ export function compare(a: Case, b: Case, n: number, rounds = 15): [number, numb
 /** Whether `row` meets its goal. */
 export function met(row: Row): boolean {
   const { ratio, most, delta, least } = row.goal;
-  const r = row.ours / row.baseline;
+  const base = row.baseline ?? NaN;
+  const r = row.ours / base;
   return (ratio === undefined || r <= ratio) && (most === undefined || row.ours <= most) &&
-    (delta === undefined || row.ours - row.baseline <= delta) && (least === undefined || r >= least);
+    (delta === undefined || row.ours - base <= delta) && (least === undefined || r >= least);
 }
 
 /** The goal as text: `≤ 1.05×`, `≤ 3 µs`, `≤ +10 ms`, `≥ 10×`. */
@@ -73,12 +75,13 @@ export function goalText(row: Row): string {
 /** Prints `rows` as this runtime's table, and each as an `@row` line for scripts/bench.mjs. */
 export function report(rows: readonly Row[]): void {
   const name = platform().runtime.name;
-  const figure = (v: number, unit: string) => `${v.toFixed(v < 10 ? 2 : 1)} ${unit}`.padEnd(16);
+  const figure = (v: number | null, unit: string) => (v === null ? "—" : `${v.toFixed(v < 10 ? 2 : 1)} ${unit}`).padEnd(16);
   console.log(`\n${name}: ${"benchmark".padEnd(58)} ${"ours".padEnd(16)} ${"baseline".padEnd(16)} ratio  goal`);
   for (const row of rows) {
     console.log(
       `${name}: ${row.name.padEnd(58)} ${figure(row.ours, row.unit)} ${figure(row.baseline, row.unit)} ` +
-        `${(row.ours / row.baseline).toFixed(2).padEnd(6)} ${goalText(row)} ${met(row) ? "met" : "MISSED"}`,
+        `${(row.baseline === null ? "—" : (row.ours / row.baseline).toFixed(2)).padEnd(6)} ${goalText(row)} ` +
+        (met(row) ? "met" : "MISSED"),
     );
   }
   for (const row of rows) console.log(`@row ${JSON.stringify({ runtime: name, ...row })}`);

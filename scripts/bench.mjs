@@ -46,15 +46,17 @@ function goalText({ goal, unit }) {
   ].filter(Boolean).join(", ");
 }
 function met({ goal }, row) {
-  const r = row.ours / row.baseline;
+  const r = row.ours / (row.baseline ?? NaN);
   return (goal.ratio === undefined || r <= goal.ratio) && (goal.most === undefined || row.ours <= goal.most) &&
     (goal.delta === undefined || row.ours - row.baseline <= goal.delta) && (goal.least === undefined || r >= goal.least);
 }
 function cell(entry, row) {
   if (!row) return "—";
+  const verdict = met(entry, row) ? "met" : "**missed**";
+  if (row.baseline === null) return `${fixed(row.ours)} ${row.unit} ${verdict}`;
   const ratio = row.ours / row.baseline;
   const shown = entry.goal.delta !== undefined ? `+${fixed(row.ours - row.baseline)} ${row.unit}` : `${fixed(ratio)}×`;
-  return `${fixed(row.ours)} / ${fixed(row.baseline)} ${row.unit} = ${shown} ${met(entry, row) ? "met" : "**missed**"}`;
+  return `${fixed(row.ours)} / ${fixed(row.baseline)} ${row.unit} = ${shown} ${verdict}`;
 }
 
 console.log("\n## All figures (ours / baseline = ratio; goal)\n");

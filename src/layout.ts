@@ -92,7 +92,9 @@ function trampolineAlone(m: Machine, site: AnySite): { address: bigint; slot: Co
 function guardedStub(m: Machine, site: AnySite, callback: bigint, below: bigint | null): Layout {
   const guard = m.arch.guard!;
   const { os } = m.platform.runtime;
-  const shape = guard.layout(os, site.signature);
+  const key = `${os}:${site.signature.parameters.join()}:${site.signature.result}`;
+  const shape = m.guardLayouts.get(key) ?? guard.layout(os, site.signature);
+  m.guardLayouts.set(key, shape);
   const stub = reserve(m, site, below, shape.size, shape.dataSize);
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, site, stub, below);

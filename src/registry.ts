@@ -10,7 +10,7 @@ import { hex, RedefineError } from "./errors.ts";
 import { CodePool } from "./code_memory.ts";
 import type { CodeWrite } from "./code_memory.ts";
 import { archFor } from "./arch/mod.ts";
-import type { Arch } from "./arch/types.ts";
+import type { Arch, GuardLayout } from "./arch/types.ts";
 import { OriginalStubs } from "./original.ts";
 import { platform } from "../platform/mod.ts";
 import type { Mapping, Platform, SymbolInfo } from "../platform/mod.ts";
@@ -34,6 +34,8 @@ export interface Machine {
   jsThread?: bigint;
   /** Code shared by many patches, by its bytes: where each copy was placed. */
   readonly shared: Map<string, bigint[]>;
+  /** The guard's layout by signature: its shared code is assembled once, not once a patch. */
+  readonly guardLayouts: Map<string, GuardLayout>;
   /**
    * Symbols by address, as the OS found them: the lookup scans a library's whole symbol table, and
    * a loaded library's symbols do not move.
@@ -61,6 +63,7 @@ export function machine(): Machine {
     arch,
     originals: new OriginalStubs(p, arch),
     shared: new Map(),
+    guardLayouts: new Map(),
     symbols: new Map(),
     cleanEntries: new Map(),
     batch: null,
@@ -186,8 +189,11 @@ export function readThrough(bytes: Uint8Array, start: bigint): void {
 /** Live patches whose entry jump may touch [from, to). */
 function near(from: bigint, to: bigint): Entry[] {
   const found: Entry[] = [];
-  for (let block = (from - LONGEST_JUMP) / BLOCK; block <= (to - 1n) / BLOCK; block++) {
-    found.push(...(byBlock.get(block) ?? []));
+  if (live.length === 0) return found;
+  const last = (to - 1n) / BLOCK;
+  for (let block = (from - LONGEST_JUMP) / BLOCK; block <= last; block++) {
+    const entries = byBlock.get(block);
+    if (entries) for (const entry of entries) found.push(entry);
   }
   return found;
 }
