@@ -1,5 +1,6 @@
 /**
- * Detects the runtime, the OS and the CPU once and hands `src/` one Platform object. The runtime
+ * Detects the runtime, the OS and the CPU once and hands `src/` one Platform object; the one door
+ * from `src/` into `platform/` (the stub image builder src/original.ts uses included). The runtime
  * adapter is loaded when this module is (Bun's FFI can only be imported dynamically); the OS layer,
  * which opens libc and so needs FFI permission, is made on first use, so a missing permission
  * surfaces as a typed error from the call that needed it.
