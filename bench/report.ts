@@ -1,6 +1,7 @@
 /**
  * What every benchmark shares: timing in interleaved rounds (the machines are noisy, so a figure
- * is always set against its baseline measured in the same run), and the report — a table on
+ * is always set against its baseline measured in the same run, and each is its best round: on a
+ * shared machine interference only ever adds time), and the report — a table on
  * stdout, plus one `@row` JSON line per figure that `npm run bench` (scripts/bench.mjs) gathers
  * from the three runtimes into one table.
  */
@@ -34,12 +35,12 @@ export function timePer(body: () => void, n: number): number {
   return ((performance.now() - start) * 1e6) / n;
 }
 
-/** The median of `xs`. */
-export function median(xs: readonly number[]): number {
-  return [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)];
+/** The best (least) of `xs`. */
+export function best(xs: readonly number[]): number {
+  return Math.min(...xs);
 }
 
-/** Interleaves rounds of `a` and `b` so drift hits both alike; the medians, in ns per call. */
+/** Interleaves rounds of `a` and `b` so drift hits both alike; the best rounds, in ns per call. */
 export function compare(a: Case, b: Case, n: number, rounds = 15): [number, number] {
   const as: number[] = [], bs: number[] = [];
   for (let r = 0; r < rounds; r++) {
@@ -49,7 +50,7 @@ export function compare(a: Case, b: Case, n: number, rounds = 15): [number, numb
       c.tearDown?.();
     }
   }
-  return [median(as), median(bs)];
+  return [best(as), best(bs)];
 }
 
 /** Whether `row` meets its goal. */

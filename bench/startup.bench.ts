@@ -2,14 +2,14 @@
  * Start-up: a whole process that imports mod.ts, makes its first patch (a native redirect) and
  * restores it (bench/startup/first_patch.ts), against a process running an empty script
  * (bench/startup/empty.ts), on the runtime running this file. Runs alternate, so drift hits both
- * alike; each figure is the median. Wall time is what a user waits; CPU time (user + system, from
+ * alike; each figure is the best run. Wall time is what a user waits; CPU time (user + system, from
  * `getrusage(RUSAGE_CHILDREN)` around each run) is what the process did, and shifts less when the
  * machine is busy.
  */
 import { spawnSync } from "node:child_process";
 import process from "node:process";
 import { platform } from "../platform/mod.ts";
-import { median, report } from "./report.ts";
+import { best, report } from "./report.ts";
 
 const { runtime } = platform();
 const RUNS = 15;
@@ -46,7 +46,7 @@ for (let r = 0; r < RUNS; r++) {
   subject.push(run("first_patch.ts"));
   empty.push(run("empty.ts"));
 }
-const at = (runs: [number, number][], k: 0 | 1) => median(runs.map((r) => r[k]));
+const at = (runs: [number, number][], k: 0 | 1) => best(runs.map((r) => r[k]));
 report(([[0, "wall"], [1, "CPU"]] as const).map(([k, what]) => ({
   name: `start-up, ${what}: import + first redefine + restore / an empty script`,
   ours: at(subject, k),

@@ -17,7 +17,7 @@ import { writeCode } from "../src/code_memory.ts";
 import { platform } from "../platform/mod.ts";
 import { elfFunctions, findLibrary } from "../test/elf_file.ts";
 import { assemble } from "../test/native.ts";
-import { median, report } from "./report.ts";
+import { best, report } from "./report.ts";
 import type { Row } from "./report.ts";
 
 const { os, runtime } = platform();
@@ -38,7 +38,7 @@ function countProtects<T>(body: () => T): [T, number] {
   }
 }
 
-/** µs per patch of `a` and of `b`, each a whole round of COUNT patches: medians of interleaved rounds. */
+/** µs per patch of `a` and of `b`, each a whole round of COUNT patches: the best of interleaved rounds. */
 function perPatch(a: () => void, b: () => void, rounds = 9): [number, number] {
   const as: number[] = [], bs: number[] = [];
   for (let r = 0; r < rounds; r++) {
@@ -48,7 +48,7 @@ function perPatch(a: () => void, b: () => void, rounds = 9): [number, number] {
       out.push(((performance.now() - start) * 1000) / COUNT);
     }
   }
-  return [median(as), median(bs)];
+  return [best(as), best(bs)];
 }
 
 // COUNT copies of `mov rax, rdi; ret` padded to 16 bytes, 4 pages' worth, and labs as the
