@@ -40,7 +40,9 @@ export function redefine<const P extends readonly NativeType[], const R extends 
   target: Target<P, R>,
   replacement: NoInfer<Replacement<P, R>>,
 ): Patch<P, R> {
-  if ("callers" in target && target.callers !== undefined) return redefineCallers(target, replacement);
+  if ("callers" in target && target.callers !== undefined) {
+    return redefineCallers(target, (signature) => destinationFor(signature, replacement));
+  }
   const site = locate(target);
   return apply(site, destinationFor(site.signature, replacement));
 }
@@ -113,6 +115,7 @@ export function apply<P extends readonly NativeType[], R extends NativeType>(
     trampoline: layout.trampoline,
     callback: to.kind === "callback" ? to.callback : null,
     busy: layout.busy,
+    counter: layout.counter,
   });
   schedule({ address: site.at, bytes: layout.entry, spin: machine().arch.selfLoop }, () => {}, () => patch.abandon());
   return patch;
