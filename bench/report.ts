@@ -81,8 +81,8 @@ export function report(rows: readonly Row[]): void {
   for (const row of rows) {
     console.log(
       `${name}: ${row.name.padEnd(58)} ${figure(row.ours, row.unit)} ${figure(row.baseline, row.unit)} ` +
-        `${(row.baseline === null ? "—" : (row.ours / row.baseline).toFixed(2)).padEnd(6)} ${goalText(row)} ` +
-        (met(row) ? "met" : "MISSED"),
+        `${(row.baseline === null ? "—" : (row.ours / row.baseline).toFixed(2)).padEnd(6)} ${goalText(row) || "—"} ` +
+        (!goalText(row) ? "" : met(row) ? "met" : "MISSED"),
     );
   }
   for (const row of rows) console.log(`@row ${JSON.stringify({ runtime: name, ...row })}`);

@@ -52,7 +52,7 @@ function met({ goal }, row) {
 }
 function cell(entry, row) {
   if (!row) return "—";
-  const verdict = met(entry, row) ? "met" : "**missed**";
+  const verdict = !goalText(entry) ? "" : met(entry, row) ? "met" : "**missed**";
   if (row.baseline === null) return `${fixed(row.ours)} ${row.unit} ${verdict}`;
   const ratio = row.ours / row.baseline;
   const shown = entry.goal.delta !== undefined ? `+${fixed(row.ours - row.baseline)} ${row.unit}` : `${fixed(ratio)}×`;
@@ -63,5 +63,5 @@ console.log("\n## All figures (ours / baseline = ratio; goal)\n");
 console.log(`| benchmark | goal | ${runtimes.map(([r]) => r[0].toUpperCase() + r.slice(1)).join(" | ")} |`);
 console.log(`| --- | --- | ${runtimes.map(() => "---").join(" | ")} |`);
 for (const [name, entry] of rows) {
-  console.log(`| ${name} | ${goalText(entry)} | ${runtimes.map(([r]) => cell(entry, entry.by[r])).join(" | ")} |`);
+  console.log(`| ${name} | ${goalText(entry) || "—"} | ${runtimes.map(([r]) => cell(entry, entry.by[r])).join(" | ")} |`);
 }
