@@ -50,6 +50,8 @@ const QUARANTINE_MS = 1000;
 export class CodePool {
   readonly #platform: Platform;
   readonly #blocks: PoolBlock[] = [];
+  /** Every page of the blocks (code, data, writable alias): `contains` asks it, not each block. */
+  readonly #pages = new Set<bigint>();
   readonly #quarantine: { slot: CodeSlot; since: number; busy: bigint | null }[] = [];
 
   constructor(platform: Platform) {
@@ -68,7 +70,11 @@ export class CodePool {
       const lo = b.address, hi = b.data + BigInt(b.dataSize);
       return (lo > near ? lo - near : near - lo) <= reach && (hi > near ? hi - near : near - hi) <= reach;
     };
-    for (const block of this.#blocks.filter(within)) {
+    // Newest first: the block being filled has room, the older ones mostly have none, and whether
+    // a block has room is cheaper to ask than whether it is in reach.
+    for (let i = this.#blocks.length - 1; i >= 0; i--) {
+      const block = this.#blocks[i];
+      if (!fits(block.code, codeSize) || !fits(block.dataArena, dataBytes) || !within(block)) continue;
       const slot = take(block, codeSize, dataBytes);
       if (slot) return slot;
     }
@@ -81,6 +87,10 @@ export class CodePool {
       dataArena: { used: 0, size: fresh.dataSize, free: [] },
     };
     this.#blocks.push(block);
+    const page = BigInt(os.pageSize);
+    for (const [start, end] of [[block.address, block.data + BigInt(block.dataSize)], [block.writable, block.writable + BigInt(block.size)]]) {
+      for (let p = start - start % page; p < end; p += page) this.#pages.add(p);
+    }
     return take(block, codeSize, dataBytes);
   }
 
@@ -104,10 +114,7 @@ export class CodePool {
 
   /** True when `address` lies in this pool's memory (patching it would patch ourselves). */
   contains(address: bigint): boolean {
-    return this.#blocks.some((b) =>
-      (address >= b.address && address < b.data + BigInt(b.dataSize)) ||
-      (address >= b.writable && address < b.writable + BigInt(b.size))
-    );
+    return this.#pages.has(address - address % BigInt(this.#platform.os.pageSize));
   }
 
   /** Executable bytes handed out and not given back, for the memory-per-patch measure. */
@@ -134,6 +141,11 @@ export class CodePool {
 
 function roundUp(n: number, to: number): number {
   return Math.ceil(n / to) * to;
+}
+
+/** Whether `carve` can give `size` bytes of `arena`. */
+function fits(arena: Arena, size: number): boolean {
+  return size === 0 || arena.used + size <= arena.size || arena.free.some((f) => f.size === size);
 }
 
 function carve(arena: Arena, size: number): number | null {
