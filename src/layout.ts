@@ -130,7 +130,7 @@ function guardCode(
   const { code, data } = guard.encode({
     at: front,
     data: slot.data,
-    jsThread: jsThreadOf(m, guard.threadPointerReader(os)),
+    jsThread: m.jsThread ?? jsThreadOf(m, guard.threadPointerReader(os)),
     callback,
     original,
     os,
@@ -383,7 +383,10 @@ function coverage(entry: Uint8Array, stub: Stub): number {
  * reach of `near`: placed once per region and reused.
  */
 function sharedCode(m: Machine, code: Uint8Array, near: bigint): bigint {
-  const key = code.join();
+  // By its bytes, worked out once per copy of them (the guard's layouts are kept, and with them
+  // their shared code).
+  let key = m.sharedKeys.get(code);
+  if (key === undefined) m.sharedKeys.set(code, key = code.join());
   const reach = m.arch.nearReach - BigInt(code.length) - 4096n;
   const copies = m.shared.get(key) ?? [];
   const found = copies.find((at) => (at > near ? at - near : near - at) < reach);

@@ -34,6 +34,8 @@ export interface Machine {
   jsThread?: bigint;
   /** Code shared by many patches, by its bytes: where each copy was placed. */
   readonly shared: Map<string, bigint[]>;
+  /** The key in `shared` of each piece of shared code met so far. */
+  readonly sharedKeys: WeakMap<Uint8Array, string>;
   /** The guard's layout by signature: its shared code is assembled once, not once a patch. */
   readonly guardLayouts: Map<string, GuardLayout>;
   /**
@@ -63,6 +65,7 @@ export function machine(): Machine {
     arch,
     originals: new OriginalStubs(p, arch),
     shared: new Map(),
+    sharedKeys: new WeakMap(),
     guardLayouts: new Map(),
     symbols: new Map(),
     cleanEntries: new Map(),
