@@ -30,6 +30,12 @@ interface PoolBlock extends CodeBlock {
   readonly dataArena: Arena;
 }
 
+/**
+ * The least code a new block maps: finding room near a target reads the whole memory map, so a
+ * block serves hundreds of trampolines rather than one page's worth (Windows maps 64 KiB anyway).
+ */
+const MIN_BLOCK = 64 * 1024;
+
 /** Slots start on this boundary: instruction fetch likes it and arm64 needs ≥ 4. */
 const SLOT_ALIGN = 16;
 
@@ -79,7 +85,7 @@ export class CodePool {
       if (slot) return slot;
     }
     const { os } = this.#platform;
-    const fresh = os.allocateCode(near, reach, roundUp(codeSize, os.pageSize));
+    const fresh = os.allocateCode(near, reach, roundUp(Math.max(codeSize, MIN_BLOCK), os.pageSize));
     if (!fresh) return null;
     const block: PoolBlock = {
       ...fresh,
@@ -129,13 +135,17 @@ export class CodePool {
     const { runtime } = this.#platform;
     const ready = (q: { since: number; busy: bigint | null }) =>
       now - q.since >= QUARANTINE_MS && (q.busy === null || runtime.view(q.busy, 1)[0] === 0);
-    while (this.#quarantine.length && ready(this.#quarantine[0])) {
-      const { slot } = this.#quarantine.shift()!;
+    // Oldest first; the ready ones leave in one splice (a shift each would move the whole
+    // queue, tens of thousands of slots after many patches, once per slot).
+    let done = 0;
+    for (; done < this.#quarantine.length && ready(this.#quarantine[done]); done++) {
+      const { slot } = this.#quarantine[done];
       slot.block.code.free.push({ offset: Number(slot.address - slot.block.address), size: slot.size });
       if (slot.dataSize) {
         slot.block.dataArena.free.push({ offset: Number(slot.data - slot.block.data), size: slot.dataSize });
       }
     }
+    if (done > 0) this.#quarantine.splice(0, done);
   }
 }
 

@@ -22,6 +22,8 @@ export interface Batch {
   readonly rollbacks: (() => void)[];
   /** The mappings this transaction's checks have found, made on first use (see `mappingAt`). */
   mappings?: Mapping[];
+  /** `writes` by address, in order, made on first use (src/transaction.ts's `pendingAt`). */
+  byAddress?: Map<bigint, CodeWrite[]>;
 }
 
 /** The process's platform and the state built on it, made on first use. */
