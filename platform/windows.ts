@@ -14,6 +14,8 @@
  * - Writes: `VirtualProtect(PAGE_EXECUTE_READWRITE)`, and back to exactly the protection it
  *   returned (`PAGE_EXECUTE_WRITECOPY`, guard bits... survive), then
  *   `FlushInstructionCache(GetCurrentProcess(), address, size)`, as the Windows API requires.
+ *   Never `WriteProcessMemory` on this process: it changes the same protections itself, and is
+ *   slower (see `forceWrite`).
  * - Our own code: a pagefile-backed section mapped twice, read+execute at a free, 64 KiB-aligned
  *   address near the target (found by a `VirtualQuery` walk) and read+write anywhere, so none of
  *   our pages is writable and executable (a single `VirtualAlloc` region would have to be both);
@@ -59,6 +61,7 @@ const FILE_ATTRIBUTE_NORMAL = 0x80;
 const CURRENT_PROCESS = -1n;
 /** MEMORY_BASIC_INFORMATION on x64. */
 const MBI_SIZE = 48;
+const MBI_BYTES = BigInt(MBI_SIZE);
 /** How many thunks in a row are followed before giving up (a cycle, or a chain of forwarders). */
 const MAX_THUNKS = 4;
 
@@ -172,11 +175,14 @@ export function windows(runtime: Runtime): Os {
     return `${ERROR_NAMES[code] ?? "error"} (${code})`;
   }
 
-  function query(address: bigint): DataView | null {
-    const mbi = new Uint8Array(MBI_SIZE);
-    if ((k.VirtualQuery(address, mbi, BigInt(MBI_SIZE)) as bigint) === 0n) return null;
-    return new DataView(mbi.buffer);
+  /** MEMORY_BASIC_INFORMATION of the region at `address`, into `into` (fresh by default). */
+  function query(address: bigint, into = new Uint8Array(MBI_SIZE)): DataView | null {
+    if ((k.VirtualQuery(address, into, MBI_BYTES) as bigint) === 0n) return null;
+    return new DataView(into.buffer);
   }
+  // mappingAt and protect run for every page a write touches: one buffer each for all their calls.
+  const scratch = new Uint8Array(MBI_SIZE);
+  const oldProtection = new Uint8Array(4);
 
   function moduleFileName(module: bigint): string {
     const buffer = new Uint16Array(1024);
@@ -258,7 +264,7 @@ export function windows(runtime: Runtime): Os {
   }
 
   function mappingAt(address: bigint): Mapping | null {
-    const mbi = query(address);
+    const mbi = query(address, scratch);
     if (!mbi || mbi.getUint32(32, true) !== MEM_COMMIT) return null;
     const start = mbi.getBigUint64(0, true);
     return { start, end: start + mbi.getBigUint64(24, true), protection: protectionBits(mbi.getUint32(36, true)), path: "" };
@@ -403,8 +409,7 @@ export function windows(runtime: Runtime): Os {
       const before = saved.get(start);
       const restoring = before !== undefined && protectionBits(before) === protection;
       const value = restoring ? before : pageProtection(protection);
-      const old = new Uint32Array(1);
-      if ((k.VirtualProtect(start, BigInt(length), value, new Uint8Array(old.buffer)) as number) === 0) {
+      if ((k.VirtualProtect(start, BigInt(length), value, oldProtection) as number) === 0) {
         throw new RedefineError(
           "PROTECT_FAILED",
           `VirtualProtect(${hex(start)}, ${length}, ${hex(value)} [${protectionText(protection)}]) failed: ` +
@@ -413,11 +418,14 @@ export function windows(runtime: Runtime): Os {
             `another module.`,
         );
       }
+      const old = u32(oldProtection);
       if (restoring) saved.delete(start);
-      else if (protection & PROT_WRITE && !(protectionBits(old[0]) & PROT_WRITE)) saved.set(start, old[0]);
+      else if (protection & PROT_WRITE && !(protectionBits(old) & PROT_WRITE)) saved.set(start, old);
     },
 
-    allocateCode(near, reach, size) {
+    allocateCode(near, reach, codeSize) {
+      // Whole pages: the data page's VirtualProtect must not reach back into the code's last page.
+      const size = Math.ceil(codeSize / pageSize) * pageSize;
       const dataSize = pageSize;
       const total = size + dataSize;
       const span = (BigInt(total) + granularity - 1n) / granularity * granularity;
@@ -470,8 +478,12 @@ export function windows(runtime: Runtime): Os {
       return path;
     },
 
-    // WriteProcessMemory on this process would be the counterpart of Linux's /proc/self/mem; until
-    // it is measured against VirtualProtect pairs under Wine, every write makes its pages writable.
+    // No forced write: WriteProcessMemory on this process is no /proc/self/mem. On a read+execute
+    // page it makes the page writable+executable itself (Wine: PAGE_EXECUTE_WRITECOPY, then the
+    // write as a wineserver request, then the old protection back), so no page stays closed; it
+    // refuses PAGE_READONLY pages (ERROR_NOACCESS); and under Wine, where the write itself is a
+    // wineserver request, a write and its undo cost 3-108x (3-5x on a quiet machine) the same two
+    // writes between VirtualProtect pairs (bench/windows_write.bench.ts).
     forceWrite() {
       return false;
     },
