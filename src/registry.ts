@@ -170,8 +170,11 @@ export function newestFirst(): Entry[] {
  */
 export function refuseOverlap(at: bigint, covers: number): void {
   // Patches of the same function write at the same place: those are layers, not overlaps.
-  const overlap = near(at, at + BigInt(covers)).find((entry) =>
-    entry.at !== at && entry.at < at + BigInt(covers) && at < entry.at + BigInt(entry.written.length)
+  // A bigint is a heap object: each sum is made once, and a neighbour's end only when it starts
+  // before ours ends.
+  const end = at + BigInt(covers);
+  const overlap = near(at, end).find((entry) =>
+    entry.at !== at && entry.at < end && at < entry.at + BigInt(entry.written.length)
   );
   if (overlap) {
     throw new RedefineError(
