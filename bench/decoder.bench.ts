@@ -9,6 +9,7 @@ import { platform } from "../platform/mod.ts";
 import { PROT_EXEC } from "../platform/mod.ts";
 import { instructionLength } from "../src/arch/x86_64/decoder.ts";
 import { x86_64 } from "../src/arch/x86_64/mod.ts";
+import { report } from "./report.ts";
 
 const { runtime, os } = platform();
 const SIZE = 1 << 20;
@@ -92,17 +93,10 @@ if (text === null) {
     () => sweepIced(code, address),
     () => (x86_64.branchesInto(code, address, from, to), count),
   ]);
-  const pad = (s: string, n: number) => s.padEnd(n);
-  const row = (name: string, mine: number, base: number, goal: number) => {
-    const ratio = mine / base;
-    console.log(
-      `${runtime.name}: ${pad(name, 40)} ${pad(mine.toFixed(1) + " ns/insn", 16)} ` +
-        `${pad(base.toFixed(1) + " ns/insn", 16)} ${ratio.toFixed(2)}   ≤ ${goal} ${ratio <= goal ? "met" : "MISSED"}`,
-    );
-  };
-  console.log(`\n${runtime.name}: ${pad("benchmark", 40)} ${pad("ours", 16)} ${pad("baseline", 16)} ratio  goal`);
-  row("x86-64 length decoder / iced-x86", ours, iced, 1.0);
-  row("branchesInto over the region / iced-x86", scan, iced, 1.0);
+  report([
+    { name: "x86-64 length decoder / iced-x86, ns per instruction", ours, baseline: iced, unit: "ns", goal: { ratio: 1 } },
+    { name: "branchesInto over the region / iced-x86, ns per instruction", ours: scan, baseline: iced, unit: "ns", goal: { ratio: 1 } },
+  ]);
   console.log(`${runtime.name}: ${compared} instructions of libc compared with iced-x86, ${differ} lengths differ`);
   if (differ !== 0) throw new Error(`${differ} lengths differ from iced-x86`);
 }

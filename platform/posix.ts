@@ -48,13 +48,33 @@ export interface Posix {
   symbolAddress(symbol: string, library?: string): bigint;
 }
 
+const encoder = new TextEncoder();
+
 /** A NUL-terminated C string. */
 export function cString(text: string): Uint8Array {
-  return new TextEncoder().encode(text + "\0");
+  return encoder.encode(text + "\0");
 }
 
 /** The shared helpers over `c`, spoken in `flavour`. */
 export function posix(runtime: Runtime, c: PosixLibc, flavour: PosixFlavour): Posix {
+  // A library stays loaded once we hold a handle to it (nothing here calls dlclose), so one
+  // `dlopen` per library name serves every later lookup, and a symbol found in it stays where it
+  // is. Lookups anywhere in the process are asked each time: a library loaded since may come first.
+  const handles = new Map<string, bigint>();
+  const inLibrary = new Map<string, bigint>();
+  // Symbol names are written into one reused buffer: a lookup allocates nothing.
+  let name = new Uint8Array(256);
+  function nameOf(symbol: string): Uint8Array {
+    for (;;) {
+      const { read, written } = encoder.encodeInto(symbol, name.subarray(0, name.length - 1));
+      if (read === symbol.length) {
+        name[written] = 0;
+        return name;
+      }
+      name = new Uint8Array(name.length * 2);
+    }
+  }
+
   function errno(): number {
     return new DataView(runtime.view(flavour.errnoAddress(), 4).slice().buffer).getInt32(0, true);
   }
@@ -65,6 +85,8 @@ export function posix(runtime: Runtime, c: PosixLibc, flavour: PosixFlavour): Po
   }
 
   function dlHandle(library: string): bigint {
+    const known = handles.get(library);
+    if (known !== undefined) return known;
     const handle = c.dlopen(cString(library), RTLD_LAZY) as bigint;
     if (handle === 0n) {
       const why = c.dlerror() as bigint;
@@ -73,12 +95,16 @@ export function posix(runtime: Runtime, c: PosixLibc, flavour: PosixFlavour): Po
         `cannot open library '${library}'${why ? ": " + runtime.cString(why) : ""}. ${flavour.libraryAdvice}`,
       );
     }
+    handles.set(library, handle);
     return handle;
   }
 
   function symbolAddress(symbol: string, library?: string): bigint {
+    const key = library === undefined ? undefined : `${library}\0${symbol}`;
+    const known = key === undefined ? undefined : inLibrary.get(key);
+    if (known !== undefined) return known;
     const handle = library === undefined ? flavour.rtldDefault : dlHandle(library);
-    const address = c.dlsym(handle, cString(symbol)) as bigint;
+    const address = c.dlsym(handle, nameOf(symbol)) as bigint;
     if (address === 0n) {
       throw new RedefineError(
         "SYMBOL_NOT_FOUND",
@@ -87,6 +113,7 @@ export function posix(runtime: Runtime, c: PosixLibc, flavour: PosixFlavour): Po
           (library === undefined ? ", or name it with { library }." : "."),
       );
     }
+    if (key !== undefined) inLibrary.set(key, address);
     return address;
   }
 

@@ -5,7 +5,7 @@
  * undoing every step when one fails.
  */
 import { hex, RedefineError } from "./errors.ts";
-import type { CodeBlock, Mapping, Platform, Runtime } from "../platform/mod.ts";
+import type { CodeBlock, Mapping, Platform } from "../platform/mod.ts";
 import { PROT_EXEC, PROT_WRITE } from "../platform/mod.ts";
 
 /** A piece of a code block handed to one patch: code, and optionally data next to it. */
@@ -30,6 +30,12 @@ interface PoolBlock extends CodeBlock {
   readonly dataArena: Arena;
 }
 
+/**
+ * The least code a new block maps: finding room near a target reads the whole memory map, so a
+ * block serves hundreds of trampolines rather than one page's worth (Windows maps 64 KiB anyway).
+ */
+const MIN_BLOCK = 64 * 1024;
+
 /** Slots start on this boundary: instruction fetch likes it and arm64 needs ≥ 4. */
 const SLOT_ALIGN = 16;
 
@@ -50,6 +56,8 @@ const QUARANTINE_MS = 1000;
 export class CodePool {
   readonly #platform: Platform;
   readonly #blocks: PoolBlock[] = [];
+  /** Every page of the blocks (code, data, writable alias): `contains` asks it, not each block. */
+  readonly #pages = new Set<bigint>();
   readonly #quarantine: { slot: CodeSlot; since: number; busy: bigint | null }[] = [];
 
   constructor(platform: Platform) {
@@ -68,12 +76,16 @@ export class CodePool {
       const lo = b.address, hi = b.data + BigInt(b.dataSize);
       return (lo > near ? lo - near : near - lo) <= reach && (hi > near ? hi - near : near - hi) <= reach;
     };
-    for (const block of this.#blocks.filter(within)) {
+    // Newest first: the block being filled has room, the older ones mostly have none, and whether
+    // a block has room is cheaper to ask than whether it is in reach.
+    for (let i = this.#blocks.length - 1; i >= 0; i--) {
+      const block = this.#blocks[i]!;
+      if (!fits(block.code, codeSize) || !fits(block.dataArena, dataBytes) || !within(block)) continue;
       const slot = take(block, codeSize, dataBytes);
       if (slot) return slot;
     }
     const { os } = this.#platform;
-    const fresh = os.allocateCode(near, reach, roundUp(codeSize, os.pageSize));
+    const fresh = os.allocateCode(near, reach, roundUp(Math.max(codeSize, MIN_BLOCK), os.pageSize));
     if (!fresh) return null;
     const block: PoolBlock = {
       ...fresh,
@@ -81,6 +93,10 @@ export class CodePool {
       dataArena: { used: 0, size: fresh.dataSize, free: [] },
     };
     this.#blocks.push(block);
+    const page = BigInt(os.pageSize);
+    for (const [start, end] of [[block.address, block.data + BigInt(block.dataSize)], [block.writable, block.writable + BigInt(block.size)]] as const) {
+      for (let p = start - start % page; p < end; p += page) this.#pages.add(p);
+    }
     return take(block, codeSize, dataBytes);
   }
 
@@ -104,10 +120,7 @@ export class CodePool {
 
   /** True when `address` lies in this pool's memory (patching it would patch ourselves). */
   contains(address: bigint): boolean {
-    return this.#blocks.some((b) =>
-      (address >= b.address && address < b.data + BigInt(b.dataSize)) ||
-      (address >= b.writable && address < b.writable + BigInt(b.size))
-    );
+    return this.#pages.has(address - address % BigInt(this.#platform.os.pageSize));
   }
 
   /** Executable bytes handed out and not given back, for the memory-per-patch measure. */
@@ -122,18 +135,27 @@ export class CodePool {
     const { runtime } = this.#platform;
     const ready = (q: { since: number; busy: bigint | null }) =>
       now - q.since >= QUARANTINE_MS && (q.busy === null || runtime.view(q.busy, 1)[0] === 0);
-    while (this.#quarantine.length && ready(this.#quarantine[0]!)) {
-      const { slot } = this.#quarantine.shift()!;
+    // Oldest first; the ready ones leave in one splice (a shift each would move the whole
+    // queue, tens of thousands of slots after many patches, once per slot).
+    let done = 0;
+    for (; done < this.#quarantine.length && ready(this.#quarantine[done]!); done++) {
+      const { slot } = this.#quarantine[done]!;
       slot.block.code.free.push({ offset: Number(slot.address - slot.block.address), size: slot.size });
       if (slot.dataSize) {
         slot.block.dataArena.free.push({ offset: Number(slot.data - slot.block.data), size: slot.dataSize });
       }
     }
+    if (done > 0) this.#quarantine.splice(0, done);
   }
 }
 
 function roundUp(n: number, to: number): number {
   return Math.ceil(n / to) * to;
+}
+
+/** Whether `carve` can give `size` bytes of `arena`. */
+function fits(arena: Arena, size: number): boolean {
+  return size === 0 || arena.used + size <= arena.size || arena.free.some((f) => f.size === size);
 }
 
 function carve(arena: Arena, size: number): number | null {
@@ -191,14 +213,14 @@ export function writeCode(platform: Platform, writes: readonly CodeWrite[]): voi
   const { os, runtime } = platform;
   const page = BigInt(os.pageSize);
   const pages = new Map<bigint, number>();
-  const pagesOf = (w: CodeWrite) => {
+  const pagesOf = writes.map((w) => {
     const list: bigint[] = [];
     for (let p = w.address - w.address % page; p < w.address + BigInt(w.bytes.length); p += page) list.push(p);
     return list;
-  };
+  });
   let known: Mapping | null = null;
-  for (const w of writes) {
-    for (const p of pagesOf(w)) {
+  for (const list of pagesOf) {
+    for (const p of list) {
       if (pages.has(p)) continue;
       // One query answers for every page of a mapping.
       if (!known || p < known.start || p >= known.end) known = os.mappingAt(p);
@@ -206,28 +228,41 @@ export function writeCode(platform: Platform, writes: readonly CodeWrite[]): voi
       pages.set(p, known.protection);
     }
   }
+  // One view per page, checked mapped above, serves every read and store there: a thousand writes
+  // on four pages make four views, not thousands.
+  const views = new Map<bigint, Uint8Array>();
+  const live: Live = (address, length) => {
+    const p = address - address % page;
+    if (address + BigInt(length) > p + page) return runtime.view(address, length);
+    let view = views.get(p);
+    if (!view) views.set(p, view = runtime.view(p, os.pageSize));
+    const offset = Number(address - p);
+    return view.subarray(offset, offset + length);
+  };
   // Pages a plain store may write: writable already, or made so below.
   const writable = new Set([...pages].filter(([, protection]) => protection & PROT_WRITE).map(([p]) => p));
-  const direct: Writer = (address, bytes) => (storeBytes(runtime, address, bytes), true);
+  const direct: Writer = (address, bytes) => (storeBytes(live, address, bytes), true);
   const forced: Writer = (address, bytes) => os.forceWrite(address, bytes);
   const opened: ReturnType<typeof protectionRuns> = [];
-  const done: { write: CodeWrite; writer: Writer }[] = [];
+  const done: { write: CodeWrite; writer: Writer; index: number }[] = [];
   // A write is flushed when any page it touches is executable.
-  const flush = (list: readonly CodeWrite[]) => {
-    for (const w of list) if (pagesOf(w).some((p) => pages.get(p)! & PROT_EXEC)) os.flushCode(w.address, w.bytes.length);
+  const flush = (indices: readonly number[]) => {
+    for (const i of indices) {
+      if (pagesOf[i]!.some((p) => pages.get(p)! & PROT_EXEC)) os.flushCode(writes[i]!.address, writes[i]!.bytes.length);
+    }
   };
   const undo = () => {
-    for (const { write, writer } of done.reverse()) store(platform, write, writer);
+    for (const { write, writer } of done.reverse()) store(platform, live, write, writer);
     for (const r of opened) os.protect(r.start, r.length, r.protection);
-    flush(done.map((d) => d.write));
+    flush(done.map((d) => d.index));
   };
   try {
-    for (const w of writes) {
-      const before = { ...w, bytes: runtime.view(w.address, w.bytes.length).slice() };
-      const closed = pagesOf(w).filter((p) => !writable.has(p));
+    writes.forEach((w, index) => {
+      const before = { ...w, bytes: live(w.address, w.bytes.length).slice() };
+      const closed = pagesOf[index]!.filter((p) => !writable.has(p));
       if (closed.length > 0) {
-        done.push({ write: before, writer: forced });
-        if (store(platform, w, forced)) continue;
+        done.push({ write: before, writer: forced, index });
+        if (store(platform, live, w, forced)) return;
         done.pop();
         for (const r of protectionRuns(new Map(closed.map((p) => [p, pages.get(p)!])), page)) {
           os.protect(r.start, r.length, r.protection | PROT_WRITE);
@@ -235,16 +270,19 @@ export function writeCode(platform: Platform, writes: readonly CodeWrite[]): voi
         }
         for (const p of closed) writable.add(p);
       }
-      done.push({ write: before, writer: direct });
-      store(platform, w, direct);
-    }
+      done.push({ write: before, writer: direct, index });
+      store(platform, live, w, direct);
+    });
   } catch (error) {
     undo();
     throw error;
   }
   for (const r of opened) os.protect(r.start, r.length, r.protection);
-  flush(writes);
+  flush(writes.map((_, i) => i));
 }
+
+/** A live view of `length` bytes of code at `address`, whose pages `writeCode` checked. */
+type Live = (address: bigint, length: number) => Uint8Array;
 
 /** Consecutive pages of the same protection, merged: one protection change each. */
 function protectionRuns(pages: Map<bigint, number>, page: bigint) {
@@ -268,15 +306,15 @@ function protectionRuns(pages: Map<bigint, number>, page: bigint) {
  * False when the writer refuses the first store (nothing written); a refusal after that throws,
  * and the caller's undo puts the old bytes back.
  */
-function store(platform: Platform, write: CodeWrite, writer: Writer): boolean {
+function store(platform: Platform, live: Live, write: CodeWrite, writer: Writer): boolean {
   const { address, bytes, spin } = write;
   const offset = address % 8n;
-  if (offset + BigInt(bytes.length) <= 8n) return storeWord(platform.runtime, address, bytes, writer);
+  if (offset + BigInt(bytes.length) <= 8n) return storeWord(live, address, bytes, writer);
   if (!spin || offset + BigInt(spin.length) > 8n || bytes.length <= spin.length) return writer(address, bytes);
-  if (!storeWord(platform.runtime, address, spin, writer)) return false;
+  if (!storeWord(live, address, spin, writer)) return false;
   platform.os.flushCode(address, spin.length);
   const rest = writer(address + BigInt(spin.length), bytes.subarray(spin.length)) &&
-    (platform.os.flushCode(address, bytes.length), storeWord(platform.runtime, address, bytes.subarray(0, spin.length), writer));
+    (platform.os.flushCode(address, bytes.length), storeWord(live, address, bytes.subarray(0, spin.length), writer));
   if (!rest) {
     throw new RedefineError(
       "PROTECT_FAILED",
@@ -287,20 +325,20 @@ function store(platform: Platform, write: CodeWrite, writer: Writer): boolean {
 }
 
 /** The aligned 8-byte word holding `bytes`, its other bytes unchanged, written in one store. */
-function storeWord(runtime: Runtime, address: bigint, bytes: Uint8Array, writer: Writer): boolean {
+function storeWord(live: Live, address: bigint, bytes: Uint8Array, writer: Writer): boolean {
   const offset = address % 8n;
-  const word = runtime.view(address - offset, 8).slice();
+  const word = live(address - offset, 8).slice();
   word.set(bytes, Number(offset));
   return writer(address - offset, word);
 }
 
 /** Stores through the process's own mapping: an aligned 8-byte word with one atomic store. */
-function storeBytes(runtime: Runtime, address: bigint, bytes: Uint8Array): void {
-  const live = runtime.view(address, bytes.length);
+function storeBytes(live: Live, address: bigint, bytes: Uint8Array): void {
+  const view = live(address, bytes.length);
   if (bytes.length === 8 && address % 8n === 0n) {
     const word = new DataView(bytes.buffer, bytes.byteOffset, 8).getBigInt64(0, true);
-    Atomics.store(new BigInt64Array(live.buffer, live.byteOffset, 1), 0, word);
+    Atomics.store(new BigInt64Array(view.buffer, view.byteOffset, 1), 0, word);
   } else {
-    live.set(bytes);
+    view.set(bytes);
   }
 }

@@ -9,7 +9,7 @@
  * (a native replacement may call it from its first call on); nothing is written at the entry here.
  */
 import { hex, RedefineError } from "./errors.ts";
-import type { RelocationPlan, RuntimeCode } from "./arch/types.ts";
+import type { GuardLayout, RelocationPlan, RuntimeCode } from "./arch/types.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { NativeType, Signature } from "./signature.ts";
 import { machine, refuseOverlap } from "./registry.ts";
@@ -147,7 +147,7 @@ function guardedStub(
   below: bigint | null,
   belowBypass: bigint | null,
 ): Layout {
-  const shape = m.arch.guard!.layout(m.platform.runtime.os, site.signature);
+  const shape = guardShape(m, site.signature);
   const stub = reserve(m, site, below, shape.size, shape.dataSize);
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
@@ -158,6 +158,15 @@ function guardedStub(
     write(m, stub, relocated, code);
     return { ...throughStub(m, site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset)), bypass };
   });
+}
+
+/** The guard's layout for `signature`: its shared code is assembled once, not once a patch. */
+function guardShape(m: Machine, signature: AnySite["signature"]): GuardLayout {
+  const { os } = m.platform.runtime;
+  const key = `${os}:${signature.parameters.join()}:${signature.result}`;
+  const shape = m.guardLayouts.get(key) ?? m.arch.guard!.layout(os, signature);
+  m.guardLayouts.set(key, shape);
+  return shape;
 }
 
 /** The guard's code for `front` in `slot`, its data written into the slot's data. */
@@ -171,11 +180,11 @@ function guardCode(
 ): Uint8Array {
   const guard = m.arch.guard!;
   const { os } = m.platform.runtime;
-  const shape = guard.layout(os, signature);
+  const shape = guardShape(m, signature);
   const { code, data } = guard.encode({
     at: front,
     data: slot.data,
-    jsThread: jsThreadOf(m, guard.threadPointerReader(os)),
+    jsThread: m.jsThread ?? jsThreadOf(m, guard.threadPointerReader(os)),
     callback,
     original,
     runtimeCode: runtimeCodeOf(m, guard.returnAddressReader(), front),
@@ -218,7 +227,7 @@ export function slotLayout(
   if (to.kind === "canned") return cannedAlone(m, to, original);
   const guard = m.arch.guard;
   if (!guard) return { destination: to.callback.address, stub: null, busy: null, bypass: to.callback.address };
-  const shape = guard.layout(m.platform.runtime.os, signature);
+  const shape = guardShape(m, signature);
   const slot = m.pool.allocate(original, 2n ** 62n, shape.size, shape.dataSize);
   if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for the guard.");
   try {
@@ -440,7 +449,10 @@ function coverage(entry: Uint8Array, stub: Stub): number {
  * reach of `near`: placed once per region and reused.
  */
 function sharedCode(m: Machine, code: Uint8Array, near: bigint): bigint {
-  const key = code.join();
+  // By its bytes, worked out once per copy of them (the guard's layouts are kept, and with them
+  // their shared code).
+  let key = m.sharedKeys.get(code);
+  if (key === undefined) m.sharedKeys.set(code, key = code.join());
   const reach = m.arch.nearReach - BigInt(code.length) - 4096n;
   const copies = m.shared.get(key) ?? [];
   const found = copies.find((at) => (at > near ? at - near : near - at) < reach);

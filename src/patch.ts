@@ -195,13 +195,16 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
    * itself). Throws `UNRELOCATABLE` when the first instructions could not be moved.
    */
   get original(): (...args: JsArguments<P>) => JsValue<R> {
-    if (!this.#original) {
-      const address = this.originalAddress;
-      const signature = nativeSignature(this.signature);
-      const key = `${this.#entries[0]!.address}:${this.depth}:${signature.parameters.join()}:${signature.result}`;
-      this.#original = machine().originals.acquire(key, signature, address);
-    }
-    return this.#original.call;
+    const address = this.originalAddress;
+    const signature = nativeSignature(this.signature);
+    const key = `${this.#entries[0]!.address}:${this.depth}:${signature.parameters.join()}:${signature.result}`;
+    this.#original = machine().originals.acquire(key, signature, address);
+    const call = this.#original.call;
+    // The stub stays this patch's for good (restore re-points it at the function itself), so from
+    // now on the property is the stub's function: `patch.original(x)` costs a direct FFI call, with
+    // no getter run per call.
+    Object.defineProperty(this, "original", { value: call, enumerable: false });
+    return call;
   }
 
   /**
@@ -249,13 +252,13 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
       // holds our bytes once that transaction's writes land.
       const length = entry.written.length;
       const now = overs[i] ? entry.written : pendingAt(entry.at, length) ??
-        platform.runtime.view(entry.at, length).slice();
-      if (!now.every((b, j) => b === entry.written[j])) {
+        platform.runtime.view(entry.at, length);
+      if (!sameBytes(now, entry.written)) {
         const where = entry.address === this.address ? "the entry of the function" : "the import slot";
         throw new RedefineError(
           "PATCH_MODIFIED",
           `${where} at ${hex(entry.at)} changed after the function at ${hex(this.address)} was redefined ` +
-            `(expected ${hexBytes(entry.written)}, found ${hexBytes(now)}), so something else patched it: ` +
+            `(expected ${hexBytes(entry.written)}, found ${hexBytes(now.slice())}), so something else patched it: ` +
             `restore that patch first (redefine leaves these bytes alone rather than clobber them).`,
         );
       }
@@ -304,6 +307,12 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     if (applied.stub) machine().pool.release(applied.stub, busy);
     applied.trampoline.release();
   }
+}
+
+/** Whether `live` (a view of the code) holds exactly `expected`, read in place. */
+function sameBytes(live: Uint8Array, expected: Uint8Array): boolean {
+  for (let i = 0; i < expected.length; i++) if (live[i] !== expected[i]) return false;
+  return true;
 }
 
 /** Stores `value` in the 8-byte aligned slot at `slot` in one store; returns what was there. */

@@ -10,16 +10,20 @@ import { hex, RedefineError } from "./errors.ts";
 import { CodePool } from "./code_memory.ts";
 import type { CodeWrite } from "./code_memory.ts";
 import { archFor } from "./arch/mod.ts";
-import type { Arch, RuntimeCode } from "./arch/types.ts";
+import type { Arch, GuardLayout, RuntimeCode } from "./arch/types.ts";
 import { OriginalStubs } from "./original.ts";
 import { platform } from "../platform/mod.ts";
-import type { Platform, SymbolInfo } from "../platform/mod.ts";
+import type { Mapping, Platform, SymbolInfo } from "../platform/mod.ts";
 
 /** Writes collected by `transaction()` (src/transaction.ts), applied together when its body returns. */
 export interface Batch {
   readonly writes: CodeWrite[];
   readonly commits: (() => void)[];
   readonly rollbacks: (() => void)[];
+  /** The mappings this transaction's checks have found, made on first use (see `mappingAt`). */
+  mappings?: Mapping[];
+  /** `writes` by address, in order, made on first use (src/transaction.ts's `pendingAt`). */
+  byAddress?: Map<bigint, CodeWrite[]> | undefined;
 }
 
 /** The process's platform and the state built on it, made on first use. */
@@ -34,6 +38,10 @@ export interface Machine {
   runtimeCode?: RuntimeCode;
   /** Code shared by many patches, by its bytes: where each copy was placed. */
   readonly shared: Map<string, bigint[]>;
+  /** The key in `shared` of each piece of shared code met so far. */
+  readonly sharedKeys: WeakMap<Uint8Array, string>;
+  /** The guard's layout by signature: its shared code is assembled once, not once a patch. */
+  readonly guardLayouts: Map<string, GuardLayout>;
   /**
    * Symbols by address, as the OS found them: the lookup scans a library's whole symbol table, and
    * a loaded library's symbols do not move.
@@ -61,11 +69,31 @@ export function machine(): Machine {
     arch,
     originals: new OriginalStubs(p, arch),
     shared: new Map(),
+    sharedKeys: new WeakMap(),
+    guardLayouts: new Map(),
     symbols: new Map(),
     cleanEntries: new Map(),
     batch: null,
   };
   return current;
+}
+
+/**
+ * The mapping holding `address`, or null when it is unmapped. Inside a transaction each mapping is
+ * asked of the OS once: a thousand patches of one library make one query, not two thousand. Only
+ * mappings found are kept, never an answer of "unmapped": what the transaction itself maps (code
+ * pool blocks, stub libraries) lands in free space, and its writes give every page its protection
+ * back, so what it has seen stays true until it ends.
+ */
+export function mappingAt(address: bigint): Mapping | null {
+  const m = machine();
+  const known = m.batch?.mappings;
+  if (known) {
+    for (const mapping of known) if (address >= mapping.start && address < mapping.end) return mapping;
+  }
+  const found = m.platform.os.mappingAt(address);
+  if (found && m.batch) (m.batch.mappings ??= []).push(found);
+  return found;
 }
 
 /** What the registry knows of one live patch. */
@@ -144,8 +172,11 @@ export function newestFirst(): Entry[] {
  */
 export function refuseOverlap(at: bigint, covers: number): void {
   // Patches of the same function write at the same place: those are layers, not overlaps.
-  const overlap = near(at, at + BigInt(covers)).find((entry) =>
-    entry.at !== at && entry.at < at + BigInt(covers) && at < entry.at + BigInt(entry.written.length)
+  // A bigint is a heap object: each sum is made once, and a neighbour's end only when it starts
+  // before ours ends.
+  const end = at + BigInt(covers);
+  const overlap = near(at, end).find((entry) =>
+    entry.at !== at && entry.at < end && at < entry.at + BigInt(entry.written.length)
   );
   if (overlap) {
     throw new RedefineError(
@@ -174,8 +205,11 @@ export function readThrough(bytes: Uint8Array, start: bigint): void {
 /** Live patches whose entry jump may touch [from, to). */
 function near(from: bigint, to: bigint): Entry[] {
   const found: Entry[] = [];
-  for (let block = (from - LONGEST_JUMP) / BLOCK; block <= (to - 1n) / BLOCK; block++) {
-    found.push(...(byBlock.get(block) ?? []));
+  if (live.length === 0) return found;
+  const last = (to - 1n) / BLOCK;
+  for (let block = (from - LONGEST_JUMP) / BLOCK; block <= last; block++) {
+    const entries = byBlock.get(block);
+    if (entries) for (const entry of entries) found.push(entry);
   }
   return found;
 }

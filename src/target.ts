@@ -7,7 +7,7 @@
 import { hex, RedefineError } from "./errors.ts";
 import { checkSignature } from "./signature.ts";
 import type { NativeType } from "./signature.ts";
-import { layers, machine, readThrough, refuseOverlap } from "./registry.ts";
+import { layers, machine, mappingAt, readThrough, refuseOverlap } from "./registry.ts";
 import type { Machine } from "./registry.ts";
 import { checkName } from "./introspect.ts";
 import type { Mapping, SymbolInfo } from "../platform/mod.ts";
@@ -173,7 +173,7 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
  */
 export function checkExecutable(m: Machine, address: bigint, what: string): Mapping {
   checkAddress(address, what);
-  const mapping = m.platform.os.mappingAt(address);
+  const mapping = mappingAt(address);
   if (!mapping || !(mapping.protection & PROT_EXEC)) {
     throw new RedefineError(
       "INVALID_ADDRESS",
@@ -265,7 +265,7 @@ export function symbolAddress(m: Machine, symbol: string, library: string | unde
 export function refuseJumpsIntoEntry(at: bigint, length: number): void {
   const m = machine();
   if ((m.cleanEntries.get(at) ?? 0) >= length) return;
-  const mapping = m.platform.os.mappingAt(at);
+  const mapping = mappingAt(at);
   const start = mapping && mapping.start > at - BigInt(SCAN_BEFORE) ? mapping.start : at - BigInt(SCAN_BEFORE);
   const before = m.platform.runtime.view(start, Number(at - start)).slice();
   // Read through our own live patches: their jumps would throw the decoder off the original code.

@@ -20,6 +20,9 @@ export function schedule(write: CodeWrite, commit: () => void, rollback: () => v
     m.batch.writes.push(write);
     m.batch.commits.push(commit);
     m.batch.rollbacks.push(rollback);
+    const same = m.batch.byAddress?.get(write.address);
+    if (same) same.push(write);
+    else m.batch.byAddress?.set(write.address, [write]);
     return;
   }
   try {
@@ -37,8 +40,12 @@ export function schedule(write: CodeWrite, commit: () => void, rollback: () => v
  */
 export function pendingAt(address: bigint, length: number): Uint8Array | null {
   const batch = machine().batch;
-  const writes = batch?.writes.filter((w) => w.address === address) ?? [];
-  return writes.length ? outcome(writes, length) : null;
+  if (!batch) return null;
+  // Indexed on first use: restoreAll() asks once per patch, and a scan each time would make it
+  // quadratic in the number of patches.
+  batch.byAddress ??= Map.groupBy(batch.writes, (w) => w.address);
+  const writes = batch.byAddress.get(address);
+  return writes ? outcome(writes, length) : null;
 }
 
 /** The bytes at the writes' common address once they have all landed, in order. */
@@ -105,6 +112,7 @@ function nested<T>(batch: Batch, body: () => T): T {
     return body();
   } catch (error) {
     batch.writes.splice(mark);
+    batch.byAddress = undefined;
     batch.commits.splice(mark);
     for (const rollback of batch.rollbacks.splice(mark).reverse()) rollback();
     throw error;

@@ -101,8 +101,10 @@ export function guardLayout(os: string, signature: { parameters: readonly string
 
 /** The guard's code and first data for `options`. */
 export function guardStub(options: GuardOptions): { code: Uint8Array; data: Uint8Array } {
-  const layout = guardLayout(options.os, options.signature);
-  if (!layout.shared) return { code: swappingGuard(options), data: new Uint8Array(SWAP_DATA_SIZE) };
+  // Which guard, without assembling the shared code again (`options.shared` is where it is).
+  if (callPadding(options.os, options.signature.parameters) === null) {
+    return { code: swappingGuard(options), data: new Uint8Array(SWAP_DATA_SIZE) };
+  }
   if (options.shared === undefined) throw new RangeError("the calling guard needs its shared code placed");
   const record = new Uint8Array(RECORD.size);
   record.set(u64le(options.jsThread), RECORD.jsThread);

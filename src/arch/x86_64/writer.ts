@@ -43,9 +43,12 @@ export function i32le(value: number): Uint8Array {
 export function jmpRel32(from: bigint, to: bigint): Uint8Array | null {
   const disp = rel32(from + BigInt(JMP_REL32_SIZE), to);
   if (disp === null) return null;
-  return Uint8Array.of(
-    0xe9, ...i32le(disp), // jmp rel32
+  const jump = Uint8Array.of(
+    0xe9, 0, 0, 0, 0, // jmp rel32
   );
+  // Written in place: one array per entry jump (a thousand-patch transaction makes a thousand).
+  new DataView(jump.buffer).setInt32(1, disp, true);
+  return jump;
 }
 
 /** `jmp qword [rip+0]` with the absolute target inline: reaches anywhere, clobbers nothing. */
