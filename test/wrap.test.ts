@@ -42,7 +42,7 @@ test("wrap: a replacement that returns no function of the signature, or throws, 
   const before = bytesAt(os.symbolAddress("labs", "libc.so.6"), 16);
   assertCode(() => wrap(labs, () => undefined as never), "BAD_REPLACEMENT", /not undefined/);
   assertCode(() => wrap(labs, () => ((x: bigint, y: bigint) => x + y) as never), "BAD_REPLACEMENT", /one of 2/);
-  assertCode(() => wrap(labs, () => (async (x: bigint) => x) as never), "BAD_REPLACEMENT", /AsyncFunction/);
+  assertCode(() => wrap(labs, () => (async (x: bigint) => await x) as never), "BAD_REPLACEMENT", /AsyncFunction/);
   assert.throws(() =>
     wrap(labs, () => {
       throw new RangeError("no replacement today");
