@@ -17,6 +17,7 @@ import { refuseJumpsIntoEntry } from "./target.ts";
 import type { Site } from "./target.ts";
 import type { Destination } from "./replacement.ts";
 import { Trampoline } from "./patch.ts";
+import { PROBE_RECORD } from "./arch/probe.ts";
 
 type AnySite = Site<readonly NativeType[], NativeType>;
 
@@ -33,6 +34,8 @@ export interface Layout {
   readonly trampoline: Trampoline;
   /** The guard's busy flag (JS replacements): set while the replacement runs. */
   readonly busy: bigint | null;
+  /** Canned code's native call counter (a u64 in its data block). */
+  readonly counter?: bigint;
 }
 
 /**
@@ -42,6 +45,8 @@ export interface Layout {
 export function layOut(site: AnySite, to: Destination, below: bigint | null): Layout {
   const m = machine();
   switch (to.kind) {
+    case "probe":
+      return probeStub(m, site, to.timing, below);
     case "callback":
       if (m.arch.guard) return guardedStub(m, site, to.callback.address, below);
       return directJump(m, site, to.callback.address, below) ?? jumpStub(m, site, to.callback.address, below);
@@ -164,6 +169,26 @@ function toOriginal(m: Machine, site: AnySite, below: bigint | null): Layout {
       trampoline,
       busy: null,
     };
+  });
+}
+
+/**
+ * The native probe: placed after the trampoline in a slot near the entry, its record in the slot's
+ * data, which tells where the original is. The record's counter is the patch's `counter`. Its
+ * timing slot is the busy flag: while a timed call runs, its return address points into this code.
+ */
+function probeStub(m: Machine, site: AnySite, timing: boolean, below: bigint | null): Layout {
+  const probe = m.arch.probe;
+  if (!probe) throw new RedefineError("UNSUPPORTED_PLATFORM", `the native probe has no ${m.arch.name} code.`);
+  const stub = reserve(m, site, below, probe.size(timing), PROBE_RECORD.size);
+  return filling(m, stub, () => {
+    const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
+    const record = new DataView(new ArrayBuffer(PROBE_RECORD.size));
+    record.setBigUint64(PROBE_RECORD.original, trampoline.address, true);
+    m.platform.runtime.view(stub.slot.data, PROBE_RECORD.size).set(new Uint8Array(record.buffer));
+    write(m, stub, relocated, probe.encode(stub.front, stub.slot.data, timing));
+    const busy = stub.slot.data + BigInt(PROBE_RECORD.owner);
+    return { ...throughStub(m, site, stub, trampoline, busy), counter: stub.slot.data + BigInt(PROBE_RECORD.calls) };
   });
 }
 

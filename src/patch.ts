@@ -87,6 +87,8 @@ export interface Applied {
   readonly callback: NativeCallback | null;
   /** The guard's busy flag (JS replacements): set while the replacement runs. */
   readonly busy: bigint | null;
+  /** Canned code's native call counter. */
+  readonly counter?: bigint;
 }
 
 /**
@@ -111,6 +113,8 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   #applied: Applied | null;
   readonly #entry: Entry;
   #original: OriginalStub | undefined;
+  /** The counter's last reading, once restored (its memory goes back to the pool). */
+  #calls: number | undefined;
 
   /**
    * @internal Made by `redefine()`, which then writes the entry jump: the patch is registered
@@ -133,6 +137,11 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   /** Where the entry jump is written: `address`, or just after a landing pad such as `endbr64`. */
   get patchedAddress(): bigint {
     return this.#applied?.at ?? this.address;
+  }
+
+  /** @internal Where the native counters are while the patch is live (a native probe's record). */
+  get counterAddress(): bigint | undefined {
+    return this.#applied?.counter;
   }
 
   /**
@@ -158,6 +167,18 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
       this.#original = machine().originals.acquire(key, signature, address);
     }
     return this.#original.call;
+  }
+
+  /**
+   * How many calls reached a canned replacement (`returns()`, `sequence()`, a fake clock's), counted
+   * natively and atomically on every thread; after restore, the count it stopped at. Undefined for
+   * other replacements.
+   */
+  get calls(): number | undefined {
+    const counter = this.#applied?.counter;
+    if (counter === undefined) return this.#calls;
+    const view = machine().platform.runtime.view(counter, 8);
+    return Number(Atomics.load(new BigUint64Array(view.buffer, view.byteOffset, 1), 0));
   }
 
   /** How many live patches this one is layered on. */
@@ -224,6 +245,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
 
   /** Unregisters the patch and gives its code back (the stub after its guard's `busy` flag clears). */
   #forget(applied: Applied, busy: bigint | null): void {
+    this.#calls = this.calls;
     unregister(this.#entry);
     this.#applied = null;
     if (applied.stub) machine().pool.release(applied.stub, busy);

@@ -112,6 +112,7 @@ export function apply<P extends readonly NativeType[], R extends NativeType>(
     trampoline: layout.trampoline,
     callback: to.kind === "callback" ? to.callback : null,
     busy: layout.busy,
+    counter: layout.counter,
   });
   schedule({ address: site.at, bytes: layout.entry, spin: machine().arch.selfLoop }, () => {}, () => patch.abandon());
   return patch;

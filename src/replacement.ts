@@ -31,6 +31,8 @@ export type Replacement<P extends readonly NativeType[], R extends NativeType> =
 export type Destination =
   /** A native function: the entry jump can lead straight there. */
   | { readonly kind: "native"; readonly address: bigint }
+  /** The native probe (src/arch/probe.ts): counts every call, and times them when `timing`. */
+  | { readonly kind: "probe"; readonly timing: boolean }
   /** A JS function, behind the runtime's callback: reached through the guard. */
   | { readonly kind: "callback"; readonly callback: NativeCallback }
   /** The function's own trampoline: it behaves as before, running relocated code. */

@@ -3,6 +3,7 @@
  * layer (entry jumps, relocation, guards), as pure functions of bytes and addresses.
  */
 import type { Signature } from "../signature.ts";
+import type { ProbeCode } from "./probe.ts";
 
 /**
  * The instructions a relocation moves, decoded once by `Arch.planRelocation` and written by
@@ -103,6 +104,8 @@ export interface Arch {
    * position independent, clobbering no argument register.
    */
   indirectJump(from: bigint, slot: bigint): Uint8Array;
+  /** The native counting and timing probe (src/arch/probe.ts). */
+  readonly probe?: ProbeCode;
   /**
    * The guard stub in front of JS replacements: calls from other threads, and re-entrant calls on
    * the JS thread, go to the original. Absent where it is not written yet.
