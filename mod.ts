@@ -27,3 +27,5 @@ export type { ProbeArguments, ProbeCallbacks } from "./src/trace/attach.ts";
 export { RedefineError } from "./src/errors.ts";
 export type { RedefineErrorCode } from "./src/errors.ts";
 export type { JsArguments, JsFunction, JsParameters, JsValue, NativeType, Signature } from "./src/signature.ts";
+export { exports, find, imports, modules, symbolAt } from "./src/introspect.ts";
+export type { Definition, LoadedModule, ModuleExport, ModuleImport, SymbolLocation } from "./src/introspect.ts";

@@ -18,6 +18,7 @@ import type { Site } from "./target.ts";
 import type { Destination } from "./replacement.ts";
 import { Trampoline } from "./patch.ts";
 import { PROBE_RECORD } from "./arch/probe.ts";
+import type { ProbeCode } from "./arch/probe.ts";
 
 type AnySite = Site<readonly NativeType[], NativeType>;
 
@@ -95,26 +96,75 @@ function trampolineAlone(m: Machine, site: AnySite): { address: bigint; slot: Co
  * replacement needs a trampoline.
  */
 function guardedStub(m: Machine, site: AnySite, callback: bigint, below: bigint | null): Layout {
-  const guard = m.arch.guard!;
-  const { os } = m.platform.runtime;
-  const shape = guard.layout(os, site.signature);
+  const shape = m.arch.guard!.layout(m.platform.runtime.os, site.signature);
   const stub = reserve(m, site, below, shape.size, shape.dataSize);
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
-    const { code, data } = guard.encode({
-      at: stub.front,
-      data: stub.slot.data,
-      jsThread: jsThreadOf(m, guard.threadPointerReader(os)),
-      callback,
-      original: originalForGuard(trampoline),
-      os,
-      signature: site.signature,
-      shared: shape.shared ? sharedCode(m, shape.shared, stub.front) : undefined,
-    });
-    m.platform.runtime.view(stub.slot.data, data.length).set(data);
+    const code = guardCode(m, site.signature, stub.slot, stub.front, callback, originalForGuard(trampoline));
     write(m, stub, relocated, code);
     return throughStub(m, site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset));
   });
+}
+
+/** The guard's code for `front` in `slot`, its data written into the slot's data. */
+function guardCode(
+  m: Machine,
+  signature: AnySite["signature"],
+  slot: CodeSlot,
+  front: bigint,
+  callback: bigint,
+  original: bigint,
+): Uint8Array {
+  const guard = m.arch.guard!;
+  const { os } = m.platform.runtime;
+  const shape = guard.layout(os, signature);
+  const { code, data } = guard.encode({
+    at: front,
+    data: slot.data,
+    jsThread: jsThreadOf(m, guard.threadPointerReader(os)),
+    callback,
+    original,
+    os,
+    signature,
+    shared: shape.shared ? sharedCode(m, shape.shared, front) : undefined,
+  });
+  m.platform.runtime.view(slot.data, data.length).set(data);
+  return code;
+}
+
+/** What an import slot leads to instead of the function (`callers`), and the code placed for it. */
+export interface SlotLayout {
+  readonly destination: bigint;
+  /** The guard's slot (JS replacements); null when the slot leads to the replacement itself. */
+  readonly stub: CodeSlot | null;
+  /** The guard's busy flag: set while the replacement runs. */
+  readonly busy: bigint | null;
+  /** A native probe's record (its counter first). */
+  readonly counter?: bigint;
+}
+
+/**
+ * Lays out where import slots lead instead of `original` (what they held): a native replacement
+ * itself — a slot holds a whole address, so nothing is out of reach — or, for a JS one, the guard,
+ * which sends other threads' and re-entrant calls to `original`. Nothing needs relocating.
+ */
+export function slotLayout(signature: AnySite["signature"], to: Destination, original: bigint): SlotLayout {
+  const m = machine();
+  if (to.kind === "native") return { destination: to.address, stub: null, busy: null };
+  if (to.kind === "original") return { destination: original, stub: null, busy: null };
+  if (to.kind === "probe") return probeForSlots(m, to.timing, original);
+  const guard = m.arch.guard;
+  if (!guard) return { destination: to.callback.address, stub: null, busy: null };
+  const shape = guard.layout(m.platform.runtime.os, signature);
+  const slot = m.pool.allocate(original, 2n ** 62n, shape.size, shape.dataSize);
+  if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for the guard.");
+  try {
+    m.pool.write(slot, guardCode(m, signature, slot, slot.address, to.callback.address, original));
+  } catch (error) {
+    m.pool.release(slot, null);
+    throw error;
+  }
+  return { destination: slot.address, stub: slot, busy: slot.data + BigInt(shape.busyOffset) };
 }
 
 function originalForGuard(trampoline: Trampoline): bigint {
@@ -178,18 +228,43 @@ function toOriginal(m: Machine, site: AnySite, below: bigint | null): Layout {
  * timing slot is the busy flag: while a timed call runs, its return address points into this code.
  */
 function probeStub(m: Machine, site: AnySite, timing: boolean, below: bigint | null): Layout {
-  const probe = m.arch.probe;
-  if (!probe) throw new RedefineError("UNSUPPORTED_PLATFORM", `the native probe has no ${m.arch.name} code.`);
+  const probe = probeCode(m);
   const stub = reserve(m, site, below, probe.size(timing), PROBE_RECORD.size);
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
-    const record = new DataView(new ArrayBuffer(PROBE_RECORD.size));
-    record.setBigUint64(PROBE_RECORD.original, trampoline.address, true);
-    m.platform.runtime.view(stub.slot.data, PROBE_RECORD.size).set(new Uint8Array(record.buffer));
+    probeRecord(m, stub.slot.data, trampoline.address);
     write(m, stub, relocated, probe.encode(stub.front, stub.slot.data, timing));
     const busy = stub.slot.data + BigInt(PROBE_RECORD.owner);
     return { ...throughStub(m, site, stub, trampoline, busy), counter: stub.slot.data + BigInt(PROBE_RECORD.calls) };
   });
+}
+
+/** The native probe for import slots (`callers`): anywhere, continuing to what the slots held. */
+function probeForSlots(m: Machine, timing: boolean, original: bigint): SlotLayout {
+  const probe = probeCode(m);
+  const slot = m.pool.allocate(original, 2n ** 62n, probe.size(timing), PROBE_RECORD.size);
+  if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for the probe.");
+  try {
+    probeRecord(m, slot.data, original);
+    m.pool.write(slot, probe.encode(slot.address, slot.data, timing));
+  } catch (error) {
+    m.pool.release(slot, null);
+    throw error;
+  }
+  const busy = slot.data + BigInt(PROBE_RECORD.owner);
+  return { destination: slot.address, stub: slot, busy, counter: slot.data + BigInt(PROBE_RECORD.calls) };
+}
+
+function probeCode(m: Machine): ProbeCode {
+  if (!m.arch.probe) throw new RedefineError("UNSUPPORTED_PLATFORM", `the native probe has no ${m.arch.name} code.`);
+  return m.arch.probe;
+}
+
+/** A fresh probe record at `data` (a reused slot's data holds the last one's): zeros, and `original`. */
+function probeRecord(m: Machine, data: bigint, original: bigint): void {
+  const record = new DataView(new ArrayBuffer(PROBE_RECORD.size));
+  record.setBigUint64(PROBE_RECORD.original, original, true);
+  m.platform.runtime.view(data, PROBE_RECORD.size).set(new Uint8Array(record.buffer));
 }
 
 /** How the first instructions move to a stub's slot; null when layered, or why they cannot. */

@@ -38,9 +38,14 @@ export type Destination =
   /** The function's own trampoline: it behaves as before, running relocated code. */
   | { readonly kind: "original" };
 
+/** The key of the replacement value that stands for the native probe (src/trace/native_probe.ts). */
+export const NATIVE_PROBE: unique symbol = Symbol("redefine: native probe");
+
 /** The destination for `replacement`, a function of `signature`; refuses what cannot be one. */
 export function destinationFor(signature: Signature, replacement: unknown): Destination {
   const m = machine();
+  const probe = (replacement as { [NATIVE_PROBE]?: { timing: boolean } } | null)?.[NATIVE_PROBE];
+  if (probe) return { kind: "probe", timing: probe.timing };
   if (typeof replacement === "function") {
     if (replacement.length > signature.parameters.length) {
       throw new RedefineError(

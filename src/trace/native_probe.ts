@@ -4,9 +4,9 @@
  * — calls, timed calls, timestamp ticks — with no JS on the function's path. `clockRate()`
  * measures the timestamp counter against `performance.now()` once, for the ticks' length.
  */
-import { locate } from "../target.ts";
 import type { AddressTarget, SymbolTarget } from "../target.ts";
-import { apply } from "../redefine.ts";
+import { redefine } from "../redefine.ts";
+import { NATIVE_PROBE } from "../replacement.ts";
 import { machine } from "../registry.ts";
 import type { Patch } from "../patch.ts";
 import { PROBE_RECORD } from "../arch/probe.ts";
@@ -38,12 +38,13 @@ export interface NativeProbe {
 }
 
 /**
- * Puts a native probe in front of `target`: every call is counted, and when `timing`, calls are
- * timed too. Refuses, with nothing written, what `redefine()` refuses (too short, unrelocatable).
+ * Puts a native probe in front of `target` (or, with `callers`, in the import slots of those
+ * libraries): every call is counted, and when `timing`, calls are timed too. Refuses, with nothing
+ * written, what `redefine()` refuses (too short, unrelocatable).
  */
 export function probeNatively(target: ProbeTarget, timing: boolean): NativeProbe {
-  const site = locate({ ...target, parameters: [], result: "void" } as SymbolTarget<[], "void">);
-  const patch = apply(site, { kind: "probe", timing });
+  const full = { ...target, parameters: [], result: "void" } as SymbolTarget<[], "void">;
+  const patch = redefine(full, { [NATIVE_PROBE]: { timing } } as never);
   const record = patch.counterAddress!;
   let last: ProbeReading = { calls: 0, timed: 0, ticks: 0n };
   const read = (): ProbeReading => {
