@@ -11,6 +11,7 @@ import { join } from "node:path";
 import { globMatches, parseOptions, parseSignature, UsageError } from "../src/trace/options.ts";
 import { duration, table, toJson, toSvg } from "../src/trace/report.ts";
 import type { TraceResult } from "../src/trace/report.ts";
+import { machine } from "../src/registry.ts";
 
 test("trace options: libraries with their globs, callers, signatures, outputs, the script and its arguments", () => {
   const options = parseOptions([
@@ -190,3 +191,39 @@ test("the trace command: a bad command line exits 2 with the usage, --help exits
   assert.equal(help.status, 0);
   assert.match(help.stdout, /--signature SIG/);
 });
+
+/** Why libz cannot be used here, or undefined when it is loadable. */
+function withoutLibz(): string | undefined {
+  try {
+    machine().platform.os.symbolAddress("crc32", "libz.so.1");
+    return undefined;
+  } catch {
+    return "libz.so.1 is not installed";
+  }
+}
+
+test("the trace command on examples/trace_zlib.ts: zlib's functions, and with --callers only libz's calls of libc", () => {
+  const example = new URL("../examples/trace_zlib.ts", import.meta.url).pathname;
+  const dir = mkdtempSync(join(tmpdir(), "redefine-trace-"));
+  try {
+    const json = join(dir, "trace.json");
+    const zlib = traceCommand(["--library", "libz.so.1", "--match", "crc32*,deflate*,inflate*,compress*", "--json", json, "--", example]);
+    assert.equal(zlib.status, 0, zlib.stderr);
+    assert.match(zlib.stdout, /50 buffers, \d+ bytes compressed to \d+ and back, checksums equal/);
+    const traced = JSON.parse(readFileSync(json, "utf8")).functions;
+    const calls = (name: string) => traced.find((f: { name: string }) => f.name === name)?.calls;
+    assert.equal(calls("compress2"), 50);
+    assert.ok(calls("deflate") >= 50, "compress2 calls deflate");
+    assert.ok(calls("crc32") >= 100);
+    const callers = traceCommand(["--library", "libc.so.6", "--match", "malloc,free", "--callers", "libz.so.1", "--json", json, "--", example]);
+    assert.equal(callers.status, 0, callers.stderr);
+    const fromLibz = JSON.parse(readFileSync(json, "utf8")).functions;
+    // zlib allocates its state once per stream: compress2 and uncompress, 50 rounds each.
+    for (const name of ["malloc", "free"]) {
+      const n = fromLibz.find((f: { name: string }) => f.name === name).calls;
+      assert.ok(n >= 100 && n < 10_000, `${name} called ${n} times by libz, not by the runtime`);
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}, { skip: withoutLibz() });

@@ -122,10 +122,22 @@ export function startTrace(options: TraceOptions, log: (line: string) => void): 
   };
 }
 
+/**
+ * Loads `library`, for good: the loader's symbol lookup opens it first (and never closes it), so
+ * looking up a name it does not define does it on every system and runtime.
+ */
+function loadLibrary(library: string): void {
+  try {
+    machine().platform.os.symbolAddress("redefine trace: load only", library);
+  } catch (error) {
+    if (!(error instanceof RedefineError) || error.code !== "SYMBOL_NOT_FOUND") throw error;
+  }
+}
+
 /** Loads `library` (a no-op when loaded) and lists its exported functions; null when it cannot. */
 function load(library: string, refuse: (library: string, name: string, error: unknown) => void): ModuleExport[] | null {
   try {
-    machine().platform.runtime.open(library, {});
+    loadLibrary(library);
     return exports(library).filter((e) => e.kind === "function" && e.default);
   } catch (error) {
     refuse(library, "*", error);
@@ -136,7 +148,7 @@ function load(library: string, refuse: (library: string, name: string, error: un
 /** The names `caller` imports; none when it is not loaded (and why, in the refusals). */
 function importedNames(caller: string, refuse: (library: string, name: string, error: unknown) => void): Set<string> {
   try {
-    machine().platform.runtime.open(caller, {});
+    loadLibrary(caller);
     return new Set(imports(caller).map((i) => i.name));
   } catch (error) {
     refuse(caller, "*", error);
