@@ -12,6 +12,7 @@ import { globMatches, parseOptions, parseSignature, UsageError } from "../src/tr
 import { duration, table, toJson, toSvg } from "../src/trace/report.ts";
 import type { TraceResult } from "../src/trace/report.ts";
 import { machine } from "../src/registry.ts";
+import { find } from "../src/introspect.ts";
 
 test("trace options: libraries with their globs, callers, signatures, outputs, the script and its arguments", () => {
   const options = parseOptions([
@@ -213,15 +214,21 @@ test("the trace command on examples/trace_zlib.ts: zlib's functions, and with --
     const traced = JSON.parse(readFileSync(json, "utf8")).functions;
     const calls = (name: string) => traced.find((f: { name: string }) => f.name === name)?.calls;
     assert.equal(calls("compress2"), 50);
-    assert.ok(calls("deflate") >= 50, "compress2 calls deflate");
     assert.ok(calls("crc32") >= 100);
+    // Node's executable exports a zlib of its own, which the global scope finds first: libz's
+    // compress2 then calls Node's deflate, not its own (find() shows it).
+    const ownDeflate = find("deflate").every((d) => d.library === "libz.so.1");
+    if (ownDeflate) assert.ok(calls("deflate") >= 50, "compress2 calls deflate");
+    else assert.equal(calls("deflate") ?? 0, 0, "libz's deflate is not the one its compress2 reaches");
     const callers = traceCommand(["--library", "libc.so.6", "--match", "malloc,free", "--callers", "libz.so.1", "--json", json, "--", example]);
     assert.equal(callers.status, 0, callers.stderr);
     const fromLibz = JSON.parse(readFileSync(json, "utf8")).functions;
-    // zlib allocates its state once per stream: compress2 and uncompress, 50 rounds each.
+    // zlib allocates its state once per stream: compress2 and uncompress, 50 rounds each — when
+    // its calls reach its own code (under Node they reach Node's zlib, which allocates itself).
     for (const name of ["malloc", "free"]) {
       const n = fromLibz.find((f: { name: string }) => f.name === name).calls;
-      assert.ok(n >= 100 && n < 10_000, `${name} called ${n} times by libz, not by the runtime`);
+      assert.ok(n < 10_000, `${name} called ${n} times: by libz only, not by the runtime`);
+      if (ownDeflate) assert.ok(n >= 100, `${name} called ${n} times by libz`);
     }
   } finally {
     rmSync(dir, { recursive: true, force: true });
