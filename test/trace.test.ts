@@ -174,12 +174,14 @@ test("the trace command on a script calling atoi N times: at least N calls in it
 test("the trace command lists what it cannot trace with the reason, logs signature calls, and never crashes", () => {
   const { status, stdout, stderr } = traceCommand([
     "--library", "libc.so.6", "--match", "atoi,sem_destroy", "--library", "libredefine-missing.so.9",
-    "--signature", "strtol(pointer,pointer,i32):i64", "--", script, "2",
+    "--signature", "strtol(pointer,pointer,i32):i64", "--signature", "redefine_no_such_function()", "--", script, "2",
   ]);
   assert.equal(status, 0, stderr);
   assert.match(stdout, /sum 269;/);
-  assert.match(stderr, /libc\.so\.6:sem_destroy: FUNCTION_TOO_SHORT: /);
+  // glibc's sem_destroy is 3 bytes on x86-64 (xor eax, eax; ret), short of a 5-byte jump.
+  if (machine().arch.name === "x86_64") assert.match(stderr, /libc\.so\.6:sem_destroy: FUNCTION_TOO_SHORT: /);
   assert.match(stderr, /libredefine-missing\.so\.9:\*: LIBRARY_NOT_FOUND: /);
+  assert.match(stderr, /:redefine_no_such_function: SYMBOL_NOT_FOUND: /);
   assert.equal(stderr.match(/^strtol\(0x[0-9a-f]+, 0x0, 10\) = 7$/gm)?.length, 2, "atoi's two calls logged");
   assert.match(stderr, /^strtol\(0x[0-9a-f]+, 0x0, 16\) = 255$/m);
 });

@@ -92,7 +92,7 @@ export function startTrace(options: TraceOptions, log: (line: string) => void): 
     try {
       logging.push(logCalls(s, library, options.callers, log));
     } catch (error) {
-      refuse(library ?? "", s.symbol, error);
+      refuse(library ?? "(any library)", s.symbol, error);
     }
   }
 
