@@ -172,9 +172,12 @@ test("the trace command on a script calling atoi N times: at least N calls in it
 });
 
 test("the trace command lists what it cannot trace with the reason, logs signature calls, and never crashes", () => {
+  const dir = mkdtempSync(join(tmpdir(), "redefine-trace-"));
+  const json = join(dir, "trace.json");
   const { status, stdout, stderr } = traceCommand([
     "--library", "libc.so.6", "--match", "atoi,sem_destroy", "--library", "libredefine-missing.so.9",
-    "--signature", "strtol(pointer,pointer,i32):i64", "--signature", "redefine_no_such_function()", "--", script, "2",
+    "--signature", "strtol(pointer,pointer,i32):i64", "--signature", "redefine_no_such_function()",
+    "--count-only", "--json", json, "--", script, "2",
   ]);
   assert.equal(status, 0, stderr);
   assert.match(stdout, /sum 269;/);
@@ -184,6 +187,10 @@ test("the trace command lists what it cannot trace with the reason, logs signatu
   assert.match(stderr, /:redefine_no_such_function: SYMBOL_NOT_FOUND: /);
   assert.equal(stderr.match(/^strtol\(0x[0-9a-f]+, 0x0, 10\) = 7$/gm)?.length, 2, "atoi's two calls logged");
   assert.match(stderr, /^strtol\(0x[0-9a-f]+, 0x0, 16\) = 255$/m);
+  const result = JSON.parse(readFileSync(json, "utf8"));
+  const atoi = result.functions.find((f: { name: string }) => f.name === "atoi");
+  assert.deepEqual([atoi.calls, atoi.timed, atoi.timing, result.ticksPerNs], [2, 0, false, null], "--count-only: counted, not timed");
+  rmSync(dir, { recursive: true, force: true });
 });
 
 test("the trace command: a bad command line exits 2 with the usage, --help exits 0", () => {

@@ -53,7 +53,7 @@ export async function trace(argv: readonly string[]): Promise<number> {
     console.log(USAGE);
     return 0;
   }
-  const ticksPerNs = options.countOnly ? 1 : clockRate();
+  const ticksPerNs = options.countOnly ? null : clockRate();
   let session: Session | null = null;
   let stopLive = () => {};
   let started = performance.now();

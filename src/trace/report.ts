@@ -32,8 +32,8 @@ export interface Refusal {
 /** Everything the trace saw. */
 export interface TraceResult {
   readonly runtime: string;
-  /** Timestamp counter ticks per nanosecond, as measured at start. */
-  readonly ticksPerNs: number;
+  /** Timestamp counter ticks per nanosecond, as measured at start; null when nothing is timed. */
+  readonly ticksPerNs: number | null;
   /** Wall time from the script's start to the report, in nanoseconds. */
   readonly wallNs: number;
   readonly functions: readonly FunctionResult[];

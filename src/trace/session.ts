@@ -37,8 +37,8 @@ interface Traced {
 export interface Session {
   /** Calls counted so far, over every probe. */
   calls(): number;
-  /** What the probes have seen, with `ticksPerNs` to turn ticks into time. */
-  results(ticksPerNs: number, wallNs: number): TraceResult;
+  /** What the probes have seen, with `ticksPerNs` to turn ticks into time (null: none timed). */
+  results(ticksPerNs: number | null, wallNs: number): TraceResult;
   /**
    * Takes every probe off (JS probes first, then the native ones, newest first); returns why any
    * stayed (its entry rewritten by something else since: left as that left it).
@@ -98,10 +98,10 @@ export function startTrace(options: TraceOptions, log: (line: string) => void): 
 
   return {
     calls: () => traced.reduce((n, t) => n + t.probe.read().calls, 0),
-    results(ticksPerNs: number, wallNs: number): TraceResult {
+    results(ticksPerNs: number | null, wallNs: number): TraceResult {
       const functions: FunctionResult[] = traced.map((t) => {
         const { calls, timed, ticks } = t.probe.read();
-        return { library: t.library, name: t.name, address: t.address, calls, timed, totalNs: Number(ticks) / ticksPerNs, timing: t.timing };
+        return { library: t.library, name: t.name, address: t.address, calls, timed, totalNs: ticksPerNs ? Number(ticks) / ticksPerNs : 0, timing: t.timing };
       });
       return { runtime: machine().platform.runtime.name, ticksPerNs, wallNs, functions, refused };
     },
