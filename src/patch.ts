@@ -191,9 +191,9 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   }
 
   /**
-   * How many calls reached a canned replacement (`returns()`, `sequence()`, a fake clock's), counted
-   * natively and atomically on every thread; after restore, the count it stopped at. Undefined for
-   * other replacements.
+   * How many calls reached a canned replacement (`returns()`, `sequence()`, a fake clock's) or a
+   * native probe (the trace command's), counted natively and atomically on every thread; after
+   * restore, the count it stopped at. Undefined for other replacements.
    */
   get calls(): number | undefined {
     const counter = this.#applied?.counter;

@@ -40,7 +40,9 @@ export function redefine<const P extends readonly NativeType[], const R extends 
   target: Target<P, R>,
   replacement: NoInfer<Replacement<P, R>>,
 ): Patch<P, R> {
-  if ("callers" in target && target.callers !== undefined) return redefineCallers(target, replacement);
+  if ("callers" in target && target.callers !== undefined) {
+    return redefineCallers(target, (signature) => destinationFor(signature, replacement));
+  }
   const site = locate(target);
   return apply(site, destinationFor(site.signature, replacement));
 }

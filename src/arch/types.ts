@@ -2,6 +2,7 @@
  * The contract between `src/` and an instruction set: what `redefine` asks of the machine code
  * layer (entry jumps, relocation, guards), as pure functions of bytes and addresses.
  */
+import type { CannedPlan, CannedSpec } from "./canned.ts";
 import type { Signature } from "../signature.ts";
 import type { ProbeCode } from "./probe.ts";
 
@@ -104,6 +105,8 @@ export interface Arch {
    * position independent, clobbering no argument register.
    */
   indirectJump(from: bigint, slot: bigint): Uint8Array;
+  /** Canned native replacements (src/arch/canned.ts): the code of a spec, sized before it is placed. */
+  readonly canned?: (spec: CannedSpec, os: string) => CannedPlan;
   /** The native counting and timing probe (src/arch/probe.ts). */
   readonly probe?: ProbeCode;
   /**
