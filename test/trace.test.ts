@@ -153,7 +153,7 @@ test("the trace command on a script calling atoi N times: at least N calls in it
     const json = join(dir, "trace.json"), svg = join(dir, "trace.svg");
     const n = 250;
     const { status, stdout, stderr } = traceCommand([
-      "--library", "libc.so.6", "--match", "atoi,strto?", "--json", json, "--svg", svg, "--", script, String(n), "--x",
+      "--library", "libc.so.6", "--match", "atoi,strto?,dlsym", "--json", json, "--svg", svg, "--", script, String(n), "--x",
     ]);
     assert.equal(status, 0, stderr);
     assert.match(stdout, new RegExp(`sum ${7 * n + 255}; args \\["${n}","--x"\\]`), "the script ran with its own arguments");
@@ -162,6 +162,8 @@ test("the trace command on a script calling atoi N times: at least N calls in it
     assert.ok(traced("atoi").calls >= n, `atoi: ${traced("atoi").calls} calls`);
     assert.ok(traced("strtol").calls >= n + 1, `strtol (atoi calls it): ${traced("strtol").calls} calls`);
     assert.ok(traced("atoi").totalNs > 0, "atoi timed");
+    // dlsym reads its return address to learn who called: counted, never timed.
+    assert.deepEqual([traced("dlsym").timing, traced("dlsym").timed], [false, 0]);
     assert.equal(result.runtime, runtimeName);
     assert.match(stderr, /^function\s+calls\s+total\s+mean\s+share$/m);
     assert.match(stderr, /^libc\.so\.6:atoi\s+\d[\d,]*\s/m);

@@ -18,11 +18,17 @@ import type { SignatureOption, TraceOptions } from "./options.ts";
 import type { FunctionResult, Refusal, TraceResult } from "./report.ts";
 
 /**
- * Functions whose return address must not be swapped: they return twice (the saved context
- * would hold the probe's exit, and a later return through it would find another call's address),
- * or are entered with no return address on the stack. They are counted, never timed.
+ * Functions whose return address must not be swapped, counted but never timed: they return twice
+ * (the saved context would hold the probe's exit, and a later return through it would find another
+ * call's address), are entered with no return address on the stack, unwind through their callers,
+ * or read their return address to learn who called (glibc's dlopen and dlsym pick the caller's
+ * namespace and RTLD_NEXT that way).
  */
-const COUNT_ONLY = /^(_*(sig)?setjmp|__sigsetjmp|_*longjmp|__longjmp_chk|siglongjmp|vfork|__vfork|getcontext|setcontext|swapcontext|makecontext|__restore_rt|__clone\d*|clone\d*|_Unwind_\w+|__cxa_throw|__cxa_rethrow)$/;
+const COUNT_ONLY = new RegExp(
+  "^(_*(sig)?setjmp|__sigsetjmp|_*longjmp|__longjmp_chk|siglongjmp|vfork|__vfork|getcontext|setcontext|" +
+    "swapcontext|makecontext|__restore_rt|_*clone\\d*|_Unwind_\\w+|__cxa_throw|__cxa_rethrow|" +
+    "dlopen|dlmopen|dlsym|dlvsym|__libc_dl\\w+)$",
+);
 
 /** A function with a native probe. */
 interface Traced {
