@@ -79,6 +79,10 @@ test("trace report: the table sorted by total time, with calls, total, mean, sha
   assert.match(lines[4], /^3 of 4 traced functions called/);
   assert.match(table(RESULT), /not traced \(1\):\n {2}libz\.so\.1:zlibVersion: FUNCTION_TOO_SHORT: too short\./);
   assert.equal(duration(1.5e9), "1.50 s");
+  assert.doesNotMatch(table(RESULT), /counted but not timed/);
+  const recursive = { ...RESULT, functions: [{ ...RESULT.functions[0], timed: 4 }] };
+  assert.match(table(recursive), /^libz\.so\.1:crc32\s+10\s+3\.00 µs\s+750 ns\s+100\.0%$/m, "the mean is over timed calls");
+  assert.match(table(recursive), /1 with calls counted but not timed: .*\(recursion, other threads\)/);
 });
 
 test("trace report: JSON with every traced function, most time first, and the refusals", () => {

@@ -81,6 +81,13 @@ export function table(result: TraceResult): string {
     `${rows.length} of ${traced} traced function${traced === 1 ? "" : "s"} called; ` +
       `${duration(all)} in timed calls of ${duration(result.wallNs)} run`,
   );
+  const overlapped = rows.filter((f) => f.timing && f.timed < f.calls).length;
+  if (overlapped) {
+    lines.push(
+      `${overlapped} with calls counted but not timed: those made while a call of the same function was ` +
+        `being timed (recursion, other threads); times are inclusive ('timed' in --json)`,
+    );
+  }
   if (result.refused.length) {
     lines.push(`not traced (${result.refused.length}):`);
     for (const r of result.refused) lines.push(`  ${r.library}:${r.name}: ${r.code ? `${r.code}: ` : ""}${r.reason}`);
