@@ -8,6 +8,7 @@ import { disassemble as disassembleArm64, h } from "./objdump_aarch64.ts";
 import { probe as x86_64 } from "../src/arch/x86_64/probe.ts";
 import { probe as aarch64 } from "../src/arch/aarch64/probe.ts";
 import { clockRate, probeNatively } from "../src/trace/native_probe.ts";
+import { restoreAll } from "../mod.ts";
 import { assemble, bytesAt, callOnAnotherThread, cstr, isArm64, libc, os, runtime, unassemble, words } from "./native.ts";
 
 const AT = 0x7f00_0000_1000n;
@@ -219,4 +220,14 @@ test("native probe on a recursive function: every level counted, the outermost c
 test("clockRate: the timestamp counter ticks at a plausible rate (10 MHz to 10 GHz)", () => {
   const rate = clockRate(10);
   assert.ok(rate > 0.01 && rate < 10, `${rate} ticks per ns`);
+});
+
+test("native probe restored by someone else (restoreAll): the final count stays readable", () => {
+  const probe = probeNatively({ symbol: "strtol", library: "libc.so.6" }, true);
+  for (let i = 0; i < 3; i++) libc.atoi(cstr("1"));
+  restoreAll();
+  assert.equal(probe.patch.active, false);
+  assert.equal(probe.read().calls, 3);
+  libc.atoi(cstr("1"));
+  assert.equal(probe.read().calls, 3, "no longer counting");
 });

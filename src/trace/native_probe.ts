@@ -48,7 +48,9 @@ export function probeNatively(target: ProbeTarget, timing: boolean): NativeProbe
   const record = patch.counterAddress!;
   let last: ProbeReading = { calls: 0, timed: 0, ticks: 0n };
   const read = (): ProbeReading => {
-    if (!patch.active) return last;
+    // Restored (by restore(), or by someone's restoreAll()): the record is gone; the patch kept
+    // the final count, the times stop at the last reading.
+    if (!patch.active) return { ...last, calls: patch.calls ?? last.calls };
     const view = machine().platform.runtime.view(record, PROBE_RECORD.size);
     const words = new BigUint64Array(view.buffer, view.byteOffset, PROBE_RECORD.size / 8);
     last = {
