@@ -99,7 +99,8 @@ if (machine().arch.name === "x86_64") {
     const [hooked, bare] = compare(
       {
         setUp: () => {
-          const patch = apply(locate({ symbol, library: "libc.so.6", parameters: [], result: "void" }), { kind: "original" });
+          const site = locate({ symbol, library: "libc.so.6", parameters: [], result: "void" });
+          const patch = apply(site, { kind: "original" });
           restore = () => patch.restore();
         },
         body,

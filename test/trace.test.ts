@@ -145,7 +145,8 @@ function traceCommand(args: string[]): { status: number | null; stdout: string; 
     : runtimeName === "node"
     ? ["--no-warnings", "--experimental-ffi", cli]
     : [cli];
-  const result = spawnSync(runtimePath, [...runtimeArgs, ...args], { encoding: "utf8", env: { ...process.env, NO_COLOR: "1" } });
+  const env = { ...process.env, NO_COLOR: "1" };
+  const result = spawnSync(runtimePath, [...runtimeArgs, ...args], { encoding: "utf8", env });
   return { status: result.status, stdout: result.stdout, stderr: result.stderr };
 }
 
@@ -195,7 +196,8 @@ test("the trace command lists what it cannot trace with the reason, logs signatu
   assert.match(stderr, /^strtol\(0x[0-9a-f]+, 0x0, 16\) = 255$/m);
   const result = JSON.parse(readFileSync(json, "utf8"));
   const atoi = result.functions.find((f: { name: string }) => f.name === "atoi");
-  assert.deepEqual([atoi.calls, atoi.timed, atoi.timing, result.ticksPerNs], [2, 0, false, null], "--count-only: counted, not timed");
+  const seen = [atoi.calls, atoi.timed, atoi.timing, result.ticksPerNs];
+  assert.deepEqual(seen, [2, 0, false, null], "--count-only: counted, not timed");
   rmSync(dir, { recursive: true, force: true });
 });
 
@@ -223,7 +225,9 @@ test("the trace command on examples/trace_zlib.ts: zlib's functions, and with --
   const dir = mkdtempSync(join(tmpdir(), "redefine-trace-"));
   try {
     const json = join(dir, "trace.json");
-    const zlib = traceCommand(["--library", "libz.so.1", "--match", "crc32*,deflate*,inflate*,compress*", "--json", json, "--", example]);
+    const zlib = traceCommand([
+      "--library", "libz.so.1", "--match", "crc32*,deflate*,inflate*,compress*", "--json", json, "--", example,
+    ]);
     assert.equal(zlib.status, 0, zlib.stderr);
     assert.match(zlib.stdout, /50 buffers, \d+ bytes compressed to \d+ and back, checksums equal/);
     const traced = JSON.parse(readFileSync(json, "utf8")).functions;
@@ -235,7 +239,9 @@ test("the trace command on examples/trace_zlib.ts: zlib's functions, and with --
     const ownDeflate = find("deflate").every((d) => d.library === "libz.so.1");
     if (ownDeflate) assert.ok(calls("deflate") >= 50, "compress2 calls deflate");
     else assert.equal(calls("deflate") ?? 0, 0, "libz's deflate is not the one its compress2 reaches");
-    const callers = traceCommand(["--library", "libc.so.6", "--match", "malloc,free", "--callers", "libz.so.1", "--json", json, "--", example]);
+    const callers = traceCommand([
+      "--library", "libc.so.6", "--match", "malloc,free", "--callers", "libz.so.1", "--json", json, "--", example,
+    ]);
     assert.equal(callers.status, 0, callers.stderr);
     const fromLibz = JSON.parse(readFileSync(json, "utf8")).functions;
     // zlib allocates its state once per stream: compress2 and uncompress, 50 rounds each — when

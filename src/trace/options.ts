@@ -82,7 +82,9 @@ export function parseOptions(argv: readonly string[]): TraceOptions {
       i++;
       break;
     }
-    const [flag, inline] = arg.startsWith("--") && arg.includes("=") ? [arg.slice(0, arg.indexOf("=")), arg.slice(arg.indexOf("=") + 1)] : [arg, undefined];
+    // `--flag=value` as well as `--flag value`.
+    const equals = arg.startsWith("--") ? arg.indexOf("=") : -1;
+    const [flag, inline] = equals > 0 ? [arg.slice(0, equals), arg.slice(equals + 1)] : [arg, undefined];
     const take = () => inline ?? value(flag);
     switch (flag) {
       case "--library":

@@ -74,7 +74,8 @@ export function table(result: TraceResult): string {
   ]);
   const header = ["function", "calls", "total", "mean", "share"];
   const widths = header.map((h, c) => Math.max(h.length, ...cells.map((row) => row[c].length)));
-  const line = (row: string[]) => row.map((cell, c) => (c === 0 ? cell.padEnd(widths[c]) : cell.padStart(widths[c]))).join("  ");
+  const line = (row: string[]) =>
+    row.map((cell, c) => (c === 0 ? cell.padEnd(widths[c]) : cell.padStart(widths[c]))).join("  ");
   const lines = [line(header), ...cells.map(line)];
   const traced = result.functions.length;
   lines.push(

@@ -92,8 +92,9 @@ export function startTrace(options: TraceOptions, log: (line: string) => void): 
     }
   }
   for (const s of options.signatures) {
-    const library = [...exported].find(([, functions]) => functions.some((f) => f.name === s.symbol))?.[0];
-    const e = library !== undefined ? exported.get(library)!.find((f) => f.name === s.symbol)! : undefined;
+    // Counted and timed natively too, in the traced library that exports it (if one does).
+    const [library, e] = [...exported].map(([l, functions]) => [l, functions.find((f) => f.name === s.symbol)] as const)
+      .find(([, found]) => found) ?? [undefined, undefined];
     if (library !== undefined && e) trace(library, e);
     try {
       logging.push(logCalls(s, library, options.callers, log));
@@ -107,7 +108,8 @@ export function startTrace(options: TraceOptions, log: (line: string) => void): 
     results(ticksPerNs: number | null, wallNs: number): TraceResult {
       const functions: FunctionResult[] = traced.map((t) => {
         const { calls, timed, ticks } = t.probe.read();
-        return { library: t.library, name: t.name, address: t.address, calls, timed, totalNs: ticksPerNs ? Number(ticks) / ticksPerNs : 0, timing: t.timing };
+        const totalNs = ticksPerNs ? Number(ticks) / ticksPerNs : 0;
+        return { library: t.library, name: t.name, address: t.address, calls, timed, totalNs, timing: t.timing };
       });
       return { runtime: machine().platform.runtime.name, ticksPerNs, wallNs, functions, refused };
     },
