@@ -9,6 +9,7 @@ import { probe as x86_64 } from "../src/arch/x86_64/probe.ts";
 import { probe as aarch64 } from "../src/arch/aarch64/probe.ts";
 import { clockRate, probeNatively } from "../src/trace/native_probe.ts";
 import { restoreAll } from "../mod.ts";
+import { loadImportLibrary } from "./import_library.ts";
 import { assemble, bytesAt, callOnAnotherThread, cstr, isArm64, libc, os, runtime, unassemble, words } from "./native.ts";
 
 const AT = 0x7f00_0000_1000n;
@@ -230,4 +231,18 @@ test("native probe restored by someone else (restoreAll): the final count stays 
   assert.equal(probe.read().calls, 3);
   libc.atoi(cstr("1"));
   assert.equal(probe.read().calls, 3, "no longer counting");
+});
+
+test("native probe with callers: counts and times only that library's calls, through its import slot", () => {
+  const lib = loadImportLibrary(runtime, os, "probe_callers_");
+  const probe = probeNatively({ symbol: "labs", library: "libc.so.6", callers: lib.path }, true);
+  try {
+    assert.equal(lib.labs(-5n), 5n);
+    assert.equal(lib.labs(-6n), 6n);
+    assert.equal(libc.labs(-7n), 7n);
+    assert.deepEqual([probe.read().calls, probe.read().timed], [2, 2], "the program's own call is not counted");
+  } finally {
+    probe.restore();
+  }
+  assert.equal(lib.labs(-5n), 5n);
 });
