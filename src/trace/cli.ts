@@ -64,12 +64,12 @@ export async function trace(argv: readonly string[]): Promise<number> {
     stopLive();
     const result = session.results(ticksPerNs, (performance.now() - started) * 1e6);
     const stayed = session.stop();
-    console.error(`\n${table(result)}`);
-    for (const message of stayed) console.error(`left in place: ${message}`);
+    printError(`\n${table(result)}`);
+    for (const message of stayed) printError(`left in place: ${message}`);
     if (options.json) writeFileSync(options.json, toJson(result));
     if (options.svg) writeFileSync(options.svg, toSvg(result));
   });
-  const running = startTrace(options, (line) => console.error(line));
+  const running = startTrace(options, printError);
   session = running;
   const script = resolve(options.script!);
   process.argv = [process.argv[0], script, ...options.args];
@@ -84,6 +84,11 @@ export async function trace(argv: readonly string[]): Promise<number> {
     return 1;
   }
   return 0;
+}
+
+/** A line on stderr as it is (console.error would colour it on a terminal under Bun). */
+function printError(line: string): void {
+  process.stderr.write(`${line}\n`);
 }
 
 /** Runs `report` when the process exits normally (Deno's `unload` event, Node's and Bun's `exit`). */
