@@ -3,7 +3,7 @@
  * as a child process of the runtime running the tests, on a script that calls libc N times.
  */
 import { assert, runtimeName, runtimePath, test } from "./harness.ts";
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import process from "node:process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -137,15 +137,17 @@ test("trace report: the SVG is well-formed, one bar per called function, names e
   assert.equal(toSvg(many).match(/<rect /g)!.length, 1 + 30, "the top 30 only");
 });
 
+const cli = new URL("../src/trace/cli.ts", import.meta.url).pathname;
+/** How this runtime runs the trace command. */
+const runtimeArgs = runtimeName === "deno"
+  ? ["run", "-A", "--no-check", cli]
+  : runtimeName === "node"
+  ? ["--no-warnings", "--experimental-ffi", cli]
+  : [cli];
+const env = { ...process.env, NO_COLOR: "1" };
+
 /** Runs the trace command in a child process of this runtime: exit status, stdout, stderr. */
 function traceCommand(args: string[]): { status: number | null; stdout: string; stderr: string } {
-  const cli = new URL("../src/trace/cli.ts", import.meta.url).pathname;
-  const runtimeArgs = runtimeName === "deno"
-    ? ["run", "-A", "--no-check", cli]
-    : runtimeName === "node"
-    ? ["--no-warnings", "--experimental-ffi", cli]
-    : [cli];
-  const env = { ...process.env, NO_COLOR: "1" };
   const result = spawnSync(runtimePath, [...runtimeArgs, ...args], { encoding: "utf8", env });
   return { status: result.status, stdout: result.stdout, stderr: result.stderr };
 }
@@ -255,3 +257,21 @@ test("the trace command on examples/trace_zlib.ts: zlib's functions, and with --
     rmSync(dir, { recursive: true, force: true });
   }
 }, { skip: withoutLibz() });
+
+test("the trace command stopped with Ctrl-C (SIGINT) reports before it exits", async () => {
+  const forever = new URL("./fixtures/trace_forever.ts", import.meta.url).pathname;
+  const child = spawn(runtimePath, [...runtimeArgs, "--library", "libc.so.6", "--match", "atoi", "--", forever], { env });
+  let stdout = "", stderr = "";
+  child.stderr.on("data", (chunk) => (stderr += chunk));
+  const status = await new Promise<string>((resolve) => {
+    child.stdout.on("data", (chunk) => {
+      stdout += chunk;
+      if (stdout.includes("ready")) child.kill("SIGINT");
+    });
+    child.on("close", (code, signal) => resolve(`${code} ${signal}`));
+  });
+  // Deno's node:child_process reports the signal it sent rather than the exit code (its own
+  // Deno.Command sees code 130, as a shell does).
+  assert.equal(status, runtimeName === "deno" ? "null SIGINT" : "130 null", stderr);
+  assert.match(stderr, /^libc\.so\.6:atoi\s+5\s/m);
+});

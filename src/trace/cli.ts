@@ -11,7 +11,7 @@
  *
  * It loads the libraries, attaches to every matched export, then imports the script (which sees
  * its own arguments in `Deno.args` and `process.argv`; `import.meta.main` is false in it). At exit
- * — the script's last task done, or `Deno.exit()` / `process.exit()` — it prints a table on
+ * — the script's last task done, `Deno.exit()` / `process.exit()`, or Ctrl-C — it prints a table on
  * stderr, sorted by total time (function, calls, total, mean, share), writes `--json` and `--svg`,
  * and lists the functions it could not trace with the reason. `--help` lists the options.
  *
@@ -69,6 +69,8 @@ export async function trace(argv: readonly string[]): Promise<number> {
     if (options.json) writeFileSync(options.json, toJson(result));
     if (options.svg) writeFileSync(options.svg, toSvg(result));
   });
+  // A long run stopped with Ctrl-C reports too: the exit that follows runs the report.
+  process.on("SIGINT", () => process.exit(130));
   const running = startTrace(options, printError);
   session = running;
   const script = resolve(options.script!);
