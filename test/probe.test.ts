@@ -9,6 +9,7 @@ import { probe as x86_64 } from "../src/arch/x86_64/probe.ts";
 import { probe as aarch64 } from "../src/arch/aarch64/probe.ts";
 import { clockRate, probeNatively } from "../src/trace/native_probe.ts";
 import { restoreAll } from "../mod.ts";
+import process from "node:process";
 import { loadImportLibrary } from "./import_library.ts";
 import { assemble, bytesAt, callOnAnotherThread, cstr, isArm64, libc, os, runtime, unassemble, words } from "./native.ts";
 
@@ -245,4 +246,70 @@ test("native probe with callers: counts and times only that library's calls, thr
     probe.restore();
   }
   assert.equal(lib.labs(-5n), 5n);
+});
+
+// hammer(record): calls record[0](-5) record[1] times, the results' sum into record[2].
+const HAMMER = isArm64
+  ? words(
+    0xa9bd7bfd, // stp x29, x30, [sp, #-48]!
+    0x910003fd, // mov x29, sp
+    0xa90153f3, // stp x19, x20, [sp, #16]
+    0xf90013f5, // str x21, [sp, #32]
+    0xaa0003f3, // mov x19, x0: the record
+    0xf9400674, // ldr x20, [x19, #8]: n
+    0xd2800015, // mov x21, #0: the sum
+    0x92800080, // top: mov x0, #-5
+    0xf9400270, // ldr x16, [x19]
+    0xd63f0200, // blr x16
+    0x8b0002b5, // add x21, x21, x0
+    0xf1000694, // subs x20, x20, #1
+    0x54ffff61, // b.ne top
+    0xf9000a75, // str x21, [x19, #16]
+    0xa94153f3, // ldp x19, x20, [sp, #16]
+    0xf94013f5, // ldr x21, [sp, #32]
+    0xa8c37bfd, // ldp x29, x30, [sp], #48
+    0xd2800000, // mov x0, #0
+    0xd65f03c0, // ret
+  )
+  : [
+    0x53, //                                     push rbx
+    0x41, 0x54, //                               push r12
+    0x41, 0x55, //                               push r13: rsp aligned for the calls
+    0x48, 0x89, 0xfb, //                         mov rbx, rdi: the record
+    0x4c, 0x8b, 0x63, 0x08, //                   mov r12, [rbx+8]: n
+    0x45, 0x31, 0xed, //                         xor r13d, r13d: the sum
+    0x48, 0xc7, 0xc7, 0xfb, 0xff, 0xff, 0xff, // top: mov rdi, -5
+    0xff, 0x13, //                               call [rbx]
+    0x49, 0x01, 0xc5, //                         add r13, rax
+    0x49, 0xff, 0xcc, //                         dec r12
+    0x75, 0xef, //                               jnz top
+    0x4c, 0x89, 0x6b, 0x10, //                   mov [rbx+16], r13
+    0x31, 0xc0, //                               xor eax, eax
+    0x41, 0x5d, //                               pop r13
+    0x41, 0x5c, //                               pop r12
+    0x5b, //                                     pop rbx
+    0xc3, //                                     ret
+  ];
+
+test("native probe under two threads calling at once: no call lost, every result right, the stacks intact", () => {
+  const { address: hammer, base } = assemble(HAMMER);
+  const labs = os.symbolAddress("labs", "libc.so.6");
+  // Long enough for the threads to overlap (about a third of the calls then go untimed); fewer
+  // under emulation, where every call is slower.
+  const n = process.env.REDEFINE_TEST_EMULATED ? 100_000n : 1_000_000n;
+  const probe = probeNatively({ symbol: "labs", library: "libc.so.6" }, true);
+  try {
+    const records = [0, 1].map(() => new BigUint64Array([labs, n, 0n]));
+    const ids = records.map(() => new BigUint64Array(1));
+    const bytes = (a: BigUint64Array) => new Uint8Array(a.buffer);
+    records.forEach((record, i) => assert.equal(libc.pthread_create(bytes(ids[i]), 0n, hammer, bytes(record)), 0));
+    for (const id of ids) libc.pthread_join(id[0], 0n);
+    assert.deepEqual(records.map((r) => r[2]), [5n * n, 5n * n], "each thread got labs(-5) = 5 every time");
+    const { calls, timed } = probe.read();
+    assert.equal(calls, 2 * Number(n), "the atomic counter lost no call");
+    assert.ok(timed > 0 && timed <= calls, `${timed} timed`);
+  } finally {
+    probe.restore();
+    unassemble(base);
+  }
 });
