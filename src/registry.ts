@@ -78,6 +78,12 @@ export interface Entry {
   readonly original: Uint8Array;
   /** Where the entry jump leads. */
   readonly destination: bigint;
+  /**
+   * Where a call that must not enter JS goes: for a JS replacement, where its guard sends calls
+   * from other threads and re-entrant calls — past every JS layer below it; for any other patch,
+   * its destination.
+   */
+  readonly bypass: bigint;
   /** Set while its restore waits for the enclosing transaction to commit. */
   restoring: boolean;
   /** Puts the function back (the Patch handle's `restore`). */
