@@ -1,6 +1,7 @@
 import { assert, assertCode, test } from "./harness.ts";
 import { attach } from "../mod.ts";
-import { bytesAt, callOnAnotherThread, cstr, libc, os } from "./native.ts";
+import { bytesAt, callOnAnotherThread, cstr, libc, os, runtime } from "./native.ts";
+import { loadImportLibrary } from "./import_library.ts";
 
 const strtol = { symbol: "strtol", library: "libc.so.6", parameters: ["pointer", "pointer", "i32"], result: "i64" } as const;
 
@@ -87,4 +88,16 @@ test("attach: callbacks that are not functions are refused before anything is wr
   assertCode(() => attach(strtol, { onEnter: 1 } as never), "BAD_REPLACEMENT", /onEnter must be a function/);
   assertCode(() => attach(strtol, { onLeave: "x" } as never), "BAD_REPLACEMENT", /onLeave must be a function/);
   assert.deepEqual(bytesAt(address, 16), bytes);
+});
+
+test("attach with callers: only the calls that library makes through its import slot are probed", () => {
+  const lib = loadImportLibrary(runtime, os, "attach_callers_");
+  const labs = { symbol: "labs", library: "libc.so.6", parameters: ["i64"], result: "i64", callers: lib.path } as const;
+  {
+    using probe = attach(labs, { onLeave: (result) => result + 1000n });
+    assert.equal(lib.labs(-5n), 1005n, "the library's call is probed");
+    assert.equal(libc.labs(-5n), 5n, "the program's own call is not");
+    assert.equal(probe.calls, 1);
+  }
+  assert.equal(lib.labs(-5n), 5n, "the slot restored");
 });

@@ -1,9 +1,7 @@
 /**
  * The native probe: its code read back with the reference disassemblers (iced-x86, Capstone in
  * objdump's syntax), then run live in front of libc functions, a recursive function, two threads,
- * and in a generated library's import slots (`callers`, there for `attach` too: the generated
- * library is loaded in this file, which bun test runs after bad_input.test.ts, whose check of
- * redefine's own stub library takes the first memfd library it sees).
+ * and in a generated library's import slots (`callers`).
  */
 import { assert, test } from "./harness.ts";
 import { Decoder, DecoderOptions, FastFormatter } from "iced-x86";
@@ -11,7 +9,7 @@ import { disassemble as disassembleArm64, h } from "./objdump_aarch64.ts";
 import { probe as x86_64 } from "../src/arch/x86_64/probe.ts";
 import { probe as aarch64 } from "../src/arch/aarch64/probe.ts";
 import { clockRate, probeNatively } from "../src/trace/native_probe.ts";
-import { attach, restoreAll } from "../mod.ts";
+import { restoreAll } from "../mod.ts";
 import process from "node:process";
 import { loadImportLibrary } from "./import_library.ts";
 import { assemble, bytesAt, callOnAnotherThread, cstr, isArm64, libc, os, runtime, unassemble, words } from "./native.ts";
@@ -315,16 +313,4 @@ test("native probe under two threads calling at once: no call lost, every result
     probe.restore();
     unassemble(base);
   }
-});
-
-test("attach with callers: only the calls that library makes through its import slot are probed", () => {
-  const lib = loadImportLibrary(runtime, os, "attach_callers_");
-  const labs = { symbol: "labs", library: "libc.so.6", parameters: ["i64"], result: "i64", callers: lib.path } as const;
-  {
-    using probe = attach(labs, { onLeave: (result) => result + 1000n });
-    assert.equal(lib.labs(-5n), 1005n, "the library's call is probed");
-    assert.equal(libc.labs(-5n), 5n, "the program's own call is not");
-    assert.equal(probe.calls, 1);
-  }
-  assert.equal(lib.labs(-5n), 5n, "the slot restored");
 });
