@@ -10,7 +10,7 @@ import { hex, RedefineError } from "./errors.ts";
 import { CodePool } from "./code_memory.ts";
 import type { CodeWrite } from "./code_memory.ts";
 import { archFor } from "./arch/mod.ts";
-import type { Arch } from "./arch/types.ts";
+import type { Arch, RuntimeCode } from "./arch/types.ts";
 import { OriginalStubs } from "./original.ts";
 import { platform } from "../platform/mod.ts";
 import type { Platform, SymbolInfo } from "../platform/mod.ts";
@@ -30,6 +30,8 @@ export interface Machine {
   readonly originals: OriginalStubs;
   /** The JS thread's identity as the guard stub reads it; computed on first use. */
   jsThread?: bigint;
+  /** The runtime's own code and its FFI's part, as the guard stub tells them; found on first use. */
+  runtimeCode?: RuntimeCode;
   /** Code shared by many patches, by its bytes: where each copy was placed. */
   readonly shared: Map<string, bigint[]>;
   /**

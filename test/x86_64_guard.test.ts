@@ -3,7 +3,8 @@
  */
 import { assert, test } from "./harness.ts";
 import { Decoder, DecoderOptions, FastFormatter } from "iced-x86";
-import { guardLayout, guardStub, threadPointerReader } from "../src/arch/x86_64/guard.ts";
+import { guardLayout, guardStub, returnAddressReader, threadPointerReader } from "../src/arch/x86_64/guard.ts";
+import { x86_64 } from "../src/arch/x86_64/mod.ts";
 import type { NativeType } from "../src/signature.ts";
 
 const AT = 0x7f00_0000_1000n;
@@ -21,12 +22,14 @@ function disassemble(code: Uint8Array, address: bigint, count: number): string[]
 }
 
 const SHARED = AT + 0x800n;
+/** The runtime's code as the guards take it: its executable's text, and its FFI's part of that. */
+const RUNTIME_CODE = { start: 0x5555_0000_0000n, end: 0x5555_0400_0000n, ffiStart: 0x5555_0123_0000n, ffiEnd: 0x5555_0123_2000n };
 
 function guard(os: string, parameters: NativeType[]) {
   const signature = { parameters, result: "i64" as const };
   const layout = guardLayout(os, signature);
   const { code, data } = guardStub({
-    at: AT, data: DATA, jsThread: 0x1111n, callback: 0x2222n, original: 0x3333n, os, signature,
+    at: AT, data: DATA, jsThread: 0x1111n, callback: 0x2222n, original: 0x3333n, runtimeCode: RUNTIME_CODE, os, signature,
     shared: layout.shared ? SHARED : undefined,
   });
   return { layout, code, data };
@@ -39,9 +42,26 @@ test("calling guard (nothing on the stack): a 12-byte thunk per patch, its recor
   assert.deepEqual(disassemble(code, AT, 2), ["lea r11,[7F0000002000h]", "jmp 7F0000001800h"]);
   const record = new DataView(data.buffer);
   assert.deepEqual([0, 8, 16].map((o) => record.getBigUint64(o, true)), [0x1111n, 0x2222n, 0x3333n]);
+  assert.deepEqual([32, 40, 48, 56].map((o) => record.getBigUint64(o, true)), Object.values(RUNTIME_CODE));
   assert.equal(data[layout.busyOffset], 0, "not busy");
-  assert.deepEqual(disassemble(layout.shared!, SHARED, 18), [
+  assert.deepEqual(disassemble(layout.shared!, SHARED, 35), [
     "push r11",
+    "mov r11,[r11+20h]",
+    "cmp [rsp+8h],r11",
+    "mov r11,[rsp]",
+    "jb 7F000000184Eh",
+    "mov r11,[r11+28h]",
+    "cmp [rsp+8h],r11",
+    "mov r11,[rsp]",
+    "jae 7F000000184Eh",
+    "mov r11,[r11+30h]",
+    "cmp [rsp+8h],r11",
+    "mov r11,[rsp]",
+    "jb 7F000000188Eh",
+    "mov r11,[r11+38h]",
+    "cmp [rsp+8h],r11",
+    "mov r11,[rsp]",
+    "jae 7F000000188Eh",
     "mov r11,fs:[10h]",
     "push r11",
     "mov r11,[rsp+8h]",
@@ -49,53 +69,75 @@ test("calling guard (nothing on the stack): a 12-byte thunk per patch, its recor
     "cmp r11,[rsp]",
     "pop r11",
     "pop r11",
-    "jne 7F0000001842h",
+    "jne 7F0000001890h",
     "cmp byte ptr [r11+18h],0h",
-    "jne 7F0000001842h",
+    "jne 7F0000001890h",
     "mov byte ptr [r11+18h],1h",
     "push r11",
     "call qword ptr [r11+8h]",
     "pop r11",
     "mov byte ptr [r11+18h],0h",
     "ret",
+    "pop r11",
     "jmp qword ptr [r11+10h]",
   ]);
-  assert.equal(layout.shared!.length, 0x46, "to_original (the last instruction) at +0x42");
+  assert.equal(layout.shared!.length, 0x94, "to_original (the last instruction) at +0x90");
 });
 
 test("swapping guard (stack arguments, 7 integers): keeps the return address aside instead of calling", () => {
   const { layout, code } = guard("linux", ["i64", "i64", "i64", "i64", "i64", "i64", "i64"]);
   assert.equal(layout.shared, null);
-  const lines = disassemble(code, AT, 14);
-  assert.deepEqual(lines.slice(0, 6), [
+  const lines = disassemble(code, AT, 23);
+  assert.deepEqual(lines.slice(0, 9), [
+    "mov r11,[rsp]",
+    "cmp r11,[7F00000010B0h]",
+    "jb 7F0000001038h",
+    "cmp r11,[7F00000010B8h]",
+    "jae 7F0000001038h",
+    "cmp r11,[7F00000010C0h]",
+    "jb 7F000000108Bh",
+    "cmp r11,[7F00000010C8h]",
+    "jae 7F000000108Bh",
+  ]);
+  assert.deepEqual(lines.slice(9, 15), [
     "mov r11,fs:[10h]",
-    "cmp r11,[7F0000001060h]",
-    "jne 7F0000001053h",
+    "cmp r11,[7F0000001098h]",
+    "jne 7F000000108Bh",
     "cmp byte ptr [7F0000002008h],0h",
-    "jne 7F0000001053h",
+    "jne 7F000000108Bh",
     "mov byte ptr [7F0000002008h],1h",
   ]);
-  assert.deepEqual(lines.slice(6), [
+  assert.deepEqual(lines.slice(15), [
     "mov r11,[rsp]",
     "mov [7F0000002000h],r11",
-    "lea r11,[7F0000001046h]",
+    "lea r11,[7F000000107Eh]",
     "mov [rsp],r11",
-    "jmp qword ptr [7F0000001068h]",
+    "jmp qword ptr [7F00000010A0h]",
     "mov byte ptr [7F0000002008h],0h",
     "jmp qword ptr [7F0000002000h]",
-    "jmp qword ptr [7F0000001070h]",
+    "jmp qword ptr [7F00000010A8h]",
   ]);
+  const literals = new DataView(code.buffer, code.byteOffset + 0x98);
+  assert.deepEqual([0, 8, 16, 24, 32, 40, 48].map((o) => literals.getBigUint64(o, true)), [
+    0x1111n, 0x2222n, 0x3333n, ...Object.values(RUNTIME_CODE),
+  ]);
+  assert.equal(code.length, 0xd0, "the literals end the guard");
 });
 
 test("guard on Windows: the TEB's self pointer, and 32 bytes of shadow space below 5 arguments", () => {
   const { layout } = guard("windows", ["i64", "i64", "i64", "i64"]);
-  const shared = disassemble(layout.shared!, SHARED, 16);
-  assert.equal(shared[1], "mov r11,gs:[30h]");
-  assert.deepEqual(shared.slice(12, 15), ["push r11", "sub rsp,20h", "call qword ptr [r11+8h]"]);
+  const shared = disassemble(layout.shared!, SHARED, 33);
+  assert.equal(shared[17], "mov r11,gs:[30h]");
+  assert.deepEqual(shared.slice(28, 31), ["push r11", "sub rsp,20h", "call qword ptr [r11+8h]"]);
   assert.equal(guard("windows", ["i64", "i64", "i64", "i64", "i64"]).layout.shared, null, "a fifth argument goes on the stack");
 });
 
 test("the thread pointer reader reads what the guard compares", () => {
   assert.deepEqual(disassemble(threadPointerReader("linux"), 0n, 2), ["mov rax,fs:[10h]", "ret"]);
   assert.deepEqual(disassemble(threadPointerReader("windows"), 0n, 2), ["mov rax,gs:[30h]", "ret"]);
+});
+
+test("the return address reader reads what the guard compares: [rsp] at entry", () => {
+  assert.deepEqual(disassemble(returnAddressReader(), 0n, 2), ["mov rax,[rsp]", "ret"]);
+  assert.equal(x86_64.guard?.returnAddressReader, returnAddressReader);
 });

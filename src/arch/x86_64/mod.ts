@@ -6,7 +6,7 @@ import type { Arch } from "../types.ts";
 import { planRelocation, relocate } from "./relocator.ts";
 import { flowOf, instructionLength, operands } from "./decoder.ts";
 import { branchesBetween, mayBranchInto } from "./scan.ts";
-import { guardLayout, guardStub, threadPointerReader } from "./guard.ts";
+import { guardLayout, guardStub, returnAddressReader, threadPointerReader } from "./guard.ts";
 import { cannedCode } from "./canned.ts";
 import { probe } from "./probe.ts";
 import {
@@ -74,7 +74,7 @@ export const x86_64: Arch = {
   indirectJumpSize: JMP_INDIRECT_SIZE,
   indirectJump: jmpIndirect,
   canned: cannedCode,
-  guard: { layout: guardLayout, threadPointerReader, encode: guardStub },
+  guard: { layout: guardLayout, threadPointerReader, returnAddressReader, encode: guardStub },
   probe,
 };
 
