@@ -23,6 +23,8 @@ export { wrap } from "./src/wrap.ts";
 export { Patch } from "./src/patch.ts";
 export type { AddressTarget, SymbolTarget, Target } from "./src/target.ts";
 export type { Replacement, SymbolReplacement } from "./src/replacement.ts";
+export { attach, Probe } from "./src/trace/attach.ts";
+export type { ProbeArguments, ProbeCallbacks } from "./src/trace/attach.ts";
 export { RedefineError } from "./src/errors.ts";
 export type { RedefineErrorCode } from "./src/errors.ts";
 export type { JsArguments, JsFunction, JsParameters, JsValue, NativeType, Signature } from "./src/signature.ts";

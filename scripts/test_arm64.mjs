@@ -30,6 +30,17 @@ const QEMU_ENV = {
 };
 /** Per run: qemu is slow, but a hung test must not eat CI's time. */
 const TIMEOUT_MS = 15 * 60 * 1000;
+/** The test files about page granularity: protections, writes, the code pool, trampolines, flushes. */
+const PAGE_SIZE_TESTS = [
+  "test/platform.test.ts",
+  "test/redefine.test.ts",
+  "test/original.test.ts",
+  "test/flush.test.ts",
+  "test/arm64_flush.test.ts",
+  "test/safety.test.ts",
+  "test/stress.test.ts",
+  "test/identity.test.ts",
+];
 /** Our binfmt_misc entry; newer entries win, so it goes before a distribution's qemu-aarch64. */
 const BINFMT_NAME = "redefine-qemu-aarch64";
 
@@ -144,9 +155,14 @@ const steps = [
   // Kernels with 16 KiB pages exist (Apple silicon, some Android): nothing may assume 4096. Only
   // Debian's qemu 7.2 can still give the guest another page size (qemu 8 and later keep the
   // host's), and Bun panics at start-up with it, so only Deno runs there; child processes started
-  // by the tests run through binfmt_misc with 4 KiB pages.
+  // by the tests run through binfmt_misc with 4 KiB pages. Only the files whose subject is page
+  // granularity run there (PAGE_SIZE_TESTS): qemu 7.2 with -p 16384 leaves out of the guest's
+  // /proc/self/maps every mapping whose length is not a multiple of 16 KiB (each library's last,
+  // .bss page among them, though it is mapped and readable), so tests that read loaded images
+  // through the memory map are refused there, rightly; and it ignores `ic ivau`, so a reused stub
+  // slot can run stale code. Both are the emulator's, measured; the 4 KiB steps run every file.
   ["deno 16k", () =>
-    denoCounts(emulate("qemu-aarch64-static", machine.deno, ["test", "-A", "--no-check", "test/"], ["-p", "16384"]))],
+    denoCounts(emulate("qemu-aarch64-static", machine.deno, ["test", "-A", "--no-check", ...PAGE_SIZE_TESTS], ["-p", "16384"]))],
 ];
 
 process.exit(report(runSteps(steps, { only, label: "arm64" })));

@@ -20,6 +20,8 @@ import type { Destination } from "./replacement.ts";
 import { CANNED_DATA } from "./arch/canned.ts";
 import { cannedData } from "./mock/canned.ts";
 import { Trampoline } from "./patch.ts";
+import { PROBE_RECORD } from "./arch/probe.ts";
+import type { ProbeCode } from "./arch/probe.ts";
 
 type AnySite = Site<readonly NativeType[], NativeType>;
 
@@ -76,6 +78,8 @@ export function release(layout: Layout): void {
 
 function choose(m: Machine, site: AnySite, to: Destination, below: bigint | null, bypass: bigint | null): Layout {
   switch (to.kind) {
+    case "probe":
+      return probeStub(m, site, to.timing, below);
     case "callback":
       if (m.arch.guard) return guardedStub(m, site, to.callback.address, below, bypass);
       return directJump(m, site, to.callback.address, below) ?? jumpStub(m, site, to.callback.address, below);
@@ -205,7 +209,7 @@ export interface SlotLayout {
   readonly busy: bigint | null;
   /** Where calls that must not enter JS go (see the registry's `Entry.bypass`). */
   readonly bypass: bigint;
-  /** Canned code's native call counter. */
+  /** Canned code's native call counter, or a native probe's record (its counter first). */
   readonly counter?: bigint;
 }
 
@@ -224,6 +228,7 @@ export function slotLayout(
   const m = machine();
   if (to.kind === "native") return { destination: to.address, stub: null, busy: null, bypass: to.address };
   if (to.kind === "original") return { destination: original, stub: null, busy: null, bypass: original };
+  if (to.kind === "probe") return probeForSlots(m, to.timing, original);
   if (to.kind === "canned") return cannedAlone(m, to, original);
   const guard = m.arch.guard;
   if (!guard) return { destination: to.callback.address, stub: null, busy: null, bypass: to.callback.address };
@@ -327,6 +332,53 @@ function toOriginal(m: Machine, site: AnySite, below: bigint | null): Layout {
       bypass: original,
     };
   });
+}
+
+/**
+ * The native probe: placed after the trampoline in a slot near the entry, its record in the slot's
+ * data, which tells where the original is. The record's counter is the patch's `counter`. Its
+ * timing slot is the busy flag: while a timed call runs, its return address points into this code.
+ */
+function probeStub(m: Machine, site: AnySite, timing: boolean, below: bigint | null): Layout {
+  const probe = probeCode(m);
+  const stub = reserve(m, site, below, probe.size(timing), PROBE_RECORD.size);
+  return filling(m, stub, () => {
+    const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
+    probeRecord(m, stub.slot.data, trampoline.address);
+    write(m, stub, relocated, probe.encode(stub.front, stub.slot.data, timing));
+    const busy = stub.slot.data + BigInt(PROBE_RECORD.owner);
+    return { ...throughStub(m, site, stub, trampoline, busy), counter: stub.slot.data + BigInt(PROBE_RECORD.calls) };
+  });
+}
+
+/** The native probe for import slots (`callers`): anywhere, continuing to what the slots held. */
+function probeForSlots(m: Machine, timing: boolean, original: bigint): SlotLayout {
+  const probe = probeCode(m);
+  const slot = m.pool.allocate(original, 2n ** 62n, probe.size(timing), PROBE_RECORD.size);
+  if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for the probe.");
+  try {
+    probeRecord(m, slot.data, original);
+    m.pool.write(slot, probe.encode(slot.address, slot.data, timing));
+  } catch (error) {
+    m.pool.release(slot, null);
+    throw error;
+  }
+  const busy = slot.data + BigInt(PROBE_RECORD.owner);
+  const counter = slot.data + BigInt(PROBE_RECORD.calls);
+  // No JS runs in the probe: calls that must not enter JS may go through it too.
+  return { destination: slot.address, stub: slot, busy, counter, bypass: slot.address };
+}
+
+function probeCode(m: Machine): ProbeCode {
+  if (!m.arch.probe) throw new RedefineError("UNSUPPORTED_PLATFORM", `the native probe has no ${m.arch.name} code.`);
+  return m.arch.probe;
+}
+
+/** A fresh probe record at `data` (a reused slot's data holds the last one's): zeros, and `original`. */
+function probeRecord(m: Machine, data: bigint, original: bigint): void {
+  const record = new DataView(new ArrayBuffer(PROBE_RECORD.size));
+  record.setBigUint64(PROBE_RECORD.original, original, true);
+  m.platform.runtime.view(data, PROBE_RECORD.size).set(new Uint8Array(record.buffer));
 }
 
 /** How the first instructions move to a stub's slot; null when layered, or why they cannot. */

@@ -179,6 +179,11 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     return this.#applied?.writes[0]?.at ?? this.address;
   }
 
+  /** @internal Where the native counters are while the patch is live (a native probe's record). */
+  get counterAddress(): bigint | undefined {
+    return this.#applied?.counter;
+  }
+
   /**
    * The original function as a native address, for a native replacement to call: the trampoline
    * (the relocated first instructions and a jump back into the function) while the patch is live
@@ -208,9 +213,9 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   }
 
   /**
-   * How many calls reached a canned replacement (`returns()`, `sequence()`, a fake clock's), counted
-   * natively and atomically on every thread; after restore, the count it stopped at. Undefined for
-   * other replacements.
+   * How many calls reached a canned replacement (`returns()`, `sequence()`, a fake clock's) or a
+   * native probe (the trace command's), counted natively and atomically on every thread; after
+   * restore, the count it stopped at. Undefined for other replacements.
    */
   get calls(): number | undefined {
     const counter = this.#applied?.counter;

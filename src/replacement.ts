@@ -53,6 +53,8 @@ export type Replacement<P extends readonly NativeType[], R extends NativeType> =
 export type Destination =
   /** A native function: the entry jump can lead straight there. */
   | { readonly kind: "native"; readonly address: bigint }
+  /** The native probe (src/arch/probe.ts): counts every call, and times them when `timing`. */
+  | { readonly kind: "probe"; readonly timing: boolean }
   /** A JS function, behind the runtime's callback: reached through the guard. */
   | { readonly kind: "callback"; readonly callback: NativeCallback }
   /** The function's own trampoline: it behaves as before, running relocated code. */
@@ -64,9 +66,14 @@ export type Destination =
    */
   | { readonly kind: "canned"; readonly spec: CannedSpec; readonly realClock?: bigint | undefined };
 
+/** The key of the replacement value that stands for the native probe (src/trace/native_probe.ts). */
+export const NATIVE_PROBE: unique symbol = Symbol("redefine: native probe");
+
 /** The destination for `replacement`, a function of `signature`; refuses what cannot be one. */
 export function destinationFor(signature: Signature, replacement: unknown): Destination {
   const m = machine();
+  const probe = (replacement as { [NATIVE_PROBE]?: { timing: boolean } } | null)?.[NATIVE_PROBE];
+  if (probe) return { kind: "probe", timing: probe.timing };
   if (typeof replacement === "function") {
     refuseUncallable(replacement);
     if (replacement.length > signature.parameters.length) {

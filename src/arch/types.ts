@@ -4,6 +4,7 @@
  */
 import type { CannedPlan, CannedSpec } from "./canned.ts";
 import type { Signature } from "../signature.ts";
+import type { ProbeCode } from "./probe.ts";
 
 /**
  * The instructions a relocation moves, decoded once by `Arch.planRelocation` and written by
@@ -122,6 +123,8 @@ export interface Arch {
   indirectJump(from: bigint, slot: bigint): Uint8Array;
   /** Canned native replacements (src/arch/canned.ts): the code of a spec, sized before it is placed. */
   readonly canned?: (spec: CannedSpec, os: string) => CannedPlan;
+  /** The native counting and timing probe (src/arch/probe.ts). */
+  readonly probe?: ProbeCode;
   /**
    * The guard stub in front of JS replacements: calls from other threads, and re-entrant calls on
    * the JS thread, go to the original. Absent where it is not written yet.

@@ -7,6 +7,7 @@ import { displacement, isBranchKind, kindOf } from "./decoder.ts";
 import { planRelocation, relocate } from "./relocator.ts";
 import { GUARD_DATA_SIZE, GUARD_SIZE, guardStub, returnAddressReader, threadPointerReader } from "./guard.ts";
 import { cannedCode } from "./canned.ts";
+import { probe } from "./probe.ts";
 import { assemble, b, B_REACH, B_SIZE, JUMP_ABS_SIZE, JUMP_INDIRECT_SIZE, jumpAbs, jumpIndirect } from "./writer.ts";
 
 /**
@@ -75,6 +76,7 @@ export const aarch64: Arch = {
     returnAddressReader,
     encode: (options) => ({ code: guardStub(options), data: new Uint8Array(GUARD_DATA_SIZE) }),
   },
+  probe,
 };
 
 /** The words of `code`, read little-endian. */

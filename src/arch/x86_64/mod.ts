@@ -8,6 +8,7 @@ import { flowOf, instructionLength, operands } from "./decoder.ts";
 import { branchesBetween, mayBranchInto } from "./scan.ts";
 import { guardLayout, guardStub, returnAddressReader, threadPointerReader } from "./guard.ts";
 import { cannedCode } from "./canned.ts";
+import { probe } from "./probe.ts";
 import {
   ENDBR64,
   JMP_ABS_SIZE,
@@ -74,5 +75,6 @@ export const x86_64: Arch = {
   indirectJump: jmpIndirect,
   canned: cannedCode,
   guard: { layout: guardLayout, threadPointerReader, returnAddressReader, encode: guardStub },
+  probe,
 };
 

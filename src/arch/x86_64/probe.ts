@@ -1,0 +1,90 @@
+/**
+ * The native probe (x86-64): see src/arch/probe.ts. Counting is one `lock inc` and a jump to the
+ * original. Timing also takes the record's timing slot with `xchg` (locked by itself), keeps the
+ * caller's return address in the record and puts `exit` in its place, reads `rdtsc`; at `exit`
+ * it reads `rdtsc` again, adds the difference, frees the slot and jumps back to the caller.
+ *
+ * Only r11 and the flags change on the way in: rax and rdx (rdtsc's outputs; rdx is an argument,
+ * al the vector count of varargs calls) are pushed and popped again before the jump, so every
+ * argument register and the stack arguments reach the original as they came. On the way out rax
+ * and rdx (the results) are kept the same way, xmm0/xmm1 are not touched, and r11 (volatile at a
+ * return in System V and Windows x64 alike) carries the return address. No thread pointer is read,
+ * so one listing serves Linux, Windows and macOS.
+ */
+import type { ProbeCode } from "../probe.ts";
+import { PROBE_RECORD as R } from "../probe.ts";
+import { assembleListing, type Line, type Place } from "../listing.ts";
+import { i32le } from "./writer.ts";
+
+/** rip-relative displacement from the end of the line at `p` (placed at `at`) to `target`. */
+function rip(at: bigint, p: Place, target: bigint): Uint8Array {
+  const d = target - (at + BigInt(p.end));
+  if (d < -(2n ** 31n) || d >= 2n ** 31n) throw new RangeError("probe data out of rip-relative reach");
+  return i32le(Number(d));
+}
+
+/** The probe's listing at `at`, data at `data`. */
+function listing(at: bigint, data: bigint, timing: boolean): Line[] {
+  const word = (offset: number) => (p: Place) => rip(at, p, data + BigInt(offset));
+  const calls = word(R.calls), owner = word(R.owner), saved = word(R.saved), start = word(R.start);
+  const ticks = word(R.ticks), timed = word(R.timed), original = word(R.original);
+  const toOriginal: Line = (p) => [0xff, 0x25, ...original(p)]; // jmp [rip+original]
+  if (!timing) {
+    return [
+      (p) => [0xf0, 0x48, 0xff, 0x05, ...calls(p)], // lock inc qword [rip+calls]
+      toOriginal, //                                  jmp [rip+original]
+    ];
+  }
+  const local = (label: string) => (p: Place) => rip(at, p, at + BigInt(p.label(label)));
+  const jne = (label: string): Line => (p) => [0x0f, 0x85, ...i32le(p.label(label) - p.end)];
+  const readClock: Line[] = [
+    [0x0f, 0x31], //             rdtsc: edx:eax
+    [0x48, 0xc1, 0xe2, 0x20], // shl rdx, 32
+    [0x48, 0x09, 0xd0], //       or rax, rdx: the 64-bit count
+  ];
+  return [
+    (p) => [0xf0, 0x48, 0xff, 0x05, ...calls(p)], //   lock inc qword [rip+calls]
+    (p) => [0x48, 0x83, 0x3d, ...owner(p), 0x00], //   cmp qword [rip+owner], 0
+    jne("to_original"), //                              jne to_original: a call is being timed
+    [0x41, 0xbb, 0x01, 0x00, 0x00, 0x00], //            mov r11d, 1
+    (p) => [0x4c, 0x87, 0x1d, ...owner(p)], //         xchg [rip+owner], r11: take the slot
+    [0x4d, 0x85, 0xdb], //                              test r11, r11
+    jne("to_original"), //                              jne to_original: another took it first
+    [0x50], //                                          push rax
+    [0x52], //                                          push rdx
+    [0x4c, 0x8b, 0x5c, 0x24, 0x10], //                  mov r11, [rsp+16]: the caller's return address
+    (p) => [0x4c, 0x89, 0x1d, ...saved(p)], //         mov [rip+saved], r11
+    (p) => [0x4c, 0x8d, 0x1d, ...local("exit")(p)], // lea r11, [rip+exit]
+    [0x4c, 0x89, 0x5c, 0x24, 0x10], //                  mov [rsp+16], r11: the original returns to exit
+    ...readClock,
+    (p) => [0x48, 0x89, 0x05, ...start(p)], //         mov [rip+start], rax
+    [0x5a], //                                          pop rdx
+    [0x58], //                                          pop rax
+    "to_original",
+    toOriginal, //                                      jmp [rip+original]
+    "exit",
+    [0x50], //                                          push rax: the results
+    [0x52], //                                          push rdx
+    ...readClock,
+    (p) => [0x48, 0x2b, 0x05, ...start(p)], //         sub rax, [rip+start]
+    (p) => [0x48, 0x01, 0x05, ...ticks(p)], //         add [rip+ticks], rax (the slot's holder alone writes it)
+    (p) => [0x48, 0xff, 0x05, ...timed(p)], //         inc qword [rip+timed]
+    (p) => [0x4c, 0x8b, 0x1d, ...saved(p)], //         mov r11, [rip+saved]
+    (p) => [0x48, 0xc7, 0x05, ...owner(p), 0, 0, 0, 0], // mov qword [rip+owner], 0: free the slot (a store releases)
+    [0x5a], //                                          pop rdx
+    [0x58], //                                          pop rax
+    [0x41, 0xff, 0xe3], //                              jmp r11: back to the caller
+  ];
+}
+
+/** The x86-64 native probe. */
+export const probe: ProbeCode = {
+  size: (timing) => assembleListing(listing(0n, 0n, timing)).bytes.length,
+  encode: (at, data, timing) => assembleListing(listing(at, data, timing)).bytes,
+  clockReader: Uint8Array.of(
+    0x0f, 0x31, //             rdtsc
+    0x48, 0xc1, 0xe2, 0x20, // shl rdx, 32
+    0x48, 0x09, 0xd0, //       or rax, rdx
+    0xc3, //                   ret
+  ),
+};

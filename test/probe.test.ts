@@ -1,0 +1,316 @@
+/**
+ * The native probe: its code read back with the reference disassemblers (iced-x86, Capstone in
+ * objdump's syntax), then run live in front of libc functions, a recursive function, two threads,
+ * and in a generated library's import slots (`callers`).
+ */
+import { assert, test } from "./harness.ts";
+import { Decoder, DecoderOptions, FastFormatter } from "iced-x86";
+import { disassemble as disassembleArm64, h } from "./objdump_aarch64.ts";
+import { probe as x86_64 } from "../src/arch/x86_64/probe.ts";
+import { probe as aarch64 } from "../src/arch/aarch64/probe.ts";
+import { clockRate, probeNatively } from "../src/trace/native_probe.ts";
+import { restoreAll } from "../mod.ts";
+import process from "node:process";
+import { loadImportLibrary } from "./import_library.ts";
+import { assemble, bytesAt, callOnAnotherThread, cstr, isArm64, libc, os, runtime, unassemble, words } from "./native.ts";
+
+const AT = 0x7f00_0000_1000n;
+const DATA = 0x7f00_0000_2008n;
+const word = (offset: number) => `${(DATA + BigInt(offset)).toString(16).toUpperCase()}h`;
+
+function disassembleX86(code: Uint8Array, address: bigint): string[] {
+  const decoder = new Decoder(64, code, DecoderOptions.None);
+  decoder.ip = address;
+  const formatter = new FastFormatter();
+  const lines: string[] = [];
+  while (decoder.canDecode) lines.push(formatter.format(decoder.decode()));
+  decoder.free();
+  formatter.free();
+  return lines;
+}
+
+test("x86-64 counting probe: lock inc of the counter, then the original", () => {
+  const code = x86_64.encode(AT, DATA, false);
+  assert.equal(code.length, x86_64.size(false));
+  assert.deepEqual(disassembleX86(code, AT), [
+    `lock inc qword ptr [${word(0)}]`,
+    `jmp qword ptr [${word(48)}]`,
+  ]);
+});
+
+test("x86-64 timing probe: takes the slot, swaps the return address, times with rdtsc, keeps rax/rdx", () => {
+  const code = x86_64.encode(AT, DATA, true);
+  assert.equal(code.length, x86_64.size(true));
+  const at = (offset: number) => `${(AT + BigInt(offset)).toString(16).toUpperCase()}h`;
+  assert.deepEqual(disassembleX86(code, AT), [
+    `lock inc qword ptr [${word(0)}]`,
+    `cmp qword ptr [${word(8)}],0h`,
+    `jne ${at(0x58)}`,
+    "mov r11d,1h",
+    `xchg [${word(8)}],r11`,
+    "test r11,r11",
+    `jne ${at(0x58)}`,
+    "push rax",
+    "push rdx",
+    "mov r11,[rsp+10h]",
+    `mov [${word(16)}],r11`,
+    `lea r11,[${at(0x5e)}]`,
+    "mov [rsp+10h],r11",
+    "rdtsc",
+    "shl rdx,20h",
+    "or rax,rdx",
+    `mov [${word(24)}],rax`,
+    "pop rdx",
+    "pop rax",
+    `jmp qword ptr [${word(48)}]`, // 0x58: to the original
+    "push rax", //                    0x5e: the original returns here
+    "push rdx",
+    "rdtsc",
+    "shl rdx,20h",
+    "or rax,rdx",
+    `sub rax,[${word(24)}]`,
+    `add [${word(32)}],rax`,
+    `inc qword ptr [${word(40)}]`,
+    `mov r11,[${word(16)}]`,
+    `mov qword ptr [${word(8)}],0h`,
+    "pop rdx",
+    "pop rax",
+    "jmp r11",
+  ]);
+  assert.deepEqual(disassembleX86(x86_64.clockReader, 0n), ["rdtsc", "shl rdx,20h", "or rax,rdx", "ret"]);
+});
+
+const PAGE = DATA - DATA % 4096n;
+const ARM64_COUNT = [
+  "stp x0, x1, [sp, #-16]!",
+  `adrp x16, ${h(PAGE)}`,
+  `add x16, x16, #${h(DATA % 4096n)}`,
+  "ldxr x0, [x16]",
+  "add x0, x0, #0x1",
+  "stxr w1, x0, [x16]",
+  `cbnz w1, ${h(AT + 0xcn)}`,
+];
+
+test("aarch64 counting probe: an exclusive add on the counter, then the original", () => {
+  const code = aarch64.encode(AT, DATA, false);
+  assert.equal(code.length, aarch64.size(false));
+  assert.deepEqual(disassembleArm64(code, AT), [
+    ...ARM64_COUNT,
+    "ldr x16, [x16, #48]",
+    "ldp x0, x1, [sp], #16",
+    "br x16",
+  ]);
+});
+
+test("aarch64 timing probe: takes the slot, points x30 at its exit, times with cntvct_el0, keeps x0/x1", () => {
+  const code = aarch64.encode(AT, DATA, true);
+  assert.equal(code.length, aarch64.size(true));
+  assert.deepEqual(disassembleArm64(code, AT), [
+    ...ARM64_COUNT,
+    "add x17, x16, #0x8",
+    "ldr x0, [x17]",
+    `cbnz x0, ${h(AT + 0x54n)}`,
+    "ldaxr x0, [x17]", //                 0x28: claim
+    `cbnz x0, ${h(AT + 0x50n)}`,
+    "mov x0, #0x1",
+    "stxr w1, x0, [x17]",
+    `cbnz w1, ${h(AT + 0x28n)}`,
+    "str x30, [x16, #16]",
+    "mrs x0, cntvct_el0",
+    "str x0, [x16, #24]",
+    `adr x30, ${h(AT + 0x60n)}`,
+    `b ${h(AT + 0x54n)}`,
+    "clrex", //                           0x50: held
+    "ldr x16, [x16, #48]", //             0x54: to the original
+    "ldp x0, x1, [sp], #16",
+    "br x16",
+    "stp x0, x1, [sp, #-16]!", //         0x60: the original returns here
+    `adrp x16, ${h(PAGE)}`,
+    `add x16, x16, #${h(DATA % 4096n)}`,
+    "mrs x0, cntvct_el0",
+    "ldr x1, [x16, #24]",
+    "sub x0, x0, x1",
+    "ldr x1, [x16, #32]",
+    "add x1, x1, x0",
+    "str x1, [x16, #32]",
+    "ldr x1, [x16, #40]",
+    "add x1, x1, #0x1",
+    "str x1, [x16, #40]",
+    "ldr x30, [x16, #16]",
+    "add x17, x16, #0x8",
+    "stlr xzr, [x17]",
+    "ldp x0, x1, [sp], #16",
+    "ret",
+  ]);
+  assert.deepEqual(disassembleArm64(aarch64.clockReader, 0n), ["mrs x0, cntvct_el0", "ret"]);
+});
+
+test("native probe on strtol: every call counted and timed, results untouched, bytes restored exactly", () => {
+  const address = os.symbolAddress("strtol", "libc.so.6");
+  const bytes = bytesAt(address, 32);
+  for (const timing of [false, true]) {
+    const probe = probeNatively({ symbol: "strtol", library: "libc.so.6" }, timing);
+    let sum = 0;
+    for (let i = 0; i < 500; i++) sum += libc.atoi(cstr(String(i)));
+    assert.equal(sum, (499 * 500) / 2, "atoi's results pass through");
+    const reading = probe.read();
+    assert.equal(reading.calls, 500);
+    assert.equal(reading.timed, timing ? 500 : 0);
+    assert.equal(reading.ticks > 0n, timing);
+    probe.restore();
+    assert.deepEqual(probe.read(), reading, "the last reading stays after restore");
+    assert.deepEqual(bytesAt(address, 32), bytes);
+  }
+});
+
+test("native probe: calls from another thread are counted and timed too", () => {
+  const labs = os.symbolAddress("labs", "libc.so.6");
+  const probe = probeNatively({ symbol: "labs", library: "libc.so.6" }, true);
+  try {
+    assert.equal(libc.labs(-3n), 3n);
+    const fromThread = callOnAnotherThread(labs);
+    assert.ok(fromThread > 0n, "the other thread got labs' result");
+    assert.deepEqual([probe.read().calls, probe.read().timed], [2, 2]);
+  } finally {
+    probe.restore();
+  }
+});
+
+// depth(n): n == 0 ? 0 : depth(n - 1) + 1, calling itself through its own (probed) entry.
+const RECURSIVE = isArm64
+  ? words(
+    0xb40000e0, // cbz x0, zero (+0x1c)
+    0xa9bf7bfd, // stp x29, x30, [sp, #-16]!
+    0xd1000400, // sub x0, x0, #1
+    0x97fffffd, // bl depth
+    0x91000400, // add x0, x0, #1
+    0xa8c17bfd, // ldp x29, x30, [sp], #16
+    0xd65f03c0, // ret
+    0xd2800000, // zero: mov x0, #0
+    0xd65f03c0, // ret
+  )
+  : [
+    0x48, 0x85, 0xff, //             test rdi, rdi
+    0x74, 0x14, //                   je zero (+0x19)
+    0x48, 0x83, 0xec, 0x08, //       sub rsp, 8: aligned for the call
+    0x48, 0xff, 0xcf, //             dec rdi
+    0xe8, 0xef, 0xff, 0xff, 0xff, // call depth
+    0x48, 0xff, 0xc0, //             inc rax
+    0x48, 0x83, 0xc4, 0x08, //       add rsp, 8
+    0xc3, //                         ret
+    0x31, 0xc0, //                   zero: xor eax, eax
+    0xc3, //                         ret
+  ];
+
+test("native probe on a recursive function: every level counted, the outermost call timed, the stack intact", () => {
+  const { address, base } = assemble(RECURSIVE);
+  try {
+    const depth = runtime.fnPointer(address, { parameters: ["u64"], result: "u64" }) as (n: bigint) => bigint;
+    const probe = probeNatively({ address, size: RECURSIVE.length }, true);
+    try {
+      assert.equal(depth(10n), 10n);
+      assert.equal(depth(3n), 3n);
+      assert.deepEqual([probe.read().calls, probe.read().timed], [11 + 4, 2]);
+    } finally {
+      probe.restore();
+    }
+    assert.equal(depth(4n), 4n);
+  } finally {
+    unassemble(base);
+  }
+});
+
+test("clockRate: the timestamp counter ticks at a plausible rate (10 MHz to 10 GHz)", () => {
+  const rate = clockRate(10);
+  assert.ok(rate > 0.01 && rate < 10, `${rate} ticks per ns`);
+});
+
+test("native probe restored by someone else (restoreAll): the final count stays readable", () => {
+  const probe = probeNatively({ symbol: "strtol", library: "libc.so.6" }, true);
+  for (let i = 0; i < 3; i++) libc.atoi(cstr("1"));
+  restoreAll();
+  assert.equal(probe.patch.active, false);
+  assert.equal(probe.read().calls, 3);
+  libc.atoi(cstr("1"));
+  assert.equal(probe.read().calls, 3, "no longer counting");
+});
+
+test("native probe with callers: counts and times only that library's calls, through its import slot", () => {
+  const lib = loadImportLibrary(runtime, os, "probe_callers_");
+  const probe = probeNatively({ symbol: "labs", library: "libc.so.6", callers: lib.path }, true);
+  try {
+    assert.equal(lib.labs(-5n), 5n);
+    assert.equal(lib.labs(-6n), 6n);
+    assert.equal(libc.labs(-7n), 7n);
+    assert.deepEqual([probe.read().calls, probe.read().timed], [2, 2], "the program's own call is not counted");
+  } finally {
+    probe.restore();
+  }
+  assert.equal(lib.labs(-5n), 5n);
+});
+
+// hammer(record): calls record[0](-5) record[1] times, the results' sum into record[2].
+const HAMMER = isArm64
+  ? words(
+    0xa9bd7bfd, // stp x29, x30, [sp, #-48]!
+    0x910003fd, // mov x29, sp
+    0xa90153f3, // stp x19, x20, [sp, #16]
+    0xf90013f5, // str x21, [sp, #32]
+    0xaa0003f3, // mov x19, x0: the record
+    0xf9400674, // ldr x20, [x19, #8]: n
+    0xd2800015, // mov x21, #0: the sum
+    0x92800080, // top: mov x0, #-5
+    0xf9400270, // ldr x16, [x19]
+    0xd63f0200, // blr x16
+    0x8b0002b5, // add x21, x21, x0
+    0xf1000694, // subs x20, x20, #1
+    0x54ffff61, // b.ne top
+    0xf9000a75, // str x21, [x19, #16]
+    0xa94153f3, // ldp x19, x20, [sp, #16]
+    0xf94013f5, // ldr x21, [sp, #32]
+    0xa8c37bfd, // ldp x29, x30, [sp], #48
+    0xd2800000, // mov x0, #0
+    0xd65f03c0, // ret
+  )
+  : [
+    0x53, //                                     push rbx
+    0x41, 0x54, //                               push r12
+    0x41, 0x55, //                               push r13: rsp aligned for the calls
+    0x48, 0x89, 0xfb, //                         mov rbx, rdi: the record
+    0x4c, 0x8b, 0x63, 0x08, //                   mov r12, [rbx+8]: n
+    0x45, 0x31, 0xed, //                         xor r13d, r13d: the sum
+    0x48, 0xc7, 0xc7, 0xfb, 0xff, 0xff, 0xff, // top: mov rdi, -5
+    0xff, 0x13, //                               call [rbx]
+    0x49, 0x01, 0xc5, //                         add r13, rax
+    0x49, 0xff, 0xcc, //                         dec r12
+    0x75, 0xef, //                               jnz top
+    0x4c, 0x89, 0x6b, 0x10, //                   mov [rbx+16], r13
+    0x31, 0xc0, //                               xor eax, eax
+    0x41, 0x5d, //                               pop r13
+    0x41, 0x5c, //                               pop r12
+    0x5b, //                                     pop rbx
+    0xc3, //                                     ret
+  ];
+
+test("native probe under two threads calling at once: no call lost, every result right, the stacks intact", () => {
+  const { address: hammer, base } = assemble(HAMMER);
+  const labs = os.symbolAddress("labs", "libc.so.6");
+  // Long enough for the threads to overlap (about a third of the calls then go untimed); fewer
+  // under emulation, where every call is slower.
+  const n = process.env.REDEFINE_TEST_EMULATED ? 100_000n : 1_000_000n;
+  const probe = probeNatively({ symbol: "labs", library: "libc.so.6" }, true);
+  try {
+    const records = [0, 1].map(() => new BigUint64Array([labs, n, 0n]));
+    const ids = records.map(() => new BigUint64Array(1));
+    const bytes = (a: BigUint64Array) => new Uint8Array(a.buffer);
+    records.forEach((record, i) => assert.equal(libc.pthread_create(bytes(ids[i]), 0n, hammer, bytes(record)), 0));
+    for (const id of ids) libc.pthread_join(id[0], 0n);
+    assert.deepEqual(records.map((r) => r[2]), [5n * n, 5n * n], "each thread got labs(-5) = 5 every time");
+    const { calls, timed } = probe.read();
+    assert.equal(calls, 2 * Number(n), "the atomic counter lost no call");
+    assert.ok(timed > 0 && timed <= calls, `${timed} timed`);
+  } finally {
+    probe.restore();
+    unassemble(base);
+  }
+});
