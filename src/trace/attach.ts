@@ -17,7 +17,7 @@ import { RedefineError } from "../errors.ts";
  *
  * @example
  * ```ts
- * import type { ProbeArguments } from "./mod.ts";
+ * import type { ProbeArguments } from "@redefine/redefine";
  * const args: ProbeArguments<["pointer", "i32"]> = [0n, 10];
  * args[1] = 16;
  * ```
@@ -30,7 +30,7 @@ export type ProbeArguments<P extends readonly NativeType[]> = { -readonly [K in 
  *
  * @example
  * ```ts
- * import type { ProbeCallbacks } from "./mod.ts";
+ * import type { ProbeCallbacks } from "@redefine/redefine";
  * const double: ProbeCallbacks<["i64"], "i64"> = { onLeave: (result) => result * 2n };
  * ```
  */
@@ -50,7 +50,7 @@ export interface ProbeCallbacks<P extends readonly NativeType[], R extends Nativ
  *
  * @example
  * ```ts
- * import { attach } from "./mod.ts";
+ * import { attach } from "@redefine/redefine";
  * const probe = attach({ symbol: "labs", parameters: ["i64"], result: "i64" }, {});
  * probe.calls; // 0: no native caller has called labs yet
  * probe.restore();
@@ -98,7 +98,7 @@ export class Probe<P extends readonly NativeType[], R extends NativeType> {
  *
  * @example
  * ```ts
- * import { attach } from "./mod.ts";
+ * import { attach } from "@redefine/redefine";
  * using probe = attach(
  *   { symbol: "strtol", library: "libc.so.6", parameters: ["pointer", "pointer", "i32"], result: "i64" },
  *   {
