@@ -39,9 +39,16 @@ const steps = [
   // Every JSDoc example type-checks, importing the package by its name (not run: they patch libc).
   ["deno test --doc", () => one(run(bin("deno"), ["test", "--doc", "--no-run", "mod.ts", "src/", "platform/"]))],
   ["deno publish --dry-run", () => {
-    // JSR scores a package down for every warning (an unanalyzable dynamic import, a slow type).
+    // No warning passes (an unanalyzable dynamic import, a slow type) but one that cannot be
+    // avoided nor silenced (denoland/deno#22594): the trace command importing the user's script by
+    // its path, which needs no rewriting at publish time.
     const result = run(bin("deno"), ["publish", "--dry-run", "--allow-dirty"]);
-    return one({ ok: result.ok && !/^warning\[/m.test(result.output) });
+    const warnings = [...result.output.matchAll(/^warning\[([\w-]+)\].*\n.*--> (\S+?):\d+:\d+/gm)];
+    const unexpected = warnings.filter(([, kind, at]) =>
+      !(kind === "unanalyzable-dynamic-import" && at.endsWith("/src/trace/cli.ts"))
+    );
+    const unparsed = (result.output.match(/^warning\[/gm) ?? []).length !== warnings.length;
+    return one({ ok: result.ok && unexpected.length === 0 && !unparsed });
   }],
 ];
 
