@@ -1,0 +1,68 @@
+// One process, many isolates: Workers, and `deno test --parallel` files, each load their own copy
+// of redefine. The cases run in child processes (test/fixtures/isolates_*.ts, parallel_mock.ts),
+// so a crash is a failed test, not a dead suite.
+import { assert, runtimeName, runtimePath, test } from "./harness.ts";
+import { spawnSync } from "node:child_process";
+import process from "node:process";
+
+/** Runs a fixture under this runtime; its exit status, signal and last line of JSON. */
+function fixture(name: string, args: string[], timeout = 30_000) {
+  const path = new URL(`./fixtures/${name}`, import.meta.url).pathname;
+  const argv = runtimeName === "deno" ? ["run", "-A", "--no-check", path, ...args] : [path, ...args];
+  const child = spawnSync(runtimePath, argv, { encoding: "utf8", timeout, env: { ...process.env, NO_COLOR: "1" } });
+  const json = child.stdout.split("\n").filter((line) => /^[[{]/.test(line)).at(-1);
+  const why = `status ${child.status}, signal ${child.signal}\n${child.stdout}\n${child.stderr.slice(-2000)}`;
+  assert.equal(child.signal, null, why);
+  assert.equal(child.status, 0, why);
+  assert.ok(json, why);
+  return JSON.parse(json);
+}
+
+interface Report {
+  toggles: number;
+  wrong: number;
+  refused: Record<string, number>;
+}
+
+function race(where: "two" | "main", first: string, second: string): Report[] {
+  const reports: Report[] = fixture("isolates_race.ts", [where, first, second, "1500"]);
+  for (const report of reports) {
+    assert.ok(report.toggles > 0, JSON.stringify(reports));
+    assert.equal(report.wrong, 0, JSON.stringify(reports));
+    assert.deepEqual(report.refused, {}, JSON.stringify(reports));
+  }
+  return reports;
+}
+
+test("isolates: two Workers redefining and restoring the same function at once", () => {
+  race("two", "labs", "labs");
+});
+
+test("isolates: two Workers redefining different functions on one page at once", () => {
+  race("two", "getuid", "getgid");
+});
+
+test("isolates: the main thread and a Worker redefining the same function at once", () => {
+  race("main", "labs", "labs");
+});
+
+test("isolates: a terminated Worker's JS patch; later Workers (on its stack) and the main thread get the real function", () => {
+  const { real, held, later, main } = fixture("isolates_death.ts", ["terminate"]);
+  assert.deepEqual(held, { held: true });
+  assert.deepEqual(later, later.map(() => ({ value: real })));
+  assert.equal(main, real);
+});
+
+test("isolates: a Worker that ends itself leaves no patch behind", () => {
+  const { real, held, later, main } = fixture("isolates_death.ts", ["close"]);
+  assert.deepEqual(held, { held: true });
+  assert.deepEqual(later, later.map(() => ({ value: real })));
+  assert.equal(main, real);
+});
+
+test("isolates: deno test --parallel, four files mocking getuid with their own values, all pass", () => {
+  const path = new URL("./fixtures/parallel_mock.ts", import.meta.url).pathname;
+  const child = spawnSync(runtimePath, ["run", "-A", "--no-check", path, "4"], { encoding: "utf8", timeout: 120_000 });
+  assert.equal(child.status, 0, child.stderr);
+  assert.match(child.stdout, /ok \| 4 passed \| 0 failed/, child.stdout);
+}, { skip: runtimeName === "deno" ? undefined : "bun test runs every file in one isolate" });
