@@ -11,7 +11,7 @@ import { hex, RedefineError } from "./errors.ts";
 import type { RelocationPlan } from "./arch/types.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { NativeType } from "./signature.ts";
-import { machine, refuseOverlap } from "./registry.ts";
+import { isolateIdentity, machine, refuseOverlap } from "./registry.ts";
 import type { Machine } from "./registry.ts";
 import { refuseJumpsIntoEntry } from "./target.ts";
 import type { Site } from "./target.ts";
@@ -99,7 +99,7 @@ function guardedStub(m: Machine, site: AnySite, callback: bigint, below: bigint 
     const { code, data } = guard.encode({
       at: stub.front,
       data: stub.slot.data,
-      jsThread: jsThreadOf(m, guard.threadPointerReader(os)),
+      identity: isolateIdentity(),
       callback,
       original: originalForGuard(trampoline),
       os,
@@ -301,19 +301,4 @@ function sharedCode(m: Machine, code: Uint8Array, near: bigint): bigint {
   m.pool.write(slot, code);
   m.shared.set(key, [...copies, slot.address]);
   return slot.address;
-}
-
-/** The JS thread's thread pointer, read by running the guard's own read on this thread. */
-function jsThreadOf(m: Machine, reader: Uint8Array): bigint {
-  if (m.jsThread !== undefined) return m.jsThread;
-  const slot = m.pool.allocate(0n, 2n ** 62n, reader.length);
-  if (!slot) {
-    throw new RedefineError(
-      "ALLOCATION_FAILED",
-      "no executable memory for the thread probe.",
-    );
-  }
-  m.pool.write(slot, reader);
-  m.jsThread = m.platform.runtime.fnPointer(slot.address, { parameters: [], result: "u64" })() as bigint;
-  return m.jsThread;
 }

@@ -6,7 +6,7 @@ import { hex, hexBytes, RedefineError } from "./errors.ts";
 import type { JsArguments, JsValue, NativeType } from "./signature.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { OriginalStub } from "./original.ts";
-import { layers, machine, register, unregister } from "./registry.ts";
+import { exclusive, isForeign, layers, machine, register, restoredBytes, retire, unregister } from "./registry.ts";
 import type { Entry } from "./registry.ts";
 import { nativeSignature } from "./replacement.ts";
 import { schedule } from "./transaction.ts";
@@ -172,15 +172,22 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
    * nothing. Inside `transaction()`, takes effect when the transaction commits.
    */
   restore(): void {
+    exclusive(() => this.#restore());
+  }
+
+  #restore(): void {
     const applied = this.#applied;
     const entry = this.#entry;
     if (!applied || entry.restoring) return;
     const stack = layers(this.address);
     const over = stack[stack.indexOf(entry) + 1];
     if (over && !over.restoring) {
+      // Another isolate's patch leads through this one: a guarded one can step aside in place.
+      const above = stack.slice(stack.indexOf(entry) + 1);
+      if (applied.busy !== null && above.every(isForeign)) return this.#retire(applied);
       throw new RedefineError(
         "OUT_OF_ORDER",
-        `the function at ${hex(this.address)} was redefined again on top of this patch: restore the ` +
+        `the function at ${hex(this.address)} was redefined again on top of this patch${isForeign(over) ? " by another isolate (a Worker)" : ""}: restore the ` +
           `newer patch first (restoreAll() goes newest first).`,
       );
     }
@@ -198,15 +205,38 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     }
     entry.restoring = true;
     schedule(
-      { address: applied.at, bytes: applied.original, spin: arch.selfLoop },
+      { address: applied.at, bytes: restoredBytes(entry), spin: arch.selfLoop },
       () => {
         entry.restoring = false;
         this.#original?.point(this.address);
-        this.#forget(applied, applied.busy);
+        this.#forget(applied, applied.busy, true);
         closeWhenIdle(applied);
       },
       () => (entry.restoring = false),
     );
+  }
+
+  /**
+   * Makes a guarded patch inert where it is (its guard's busy flag gets the retired bit: every call
+   * goes to the original), for another isolate's patch layered on it; its code stays, as that
+   * patch's original leads through it, and goes when that patch is restored.
+   */
+  #retire(applied: Applied): void {
+    const entry = this.#entry;
+    const done = () => {
+      entry.restoring = false;
+      retire(entry);
+      this.#original?.point(this.address);
+      this.#applied = null;
+      closeWhenIdle(applied);
+      const busy = machine().platform.runtime.view(applied.busy!, 1);
+      busy[0] = busy[0] | 2;
+    };
+    const batch = machine().batch;
+    if (!batch) return done();
+    entry.restoring = true;
+    batch.commits.push(done);
+    batch.rollbacks.push(() => (entry.restoring = false));
   }
 
   /** @internal Undoes the constructor for a patch whose entry jump was never written. */
@@ -222,9 +252,12 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     this.restore();
   }
 
-  /** Unregisters the patch and gives its code back (the stub after its guard's `busy` flag clears). */
-  #forget(applied: Applied, busy: bigint | null): void {
-    unregister(this.#entry);
+  /**
+   * Unregisters the patch (`restored`: its restore wrote the bytes) and gives its code back (the
+   * stub after its guard's `busy` flag clears).
+   */
+  #forget(applied: Applied, busy: bigint | null, restored = false): void {
+    unregister(this.#entry, restored);
     this.#applied = null;
     if (applied.stub) machine().pool.release(applied.stub, busy);
     applied.trampoline.release();

@@ -5,7 +5,7 @@
  */
 import { writeCode } from "./code_memory.ts";
 import type { CodeWrite } from "./code_memory.ts";
-import { machine } from "./registry.ts";
+import { exclusive, machine } from "./registry.ts";
 import type { Batch } from "./registry.ts";
 
 /**
@@ -34,6 +34,7 @@ export function schedule(write: CodeWrite, commit: () => void, rollback: () => v
  * once and gets its protection back once, however many patches it holds, and if anything fails —
  * in `body` or while writing — every page and byte is as it was before and the error is rethrown.
  * Patches made in `body` become active when it returns. Nested transactions join the outer one.
+ * Other isolates (Workers) wait to patch until it is over.
  *
  * @example
  * ```ts
@@ -46,6 +47,10 @@ export function schedule(write: CodeWrite, commit: () => void, rollback: () => v
  * ```
  */
 export function transaction<T>(body: () => T): T {
+  return exclusive(() => transactionLocked(body));
+}
+
+function transactionLocked<T>(body: () => T): T {
   const m = machine();
   if (m.batch) return body();
   const batch: Batch = { writes: [], commits: [], rollbacks: [] };

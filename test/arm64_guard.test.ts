@@ -22,26 +22,28 @@ function listing(at: bigint, data: bigint, os = "linux"): (string | { quad: bigi
   return [
     THREAD_POINTER[os],
     "and x16, x16, #0xfffffffffffffff8",
-    `ldr x17, ${h(at + 88n)}`,
+    `ldr x17, ${h(at + 96n)}`,
+    "ldr x17, [x17]",
     "eor x16, x16, x17",
-    `cbnz x16, ${h(at + 76n)}`,
+    `cbnz x16, ${h(at + 88n)}`,
     `adrp x17, ${h(page)}`,
     `add x17, x17, #${h(lo12)}`,
     "ldrb w16, [x17, #8]",
-    `cbnz w16, ${h(at + 76n)}`,
+    `cbnz w16, ${h(at + 88n)}`,
     "mov w16, #0x1",
     "strb w16, [x17, #8]",
     "str x30, [x17]",
-    `ldr x16, ${h(at + 96n)}`,
+    `ldr x16, ${h(at + 104n)}`,
     "blr x16",
     `adrp x17, ${h(page)}`,
     `add x17, x17, #${h(lo12)}`,
-    "strb wzr, [x17, #8]",
+    "ldrb w16, [x17, #8]",
+    "and w16, w16, #0x2",
+    "strb w16, [x17, #8]",
     "ldr x30, [x17]",
     "ret",
-    `ldr x16, ${h(at + 104n)}`,
+    `ldr x16, ${h(at + 112n)}`,
     "br x16",
-    "nop",
     { quad: 0x7f00_dead_0000n },
     { quad: 0x7f00_cafe_1230n },
     { quad: 0x7f12_3456_0000n },
@@ -53,7 +55,7 @@ test("arm64 guard: every word as objdump reads it, data after the code and far b
     const options = {
       at: AT,
       data,
-      jsThread: 0x7f00_dead_0000n,
+      identity: 0x7f00_dead_0000n,
       callback: 0x7f00_cafe_1230n,
       original: 0x7f12_3456_0000n,
       os: "linux",
@@ -67,19 +69,19 @@ test("arm64 guard: every word as objdump reads it, data after the code and far b
 });
 
 test("arm64 guard: Windows keeps the thread's TEB in x18, macOS its TSD in tpidrro_el0; others are refused", () => {
-  const options = { at: AT, data: AT + 0x2000n, jsThread: 0x7f00_dead_0000n, callback: 0x7f00_cafe_1230n, original: 0x7f12_3456_0000n, signature };
+  const options = { at: AT, data: AT + 0x2000n, identity: 0x7f00_dead_0000n, callback: 0x7f00_cafe_1230n, original: 0x7f12_3456_0000n, signature };
   assertDisassembly(guardStub({ ...options, os: "windows" }), AT, listing(AT, AT + 0x2000n, "windows"));
   assertDisassembly(guardStub({ ...options, os: "darwin" }), AT, listing(AT, AT + 0x2000n, "darwin"));
   assertCode(() => guardStub({ ...options, os: "freebsd" }), "UNSUPPORTED_PLATFORM");
 });
 
 test("arm64 guard: writes only x16, x17 and x30, and leaves the flags alone", () => {
-  const bytes = guardStub({ at: AT, data: AT + 0x2000n, jsThread: 1n, callback: 2n, original: 3n, os: "linux", signature });
-  const code = disassemble(bytes.subarray(0, 88), AT);
+  const bytes = guardStub({ at: AT, data: AT + 0x2000n, identity: 1n, callback: 2n, original: 3n, os: "linux", signature });
+  const code = disassemble(bytes.subarray(0, 96), AT);
   for (const line of code) {
     const [mnemonic, first] = line.split(/[ ,]+/);
     assert.ok(!/^(cmp|cmn|tst|subs|adds|ands|bics|ccmp)$/.test(mnemonic), `${line} sets the flags`);
-    if (/^(str|strb|cbnz|br|ret|nop)$/.test(mnemonic)) continue;
+    if (/^(str|strb|cbnz|br|ret)$/.test(mnemonic)) continue;
     if (mnemonic === "blr") continue; // x30, the return into the guard
     assert.ok(["x16", "w16", "x17", "w17", "x30"].includes(first), `${line} writes ${first}`);
   }
@@ -96,13 +98,13 @@ test("arm64 guard: the thread pointer reader and the wiring in the Arch", () => 
     busyOffset: 8, // after the saved x30
     shared: null,
   });
-  const options = { at: AT, data: AT + 0x2000n, jsThread: 1n, callback: 2n, original: 3n, os: "linux", signature };
+  const options = { at: AT, data: AT + 0x2000n, identity: 1n, callback: 2n, original: 3n, os: "linux", signature };
   assert.deepEqual(aarch64.guard?.encode(options), { code: guardStub(options), data: new Uint8Array(GUARD_DATA_SIZE) });
   assert.equal(aarch64.guard?.threadPointerReader, threadPointerReader);
 });
 
 test("arm64 guard: misaligned data or code is refused, not encoded wrong", () => {
-  const options = { at: AT, data: AT + 0x2000n, jsThread: 1n, callback: 2n, original: 3n, os: "linux", signature };
+  const options = { at: AT, data: AT + 0x2000n, identity: 1n, callback: 2n, original: 3n, os: "linux", signature };
   assert.throws(() => guardStub({ ...options, data: AT + 0x2004n }), RangeError);
   assert.throws(() => guardStub({ ...options, at: AT + 2n }), (e) => e instanceof RedefineError);
 });

@@ -26,7 +26,7 @@ function guard(os: string, parameters: NativeType[]) {
   const signature = { parameters, result: "i64" as const };
   const layout = guardLayout(os, signature);
   const { code, data } = guardStub({
-    at: AT, data: DATA, jsThread: 0x1111n, callback: 0x2222n, original: 0x3333n, os, signature,
+    at: AT, data: DATA, identity: 0x1111n, callback: 0x2222n, original: 0x3333n, os, signature,
     shared: layout.shared ? SHARED : undefined,
   });
   return { layout, code, data };
@@ -40,58 +40,57 @@ test("calling guard (nothing on the stack): a 12-byte thunk per patch, its recor
   const record = new DataView(data.buffer);
   assert.deepEqual([0, 8, 16].map((o) => record.getBigUint64(o, true)), [0x1111n, 0x2222n, 0x3333n]);
   assert.equal(data[layout.busyOffset], 0, "not busy");
-  assert.deepEqual(disassemble(layout.shared!, SHARED, 18), [
+  assert.deepEqual(disassemble(layout.shared!, SHARED, 15), [
     "push r11",
-    "mov r11,fs:[10h]",
-    "push r11",
-    "mov r11,[rsp+8h]",
-    "mov r11,[r11]",
-    "cmp r11,[rsp]",
+    "mov r11,[r11]", // the identity word's address, from the record
+    "mov r11,[r11]", // the JS thread, 0 once the isolate ended
+    "cmp r11,fs:[10h]",
     "pop r11",
-    "pop r11",
-    "jne 7F0000001842h",
+    "jne 7F0000001838h",
     "cmp byte ptr [r11+18h],0h",
-    "jne 7F0000001842h",
+    "jne 7F0000001838h",
     "mov byte ptr [r11+18h],1h",
     "push r11",
     "call qword ptr [r11+8h]",
     "pop r11",
-    "mov byte ptr [r11+18h],0h",
+    "and byte ptr [r11+18h],0FEh", // clears the running bit, keeps the retired one
     "ret",
     "jmp qword ptr [r11+10h]",
   ]);
-  assert.equal(layout.shared!.length, 0x46, "to_original (the last instruction) at +0x42");
+  assert.equal(layout.shared!.length, 0x3c, "to_original (the last instruction) at +0x38");
 });
 
 test("swapping guard (stack arguments, 7 integers): keeps the return address aside instead of calling", () => {
   const { layout, code } = guard("linux", ["i64", "i64", "i64", "i64", "i64", "i64", "i64"]);
   assert.equal(layout.shared, null);
-  const lines = disassemble(code, AT, 14);
-  assert.deepEqual(lines.slice(0, 6), [
-    "mov r11,fs:[10h]",
-    "cmp r11,[7F0000001060h]",
-    "jne 7F0000001053h",
+  const lines = disassemble(code, AT, 15);
+  assert.deepEqual(lines.slice(0, 7), [
+    "mov r11,[7F0000001060h]",
+    "mov r11,[r11]",
+    "cmp r11,fs:[10h]",
+    "jne 7F0000001056h",
     "cmp byte ptr [7F0000002008h],0h",
-    "jne 7F0000001053h",
+    "jne 7F0000001056h",
     "mov byte ptr [7F0000002008h],1h",
   ]);
-  assert.deepEqual(lines.slice(6), [
+  assert.deepEqual(lines.slice(7), [
     "mov r11,[rsp]",
     "mov [7F0000002000h],r11",
-    "lea r11,[7F0000001046h]",
+    "lea r11,[7F0000001049h]",
     "mov [rsp],r11",
     "jmp qword ptr [7F0000001068h]",
-    "mov byte ptr [7F0000002008h],0h",
+    "and byte ptr [7F0000002008h],0FEh",
     "jmp qword ptr [7F0000002000h]",
     "jmp qword ptr [7F0000001070h]",
   ]);
+  assert.equal(new DataView(code.buffer).getBigUint64(0x60, true), 0x1111n, "the identity word's address");
 });
 
 test("guard on Windows: the TEB's self pointer, and 32 bytes of shadow space below 5 arguments", () => {
   const { layout } = guard("windows", ["i64", "i64", "i64", "i64"]);
-  const shared = disassemble(layout.shared!, SHARED, 16);
-  assert.equal(shared[1], "mov r11,gs:[30h]");
-  assert.deepEqual(shared.slice(12, 15), ["push r11", "sub rsp,20h", "call qword ptr [r11+8h]"]);
+  const shared = disassemble(layout.shared!, SHARED, 12);
+  assert.equal(shared[3], "cmp r11,gs:[30h]");
+  assert.deepEqual(shared.slice(9, 12), ["push r11", "sub rsp,20h", "call qword ptr [r11+8h]"]);
   assert.equal(guard("windows", ["i64", "i64", "i64", "i64", "i64"]).layout.shared, null, "a fifth argument goes on the stack");
 });
 

@@ -1,7 +1,8 @@
 /**
  * The guard stub that stands in front of a JS replacement (AArch64), with the contract of
- * src/arch/x86_64/guard.ts: calls from other threads, and calls from the JS thread while the
- * replacement is already running, go to the original. It calls the replacement with `blr` (so its
+ * src/arch/x86_64/guard.ts: calls from other threads (or from any, once the isolate's identity word
+ * is 0), calls from the JS thread while the replacement is already running, and every call once
+ * the patch is retired go to the original. It calls the replacement with `blr` (so its
  * return stays predicted) after keeping the caller's return address (x30) in a per-patch slot, and
  * clears its busy flag when the replacement returns. A call pushes nothing on AArch64, so stack
  * arguments stay where the callee expects them, whatever the signature.
@@ -16,7 +17,7 @@ import { RedefineError } from "../../errors.ts";
 import { adrp, assemble, blr, br, cbz, ldrLiteral, NOP } from "./writer.ts";
 
 /** Bytes of code (with its three literals). */
-export const GUARD_SIZE = 112;
+export const GUARD_SIZE = 120;
 /** Bytes of read+write data: the saved return address, then the busy flag. */
 export const GUARD_DATA_SIZE = 16;
 
@@ -61,7 +62,7 @@ function addImmediate(rd: number, rn: number, imm12: number): number {
 export function guardStub(options: GuardOptions): Uint8Array {
   const { at, data } = options;
   const X16 = 16, X17 = 17;
-  const THREAD = 88, CALLBACK = 96, ORIGINAL = 104, TO_ORIGINAL = 76;
+  const IDENTITY = 96, CALLBACK = 104, ORIGINAL = 112, TO_ORIGINAL = 88;
   const pc = (offset: number) => at + BigInt(offset);
   const reach = <T>(value: T | null): T => {
     if (value === null) throw new RangeError("guard data or literal out of pc-relative reach");
@@ -77,29 +78,31 @@ export function guardStub(options: GuardOptions): Uint8Array {
   if (data % 8n !== 0n) throw new RangeError("guard data must be 8-byte aligned");
   const words = [
     ...threadPointer(options.os, X16), //          0 mrs x16, tpidr_el0; and x16, x16, #~7
-    reach(ldrLiteral("x", X17, pc(8), pc(THREAD))), //   8 ldr x17, thread
-    0xca110210, //                                12 eor x16, x16, x17
-    toOriginal(16, true), //                      16 cbnz x16, to_original: another thread
-    ...dataAddress(20), //                        20 adrp x17, data; add x17, x17, :lo12:data
-    0x39402230, //                                28 ldrb w16, [x17, #8]
-    toOriginal(32, false), //                     32 cbnz w16, to_original: re-entered
-    0x52800030, //                                36 mov w16, #1
-    0x39002230, //                                40 strb w16, [x17, #8]: busy
-    0xf900023e, //                                44 str x30, [x17]: the caller's return address
-    reach(ldrLiteral("x", X16, pc(48), pc(CALLBACK))), // 48 ldr x16, callback
-    blr(X16), //                                  52 blr x16
-    ...dataAddress(56), //                        56 adrp x17, data; add x17, x17, :lo12:data
-    0x3900223f, //                                64 strb wzr, [x17, #8]: not busy
-    0xf940023e, //                                68 ldr x30, [x17]
-    0xd65f03c0, //                                72 ret: back to the caller
-    reach(ldrLiteral("x", X16, pc(TO_ORIGINAL), pc(ORIGINAL))), // 76 to_original: ldr x16, original
-    br(X16), //                                   80 br x16
-    NOP, //                                       84 (the literals are 8-byte aligned)
+    reach(ldrLiteral("x", X17, pc(8), pc(IDENTITY))), // 8 ldr x17, identity: the word's address
+    0xf9400231, //                                12 ldr x17, [x17]: the JS thread, 0 once the isolate ended
+    0xca110210, //                                16 eor x16, x16, x17
+    toOriginal(20, true), //                      20 cbnz x16, to_original: another thread
+    ...dataAddress(24), //                        24 adrp x17, data; add x17, x17, :lo12:data
+    0x39402230, //                                32 ldrb w16, [x17, #8]
+    toOriginal(36, false), //                     36 cbnz w16, to_original: re-entered, or retired
+    0x52800030, //                                40 mov w16, #1
+    0x39002230, //                                44 strb w16, [x17, #8]: busy
+    0xf900023e, //                                48 str x30, [x17]: the caller's return address
+    reach(ldrLiteral("x", X16, pc(52), pc(CALLBACK))), // 52 ldr x16, callback
+    blr(X16), //                                  56 blr x16
+    ...dataAddress(60), //                        60 adrp x17, data; add x17, x17, :lo12:data
+    0x39402230, //                                68 ldrb w16, [x17, #8]
+    0x121f0210, //                                72 and w16, w16, #2: not running (retired stays)
+    0x39002230, //                                76 strb w16, [x17, #8]
+    0xf940023e, //                                80 ldr x30, [x17]
+    0xd65f03c0, //                                84 ret: back to the caller
+    reach(ldrLiteral("x", X16, pc(TO_ORIGINAL), pc(ORIGINAL))), // 88 to_original: ldr x16, original
+    br(X16), //                                   92 br x16
   ];
   const out = new Uint8Array(GUARD_SIZE);
   out.set(assemble(words), 0);
   const view = new DataView(out.buffer);
-  view.setBigUint64(THREAD, BigInt.asUintN(64, options.jsThread), true);
+  view.setBigUint64(IDENTITY, options.identity, true);
   view.setBigUint64(CALLBACK, options.callback, true);
   view.setBigUint64(ORIGINAL, options.original, true);
   return out;

@@ -3,13 +3,14 @@
  *
  * A JS replacement can only run on the JS thread, and must not be re-entered while the runtime is
  * dispatching it (Deno calls `strlen` there, for one). The guard sends every other call to the
- * original: calls from other threads (told apart by the thread pointer), and calls from the JS
- * thread while the replacement is already running. It must clear its busy flag when the
+ * original: calls from other threads (told apart by the thread pointer, compared with the
+ * isolate's identity word, which is 0 once the isolate ended), calls from the JS thread while the
+ * replacement is already running, and every call once the patch is retired (busy bit 1). It must clear its busy flag when the
  * replacement returns, which it can do two ways:
  *
  * - When the signature passes nothing on the stack, it simply calls the replacement (returns stay
  *   predicted). That code is the same for every patch: each patch has only a 12-byte thunk that
- *   loads its record (JS thread, callback, original, busy flag) into r11 and jumps to it.
+ *   loads its record (identity word, callback, original, busy flag) into r11 and jumps to it.
  * - Otherwise it must not push anything (stack arguments must stay where the callee expects them),
  *   so a per-patch guard keeps the caller's return address in a data slot and puts its own return
  *   point in its place.
@@ -28,8 +29,8 @@ const SWAP_SIZE = 120;
 const SWAP_DATA_SIZE = 16;
 /** A calling guard's thunk: `lea r11, [rip+record]; jmp shared`. */
 const THUNK_SIZE = 12;
-/** A calling guard's record: JS thread, callback, original, busy flag. */
-const RECORD = { jsThread: 0, callback: 8, original: 16, busy: 24, size: 32 };
+/** A calling guard's record: the identity word's address, callback, original, busy flag. */
+const RECORD = { identity: 0, callback: 8, original: 16, busy: 24, size: 32 };
 
 /**
  * The thread pointer's home: glibc keeps the thread's own address at `fs:[0x10]` (what
@@ -89,7 +90,7 @@ export function guardStub(options: GuardOptions): { code: Uint8Array; data: Uint
   if (!layout.shared) return { code: swappingGuard(options), data: new Uint8Array(SWAP_DATA_SIZE) };
   if (options.shared === undefined) throw new RangeError("the calling guard needs its shared code placed");
   const record = new Uint8Array(RECORD.size);
-  record.set(u64le(options.jsThread), RECORD.jsThread);
+  record.set(u64le(options.identity), RECORD.identity);
   record.set(u64le(options.callback), RECORD.callback);
   record.set(u64le(options.original), RECORD.original);
   const jump = jmpRel32(options.at + 7n, options.shared);
@@ -115,13 +116,10 @@ function sharedCallingGuard(os: string, padding: number): Uint8Array {
   const release = shadow ? [0x48, 0x83, 0xc4, shadow] : []; // add rsp, shadow
   const head = [
     0x41, 0x53, //                               push r11 (the record)
-    segment, 0x4c, 0x8b, 0x1c, sib, ...disp, //  mov r11, qword fs:[0x10] (gs:[0x30] on Windows)
-    0x41, 0x53, //                               push r11 (the thread)
-    0x4c, 0x8b, 0x5c, 0x24, 0x08, //             mov r11, [rsp+8]: the record
-    0x4d, 0x8b, 0x5b, RECORD.jsThread, //        mov r11, [r11+jsThread]
-    0x4c, 0x3b, 0x1c, 0x24, //                   cmp r11, [rsp]: this thread?
-    0x41, 0x5b, //                               pop r11 (flags stay)
-    0x41, 0x5b, //                               pop r11: the record again
+    0x4d, 0x8b, 0x5b, RECORD.identity, //        mov r11, [r11+identity]: the identity word's address
+    0x4d, 0x8b, 0x1b, //                         mov r11, [r11]: the JS thread, 0 once the isolate ended
+    segment, 0x4c, 0x3b, 0x1c, sib, ...disp, //  cmp r11, qword fs:[0x10] (gs:[0x30] on Windows): this thread?
+    0x41, 0x5b, //                               pop r11: the record again (flags stay)
   ];
   const body = [
     0x41, 0x80, 0x7b, RECORD.busy, 0x00, //      cmp byte [r11+busy], 0
@@ -132,7 +130,7 @@ function sharedCallingGuard(os: string, padding: number): Uint8Array {
     0x41, 0xff, 0x53, RECORD.callback, //        call [r11+callback]
     ...release,
     0x41, 0x5b, //                               pop r11
-    0x41, 0xc6, 0x43, RECORD.busy, 0x00, //      mov byte [r11+busy], 0
+    0x41, 0x80, 0x63, RECORD.busy, 0xfe, //      and byte [r11+busy], ~1: not running (retired stays)
     0xc3, //                                     ret
   ];
   const toOriginal = [
@@ -149,7 +147,7 @@ function sharedCallingGuard(os: string, padding: number): Uint8Array {
 }
 
 /** The swapping guard's literals, after its code. */
-const THREAD = 96, CALLBACK = 104, ORIGINAL = 112;
+const IDENTITY = 96, CALLBACK = 104, ORIGINAL = 112;
 
 /** rip-relative displacement from the end of an instruction ending at `at + end` to `target`. */
 function ripFrom(at: bigint, end: number, target: bigint): Uint8Array {
@@ -161,27 +159,29 @@ function ripFrom(at: bigint, end: number, target: bigint): Uint8Array {
 function finish(code: Uint8Array, options: GuardOptions): Uint8Array {
   const out = new Uint8Array(SWAP_SIZE).fill(INT3);
   out.set(code, 0);
-  out.set(u64le(options.jsThread), THREAD);
+  out.set(u64le(options.identity), IDENTITY);
   out.set(u64le(options.callback), CALLBACK);
   out.set(u64le(options.original), ORIGINAL);
   return out;
 }
 
 /**
- * The swapping guard's first 42 bytes: another thread, or the JS thread re-entering, goes to
- * `toOriginal`; otherwise the busy flag is set. Only r11 and the flags change.
+ * The swapping guard's first 45 bytes: another thread (or any, once the isolate ended), or the JS
+ * thread re-entering, or a retired patch, goes to `toOriginal`; otherwise the busy flag is set.
+ * Only r11 and the flags change.
  */
 function checks(options: GuardOptions, toOriginal: number): number[] {
   const { at } = options;
   const [segment, sib, ...disp] = threadPointerOperand(options.os);
   const busy = options.data + 8n;
   return [
-    segment, 0x4c, 0x8b, 0x1c, sib, ...disp, //               0 mov r11, qword fs:[0x10] (gs:[0x30] on Windows)
-    0x4c, 0x3b, 0x1d, ...ripFrom(at, 16, at + BigInt(THREAD)), // 9 cmp r11, [rip+thread]
-    0x0f, 0x85, ...i32le(toOriginal - 22), //                 16 jne to_original: another thread
-    0x80, 0x3d, ...ripFrom(at, 29, busy), 0x00, //            22 cmp byte [rip+busy], 0
-    0x0f, 0x85, ...i32le(toOriginal - 35), //                 29 jne to_original: re-entered
-    0xc6, 0x05, ...ripFrom(at, 42, busy), 0x01, //            35 mov byte [rip+busy], 1
+    0x4c, 0x8b, 0x1d, ...ripFrom(at, 7, at + BigInt(IDENTITY)), // 0 mov r11, [rip+identity]: the word's address
+    0x4d, 0x8b, 0x1b, //                                       7 mov r11, [r11]: the JS thread, 0 once ended
+    segment, 0x4c, 0x3b, 0x1c, sib, ...disp, //               10 cmp r11, qword fs:[0x10] (gs:[0x30] on Windows)
+    0x0f, 0x85, ...i32le(toOriginal - 25), //                 19 jne to_original: another thread
+    0x80, 0x3d, ...ripFrom(at, 32, busy), 0x00, //            25 cmp byte [rip+busy], 0
+    0x0f, 0x85, ...i32le(toOriginal - 38), //                 32 jne to_original: re-entered, or retired
+    0xc6, 0x05, ...ripFrom(at, 45, busy), 0x01, //            38 mov byte [rip+busy], 1
   ];
 }
 
@@ -191,14 +191,14 @@ function swappingGuard(options: GuardOptions): Uint8Array {
   const saved = data, busy = data + 8n;
   const local = (end: number, offset: number) => ripFrom(at, end, at + BigInt(offset));
   return finish(Uint8Array.of(
-    ...checks(options, 83), //                          0 thread and re-entrance checks
-    0x4c, 0x8b, 0x1c, 0x24, //                         42 mov r11, [rsp]
-    0x4c, 0x89, 0x1d, ...ripFrom(at, 53, saved), //    46 mov [rip+saved], r11
-    0x4c, 0x8d, 0x1d, ...local(60, 70), //             53 lea r11, [rip+after]
-    0x4c, 0x89, 0x1c, 0x24, //                         60 mov [rsp], r11: return to `after`
-    0xff, 0x25, ...local(70, CALLBACK), //             64 jmp [rip+callback]
-    0xc6, 0x05, ...ripFrom(at, 77, busy), 0x00, //     70 after: mov byte [rip+busy], 0
-    0xff, 0x25, ...ripFrom(at, 83, saved), //          77 jmp [rip+saved]: back to the caller
-    0xff, 0x25, ...local(89, ORIGINAL), //             83 to_original: jmp [rip+original]
+    ...checks(options, 86), //                          0 thread, re-entrance and retirement checks
+    0x4c, 0x8b, 0x1c, 0x24, //                         45 mov r11, [rsp]
+    0x4c, 0x89, 0x1d, ...ripFrom(at, 56, saved), //    49 mov [rip+saved], r11
+    0x4c, 0x8d, 0x1d, ...local(63, 73), //             56 lea r11, [rip+after]
+    0x4c, 0x89, 0x1c, 0x24, //                         63 mov [rsp], r11: return to `after`
+    0xff, 0x25, ...local(73, CALLBACK), //             67 jmp [rip+callback]
+    0x80, 0x25, ...ripFrom(at, 80, busy), 0xfe, //     73 after: and byte [rip+busy], ~1: not running
+    0xff, 0x25, ...ripFrom(at, 86, saved), //          80 jmp [rip+saved]: back to the caller
+    0xff, 0x25, ...local(92, ORIGINAL), //             86 to_original: jmp [rip+original]
   ), options);
 }

@@ -7,6 +7,7 @@ import { planRelocation, relocate } from "./relocator.ts";
 import { decode } from "./decoder.ts";
 import { mayBranchInto } from "./scan.ts";
 import { guardLayout, guardStub, threadPointerReader } from "./guard.ts";
+import { registryLock } from "./registry_lock.ts";
 import {
   ENDBR64,
   JMP_ABS_SIZE,
@@ -88,6 +89,7 @@ export const x86_64: Arch = {
   },
   indirectJumpSize: JMP_INDIRECT_SIZE,
   indirectJump: jmpIndirect,
+  registryLock,
   guard: { layout: guardLayout, threadPointerReader, encode: guardStub },
 };
 
