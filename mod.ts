@@ -25,3 +25,5 @@ export type { Replacement, SymbolReplacement } from "./src/replacement.ts";
 export { RedefineError } from "./src/errors.ts";
 export type { RedefineErrorCode } from "./src/errors.ts";
 export type { JsArguments, JsFunction, JsParameters, JsValue, NativeType, Signature } from "./src/signature.ts";
+export { exports, find, imports, modules, symbolAt } from "./src/introspect.ts";
+export type { Definition, LoadedModule, ModuleExport, ModuleImport, SymbolLocation } from "./src/introspect.ts";

@@ -5,6 +5,7 @@
  *
  *   deno run --allow-ffi examples/hex_atoi.ts
  *   bun examples/hex_atoi.ts
+ *   node examples/hex_atoi.ts
  */
 import { redefine } from "../mod.ts";
 import { cstr, open, readCString } from "./ffi.ts";

@@ -5,6 +5,7 @@
  *
  *   deno run --allow-ffi examples/mock_getuid.ts
  *   bun examples/mock_getuid.ts
+ *   node examples/mock_getuid.ts
  */
 import { redefine } from "../mod.ts";
 import { open } from "./ffi.ts";

@@ -4,6 +4,7 @@
  *
  *   deno run --allow-ffi examples/trace_strtol.ts
  *   bun examples/trace_strtol.ts
+ *   node examples/trace_strtol.ts
  */
 import { redefine } from "../mod.ts";
 import { cstr, open, readCString } from "./ffi.ts";

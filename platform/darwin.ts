@@ -25,6 +25,9 @@
  * - Cache: `sys_icache_invalidate` after every write into code (a no-op on x86-64 machines).
  * - Maps: `mach_vm_region_recurse`, descending into submaps (the shared region), and
  *   `proc_regionfilename` for the file behind a region.
+ * - Introspection: dyld's image list (`_dyld_image_count`, `_dyld_get_image_header`,
+ *   `_dyld_get_image_name`), each image's export trie and symbol pointers read from memory
+ *   (platform/image/macho_loaded.ts), every read checked against the regions first.
  *
  * Not run on a Mac: every call sequence is tested against a recording fake FFI
  * (test/darwin.test.ts).
@@ -32,7 +35,9 @@
 import { hex, RedefineError } from "../src/errors.ts";
 import { nearCandidates, protectionText } from "./address_space.ts";
 import { posix } from "./posix.ts";
-import type { Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
+import { machoExports, machoImports, machoText } from "./image/macho_loaded.ts";
+import type { Reader } from "./image/elf_loaded.ts";
+import type { LoadedModule, Mapping, ModuleExport, NativeCall, Os, Runtime, SymbolInfo } from "./types.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 
 /** Where libSystem lives (only in the shared cache on macOS 11+, but dlopen finds it by path). */
@@ -165,7 +170,8 @@ export function darwin(runtime: Runtime): Os {
     errnoAddress: () => c.__error() as bigint,
     errnoNames: ERRNO_NAMES,
     rtldDefault: RTLD_DEFAULT,
-    libraryAdvice: `Give the install name or path the dynamic loader knows (e.g. "${LIBSYSTEM}", "/usr/lib/libz.1.dylib").`,
+    libraryAdvice: `Give the install name or path the dynamic loader knows (e.g. "${LIBSYSTEM}", ` +
+      `"/usr/lib/libz.1.dylib").`,
     // dlsym takes the C name and adds the leading underscore itself.
     spelling: "the C name, without the leading underscore",
   });
@@ -273,6 +279,59 @@ export function darwin(runtime: Runtime): Os {
     }
     functionStartsCache.set(header, result);
     return result;
+  }
+
+  /** `readChecked` for the image readers: unreadable bytes are INVALID_ADDRESS. */
+  const checkedRead: Reader = (address, length) => {
+    const bytes = readChecked(address, length);
+    if (bytes === null) {
+      throw new RedefineError(
+        "INVALID_ADDRESS",
+        `${length} bytes at ${hex(address)} are not readable memory: the image is not what its load ` +
+          `commands say, or it was unloaded meanwhile.`,
+      );
+    }
+    return bytes;
+  };
+
+  /** dyld's list of images, bound when first asked for. */
+  let dyld: Record<"_dyld_image_count" | "_dyld_get_image_header" | "_dyld_get_image_name", NativeCall> | undefined;
+
+  /** The images dyld has loaded, in load order (the main executable first): header and path. */
+  function images(): { header: bigint; path: string }[] {
+    dyld ??= runtime.open(LIBSYSTEM, {
+      _dyld_image_count: { parameters: [], result: "u32" },
+      _dyld_get_image_header: { parameters: ["u32"], result: "usize" },
+      _dyld_get_image_name: { parameters: ["u32"], result: "usize" },
+    });
+    const list = dyld;
+    return Array.from({ length: list._dyld_image_count() as number }, (_, i) => {
+      const name = list._dyld_get_image_name(i) as bigint;
+      return { header: list._dyld_get_image_header(i) as bigint, path: name === 0n ? "" : runtime.cString(name) };
+    }).filter((image) => image.header !== 0n);
+  }
+
+  /** `module`'s header, once it is known to be loaded still. */
+  function loaded(module: LoadedModule): bigint {
+    if (!images().some((image) => image.header === module.base)) {
+      throw new RedefineError(
+        "LIBRARY_NOT_FOUND",
+        `'${module.name}' at ${hex(module.base)} is no longer loaded: list the modules again.`,
+      );
+    }
+    return module.base;
+  }
+
+  /** Function lengths by start, from the image's function starts: to the next start; 0 when unknown. */
+  function functionSizes(header: bigint): (address: bigint) => number {
+    const table = functionStartsOf(header);
+    if (!table) return () => 0;
+    const index = new Map(table.starts.map((start, i) => [start, i]));
+    return (address) => {
+      const i = index.get(address);
+      if (i === undefined) return 0;
+      return Number((i + 1 < table.starts.length ? table.starts[i + 1] : table.textEnd) - address);
+    };
   }
 
   function machProtect(start: bigint, length: number, protection: number): number {
@@ -398,8 +457,38 @@ export function darwin(runtime: Runtime): Os {
       );
     },
 
+    // mach_vm_write into this task would be the counterpart of Linux's /proc/self/mem; until it is
+    // measured against VM_PROT_COPY, every write makes its pages writable first.
+    forceWrite() {
+      return false;
+    },
+
     flushCode(address, length) {
       c.sys_icache_invalidate(address, BigInt(length));
+    },
+
+    modules() {
+      return images().map(({ header, path }) => {
+        const text = machoText(checkedRead, header);
+        return { name: path.slice(path.lastIndexOf("/") + 1), path, base: text.base,
+          size: Math.ceil(text.size / pageSize) * pageSize };
+      });
+    },
+
+    exports(module) {
+      const header = loaded(module);
+      const sizeOf = functionSizes(header);
+      return machoExports(checkedRead, header).map((e): ModuleExport => ({
+        name: e.name,
+        address: e.address,
+        size: e.executable ? sizeOf(e.address) : 0,
+        kind: e.executable ? "function" : "data",
+        default: true,
+      }));
+    },
+
+    imports(module) {
+      return machoImports(checkedRead, loaded(module));
     },
   };
   return os;

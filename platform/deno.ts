@@ -52,7 +52,12 @@ export const deno: Runtime = {
     const definitions = Object.fromEntries(
       Object.entries<Signature & { optional?: boolean }>(symbols).map((
         [name, s],
-      ) => [name, { ...denoDefinition(s), optional: s.optional ?? false }]),
+      ) => [name, {
+        ...denoDefinition(s),
+        optional: s.optional ?? false,
+        // A function taking a function pointer may call back into JS, which V8's fast calls forbid.
+        callback: s.parameters.includes("function"),
+      }]),
     );
     const library = ffiGuard(`opening ${path}`, () => {
       try {

@@ -1,16 +1,25 @@
 /**
  * Linux memory services through glibc, called with the runtime's FFI: page size, protections
- * (`mprotect`, read back from /proc/self/maps), symbols (`dlsym`, `dladdr1`), executable memory
- * near a target (a memfd mapped twice: read+execute where the code runs, read+write elsewhere to
- * write it, so no page of ours is ever writable and executable), and the arm64 cache flush.
+ * (`mprotect`, read back from /proc/self/maps), writes into code without them (/proc/self/mem,
+ * platform/proc_mem.ts; x86-64), symbols (`dlsym`, `dladdr1`), executable memory near a target (a
+ * memfd mapped twice: read+execute where the code runs, read+write elsewhere to write it, so no
+ * page of ours is ever writable and executable), stub libraries for the loader (a sealed memfd),
+ * and the arm64 cache flush.
  */
 import { hex, RedefineError } from "../src/errors.ts";
-import type { Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
+import type { LoadedModule, Mapping, ModuleExport, Os, Runtime, SymbolInfo } from "./types.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 import { aarch64CacheFlush } from "./aarch64_flush.ts";
 import { nearCandidates, protectionText } from "./address_space.ts";
 import { cString, posix } from "./posix.ts";
+import { procMem } from "./proc_mem.ts";
+import { dynamicInfo, exportedSymbols, importSlots, loadedSpan, programHeaders } from "./image/elf_loaded.ts";
+import type { ElfExport, ElfMachine, LoadedImage, Reader } from "./image/elf_loaded.ts";
 
+const RTLD_LAZY = 1;
+const RTLD_NOLOAD = 4;
+const AT_SYSINFO_EHDR = 33n;
+const PATH_MAX = 4096;
 const RTLD_DL_SYMENT = 1;
 const SC_PAGESIZE = 30;
 const MAP_SHARED = 0x01;
@@ -19,7 +28,11 @@ const MAP_ANONYMOUS = 0x20;
 const MAP_FIXED_NOREPLACE = 0x100000;
 const MAP_FAILED = 2n ** 64n - 1n;
 const MFD_CLOEXEC = 1;
+const MFD_ALLOW_SEALING = 2;
 const MFD_EXEC = 0x10;
+const F_ADD_SEALS = 1033;
+/** No more seals, no shrinking, no growing, no writing: the file's bytes are fixed for good. */
+const SEALED = 0x1 | 0x2 | 0x4 | 0x8;
 const O_RDONLY = 0;
 const O_CLOEXEC = 0x80000;
 /** `_IOWR('f', 17, struct procmap_query)`: one mapping by address, Linux 6.11 and later. */
@@ -40,7 +53,9 @@ function libc(runtime: Runtime) {
     open: { parameters: ["buffer", "i32"], result: "i32" },
     read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
     write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+    pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
     close: { parameters: ["i32"], result: "i32" },
+    fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
     ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
     __errno_location: { parameters: [], result: "usize" },
     strerror: { parameters: ["i32"], result: "usize" },
@@ -48,6 +63,11 @@ function libc(runtime: Runtime) {
     dlerror: { parameters: [], result: "usize" },
     dlsym: { parameters: ["usize", "buffer"], result: "usize" },
     dladdr1: { parameters: ["usize", "buffer", "buffer", "i32"], result: "i32" },
+    dlvsym: { parameters: ["usize", "buffer", "buffer"], result: "usize" },
+    dlclose: { parameters: ["usize"], result: "i32" },
+    dl_iterate_phdr: { parameters: ["function", "pointer"], result: "i32" },
+    getauxval: { parameters: ["u64"], result: "u64" },
+    readlink: { parameters: ["buffer", "buffer", "usize"], result: "isize" },
   });
 }
 
@@ -73,9 +93,8 @@ export function linux(runtime: Runtime): Os {
   const c = libc(runtime);
   const pageSize = Number(c.sysconf(SC_PAGESIZE));
   // x86-64 keeps instruction fetch coherent with stores by itself; arm64 needs a flush.
-  const flush = runtime.arch === "aarch64" || runtime.arch === "arm64"
-    ? aarch64CacheFlush(runtime, pageSize).flush
-    : null;
+  const arm64 = runtime.arch === "aarch64" || runtime.arch === "arm64";
+  const flush = arm64 ? aarch64CacheFlush(runtime, pageSize).flush : null;
 
   const { errno, errnoText, symbolAddress } = posix(runtime, c, {
     errnoAddress: () => c.__errno_location() as bigint,
@@ -84,6 +103,11 @@ export function linux(runtime: Runtime): Os {
     libraryAdvice: `Give the name the dynamic loader knows (e.g. "libc.so.6", "libm.so.6") or an absolute path.`,
     spelling: "C names, no mangling",
   });
+
+  // Forced writes on x86-64 only, where the kernel's copy of an aligned 8-byte word was measured to
+  // be one store (README: live patching). On arm64 it is unmeasured, and under qemu-user, where the
+  // arm64 suite runs, a write behind qemu's back would leave its translated code stale.
+  const forced = arm64 ? null : procMem(runtime, c, pageSize, () => errnoText());
 
   // One open /proc/self/maps answers PROCMAP_QUERY for the life of the process; null once the
   // kernel turns out not to know the ioctl, and we read the whole text instead.
@@ -143,10 +167,10 @@ export function linux(runtime: Runtime): Os {
     return address;
   }
 
-  function codeFile(size: number, label = "redefine-code"): number {
+  function codeFile(size: number, label = "redefine-code", flags = 0): number {
     const name = cString(label);
-    let fd = c.memfd_create(name, MFD_CLOEXEC | MFD_EXEC) as number;
-    if (fd < 0) fd = c.memfd_create(name, MFD_CLOEXEC) as number; // kernels before 6.3 lack MFD_EXEC
+    let fd = c.memfd_create(name, MFD_CLOEXEC | MFD_EXEC | flags) as number;
+    if (fd < 0) fd = c.memfd_create(name, MFD_CLOEXEC | flags) as number; // kernels before 6.3 lack MFD_EXEC
     if (fd < 0) {
       throw new RedefineError("ALLOCATION_FAILED", `memfd_create failed: ${errnoText()}.`);
     }
@@ -156,6 +180,109 @@ export function linux(runtime: Runtime): Os {
       throw new RedefineError("ALLOCATION_FAILED", `ftruncate of the code file failed: ${why}.`);
     }
     return fd;
+  }
+
+  /** A reader that refuses any byte outside the readable mappings of this moment. */
+  function checkedReader(): Reader {
+    const maps = parseMaps(readMaps());
+    return (address, length) => {
+      const end = address + BigInt(length);
+      for (let at = address; at < end;) {
+        const m = maps.find((m) => at >= m.start && at < m.end);
+        if (m === undefined || !(m.protection & PROT_READ)) {
+          throw new RedefineError(
+            "INVALID_ADDRESS",
+            `${length} bytes at ${hex(address)} are not readable memory (${hex(at)} is ` +
+              `${m === undefined ? "unmapped" : protectionText(m.protection)}): the loaded image is not ` +
+              `what its headers say, or it was unloaded meanwhile.`,
+          );
+        }
+        at = m.end;
+      }
+      return runtime.view(address, length).slice();
+    };
+  }
+
+  const machine: ElfMachine = runtime.arch === "aarch64" || runtime.arch === "arm64" ? "aarch64" : "x86_64";
+
+  /** What the loader lists, each with its image; the main executable first. */
+  function listModules(): (LoadedModule & { image: LoadedImage })[] {
+    const listed: { bias: bigint; name: string; phdr: bigint; phnum: number }[] = [];
+    // struct dl_phdr_info: dlpi_addr u64, dlpi_name char*, dlpi_phdr Elf64_Phdr*, dlpi_phnum u16.
+    // The callback only copies these out: the loader holds its lock while it runs.
+    const callback = runtime.callback(
+      { parameters: ["pointer", "usize", "pointer"], result: "i32" },
+      (info: bigint | number) => {
+        const header = new DataView(runtime.view(BigInt(info), 26).slice().buffer);
+        const name = header.getBigUint64(8, true);
+        listed.push({
+          bias: header.getBigUint64(0, true),
+          name: name === 0n ? "" : runtime.cString(name),
+          phdr: header.getBigUint64(16, true),
+          phnum: header.getUint16(24, true),
+        });
+        return 0;
+      },
+    );
+    try {
+      c.dl_iterate_phdr(callback.address, 0n);
+    } finally {
+      callback.close();
+    }
+    const read = checkedReader();
+    const vdso = c.getauxval(AT_SYSINFO_EHDR) as bigint;
+    const modules: (LoadedModule & { image: LoadedImage })[] = [];
+    listed.forEach((entry, i) => {
+      if (entry.phnum === 0) return;
+      const image = { bias: entry.bias, headers: programHeaders(read, entry.phdr, entry.phnum) };
+      const span = loadedSpan(image, pageSize);
+      if (span === null) return;
+      // The loader lists the main executable first, with no name; the vDSO by its soname.
+      const path = i === 0 && entry.name === "" ? executablePath() : span.base === vdso ? "[vdso]" : entry.name;
+      const name = span.base === vdso && entry.name !== "" ? entry.name : path.slice(path.lastIndexOf("/") + 1);
+      modules.push({ name, path, base: span.base, size: span.size, image });
+    });
+    return modules;
+  }
+
+  function executablePath(): string {
+    const buffer = new Uint8Array(PATH_MAX);
+    const n = Number(c.readlink(cString("/proc/self/exe"), buffer, BigInt(PATH_MAX)));
+    return n > 0 ? new TextDecoder().decode(buffer.subarray(0, n)) : "";
+  }
+
+  /** The image of `module` as the loader has it now, and whether it is the main executable. */
+  function imageOf(module: LoadedModule): { image: LoadedImage; main: boolean } {
+    const all = listModules();
+    const found = all.findIndex((m) => m.base === module.base && m.path === module.path);
+    if (found < 0) {
+      throw new RedefineError(
+        "LIBRARY_NOT_FOUND",
+        `'${module.name}' at ${hex(module.base)} is no longer loaded: list the modules again.`,
+      );
+    }
+    return { image: all[found].image, main: found === 0 };
+  }
+
+  /**
+   * Replaces each indirect function's resolver by the implementation it picks, as `dlsym` on the
+   * module's own handle resolves it (the main executable: first in the default scope).
+   */
+  function resolveIndirect(symbols: ElfExport[], main: boolean, path: string): ModuleExport[] {
+    if (!symbols.some((s) => s.indirect)) return symbols.map(({ indirect: _, ...s }) => s);
+    const handle = main ? 0n : c.dlopen(cString(path), RTLD_LAZY | RTLD_NOLOAD) as bigint;
+    try {
+      return symbols.map(({ indirect, ...symbol }): ModuleExport => {
+        if (!indirect || (!main && handle === 0n)) return symbol;
+        const address = symbol.version === undefined
+          ? c.dlsym(handle, cString(symbol.name)) as bigint
+          : c.dlvsym(handle, cString(symbol.name), cString(symbol.version)) as bigint;
+        // The implementation's size is not in the table: only the resolver's is.
+        return address === 0n ? symbol : { ...symbol, address, size: 0 };
+      });
+    } finally {
+      if (handle !== 0n) c.dlclose(handle);
+    }
   }
 
   const os: Os = {
@@ -195,13 +322,22 @@ export function linux(runtime: Runtime): Os {
 
     protect(start, length, protection) {
       if ((c.mprotect(start, BigInt(length), protection) as number) !== 0) {
+        const why = errnoText();
+        const refusal = forced?.refusal();
         throw new RedefineError(
           "PROTECT_FAILED",
-          `mprotect(${hex(start)}, ${length}, ${protectionText(protection)}) failed: ${errnoText()}. ` +
-            `The kernel refuses to make this memory writable (the vDSO, for one, cannot be patched); ` +
-            `redefine a function that calls it instead.`,
+          `mprotect(${hex(start)}, ${length}, ${protectionText(protection)}) failed: ${why}` +
+            (refusal ? `, and ${refusal}` : "") +
+            (protection & PROT_WRITE
+              ? `. The kernel will not let this process change this code; to change what given ` +
+                `libraries see, redefine only their calls with { callers } (their import slots are data).`
+              : "."),
         );
       }
+    },
+
+    forceWrite(address, bytes) {
+      return forced?.write(address, bytes) ?? false;
     },
 
     allocateCode(near, reach, size) {
@@ -231,27 +367,50 @@ export function linux(runtime: Runtime): Os {
         }
         return null;
       } finally {
+        // The mappings keep the file; without a descriptor, our write alias is its only writable path.
         c.close(fd);
       }
     },
 
     loadableImage(image) {
-      const fd = codeFile(image.length, "redefine-stubs");
+      const fd = codeFile(image.length, "redefine-stubs", MFD_ALLOW_SEALING);
+      const fail = (what: string): never => {
+        const why = errnoText();
+        c.close(fd);
+        throw new RedefineError("ALLOCATION_FAILED", `${what} the stub library failed: ${why}.`);
+      };
       for (let done = 0; done < image.length;) {
         const n = Number(c.write(fd, image.subarray(done), BigInt(image.length - done)));
-        if (n <= 0) {
-          const why = errnoText();
-          c.close(fd);
-          throw new RedefineError("ALLOCATION_FAILED", `writing the stub library failed: ${why}.`);
-        }
+        if (n <= 0) fail("writing");
         done += n;
       }
-      // The descriptor stays open: the loader finds the library again by this path.
+      // The descriptor stays open, since the loader finds the library again by this path, so the
+      // file is sealed: no one can write code the process runs through /proc/self/fd/N.
+      if ((c.fcntl(fd, F_ADD_SEALS, SEALED) as number) !== 0) fail("sealing");
       return `/proc/self/fd/${fd}`;
     },
 
     flushCode(address, length) {
       flush?.(address, length);
+    },
+
+    modules() {
+      return listModules().map(({ name, path, base, size }) => ({ name, path, base, size }));
+    },
+
+    exports(module) {
+      const { image, main } = imageOf(module);
+      const read = checkedReader();
+      const info = dynamicInfo(read, image);
+      if (info === null) return [];
+      return resolveIndirect(exportedSymbols(read, image, info), main, module.path);
+    },
+
+    imports(module) {
+      const { image } = imageOf(module);
+      const read = checkedReader();
+      const info = dynamicInfo(read, image);
+      return info === null ? [] : importSlots(read, image, info, machine);
     },
   };
   return os;

@@ -1,5 +1,6 @@
 /**
- * Detects the runtime, the OS and the CPU once and hands `src/` one Platform object. The runtime
+ * Detects the runtime, the OS and the CPU once and hands `src/` one Platform object; the one door
+ * from `src/` into `platform/` (the stub image builder src/original.ts uses included). The runtime
  * adapter is loaded when this module is (Bun's FFI can only be imported dynamically); the OS layer,
  * which opens libc and so needs FFI permission, is made on first use, so a missing permission
  * surfaces as a typed error from the call that needed it.
@@ -14,11 +15,14 @@ export type * from "./types.ts";
 export { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 export { buildStubImage, type StubImage } from "./image/elf.ts";
 
-const global = globalThis as { Deno?: unknown; Bun?: unknown };
+// Deno and Bun define `process` too: they are told apart first.
+const global = globalThis as { Deno?: unknown; Bun?: unknown; process?: { versions?: { node?: string } } };
 const runtime: Runtime | null = global.Deno !== undefined
   ? (await import("./deno.ts")).deno
   : global.Bun !== undefined
   ? (await import("./bun.ts")).bun
+  : global.process?.versions?.node !== undefined
+  ? (await import("./node.ts")).node
   : null;
 
 /** The OS layer for `runtime`'s operating system. */
@@ -46,7 +50,10 @@ export function platform(): Platform {
   if (runtime === null) {
     throw new RedefineError(
       "UNSUPPORTED_PLATFORM",
-      "redefine runs on Deno and Bun (their FFI does the work); this runtime has neither.",
+      global.process?.versions?.node !== undefined
+        ? `redefine needs node:ffi, which this Node (${global.process.versions.node}) lacks: use Node 26 or ` +
+          `later, without --no-experimental-ffi.`
+        : "redefine runs on Deno, Bun and Node 26 or later (their FFI does the work); this runtime is none of them.",
     );
   }
   current = { runtime, os: osFor(runtime) };

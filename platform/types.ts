@@ -14,9 +14,9 @@ export interface NativeCallback {
   close(): void;
 }
 
-/** What each runtime adapter (platform/deno.ts, platform/bun.ts) provides. */
+/** What each runtime adapter (platform/deno.ts, platform/bun.ts, platform/node.ts) provides. */
 export interface Runtime {
-  readonly name: "deno" | "bun";
+  readonly name: "deno" | "bun" | "node";
   /** `"linux"`, `"darwin"` or `"windows"` (anything else is refused by platform/mod.ts). */
   readonly os: string;
   /** `"x86_64"` or `"aarch64"`, whatever the runtime calls it. */
@@ -74,6 +74,80 @@ export interface SymbolInfo {
   readonly library: string;
 }
 
+/**
+ * A module the loader has in the process (the main executable, libraries, the vDSO).
+ *
+ * @example
+ * ```ts
+ * import { modules } from "./mod.ts";
+ * import type { LoadedModule } from "./mod.ts";
+ * const libc: LoadedModule | undefined = modules().find((m) => m.name === "libc.so.6");
+ * ```
+ */
+export interface LoadedModule {
+  /** The file name as the loader lists it (`libc.so.6`; the main executable's own file name). */
+  readonly name: string;
+  /** The full path (the main executable's real path; `[vdso]` for the vDSO). */
+  readonly path: string;
+  /** The lowest address of its image, page-aligned. */
+  readonly base: bigint;
+  /** Bytes from `base` to the end of its last segment, whole pages. */
+  readonly size: number;
+}
+
+/**
+ * A symbol a module defines for others.
+ *
+ * @example
+ * ```ts
+ * import { exports } from "./mod.ts";
+ * import type { ModuleExport } from "./mod.ts";
+ * const compat: ModuleExport[] = exports("libc.so.6").filter((e) => !e.default);
+ * ```
+ */
+export interface ModuleExport {
+  /** The symbol's name, without its version. */
+  readonly name: string;
+  /** Where a call or a reference reaches: for an indirect function, the implementation picked. */
+  readonly address: bigint;
+  /** 0 when unknown. */
+  readonly size: number;
+  /** Code, or anything else (objects, and symbols with no type). */
+  readonly kind: "function" | "data";
+  /** The symbol version (`GLIBC_2.2.5`), when it has one. */
+  readonly version?: string;
+  /** False for a compat-only version (`name@V`): only references to that version bind it. */
+  readonly default: boolean;
+}
+
+/**
+ * A slot the loader filled with the address of a symbol a module imports.
+ *
+ * @example
+ * ```ts
+ * import { imports } from "./mod.ts";
+ * import type { ModuleImport } from "./mod.ts";
+ * const calls: ModuleImport[] = imports("libm.so.6").filter((i) => i.kind === "jump_slot");
+ * ```
+ */
+export interface ModuleImport {
+  /** The imported symbol's name, without its version. */
+  readonly name: string;
+  /** The slot's address: 8 bytes, aligned. */
+  readonly slot: bigint;
+  /** What the slot holds now. */
+  readonly target: bigint;
+  /**
+   * ELF `JUMP_SLOT` (calls through the PLT) or `GLOB_DAT` (the GOT entry of `&symbol`); PE: an
+   * import address table entry; Mach-O: a lazy (`__la_symbol_ptr`) or non-lazy (`__got`) pointer.
+   */
+  readonly kind: "jump_slot" | "glob_dat" | "iat" | "lazy_pointer" | "non_lazy_pointer";
+  /** The version the reference asks for, when it asks for one (ELF). */
+  readonly version?: string;
+  /** The library the import table names for it (PE, Mach-O; an ELF import names none). */
+  readonly from?: string;
+}
+
 /** What each OS layer (platform/linux.ts, ...) provides. */
 export interface Os {
   readonly pageSize: number;
@@ -88,17 +162,30 @@ export interface Os {
   /** Changes the protection of whole pages; throws PROTECT_FAILED with the errno text. */
   protect(start: bigint, length: number, protection: number): void;
   /**
+   * Writes `bytes` at `address` into code this process cannot write through its own mapping,
+   * without changing any protection (Linux: /proc/self/mem). Returns false where the system
+   * refuses that, or has no such path, and then nothing was written: the caller makes the pages
+   * writable with `protect` and stores the bytes itself. One call is one copy by the kernel.
+   */
+  forceWrite(address: bigint, bytes: Uint8Array): boolean;
+  /**
    * Executable memory (with a writable alias) within `reach` bytes of `near`, or null when none
    * can be had there. It stays mapped for the life of the process: the code pool reuses it.
    */
   allocateCode(near: bigint, reach: bigint, size: number): CodeBlock | null;
   /**
    * A path the runtime's `dlopen` can open, holding `image` (a shared library built in memory, see
-   * platform/image/elf.ts). It stays valid for the life of the process.
+   * platform/image/elf.ts). It stays valid, and its bytes as given, for the life of the process.
    */
   loadableImage(image: Uint8Array): string;
   /** Makes freshly written code visible to instruction fetch (a no-op on x86-64). */
   flushCode(address: bigint, length: number): void;
+  /** Every loaded module, in the loader's order: the main executable first. */
+  modules(): LoadedModule[];
+  /** What `module` (one of `modules()`) exports; LIBRARY_NOT_FOUND once it is unloaded. */
+  exports(module: LoadedModule): ModuleExport[];
+  /** The import slots of `module` (one of `modules()`) and what each holds. */
+  imports(module: LoadedModule): ModuleImport[];
 }
 
 /** The runtime and OS together: everything `src/` needs from the machine. */

@@ -18,6 +18,9 @@
  *   address near the target (found by a `VirtualQuery` walk) and read+write anywhere, so none of
  *   our pages is writable and executable (a single `VirtualAlloc` region would have to be both);
  *   the data pages after the code are the same view's, left read+write.
+ * - Introspection: the modules `K32EnumProcessModules` lists, each image's export directory and
+ *   import address table read from memory (platform/image/pe_loaded.ts), every read checked with
+ *   `VirtualQuery` first.
  * - Stub libraries (`loadableImage`): the ELF stub image of platform/image/elf.ts, rewritten as
  *   a PE DLL with the same code at the same relative places (platform/image/pe.ts), in the temp
  *   directory.
@@ -25,7 +28,9 @@
 import { hex, RedefineError } from "../src/errors.ts";
 import { nearCandidates, protectionText } from "./address_space.ts";
 import { peFromStubElf } from "./image/pe.ts";
-import type { Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
+import { peExports, peImageSize, peImports } from "./image/pe_loaded.ts";
+import type { Reader } from "./image/elf_loaded.ts";
+import type { LoadedModule, Mapping, ModuleExport, Os, Runtime, SymbolInfo } from "./types.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 
 const PAGE_NOACCESS = 0x01;
@@ -273,6 +278,44 @@ export function windows(runtime: Runtime): Os {
     return found;
   }
 
+  /** Reads `length` bytes at `address` once every page of them is committed and readable. */
+  const checkedRead: Reader = (address, length) => {
+    const end = address + BigInt(length);
+    for (let at = address; at < end;) {
+      const m = mappingAt(at);
+      if (m === null || !(m.protection & PROT_READ)) {
+        throw new RedefineError(
+          "INVALID_ADDRESS",
+          `${length} bytes at ${hex(address)} are not readable memory (${hex(at)} is ` +
+            `${m === null ? "not committed" : protectionText(m.protection)}): the module is not what its ` +
+            `headers say, or it was unloaded meanwhile.`,
+        );
+      }
+      at = m.end;
+    }
+    return read(address, length);
+  };
+
+  function listModules(): LoadedModule[] {
+    return loadedModules().map((base) => {
+      const path = moduleFileName(base);
+      const size = peImageSize(checkedRead, base);
+      return { name: path.slice(Math.max(path.lastIndexOf("\\"), path.lastIndexOf("/")) + 1), path, base,
+        size: Math.ceil(size / pageSize) * pageSize };
+    });
+  }
+
+  /** `module`'s base, once it is known to be loaded still. */
+  function loaded(module: LoadedModule): bigint {
+    if (!loadedModules().includes(module.base)) {
+      throw new RedefineError(
+        "LIBRARY_NOT_FOUND",
+        `'${module.name}' at ${hex(module.base)} is no longer loaded: list the modules again.`,
+      );
+    }
+    return module.base;
+  }
+
   function writeFile(path: string, bytes: Uint8Array): void {
     const file = k.CreateFileW(wideString(path), GENERIC_WRITE, FILE_SHARE_READ, 0n, CREATE_NEW, FILE_ATTRIBUTE_NORMAL, 0n) as bigint;
     if (file === INVALID_HANDLE_VALUE) {
@@ -427,8 +470,32 @@ export function windows(runtime: Runtime): Os {
       return path;
     },
 
+    // WriteProcessMemory on this process would be the counterpart of Linux's /proc/self/mem; until
+    // it is measured against VirtualProtect pairs under Wine, every write makes its pages writable.
+    forceWrite() {
+      return false;
+    },
+
     flushCode(address, length) {
       k.FlushInstructionCache(CURRENT_PROCESS, address, BigInt(length));
+    },
+
+    modules: listModules,
+
+    exports(module) {
+      const base = loaded(module);
+      return peExports(checkedRead, base).flatMap((e): ModuleExport[] => {
+        // A forwarder is where the loader's lookup leads, as for any caller of GetProcAddress.
+        const address = e.forwarder === undefined ? e.address : k.GetProcAddress(base, ansiString(e.name)) as bigint;
+        if (address === 0n) return [];
+        return [{ name: e.name, address, size: e.size, kind: e.executable ? "function" : "data", default: true }];
+      });
+    },
+
+    imports(module) {
+      return peImports(checkedRead, loaded(module)).map(({ name, from, slot, target }) => ({
+        name, slot, target, kind: "iat" as const, from,
+      }));
     },
   };
   return os;

@@ -17,3 +17,18 @@ export function bunCounts({ output, ok }) {
   const failed = count("fail");
   return [count("pass"), failed + (ok || failed ? 0 : 1), count("skip")];
 }
+
+/**
+ * [passed, failed, skipped] from `node --test --test-reporter=tap`'s closing lines (`# pass N`,
+ * `# fail N`, `# cancelled N`, `# skipped N`); a crash or a missing line is one failure.
+ */
+export function nodeCounts({ output, ok }) {
+  const count = (name) => Number(new RegExp(`^# ${name} (\\d+)$`, "m").exec(output)?.[1] ?? 0);
+  if (!/^# pass \d+$/m.test(output)) return [0, 1, 0];
+  // Node reports a file that registers no test (windows_e2e off Windows) as one passing test,
+  // named by its path; Deno and Bun count none there.
+  const empty = output.match(/^ok \d+ - \S+\.test\.ts$/gm)?.length ?? 0;
+  // A cancelled test (timed out, or its file failed to load) has failed.
+  const failed = count("fail") + count("cancelled");
+  return [count("pass") - empty, failed + (ok || failed ? 0 : 1), count("skipped")];
+}

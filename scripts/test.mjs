@@ -1,8 +1,8 @@
 // Runs every check of `npm test` and closes with one line: "N passed, N failed, N skipped".
 // Each test suite counts its tests; each whole-program check (types, docs, publish) counts as one.
-import { mkdirSync, writeFileSync } from "node:fs";
-import { bunCounts, denoCounts } from "./counts.mjs";
-import { echoed, report, runSteps, sh } from "./steps.mjs";
+import { writeDenoTypes } from "./build.mjs";
+import { bunCounts, denoCounts, nodeCounts } from "./counts.mjs";
+import { echoed, report, runSteps } from "./steps.mjs";
 
 const bin = (name) => new URL(`../node_modules/.bin/${name}`, import.meta.url).pathname;
 const root = new URL("..", import.meta.url).pathname;
@@ -19,14 +19,16 @@ const steps = [
   ["bun test", () => {
     return bunCounts(run(bin("bun"), ["test", "./test/"]));
   }],
+  ["node test", () => {
+    // Node 26 from npm (it has node:ffi), by its path: a bare `node` may be another Node.
+    return nodeCounts(run(bin("node"), ["--test", "--test-reporter=tap", "test/*.test.ts"]));
+  }],
   // src/ and platform/ import each other one way only (see ARCHITECTURE.md).
-  ["import circles", () => one(run("node", ["scripts/import_cycles.mjs"]))],
+  ["import circles", () => one(run(process.execPath, ["scripts/import_cycles.mjs"]))],
   ["deno check", () => one(run(bin("deno"), ["check", "mod.ts", "test/", "examples/", "bench/"]))],
   ["tsc (bun-types)", () => {
     // Deno's own declarations let tsc check the Deno adapter beside the Bun one.
-    mkdirSync(new URL("../.cache", import.meta.url), { recursive: true });
-    const types = sh(bin("deno"), ["types"]);
-    writeFileSync(new URL("../.cache/lib.deno.d.ts", import.meta.url), types.stdout);
+    writeDenoTypes();
     return one(run(bin("tsc"), ["-p", "tsconfig.bun.json"]));
   }],
   ["deno doc --lint", () => one(run(bin("deno"), ["doc", "--lint", "mod.ts"]))],

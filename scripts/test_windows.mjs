@@ -24,6 +24,9 @@ const WINDOWS_TESTS = [
   "test/darwin.test.ts",
   "test/windows.test.ts",
   "test/windows_e2e.test.ts",
+  "test/introspect_windows.test.ts",
+  "test/introspect_darwin.test.ts",
+  "test/introspect_windows_e2e.test.ts",
 ];
 const MIRROR = "http://deb.debian.org/debian";
 /** Per run: Wine starts slowly the first time (it makes its prefix), but a hang must not eat CI. */

@@ -1,7 +1,8 @@
 /**
  * Writing code: the executable pool where stubs and trampolines live, and the all-or-nothing
- * transaction that writes into protected code (make the pages writable, write, put the original
- * protection back, flush), undoing every step when one fails.
+ * transaction that writes into protected code (through the kernel's forced write where the system
+ * has one, else make the pages writable, write, put the original protection back; then flush),
+ * undoing every step when one fails.
  */
 import { hex, RedefineError } from "./errors.ts";
 import type { CodeBlock, Mapping, Platform, Runtime } from "../platform/mod.ts";
@@ -172,18 +173,31 @@ export interface CodeWrite {
 }
 
 /**
- * Writes every `writes` entry into code pages as one transaction: each page touched is made
- * writable once (keeping its execute bit, since other threads may be running code on it), every
- * write is done, each page gets its exact original protection back, and the code is flushed.
- * If any step fails, bytes already written are put back and every protection restored.
+ * How bytes reach code: one call per store, a single atomic store when they are one aligned 8-byte
+ * word. False when refused, and then nothing was written.
+ */
+type Writer = (address: bigint, bytes: Uint8Array) => boolean;
+
+/**
+ * Writes every `writes` entry into code pages as one transaction. Each write goes through the
+ * kernel's forced write where the system has one (`Os.forceWrite`: no protection changes at all);
+ * where it refuses, each page touched is made writable once (keeping its execute bit, since other
+ * threads may be running code on it) and gets its exact original protection back at the end. The
+ * code is flushed. If any step fails, bytes already written are put back, each the way it was
+ * written, and every protection restored.
  */
 export function writeCode(platform: Platform, writes: readonly CodeWrite[]): void {
   const { os, runtime } = platform;
   const page = BigInt(os.pageSize);
   const pages = new Map<bigint, number>();
+  const pagesOf = (w: CodeWrite) => {
+    const list: bigint[] = [];
+    for (let p = w.address - w.address % page; p < w.address + BigInt(w.bytes.length); p += page) list.push(p);
+    return list;
+  };
   let known: Mapping | null = null;
-  for (const { address, bytes } of writes) {
-    for (let p = address - address % page; p < address + BigInt(bytes.length); p += page) {
+  for (const w of writes) {
+    for (const p of pagesOf(w)) {
       if (pages.has(p)) continue;
       // One query answers for every page of a mapping.
       if (!known || p < known.start || p >= known.end) known = os.mappingAt(p);
@@ -191,32 +205,37 @@ export function writeCode(platform: Platform, writes: readonly CodeWrite[]): voi
       pages.set(p, known.protection);
     }
   }
-  const runs = protectionRuns(pages, page).filter((r) => !(r.protection & PROT_WRITE));
-  const opened: typeof runs = [];
-  const done: CodeWrite[] = [];
+  // Pages a plain store may write: writable already, or made so below.
+  const writable = new Set([...pages].filter(([, protection]) => protection & PROT_WRITE).map(([p]) => p));
+  const direct: Writer = (address, bytes) => (storeBytes(runtime, address, bytes), true);
+  const forced: Writer = (address, bytes) => os.forceWrite(address, bytes);
+  const opened: ReturnType<typeof protectionRuns> = [];
+  const done: { write: CodeWrite; writer: Writer }[] = [];
   // A write is flushed when any page it touches is executable.
-  const executable = (w: CodeWrite) => {
-    for (let p = w.address - w.address % page; p < w.address + BigInt(w.bytes.length); p += page) {
-      if (pages.get(p)! & PROT_EXEC) return true;
-    }
-    return false;
-  };
   const flush = (list: readonly CodeWrite[]) => {
-    for (const w of list) if (executable(w)) os.flushCode(w.address, w.bytes.length);
+    for (const w of list) if (pagesOf(w).some((p) => pages.get(p)! & PROT_EXEC)) os.flushCode(w.address, w.bytes.length);
   };
   const undo = () => {
-    for (const w of done.reverse()) store(platform, w);
+    for (const { write, writer } of done.reverse()) store(platform, write, writer);
     for (const r of opened) os.protect(r.start, r.length, r.protection);
-    flush(done);
+    flush(done.map((d) => d.write));
   };
   try {
-    for (const r of runs) {
-      os.protect(r.start, r.length, r.protection | PROT_WRITE);
-      opened.push(r);
-    }
     for (const w of writes) {
-      done.push({ ...w, bytes: runtime.view(w.address, w.bytes.length).slice() });
-      store(platform, w);
+      const before = { ...w, bytes: runtime.view(w.address, w.bytes.length).slice() };
+      const closed = pagesOf(w).filter((p) => !writable.has(p));
+      if (closed.length > 0) {
+        done.push({ write: before, writer: forced });
+        if (store(platform, w, forced)) continue;
+        done.pop();
+        for (const r of protectionRuns(new Map(closed.map((p) => [p, pages.get(p)!])), page)) {
+          os.protect(r.start, r.length, r.protection | PROT_WRITE);
+          opened.push(r);
+        }
+        for (const p of closed) writable.add(p);
+      }
+      done.push({ write: before, writer: direct });
+      store(platform, w, direct);
     }
   } catch (error) {
     undo();
@@ -241,34 +260,46 @@ function protectionRuns(pages: Map<bigint, number>, page: bigint) {
 }
 
 /**
- * Stores `bytes` at `address`. When they fit in one aligned 8-byte word, the word is written with a
- * single atomic store (its other bytes unchanged), so a thread running the code sees either all of
- * the old bytes or all of the new ones. Otherwise, given a `spin`, the entry first becomes a jump to
- * itself (one atomic store), then the tail is written, then the head replaces the spin.
+ * Stores `bytes` at `address` with `writer`. When they fit in one aligned 8-byte word, the whole
+ * word is written in one store (its other bytes unchanged), so a thread running the code sees either
+ * all of the old bytes or all of the new ones. Otherwise, given a `spin`, the entry first becomes a
+ * jump to itself (one word store), then the tail is written, then the head replaces the spin.
+ * False when the writer refuses the first store (nothing written); a refusal after that throws,
+ * and the caller's undo puts the old bytes back.
  */
-function store(platform: Platform, write: CodeWrite): void {
+function store(platform: Platform, write: CodeWrite, writer: Writer): boolean {
   const { address, bytes, spin } = write;
   const offset = address % 8n;
-  if (offset + BigInt(bytes.length) <= 8n) {
-    storeWord(platform.runtime, address, bytes);
-    return;
-  }
-  if (!spin || offset + BigInt(spin.length) > 8n || bytes.length <= spin.length) {
-    platform.runtime.view(address, bytes.length).set(bytes);
-    return;
-  }
-  storeWord(platform.runtime, address, spin);
+  if (offset + BigInt(bytes.length) <= 8n) return storeWord(platform.runtime, address, bytes, writer);
+  if (!spin || offset + BigInt(spin.length) > 8n || bytes.length <= spin.length) return writer(address, bytes);
+  if (!storeWord(platform.runtime, address, spin, writer)) return false;
   platform.os.flushCode(address, spin.length);
-  platform.runtime.view(address + BigInt(spin.length), bytes.length - spin.length).set(bytes.subarray(spin.length));
-  platform.os.flushCode(address, bytes.length);
-  storeWord(platform.runtime, address, bytes.subarray(0, spin.length));
+  const rest = writer(address + BigInt(spin.length), bytes.subarray(spin.length)) &&
+    (platform.os.flushCode(address, bytes.length), storeWord(platform.runtime, address, bytes.subarray(0, spin.length), writer));
+  if (!rest) {
+    throw new RedefineError(
+      "PROTECT_FAILED",
+      `the system took the first store into the code at ${hex(address)} and refused the next: nothing is left written.`,
+    );
+  }
+  return true;
 }
 
-/** One atomic store of the aligned 8-byte word holding `bytes`, its other bytes unchanged. */
-function storeWord(runtime: Runtime, address: bigint, bytes: Uint8Array): void {
+/** The aligned 8-byte word holding `bytes`, its other bytes unchanged, written in one store. */
+function storeWord(runtime: Runtime, address: bigint, bytes: Uint8Array, writer: Writer): boolean {
   const offset = address % 8n;
-  const live = runtime.view(address - offset, 8);
-  const word = live.slice();
+  const word = runtime.view(address - offset, 8).slice();
   word.set(bytes, Number(offset));
-  Atomics.store(new BigInt64Array(live.buffer, live.byteOffset, 1), 0, new BigInt64Array(word.buffer)[0]);
+  return writer(address - offset, word);
+}
+
+/** Stores through the process's own mapping: an aligned 8-byte word with one atomic store. */
+function storeBytes(runtime: Runtime, address: bigint, bytes: Uint8Array): void {
+  const live = runtime.view(address, bytes.length);
+  if (bytes.length === 8 && address % 8n === 0n) {
+    const word = new DataView(bytes.buffer, bytes.byteOffset, 8).getBigInt64(0, true);
+    Atomics.store(new BigInt64Array(live.buffer, live.byteOffset, 1), 0, word);
+  } else {
+    live.set(bytes);
+  }
 }

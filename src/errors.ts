@@ -19,7 +19,8 @@ export type RedefineErrorCode =
   | "BAD_SIGNATURE"
   | "BAD_REPLACEMENT"
   | "UNKNOWN_SIZE"
-  | "OUT_OF_ORDER";
+  | "OUT_OF_ORDER"
+  | "NOT_IMPORTED";
 
 /**
  * Raised for every failure of `redefine`; nothing has been written when it is thrown from

@@ -90,26 +90,72 @@ function trampolineAlone(m: Machine, site: AnySite): { address: bigint; slot: Co
  * replacement needs a trampoline.
  */
 function guardedStub(m: Machine, site: AnySite, callback: bigint, below: bigint | null): Layout {
-  const guard = m.arch.guard!;
-  const { os } = m.platform.runtime;
-  const shape = guard.layout(os, site.signature);
+  const shape = m.arch.guard!.layout(m.platform.runtime.os, site.signature);
   const stub = reserve(m, site, below, shape.size, shape.dataSize);
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
-    const { code, data } = guard.encode({
-      at: stub.front,
-      data: stub.slot.data,
-      identity: isolateIdentity(),
-      callback,
-      original: originalForGuard(trampoline),
-      os,
-      signature: site.signature,
-      shared: shape.shared ? sharedCode(m, shape.shared, stub.front) : undefined,
-    });
-    m.platform.runtime.view(stub.slot.data, data.length).set(data);
+    const code = guardCode(m, site.signature, stub.slot, stub.front, callback, originalForGuard(trampoline));
     write(m, stub, relocated, code);
     return throughStub(m, site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset));
   });
+}
+
+/** The guard's code for `front` in `slot`, its data written into the slot's data. */
+function guardCode(
+  m: Machine,
+  signature: AnySite["signature"],
+  slot: CodeSlot,
+  front: bigint,
+  callback: bigint,
+  original: bigint,
+): Uint8Array {
+  const guard = m.arch.guard!;
+  const { os } = m.platform.runtime;
+  const shape = guard.layout(os, signature);
+  const { code, data } = guard.encode({
+    at: front,
+    data: slot.data,
+    identity: isolateIdentity(),
+    callback,
+    original,
+    os,
+    signature,
+    shared: shape.shared ? sharedCode(m, shape.shared, front) : undefined,
+  });
+  m.platform.runtime.view(slot.data, data.length).set(data);
+  return code;
+}
+
+/** What an import slot leads to instead of the function (`callers`), and the code placed for it. */
+export interface SlotLayout {
+  readonly destination: bigint;
+  /** The guard's slot (JS replacements); null when the slot leads to the replacement itself. */
+  readonly stub: CodeSlot | null;
+  /** The guard's busy flag: set while the replacement runs. */
+  readonly busy: bigint | null;
+}
+
+/**
+ * Lays out where import slots lead instead of `original` (what they held): a native replacement
+ * itself — a slot holds a whole address, so nothing is out of reach — or, for a JS one, the guard,
+ * which sends other threads' and re-entrant calls to `original`. Nothing needs relocating.
+ */
+export function slotLayout(signature: AnySite["signature"], to: Destination, original: bigint): SlotLayout {
+  const m = machine();
+  if (to.kind === "native") return { destination: to.address, stub: null, busy: null };
+  if (to.kind === "original") return { destination: original, stub: null, busy: null };
+  const guard = m.arch.guard;
+  if (!guard) return { destination: to.callback.address, stub: null, busy: null };
+  const shape = guard.layout(m.platform.runtime.os, signature);
+  const slot = m.pool.allocate(original, 2n ** 62n, shape.size, shape.dataSize);
+  if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for the guard.");
+  try {
+    m.pool.write(slot, guardCode(m, signature, slot, slot.address, to.callback.address, original));
+  } catch (error) {
+    m.pool.release(slot, null);
+    throw error;
+  }
+  return { destination: slot.address, stub: slot, busy: slot.data + BigInt(shape.busyOffset) };
 }
 
 function originalForGuard(trampoline: Trampoline): bigint {

@@ -9,7 +9,8 @@ import type { OriginalStub } from "./original.ts";
 import { exclusive, isForeign, layers, machine, register, restoredBytes, retire, unregister } from "./registry.ts";
 import type { Entry } from "./registry.ts";
 import { nativeSignature } from "./replacement.ts";
-import { schedule } from "./transaction.ts";
+import { moduleAt } from "./introspect.ts";
+import { schedule, transaction } from "./transaction.ts";
 import type { NativeCallback } from "../platform/mod.ts";
 
 /** A trampoline's code: where it is, and the pool slot it got for itself (null: it lives in a stub's). */
@@ -70,15 +71,23 @@ export class Trampoline {
   }
 }
 
+/** One place a patch writes: the function's entry jump, or (with `callers`) one import slot. */
+export interface PatchWrite {
+  /** What the write stacks on: the function's entry for its entry jump, the slot for a slot. */
+  readonly key: bigint;
+  /** Where the bytes go (the entry jump: after a landing pad). */
+  readonly at: bigint;
+  /** What was at `at` before: the function's bytes, the slot's pointer, or the patch below's. */
+  readonly original: Uint8Array;
+  /** The entry jump, or the slot's new pointer. */
+  readonly written: Uint8Array;
+}
+
 /** What `redefine()` hands a new patch. */
 export interface Applied {
-  /** Where the entry jump is written (after a landing pad). */
-  readonly at: bigint;
-  /** What was at `at` before: the function's bytes, or the entry jump of the patch below. */
-  readonly original: Uint8Array;
-  /** The entry jump. */
-  readonly written: Uint8Array;
-  /** Where the entry jump leads (a stub, the guard, or the replacement itself). */
+  /** Where the patch writes: all of them go live and come back together. */
+  readonly writes: readonly PatchWrite[];
+  /** Where the writes lead (a stub, the guard, or the replacement itself). */
   readonly destination: bigint;
   /** Trampoline, then stub or guard: null when the jump reaches the replacement directly. */
   readonly stub: CodeSlot | null;
@@ -109,20 +118,23 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   /** The signature the patch was made with. */
   readonly signature: { readonly parameters: P; readonly result: R };
   #applied: Applied | null;
-  readonly #entry: Entry;
+  /** One registry entry per write; the first is the one messages and `depth` speak of. */
+  readonly #entries: readonly Entry[];
   #original: OriginalStub | undefined;
 
   /**
-   * @internal Made by `redefine()`, which then writes the entry jump: the patch is registered
-   * (layered on the function's newest patch) from here on; `abandon()` if the write fails.
+   * @internal Made by `redefine()`, which then does the writes: the patch is registered (each
+   * write layered on the newest patch of its place) from here on; `abandon()` if a write fails.
    */
   constructor(address: bigint, signature: { parameters: P; result: R }, applied: Applied) {
     this.address = address;
     this.signature = signature;
     this.#applied = applied;
-    const { at, written, original, destination } = applied;
-    this.#entry = { address, at, written, original, destination, restoring: false, restore: () => this.restore() };
-    register(this.#entry);
+    const restore = () => this.restore();
+    this.#entries = applied.writes.map(({ key, at, written, original }) => ({
+      address: key, at, written, original, destination: applied.destination, restoring: false, restore,
+    }));
+    for (const entry of this.#entries) register(entry);
   }
 
   /** True until the patch is restored. */
@@ -130,9 +142,18 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     return this.#applied !== null;
   }
 
+  /**
+   * The module the redefined function lives in, as `modules()` names it: `"libc.so.6"`, the vDSO
+   * (`"linux-vdso.so.1"`) for glibc's `time`, or the runtime's own executable — Bun's exports a
+   * `memcmp` of its own, which a target without `library` finds first. "" when no module holds it.
+   */
+  get library(): string {
+    return moduleAt(this.address)?.name ?? "";
+  }
+
   /** Where the entry jump is written: `address`, or just after a landing pad such as `endbr64`. */
   get patchedAddress(): bigint {
-    return this.#applied?.at ?? this.address;
+    return this.#applied?.writes[0].at ?? this.address;
   }
 
   /**
@@ -154,7 +175,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     if (!this.#original) {
       const address = this.originalAddress;
       const signature = nativeSignature(this.signature);
-      const key = `${this.address}:${this.depth}:${signature.parameters.join()}:${signature.result}`;
+      const key = `${this.#entries[0].address}:${this.depth}:${signature.parameters.join()}:${signature.result}`;
       this.#original = machine().originals.acquire(key, signature, address);
     }
     return this.#original.call;
@@ -162,7 +183,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
 
   /** How many live patches this one is layered on. */
   get depth(): number {
-    return this.#applied ? layers(this.address).indexOf(this.#entry) : 0;
+    return this.#applied ? layers(this.#entries[0].address).indexOf(this.#entries[0]) : 0;
   }
 
   /**
@@ -177,42 +198,57 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
 
   #restore(): void {
     const applied = this.#applied;
-    const entry = this.#entry;
-    if (!applied || entry.restoring) return;
-    const stack = layers(this.address);
-    const over = stack[stack.indexOf(entry) + 1];
-    if (over && !over.restoring) {
+    const entries = this.#entries;
+    if (!applied || entries[0].restoring) return;
+    const overs = entries.map((entry) => {
+      const stack = layers(entry.address);
+      return stack[stack.indexOf(entry) + 1];
+    });
+    const blocked = overs.findIndex((over) => over && !over.restoring);
+    if (blocked >= 0) {
       // Another isolate's patch leads through this one: a guarded one can step aside in place.
-      const above = stack.slice(stack.indexOf(entry) + 1);
-      if (applied.busy !== null && above.every(isForeign)) return this.#retire(applied);
+      const stack = layers(entries[blocked].address);
+      const above = stack.slice(stack.indexOf(entries[blocked]) + 1);
+      if (entries.length === 1 && applied.busy !== null && above.every(isForeign)) return this.#retire(applied);
       throw new RedefineError(
         "OUT_OF_ORDER",
-        `the function at ${hex(this.address)} was redefined again on top of this patch${isForeign(over) ? " by another isolate (a Worker)" : ""}: restore the ` +
+        `the function at ${hex(this.address)} was redefined again on top of this patch${isForeign(overs[blocked]!) ? " by another isolate (a Worker)" : ""}: restore the ` +
           `newer patch first (restoreAll() goes newest first).`,
       );
     }
     const { platform, arch } = machine();
-    // Under a patch whose restore is pending in this transaction, the entry will hold our jump
-    // again once that write lands; that patch has checked the bytes.
-    const now = over ? applied.written : platform.runtime.view(applied.at, applied.written.length).slice();
-    if (!now.every((b, i) => b === applied.written[i])) {
-      throw new RedefineError(
-        "PATCH_MODIFIED",
-        `the entry of the function at ${hex(this.address)} changed after it was redefined (expected ` +
-          `${hexBytes(applied.written)}, found ${hexBytes(now)}), so something else patched it: restore ` +
-          `that patch first (redefine leaves these bytes alone rather than clobber them).`,
-      );
-    }
-    entry.restoring = true;
-    schedule(
-      { address: applied.at, bytes: restoredBytes(entry), spin: arch.selfLoop },
-      () => {
-        entry.restoring = false;
-        this.#original?.point(this.address);
-        this.#forget(applied, applied.busy, true);
-        closeWhenIdle(applied);
-      },
-      () => (entry.restoring = false),
+    entries.forEach((entry, i) => {
+      // Under a patch whose restore is pending in this transaction, the place will hold our bytes
+      // again once that write lands; that patch has checked them.
+      const now = overs[i] ? entry.written : platform.runtime.view(entry.at, entry.written.length).slice();
+      if (!now.every((b, j) => b === entry.written[j])) {
+        const where = entry.address === this.address ? "the entry of the function" : "the import slot";
+        throw new RedefineError(
+          "PATCH_MODIFIED",
+          `${where} at ${hex(entry.at)} changed after the function at ${hex(this.address)} was redefined ` +
+            `(expected ${hexBytes(entry.written)}, found ${hexBytes(now)}), so something else patched it: ` +
+            `restore that patch first (redefine leaves these bytes alone rather than clobber them).`,
+        );
+      }
+    });
+    for (const entry of entries) entry.restoring = true;
+    const restored = () => {
+      for (const entry of entries) entry.restoring = false;
+      this.#original?.point(this.address);
+      this.#forget(applied, applied.busy, true);
+      closeWhenIdle(applied);
+    };
+    const kept = () => {
+      for (const entry of entries) entry.restoring = false;
+    };
+    transaction(() =>
+      entries.forEach((entry, i) =>
+        schedule(
+          { address: entry.at, bytes: restoredBytes(entry), spin: arch.selfLoop },
+          i === entries.length - 1 ? restored : () => {},
+          kept,
+        )
+      )
     );
   }
 
@@ -222,7 +258,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
    * patch's original leads through it, and goes when that patch is restored.
    */
   #retire(applied: Applied): void {
-    const entry = this.#entry;
+    const entry = this.#entries[0];
     const done = () => {
       entry.restoring = false;
       retire(entry);
@@ -257,7 +293,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
    * stub after its guard's `busy` flag clears).
    */
   #forget(applied: Applied, busy: bigint | null, restored = false): void {
-    unregister(this.#entry, restored);
+    for (const entry of this.#entries) unregister(entry, restored);
     this.#applied = null;
     if (applied.stub) machine().pool.release(applied.stub, busy);
     applied.trampoline.release();

@@ -3,7 +3,8 @@
  * live patch. Locate and check the site (src/target.ts), make the replacement a destination
  * (src/replacement.ts), lay out the stub and trampoline (src/layout.ts), then register the Patch
  * (src/patch.ts, src/registry.ts) and write its entry jump, now or with the enclosing transaction
- * (src/transaction.ts).
+ * (src/transaction.ts). A target with `callers` takes the other road, src/import_slots.ts: the
+ * import slots of those libraries are rewritten instead of the entry.
  */
 import type { NativeType } from "./signature.ts";
 import { locate } from "./target.ts";
@@ -15,6 +16,7 @@ import type { Layout } from "./layout.ts";
 import { Patch } from "./patch.ts";
 import { exclusive, layers, machine, newestFirst, refuseOverlap } from "./registry.ts";
 import { schedule, transaction } from "./transaction.ts";
+import { redefineCallers } from "./import_slots.ts";
 
 /**
  * Redefines a native function: every caller of `target`, native code and the runtime included, runs
@@ -39,6 +41,7 @@ export function redefine<const P extends readonly NativeType[], const R extends 
   replacement: NoInfer<Replacement<P, R>>,
 ): Patch<P, R> {
   return exclusive(() => {
+    if ("callers" in target && target.callers !== undefined) return redefineCallers(target, replacement);
     const site = locate(target);
     return apply(site, destinationFor(site.signature, replacement));
   });
@@ -110,9 +113,7 @@ function applyLocked<P extends readonly NativeType[], R extends NativeType>(site
   const original = site.code.slice(0, layout.entry.length);
   if (under) original.set(under.written.subarray(0, original.length));
   const patch = new Patch(site.address, site.signature, {
-    at: site.at,
-    original,
-    written: layout.entry,
+    writes: [{ key: site.address, at: site.at, original, written: layout.entry }],
     destination: layout.destination,
     stub: layout.stub,
     trampoline: layout.trampoline,

@@ -24,6 +24,13 @@ export interface SymbolTarget<P extends readonly NativeType[], R extends NativeT
   readonly result: R;
   /** How many bytes from the entry may be overwritten; default: the symbol's size. */
   readonly size?: number;
+  /**
+   * Only the calls these loaded libraries make through their import tables are redefined (file
+   * names as the loader lists them, `"libsqlite3.so.0"`, or paths): their import slots for the
+   * symbol are rewritten and the function itself is left alone, so the runtime and every other
+   * library keep calling it. Libraries loaded after the patch are not affected.
+   */
+  readonly callers?: string | readonly string[];
 }
 
 /** A function to redefine, named by its entry address. */

@@ -358,9 +358,9 @@ test("relocate: bl, the last moved word, puts the original return address in x30
     "br x16",
     { quad: target },
   ]);
-  // bl +4; mov x0, x30 (Frida's call +0; pop shape): x0 must get the original's A + 4.
-  const getPc = code(bl(A, A + 4n), 0xaa1e03e0, RET);
-  expectRelocation(getPc, 4, NEAR, [...movs("x30", A + 4n), `b ${h(A + 4n)}`]);
+  // mov x17, x30; bl +4; mov x0, x30; ret x17 (Frida's call +0; pop shape): x0 gets A + 8.
+  const getPc = code(0xaa1e03f1, bl(A + 4n, A + 8n), 0xaa1e03e0, 0xd65f0220);
+  expectRelocation(getPc, 8, NEAR, ["mov x17, x30", ...movs("x30", A + 8n), `b ${h(A + 8n)}`]);
   // A bl with more moved words after it would return into the overwritten ones.
   assertRefused(
     code(bl(A, target), NOP, RET),
@@ -383,12 +383,13 @@ if (isArm64) {
   test("relocate: a relocated bl that reads its return address gets the original's, run live", () => {
     const getPc = runRelocated(aarch64, [
       ...words(
+        0xaa1e03f1, // mov x17, x30: the caller's return address
         0x94000001, // bl +4
         0xaa1e03e0, // mov x0, x30: the address after the bl
-        0xd65f03c0, // ret
+        0xd65f0220, // ret x17
       ),
-    ], 4);
-    assert.equal(getPc.result, getPc.address + 4n);
+    ], 8);
+    assert.equal(getPc.result, getPc.address + 8n);
   });
 }
 

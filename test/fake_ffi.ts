@@ -208,3 +208,15 @@ export function fakeRuntime(options: FakeRuntimeOptions): FakeRuntime {
 export function fields(buffer: ArrayBufferView): DataView {
   return new DataView(buffer.buffer, buffer.byteOffset, buffer.byteLength);
 }
+
+/**
+ * A fake `GetSystemInfo`: 4 KiB pages, 64 KiB allocation granularity, application addresses from
+ * 64 KiB to just under 128 TiB, as on Windows x64.
+ */
+export function windowsSystemInfo(info: Uint8Array): void {
+  const f = fields(info);
+  f.setUint32(4, 4096, true); // dwPageSize
+  f.setBigUint64(8, 0x10000n, true); // lpMinimumApplicationAddress
+  f.setBigUint64(16, 0x7fff_fffe_ffffn, true); // lpMaximumApplicationAddress
+  f.setUint32(40, 0x10000, true); // dwAllocationGranularity
+}

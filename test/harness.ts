@@ -1,6 +1,7 @@
 /**
- * One test API for both runtimes: `deno test` registers through `Deno.test`, `bun test` through
- * `bun:test`. Assertions come from `node:assert/strict`, which both runtimes provide.
+ * One test API for the three runtimes: `deno test` registers through `Deno.test`, `bun test` through
+ * `bun:test`, `node --test` through `node:test`. Assertions come from `node:assert/strict`, which all
+ * three provide.
  */
 export { default as assert } from "node:assert/strict";
 import assert from "node:assert/strict";
@@ -10,9 +11,12 @@ import { RedefineError, type RedefineErrorCode } from "../src/errors.ts";
 type TestFn = () => void | Promise<void>;
 
 const isDeno = typeof (globalThis as { Deno?: unknown }).Deno !== "undefined";
-// A static `bun:` import fails under Deno at load time, so it must stay dynamic.
+const isBun = typeof (globalThis as { Bun?: unknown }).Bun !== "undefined";
+// A static `bun:` import fails under Deno and Node at load time, so it must stay dynamic.
 type BunTest = ((name: string, fn: TestFn, timeout?: number) => void) & { skip(name: string, fn: TestFn): void };
-const bunTest: BunTest | undefined = isDeno ? undefined : (await import("bun:test" as string)).test;
+const bunTest: BunTest | undefined = isBun ? (await import("bun:test" as string)).test : undefined;
+type NodeTest = (name: string, options: { timeout: number; skip?: string | undefined }, fn: TestFn) => void;
+const nodeTest: NodeTest | undefined = isDeno || isBun ? undefined : (await import("node:test")).test;
 
 /** How a test is registered. */
 export interface TestOptions {
@@ -30,15 +34,17 @@ export function test(name: string, fn: TestFn, options: TestOptions = {}): void 
     // FFI tests open libraries and callbacks that live for the process: the resource and op
     // sanitizers would report those as leaks.
     Deno.test({ name: title, fn, ignore: options.skip !== undefined, sanitizeResources: false, sanitizeOps: false });
-  } else if (options.skip !== undefined) {
-    bunTest!.skip(title, fn);
+  } else if (bunTest && options.skip !== undefined) {
+    bunTest.skip(title, fn);
+  } else if (bunTest) {
+    bunTest(name, fn, 60_000);
   } else {
-    bunTest!(name, fn, 60_000);
+    nodeTest!(title, { timeout: 60_000, skip: options.skip }, fn);
   }
 }
 
 /** The runtime running the tests. */
-export const runtimeName: "deno" | "bun" = isDeno ? "deno" : "bun";
+export const runtimeName: "deno" | "bun" | "node" = isDeno ? "deno" : isBun ? "bun" : "node";
 
 /**
  * The executable running the tests, for child processes of the same runtime: under emulation an

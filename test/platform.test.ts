@@ -1,12 +1,17 @@
 import { assert, assertCode, runtimeName, runtimePath, test } from "./harness.ts";
+import { redefine } from "../mod.ts";
 import { archFor } from "../src/arch/mod.ts";
 import { osFor } from "../platform/mod.ts";
 import { parseMaps } from "../platform/linux.ts";
 import { nearCandidates } from "../platform/address_space.ts";
 import { writeCode } from "../src/code_memory.ts";
 import { platform } from "../platform/mod.ts";
-import { bytesAt, libc, os, protectionAt, runtime, unwritableCode } from "./native.ts";
+import { assemble, bytesAt, isArm64, libc, os, protectionAt, runtime, unassemble, unwritableCode } from "./native.ts";
+import { PROT_EXEC, PROT_READ } from "../platform/mod.ts";
+import type { NativeCall, Runtime } from "../platform/mod.ts";
 import { execFileSync } from "node:child_process";
+import { closeSync, openSync, readdirSync, readFileSync, readlinkSync, writeFileSync, writeSync } from "node:fs";
+import { buildStubImage } from "../platform/mod.ts";
 
 test("an unsupported CPU or OS is a typed error", () => {
   assertCode(() => archFor("riscv64"), "UNSUPPORTED_PLATFORM");
@@ -64,3 +69,202 @@ test("a write that fails half-way rolls back every page and byte", () => {
   assert.deepEqual(bytesAt(labs, 8), before);
   assert.equal(protectionAt(labs), protection);
 });
+
+/**
+ * The Linux layer over a runtime whose libc refuses what `refuse` says (`short`: a pwrite across a
+ * page boundary stops at it, as when the next page refuses); counts the calls that change code:
+ * `mprotect`, and `pwrite` (to /proc/self/mem, the only file the layer pwrites).
+ */
+function refusingLinux(refuse: { open?: boolean; pwrite?: boolean; short?: boolean; mprotect?: boolean }) {
+  const calls = { mprotect: 0, pwrite: 0, openProcMem: 0 };
+  const wrapped: Runtime = {
+    ...runtime,
+    open(path, symbols) {
+      const lib = runtime.open(path, symbols) as Record<string, NativeCall>;
+      if (path !== "libc.so.6") return lib as never;
+      const { open, pwrite, mprotect } = lib;
+      return {
+        ...lib,
+        open: (name: Uint8Array, flags: number) => {
+          const procMem = new TextDecoder().decode(name) === "/proc/self/mem\0";
+          if (procMem) calls.openProcMem++;
+          return procMem && refuse.open ? -1 : open(name, flags);
+        },
+        pwrite: (fd: number, bytes: Uint8Array, length: bigint, at: bigint) => {
+          calls.pwrite++;
+          if (refuse.pwrite) return -1;
+          const page = BigInt(os.pageSize);
+          const room = page - at % page;
+          return refuse.short && length > room ? pwrite(fd, bytes, room, at) : pwrite(fd, bytes, length, at);
+        },
+        mprotect: (...args: unknown[]) => (calls.mprotect++, refuse.mprotect ? -1 : mprotect(...args)),
+      } as never;
+    },
+  };
+  return { platform: { runtime, os: osFor(wrapped) }, calls };
+}
+
+/** The mappings around `address` (the one holding it and its neighbours), as text. */
+function mapsAround(address: bigint): string[] {
+  const all = os.mappings();
+  const i = all.findIndex((m) => address >= m.start && address < m.end);
+  return all.slice(Math.max(0, i - 1), i + 2).map((m) => `${m.start.toString(16)}-${m.end.toString(16)} ${m.protection} ${m.path}`);
+}
+
+// Forced writes are the x86-64 path (platform/linux.ts says why not arm64); there the kernel
+// takes them unless it is hardened against them.
+if (!isArm64 && runtime.os === "linux") {
+  test("code is written through /proc/self/mem: no mprotect, and no mapping changes protection or splits", () => {
+    const { platform: counting, calls } = refusingLinux({});
+    const labs = os.symbolAddress("labs");
+    const original = bytesAt(labs, 8);
+    const maps = mapsAround(labs);
+    const patched = Uint8Array.of(0x48, 0x89, 0xf8, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc); // mov rax, rdi; ret
+    writeCode(counting, [{ address: labs, bytes: patched }]);
+    try {
+      assert.deepEqual(bytesAt(labs, 8), patched);
+      assert.equal(libc.labs(-5n), -5n, "the new code runs");
+      assert.deepEqual(mapsAround(labs), maps, "the same mappings, the same protections");
+    } finally {
+      writeCode(counting, [{ address: labs, bytes: original }]);
+    }
+    assert.deepEqual(bytesAt(labs, 8), original, "restored exactly");
+    assert.equal(libc.labs(-5n), 5n);
+    assert.deepEqual(mapsAround(labs), maps);
+    assert.equal(calls.mprotect, 0, "no protection was changed");
+    assert.equal(calls.openProcMem, 1, "/proc/self/mem is opened once");
+    assert.equal(calls.pwrite, 3, "the probe, then one pwrite per aligned word");
+  });
+
+  test("glibc's time, in the vDSO: redefined through /proc/self/mem, and restored", () => {
+    const address = os.symbolAddress("time");
+    const vdso = os.mappings().find((m) => m.path === "[vdso]")!;
+    assert.ok(address >= vdso.start && address < vdso.end, "glibc's time resolves into the vDSO");
+    const own = runtime.open("libc.so.6", { time: { parameters: ["pointer"], result: "i64" } });
+    const bytes = bytesAt(address, 32);
+    const maps = mapsAround(address);
+    const patch = redefine({ symbol: "time", parameters: ["pointer"], result: "i64" }, () => 1234n);
+    try {
+      assert.equal(patch.address, address);
+      assert.equal(BigInt(own.time(0n)), 1234n, "the program's own FFI call of time(NULL)");
+      assert.deepEqual(mapsAround(address), maps, "the vDSO keeps its protection");
+    } finally {
+      patch.restore();
+    }
+    const now = BigInt(own.time(0n));
+    const real = BigInt(Math.floor(Date.now() / 1000));
+    assert.ok(now >= real - 5n && now <= real + 5n, `the real time again (${now}, ${real})`);
+    assert.deepEqual(bytesAt(address, 32), bytes, "the vDSO's bytes restored exactly");
+    assert.deepEqual(mapsAround(address), maps);
+  });
+
+  test("where the kernel refuses /proc/self/mem, writes fall back to mprotect; decided once", () => {
+    for (const refuse of [{ open: true }, { pwrite: true }]) {
+      const { platform: refused, calls } = refusingLinux(refuse);
+      const labs = os.symbolAddress("labs");
+      const original = bytesAt(labs, 8);
+      const protection = protectionAt(labs);
+      const patched = Uint8Array.of(0x48, 0x89, 0xf8, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc); // mov rax, rdi; ret
+      writeCode(refused, [{ address: labs, bytes: patched }]);
+      assert.deepEqual(bytesAt(labs, 8), patched, JSON.stringify(refuse));
+      assert.equal(libc.labs(-5n), -5n);
+      writeCode(refused, [{ address: labs, bytes: original }]);
+      assert.deepEqual(bytesAt(labs, 8), original, "restored exactly");
+      assert.equal(protectionAt(labs), protection, "its protection back exactly");
+      assert.equal(calls.mprotect, 4, "a writable-and-back pair per write");
+      assert.equal(calls.openProcMem, 1, "tried once");
+      assert.equal(calls.pwrite, refuse.pwrite ? 1 : 0, "the probe only");
+    }
+  });
+
+  test("a forced write the kernel takes only part of is undone, and the write goes the mprotect way", () => {
+    const { platform: short, calls } = refusingLinux({ short: true });
+    // Eight bytes from three before the end of a read+execute page into the next one.
+    const { address, base } = assemble([0x90, 0x90, 0x90, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc], -3);
+    try {
+      const before = bytesAt(address, 8);
+      const protection = protectionAt(address);
+      const bytes = Uint8Array.of(0x31, 0xc0, 0x90, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc); // xor eax, eax; nop; ret
+      writeCode(short, [{ address, bytes }]);
+      assert.deepEqual(bytesAt(address, 8), bytes);
+      assert.equal(protectionAt(address), protection);
+      assert.equal(protectionAt(address + 7n), protection);
+      assert.equal(calls.pwrite, 3, "the probe, the short write, the write-back of its first part");
+      assert.equal(calls.mprotect, 2, "both pages opened and closed as one run");
+      writeCode(short, [{ address, bytes: before }]);
+      assert.deepEqual(bytesAt(address, 8), before, "restored exactly");
+      // With mprotect refused as well, nothing stays written: not even the part the kernel took.
+      const { platform: neither } = refusingLinux({ short: true, mprotect: true });
+      assertCode(() => writeCode(neither, [{ address, bytes }]), "PROTECT_FAILED", /the kernel took 3/);
+      assert.deepEqual(bytesAt(address, 8), before, "the first part written back");
+    } finally {
+      unassemble(base);
+    }
+  });
+
+  test("PROTECT_FAILED only where mprotect and /proc/self/mem both refuse, naming both and { callers }", () => {
+    // The vDSO with /proc/self/mem refused: mprotect's EINVAL is what is left.
+    const { platform: refused } = refusingLinux({ open: true });
+    const time = os.symbolAddress("time");
+    const bytes = bytesAt(time, 8);
+    assertCode(
+      () => writeCode(refused, [{ address: time, bytes: Uint8Array.of(0xc3) }]),
+      "PROTECT_FAILED",
+      /EINVAL.*opening \/proc\/self\/mem failed.*\{ callers \}/s,
+    );
+    assert.deepEqual(bytesAt(time, 8), bytes);
+    // A shared read-only file mapping: the kernel copies nothing for it, and mprotect says EACCES.
+    const unwritable = unwritableCode();
+    try {
+      const before = bytesAt(unwritable, 8);
+      assertCode(
+        () => writeCode(platform(), [{ address: unwritable, bytes: Uint8Array.of(0xc3) }]),
+        "PROTECT_FAILED",
+        /EACCES.*through \/proc\/self\/mem was refused: EIO.*\{ callers \}/s,
+      );
+      assert.deepEqual(bytesAt(unwritable, 8), before);
+      assert.equal(protectionAt(unwritable), PROT_READ | PROT_EXEC);
+    } finally {
+      libc.munmap(unwritable, BigInt(os.pageSize));
+    }
+  });
+}
+
+if (runtime.os === "linux") {
+  test("no writable alias of our code: the stub library's memfd is sealed, the code pool keeps no descriptor", () => {
+    const image = buildStubImage({
+      machine: isArm64 ? "aarch64" : "x86_64",
+      count: 2,
+      prefix: "redefine_sealed_test_",
+      stubSize: 16,
+      jump: () => new Uint8Array(isArm64 ? [0x00, 0x00, 0x20, 0xd4] : [0xcc]), // brk #0 / int3: never called
+    });
+    const path = os.loadableImage(image.bytes);
+    assert.match(path, /^\/proc\/self\/fd\/\d+$/);
+    assert.ok(os.symbolAddress(image.name(1), path) > 0n, "the loader still opens it");
+    assert.throws(() => writeFileSync(path, "x"), { code: "EPERM" });
+    const fd = openSync(path, "r+");
+    try {
+      assert.throws(() => writeSync(fd, Uint8Array.of(0xcc), 0, 1, 0x40), { code: "EPERM" });
+    } finally {
+      closeSync(fd);
+    }
+    assert.deepEqual(new Uint8Array(readFileSync(path)), image.bytes, "the file holds what was written");
+
+    // A patch that needs the code pool; then no descriptor of the process names its memfd.
+    const patch = redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, (x) => x);
+    try {
+      const links = readdirSync("/proc/self/fd").map((n) => {
+        try {
+          return readlinkSync(`/proc/self/fd/${n}`);
+        } catch {
+          return "";
+        }
+      });
+      assert.ok(links.some((l) => l.startsWith("/memfd:redefine-stubs")), links.join(" "));
+      assert.ok(!links.some((l) => l.startsWith("/memfd:redefine-code")), links.join(" "));
+    } finally {
+      patch.restore();
+    }
+  });
+}

@@ -131,11 +131,14 @@ test("transaction: one protection change per run of pages, not two per patch", (
     : [0x48, 0x89, 0xf8, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc];
   const { address, base } = assemble(Array.from({ length: 64 }, () => body).flat(), 0);
   const protect = os.protect;
+  const forceWrite = os.forceWrite;
   const calls: string[] = [];
   os.protect = (start, length, protection) => {
     calls.push(`${start.toString(16)}+${length}:${protection}`);
     protect(start, length, protection);
   };
+  // The protecting path, as where /proc/self/mem is refused (with it there are no protection changes).
+  os.forceWrite = () => false;
   try {
     const targets = Array.from({ length: 64 }, (_, i) => address + BigInt(16 * i));
     const patches = redefineAll(
@@ -150,6 +153,7 @@ test("transaction: one protection change per run of pages, not two per patch", (
     assert.equal(f(-4n), -4n);
   } finally {
     os.protect = protect;
+    os.forceWrite = forceWrite;
     unassemble(base);
   }
 });

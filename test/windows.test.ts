@@ -8,7 +8,7 @@ import { osFor } from "../platform/mod.ts";
 import { buildStubImage } from "../platform/image/elf.ts";
 import { x86_64 } from "../src/arch/x86_64/mod.ts";
 import { writeCode } from "../src/code_memory.ts";
-import { fakeRuntime, fields } from "./fake_ffi.ts";
+import { fakeRuntime, fields, windowsSystemInfo } from "./fake_ffi.ts";
 import type { FakeRuntime } from "./fake_ffi.ts";
 
 const R = 1, W = 2, X = 4;
@@ -87,13 +87,7 @@ function fakeWindows(): FakeWindows {
     arch: "x86_64",
     functions: {
       GetLastError: () => lastError,
-      GetSystemInfo: (info: Uint8Array) => {
-        const f = fields(info);
-        f.setUint32(4, 4096, true);
-        f.setBigUint64(8, 0x10000n, true);
-        f.setBigUint64(16, 0x7fff_fffe_ffffn, true);
-        f.setUint32(40, 0x10000, true);
-      },
+      GetSystemInfo: windowsSystemInfo,
       GetCurrentProcess: () => -1n,
       GetCurrentProcessId: () => 77,
       GetModuleHandleW: (name: Uint8Array) => modules.find((m) => m.name === decodeWide(name).toLowerCase())?.base ?? fail(126, 0n),

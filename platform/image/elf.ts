@@ -23,6 +23,7 @@ const SYM = 24;
 const PT_LOAD = 1, PT_DYNAMIC = 2, PT_GNU_STACK = 0x6474e551;
 const PF_X = 1, PF_W = 2, PF_R = 4;
 const DT_NULL = 0, DT_HASH = 4, DT_STRTAB = 5, DT_SYMTAB = 6, DT_STRSZ = 10, DT_SYMENT = 11, DT_SONAME = 14;
+const SHN_ABS = 0xfff1;
 const MACHINES = { x86_64: 62, aarch64: 183 } as const;
 
 /** The System V ELF hash of a symbol name (DT_HASH). */
@@ -40,7 +41,9 @@ export function elfHash(name: string): number {
 /**
  * Builds the image. `jump(stub, slot)` encodes an indirect jump placed at offset `stub` through the
  * 8-byte slot at offset `slot` (offsets, since the load address is not known yet; the encoding is
- * position independent), `stubSize` bytes at most.
+ * position independent), `stubSize` bytes at most. With `targets`, symbol `i` is instead absolute
+ * (SHN_ABS) with the value `targets[i]`: `dlsym` returns that address itself, so a runtime that can
+ * only call symbols (Node) calls any address directly; give `stubSize` 0 then.
  */
 export function buildStubImage(options: {
   machine: keyof typeof MACHINES;
@@ -48,8 +51,9 @@ export function buildStubImage(options: {
   prefix: string;
   stubSize: number;
   jump: (stub: number, slot: number) => Uint8Array;
+  targets?: readonly bigint[];
 }): StubImage {
-  const { count, prefix, stubSize, jump } = options;
+  const { count, prefix, stubSize, jump, targets } = options;
   const name = (i: number) => `${prefix}${i}`;
   const soname = `${prefix}lib.so`;
   const strings = [soname, ...Array.from({ length: count }, (_, i) => name(i))];
@@ -61,8 +65,7 @@ export function buildStubImage(options: {
   }
   const nbucket = Math.max(1, Math.ceil(count / 2));
   const nsyms = count + 1;
-  const phnum = 4;
-  const hashAt = EHDR + PHDR * phnum;
+  const hashAt = EHDR + PHDR * 4; // four program headers
   const hashSize = 4 * (2 + nbucket + nsyms);
   const symAt = align(hashAt + hashSize, 8);
   const strAt = symAt + SYM * nsyms;
@@ -82,52 +85,24 @@ export function buildStubImage(options: {
   const u32 = (at: number, x: number) => v.setUint32(at, x, true);
   const u64 = (at: number, x: number) => v.setBigUint64(at, BigInt(x), true);
 
-  // ELF header
-  bytes.set([0x7f, 0x45, 0x4c, 0x46, 2 /* 64-bit */, 1 /* little-endian */, 1 /* version */], 0);
-  u16(16, 3); // ET_DYN
-  u16(18, MACHINES[options.machine]);
-  u32(20, 1);
-  u64(32, EHDR); // e_phoff
-  u16(52, EHDR);
-  u16(54, PHDR);
-  u16(56, phnum);
-  u16(58, 64); // e_shentsize; no section headers
-
-  const phdr = (i: number, type: number, flags: number, at: number, size: number, alignment: number) => {
-    const p = EHDR + PHDR * i;
-    u32(p, type);
-    u32(p + 4, flags);
-    u64(p + 8, at); // p_offset
-    u64(p + 16, at); // p_vaddr
-    u64(p + 24, at); // p_paddr
-    u64(p + 32, size); // p_filesz
-    u64(p + 40, size); // p_memsz
-    u64(p + 48, alignment);
-  };
-  phdr(0, PT_LOAD, PF_R | PF_X, 0, textEnd, PAGE);
-  phdr(1, PT_LOAD, PF_R | PF_W, dataAt, end - dataAt, PAGE);
-  phdr(2, PT_DYNAMIC, PF_R | PF_W, dataAt, dynamic.length * 16, 8);
-  // Without PT_GNU_STACK the loader would make every thread's stack executable for us.
-  phdr(3, PT_GNU_STACK, PF_R | PF_W, 0, 0, 16);
-
-  // DT_HASH: buckets of symbol indices chained by name hash
-  u32(hashAt, nbucket);
-  u32(hashAt + 4, nsyms);
-  const bucket = (i: number) => hashAt + 8 + 4 * i;
-  const chain = (i: number) => hashAt + 8 + 4 * nbucket + 4 * i;
-  for (let s = 1; s < nsyms; s++) {
-    const b = elfHash(name(s - 1)) % nbucket;
-    u32(chain(s), v.getUint32(bucket(b), true));
-    u32(bucket(b), s);
-  }
+  writeElfHeaders(bytes, options.machine, [
+    { type: PT_LOAD, flags: PF_R | PF_X, at: 0, fileSize: textEnd, memorySize: textEnd, alignment: PAGE },
+    { type: PT_LOAD, flags: PF_R | PF_W, at: dataAt, fileSize: end - dataAt, memorySize: end - dataAt, alignment: PAGE },
+    { type: PT_DYNAMIC, flags: PF_R | PF_W, at: dataAt, fileSize: dynamic.length * 16, memorySize: dynamic.length * 16, alignment: 8 },
+    // Without PT_GNU_STACK the loader would make every thread's stack executable for us.
+    { type: PT_GNU_STACK, flags: PF_R | PF_W, at: 0, fileSize: 0, memorySize: 0, alignment: 16 },
+  ]);
+  writeSysvHash(v, hashAt, nbucket, Array.from({ length: count }, (_, i) => name(i)));
 
   for (let i = 0; i < count; i++) {
     const s = symAt + SYM * (i + 1);
     const stub = textAt + stubStride * i;
     u32(s, nameAt[i + 1]);
     bytes[s + 4] = 0x12; // STB_GLOBAL, STT_FUNC
-    u16(s + 6, 1); // any defined section index (not SHN_UNDEF, not SHN_ABS)
-    u64(s + 8, stub);
+    const target = targets?.[i];
+    // SHN_ABS: the value is the address itself; else any defined section (not SHN_UNDEF) relocates it
+    u16(s + 6, target === undefined ? 1 : SHN_ABS);
+    v.setBigUint64(s + 8, target ?? BigInt(stub), true);
     u64(s + 16, stubStride);
     const code = jump(stub, slotsAt + 8 * i);
     if (code.length > stubSize) throw new Error(`stub of ${code.length} bytes exceeds ${stubSize}`);
@@ -145,6 +120,56 @@ export function buildStubImage(options: {
     stubOffset: (i) => textAt + stubStride * i,
     slotOffset: (i) => slotsAt + 8 * i,
   };
+}
+
+/** One segment's program header; in these images a segment's file offset is its address. */
+export interface Segment {
+  readonly type: number;
+  readonly flags: number;
+  readonly at: number;
+  readonly fileSize: number;
+  readonly memorySize: number;
+  readonly alignment: number;
+}
+
+/** Writes the ELF header of a shared object for `machine` and its program headers, right after it. */
+export function writeElfHeaders(bytes: Uint8Array, machine: keyof typeof MACHINES, segments: readonly Segment[]): void {
+  const v = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  bytes.set([0x7f, 0x45, 0x4c, 0x46, 2 /* 64-bit */, 1 /* little-endian */, 1 /* version */], 0);
+  v.setUint16(16, 3, true); // ET_DYN
+  v.setUint16(18, MACHINES[machine], true);
+  v.setUint32(20, 1, true);
+  v.setBigUint64(32, BigInt(EHDR), true); // e_phoff
+  v.setUint16(52, EHDR, true);
+  v.setUint16(54, PHDR, true);
+  v.setUint16(56, segments.length, true);
+  v.setUint16(58, 64, true); // e_shentsize; no section headers
+  segments.forEach((segment, i) => {
+    const p = EHDR + PHDR * i;
+    v.setUint32(p, segment.type, true);
+    v.setUint32(p + 4, segment.flags, true);
+    for (const [field, value] of [[8, segment.at], [16, segment.at], [24, segment.at], [32, segment.fileSize],
+      [40, segment.memorySize], [48, segment.alignment]]) {
+      v.setBigUint64(p + field, BigInt(value), true); // p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
+    }
+  });
+}
+
+/**
+ * Writes a DT_HASH table at `at` over symbols 1..names.length (symbol 0 is the null one): buckets
+ * of symbol indices chained by name hash.
+ */
+export function writeSysvHash(v: DataView, at: number, nbucket: number, names: readonly string[]): void {
+  const nsyms = names.length + 1;
+  v.setUint32(at, nbucket, true);
+  v.setUint32(at + 4, nsyms, true);
+  const bucket = (i: number) => at + 8 + 4 * i;
+  const chain = (i: number) => at + 8 + 4 * nbucket + 4 * i;
+  for (let s = 1; s < nsyms; s++) {
+    const b = elfHash(names[s - 1]) % nbucket;
+    v.setUint32(chain(s), v.getUint32(bucket(b), true), true);
+    v.setUint32(bucket(b), s, true);
+  }
 }
 
 function align(n: number, to: number): number {

@@ -14,7 +14,7 @@ export interface RelocationPlan<Instruction = unknown> {
   readonly address: bigint;
   /** Bytes of the original code, from the patch point, that the relocated copy replaces. */
   readonly consumed: number;
-  /** Upper bound of the trampoline's size (relocated code plus the jump back), wherever it lands. */
+  /** Upper bound of the trampoline's size (relocated code and any jump back), wherever it lands. */
   readonly maxSize: number;
   /** The moved instructions, in order, as the arch's decoder gave them. */
   readonly instructions: readonly Instruction[];
@@ -84,8 +84,10 @@ export interface Arch {
   planRelocation(code: Uint8Array, address: bigint, minLength: number): RelocationPlan;
   /**
    * The trampoline for `trampoline`: the instructions of `plan` (made by this arch's
-   * `planRelocation`), rewritten to run there, then a jump back to `plan.address + plan.consumed`.
-   * At most `plan.maxSize` bytes. Throws `UNRELOCATABLE` for what cannot reach from there.
+   * `planRelocation`), rewritten to run there, then a jump back to `plan.address + plan.consumed`
+   * (or, when they end with a call, that call with the original's return address, so that the
+   * callee returns there itself). At most `plan.maxSize` bytes. Throws `UNRELOCATABLE` for what
+   * cannot reach from there.
    */
   relocate(plan: RelocationPlan, trampoline: bigint): Uint8Array;
   /**

@@ -53,56 +53,95 @@ function offset(address: bigint, delta: number): bigint {
   return BigInt.asUintN(64, address + BigInt(delta));
 }
 
+/** The class of an instruction. */
+export type Kind = Instruction["kind"];
+
+/**
+ * The class of `word`, as `decode` gives it but without making an object: what the scans over
+ * whole functions ask of every word.
+ */
+export function kindOf(word: number): Kind {
+  // Landing pads are hints: `hint #imm`, 0xd503201f with the immediate in bits 5 to 11.
+  if ((word & 0xfffff01f) >>> 0 === 0xd503201f && LANDING_PADS.has(word)) return "landingPad";
+  if (((word & 0xfffffc1f) >>> 0) === 0xd65f0000) return "ret";
+  if (((word & 0xfffffc1f) >>> 0) === 0xd61f0000) return "br";
+  if (word >>> 16 === 0) return "udf";
+  if ((word & 0x1f000000) === 0x10000000) return word >>> 31 === 0 ? "adr" : "adrp";
+  // opc 11 with V set is unallocated: it traps wherever it runs.
+  if ((word & 0x3b000000) === 0x18000000) return literalLoad(word) === undefined ? "normal" : "ldrLiteral";
+  if ((word & 0x7c000000) === 0x14000000) return word >>> 31 === 0 ? "b" : "bl";
+  if ((word & 0xff000000) >>> 0 === 0x54000000) return "bCond";
+  if ((word & 0x7e000000) === 0x34000000) return "cbz";
+  if ((word & 0x7e000000) === 0x36000000) return "tbz";
+  if ((word & 0x7e000000) === 0x74000000) return "cmpbr";
+  return "normal";
+}
+
+/** The variant of a `ldr (literal)` word, undefined for the unallocated one. */
+export function literalLoad(word: number): LiteralLoad | undefined {
+  return LITERAL_LOADS.get((word & 0xff000000) >>> 0);
+}
+
+/**
+ * Where a PC-relative `word` of class `kind` points, in bytes from its own address (from its
+ * 4 KiB page for `adrp`); 0 for the classes that point nowhere.
+ */
+export function displacement(word: number, kind: Kind): number {
+  switch (kind) {
+    case "adr":
+      return signedField(word, 5, 19) * 4 + ((word >>> 29) & 3);
+    case "adrp":
+      return (signedField(word, 5, 19) * 4 + ((word >>> 29) & 3)) * 4096;
+    case "ldrLiteral":
+    case "bCond":
+    case "cbz":
+      return signedField(word, 5, 19) * 4;
+    case "b":
+    case "bl":
+      return signedField(word, 0, 26) * 4;
+    case "tbz":
+      return signedField(word, 5, 14) * 4;
+    case "cmpbr":
+      return signedField(word, 5, 9) * 4;
+    default:
+      return 0;
+  }
+}
+
 /** Classifies the instruction `word` found at `address`. */
 export function decode(word: number, address: bigint): Instruction {
-  const at = { word, address };
+  const kind = kindOf(word);
   const rd = word & 0x1f;
-  const pad = LANDING_PADS.get(word);
-  if (pad !== undefined) return { ...at, kind: "landingPad", pad };
-  if (((word & 0xfffffc1f) >>> 0) === 0xd65f0000) return { ...at, kind: "ret", rn: (word >>> 5) & 0x1f };
-  if (((word & 0xfffffc1f) >>> 0) === 0xd61f0000) return { ...at, kind: "br", rn: (word >>> 5) & 0x1f };
-  if (word >>> 16 === 0) return { ...at, kind: "udf", imm16: word };
-
-  if ((word & 0x1f000000) === 0x10000000) {
-    const imm21 = signedField(word, 5, 19) * 4 + ((word >>> 29) & 3);
-    if (word >>> 31 === 0) return { ...at, kind: "adr", rd, target: offset(address, imm21) };
-    const page = address - address % 4096n;
-    return { ...at, kind: "adrp", rd, target: offset(page, imm21 * 4096) };
-  }
-  if ((word & 0x3b000000) === 0x18000000) {
-    const load = LITERAL_LOADS.get((word & 0xff000000) >>> 0);
-    // opc 11 with V set is unallocated: it traps wherever it runs.
-    if (load === undefined) return { ...at, kind: "normal" };
-    return { ...at, kind: "ldrLiteral", load, rt: rd, target: offset(address, signedField(word, 5, 19) * 4) };
-  }
-  if ((word & 0x7c000000) === 0x14000000) {
-    const target = offset(address, signedField(word, 0, 26) * 4);
-    return { ...at, kind: word >>> 31 === 0 ? "b" : "bl", target };
-  }
-  if ((word & 0xff000000) >>> 0 === 0x54000000) {
-    return {
-      ...at,
-      kind: "bCond",
-      cond: word & 0xf,
-      consistent: (word & 0x10) !== 0,
-      target: offset(address, signedField(word, 5, 19) * 4),
-    };
-  }
-  const sf = word >>> 31 === 1;
+  const target = offset(address, displacement(word, kind));
   const nonzero = (word & 0x01000000) !== 0;
-  if ((word & 0x7e000000) === 0x34000000) {
-    const target = offset(address, signedField(word, 5, 19) * 4);
-    return { ...at, kind: "cbz", branch: { nonzero, sf, rt: rd }, target };
+  const sf = word >>> 31 === 1;
+  switch (kind) {
+    case "landingPad":
+      return { word, address, kind, pad: LANDING_PADS.get(word)! };
+    case "ret":
+    case "br":
+      return { word, address, kind, rn: (word >>> 5) & 0x1f };
+    case "udf":
+      return { word, address, kind, imm16: word };
+    case "adr":
+      return { word, address, kind, rd, target };
+    case "adrp":
+      return { word, address, kind, rd, target: offset(address - address % 4096n, displacement(word, kind)) };
+    case "ldrLiteral":
+      return { word, address, kind, load: literalLoad(word)!, rt: rd, target };
+    case "b":
+    case "bl":
+    case "cmpbr":
+      return { word, address, kind, target };
+    case "bCond":
+      return { word, address, kind, cond: word & 0xf, consistent: (word & 0x10) !== 0, target };
+    case "cbz":
+      return { word, address, kind, branch: { nonzero, sf, rt: rd }, target };
+    case "tbz":
+      return { word, address, kind, branch: { nonzero, bit: (sf ? 32 : 0) + ((word >>> 19) & 0x1f), rt: rd }, target };
+    default:
+      return { word, address, kind: "normal" };
   }
-  if ((word & 0x7e000000) === 0x36000000) {
-    const bit = (sf ? 32 : 0) + ((word >>> 19) & 0x1f);
-    const target = offset(address, signedField(word, 5, 14) * 4);
-    return { ...at, kind: "tbz", branch: { nonzero, bit, rt: rd }, target };
-  }
-  if ((word & 0x7e000000) === 0x74000000) {
-    return { ...at, kind: "cmpbr", target: offset(address, signedField(word, 5, 9) * 4) };
-  }
-  return { ...at, kind: "normal" };
 }
 
 /** Decodes the little-endian word at `byteOffset` of `code`, which starts at `address`. */
@@ -113,7 +152,12 @@ export function decodeAt(code: Uint8Array, byteOffset: number, address: bigint):
 
 /** True for the classes whose target is a place execution may continue at. */
 export function isBranch(instruction: Instruction): instruction is Branch {
-  switch (instruction.kind) {
+  return isBranchKind(instruction.kind);
+}
+
+/** True for the classes whose target is a place execution may continue at. */
+export function isBranchKind(kind: Kind): boolean {
+  switch (kind) {
     case "b":
     case "bl":
     case "bCond":

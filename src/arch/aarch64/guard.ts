@@ -14,6 +14,7 @@
  */
 import type { GuardOptions } from "../types.ts";
 import { RedefineError } from "../../errors.ts";
+import { align, assembleListing, type Line } from "../listing.ts";
 import { adrp, assemble, blr, br, cbz, ldrLiteral, NOP } from "./writer.ts";
 
 /** Bytes of code (with its three literals). */
@@ -62,48 +63,58 @@ function addImmediate(rd: number, rn: number, imm12: number): number {
 export function guardStub(options: GuardOptions): Uint8Array {
   const { at, data } = options;
   const X16 = 16, X17 = 17;
-  const IDENTITY = 96, CALLBACK = 104, ORIGINAL = 112, TO_ORIGINAL = 88;
   const pc = (offset: number) => at + BigInt(offset);
   const reach = <T>(value: T | null): T => {
     if (value === null) throw new RangeError("guard data or literal out of pc-relative reach");
     return value;
   };
+  if (data % 8n !== 0n) throw new RangeError("guard data must be 8-byte aligned");
   // x17 = data: adrp gives its 4 KiB page (±4 GiB), add the offset within the page.
-  const dataAddress = (offset: number) => [
-    reach(adrp(X17, pc(offset), data)),
+  const dataAddress: Line = (p) => [
+    reach(adrp(X17, pc(p.start), data)),
     addImmediate(X17, X17, Number(data % 4096n)),
   ];
-  const toOriginal = (offset: number, sf: boolean) =>
-    reach(cbz({ nonzero: true, sf, rt: X16 }, pc(offset), pc(TO_ORIGINAL)));
-  if (data % 8n !== 0n) throw new RangeError("guard data must be 8-byte aligned");
-  const words = [
-    ...threadPointer(options.os, X16), //          0 mrs x16, tpidr_el0; and x16, x16, #~7
-    reach(ldrLiteral("x", X17, pc(8), pc(IDENTITY))), // 8 ldr x17, identity: the word's address
-    0xf9400231, //                                12 ldr x17, [x17]: the JS thread, 0 once the isolate ended
-    0xca110210, //                                16 eor x16, x16, x17
-    toOriginal(20, true), //                      20 cbnz x16, to_original: another thread
-    ...dataAddress(24), //                        24 adrp x17, data; add x17, x17, :lo12:data
-    0x39402230, //                                32 ldrb w16, [x17, #8]
-    toOriginal(36, false), //                     36 cbnz w16, to_original: re-entered, or retired
-    0x52800030, //                                40 mov w16, #1
-    0x39002230, //                                44 strb w16, [x17, #8]: busy
-    0xf900023e, //                                48 str x30, [x17]: the caller's return address
-    reach(ldrLiteral("x", X16, pc(52), pc(CALLBACK))), // 52 ldr x16, callback
-    blr(X16), //                                  56 blr x16
-    ...dataAddress(60), //                        60 adrp x17, data; add x17, x17, :lo12:data
-    0x39402230, //                                68 ldrb w16, [x17, #8]
-    0x121f0210, //                                72 and w16, w16, #2: not running (retired stays)
-    0x39002230, //                                76 strb w16, [x17, #8]
-    0xf940023e, //                                80 ldr x30, [x17]
-    0xd65f03c0, //                                84 ret: back to the caller
-    reach(ldrLiteral("x", X16, pc(TO_ORIGINAL), pc(ORIGINAL))), // 88 to_original: ldr x16, original
-    br(X16), //                                   92 br x16
+  const load = (rt: number, label: string): Line => (p) => [reach(ldrLiteral("x", rt, pc(p.start), pc(p.label(label))))];
+  const toOriginal = (sf: boolean): Line => (p) => [
+    reach(cbz({ nonzero: true, sf, rt: X16 }, pc(p.start), pc(p.label("to_original")))),
   ];
-  const out = new Uint8Array(GUARD_SIZE);
-  out.set(assemble(words), 0);
-  const view = new DataView(out.buffer);
-  view.setBigUint64(IDENTITY, options.identity, true);
-  view.setBigUint64(CALLBACK, options.callback, true);
-  view.setBigUint64(ORIGINAL, options.original, true);
-  return out;
+  const { bytes } = assembleListing([
+    threadPointer(options.os, X16), // mrs x16, tpidr_el0; and x16, x16, #~7
+    load(X17, "identity"), //          ldr x17, identity: the word's address
+    [0xf9400231], //                   ldr x17, [x17]: the JS thread, 0 once the isolate ended
+    [0xca110210], //                   eor x16, x16, x17
+    toOriginal(true), //               cbnz x16, to_original: another thread
+    dataAddress, //                    adrp x17, data; add x17, x17, :lo12:data
+    [0x39402230], //                   ldrb w16, [x17, #8]
+    toOriginal(false), //              cbnz w16, to_original: re-entered, or retired
+    [0x52800030], //                   mov w16, #1
+    [0x39002230], //                   strb w16, [x17, #8]: busy
+    [0xf900023e], //                   str x30, [x17]: the caller's return address
+    load(X16, "callback"), //          ldr x16, callback
+    [blr(X16)], //                     blr x16
+    dataAddress, //                    adrp x17, data; add x17, x17, :lo12:data
+    [0x39402230], //                   ldrb w16, [x17, #8]
+    [0x121f0210], //                   and w16, w16, #2: not running (retired stays)
+    [0x39002230], //                   strb w16, [x17, #8]
+    [0xf940023e], //                   ldr x30, [x17]
+    [0xd65f03c0], //                   ret: back to the caller
+    "to_original",
+    load(X16, "original"), //          ldr x16, original
+    [br(X16)], //                      br x16
+    align(8, NOP), //                  (the literals are 8-byte aligned)
+    "identity",
+    quad(options.identity),
+    "callback",
+    quad(options.callback),
+    "original",
+    quad(options.original),
+  ], 4);
+  if (bytes.length !== GUARD_SIZE) throw new RangeError(`the guard takes ${bytes.length} bytes, not ${GUARD_SIZE}`);
+  return bytes;
+}
+
+/** A 64-bit literal as the two words of a listing, low word first. */
+function quad(value: bigint): number[] {
+  const bits = BigInt.asUintN(64, value);
+  return [Number(bits % 2n ** 32n), Number(bits / 2n ** 32n)];
 }

@@ -3,7 +3,7 @@
  * the relocator for the words they overwrite.
  */
 import type { Arch } from "../types.ts";
-import { decodeAt, isBranch } from "./decoder.ts";
+import { displacement, isBranchKind, kindOf } from "./decoder.ts";
 import { planRelocation, relocate } from "./relocator.ts";
 import { GUARD_DATA_SIZE, GUARD_SIZE, guardStub, threadPointerReader } from "./guard.ts";
 import { registryLock } from "./registry_lock.ts";
@@ -27,7 +27,7 @@ export const aarch64: Arch = {
   farJumpSize: JUMP_ABS_SIZE,
   selfLoop: Uint8Array.of(0x00, 0x00, 0x00, 0x14), // b .
   landingPadLength(code: Uint8Array): number {
-    return code.length >= 4 && decodeAt(code, 0, 0n).kind === "landingPad" ? 4 : 0;
+    return code.length >= 4 && kindOf(words(code).getUint32(0, true)) === "landingPad" ? 4 : 0;
   },
   nearJump(from: bigint, to: bigint): Uint8Array | null {
     const word = b(from, to);
@@ -38,20 +38,28 @@ export const aarch64: Arch = {
   },
   planRelocation,
   relocate,
-  straightLineLength(code: Uint8Array, address: bigint): number {
+  straightLineLength(code: Uint8Array, _address: bigint): number {
+    const view = words(code);
     let offset = 0;
     while (offset + 4 <= code.length) {
-      const kind = decodeAt(code, offset, address).kind;
+      const kind = kindOf(view.getUint32(offset, true));
       offset += 4;
       if (kind === "ret" || kind === "br" || kind === "b" || kind === "udf") break;
     }
     return offset;
   },
   branchesInto(code: Uint8Array, address: bigint, from: bigint, to: bigint): bigint[] {
+    // Offsets from code[0] in plain numbers: a branch reaches ±128 MiB, and user-space code sits
+    // far from both ends of the address space, so no target wraps around it.
+    const lo = Number(from - address), hi = Number(to - address);
+    const view = words(code);
     const found: bigint[] = [];
     for (let offset = 0; offset + 4 <= code.length; offset += 4) {
-      const insn = decodeAt(code, offset, address);
-      if (isBranch(insn) && insn.target > from && insn.target < to) found.push(insn.address);
+      const word = view.getUint32(offset, true);
+      const kind = kindOf(word);
+      if (!isBranchKind(kind)) continue;
+      const target = offset + displacement(word, kind);
+      if (target > lo && target < hi) found.push(address + BigInt(offset));
     }
     return found;
   },
@@ -67,3 +75,8 @@ export const aarch64: Arch = {
     encode: (options) => ({ code: guardStub(options), data: new Uint8Array(GUARD_DATA_SIZE) }),
   },
 };
+
+/** The words of `code`, read little-endian. */
+function words(code: Uint8Array): DataView {
+  return new DataView(code.buffer, code.byteOffset, code.byteLength);
+}

@@ -1,13 +1,24 @@
 /**
  * The AArch64 relocator: moves the first whole instructions of a function into a trampoline,
  * rewrites each PC-relative one to reach the same place from there, and refuses what cannot move.
- * Scratch registers: x16 for far jumps and calls, x17 as the base of relocated literal loads.
+ * A `bl` may only end the moved words: x30 gets the original return address. Scratch registers:
+ * x16 for far jumps, x17 as the base of relocated literal loads.
  */
 import { concat } from "../bytes.ts";
 import { hex, RedefineError } from "../../errors.ts";
 import { tooShort, unrelocatable } from "../refusals.ts";
 import type { RelocationPlan } from "../types.ts";
-import { type Branch, decodeAt, type Instruction, isBranch } from "./decoder.ts";
+import {
+  type Branch,
+  decodeAt,
+  displacement,
+  type Instruction,
+  isBranch,
+  isBranchKind,
+  type Kind,
+  kindOf,
+  literalLoad,
+} from "./decoder.ts";
 import {
   adr,
   adrp,
@@ -33,16 +44,15 @@ interface Analysis {
   consumed: number;
 }
 
-/** The refusal naming `instruction`, its word and class. */
-function refusal(instruction: Instruction, why: string): RedefineError {
-  const word = "0x" + instruction.word.toString(16).padStart(8, "0");
-  return unrelocatable(instruction.address, `${word}, ${instruction.kind}`, why);
+/** The refusal naming the instruction `word` of class `kind` at `address`. */
+function refusal(address: bigint, word: number, kind: Kind, why: string): RedefineError {
+  return unrelocatable(address, `0x${word.toString(16).padStart(8, "0")}, ${kind}`, why);
 }
 
 /**
  * Picks the whole words covering `minLength` bytes and checks the function's known extent for
  * anything the patch would break: code that jumps or points into the overwritten words from
- * outside them, or reads them as data.
+ * outside them, or reads them as data. The scan works in offsets from `address`, plain numbers.
  */
 function analyse(code: Uint8Array, address: bigint, minLength: number): Analysis {
   if (address % 4n !== 0n) {
@@ -53,40 +63,61 @@ function analyse(code: Uint8Array, address: bigint, minLength: number): Analysis
     );
   }
   const consumed = Math.ceil(minLength / 4) * 4;
-  if (code.length < consumed) {
-    throw tooShort(address, code.length, consumed);
+  if (code.length < consumed) throw tooShort(address, code.length, consumed);
+  const view = new DataView(code.buffer, code.byteOffset, code.byteLength);
+  for (let at = 0; at + 4 <= code.length; at += 4) {
+    const word = view.getUint32(at, true);
+    const kind = kindOf(word);
+    const found = hazard(word, kind, at, consumed);
+    if (found !== NO_HAZARD) {
+      throw refusal(address + BigInt(at), word, kind, hazardText(found, address, at, word, kind, consumed));
+    }
   }
-  const end = address + BigInt(consumed);
-  const strictlyInside = (target: bigint) => target > address && target < end;
-  const overwritten = `inside the ${consumed} bytes the patch overwrites at ${hex(address)}`;
-  const all: Instruction[] = [];
-  for (let at = 0; at + 4 <= code.length; at += 4) all.push(decodeAt(code, at, address));
+  const instructions: Instruction[] = [];
+  for (let at = 0; at < consumed; at += 4) instructions.push(decodeAt(code, at, address));
+  return { instructions, consumed };
+}
 
-  for (const instruction of all) {
-    const moved = instruction.address < end;
-    // The callee must find the original return address in x30, and only the word after the moved
-    // ones is still there to return to.
-    if (instruction.kind === "bl" && moved && instruction.address + 4n < end) {
-      throw refusal(instruction, `it is a call returning to ${hex(instruction.address + 4n)}, ${overwritten}`);
-    }
-    if (instruction.kind === "cmpbr" && moved) {
-      throw refusal(instruction, "it is a FEAT_CMPBR compare-and-branch, which cannot be relocated yet");
-    }
-    // A branch among the moved words that targets them stays internal to the trampoline.
-    if (isBranch(instruction) && !moved && strictlyInside(instruction.target)) {
-      throw refusal(instruction, `it jumps to ${hex(instruction.target)}, ${overwritten}`);
-    }
-    if (instruction.kind === "adr" && strictlyInside(instruction.target)) {
-      throw refusal(instruction, `it takes the address ${hex(instruction.target)}, ${overwritten}`);
-    }
-    if (instruction.kind === "ldrLiteral") {
-      const size = BigInt(LITERAL_SIZES[instruction.load]);
-      if (size > 0n && instruction.target < end && instruction.target + size > address) {
-        throw refusal(instruction, `it reads data at ${hex(instruction.target)}, ${overwritten}`);
-      }
-    }
+const NO_HAZARD = 0, CALL_INTO = 1, CMPBR = 2, JUMP_INTO = 3, ADR_INTO = 4, LOAD_FROM = 5;
+
+/**
+ * What the word at offset `at` of the function does that forbids moving its first `consumed`
+ * bytes, if anything. Plain numbers: this runs on every word of the function.
+ */
+function hazard(word: number, kind: Kind, at: number, consumed: number): number {
+  const moved = at < consumed;
+  const target = at + displacement(word, kind);
+  const strictlyInside = target > 0 && target < consumed;
+  // The callee must find the original return address in x30, and only the word after the moved
+  // ones is still there to return to.
+  if (kind === "bl" && moved && at + 4 < consumed) return CALL_INTO;
+  if (kind === "cmpbr" && moved) return CMPBR;
+  // A branch among the moved words that targets them stays internal to the trampoline.
+  if (isBranchKind(kind) && !moved && strictlyInside) return JUMP_INTO;
+  if (kind === "adr" && strictlyInside) return ADR_INTO;
+  if (kind === "ldrLiteral") {
+    const size = LITERAL_SIZES[literalLoad(word)!];
+    if (size > 0 && target < consumed && target + size > 0) return LOAD_FROM;
   }
-  return { instructions: all.slice(0, consumed / 4), consumed };
+  return NO_HAZARD;
+}
+
+/** Why `hazard` refused the word at offset `at` of the function at `address`. */
+function hazardText(found: number, address: bigint, at: number, word: number, kind: Kind, consumed: number): string {
+  const overwritten = `inside the ${consumed} bytes the patch overwrites at ${hex(address)}`;
+  const target = hex(address + BigInt(at + displacement(word, kind)));
+  switch (found) {
+    case CALL_INTO:
+      return `it is a call returning to ${hex(address + BigInt(at + 4))}, ${overwritten}`;
+    case CMPBR:
+      return "it is a FEAT_CMPBR compare-and-branch, which cannot be relocated yet";
+    case JUMP_INTO:
+      return `it jumps to ${target}, ${overwritten}`;
+    case ADR_INTO:
+      return `it takes the address ${target}, ${overwritten}`;
+    default:
+      return `it reads data at ${target}, ${overwritten}`;
+  }
 }
 
 /** The shortest jump from `at` to `target`. */
@@ -110,6 +141,17 @@ function conditional(
   const near = b(at + 4n, target);
   if (near !== null) return assemble([encodeInverse(at, at + 8n)!, near]);
   return concat([assemble([encodeInverse(at, at + 4n + BigInt(JUMP_ABS_SIZE))!]), jumpAbs(target)]);
+}
+
+/** A compare- or test-and-branch at `at` to `target`: its inverse is the same with `nonzero` flipped. */
+function flippable<T extends { nonzero: boolean }>(
+  at: bigint,
+  target: bigint,
+  branch: T,
+  encode: (branch: T, from: bigint, to: bigint) => number | null,
+): Uint8Array {
+  const inverse = { ...branch, nonzero: !branch.nonzero };
+  return conditional(at, target, (from, to) => encode(branch, from, to), (from, to) => encode(inverse, from, to));
 }
 
 /** `instruction`, rewritten to run at `at` and reach the same target. */
@@ -149,26 +191,10 @@ function rewrite(instruction: Instruction, at: bigint): Uint8Array {
       }
       return conditional(at, target, encode, (from, to) => bCond(cond ^ 1, consistent, from, to));
     }
-    case "cbz": {
-      const { branch, target } = instruction;
-      const inverse = { ...branch, nonzero: !branch.nonzero };
-      return conditional(
-        at,
-        target,
-        (from, to) => cbz(branch, from, to),
-        (from, to) => cbz(inverse, from, to),
-      );
-    }
-    case "tbz": {
-      const { branch, target } = instruction;
-      const inverse = { ...branch, nonzero: !branch.nonzero };
-      return conditional(
-        at,
-        target,
-        (from, to) => tbz(branch, from, to),
-        (from, to) => tbz(inverse, from, to),
-      );
-    }
+    case "cbz":
+      return flippable(at, instruction.target, instruction.branch, cbz);
+    case "tbz":
+      return flippable(at, instruction.target, instruction.branch, tbz);
     default:
       return assemble([instruction.word]);
   }

@@ -21,6 +21,7 @@
  */
 import type { GuardLayout, GuardOptions } from "../types.ts";
 import { RedefineError } from "../../errors.ts";
+import { align, assembleListing, type Line, type Place } from "../listing.ts";
 import { i32le, INT3, jmpRel32, u64le } from "./writer.ts";
 
 /** The swapping guard: bytes of code (with its three literals). */
@@ -29,7 +30,7 @@ const SWAP_SIZE = 120;
 const SWAP_DATA_SIZE = 16;
 /** A calling guard's thunk: `lea r11, [rip+record]; jmp shared`. */
 const THUNK_SIZE = 12;
-/** A calling guard's record: the identity word's address, callback, original, busy flag. */
+/** A calling guard's record: JS thread, callback, original, busy flag. */
 const RECORD = { identity: 0, callback: 8, original: 16, busy: 24, size: 32 };
 
 /**
@@ -112,42 +113,34 @@ export function guardStub(options: GuardOptions): { code: Uint8Array; data: Uint
 function sharedCallingGuard(os: string, padding: number): Uint8Array {
   const [segment, sib, ...disp] = threadPointerOperand(os);
   const shadow = padding - 8; // the push of r11 already aligns rsp for the call
-  const reserve = shadow ? [0x48, 0x83, 0xec, shadow] : []; // sub rsp, shadow (Windows' shadow space)
-  const release = shadow ? [0x48, 0x83, 0xc4, shadow] : []; // add rsp, shadow
-  const head = [
-    0x41, 0x53, //                               push r11 (the record)
-    0x4d, 0x8b, 0x5b, RECORD.identity, //        mov r11, [r11+identity]: the identity word's address
-    0x4d, 0x8b, 0x1b, //                         mov r11, [r11]: the JS thread, 0 once the isolate ended
-    segment, 0x4c, 0x3b, 0x1c, sib, ...disp, //  cmp r11, qword fs:[0x10] (gs:[0x30] on Windows): this thread?
-    0x41, 0x5b, //                               pop r11: the record again (flags stay)
-  ];
-  const body = [
-    0x41, 0x80, 0x7b, RECORD.busy, 0x00, //      cmp byte [r11+busy], 0
-    0x0f, 0x85, 0, 0, 0, 0, //                   jne to_original: re-entered (patched below)
-    0x41, 0xc6, 0x43, RECORD.busy, 0x01, //      mov byte [r11+busy], 1
-    0x41, 0x53, //                               push r11: kept across the call; aligns rsp
+  const reserve = shadow ? [[0x48, 0x83, 0xec, shadow]] : []; // sub rsp, shadow (Windows' shadow space)
+  const release = shadow ? [[0x48, 0x83, 0xc4, shadow]] : []; // add rsp, shadow
+  return assembleListing([
+    [0x41, 0x53], //                               push r11 (the record)
+    [0x4d, 0x8b, 0x5b, RECORD.identity], //        mov r11, [r11+identity]: the identity word's address
+    [0x4d, 0x8b, 0x1b], //                         mov r11, [r11]: the JS thread, 0 once the isolate ended
+    [segment, 0x4c, 0x3b, 0x1c, sib, ...disp], //  cmp r11, qword fs:[0x10] (gs:[0x30] on Windows): this thread?
+    [0x41, 0x5b], //                               pop r11: the record again (flags stay)
+    jne("to_original"), //                         jne to_original: another thread
+    [0x41, 0x80, 0x7b, RECORD.busy, 0x00], //      cmp byte [r11+busy], 0
+    jne("to_original"), //                         jne to_original: re-entered, or retired
+    [0x41, 0xc6, 0x43, RECORD.busy, 0x01], //      mov byte [r11+busy], 1
+    [0x41, 0x53], //                               push r11: kept across the call; aligns rsp
     ...reserve,
-    0x41, 0xff, 0x53, RECORD.callback, //        call [r11+callback]
+    [0x41, 0xff, 0x53, RECORD.callback], //        call [r11+callback]
     ...release,
-    0x41, 0x5b, //                               pop r11
-    0x41, 0x80, 0x63, RECORD.busy, 0xfe, //      and byte [r11+busy], ~1: not running (retired stays)
-    0xc3, //                                     ret
-  ];
-  const toOriginal = [
-    0x41, 0xff, 0x63, RECORD.original, //        to_original: jmp [r11+original]
-  ];
-  // jne to_original after the thread compare, and again after the busy check.
-  const firstJne = head.length;
-  const code = [...head, 0x0f, 0x85, 0, 0, 0, 0, ...body, ...toOriginal];
-  const target = code.length - toOriginal.length;
-  const patchJne = (at: number) => code.splice(at + 2, 4, ...i32le(target - (at + 6)));
-  patchJne(firstJne);
-  patchJne(firstJne + 6 + 5);
-  return Uint8Array.from(code);
+    [0x41, 0x5b], //                               pop r11
+    [0x41, 0x80, 0x63, RECORD.busy, 0xfe], //      and byte [r11+busy], ~1: not running (retired stays)
+    [0xc3], //                                     ret
+    "to_original",
+    [0x41, 0xff, 0x63, RECORD.original], //        jmp [r11+original]
+  ]).bytes;
 }
 
-/** The swapping guard's literals, after its code. */
-const IDENTITY = 96, CALLBACK = 104, ORIGINAL = 112;
+/** `jne rel32` to `label`. */
+function jne(label: string): Line {
+  return (place) => [0x0f, 0x85, ...i32le(place.label(label) - place.end)];
+}
 
 /** rip-relative displacement from the end of an instruction ending at `at + end` to `target`. */
 function ripFrom(at: bigint, end: number, target: bigint): Uint8Array {
@@ -156,49 +149,44 @@ function ripFrom(at: bigint, end: number, target: bigint): Uint8Array {
   return i32le(Number(d));
 }
 
-function finish(code: Uint8Array, options: GuardOptions): Uint8Array {
-  const out = new Uint8Array(SWAP_SIZE).fill(INT3);
-  out.set(code, 0);
-  out.set(u64le(options.identity), IDENTITY);
-  out.set(u64le(options.callback), CALLBACK);
-  out.set(u64le(options.original), ORIGINAL);
-  return out;
-}
-
 /**
- * The swapping guard's first 45 bytes: another thread (or any, once the isolate ended), or the JS
- * thread re-entering, or a retired patch, goes to `toOriginal`; otherwise the busy flag is set.
- * Only r11 and the flags change.
+ * The guard that swaps the return address: for signatures that pass arguments on the stack.
+ * Another thread (or any, once the isolate ended), the JS thread re-entering, or any call once the
+ * patch is retired goes to `to_original`; otherwise the busy flag is
+ * set, and the replacement returns to `after`. Only r11 and the flags change.
  */
-function checks(options: GuardOptions, toOriginal: number): number[] {
-  const { at } = options;
-  const [segment, sib, ...disp] = threadPointerOperand(options.os);
-  const busy = options.data + 8n;
-  return [
-    0x4c, 0x8b, 0x1d, ...ripFrom(at, 7, at + BigInt(IDENTITY)), // 0 mov r11, [rip+identity]: the word's address
-    0x4d, 0x8b, 0x1b, //                                       7 mov r11, [r11]: the JS thread, 0 once ended
-    segment, 0x4c, 0x3b, 0x1c, sib, ...disp, //               10 cmp r11, qword fs:[0x10] (gs:[0x30] on Windows)
-    0x0f, 0x85, ...i32le(toOriginal - 25), //                 19 jne to_original: another thread
-    0x80, 0x3d, ...ripFrom(at, 32, busy), 0x00, //            25 cmp byte [rip+busy], 0
-    0x0f, 0x85, ...i32le(toOriginal - 38), //                 32 jne to_original: re-entered, or retired
-    0xc6, 0x05, ...ripFrom(at, 45, busy), 0x01, //            38 mov byte [rip+busy], 1
-  ];
-}
-
-/** The guard that swaps the return address: for signatures that pass arguments on the stack. */
 function swappingGuard(options: GuardOptions): Uint8Array {
   const { at, data } = options;
+  const [segment, sib, ...disp] = threadPointerOperand(options.os);
   const saved = data, busy = data + 8n;
-  const local = (end: number, offset: number) => ripFrom(at, end, at + BigInt(offset));
-  return finish(Uint8Array.of(
-    ...checks(options, 86), //                          0 thread, re-entrance and retirement checks
-    0x4c, 0x8b, 0x1c, 0x24, //                         45 mov r11, [rsp]
-    0x4c, 0x89, 0x1d, ...ripFrom(at, 56, saved), //    49 mov [rip+saved], r11
-    0x4c, 0x8d, 0x1d, ...local(63, 73), //             56 lea r11, [rip+after]
-    0x4c, 0x89, 0x1c, 0x24, //                         63 mov [rsp], r11: return to `after`
-    0xff, 0x25, ...local(73, CALLBACK), //             67 jmp [rip+callback]
-    0x80, 0x25, ...ripFrom(at, 80, busy), 0xfe, //     73 after: and byte [rip+busy], ~1: not running
-    0xff, 0x25, ...ripFrom(at, 86, saved), //          80 jmp [rip+saved]: back to the caller
-    0xff, 0x25, ...local(92, ORIGINAL), //             86 to_original: jmp [rip+original]
-  ), options);
+  const rip = (p: Place, target: bigint) => ripFrom(at, p.end, target);
+  const local = (p: Place, label: string) => rip(p, at + BigInt(p.label(label)));
+  const { bytes } = assembleListing([
+    (p) => [0x4c, 0x8b, 0x1d, ...local(p, "identity")], //   mov r11, [rip+identity]: the word's address
+    [0x4d, 0x8b, 0x1b], //                                   mov r11, [r11]: the JS thread, 0 once ended
+    [segment, 0x4c, 0x3b, 0x1c, sib, ...disp], //           cmp r11, qword fs:[0x10] (gs:[0x30] on Windows)
+    jne("to_original"), //                                   jne to_original: another thread
+    (p) => [0x80, 0x3d, ...rip(p, busy), 0x00], //           cmp byte [rip+busy], 0
+    jne("to_original"), //                                   jne to_original: re-entered, or retired
+    (p) => [0xc6, 0x05, ...rip(p, busy), 0x01], //           mov byte [rip+busy], 1
+    [0x4c, 0x8b, 0x1c, 0x24], //                             mov r11, [rsp]
+    (p) => [0x4c, 0x89, 0x1d, ...rip(p, saved)], //          mov [rip+saved], r11
+    (p) => [0x4c, 0x8d, 0x1d, ...local(p, "after")], //      lea r11, [rip+after]
+    [0x4c, 0x89, 0x1c, 0x24], //                             mov [rsp], r11: return to `after`
+    (p) => [0xff, 0x25, ...local(p, "callback")], //         jmp [rip+callback]
+    "after",
+    (p) => [0x80, 0x25, ...rip(p, busy), 0xfe], //           and byte [rip+busy], ~1: not running
+    (p) => [0xff, 0x25, ...rip(p, saved)], //                jmp [rip+saved]: back to the caller
+    "to_original",
+    (p) => [0xff, 0x25, ...local(p, "original")], //         jmp [rip+original]
+    align(8, INT3),
+    "identity",
+    [...u64le(options.identity)],
+    "callback",
+    [...u64le(options.callback)],
+    "original",
+    [...u64le(options.original)],
+  ]);
+  if (bytes.length !== SWAP_SIZE) throw new RangeError(`the swapping guard takes ${bytes.length} bytes, not ${SWAP_SIZE}`);
+  return bytes;
 }

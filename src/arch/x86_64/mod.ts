@@ -4,8 +4,8 @@
  */
 import type { Arch } from "../types.ts";
 import { planRelocation, relocate } from "./relocator.ts";
-import { decode } from "./decoder.ts";
-import { mayBranchInto } from "./scan.ts";
+import { flowOf, instructionLength, operands } from "./decoder.ts";
+import { branchesBetween, mayBranchInto } from "./scan.ts";
 import { guardLayout, guardStub, threadPointerReader } from "./guard.ts";
 import { registryLock } from "./registry_lock.ts";
 import {
@@ -43,47 +43,30 @@ export const x86_64: Arch = {
   farJump: (_from, to) => jmpAbs(to),
   planRelocation,
   relocate,
-  straightLineLength(code, address) {
+  straightLineLength(code, _address) {
+    const found = operands();
     let offset = 0;
     while (offset < code.length) {
-      let insn;
-      try {
-        insn = decode(code, offset, address + BigInt(offset));
-      } catch {
-        break;
-      }
-      offset += insn.length;
-      if (insn.flow !== "normal" && insn.flow !== "syscall") break;
+      const length = instructionLength(code, offset, found);
+      if (length < 0) break;
+      offset += length;
+      const flow = flowOf(found);
+      if (flow !== "normal" && flow !== "syscall") break;
     }
     return offset;
   },
   branchesInto(code, address, from, to) {
-    // Decoding is slow and almost never finds anything: first look for byte patterns that could be
-    // a relative branch into the range, and decode only when one is there.
+    // Almost every scan finds nothing: first look for byte patterns that could be a relative
+    // branch into the range, and decode only when one is there.
     if (!mayBranchInto(code, address, from, to)) return [];
-    const found: bigint[] = [];
-    for (let offset = 0; offset < code.length;) {
-      let insn;
-      try {
-        insn = decode(code, offset, address + BigInt(offset));
-      } catch {
-        offset++;
-        continue;
-      }
-      const target = insn.branch?.target;
-      if (target !== undefined && target > from && target < to) found.push(insn.address);
-      offset += insn.length;
-    }
-    return found;
+    return branchesBetween(code, address, from, to, false);
   },
-  startsInstruction(code, address, offset) {
+  startsInstruction(code, _address, offset) {
     let at = 0;
     while (at < offset) {
-      try {
-        at += decode(code, at, address + BigInt(at)).length;
-      } catch {
-        return null;
-      }
+      const length = instructionLength(code, at);
+      if (length < 0) return null;
+      at += length;
     }
     return at === offset;
   },

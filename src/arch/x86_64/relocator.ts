@@ -2,14 +2,15 @@
  * Moves the first instructions of an x86-64 function into a trampoline so that the entry can be
  * overwritten with a jump while the original stays callable: whole instructions are copied,
  * everything addressed relative to the instruction pointer is rewritten for the new place, and a
- * jump back to the rest of the function closes the copy. No form used here touches a register or
- * the flags beyond what the original instruction did.
+ * jump back to the rest of the function closes the copy. A call may only end the copy: the callee
+ * gets the original return address and returns to the rest itself. No form used here touches a
+ * register or the flags beyond what the original instruction did.
  */
 import { concat } from "../bytes.ts";
 import type { RelocationPlan } from "../types.ts";
 import { decode, type Instruction } from "./decoder.ts";
 import { tooShort, unrelocatable } from "../refusals.ts";
-import { mayBranchInto } from "./scan.ts";
+import { branchesBetween, mayBranchInto } from "./scan.ts";
 import { hex, hexBytes, type RedefineError } from "../../errors.ts";
 import { i32le, JMP_ABS_SIZE, jmpAbs, jmpNearest, PUSH_ADDRESS_SIZE, pushAddress, rel32 } from "./writer.ts";
 
@@ -49,7 +50,7 @@ export function planRelocation(
 
 /**
  * The trampoline placed at `trampoline` for the instructions of `plan`: the copy, rewritten to
- * run there, and a jump back to the first instruction left in place.
+ * run there, and a jump back to the first instruction left in place (unless a call ends it).
  *
  * @example
  * ```ts
@@ -144,23 +145,15 @@ function copiedInstructions(code: Uint8Array, address: bigint, minLength: number
  */
 function refuseJumpsIntoCopy(code: Uint8Array, address: bigint, consumed: number): void {
   const end = address + BigInt(consumed);
-  if (!mayBranchInto(code.subarray(consumed), end, address, end)) return;
-  for (let offset = consumed; offset < code.length;) {
-    let insn: Instruction;
-    try {
-      insn = decode(code, offset, address + BigInt(offset));
-    } catch {
-      return;
-    }
-    const target = insn.branch?.target;
-    if (target !== undefined && target > address && target < end) {
-      throw refuse(
-        insn,
-        `it branches to ${hex(target)}, inside the ${consumed} bytes the patch overwrites at ${hex(address)}`,
-      );
-    }
-    offset += insn.length;
-  }
+  const rest = code.subarray(consumed);
+  if (!mayBranchInto(rest, end, address, end)) return;
+  const [first] = branchesBetween(rest, end, address, end, true);
+  if (first === undefined) return;
+  const insn = decode(code, Number(first - address), first);
+  throw refuse(
+    insn,
+    `it branches to ${hex(insn.branch!.target)}, inside the ${consumed} bytes the patch overwrites at ${hex(address)}`,
+  );
 }
 
 /** The refusal naming `insn`. */

@@ -1,0 +1,82 @@
+/**
+ * Writing code through /proc/self/mem (Linux): a `pwrite` at the address, which the kernel carries
+ * out as a forced write, giving the process a private copy of a read-only page. No page becomes
+ * writable, not even for a moment, no mapping splits, and it reaches the vDSO, which `mprotect`
+ * refuses. Hardened kernels forbid it (`proc_mem.force_override=never`): the first write opens the
+ * file and probes it on a page of its own, and that decides for the life of the process.
+ */
+import { hex } from "../src/errors.ts";
+import type { NativeCall, Runtime } from "./types.ts";
+import { PROT_READ } from "./types.ts";
+import { cString } from "./posix.ts";
+
+const O_RDWR = 2;
+const O_CLOEXEC = 0x80000;
+const MAP_PRIVATE = 0x02;
+const MAP_ANONYMOUS = 0x20;
+const MAP_FAILED = 2n ** 64n - 1n;
+
+/** The libc functions the writer calls, as platform/linux.ts bound them. */
+export interface ProcMemLibc {
+  readonly open: NativeCall;
+  readonly close: NativeCall;
+  readonly pwrite: NativeCall;
+  readonly mmap: NativeCall;
+  readonly munmap: NativeCall;
+}
+
+/** The writer of one process. */
+export interface ProcMem {
+  /** `Os.forceWrite`: true when every byte was written, false (nothing written) when refused. */
+  write(address: bigint, bytes: Uint8Array): boolean;
+  /** Why the last write, or the probe, was refused; null while none was. */
+  refusal(): string | null;
+}
+
+/** The writer over `c`; `errnoText` reads errno right after a failed call. */
+export function procMem(runtime: Runtime, c: ProcMemLibc, pageSize: number, errnoText: () => string): ProcMem {
+  const page = BigInt(pageSize);
+  // The descriptor once opened and probed; null when the kernel refuses the path to this process.
+  let fd: number | null | undefined;
+  let refusal: string | null = null;
+
+  // /proc/self/mem takes file offsets as unsigned addresses; `pwrite` passes them as off_t.
+  const pwrite = (bytes: Uint8Array, address: bigint) =>
+    Number(c.pwrite(fd, bytes, BigInt(bytes.length), BigInt.asIntN(64, address)));
+
+  function open(): number | null {
+    const opened = c.open(cString("/proc/self/mem"), O_RDWR | O_CLOEXEC) as number;
+    if (opened < 0) {
+      refusal = `opening /proc/self/mem failed: ${errnoText()}`;
+      return null;
+    }
+    fd = opened;
+    // The probe: one byte into a read-only private page of our own, which only a forced write can
+    // change. A failure here is the kernel's policy for the process, not a property of one target.
+    const probe = c.mmap(0n, page, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0n) as bigint;
+    const written = probe !== MAP_FAILED && pwrite(Uint8Array.of(1), probe) === 1 &&
+      runtime.view(probe, 1)[0] === 1;
+    if (!written) refusal = `the kernel refuses this process forced writes (${errnoText()})`;
+    if (probe !== MAP_FAILED) c.munmap(probe, page);
+    if (written) return opened;
+    c.close(opened);
+    return null;
+  }
+
+  return {
+    write(address, bytes) {
+      if (fd === undefined) fd = open();
+      if (fd === null) return false;
+      const last = address + BigInt(bytes.length) - 1n;
+      // Within one page the kernel takes all or nothing; across pages it may stop at a boundary.
+      const before = address / page === last / page ? null : runtime.view(address, bytes.length).slice();
+      const n = pwrite(bytes, address);
+      if (n === bytes.length) return true;
+      refusal = `the write of ${bytes.length} bytes at ${hex(address)} through /proc/self/mem was refused: ` +
+        (n < 0 ? errnoText() : `the kernel took ${n}`);
+      if (n > 0 && before) pwrite(before.subarray(0, n), address);
+      return false;
+    },
+    refusal: () => refusal,
+  };
+}
