@@ -10,8 +10,8 @@
  * Each isolate also owns an identity word: its JS thread's pointer while it lives, cleared by a
  * thread-exit destructor when the isolate's thread ends — the guard stubs compare against it, and
  * the registry takes a lock or a patch whose owner's word is 0 as left by a dead isolate.
- * Where the C library offers no such place (Windows, macOS, a libc without thread destructors) and
- * under Node, the store is this isolate's own, as if it were alone in the process.
+ * Where the C library offers no such place (Windows, macOS, a libc without thread destructors), the
+ * store is this isolate's own, as if it were alone in the process.
  */
 import { RedefineError } from "./errors.ts";
 import type { Arch } from "./arch/types.ts";
@@ -69,8 +69,7 @@ const MAP_SHARED_ANONYMOUS = 0x01 | 0x20;
 /** The C library functions the shared store needs, or null where one is missing. */
 function libc(platform: Platform): Record<string, NativeCall> | null {
   const { os, runtime } = platform;
-  // Node's FFI crashed on this store (not yet understood): there each isolate keeps its own.
-  if (runtime.os !== "linux" || (runtime.name as string) === "node") return null;
+  if (runtime.os !== "linux") return null;
   const signatures = {
     getenv: { parameters: ["buffer"], result: "usize" },
     setenv: { parameters: ["buffer", "buffer", "i32"], result: "i32" },
@@ -114,7 +113,10 @@ export function openStore(platform: Platform, pool: CodePool, arch: Arch, thread
   Atomics.store(word(identity), 0, BigInt.asIntN(64, threadPointer));
   const c = libc(platform);
   let base: bigint | null = null;
-  if (c && c.__cxa_thread_atexit_impl(slot.address + BigInt(lockCode.clear), identity, 0n) === 0) {
+  // The destructor is filed under libc (the DSO of the address given), which is never unloaded;
+  // filed under "the main program" (NULL), Node's process crashed.
+  const libcAddress = c ? platform.os.symbolAddress("__cxa_thread_atexit_impl") : 0n;
+  if (c && c.__cxa_thread_atexit_impl(slot.address + BigInt(lockCode.clear), identity, libcAddress) === 0) {
     base = shared(c, runtime);
   }
   const bytes = base === null ? new Uint8Array(SIZE) : runtime.view(base, SIZE);

@@ -5,8 +5,6 @@ import { assert, runtimeName, runtimePath, test } from "./harness.ts";
 import { spawnSync } from "node:child_process";
 import process from "node:process";
 
-/** Node keeps a registry per isolate for now (src/shared_registry.ts). */
-const skip = runtimeName === "node" ? "the process-wide registry is not used under Node yet" : undefined;
 
 /** Runs a fixture under this runtime; its exit status, signal and last line of JSON. */
 function fixture(name: string, args: string[], timeout = 30_000) {
@@ -39,33 +37,41 @@ function race(where: "two" | "main", first: string, second: string): Report[] {
 
 test("isolates: two Workers redefining and restoring the same function at once", () => {
   race("two", "labs", "labs");
-}, { skip });
+});
 
 test("isolates: two Workers redefining different functions on one page at once", () => {
   race("two", "getuid", "getgid");
-}, { skip });
+});
 
 test("isolates: the main thread and a Worker redefining the same function at once", () => {
   race("main", "labs", "labs");
-}, { skip });
+});
 
 test("isolates: a terminated Worker's JS patch; later Workers (on its stack) and the main thread get the real function", () => {
-  const { real, held, later, main } = fixture("isolates_death.ts", ["terminate"]);
+  const { real, held, later, main, restored } = fixture("isolates_death.ts", ["terminate"]);
   assert.deepEqual(held, { held: true });
   assert.deepEqual(later, later.map(() => ({ value: real })));
   assert.equal(main, real);
-}, { skip });
+  assert.equal(restored, true, "the next patching restores the dead isolate's bytes");
+});
 
 test("isolates: a Worker that ends itself leaves no patch behind", () => {
-  const { real, held, later, main } = fixture("isolates_death.ts", ["close"]);
+  const { real, held, later, main, restored } = fixture("isolates_death.ts", ["close"]);
   assert.deepEqual(held, { held: true });
   assert.deepEqual(later, later.map(() => ({ value: real })));
   assert.equal(main, real);
-}, { skip });
+  assert.equal(restored, true, "its bytes are back, by its exit handler or by the next patching");
+});
 
 test("isolates: deno test --parallel, four files mocking getuid with their own values, all pass", () => {
   const path = new URL("./fixtures/parallel_mock.ts", import.meta.url).pathname;
   const child = spawnSync(runtimePath, ["run", "-A", "--no-check", path, "4"], { encoding: "utf8", timeout: 120_000 });
   assert.equal(child.status, 0, child.stderr);
   assert.match(child.stdout, /ok \| 4 passed \| 0 failed/, child.stdout);
-}, { skip: runtimeName === "deno" ? undefined : `${runtimeName} runs every test file in one isolate` });
+}, {
+  skip: runtimeName === "deno"
+    ? undefined
+    : runtimeName === "bun"
+    ? "bun test runs every file in one isolate"
+    : "node --test runs every file in its own process",
+});
