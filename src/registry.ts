@@ -298,7 +298,13 @@ function reapDead(s: Store): void {
       const now = machine().platform.runtime.view(top.at, top.written.length);
       if (!now.every((b, i) => b === top!.written[i])) break;
       const write: CodeWrite = { address: top.at, bytes: restoredBytes(top), spin: machine().arch.selfLoop };
-      writeCode(machine().platform, [write]);
+      try {
+        writeCode(machine().platform, [write]);
+      } catch (error) {
+        // It stays inert where it is; this isolate's own patching must not fail for it.
+        if (error instanceof RedefineError) break;
+        throw error;
+      }
       unregister(top, true);
       top = layers(stack[0].address).at(-1);
     }

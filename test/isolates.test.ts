@@ -75,3 +75,24 @@ test("isolates: deno test --parallel, four files mocking getuid with their own v
     ? "bun test runs every file in one isolate"
     : "node --test runs every file in its own process",
 });
+
+test("isolates: the registry's rules across isolates — stacking, an inert step aside, OUT_OF_ORDER, restoreAll", () => {
+  const seen = fixture("isolates_cross.ts", []);
+  const { real } = seen;
+  assert.deepEqual(seen.workerHolds, { held: true });
+  assert.equal(seen.depth, 1, "the main thread's patch layers on the Worker's");
+  assert.equal(seen.mainSees, 7, "each isolate sees its own JS replacement");
+  assert.deepEqual(seen.workerSees, { value: 4242 });
+  assert.deepEqual(seen.workerRestores, { refused: null }, "a guarded patch under another isolate's steps aside");
+  assert.deepEqual(seen.workerSeesAfter, { value: real });
+  assert.equal(seen.mainSeesAfter, 7);
+  assert.equal(seen.restoredBytes, true, "restoring the top puts the function's own bytes back");
+  assert.equal(seen.mainSeesEnd, real);
+  assert.deepEqual(seen.workerNative, { held: true });
+  assert.deepEqual(seen.nativeUnder, { refused: "OUT_OF_ORDER" }, "a native patch under another isolate's");
+  assert.deepEqual(seen.nativeAfter, { refused: null });
+  assert.equal(seen.nativeBytes, true);
+  assert.deepEqual(seen.workerRestoreAll, { value: real }, "restoreAll() in the Worker restores its own");
+  assert.equal(seen.mainKeeps, 11, "and leaves the main thread's");
+  assert.deepEqual(seen.mainRestoreAll, { labs: false, value: 5 });
+});
