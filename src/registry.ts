@@ -17,6 +17,7 @@ import { openStore } from "./shared_registry.ts";
 import type { Store } from "./shared_registry.ts";
 import { platform } from "../platform/mod.ts";
 import type { Platform, SymbolInfo } from "../platform/mod.ts";
+
 /** Writes collected by `transaction()` (src/transaction.ts), applied together when its body returns. */
 export interface Batch {
   readonly writes: CodeWrite[];
@@ -24,7 +25,7 @@ export interface Batch {
   readonly rollbacks: (() => void)[];
 }
 
-/** The process's platform and the state built on it, made on first use. */
+/** This isolate's platform and the state built on it, made on first use. */
 export interface Machine {
   readonly platform: Platform;
   readonly pool: CodePool;
@@ -130,7 +131,7 @@ function threadPointer(m: Machine): bigint {
   const slot = m.pool.allocate(0n, 2n ** 62n, reader.length);
   if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory for the thread probe.");
   m.pool.write(slot, reader);
-  return m.platform.runtime.fnPointer(slot.address, { parameters: [], result: "u64" })() as bigint;
+  return BigInt(m.platform.runtime.fnPointer(slot.address, { parameters: [], result: "u64" })());
 }
 
 /**
