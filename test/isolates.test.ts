@@ -47,21 +47,18 @@ test("isolates: the main thread and a Worker redefining the same function at onc
   race("main", "labs", "labs");
 });
 
-test("isolates: a terminated Worker's JS patch; later Workers (on its stack) and the main thread get the real function", () => {
-  const { real, held, later, main, restored } = fixture("isolates_death.ts", ["terminate"]);
-  assert.deepEqual(held, { held: true });
-  assert.deepEqual(later, later.map(() => ({ value: real })));
-  assert.equal(main, real);
-  assert.equal(restored, true, "the next patching restores the dead isolate's bytes");
-});
-
-test("isolates: a Worker that ends itself leaves no patch behind", () => {
-  const { real, held, later, main, restored } = fixture("isolates_death.ts", ["close"]);
-  assert.deepEqual(held, { held: true });
-  assert.deepEqual(later, later.map(() => ({ value: real })));
-  assert.equal(main, real);
-  assert.equal(restored, true, "its bytes are back, by its exit handler or by the next patching");
-});
+for (const [how, title, why] of [
+  ["terminate", "a terminated Worker's JS patch; later Workers (on its stack) and the main thread get the real function", "the next patching restores the dead isolate's bytes"],
+  ["close", "a Worker that ends itself leaves no patch behind", "its bytes are back, by its exit handler or by the next patching"],
+]) {
+  test(`isolates: ${title}`, () => {
+    const { real, held, later, main, restored } = fixture("isolates_death.ts", [how]);
+    assert.deepEqual(held, { held: true });
+    assert.deepEqual(later, later.map(() => ({ value: real })));
+    assert.equal(main, real);
+    assert.equal(restored, true, why);
+  });
+}
 
 test("isolates: deno test --parallel, four files mocking getuid with their own values, all pass", () => {
   const path = new URL("./fixtures/parallel_mock.ts", import.meta.url).pathname;

@@ -1,9 +1,11 @@
 /**
- * The x86-64 guard stubs, read back with iced-x86: every instruction and every target.
+ * The x86-64 guard stubs and the registry lock, read back with iced-x86: every instruction and
+ * every target.
  */
 import { assert, test } from "./harness.ts";
 import { Decoder, DecoderOptions, FastFormatter } from "iced-x86";
 import { guardLayout, guardStub, threadPointerReader } from "../src/arch/x86_64/guard.ts";
+import { registryLock } from "../src/arch/x86_64/registry_lock.ts";
 import type { NativeType } from "../src/signature.ts";
 
 const AT = 0x7f00_0000_1000n;
@@ -97,4 +99,12 @@ test("guard on Windows: the TEB's self pointer, and 32 bytes of shadow space bel
 test("the thread pointer reader reads what the guard compares", () => {
   assert.deepEqual(disassemble(threadPointerReader("linux"), 0n, 2), ["mov rax,fs:[10h]", "ret"]);
   assert.deepEqual(disassemble(threadPointerReader("windows"), 0n, 2), ["mov rax,gs:[30h]", "ret"]);
+});
+
+test("registry lock (x86-64): lock cmpxchg in System V and Windows registers, clear by xchg", () => {
+  const linux = registryLock("linux"), windows = registryLock("windows");
+  assert.deepEqual(disassemble(linux.code, 0n, 3), ["mov rax,rsi", "lock cmpxchg [rdi],rdx", "ret"]);
+  assert.deepEqual(disassemble(linux.code.subarray(linux.clear), 0n, 3), ["xor eax,eax", "xchg [rdi],rax", "ret"]);
+  assert.deepEqual(disassemble(windows.code, 0n, 3), ["mov rax,rdx", "lock cmpxchg [rcx],r8", "ret"]);
+  assert.deepEqual(disassemble(windows.code.subarray(windows.clear), 0n, 3), ["xor eax,eax", "xchg [rcx],rax", "ret"]);
 });
