@@ -35,7 +35,8 @@ const SLOT_ALIGN = 16;
 
 /**
  * How long a released slot waits before it is reused: a thread that was already inside a stub or
- * trampoline when its patch was restored has that long to leave it.
+ * trampoline when its patch was restored has that long to leave it. Measured on the monotonic
+ * clock: a fake clock (`fakeClock()`) moves `Date.now()`.
  */
 const QUARANTINE_MS = 1000;
 
@@ -98,7 +99,7 @@ export class CodePool {
    * (a guard's flag: its replacement is running) is set.
    */
   release(slot: CodeSlot, busy: bigint | null): void {
-    this.#quarantine.push({ slot, since: Date.now(), busy });
+    this.#quarantine.push({ slot, since: performance.now(), busy });
   }
 
   /** True when `address` lies in this pool's memory (patching it would patch ourselves). */
@@ -117,7 +118,7 @@ export class CodePool {
   }
 
   #recycle(): void {
-    const now = Date.now();
+    const now = performance.now();
     const { runtime } = this.#platform;
     const ready = (q: { since: number; busy: bigint | null }) =>
       now - q.since >= QUARANTINE_MS && (q.busy === null || runtime.view(q.busy, 1)[0] === 0);

@@ -20,6 +20,7 @@ export type RedefineErrorCode =
   | "BAD_REPLACEMENT"
   | "UNKNOWN_SIZE"
   | "OUT_OF_ORDER"
+  | "RESTORED"
   | "NOT_IMPORTED";
 
 /**

@@ -10,10 +10,10 @@ import { hex, RedefineError } from "./errors.ts";
 import { checkName, findModule, imports } from "./introspect.ts";
 import type { LoadedModule, ModuleImport } from "./introspect.ts";
 import { checkSignature } from "./signature.ts";
-import type { NativeType } from "./signature.ts";
+import type { NativeType, Signature } from "./signature.ts";
 import type { SymbolTarget } from "./target.ts";
-import { destinationFor, discard } from "./replacement.ts";
-import type { Replacement } from "./replacement.ts";
+import { discard } from "./replacement.ts";
+import type { Destination } from "./replacement.ts";
 import { slotLayout } from "./layout.ts";
 import { Patch, Trampoline } from "./patch.ts";
 import { layers, machine } from "./registry.ts";
@@ -98,12 +98,13 @@ export function pointerBytes(value: bigint): Uint8Array {
 
 /**
  * Redefines `target.symbol` for the libraries `target.callers` names: every import slot they have
- * for it leads to `replacement` (through the guard for a JS one) until the patch is restored.
- * Everything is checked before the first slot is written; the slots are written together.
+ * for it leads to the destination `destinationOf` makes for the signature (through the guard for a
+ * JS one) until the patch is restored. Everything is checked before the first slot is written; the
+ * slots are written together.
  */
 export function redefineCallers<P extends readonly NativeType[], R extends NativeType>(
   target: SymbolTarget<P, R>,
-  replacement: unknown,
+  destinationOf: (signature: Signature) => Destination,
 ): Patch<P, R> {
   const signature = checkSignature(target, "the target's signature") as { parameters: P; result: R };
   checkName(target.symbol, "symbol");
@@ -129,7 +130,7 @@ export function redefineCallers<P extends readonly NativeType[], R extends Nativ
         `them already redefined: redefine them for each library separately.`,
     );
   }
-  const to = destinationFor(signature, replacement as Replacement<P, R>);
+  const to = destinationOf(signature);
   let layout;
   try {
     layout = slotLayout(signature, to, below);
@@ -145,6 +146,7 @@ export function redefineCallers<P extends readonly NativeType[], R extends Nativ
     trampoline: Trampoline.at(below),
     callback: to.kind === "callback" ? to.callback : null,
     busy: layout.busy,
+    counter: layout.counter,
   });
   transaction(() => {
     for (const s of slots) schedule({ address: s.slot, bytes: written }, () => {}, () => patch.abandon());

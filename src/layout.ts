@@ -16,6 +16,8 @@ import type { Machine } from "./registry.ts";
 import { refuseJumpsIntoEntry } from "./target.ts";
 import type { Site } from "./target.ts";
 import type { Destination } from "./replacement.ts";
+import { CANNED_DATA } from "./arch/canned.ts";
+import { cannedData } from "./mock/canned.ts";
 import { Trampoline } from "./patch.ts";
 
 type AnySite = Site<readonly NativeType[], NativeType>;
@@ -33,6 +35,8 @@ export interface Layout {
   readonly trampoline: Trampoline;
   /** The guard's busy flag (JS replacements): set while the replacement runs. */
   readonly busy: bigint | null;
+  /** Canned code's native call counter (a u64 in its data block). */
+  readonly counter?: bigint;
 }
 
 /**
@@ -49,6 +53,8 @@ export function layOut(site: AnySite, to: Destination, below: bigint | null): La
       return directJump(m, site, to.address, below) ?? jumpStub(m, site, to.address, below);
     case "original":
       return toOriginal(m, site, below);
+    case "canned":
+      return cannedStub(m, site, to, below);
   }
 }
 
@@ -129,10 +135,12 @@ function guardCode(
 /** What an import slot leads to instead of the function (`callers`), and the code placed for it. */
 export interface SlotLayout {
   readonly destination: bigint;
-  /** The guard's slot (JS replacements); null when the slot leads to the replacement itself. */
+  /** The guard's or the canned code's slot; null when the slot leads to the replacement itself. */
   readonly stub: CodeSlot | null;
   /** The guard's busy flag: set while the replacement runs. */
   readonly busy: bigint | null;
+  /** Canned code's native call counter. */
+  readonly counter?: bigint;
 }
 
 /**
@@ -144,6 +152,7 @@ export function slotLayout(signature: AnySite["signature"], to: Destination, ori
   const m = machine();
   if (to.kind === "native") return { destination: to.address, stub: null, busy: null };
   if (to.kind === "original") return { destination: original, stub: null, busy: null };
+  if (to.kind === "canned") return cannedAlone(m, to, original);
   const guard = m.arch.guard;
   if (!guard) return { destination: to.callback.address, stub: null, busy: null };
   const shape = guard.layout(m.platform.runtime.os, signature);
@@ -156,6 +165,24 @@ export function slotLayout(signature: AnySite["signature"], to: Destination, ori
     throw error;
   }
   return { destination: slot.address, stub: slot, busy: slot.data + BigInt(shape.busyOffset) };
+}
+
+/**
+ * Canned code for import slots: anywhere (a slot holds a whole address), with its data block
+ * (`cannedData`) whose original is what the slots held.
+ */
+function cannedAlone(m: Machine, to: Destination & { kind: "canned" }, original: bigint): SlotLayout {
+  const plan = m.arch.canned!(to.spec, m.platform.runtime.os);
+  const slot = m.pool.allocate(original, 2n ** 62n, plan.size, plan.dataSize);
+  if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for the canned code.");
+  try {
+    m.platform.runtime.view(slot.data, plan.dataSize).set(cannedData(to, () => original));
+    m.pool.write(slot, plan.encode(slot.address, slot.data));
+  } catch (error) {
+    m.pool.release(slot, null);
+    throw error;
+  }
+  return { destination: slot.address, stub: slot, busy: null, counter: slot.data + BigInt(CANNED_DATA.calls) };
 }
 
 function originalForGuard(trampoline: Trampoline): bigint {
@@ -183,6 +210,21 @@ function jumpStub(m: Machine, site: AnySite, to: bigint, below: bigint | null): 
     const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
     write(m, stub, relocated, m.arch.farJump(stub.front, to));
     return throughStub(m, site, stub, trampoline, null);
+  });
+}
+
+/**
+ * Canned native code (returns, sequence, a fake clock's function): placed after the trampoline in
+ * a slot near the entry, with its data block (`cannedData`); the entry jump leads straight to it.
+ */
+function cannedStub(m: Machine, site: AnySite, to: Destination & { kind: "canned" }, below: bigint | null): Layout {
+  const plan = m.arch.canned!(to.spec, m.platform.runtime.os);
+  const stub = reserve(m, site, below, plan.size, plan.dataSize);
+  return filling(m, stub, () => {
+    const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
+    m.platform.runtime.view(stub.slot.data, plan.dataSize).set(cannedData(to, () => trampoline.address));
+    write(m, stub, relocated, plan.encode(stub.front, stub.slot.data));
+    return { ...throughStub(m, site, stub, trampoline, null), counter: stub.slot.data + BigInt(CANNED_DATA.calls) };
   });
 }
 

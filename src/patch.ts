@@ -96,6 +96,8 @@ export interface Applied {
   readonly callback: NativeCallback | null;
   /** The guard's busy flag (JS replacements): set while the replacement runs. */
   readonly busy: bigint | null;
+  /** Canned code's native call counter. */
+  readonly counter?: bigint;
 }
 
 /**
@@ -121,6 +123,8 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   /** One registry entry per write; the first is the one messages and `depth` speak of. */
   readonly #entries: readonly Entry[];
   #original: OriginalStub | undefined;
+  /** The counter's last reading, once restored (its memory goes back to the pool). */
+  #calls: number | undefined;
 
   /**
    * @internal Made by `redefine()`, which then does the writes: the patch is registered (each
@@ -179,6 +183,18 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
       this.#original = machine().originals.acquire(key, signature, address);
     }
     return this.#original.call;
+  }
+
+  /**
+   * How many calls reached a canned replacement (`returns()`, `sequence()`, a fake clock's), counted
+   * natively and atomically on every thread; after restore, the count it stopped at. Undefined for
+   * other replacements.
+   */
+  get calls(): number | undefined {
+    const counter = this.#applied?.counter;
+    if (counter === undefined) return this.#calls;
+    const view = machine().platform.runtime.view(counter, 8);
+    return Number(Atomics.load(new BigUint64Array(view.buffer, view.byteOffset, 1), 0));
   }
 
   /** How many live patches this one is layered on. */
@@ -263,6 +279,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
       entry.restoring = false;
       retire(entry);
       this.#original?.point(this.address);
+      this.#calls = this.calls;
       this.#applied = null;
       closeWhenIdle(applied);
       const busy = machine().platform.runtime.view(applied.busy!, 1);
@@ -293,6 +310,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
    * stub after its guard's `busy` flag clears).
    */
   #forget(applied: Applied, busy: bigint | null, restored = false): void {
+    this.#calls = this.calls;
     for (const entry of this.#entries) unregister(entry, restored);
     this.#applied = null;
     if (applied.stub) machine().pool.release(applied.stub, busy);

@@ -41,7 +41,9 @@ export function redefine<const P extends readonly NativeType[], const R extends 
   replacement: NoInfer<Replacement<P, R>>,
 ): Patch<P, R> {
   return exclusive(() => {
-    if ("callers" in target && target.callers !== undefined) return redefineCallers(target, replacement);
+    if ("callers" in target && target.callers !== undefined) {
+      return redefineCallers(target, (signature) => destinationFor(signature, replacement));
+    }
     const site = locate(target);
     return apply(site, destinationFor(site.signature, replacement));
   });
@@ -119,6 +121,7 @@ function applyLocked<P extends readonly NativeType[], R extends NativeType>(site
     trampoline: layout.trampoline,
     callback: to.kind === "callback" ? to.callback : null,
     busy: layout.busy,
+    counter: layout.counter,
   });
   schedule({ address: site.at, bytes: layout.entry, spin: machine().arch.selfLoop }, () => {}, () => patch.abandon());
   return patch;

@@ -5,7 +5,10 @@
  * bytes and data block, joins it as one more.
  */
 import { RedefineError } from "./errors.ts";
-import type { JsFunction, NativeType, Signature } from "./signature.ts";
+import type { JsFunction, JsValue, NativeType, Signature } from "./signature.ts";
+import { cannedSpec, isCanned } from "./mock/canned.ts";
+import type { Canned } from "./mock/canned.ts";
+import type { CannedSpec } from "./arch/canned.ts";
 import { machine } from "./registry.ts";
 import { checkExecutable } from "./target.ts";
 import type { NativeCallback } from "../platform/mod.ts";
@@ -19,13 +22,14 @@ export interface SymbolReplacement {
 }
 
 /**
- * What runs instead: a JS function of the target's signature, the address of a native function, or
- * a native function named by its symbol.
+ * What runs instead: a JS function of the target's signature, the address of a native function, a
+ * native function named by its symbol, or canned native code (`returns()`, `sequence()`).
  */
 export type Replacement<P extends readonly NativeType[], R extends NativeType> =
   | JsFunction<{ parameters: P; result: R }>
   | bigint
-  | SymbolReplacement;
+  | SymbolReplacement
+  | Canned<JsValue<R>>;
 
 /** Where a patched function's callers are sent. */
 export type Destination =
@@ -34,7 +38,13 @@ export type Destination =
   /** A JS function, behind the runtime's callback: reached through the guard. */
   | { readonly kind: "callback"; readonly callback: NativeCallback }
   /** The function's own trampoline: it behaves as before, running relocated code. */
-  | { readonly kind: "original" };
+  | { readonly kind: "original" }
+  /**
+   * Canned native code (`returns()`, `sequence()`, a fake clock's function), placed with its data
+   * block. `realClock`: the function a clock's code reads the real clock through, when not the
+   * patched function's own original.
+   */
+  | { readonly kind: "canned"; readonly spec: CannedSpec; readonly realClock?: bigint };
 
 /** The destination for `replacement`, a function of `signature`; refuses what cannot be one. */
 export function destinationFor(signature: Signature, replacement: unknown): Destination {
@@ -50,6 +60,15 @@ export function destinationFor(signature: Signature, replacement: unknown): Dest
     const callback = m.platform.runtime.callback(nativeSignature(signature), replacement as never);
     return { kind: "callback", callback };
   }
+  if (isCanned(replacement)) {
+    if (!m.arch.canned) {
+      throw new RedefineError(
+        "UNSUPPORTED_PLATFORM",
+        `returns() and sequence() have no ${m.arch.name} code: use a native or a JS replacement.`,
+      );
+    }
+    return { kind: "canned", spec: cannedSpec(replacement, signature.result) };
+  }
   if (typeof replacement === "bigint") {
     checkExecutable(m, replacement, "the replacement address");
     return { kind: "native", address: replacement };
@@ -60,8 +79,8 @@ export function destinationFor(signature: Signature, replacement: unknown): Dest
   }
   throw new RedefineError(
     "BAD_REPLACEMENT",
-    `the replacement must be a JS function, a native address (bigint) or { symbol, library? }, not ` +
-      `${replacement === null ? "null" : typeof replacement}.`,
+    `the replacement must be a JS function, a native address (bigint), { symbol, library? }, returns() ` +
+      `or sequence(), not ${replacement === null ? "null" : typeof replacement}.`,
   );
 }
 

@@ -2,6 +2,7 @@
  * The contract between `src/` and an instruction set: what `redefine` asks of the machine code
  * layer (entry jumps, relocation, guards), as pure functions of bytes and addresses.
  */
+import type { CannedPlan, CannedSpec } from "./canned.ts";
 import type { Signature } from "../signature.ts";
 
 /**
@@ -116,6 +117,8 @@ export interface Arch {
   indirectJump(from: bigint, slot: bigint): Uint8Array;
   /** Compare-and-swap and clear of a word in native memory, for `os`'s calling convention. */
   registryLock(os: string): RegistryLockCode;
+  /** Canned native replacements (src/arch/canned.ts): the code of a spec, sized before it is placed. */
+  readonly canned?: (spec: CannedSpec, os: string) => CannedPlan;
   /**
    * The guard stub in front of JS replacements: calls from other threads, and re-entrant calls on
    * the JS thread, go to the original. Absent where it is not written yet.

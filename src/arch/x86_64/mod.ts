@@ -8,6 +8,7 @@ import { flowOf, instructionLength, operands } from "./decoder.ts";
 import { branchesBetween, mayBranchInto } from "./scan.ts";
 import { guardLayout, guardStub, threadPointerReader } from "./guard.ts";
 import { registryLock } from "./registry_lock.ts";
+import { cannedCode } from "./canned.ts";
 import {
   ENDBR64,
   JMP_ABS_SIZE,
@@ -73,6 +74,7 @@ export const x86_64: Arch = {
   indirectJumpSize: JMP_INDIRECT_SIZE,
   indirectJump: jmpIndirect,
   registryLock,
+  canned: cannedCode,
   guard: { layout: guardLayout, threadPointerReader, encode: guardStub },
 };
 
