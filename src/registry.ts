@@ -17,6 +17,7 @@ import { openStore } from "./shared_registry.ts";
 import type { Store } from "./shared_registry.ts";
 import { platform } from "../platform/mod.ts";
 import type { Platform, SymbolInfo } from "../platform/mod.ts";
+import type { Signature } from "./signature.ts";
 
 /** Writes collected by `transaction()` (src/transaction.ts), applied together when its body returns. */
 export interface Batch {
@@ -115,7 +116,9 @@ let restoresAtExit = false;
 function theStore(): Store {
   if (store) return store;
   const m = machine();
-  store = openStore(m.platform, m.pool, m.arch, threadPointer(m));
+  const bind = (address: bigint, signature: Signature) =>
+    m.originals.acquire(`registry lock at ${address}`, signature, address).call;
+  store = openStore(m.platform, m.pool, m.arch, threadPointer(m), bind);
   return store;
 }
 

@@ -17,6 +17,7 @@ import { RedefineError } from "./errors.ts";
 import type { Arch } from "./arch/types.ts";
 import type { CodePool } from "./code_memory.ts";
 import type { NativeCall, Platform, Runtime } from "../platform/mod.ts";
+import type { Signature } from "./signature.ts";
 
 /** One live patch as every isolate sees it. */
 export interface StoredPatch {
@@ -97,9 +98,16 @@ function cString(text: string): Uint8Array {
 
 /**
  * This isolate's view of the store: the process's (found or made), or its own. `threadPointer` is
- * the JS thread's identity as the guard reads it.
+ * the JS thread's identity as the guard reads it; `bind` makes a JS callable of code at an address
+ * (the lock is taken twice a patch: the runtime's fast call path matters).
  */
-export function openStore(platform: Platform, pool: CodePool, arch: Arch, threadPointer: bigint): Store {
+export function openStore(
+  platform: Platform,
+  pool: CodePool,
+  arch: Arch,
+  threadPointer: bigint,
+  bind: (address: bigint, signature: Signature) => NativeCall,
+): Store {
   const { runtime } = platform;
   const lockCode = arch.registryLock(runtime.os);
   const slot = pool.allocate(0n, 2n ** 62n, lockCode.code.length, 16);
@@ -123,7 +131,7 @@ export function openStore(platform: Platform, pool: CodePool, arch: Arch, thread
   const view = new DataView(bytes.buffer, bytes.byteOffset, SIZE);
   const cas: NativeCall | null = base === null
     ? null
-    : runtime.fnPointer(slot.address, { parameters: ["usize", "u64", "u64"], result: "u64" });
+    : bind(slot.address, { parameters: ["usize", "u64", "u64"], result: "u64" });
   const yieldCpu = c?.sched_yield;
   const u64 = (at: number) => view.getBigUint64(at, true);
   const setU64 = (at: number, value: bigint) => view.setBigUint64(at, BigInt.asUintN(64, value), true);
