@@ -73,7 +73,10 @@ function nativeResult(type: NativeType, value: unknown): unknown {
   if (type === "void") return undefined;
   if (type === "bool") return value ? 1 : 0;
   const range = RANGES[type];
-  const integer = typeof value === "bigint" ? value : Number.isInteger(value) ? BigInt(value as number) : null;
+  // A bigint for a 64-bit type wraps to 64 bits, as Deno and Bun wrap it.
+  const wide = typeof value === "bigint" && WIDE.has(type);
+  const bigint = wide ? (range![0] < 0n ? BigInt.asIntN(64, value) : BigInt.asUintN(64, value)) : value;
+  const integer = typeof bigint === "bigint" ? bigint : Number.isInteger(bigint) ? BigInt(bigint as number) : null;
   if (range ? integer !== null && integer >= range[0] && integer <= range[1] : typeof value === "number") {
     return WIDE.has(type) ? integer : range ? Number(integer) : value;
   }

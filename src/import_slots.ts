@@ -119,7 +119,8 @@ export function redefineCallers<P extends readonly NativeType[], R extends Nativ
     const under = stack.filter((entry) => !entry.restoring).at(-1);
     const unpatched = stack.length ? pointerAt(stack[0].original) : s.held;
     const fn = callTarget({ ...s, held: unpatched }, resolve);
-    return { original: under?.written ?? pointerBytes(unpatched), leadsTo: under?.destination ?? fn, fn };
+    const bypass = under?.bypass ?? fn;
+    return { original: under?.written ?? pointerBytes(unpatched), leadsTo: under?.destination ?? fn, bypass, fn };
   });
   const below = beneath[0].leadsTo;
   if (beneath.some((b) => b.leadsTo !== below)) {
@@ -133,7 +134,7 @@ export function redefineCallers<P extends readonly NativeType[], R extends Nativ
   const to = destinationOf(signature);
   let layout;
   try {
-    layout = slotLayout(signature, to, below);
+    layout = slotLayout(signature, to, below, beneath[0].bypass);
   } catch (error) {
     discard(to);
     throw error;
@@ -146,6 +147,8 @@ export function redefineCallers<P extends readonly NativeType[], R extends Nativ
     trampoline: Trampoline.at(below),
     callback: to.kind === "callback" ? to.callback : null,
     busy: layout.busy,
+    bypass: layout.bypass,
+    originalSlot: null,
     counter: layout.counter,
   });
   transaction(() => {

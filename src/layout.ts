@@ -5,14 +5,15 @@
  * (`redefineToOriginal`). Stubs share one pool slot with the trampoline (the relocated first
  * instructions), placed within near-jump reach of the entry, or anywhere, behind an absolute entry
  * jump, when no memory is that near. A patch layered on another has no trampoline of its own: its
- * original is where the patch below leads. Nothing is written at the entry here.
+ * original is where the patch below leads. The original exists before the entry jump can go live
+ * (a native replacement may call it from its first call on); nothing is written at the entry here.
  */
 import { hex, RedefineError } from "./errors.ts";
 import type { RelocationPlan } from "./arch/types.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { NativeType } from "./signature.ts";
 import { isolateIdentity, machine, refuseOverlap } from "./registry.ts";
-import type { Machine } from "./registry.ts";
+import type { Entry, Machine } from "./registry.ts";
 import { refuseJumpsIntoEntry } from "./target.ts";
 import type { Site } from "./target.ts";
 import type { Destination } from "./replacement.ts";
@@ -35,19 +36,48 @@ export interface Layout {
   readonly trampoline: Trampoline;
   /** The guard's busy flag (JS replacements): set while the replacement runs. */
   readonly busy: bigint | null;
+  /** Where calls that must not enter JS go (see the registry's `Entry.bypass`). */
+  readonly bypass: bigint;
   /** Canned code's native call counter (a u64 in its data block). */
   readonly counter?: bigint;
 }
 
 /**
- * Lays out the code that sends the callers of `site` to `to`. `below` is where the entry jump of
- * the patch this one is layered on leads, or null. On failure nothing stays allocated.
+ * Lays out the code that sends the callers of `site` to `to`, layered on `under` (the function's
+ * newest live patch), if any. Refuses, before anything is written, a native replacement that is the
+ * function itself (every call would loop), and an `originalSlot` without an original to put there.
+ * On failure nothing stays allocated.
  */
-export function layOut(site: AnySite, to: Destination, below: bigint | null): Layout {
+export function layOut(site: AnySite, to: Destination, under: Entry | null): Layout {
   const m = machine();
+  const below = under?.destination ?? null;
+  const layout = choose(m, site, to, below, under?.bypass ?? null);
+  try {
+    if (to.kind === "native" && to.address >= site.address && to.address < site.at + BigInt(layout.covers)) {
+      throw new RedefineError(
+        "BAD_REPLACEMENT",
+        `the replacement ${hex(to.address)} is the function itself (its first ${layout.covers} bytes, ` +
+          `which the entry jump overwrites): every call would loop there. Pass another function.`,
+      );
+    }
+    if (site.originalSlot !== null) originalForSlot(layout.trampoline);
+  } catch (error) {
+    release(layout);
+    throw error;
+  }
+  return layout;
+}
+
+/** Gives back what a layout holds, for a patch that never went live. */
+export function release(layout: Layout): void {
+  if (layout.stub) machine().pool.release(layout.stub, null);
+  layout.trampoline.release();
+}
+
+function choose(m: Machine, site: AnySite, to: Destination, below: bigint | null, bypass: bigint | null): Layout {
   switch (to.kind) {
     case "callback":
-      if (m.arch.guard) return guardedStub(m, site, to.callback.address, below);
+      if (m.arch.guard) return guardedStub(m, site, to.callback.address, below, bypass);
       return directJump(m, site, to.callback.address, below) ?? jumpStub(m, site, to.callback.address, below);
     case "native":
       return directJump(m, site, to.address, below) ?? jumpStub(m, site, to.address, below);
@@ -58,16 +88,31 @@ export function layOut(site: AnySite, to: Destination, below: bigint | null): La
   }
 }
 
+/** The original for an `originalSlot`: a native replacement calls it, so it must exist. */
+function originalForSlot(trampoline: Trampoline): void {
+  const built = trampoline.build();
+  if (built instanceof RedefineError) {
+    throw new RedefineError(
+      built.code,
+      `${built.message} An 'originalSlot' needs the original: redefine this function without one, ` +
+        `with a replacement that does not call the original.`,
+      { cause: built },
+    );
+  }
+}
+
 /**
- * The entry jump reaches the native replacement: nothing to place now. The original is the patch
- * below, or is relocated when first asked for (most native redirects never are), then in a slot
- * of its own.
+ * The entry jump reaches the native replacement: no stub. The original is the patch below, or is
+ * relocated now into a slot of its own — before the entry jump can go live, so that building it
+ * never runs while the function is half redefined (reading the memory map calls `open`, which may
+ * be the function). A prologue that cannot be moved leaves no original; the patch is still made.
  */
 function directJump(m: Machine, site: AnySite, to: bigint, below: bigint | null): Layout | null {
   const entry = m.arch.nearJump(site.at, to);
   if (!entry) return null;
   const trampoline = below !== null ? Trampoline.at(below) : new Trampoline(() => trampolineAlone(m, site));
-  return { entry, covers: entry.length, destination: to, stub: null, trampoline, busy: null };
+  trampoline.build();
+  return { entry, covers: entry.length, destination: to, stub: null, trampoline, busy: null, bypass: to };
 }
 
 function trampolineAlone(m: Machine, site: AnySite): { address: bigint; slot: CodeSlot } {
@@ -95,14 +140,23 @@ function trampolineAlone(m: Machine, site: AnySite): { address: bigint; slot: Co
  * callback and every other call (other threads, re-entrant calls) to the original — so a JS
  * replacement needs a trampoline.
  */
-function guardedStub(m: Machine, site: AnySite, callback: bigint, below: bigint | null): Layout {
+function guardedStub(
+  m: Machine,
+  site: AnySite,
+  callback: bigint,
+  below: bigint | null,
+  belowBypass: bigint | null,
+): Layout {
   const shape = m.arch.guard!.layout(m.platform.runtime.os, site.signature);
   const stub = reserve(m, site, below, shape.size, shape.dataSize);
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
-    const code = guardCode(m, site.signature, stub.slot, stub.front, callback, originalForGuard(trampoline));
+    // Past every JS layer below: a call that must not run JS (V8's own getpid while it collects
+    // garbage, say) must not enter the replacement of the patch below either.
+    const bypass = belowBypass ?? originalForGuard(trampoline);
+    const code = guardCode(m, site.signature, stub.slot, stub.front, callback, bypass);
     write(m, stub, relocated, code);
-    return throughStub(m, site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset));
+    return { ...throughStub(m, site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset)), bypass };
   });
 }
 
@@ -139,6 +193,8 @@ export interface SlotLayout {
   readonly stub: CodeSlot | null;
   /** The guard's busy flag: set while the replacement runs. */
   readonly busy: bigint | null;
+  /** Where calls that must not enter JS go (see the registry's `Entry.bypass`). */
+  readonly bypass: bigint;
   /** Canned code's native call counter. */
   readonly counter?: bigint;
 }
@@ -146,25 +202,31 @@ export interface SlotLayout {
 /**
  * Lays out where import slots lead instead of `original` (what they held): a native replacement
  * itself — a slot holds a whole address, so nothing is out of reach — or, for a JS one, the guard,
- * which sends other threads' and re-entrant calls to `original`. Nothing needs relocating.
+ * which sends other threads' and re-entrant calls to `bypass` (`original`, or past the JS layers
+ * below it). Nothing needs relocating.
  */
-export function slotLayout(signature: AnySite["signature"], to: Destination, original: bigint): SlotLayout {
+export function slotLayout(
+  signature: AnySite["signature"],
+  to: Destination,
+  original: bigint,
+  bypass: bigint,
+): SlotLayout {
   const m = machine();
-  if (to.kind === "native") return { destination: to.address, stub: null, busy: null };
-  if (to.kind === "original") return { destination: original, stub: null, busy: null };
+  if (to.kind === "native") return { destination: to.address, stub: null, busy: null, bypass: to.address };
+  if (to.kind === "original") return { destination: original, stub: null, busy: null, bypass: original };
   if (to.kind === "canned") return cannedAlone(m, to, original);
   const guard = m.arch.guard;
-  if (!guard) return { destination: to.callback.address, stub: null, busy: null };
+  if (!guard) return { destination: to.callback.address, stub: null, busy: null, bypass: to.callback.address };
   const shape = guard.layout(m.platform.runtime.os, signature);
   const slot = m.pool.allocate(original, 2n ** 62n, shape.size, shape.dataSize);
   if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for the guard.");
   try {
-    m.pool.write(slot, guardCode(m, signature, slot, slot.address, to.callback.address, original));
+    m.pool.write(slot, guardCode(m, signature, slot, slot.address, to.callback.address, bypass));
   } catch (error) {
     m.pool.release(slot, null);
     throw error;
   }
-  return { destination: slot.address, stub: slot, busy: slot.data + BigInt(shape.busyOffset) };
+  return { destination: slot.address, stub: slot, busy: slot.data + BigInt(shape.busyOffset), bypass };
 }
 
 /**
@@ -182,7 +244,8 @@ function cannedAlone(m: Machine, to: Destination & { kind: "canned" }, original:
     m.pool.release(slot, null);
     throw error;
   }
-  return { destination: slot.address, stub: slot, busy: null, counter: slot.data + BigInt(CANNED_DATA.calls) };
+  const destination = slot.address;
+  return { destination, stub: slot, busy: null, counter: slot.data + BigInt(CANNED_DATA.calls), bypass: destination };
 }
 
 function originalForGuard(trampoline: Trampoline): bigint {
@@ -251,6 +314,7 @@ function toOriginal(m: Machine, site: AnySite, below: bigint | null): Layout {
       stub: stub.slot,
       trampoline,
       busy: null,
+      bypass: original,
     };
   });
 }
@@ -360,7 +424,8 @@ function throughStub(m: Machine, site: AnySite, stub: Stub, trampoline: Trampoli
   const entry = stub.jumpSize === m.arch.nearJumpSize
     ? m.arch.nearJump(site.at, stub.front)!
     : m.arch.farJump(site.at, stub.front);
-  return { entry, covers: coverage(entry, stub), destination: stub.front, stub: stub.slot, trampoline, busy };
+  const destination = stub.front;
+  return { entry, covers: coverage(entry, stub), destination, stub: stub.slot, trampoline, busy, bypass: destination };
 }
 
 /** Bytes from the entry that the entry jump overwrites or the trampoline copies. */

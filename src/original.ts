@@ -59,6 +59,11 @@ export class OriginalStubs {
     return fresh;
   }
 
+  /** Whether `address` is inside one of the stub libraries (their code is no function to redefine). */
+  contains(address: bigint): boolean {
+    return this.#libraries.some((l) => address >= l.base && address < l.base + BigInt(l.image.bytes.length));
+  }
+
   #create(signature: Signature, address: bigint): OriginalStub {
     let library: StubLibrary;
     try {

@@ -10,7 +10,7 @@ import { exclusive, isForeign, layers, machine, register, restoredBytes, retire,
 import type { Entry } from "./registry.ts";
 import { nativeSignature } from "./replacement.ts";
 import { moduleAt } from "./introspect.ts";
-import { schedule, transaction } from "./transaction.ts";
+import { pendingAt, schedule, transaction } from "./transaction.ts";
 import type { NativeCallback } from "../platform/mod.ts";
 
 /** A trampoline's code: where it is, and the pool slot it got for itself (null: it lives in a stub's). */
@@ -22,9 +22,9 @@ interface Built {
 /**
  * The original function as native code can call it while the patch is live: the relocated first
  * instructions and a jump back into the function, or, for a patch layered on another, what the
- * patch below leads to. Built at most once, by `build`: with the patch's stub, or on first use when
- * the entry jump reaches a native replacement directly (most native redirects never call the
- * original). Why it cannot be built is kept and thrown to whoever asks for it.
+ * patch below leads to. Built once, with the layout, before the entry jump can go live: with the
+ * patch's stub, or in a slot of its own when the entry jump reaches a native replacement directly.
+ * Why it cannot be built is kept and thrown to whoever asks for it.
  */
 export class Trampoline {
   #build: (() => Built) | null;
@@ -48,6 +48,16 @@ export class Trampoline {
 
   /** Where the trampoline is; throws why there is none (`UNRELOCATABLE`, `ALLOCATION_FAILED`). */
   get address(): bigint {
+    const built = this.build();
+    if (built instanceof RedefineError) throw built;
+    return built.address;
+  }
+
+  /**
+   * Builds the trampoline now if it is not yet: its code, or why there is none, kept for whoever
+   * asks for its address.
+   */
+  build(): Built | RedefineError {
     if (this.#build) {
       try {
         this.#built = this.#build();
@@ -57,8 +67,7 @@ export class Trampoline {
       }
       this.#build = null;
     }
-    if (this.#built instanceof RedefineError) throw this.#built;
-    return this.#built!.address;
+    return this.#built!;
   }
 
   /** Gives back the slot it got for itself, once its patch is gone. */
@@ -96,6 +105,10 @@ export interface Applied {
   readonly callback: NativeCallback | null;
   /** The guard's busy flag (JS replacements): set while the replacement runs. */
   readonly busy: bigint | null;
+  /** Where calls that must not enter JS go (see the registry's `Entry.bypass`). */
+  readonly bypass: bigint;
+  /** The target's `originalSlot`: filled with the original before the entry jump is written. */
+  readonly originalSlot: bigint | null;
   /** Canned code's native call counter. */
   readonly counter?: bigint;
 }
@@ -123,6 +136,8 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   /** One registry entry per write; the first is the one messages and `depth` speak of. */
   readonly #entries: readonly Entry[];
   #original: OriginalStub | undefined;
+  /** What the `originalSlot` held before the patch filled it, put back if the patch never goes live. */
+  #slotBefore = 0n;
   /** The counter's last reading, once restored (its memory goes back to the pool). */
   #calls: number | undefined;
 
@@ -135,10 +150,14 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     this.signature = signature;
     this.#applied = applied;
     const restore = () => this.restore();
+    const { destination, bypass } = applied;
     this.#entries = applied.writes.map(({ key, at, written, original }) => ({
-      address: key, at, written, original, destination: applied.destination, restoring: false, restore,
+      address: key, at, written, original, destination, bypass, restoring: false, restore,
     }));
     for (const entry of this.#entries) register(entry);
+    if (applied.originalSlot !== null) {
+      this.#slotBefore = storeSlot(applied.originalSlot, applied.trampoline.address);
+    }
   }
 
   /** True until the patch is restored. */
@@ -235,8 +254,11 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     const { platform, arch } = machine();
     entries.forEach((entry, i) => {
       // Under a patch whose restore is pending in this transaction, the place will hold our bytes
-      // again once that write lands; that patch has checked them.
-      const now = overs[i] ? entry.written : platform.runtime.view(entry.at, entry.written.length).slice();
+      // again once that write lands; that patch has checked them. Made in the open transaction, it
+      // holds our bytes once that transaction's writes land.
+      const length = entry.written.length;
+      const now = overs[i] ? entry.written : pendingAt(entry.at, length) ??
+        platform.runtime.view(entry.at, length).slice();
       if (!now.every((b, j) => b === entry.written[j])) {
         const where = entry.address === this.address ? "the entry of the function" : "the import slot";
         throw new RedefineError(
@@ -251,6 +273,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     const restored = () => {
       for (const entry of entries) entry.restoring = false;
       this.#original?.point(this.address);
+      if (applied.originalSlot !== null) storeSlot(applied.originalSlot, this.address);
       this.#forget(applied, applied.busy, true);
       closeWhenIdle(applied);
     };
@@ -296,6 +319,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   abandon(): void {
     const applied = this.#applied;
     if (!applied) return;
+    if (applied.originalSlot !== null) storeSlot(applied.originalSlot, this.#slotBefore);
     this.#forget(applied, null);
     applied.callback?.close();
   }
@@ -316,6 +340,13 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     if (applied.stub) machine().pool.release(applied.stub, busy);
     applied.trampoline.release();
   }
+}
+
+/** Stores `value` in the 8-byte aligned slot at `slot` in one store; returns what was there. */
+function storeSlot(slot: bigint, value: bigint): bigint {
+  const view = machine().platform.runtime.view(slot, 8);
+  const word = new BigInt64Array(view.buffer, view.byteOffset, 1);
+  return BigInt.asUintN(64, Atomics.exchange(word, 0, BigInt.asIntN(64, value)));
 }
 
 /**

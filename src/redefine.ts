@@ -11,7 +11,7 @@ import { locate } from "./target.ts";
 import type { Site, Target } from "./target.ts";
 import { destinationFor, discard } from "./replacement.ts";
 import type { Destination, Replacement } from "./replacement.ts";
-import { layOut } from "./layout.ts";
+import { layOut, release } from "./layout.ts";
 import type { Layout } from "./layout.ts";
 import { Patch } from "./patch.ts";
 import { exclusive, layers, machine, newestFirst, refuseOverlap } from "./registry.ts";
@@ -103,10 +103,10 @@ function applyLocked<P extends readonly NativeType[], R extends NativeType>(site
   const under = layers(site.address).filter((entry) => !entry.restoring).at(-1) ?? null;
   let layout: Layout | undefined;
   try {
-    layout = layOut(site, to, under?.destination ?? null);
+    layout = layOut(site, to, under);
     refuseOverlap(site.at, layout.covers);
   } catch (error) {
-    if (layout?.stub) machine().pool.release(layout.stub, null);
+    if (layout) release(layout);
     discard(to);
     throw error;
   }
@@ -121,6 +121,8 @@ function applyLocked<P extends readonly NativeType[], R extends NativeType>(site
     trampoline: layout.trampoline,
     callback: to.kind === "callback" ? to.callback : null,
     busy: layout.busy,
+    bypass: layout.bypass,
+    originalSlot: site.originalSlot,
     counter: layout.counter,
   });
   schedule({ address: site.at, bytes: layout.entry, spin: machine().arch.selfLoop }, () => {}, () => patch.abandon());

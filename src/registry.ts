@@ -80,6 +80,12 @@ export interface Entry {
   readonly original: Uint8Array;
   /** Where the entry jump leads. */
   readonly destination: bigint;
+  /**
+   * Where a call that must not enter JS goes: for a JS replacement, where its guard sends calls
+   * from other threads and re-entrant calls — past every JS layer below it; for any other patch,
+   * its destination.
+   */
+  readonly bypass: bigint;
   /** Set while its restore waits for the enclosing transaction to commit. */
   restoring: boolean;
   /** Puts the function back (the Patch handle's `restore`); another isolate's patch refuses. */
@@ -179,11 +185,14 @@ function sync(s: Store): void {
   seen = s.generation();
 }
 
-/** Another isolate's patch: known here by its record only. */
+/**
+ * Another isolate's patch: known here by its record only. Calls that must not enter JS go through
+ * its destination all the same: its guard knows its own thread, and sends others on.
+ */
 function foreign(record: { address: bigint; at: bigint; written: Uint8Array; original: Uint8Array; destination: bigint }): Entry {
   const { address, at, written, original, destination } = record;
   return {
-    address, at, written, original, destination, restoring: false,
+    address, at, written, original, destination, bypass: destination, restoring: false,
     restore() {
       throw new RedefineError("OUT_OF_ORDER", `the patch at ${hex(address)} belongs to another isolate (a Worker): restore it there.`);
     },

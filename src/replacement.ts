@@ -4,14 +4,15 @@
  * Each kind of replacement is one member of the union: canned native code, carrying its own code
  * bytes and data block, joins it as one more.
  */
-import { RedefineError } from "./errors.ts";
+import { hex, RedefineError } from "./errors.ts";
 import type { JsFunction, JsValue, NativeType, Signature } from "./signature.ts";
 import { cannedSpec, isCanned } from "./mock/canned.ts";
 import type { Canned } from "./mock/canned.ts";
 import type { CannedSpec } from "./arch/canned.ts";
 import { machine } from "./registry.ts";
-import { checkExecutable } from "./target.ts";
-import type { NativeCallback } from "../platform/mod.ts";
+import { checkExecutable, symbolAddress } from "./target.ts";
+import type { NativeCall, NativeCallback } from "../platform/mod.ts";
+import { PROT_EXEC } from "../platform/mod.ts";
 
 /** A native replacement named by its symbol. */
 export interface SymbolReplacement {
@@ -50,6 +51,7 @@ export type Destination =
 export function destinationFor(signature: Signature, replacement: unknown): Destination {
   const m = machine();
   if (typeof replacement === "function") {
+    refuseUncallable(replacement);
     if (replacement.length > signature.parameters.length) {
       throw new RedefineError(
         "BAD_REPLACEMENT",
@@ -57,7 +59,9 @@ export function destinationFor(signature: Signature, replacement: unknown): Dest
           `${signature.parameters.length}: make them agree.`,
       );
     }
-    const callback = m.platform.runtime.callback(nativeSignature(signature), replacement as never);
+    const native = nativeSignature(signature);
+    const run = checked(replacement as NativeCall, native.result, native.parameters.length);
+    const callback = m.platform.runtime.callback(native, run);
     return { kind: "callback", callback };
   }
   if (isCanned(replacement)) {
@@ -75,13 +79,183 @@ export function destinationFor(signature: Signature, replacement: unknown): Dest
   }
   if (replacement && typeof replacement === "object" && typeof (replacement as SymbolReplacement).symbol === "string") {
     const { symbol, library } = replacement as SymbolReplacement;
-    return { kind: "native", address: m.platform.os.symbolAddress(symbol, library) };
+    const address = symbolAddress(m, symbol, library);
+    const mapping = m.platform.os.mappingAt(address);
+    if (!mapping || !(mapping.protection & PROT_EXEC)) {
+      throw new RedefineError(
+        "BAD_REPLACEMENT",
+        `the replacement '${symbol}' at ${hex(address)} is data, not code: name a function, or pass a ` +
+          `JS function.`,
+      );
+    }
+    return { kind: "native", address };
   }
   throw new RedefineError(
     "BAD_REPLACEMENT",
     `the replacement must be a JS function, a native address (bigint), { symbol, library? }, returns() ` +
       `or sequence(), not ${replacement === null ? "null" : typeof replacement}.`,
   );
+}
+
+/**
+ * Refuses functions that cannot answer a native call with a value: async functions (a promise),
+ * generators (an iterator) and classes (which cannot be called without `new`).
+ */
+function refuseUncallable(fn: object): void {
+  // Bound functions keep their target's prototype, so a bound async function is caught too.
+  const kind = Object.getPrototypeOf(fn)?.[Symbol.toStringTag];
+  const isClass = Function.prototype.toString.call(fn).startsWith("class");
+  if (kind === "AsyncFunction" || kind === "GeneratorFunction" || kind === "AsyncGeneratorFunction" || isClass) {
+    throw new RedefineError(
+      "BAD_REPLACEMENT",
+      `the replacement is ${isClass ? "a class" : `an ${kind}`}, and a native caller needs its result ` +
+        `synchronously: pass a plain function that returns a value (do async work elsewhere).`,
+    );
+  }
+}
+
+/** What kind of JS value a result type takes, named as `typeof` names it. */
+type Kind = "void" | "boolean" | "bigint" | "number";
+
+function kindOf(type: NativeType): Kind {
+  switch (type) {
+    case "void":
+      return "void";
+    case "bool":
+      return "boolean";
+    case "i64":
+    case "u64":
+    case "isize":
+    case "usize":
+    case "pointer":
+    case "function":
+    case "buffer":
+      return "bigint";
+    default:
+      return "number";
+  }
+}
+
+/**
+ * The integer types narrower than 64 bits and their ranges. A number returned for one must be an
+ * integer in its range: Deno and Bun would truncate and wrap any other, node:ffi abort on it. A
+ * bigint for a 64-bit type is not checked: every runtime wraps it to 64 bits, and a range check
+ * would cost the call through a JS replacement 4%.
+ */
+const NARROW: Partial<Record<NativeType, readonly [number, number]>> = {
+  i8: [-(2 ** 7), 2 ** 7 - 1],
+  u8: [0, 2 ** 8 - 1],
+  i16: [-(2 ** 15), 2 ** 15 - 1],
+  u16: [0, 2 ** 16 - 1],
+  i32: [-(2 ** 31), 2 ** 31 - 1],
+  u32: [0, 2 ** 32 - 1],
+};
+
+/** Whether a value of the result's kind is one `type` holds. */
+function holder(type: NativeType): (value: number) => boolean {
+  const range = NARROW[type];
+  if (!range) return () => true;
+  const [low, high] = range;
+  return (v) => v >= low && v <= high && Number.isInteger(v);
+}
+
+/** What a native caller gets from a replacement that failed: 0 of the result type. */
+const ZERO: Readonly<Record<Kind, unknown>> = { void: undefined, boolean: false, bigint: 0n, number: 0 };
+
+/** What a result of `type` must be, for a message (a void result is never refused). */
+function expected(type: NativeType, kind: Kind): string {
+  const range = NARROW[type];
+  if (range) return `an integer number from ${range[0]} to ${range[1]}`;
+  const kinds = { void: "anything", boolean: "a boolean", bigint: "a bigint (or an integer number up to 2^53)" };
+  return kinds[kind as keyof typeof kinds] ?? "a number";
+}
+
+/**
+ * `fn` as the runtime's callback must run it: an exception never reaches the runtime's callback
+ * machinery (Deno drops it when a later call returns normally, Bun skips the rest of the native
+ * call), and a result of the wrong kind never reaches the runtime's conversion (Deno panics on a
+ * bigint for an `i32`; node:ffi aborts on a number out of range). The native caller gets 0
+ * instead, and the error is thrown again as soon as the current synchronous JS has run, as an
+ * uncaught error: the same on every runtime. A value the type holds is passed on as is; a safe
+ * integer number becomes a bigint for a 64-bit type, where the runtimes would convert it differently.
+ */
+function checked(fn: NativeCall, type: NativeType, arity: number): NativeCall {
+  const kind = kindOf(type);
+  const zero = ZERO[kind];
+  const holds = holder(type);
+  // A value not of `kind`: nothing for a void function, a bigint for a safe integer, else refused.
+  const settle = (value: unknown): unknown => {
+    if (kind === "void") return undefined;
+    if (kind === "bigint" && Number.isSafeInteger(value)) return BigInt(value as number);
+    rethrowLater(
+      new RedefineError(
+        "BAD_REPLACEMENT",
+        `the replacement returned ${describe(value)}, which ${type} cannot hold: return ` +
+          `${expected(type, kind)} (its native caller got ${kind === "boolean" ? "false" : "0"}).`,
+      ),
+    );
+    return zero;
+  };
+  const fail = (error: unknown): unknown => {
+    rethrowLater(error);
+    return zero;
+  };
+  // One wrapper per arity (forwarding `arguments` or a rest array costs a JS replacement's call
+  // 6%), and a value of the right kind — a kind is named as `typeof` names it — goes straight on.
+  // deno-lint-ignore no-explicit-any
+  type A = any;
+  switch (arity) {
+    case 0:
+      return () => {
+        let v;
+        try { v = fn(); } catch (e) { return fail(e); }
+        return typeof v === kind && holds(v) ? v : settle(v);
+      };
+    case 1:
+      return (a: A) => {
+        let v;
+        try { v = fn(a); } catch (e) { return fail(e); }
+        return typeof v === kind && holds(v) ? v : settle(v);
+      };
+    case 2:
+      return (a: A, b: A) => {
+        let v;
+        try { v = fn(a, b); } catch (e) { return fail(e); }
+        return typeof v === kind && holds(v) ? v : settle(v);
+      };
+    case 3:
+      return (a: A, b: A, c: A) => {
+        let v;
+        try { v = fn(a, b, c); } catch (e) { return fail(e); }
+        return typeof v === kind && holds(v) ? v : settle(v);
+      };
+    case 4:
+      return (a: A, b: A, c: A, d: A) => {
+        let v;
+        try { v = fn(a, b, c, d); } catch (e) { return fail(e); }
+        return typeof v === kind && holds(v) ? v : settle(v);
+      };
+    default:
+      return (...args: A[]) => {
+        let v;
+        try { v = fn(...args); } catch (e) { return fail(e); }
+        return typeof v === kind && holds(v) ? v : settle(v);
+      };
+  }
+}
+
+/** Throws `error` once the current synchronous JS has run: an uncaught error, never lost. */
+function rethrowLater(error: unknown): void {
+  queueMicrotask(() => {
+    throw error;
+  });
+}
+
+/** A returned value, for a message. */
+function describe(value: unknown): string {
+  if (typeof value === "bigint") return `${value}n`;
+  if (typeof value === "string") return JSON.stringify(value.length > 40 ? value.slice(0, 40) + "…" : value);
+  return typeof value === "function" ? "a function" : String(value);
 }
 
 /** Frees what a destination holds (a JS replacement's callback), for a patch that never went live. */

@@ -9,8 +9,9 @@ import { checkSignature } from "./signature.ts";
 import type { NativeType } from "./signature.ts";
 import { layers, machine, readThrough, refuseOverlap } from "./registry.ts";
 import type { Machine } from "./registry.ts";
-import type { SymbolInfo } from "../platform/mod.ts";
-import { PROT_EXEC } from "../platform/mod.ts";
+import { checkName } from "./introspect.ts";
+import type { Mapping, SymbolInfo } from "../platform/mod.ts";
+import { PROT_EXEC, PROT_READ, PROT_WRITE } from "../platform/mod.ts";
 
 /** A function to redefine, named by its symbol. */
 export interface SymbolTarget<P extends readonly NativeType[], R extends NativeType> {
@@ -24,6 +25,8 @@ export interface SymbolTarget<P extends readonly NativeType[], R extends NativeT
   readonly result: R;
   /** How many bytes from the entry may be overwritten; default: the symbol's size. */
   readonly size?: number;
+  /** See {@linkcode AddressTarget.originalSlot}. */
+  readonly originalSlot?: bigint;
   /**
    * Only the calls these loaded libraries make through their import tables are redefined (file
    * names as the loader lists them, `"libsqlite3.so.0"`, or paths): their import slots for the
@@ -46,6 +49,13 @@ export interface AddressTarget<P extends readonly NativeType[], R extends Native
   readonly parameters: P;
   /** The result type. */
   readonly result: R;
+  /**
+   * A pointer-sized, writable slot that redefine fills with the original's address (the
+   * trampoline) before the entry jump goes live, as MinHook's `ppOriginal`: a native replacement
+   * reads it there to call the original, from its very first call. Once the patch is restored, the
+   * slot holds the function's own address.
+   */
+  readonly originalSlot?: bigint;
 }
 
 /** What to redefine: a symbol or an address, with the function's signature. */
@@ -68,6 +78,8 @@ export interface Site<P extends readonly NativeType[], R extends NativeType> {
   readonly code: Uint8Array;
   /** The target's signature, checked. */
   readonly signature: { readonly parameters: P; readonly result: R };
+  /** Where to store the original's address before the entry jump goes live, or null. */
+  readonly originalSlot: bigint | null;
 }
 
 /** How far into a function the relocator looks for branches back into its first bytes. */
@@ -87,14 +99,17 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   const signature = checkSignature(target, "the target's signature") as { parameters: P; result: R };
   const m = machine();
   const address = addressOf(m, target);
-  checkExecutable(m, address, "the function");
-  if (m.pool.contains(address)) {
+  const mapping = checkExecutable(m, address, "the function");
+  if (m.pool.contains(address) || m.originals.contains(address)) {
     throw new RedefineError(
       "INVALID_ADDRESS",
       `${hex(address)} is inside redefine's own stubs: redefine the original function instead.`,
     );
   }
+  const originalSlot = slotOf(m, target.originalSlot);
+  checkReadable(m, address, 1, mapping);
   const extent = extentOf(m, address, target.size, "symbol" in target && target.symbol !== undefined);
+  checkReadable(m, address, extent, mapping);
   const whole = m.platform.runtime.view(address, Math.min(extent, MAX_SCAN)).slice();
   const pad = m.arch.landingPadLength(whole);
   const at = address + BigInt(pad);
@@ -113,14 +128,15 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   // Before anything is decoded there: the bytes may be the middle of another patch's jump.
   refuseOverlap(at, m.arch.nearJumpSize);
   refuseJumpsIntoEntry(at, m.arch.nearJumpSize);
-  return { address, at, room, code: whole.subarray(pad), signature };
+  return { address, at, room, code: whole.subarray(pad), signature, originalSlot };
 }
 
-/** Refuses an address that is NULL, unmapped or not executable: it is not code. */
-export function checkExecutable(m: Machine, address: bigint, what: string): void {
-  if (address === 0n) {
-    throw new RedefineError("INVALID_ADDRESS", `${what} is the NULL address: check where it came from.`);
-  }
+/**
+ * Refuses an address that is not a 64-bit address, NULL, unmapped or not executable: it is not
+ * code. Returns its mapping.
+ */
+export function checkExecutable(m: Machine, address: bigint, what: string): Mapping {
+  checkAddress(address, what);
   const mapping = m.platform.os.mappingAt(address);
   if (!mapping || !(mapping.protection & PROT_EXEC)) {
     throw new RedefineError(
@@ -129,6 +145,80 @@ export function checkExecutable(m: Machine, address: bigint, what: string): void
         `code: check the address against the process's memory map, or name the function by its symbol.`,
     );
   }
+  return mapping;
+}
+
+/** Refuses what cannot be a 64-bit address: NULL, negative or 2^64 and more. */
+function checkAddress(address: bigint, what: string): void {
+  if (address === 0n) {
+    throw new RedefineError("INVALID_ADDRESS", `${what} is the NULL address: check where it came from.`);
+  }
+  if (address < 0n || address >= 2n ** 64n) {
+    throw new RedefineError(
+      "INVALID_ADDRESS",
+      `${what} ${address < 0n ? "-" + hex(-address) : hex(address)} is not a 64-bit address: check ` +
+        `where it came from (an address is a bigint from 1 to 2^64 - 1).`,
+    );
+  }
+}
+
+/**
+ * Refuses the `length` bytes of the function at `address` (in `mapping`) unless every one of them
+ * is in readable, executable mappings, before anything reads them: a size running into an
+ * inaccessible page, or an execute-only page, would fault.
+ */
+function checkReadable(m: Machine, address: bigint, length: number, mapping: Mapping): void {
+  const end = address + BigInt(length);
+  const code = PROT_READ | PROT_EXEC;
+  for (let from = address, here: Mapping | null = mapping;; from = here.end, here = m.platform.os.mappingAt(from)) {
+    if (here && (here.protection & code) === code) {
+      if (here.end >= end) return;
+      continue;
+    }
+    if (from === address) {
+      throw new RedefineError(
+        "INVALID_ADDRESS",
+        `the function at ${hex(address)} is in an execute-only mapping, and redefine must read the code ` +
+          `it moves: make the page readable first (mprotect with PROT_READ | PROT_EXEC).`,
+      );
+    }
+    throw new RedefineError(
+      "INVALID_ADDRESS",
+      `the ${length} bytes of the function from ${hex(address)} run past its code into ` +
+        `${here ? "a mapping that is not readable code" : "unmapped memory"} at ${hex(from)}: pass a ` +
+        `size that ends within the function (size ${length} is too large).`,
+    );
+  }
+}
+
+/** Checks an `originalSlot`: 8 writable bytes, pointer-aligned. */
+function slotOf(m: Machine, slot: unknown): bigint | null {
+  if (slot === undefined) return null;
+  const what = "'originalSlot'";
+  if (typeof slot !== "bigint") {
+    throw new RedefineError("INVALID_ADDRESS", `${what} must be a bigint address, not ${typeof slot}.`);
+  }
+  checkAddress(slot, what);
+  const mapping = m.platform.os.mappingAt(slot);
+  const data = PROT_READ | PROT_WRITE;
+  if (slot % 8n !== 0n || !mapping || (mapping.protection & data) !== data || slot + 8n > mapping.end) {
+    throw new RedefineError(
+      "INVALID_ADDRESS",
+      `${what} ${hex(slot)} is ${slot % 8n !== 0n ? "not 8-byte aligned" : "not writable memory"}: ` +
+        `give the address of a pointer-sized variable the replacement reads.`,
+    );
+  }
+  return slot;
+}
+
+/**
+ * The address of `symbol` (in `library`, or anywhere), refusing names with a NUL inside: C reads
+ * such a name only up to the NUL, which would name another symbol or library.
+ */
+export function symbolAddress(m: Machine, symbol: string, library: string | undefined): bigint {
+  checkName(symbol, "symbol");
+  if (library !== undefined) checkName(library, "library");
+  return m.platform.os.symbolAddress(symbol, library);
 }
 
 /**
@@ -161,7 +251,7 @@ function addressOf(m: Machine, target: Target<readonly NativeType[], NativeType>
     if (typeof target.symbol !== "string" || target.symbol === "") {
       throw new RedefineError("SYMBOL_NOT_FOUND", "'symbol' must be a non-empty string (a C name).");
     }
-    return m.platform.os.symbolAddress(target.symbol, target.library);
+    return symbolAddress(m, target.symbol, target.library);
   }
   const address = (target as AddressTarget<readonly NativeType[], NativeType>).address;
   if (typeof address !== "bigint") {
@@ -170,6 +260,7 @@ function addressOf(m: Machine, target: Target<readonly NativeType[], NativeType>
       "the target needs a 'symbol' (string) or an 'address' (bigint, e.g. 0x7f00_1234_5678n).",
     );
   }
+  checkAddress(address, "the function");
   return address;
 }
 
@@ -214,7 +305,9 @@ function extentOf(m: Machine, address: bigint, size: number | undefined, bySymbo
   if (bySymbol) {
     // An exported name with no symbol size of its own (glibc's ifunc-selected strlen, say): its
     // entry surely is a function's, and the straight run of code from there surely is its body.
-    const straight = m.arch.straightLineLength(m.platform.runtime.view(address, 64).slice(), address);
+    const mapping = m.platform.os.mappingAt(address)!;
+    const readable = mapping.end - address < 64n ? Number(mapping.end - address) : 64;
+    const straight = m.arch.straightLineLength(m.platform.runtime.view(address, readable).slice(), address);
     if (straight > 0) return straight;
   }
   throw new RedefineError(

@@ -1,7 +1,9 @@
 /**
  * Transactions: the entry writes of many patches and restores collected and applied as one
  * all-or-nothing `writeCode`, with each change's bookkeeping committed after it lands or rolled
- * back when anything fails. Outside a transaction every write goes alone, straight away.
+ * back when anything fails. Outside a transaction every write goes alone, straight away. Writes
+ * that cancel out (a patch made and restored in the same transaction) are not made at all; a
+ * nested transaction that throws rolls back its own part only.
  */
 import { writeCode } from "./code_memory.ts";
 import type { CodeWrite } from "./code_memory.ts";
@@ -30,10 +32,42 @@ export function schedule(write: CodeWrite, commit: () => void, rollback: () => v
 }
 
 /**
+ * What the `length` bytes at `address` will be once the open transaction's writes have landed, or
+ * null when it writes nothing there (or there is no open transaction).
+ */
+export function pendingAt(address: bigint, length: number): Uint8Array | null {
+  const batch = machine().batch;
+  const writes = batch?.writes.filter((w) => w.address === address) ?? [];
+  return writes.length ? outcome(writes, length) : null;
+}
+
+/** The bytes at the writes' common address once they have all landed, in order. */
+function outcome(writes: readonly CodeWrite[], length = 0): Uint8Array {
+  const size = Math.max(length, ...writes.map((w) => w.bytes.length));
+  const bytes = machine().platform.runtime.view(writes[0].address, size).slice();
+  for (const write of writes) bytes.set(write.bytes);
+  return bytes.subarray(0, length || size);
+}
+
+/** The writes minus those of each address whose writes, together, leave its bytes as they are. */
+function net(writes: readonly CodeWrite[]): CodeWrite[] {
+  const byAddress = Map.groupBy(writes, (w) => w.address);
+  const idle = new Set<bigint>();
+  for (const [address, group] of byAddress) {
+    if (group.length < 2) continue;
+    const after = outcome(group);
+    const now = machine().platform.runtime.view(address, after.length);
+    if (after.every((b, i) => b === now[i])) idle.add(address);
+  }
+  return writes.filter((w) => !idle.has(w.address));
+}
+
+/**
  * Applies everything `body` redefines and restores as one transaction: each page is made writable
  * once and gets its protection back once, however many patches it holds, and if anything fails —
  * in `body` or while writing — every page and byte is as it was before and the error is rethrown.
- * Patches made in `body` become active when it returns. Nested transactions join the outer one.
+ * Patches made in `body` become active when it returns. A nested transaction joins the outer one:
+ * written with it, or, when its body throws, rolled back on its own before the error goes on.
  * Other isolates (Workers) wait to patch until it is over.
  *
  * @example
@@ -52,14 +86,14 @@ export function transaction<T>(body: () => T): T {
 
 function transactionLocked<T>(body: () => T): T {
   const m = machine();
-  if (m.batch) return body();
+  if (m.batch) return nested(m.batch, body);
   const batch: Batch = { writes: [], commits: [], rollbacks: [] };
   m.batch = batch;
   let result: T;
   try {
     result = body();
     m.batch = null;
-    writeCode(m.platform, batch.writes);
+    writeCode(m.platform, net(batch.writes));
   } catch (error) {
     m.batch = null;
     for (const rollback of batch.rollbacks.reverse()) rollback();
@@ -67,4 +101,17 @@ function transactionLocked<T>(body: () => T): T {
   }
   for (const commit of batch.commits) commit();
   return result;
+}
+
+/** Runs a nested transaction's body in `batch`; when it throws, undoes what it added there. */
+function nested<T>(batch: Batch, body: () => T): T {
+  const mark = batch.writes.length;
+  try {
+    return body();
+  } catch (error) {
+    batch.writes.splice(mark);
+    batch.commits.splice(mark);
+    for (const rollback of batch.rollbacks.splice(mark).reverse()) rollback();
+    throw error;
+  }
 }

@@ -15,6 +15,13 @@ export function words(...list: number[]): number[] {
   return list.flatMap((word) => [word & 0xff, (word >>> 8) & 0xff, (word >>> 16) & 0xff, word >>> 24]);
 }
 
+/** A 64-bit address as the 8 little-endian bytes of a `.quad` in hand-assembled code. */
+export function quad(address: bigint): number[] {
+  const bytes = new Uint8Array(8);
+  new DataView(bytes.buffer).setBigUint64(0, address, true);
+  return [...bytes];
+}
+
 /** libc as a native caller sees it, bound with the runtime's FFI. */
 export const libc = runtime.open("libc.so.6", {
   getpid: { parameters: [], result: "i32" },

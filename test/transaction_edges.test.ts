@@ -1,0 +1,212 @@
+/**
+ * The order of a patch's writes (issue 12 §3: the original exists before the entry jump is live)
+ * and transactions that undo their own work (§6): each nets out to exactly the bytes it should.
+ */
+import { assert, assertCode, test } from "./harness.ts";
+import { redefine, restoreAll, transaction } from "../mod.ts";
+import { runCase, snapshot } from "./cases.ts";
+import { assemble, isArm64, libc, mapPages, os, runtime, unassemble, words } from "./native.ts";
+
+const fixture = new URL("./fixtures/original_first.ts", import.meta.url);
+
+const labsTarget = { symbol: "labs", parameters: ["i64"], result: "i64" } as const;
+
+test("originalSlot: holds the original before the entry is written; the first call goes through it", () => {
+  assert.deepEqual(runCase(fixture, "slot filled before the entry"), {
+    slotInBody: true,
+    entryUntouchedInBody: true,
+    labs: "6n",
+    slotIsOriginal: true,
+    slotIsFunctionAfterRestore: true,
+    unchanged: true,
+  });
+});
+
+test("originalSlot: a native open hook calling its original while the runtime and redefine call open", () => {
+  assert.deepEqual(runCase(fixture, "open hooked natively, its original through the slot"), {
+    fd: true,
+    readsFiles: true,
+    slotIsOriginal: true,
+    unchanged: true,
+  });
+});
+
+test("a native replacement's trampoline is made before the entry jump goes live", () => {
+  assert.deepEqual(runCase(fixture, "open hooked natively, originalAddress read after"), { fd: true, unchanged: true });
+});
+
+// Prologues the relocators refuse: x86-64 code branching back into the first 5 bytes; on arm64 an
+// instruction it does not know (FEAT_CMPBR's cb<cc>).
+const UNRELOCATABLE = isArm64 ? words(0x7423a005, 0xd65f03c0, 0xd65f03c0, 0xd65f03c0) : [
+  0x31, 0xc0, //             xor eax, eax
+  0x48, 0xff, 0xc0, //       loop: inc rax
+  0x48, 0x39, 0xf8, //       cmp rax, rdi
+  0x75, 0xf8, //             jne loop (back to offset 2, inside the first 5 bytes)
+  0xc3, //                   ret
+  0xcc, 0xcc, 0xcc, 0xcc, 0xcc, // int3 padding
+];
+
+test("originalSlot with an unrelocatable prologue: UNRELOCATABLE before anything is written", () => {
+  const { address, base } = assemble(UNRELOCATABLE);
+  const slot = mapPages(1);
+  try {
+    const before = snapshot([address]);
+    const target = { address, size: UNRELOCATABLE.length, parameters: ["i64"], result: "i64", originalSlot: slot } as const;
+    try {
+      assertCode(() => redefine(target, os.symbolAddress("labs")), "UNRELOCATABLE");
+    } finally {
+      restoreAll();
+    }
+    assert.equal(snapshot([address]), before, "entry bytes and protection unchanged");
+    assert.deepEqual([...runtime.view(slot, 8)], [0, 0, 0, 0, 0, 0, 0, 0], "the slot is not written");
+  } finally {
+    libc.munmap(slot, BigInt(os.pageSize));
+    unassemble(base);
+  }
+});
+
+test("originalSlot that is not writable memory, or not a pointer-aligned bigint: INVALID_ADDRESS, nothing written", () => {
+  const labs = os.symbolAddress("labs");
+  const before = snapshot([labs]);
+  const writable = mapPages(1);
+  const readOnly = assemble([0xc3]).base;
+  try {
+    for (const slot of [0n, readOnly, writable + 3n, 2n ** 64n, -8n, 8 as unknown as bigint]) {
+      const target = { ...labsTarget, originalSlot: slot };
+      try {
+        assertCode(() => redefine(target, os.symbolAddress("labs")), "INVALID_ADDRESS");
+      } finally {
+        restoreAll();
+      }
+      assert.equal(snapshot([labs]), before, `slot ${slot}: nothing written`);
+    }
+    assert.deepEqual([...runtime.view(writable, 8)], [0, 0, 0, 0, 0, 0, 0, 0]);
+  } finally {
+    libc.munmap(writable, BigInt(os.pageSize));
+    unassemble(readOnly);
+  }
+});
+
+test("transaction: a patch made and restored inside one nets out to nothing written", () => {
+  const labs = os.symbolAddress("labs");
+  const before = snapshot([labs]);
+  let patch: { active: boolean } | undefined;
+  try {
+    transaction(() => {
+      const made = redefine(labsTarget, (x) => x);
+      made.restore();
+      patch = made;
+    });
+  } finally {
+    restoreAll();
+  }
+  assert.equal(patch!.active, false);
+  assert.equal(snapshot([labs]), before);
+  assert.equal(libc.labs(-3n), 3n);
+});
+
+test("transaction: restoreAll() inside one that also made a patch nets out to nothing written", () => {
+  const labs = os.symbolAddress("labs");
+  const getppid = os.symbolAddress("getppid");
+  const before = snapshot([labs, getppid]);
+  const outside = redefine({ symbol: "getppid", parameters: [], result: "i32" }, () => 4242);
+  let inside: { active: boolean } | undefined;
+  try {
+    transaction(() => {
+      inside = redefine(labsTarget, () => 1n);
+      restoreAll();
+    });
+  } finally {
+    restoreAll();
+  }
+  assert.equal(outside.active, false, "the patch made before the transaction is restored too");
+  assert.equal(inside!.active, false);
+  assert.equal(snapshot([labs, getppid]), before);
+  assert.equal(libc.labs(-3n), 3n);
+});
+
+test("transaction: made, restored and made again inside one: the last patch is live, the entry written once", () => {
+  const labs = os.symbolAddress("labs");
+  const before = snapshot([labs]);
+  try {
+    const last = transaction(() => {
+      redefine(labsTarget, () => 1n).restore();
+      return redefine(labsTarget, () => 2n);
+    });
+    assert.equal(last.active, true);
+    assert.equal(libc.labs(-3n), 2n);
+    last.restore();
+  } finally {
+    restoreAll();
+  }
+  assert.equal(snapshot([labs]), before);
+});
+
+test("nested transaction that throws, caught by the outer body: the inner rolls back, the outer commits", () => {
+  const labs = os.symbolAddress("labs");
+  const getppid = os.symbolAddress("getppid");
+  const before = snapshot([labs, getppid]);
+  const real = libc.getppid() as number;
+  let inner: { active: boolean } | undefined;
+  try {
+    const outer = transaction(() => {
+      const made = redefine({ symbol: "getppid", parameters: [], result: "i32" }, () => 4242);
+      assert.throws(() =>
+        transaction(() => {
+          inner = redefine(labsTarget, () => 1n);
+          throw new Error("inner fails");
+        }), /inner fails/);
+      return made;
+    });
+    assert.equal(outer.active, true, "the outer transaction's patch is committed");
+    assert.equal(libc.getppid(), 4242);
+    assert.equal(inner!.active, false, "the inner transaction's patch is rolled back");
+    assert.equal(libc.labs(-3n), 3n);
+    outer.restore();
+  } finally {
+    restoreAll();
+  }
+  assert.equal(snapshot([labs, getppid]), before);
+  assert.equal(libc.getppid(), real);
+});
+
+test("nested transaction that throws after restoring an outer patch: that patch stays live", () => {
+  const labs = os.symbolAddress("labs");
+  const before = snapshot([labs]);
+  try {
+    const outer = transaction(() => {
+      const made = redefine(labsTarget, () => 7n);
+      assert.throws(() =>
+        transaction(() => {
+          made.restore();
+          throw new Error("inner fails");
+        }), /inner fails/);
+      return made;
+    });
+    assert.equal(outer.active, true);
+    assert.equal(libc.labs(-3n), 7n);
+    outer.restore();
+  } finally {
+    restoreAll();
+  }
+  assert.equal(snapshot([labs]), before);
+});
+
+test("nested transaction that succeeds joins the outer one: both commit together", () => {
+  const labs = os.symbolAddress("labs");
+  const getppid = os.symbolAddress("getppid");
+  const before = snapshot([labs, getppid]);
+  try {
+    const [a, b] = transaction(() => {
+      const a = redefine({ symbol: "getppid", parameters: [], result: "i32" }, () => 4242);
+      const b = transaction(() => redefine(labsTarget, () => 1n));
+      assert.equal(snapshot([labs, getppid]), before, "nothing written before the outer commit");
+      return [a, b];
+    });
+    assert.ok(a.active && b.active);
+    assert.equal(libc.labs(-3n), 1n);
+  } finally {
+    restoreAll();
+  }
+  assert.equal(snapshot([labs, getppid]), before);
+});
