@@ -63,9 +63,12 @@ const RECORD = {
   seq: 0, address: 8, at: 16, destination: 24, owner: 32, retired: 40, writtenLength: 41,
   originalLength: 42, written: 48, original: 64, size: 80,
 };
+/** Bytes kept of a patch's written and original bytes: entry jumps and import slots are shorter. */
+const BYTES = 16;
 const CAPACITY = Math.floor((SIZE - HEADER.size) / RECORD.size);
 const PROT_READ_WRITE = 3;
-const MAP_SHARED_ANONYMOUS = 0x01 | 0x20;
+/** Private: threads share it anyway, and a forked child must not. */
+const MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20;
 
 /** The C library functions the shared store needs, or null where one is missing. */
 function libc(platform: Platform): Record<string, NativeCall> | null {
@@ -176,6 +179,9 @@ export function openStore(
       return found.sort((a, b) => (a.seq < b.seq ? -1 : 1));
     },
     add(patch) {
+      if (patch.written.length > BYTES || patch.original.length > BYTES) {
+        throw new RangeError(`internal: the registry keeps ${BYTES} bytes of a patch, not ${patch.written.length}`);
+      }
       const used = view.getUint32(HEADER.used, true);
       let slot = 0;
       while (slot < used && u64(recordAt(slot) + RECORD.seq) !== 0n) slot++;
@@ -220,7 +226,7 @@ function shared(c: Record<string, NativeCall>, runtime: Runtime): bigint {
   };
   const found = published();
   if (found !== null) return found;
-  const mine = BigInt(c.mmap(0n, BigInt(SIZE), PROT_READ_WRITE, MAP_SHARED_ANONYMOUS, -1, 0n));
+  const mine = BigInt(c.mmap(0n, BigInt(SIZE), PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0n));
   if (mine === 2n ** 64n - 1n) throw new RedefineError("ALLOCATION_FAILED", "mmap of the process-wide registry failed.");
   c.setenv(name, cString(`0x${mine.toString(16)}`), 0);
   const winner = published()!;
