@@ -7,7 +7,7 @@
  * and the arm64 cache flush.
  */
 import { hex, RedefineError } from "../src/errors.ts";
-import type { LoadedModule, Mapping, ModuleExport, Os, Runtime, SymbolInfo } from "./types.ts";
+import type { AddressRange, LoadedModule, Mapping, ModuleExport, Os, Runtime, SymbolInfo } from "./types.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 import { aarch64CacheFlush } from "./aarch64_flush.ts";
 import { nearCandidates, protectionText } from "./address_space.ts";
@@ -39,6 +39,13 @@ const O_CLOEXEC = 0x80000;
 const PROCMAP_QUERY = 0xc0686611n;
 const PROCMAP_QUERY_SIZE = 104;
 const ENOENT = 2;
+/** `getauxval` keys: where the kernel put the main program's program headers, and how many. */
+const AT_PHDR = 3n;
+const AT_PHNUM = 5n;
+/** The segment types and the flag the program's text is found by. */
+const PT_LOAD = 1;
+const PT_PHDR = 6;
+const PF_X = 1;
 /** Linux's number for ENOSYS (macOS: 78); the others posix.ts knows. */
 const ERRNO_NAMES: Record<number, string> = { 38: "ENOSYS" };
 
@@ -285,6 +292,9 @@ export function linux(runtime: Runtime): Os {
     }
   }
 
+  // The main program's text, read once: it does not move.
+  let programText: AddressRange | null | undefined;
+
   const os: Os = {
     pageSize,
 
@@ -390,6 +400,11 @@ export function linux(runtime: Runtime): Os {
       return `/proc/self/fd/${fd}`;
     },
 
+    programText() {
+      programText ??= mainProgramText(checkedReader(), c.getauxval(AT_PHDR) as bigint, Number(c.getauxval(AT_PHNUM)));
+      return programText;
+    },
+
     flushCode(address, length) {
       flush?.(address, length);
     },
@@ -416,3 +431,21 @@ export function linux(runtime: Runtime): Os {
   return os;
 }
 
+
+/**
+ * The main program's executable segments, from the program headers the kernel mapped at `phdr`
+ * (`AT_PHDR`): the load bias is where `PT_PHDR` landed minus where it asked to be. Null without
+ * `PT_PHDR` or an executable `PT_LOAD`.
+ */
+function mainProgramText(read: Reader, phdr: bigint, count: number): AddressRange | null {
+  if (phdr === 0n || count === 0) return null;
+  const segments = programHeaders(read, phdr, count);
+  const self = segments.find((s) => s.type === PT_PHDR);
+  const text = segments.filter((s) => s.type === PT_LOAD && (s.flags & PF_X) !== 0);
+  if (!self || text.length === 0) return null;
+  const bias = phdr - self.vaddr;
+  return {
+    start: bias + text.reduce((low, s) => (s.vaddr < low ? s.vaddr : low), text[0].vaddr),
+    end: bias + text.reduce((high, s) => (s.vaddr + s.memsz > high ? s.vaddr + s.memsz : high), 0n),
+  };
+}

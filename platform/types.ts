@@ -148,6 +148,12 @@ export interface ModuleImport {
   readonly from?: string;
 }
 
+/** A range of addresses, `[start, end)`. */
+export interface AddressRange {
+  readonly start: bigint;
+  readonly end: bigint;
+}
+
 /** What each OS layer (platform/linux.ts, ...) provides. */
 export interface Os {
   readonly pageSize: number;
@@ -178,6 +184,12 @@ export interface Os {
    * platform/image/elf.ts). It stays valid, and its bytes as given, for the life of the process.
    */
   loadableImage(image: Uint8Array): string;
+  /**
+   * The code of the process's main program (the runtime's executable), from its first executable
+   * segment's start to its last one's end; null where the layer cannot tell. Guards send its own
+   * calls to the original (src/arch/x86_64/guard.ts). Absent from layers that do not know it yet.
+   */
+  programText?(): AddressRange | null;
   /** Makes freshly written code visible to instruction fetch (a no-op on x86-64). */
   flushCode(address: bigint, length: number): void;
   /** Every loaded module, in the loader's order: the main executable first. */

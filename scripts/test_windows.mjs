@@ -6,7 +6,8 @@
 // "N passed, N failed, N skipped".
 //
 // Only the test files that hold on Windows run (see WINDOWS_TESTS); the rest bind libc.so.6 or
-// call Linux tools. Arguments pick runtimes by name ("deno", "bun"); none runs both.
+// call Linux tools. Arguments pick runtimes by name ("deno", "bun"); none runs both. With
+// `--bench`, the Windows benchmarks (WINDOWS_BENCHES) run instead, each run counted as one step.
 import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { bunCounts, denoCounts } from "./counts.mjs";
@@ -16,7 +17,8 @@ import { aptInstall, report, runSteps, sh, totals } from "./steps.mjs";
 const root = new URL("..", import.meta.url).pathname.replace(/\/$/, "");
 const cache = join(root, ".cache", "windows");
 const chroot = join(cache, "trixie");
-const only = process.argv.slice(2);
+const benchmarks = process.argv.includes("--bench");
+const only = process.argv.slice(2).filter((a) => a !== "--bench");
 
 /** The test files that run on Windows: pure ones, the fake-FFI ones, and the Windows end-to-end one. */
 const WINDOWS_TESTS = [
@@ -27,7 +29,13 @@ const WINDOWS_TESTS = [
   "test/introspect_windows.test.ts",
   "test/introspect_darwin.test.ts",
   "test/introspect_windows_e2e.test.ts",
+  "test/windows_callers_e2e.test.ts",
+  "test/windows_stress_e2e.test.ts",
+  // Last: a process-wide fake clock holds Deno's Date.now() in the past for up to a minute after it.
+  "test/windows_mock_e2e.test.ts",
 ];
+/** The benchmarks that measure Windows itself (`--bench`); they print ratios, under Wine here. */
+const WINDOWS_BENCHES = ["bench/windows_write.bench.ts"];
 const MIRROR = "http://deb.debian.org/debian";
 /** Per run: Wine starts slowly the first time (it makes its prefix), but a hang must not eat CI. */
 const TIMEOUT_MS = 10 * 60 * 1000;
@@ -149,16 +157,25 @@ try {
   const binaries = setUp();
   const version = sh("chroot", [chroot, "wine", "--version"]).stdout.trim();
   console.log(`${version} (Debian 13 chroot); Windows Deno ${versionOf("deno")}, Bun ${versionOf("bun")}`);
-  const steps = [
-    ["deno", () => denoCounts(wine("deno", binaries.deno, ["test", "-A", "--no-check", ...WINDOWS_TESTS]))],
-    ["bun", () => bunCounts(wine("bun", binaries.bun, ["test", ...WINDOWS_TESTS.map((f) => `./${f}`)]))],
-  ];
-  runSteps(steps, { only, label: "windows", into: done });
+  const ran = (name, binary, args) => WINDOWS_BENCHES.reduce(([passed, failed], file) => {
+    const { ok } = wine(name, binary, [...args, file]);
+    return ok ? [passed + 1, failed] : [passed, failed + 1];
+  }, [0, 0]);
+  const steps = benchmarks
+    ? [
+      ["deno", () => ran("deno", binaries.deno, ["run", "-A", "--no-check"])],
+      ["bun", () => ran("bun", binaries.bun, ["run"])],
+    ]
+    : [
+      ["deno", () => denoCounts(wine("deno", binaries.deno, ["test", "-A", "--no-check", ...WINDOWS_TESTS]))],
+      ["bun", () => bunCounts(wine("bun", binaries.bun, ["test", ...WINDOWS_TESTS.map((f) => `./${f}`)]))],
+    ];
+  runSteps(steps, { only, label: benchmarks ? "windows bench" : "windows", into: done });
 } catch (error) {
   console.log(`\nwindows set-up failed: ${error.message}`);
   done.failed += 1;
 } finally {
   unmountAll();
 }
-writeFileSync(join(cache, "summary.txt"), done.lines.join("\n") + "\n");
+writeFileSync(join(cache, benchmarks ? "bench-summary.txt" : "summary.txt"), done.lines.join("\n") + "\n");
 process.exit(report(done));

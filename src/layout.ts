@@ -9,9 +9,9 @@
  * (a native replacement may call it from its first call on); nothing is written at the entry here.
  */
 import { hex, RedefineError } from "./errors.ts";
-import type { RelocationPlan } from "./arch/types.ts";
+import type { RelocationPlan, RuntimeCode } from "./arch/types.ts";
 import type { CodeSlot } from "./code_memory.ts";
-import type { NativeType } from "./signature.ts";
+import type { NativeType, Signature } from "./signature.ts";
 import { isolateIdentity, machine, refuseOverlap } from "./registry.ts";
 import type { Entry, Machine } from "./registry.ts";
 import { refuseJumpsIntoEntry } from "./target.ts";
@@ -137,8 +137,8 @@ function trampolineAlone(m: Machine, site: AnySite): { address: bigint; slot: Co
 
 /**
  * A JS replacement: the entry jump leads to the guard, which sends the JS thread's calls to the
- * callback and every other call (other threads, re-entrant calls) to the original — so a JS
- * replacement needs a trampoline.
+ * callback and every other call (other threads, re-entrant calls, the runtime's own calls) to the
+ * original — so a JS replacement needs a trampoline.
  */
 function guardedStub(
   m: Machine,
@@ -178,6 +178,7 @@ function guardCode(
     identity: isolateIdentity(),
     callback,
     original,
+    runtimeCode: runtimeCodeOf(m, guard.returnAddressReader(), front),
     os,
     signature,
     shared: shape.shared ? sharedCode(m, shape.shared, front) : undefined,
@@ -454,4 +455,45 @@ function sharedCode(m: Machine, code: Uint8Array, near: bigint): bigint {
   m.pool.write(slot, code);
   m.shared.set(key, [...copies, slot.address]);
   return slot.address;
+}
+
+/**
+ * Signatures the FFI path is probed with: libffi picks its call instruction by the kinds of the
+ * arguments (Node 26's has one per count of integer arguments up to six, and a general one).
+ */
+const FFI_PROBES: readonly Signature[] = [
+  { parameters: [], result: "u64" },
+  { parameters: ["i64", "i64", "i64", "i64", "i64", "i64"], result: "u64" },
+  { parameters: ["i64", "i64", "i64", "i64", "i64", "i64", "i64", "f64"], result: "u64" },
+];
+
+/**
+ * How far either side of the call instructions seen, the FFI's others can lie: libffi's sit
+ * together in its hand-written call routines (Node 26's span 0x134 bytes), and the VM's own calls
+ * are megabytes away.
+ */
+const FFI_SPREAD = 4096n;
+
+/**
+ * The runtime's own code, for the guard: its executable's text, and the part of it whose calls
+ * are the FFI's, found by calling the guard's own read of the return address through the FFI
+ * (Deno's and Node's libffi sits inside their executables; Bun's FFI calls come from JIT code
+ * outside, so none of its text is the FFI's). Where the OS layer cannot tell the text, no call is
+ * the runtime's own. Learnt once.
+ */
+function runtimeCodeOf(m: Machine, reader: Uint8Array, near: bigint): RuntimeCode {
+  if (m.runtimeCode) return m.runtimeCode;
+  const text = m.platform.os.programText?.() ?? null;
+  if (!text) return (m.runtimeCode = { start: 0n, end: 0n, ffiStart: 0n, ffiEnd: 0n });
+  const at = sharedCode(m, reader, near);
+  const sites = FFI_PROBES.map((signature) => {
+    const zeros = signature.parameters.map((type) => (type === "f64" ? 0 : 0n));
+    return BigInt(m.platform.runtime.fnPointer(at, signature)(...zeros));
+  }).filter((site) => site >= text.start && site < text.end);
+  const low = sites.reduce((a, b) => (b < a ? b : a), text.end);
+  const high = sites.reduce((a, b) => (b > a ? b : a), text.start);
+  m.runtimeCode = sites.length === 0
+    ? { start: text.start, end: text.end, ffiStart: 0n, ffiEnd: 0n }
+    : { start: text.start, end: text.end, ffiStart: low - FFI_SPREAD, ffiEnd: high + FFI_SPREAD };
+  return m.runtimeCode;
 }

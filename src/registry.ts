@@ -11,7 +11,7 @@ import { hex, RedefineError } from "./errors.ts";
 import { CodePool, writeCode } from "./code_memory.ts";
 import type { CodeWrite } from "./code_memory.ts";
 import { archFor } from "./arch/mod.ts";
-import type { Arch } from "./arch/types.ts";
+import type { Arch, RuntimeCode } from "./arch/types.ts";
 import { OriginalStubs } from "./original.ts";
 import { openStore } from "./shared_registry.ts";
 import type { Store } from "./shared_registry.ts";
@@ -32,6 +32,8 @@ export interface Machine {
   readonly pool: CodePool;
   readonly arch: Arch;
   readonly originals: OriginalStubs;
+  /** The runtime's own code and its FFI's part, as the guard stub tells them; found on first use. */
+  runtimeCode?: RuntimeCode;
   /** Code shared by many patches, by its bytes: where each copy was placed. */
   readonly shared: Map<string, bigint[]>;
   /**

@@ -1,24 +1,15 @@
 /**
  * Introspection on Windows x64, for real (run under Wine by `npm run test:windows`; registers
  * nothing on other systems): the modules K32EnumProcessModules lists, kernel32's export directory
- * against GetProcAddress, the executable's import address table against what the loader bound.
+ * against GetProcAddress (forwarders where the loader leads), the executable's import address table
+ * against what the loader bound, symbolAt and find over them.
  */
 import { assert, test } from "./harness.ts";
-import { exports, find, imports, modules } from "../mod.ts";
-import { platform } from "../platform/mod.ts";
-
-const onWindows = (globalThis as { Deno?: { build: { os: string } } }).Deno?.build.os === "windows" ||
-  (globalThis as { process?: { platform: string } }).process?.platform === "win32";
+import { exports, find, imports, modules, symbolAt } from "../mod.ts";
+import { onWindows, win32 } from "./windows_native.ts";
 
 if (onWindows) {
-  const { runtime } = platform();
-  const kernel32 = runtime.open("kernel32.dll", {
-    GetModuleHandleW: { parameters: ["buffer"], result: "usize" },
-    GetProcAddress: { parameters: ["usize", "buffer"], result: "usize" },
-  });
-  const wide = (text: string) => new Uint8Array(Uint16Array.from([...text, "\0"].map((c) => c.charCodeAt(0))).buffer);
-  const procAddress = (library: string, name: string) =>
-    kernel32.GetProcAddress(kernel32.GetModuleHandleW(wide(library)), new TextEncoder().encode(name + "\0")) as bigint;
+  const { procAddress } = win32();
 
   test("windows modules(): the executable first, kernel32 by any case, each image inside its SizeOfImage", () => {
     const all = modules();
@@ -45,5 +36,36 @@ if (onWindows) {
       assert.equal(i.kind, "iat");
       assert.equal(i.target, procAddress("kernel32.dll", i.name), i.name);
     }
+  });
+
+  const home = (address: bigint) =>
+    modules().find((m) => address >= m.base && address < m.base + BigInt(m.size))?.name.toLowerCase();
+
+  test("windows exports(): a forwarder (kernel32's HeapAlloc) is where the loader leads, in ntdll; symbolAt names it there", () => {
+    const heapAlloc = exports("kernel32.dll").find((e) => e.name === "HeapAlloc");
+    assert.ok(heapAlloc);
+    assert.equal(heapAlloc.address, procAddress("kernel32.dll", "HeapAlloc"));
+    assert.equal(home(heapAlloc.address), "ntdll.dll", "forwarded to NTDLL.RtlAllocateHeap");
+    const there = symbolAt(heapAlloc.address);
+    assert.equal(there?.library.toLowerCase(), "ntdll.dll");
+    assert.equal(there?.address, procAddress("ntdll.dll", there!.name));
+    assert.equal(there?.offset, 0);
+  });
+
+  test("windows symbolAt(): the export holding an address inside a function, with the offset", () => {
+    const address = procAddress("kernelbase.dll", "GetSystemTimeAsFileTime");
+    const entry = exports("kernelbase.dll").find((e) => e.name === "GetSystemTimeAsFileTime")!;
+    assert.ok(entry.size > 2, "kernelbase's function has its .pdata extent");
+    assert.deepEqual(symbolAt(address + 2n), {
+      library: "kernelbase.dll", path: symbolAt(address)!.path, name: "GetSystemTimeAsFileTime", address, offset: 2,
+    });
+    assert.equal(symbolAt(0x10n), null, "nothing is loaded there");
+  });
+
+  test("windows find(): every module exporting a name, in load order, each where its GetProcAddress says", () => {
+    const found = find("GetSystemTimeAsFileTime");
+    const names = found.map((d) => d.library.toLowerCase());
+    assert.deepEqual(names.filter((n) => n === "kernel32.dll" || n === "kernelbase.dll"), ["kernel32.dll", "kernelbase.dll"]);
+    for (const d of found) assert.equal(d.address, procAddress(d.library, d.name), d.library);
   });
 }

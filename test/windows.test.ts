@@ -6,6 +6,8 @@ import { assert, assertCode, test } from "./harness.ts";
 import { pageProtection, protectionBits, wideString, windows } from "../platform/windows.ts";
 import { osFor } from "../platform/mod.ts";
 import { buildStubImage } from "../platform/image/elf.ts";
+import { importingDll } from "./import_dll.ts";
+import { peExports, peImports } from "../platform/image/pe_loaded.ts";
 import { x86_64 } from "../src/arch/x86_64/mod.ts";
 import { writeCode } from "../src/code_memory.ts";
 import { fakeRuntime, fields, windowsSystemInfo } from "./fake_ffi.ts";
@@ -325,6 +327,10 @@ test("windows: writing code: VirtualProtect(PAGE_EXECUTE_READWRITE), store, the 
   assert.deepEqual(close.slice(0, 3), [address, 4096n, PAGE_EXECUTE_READ | PAGE_NOCACHE]);
   assert.deepEqual(win.runtime.callsTo("FlushInstructionCache"), [[-1n, address, 5n]]);
   assert.equal(text.protect, PAGE_EXECUTE_READ | PAGE_NOCACHE);
+  win.runtime.clear();
+  assert.equal(os.forceWrite(address, Uint8Array.of(0xcc)), false, "no forced write (WriteProcessMemory opens the page itself, and is slower)");
+  assert.deepEqual(win.runtime.names(), [], "no foreign call");
+  assert.equal(win.runtime.memory.view(address, 1)[0], 0xe9, "nothing written");
 });
 
 test("windows: a refused VirtualProtect is PROTECT_FAILED with the error; nothing is written", () => {
@@ -365,6 +371,21 @@ test("windows: a code block is a section mapped twice: read+execute near the tar
   win.runtime.view(block.writable, 1).set([0xc3]);
   assert.equal(win.runtime.view(block.address, 1)[0], 0xc3, "the same pages");
   assert.deepEqual(win.runtime.names(["CloseHandle"]), ["CloseHandle"], "the section handle is closed: the views keep it");
+});
+
+test("windows: a code block of less than a page is a whole page, so the data page's protection stays off the code", () => {
+  const win = fakeWindows();
+  const os = windows(win.runtime);
+  win.runtime.clear();
+  const block = os.allocateCode(KERNEL32 + 0x1000n, 2n ** 31n, 16)!;
+  assert.ok(block);
+  assert.equal(block.size, 4096);
+  assert.equal(block.data, block.address + 4096n);
+  assert.deepEqual(win.runtime.callsTo("VirtualProtect").map((a) => a.slice(0, 3)), [
+    [block.address, 4096n, PAGE_EXECUTE_READ],
+    [block.address + 4096n, 4096n, PAGE_READWRITE],
+  ]);
+  assert.equal(os.mappingAt(block.address)!.protection, R | X);
 });
 
 test("windows: the stub library is a PE DLL in the temp directory, its stubs and slots as far apart as in the ELF image", () => {
@@ -413,4 +434,36 @@ test("windows: the stub library is a PE DLL in the temp directory, its stubs and
     assert.equal(rva + 6 + new DataView(code.slice().buffer).getInt32(2, true), 0x1000 + image.slotOffset(index));
   }
   assert.deepEqual(names, [...names].sort(), "names sorted, as the loader's binary search wants");
+});
+
+test("windows: a DLL importing given functions: descriptors per DLL, a slot each, and call_ exports jumping through them", () => {
+  const file = importingDll("imports.dll", [
+    { library: "kernel32.dll", name: "GetTickCount" },
+    { library: "ntdll.dll", name: "NtClose" },
+    { library: "kernel32.dll", name: "Sleep" },
+  ]);
+  // Mapped as the loader maps it, before binding: the headers, then each section at its RVA.
+  const v = fields(file);
+  const pe = v.getUint32(0x3c, true), sections = v.getUint16(pe + 6, true), table = pe + 24 + v.getUint16(pe + 20, true);
+  const image = new Uint8Array(v.getUint32(pe + 24 + 56, true));
+  image.set(file.subarray(0, v.getUint32(pe + 24 + 60, true)));
+  for (let i = 0; i < sections; i++) {
+    const h = table + 40 * i, raw = v.getUint32(h + 20, true);
+    image.set(file.subarray(raw, raw + v.getUint32(h + 16, true)).subarray(0, v.getUint32(h + 8, true)), v.getUint32(h + 12, true));
+  }
+  const read = (address: bigint, length: number) => image.slice(Number(address), Number(address) + length);
+  const imported = peImports(read, 0n);
+  assert.deepEqual(imported.map((i) => [i.name, i.from]), [
+    ["GetTickCount", "kernel32.dll"], ["Sleep", "kernel32.dll"], ["NtClose", "ntdll.dll"],
+  ]);
+  assert.ok(imported.every((i) => i.slot % 8n === 0n), "8-byte aligned slots");
+  const exported = peExports(read, 0n);
+  assert.deepEqual(exported.map((e) => e.name), ["call_GetTickCount", "call_NtClose", "call_Sleep"]);
+  for (const e of exported) {
+    assert.ok(e.executable, `${e.name} is code`);
+    const code = read(e.address, 6);
+    assert.deepEqual([...code.subarray(0, 2)], [0xff, 0x25], "jmp qword [rip+disp32]");
+    const slot = e.address + 6n + BigInt(fields(code).getInt32(2, true));
+    assert.equal(slot, imported.find((i) => `call_${i.name}` === e.name)!.slot, `${e.name} jumps through its own slot`);
+  }
 });

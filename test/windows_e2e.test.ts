@@ -8,9 +8,7 @@ import { redefine } from "../mod.ts";
 import { platform } from "../platform/mod.ts";
 import { PROT_EXEC, PROT_WRITE } from "../platform/mod.ts";
 import type { NativeCall } from "../platform/mod.ts";
-
-const onWindows = (globalThis as { Deno?: { build: { os: string } } }).Deno?.build.os === "windows" ||
-  (globalThis as { process?: { platform: string } }).process?.platform === "win32";
+import { onWindows, wide } from "./windows_native.ts";
 
 if (onWindows) {
   const { runtime, os } = platform();
@@ -26,7 +24,6 @@ if (onWindows) {
     GetProcAddress: { parameters: ["usize", "buffer"], result: "usize" },
     UnmapViewOfFile: { parameters: ["usize"], result: "i32" },
   });
-  const wide = (text: string) => new Uint8Array(Uint16Array.from([...text, "\0"].map((c) => c.charCodeAt(0))).buffer);
   /** kernel32's own export, as GetProcAddress gives it (no thunk followed). */
   const rawExport = (name: string) =>
     kernel32.GetProcAddress(kernel32.GetModuleHandleW(wide("kernel32.dll")), new TextEncoder().encode(name + "\0")) as bigint;

@@ -21,6 +21,20 @@ export interface RelocationPlan<Instruction = unknown> {
   readonly instructions: readonly Instruction[];
 }
 
+/**
+ * The runtime's own code: the VM calls functions from there at moments when JS may not run (V8
+ * calls `getpid` during garbage collection), so a guard sends calls returning into `[start, end)`
+ * to the original — all but those returning into `[ffiStart, ffiEnd)`, where the runtime's FFI
+ * (libffi, inside Deno's and Node's executables) calls native code for the program. All zeros:
+ * no such range, every call passes.
+ */
+export interface RuntimeCode {
+  readonly start: bigint;
+  readonly end: bigint;
+  readonly ffiStart: bigint;
+  readonly ffiEnd: bigint;
+}
+
 /** Where a guard stub lives and where it sends calls (see src/arch/x86_64/guard.ts). */
 export interface GuardOptions {
   /** Where the guard's code is placed. */
@@ -37,6 +51,8 @@ export interface GuardOptions {
   readonly callback: bigint;
   /** The original function, relocated (the trampoline). */
   readonly original: bigint;
+  /** Whose calls go to the original, wherever they come from. */
+  readonly runtimeCode: RuntimeCode;
   /** The operating system: where the thread pointer lives differs, and the calling convention. */
   readonly os: string;
   /** The replacement's signature: without stack-passed arguments the guard can simply call it. */
@@ -133,6 +149,11 @@ export interface Arch {
     layout(os: string, signature: Signature): GuardLayout;
     /** A function returning the current thread's identity, as the guard compares it. */
     threadPointerReader(os: string): Uint8Array;
+    /**
+     * A function returning its own return address, as the guard reads it: called through the
+     * runtime's FFI, it tells where `RuntimeCode`'s FFI range is.
+     */
+    returnAddressReader(): Uint8Array;
     /** The patch's guard code at `options.at`, and the first contents of its data at `options.data`. */
     encode(options: GuardOptions): { code: Uint8Array; data: Uint8Array };
   };

@@ -2,7 +2,9 @@
  * The guard stub that stands in front of a JS replacement (AArch64), with the contract of
  * src/arch/x86_64/guard.ts: calls from other threads (or from any, once the isolate's identity word
  * is 0), calls from the JS thread while the replacement is already running, and every call once
- * the patch is retired go to the original. It calls the replacement with `blr` (so its
+ * the patch is retired go to the original, and so do the runtime's own calls (a
+ * return address in the runtime's executable outside its FFI's part, `RuntimeCode`). It calls the
+ * replacement with `blr` (so its
  * return stays predicted) after keeping the caller's return address (x30) in a per-patch slot, and
  * clears its busy flag when the replacement returns. A call pushes nothing on AArch64, so stack
  * arguments stay where the callee expects them, whatever the signature.
@@ -12,13 +14,13 @@
  * in x0–x7, v0–v7 and x8 (the indirect result), and the results in x0–x1 and v0–v3, pass untouched;
  * the condition flags too (`eor` + `cbnz`, not `cmp`).
  */
-import type { GuardOptions } from "../types.ts";
+import type { GuardOptions, RuntimeCode } from "../types.ts";
 import { RedefineError } from "../../errors.ts";
 import { align, assembleListing, type Line } from "../listing.ts";
-import { adrp, assemble, blr, br, cbz, ldrLiteral, NOP } from "./writer.ts";
+import { adrp, assemble, blr, br, cbz, ldrLiteral, NOP, tbz } from "./writer.ts";
 
-/** Bytes of code (with its three literals). */
-export const GUARD_SIZE = 120;
+/** Bytes of code (with its seven literals). */
+export const GUARD_SIZE = 200;
 /** Bytes of read+write data: the saved return address, then the busy flag. */
 export const GUARD_DATA_SIZE = 16;
 
@@ -54,6 +56,14 @@ export function threadPointerReader(os: string): Uint8Array {
   ]);
 }
 
+/** A function returning its own return address, read where the guard reads it: x30 at entry. */
+export function returnAddressReader(): Uint8Array {
+  return assemble([
+    0xaa1e03e0, // mov x0, x30
+    0xd65f03c0, // ret
+  ]);
+}
+
 /** `add xd, xn, #imm12`. */
 function addImmediate(rd: number, rn: number, imm12: number): number {
   return (0x91000000 | (imm12 << 10) | (rn << 5) | rd) >>> 0;
@@ -78,7 +88,24 @@ export function guardStub(options: GuardOptions): Uint8Array {
   const toOriginal = (sf: boolean): Line => (p) => [
     reach(cbz({ nonzero: true, sf, rt: X16 }, pc(p.start), pc(p.label("to_original")))),
   ];
+  // Bit 63 of a difference of two user-space addresses (below 2^63) is its sign: no flags needed.
+  const sign = (nonzero: boolean, label: string): Line => (p) => [
+    reach(tbz({ nonzero, bit: 63, rt: X16 }, pc(p.start), pc(p.label(label)))),
+  ];
   const { bytes } = assembleListing([
+    load(X16, "text_start"), //        ldr x16, text_start
+    [0xcb1003d0], //                   sub x16, x30, x16: the return address against it
+    sign(true, "elsewhere"), //        tbnz x16, #63, elsewhere: below the runtime's code
+    load(X16, "text_end"), //          ldr x16, text_end
+    [0xcb1003d0], //                   sub x16, x30, x16
+    sign(false, "elsewhere"), //       tbz x16, #63, elsewhere: at or above its end
+    load(X16, "ffi_start"), //         ldr x16, ffi_start
+    [0xcb1003d0], //                   sub x16, x30, x16
+    sign(true, "to_original"), //      tbnz x16, #63, to_original: the runtime's own call
+    load(X16, "ffi_end"), //           ldr x16, ffi_end
+    [0xcb1003d0], //                   sub x16, x30, x16
+    sign(false, "to_original"), //     tbz x16, #63, to_original: so is this; inside, its FFI's
+    "elsewhere",
     threadPointer(options.os, X16), // mrs x16, tpidr_el0; and x16, x16, #~7
     load(X17, "identity"), //          ldr x17, identity: the word's address
     [0xf9400231], //                   ldr x17, [x17]: the JS thread, 0 once the isolate ended
@@ -108,6 +135,7 @@ export function guardStub(options: GuardOptions): Uint8Array {
     quad(options.callback),
     "original",
     quad(options.original),
+    ...runtimeCodeLiterals(options.runtimeCode),
   ], 4);
   if (bytes.length !== GUARD_SIZE) throw new RangeError(`the guard takes ${bytes.length} bytes, not ${GUARD_SIZE}`);
   return bytes;
@@ -117,4 +145,12 @@ export function guardStub(options: GuardOptions): Uint8Array {
 function quad(value: bigint): number[] {
   const bits = BigInt.asUintN(64, value);
   return [Number(bits % 2n ** 32n), Number(bits / 2n ** 32n)];
+}
+
+/** The literals the guard compares the return address with. */
+function runtimeCodeLiterals(code: RuntimeCode): Line[] {
+  return [code.start, code.end, code.ffiStart, code.ffiEnd].flatMap((value, i) => [
+    ["text_start", "text_end", "ffi_start", "ffi_end"][i],
+    quad(value),
+  ]);
 }

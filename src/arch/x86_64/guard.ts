@@ -15,23 +15,30 @@
  *   so a per-patch guard keeps the caller's return address in a data slot and puts its own return
  *   point in its place.
  *
+ * Before anything else both send the runtime's own calls to the original: a call returning into the
+ * runtime's executable (`RuntimeCode`), unless into the part of it that makes the FFI's calls.
+ * V8 calls `getpid` from there during garbage collection, where entering JS aborts the process;
+ * the program's FFI calls come from that part (libffi) or from JIT code outside the executable.
+ *
  * Both touch only r11 (scratch, never an argument) and the flags; every argument register, `al`
  * (the vector count of varargs calls) and the stack arguments reach the replacement or the
  * original untouched, and the replacement's results (rax, rdx, xmm0, xmm1) reach the caller.
  */
-import type { GuardLayout, GuardOptions } from "../types.ts";
+import type { GuardLayout, GuardOptions, RuntimeCode } from "../types.ts";
 import { RedefineError } from "../../errors.ts";
 import { align, assembleListing, type Line, type Place } from "../listing.ts";
 import { i32le, INT3, jmpRel32, u64le } from "./writer.ts";
 
-/** The swapping guard: bytes of code (with its three literals). */
-const SWAP_SIZE = 120;
+/** The swapping guard: bytes of code (with its seven literals). */
+const SWAP_SIZE = 208;
 /** The swapping guard's data: the saved return address, then the busy flag. */
 const SWAP_DATA_SIZE = 16;
 /** A calling guard's thunk: `lea r11, [rip+record]; jmp shared`. */
 const THUNK_SIZE = 12;
-/** A calling guard's record: JS thread, callback, original, busy flag. */
-const RECORD = { identity: 0, callback: 8, original: 16, busy: 24, size: 32 };
+/** A calling guard's record: the identity word's address, callback, original, busy flag, the runtime's code. */
+const RECORD = {
+  identity: 0, callback: 8, original: 16, busy: 24, textStart: 32, textEnd: 40, ffiStart: 48, ffiEnd: 56, size: 64,
+};
 
 /**
  * The thread pointer's home: glibc keeps the thread's own address at `fs:[0x10]` (what
@@ -60,6 +67,14 @@ export function threadPointerReader(os: string): Uint8Array {
   return Uint8Array.of(
     segment, 0x48, 0x8b, 0x04, sib, ...disp, // mov rax, qword seg:[disp32]
     0xc3, //                                    ret
+  );
+}
+
+/** A function returning its own return address, read where the guard reads it: `[rsp]` at entry. */
+export function returnAddressReader(): Uint8Array {
+  return Uint8Array.of(
+    0x48, 0x8b, 0x04, 0x24, // mov rax, [rsp]
+    0xc3, //                  ret
   );
 }
 
@@ -94,6 +109,10 @@ export function guardStub(options: GuardOptions): { code: Uint8Array; data: Uint
   record.set(u64le(options.identity), RECORD.identity);
   record.set(u64le(options.callback), RECORD.callback);
   record.set(u64le(options.original), RECORD.original);
+  record.set(u64le(options.runtimeCode.start), RECORD.textStart);
+  record.set(u64le(options.runtimeCode.end), RECORD.textEnd);
+  record.set(u64le(options.runtimeCode.ffiStart), RECORD.ffiStart);
+  record.set(u64le(options.runtimeCode.ffiEnd), RECORD.ffiEnd);
   const jump = jmpRel32(options.at + 7n, options.shared);
   if (!jump) throw new RangeError("shared guard out of rel32 reach");
   return {
@@ -115,8 +134,23 @@ function sharedCallingGuard(os: string, padding: number): Uint8Array {
   const shadow = padding - 8; // the push of r11 already aligns rsp for the call
   const reserve = shadow ? [[0x48, 0x83, 0xec, shadow]] : []; // sub rsp, shadow (Windows' shadow space)
   const release = shadow ? [[0x48, 0x83, 0xc4, shadow]] : []; // add rsp, shadow
+  // After each `cmp`, r11 gets the record back from the stack (a `mov` keeps the flags).
+  const againstRecord = (field: number): Line[] => [
+    [0x4d, 0x8b, 0x5b, field], //                  mov r11, [r11+field]
+    [0x4c, 0x39, 0x5c, 0x24, 0x08], //             cmp [rsp+8], r11: the caller's return address
+    [0x4c, 0x8b, 0x1c, 0x24], //                   mov r11, [rsp]: the record
+  ];
   return assembleListing([
     [0x41, 0x53], //                               push r11 (the record)
+    ...againstRecord(RECORD.textStart),
+    jcc(JB, "elsewhere"), //                       jb elsewhere: below the runtime's code
+    ...againstRecord(RECORD.textEnd),
+    jcc(JAE, "elsewhere"), //                      jae elsewhere: above it
+    ...againstRecord(RECORD.ffiStart),
+    jcc(JB, "runtime_call"), //                    jb runtime_call: the runtime's own call
+    ...againstRecord(RECORD.ffiEnd),
+    jcc(JAE, "runtime_call"), //                   jae runtime_call: so is this; inside, its FFI's
+    "elsewhere",
     [0x4d, 0x8b, 0x5b, RECORD.identity], //        mov r11, [r11+identity]: the identity word's address
     [0x4d, 0x8b, 0x1b], //                         mov r11, [r11]: the JS thread, 0 once the isolate ended
     [segment, 0x4c, 0x3b, 0x1c, sib, ...disp], //  cmp r11, qword fs:[0x10] (gs:[0x30] on Windows): this thread?
@@ -132,14 +166,24 @@ function sharedCallingGuard(os: string, padding: number): Uint8Array {
     [0x41, 0x5b], //                               pop r11
     [0x41, 0x80, 0x63, RECORD.busy, 0xfe], //      and byte [r11+busy], ~1: not running (retired stays)
     [0xc3], //                                     ret
+    "runtime_call",
+    [0x41, 0x5b], //                               pop r11: the record
     "to_original",
     [0x41, 0xff, 0x63, RECORD.original], //        jmp [r11+original]
   ]).bytes;
 }
 
+/** The second opcode bytes of `jb`, `jae` and `jne` with a rel32 operand. */
+const JB = 0x82, JAE = 0x83, JNE = 0x85;
+
+/** The conditional jump `condition` (`JB`, `JAE`, `JNE`), rel32, to `label`. */
+function jcc(condition: number, label: string): Line {
+  return (place) => [0x0f, condition, ...i32le(place.label(label) - place.end)];
+}
+
 /** `jne rel32` to `label`. */
 function jne(label: string): Line {
-  return (place) => [0x0f, 0x85, ...i32le(place.label(label) - place.end)];
+  return jcc(JNE, label);
 }
 
 /** rip-relative displacement from the end of an instruction ending at `at + end` to `target`. */
@@ -151,8 +195,7 @@ function ripFrom(at: bigint, end: number, target: bigint): Uint8Array {
 
 /**
  * The guard that swaps the return address: for signatures that pass arguments on the stack.
- * Another thread (or any, once the isolate ended), the JS thread re-entering, or any call once the
- * patch is retired goes to `to_original`; otherwise the busy flag is
+ * Another thread, or the JS thread re-entering, goes to `to_original`; otherwise the busy flag is
  * set, and the replacement returns to `after`. Only r11 and the flags change.
  */
 function swappingGuard(options: GuardOptions): Uint8Array {
@@ -162,6 +205,16 @@ function swappingGuard(options: GuardOptions): Uint8Array {
   const rip = (p: Place, target: bigint) => ripFrom(at, p.end, target);
   const local = (p: Place, label: string) => rip(p, at + BigInt(p.label(label)));
   const { bytes } = assembleListing([
+    [0x4c, 0x8b, 0x1c, 0x24], //                             mov r11, [rsp]: the caller's return address
+    (p) => [0x4c, 0x3b, 0x1d, ...local(p, "text_start")], // cmp r11, [rip+text_start]
+    jcc(JB, "elsewhere"), //                                 jb elsewhere: below the runtime's code
+    (p) => [0x4c, 0x3b, 0x1d, ...local(p, "text_end")], //   cmp r11, [rip+text_end]
+    jcc(JAE, "elsewhere"), //                                jae elsewhere: above it
+    (p) => [0x4c, 0x3b, 0x1d, ...local(p, "ffi_start")], //  cmp r11, [rip+ffi_start]
+    jcc(JB, "to_original"), //                               jb to_original: the runtime's own call
+    (p) => [0x4c, 0x3b, 0x1d, ...local(p, "ffi_end")], //    cmp r11, [rip+ffi_end]
+    jcc(JAE, "to_original"), //                              jae to_original: so is this; inside, its FFI's
+    "elsewhere",
     (p) => [0x4c, 0x8b, 0x1d, ...local(p, "identity")], //   mov r11, [rip+identity]: the word's address
     [0x4d, 0x8b, 0x1b], //                                   mov r11, [r11]: the JS thread, 0 once ended
     [segment, 0x4c, 0x3b, 0x1c, sib, ...disp], //           cmp r11, qword fs:[0x10] (gs:[0x30] on Windows)
@@ -186,7 +239,16 @@ function swappingGuard(options: GuardOptions): Uint8Array {
     [...u64le(options.callback)],
     "original",
     [...u64le(options.original)],
+    ...runtimeCodeLiterals(options.runtimeCode),
   ]);
   if (bytes.length !== SWAP_SIZE) throw new RangeError(`the swapping guard takes ${bytes.length} bytes, not ${SWAP_SIZE}`);
   return bytes;
+}
+
+/** The swapping guard's literals for `code`. */
+function runtimeCodeLiterals(code: RuntimeCode): Line[] {
+  return [code.start, code.end, code.ffiStart, code.ffiEnd].flatMap((value, i) => [
+    ["text_start", "text_end", "ffi_start", "ffi_end"][i],
+    [...u64le(value)],
+  ]);
 }

@@ -6,7 +6,7 @@ import type { Arch } from "../types.ts";
 import { planRelocation, relocate } from "./relocator.ts";
 import { flowOf, instructionLength, operands } from "./decoder.ts";
 import { branchesBetween, mayBranchInto } from "./scan.ts";
-import { guardLayout, guardStub, threadPointerReader } from "./guard.ts";
+import { guardLayout, guardStub, returnAddressReader, threadPointerReader } from "./guard.ts";
 import { registryLock } from "./registry_lock.ts";
 import { cannedCode } from "./canned.ts";
 import {
@@ -75,6 +75,6 @@ export const x86_64: Arch = {
   indirectJump: jmpIndirect,
   registryLock,
   canned: cannedCode,
-  guard: { layout: guardLayout, threadPointerReader, encode: guardStub },
+  guard: { layout: guardLayout, threadPointerReader, returnAddressReader, encode: guardStub },
 };
 
