@@ -1,13 +1,14 @@
 /**
  * The code in front of JS replacements, as the patches' layouts place it: each guard's bytes and
- * data for its slot, the code shared by many guards (placed once per region), and what the guard
- * compares calls against, learnt once per process by running the guard's own reads on the JS
- * thread: the JS thread's identity, and the runtime's own code with the part of it that is its FFI.
+ * data for its slot (with the isolate's identity word, src/registry.ts), the code shared by many
+ * guards (placed once per region), and the runtime's own code with the part of it that is its FFI,
+ * learnt once by running the guard's own read of the return address through the FFI.
  */
 import { hex, RedefineError } from "./errors.ts";
 import type { GuardLayout, RuntimeCode } from "./arch/types.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { Signature } from "./signature.ts";
+import { isolateIdentity } from "./registry.ts";
 import type { Machine } from "./registry.ts";
 /** The guard's layout for `signature`: its shared code is assembled once, not once a patch. */
 export function guardShape(m: Machine, signature: Signature): GuardLayout {
@@ -33,7 +34,7 @@ export function guardCode(
   const { code, data } = guard.encode({
     at: front,
     data: slot.data,
-    jsThread: m.jsThread ?? jsThreadOf(m, guard.threadPointerReader(os)),
+    identity: isolateIdentity(),
     callback,
     original,
     runtimeCode: runtimeCodeOf(m, guard.returnAddressReader(), front),
@@ -68,21 +69,6 @@ function sharedCode(m: Machine, code: Uint8Array, near: bigint): bigint {
   m.pool.write(slot, code);
   m.shared.set(key, [...copies, slot.address]);
   return slot.address;
-}
-
-/** The JS thread's thread pointer, read by running the guard's own read on this thread. */
-function jsThreadOf(m: Machine, reader: Uint8Array): bigint {
-  if (m.jsThread !== undefined) return m.jsThread;
-  const slot = m.pool.allocate(0n, 2n ** 62n, reader.length);
-  if (!slot) {
-    throw new RedefineError(
-      "ALLOCATION_FAILED",
-      "no executable memory for the thread probe.",
-    );
-  }
-  m.pool.write(slot, reader);
-  m.jsThread = m.platform.runtime.fnPointer(slot.address, { parameters: [], result: "u64" })() as bigint;
-  return m.jsThread;
 }
 
 /**
