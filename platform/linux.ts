@@ -4,22 +4,17 @@
  * platform/proc_mem.ts; x86-64), symbols (`dlsym`, `dladdr1`), executable memory near a target (a
  * memfd mapped twice: read+execute where the code runs, read+write elsewhere to write it, so no
  * page of ours is ever writable and executable), stub libraries for the loader (a sealed memfd),
- * and the arm64 cache flush.
+ * and the arm64 cache flush. Modules, exports and imports: platform/linux_modules.ts.
  */
 import { hex, RedefineError } from "../src/errors.ts";
-import type { AddressRange, LoadedModule, Mapping, ModuleExport, Os, Runtime, SymbolInfo } from "./types.ts";
+import type { Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 import { aarch64CacheFlush } from "./aarch64_flush.ts";
 import { nearCandidates, protectionText } from "./address_space.ts";
 import { cString, posix } from "./posix.ts";
 import { procMem } from "./proc_mem.ts";
-import { dynamicInfo, exportedSymbols, importSlots, loadedSpan, programHeaders } from "./image/elf_loaded.ts";
-import type { ElfExport, ElfMachine, LoadedImage, Reader } from "./image/elf_loaded.ts";
+import { linuxModules } from "./linux_modules.ts";
 
-const RTLD_LAZY = 1;
-const RTLD_NOLOAD = 4;
-const AT_SYSINFO_EHDR = 33n;
-const PATH_MAX = 4096;
 const RTLD_DL_SYMENT = 1;
 const SC_PAGESIZE = 30;
 const MAP_SHARED = 0x01;
@@ -40,12 +35,7 @@ const PROCMAP_QUERY = 0xc0686611n;
 const PROCMAP_QUERY_SIZE = 104;
 const ENOENT = 2;
 /** `getauxval` keys: where the kernel put the main program's program headers, and how many. */
-const AT_PHDR = 3n;
-const AT_PHNUM = 5n;
 /** The segment types and the flag the program's text is found by. */
-const PT_LOAD = 1;
-const PT_PHDR = 6;
-const PF_X = 1;
 /** Linux's number for ENOSYS (macOS: 78); the others posix.ts knows. */
 const ERRNO_NAMES: Record<number, string> = { 38: "ENOSYS" };
 
@@ -189,111 +179,8 @@ export function linux(runtime: Runtime): Os {
     return fd;
   }
 
-  /** A reader that refuses any byte outside the readable mappings of this moment. */
-  function checkedReader(): Reader {
-    const maps = parseMaps(readMaps());
-    return (address, length) => {
-      const end = address + BigInt(length);
-      for (let at = address; at < end;) {
-        const m = maps.find((m) => at >= m.start && at < m.end);
-        if (m === undefined || !(m.protection & PROT_READ)) {
-          throw new RedefineError(
-            "INVALID_ADDRESS",
-            `${length} bytes at ${hex(address)} are not readable memory (${hex(at)} is ` +
-              `${m === undefined ? "unmapped" : protectionText(m.protection)}): the loaded image is not ` +
-              `what its headers say, or it was unloaded meanwhile.`,
-          );
-        }
-        at = m.end;
-      }
-      return runtime.view(address, length).slice();
-    };
-  }
 
-  const machine: ElfMachine = runtime.arch === "aarch64" || runtime.arch === "arm64" ? "aarch64" : "x86_64";
-
-  /** What the loader lists, each with its image; the main executable first. */
-  function listModules(): (LoadedModule & { image: LoadedImage })[] {
-    const listed: { bias: bigint; name: string; phdr: bigint; phnum: number }[] = [];
-    // struct dl_phdr_info: dlpi_addr u64, dlpi_name char*, dlpi_phdr Elf64_Phdr*, dlpi_phnum u16.
-    // The callback only copies these out: the loader holds its lock while it runs.
-    const callback = runtime.callback(
-      { parameters: ["pointer", "usize", "pointer"], result: "i32" },
-      (info: bigint | number) => {
-        const header = new DataView(runtime.view(BigInt(info), 26).slice().buffer);
-        const name = header.getBigUint64(8, true);
-        listed.push({
-          bias: header.getBigUint64(0, true),
-          name: name === 0n ? "" : runtime.cString(name),
-          phdr: header.getBigUint64(16, true),
-          phnum: header.getUint16(24, true),
-        });
-        return 0;
-      },
-    );
-    try {
-      c.dl_iterate_phdr(callback.address, 0n);
-    } finally {
-      callback.close();
-    }
-    const read = checkedReader();
-    const vdso = c.getauxval(AT_SYSINFO_EHDR) as bigint;
-    const modules: (LoadedModule & { image: LoadedImage })[] = [];
-    listed.forEach((entry, i) => {
-      if (entry.phnum === 0) return;
-      const image = { bias: entry.bias, headers: programHeaders(read, entry.phdr, entry.phnum) };
-      const span = loadedSpan(image, pageSize);
-      if (span === null) return;
-      // The loader lists the main executable first, with no name; the vDSO by its soname.
-      const path = i === 0 && entry.name === "" ? executablePath() : span.base === vdso ? "[vdso]" : entry.name;
-      const name = span.base === vdso && entry.name !== "" ? entry.name : path.slice(path.lastIndexOf("/") + 1);
-      modules.push({ name, path, base: span.base, size: span.size, image });
-    });
-    return modules;
-  }
-
-  function executablePath(): string {
-    const buffer = new Uint8Array(PATH_MAX);
-    const n = Number(c.readlink(cString("/proc/self/exe"), buffer, BigInt(PATH_MAX)));
-    return n > 0 ? new TextDecoder().decode(buffer.subarray(0, n)) : "";
-  }
-
-  /** The image of `module` as the loader has it now, and whether it is the main executable. */
-  function imageOf(module: LoadedModule): { image: LoadedImage; main: boolean } {
-    const all = listModules();
-    const found = all.findIndex((m) => m.base === module.base && m.path === module.path);
-    if (found < 0) {
-      throw new RedefineError(
-        "LIBRARY_NOT_FOUND",
-        `'${module.name}' at ${hex(module.base)} is no longer loaded: list the modules again.`,
-      );
-    }
-    return { image: all[found]!.image, main: found === 0 };
-  }
-
-  /**
-   * Replaces each indirect function's resolver by the implementation it picks, as `dlsym` on the
-   * module's own handle resolves it (the main executable: first in the default scope).
-   */
-  function resolveIndirect(symbols: ElfExport[], main: boolean, path: string): ModuleExport[] {
-    if (!symbols.some((s) => s.indirect)) return symbols.map(({ indirect: _, ...s }) => s);
-    const handle = main ? 0n : c.dlopen(cString(path), RTLD_LAZY | RTLD_NOLOAD) as bigint;
-    try {
-      return symbols.map(({ indirect, ...symbol }): ModuleExport => {
-        if (!indirect || (!main && handle === 0n)) return symbol;
-        const address = symbol.version === undefined
-          ? c.dlsym(handle, cString(symbol.name)) as bigint
-          : c.dlvsym(handle, cString(symbol.name), cString(symbol.version)) as bigint;
-        // The implementation's size is not in the table: only the resolver's is.
-        return address === 0n ? symbol : { ...symbol, address, size: 0 };
-      });
-    } finally {
-      if (handle !== 0n) c.dlclose(handle);
-    }
-  }
-
-  // The main program's text, read once: it does not move.
-  let programText: AddressRange | null | undefined;
+  const modules = linuxModules(runtime, c, pageSize, () => parseMaps(readMaps()));
 
   const os: Os = {
     pageSize,
@@ -400,52 +287,12 @@ export function linux(runtime: Runtime): Os {
       return `/proc/self/fd/${fd}`;
     },
 
-    programText() {
-      programText ??= mainProgramText(checkedReader(), c.getauxval(AT_PHDR) as bigint, Number(c.getauxval(AT_PHNUM)));
-      return programText;
-    },
+    ...modules,
 
     flushCode(address, length) {
       flush?.(address, length);
     },
 
-    modules() {
-      return listModules().map(({ name, path, base, size }) => ({ name, path, base, size }));
-    },
-
-    exports(module) {
-      const { image, main } = imageOf(module);
-      const read = checkedReader();
-      const info = dynamicInfo(read, image);
-      if (info === null) return [];
-      return resolveIndirect(exportedSymbols(read, image, info), main, module.path);
-    },
-
-    imports(module) {
-      const { image } = imageOf(module);
-      const read = checkedReader();
-      const info = dynamicInfo(read, image);
-      return info === null ? [] : importSlots(read, image, info, machine);
-    },
   };
   return os;
-}
-
-
-/**
- * The main program's executable segments, from the program headers the kernel mapped at `phdr`
- * (`AT_PHDR`): the load bias is where `PT_PHDR` landed minus where it asked to be. Null without
- * `PT_PHDR` or an executable `PT_LOAD`.
- */
-function mainProgramText(read: Reader, phdr: bigint, count: number): AddressRange | null {
-  if (phdr === 0n || count === 0) return null;
-  const segments = programHeaders(read, phdr, count);
-  const self = segments.find((s) => s.type === PT_PHDR);
-  const text = segments.filter((s) => s.type === PT_LOAD && (s.flags & PF_X) !== 0);
-  if (!self || text.length === 0) return null;
-  const bias = phdr - self.vaddr;
-  return {
-    start: bias + text.reduce((low, s) => (s.vaddr < low ? s.vaddr : low), text[0]!.vaddr),
-    end: bias + text.reduce((high, s) => (s.vaddr + s.memsz > high ? s.vaddr + s.memsz : high), 0n),
-  };
 }

@@ -14,7 +14,7 @@ import type { NativeType, Signature } from "./signature.ts";
 import type { SymbolTarget } from "./target.ts";
 import { discard } from "./replacement.ts";
 import type { Destination } from "./replacement.ts";
-import { slotLayout } from "./layout.ts";
+import { slotLayout } from "./slot_layout.ts";
 import { Patch, Trampoline } from "./patch.ts";
 import { layers, machine } from "./registry.ts";
 import { schedule, transaction } from "./transaction.ts";

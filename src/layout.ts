@@ -9,9 +9,11 @@
  * (a native replacement may call it from its first call on); nothing is written at the entry here.
  */
 import { hex, RedefineError } from "./errors.ts";
-import type { GuardLayout, RelocationPlan, RuntimeCode } from "./arch/types.ts";
+import type { RelocationPlan } from "./arch/types.ts";
+import { guardCode, guardShape } from "./guard_code.ts";
+import { probeCode, probeRecord } from "./slot_layout.ts";
 import type { CodeSlot } from "./code_memory.ts";
-import type { NativeType, Signature } from "./signature.ts";
+import type { NativeType } from "./signature.ts";
 import { machine, refuseOverlap } from "./registry.ts";
 import type { Entry, Machine } from "./registry.ts";
 import { refuseJumpsIntoEntry } from "./target.ts";
@@ -21,7 +23,6 @@ import { CANNED_DATA } from "./arch/canned.ts";
 import { cannedData } from "./mock/canned.ts";
 import { Trampoline } from "./patch.ts";
 import { PROBE_RECORD } from "./arch/probe.ts";
-import type { ProbeCode } from "./arch/probe.ts";
 
 type AnySite = Site<readonly NativeType[], NativeType>;
 
@@ -154,7 +155,7 @@ function guardedStub(
   const shape = guardShape(m, site.signature);
   const stub = reserve(m, site, below, shape.size, shape.dataSize);
   return filling(m, stub, () => {
-    const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
+    const { code: relocated, trampoline } = relocateInto(m, stub, below);
     // Past every JS layer below: a call that must not run JS (V8's own getpid while it collects
     // garbage, say) must not enter the replacement of the patch below either.
     const bypass = belowBypass ?? originalForGuard(trampoline);
@@ -162,105 +163,6 @@ function guardedStub(
     write(m, stub, relocated, code);
     return { ...throughStub(m, site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset)), bypass };
   });
-}
-
-/** The guard's layout for `signature`: its shared code is assembled once, not once a patch. */
-function guardShape(m: Machine, signature: AnySite["signature"]): GuardLayout {
-  const { os } = m.platform.runtime;
-  const key = `${os}:${signature.parameters.join()}:${signature.result}`;
-  const shape = m.guardLayouts.get(key) ?? m.arch.guard!.layout(os, signature);
-  m.guardLayouts.set(key, shape);
-  return shape;
-}
-
-/** The guard's code for `front` in `slot`, its data written into the slot's data. */
-function guardCode(
-  m: Machine,
-  signature: AnySite["signature"],
-  slot: CodeSlot,
-  front: bigint,
-  callback: bigint,
-  original: bigint,
-): Uint8Array {
-  const guard = m.arch.guard!;
-  const { os } = m.platform.runtime;
-  const shape = guardShape(m, signature);
-  const { code, data } = guard.encode({
-    at: front,
-    data: slot.data,
-    jsThread: m.jsThread ?? jsThreadOf(m, guard.threadPointerReader(os)),
-    callback,
-    original,
-    runtimeCode: runtimeCodeOf(m, guard.returnAddressReader(), front),
-    os,
-    signature,
-    shared: shape.shared ? sharedCode(m, shape.shared, front) : undefined,
-  });
-  m.platform.runtime.view(slot.data, data.length).set(data);
-  return code;
-}
-
-/** What an import slot leads to instead of the function (`callers`), and the code placed for it. */
-export interface SlotLayout {
-  readonly destination: bigint;
-  /** The guard's or the canned code's slot; null when the slot leads to the replacement itself. */
-  readonly stub: CodeSlot | null;
-  /** The guard's busy flag: set while the replacement runs. */
-  readonly busy: bigint | null;
-  /** Where calls that must not enter JS go (see the registry's `Entry.bypass`). */
-  readonly bypass: bigint;
-  /** Canned code's native call counter, or a native probe's record (its counter first). */
-  readonly counter?: bigint;
-}
-
-/**
- * Lays out where import slots lead instead of `original` (what they held): a native replacement
- * itself — a slot holds a whole address, so nothing is out of reach — or, for a JS one, the guard,
- * which sends other threads' and re-entrant calls to `bypass` (`original`, or past the JS layers
- * below it). Nothing needs relocating.
- */
-export function slotLayout(
-  signature: AnySite["signature"],
-  to: Destination,
-  original: bigint,
-  bypass: bigint,
-): SlotLayout {
-  const m = machine();
-  if (to.kind === "native") return { destination: to.address, stub: null, busy: null, bypass: to.address };
-  if (to.kind === "original") return { destination: original, stub: null, busy: null, bypass: original };
-  if (to.kind === "probe") return probeForSlots(m, to.timing, original);
-  if (to.kind === "canned") return cannedAlone(m, to, original);
-  const guard = m.arch.guard;
-  if (!guard) return { destination: to.callback.address, stub: null, busy: null, bypass: to.callback.address };
-  const shape = guardShape(m, signature);
-  const slot = m.pool.allocate(original, 2n ** 62n, shape.size, shape.dataSize);
-  if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for the guard.");
-  try {
-    m.pool.write(slot, guardCode(m, signature, slot, slot.address, to.callback.address, bypass));
-  } catch (error) {
-    m.pool.release(slot, null);
-    throw error;
-  }
-  return { destination: slot.address, stub: slot, busy: slot.data + BigInt(shape.busyOffset), bypass };
-}
-
-/**
- * Canned code for import slots: anywhere (a slot holds a whole address), with its data block
- * (`cannedData`) whose original is what the slots held.
- */
-function cannedAlone(m: Machine, to: Destination & { kind: "canned" }, original: bigint): SlotLayout {
-  const plan = m.arch.canned!(to.spec, m.platform.runtime.os);
-  const slot = m.pool.allocate(original, 2n ** 62n, plan.size, plan.dataSize);
-  if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for the canned code.");
-  try {
-    m.platform.runtime.view(slot.data, plan.dataSize).set(cannedData(to, () => original));
-    m.pool.write(slot, plan.encode(slot.address, slot.data));
-  } catch (error) {
-    m.pool.release(slot, null);
-    throw error;
-  }
-  const destination = slot.address;
-  return { destination, stub: slot, busy: null, counter: slot.data + BigInt(CANNED_DATA.calls), bypass: destination };
 }
 
 function originalForGuard(trampoline: Trampoline): bigint {
@@ -285,7 +187,7 @@ function originalForGuard(trampoline: Trampoline): bigint {
 function jumpStub(m: Machine, site: AnySite, to: bigint, below: bigint | null): Layout {
   const stub = reserve(m, site, below, m.arch.farJumpSize, 0);
   return filling(m, stub, () => {
-    const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
+    const { code: relocated, trampoline } = relocateInto(m, stub, below);
     write(m, stub, relocated, m.arch.farJump(stub.front, to));
     return throughStub(m, site, stub, trampoline, null);
   });
@@ -299,7 +201,7 @@ function cannedStub(m: Machine, site: AnySite, to: Destination & { kind: "canned
   const plan = m.arch.canned!(to.spec, m.platform.runtime.os);
   const stub = reserve(m, site, below, plan.size, plan.dataSize);
   return filling(m, stub, () => {
-    const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
+    const { code: relocated, trampoline } = relocateInto(m, stub, below);
     m.platform.runtime.view(stub.slot.data, plan.dataSize).set(cannedData(to, () => trampoline.address));
     write(m, stub, relocated, plan.encode(stub.front, stub.slot.data));
     return { ...throughStub(m, site, stub, trampoline, null), counter: stub.slot.data + BigInt(CANNED_DATA.calls) };
@@ -314,7 +216,7 @@ function cannedStub(m: Machine, site: AnySite, to: Destination & { kind: "canned
 function toOriginal(m: Machine, site: AnySite, below: bigint | null): Layout {
   const stub = reserve(m, site, below, m.arch.farJumpSize, 0);
   return filling(m, stub, () => {
-    const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
+    const { code: relocated, trampoline } = relocateInto(m, stub, below);
     const original = trampoline.address;
     const straight = stub.jumpSize === m.arch.nearJumpSize ? m.arch.nearJump(site.at, original) : null;
     if (!straight) {
@@ -343,42 +245,12 @@ function probeStub(m: Machine, site: AnySite, timing: boolean, below: bigint | n
   const probe = probeCode(m);
   const stub = reserve(m, site, below, probe.size(timing), PROBE_RECORD.size);
   return filling(m, stub, () => {
-    const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
+    const { code: relocated, trampoline } = relocateInto(m, stub, below);
     probeRecord(m, stub.slot.data, trampoline.address);
     write(m, stub, relocated, probe.encode(stub.front, stub.slot.data, timing));
     const busy = stub.slot.data + BigInt(PROBE_RECORD.owner);
     return { ...throughStub(m, site, stub, trampoline, busy), counter: stub.slot.data + BigInt(PROBE_RECORD.calls) };
   });
-}
-
-/** The native probe for import slots (`callers`): anywhere, continuing to what the slots held. */
-function probeForSlots(m: Machine, timing: boolean, original: bigint): SlotLayout {
-  const probe = probeCode(m);
-  const slot = m.pool.allocate(original, 2n ** 62n, probe.size(timing), PROBE_RECORD.size);
-  if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for the probe.");
-  try {
-    probeRecord(m, slot.data, original);
-    m.pool.write(slot, probe.encode(slot.address, slot.data, timing));
-  } catch (error) {
-    m.pool.release(slot, null);
-    throw error;
-  }
-  const busy = slot.data + BigInt(PROBE_RECORD.owner);
-  const counter = slot.data + BigInt(PROBE_RECORD.calls);
-  // No JS runs in the probe: calls that must not enter JS may go through it too.
-  return { destination: slot.address, stub: slot, busy, counter, bypass: slot.address };
-}
-
-function probeCode(m: Machine): ProbeCode {
-  if (!m.arch.probe) throw new RedefineError("UNSUPPORTED_PLATFORM", `the native probe has no ${m.arch.name} code.`);
-  return m.arch.probe;
-}
-
-/** A fresh probe record at `data` (a reused slot's data holds the last one's): zeros, and `original`. */
-function probeRecord(m: Machine, data: bigint, original: bigint): void {
-  const record = new DataView(new ArrayBuffer(PROBE_RECORD.size));
-  record.setBigUint64(PROBE_RECORD.original, original, true);
-  m.platform.runtime.view(data, PROBE_RECORD.size).set(new Uint8Array(record.buffer));
 }
 
 /** How the first instructions move to a stub's slot; null when layered, or why they cannot. */
@@ -444,7 +316,6 @@ function sizeOf(plan: Plan): number {
 /** The trampoline's code for the start of the stub's slot, and the trampoline (or why there is none). */
 function relocateInto(
   m: Machine,
-  site: AnySite,
   stub: Stub,
   below: bigint | null,
 ): { code: Uint8Array; trampoline: Trampoline } {
@@ -494,85 +365,4 @@ function throughStub(m: Machine, site: AnySite, stub: Stub, trampoline: Trampoli
 function coverage(entry: Uint8Array, stub: Stub): number {
   const plan = stub.plan;
   return plan && !(plan instanceof RedefineError) ? Math.max(entry.length, plan.consumed) : entry.length;
-}
-
-/**
- * A copy of `code` (code shared by many patches, such as the calling guard) within near-jump
- * reach of `near`: placed once per region and reused.
- */
-function sharedCode(m: Machine, code: Uint8Array, near: bigint): bigint {
-  // By its bytes, worked out once per copy of them (the guard's layouts are kept, and with them
-  // their shared code).
-  let key = m.sharedKeys.get(code);
-  if (key === undefined) m.sharedKeys.set(code, key = code.join());
-  const reach = m.arch.nearReach - BigInt(code.length) - 4096n;
-  const copies = m.shared.get(key) ?? [];
-  const found = copies.find((at) => (at > near ? at - near : near - at) < reach);
-  if (found !== undefined) return found;
-  const slot = m.pool.allocate(near, reach, code.length);
-  if (!slot) {
-    throw new RedefineError(
-      "ALLOCATION_FAILED",
-      `no executable memory near ${hex(near)} for the guard.`,
-    );
-  }
-  m.pool.write(slot, code);
-  m.shared.set(key, [...copies, slot.address]);
-  return slot.address;
-}
-
-/** The JS thread's thread pointer, read by running the guard's own read on this thread. */
-function jsThreadOf(m: Machine, reader: Uint8Array): bigint {
-  if (m.jsThread !== undefined) return m.jsThread;
-  const slot = m.pool.allocate(0n, 2n ** 62n, reader.length);
-  if (!slot) {
-    throw new RedefineError(
-      "ALLOCATION_FAILED",
-      "no executable memory for the thread probe.",
-    );
-  }
-  m.pool.write(slot, reader);
-  m.jsThread = m.platform.runtime.fnPointer(slot.address, { parameters: [], result: "u64" })() as bigint;
-  return m.jsThread;
-}
-
-/**
- * Signatures the FFI path is probed with: libffi picks its call instruction by the kinds of the
- * arguments (Node 26's has one per count of integer arguments up to six, and a general one).
- */
-const FFI_PROBES: readonly Signature[] = [
-  { parameters: [], result: "u64" },
-  { parameters: ["i64", "i64", "i64", "i64", "i64", "i64"], result: "u64" },
-  { parameters: ["i64", "i64", "i64", "i64", "i64", "i64", "i64", "f64"], result: "u64" },
-];
-
-/**
- * How far either side of the call instructions seen, the FFI's others can lie: libffi's sit
- * together in its hand-written call routines (Node 26's span 0x134 bytes), and the VM's own calls
- * are megabytes away.
- */
-const FFI_SPREAD = 4096n;
-
-/**
- * The runtime's own code, for the guard: its executable's text, and the part of it whose calls
- * are the FFI's, found by calling the guard's own read of the return address through the FFI
- * (Deno's and Node's libffi sits inside their executables; Bun's FFI calls come from JIT code
- * outside, so none of its text is the FFI's). Where the OS layer cannot tell the text, no call is
- * the runtime's own. Learnt once.
- */
-function runtimeCodeOf(m: Machine, reader: Uint8Array, near: bigint): RuntimeCode {
-  if (m.runtimeCode) return m.runtimeCode;
-  const text = m.platform.os.programText?.() ?? null;
-  if (!text) return (m.runtimeCode = { start: 0n, end: 0n, ffiStart: 0n, ffiEnd: 0n });
-  const at = sharedCode(m, reader, near);
-  const sites = FFI_PROBES.map((signature) => {
-    const zeros = signature.parameters.map((type) => (type === "f64" ? 0 : 0n));
-    return BigInt(m.platform.runtime.fnPointer(at, signature)(...zeros));
-  }).filter((site) => site >= text.start && site < text.end);
-  const low = sites.reduce((a, b) => (b < a ? b : a), text.end);
-  const high = sites.reduce((a, b) => (b > a ? b : a), text.start);
-  m.runtimeCode = sites.length === 0
-    ? { start: text.start, end: text.end, ffiStart: 0n, ffiEnd: 0n }
-    : { start: text.start, end: text.end, ffiStart: low - FFI_SPREAD, ffiEnd: high + FFI_SPREAD };
-  return m.runtimeCode;
 }

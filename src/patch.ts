@@ -6,7 +6,7 @@ import { hex, hexBytes, RedefineError } from "./errors.ts";
 import type { JsArguments, JsValue, NativeType } from "./signature.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { OriginalStub } from "./original.ts";
-import { layers, machine, register, unregister } from "./registry.ts";
+import { exclusive, isForeign, layers, machine, register, restoredBytes, retire, unregister } from "./registry.ts";
 import type { Entry } from "./registry.ts";
 import { nativeSignature } from "./replacement.ts";
 import { moduleAt } from "./introspect.ts";
@@ -236,6 +236,10 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
    * nothing. Inside `transaction()`, takes effect when the transaction commits.
    */
   restore(): void {
+    exclusive(() => this.#restore());
+  }
+
+  #restore(): void {
     const applied = this.#applied;
     const entries = this.#entries;
     if (!applied || entries[0]!.restoring) return;
@@ -243,10 +247,15 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
       const stack = layers(entry.address);
       return stack[stack.indexOf(entry) + 1];
     });
-    if (overs.some((over) => over && !over.restoring)) {
+    const blocked = overs.findIndex((over) => over && !over.restoring);
+    if (blocked >= 0) {
+      // Another isolate's patch leads through this one: a guarded one can step aside in place.
+      const stack = layers(entries[blocked]!.address);
+      const above = stack.slice(stack.indexOf(entries[blocked]!) + 1);
+      if (entries.length === 1 && applied.busy !== null && above.every(isForeign)) return this.#retire(applied);
       throw new RedefineError(
         "OUT_OF_ORDER",
-        `the function at ${hex(this.address)} was redefined again on top of this patch: restore the ` +
+        `the function at ${hex(this.address)} was redefined again on top of this patch${isForeign(overs[blocked]!) ? " by another isolate (a Worker)" : ""}: restore the ` +
           `newer patch first (restoreAll() goes newest first).`,
       );
     }
@@ -273,7 +282,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
       for (const entry of entries) entry.restoring = false;
       this.#original?.point(this.address);
       if (applied.originalSlot !== null) storeSlot(applied.originalSlot, this.address);
-      this.#forget(applied, applied.busy);
+      this.#forget(applied, applied.busy, true);
       closeWhenIdle(applied);
     };
     const kept = () => {
@@ -282,12 +291,36 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     transaction(() =>
       entries.forEach((entry, i) =>
         schedule(
-          { address: entry.at, bytes: entry.original, spin: arch.selfLoop },
+          { address: entry.at, bytes: restoredBytes(entry), spin: arch.selfLoop },
           i === entries.length - 1 ? restored : () => {},
           kept,
         )
       )
     );
+  }
+
+  /**
+   * Makes a guarded patch inert where it is (its guard's busy flag gets the retired bit: every call
+   * goes to the original), for another isolate's patch layered on it; its code stays, as that
+   * patch's original leads through it, and goes when that patch is restored.
+   */
+  #retire(applied: Applied): void {
+    const entry = this.#entries[0]!;
+    const done = () => {
+      entry.restoring = false;
+      retire(entry);
+      this.#original?.point(this.address);
+      this.#calls = this.calls;
+      this.#applied = null;
+      closeWhenIdle(applied);
+      const busy = machine().platform.runtime.view(applied.busy!, 1);
+      busy[0] = busy[0]! | 2;
+    };
+    const batch = machine().batch;
+    if (!batch) return done();
+    entry.restoring = true;
+    batch.commits.push(done);
+    batch.rollbacks.push(() => (entry.restoring = false));
   }
 
   /** @internal Undoes the constructor for a patch whose entry jump was never written. */
@@ -304,10 +337,13 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     this.restore();
   }
 
-  /** Unregisters the patch and gives its code back (the stub after its guard's `busy` flag clears). */
-  #forget(applied: Applied, busy: bigint | null): void {
+  /**
+   * Unregisters the patch (`restored`: its restore wrote the bytes) and gives its code back (the
+   * stub after its guard's `busy` flag clears).
+   */
+  #forget(applied: Applied, busy: bigint | null, restored = false): void {
     this.#calls = this.calls;
-    for (const entry of this.#entries) unregister(entry);
+    for (const entry of this.#entries) unregister(entry, restored);
     this.#applied = null;
     if (applied.stub) machine().pool.release(applied.stub, busy);
     applied.trampoline.release();

@@ -14,7 +14,7 @@ import type { Destination, Replacement } from "./replacement.ts";
 import { layOut, release } from "./layout.ts";
 import type { Layout } from "./layout.ts";
 import { Patch } from "./patch.ts";
-import { layers, machine, newestFirst, refuseOverlap } from "./registry.ts";
+import { exclusive, layers, machine, newestFirst, refuseOverlap } from "./registry.ts";
 import { schedule, transaction } from "./transaction.ts";
 import { redefineCallers } from "./import_slots.ts";
 
@@ -40,11 +40,13 @@ export function redefine<const P extends readonly NativeType[], const R extends 
   target: Target<P, R>,
   replacement: NoInfer<Replacement<P, R>>,
 ): Patch<P, R> {
-  if ("callers" in target && target.callers !== undefined) {
-    return redefineCallers(target, (signature) => destinationFor(signature, replacement));
-  }
-  const site = locate(target);
-  return apply(site, destinationFor(site.signature, replacement));
+  return exclusive(() => {
+    if ("callers" in target && target.callers !== undefined) {
+      return redefineCallers(target, (signature) => destinationFor(signature, replacement));
+    }
+    const site = locate(target);
+    return apply(site, destinationFor(site.signature, replacement));
+  });
 }
 
 /**
@@ -95,6 +97,10 @@ export function apply<P extends readonly NativeType[], R extends NativeType>(
   site: Site<P, R>,
   to: Destination,
 ): Patch<P, R> {
+  return exclusive(() => applyLocked(site, to));
+}
+
+function applyLocked<P extends readonly NativeType[], R extends NativeType>(site: Site<P, R>, to: Destination): Patch<P, R> {
   // Layered on the function's newest patch, unless that one's restore is pending in this
   // transaction: then on the newest that stays, or on the function itself.
   const under = layers(site.address).filter((entry) => !entry.restoring).at(-1) ?? null;

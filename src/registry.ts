@@ -1,19 +1,23 @@
 /**
- * What redefine keeps for the whole process: the machine it runs on (platform, arch, code pool,
- * original stubs, and what it has learnt about the code), and the registry of live patches — which
- * functions are patched, how patches of one function stack, whose entry jumps a new one would
- * overlap — put back when the process exits. The one home of module state besides the platform
- * singleton. The registry is a handful of functions over plain records (`Entry`), so that it can
- * move into memory shared by every isolate of the process.
+ * What redefine keeps for the process: the machine it runs on in this isolate (platform, arch,
+ * code pool, original stubs, and what it has learnt about the code), and the registry of live
+ * patches — which functions are patched, how patches of one function stack, whose entry jumps a
+ * new one would overlap — shared by every isolate of the process (src/shared_registry.ts holds it
+ * in native memory; here is this isolate's cache of it, and its own patches' handles). Changes to
+ * code and to the registry happen under the process-wide lock (`exclusive`). The one home of module
+ * state besides the platform singleton.
  */
 import { hex, RedefineError } from "./errors.ts";
-import { CodePool } from "./code_memory.ts";
+import { CodePool, writeCode } from "./code_memory.ts";
 import type { CodeWrite } from "./code_memory.ts";
 import { archFor } from "./arch/mod.ts";
 import type { Arch, GuardLayout, RuntimeCode } from "./arch/types.ts";
 import { OriginalStubs } from "./original.ts";
+import { openStore } from "./shared_registry.ts";
+import type { Store } from "./shared_registry.ts";
 import { platform } from "../platform/mod.ts";
 import type { Mapping, Platform, SymbolInfo } from "../platform/mod.ts";
+import type { Signature } from "./signature.ts";
 
 /** Writes collected by `transaction()` (src/transaction.ts), applied together when its body returns. */
 export interface Batch {
@@ -26,14 +30,12 @@ export interface Batch {
   byAddress?: Map<bigint, CodeWrite[]> | undefined;
 }
 
-/** The process's platform and the state built on it, made on first use. */
+/** This isolate's platform and the state built on it, made on first use. */
 export interface Machine {
   readonly platform: Platform;
   readonly pool: CodePool;
   readonly arch: Arch;
   readonly originals: OriginalStubs;
-  /** The JS thread's identity as the guard stub reads it; computed on first use. */
-  jsThread?: bigint;
   /** The runtime's own code and its FFI's part, as the guard stub tells them; found on first use. */
   runtimeCode?: RuntimeCode;
   /** Code shared by many patches, by its bytes: where each copy was placed. */
@@ -116,43 +118,162 @@ export interface Entry {
   readonly bypass: bigint;
   /** Set while its restore waits for the enclosing transaction to commit. */
   restoring: boolean;
-  /** Puts the function back (the Patch handle's `restore`). */
+  /** Puts the function back (the Patch handle's `restore`); another isolate's patch refuses. */
   readonly restore: () => void;
 }
 
-/** The live patches, oldest first. */
-const live: Entry[] = [];
+/** Where an entry is in the process-wide store, whose it is, and whether it was made inert. */
+interface Stored {
+  readonly slot: number;
+  readonly owner: bigint;
+  retired: boolean;
+}
+
+let store: Store | undefined;
+/** The store's generation this isolate's cache below reflects. */
+let seen = -1n;
+/** How deep this isolate is in `exclusive` calls: the lock is taken at 1 and given back at 0. */
+let depth = 0;
+/** The live patches of the process, oldest first. */
+let live: Entry[] = [];
 /** The live patches of each function, by its entry, oldest first: each layered on the one before. */
-const stacks = new Map<bigint, Entry[]>();
+let stacks = new Map<bigint, Entry[]>();
 /** Live patches by the 64-byte block their entry jump starts in, to find neighbours quickly. */
-const byBlock = new Map<bigint, Entry[]>();
+let byBlock = new Map<bigint, Entry[]>();
+const stored = new Map<Entry, Stored>();
+/** This isolate's own patches, by their slot in the store. */
+const mine = new Map<number, Entry>();
 const BLOCK = 64n;
 /** No entry jump is longer than this (x86-64's 14 bytes, arm64's 16). */
 const LONGEST_JUMP = 16n;
 let restoresAtExit = false;
 
-/** Records a patch as live, layered on the function's newest live patch if it has one. */
-export function register(entry: Entry): void {
-  if (!restoresAtExit) {
-    restoreAtExit();
-    restoresAtExit = true;
+/** The process-wide store, opened on first use with this isolate's identity. */
+function theStore(): Store {
+  if (store) return store;
+  const m = machine();
+  const bind = (address: bigint, signature: Signature) =>
+    m.originals.acquire(`registry lock at ${address}`, signature, address).call;
+  store = openStore(m.platform, m.pool, m.arch, threadPointer(m), bind);
+  return store;
+}
+
+/** This isolate's identity word, which the guard stubs compare the running thread with. */
+export function isolateIdentity(): bigint {
+  return theStore().identity;
+}
+
+/** The JS thread's thread pointer, read by running the guard's own read on this thread. */
+function threadPointer(m: Machine): bigint {
+  if (!m.arch.guard) return 0n;
+  const reader = m.arch.guard.threadPointerReader(m.platform.runtime.os);
+  const slot = m.pool.allocate(0n, 2n ** 62n, reader.length);
+  if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory for the thread probe.");
+  m.pool.write(slot, reader);
+  return BigInt(m.platform.runtime.fnPointer(slot.address, { parameters: [], result: "u64" })());
+}
+
+/**
+ * Runs `body` holding the process-wide lock on code and registry (taken once however deeply
+ * nested): another isolate's patching waits, and what `body` reads of the registry stays true.
+ */
+export function exclusive<T>(body: () => T): T {
+  const s = theStore();
+  if (depth++ === 0) {
+    s.lock();
+    try {
+      sync(s);
+      reapDead(s);
+    } catch (error) {
+      depth--;
+      s.unlock();
+      throw error;
+    }
   }
+  try {
+    return body();
+  } finally {
+    if (--depth === 0) s.unlock();
+  }
+}
+
+/** Rebuilds the cache from the store when another isolate changed it. */
+function sync(s: Store): void {
+  if (s.generation() === seen) return;
+  live = [];
+  stacks = new Map();
+  byBlock = new Map();
+  stored.clear();
+  const present = new Set<number>();
+  for (const record of s.records()) {
+    present.add(record.slot);
+    const entry = (record.owner === s.identity ? mine.get(record.slot) : undefined) ?? foreign(record);
+    stored.set(entry, { slot: record.slot, owner: record.owner, retired: record.retired });
+    index(entry);
+  }
+  for (const slot of mine.keys()) if (!present.has(slot)) mine.delete(slot);
+  seen = s.generation();
+}
+
+/**
+ * Another isolate's patch: known here by its record only. Calls that must not enter JS go through
+ * its destination all the same: its guard knows its own thread, and sends others on.
+ */
+function foreign(record: { address: bigint; at: bigint; written: Uint8Array; original: Uint8Array; destination: bigint }): Entry {
+  const { address, at, written, original, destination } = record;
+  return {
+    address, at, written, original, destination, bypass: destination, restoring: false,
+    restore() {
+      throw new RedefineError("OUT_OF_ORDER", `the patch at ${hex(address)} belongs to another isolate (a Worker): restore it there.`);
+    },
+  };
+}
+
+function index(entry: Entry): void {
   live.push(entry);
   stacks.set(entry.address, [...layers(entry.address), entry]);
   const block = entry.at / BLOCK;
   byBlock.set(block, [...(byBlock.get(block) ?? []), entry]);
 }
 
-/** Forgets a patch: restored, or abandoned before its entry was written. */
-export function unregister(entry: Entry): void {
-  live.splice(live.lastIndexOf(entry), 1);
-  const rest = layers(entry.address).filter((e) => e !== entry);
-  if (rest.length) stacks.set(entry.address, rest);
-  else stacks.delete(entry.address);
-  const block = entry.at / BLOCK;
-  const neighbours = byBlock.get(block)!.filter((e) => e !== entry);
-  if (neighbours.length) byBlock.set(block, neighbours);
-  else byBlock.delete(block);
+/** Records a patch of this isolate as live, layered on the function's newest live patch if it has one. */
+export function register(entry: Entry): void {
+  if (!restoresAtExit) {
+    restoreAtExit();
+    restoresAtExit = true;
+  }
+  const s = theStore();
+  const slot = s.add(entry);
+  mine.set(slot, entry);
+  stored.set(entry, { slot, owner: s.identity, retired: false });
+  index(entry);
+  seen = s.generation();
+}
+
+/**
+ * Forgets a patch: restored (`restored`: its restore wrote `restoredBytes`, which also undid the
+ * inert patches right under it — they go too), or abandoned before its entry was written.
+ */
+export function unregister(entry: Entry, restored = false): void {
+  const gone = restored ? [entry, ...inertBelow(entry)] : [entry];
+  const s = theStore();
+  for (const e of gone) {
+    const where = stored.get(e);
+    if (where) {
+      s.remove(where.slot);
+      mine.delete(where.slot);
+      stored.delete(e);
+    }
+    live.splice(live.lastIndexOf(e), 1);
+    const rest = layers(e.address).filter((x) => x !== e);
+    if (rest.length) stacks.set(e.address, rest);
+    else stacks.delete(e.address);
+    const block = e.at / BLOCK;
+    const neighbours = byBlock.get(block)!.filter((x) => x !== e);
+    if (neighbours.length) byBlock.set(block, neighbours);
+    else byBlock.delete(block);
+  }
+  seen = s.generation();
 }
 
 /** The live patches of the function at `address`, oldest first: each is layered on the one before. */
@@ -160,9 +281,77 @@ export function layers(address: bigint): readonly Entry[] {
   return stacks.get(address) ?? [];
 }
 
-/** Every live patch, newest first: the order they can be restored in. */
+/** This isolate's live patches, newest first: the order they can be restored in. */
 export function newestFirst(): Entry[] {
-  return [...live].reverse();
+  return live.filter((e) => mine.has(stored.get(e)?.slot ?? -1) && !stored.get(e)!.retired).reverse();
+}
+
+/** Whether `entry` is another isolate's patch. */
+export function isForeign(entry: Entry): boolean {
+  const where = stored.get(entry);
+  return where !== undefined && where.owner !== theStore().identity;
+}
+
+/**
+ * Marks this isolate's patch inert in the registry: it stays in place under another isolate's
+ * patch (whose original leads through it), its guard sending every call to the original.
+ */
+export function retire(entry: Entry): void {
+  const where = stored.get(entry)!;
+  where.retired = true;
+  theStore().retire(where.slot);
+  seen = theStore().generation();
+}
+
+/** The inert patches (retired, or left by an isolate that ended) right under `entry`, nearest first. */
+function inertBelow(entry: Entry): Entry[] {
+  const s = theStore();
+  const stack = layers(entry.address);
+  const found: Entry[] = [];
+  for (let i = stack.indexOf(entry) - 1; i >= 0; i--) {
+    const where = stored.get(stack[i]!);
+    if (!where || !(where.retired || !s.alive(where.owner))) break;
+    found.push(stack[i]!);
+  }
+  return found;
+}
+
+/**
+ * What restoring `entry` writes back: what its entry held before it, and before the inert
+ * patches right under it (each one's original laid over the bytes it covered).
+ */
+export function restoredBytes(entry: Entry): Uint8Array {
+  const below = inertBelow(entry);
+  const length = Math.max(entry.original.length, ...below.map((e) => e.original.length));
+  // Past a patch's own bytes, the entry held before it what it holds now; the deeper wins.
+  const bytes = machine().platform.runtime.view(entry.at, length).slice();
+  for (const e of [entry, ...below]) bytes.set(e.original, 0);
+  return bytes;
+}
+
+/**
+ * Restores the newest patches of isolates that ended (their identity word cleared) when nothing
+ * newer is layered on them and their entry still holds their jump: their guards already send every
+ * call to the original, this puts the bytes back.
+ */
+function reapDead(s: Store): void {
+  for (const stack of [...stacks.values()]) {
+    let top = stack.at(-1);
+    while (top && !s.alive(stored.get(top)!.owner)) {
+      const now = machine().platform.runtime.view(top.at, top.written.length);
+      if (!now.every((b, i) => b === top!.written[i])) break;
+      const write: CodeWrite = { address: top.at, bytes: restoredBytes(top), spin: machine().arch.selfLoop };
+      try {
+        writeCode(machine().platform, [write]);
+      } catch (error) {
+        // It stays inert where it is; this isolate's own patching must not fail for it.
+        if (error instanceof RedefineError) break;
+        throw error;
+      }
+      unregister(top, true);
+      top = layers(stack[0]!.address).at(-1);
+    }
+  }
 }
 
 /**

@@ -7,7 +7,7 @@
  */
 import { writeCode } from "./code_memory.ts";
 import type { CodeWrite } from "./code_memory.ts";
-import { machine } from "./registry.ts";
+import { exclusive, machine } from "./registry.ts";
 import type { Batch } from "./registry.ts";
 
 /**
@@ -75,6 +75,7 @@ function net(writes: readonly CodeWrite[]): CodeWrite[] {
  * in `body` or while writing — every page and byte is as it was before and the error is rethrown.
  * Patches made in `body` become active when it returns. A nested transaction joins the outer one:
  * written with it, or, when its body throws, rolled back on its own before the error goes on.
+ * Other isolates (Workers) wait to patch until it is over.
  *
  * @example
  * ```ts
@@ -87,6 +88,10 @@ function net(writes: readonly CodeWrite[]): CodeWrite[] {
  * ```
  */
 export function transaction<T>(body: () => T): T {
+  return exclusive(() => transactionLocked(body));
+}
+
+function transactionLocked<T>(body: () => T): T {
   const m = machine();
   if (m.batch) return nested(m.batch, body);
   const batch: Batch = { writes: [], commits: [], rollbacks: [] };

@@ -23,40 +23,42 @@ function listing(at: bigint, data: bigint, os = "linux"): (string | { quad: bigi
   const page = data - data % 4096n;
   const lo12 = data % 4096n;
   return [
-    `ldr x16, ${h(at + 160n)}`,
-    "sub x16, x30, x16",
-    `tbnz x16, #63, ${h(at + 48n)}`,
     `ldr x16, ${h(at + 168n)}`,
     "sub x16, x30, x16",
-    `tbz x16, #63, ${h(at + 48n)}`,
+    `tbnz x16, #63, ${h(at + 48n)}`,
     `ldr x16, ${h(at + 176n)}`,
     "sub x16, x30, x16",
-    `tbnz x16, #63, ${h(at + 124n)}`,
+    `tbz x16, #63, ${h(at + 48n)}`,
     `ldr x16, ${h(at + 184n)}`,
     "sub x16, x30, x16",
-    `tbz x16, #63, ${h(at + 124n)}`,
+    `tbnz x16, #63, ${h(at + 136n)}`,
+    `ldr x16, ${h(at + 192n)}`,
+    "sub x16, x30, x16",
+    `tbz x16, #63, ${h(at + 136n)}`,
     THREAD_POINTER[os],
     "and x16, x16, #0xfffffffffffffff8",
-    `ldr x17, ${h(at + 136n)}`,
+    `ldr x17, ${h(at + 144n)}`,
+    "ldr x17, [x17]",
     "eor x16, x16, x17",
-    `cbnz x16, ${h(at + 124n)}`,
+    `cbnz x16, ${h(at + 136n)}`,
     `adrp x17, ${h(page)}`,
     `add x17, x17, #${h(lo12)}`,
     "ldrb w16, [x17, #8]",
-    `cbnz w16, ${h(at + 124n)}`,
+    `cbnz w16, ${h(at + 136n)}`,
     "mov w16, #0x1",
     "strb w16, [x17, #8]",
     "str x30, [x17]",
-    `ldr x16, ${h(at + 144n)}`,
+    `ldr x16, ${h(at + 152n)}`,
     "blr x16",
     `adrp x17, ${h(page)}`,
     `add x17, x17, #${h(lo12)}`,
-    "strb wzr, [x17, #8]",
+    "ldrb w16, [x17, #8]",
+    "and w16, w16, #0x2",
+    "strb w16, [x17, #8]",
     "ldr x30, [x17]",
     "ret",
-    `ldr x16, ${h(at + 152n)}`,
+    `ldr x16, ${h(at + 160n)}`,
     "br x16",
-    "nop",
     { quad: 0x7f00_dead_0000n },
     { quad: 0x7f00_cafe_1230n },
     { quad: 0x7f12_3456_0000n },
@@ -72,7 +74,7 @@ test("arm64 guard: every word as objdump reads it, data after the code and far b
     const options = {
       at: AT,
       data,
-      jsThread: 0x7f00_dead_0000n,
+      identity: 0x7f00_dead_0000n,
       callback: 0x7f00_cafe_1230n,
       original: 0x7f12_3456_0000n,
       runtimeCode: RUNTIME_CODE,
@@ -88,7 +90,7 @@ test("arm64 guard: every word as objdump reads it, data after the code and far b
 
 test("arm64 guard: Windows keeps the thread's TEB in x18, macOS its TSD in tpidrro_el0; others are refused", () => {
   const options = {
-    at: AT, data: AT + 0x2000n, jsThread: 0x7f00_dead_0000n, callback: 0x7f00_cafe_1230n, original: 0x7f12_3456_0000n,
+    at: AT, data: AT + 0x2000n, identity: 0x7f00_dead_0000n, callback: 0x7f00_cafe_1230n, original: 0x7f12_3456_0000n,
     runtimeCode: RUNTIME_CODE, signature,
   };
   assertDisassembly(guardStub({ ...options, os: "windows" }), AT, listing(AT, AT + 0x2000n, "windows"));
@@ -97,8 +99,8 @@ test("arm64 guard: Windows keeps the thread's TEB in x18, macOS its TSD in tpidr
 });
 
 test("arm64 guard: writes only x16, x17 and x30, and leaves the flags alone", () => {
-  const bytes = guardStub({ at: AT, data: AT + 0x2000n, jsThread: 1n, callback: 2n, original: 3n, runtimeCode: RUNTIME_CODE, os: "linux", signature });
-  const code = disassemble(bytes.subarray(0, 132), AT);
+  const bytes = guardStub({ at: AT, data: AT + 0x2000n, identity: 1n, callback: 2n, original: 3n, runtimeCode: RUNTIME_CODE, os: "linux", signature });
+  const code = disassemble(bytes.subarray(0, 144), AT);
   for (const line of code) {
     const [mnemonic, first] = line.split(/[ ,]+/);
     assert.ok(!/^(cmp|cmn|tst|subs|adds|ands|bics|ccmp)$/.test(mnemonic), `${line} sets the flags`);
@@ -119,7 +121,7 @@ test("arm64 guard: the thread pointer reader and the wiring in the Arch", () => 
     busyOffset: 8, // after the saved x30
     shared: null,
   });
-  const options = { at: AT, data: AT + 0x2000n, jsThread: 1n, callback: 2n, original: 3n, runtimeCode: RUNTIME_CODE, os: "linux", signature };
+  const options = { at: AT, data: AT + 0x2000n, identity: 1n, callback: 2n, original: 3n, runtimeCode: RUNTIME_CODE, os: "linux", signature };
   assert.deepEqual(aarch64.guard?.encode(options), { code: guardStub(options), data: new Uint8Array(GUARD_DATA_SIZE) });
   assert.equal(aarch64.guard?.threadPointerReader, threadPointerReader);
   assertDisassembly(returnAddressReader(), 0x1000n, ["mov x0, x30", "ret"]);
@@ -127,7 +129,7 @@ test("arm64 guard: the thread pointer reader and the wiring in the Arch", () => 
 });
 
 test("arm64 guard: misaligned data or code is refused, not encoded wrong", () => {
-  const options = { at: AT, data: AT + 0x2000n, jsThread: 1n, callback: 2n, original: 3n, runtimeCode: RUNTIME_CODE, os: "linux", signature };
+  const options = { at: AT, data: AT + 0x2000n, identity: 1n, callback: 2n, original: 3n, runtimeCode: RUNTIME_CODE, os: "linux", signature };
   assert.throws(() => guardStub({ ...options, data: AT + 0x2004n }), RangeError);
   assert.throws(() => guardStub({ ...options, at: AT + 2n }), (e) => e instanceof RedefineError);
 });

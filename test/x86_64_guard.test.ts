@@ -1,9 +1,11 @@
 /**
- * The x86-64 guard stubs, read back with iced-x86: every instruction and every target.
+ * The x86-64 guard stubs and the registry lock, read back with iced-x86: every instruction and
+ * every target.
  */
 import { assert, test } from "./harness.ts";
 import { Decoder, DecoderOptions, FastFormatter } from "iced-x86";
 import { guardLayout, guardStub, returnAddressReader, threadPointerReader } from "../src/arch/x86_64/guard.ts";
+import { registryLock } from "../src/arch/x86_64/registry_lock.ts";
 import { x86_64 } from "../src/arch/x86_64/mod.ts";
 import type { NativeType } from "../src/signature.ts";
 
@@ -29,7 +31,7 @@ function guard(os: string, parameters: NativeType[]) {
   const signature = { parameters, result: "i64" as const };
   const layout = guardLayout(os, signature);
   const { code, data } = guardStub({
-    at: AT, data: DATA, jsThread: 0x1111n, callback: 0x2222n, original: 0x3333n, runtimeCode: RUNTIME_CODE, os, signature,
+    at: AT, data: DATA, identity: 0x1111n, callback: 0x2222n, original: 0x3333n, runtimeCode: RUNTIME_CODE, os, signature,
     shared: layout.shared ? SHARED : undefined,
   });
   return { layout, code, data };
@@ -44,7 +46,7 @@ test("calling guard (nothing on the stack): a 12-byte thunk per patch, its recor
   assert.deepEqual([0, 8, 16].map((o) => record.getBigUint64(o, true)), [0x1111n, 0x2222n, 0x3333n]);
   assert.deepEqual([32, 40, 48, 56].map((o) => record.getBigUint64(o, true)), Object.values(RUNTIME_CODE));
   assert.equal(data[layout.busyOffset], 0, "not busy");
-  assert.deepEqual(disassemble(layout.shared!, SHARED, 35), [
+  assert.deepEqual(disassemble(layout.shared!, SHARED, 32), [
     "push r11",
     "mov r11,[r11+20h]",
     "cmp [rsp+8h],r11",
@@ -57,37 +59,34 @@ test("calling guard (nothing on the stack): a 12-byte thunk per patch, its recor
     "mov r11,[r11+30h]",
     "cmp [rsp+8h],r11",
     "mov r11,[rsp]",
-    "jb 7F000000188Eh",
+    "jb 7F0000001884h",
     "mov r11,[r11+38h]",
     "cmp [rsp+8h],r11",
     "mov r11,[rsp]",
-    "jae 7F000000188Eh",
-    "mov r11,fs:[10h]",
-    "push r11",
-    "mov r11,[rsp+8h]",
-    "mov r11,[r11]",
-    "cmp r11,[rsp]",
+    "jae 7F0000001884h",
+    "mov r11,[r11]", // the identity word's address, from the record
+    "mov r11,[r11]", // the JS thread, 0 once the isolate ended
+    "cmp r11,fs:[10h]",
     "pop r11",
-    "pop r11",
-    "jne 7F0000001890h",
+    "jne 7F0000001886h",
     "cmp byte ptr [r11+18h],0h",
-    "jne 7F0000001890h",
+    "jne 7F0000001886h",
     "mov byte ptr [r11+18h],1h",
     "push r11",
     "call qword ptr [r11+8h]",
     "pop r11",
-    "mov byte ptr [r11+18h],0h",
+    "and byte ptr [r11+18h],0FEh", // clears the running bit, keeps the retired one
     "ret",
     "pop r11",
     "jmp qword ptr [r11+10h]",
   ]);
-  assert.equal(layout.shared!.length, 0x94, "to_original (the last instruction) at +0x90");
+  assert.equal(layout.shared!.length, 0x8a, "to_original (the last instruction) at +0x86");
 });
 
 test("swapping guard (stack arguments, 7 integers): keeps the return address aside instead of calling", () => {
   const { layout, code } = guard("linux", ["i64", "i64", "i64", "i64", "i64", "i64", "i64"]);
   assert.equal(layout.shared, null);
-  const lines = disassemble(code, AT, 23);
+  const lines = disassemble(code, AT, 24);
   assert.deepEqual(lines.slice(0, 9), [
     "mov r11,[rsp]",
     "cmp r11,[7F00000010B0h]",
@@ -95,25 +94,26 @@ test("swapping guard (stack arguments, 7 integers): keeps the return address asi
     "cmp r11,[7F00000010B8h]",
     "jae 7F0000001038h",
     "cmp r11,[7F00000010C0h]",
-    "jb 7F000000108Bh",
+    "jb 7F000000108Eh",
     "cmp r11,[7F00000010C8h]",
-    "jae 7F000000108Bh",
+    "jae 7F000000108Eh",
   ]);
-  assert.deepEqual(lines.slice(9, 15), [
-    "mov r11,fs:[10h]",
-    "cmp r11,[7F0000001098h]",
-    "jne 7F000000108Bh",
+  assert.deepEqual(lines.slice(9, 16), [
+    "mov r11,[7F0000001098h]", // the identity word's address
+    "mov r11,[r11]",
+    "cmp r11,fs:[10h]",
+    "jne 7F000000108Eh",
     "cmp byte ptr [7F0000002008h],0h",
-    "jne 7F000000108Bh",
+    "jne 7F000000108Eh",
     "mov byte ptr [7F0000002008h],1h",
   ]);
-  assert.deepEqual(lines.slice(15), [
+  assert.deepEqual(lines.slice(16), [
     "mov r11,[rsp]",
     "mov [7F0000002000h],r11",
-    "lea r11,[7F000000107Eh]",
+    "lea r11,[7F0000001081h]",
     "mov [rsp],r11",
     "jmp qword ptr [7F00000010A0h]",
-    "mov byte ptr [7F0000002008h],0h",
+    "and byte ptr [7F0000002008h],0FEh",
     "jmp qword ptr [7F0000002000h]",
     "jmp qword ptr [7F00000010A8h]",
   ]);
@@ -126,9 +126,9 @@ test("swapping guard (stack arguments, 7 integers): keeps the return address asi
 
 test("guard on Windows: the TEB's self pointer, and 32 bytes of shadow space below 5 arguments", () => {
   const { layout } = guard("windows", ["i64", "i64", "i64", "i64"]);
-  const shared = disassemble(layout.shared!, SHARED, 33);
-  assert.equal(shared[17], "mov r11,gs:[30h]");
-  assert.deepEqual(shared.slice(28, 31), ["push r11", "sub rsp,20h", "call qword ptr [r11+8h]"]);
+  const shared = disassemble(layout.shared!, SHARED, 30);
+  assert.equal(shared[19], "cmp r11,gs:[30h]");
+  assert.deepEqual(shared.slice(25, 28), ["push r11", "sub rsp,20h", "call qword ptr [r11+8h]"]);
   assert.equal(guard("windows", ["i64", "i64", "i64", "i64", "i64"]).layout.shared, null, "a fifth argument goes on the stack");
 });
 
@@ -140,4 +140,12 @@ test("the thread pointer reader reads what the guard compares", () => {
 test("the return address reader reads what the guard compares: [rsp] at entry", () => {
   assert.deepEqual(disassemble(returnAddressReader(), 0n, 2), ["mov rax,[rsp]", "ret"]);
   assert.equal(x86_64.guard?.returnAddressReader, returnAddressReader);
+});
+
+test("registry lock (x86-64): lock cmpxchg in System V and Windows registers, clear by xchg", () => {
+  const linux = registryLock("linux"), windows = registryLock("windows");
+  assert.deepEqual(disassemble(linux.code, 0n, 3), ["mov rax,rsi", "lock cmpxchg [rdi],rdx", "ret"]);
+  assert.deepEqual(disassemble(linux.code.subarray(linux.clear), 0n, 3), ["xor eax,eax", "xchg [rdi],rax", "ret"]);
+  assert.deepEqual(disassemble(windows.code, 0n, 3), ["mov rax,rdx", "lock cmpxchg [rcx],r8", "ret"]);
+  assert.deepEqual(disassemble(windows.code.subarray(windows.clear), 0n, 3), ["xor eax,eax", "xchg [rcx],rax", "ret"]);
 });

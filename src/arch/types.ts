@@ -42,8 +42,12 @@ export interface GuardOptions {
   readonly at: bigint;
   /** Its read+write data slot (`guardDataSize` bytes), within pc-relative reach of `at`. */
   readonly data: bigint;
-  /** The JS thread's identity, as `threadPointerReader` returns it on the JS thread. */
-  readonly jsThread: bigint;
+  /**
+   * Where the isolate's identity word is: the JS thread's pointer (as `threadPointerReader`
+   * returns it there) while the isolate lives, 0 once it ended — then no thread matches, and every
+   * call goes to the original, even from a new thread glibc started on the dead one's stack.
+   */
+  readonly identity: bigint;
   /** The JS replacement's native entry (the runtime's callback). */
   readonly callback: bigint;
   /** The original function, relocated (the trampoline). */
@@ -64,6 +68,13 @@ export interface GuardLayout {
   readonly dataSize: number;
   readonly busyOffset: number;
   readonly shared: Uint8Array | null;
+}
+
+/** The process-wide registry's atomic operations as code (see src/shared_registry.ts). */
+export interface RegistryLockCode {
+  /** `cas(word, expected, desired) → previous` at offset 0, then `clear(word)` at `clear`. */
+  readonly code: Uint8Array;
+  readonly clear: number;
 }
 
 /** What `src/` asks of an instruction set. */
@@ -121,6 +132,8 @@ export interface Arch {
    * position independent, clobbering no argument register.
    */
   indirectJump(from: bigint, slot: bigint): Uint8Array;
+  /** Compare-and-swap and clear of a word in native memory, for `os`'s calling convention. */
+  registryLock(os: string): RegistryLockCode;
   /** Canned native replacements (src/arch/canned.ts): the code of a spec, sized before it is placed. */
   readonly canned?: (spec: CannedSpec, os: string) => CannedPlan;
   /** The native counting and timing probe (src/arch/probe.ts). */
@@ -132,8 +145,9 @@ export interface Arch {
   readonly guard?: {
     /**
      * What one patch's guard takes for `signature` on `os`: code bytes, data bytes (at
-     * `busyOffset` of the data, the busy flag), and code shared by many patches, placed once
-     * within reach of them (`GuardOptions.shared`), if any.
+     * `busyOffset` of the data, the busy flag: bit 0 while the replacement runs, bit 1 once the
+     * patch is retired — any bit set sends calls to the original), and code shared by many
+     * patches, placed once within reach of them (`GuardOptions.shared`), if any.
      */
     layout(os: string, signature: Signature): GuardLayout;
     /** A function returning the current thread's identity, as the guard compares it. */

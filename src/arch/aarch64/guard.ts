@@ -1,7 +1,8 @@
 /**
  * The guard stub that stands in front of a JS replacement (AArch64), with the contract of
- * src/arch/x86_64/guard.ts: calls from other threads, and calls from the JS thread while the
- * replacement is already running, go to the original, and so do the runtime's own calls (a
+ * src/arch/x86_64/guard.ts: calls from other threads (or from any, once the isolate's identity word
+ * is 0), calls from the JS thread while the replacement is already running, and every call once
+ * the patch is retired go to the original, and so do the runtime's own calls (a
  * return address in the runtime's executable outside its FFI's part, `RuntimeCode`). It calls the
  * replacement with `blr` (so its
  * return stays predicted) after keeping the caller's return address (x30) in a per-patch slot, and
@@ -19,7 +20,7 @@ import { align, assembleListing, type Line } from "../listing.ts";
 import { adrp, assemble, blr, br, cbz, ldrLiteral, NOP, tbz } from "./writer.ts";
 
 /** Bytes of code (with its seven literals). */
-export const GUARD_SIZE = 192;
+export const GUARD_SIZE = 200;
 /** Bytes of read+write data: the saved return address, then the busy flag. */
 export const GUARD_DATA_SIZE = 16;
 
@@ -106,27 +107,30 @@ export function guardStub(options: GuardOptions): Uint8Array {
     sign(false, "to_original"), //     tbz x16, #63, to_original: so is this; inside, its FFI's
     "elsewhere",
     threadPointer(options.os, X16), // mrs x16, tpidr_el0; and x16, x16, #~7
-    load(X17, "thread"), //            ldr x17, thread
+    load(X17, "identity"), //          ldr x17, identity: the word's address
+    [0xf9400231], //                   ldr x17, [x17]: the JS thread, 0 once the isolate ended
     [0xca110210], //                   eor x16, x16, x17
     toOriginal(true), //               cbnz x16, to_original: another thread
     dataAddress, //                    adrp x17, data; add x17, x17, :lo12:data
     [0x39402230], //                   ldrb w16, [x17, #8]
-    toOriginal(false), //              cbnz w16, to_original: re-entered
+    toOriginal(false), //              cbnz w16, to_original: re-entered, or retired
     [0x52800030], //                   mov w16, #1
     [0x39002230], //                   strb w16, [x17, #8]: busy
     [0xf900023e], //                   str x30, [x17]: the caller's return address
     load(X16, "callback"), //          ldr x16, callback
     [blr(X16)], //                     blr x16
     dataAddress, //                    adrp x17, data; add x17, x17, :lo12:data
-    [0x3900223f], //                   strb wzr, [x17, #8]: not busy
+    [0x39402230], //                   ldrb w16, [x17, #8]
+    [0x121f0210], //                   and w16, w16, #2: not running (retired stays)
+    [0x39002230], //                   strb w16, [x17, #8]
     [0xf940023e], //                   ldr x30, [x17]
     [0xd65f03c0], //                   ret: back to the caller
     "to_original",
     load(X16, "original"), //          ldr x16, original
     [br(X16)], //                      br x16
     align(8, NOP), //                  (the literals are 8-byte aligned)
-    "thread",
-    quad(options.jsThread),
+    "identity",
+    quad(options.identity),
     "callback",
     quad(options.callback),
     "original",

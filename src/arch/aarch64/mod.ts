@@ -6,6 +6,7 @@ import type { Arch } from "../types.ts";
 import { displacement, isBranchKind, kindOf } from "./decoder.ts";
 import { planRelocation, relocate } from "./relocator.ts";
 import { GUARD_DATA_SIZE, GUARD_SIZE, guardStub, returnAddressReader, threadPointerReader } from "./guard.ts";
+import { registryLock } from "./registry_lock.ts";
 import { cannedCode } from "./canned.ts";
 import { probe } from "./probe.ts";
 import { assemble, b, B_REACH, B_SIZE, JUMP_ABS_SIZE, JUMP_INDIRECT_SIZE, jumpAbs, jumpIndirect } from "./writer.ts";
@@ -69,6 +70,7 @@ export const aarch64: Arch = {
   },
   indirectJumpSize: JUMP_INDIRECT_SIZE,
   indirectJump: jumpIndirect,
+  registryLock,
   canned: cannedCode,
   guard: {
     layout: () => ({ size: GUARD_SIZE, dataSize: GUARD_DATA_SIZE, busyOffset: 8, shared: null }),

@@ -3,13 +3,14 @@
  *
  * A JS replacement can only run on the JS thread, and must not be re-entered while the runtime is
  * dispatching it (Deno calls `strlen` there, for one). The guard sends every other call to the
- * original: calls from other threads (told apart by the thread pointer), and calls from the JS
- * thread while the replacement is already running. It must clear its busy flag when the
+ * original: calls from other threads (told apart by the thread pointer, compared with the
+ * isolate's identity word, which is 0 once the isolate ended), calls from the JS thread while the
+ * replacement is already running, and every call once the patch is retired (busy bit 1). It must clear its busy flag when the
  * replacement returns, which it can do two ways:
  *
  * - When the signature passes nothing on the stack, it simply calls the replacement (returns stay
  *   predicted). That code is the same for every patch: each patch has only a 12-byte thunk that
- *   loads its record (JS thread, callback, original, busy flag) into r11 and jumps to it.
+ *   loads its record (identity word, callback, original, busy flag) into r11 and jumps to it.
  * - Otherwise it must not push anything (stack arguments must stay where the callee expects them),
  *   so a per-patch guard keeps the caller's return address in a data slot and puts its own return
  *   point in its place.
@@ -34,9 +35,9 @@ const SWAP_SIZE = 208;
 const SWAP_DATA_SIZE = 16;
 /** A calling guard's thunk: `lea r11, [rip+record]; jmp shared`. */
 const THUNK_SIZE = 12;
-/** A calling guard's record: JS thread, callback, original, busy flag, the runtime's code. */
+/** A calling guard's record: the identity word's address, callback, original, busy flag, the runtime's code. */
 const RECORD = {
-  jsThread: 0, callback: 8, original: 16, busy: 24, textStart: 32, textEnd: 40, ffiStart: 48, ffiEnd: 56, size: 64,
+  identity: 0, callback: 8, original: 16, busy: 24, textStart: 32, textEnd: 40, ffiStart: 48, ffiEnd: 56, size: 64,
 };
 
 /**
@@ -107,7 +108,7 @@ export function guardStub(options: GuardOptions): { code: Uint8Array; data: Uint
   }
   if (options.shared === undefined) throw new RangeError("the calling guard needs its shared code placed");
   const record = new Uint8Array(RECORD.size);
-  record.set(u64le(options.jsThread), RECORD.jsThread);
+  record.set(u64le(options.identity), RECORD.identity);
   record.set(u64le(options.callback), RECORD.callback);
   record.set(u64le(options.original), RECORD.original);
   record.set(u64le(options.runtimeCode.start), RECORD.textStart);
@@ -152,23 +153,20 @@ function sharedCallingGuard(os: string, padding: number): Uint8Array {
     ...againstRecord(RECORD.ffiEnd),
     jcc(JAE, "runtime_call"), //                   jae runtime_call: so is this; inside, its FFI's
     "elsewhere",
-    [segment, 0x4c, 0x8b, 0x1c, sib, ...disp], //  mov r11, qword fs:[0x10] (gs:[0x30] on Windows)
-    [0x41, 0x53], //                               push r11 (the thread)
-    [0x4c, 0x8b, 0x5c, 0x24, 0x08], //             mov r11, [rsp+8]: the record
-    [0x4d, 0x8b, 0x5b, RECORD.jsThread], //        mov r11, [r11+jsThread]
-    [0x4c, 0x3b, 0x1c, 0x24], //                   cmp r11, [rsp]: this thread?
-    [0x41, 0x5b], //                               pop r11 (flags stay)
-    [0x41, 0x5b], //                               pop r11: the record again
+    [0x4d, 0x8b, 0x5b, RECORD.identity], //        mov r11, [r11+identity]: the identity word's address
+    [0x4d, 0x8b, 0x1b], //                         mov r11, [r11]: the JS thread, 0 once the isolate ended
+    [segment, 0x4c, 0x3b, 0x1c, sib, ...disp], //  cmp r11, qword fs:[0x10] (gs:[0x30] on Windows): this thread?
+    [0x41, 0x5b], //                               pop r11: the record again (flags stay)
     jne("to_original"), //                         jne to_original: another thread
     [0x41, 0x80, 0x7b, RECORD.busy, 0x00], //      cmp byte [r11+busy], 0
-    jne("to_original"), //                         jne to_original: re-entered
+    jne("to_original"), //                         jne to_original: re-entered, or retired
     [0x41, 0xc6, 0x43, RECORD.busy, 0x01], //      mov byte [r11+busy], 1
     [0x41, 0x53], //                               push r11: kept across the call; aligns rsp
     ...reserve,
     [0x41, 0xff, 0x53, RECORD.callback], //        call [r11+callback]
     ...release,
     [0x41, 0x5b], //                               pop r11
-    [0x41, 0xc6, 0x43, RECORD.busy, 0x00], //      mov byte [r11+busy], 0
+    [0x41, 0x80, 0x63, RECORD.busy, 0xfe], //      and byte [r11+busy], ~1: not running (retired stays)
     [0xc3], //                                     ret
     "runtime_call",
     [0x41, 0x5b], //                               pop r11: the record
@@ -219,11 +217,12 @@ function swappingGuard(options: GuardOptions): Uint8Array {
     (p) => [0x4c, 0x3b, 0x1d, ...local(p, "ffi_end")], //    cmp r11, [rip+ffi_end]
     jcc(JAE, "to_original"), //                              jae to_original: so is this; inside, its FFI's
     "elsewhere",
-    [segment, 0x4c, 0x8b, 0x1c, sib, ...disp], //           mov r11, qword fs:[0x10] (gs:[0x30] on Windows)
-    (p) => [0x4c, 0x3b, 0x1d, ...local(p, "thread")], //     cmp r11, [rip+thread]
+    (p) => [0x4c, 0x8b, 0x1d, ...local(p, "identity")], //   mov r11, [rip+identity]: the word's address
+    [0x4d, 0x8b, 0x1b], //                                   mov r11, [r11]: the JS thread, 0 once ended
+    [segment, 0x4c, 0x3b, 0x1c, sib, ...disp], //           cmp r11, qword fs:[0x10] (gs:[0x30] on Windows)
     jne("to_original"), //                                   jne to_original: another thread
     (p) => [0x80, 0x3d, ...rip(p, busy), 0x00], //           cmp byte [rip+busy], 0
-    jne("to_original"), //                                   jne to_original: re-entered
+    jne("to_original"), //                                   jne to_original: re-entered, or retired
     (p) => [0xc6, 0x05, ...rip(p, busy), 0x01], //           mov byte [rip+busy], 1
     [0x4c, 0x8b, 0x1c, 0x24], //                             mov r11, [rsp]
     (p) => [0x4c, 0x89, 0x1d, ...rip(p, saved)], //          mov [rip+saved], r11
@@ -231,13 +230,13 @@ function swappingGuard(options: GuardOptions): Uint8Array {
     [0x4c, 0x89, 0x1c, 0x24], //                             mov [rsp], r11: return to `after`
     (p) => [0xff, 0x25, ...local(p, "callback")], //         jmp [rip+callback]
     "after",
-    (p) => [0xc6, 0x05, ...rip(p, busy), 0x00], //           mov byte [rip+busy], 0
+    (p) => [0x80, 0x25, ...rip(p, busy), 0xfe], //           and byte [rip+busy], ~1: not running
     (p) => [0xff, 0x25, ...rip(p, saved)], //                jmp [rip+saved]: back to the caller
     "to_original",
     (p) => [0xff, 0x25, ...local(p, "original")], //         jmp [rip+original]
     align(8, INT3),
-    "thread",
-    [...u64le(options.jsThread)],
+    "identity",
+    [...u64le(options.identity)],
     "callback",
     [...u64le(options.callback)],
     "original",

@@ -7,6 +7,7 @@ import { planRelocation, relocate } from "./relocator.ts";
 import { flowOf, instructionLength, operands } from "./decoder.ts";
 import { branchesBetween, mayBranchInto } from "./scan.ts";
 import { guardLayout, guardStub, returnAddressReader, threadPointerReader } from "./guard.ts";
+import { registryLock } from "./registry_lock.ts";
 import { cannedCode } from "./canned.ts";
 import { probe } from "./probe.ts";
 import {
@@ -73,6 +74,7 @@ export const x86_64: Arch = {
   },
   indirectJumpSize: JMP_INDIRECT_SIZE,
   indirectJump: jmpIndirect,
+  registryLock,
   canned: cannedCode,
   guard: { layout: guardLayout, threadPointerReader, returnAddressReader, encode: guardStub },
   probe,

@@ -1,0 +1,113 @@
+/**
+ * The code in front of JS replacements, as the patches' layouts place it: each guard's bytes and
+ * data for its slot (with the isolate's identity word, src/registry.ts), the code shared by many
+ * guards (placed once per region), and the runtime's own code with the part of it that is its FFI,
+ * learnt once by running the guard's own read of the return address through the FFI.
+ */
+import { hex, RedefineError } from "./errors.ts";
+import type { GuardLayout, RuntimeCode } from "./arch/types.ts";
+import type { CodeSlot } from "./code_memory.ts";
+import type { Signature } from "./signature.ts";
+import { isolateIdentity } from "./registry.ts";
+import type { Machine } from "./registry.ts";
+/** The guard's layout for `signature`: its shared code is assembled once, not once a patch. */
+export function guardShape(m: Machine, signature: Signature): GuardLayout {
+  const { os } = m.platform.runtime;
+  const key = `${os}:${signature.parameters.join()}:${signature.result}`;
+  const shape = m.guardLayouts.get(key) ?? m.arch.guard!.layout(os, signature);
+  m.guardLayouts.set(key, shape);
+  return shape;
+}
+
+/** The guard's code for `front` in `slot`, its data written into the slot's data. */
+export function guardCode(
+  m: Machine,
+  signature: Signature,
+  slot: CodeSlot,
+  front: bigint,
+  callback: bigint,
+  original: bigint,
+): Uint8Array {
+  const guard = m.arch.guard!;
+  const { os } = m.platform.runtime;
+  const shape = guardShape(m, signature);
+  const { code, data } = guard.encode({
+    at: front,
+    data: slot.data,
+    identity: isolateIdentity(),
+    callback,
+    original,
+    runtimeCode: runtimeCodeOf(m, guard.returnAddressReader(), front),
+    os,
+    signature,
+    shared: shape.shared ? sharedCode(m, shape.shared, front) : undefined,
+  });
+  m.platform.runtime.view(slot.data, data.length).set(data);
+  return code;
+}
+
+/**
+ * A copy of `code` (code shared by many patches, such as the calling guard) within near-jump
+ * reach of `near`: placed once per region and reused.
+ */
+function sharedCode(m: Machine, code: Uint8Array, near: bigint): bigint {
+  // By its bytes, worked out once per copy of them (the guard's layouts are kept, and with them
+  // their shared code).
+  let key = m.sharedKeys.get(code);
+  if (key === undefined) m.sharedKeys.set(code, key = code.join());
+  const reach = m.arch.nearReach - BigInt(code.length) - 4096n;
+  const copies = m.shared.get(key) ?? [];
+  const found = copies.find((at) => (at > near ? at - near : near - at) < reach);
+  if (found !== undefined) return found;
+  const slot = m.pool.allocate(near, reach, code.length);
+  if (!slot) {
+    throw new RedefineError(
+      "ALLOCATION_FAILED",
+      `no executable memory near ${hex(near)} for the guard.`,
+    );
+  }
+  m.pool.write(slot, code);
+  m.shared.set(key, [...copies, slot.address]);
+  return slot.address;
+}
+
+/**
+ * Signatures the FFI path is probed with: libffi picks its call instruction by the kinds of the
+ * arguments (Node 26's has one per count of integer arguments up to six, and a general one).
+ */
+const FFI_PROBES: readonly Signature[] = [
+  { parameters: [], result: "u64" },
+  { parameters: ["i64", "i64", "i64", "i64", "i64", "i64"], result: "u64" },
+  { parameters: ["i64", "i64", "i64", "i64", "i64", "i64", "i64", "f64"], result: "u64" },
+];
+
+/**
+ * How far either side of the call instructions seen, the FFI's others can lie: libffi's sit
+ * together in its hand-written call routines (Node 26's span 0x134 bytes), and the VM's own calls
+ * are megabytes away.
+ */
+const FFI_SPREAD = 4096n;
+
+/**
+ * The runtime's own code, for the guard: its executable's text, and the part of it whose calls
+ * are the FFI's, found by calling the guard's own read of the return address through the FFI
+ * (Deno's and Node's libffi sits inside their executables; Bun's FFI calls come from JIT code
+ * outside, so none of its text is the FFI's). Where the OS layer cannot tell the text, no call is
+ * the runtime's own. Learnt once.
+ */
+function runtimeCodeOf(m: Machine, reader: Uint8Array, near: bigint): RuntimeCode {
+  if (m.runtimeCode) return m.runtimeCode;
+  const text = m.platform.os.programText?.() ?? null;
+  if (!text) return (m.runtimeCode = { start: 0n, end: 0n, ffiStart: 0n, ffiEnd: 0n });
+  const at = sharedCode(m, reader, near);
+  const sites = FFI_PROBES.map((signature) => {
+    const zeros = signature.parameters.map((type) => (type === "f64" ? 0 : 0n));
+    return BigInt(m.platform.runtime.fnPointer(at, signature)(...zeros));
+  }).filter((site) => site >= text.start && site < text.end);
+  const low = sites.reduce((a, b) => (b < a ? b : a), text.end);
+  const high = sites.reduce((a, b) => (b > a ? b : a), text.start);
+  m.runtimeCode = sites.length === 0
+    ? { start: text.start, end: text.end, ffiStart: 0n, ffiEnd: 0n }
+    : { start: text.start, end: text.end, ffiStart: low - FFI_SPREAD, ffiEnd: high + FFI_SPREAD };
+  return m.runtimeCode;
+}

@@ -1,0 +1,95 @@
+// One process, many isolates: Workers, and `deno test --parallel` files, each load their own copy
+// of redefine. The cases run in child processes (test/fixtures/isolates_*.ts, parallel_mock.ts),
+// so a crash is a failed test, not a dead suite.
+import { assert, runtimeName, runtimePath, test } from "./harness.ts";
+import { spawnSync } from "node:child_process";
+import process from "node:process";
+
+
+/** Runs a fixture under this runtime; its exit status, signal and last line of JSON. */
+function fixture(name: string, args: string[], timeout = 30_000) {
+  const path = new URL(`./fixtures/${name}`, import.meta.url).pathname;
+  const argv = runtimeName === "deno" ? ["run", "-A", "--no-check", path, ...args] : [path, ...args];
+  const child = spawnSync(runtimePath, argv, { encoding: "utf8", timeout, env: { ...process.env, NO_COLOR: "1" } });
+  const json = child.stdout.split("\n").filter((line) => /^[[{]/.test(line)).at(-1);
+  const why = `status ${child.status}, signal ${child.signal}\n${child.stdout}\n${child.stderr.slice(-2000)}`;
+  assert.equal(child.signal, null, why);
+  assert.equal(child.status, 0, why);
+  assert.ok(json, why);
+  return JSON.parse(json);
+}
+
+interface Report {
+  toggles: number;
+  wrong: number;
+  refused: Record<string, number>;
+}
+
+function race(where: "two" | "main", first: string, second: string): Report[] {
+  const reports: Report[] = fixture("isolates_race.ts", [where, first, second, "1500"]);
+  for (const report of reports) {
+    assert.ok(report.toggles > 0, JSON.stringify(reports));
+    assert.equal(report.wrong, 0, JSON.stringify(reports));
+    assert.deepEqual(report.refused, {}, JSON.stringify(reports));
+  }
+  return reports;
+}
+
+test("isolates: two Workers redefining and restoring the same function at once", () => {
+  race("two", "labs", "labs");
+});
+
+test("isolates: two Workers redefining different functions on one page at once", () => {
+  race("two", "getuid", "getgid");
+});
+
+test("isolates: the main thread and a Worker redefining the same function at once", () => {
+  race("main", "labs", "labs");
+});
+
+for (const [how, title, why] of [
+  ["terminate", "a terminated Worker's JS patch; later Workers (on its stack) and the main thread get the real function", "the next patching restores the dead isolate's bytes"],
+  ["close", "a Worker that ends itself leaves no patch behind", "its bytes are back, by its exit handler or by the next patching"],
+]) {
+  test(`isolates: ${title}`, () => {
+    const { real, held, later, main, restored } = fixture("isolates_death.ts", [how]);
+    assert.deepEqual(held, { held: true });
+    assert.deepEqual(later, later.map(() => ({ value: real })));
+    assert.equal(main, real);
+    assert.equal(restored, true, why);
+  });
+}
+
+test("isolates: deno test --parallel, four files mocking getuid with their own values, all pass", () => {
+  const path = new URL("./fixtures/parallel_mock.ts", import.meta.url).pathname;
+  const child = spawnSync(runtimePath, ["run", "-A", "--no-check", path, "4"], { encoding: "utf8", timeout: 120_000 });
+  assert.equal(child.status, 0, child.stderr);
+  assert.match(child.stdout, /ok \| 4 passed \| 0 failed/, child.stdout);
+}, {
+  skip: runtimeName === "deno"
+    ? undefined
+    : runtimeName === "bun"
+    ? "bun test runs every file in one isolate"
+    : "node --test runs every file in its own process",
+});
+
+test("isolates: the registry's rules across isolates — stacking, an inert step aside, OUT_OF_ORDER, restoreAll", () => {
+  const seen = fixture("isolates_cross.ts", []);
+  const { real } = seen;
+  assert.deepEqual(seen.workerHolds, { held: true });
+  assert.equal(seen.depth, 1, "the main thread's patch layers on the Worker's");
+  assert.equal(seen.mainSees, 7, "each isolate sees its own JS replacement");
+  assert.deepEqual(seen.workerSees, { value: 4242 });
+  assert.deepEqual(seen.workerRestores, { refused: null }, "a guarded patch under another isolate's steps aside");
+  assert.deepEqual(seen.workerSeesAfter, { value: real });
+  assert.equal(seen.mainSeesAfter, 7);
+  assert.equal(seen.restoredBytes, true, "restoring the top puts the function's own bytes back");
+  assert.equal(seen.mainSeesEnd, real);
+  assert.deepEqual(seen.workerNative, { held: true });
+  assert.deepEqual(seen.nativeUnder, { refused: "OUT_OF_ORDER" }, "a native patch under another isolate's");
+  assert.deepEqual(seen.nativeAfter, { refused: null });
+  assert.equal(seen.nativeBytes, true);
+  assert.deepEqual(seen.workerRestoreAll, { value: real }, "restoreAll() in the Worker restores its own");
+  assert.equal(seen.mainKeeps, 11, "and leaves the main thread's");
+  assert.deepEqual(seen.mainRestoreAll, { labs: false, value: 5 });
+});
