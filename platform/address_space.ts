@@ -55,3 +55,13 @@ export function nearCandidates(
   const distance = (a: bigint) => (a > near ? a - near : near - a);
   return candidates.sort((a, b) => (distance(a) < distance(b) ? -1 : distance(a) > distance(b) ? 1 : 0));
 }
+
+/**
+ * A free page-aligned place for `size` bytes far from the libraries (the lowest gap), for memory
+ * that need not be near anything; 0n (the system's choice) when none is seen. The system's own
+ * choice lies next to the libraries, in the near space that stubs need: qemu-user fills the gaps
+ * beside them first.
+ */
+export function farPlace(mappings: readonly Mapping[], size: bigint, pageSize: bigint): bigint {
+  return nearCandidates(mappings, 0n, 2n ** 62n, size, pageSize)[0] ?? 0n;
+}

@@ -10,7 +10,7 @@ import { hex, RedefineError } from "../src/errors.ts";
 import type { Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 import { aarch64CacheFlush } from "./aarch64_flush.ts";
-import { nearCandidates, protectionText } from "./address_space.ts";
+import { farPlace, nearCandidates, protectionText } from "./address_space.ts";
 import { cString, posix } from "./posix.ts";
 import { procMem } from "./proc_mem.ts";
 import { linuxModules } from "./linux_modules.ts";
@@ -255,7 +255,10 @@ export function linux(runtime: Runtime): Os {
             c.munmap(address, BigInt(size));
             continue;
           }
-          const writable = mapShared(fd, 0n, size, PROT_READ | PROT_WRITE, 0);
+          // The write alias needs no reach: far away, it leaves the near gaps to code.
+          const far = farPlace(parseMaps(readMaps()), BigInt(size), BigInt(pageSize));
+          const writable = (far === 0n ? null : mapShared(fd, far, size, PROT_READ | PROT_WRITE, MAP_FIXED_NOREPLACE)) ??
+            mapShared(fd, 0n, size, PROT_READ | PROT_WRITE, 0);
           if (writable === null) {
             c.munmap(address, total);
             throw new RedefineError("ALLOCATION_FAILED", `mmap of the code file failed: ${errnoText()}.`);

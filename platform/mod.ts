@@ -14,6 +14,7 @@ import type { Os, Platform, Runtime } from "./types.ts";
 export type * from "./types.ts";
 export { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 export { buildStubImage, type StubImage } from "./image/elf.ts";
+export { farPlace } from "./address_space.ts";
 
 // Deno and Bun define `process` too: they are told apart first.
 const global = globalThis as { Deno?: unknown; Bun?: unknown; process?: { versions?: { node?: string } } };

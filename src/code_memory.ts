@@ -85,7 +85,9 @@ export class CodePool {
       if (slot) return slot;
     }
     const { os } = this.#platform;
-    const fresh = os.allocateCode(near, reach, roundUp(Math.max(codeSize, MIN_BLOCK), os.pageSize));
+    // Where near space is too scarce for a whole block, the exact size may still fit.
+    const fresh = os.allocateCode(near, reach, roundUp(Math.max(codeSize, MIN_BLOCK), os.pageSize)) ??
+      (codeSize < MIN_BLOCK ? os.allocateCode(near, reach, roundUp(codeSize, os.pageSize)) : null);
     if (!fresh) return null;
     const block: PoolBlock = {
       ...fresh,

@@ -16,7 +16,8 @@
 import { RedefineError } from "./errors.ts";
 import type { Arch } from "./arch/types.ts";
 import type { CodePool } from "./code_memory.ts";
-import type { NativeCall, Platform, Runtime } from "../platform/mod.ts";
+import type { NativeCall, Platform } from "../platform/mod.ts";
+import { farPlace } from "../platform/mod.ts";
 import type { Signature } from "./signature.ts";
 
 /** One live patch as every isolate sees it. */
@@ -128,7 +129,7 @@ export function openStore(
   // filed under "the main program" (NULL), Node's process crashed.
   const libcAddress = c ? platform.os.symbolAddress("__cxa_thread_atexit_impl") : 0n;
   if (c && c.__cxa_thread_atexit_impl!(slot.address + BigInt(lockCode.clear), identity, libcAddress) === 0) {
-    base = shared(c, runtime);
+    base = shared(c, platform);
   }
   const bytes = base === null ? new Uint8Array(SIZE) : runtime.view(base, SIZE);
   const view = new DataView(bytes.buffer, bytes.byteOffset, SIZE);
@@ -218,7 +219,8 @@ export function openStore(
 }
 
 /** The process's store: found through the environment, or made and published there. */
-function shared(c: Record<string, NativeCall>, runtime: Runtime): bigint {
+function shared(c: Record<string, NativeCall>, platform: Platform): bigint {
+  const { os, runtime } = platform;
   const name = cString(`REDEFINE_REGISTRY_${LAYOUT}_${c.getpid!()}`);
   const published = (): bigint | null => {
     const value = BigInt(c.getenv!(name));
@@ -226,7 +228,9 @@ function shared(c: Record<string, NativeCall>, runtime: Runtime): bigint {
   };
   const found = published();
   if (found !== null) return found;
-  const mine = BigInt(c.mmap!(0n, BigInt(SIZE), PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0n));
+  // A hint far from the libraries: the system's own choice would take near space stubs need.
+  const hint = farPlace(os.mappings(), BigInt(SIZE), BigInt(os.pageSize));
+  const mine = BigInt(c.mmap!(hint, BigInt(SIZE), PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0n));
   if (mine === 2n ** 64n - 1n) throw new RedefineError("ALLOCATION_FAILED", "mmap of the process-wide registry failed.");
   c.setenv!(name, cString(`0x${mine.toString(16)}`), 0);
   const winner = published()!;
