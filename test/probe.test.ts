@@ -4,7 +4,7 @@
  * and in a generated library's import slots (`callers`).
  */
 import { assert, test } from "./harness.ts";
-import { Decoder, DecoderOptions, FastFormatter } from "iced-x86";
+import { disassemble as disassembleX86 } from "./canned_listing.ts";
 import { disassemble as disassembleArm64, h } from "./objdump_aarch64.ts";
 import { probe as x86_64 } from "../src/arch/x86_64/probe.ts";
 import { probe as aarch64 } from "../src/arch/aarch64/probe.ts";
@@ -17,17 +17,6 @@ import { assemble, bytesAt, callOnAnotherThread, cstr, isArm64, libc, os, runtim
 const AT = 0x7f00_0000_1000n;
 const DATA = 0x7f00_0000_2008n;
 const word = (offset: number) => `${(DATA + BigInt(offset)).toString(16).toUpperCase()}h`;
-
-function disassembleX86(code: Uint8Array, address: bigint): string[] {
-  const decoder = new Decoder(64, code, DecoderOptions.None);
-  decoder.ip = address;
-  const formatter = new FastFormatter();
-  const lines: string[] = [];
-  while (decoder.canDecode) lines.push(formatter.format(decoder.decode()));
-  decoder.free();
-  formatter.free();
-  return lines;
-}
 
 test("x86-64 counting probe: lock inc of the counter, then the original", () => {
   const code = x86_64.encode(AT, DATA, false);
