@@ -1,8 +1,8 @@
 /**
  * Redefine native functions at run time from Deno, Bun and Node 26, through nothing but the
- * runtime's own FFI. A patch overwrites the first bytes of a function with a jump to your replacement — a JS
- * function or another native function — so every caller, the runtime included, runs the
- * replacement until the patch is restored, byte for byte.
+ * runtime's own FFI. A patch overwrites the first bytes of a function with a jump to your
+ * replacement — a JS function or another native function — so every caller, the runtime
+ * included, runs the replacement until the patch is restored, byte for byte.
  *
  * @example
  * ```ts
