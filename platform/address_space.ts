@@ -6,7 +6,7 @@ import type { Mapping } from "./types.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 
 /** How many places to try in one free gap, and how far apart. */
-const GAP_TRIES = 4n;
+const GAP_TRIES = 16n;
 const GAP_STEP = 1n << 20n;
 
 /** A stack may grow down into this much space below it; never put code there. */

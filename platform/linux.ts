@@ -243,7 +243,7 @@ export function linux(runtime: Runtime): Os {
       try {
         const total = BigInt(size + dataSize);
         const candidates = nearCandidates(parseMaps(readMaps()), near, reach, total, BigInt(pageSize));
-        for (const at of candidates.slice(0, 64)) {
+        for (const at of candidates.slice(0, 256)) {
           const address = mapShared(fd, at, size, PROT_READ | PROT_EXEC, MAP_FIXED_NOREPLACE);
           if (address === null) continue;
           // The guard stubs' flags and saved return addresses, right after the code so that
