@@ -9,36 +9,15 @@ import { machine } from "../src/registry.ts";
 import { probeNatively } from "../src/trace/native_probe.ts";
 import { apply } from "../src/redefine.ts";
 import { locate } from "../src/target.ts";
+import { compare as compareRounds, median } from "./report.ts";
+import type { Case } from "./report.ts";
 
 const { runtime, os } = platform();
 const libc = runtime.open("libc.so.6", { labs: { parameters: ["i64"], result: "i64" } });
 
-/** Nanoseconds per call of `body`, over `n` calls. */
-function timePer(body: () => void, n: number): number {
-  const start = performance.now();
-  for (let i = 0; i < n; i++) body();
-  return ((performance.now() - start) * 1e6) / n;
-}
-
-/** A measured body with untimed set-up and tear-down around each round. */
-interface Case {
-  body: () => void;
-  setUp?: () => void;
-  tearDown?: () => void;
-}
-
-/** Interleaves rounds of `a` and `b` so drift hits both alike; returns the medians in ns. */
-function compare(a: Case, b: Case, n: number, rounds = 21): [number, number] {
-  const as: number[] = [], bs: number[] = [];
-  for (let r = 0; r < rounds; r++) {
-    for (const [c, out] of [[a, as], [b, bs]] as const) {
-      c.setUp?.();
-      out.push(timePer(c.body, n));
-      c.tearDown?.();
-    }
-  }
-  const median = (xs: number[]) => xs.sort((x, y) => x - y)[Math.floor(xs.length / 2)];
-  return [median(as), median(bs)];
+/** Rounds interleaved as every bench does; the probes' figures are the median round. */
+function compare(a: Case, b: Case, n: number): [number, number] {
+  return compareRounds(a, b, n, 21, median);
 }
 
 interface Row {

@@ -40,8 +40,22 @@ export function best(xs: readonly number[]): number {
   return Math.min(...xs);
 }
 
-/** Interleaves rounds of `a` and `b` so drift hits both alike; the best rounds, in ns per call. */
-export function compare(a: Case, b: Case, n: number, rounds = 15): [number, number] {
+/** The median of `xs`. */
+export function median(xs: readonly number[]): number {
+  return [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)]!;
+}
+
+/**
+ * Interleaves rounds of `a` and `b` so drift hits both alike; in ns per call, the rounds' `pick`
+ * (the best by default).
+ */
+export function compare(
+  a: Case,
+  b: Case,
+  n: number,
+  rounds = 15,
+  pick: (xs: readonly number[]) => number = best,
+): [number, number] {
   const as: number[] = [], bs: number[] = [];
   for (let r = 0; r < rounds; r++) {
     for (const [c, out] of [[a, as], [b, bs]] as const) {
@@ -50,7 +64,7 @@ export function compare(a: Case, b: Case, n: number, rounds = 15): [number, numb
       c.tearDown?.();
     }
   }
-  return [best(as), best(bs)];
+  return [pick(as), pick(bs)];
 }
 
 /** Whether `row` meets its goal. */
