@@ -31,6 +31,7 @@ const WINDOWS_TESTS = [
   "test/introspect_windows_e2e.test.ts",
   "test/windows_callers_e2e.test.ts",
   "test/windows_stress_e2e.test.ts",
+  "test/windows_attach_e2e.test.ts",
   // Last: a process-wide fake clock holds Deno's Date.now() in the past for up to a minute after it.
   "test/windows_mock_e2e.test.ts",
 ];

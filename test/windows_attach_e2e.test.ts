@@ -1,0 +1,262 @@
+/**
+ * Probes on Windows x64, for real (run under Wine by `npm run test:windows`; registers nothing on
+ * other systems). `attach()` on msvcrt's `strtol` and `labs` and kernel32's `GetCurrentProcessId`
+ * (an import thunk into kernelbase): the callbacks see the arguments, one array per call, and
+ * replace the result, for calls from JS and from native code on the JS thread, while other threads
+ * and re-entrant calls reach the original unseen. The native probe (what the trace command puts in
+ * front of every function) counts and times calls through the FFI, from a native loop, and from
+ * two threads at once, with nothing lost. Every entry comes back to its exact bytes and
+ * protection. Then the trace command itself on a script calling msvcrt N times.
+ */
+import { assert, runtimeName, runtimePath, test } from "./harness.ts";
+import { attach } from "../mod.ts";
+import { clockRate, probeNatively } from "../src/trace/native_probe.ts";
+import { platform } from "../platform/mod.ts";
+import { spawnSync } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import process from "node:process";
+import { fileURLToPath } from "node:url";
+import { onWindows, win32 } from "./windows_native.ts";
+
+// hammer(record), Windows x64: calls record.fn(-5) record.n times, the sum of its (i32) results
+// into record.sum. record: fn +0, n +8, sum +16.
+const HAMMER = [
+  0x53, //                         push rbx
+  0x56, //                         push rsi
+  0x57, //                         push rdi: rsp 16-aligned again
+  0x48, 0x83, 0xec, 0x20, //       sub rsp, 32: the callee's shadow space
+  0x48, 0x89, 0xcb, //             mov rbx, rcx: the record
+  0x48, 0x8b, 0x73, 0x08, //       mov rsi, [rbx+8]: n
+  0x31, 0xff, //                   xor edi, edi: the sum
+  0xb9, 0xfb, 0xff, 0xff, 0xff, // top: mov ecx, -5
+  0xff, 0x13, //                   call [rbx]
+  0x48, 0x63, 0xc0, //             movsxd rax, eax
+  0x48, 0x01, 0xc7, //             add rdi, rax
+  0x48, 0xff, 0xce, //             dec rsi
+  0x75, 0xee, //                   jnz top
+  0x48, 0x89, 0x7b, 0x10, //       mov [rbx+16], rdi
+  0x31, 0xc0, //                   xor eax, eax
+  0x48, 0x83, 0xc4, 0x20, //       add rsp, 32
+  0x5f, //                         pop rdi
+  0x5e, //                         pop rsi
+  0x5b, //                         pop rbx
+  0xc3, //                         ret
+];
+
+if (onWindows) {
+  const { runtime, os } = platform();
+  const msvcrt = runtime.open("msvcrt.dll", {
+    labs: { parameters: ["i32"], result: "i32" },
+    strtol: { parameters: ["buffer", "pointer", "i32"], result: "i32" },
+  });
+  const kernel32 = runtime.open("kernel32.dll", { GetCurrentProcessId: { parameters: [], result: "u32" } });
+  const { procAddress, onAnotherThread, onThreads, assemble, allocate } = win32();
+  const realPid = kernel32.GetCurrentProcessId() as number;
+  const cstr = (text: string) => new TextEncoder().encode(text + "\0");
+
+  const STRTOL = { symbol: "strtol", library: "msvcrt.dll", parameters: ["pointer", "pointer", "i32"], result: "i32" } as const;
+  const LABS = { symbol: "labs", library: "msvcrt.dll", parameters: ["i32"], result: "i32" } as const;
+  const PID = { symbol: "GetCurrentProcessId", library: "kernel32.dll", parameters: [], result: "u32" } as const;
+
+  /** Runs `body`; the bytes and the page protection at `address` must come back exactly. */
+  const restoresExactly = (address: bigint, body: () => void): void => {
+    const bytes = runtime.view(address, 32).slice();
+    const protection = os.mappingAt(address)!.protection;
+    body();
+    assert.deepEqual(runtime.view(address, 32).slice(), bytes, "code bytes restored exactly");
+    assert.equal(os.mappingAt(address)!.protection, protection, "page protection restored exactly");
+  };
+
+  /** `runs` calls of `fn` in the native loop, each loop on a thread of its own at once (or on this one). */
+  const hammer = (fn: bigint, runs: readonly bigint[], where: "here" | "threads"): bigint[] => {
+    const code = assemble(HAMMER);
+    const records = runs.map((n) => {
+      const memory = allocate(24);
+      const view = runtime.view(memory.address, 24);
+      const words = new BigUint64Array(view.buffer, view.byteOffset, 3);
+      words.set([fn, n, 0n]);
+      return { memory, words };
+    });
+    try {
+      if (where === "threads") onThreads(code.address, records.map((r) => r.memory.address));
+      else {
+        const loop = runtime.fnPointer(code.address, { parameters: ["usize"], result: "u32" });
+        for (const r of records) assert.equal(loop(r.memory.address), 0);
+      }
+      return records.map((r) => r.words[2]);
+    } finally {
+      for (const r of records) r.memory.release();
+      code.release();
+    }
+  };
+
+  test("windows attach on msvcrt strtol: onEnter sees the arguments, onLeave replaces the result, one args array per call", () => {
+    const address = os.symbolAddress("strtol", "msvcrt.dll");
+    const entered: unknown[][] = [];
+    const left: [number, unknown[]][] = [];
+    restoresExactly(address, () => {
+      using probe = attach(STRTOL, {
+        onEnter(args) {
+          entered.push(args);
+        },
+        onLeave(result, args) {
+          left.push([result, args]);
+          return result * 2;
+        },
+      });
+      assert.equal(probe.patch.address, address);
+      assert.equal(msvcrt.strtol(cstr("21"), 0n, 10), 42);
+      assert.equal(msvcrt.strtol(cstr("-4"), 0n, 10), -8);
+      assert.equal(probe.calls, 2);
+      assert.equal(probe.active, true);
+    });
+    assert.equal(entered.length, 2);
+    assert.equal(typeof entered[0][0], "bigint", "the text as an address");
+    assert.equal(runtime.cString(entered[0][0] as bigint), "21", "the address of the caller's text");
+    assert.deepEqual(entered[0].slice(1), [0n, 10], "endptr NULL, base 10");
+    assert.deepEqual(left.map(([result]) => result), [21, -4], "onLeave gets the original's result");
+    assert.ok(left[0][1] === entered[0] && left[1][1] === entered[1], "the same args array in onEnter and onLeave");
+    assert.equal(msvcrt.strtol(cstr("21"), 0n, 10), 21, "restored at the end of the scope");
+  });
+
+  test("windows attach: onEnter changes an argument before the original sees it; no onLeave keeps the result", () => {
+    {
+      using probe = attach(STRTOL, {
+        onEnter(args) {
+          args[2] = 16;
+        },
+      });
+      assert.equal(msvcrt.strtol(cstr("ff"), 0n, 10), 255);
+      assert.equal(probe.calls, 1);
+    }
+    using probe = attach(STRTOL, { onLeave: () => undefined });
+    assert.equal(msvcrt.strtol(cstr("77"), 0n, 10), 77);
+    assert.equal(probe.calls, 1);
+  });
+
+  test("windows attach on msvcrt labs: a native loop's calls on the JS thread are probed, each replaced", () => {
+    const address = os.symbolAddress("labs", "msvcrt.dll");
+    const seen: number[] = [];
+    restoresExactly(address, () => {
+      using probe = attach(LABS, {
+        onEnter(args) {
+          seen.push(args[0]);
+        },
+        onLeave: (result) => result + 1,
+      });
+      assert.deepEqual(hammer(address, [100n], "here"), [600n], "labs(-5) + 1, 100 times");
+      assert.equal(probe.calls, 100);
+      assert.equal(msvcrt.labs(-3), 4, "and a call from JS");
+      assert.equal(probe.calls, 101);
+    });
+    assert.equal(seen.length, 101);
+    assert.ok(seen.slice(0, 100).every((x) => x === -5), "the loop's argument");
+    assert.deepEqual(hammer(address, [100n], "here"), [500n], "restored: the real labs");
+  });
+
+  test("windows attach on kernel32 GetCurrentProcessId (a thunk): other threads and re-entrant calls reach the original unseen", () => {
+    const address = os.symbolAddress("GetCurrentProcessId", "kernel32.dll");
+    const inner: number[] = [];
+    restoresExactly(address, () => {
+      using probe = attach(PID, {
+        onEnter(args) {
+          assert.equal(args.length, 0);
+          inner.push(kernel32.GetCurrentProcessId() as number);
+        },
+        onLeave: () => 4242,
+      });
+      assert.equal(probe.patch.address, address, "the function kernel32's export leads to");
+      assert.equal(kernel32.GetCurrentProcessId(), 4242);
+      assert.equal(onAnotherThread(procAddress("kernel32.dll", "GetCurrentProcessId")), realPid, "another thread: the original");
+      assert.equal(probe.calls, 1, "neither the other thread's call nor the re-entrant one is counted");
+    });
+    assert.deepEqual(inner, [realPid], "the call inside onEnter ran the original");
+    assert.equal(kernel32.GetCurrentProcessId(), realPid);
+  });
+
+  test("windows native probe on msvcrt labs: every FFI call counted, and timed when timing; results untouched; bytes restored", () => {
+    const address = os.symbolAddress("labs", "msvcrt.dll");
+    for (const timing of [false, true]) {
+      restoresExactly(address, () => {
+        const probe = probeNatively({ symbol: "labs", library: "msvcrt.dll" }, timing);
+        let sum = 0;
+        for (let i = 1; i <= 500; i++) sum += msvcrt.labs(-i) as number;
+        assert.equal(sum, (500 * 501) / 2, "labs' results pass through");
+        const reading = probe.read();
+        assert.equal(reading.calls, 500);
+        assert.equal(reading.timed, timing ? 500 : 0);
+        assert.equal(reading.ticks > 0n, timing);
+        probe.restore();
+        assert.deepEqual(probe.read(), reading, "the last reading stays after restore");
+      });
+    }
+  });
+
+  test("windows native probe: a native loop here and two threads at once, every call counted, the results right", () => {
+    const address = os.symbolAddress("labs", "msvcrt.dll");
+    restoresExactly(address, () => {
+      const probe = probeNatively({ symbol: "labs", library: "msvcrt.dll" }, true);
+      try {
+        assert.deepEqual(hammer(address, [1000n], "here"), [5000n]);
+        assert.deepEqual([probe.read().calls, probe.read().timed], [1000, 1000], "the JS thread's loop: all timed");
+        const n = 1_000_000n;
+        assert.deepEqual(hammer(address, [n, n], "threads"), [5n * n, 5n * n], "each thread got labs(-5) = 5 every time");
+        const { calls, timed, ticks } = probe.read();
+        assert.equal(calls, 1000 + 2 * Number(n), "the atomic counter lost no call");
+        assert.ok(timed > 1000 && timed <= calls, `${timed} timed`);
+        assert.ok(ticks > 0n);
+      } finally {
+        probe.restore();
+      }
+    });
+  });
+
+  test("windows native probe on kernel32 GetCurrentProcessId: counted through the thunk, from JS and from another thread", () => {
+    const address = os.symbolAddress("GetCurrentProcessId", "kernel32.dll");
+    restoresExactly(address, () => {
+      const probe = probeNatively({ symbol: "GetCurrentProcessId", library: "kernel32.dll" }, true);
+      try {
+        for (let i = 0; i < 50; i++) assert.equal(kernel32.GetCurrentProcessId(), realPid);
+        assert.equal(onAnotherThread(procAddress("kernel32.dll", "GetCurrentProcessId")), realPid);
+        assert.deepEqual([probe.read().calls, probe.read().timed], [51, 51]);
+      } finally {
+        probe.restore();
+      }
+    });
+  });
+
+  test("windows clockRate: the timestamp counter ticks at a plausible rate (10 MHz to 10 GHz)", () => {
+    const rate = clockRate(10);
+    assert.ok(rate > 0.01 && rate < 10, `${rate} ticks per ns`);
+  });
+
+  const cli = fileURLToPath(new URL("../src/trace/cli.ts", import.meta.url));
+  const script = fileURLToPath(new URL("./fixtures/trace_windows_target.ts", import.meta.url));
+
+  test("windows trace command on a script calling msvcrt labs N times: at least N calls in its JSON, timed, and the table", () => {
+    const dir = mkdtempSync(join(tmpdir(), "redefine-trace-"));
+    try {
+      const json = join(dir, "trace.json");
+      const n = 250;
+      const args = ["--library", "msvcrt.dll", "--match", "labs,strtol", "--json", json, "--", script, String(n)];
+      const run = spawnSync(runtimePath, [...(runtimeName === "deno" ? ["run", "-A", "--no-check"] : []), cli, ...args], {
+        encoding: "utf8",
+        env: { ...process.env, NO_COLOR: "1" },
+      });
+      assert.equal(run.status, 0, `${run.error ?? ""}\n${run.stdout}\n${run.stderr}`);
+      assert.match(run.stdout, new RegExp(`sum ${7 * n + 255}; args \\["${n}"\\]`), "the script ran with its own arguments");
+      const result = JSON.parse(readFileSync(json, "utf8"));
+      const traced = (name: string) => result.functions.find((f: { name: string }) => f.name === name);
+      assert.ok(traced("labs").calls >= n, `labs: ${traced("labs").calls} calls`);
+      assert.ok(traced("strtol").calls >= 1, `strtol: ${traced("strtol").calls} calls`);
+      assert.ok(traced("labs").timed >= n && traced("labs").totalNs > 0, "labs timed");
+      assert.equal(result.runtime, runtimeName);
+      assert.match(run.stderr, /^function\s+calls\s+total\s+mean\s+share$/m);
+      assert.match(run.stderr, /^msvcrt\.dll:labs\s+\d[\d,]*\s/m);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+}
