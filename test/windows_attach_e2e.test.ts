@@ -9,7 +9,7 @@
  * protection. Then the trace command itself on a script calling msvcrt N times.
  */
 import { assert, runtimeName, runtimePath, test } from "./harness.ts";
-import { attach } from "../mod.ts";
+import { attach, imports } from "../mod.ts";
 import { clockRate, probeNatively } from "../src/trace/native_probe.ts";
 import { platform } from "../platform/mod.ts";
 import { spawnSync } from "node:child_process";
@@ -51,7 +51,11 @@ if (onWindows) {
     labs: { parameters: ["i32"], result: "i32" },
     strtol: { parameters: ["buffer", "pointer", "i32"], result: "i32" },
   });
-  const kernel32 = runtime.open("kernel32.dll", { GetCurrentProcessId: { parameters: [], result: "u32" } });
+  const msvcrtTime = runtime.open("msvcrt.dll", { time: { parameters: ["pointer"], result: "i64" } }).time;
+  const kernel32 = runtime.open("kernel32.dll", {
+    GetCurrentProcessId: { parameters: [], result: "u32" },
+    GetSystemTimeAsFileTime: { parameters: ["buffer"], result: "void" },
+  });
   const { procAddress, onAnotherThread, onThreads, assemble, allocate } = win32();
   const realPid = kernel32.GetCurrentProcessId() as number;
   const cstr = (text: string) => new TextEncoder().encode(text + "\0");
@@ -59,6 +63,10 @@ if (onWindows) {
   const STRTOL = { symbol: "strtol", library: "msvcrt.dll", parameters: ["pointer", "pointer", "i32"], result: "i32" } as const;
   const LABS = { symbol: "labs", library: "msvcrt.dll", parameters: ["i32"], result: "i32" } as const;
   const PID = { symbol: "GetCurrentProcessId", library: "kernel32.dll", parameters: [], result: "u32" } as const;
+  /** kernel32's clock as msvcrt's `time` reads it: once per call, through msvcrt's import slot. */
+  const TIME = { symbol: "GetSystemTimeAsFileTime", library: "kernel32.dll", callers: "msvcrt.dll" } as const;
+  const timeSlot = () => imports("msvcrt.dll").find((i) => i.name === TIME.symbol)!.slot;
+  const realTime = (seconds: unknown) => typeof seconds === "bigint" && seconds > 1_700_000_000n;
 
   /** Runs `body`; the bytes and the page protection at `address` must come back exactly. */
   const restoresExactly = (address: bigint, body: () => void): void => {
@@ -185,9 +193,8 @@ if (onWindows) {
         for (let i = 1; i <= 500; i++) sum += msvcrt.labs(-i) as number;
         assert.equal(sum, (500 * 501) / 2, "labs' results pass through");
         const reading = probe.read();
-        assert.equal(reading.calls, 500);
-        assert.equal(reading.timed, timing ? 500 : 0);
-        assert.equal(reading.ticks > 0n, timing);
+        const { calls, timed, ticks } = reading;
+        assert.deepEqual({ calls, timed, ticked: ticks > 0n }, { calls: 500, timed: timing ? 500 : 0, ticked: timing });
         probe.restore();
         assert.deepEqual(probe.read(), reading, "the last reading stays after restore");
       });
@@ -227,6 +234,38 @@ if (onWindows) {
     });
   });
 
+  test("windows attach with callers: msvcrt's calls through its import slot are probed, the program's own are not", () => {
+    const seen: bigint[] = [];
+    restoresExactly(timeSlot(), () => {
+      using probe = attach({ ...TIME, parameters: ["pointer"], result: "void" }, {
+        onEnter(args) {
+          seen.push(args[0]);
+        },
+      });
+      assert.equal(probe.patch.patchedAddress, timeSlot());
+      assert.ok(realTime(msvcrtTime(0n)), "msvcrt's time, on the real clock");
+      kernel32.GetSystemTimeAsFileTime(new Uint8Array(8));
+      assert.equal(probe.calls, 1, "msvcrt's call only");
+    });
+    assert.equal(seen.length, 1);
+    assert.notEqual(seen[0], 0n, "msvcrt's FILETIME, by address");
+  });
+
+  test("windows native probe with callers: counts and times only msvcrt's calls, in its import slot", () => {
+    restoresExactly(timeSlot(), () => {
+      const probe = probeNatively(TIME, true);
+      try {
+        for (let i = 0; i < 20; i++) {
+          assert.ok(realTime(msvcrtTime(0n)));
+          kernel32.GetSystemTimeAsFileTime(new Uint8Array(8));
+        }
+        assert.deepEqual([probe.read().calls, probe.read().timed], [20, 20], "the program's own calls are not counted");
+      } finally {
+        probe.restore();
+      }
+    });
+  });
+
   test("windows clockRate: the timestamp counter ticks at a plausible rate (10 MHz to 10 GHz)", () => {
     const rate = clockRate(10);
     assert.ok(rate > 0.01 && rate < 10, `${rate} ticks per ns`);
@@ -234,29 +273,58 @@ if (onWindows) {
 
   const cli = fileURLToPath(new URL("../src/trace/cli.ts", import.meta.url));
   const script = fileURLToPath(new URL("./fixtures/trace_windows_target.ts", import.meta.url));
+  const N = 250;
+  /** What the trace command's JSON says of a function. */
+  interface TracedFunction {
+    name: string;
+    calls: number;
+    timed: number;
+    totalNs: number;
+    timing: boolean;
+  }
 
-  test("windows trace command on a script calling msvcrt labs N times: at least N calls in its JSON, timed, and the table", () => {
+  /**
+   * The trace command, in a child process of this runtime, on the script calling msvcrt N times:
+   * the functions of its JSON by name, and its standard error.
+   */
+  const traceCommand = (options: string[]): { traced(name: string): TracedFunction; stderr: string } => {
     const dir = mkdtempSync(join(tmpdir(), "redefine-trace-"));
     try {
       const json = join(dir, "trace.json");
-      const n = 250;
-      const args = ["--library", "msvcrt.dll", "--match", "labs,strtol", "--json", json, "--", script, String(n)];
+      const args = [...options, "--json", json, "--", script, String(N)];
       const run = spawnSync(runtimePath, [...(runtimeName === "deno" ? ["run", "-A", "--no-check"] : []), cli, ...args], {
         encoding: "utf8",
         env: { ...process.env, NO_COLOR: "1" },
       });
       assert.equal(run.status, 0, `${run.error ?? ""}\n${run.stdout}\n${run.stderr}`);
-      assert.match(run.stdout, new RegExp(`sum ${7 * n + 255}; args \\["${n}"\\]`), "the script ran with its own arguments");
+      assert.match(run.stdout, new RegExp(`sum ${7 * N + 255}; args \\["${N}"\\]`), "the script ran with its own arguments");
       const result = JSON.parse(readFileSync(json, "utf8"));
-      const traced = (name: string) => result.functions.find((f: { name: string }) => f.name === name);
-      assert.ok(traced("labs").calls >= n, `labs: ${traced("labs").calls} calls`);
-      assert.ok(traced("strtol").calls >= 1, `strtol: ${traced("strtol").calls} calls`);
-      assert.ok(traced("labs").timed >= n && traced("labs").totalNs > 0, "labs timed");
       assert.equal(result.runtime, runtimeName);
-      assert.match(run.stderr, /^function\s+calls\s+total\s+mean\s+share$/m);
-      assert.match(run.stderr, /^msvcrt\.dll:labs\s+\d[\d,]*\s/m);
+      const functions: TracedFunction[] = result.functions;
+      return { traced: (name) => functions.find((f) => f.name === name)!, stderr: run.stderr };
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
+  };
+
+  test("windows trace command on a script calling msvcrt labs N times: at least N calls in its JSON, timed, the table, a signature's log", () => {
+    const { traced, stderr } = traceCommand([
+      "--library", "msvcrt.dll", "--match", "labs,strtol", "--signature", "strtol(pointer,pointer,i32):i32",
+    ]);
+    assert.ok(traced("labs").calls >= N, `labs: ${traced("labs").calls} calls`);
+    assert.ok(traced("labs").timed >= N && traced("labs").totalNs > 0, "labs timed");
+    assert.ok(traced("strtol").calls >= 1, `strtol: ${traced("strtol").calls} calls`);
+    assert.match(stderr, /^function\s+calls\s+total\s+mean\s+share$/m);
+    assert.match(stderr, /^msvcrt\.dll:labs\s+\d[\d,]*\s/m);
+    assert.match(stderr, /^strtol\(0x[0-9a-f]+, 0x0, 16\) = 255$/m, "the signature's call logged");
+  });
+
+  test("windows trace command with --callers msvcrt.dll: kernel32's clock as msvcrt calls it, not the script's own calls", () => {
+    const { traced } = traceCommand([
+      "--library", "kernel32.dll", "--match", TIME.symbol, "--callers", TIME.callers, "--count-only",
+    ]);
+    const calls = traced(TIME.symbol).calls;
+    assert.ok(calls >= N && calls < 2 * N, `${calls} calls: msvcrt's time's, not the script's own ${N}`);
+    assert.deepEqual([traced(TIME.symbol).timed, traced(TIME.symbol).timing], [0, false], "--count-only");
   });
 }
