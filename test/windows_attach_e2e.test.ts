@@ -50,8 +50,8 @@ if (onWindows) {
   const msvcrt = runtime.open("msvcrt.dll", {
     labs: { parameters: ["i32"], result: "i32" },
     strtol: { parameters: ["buffer", "pointer", "i32"], result: "i32" },
+    time: { parameters: ["pointer"], result: "i64" },
   });
-  const msvcrtTime = runtime.open("msvcrt.dll", { time: { parameters: ["pointer"], result: "i64" } }).time;
   const kernel32 = runtime.open("kernel32.dll", {
     GetCurrentProcessId: { parameters: [], result: "u32" },
     GetSystemTimeAsFileTime: { parameters: ["buffer"], result: "void" },
@@ -77,7 +77,10 @@ if (onWindows) {
     assert.equal(os.mappingAt(address)!.protection, protection, "page protection restored exactly");
   };
 
-  /** `runs` calls of `fn` in the native loop, each loop on a thread of its own at once (or on this one). */
+  /**
+   * Runs HAMMER once per entry of `runs`, that many calls of `fn` each: one after another on this
+   * thread, or each on a thread of its own, all at once. Each run's sum of results.
+   */
   const hammer = (fn: bigint, runs: readonly bigint[], where: "here" | "threads"): bigint[] => {
     const code = assemble(HAMMER);
     const records = runs.map((n) => {
@@ -243,7 +246,7 @@ if (onWindows) {
         },
       });
       assert.equal(probe.patch.patchedAddress, timeSlot());
-      assert.ok(realTime(msvcrtTime(0n)), "msvcrt's time, on the real clock");
+      assert.ok(realTime(msvcrt.time(0n)), "msvcrt's time, on the real clock");
       kernel32.GetSystemTimeAsFileTime(new Uint8Array(8));
       assert.equal(probe.calls, 1, "msvcrt's call only");
     });
@@ -256,7 +259,7 @@ if (onWindows) {
       const probe = probeNatively(TIME, true);
       try {
         for (let i = 0; i < 20; i++) {
-          assert.ok(realTime(msvcrtTime(0n)));
+          assert.ok(realTime(msvcrt.time(0n)));
           kernel32.GetSystemTimeAsFileTime(new Uint8Array(8));
         }
         assert.deepEqual([probe.read().calls, probe.read().timed], [20, 20], "the program's own calls are not counted");
