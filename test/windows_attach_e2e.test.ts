@@ -287,33 +287,37 @@ if (onWindows) {
   }
 
   /**
-   * The trace command, in a child process of this runtime, on the script calling msvcrt N times:
-   * the functions of its JSON by name, and its standard error.
+   * The trace command, in a child process of this runtime started in a new directory, on the
+   * script calling msvcrt N times: the functions of its JSON (`--json trace.json`, a path relative
+   * to that directory) by name, its standard error, and the chart of `--svg trace.svg`.
    */
-  const traceCommand = (options: string[]): { traced(name: string): TracedFunction; stderr: string } => {
+  const traceCommand = (options: string[]): { traced(name: string): TracedFunction; stderr: string; svg: string } => {
     const dir = mkdtempSync(join(tmpdir(), "redefine-trace-"));
     try {
-      const json = join(dir, "trace.json");
-      const args = [...options, "--json", json, "--", script, String(N)];
+      const args = [...options, "--json", "trace.json", "--svg", "trace.svg", "--", script, String(N)];
       const run = spawnSync(runtimePath, [...(runtimeName === "deno" ? ["run", "-A", "--no-check"] : []), cli, ...args], {
+        cwd: dir,
         encoding: "utf8",
         env: { ...process.env, NO_COLOR: "1" },
       });
       assert.equal(run.status, 0, `${run.error ?? ""}\n${run.stdout}\n${run.stderr}`);
       assert.match(run.stdout, new RegExp(`sum ${7 * N + 255}; args \\["${N}"\\]`), "the script ran with its own arguments");
-      const result = JSON.parse(readFileSync(json, "utf8"));
+      const result = JSON.parse(readFileSync(join(dir, "trace.json"), "utf8"));
       assert.equal(result.runtime, runtimeName);
       const functions: TracedFunction[] = result.functions;
-      return { traced: (name) => functions.find((f) => f.name === name)!, stderr: run.stderr };
+      const svg = readFileSync(join(dir, "trace.svg"), "utf8");
+      return { traced: (name) => functions.find((f) => f.name === name)!, stderr: run.stderr, svg };
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
   };
 
   test("windows trace command on a script calling msvcrt labs N times: at least N calls in its JSON, timed, the table, a signature's log", () => {
-    const { traced, stderr } = traceCommand([
+    const { traced, stderr, svg } = traceCommand([
       "--library", "msvcrt.dll", "--match", "labs,strtol", "--signature", "strtol(pointer,pointer,i32):i32",
     ]);
+    const chart = /^<\?xml [^]*<svg [^]*msvcrt\.dll:labs[^]*<\/svg>\s*$/;
+    assert.match(svg, chart, "the chart, where --svg said, relative to the command's directory");
     assert.ok(traced("labs").calls >= N, `labs: ${traced("labs").calls} calls`);
     assert.ok(traced("labs").timed >= N && traced("labs").totalNs > 0, "labs timed");
     assert.ok(traced("strtol").calls >= 1, `strtol: ${traced("strtol").calls} calls`);

@@ -57,6 +57,10 @@ export async function trace(argv: readonly string[]): Promise<number> {
   let session: Session | null = null;
   let stopLive = () => {};
   let started = performance.now();
+  // The outputs' paths made absolute now: the script may change directory, and Bun for Windows
+  // (1.4.5, under Wine) cannot create a file by a relative path (ENOENT) though it reads one.
+  const json = options.json === null ? null : resolve(options.json);
+  const svg = options.svg === null ? null : resolve(options.svg);
   // Registered before the first probe registers redefine's own restore-at-exit, so it runs first:
   // the probes are read while their records are live.
   onExit(() => {
@@ -66,8 +70,8 @@ export async function trace(argv: readonly string[]): Promise<number> {
     const stayed = session.stop();
     printError(`\n${table(result)}`);
     for (const message of stayed) printError(`left in place: ${message}`);
-    if (options.json) writeFileSync(options.json, toJson(result));
-    if (options.svg) writeFileSync(options.svg, toSvg(result));
+    if (json) writeFileSync(json, toJson(result));
+    if (svg) writeFileSync(svg, toSvg(result));
   });
   // A long run stopped with Ctrl-C reports too: the exit that follows runs the report.
   process.on("SIGINT", () => process.exit(130));
