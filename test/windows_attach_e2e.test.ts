@@ -286,12 +286,28 @@ if (onWindows) {
     timing: boolean;
   }
 
+  /** What the trace command could not trace, and why. */
+  interface Refused {
+    library: string;
+    name: string;
+    code: string;
+    reason: string;
+  }
+  /** What one run of the trace command left. */
+  interface TraceRun {
+    functions: TracedFunction[];
+    refused: Refused[];
+    traced(name: string): TracedFunction;
+    stderr: string;
+    svg: string;
+  }
+
   /**
    * The trace command, in a child process of this runtime started in a new directory, on the
    * script calling msvcrt N times: the functions of its JSON (`--json trace.json`, a path relative
-   * to that directory) by name, its standard error, and the chart of `--svg trace.svg`.
+   * to that directory), its standard error, and the chart of `--svg trace.svg`.
    */
-  const traceCommand = (options: string[]): { traced(name: string): TracedFunction; stderr: string; svg: string } => {
+  const traceCommand = (options: string[]): TraceRun => {
     const dir = mkdtempSync(join(tmpdir(), "redefine-trace-"));
     try {
       const args = [...options, "--json", "trace.json", "--svg", "trace.svg", "--", script, String(N)];
@@ -304,9 +320,9 @@ if (onWindows) {
       assert.match(run.stdout, new RegExp(`sum ${7 * N + 255}; args \\["${N}"\\]`), "the script ran with its own arguments");
       const result = JSON.parse(readFileSync(join(dir, "trace.json"), "utf8"));
       assert.equal(result.runtime, runtimeName);
-      const functions: TracedFunction[] = result.functions;
+      const { functions, refused }: { functions: TracedFunction[]; refused: Refused[] } = result;
       const svg = readFileSync(join(dir, "trace.svg"), "utf8");
-      return { traced: (name) => functions.find((f) => f.name === name)!, stderr: run.stderr, svg };
+      return { functions, refused, traced: (name) => functions.find((f) => f.name === name)!, stderr: run.stderr, svg };
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
@@ -333,5 +349,17 @@ if (onWindows) {
     const calls = traced(TIME.symbol).calls;
     assert.ok(calls >= N && calls < 2 * N, `${calls} calls: msvcrt's time's, not the script's own ${N}`);
     assert.deepEqual([traced(TIME.symbol).timed, traced(TIME.symbol).timing], [0, false], "--count-only");
+  });
+
+  test("windows trace command on every export of msvcrt and kernel32, the runtime's own calls on its threads too: no crash, refusals listed", () => {
+    const { functions, refused, traced, stderr } = traceCommand(["--library", "msvcrt.dll", "--library", "kernel32.dll"]);
+    assert.ok(functions.length > 1000, `${functions.length} functions traced`);
+    assert.ok(traced("labs").calls >= N);
+    assert.ok(traced(TIME.symbol).calls >= 2 * N, "the script's own calls and msvcrt's time's");
+    if (refused.length) assert.ok(stderr.includes(`not traced (${refused.length}):`));
+    for (const r of refused) {
+      assert.ok(r.code !== "" && r.reason !== "", `${r.library}:${r.name}`);
+      assert.ok(stderr.includes(`  ${r.library}:${r.name}: ${r.code}: `), `${r.library}:${r.name} listed with its reason`);
+    }
   });
 }
