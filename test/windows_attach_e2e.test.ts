@@ -5,8 +5,10 @@
  * replace the result, for calls from JS and from native code on the JS thread, while other threads
  * and re-entrant calls reach the original unseen. The native probe (what the trace command puts in
  * front of every function) counts and times calls through the FFI, from a native loop, and from
- * two threads at once, with nothing lost. Every entry comes back to its exact bytes and
- * protection. Then the trace command itself on a script calling msvcrt N times.
+ * two threads at once, with nothing lost, and times a call that faults and handles the fault
+ * itself (SEH). Both also in msvcrt's import slot of kernel32's clock (`callers`). Every entry and
+ * slot comes back to its exact bytes and protection. Then the trace command itself on a script
+ * calling msvcrt N times: a few functions, with `--callers`, and every export of msvcrt and kernel32.
  */
 import { assert, runtimeName, runtimePath, test } from "./harness.ts";
 import { attach, imports } from "../mod.ts";
@@ -55,6 +57,7 @@ if (onWindows) {
   const kernel32 = runtime.open("kernel32.dll", {
     GetCurrentProcessId: { parameters: [], result: "u32" },
     GetSystemTimeAsFileTime: { parameters: ["buffer"], result: "void" },
+    IsBadReadPtr: { parameters: ["usize", "usize"], result: "i32" },
   });
   const { procAddress, onAnotherThread, onThreads, assemble, allocate } = win32();
   const realPid = kernel32.GetCurrentProcessId() as number;
@@ -263,6 +266,25 @@ if (onWindows) {
           kernel32.GetSystemTimeAsFileTime(new Uint8Array(8));
         }
         assert.deepEqual([probe.read().calls, probe.read().timed], [20, 20], "the program's own calls are not counted");
+      } finally {
+        probe.restore();
+      }
+    });
+  });
+
+  test("windows timing probe on kernel32 IsBadReadPtr: a fault raised and handled inside the timed call (SEH) returns through the probe", () => {
+    const address = os.symbolAddress("IsBadReadPtr", "kernel32.dll");
+    restoresExactly(address, () => {
+      const probe = probeNatively({ symbol: "IsBadReadPtr", library: "kernel32.dll" }, true);
+      try {
+        assert.equal(kernel32.IsBadReadPtr(0x10n, 8n), 1, "the read faulted; IsBadReadPtr's own handler caught it");
+        const page = allocate(4096);
+        try {
+          assert.equal(kernel32.IsBadReadPtr(page.address, 8n), 0);
+        } finally {
+          page.release();
+        }
+        assert.deepEqual([probe.read().calls, probe.read().timed], [2, 2]);
       } finally {
         probe.restore();
       }
