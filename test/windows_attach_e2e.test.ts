@@ -8,7 +8,8 @@
  * two threads at once, with nothing lost, and times a call that faults and handles the fault
  * itself (SEH). Both also in msvcrt's import slot of kernel32's clock (`callers`). Every entry and
  * slot comes back to its exact bytes and protection. Then the trace command itself on a script
- * calling msvcrt N times: a few functions, with `--callers`, and every export of msvcrt and kernel32.
+ * calling msvcrt N times: a few functions, with `--callers`, and every export of msvcrt and
+ * kernel32.
  */
 import { assert, runtimeName, runtimePath, test } from "./harness.ts";
 import { attach, imports } from "../mod.ts";
