@@ -22,7 +22,7 @@ import type { Destination } from "./replacement.ts";
 import { CANNED_DATA } from "./arch/canned.ts";
 import { cannedData } from "./mock/canned.ts";
 import { Trampoline } from "./patch.ts";
-import { PROBE_RECORD } from "./arch/probe.ts";
+import { PROBE_COUNTERS, PROBE_RECORD } from "./arch/probe.ts";
 
 type AnySite = Site<readonly NativeType[], NativeType>;
 
@@ -43,6 +43,8 @@ export interface Layout {
   readonly bypass: bigint;
   /** Canned code's native call counter (a u64 in its data block). */
   readonly counter?: bigint;
+  /** How many adjacent u64 counters from `counter` the count sums (a probe's two); 1 when absent. */
+  readonly counters?: number;
 }
 
 /**
@@ -238,18 +240,21 @@ function toOriginal(m: Machine, site: AnySite, below: bigint | null): Layout {
 
 /**
  * The native probe: placed after the trampoline in a slot near the entry, its record in the slot's
- * data, which tells where the original is. The record's counter is the patch's `counter`. Its
+ * data, which tells where the original is. The record's counters are the patch's `counter`. Its
  * timing slot is the busy flag: while a timed call runs, its return address points into this code.
  */
 function probeStub(m: Machine, site: AnySite, timing: boolean, below: bigint | null): Layout {
   const probe = probeCode(m);
-  const stub = reserve(m, site, below, probe.size(timing), PROBE_RECORD.size);
+  const { os } = m.platform.runtime;
+  const stub = reserve(m, site, below, probe.size(timing, os), PROBE_RECORD.size);
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, stub, below);
     probeRecord(m, stub.slot.data, trampoline.address);
-    write(m, stub, relocated, probe.encode(stub.front, stub.slot.data, timing));
-    const busy = stub.slot.data + BigInt(PROBE_RECORD.owner);
-    return { ...throughStub(m, site, stub, trampoline, busy), counter: stub.slot.data + BigInt(PROBE_RECORD.calls) };
+    const code = probe.encode({ at: stub.front, data: stub.slot.data, original: trampoline.address, timing, os });
+    write(m, stub, relocated, code);
+    const busy = stub.slot.data + BigInt(PROBE_RECORD.timer);
+    const counter = stub.slot.data + BigInt(PROBE_RECORD.calls);
+    return { ...throughStub(m, site, stub, trampoline, busy), counter, counters: PROBE_COUNTERS };
   });
 }
 
