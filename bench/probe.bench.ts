@@ -1,7 +1,7 @@
 /**
  * Benchmarks of the probes, each a ratio against the cheapest thing that does the same job, in the
  * same run, rounds interleaved (the machines are noisy: compare ratios, not nanoseconds). Run by
- * `npm run bench` under both runtimes.
+ * `npm run bench` under the three runtimes, whose combined table gets these rows (`report`).
  */
 import { attach, redefine } from "../mod.ts";
 import { platform } from "../platform/mod.ts";
@@ -9,8 +9,8 @@ import { machine } from "../src/registry.ts";
 import { probeNatively } from "../src/trace/native_probe.ts";
 import { apply } from "../src/redefine.ts";
 import { locate } from "../src/target.ts";
-import { compare as compareRounds, median } from "./report.ts";
-import type { Case } from "./report.ts";
+import { compare as compareRounds, median, report } from "./report.ts";
+import type { Case, Row } from "./report.ts";
 
 const { runtime, os } = platform();
 const libc = runtime.open("libc.so.6", { labs: { parameters: ["i64"], result: "i64" } });
@@ -18,14 +18,6 @@ const libc = runtime.open("libc.so.6", { labs: { parameters: ["i64"], result: "i
 /** Rounds interleaved as every bench does; the probes' figures are the median round. */
 function compare(a: Case, b: Case, n: number): [number, number] {
   return compareRounds(a, b, n, 21, median);
-}
-
-interface Row {
-  name: string;
-  ours: number;
-  baseline: number;
-  /** The ratio to stay under; null for a row that only informs. */
-  goal: number | null;
 }
 
 const rows: Row[] = [];
@@ -56,7 +48,7 @@ const call = () => libc.labs(-5n);
     },
     100_000,
   );
-  rows.push({ name: "attach / replacement calling original", ours, baseline, goal: 1.1 });
+  rows.push({ name: "attach / replacement calling original", ours, baseline, unit: "ns", goal: { ratio: 1.1 } });
 }
 
 // A native probe called from a native loop, against the same loop calling the function without
@@ -88,7 +80,13 @@ if (machine().arch.name === "x86_64") {
       { body },
       1,
     );
-    rows.push({ name: `entry jump + trampoline only, ${symbol}`, ours: hooked / N, baseline: bare / N, goal: null });
+    rows.push({
+      name: `entry jump + trampoline only, ${symbol}`,
+      ours: hooked / N,
+      baseline: bare / N,
+      unit: "ns",
+      goal: {},
+    });
     for (const timing of [false, true]) {
       const [ours, baseline] = compare(
         {
@@ -106,7 +104,8 @@ if (machine().arch.name === "x86_64") {
         name: `native ${timing ? "timing" : "counting"} probe, ${symbol}, native loop`,
         ours: ours / N,
         baseline: baseline / N,
-        goal: timing ? null : 1.2,
+        unit: "ns",
+        goal: timing ? {} : { ratio: 1.2 },
       });
     }
   }
@@ -150,13 +149,4 @@ function constant(bytes: Uint8Array): bigint {
   return slot.address;
 }
 
-const pad = (s: string, n: number) => s.padEnd(n);
-console.log(`\n${runtime.name}: ${pad("benchmark", 48)} ${pad("ours", 14)} ${pad("baseline", 14)} ratio  goal`);
-for (const r of rows) {
-  const ratio = r.ours / r.baseline;
-  console.log(
-    `${runtime.name}: ${pad(r.name, 48)} ${pad(r.ours.toFixed(2) + " ns/call", 14)} ` +
-      `${pad(r.baseline.toFixed(2) + " ns/call", 14)} ${ratio.toFixed(2)}   ` +
-      (r.goal === null ? "(no goal)" : `≤ ${r.goal} ${ratio <= r.goal ? "met" : "MISSED"}`),
-  );
-}
+report(rows);
