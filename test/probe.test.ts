@@ -8,6 +8,8 @@ import { disassemble as disassembleX86 } from "./canned_listing.ts";
 import { disassemble as disassembleArm64, h } from "./objdump_aarch64.ts";
 import { probe as x86_64 } from "../src/arch/x86_64/probe.ts";
 import { probe as aarch64 } from "../src/arch/aarch64/probe.ts";
+import { x86_64 as x86_64Arch } from "../src/arch/x86_64/mod.ts";
+import { aarch64 as aarch64Arch } from "../src/arch/aarch64/mod.ts";
 import { clockRate, probeNatively } from "../src/trace/native_probe.ts";
 import { PROBE_RECORD } from "../src/arch/probe.ts";
 import { restoreAll } from "../mod.ts";
@@ -95,6 +97,36 @@ test("x86-64 timing probe: counts as above, takes the slot, swaps the return add
   assert.deepEqual(disassembleX86(x86_64.clockReader, 0n), ["rdtsc", "shl rdx,20h", "or rax,rdx", "ret"]);
 });
 
+// labs as glibc has it, at a function's entry 0x7f00_0000_0000: its first two instructions are
+// what the entry jump covers, and the probe runs into its own copy of them.
+const ENTRY = 0x7f00_0000_0000n;
+const LABS = Uint8Array.of(
+  0x48, 0x89, 0xf8, //       mov rax, rdi
+  0x48, 0xf7, 0xd8, //       neg rax
+  0x48, 0x0f, 0x48, 0xc7, // cmovs rax, rdi
+  0xc3, //                   ret
+);
+
+test("x86-64 probe at a function's entry: the owner's count runs into the probe's copy of the first instructions", () => {
+  const plan = x86_64Arch.planRelocation(LABS, ENTRY, 5);
+  const inline = (address: bigint) => x86_64Arch.relocate(plan, address);
+  const code = x86_64.encode({ at: AT, data: DATA, original: NEAR, inline, timing: false, os: "linux" });
+  const back = `jmp ${(ENTRY + 6n).toString(16).toUpperCase()}h`;
+  assert.deepEqual(disassembleX86(code, AT), [
+    "mov r11,fs:[10h]",
+    `cmp r11,[${word(16)}]`,
+    `jne ${at(0x28)}`,
+    `inc qword ptr [${word(8)}]`,
+    "mov rax,rdi", //                        the copy, relocated here
+    "neg rax",
+    back, //                                 back into the function
+    `lock inc qword ptr [${word(0)}]`, //    other: to the trampoline
+    X86_TO_NEAR,
+  ]);
+  const timed = disassembleX86(x86_64.encode({ at: AT, data: DATA, original: NEAR, inline, timing: true, os: "linux" }), AT);
+  assert.deepEqual(timed.slice(21, 25), ["pop rax", "mov rax,rdi", "neg rax", back], "every timed path leaves through the copy");
+});
+
 const PAGE = DATA - DATA % 4096n;
 const arm64 = (original: bigint, timing: boolean, os = "linux") => {
   const code = aarch64.encode({ at: AT, data: DATA, original, timing, os });
@@ -144,6 +176,28 @@ test("aarch64 counting probe: the owner thread's plain add, any other's exclusiv
   // Where each OS keeps the thread's identity: the guard's own read.
   assert.deepEqual(arm64(NEAR, false, "windows").slice(1, 3), ["mov x16, x18", "and x16, x16, #0xfffffffffffffff8"]);
   assert.deepEqual(arm64(NEAR, false, "darwin").slice(1, 3), ["mrs x16, tpidrro_el0", "and x16, x16, #0xfffffffffffffff8"]);
+});
+
+test("aarch64 probe at a function's entry: the owner's count runs into the probe's copy of the first instructions", () => {
+  const labs = Uint8Array.from(words(
+    0xf100001f, // cmp x0, #0
+    0xda805400, // cneg x0, x0, mi
+    0xd65f03c0, // ret
+  ));
+  const plan = aarch64Arch.planRelocation(labs, ENTRY, aarch64Arch.nearJumpSize);
+  const inline = (address: bigint) => aarch64Arch.relocate(plan, address);
+  const encode = (timing: boolean) => aarch64.encode({ at: AT, data: DATA, original: NEAR, inline, timing, os: "linux" });
+  const back = `b ${h(ENTRY + 4n)}`;
+  assert.deepEqual(disassembleArm64(encode(false), AT), [
+    ...arm64Own(0x34n),
+    "cmp x0, #0x0", //                           the copy, relocated here
+    back, //                                     back into the function
+    ...arm64Shared(0x40n), //                    0x34: other, to the trampoline
+    "ldp x0, x1, [sp], #16",
+    `b ${h(NEAR)}`,
+  ]);
+  const timed = disassembleArm64(encode(true), AT);
+  assert.deepEqual(timed.slice(26, 29), ["ldp x0, x1, [sp], #16", "cmp x0, #0x0", back], "every timed path leaves through the copy");
 });
 
 test("aarch64 timing probe: counts as above, takes the slot, points x30 at its exit, times with cntvct_el0, keeps x0/x1", () => {

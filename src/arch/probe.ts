@@ -55,6 +55,14 @@ export interface ProbeOptions {
    * from the probe reaches it, which is cheaper than a jump through the record.
    */
   readonly original: bigint;
+  /**
+   * When the probe stands at a function's entry: the original's first instructions relocated to
+   * run at a given address, ending in the jump back into the function (a second copy of the
+   * trampoline's code). The probe runs into its own copy instead of taking one more jump to
+   * `original` — a taken jump costs a small function as much as the count itself. The probe's
+   * slot has room for it beyond `ProbeCode.size()`.
+   */
+  readonly inline?: (address: bigint) => Uint8Array;
   /** Whether it times calls besides counting them. */
   readonly timing: boolean;
   /** The operating system: where the thread's identity is read from. */
@@ -63,7 +71,7 @@ export interface ProbeOptions {
 
 /** A native probe's code for one instruction set. */
 export interface ProbeCode {
-  /** The most bytes of code of a probe that counts, and times when `timing`, on `os`. */
+  /** The most bytes of code of a probe that counts, and times when `timing`, on `os` (without `inline`). */
   size(timing: boolean, os: string): number;
   /** The probe's code. */
   encode(options: ProbeOptions): Uint8Array;

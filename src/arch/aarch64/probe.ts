@@ -2,8 +2,9 @@
  * The native probe (AArch64): see src/arch/probe.ts. Counting reads the thread's identity exactly
  * as the guard does (src/arch/aarch64/guard.ts) and compares it with the record's owner: the
  * owner thread's call is a plain load, add and store of its own counter; any other thread's an
- * exclusive load/store loop on the shared one (plain ARMv8.0: no LSE atomics needed). Then a
- * jump to the original (`b` where it reaches, else through the record). Timing also takes the
+ * exclusive load/store loop on the shared one (plain ARMv8.0: no LSE atomics needed). Then it
+ * runs on into its own copy of the original's first instructions (`ProbeOptions.inline`), or
+ * jumps to the original (`b` where it reaches, else through the record). Timing also takes the
  * record's timing slot with an acquiring exclusive pair, keeps the caller's return address (x30)
  * in the record and points x30 at `exit`, reads `cntvct_el0`; at `exit` it reads the counter
  * again, adds the difference, frees the slot with a releasing store and returns to the caller.
@@ -38,13 +39,19 @@ function addImmediate(rd: number, rn: number, imm12: number): number {
   return (0x91000000 | (imm12 << 10) | (rn << 5) | rd) >>> 0;
 }
 
+/** The little-endian words of `code` (whole instructions). */
+function words(code: Uint8Array): number[] {
+  const view = new DataView(code.buffer, code.byteOffset, code.byteLength);
+  return Array.from({ length: code.length / 4 }, (_, i) => view.getUint32(i * 4, true));
+}
+
 function reach<T>(value: T | null): T {
   if (value === null) throw new RangeError("probe data or label out of pc-relative reach");
   return value;
 }
 
 /** The probe's listing. */
-function listing({ at, data, original, timing, os }: ProbeOptions): Line[] {
+function listing({ at, data, original, inline, timing, os }: ProbeOptions): Line[] {
   if (data % 8n !== 0n) throw new RangeError("probe data must be 8-byte aligned");
   const pc = (p: Place) => at + BigInt(p.start);
   const to = (p: Place, label: string) => at + BigInt(p.label(label));
@@ -61,9 +68,12 @@ function listing({ at, data, original, timing, os }: ProbeOptions): Line[] {
   const jump: Line = (p) => [reach(b(pc(p), original))]; // b original
   const pop: Line = [0xa8c107e0]; //                        ldp x0, x1, [sp], #16
   const push: Line = [0xa9bf07e0]; //                       stp x0, x1, [sp, #-16]!
-  // x16 holds the record; x0 and x1 are pushed when `pushed`.
-  const toOriginal = (pushed: boolean): Line[] => {
+  // The probe's own copy of the original's first instructions, where it has one.
+  const copy: Line = (p) => words(inline!(pc(p)));
+  // x16 holds the record; x0 and x1 are pushed when `pushed`. Into the copy when `into`.
+  const toOriginal = (pushed: boolean, into = false): Line[] => {
     const restore = pushed ? [pop] : [];
+    if (into && inline) return [...restore, copy]; //      the copy of the original's start
     if (near) return [...restore, jump]; //                 b original
     return [
       [ldr(X16, X16, R.original)], //                       ldr x16, [x16, #original]
@@ -92,7 +102,7 @@ function listing({ at, data, original, timing, os }: ProbeOptions): Line[] {
     [0xc8017e00], //                        stxr w1, x0, [x16]
     ifNonzero(X1, false, "count"), //       cbnz w1, count: lost the reservation, again
   ];
-  if (!timing) return [...own, ...toOriginal(false), ...shared, ...toOriginal(true)];
+  if (!timing) return [...own, ...toOriginal(false, true), ...shared, ...toOriginal(true)];
   return [
     ...own,
     push, //                                stp x0, x1, [sp, #-16]!
@@ -114,7 +124,7 @@ function listing({ at, data, original, timing, os }: ProbeOptions): Line[] {
     "held",
     [0xd5033f5f], //                        clrex: drop the reservation ldaxr left
     "to_original",
-    ...toOriginal(true),
+    ...toOriginal(true, true),
     "exit",
     push, //                                stp x0, x1, [sp, #-16]!: the results
     ...record, //                           adrp x16, data; add x16, x16, :lo12:data

@@ -2,11 +2,11 @@
  * The native probe (x86-64): see src/arch/probe.ts. Counting reads the thread's identity exactly
  * as the guard does (src/arch/x86_64/guard.ts) and compares it with the record's owner: the owner
  * thread's call is a plain `inc` of its own counter, any other thread's a `lock inc` of the
- * shared one; then a jump to the original (`jmp rel32` where it reaches, else through the record).
- * Timing also takes the record's timing slot with `xchg`
- * (locked by itself), keeps the caller's return address in the record and puts `exit` in its
- * place, reads `rdtsc`; at `exit` it reads `rdtsc` again, adds the difference, frees the slot and
- * jumps back to the caller.
+ * shared one. Then it runs on into its own copy of the original's first instructions
+ * (`ProbeOptions.inline`), or jumps to the original (`jmp rel32` where it reaches, else through
+ * the record). Timing also takes the record's timing slot with `xchg` (locked by itself), keeps
+ * the caller's return address in the record and puts `exit` in its place, reads `rdtsc`; at
+ * `exit` it reads `rdtsc` again, adds the difference, frees the slot and jumps back to the caller.
  *
  * Only r11 and the flags change on the way in: rax and rdx (rdtsc's outputs; rdx is an argument,
  * al the vector count of varargs calls) are pushed and popped again before the jump, so every
@@ -42,7 +42,7 @@ function jne(label: string): Line {
 }
 
 /** The probe's listing. */
-function listing({ at, data, original: to, timing, os }: ProbeOptions): Line[] {
+function listing({ at, data, original: to, inline, timing, os }: ProbeOptions): Line[] {
   const word = (offset: number) => (p: Place) => rip(at, p, data + BigInt(offset));
   const calls = word(R.calls), ownCalls = word(R.ownCalls), thread = word(R.thread), timer = word(R.timer);
   const saved = word(R.saved), start = word(R.start), ticks = word(R.ticks), timed = word(R.timed);
@@ -52,6 +52,8 @@ function listing({ at, data, original: to, timing, os }: ProbeOptions): Line[] {
   const toOriginal: Line = near
     ? (p) => [0xe9, ...i32le(rel32(at + BigInt(p.end), to)!)] // jmp original
     : (p) => [0xff, 0x25, ...original(p)]; //                   jmp [rip+original]
+  // The probe's own copy of the original's first instructions, where it has one.
+  const intoOriginal: Line = inline ? (p) => [...inline(at + BigInt(p.start))] : toOriginal;
   const count: Line[] = [
     [segment, 0x4c, 0x8b, 0x1c, sib, ...disp], // mov r11, qword fs:[0x10] (gs:[0x30] on Windows): this thread
     (p) => [0x4c, 0x3b, 0x1d, ...thread(p)], //  cmp r11, [rip+thread]
@@ -59,7 +61,7 @@ function listing({ at, data, original: to, timing, os }: ProbeOptions): Line[] {
     (p) => [0x48, 0xff, 0x05, ...ownCalls(p)], // inc qword [rip+ownCalls]: the owner alone writes it
   ];
   const other: Line = (p) => [0xf0, 0x48, 0xff, 0x05, ...calls(p)]; // lock inc qword [rip+calls]
-  if (!timing) return [...count, toOriginal, "other", other, toOriginal];
+  if (!timing) return [...count, intoOriginal, "other", other, toOriginal];
   const local = (label: string) => (p: Place) => rip(at, p, at + BigInt(p.label(label)));
   const readClock: Line[] = [
     [0x0f, 0x31], //             rdtsc: edx:eax
@@ -86,7 +88,7 @@ function listing({ at, data, original: to, timing, os }: ProbeOptions): Line[] {
     [0x5a], //                                          pop rdx
     [0x58], //                                          pop rax
     "to_original",
-    toOriginal, //                                      jmp [rip+original]
+    intoOriginal, //                                    jmp [rip+original], or the copy of its start
     "other",
     other, //                                           lock inc qword [rip+calls]
     (p) => [0xeb, rel8(p.label("time") - p.end)], //    jmp short time
