@@ -62,7 +62,7 @@ export interface ProbeOptions {
    * `original` — a taken jump costs a small function as much as the count itself. The probe's
    * slot has room for it beyond `ProbeCode.size()`.
    */
-  readonly inline?: (address: bigint) => Uint8Array;
+  readonly inline?: ((address: bigint) => Uint8Array) | undefined;
   /** Whether it times calls besides counting them. */
   readonly timing: boolean;
   /** The operating system: where the thread's identity is read from. */

@@ -23,8 +23,11 @@ import { adr, adrp, assemble, b, br, cbz } from "./writer.ts";
 
 const X0 = 0, X1 = 1, X16 = 16, X17 = 17, X30 = 30;
 
-/** More bytes than any probe's code: a direct branch that reaches from its start and this far on reaches from all of it. */
-const LONGEST = 256n;
+/**
+ * More bytes than any probe's code, its copy of the original's start included: a direct branch
+ * that reaches from its start and from this far on reaches from all of it.
+ */
+const LONGEST = 4096n;
 
 /** `ldr xt, [xn, #offset]` / `str xt, [xn, #offset]` (unsigned offset, a multiple of 8). */
 function ldr(rt: number, rn: number, offset: number): number {

@@ -23,12 +23,15 @@ import { i32le, rel32 } from "./writer.ts";
 /** rip-relative displacement from the end of the line at `p` (placed at `at`) to `target`. */
 function rip(at: bigint, p: Place, target: bigint): Uint8Array {
   const d = target - (at + BigInt(p.end));
-  if (d < -(2n ** 31n) || d >= 2n ** 31n) throw new RangeError("probe data out of rip-relative reach");
+  if (d < -(2n ** 31n) || d >= 2n ** 31n) throw new RangeError("probe data or original out of rip-relative reach");
   return i32le(Number(d));
 }
 
-/** More bytes than any probe's code: a rel32 jump that reaches from its start and this far on reaches from all of it. */
-const LONGEST = 256n;
+/**
+ * More bytes than any probe's code, its copy of the original's start included: a rel32 jump that
+ * reaches from its start and from this far on reaches from all of it.
+ */
+const LONGEST = 4096n;
 
 /** A short jump's displacement. */
 function rel8(distance: number): number {
@@ -50,7 +53,7 @@ function listing({ at, data, original: to, inline, timing, os }: ProbeOptions): 
   const [segment, sib, ...disp] = threadPointerOperand(os);
   const near = rel32(at, to) !== null && rel32(at + LONGEST, to) !== null;
   const toOriginal: Line = near
-    ? (p) => [0xe9, ...i32le(rel32(at + BigInt(p.end), to)!)] // jmp original
+    ? (p) => [0xe9, ...rip(at, p, to)] //                       jmp original
     : (p) => [0xff, 0x25, ...original(p)]; //                   jmp [rip+original]
   // The probe's own copy of the original's first instructions, where it has one.
   const intoOriginal: Line = inline ? (p) => [...inline(at + BigInt(p.start))] : toOriginal;
