@@ -263,6 +263,20 @@ test("native probe on strtol: every call counted and timed, results untouched, b
   }
 });
 
+test("native probes layered on one function: each counts every call, the upper one continuing into the lower", () => {
+  const address = os.symbolAddress("strtol", "libc.so.6");
+  const bytes = bytesAt(address, 32);
+  const lower = probeNatively({ symbol: "strtol", library: "libc.so.6" }, false);
+  const upper = probeNatively({ symbol: "strtol", library: "libc.so.6" }, true);
+  for (let i = 0; i < 7; i++) assert.equal(libc.atoi(cstr(String(i))), i);
+  assert.deepEqual([upper.read().calls, upper.read().timed, lower.read().calls], [7, 7, 7]);
+  upper.restore();
+  libc.atoi(cstr("1"));
+  assert.deepEqual([upper.read().calls, lower.read().calls], [7, 8]);
+  lower.restore();
+  assert.deepEqual(bytesAt(address, 32), bytes);
+});
+
 test("native probe: calls from another thread are counted and timed too", () => {
   const labs = os.symbolAddress("labs", "libc.so.6");
   const probe = probeNatively({ symbol: "labs", library: "libc.so.6" }, true);
