@@ -13,7 +13,11 @@ import { compare as compareRounds, median, report } from "./report.ts";
 import type { Case, Row } from "./report.ts";
 
 const { runtime, os } = platform();
-const libc = runtime.open("libc.so.6", { labs: { parameters: ["i64"], result: "i64" } });
+const libc = runtime.open("libc.so.6", {
+  labs: { parameters: ["i64"], result: "i64" },
+  pthread_create: { parameters: ["buffer", "pointer", "pointer", "buffer"], result: "i32" },
+  pthread_join: { parameters: ["u64", "pointer"], result: "i32" },
+});
 
 /** Rounds interleaved as every bench does; the probes' figures are the median round. */
 function compare(a: Case, b: Case, n: number): [number, number] {
@@ -54,8 +58,10 @@ const call = () => libc.labs(-5n);
 // A native probe called from a native loop, against the same loop calling the function without
 // one: what tracing costs the functions the traced program calls. Two functions: labs (a few
 // instructions, the worst case) and strtol on a short number (a typical small libc function).
+// The loop runs on the JS thread, the probe's owner; the last rows run it on another thread,
+// whose calls take the atomic add (each round there starts and joins the thread).
 if (machine().arch.name === "x86_64") {
-  const loop = nativeLoop();
+  const { loop, onAnotherThread } = nativeLoop();
   const text = constant(new TextEncoder().encode("12345\0"));
   const functions = [
     { symbol: "labs", argument: 2n ** 63n - 5n },
@@ -108,23 +114,48 @@ if (machine().arch.name === "x86_64") {
         goal: timing ? {} : { ratio: 1.2 },
       });
     }
+    const threadCalls = 25n * n;
+    const onThread = () => onAnotherThread(address, threadCalls, argument);
+    const [ours, baseline] = compare(
+      {
+        setUp: () => {
+          const probe = probeNatively({ symbol, library: "libc.so.6" }, false);
+          restore = () => probe.restore();
+        },
+        body: onThread,
+        tearDown: () => restore(),
+      },
+      { body: onThread },
+      1,
+    );
+    rows.push({
+      name: `native counting probe, ${symbol}, another thread's loop`,
+      ours: ours / Number(threadCalls),
+      baseline: baseline / Number(threadCalls),
+      unit: "ns",
+      goal: {},
+    });
   }
 } else {
   console.log(`${runtime.name}: the native-loop rows need x86-64; skipped on ${machine().arch.name}`);
 }
 
 /**
- * loop(fn, n, argument): calls fn(argument, NULL, 10) n times from native code (System V), placed
- * in the code pool.
+ * loop(record): calls record[0](record[2], NULL, 10) record[1] times from native code (System V),
+ * placed in the code pool; returns 0, so that it also serves as a thread's start routine. Run on
+ * this thread (through the FFI) or on a new one.
  */
-function nativeLoop(): (fn: bigint, n: bigint, argument: bigint) => void {
+function nativeLoop(): {
+  loop: (fn: bigint, n: bigint, argument: bigint) => void;
+  onAnotherThread: (fn: bigint, n: bigint, argument: bigint) => void;
+} {
   const code = Uint8Array.of(
     0x53, //                   push rbx
     0x41, 0x54, //             push r12
     0x41, 0x55, //             push r13: rsp 16-byte aligned for the calls
-    0x48, 0x89, 0xfb, //       mov rbx, rdi: fn
-    0x49, 0x89, 0xf4, //       mov r12, rsi: n
-    0x49, 0x89, 0xd5, //       mov r13, rdx: argument
+    0x48, 0x8b, 0x1f, //       mov rbx, [rdi]: fn
+    0x4c, 0x8b, 0x67, 0x08, // mov r12, [rdi+8]: n
+    0x4c, 0x8b, 0x6f, 0x10, // mov r13, [rdi+16]: argument
     0x4c, 0x89, 0xef, //       top: mov rdi, r13
     0x31, 0xf6, //             xor esi, esi: strtol's endptr, NULL
     0xba, 0x0a, 0, 0, 0, //    mov edx, 10: strtol's base
@@ -134,10 +165,21 @@ function nativeLoop(): (fn: bigint, n: bigint, argument: bigint) => void {
     0x41, 0x5d, //             pop r13
     0x41, 0x5c, //             pop r12
     0x5b, //                   pop rbx
+    0x31, 0xc0, //             xor eax, eax
     0xc3, //                   ret
   );
-  const call = runtime.fnPointer(constant(code), { parameters: ["u64", "u64", "u64"], result: "void" });
-  return (fn, n, argument) => void call(fn, n, argument);
+  const address = constant(code);
+  const call = runtime.fnPointer(address, { parameters: ["buffer"], result: "u64" });
+  const record = (fn: bigint, n: bigint, argument: bigint) => new Uint8Array(new BigUint64Array([fn, n, argument]).buffer);
+  const id = new BigUint64Array(1);
+  return {
+    loop: (fn, n, argument) => void call(record(fn, n, argument)),
+    onAnotherThread(fn, n, argument) {
+      const r = record(fn, n, argument);
+      if (libc.pthread_create(new Uint8Array(id.buffer), 0n, address, r) !== 0) throw new Error("pthread_create failed");
+      libc.pthread_join(id[0]!, 0n);
+    },
+  };
 }
 
 /** Where `bytes` now are in native memory (a slot of the code pool: readable and executable). */
