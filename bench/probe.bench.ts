@@ -25,6 +25,8 @@ function compare(a: Case, b: Case, n: number): [number, number] {
 }
 
 const rows: Row[] = [];
+/** Where the native loop's `top` is in its code (see `nativeLoop`). */
+const TOP = 16;
 const labs = { symbol: "labs", library: "libc.so.6", parameters: ["i64"], result: "i64" } as const;
 const call = () => libc.labs(-5n);
 
@@ -156,7 +158,7 @@ function nativeLoop(): {
     0x48, 0x8b, 0x1f, //       mov rbx, [rdi]: fn
     0x4c, 0x8b, 0x67, 0x08, // mov r12, [rdi+8]: n
     0x4c, 0x8b, 0x6f, 0x10, // mov r13, [rdi+16]: argument
-    0x4c, 0x89, 0xef, //       top: mov rdi, r13
+    0x4c, 0x89, 0xef, //       top (TOP): mov rdi, r13
     0x31, 0xf6, //             xor esi, esi: strtol's endptr, NULL
     0xba, 0x0a, 0, 0, 0, //    mov edx, 10: strtol's base
     0xff, 0xd3, //             call rbx
@@ -168,7 +170,7 @@ function nativeLoop(): {
     0x31, 0xc0, //             xor eax, eax
     0xc3, //                   ret
   );
-  const address = constant(code);
+  const address = constant(code, TOP);
   const call = runtime.fnPointer(address, { parameters: ["buffer"], result: "u64" });
   const record = (fn: bigint, n: bigint, argument: bigint) => new Uint8Array(new BigUint64Array([fn, n, argument]).buffer);
   const id = new BigUint64Array(1);
@@ -182,13 +184,20 @@ function nativeLoop(): {
   };
 }
 
-/** Where `bytes` now are in native memory (a slot of the code pool: readable and executable). */
-function constant(bytes: Uint8Array): bigint {
+/**
+ * Where `bytes` now are in native memory (a slot of the code pool: readable and executable), placed
+ * so that byte `line` of them starts a 64-byte line: the loop's speed depends on where it lies
+ * (fetch blocks), and each runtime's pool would put it elsewhere.
+ */
+function constant(bytes: Uint8Array, line = 0): bigint {
   const { pool } = machine();
-  const slot = pool.allocate(0n, 2n ** 62n, bytes.length);
+  const slot = pool.allocate(0n, 2n ** 62n, bytes.length + 64);
   if (!slot) throw new Error("no executable memory for the native loop");
-  pool.write(slot, bytes);
-  return slot.address;
+  const pad = Number((64n - (slot.address + BigInt(line)) % 64n) % 64n);
+  const padded = new Uint8Array(pad + bytes.length).fill(0xcc); // int3 before the code
+  padded.set(bytes, pad);
+  pool.write(slot, padded);
+  return slot.address + BigInt(pad);
 }
 
 report(rows);
