@@ -60,8 +60,8 @@ const call = () => libc.labs(-5n);
 // A native probe called from a native loop, against the same loop calling the function without
 // one: what tracing costs the functions the traced program calls. Two functions: labs (a few
 // instructions, the worst case) and strtol on a short number (a typical small libc function).
-// The loop runs on the JS thread, the probe's owner; the last rows run it on another thread,
-// whose calls take the atomic add (each round there starts and joins the thread).
+// The loop runs on the JS thread, the probe's owner; one more row per function runs it on another
+// thread, whose calls take the atomic add (each round there starts and joins the thread).
 if (machine().arch.name === "x86_64") {
   const { loop, onAnotherThread } = nativeLoop();
   const text = constant(new TextEncoder().encode("12345\0"));

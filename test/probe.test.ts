@@ -1,7 +1,9 @@
 /**
  * The native probe: its code read back with the reference disassemblers (iced-x86, Capstone in
- * objdump's syntax), then run live in front of libc functions, a recursive function, two threads,
- * and in a generated library's import slots (`callers`).
+ * objdump's syntax), per OS and with or without its copy of the function's first instructions;
+ * then run live in front of libc functions, layered, a recursive function, two native threads
+ * calling alongside the JS thread (the owner's counter and the shared one), and in a generated
+ * library's import slots (`callers`).
  */
 import { assert, test } from "./harness.ts";
 import { disassemble as disassembleX86 } from "./canned_listing.ts";
