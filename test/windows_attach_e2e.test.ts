@@ -14,6 +14,8 @@
 import { assert, runtimeName, runtimePath, test } from "./harness.ts";
 import { attach, imports } from "../mod.ts";
 import { clockRate, probeNatively } from "../src/trace/native_probe.ts";
+import type { NativeProbe } from "../src/trace/native_probe.ts";
+import { PROBE_RECORD } from "../src/arch/probe.ts";
 import { platform } from "../platform/mod.ts";
 import { spawnSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
@@ -83,9 +85,10 @@ if (onWindows) {
 
   /**
    * Runs HAMMER once per entry of `runs`, that many calls of `fn` each: one after another on this
-   * thread, or each on a thread of its own, all at once. Each run's sum of results.
+   * thread, or each on a thread of its own, all at once, `meanwhile` running here. Each run's sum
+   * of results.
    */
-  const hammer = (fn: bigint, runs: readonly bigint[], where: "here" | "threads"): bigint[] => {
+  const hammer = (fn: bigint, runs: readonly bigint[], where: "here" | "threads", meanwhile?: () => void): bigint[] => {
     const code = assemble(HAMMER);
     const records = runs.map((n) => {
       const memory = allocate(24);
@@ -95,7 +98,7 @@ if (onWindows) {
       return { memory, words };
     });
     try {
-      if (where === "threads") onThreads(code.address, records.map((r) => r.memory.address));
+      if (where === "threads") onThreads(code.address, records.map((r) => r.memory.address), meanwhile);
       else {
         const loop = runtime.fnPointer(code.address, { parameters: ["usize"], result: "u32" });
         for (const r of records) assert.equal(loop(r.memory.address), 0);
@@ -105,6 +108,19 @@ if (onWindows) {
       for (const r of records) r.memory.release();
       code.release();
     }
+  };
+
+  /**
+   * A native probe's two counters, read live: the owner's (the JS thread that attached, told
+   * apart by gs:[0x30] as the guard does) and the shared one every other thread adds to.
+   */
+  const counters = (probe: NativeProbe): { own(): number; shared(): number } => {
+    const view = runtime.view(probe.patch.counterAddress!, PROBE_RECORD.size);
+    const record = new BigUint64Array(view.buffer, view.byteOffset, PROBE_RECORD.size / 8);
+    return {
+      own: () => Number(Atomics.load(record, PROBE_RECORD.ownCalls / 8)),
+      shared: () => Number(Atomics.load(record, PROBE_RECORD.calls / 8)),
+    };
   };
 
   test("windows attach on msvcrt strtol: onEnter sees the arguments, onLeave replaces the result, one args array per call", () => {
@@ -208,23 +224,37 @@ if (onWindows) {
     }
   });
 
-  test("windows native probe: a native loop here and two threads at once, every call counted, the results right", () => {
+  test("windows native probe: two threads' native loops while the JS thread calls too: no call lost, the owner's on its own counter", () => {
     const address = os.symbolAddress("labs", "msvcrt.dll");
-    restoresExactly(address, () => {
-      const probe = probeNatively({ symbol: "labs", library: "msvcrt.dll" }, true);
-      try {
-        assert.deepEqual(hammer(address, [1000n], "here"), [5000n]);
-        assert.deepEqual([probe.read().calls, probe.read().timed], [1000, 1000], "the JS thread's loop: all timed");
-        const n = 1_000_000n;
-        assert.deepEqual(hammer(address, [n, n], "threads"), [5n * n, 5n * n], "each thread got labs(-5) = 5 every time");
-        const { calls, timed, ticks } = probe.read();
-        assert.equal(calls, 1000 + 2 * Number(n), "the atomic counter lost no call");
-        assert.ok(timed > 1000 && timed <= calls, `${timed} timed`);
-        assert.ok(ticks > 0n);
-      } finally {
-        probe.restore();
-      }
-    });
+    const n = 1_000_000n;
+    for (const timing of [false, true]) {
+      restoresExactly(address, () => {
+        const probe = probeNatively({ symbol: "labs", library: "msvcrt.dll" }, timing);
+        try {
+          const { own, shared } = counters(probe);
+          assert.deepEqual(hammer(address, [1000n], "here"), [5000n], "a native loop on the JS thread");
+          assert.deepEqual([own(), shared(), probe.read().timed], [1000, 0, timing ? 1000 : 0]);
+          // The JS thread calls all the while the two threads do (bounded, should they never count).
+          let fromJs = 0, sum = 0;
+          const until = performance.now() + 30_000;
+          const sums = hammer(address, [n, n], "threads", () => {
+            do {
+              for (let i = 0; i < 1000; i++) sum += msvcrt.labs(-7) as number;
+              fromJs += 1000;
+            } while (shared() < 2 * Number(n) && performance.now() < until);
+          });
+          assert.deepEqual(sums, [5n * n, 5n * n], "each thread got labs(-5) = 5 every time");
+          assert.equal(sum, 7 * fromJs, "the JS thread got labs(-7) = 7 every time");
+          assert.deepEqual([own(), shared()], [1000 + fromJs, 2 * Number(n)], "the JS thread's calls on the owner's counter, the threads' on the shared one");
+          const { calls, timed } = probe.read();
+          assert.equal(calls, 1000 + fromJs + 2 * Number(n), "no call lost");
+          if (timing) assert.ok(timed >= 1000 && timed <= calls, `${timed} timed`);
+          else assert.equal(timed, 0);
+        } finally {
+          probe.restore();
+        }
+      });
+    }
   });
 
   test("windows native probe on kernel32 GetCurrentProcessId: counted through the thunk, from JS and from another thread", () => {
@@ -235,6 +265,8 @@ if (onWindows) {
         for (let i = 0; i < 50; i++) assert.equal(kernel32.GetCurrentProcessId(), realPid);
         assert.equal(onAnotherThread(procAddress("kernel32.dll", "GetCurrentProcessId")), realPid);
         assert.deepEqual([probe.read().calls, probe.read().timed], [51, 51]);
+        const { own, shared } = counters(probe);
+        assert.deepEqual([own(), shared()], [50, 1], "the JS thread's on the owner's counter, the other thread's shared");
       } finally {
         probe.restore();
       }
@@ -267,6 +299,7 @@ if (onWindows) {
           kernel32.GetSystemTimeAsFileTime(new Uint8Array(8));
         }
         assert.deepEqual([probe.read().calls, probe.read().timed], [20, 20], "the program's own calls are not counted");
+        assert.equal(counters(probe).own(), 20, "the JS thread's, on the owner's counter");
       } finally {
         probe.restore();
       }

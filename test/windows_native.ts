@@ -26,7 +26,7 @@ export interface Allocation {
 export function win32(): {
   procAddress(library: string, name: string): bigint;
   onAnotherThread(address: bigint): number;
-  onThreads(address: bigint, parameters: readonly bigint[]): number[];
+  onThreads(address: bigint, parameters: readonly bigint[], meanwhile?: () => void): number[];
   assemble(code: readonly number[]): Allocation;
   allocate(size: number): Allocation;
 } {
@@ -49,14 +49,18 @@ export function win32(): {
     assert.notEqual(address, 0n, "VirtualAlloc");
     return { address, release: () => assert.notEqual(kernel32.VirtualFree(address, 0n, MEM_RELEASE), 0, "VirtualFree") };
   };
-  /** Starts `address` on one new thread per parameter, all at once, and waits for them all. */
-  const onThreads = (address: bigint, parameters: readonly bigint[]): number[] => {
+  /**
+   * Starts `address` on one new thread per parameter, all at once, runs `meanwhile` on this
+   * thread while they run, and waits for them all.
+   */
+  const onThreads = (address: bigint, parameters: readonly bigint[], meanwhile = () => {}): number[] => {
     const threads = parameters.map((parameter) => {
       const thread = kernel32.CreateThread(0n, 0n, address, parameter, 0, new Uint8Array(4)) as bigint;
       assert.notEqual(thread, 0n, "CreateThread");
       return thread;
     });
     try {
+      meanwhile();
       return threads.map((thread) => {
         assert.equal(kernel32.WaitForSingleObject(thread, 60_000), 0, "the thread ends");
         const code = new Uint32Array(1);
