@@ -30,9 +30,12 @@ const utf8 = new TextEncoder();
 
 /** The System V ELF hash of a symbol name (DT_HASH). */
 export function elfHash(name: string | Uint8Array): number {
+  const bytes = typeof name === "string" ? utf8.encode(name) : name;
   let h = 0;
-  for (const c of typeof name === "string" ? utf8.encode(name) : name) {
-    h = ((h << 4) + c) >>> 0;
+  // An index loop: the first stub library is built before any of this is compiled, and an
+  // interpreted iterator costs most of that build.
+  for (let i = 0; i < bytes.length; i++) {
+    h = ((h << 4) + bytes[i]!) >>> 0;
     const g = h & 0xf0000000;
     if (g) h ^= g >>> 24;
     h = (h & ~g) >>> 0;
@@ -59,15 +62,11 @@ export function buildStubImage(options: {
   const name = (i: number) => `${prefix}${i}`;
   const soname = `${prefix}lib.so`;
   const strings = [soname, ...Array.from({ length: count }, (_, i) => name(i))];
-  const encoded = strings.map((s) => utf8.encode(s));
-  const strtab = new Uint8Array(encoded.reduce((n, e) => n + e.length + 1, 1));
+  // All the names in one encoding, each ended by its NUL, after the empty name at 0.
+  const strtab = utf8.encode(`\0${strings.join("\0")}\0`);
   const nameAt: number[] = [];
-  let used = 1;
-  for (const e of encoded) {
-    nameAt.push(used);
-    strtab.set(e, used);
-    used += e.length + 1;
-  }
+  for (let at = 1; at < strtab.length; at = strtab.indexOf(0, at) + 1) nameAt.push(at);
+  const encoded = nameAt.map((at) => strtab.subarray(at, strtab.indexOf(0, at)));
   const nbucket = Math.max(1, Math.ceil(count / 2));
   const nsyms = count + 1;
   const hashAt = EHDR + PHDR * 4; // four program headers
