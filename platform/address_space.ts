@@ -29,24 +29,24 @@ export function nearCandidates(
   size: bigint,
   pageSize: bigint,
 ): bigint[] {
-  // Each distance once, sorted as a number (exact below 2^53, and the bigints break any tie): a
-  // few hundred places, and sorting by bigint arithmetic cost most of a first patch's millisecond.
-  const keyed = [...places(mappings, near, reach, size, pageSize)].map((at) => {
-    const distance = at > near ? at - near : near - at;
-    return { at, distance, key: Number(distance) };
-  });
-  keyed.sort((a, b) => a.key - b.key || (a.distance < b.distance ? -1 : a.distance > b.distance ? 1 : 0));
-  return keyed.map((place) => place.at);
+  const distance = (a: bigint) => (a > near ? a - near : near - a);
+  return places(mappings, near, reach, size, pageSize, Infinity)
+    .sort((a, b) => (distance(a) < distance(b) ? -1 : distance(a) > distance(b) ? 1 : 0));
 }
 
-/** The places `nearCandidates` sorts, gap by gap in address order (the order of `mappings`). */
-function* places(
+/**
+ * The places `nearCandidates` sorts, gap by gap in address order (the order of `mappings`), the
+ * first `limit` of them.
+ */
+function places(
   mappings: readonly Mapping[],
   near: bigint,
   reach: bigint,
   size: bigint,
   pageSize: bigint,
-): Generator<bigint> {
+  limit: number,
+): bigint[] {
+  const found: bigint[] = [];
   const low = near > reach ? near - reach : pageSize * 16n;
   const high = near + reach;
   const floor = (v: bigint) => v - v % pageSize;
@@ -66,9 +66,11 @@ function* places(
     for (let k = 0n; k < GAP_TRIES; k++) {
       const at = below ? first - k * GAP_STEP : first + k * GAP_STEP;
       if (at < from || at + size > to) break;
-      yield at;
+      found.push(at);
+      if (found.length === limit) return found;
     }
   }
+  return found;
 }
 
 /**
@@ -79,6 +81,5 @@ function* places(
  */
 export function farPlace(mappings: readonly Mapping[], size: bigint, pageSize: bigint): bigint {
   // Nearest to 0 is the first place of the lowest gap that has one: nothing to sort.
-  for (const at of places(mappings, 0n, 2n ** 62n, size, pageSize)) return at;
-  return 0n;
+  return places(mappings, 0n, 2n ** 62n, size, pageSize, 1)[0] ?? 0n;
 }
