@@ -56,9 +56,12 @@ function outcome(writes: readonly CodeWrite[], length = 0): Uint8Array {
   return bytes.subarray(0, length || size);
 }
 
-/** The writes minus those of each address whose writes, together, leave its bytes as they are. */
-function net(writes: readonly CodeWrite[]): CodeWrite[] {
-  const byAddress = Map.groupBy(writes, (w) => w.address);
+/**
+ * The writes minus those of each address whose writes, together, leave its bytes as they are;
+ * `byAddress` is the batch's index of them when it has one.
+ */
+function net(writes: readonly CodeWrite[], byAddress = Map.groupBy(writes, (w) => w.address)): readonly CodeWrite[] {
+  if (byAddress.size === writes.length) return writes;
   const idle = new Set<bigint>();
   for (const [address, group] of byAddress) {
     if (group.length < 2) continue;
@@ -100,7 +103,7 @@ function transactionLocked<T>(body: () => T): T {
   try {
     result = body();
     m.batch = null;
-    writeCode(m.platform, net(batch.writes));
+    writeCode(m.platform, net(batch.writes, batch.byAddress));
   } catch (error) {
     m.batch = null;
     for (const rollback of batch.rollbacks.reverse()) rollback();
