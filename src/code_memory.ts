@@ -5,7 +5,7 @@
  * undoing every step when one fails.
  */
 import { hex, RedefineError } from "./errors.ts";
-import type { CodeBlock, Mapping, Os, Platform } from "../platform/mod.ts";
+import type { CodeBlock, Mapping, Os, Platform, Runtime } from "../platform/mod.ts";
 import { PROT_EXEC, PROT_WRITE } from "../platform/mod.ts";
 
 /** A piece of a code block handed to one patch: code, and optionally data next to it. */
@@ -224,14 +224,24 @@ const PAGE_VIEW_FROM = 4;
 
 /** One page a batch writes. */
 interface Page {
+  readonly address: bigint;
   /** Its protection bits: the system's, or those of the caller's mapping (`exact` false). */
   readonly protection: number;
   readonly exact: boolean;
-  /** The run of non-writable pages it belongs to; null when the process may store to it. */
-  run: Run | null;
+  /** The run of non-writable pages it belongs to (none when the process may store to it). */
+  runs: readonly Run[];
   /** How many writes touch it. */
   writes: number;
+  /** Its bytes and its aligned words, once `PAGE_VIEW_FROM` writes share one view. */
   view?: Uint8Array;
+  words?: BigInt64Array;
+}
+
+/** Where one write lands: its first page, its offset there, and the runs it stores to. */
+interface Spot {
+  readonly page: Page;
+  readonly offset: number;
+  readonly runs: readonly Run[];
 }
 
 /** Consecutive non-writable pages of one protection: one protection change, or forced writes. */
@@ -256,6 +266,22 @@ interface Opened {
   readonly protection: number;
 }
 
+/** One call of `writeCode`: what its stores share. */
+interface Writing {
+  readonly os: Os;
+  readonly runtime: Runtime;
+  readonly size: number;
+  /**
+   * One buffer for the call (a typed array costs Deno ~0.2 µs to make): the word being composed
+   * (bytes 0–7), then what each write replaces — its aligned word, or its bytes — for the undo.
+   */
+  readonly buffer: Uint8Array;
+  readonly word: Uint8Array;
+  readonly wordValue: BigInt64Array;
+  /** The protections changed so far, to be given back. */
+  readonly opened: Opened[];
+}
+
 /**
  * Writes every `writes` entry into code pages as one transaction. Each run of non-writable pages
  * goes one of two ways, by how many stores the batch makes there (`PROTECT_FROM`): the kernel's
@@ -268,219 +294,244 @@ interface Opened {
  * and tests that take one way on purpose (Infinity: forced writes wherever the system allows).
  */
 export function writeCode(platform: Platform, writes: readonly CodeWrite[], protectFrom: number = PROTECT_FROM): void {
-  const { os, runtime } = platform;
-  const size = os.pageSize;
-  const page = BigInt(size);
-  const pages = pagesOf(platform, writes);
-  const runs = runsOf(pages, page);
-  // The runs each write stores to, and how many stores it makes there.
-  const touched = writes.map((w) => {
-    const list: Run[] = [];
-    for (let p = w.address - w.address % page; p < w.address + BigInt(w.bytes.length); p += page) {
-      const run = pages.get(p)!.run;
-      if (run && !list.includes(run)) list.push(run);
-    }
-    for (const run of list) run.stores += storesOf(w);
-    return list;
-  });
-  for (const run of runs) run.forced = run.stores < protectFrom;
-
-  const live = (address: bigint, length: number): Uint8Array => {
-    const p = address - address % page;
-    const known = pages.get(p);
-    if (!known || known.writes < PAGE_VIEW_FROM || address + BigInt(length) > p + page) return runtime.view(address, length);
-    known.view ??= runtime.view(p, size);
-    const offset = Number(address - p);
-    return known.view.subarray(offset, offset + length);
-  };
-  // One buffer per batch (a typed array costs Deno ~0.2 µs to make): the word being composed,
-  // then what each write replaces — its aligned word, or its bytes — for the undo.
+  const spots = spotsOf(platform, writes);
   const undoAt: number[] = [];
   let total = 8;
-  for (const w of writes) {
+  for (let i = 0; i < writes.length; i++) {
+    const offset = spots[i]!.offset % 8;
+    for (const run of spots[i]!.runs) run.stores += storesOf(writes[i]!, offset);
     undoAt.push(total);
-    total += undoLength(w);
+    total += undoLength(writes[i]!, offset);
   }
+  for (const spot of spots) for (const run of spot.runs) run.forced = run.stores < protectFrom;
   const buffer = new Uint8Array(total);
-  const word = buffer.subarray(0, 8);
-  const wordValue = new BigInt64Array(buffer.buffer, 0, 1);
-
-  /**
-   * Stores `bytes` at `offset` into the aligned word at `at`, its other bytes unchanged, in one
-   * store (so a thread running the code sees all of the old bytes or all of the new ones); with
-   * `save` ≥ 0, the old word is kept there first. False when the forced write refuses it.
-   */
-  function storeWord(at: bigint, bytes: Uint8Array, offset: number, forced: boolean, save: number): boolean {
-    const view = live(at, 8);
-    word.set(view);
-    if (save >= 0) buffer.set(view, save);
-    word.set(bytes, offset);
-    if (forced) return os.forceWrite(at, word);
-    Atomics.store(new BigInt64Array(view.buffer, view.byteOffset, 1), 0, wordValue[0]!);
-    return true;
-  }
-
-  /** Stores `bytes` at `address` in one call; false when the forced write refuses them. */
-  function storeBytes(address: bigint, bytes: Uint8Array, forced: boolean): boolean {
-    if (forced) return os.forceWrite(address, bytes);
-    live(address, bytes.length).set(bytes);
-    return true;
-  }
-
-  /**
-   * Stores `bytes` at `address`: in one aligned word when they fit in one; otherwise, given a
-   * `spin`, the entry first becomes a jump to itself (one word store), then the tail is written,
-   * then the head replaces the spin. False when the first store is refused (nothing written); a
-   * refusal after that throws, and the undo puts the old bytes back.
-   */
-  function store(address: bigint, bytes: Uint8Array, spin: Uint8Array | undefined, forced: boolean, save: number): boolean {
-    const offset = Number(address % 8n);
-    const at = address - BigInt(offset);
-    if (offset + bytes.length <= 8) return storeWord(at, bytes, offset, forced, save);
-    if (save >= 0) buffer.set(live(address, bytes.length), save);
-    if (!spin || offset + spin.length > 8 || bytes.length <= spin.length) return storeBytes(address, bytes, forced);
-    if (!storeWord(at, spin, offset, forced, -1)) return false;
-    os.flushCode(address, spin.length);
-    const rest = storeBytes(address + BigInt(spin.length), bytes.subarray(spin.length), forced) &&
-      (os.flushCode(address, bytes.length), storeWord(at, bytes.subarray(0, spin.length), offset, forced, -1));
-    if (!rest) {
-      throw new RedefineError(
-        "PROTECT_FAILED",
-        `the system took the first store into the code at ${hex(address)} and refused the next: nothing is left written.`,
-      );
-    }
-    return true;
-  }
-
-  const opened: Opened[] = [];
-  /** Makes `run` writable, each page keeping its exact protection's other bits. */
-  function open(run: Run): void {
-    for (const span of run.exact ? [run] : exactSpans(os, run)) {
-      os.protect(span.start, span.length, span.protection | PROT_WRITE);
-      opened.push({ start: span.start, length: span.length, protection: span.protection });
-    }
-    run.open = true;
-  }
-  /** Opens `run`, or, where the system refuses, sends its stores the forced way. */
-  function tryOpen(run: Run): boolean {
-    try {
-      open(run);
-      return true;
-    } catch (error) {
-      if (!(error instanceof RedefineError) || error.code !== "PROTECT_FAILED") throw error;
-      run.forced = true;
-      return false;
-    }
-  }
-
-  const done: { index: number; forced: boolean }[] = [];
-  // A write is flushed when any page it touches is executable.
-  const flush = (indices: readonly number[]) => {
-    for (const i of indices) {
-      const { address, bytes } = writes[i]!;
-      for (let p = address - address % page; p < address + BigInt(bytes.length); p += page) {
-        if (!(pages.get(p)!.protection & PROT_EXEC)) continue;
-        os.flushCode(address, bytes.length);
-        break;
-      }
-    }
+  const w: Writing = {
+    os: platform.os,
+    runtime: platform.runtime,
+    size: platform.os.pageSize,
+    buffer,
+    word: buffer.subarray(0, 8),
+    wordValue: new BigInt64Array(buffer.buffer, 0, 1),
+    opened: [],
   };
-  const undo = () => {
-    for (const { index, forced } of done.reverse()) {
-      const w = writes[index]!;
-      const before = buffer.subarray(undoAt[index]!, undoAt[index]! + undoLength(w));
-      if (fitsWord(w)) storeWord(w.address - w.address % 8n, before, 0, forced, -1);
-      else store(w.address, before, w.spin, forced, -1);
-    }
-    for (const span of opened) os.protect(span.start, span.length, span.protection);
-    flush(done.map((d) => d.index));
-  };
+  // Which writes were made, and whether forced: the undo makes each again the same way.
+  const done: number[] = [];
+  const forcedWrite: boolean[] = [];
   try {
-    writes.forEach((w, index) => {
-      if (w.bytes.length === 0) return;
-      const closed = touched[index]!;
+    for (let index = 0; index < writes.length; index++) {
+      const { address, bytes, spin } = writes[index]!;
+      if (bytes.length === 0) continue;
+      const spot = spots[index]!;
+      const closed = spot.runs;
       let forced = closed.some((run) => !run.open);
       if (forced && closed.every((run) => run.open || !run.forced)) {
-        forced = !closed.every((run) => run.open || tryOpen(run));
+        forced = !closed.every((run) => run.open || tryOpen(w, run));
       }
-      done.push({ index, forced });
-      if (store(w.address, w.bytes, w.spin, forced, undoAt[index]!)) return;
+      done.push(index);
+      forcedWrite[index] = forced;
+      if (store(w, spot, address, bytes, spin, forced, undoAt[index]!)) continue;
       // The forced write refused, with nothing written: the pages are made writable instead.
-      done.pop();
-      for (const run of closed) if (!run.open) open(run);
-      done.push({ index, forced: false });
-      store(w.address, w.bytes, w.spin, false, undoAt[index]!);
-    });
+      for (const run of closed) if (!run.open) open(w, run);
+      forcedWrite[index] = false;
+      store(w, spot, address, bytes, spin, false, undoAt[index]!);
+    }
   } catch (error) {
-    undo();
+    for (const index of done.reverse()) {
+      const write = writes[index]!;
+      const spot = spots[index]!;
+      const offset = spot.offset % 8;
+      const before = buffer.subarray(undoAt[index]!, undoAt[index]! + undoLength(write, offset));
+      if (offset + write.bytes.length <= 8) {
+        storeWord(w, spot.page, spot.offset - offset, write.address - BigInt(offset), before, 0, forcedWrite[index]!, -1);
+      } else {
+        store(w, spot, write.address, before, write.spin, forcedWrite[index]!, -1);
+      }
+    }
+    close(w);
+    flush(w, writes, spots);
     throw error;
   }
-  for (const span of opened) os.protect(span.start, span.length, span.protection);
-  flush(writes.map((_, i) => i));
+  close(w);
+  flush(w, writes, spots);
 }
 
-/** Whether `write` fits in one aligned 8-byte word: one store, whichever way it goes. */
-function fitsWord(write: CodeWrite): boolean {
-  return Number(write.address % 8n) + write.bytes.length <= 8;
+/** The whole page's view, for a page many writes share; null for the others. */
+function pageView(w: Writing, page: Page): Uint8Array | null {
+  return page.writes < PAGE_VIEW_FROM ? null : (page.view ??= w.runtime.view(page.address, w.size));
 }
 
-/** How many bytes the undo keeps of what `write` replaces: its aligned word, or its bytes. */
-function undoLength(write: CodeWrite): number {
-  return fitsWord(write) ? 8 : write.bytes.length;
+/**
+ * Stores `bytes` at `offset` into the aligned word `at` (`inPage` bytes into `page`), its other
+ * bytes unchanged, in one store, so a thread running the code sees all of the old bytes or all
+ * of the new ones; with `save` ≥ 0, the old word is kept there in the buffer first. False when the
+ * forced write refuses it.
+ */
+function storeWord(
+  w: Writing, page: Page, inPage: number, at: bigint, bytes: Uint8Array, offset: number, forced: boolean, save: number,
+): boolean {
+  const whole = pageView(w, page);
+  const view = whole ?? w.runtime.view(at, 8);
+  const from = whole ? inPage : 0;
+  const { buffer, word } = w;
+  for (let k = 0; k < 8; k++) buffer[k] = view[from + k]!;
+  if (save >= 0) buffer.copyWithin(save, 0, 8);
+  word.set(bytes, offset);
+  if (forced) return w.os.forceWrite(at, word);
+  const words = whole
+    ? (page.words ??= new BigInt64Array(whole.buffer, whole.byteOffset, w.size / 8))
+    : new BigInt64Array(view.buffer, view.byteOffset, 1);
+  Atomics.store(words, from / 8, w.wordValue[0]!);
+  return true;
 }
 
-/** How many stores `write` takes: one, or three for the spin, tail and head sequence. */
-function storesOf(write: CodeWrite): number {
+/** Stores `bytes` at `address` (`inPage` bytes into `page`) in one call; false when the forced write refuses them. */
+function storeBytes(w: Writing, page: Page, inPage: number, address: bigint, bytes: Uint8Array, forced: boolean): boolean {
+  if (forced) return w.os.forceWrite(address, bytes);
+  const whole = inPage + bytes.length <= w.size ? pageView(w, page) : null;
+  if (whole) whole.set(bytes, inPage);
+  else w.runtime.view(address, bytes.length).set(bytes);
+  return true;
+}
+
+/**
+ * Stores `bytes` at `address`: in one aligned word when they fit in one; otherwise, given a
+ * `spin`, the entry first becomes a jump to itself (one word store), then the tail is written,
+ * then the head replaces the spin. False when the first store is refused (nothing written); a
+ * refusal after that throws, and the undo puts the old bytes back.
+ */
+function store(
+  w: Writing, spot: Spot, address: bigint, bytes: Uint8Array, spin: Uint8Array | undefined, forced: boolean, save: number,
+): boolean {
+  const { page, offset: inPage } = spot;
+  const offset = inPage % 8;
+  const at = address - BigInt(offset);
+  if (offset + bytes.length <= 8) return storeWord(w, page, inPage - offset, at, bytes, offset, forced, save);
+  if (save >= 0) {
+    const whole = inPage + bytes.length <= w.size ? pageView(w, page) : null;
+    w.buffer.set(whole ? whole.subarray(inPage, inPage + bytes.length) : w.runtime.view(address, bytes.length), save);
+  }
+  if (!spin || offset + spin.length > 8 || bytes.length <= spin.length) return storeBytes(w, page, inPage, address, bytes, forced);
+  if (!storeWord(w, page, inPage - offset, at, spin, offset, forced, -1)) return false;
+  w.os.flushCode(address, spin.length);
+  const rest = storeBytes(w, page, inPage + spin.length, address + BigInt(spin.length), bytes.subarray(spin.length), forced) &&
+    (w.os.flushCode(address, bytes.length), storeWord(w, page, inPage - offset, at, bytes.subarray(0, spin.length), offset, forced, -1));
+  if (!rest) {
+    throw new RedefineError(
+      "PROTECT_FAILED",
+      `the system took the first store into the code at ${hex(address)} and refused the next: nothing is left written.`,
+    );
+  }
+  return true;
+}
+
+/** Makes `run` writable, each page keeping its exact protection's other bits. */
+function open(w: Writing, run: Run): void {
+  for (const span of run.exact ? [run] : exactSpans(w.os, run)) {
+    w.os.protect(span.start, span.length, span.protection | PROT_WRITE);
+    w.opened.push({ start: span.start, length: span.length, protection: span.protection });
+  }
+  run.open = true;
+}
+
+/** Opens `run`, or, where the system refuses, sends its stores the forced way. */
+function tryOpen(w: Writing, run: Run): boolean {
+  try {
+    open(w, run);
+    return true;
+  } catch (error) {
+    if (!(error instanceof RedefineError) || error.code !== "PROTECT_FAILED") throw error;
+    run.forced = true;
+    return false;
+  }
+}
+
+/** Gives every page made writable its exact protection back. */
+function close(w: Writing): void {
+  for (const span of w.opened) w.os.protect(span.start, span.length, span.protection);
+}
+
+/** Flushes each write that touches an executable page. */
+function flush(w: Writing, writes: readonly CodeWrite[], spots: readonly Spot[]): void {
+  for (let i = 0; i < writes.length; i++) {
+    const { page, runs } = spots[i]!;
+    if (page.protection & PROT_EXEC || runs.some((run) => run.protection & PROT_EXEC)) {
+      w.os.flushCode(writes[i]!.address, writes[i]!.bytes.length);
+    }
+  }
+}
+
+/**
+ * How many bytes the undo keeps of what `write` (`offset` bytes into its aligned word) replaces:
+ * the word when it fits in one (one store, whichever way it goes), else its bytes.
+ */
+function undoLength(write: CodeWrite, offset: number): number {
+  return offset + write.bytes.length <= 8 ? 8 : write.bytes.length;
+}
+
+/** How many stores `write` (`offset` bytes into its aligned word) takes: one, or three for spin, tail and head. */
+function storesOf(write: CodeWrite, offset: number): number {
   const { bytes, spin } = write;
-  const offset = Number(write.address % 8n);
   return offset + bytes.length > 8 && spin && offset + spin.length <= 8 && bytes.length > spin.length ? 3 : 1;
 }
 
 /**
- * Every page the writes touch, checked mapped (INVALID_ADDRESS before anything is written), with
- * its protection: from the caller's mapping where it has one that says not writable, else from
- * the system — one query per mapping.
+ * Where each write lands, every page it touches checked mapped (INVALID_ADDRESS before anything
+ * is written), with its protection: from the caller's mapping where it has one that says not
+ * writable, else from the system — one query per mapping; and the non-writable pages grouped in
+ * runs of consecutive pages of one protection.
  */
-function pagesOf(platform: Platform, writes: readonly CodeWrite[]): Map<bigint, Page> {
+function spotsOf(platform: Platform, writes: readonly CodeWrite[]): Spot[] {
   const { os } = platform;
-  const page = BigInt(os.pageSize);
+  const size = os.pageSize;
+  const page = BigInt(size);
   const pages = new Map<bigint, Page>();
   let known: Mapping | null = null;
-  for (const w of writes) {
-    const hint = w.mapping && !(w.mapping.protection & PROT_WRITE) ? w.mapping : null;
-    for (let p = w.address - w.address % page; p < w.address + BigInt(w.bytes.length); p += page) {
-      const seen = pages.get(p);
-      if (seen) {
-        seen.writes++;
-        continue;
-      }
+  // Writes come in address order more often than not: the last page found is asked first.
+  let last: Page | null = null;
+  const pageAt = (address: bigint, hint: Mapping | null): Page => {
+    if (last && address >= last.address && address - last.address < page) return last;
+    const p = address - address % page;
+    let found = pages.get(p);
+    if (!found) {
       const given = hint && p >= hint.start && p < hint.end ? hint : null;
       if (!given && (!known || p < known.start || p >= known.end)) known = os.mappingAt(p);
       const mapping = given ?? known;
       if (!mapping) throw new RedefineError("INVALID_ADDRESS", `${hex(p)} is not mapped: nothing was written.`);
-      pages.set(p, { protection: mapping.protection, run: null, writes: 1, exact: !given });
+      found = { address: p, protection: mapping.protection, exact: !given, runs: [], writes: 0 };
+      pages.set(p, found);
     }
-  }
-  return pages;
-}
-
-/** Groups the non-writable pages into runs of consecutive pages of one protection. */
-function runsOf(pages: Map<bigint, Page>, page: bigint): Run[] {
-  const closed = [...pages].filter(([, p]) => !(p.protection & PROT_WRITE));
-  if (closed.length > 1) closed.sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
-  const runs: Run[] = [];
-  for (const [address, p] of closed) {
-    let run = runs.at(-1);
-    if (run && run.start + BigInt(run.length) === address && run.protection === p.protection) {
-      run.length += Number(page);
+    return (last = found);
+  };
+  const touched = writes.map((w) => {
+    const hint = w.mapping && !(w.mapping.protection & PROT_WRITE) ? w.mapping : null;
+    const first = pageAt(w.address, hint);
+    first.writes++;
+    const offset = Number(w.address - first.address);
+    const list = [first];
+    for (let at = offset + w.bytes.length - size, p = first.address + page; at > 0; at -= size, p += page) {
+      const next = pageAt(p, hint);
+      next.writes++;
+      list.push(next);
+    }
+    return { first, offset, list };
+  });
+  const closed = [...pages.values()].filter((p) => !(p.protection & PROT_WRITE));
+  if (closed.length > 1) closed.sort((a, b) => (a.address < b.address ? -1 : a.address > b.address ? 1 : 0));
+  let run: Run | null = null;
+  for (const p of closed) {
+    if (run && run.start + BigInt(run.length) === p.address && run.protection === p.protection) {
+      run.length += size;
       run.exact &&= p.exact;
     } else {
-      run = { start: address, length: Number(page), protection: p.protection, exact: p.exact, stores: 0, forced: true, open: false };
-      runs.push(run);
+      run = { start: p.address, length: size, protection: p.protection, exact: p.exact, stores: 0, forced: true, open: false };
     }
-    p.run = run;
+    p.runs = [run];
   }
-  return runs;
+  return touched.map(({ first, offset, list }) => ({
+    page: first,
+    offset,
+    runs: list.length === 1 ? first.runs : [...new Set(list.flatMap((p) => p.runs))],
+  }));
 }
 
 /** `run`'s pages by their protection as the system has it now: consecutive pages of one protection merged. */
