@@ -108,8 +108,9 @@ const protecting = { ...platform(), os: { ...platform().os, forceWrite: () => fa
   });
 }
 
-// Where the two ways cross: N entry jumps on one page and back, as one batch each way, µs a batch.
-// writeCode takes the mprotect way from PROTECT_FROM stores on a run of pages.
+// Where the two ways cross: N entry jumps on one page and back, as one batch each way, µs a batch
+// (100 batches each way a round: short, so many rounds for the best of them). writeCode takes the
+// mprotect way from PROTECT_FROM stores on a run of pages.
 if (os.forceWrite(jumps[0]!.address, originals[0]!.bytes.subarray(0, 1))) {
   for (const n of [1, 2, 3, 4, 8]) {
     const [there, back] = [jumps.slice(0, n), originals.slice(0, n)];
@@ -123,7 +124,7 @@ if (os.forceWrite(jumps[0]!.address, originals[0]!.bytes.subarray(0, 1))) {
         writeCode(protecting, there);
         writeCode(protecting, back);
       }
-    }, 5);
+    }, 25);
     rows.push({
       name: `${n} store${n > 1 ? "s" : ""} on one page and back, per batch: forced / one \`mprotect\` pair (takes the pair from ${PROTECT_FROM})`,
       ours: viaForced * 10 / 2,
