@@ -208,14 +208,14 @@ export interface CodeWrite {
 /**
  * From how many stores on one run of non-writable pages a batch makes the run writable with one
  * `mprotect` (`VirtualProtect`) pair and stores plainly, rather than making one forced write per
- * store. Measured in this process (bench/transaction.bench.ts, "N stores on one page", 2-core VM,
- * Deno, Bun and Node alike): a forced write (a `pwrite` to /proc/self/mem) costs 1.3–2 µs, a pair
- * 1.5–3 µs on a page of libc and up to 6 µs on anonymous code (the split and merge of its
- * mapping, and the TLB flush on every core running the process's threads), a plain store ~0.3 µs.
- * The two ways cost the same at 2 stores on libc's pages and at 3 on anonymous code; the pair is
- * 1.1–1.5× cheaper at 4 on both. Below 4 no page is ever writable and executable and no mapping
- * splits — every lone patch (one store, or three for spin, tail and head) stays there; a large
- * batch is worth its runs being writable and executable while it is written.
+ * store. Measured in this process (bench/transaction.bench.ts, "N stores on … and back", 2-core
+ * VM; Deno, Bun and Node alike): a forced write (a `pwrite` to /proc/self/mem) costs 1.3–2 µs,
+ * a pair with its batch's bookkeeping ~5.5 µs on a page of libc and ~8 µs on anonymous code (the
+ * split and merge of its mapping; the TLB flush on the other core), a plain store ~0.2 µs. The
+ * two ways cost the same at 2–3 stores on libc's pages and at 3–4 on anonymous code; at 4 the
+ * pair costs 0.8–1.0× the forced writes there and 0.6–0.7× on libc, at 8 0.45–0.6×. Below 4 the
+ * forced writes cost at most 1.2× the pair, and no page is ever writable and executable and no
+ * mapping splits: every lone patch (one store, or three for spin, tail and head) stays that way.
  */
 export const PROTECT_FROM = 4;
 
@@ -331,7 +331,9 @@ export function writeCode(platform: Platform, writes: readonly CodeWrite[], prot
       forcedWrite[index] = forced;
       if (store(w, spot, address, bytes, spin, forced, undoAt[index]!)) continue;
       // The forced write refused, with nothing written: the pages are made writable instead.
+      done.pop();
       for (const run of closed) if (!run.open) open(w, run);
+      done.push(index);
       forcedWrite[index] = false;
       store(w, spot, address, bytes, spin, false, undoAt[index]!);
     }
