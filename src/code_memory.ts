@@ -291,7 +291,7 @@ interface Writing {
  * end. Where the forced write is refused the run is made writable; where that is refused the
  * forced write is tried. The code is flushed. If any step fails, bytes already written are put
  * back, each the way it was written, and every protection restored. `protectFrom` is for benches
- * and tests that take one way on purpose (Infinity: forced writes wherever the system allows).
+ * that time one way on purpose (Infinity: forced writes wherever the system allows).
  */
 export function writeCode(platform: Platform, writes: readonly CodeWrite[], protectFrom: number = PROTECT_FROM): void {
   const spots = spotsOf(platform, writes);
