@@ -28,6 +28,8 @@ interface Arena {
 interface PoolBlock extends CodeBlock {
   readonly code: Arena;
   readonly dataArena: Arena;
+  /** One view of the whole write alias, made on first write: the block is never unmapped. */
+  aliasView?: Uint8Array;
 }
 
 /**
@@ -108,7 +110,9 @@ export class CodePool {
       throw new RedefineError("ALLOCATION_FAILED", `internal: ${bytes.length} bytes for a ${slot.size}-byte slot.`);
     }
     const { runtime, os } = this.#platform;
-    runtime.view(slot.block.writable + (slot.address - slot.block.address), bytes.length).set(bytes);
+    const { block } = slot;
+    block.aliasView ??= runtime.view(block.writable, block.size);
+    block.aliasView.set(bytes, Number(slot.address - block.address));
     os.flushCode(slot.address, bytes.length);
   }
 
