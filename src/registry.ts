@@ -24,8 +24,6 @@ export interface Batch {
   readonly writes: CodeWrite[];
   readonly commits: (() => void)[];
   readonly rollbacks: (() => void)[];
-  /** The mappings this transaction's checks have found, made on first use (see `mappingAt`). */
-  mappings?: Mapping[];
   /** `writes` by address, in order, made on first use (src/transaction.ts's `pendingAt`). */
   byAddress?: Map<bigint, CodeWrite[]> | undefined;
 }
@@ -81,20 +79,22 @@ export function machine(): Machine {
 }
 
 /**
- * The mapping holding `address`, or null when it is unmapped. Inside a transaction each mapping is
- * asked of the OS once: a thousand patches of one library make one query, not two thousand. Only
- * mappings found are kept, never an answer of "unmapped": what the transaction itself maps (code
- * pool blocks, stub libraries) lands in free space, and its writes give every page its protection
- * back, so what it has seen stays true until it ends.
+ * The mapping holding `address`, or null when it is unmapped. Within one `exclusive` section (one
+ * `redefine`, one `restore`, one whole transaction) each mapping is asked of the OS once: a lone
+ * patch's target and its native replacement in the same library make one query, a thousand patches
+ * of one library one query, not two thousand. Only mappings found are kept, never an answer of
+ * "unmapped", and only until the section ends: what a section maps itself (code pool blocks, stub
+ * libraries) lands in free space, nothing in it unmaps or moves a mapping, and its writes give every
+ * page its protection back, so what it has seen stays true until it ends. A later section asks
+ * again: between sections anything may have changed the map.
  */
 export function mappingAt(address: bigint): Mapping | null {
-  const m = machine();
-  const known = m.batch?.mappings;
+  const known = sectionMappings;
   if (known) {
     for (const mapping of known) if (address >= mapping.start && address < mapping.end) return mapping;
   }
-  const found = m.platform.os.mappingAt(address);
-  if (found && m.batch) (m.batch.mappings ??= []).push(found);
+  const found = machine().platform.os.mappingAt(address);
+  if (found && known) known.push(found);
   return found;
 }
 
@@ -134,6 +134,8 @@ let store: Store | undefined;
 let seen = -1n;
 /** How deep this isolate is in `exclusive` calls: the lock is taken at 1 and given back at 0. */
 let depth = 0;
+/** The mappings found in the current `exclusive` section (see `mappingAt`); null outside one. */
+let sectionMappings: Mapping[] | null = null;
 /** The live patches of the process, oldest first. */
 let live: Entry[] = [];
 /** The live patches of each function, by its entry, oldest first: each layered on the one before. */
@@ -181,11 +183,13 @@ export function exclusive<T>(body: () => T): T {
   const s = theStore();
   if (depth++ === 0) {
     s.lock();
+    sectionMappings = [];
     try {
       sync(s);
       reapDead(s);
     } catch (error) {
       depth--;
+      sectionMappings = null;
       s.unlock();
       throw error;
     }
@@ -193,7 +197,10 @@ export function exclusive<T>(body: () => T): T {
   try {
     return body();
   } finally {
-    if (--depth === 0) s.unlock();
+    if (--depth === 0) {
+      sectionMappings = null;
+      s.unlock();
+    }
   }
 }
 

@@ -9,7 +9,7 @@ import type { JsFunction, JsValue, NativeType, Signature } from "./signature.ts"
 import { cannedSpec, isCanned } from "./mock/canned.ts";
 import type { Canned } from "./mock/canned.ts";
 import type { CannedSpec } from "./arch/canned.ts";
-import { machine } from "./registry.ts";
+import { machine, mappingAt } from "./registry.ts";
 import { checkExecutable, symbolAddress } from "./target.ts";
 import type { NativeCall, NativeCallback } from "../platform/mod.ts";
 import { PROT_EXEC } from "../platform/mod.ts";
@@ -104,7 +104,7 @@ export function destinationFor(signature: Signature, replacement: unknown): Dest
   if (replacement && typeof replacement === "object" && typeof (replacement as SymbolReplacement).symbol === "string") {
     const { symbol, library } = replacement as SymbolReplacement;
     const address = symbolAddress(m, symbol, library);
-    const mapping = m.platform.os.mappingAt(address);
+    const mapping = mappingAt(address);
     if (!mapping || !(mapping.protection & PROT_EXEC)) {
       throw new RedefineError(
         "BAD_REPLACEMENT",

@@ -57,9 +57,14 @@ export interface Store {
 }
 
 /** Bumped whenever the layout below changes: copies of another layout keep apart. */
-const LAYOUT = 1;
+const LAYOUT = 2;
 const SIZE = 1 << 20;
-const HEADER = { lock: 0, generation: 8, nextSeq: 16, used: 24, size: 64 };
+/**
+ * `used`: slots ever taken (records live below it); `firstFree`: no slot below it is free, so an
+ * add looks from there — a thousand patches in one transaction would otherwise scan a thousand
+ * records each.
+ */
+const HEADER = { lock: 0, generation: 8, nextSeq: 16, used: 24, firstFree: 28, size: 64 };
 const RECORD = {
   seq: 0, address: 8, at: 16, destination: 24, owner: 32, retired: 40, writtenLength: 41,
   originalLength: 42, written: 48, original: 64, size: 80,
@@ -184,12 +189,13 @@ export function openStore(
         throw new RangeError(`internal: the registry keeps ${BYTES} bytes of a patch, not ${patch.written.length}`);
       }
       const used = view.getUint32(HEADER.used, true);
-      let slot = 0;
+      let slot = view.getUint32(HEADER.firstFree, true);
       while (slot < used && u64(recordAt(slot) + RECORD.seq) !== 0n) slot++;
       if (slot === CAPACITY) {
         throw new RedefineError("ALLOCATION_FAILED", `more than ${CAPACITY} live patches: restore some first.`);
       }
       if (slot === used) view.setUint32(HEADER.used, used + 1, true);
+      view.setUint32(HEADER.firstFree, slot + 1, true);
       const at = recordAt(slot);
       const seq = u64(HEADER.nextSeq) + 1n;
       setU64(HEADER.nextSeq, seq);
@@ -208,6 +214,7 @@ export function openStore(
     },
     remove(slot) {
       setU64(recordAt(slot) + RECORD.seq, 0n);
+      if (slot < view.getUint32(HEADER.firstFree, true)) view.setUint32(HEADER.firstFree, slot, true);
       bump();
     },
     retire(slot) {

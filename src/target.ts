@@ -206,7 +206,7 @@ function checkAddress(address: bigint, what: string): void {
 function checkReadable(m: Machine, address: bigint, length: number, mapping: Mapping): void {
   const end = address + BigInt(length);
   const code = PROT_READ | PROT_EXEC;
-  for (let from = address, here: Mapping | null = mapping;; from = here.end, here = m.platform.os.mappingAt(from)) {
+  for (let from = address, here: Mapping | null = mapping;; from = here.end, here = mappingAt(from)) {
     if (here && (here.protection & code) === code) {
       if (here.end >= end) return;
       continue;
@@ -235,7 +235,7 @@ function slotOf(m: Machine, slot: unknown): bigint | null {
     throw new RedefineError("INVALID_ADDRESS", `${what} must be a bigint address, not ${typeof slot}.`);
   }
   checkAddress(slot, what);
-  const mapping = m.platform.os.mappingAt(slot);
+  const mapping = mappingAt(slot);
   const data = PROT_READ | PROT_WRITE;
   if (slot % 8n !== 0n || !mapping || (mapping.protection & data) !== data || slot + 8n > mapping.end) {
     throw new RedefineError(
@@ -341,7 +341,7 @@ function extentOf(m: Machine, address: bigint, size: number | undefined, bySymbo
   if (bySymbol) {
     // An exported name with no symbol size of its own (glibc's ifunc-selected strlen, say): its
     // entry surely is a function's, and the straight run of code from there surely is its body.
-    const mapping = m.platform.os.mappingAt(address)!;
+    const mapping = mappingAt(address)!;
     const readable = mapping.end - address < 64n ? Number(mapping.end - address) : 64;
     const straight = m.arch.straightLineLength(m.platform.runtime.view(address, readable).slice(), address);
     if (straight > 0) return straight;
