@@ -8,7 +8,7 @@ import { hex, RedefineError } from "./errors.ts";
 import type { GuardLayout, RuntimeCode } from "./arch/types.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { Signature } from "./signature.ts";
-import { isolateIdentity } from "./registry.ts";
+import { isolateIdentity, liveBytes } from "./registry.ts";
 import type { Machine } from "./registry.ts";
 /** The guard's layout for `signature`: its shared code is assembled once, not once a patch. */
 export function guardShape(m: Machine, signature: Signature): GuardLayout {
@@ -42,7 +42,7 @@ export function guardCode(
     signature,
     shared: shape.shared ? sharedCode(m, shape.shared, front) : undefined,
   });
-  m.platform.runtime.view(slot.data, data.length).set(data);
+  liveBytes(slot.data, data.length).set(data);
   return code;
 }
 

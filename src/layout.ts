@@ -14,7 +14,7 @@ import { guardCode, guardShape } from "./guard_code.ts";
 import { probeCode, probeRecord } from "./slot_layout.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { NativeType } from "./signature.ts";
-import { machine, refuseOverlap } from "./registry.ts";
+import { liveBytes, machine, refuseOverlap } from "./registry.ts";
 import type { Entry, Machine } from "./registry.ts";
 import { refuseJumpsIntoEntry } from "./target.ts";
 import type { Site } from "./target.ts";
@@ -202,7 +202,7 @@ function cannedStub(m: Machine, site: AnySite, to: Destination & { kind: "canned
   const stub = reserve(m, site, below, plan.size, plan.dataSize);
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, stub, below);
-    m.platform.runtime.view(stub.slot.data, plan.dataSize).set(cannedData(to, () => trampoline.address));
+    liveBytes(stub.slot.data, plan.dataSize).set(cannedData(to, () => trampoline.address));
     write(m, stub, relocated, plan.encode(stub.front, stub.slot.data));
     return { ...throughStub(m, site, stub, trampoline, null), counter: stub.slot.data + BigInt(CANNED_DATA.calls) };
   });

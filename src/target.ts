@@ -7,7 +7,7 @@
 import { hex, RedefineError } from "./errors.ts";
 import { checkSignature } from "./signature.ts";
 import type { NativeType } from "./signature.ts";
-import { layers, machine, mappingAt, readThrough, refuseOverlap } from "./registry.ts";
+import { layers, liveBytes, machine, mappingAt, readThrough, refuseOverlap } from "./registry.ts";
 import type { Machine } from "./registry.ts";
 import { checkName } from "./introspect.ts";
 import type { Mapping, SymbolInfo } from "../platform/mod.ts";
@@ -109,7 +109,8 @@ export interface Site<P extends readonly NativeType[], R extends NativeType> {
   readonly room: number;
   /**
    * The function's bytes from `at` (at most `MAX_SCAN` from the entry), so the relocator can see
-   * branches back into the bytes it moves.
+   * branches back into the bytes it moves: the live code, unless a live patch's jump is there
+   * (then a copy with the function's own bytes). Use them before any write.
    */
   readonly code: Uint8Array;
   /** The target's signature, checked. */
@@ -146,7 +147,9 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   checkReadable(m, address, 1, mapping);
   const extent = extentOf(m, address, target.size, "symbol" in target && target.symbol !== undefined);
   checkReadable(m, address, extent, mapping);
-  const whole = m.platform.runtime.view(address, Math.min(extent, MAX_SCAN)).slice();
+  // Read in place: nothing writes code before the layout has used these bytes (a write waits for
+  // the patch's schedule, or the transaction's end), and the patch keeps a copy of what it covers.
+  let whole = liveBytes(address, Math.min(extent, MAX_SCAN));
   const pad = m.arch.landingPadLength(whole);
   const at = address + BigInt(pad);
   const room = extent - pad;
@@ -160,7 +163,10 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   // The function's own bytes, not its live patches' jump: a restore pending in this transaction
   // puts them back before this patch's jump lands.
   const lowest = layers(address)[0];
-  if (lowest) whole.set(lowest.original.subarray(0, whole.length - pad), pad);
+  if (lowest) {
+    whole = whole.slice();
+    whole.set(lowest.original.subarray(0, whole.length - pad), pad);
+  }
   // Before anything is decoded there: the bytes may be the middle of another patch's jump.
   refuseOverlap(at, m.arch.nearJumpSize);
   refuseJumpsIntoEntry(at, m.arch.nearJumpSize);
@@ -312,7 +318,7 @@ function checkInstructionStart(m: Machine, address: bigint): void {
   const symbol = symbolAt(m, address);
   if (!symbol || symbol.size === 0 || address <= symbol.start || address >= symbol.start + BigInt(symbol.size)) return;
   const offset = Number(address - symbol.start);
-  const code = m.platform.runtime.view(symbol.start, Math.min(symbol.size, offset + 16)).slice();
+  const code = liveBytes(symbol.start, Math.min(symbol.size, offset + 16));
   if (m.arch.startsInstruction(code, symbol.start, offset) === false) {
     throw new RedefineError(
       "INVALID_ADDRESS",
@@ -343,7 +349,7 @@ function extentOf(m: Machine, address: bigint, size: number | undefined, bySymbo
     // entry surely is a function's, and the straight run of code from there surely is its body.
     const mapping = mappingAt(address)!;
     const readable = mapping.end - address < 64n ? Number(mapping.end - address) : 64;
-    const straight = m.arch.straightLineLength(m.platform.runtime.view(address, readable).slice(), address);
+    const straight = m.arch.straightLineLength(liveBytes(address, readable), address);
     if (straight > 0) return straight;
   }
   throw new RedefineError(
