@@ -32,7 +32,7 @@ export interface Instruction {
   /** Run-time address of the first byte. */
   address: bigint;
   length: number;
-  /** A copy of the instruction's bytes. */
+  /** The instruction's bytes: a view of the decoded code (copy them to keep them past a change there). */
   bytes: Uint8Array;
   branch?: Branch;
   /** A memory operand addressed from the end of the instruction. */
@@ -415,7 +415,7 @@ export function decode(code: Uint8Array, offset: number, address: bigint): Instr
   const instruction: Instruction = {
     address,
     length,
-    bytes: code.slice(offset, offset + length),
+    bytes: code.subarray(offset, offset + length),
     flow: flowOf(found),
   };
   if (found.relSize !== 0) {

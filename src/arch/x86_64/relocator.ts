@@ -8,11 +8,11 @@
  */
 import { concat } from "../bytes.ts";
 import type { RelocationPlan } from "../types.ts";
-import { decode, type Instruction } from "./decoder.ts";
+import { type Branch, decode, type Instruction } from "./decoder.ts";
 import { tooShort, unrelocatable } from "../refusals.ts";
 import { branchesBetween, mayBranchInto } from "./scan.ts";
 import { hex, hexBytes, type RedefineError } from "../../errors.ts";
-import { i32le, JMP_ABS_SIZE, jmpAbs, jmpNearest, PUSH_ADDRESS_SIZE, pushAddress, rel32 } from "./writer.ts";
+import { i32le, JMP_ABS_SIZE, JMP_REL32_SIZE, jmpAbs, PUSH_ADDRESS_SIZE, pushAddress, putI32, putJmpRel32, rel32 } from "./writer.ts";
 
 /** The bytes a copied branch takes: `near` with a rel32 operand, `far` with an absolute address. */
 const FORMS = {
@@ -66,10 +66,17 @@ export function relocate(plan: RelocationPlan<Instruction>, trampoline: bigint):
   const starts = layout(copied, address, consumed, trampoline);
   const newAddressOf = (target: bigint): bigint =>
     starts[copied.findIndex((insn) => insn.address === target)]!;
-
-  const parts = copied.map((insn, i) => rewrite(insn, starts[i]!, address, consumed, newAddressOf));
-  if (!endsInCall(copied)) parts.push(jmpNearest(starts[copied.length]!, address + BigInt(consumed)));
-  return concat(parts);
+  const end = starts[copied.length]!;
+  const back = address + BigInt(consumed);
+  const near = rel32(end + BigInt(JMP_REL32_SIZE), back) !== null;
+  const backSize = endsInCall(copied) ? 0 : near ? JMP_REL32_SIZE : JMP_ABS_SIZE;
+  // One array for the whole trampoline, each instruction written in place.
+  const out = new Uint8Array(Number(end - trampoline) + backSize);
+  copied.forEach((insn, i) => rewrite(out, insn, starts[i]!, trampoline, address, consumed, newAddressOf));
+  const at = Number(end - trampoline);
+  if (backSize === JMP_REL32_SIZE) putJmpRel32(out, at, end, back);
+  else if (backSize === JMP_ABS_SIZE) out.set(jmpAbs(back), at);
+  return out;
 }
 
 /**
@@ -203,16 +210,20 @@ function sizeAt(insn: Instruction, at: bigint | null, address: bigint, consumed:
 }
 
 /**
- * `insn` rewritten to run at `at`. `newAddressOf` maps the target of a branch that stays inside
- * the copy to that target's place in the trampoline.
+ * `insn` rewritten to run at `at`, written at its place in `out` (the trampoline at `trampoline`).
+ * `newAddressOf` maps the target of a branch that stays inside the copy to that target's place in
+ * the trampoline.
  */
 function rewrite(
+  out: Uint8Array,
   insn: Instruction,
   at: bigint,
+  trampoline: bigint,
   address: bigint,
   consumed: number,
   newAddressOf: (target: bigint) => bigint,
-): Uint8Array {
+): void {
+  const offset = Number(at - trampoline);
   const { branch, ripRelative } = insn;
   if (ripRelative !== undefined) {
     const disp = rel32(at + BigInt(insn.length), ripRelative.target);
@@ -223,11 +234,14 @@ function rewrite(
           `±2 GiB reach from the trampoline at ${hex(at)}`,
       );
     }
-    const out = insn.bytes.slice();
-    out.set(i32le(disp), ripRelative.dispOffset);
-    return out;
+    out.set(insn.bytes, offset);
+    putI32(out, offset + ripRelative.dispOffset, disp);
+    return;
   }
-  if (branch === undefined) return insn.bytes;
+  if (branch === undefined) {
+    out.set(insn.bytes, offset);
+    return;
+  }
 
   const target = isInternal(insn, address, consumed) ? newAddressOf(branch.target) : branch.target;
   const size = sizeAt(insn, at, address, consumed);
@@ -235,10 +249,18 @@ function rewrite(
   if (branch.kind === "loop" || branch.kind === "jrcxz") {
     // Kept whole, prefixes included: a 67 prefix makes them count with ecx instead of rcx.
     // copiedInstructions() has checked that the rel8 reaches.
-    const out = insn.bytes.slice();
-    out[branch.relOffset] = Number(BigInt.asUintN(8, disp));
-    return out;
+    out.set(insn.bytes, offset);
+    out[offset + branch.relOffset] = Number(BigInt.asUintN(8, disp));
+    return;
   }
+  out.set(branchForm(branch, size, disp, target, address + BigInt(consumed)), offset);
+}
+
+/**
+ * A copied branch of `size` bytes in its new form: `disp` reaches `target` from the form's end
+ * (near forms); a call first pushes `returnTo`, the original return address.
+ */
+function branchForm(branch: Branch, size: number, disp: bigint, target: bigint, returnTo: bigint): Uint8Array {
   const condition = branch.condition ?? 0;
   switch (branch.kind) {
     case "jcc":
@@ -253,7 +275,7 @@ function rewrite(
     case "call":
       // As the original call would have: its return address pushed, then the jump to the callee.
       return concat([
-        pushAddress(address + BigInt(consumed)),
+        pushAddress(returnTo),
         size === FORMS.call.near
           ? Uint8Array.of(
             0xe9, ...i32le(Number(disp)), // jmp rel32
