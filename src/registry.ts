@@ -392,19 +392,23 @@ function reapDead(s: Store): void {
  * leave the other with a copy of a jump into freed memory.
  */
 export function refuseOverlap(at: bigint, covers: number): void {
+  if (live.length === 0) return;
   // Patches of the same function write at the same place: those are layers, not overlaps.
   // A bigint is a heap object: each sum is made once, and a neighbour's end only when it starts
-  // before ours ends.
+  // before ours ends; the neighbours are walked in place (three checks a patch).
   const end = at + BigInt(covers);
-  const overlap = near(at, end).find((entry) =>
-    entry.at !== at && entry.at < end && at < entry.at + BigInt(entry.written.length)
-  );
-  if (overlap) {
-    throw new RedefineError(
-      "ALREADY_PATCHED",
-      `the first ${covers} bytes at ${hex(at)} overlap the entry jump of the function redefined at ` +
-        `${hex(overlap.address)}: restore that patch first.`,
-    );
+  const last = (end - 1n) / BLOCK;
+  for (let block = (at - LONGEST_JUMP) / BLOCK; block <= last; block++) {
+    const entries = byBlock.get(block);
+    if (entries === undefined) continue;
+    for (const entry of entries) {
+      if (entry.at === at || entry.at >= end || at >= entry.at + BigInt(entry.written.length)) continue;
+      throw new RedefineError(
+        "ALREADY_PATCHED",
+        `the first ${covers} bytes at ${hex(at)} overlap the entry jump of the function redefined at ` +
+          `${hex(entry.address)}: restore that patch first.`,
+      );
+    }
   }
 }
 
