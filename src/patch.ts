@@ -287,14 +287,12 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     const kept = () => {
       for (const entry of entries) entry.restoring = false;
     };
+    const write = (entry: Entry) => ({ address: entry.at, bytes: restoredBytes(entry), spin: arch.selfLoop });
+    // One write goes alone, or with the enclosing transaction, as `schedule` sends it; several
+    // (import slots) go together.
+    if (entries.length === 1) return schedule(write(entries[0]!), restored, kept);
     transaction(() =>
-      entries.forEach((entry, i) =>
-        schedule(
-          { address: entry.at, bytes: restoredBytes(entry), spin: arch.selfLoop },
-          i === entries.length - 1 ? restored : () => {},
-          kept,
-        )
-      )
+      entries.forEach((entry, i) => schedule(write(entry), i === entries.length - 1 ? restored : () => {}, kept))
     );
   }
 

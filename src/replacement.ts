@@ -128,7 +128,10 @@ export function destinationFor(signature: Signature, replacement: unknown): Dest
 export function refuseUncallable(fn: object): void {
   // Bound functions keep their target's prototype, so a bound async function is caught too.
   const kind = Object.getPrototypeOf(fn)?.[Symbol.toStringTag];
-  const isClass = Function.prototype.toString.call(fn).startsWith("class");
+  // Only a function with a fixed `prototype` may be a class (arrows and methods have none, plain
+  // functions a writable one): its source, made afresh by `toString`, is read only for those.
+  const fixed = Object.getOwnPropertyDescriptor(fn, "prototype")?.writable === false;
+  const isClass = fixed && Function.prototype.toString.call(fn).startsWith("class");
   if (kind === "AsyncFunction" || kind === "GeneratorFunction" || kind === "AsyncGeneratorFunction" || isClass) {
     throw new RedefineError(
       "BAD_REPLACEMENT",

@@ -190,12 +190,14 @@ export function checkExecutable(m: Machine, address: bigint, what: string): Mapp
   return mapping;
 }
 
+const TWO_64 = 2n ** 64n;
+
 /** Refuses what cannot be a 64-bit address: NULL, negative or 2^64 and more. */
 function checkAddress(address: bigint, what: string): void {
   if (address === 0n) {
     throw new RedefineError("INVALID_ADDRESS", `${what} is the NULL address: check where it came from.`);
   }
-  if (address < 0n || address >= 2n ** 64n) {
+  if (address < 0n || address >= TWO_64) {
     throw new RedefineError(
       "INVALID_ADDRESS",
       `${what} ${address < 0n ? "-" + hex(-address) : hex(address)} is not a 64-bit address: check ` +
