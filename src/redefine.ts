@@ -107,7 +107,8 @@ function applyLocked<P extends readonly NativeType[], R extends NativeType>(site
   let layout: Layout | undefined;
   try {
     layout = layOut(site, to, under);
-    refuseOverlap(site.at, layout.covers);
+    // `locate` refused overlaps of the first near jump's bytes: only a wider reach is asked again.
+    if (layout.covers > machine().arch.nearJumpSize) refuseOverlap(site.at, layout.covers);
   } catch (error) {
     if (layout) release(layout);
     discard(to);
@@ -128,6 +129,9 @@ function applyLocked<P extends readonly NativeType[], R extends NativeType>(site
     originalSlot: site.originalSlot,
     counter: layout.counter,
   });
-  schedule({ address: site.at, bytes: layout.entry, spin: machine().arch.selfLoop }, () => {}, () => patch.abandon());
+  schedule({ address: site.at, bytes: layout.entry, spin: machine().arch.selfLoop }, nothing, () => patch.abandon());
   return patch;
 }
+
+/** A new patch's entry write needs no bookkeeping once it lands: the patch is live from the start. */
+function nothing(): void {}

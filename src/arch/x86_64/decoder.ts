@@ -70,8 +70,10 @@ export interface Operands {
 
 /** A fresh `Operands`, to pass to `instructionLength` for a whole scan. */
 export function operands(): Operands {
-  const none = { relSize: 0, relOffset: 0, rel: 0, ripDispOffset: -1, ripDisp: 0, address32: false } as const;
-  return { ...none, map: 0, opcode: 0, modrm: -1, repeat: false, escaped: false, consumed: 0 };
+  return {
+    relSize: 0, relOffset: 0, rel: 0, ripDispOffset: -1, ripDisp: 0, address32: false,
+    map: 0, opcode: 0, modrm: -1, repeat: false, escaped: false, consumed: 0,
+  };
 }
 
 /*
