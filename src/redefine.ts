@@ -14,7 +14,7 @@ import type { Destination, Replacement } from "./replacement.ts";
 import { layOut, release } from "./layout.ts";
 import type { Layout } from "./layout.ts";
 import { Patch } from "./patch.ts";
-import { exclusive, layers, machine, newestFirst, refuseOverlap } from "./registry.ts";
+import { exclusive, keep, layers, machine, newestFirst, refuseOverlap } from "./registry.ts";
 import { schedule, transaction } from "./transaction.ts";
 import { redefineCallers } from "./import_slots.ts";
 
@@ -116,7 +116,7 @@ function applyLocked<P extends readonly NativeType[], R extends NativeType>(site
   }
   // What the entry holds once every earlier write has landed: the function's bytes, under the
   // jump of the patch below if there is one.
-  const original = site.code.slice(0, layout.entry.length);
+  const original = keep(site.code.subarray(0, layout.entry.length));
   if (under) original.set(under.written.subarray(0, original.length));
   const patch = new Patch(site.address, site.signature, {
     writes: [{ key: site.address, at: site.at, original, written: layout.entry }],
