@@ -176,6 +176,8 @@ interface Stored {
 let store: Store | undefined;
 /** The store's generation this isolate's cache below reflects. */
 let seen = -1n;
+/** Whether the cache holds another isolate's patches (only those can be a dead isolate's). */
+let others = false;
 /** How deep this isolate is in `exclusive` calls: the lock is taken at 1 and given back at 0. */
 let depth = 0;
 /** The mappings found in the current `exclusive` section (see `mappingAt`); null outside one. */
@@ -255,9 +257,11 @@ function sync(s: Store): void {
   stacks = new Map();
   byBlock = new Map();
   stored.clear();
+  others = false;
   const present = new Set<number>();
   for (const record of s.records()) {
     present.add(record.slot);
+    if (record.owner !== s.identity) others = true;
     const entry = (record.owner === s.identity ? mine.get(record.slot) : undefined) ?? foreign(record);
     stored.set(entry, { slot: record.slot, owner: record.owner, retired: record.retired });
     index(entry);
@@ -388,6 +392,9 @@ export function restoredBytes(entry: Entry): Uint8Array {
  * call to the original, this puts the bytes back.
  */
 function reapDead(s: Store): void {
+  // Only another isolate's patch can be left by a dead one; this isolate's own are never, and
+  // with a thousand of them live, looking at every stack would cost each patch made after them.
+  if (!others) return;
   for (const stack of [...stacks.values()]) {
     let top = stack.at(-1);
     while (top && !s.alive(stored.get(top)!.owner)) {
