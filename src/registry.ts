@@ -310,9 +310,9 @@ export function register(entry: Entry): void {
  * inert patches right under it — they go too), or abandoned before its entry was written.
  */
 export function unregister(entry: Entry, restored = false): void {
-  const gone = restored ? [entry, ...inertBelow(entry)] : [entry];
+  const below = restored ? inertBelow(entry) : [];
   const s = theStore();
-  for (const e of gone) {
+  for (const e of [entry, ...below]) {
     const where = stored.get(e);
     if (where) {
       s.remove(where.slot);
@@ -320,15 +320,18 @@ export function unregister(entry: Entry, restored = false): void {
       stored.delete(e);
     }
     live.splice(live.lastIndexOf(e), 1);
-    const rest = layers(e.address).filter((x) => x !== e);
-    if (rest.length) stacks.set(e.address, rest);
-    else stacks.delete(e.address);
-    const block = e.at / BLOCK;
-    const neighbours = byBlock.get(block)!.filter((x) => x !== e);
-    if (neighbours.length) byBlock.set(block, neighbours);
-    else byBlock.delete(block);
+    without(stacks, e.address, e);
+    without(byBlock, e.at / BLOCK, e);
   }
   seen = s.generation();
+}
+
+/** Takes `entry` out of the list at `key` (a new list: callers may hold the old), or the key out. */
+function without(lists: Map<bigint, Entry[]>, key: bigint, entry: Entry): void {
+  const list = lists.get(key);
+  if (list === undefined) return;
+  if (list.length === 1 && list[0] === entry) lists.delete(key);
+  else lists.set(key, list.filter((x) => x !== entry));
 }
 
 /** The live patches of the function at `address`, oldest first: each is layered on the one before. */
