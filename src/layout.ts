@@ -159,7 +159,7 @@ function guardedStub(
     // Past every JS layer below: a call that must not run JS (V8's own getpid while it collects
     // garbage, say) must not enter the replacement of the patch below either.
     const bypass = belowBypass ?? originalForGuard(trampoline);
-    const code = guardCode(m, site.signature, stub.slot, stub.front, callback, bypass);
+    const code = guardCode(m, site.signature, shape, stub.slot, stub.front, callback, bypass);
     write(m, stub, relocated, code);
     return { ...throughStub(m, site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset)), bypass };
   });
