@@ -15,6 +15,7 @@ import { layOut, release } from "./layout.ts";
 import type { Layout } from "./layout.ts";
 import { Patch } from "./patch.ts";
 import { exclusive, keep, layers, machine, newestFirst, refuseOverlap } from "./registry.ts";
+import type { Entry } from "./registry.ts";
 import { schedule, transaction } from "./transaction.ts";
 import { redefineCallers } from "./import_slots.ts";
 
@@ -103,7 +104,9 @@ export function apply<P extends readonly NativeType[], R extends NativeType>(
 function applyLocked<P extends readonly NativeType[], R extends NativeType>(site: Site<P, R>, to: Destination): Patch<P, R> {
   // Layered on the function's newest patch, unless that one's restore is pending in this
   // transaction: then on the newest that stays, or on the function itself.
-  const under = layers(site.address).filter((entry) => !entry.restoring).at(-1) ?? null;
+  const stack = layers(site.address);
+  let under: Entry | null = null;
+  for (let i = stack.length - 1; i >= 0 && under === null; i--) if (!stack[i]!.restoring) under = stack[i]!;
   let layout: Layout | undefined;
   try {
     layout = layOut(site, to, under);

@@ -336,8 +336,10 @@ function without(lists: Map<bigint, Entry[]>, key: bigint, entry: Entry): void {
 
 /** The live patches of the function at `address`, oldest first: each is layered on the one before. */
 export function layers(address: bigint): readonly Entry[] {
-  return stacks.get(address) ?? [];
+  return stacks.get(address) ?? NO_LAYERS;
 }
+
+const NO_LAYERS: readonly Entry[] = Object.freeze([]);
 
 /** This isolate's live patches, newest first: the order they can be restored in. */
 export function newestFirst(): Entry[] {
