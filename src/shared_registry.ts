@@ -57,12 +57,14 @@ export interface Store {
 }
 
 /** Bumped whenever the layout below changes: copies of another layout keep apart. */
-const LAYOUT = 2;
+const LAYOUT = 1;
 const SIZE = 1 << 20;
 /**
  * `used`: slots ever taken (records live below it); `firstFree`: no slot below it is free, so an
  * add looks from there — a thousand patches in one transaction would otherwise scan a thousand
- * records each.
+ * records each. It lives in what was spare header, so the layout stays the same: an older copy,
+ * which ignores it, fills free slots wherever they are and frees without lowering it, so adds here
+ * at worst skip the slots that copy freed.
  */
 const HEADER = { lock: 0, generation: 8, nextSeq: 16, used: 24, firstFree: 28, size: 64 };
 const RECORD = {
