@@ -150,6 +150,7 @@ export function redefineCallers<P extends readonly NativeType[], R extends Nativ
     bypass: layout.bypass,
     originalSlot: null,
     counter: layout.counter,
+    counters: layout.counters,
   });
   transaction(() => {
     for (const s of slots) schedule({ address: s.slot, bytes: written }, () => {}, () => patch.abandon());

@@ -22,7 +22,7 @@ import type { Destination } from "./replacement.ts";
 import { CANNED_DATA } from "./arch/canned.ts";
 import { cannedData } from "./mock/canned.ts";
 import { Trampoline } from "./patch.ts";
-import { PROBE_RECORD } from "./arch/probe.ts";
+import { PROBE_COUNTERS, PROBE_RECORD } from "./arch/probe.ts";
 
 type AnySite = Site<readonly NativeType[], NativeType>;
 
@@ -43,6 +43,8 @@ export interface Layout {
   readonly bypass: bigint;
   /** Canned code's native call counter (a u64 in its data block). */
   readonly counter?: bigint;
+  /** How many adjacent u64 counters from `counter` the count sums (a probe's two); 1 when absent. */
+  readonly counters?: number;
 }
 
 /**
@@ -238,18 +240,27 @@ function toOriginal(m: Machine, site: AnySite, below: bigint | null): Layout {
 
 /**
  * The native probe: placed after the trampoline in a slot near the entry, its record in the slot's
- * data, which tells where the original is. The record's counter is the patch's `counter`. Its
+ * data, which tells where the original is. The record's counters are the patch's `counter`. Its
  * timing slot is the busy flag: while a timed call runs, its return address points into this code.
+ * The probe has room for a second copy of the trampoline's code, to run into it (`inline`).
  */
 function probeStub(m: Machine, site: AnySite, timing: boolean, below: bigint | null): Layout {
   const probe = probeCode(m);
-  const stub = reserve(m, site, below, probe.size(timing), PROBE_RECORD.size);
+  const { os } = m.platform.runtime;
+  const stub = reserve(m, site, below, (plan) => probe.size(timing, os) + sizeOf(plan), PROBE_RECORD.size);
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, stub, below);
     probeRecord(m, stub.slot.data, trampoline.address);
-    write(m, stub, relocated, probe.encode(stub.front, stub.slot.data, timing));
-    const busy = stub.slot.data + BigInt(PROBE_RECORD.owner);
-    return { ...throughStub(m, site, stub, trampoline, busy), counter: stub.slot.data + BigInt(PROBE_RECORD.calls) };
+    const plan = stub.plan;
+    const inline = relocated.length && plan && !(plan instanceof RedefineError)
+      ? (at: bigint) => m.arch.relocate(plan, at)
+      : undefined;
+    const data = stub.slot.data;
+    const code = probe.encode({ at: stub.front, data, original: trampoline.address, inline, timing, os });
+    write(m, stub, relocated, code);
+    const busy = stub.slot.data + BigInt(PROBE_RECORD.timer);
+    const counter = stub.slot.data + BigInt(PROBE_RECORD.calls);
+    return { ...throughStub(m, site, stub, trampoline, busy), counter, counters: PROBE_COUNTERS };
   });
 }
 
@@ -270,11 +281,18 @@ interface Stub {
  * Reserves a slot for the trampoline and `frontSize` bytes of stub code (and `dataSize` of data):
  * within near-jump reach of the entry, or else anywhere, with an absolute jump at the entry.
  */
-function reserve(m: Machine, site: AnySite, below: bigint | null, frontSize: number, dataSize: number): Stub {
+function reserve(
+  m: Machine,
+  site: AnySite,
+  below: bigint | null,
+  frontSize: number | ((plan: Plan) => number),
+  dataSize: number,
+): Stub {
+  const front = (plan: Plan) => typeof frontSize === "number" ? frontSize : frontSize(plan);
   const { arch, pool } = m;
   let jumpSize = arch.nearJumpSize;
   let plan = planFor(m, site, below, jumpSize);
-  let size = sizeOf(plan) + frontSize;
+  let size = sizeOf(plan) + front(plan);
   let slot = pool.allocate(site.at, arch.nearReach - BigInt(size), size, dataSize);
   if (!slot) {
     if (site.room < arch.farJumpSize) {
@@ -288,7 +306,7 @@ function reserve(m: Machine, site: AnySite, below: bigint | null, frontSize: num
     refuseJumpsIntoEntry(site.at, arch.farJumpSize);
     jumpSize = arch.farJumpSize;
     plan = planFor(m, site, below, jumpSize);
-    size = sizeOf(plan) + frontSize;
+    size = sizeOf(plan) + front(plan);
     slot = pool.allocate(site.at, 2n ** 62n, size, dataSize);
     if (!slot) {
       throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for a stub.");

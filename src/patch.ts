@@ -111,6 +111,8 @@ export interface Applied {
   readonly originalSlot: bigint | null;
   /** Canned code's native call counter. */
   readonly counter?: bigint | undefined;
+  /** How many adjacent u64 counters from `counter` the count sums (a native probe's two); 1 when absent. */
+  readonly counters?: number | undefined;
 }
 
 /**
@@ -220,8 +222,12 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   get calls(): number | undefined {
     const counter = this.#applied?.counter;
     if (counter === undefined) return this.#calls;
-    const view = machine().platform.runtime.view(counter, 8);
-    return Number(Atomics.load(new BigUint64Array(view.buffer, view.byteOffset, 1), 0));
+    const n = this.#applied!.counters ?? 1;
+    const view = machine().platform.runtime.view(counter, 8 * n);
+    const words = new BigUint64Array(view.buffer, view.byteOffset, n);
+    let sum = 0n;
+    for (let i = 0; i < n; i++) sum += Atomics.load(words, i);
+    return Number(sum);
   }
 
   /** How many live patches this one is layered on. */

@@ -131,6 +131,7 @@ function applyLocked<P extends readonly NativeType[], R extends NativeType>(site
     bypass: layout.bypass,
     originalSlot: site.originalSlot,
     counter: layout.counter,
+    counters: layout.counters,
   });
   schedule({ address: site.at, bytes: layout.entry, spin: machine().arch.selfLoop }, nothing, () => patch.abandon());
   return patch;

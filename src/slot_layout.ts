@@ -7,12 +7,12 @@
 import { RedefineError } from "./errors.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { Signature } from "./signature.ts";
-import { machine } from "./registry.ts";
+import { isolateIdentity, machine } from "./registry.ts";
 import type { Machine } from "./registry.ts";
 import type { Destination } from "./replacement.ts";
 import { CANNED_DATA } from "./arch/canned.ts";
 import { cannedData } from "./mock/canned.ts";
-import { PROBE_RECORD } from "./arch/probe.ts";
+import { PROBE_COUNTERS, PROBE_RECORD } from "./arch/probe.ts";
 import type { ProbeCode } from "./arch/probe.ts";
 import { guardCode, guardShape } from "./guard_code.ts";
 
@@ -25,8 +25,10 @@ export interface SlotLayout {
   readonly busy: bigint | null;
   /** Where calls that must not enter JS go (see the registry's `Entry.bypass`). */
   readonly bypass: bigint;
-  /** Canned code's native call counter, or a native probe's record (its counter first). */
+  /** Canned code's native call counter, or a native probe's record (its counters first). */
   readonly counter?: bigint;
+  /** How many adjacent u64 counters from `counter` the count sums (a probe's two); 1 when absent. */
+  readonly counters?: number;
 }
 
 /**
@@ -72,14 +74,15 @@ function cannedAlone(m: Machine, to: Destination & { kind: "canned" }, original:
 /** The native probe for import slots (`callers`): anywhere, continuing to what the slots held. */
 function probeForSlots(m: Machine, timing: boolean, original: bigint): SlotLayout {
   const probe = probeCode(m);
-  const slot = placed(m, original, probe.size(timing), PROBE_RECORD.size, "the probe", (slot) => {
+  const { os } = m.platform.runtime;
+  const slot = placed(m, original, probe.size(timing, os), PROBE_RECORD.size, "the probe", (slot) => {
     probeRecord(m, slot.data, original);
-    m.pool.write(slot, probe.encode(slot.address, slot.data, timing));
+    m.pool.write(slot, probe.encode({ at: slot.address, data: slot.data, original, timing, os }));
   });
-  const busy = slot.data + BigInt(PROBE_RECORD.owner);
+  const busy = slot.data + BigInt(PROBE_RECORD.timer);
   const counter = slot.data + BigInt(PROBE_RECORD.calls);
   // No JS runs in the probe: calls that must not enter JS may go through it too.
-  return { destination: slot.address, stub: slot, busy, counter, bypass: slot.address };
+  return { destination: slot.address, stub: slot, busy, counter, counters: PROBE_COUNTERS, bypass: slot.address };
 }
 
 export function probeCode(m: Machine): ProbeCode {
@@ -87,9 +90,18 @@ export function probeCode(m: Machine): ProbeCode {
   return m.arch.probe;
 }
 
-/** A fresh probe record at `data` (a reused slot's data holds the last one's): zeros, and `original`. */
+/**
+ * A fresh probe record at `data` (a reused slot's data holds the last one's): zeros, `original`,
+ * and this isolate's JS thread as the owner — the identity word's content, the thread as the guard
+ * reads it (0 where there is no guard: then no thread is the owner, and every call counts
+ * atomically).
+ */
 export function probeRecord(m: Machine, data: bigint, original: bigint): void {
   const record = new DataView(new ArrayBuffer(PROBE_RECORD.size));
+  if (m.arch.guard) {
+    const identity = m.platform.runtime.view(isolateIdentity(), 8);
+    record.setBigUint64(PROBE_RECORD.thread, Atomics.load(new BigUint64Array(identity.buffer, identity.byteOffset, 1), 0), true);
+  }
   record.setBigUint64(PROBE_RECORD.original, original, true);
   m.platform.runtime.view(data, PROBE_RECORD.size).set(new Uint8Array(record.buffer));
 }

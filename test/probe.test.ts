@@ -1,14 +1,19 @@
 /**
  * The native probe: its code read back with the reference disassemblers (iced-x86, Capstone in
- * objdump's syntax), then run live in front of libc functions, a recursive function, two threads,
- * and in a generated library's import slots (`callers`).
+ * objdump's syntax), per OS and with or without its copy of the function's first instructions;
+ * then run live in front of libc functions, layered, a recursive function, two native threads
+ * calling alongside the JS thread (the owner's counter and the shared one), and in a generated
+ * library's import slots (`callers`).
  */
 import { assert, test } from "./harness.ts";
 import { disassemble as disassembleX86 } from "./canned_listing.ts";
 import { disassemble as disassembleArm64, h } from "./objdump_aarch64.ts";
 import { probe as x86_64 } from "../src/arch/x86_64/probe.ts";
 import { probe as aarch64 } from "../src/arch/aarch64/probe.ts";
+import { x86_64 as x86_64Arch } from "../src/arch/x86_64/mod.ts";
+import { aarch64 as aarch64Arch } from "../src/arch/aarch64/mod.ts";
 import { clockRate, probeNatively } from "../src/trace/native_probe.ts";
+import { PROBE_RECORD } from "../src/arch/probe.ts";
 import { restoreAll } from "../mod.ts";
 import process from "node:process";
 import { loadImportLibrary } from "./import_library.ts";
@@ -16,121 +21,229 @@ import { assemble, bytesAt, callOnAnotherThread, cstr, isArm64, libc, os, runtim
 
 const AT = 0x7f00_0000_1000n;
 const DATA = 0x7f00_0000_2008n;
+/** The original, within a direct jump's reach of the probe, and out of it. */
+const NEAR = 0x7f00_0000_0800n, FAR = 0x7000_0000_0000n;
 const word = (offset: number) => `${(DATA + BigInt(offset)).toString(16).toUpperCase()}h`;
+const at = (offset: number) => `${(AT + BigInt(offset)).toString(16).toUpperCase()}h`;
+const x86 = (original: bigint, timing: boolean, os = "linux") => {
+  const code = x86_64.encode({ at: AT, data: DATA, original, timing, os });
+  assert.ok(code.length <= x86_64.size(timing, os), "within the size reserved for it");
+  assert.equal(x86_64.size(timing, os), x86_64.encode({ at: AT, data: DATA, original: FAR, timing, os }).length);
+  return disassembleX86(code, AT);
+};
+const X86_TO_NEAR = `jmp ${NEAR.toString(16).toUpperCase()}h`;
+const X86_TO_FAR = `jmp qword ptr [${word(64)}]`;
 
-test("x86-64 counting probe: lock inc of the counter, then the original", () => {
-  const code = x86_64.encode(AT, DATA, false);
-  assert.equal(code.length, x86_64.size(false));
-  assert.deepEqual(disassembleX86(code, AT), [
-    `lock inc qword ptr [${word(0)}]`,
-    `jmp qword ptr [${word(48)}]`,
-  ]);
+test("x86-64 counting probe: the owner thread's plain inc, any other's lock inc, then the original", () => {
+  const other = (original: bigint) => original === NEAR ? 0x22 : 0x23;
+  for (const [original, toOriginal] of [[NEAR, X86_TO_NEAR], [FAR, X86_TO_FAR]] as const) {
+    assert.deepEqual(x86(original, false), [
+      "mov r11,fs:[10h]", //                   the thread, as the guard reads it
+      `cmp r11,[${word(16)}]`, //              the owner?
+      `jne ${at(other(original))}`,
+      `inc qword ptr [${word(8)}]`, //         its own counter
+      toOriginal,
+      `lock inc qword ptr [${word(0)}]`, //    other: the shared one
+      toOriginal,
+    ]);
+  }
+  // Where each OS keeps the thread's identity: the guard's own operand.
+  assert.equal(x86(NEAR, false, "windows")[0], "mov r11,gs:[30h]");
+  assert.equal(x86(NEAR, false, "darwin")[0], "mov r11,gs:[0h]");
 });
 
-test("x86-64 timing probe: takes the slot, swaps the return address, times with rdtsc, keeps rax/rdx", () => {
-  const code = x86_64.encode(AT, DATA, true);
-  assert.equal(code.length, x86_64.size(true));
-  const at = (offset: number) => `${(AT + BigInt(offset)).toString(16).toUpperCase()}h`;
-  assert.deepEqual(disassembleX86(code, AT), [
-    `lock inc qword ptr [${word(0)}]`,
-    `cmp qword ptr [${word(8)}],0h`,
-    `jne ${at(0x58)}`,
-    "mov r11d,1h",
-    `xchg [${word(8)}],r11`,
-    "test r11,r11",
-    `jne ${at(0x58)}`,
-    "push rax",
-    "push rdx",
-    "mov r11,[rsp+10h]",
-    `mov [${word(16)}],r11`,
-    `lea r11,[${at(0x5e)}]`,
-    "mov [rsp+10h],r11",
-    "rdtsc",
-    "shl rdx,20h",
-    "or rax,rdx",
-    `mov [${word(24)}],rax`,
-    "pop rdx",
-    "pop rax",
-    `jmp qword ptr [${word(48)}]`, // 0x58: to the original
-    "push rax", //                    0x5e: the original returns here
-    "push rdx",
-    "rdtsc",
-    "shl rdx,20h",
-    "or rax,rdx",
-    `sub rax,[${word(24)}]`,
-    `add [${word(32)}],rax`,
-    `inc qword ptr [${word(40)}]`,
-    `mov r11,[${word(16)}]`,
-    `mov qword ptr [${word(8)}],0h`,
-    "pop rdx",
-    "pop rax",
-    "jmp r11",
-  ]);
+test("x86-64 timing probe: counts as above, takes the slot, swaps the return address, times with rdtsc, keeps rax/rdx", () => {
+  for (const [original, toOriginal] of [[NEAR, X86_TO_NEAR], [FAR, X86_TO_FAR]] as const) {
+    const far = original === FAR ? 1 : 0;
+    assert.deepEqual(x86(original, true), [
+      "mov r11,fs:[10h]",
+      `cmp r11,[${word(16)}]`,
+      `jne ${at(0x72 + far)}`,
+      `inc qword ptr [${word(8)}]`,
+      `cmp qword ptr [${word(24)}],0h`, //   0x1d: time
+      `jne ${at(0x6d)}`,
+      "mov r11d,1h",
+      `xchg [${word(24)}],r11`,
+      "test r11,r11",
+      `jne ${at(0x6d)}`,
+      "push rax",
+      "push rdx",
+      "mov r11,[rsp+10h]",
+      `mov [${word(32)}],r11`,
+      `lea r11,[${at(0x7c + far)}]`,
+      "mov [rsp+10h],r11",
+      "rdtsc",
+      "shl rdx,20h",
+      "or rax,rdx",
+      `mov [${word(40)}],rax`,
+      "pop rdx",
+      "pop rax",
+      toOriginal, //                           0x6d: to the original
+      `lock inc qword ptr [${word(0)}]`, //    another thread's call
+      `jmp ${at(0x1d)}`,
+      "push rax", //                           the original returns here
+      "push rdx",
+      "rdtsc",
+      "shl rdx,20h",
+      "or rax,rdx",
+      `sub rax,[${word(40)}]`,
+      `add [${word(48)}],rax`,
+      `inc qword ptr [${word(56)}]`,
+      `mov r11,[${word(32)}]`,
+      `mov qword ptr [${word(24)}],0h`,
+      "pop rdx",
+      "pop rax",
+      "jmp r11",
+    ]);
+  }
   assert.deepEqual(disassembleX86(x86_64.clockReader, 0n), ["rdtsc", "shl rdx,20h", "or rax,rdx", "ret"]);
 });
 
-const PAGE = DATA - DATA % 4096n;
-const ARM64_COUNT = [
-  "stp x0, x1, [sp, #-16]!",
-  `adrp x16, ${h(PAGE)}`,
-  `add x16, x16, #${h(DATA % 4096n)}`,
-  "ldxr x0, [x16]",
-  "add x0, x0, #0x1",
-  "stxr w1, x0, [x16]",
-  `cbnz w1, ${h(AT + 0xcn)}`,
-];
+// labs as glibc has it, at a function's entry 0x7f00_0000_0000: its first two instructions are
+// what the entry jump covers, and the probe runs into its own copy of them.
+const ENTRY = 0x7f00_0000_0000n;
+const LABS = Uint8Array.of(
+  0x48, 0x89, 0xf8, //       mov rax, rdi
+  0x48, 0xf7, 0xd8, //       neg rax
+  0x48, 0x0f, 0x48, 0xc7, // cmovs rax, rdi
+  0xc3, //                   ret
+);
 
-test("aarch64 counting probe: an exclusive add on the counter, then the original", () => {
-  const code = aarch64.encode(AT, DATA, false);
-  assert.equal(code.length, aarch64.size(false));
-  assert.deepEqual(disassembleArm64(code, AT), [
-    ...ARM64_COUNT,
-    "ldr x16, [x16, #48]",
-    "ldp x0, x1, [sp], #16",
-    "br x16",
+test("x86-64 probe at a function's entry: the owner's count runs into the probe's copy of the first instructions", () => {
+  const plan = x86_64Arch.planRelocation(LABS, ENTRY, 5);
+  const inline = (address: bigint) => x86_64Arch.relocate(plan, address);
+  const code = x86_64.encode({ at: AT, data: DATA, original: NEAR, inline, timing: false, os: "linux" });
+  const back = `jmp ${(ENTRY + 6n).toString(16).toUpperCase()}h`;
+  assert.deepEqual(disassembleX86(code, AT), [
+    "mov r11,fs:[10h]",
+    `cmp r11,[${word(16)}]`,
+    `jne ${at(0x28)}`,
+    `inc qword ptr [${word(8)}]`,
+    "mov rax,rdi", //                        the copy, relocated here
+    "neg rax",
+    back, //                                 back into the function
+    `lock inc qword ptr [${word(0)}]`, //    other: to the trampoline
+    X86_TO_NEAR,
   ]);
+  const timed = disassembleX86(x86_64.encode({ at: AT, data: DATA, original: NEAR, inline, timing: true, os: "linux" }), AT);
+  assert.deepEqual(timed.slice(21, 25), ["pop rax", "mov rax,rdi", "neg rax", back], "every timed path leaves through the copy");
 });
 
-test("aarch64 timing probe: takes the slot, points x30 at its exit, times with cntvct_el0, keeps x0/x1", () => {
-  const code = aarch64.encode(AT, DATA, true);
-  assert.equal(code.length, aarch64.size(true));
-  assert.deepEqual(disassembleArm64(code, AT), [
-    ...ARM64_COUNT,
-    "add x17, x16, #0x8",
-    "ldr x0, [x17]",
-    `cbnz x0, ${h(AT + 0x54n)}`,
-    "ldaxr x0, [x17]", //                 0x28: claim
-    `cbnz x0, ${h(AT + 0x50n)}`,
-    "mov x0, #0x1",
-    "stxr w1, x0, [x17]",
-    `cbnz w1, ${h(AT + 0x28n)}`,
-    "str x30, [x16, #16]",
-    "mrs x0, cntvct_el0",
-    "str x0, [x16, #24]",
-    `adr x30, ${h(AT + 0x60n)}`,
-    `b ${h(AT + 0x54n)}`,
-    "clrex", //                           0x50: held
-    "ldr x16, [x16, #48]", //             0x54: to the original
+const PAGE = DATA - DATA % 4096n;
+const arm64 = (original: bigint, timing: boolean, os = "linux") => {
+  const code = aarch64.encode({ at: AT, data: DATA, original, timing, os });
+  assert.ok(code.length <= aarch64.size(timing, os), "within the size reserved for it");
+  assert.equal(aarch64.size(timing, os), aarch64.encode({ at: AT, data: DATA, original: FAR, timing, os }).length);
+  return disassembleArm64(code, AT);
+};
+const ARM64_RECORD = [`adrp x16, ${h(PAGE)}`, `add x16, x16, #${h(DATA % 4096n)}`];
+const arm64Own = (other: bigint) => [
+  `adrp x17, ${h(PAGE)}`,
+  "mrs x16, tpidr_el0", //                       the thread, as the guard reads it
+  "and x16, x16, #0xfffffffffffffff8",
+  `ldr x17, [x17, #${Number(DATA % 4096n) + 16}]`, // the owner
+  "eor x16, x16, x17",
+  `cbnz x16, ${h(AT + other)}`,
+  ...ARM64_RECORD,
+  "ldr x17, [x16, #8]", //                       its own counter
+  "add x17, x17, #0x1",
+  "str x17, [x16, #8]",
+];
+const arm64Shared = (loop: bigint) => [
+  "stp x0, x1, [sp, #-16]!",
+  ...ARM64_RECORD,
+  "ldxr x0, [x16]", //                           loop: the shared counter
+  "add x0, x0, #0x1",
+  "stxr w1, x0, [x16]",
+  `cbnz w1, ${h(AT + loop)}`,
+];
+
+test("aarch64 counting probe: the owner thread's plain add, any other's exclusive add, then the original", () => {
+  assert.deepEqual(arm64(NEAR, false), [
+    ...arm64Own(0x30n),
+    `b ${h(NEAR)}`,
+    ...arm64Shared(0x3cn), //                    0x30: other
+    "ldp x0, x1, [sp], #16",
+    `b ${h(NEAR)}`,
+  ]);
+  assert.deepEqual(arm64(FAR, false), [
+    ...arm64Own(0x34n),
+    "ldr x16, [x16, #64]",
+    "br x16",
+    ...arm64Shared(0x40n), //                    0x34: other
+    "ldr x16, [x16, #64]",
     "ldp x0, x1, [sp], #16",
     "br x16",
-    "stp x0, x1, [sp, #-16]!", //         0x60: the original returns here
-    `adrp x16, ${h(PAGE)}`,
-    `add x16, x16, #${h(DATA % 4096n)}`,
-    "mrs x0, cntvct_el0",
-    "ldr x1, [x16, #24]",
-    "sub x0, x0, x1",
-    "ldr x1, [x16, #32]",
-    "add x1, x1, x0",
-    "str x1, [x16, #32]",
-    "ldr x1, [x16, #40]",
-    "add x1, x1, #0x1",
-    "str x1, [x16, #40]",
-    "ldr x30, [x16, #16]",
-    "add x17, x16, #0x8",
-    "stlr xzr, [x17]",
-    "ldp x0, x1, [sp], #16",
-    "ret",
   ]);
+  // Where each OS keeps the thread's identity: the guard's own read.
+  assert.deepEqual(arm64(NEAR, false, "windows").slice(1, 3), ["mov x16, x18", "and x16, x16, #0xfffffffffffffff8"]);
+  assert.deepEqual(arm64(NEAR, false, "darwin").slice(1, 3), ["mrs x16, tpidrro_el0", "and x16, x16, #0xfffffffffffffff8"]);
+});
+
+test("aarch64 probe at a function's entry: the owner's count runs into the probe's copy of the first instructions", () => {
+  const labs = Uint8Array.from(words(
+    0xf100001f, // cmp x0, #0
+    0xda805400, // cneg x0, x0, mi
+    0xd65f03c0, // ret
+  ));
+  const plan = aarch64Arch.planRelocation(labs, ENTRY, aarch64Arch.nearJumpSize);
+  const inline = (address: bigint) => aarch64Arch.relocate(plan, address);
+  const encode = (timing: boolean) => aarch64.encode({ at: AT, data: DATA, original: NEAR, inline, timing, os: "linux" });
+  const back = `b ${h(ENTRY + 4n)}`;
+  assert.deepEqual(disassembleArm64(encode(false), AT), [
+    ...arm64Own(0x34n),
+    "cmp x0, #0x0", //                           the copy, relocated here
+    back, //                                     back into the function
+    ...arm64Shared(0x40n), //                    0x34: other, to the trampoline
+    "ldp x0, x1, [sp], #16",
+    `b ${h(NEAR)}`,
+  ]);
+  const timed = disassembleArm64(encode(true), AT);
+  assert.deepEqual(timed.slice(26, 29), ["ldp x0, x1, [sp], #16", "cmp x0, #0x0", back], "every timed path leaves through the copy");
+});
+
+test("aarch64 timing probe: counts as above, takes the slot, points x30 at its exit, times with cntvct_el0, keeps x0/x1", () => {
+  for (const original of [NEAR, FAR]) {
+    const far = original === FAR ? 4n : 0n;
+    const toOriginal = far ? ["ldr x16, [x16, #64]", "ldp x0, x1, [sp], #16", "br x16"] : ["ldp x0, x1, [sp], #16", `b ${h(NEAR)}`];
+    assert.deepEqual(arm64(original, true), [
+      ...arm64Own(0xb4n + far),
+      "stp x0, x1, [sp, #-16]!",
+      "add x17, x16, #0x18", //             0x30: time
+      "ldr x0, [x17]",
+      `cbnz x0, ${h(AT + 0x68n)}`,
+      "ldaxr x0, [x17]", //                 0x3c: claim
+      `cbnz x0, ${h(AT + 0x64n)}`,
+      "mov x0, #0x1",
+      "stxr w1, x0, [x17]",
+      `cbnz w1, ${h(AT + 0x3cn)}`,
+      "str x30, [x16, #32]",
+      "mrs x0, cntvct_el0",
+      "str x0, [x16, #40]",
+      `adr x30, ${h(AT + 0x70n + far)}`,
+      `b ${h(AT + 0x68n)}`,
+      "clrex", //                           0x64: held
+      ...toOriginal, //                     0x68: to the original
+      "stp x0, x1, [sp, #-16]!", //         the original returns here
+      ...ARM64_RECORD,
+      "mrs x0, cntvct_el0",
+      "ldr x1, [x16, #40]",
+      "sub x0, x0, x1",
+      "ldr x1, [x16, #48]",
+      "add x1, x1, x0",
+      "str x1, [x16, #48]",
+      "ldr x1, [x16, #56]",
+      "add x1, x1, #0x1",
+      "str x1, [x16, #56]",
+      "ldr x30, [x16, #32]",
+      "add x17, x16, #0x18",
+      "stlr xzr, [x17]",
+      "ldp x0, x1, [sp], #16",
+      "ret",
+      ...arm64Shared(0xc0n + far), //       another thread's call
+      `b ${h(AT + 0x30n)}`,
+    ]);
+  }
   assert.deepEqual(disassembleArm64(aarch64.clockReader, 0n), ["mrs x0, cntvct_el0", "ret"]);
 });
 
@@ -150,6 +263,20 @@ test("native probe on strtol: every call counted and timed, results untouched, b
     assert.deepEqual(probe.read(), reading, "the last reading stays after restore");
     assert.deepEqual(bytesAt(address, 32), bytes);
   }
+});
+
+test("native probes layered on one function: each counts every call, the upper one continuing into the lower", () => {
+  const address = os.symbolAddress("strtol", "libc.so.6");
+  const bytes = bytesAt(address, 32);
+  const lower = probeNatively({ symbol: "strtol", library: "libc.so.6" }, false);
+  const upper = probeNatively({ symbol: "strtol", library: "libc.so.6" }, true);
+  for (let i = 0; i < 7; i++) assert.equal(libc.atoi(cstr(String(i))), i);
+  assert.deepEqual([upper.read().calls, upper.read().timed, lower.read().calls], [7, 7, 7]);
+  upper.restore();
+  libc.atoi(cstr("1"));
+  assert.deepEqual([upper.read().calls, lower.read().calls], [7, 8]);
+  lower.restore();
+  assert.deepEqual(bytesAt(address, 32), bytes);
 });
 
 test("native probe: calls from another thread are counted and timed too", () => {
@@ -281,25 +408,43 @@ const HAMMER = isArm64
     0xc3, //                                     ret
   ];
 
-test("native probe under two threads calling at once: no call lost, every result right, the stacks intact", () => {
+test("native probe under two threads and the JS thread calling at once: no call lost, every result right, the stacks intact", () => {
   const { address: hammer, base } = assemble(HAMMER);
   const labs = os.symbolAddress("labs", "libc.so.6");
   // Long enough for the threads to overlap (about a third of the calls then go untimed); fewer
   // under emulation, where every call is slower.
   const n = process.env.REDEFINE_TEST_EMULATED ? 100_000n : 1_000_000n;
-  const probe = probeNatively({ symbol: "labs", library: "libc.so.6" }, true);
   try {
-    const records = [0, 1].map(() => new BigUint64Array([labs, n, 0n]));
-    const ids = records.map(() => new BigUint64Array(1));
-    const bytes = (a: BigUint64Array) => new Uint8Array(a.buffer);
-    records.forEach((record, i) => assert.equal(libc.pthread_create(bytes(ids[i]), 0n, hammer, bytes(record)), 0));
-    for (const id of ids) libc.pthread_join(id[0], 0n);
-    assert.deepEqual(records.map((r) => r[2]), [5n * n, 5n * n], "each thread got labs(-5) = 5 every time");
-    const { calls, timed } = probe.read();
-    assert.equal(calls, 2 * Number(n), "the atomic counter lost no call");
-    assert.ok(timed > 0 && timed <= calls, `${timed} timed`);
+    for (const timing of [false, true]) {
+      const probe = probeNatively({ symbol: "labs", library: "libc.so.6" }, timing);
+      try {
+        const view = runtime.view(probe.patch.counterAddress!, PROBE_RECORD.size);
+        const record = new BigUint64Array(view.buffer, view.byteOffset, PROBE_RECORD.size / 8);
+        const shared = () => Number(Atomics.load(record, PROBE_RECORD.calls / 8));
+        const records = [0, 1].map(() => new BigUint64Array([labs, n, 0n]));
+        const ids = records.map(() => new BigUint64Array(1));
+        const bytes = (a: BigUint64Array) => new Uint8Array(a.buffer);
+        records.forEach((record, i) => assert.equal(libc.pthread_create(bytes(ids[i]), 0n, hammer, bytes(record)), 0));
+        // The JS thread (the probe's owner) calls all the while the other two do.
+        let own = 0, sum = 0n;
+        do {
+          for (let i = 0; i < 1000; i++) sum += libc.labs(-7n);
+          own += 1000;
+        } while (shared() < 2 * Number(n));
+        for (const id of ids) libc.pthread_join(id[0], 0n);
+        assert.deepEqual(records.map((r) => r[2]), [5n * n, 5n * n], "each thread got labs(-5) = 5 every time");
+        assert.equal(sum, 7n * BigInt(own), "the JS thread got labs(-7) = 7 every time");
+        const { calls, timed } = probe.read();
+        assert.equal(calls, 2 * Number(n) + own, "no call lost");
+        assert.equal(Number(record[PROBE_RECORD.ownCalls / 8]), own, "the owner's calls on its own counter");
+        assert.equal(shared(), 2 * Number(n), "the other threads' on the shared one");
+        assert.equal(probe.patch.calls, calls, "the patch's count is both");
+        if (timing) assert.ok(timed > 0 && timed <= calls, `${timed} timed`);
+      } finally {
+        probe.restore();
+      }
+    }
   } finally {
-    probe.restore();
     unassemble(base);
   }
 });

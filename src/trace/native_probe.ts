@@ -54,7 +54,7 @@ export function probeNatively(target: ProbeTarget, timing: boolean): NativeProbe
     const view = machine().platform.runtime.view(record, PROBE_RECORD.size);
     const words = new BigUint64Array(view.buffer, view.byteOffset, PROBE_RECORD.size / 8);
     last = {
-      calls: Number(Atomics.load(words, PROBE_RECORD.calls / 8)),
+      calls: Number(Atomics.load(words, PROBE_RECORD.calls / 8) + Atomics.load(words, PROBE_RECORD.ownCalls / 8)),
       timed: Number(Atomics.load(words, PROBE_RECORD.timed / 8)),
       ticks: Atomics.load(words, PROBE_RECORD.ticks / 8),
     };

@@ -30,7 +30,7 @@ export const GUARD_DATA_SIZE = 16;
  * `tpidrro_el0`, whose low three bits held the CPU number in some versions (not run on a Mac). The
  * low bits are cleared everywhere: the others are aligned anyway.
  */
-function threadPointer(os: string, rd: number): number[] {
+export function threadPointer(os: string, rd: number): number[] {
   const read = {
     linux: 0xd53bd040, //   mrs xd, tpidr_el0
     windows: 0xaa1203e0, // mov xd, x18

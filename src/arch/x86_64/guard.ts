@@ -45,7 +45,7 @@ const RECORD = {
  * `pthread_self()` returns); Windows keeps the TEB's self pointer at `gs:[0x30]`; macOS keeps
  * `pthread_self` in slot 0 of the thread-specific data at `gs:[0]` (not run on a Mac).
  */
-function threadPointerOperand(os: string): [segment: number, sib: number, ...disp: number[]] {
+export function threadPointerOperand(os: string): [segment: number, sib: number, ...disp: number[]] {
   switch (os) {
     case "linux":
       return [0x64, 0x25, 0x10, 0, 0, 0]; // fs: prefix, SIB absolute disp32 0x10
