@@ -125,7 +125,8 @@ function directJump(m: Machine, site: AnySite, to: bigint, below: bigint | null)
 function trampolineAlone(m: Machine, site: AnySite): { address: bigint; slot: CodeSlot } {
   const { arch, pool } = m;
   const plan = arch.planRelocation(site.code, site.at, arch.nearJumpSize);
-  refuseOverlap(site.at, plan.consumed);
+  // `locate` refused overlaps of the first near jump's bytes: only a wider reach is asked again.
+  if (plan.consumed > arch.nearJumpSize) refuseOverlap(site.at, plan.consumed);
   const slot = pool.allocate(site.at, arch.nearReach - BigInt(plan.maxSize), plan.maxSize);
   if (!slot) {
     throw new RedefineError(

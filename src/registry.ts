@@ -186,12 +186,21 @@ let sectionMappings: Mapping[] | null = null;
 let live: Entry[] = [];
 /** The live patches of each function, by its entry, oldest first: each layered on the one before. */
 let stacks = new Map<bigint, Entry[]>();
-/** Live patches by the 64-byte block their entry jump starts in, to find neighbours quickly. */
-let byBlock = new Map<bigint, Entry[]>();
+/**
+ * Live patches by the 64-byte block their entry jump starts in, to find neighbours quickly. A
+ * block's number is a plain number (exact for every address below 2^59, far above any process's):
+ * a bigint key is hashed digit by digit, and each step of a bigint loop is a new heap object.
+ */
+let byBlock = new Map<number, Entry[]>();
 const stored = new Map<Entry, Stored>();
 /** This isolate's own patches, by their slot in the store. */
 const mine = new Map<number, Entry>();
 const BLOCK = 64n;
+
+/** The block `address` is in. */
+function blockOf(address: bigint): number {
+  return Number(address / BLOCK);
+}
 /** No entry jump is longer than this (x86-64's 14 bytes, arm64's 16). */
 const LONGEST_JUMP = 16n;
 let restoresAtExit = false;
@@ -287,7 +296,7 @@ function foreign(record: { address: bigint; at: bigint; written: Uint8Array; ori
 function index(entry: Entry): void {
   live.push(entry);
   stacks.set(entry.address, [...layers(entry.address), entry]);
-  const block = entry.at / BLOCK;
+  const block = blockOf(entry.at);
   byBlock.set(block, [...(byBlock.get(block) ?? []), entry]);
 }
 
@@ -321,13 +330,13 @@ export function unregister(entry: Entry, restored = false): void {
     }
     live.splice(live.lastIndexOf(e), 1);
     without(stacks, e.address, e);
-    without(byBlock, e.at / BLOCK, e);
+    without(byBlock, blockOf(e.at), e);
   }
   seen = s.generation();
 }
 
 /** Takes `entry` out of the list at `key` (a new list: callers may hold the old), or the key out. */
-function without(lists: Map<bigint, Entry[]>, key: bigint, entry: Entry): void {
+function without<K>(lists: Map<K, Entry[]>, key: K, entry: Entry): void {
   const list = lists.get(key);
   if (list === undefined) return;
   if (list.length === 1 && list[0] === entry) lists.delete(key);
@@ -430,8 +439,8 @@ export function refuseOverlap(at: bigint, covers: number): void {
   // A bigint is a heap object: each sum is made once, and a neighbour's end only when it starts
   // before ours ends; the neighbours are walked in place (three checks a patch).
   const end = at + BigInt(covers);
-  const last = (end - 1n) / BLOCK;
-  for (let block = (at - LONGEST_JUMP) / BLOCK; block <= last; block++) {
+  const last = blockOf(end - 1n);
+  for (let block = blockOf(at - LONGEST_JUMP); block <= last; block++) {
     const entries = byBlock.get(block);
     if (entries === undefined) continue;
     for (const entry of entries) {
@@ -464,8 +473,8 @@ export function readThrough(bytes: Uint8Array, start: bigint): void {
 function near(from: bigint, to: bigint): Entry[] {
   const found: Entry[] = [];
   if (live.length === 0) return found;
-  const last = (to - 1n) / BLOCK;
-  for (let block = (from - LONGEST_JUMP) / BLOCK; block <= last; block++) {
+  const last = blockOf(to - 1n);
+  for (let block = blockOf(from - LONGEST_JUMP); block <= last; block++) {
     const entries = byBlock.get(block);
     if (entries) for (const entry of entries) found.push(entry);
   }
