@@ -145,7 +145,8 @@ export function openStore(
     : bind(slot.address, { parameters: ["usize", "u64", "u64"], result: "u64" });
   const yieldCpu = c?.sched_yield;
   const u64 = (at: number) => view.getBigUint64(at, true);
-  const setU64 = (at: number, value: bigint) => view.setBigUint64(at, BigInt.asUintN(64, value), true);
+  // setBigUint64 takes the value modulo 2^64 itself: no intermediate bigint a store.
+  const setU64 = (at: number, value: bigint) => view.setBigUint64(at, value, true);
   const alive = (id: bigint) => id === identity || Atomics.load(word(id), 0) !== 0n;
   const bump = () => setU64(HEADER.generation, u64(HEADER.generation) + 1n);
   const recordAt = (slot: number) => HEADER.size + slot * RECORD.size;
