@@ -124,7 +124,7 @@ function directJump(m: Machine, site: AnySite, to: bigint, below: bigint | null)
 
 function trampolineAlone(m: Machine, site: AnySite): { address: bigint; slot: CodeSlot } {
   const { arch, pool } = m;
-  const plan = arch.planRelocation(site.code, site.at, arch.nearJumpSize);
+  const plan = relocationPlan(m, site, arch.nearJumpSize);
   // `locate` refused overlaps of the first near jump's bytes: only a wider reach is asked again.
   if (plan.consumed > arch.nearJumpSize) refuseOverlap(site.at, plan.consumed);
   const slot = pool.allocate(site.at, arch.nearReach - BigInt(plan.maxSize), plan.maxSize);
@@ -320,11 +320,36 @@ function reserve(
 function planFor(m: Machine, site: AnySite, below: bigint | null, jumpSize: number): Plan {
   if (below !== null) return null;
   try {
-    return m.arch.planRelocation(site.code, site.at, jumpSize);
+    return relocationPlan(m, site, jumpSize);
   } catch (error) {
     if (!(error instanceof RedefineError)) throw error;
     return error;
   }
+}
+
+/**
+ * How the first instructions of `site` move to free `minLength` bytes: decoded and checked once
+ * per entry, then reused while the entry's bytes are the ones it moves (compared each time). What
+ * follows them in the function, which the checks read for branches back into them, is taken to
+ * stay as it was, as the code before the entry is (`Machine.cleanEntries`): code does not change
+ * under us, and our own patches are read through.
+ */
+function relocationPlan(m: Machine, site: AnySite, minLength: number): RelocationPlan {
+  const known = m.plans.get(site.at);
+  if (known && known.minLength === minLength && known.extent === site.code.length && startsWith(site.code, known.moved)) {
+    return known.plan;
+  }
+  const plan = m.arch.planRelocation(site.code, site.at, minLength);
+  const moved = new Uint8Array(plan.consumed);
+  moved.set(site.code.subarray(0, plan.consumed));
+  m.plans.set(site.at, { minLength, extent: site.code.length, moved, plan });
+  return plan;
+}
+
+/** Whether `code` starts with `head`. */
+function startsWith(code: Uint8Array, head: Uint8Array): boolean {
+  for (let i = 0; i < head.length; i++) if (code[i] !== head[i]) return false;
+  return true;
 }
 
 /** The trampoline's room at the start of a stub's slot. */

@@ -11,7 +11,7 @@ import { hex, RedefineError } from "./errors.ts";
 import { CodePool, writeCode } from "./code_memory.ts";
 import type { CodeWrite } from "./code_memory.ts";
 import { archFor } from "./arch/mod.ts";
-import type { Arch, GuardLayout, RuntimeCode } from "./arch/types.ts";
+import type { Arch, GuardLayout, RelocationPlan, RuntimeCode } from "./arch/types.ts";
 import { OriginalStubs } from "./original.ts";
 import { openStore } from "./shared_registry.ts";
 import type { Store } from "./shared_registry.ts";
@@ -52,6 +52,11 @@ export interface Machine {
    * not change under us (our own patches are read through), so a clean scan stays clean.
    */
   readonly cleanEntries: Map<bigint, number>;
+  /**
+   * The relocation plan made for each entry patched so far, with the bytes it moves and what it was
+   * made for (src/layout.ts's `relocationPlan`).
+   */
+  readonly plans: Map<bigint, { readonly minLength: number; readonly extent: number; readonly moved: Uint8Array; readonly plan: RelocationPlan }>;
   /** A view of each page read so far, by its address (see `liveBytes`). */
   readonly pages: Map<bigint, Uint8Array>;
   /** The page size, as a bigint for address arithmetic. */
@@ -79,6 +84,7 @@ export function machine(): Machine {
     guardLayouts: new Map(),
     symbols: new Map(),
     cleanEntries: new Map(),
+    plans: new Map(),
     pages: new Map(),
     pageBytes: BigInt(p.os.pageSize),
     kept: { block: new Uint8Array(0), used: 0 },

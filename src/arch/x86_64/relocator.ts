@@ -43,6 +43,12 @@ export function planRelocation(
 ): RelocationPlan<Instruction> {
   const instructions = copiedInstructions(code, address, minLength);
   const consumed = instructions.reduce((sum, insn) => sum + insn.length, 0);
+  // The plan keeps its own copy of the bytes it moves (one array, not one an instruction), so it
+  // stays true of them whatever is written at `address` later.
+  const moved = new Uint8Array(consumed);
+  moved.set(code.subarray(0, consumed));
+  let offset = 0;
+  for (const insn of instructions) insn.bytes = moved.subarray(offset, offset += insn.length);
   const worst = layout(instructions, address, consumed, null);
   const jumpBack = endsInCall(instructions) ? 0 : JMP_ABS_SIZE;
   return { address, consumed, maxSize: worst[instructions.length]! + jumpBack, instructions };
