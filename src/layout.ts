@@ -336,9 +336,8 @@ function planFor(m: Machine, site: AnySite, below: bigint | null, jumpSize: numb
  */
 function relocationPlan(m: Machine, site: AnySite, minLength: number): RelocationPlan {
   const known = m.plans.get(site.at);
-  if (known && known.minLength === minLength && known.extent === site.code.length && startsWith(site.code, known.moved)) {
-    return known.plan;
-  }
+  const same = known?.minLength === minLength && known.extent === site.code.length;
+  if (same && startsWith(site.code, known.moved)) return known.plan;
   const plan = m.arch.planRelocation(site.code, site.at, minLength);
   const moved = new Uint8Array(plan.consumed);
   moved.set(site.code.subarray(0, plan.consumed));

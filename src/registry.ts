@@ -28,6 +28,16 @@ export interface Batch {
   byAddress?: Map<bigint, CodeWrite[]> | undefined;
 }
 
+/** A relocation plan kept for an entry: what it was made for, and the bytes it moves. */
+export interface KnownPlan {
+  /** The bytes it frees. */
+  readonly minLength: number;
+  /** The length of the code it was planned from (its checks read all of it). */
+  readonly extent: number;
+  readonly moved: Uint8Array;
+  readonly plan: RelocationPlan;
+}
+
 /** This isolate's platform and the state built on it, made on first use. */
 export interface Machine {
   readonly platform: Platform;
@@ -54,10 +64,10 @@ export interface Machine {
   readonly cleanEntries: Map<bigint, number>;
   /**
    * The relocation plan made for each entry patched so far, with the bytes it moves and what it was
-   * made for (src/layout.ts's `relocationPlan`).
+   * made for (src/layout.ts's `relocationPlan`): one a function ever patched, as `symbols` is.
    */
-  readonly plans: Map<bigint, { readonly minLength: number; readonly extent: number; readonly moved: Uint8Array; readonly plan: RelocationPlan }>;
-  /** A view of each page read so far, by its address (see `liveBytes`). */
+  readonly plans: Map<bigint, KnownPlan>;
+  /** A view of each page read so far, by its address (see `liveBytes`): a small object a page. */
   readonly pages: Map<bigint, Uint8Array>;
   /** The page size, as a bigint for address arithmetic. */
   readonly pageBytes: bigint;
@@ -202,14 +212,14 @@ const stored = new Map<Entry, Stored>();
 /** This isolate's own patches, by their slot in the store. */
 const mine = new Map<number, Entry>();
 const BLOCK = 64n;
-
-/** The block `address` is in. */
-function blockOf(address: bigint): number {
-  return Number(address / BLOCK);
-}
 /** No entry jump is longer than this (x86-64's 14 bytes, arm64's 16). */
 const LONGEST_JUMP = 16n;
 let restoresAtExit = false;
+
+/** The block `address` is in (see `byBlock`). */
+function blockOf(address: bigint): number {
+  return Number(address / BLOCK);
+}
 
 /** The process-wide store, opened on first use with this isolate's identity. */
 function theStore(): Store {
@@ -354,6 +364,7 @@ export function layers(address: bigint): readonly Entry[] {
   return stacks.get(address) ?? NO_LAYERS;
 }
 
+/** The layers of a function with none, shared: `layers` is asked several times a patch. */
 const NO_LAYERS: readonly Entry[] = Object.freeze([]);
 
 /** This isolate's live patches, newest first: the order they can be restored in. */
