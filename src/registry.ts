@@ -476,26 +476,21 @@ export function refuseOverlap(at: bigint, covers: number): void {
  * hold, so that a decoder sees the original code.
  */
 export function readThrough(bytes: Uint8Array, start: bigint): void {
-  for (const entry of near(start, start + BigInt(bytes.length))) {
-    // A layered patch's `original` is the jump of the patch below; the lowest holds the function's.
-    if (layers(entry.address)[0] !== entry) continue;
-    const offset = Number(entry.at - start);
-    entry.original.forEach((b, i) => {
-      if (offset + i >= 0 && offset + i < bytes.length) bytes[offset + i] = b;
-    });
-  }
-}
-
-/** Live patches whose entry jump may touch [from, to). */
-function near(from: bigint, to: bigint): Entry[] {
-  const found: Entry[] = [];
-  if (live.length === 0) return found;
-  const last = blockOf(to - 1n);
-  for (let block = blockOf(from - LONGEST_JUMP); block <= last; block++) {
+  if (live.length === 0) return;
+  // Each neighbour's bytes are copied over where they overlap, the blocks walked in place: the
+  // first scan before a thousand entries patched in one transaction meets a hundred each.
+  const last = blockOf(start + BigInt(bytes.length) - 1n);
+  for (let block = blockOf(start - LONGEST_JUMP); block <= last; block++) {
     const entries = byBlock.get(block);
-    if (entries) for (const entry of entries) found.push(entry);
+    if (entries === undefined) continue;
+    for (const entry of entries) {
+      // A layered patch's `original` is the jump of the patch below; the lowest holds the function's.
+      if (layers(entry.address)[0] !== entry) continue;
+      const offset = Number(entry.at - start);
+      const to = Math.min(entry.original.length, bytes.length - offset);
+      for (let i = Math.max(0, -offset); i < to; i++) bytes[offset + i] = entry.original[i]!;
+    }
   }
-  return found;
 }
 
 /**
