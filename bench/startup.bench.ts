@@ -1,10 +1,13 @@
 /**
- * Start-up: a whole process that imports mod.ts, makes its first patch (a native redirect) and
+ * Start-up: a whole process that imports redefine, makes its first patch (a native redirect) and
  * restores it (bench/startup/first_patch.ts), against a process running an empty script
- * (bench/startup/empty.ts), on the runtime running this file. Runs alternate, so drift hits both
- * alike; each figure is the best run. Wall time is what a user waits; CPU time (user + system, from
- * `getrusage(RUSAGE_CHILDREN)` around each run) is what the process did, and shifts less when the
- * machine is busy.
+ * (bench/startup/empty.ts), on the runtime running this file. Each runtime loads what a user of the
+ * package gets: Deno and Bun the TypeScript sources, Node the JavaScript `npm pack` builds into
+ * dist/ (built here first; bench/startup/first_patch.mjs against bench/startup/empty.mjs, since
+ * Node's type stripping alone costs an empty .ts script tens of ms). Runs alternate, so drift hits
+ * both alike; each figure is the best run. Wall time is what a user waits; CPU time (user +
+ * system, from `getrusage(RUSAGE_CHILDREN)` around each run) is what the process did, and shifts
+ * less when the machine is busy.
  */
 import { spawnSync } from "node:child_process";
 import process from "node:process";
@@ -28,6 +31,11 @@ function childrenCpu(): number {
 const self = (globalThis as { Deno?: { execPath(): string } }).Deno?.execPath() ?? process.execPath;
 const args = { deno: ["run", "-A", "--no-check"], bun: ["run"], node: ["--no-warnings"] }[runtime.name];
 const root = new URL("..", import.meta.url).pathname;
+const node = runtime.name === "node";
+if (node && spawnSync(self, ["scripts/build.mjs"], { cwd: root, stdio: "inherit" }).status !== 0) {
+  throw new Error("scripts/build.mjs failed");
+}
+const [subjectScript, emptyScript] = node ? ["first_patch.mjs", "empty.mjs"] : ["first_patch.ts", "empty.ts"];
 
 /** Wall and CPU ms of one process running `script`. */
 function run(script: string): [number, number] {
@@ -39,16 +47,16 @@ function run(script: string): [number, number] {
   return [wall, childrenCpu() - cpu];
 }
 
-run("first_patch.ts");
-run("empty.ts");
+run(subjectScript);
+run(emptyScript);
 const subject: [number, number][] = [], empty: [number, number][] = [];
 for (let r = 0; r < RUNS; r++) {
-  subject.push(run("first_patch.ts"));
-  empty.push(run("empty.ts"));
+  subject.push(run(subjectScript));
+  empty.push(run(emptyScript));
 }
 const at = (runs: [number, number][], k: 0 | 1) => best(runs.map((r) => r[k]));
 report(([[0, "wall"], [1, "CPU"]] as const).map(([k, what]) => ({
-  name: `start-up, ${what}: import + first redefine + restore / an empty script`,
+  name: `start-up, ${what}: import (Deno, Bun: the sources; Node: dist/) + first redefine + restore / an empty script`,
   ours: at(subject, k),
   baseline: at(empty, k),
   unit: "ms",

@@ -29,9 +29,26 @@ export function nearCandidates(
   size: bigint,
   pageSize: bigint,
 ): bigint[] {
+  const distance = (a: bigint) => (a > near ? a - near : near - a);
+  return places(mappings, near, reach, size, pageSize, Infinity)
+    .sort((a, b) => (distance(a) < distance(b) ? -1 : distance(a) > distance(b) ? 1 : 0));
+}
+
+/**
+ * The places `nearCandidates` sorts, gap by gap in address order (the order of `mappings`), the
+ * first `limit` of them.
+ */
+function places(
+  mappings: readonly Mapping[],
+  near: bigint,
+  reach: bigint,
+  size: bigint,
+  pageSize: bigint,
+  limit: number,
+): bigint[] {
+  const found: bigint[] = [];
   const low = near > reach ? near - reach : pageSize * 16n;
   const high = near + reach;
-  const candidates: bigint[] = [];
   const floor = (v: bigint) => v - v % pageSize;
   const ceil = (v: bigint) => floor(v + pageSize - 1n);
   for (let i = 0; i <= mappings.length; i++) {
@@ -49,11 +66,11 @@ export function nearCandidates(
     for (let k = 0n; k < GAP_TRIES; k++) {
       const at = below ? first - k * GAP_STEP : first + k * GAP_STEP;
       if (at < from || at + size > to) break;
-      candidates.push(at);
+      found.push(at);
+      if (found.length === limit) return found;
     }
   }
-  const distance = (a: bigint) => (a > near ? a - near : near - a);
-  return candidates.sort((a, b) => (distance(a) < distance(b) ? -1 : distance(a) > distance(b) ? 1 : 0));
+  return found;
 }
 
 /**
@@ -63,5 +80,6 @@ export function nearCandidates(
  * beside them first.
  */
 export function farPlace(mappings: readonly Mapping[], size: bigint, pageSize: bigint): bigint {
-  return nearCandidates(mappings, 0n, 2n ** 62n, size, pageSize)[0] ?? 0n;
+  // Nearest to 0 is the first place of the lowest gap that has one: nothing to sort.
+  return places(mappings, 0n, 2n ** 62n, size, pageSize, 1)[0] ?? 0n;
 }

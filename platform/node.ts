@@ -4,14 +4,19 @@
  * one-symbol library built in memory whose symbol is absolute (SHN_ABS, platform/image/elf.ts):
  * `dlsym` returns the address itself, and node:ffi binds it like any symbol, on its fast path.
  */
-import { writeFileSync } from "node:fs";
-import process from "node:process";
 import { hex, RedefineError } from "../src/errors.ts";
 import type { NativeType, Signature } from "../src/signature.ts";
 import { buildStubImage } from "./image/elf.ts";
 import type { NativeCall, NativeCallback, Runtime } from "./types.ts";
 
 type FfiSignature = { arguments: string[]; return: string };
+
+/** What this adapter uses of Node's `process`. */
+interface NodeProcess {
+  getBuiltinModule(id: string): unknown;
+  readonly platform: string;
+  readonly arch: string;
+}
 
 /** What this adapter uses of node:ffi, declared here: Deno's type checker knows no node:ffi. */
 interface Ffi {
@@ -26,11 +31,13 @@ interface FfiLibrary {
   unregisterCallback(address: bigint): void;
 }
 
+// The global, and node:fs by `getBuiltinModule`, not imported: an ESM import of a builtin builds a
+// facade of all its exports (node:fs then loads its streams), 3 ms of start-up each.
+const process = (globalThis as unknown as { process: NodeProcess }).process;
+const { writeFileSync } = process.getBuiltinModule("node:fs") as typeof import("node:fs");
 // Node before 26, or run with --no-experimental-ffi, has no node:ffi: platform/mod.ts says so.
 // Asked of `process`, not imported: no module graph (Deno's checker, JSR's) tries to resolve it.
-const ffi = (process as unknown as { getBuiltinModule(id: string): unknown }).getBuiltinModule("node:ffi") as
-  | Ffi
-  | undefined;
+const ffi = process.getBuiltinModule("node:ffi") as Ffi | undefined;
 
 const NODE_TYPES: Record<NativeType, string> = {
   i8: "int8", u8: "uint8", i16: "int16", u16: "uint16", i32: "int32", u32: "uint32",

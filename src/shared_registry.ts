@@ -80,7 +80,7 @@ const MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20;
 
 /** The C library functions the shared store needs, or null where one is missing. */
 function libc(platform: Platform): Record<string, NativeCall> | null {
-  const { os, runtime } = platform;
+  const { runtime } = platform;
   if (runtime.os !== "linux") return null;
   const signatures = {
     getenv: { parameters: ["buffer"], result: "usize" },
@@ -91,16 +91,13 @@ function libc(platform: Platform): Record<string, NativeCall> | null {
     sched_yield: { parameters: [], result: "i32" },
     __cxa_thread_atexit_impl: { parameters: ["usize", "usize", "usize"], result: "i32" },
   } as const;
-  const bound: Record<string, NativeCall> = {};
-  for (const [name, signature] of Object.entries(signatures)) {
-    try {
-      bound[name] = runtime.fnPointer(os.symbolAddress(name), signature);
-    } catch (error) {
-      if (error instanceof RedefineError) return null;
-      throw error;
-    }
+  // One library, not a callable per address: under Node each of those is a library of its own.
+  try {
+    return runtime.open("libc.so.6", signatures);
+  } catch (error) {
+    if (error instanceof RedefineError) return null;
+    throw error;
   }
-  return bound;
 }
 
 function cString(text: string): Uint8Array {

@@ -251,7 +251,7 @@ function machOImage(kernel: Kernel): void {
   assert.equal(IMAGE - text, SLIDE);
 }
 
-test("darwin: libSystem by path, the page size from sysconf(29), the task port once; osFor picks it", () => {
+test("darwin: libSystem by path, the page size from sysconf(29), the task port once; osFor picks it", async () => {
   for (const [arch, page] of [["aarch64", 16384], ["x86_64", 4096]] as const) {
     const { runtime } = fakeMac(arch);
     const os = darwin(runtime);
@@ -259,7 +259,7 @@ test("darwin: libSystem by path, the page size from sysconf(29), the task port o
     assert.deepEqual(runtime.opened.map((o) => o.path), [LIBSYSTEM]);
     assert.deepEqual(runtime.callsTo("sysconf"), [[29]]);
     assert.equal(runtime.callsTo("mach_task_self").length, 1);
-    assert.equal(osFor(runtime).pageSize, page);
+    assert.equal((await osFor(runtime)).pageSize, page);
   }
 });
 

@@ -2,7 +2,7 @@ import { assert, assertCode, runtimeName, runtimePath, test } from "./harness.ts
 import { redefine } from "../mod.ts";
 import { archFor } from "../src/arch/mod.ts";
 import { osFor } from "../platform/mod.ts";
-import { parseMaps } from "../platform/linux.ts";
+import { linux, parseMaps } from "../platform/linux.ts";
 import { nearCandidates } from "../platform/address_space.ts";
 import { writeCode } from "../src/code_memory.ts";
 import { platform } from "../platform/mod.ts";
@@ -101,7 +101,7 @@ function refusingLinux(refuse: { open?: boolean; pwrite?: boolean; short?: boole
       } as never;
     },
   };
-  return { platform: { runtime, os: osFor(wrapped) }, calls };
+  return { platform: { runtime, os: linux(wrapped) }, calls };
 }
 
 /** The mappings around `address` (the one holding it and its neighbours), as text. */

@@ -232,12 +232,12 @@ function fakeWindows(): FakeWindows {
   return kernel;
 }
 
-test("windows: page size and allocation granularity from GetSystemInfo; kernel32 and ntdll; osFor picks it", () => {
+test("windows: page size and allocation granularity from GetSystemInfo; kernel32 and ntdll; osFor picks it", async () => {
   const { runtime } = fakeWindows();
   const os = windows(runtime);
   assert.equal(os.pageSize, 4096);
   assert.deepEqual(runtime.opened.map((o) => o.path), ["kernel32.dll", "ntdll.dll"]);
-  assert.equal(osFor(runtime).pageSize, 4096);
+  assert.equal((await osFor(runtime)).pageSize, 4096);
 });
 
 test("windows: PAGE_* protections and PROT_* bits", () => {

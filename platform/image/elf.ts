@@ -26,11 +26,16 @@ const DT_NULL = 0, DT_HASH = 4, DT_STRTAB = 5, DT_SYMTAB = 6, DT_STRSZ = 10, DT_
 const SHN_ABS = 0xfff1;
 const MACHINES = { x86_64: 62, aarch64: 183 } as const;
 
+const utf8 = new TextEncoder();
+
 /** The System V ELF hash of a symbol name (DT_HASH). */
-export function elfHash(name: string): number {
+export function elfHash(name: string | Uint8Array): number {
+  const bytes = typeof name === "string" ? utf8.encode(name) : name;
   let h = 0;
-  for (const c of new TextEncoder().encode(name)) {
-    h = ((h << 4) + c) >>> 0;
+  // An index loop: the first stub library is built before any of this is compiled, and an
+  // interpreted iterator costs most of that build.
+  for (let i = 0; i < bytes.length; i++) {
+    h = ((h << 4) + bytes[i]!) >>> 0;
     const g = h & 0xf0000000;
     if (g) h ^= g >>> 24;
     h = (h & ~g) >>> 0;
@@ -57,12 +62,11 @@ export function buildStubImage(options: {
   const name = (i: number) => `${prefix}${i}`;
   const soname = `${prefix}lib.so`;
   const strings = [soname, ...Array.from({ length: count }, (_, i) => name(i))];
-  const strtab: number[] = [0];
+  // All the names in one encoding, each ended by its NUL, after the empty name at 0.
+  const strtab = utf8.encode(`\0${strings.join("\0")}\0`);
   const nameAt: number[] = [];
-  for (const s of strings) {
-    nameAt.push(strtab.length);
-    strtab.push(...new TextEncoder().encode(s), 0);
-  }
+  for (let at = 1; at < strtab.length; at = strtab.indexOf(0, at) + 1) nameAt.push(at);
+  const encoded = nameAt.map((at) => strtab.subarray(at, strtab.indexOf(0, at)));
   const nbucket = Math.max(1, Math.ceil(count / 2));
   const nsyms = count + 1;
   const hashAt = EHDR + PHDR * 4; // four program headers
@@ -92,7 +96,7 @@ export function buildStubImage(options: {
     // Without PT_GNU_STACK the loader would make every thread's stack executable for us.
     { type: PT_GNU_STACK, flags: PF_R | PF_W, at: 0, fileSize: 0, memorySize: 0, alignment: 16 },
   ]);
-  writeSysvHash(v, hashAt, nbucket, Array.from({ length: count }, (_, i) => name(i)));
+  writeSysvHash(v, hashAt, nbucket, encoded.slice(1));
 
   for (let i = 0; i < count; i++) {
     const s = symAt + SYM * (i + 1);
@@ -159,7 +163,7 @@ export function writeElfHeaders(bytes: Uint8Array, machine: keyof typeof MACHINE
  * Writes a DT_HASH table at `at` over symbols 1..names.length (symbol 0 is the null one): buckets
  * of symbol indices chained by name hash.
  */
-export function writeSysvHash(v: DataView, at: number, nbucket: number, names: readonly string[]): void {
+export function writeSysvHash(v: DataView, at: number, nbucket: number, names: readonly (string | Uint8Array)[]): void {
   const nsyms = names.length + 1;
   v.setUint32(at, nbucket, true);
   v.setUint32(at + 4, nsyms, true);
