@@ -11,7 +11,7 @@ import type { Entry } from "./registry.ts";
 import { nativeSignature } from "./replacement.ts";
 import { moduleAt } from "./introspect.ts";
 import { pendingAt, schedule, transaction } from "./transaction.ts";
-import type { NativeCallback } from "../platform/mod.ts";
+import type { Mapping, NativeCallback } from "../platform/mod.ts";
 
 /** A trampoline's code: where it is, and the pool slot it got for itself (null: it lives in a stub's). */
 interface Built {
@@ -90,6 +90,8 @@ export interface PatchWrite {
   readonly original: Uint8Array;
   /** The entry jump, or the slot's new pointer. */
   readonly written: Uint8Array;
+  /** The mapping `at` was found in when the patch was made, for its writes (`CodeWrite.mapping`). */
+  readonly mapping?: Mapping;
 }
 
 /** What `redefine()` hands a new patch. */
@@ -293,12 +295,17 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     const kept = () => {
       for (const entry of entries) entry.restoring = false;
     };
-    const write = (entry: Entry) => ({ address: entry.at, bytes: restoredBytes(entry), spin: arch.selfLoop });
+    const write = (entry: Entry, i: number) => ({
+      address: entry.at,
+      bytes: restoredBytes(entry),
+      spin: arch.selfLoop,
+      mapping: applied.writes[i]!.mapping,
+    });
     // One write goes alone, or with the enclosing transaction, as `schedule` sends it; several
     // (import slots) go together.
-    if (entries.length === 1) return schedule(write(entries[0]!), restored, kept);
+    if (entries.length === 1) return schedule(write(entries[0]!, 0), restored, kept);
     transaction(() =>
-      entries.forEach((entry, i) => schedule(write(entry), i === entries.length - 1 ? restored : () => {}, kept))
+      entries.forEach((entry, i) => schedule(write(entry, i), i === entries.length - 1 ? restored : () => {}, kept))
     );
   }
 

@@ -122,7 +122,7 @@ function applyLocked<P extends readonly NativeType[], R extends NativeType>(site
   const original = keep(site.code.subarray(0, layout.entry.length));
   if (under) original.set(under.written.subarray(0, original.length));
   const patch = new Patch(site.address, site.signature, {
-    writes: [{ key: site.address, at: site.at, original, written: layout.entry }],
+    writes: [{ key: site.address, at: site.at, original, written: layout.entry, mapping: site.mapping }],
     destination: layout.destination,
     stub: layout.stub,
     trampoline: layout.trampoline,
@@ -133,7 +133,11 @@ function applyLocked<P extends readonly NativeType[], R extends NativeType>(site
     counter: layout.counter,
     counters: layout.counters,
   });
-  schedule({ address: site.at, bytes: layout.entry, spin: machine().arch.selfLoop }, nothing, () => patch.abandon());
+  schedule(
+    { address: site.at, bytes: layout.entry, spin: machine().arch.selfLoop, mapping: site.mapping },
+    nothing,
+    () => patch.abandon(),
+  );
   return patch;
 }
 

@@ -117,6 +117,8 @@ export interface Site<P extends readonly NativeType[], R extends NativeType> {
   readonly signature: { readonly parameters: P; readonly result: R };
   /** Where to store the original's address before the entry jump goes live, or null. */
   readonly originalSlot: bigint | null;
+  /** The executable mapping holding the entry, as checked: the entry's write needs no query. */
+  readonly mapping: Mapping;
 }
 
 /** How far into a function the relocator looks for branches back into its first bytes. */
@@ -170,7 +172,7 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   // Before anything is decoded there: the bytes may be the middle of another patch's jump.
   refuseOverlap(at, m.arch.nearJumpSize);
   refuseJumpsIntoEntry(at, m.arch.nearJumpSize);
-  return { address, at, room, code: whole.subarray(pad), signature, originalSlot };
+  return { address, at, room, code: whole.subarray(pad), signature, originalSlot, mapping };
 }
 
 /**

@@ -56,9 +56,14 @@ function outcome(writes: readonly CodeWrite[], length = 0): Uint8Array {
   return bytes.subarray(0, length || size);
 }
 
-/** The writes minus those of each address whose writes, together, leave its bytes as they are. */
-function net(writes: readonly CodeWrite[]): CodeWrite[] {
-  const byAddress = Map.groupBy(writes, (w) => w.address);
+/**
+ * The writes minus those of each address whose writes, together, leave its bytes as they are;
+ * `byAddress` is the batch's index of them when it has one.
+ */
+function net(writes: readonly CodeWrite[], byAddress?: Map<bigint, CodeWrite[]>): readonly CodeWrite[] {
+  if (writes.length < 2) return writes;
+  byAddress ??= Map.groupBy(writes, (w) => w.address);
+  if (byAddress.size === writes.length) return writes;
   const idle = new Set<bigint>();
   for (const [address, group] of byAddress) {
     if (group.length < 2) continue;
@@ -70,9 +75,11 @@ function net(writes: readonly CodeWrite[]): CodeWrite[] {
 }
 
 /**
- * Applies everything `body` redefines and restores as one transaction: each page is made writable
- * once and gets its protection back once, however many patches it holds, and if anything fails —
- * in `body` or while writing — every page and byte is as it was before and the error is rethrown.
+ * Applies everything `body` redefines and restores as one transaction: a run of pages written 4
+ * times or more is made writable once and gets its protection back once, however many patches it
+ * holds (fewer stores go through the kernel's forced write where the system has one), and if
+ * anything fails — in `body` or while writing — every page and byte is as it was before and the
+ * error is rethrown.
  * Patches made in `body` become active when it returns. A nested transaction joins the outer one:
  * written with it, or, when its body throws, rolled back on its own before the error goes on.
  * Other isolates (Workers) wait to patch until it is over.
@@ -100,7 +107,7 @@ function transactionLocked<T>(body: () => T): T {
   try {
     result = body();
     m.batch = null;
-    writeCode(m.platform, net(batch.writes));
+    writeCode(m.platform, net(batch.writes, batch.byAddress));
   } catch (error) {
     m.batch = null;
     for (const rollback of batch.rollbacks.reverse()) rollback();

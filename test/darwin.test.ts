@@ -5,7 +5,7 @@
 import { assert, assertCode, test } from "./harness.ts";
 import { darwin, decodeFunctionStarts, LIBSYSTEM } from "../platform/darwin.ts";
 import { osFor } from "../platform/mod.ts";
-import { writeCode } from "../src/code_memory.ts";
+import { PROTECT_FROM, writeCode } from "../src/code_memory.ts";
 import { fakeRuntime, fields } from "./fake_ffi.ts";
 import type { FakeRuntime } from "./fake_ffi.ts";
 
@@ -350,6 +350,19 @@ test("darwin arm64: writing code protects with VM_PROT_COPY and without execute 
   assert.deepEqual(mac.runtime.callsTo("mach_vm_protect"), [[TASK, page, 16384n, 0, R | W | COPY]]);
   assert.deepEqual(mac.runtime.callsTo("mprotect"), [[page, 16384n, R | X]]);
   assert.deepEqual(mac.runtime.callsTo("sys_icache_invalidate"), [[address, 4n]]);
+});
+
+test(`darwin arm64: a batch of ${PROTECT_FROM} jumps on one page: one protection pair, each write flushed`, () => {
+  const mac = fakeMac("aarch64");
+  machOImage(mac);
+  const os = darwin(mac.runtime);
+  const addresses = Array.from({ length: PROTECT_FROM }, (_, i) => IMAGE + 0x1040n + BigInt(16 * i));
+  mac.runtime.clear();
+  writeCode({ runtime: mac.runtime, os }, addresses.map((address) => ({ address, bytes: Uint8Array.of(0x00, 0x00, 0x00, 0x14) })));
+  for (const address of addresses) assert.deepEqual(mac.runtime.memory.view(address, 4), Uint8Array.of(0x00, 0x00, 0x00, 0x14));
+  assert.deepEqual(mac.runtime.callsTo("mach_vm_protect"), [[TASK, IMAGE, 16384n, 0, R | W | COPY]]);
+  assert.deepEqual(mac.runtime.callsTo("mprotect"), [[IMAGE, 16384n, R | X]]);
+  assert.deepEqual(mac.runtime.callsTo("sys_icache_invalidate"), addresses.map((address) => [address, 4n]));
 });
 
 test("darwin x86-64: the page keeps execute while written when allowed, and drops it when refused", () => {

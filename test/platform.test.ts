@@ -4,7 +4,7 @@ import { archFor } from "../src/arch/mod.ts";
 import { osFor } from "../platform/mod.ts";
 import { linux, parseMaps } from "../platform/linux.ts";
 import { nearCandidates } from "../platform/address_space.ts";
-import { writeCode } from "../src/code_memory.ts";
+import { PROTECT_FROM, writeCode } from "../src/code_memory.ts";
 import { platform } from "../platform/mod.ts";
 import { assemble, bytesAt, isArm64, libc, os, protectionAt, runtime, unassemble, unwritableCode } from "./native.ts";
 import { PROT_EXEC, PROT_READ } from "../platform/mod.ts";
@@ -73,16 +73,17 @@ test("a write that fails half-way rolls back every page and byte", () => {
 /**
  * The Linux layer over a runtime whose libc refuses what `refuse` says (`short`: a pwrite across a
  * page boundary stops at it, as when the next page refuses); counts the calls that change code:
- * `mprotect`, and `pwrite` (to /proc/self/mem, the only file the layer pwrites).
+ * `mprotect`, and `pwrite` (to /proc/self/mem, the only file the layer pwrites), and the mapping
+ * queries (`ioctl`: PROCMAP_QUERY).
  */
 function refusingLinux(refuse: { open?: boolean; pwrite?: boolean; short?: boolean; mprotect?: boolean }) {
-  const calls = { mprotect: 0, pwrite: 0, openProcMem: 0 };
+  const calls = { mprotect: 0, pwrite: 0, openProcMem: 0, ioctl: 0 };
   const wrapped: Runtime = {
     ...runtime,
     open(path, symbols) {
       const lib = runtime.open(path, symbols) as Record<string, NativeCall>;
       if (path !== "libc.so.6") return lib as never;
-      const { open, pwrite, mprotect } = lib;
+      const { open, pwrite, mprotect, ioctl } = lib;
       return {
         ...lib,
         open: (name: Uint8Array, flags: number) => {
@@ -98,6 +99,7 @@ function refusingLinux(refuse: { open?: boolean; pwrite?: boolean; short?: boole
           return refuse.short && length > room ? pwrite(fd, bytes, room, at) : pwrite(fd, bytes, length, at);
         },
         mprotect: (...args: unknown[]) => (calls.mprotect++, refuse.mprotect ? -1 : mprotect(...args)),
+        ioctl: (...args: unknown[]) => (calls.ioctl++, ioctl(...args)),
       } as never;
     },
   };
@@ -134,6 +136,96 @@ if (!isArm64 && runtime.os === "linux") {
     assert.equal(calls.mprotect, 0, "no protection was changed");
     assert.equal(calls.openProcMem, 1, "/proc/self/mem is opened once");
     assert.equal(calls.pwrite, 3, "the probe, then one pwrite per aligned word");
+  });
+
+  /** `count` functions `mov rax, rdi; ret` 16 bytes apart on one page, and the writes making each return 7. */
+  function smallFunctions(count: number) {
+    const code = assemble(Array.from({ length: count }, () => [0x48, 0x89, 0xf8, 0xc3, ...Array(12).fill(0xcc)]).flat());
+    const addresses = Array.from({ length: count }, (_, i) => code.address + BigInt(16 * i));
+    const sevens = addresses.map((address) => ({ address, bytes: Uint8Array.of(0xb8, 7, 0, 0, 0, 0xc3, 0xcc, 0xcc) })); // mov eax, 7; ret
+    const originals = addresses.map((address) => ({ address, bytes: bytesAt(address, 8) }));
+    const call = (i: number) => runtime.fnPointer(addresses[i]!, { parameters: ["i64"], result: "i64" })(5n);
+    return { code, addresses, sevens, originals, call };
+  }
+
+  test(`a batch takes forced writes below ${PROTECT_FROM} stores on a run of pages, one mprotect pair from there on`, () => {
+    const { platform: counting, calls } = refusingLinux({});
+    const { code, addresses, sevens, originals, call } = smallFunctions(PROTECT_FROM);
+    const maps = mapsAround(code.address);
+    const protection = protectionAt(code.address);
+    try {
+      const few = PROTECT_FROM - 1;
+      writeCode(counting, sevens.slice(0, few));
+      assert.equal(call(0), 7n, "the new code runs");
+      writeCode(counting, originals.slice(0, few));
+      assert.equal(calls.mprotect, 0, "no protection was changed");
+      assert.equal(calls.pwrite, 1 + 2 * few, "the probe, then one pwrite per store");
+      writeCode(counting, sevens);
+      assert.deepEqual(addresses.map((_, i) => call(i)), addresses.map(() => 7n));
+      assert.equal(protectionAt(code.address), protection, "its protection back after the batch");
+      writeCode(counting, originals);
+      assert.equal(calls.mprotect, 4, "one writable-and-back pair per batch");
+      assert.equal(calls.pwrite, 1 + 2 * few, "no pwrite on that way");
+      assert.deepEqual(addresses.map((a) => bytesAt(a, 8)), originals.map((o) => o.bytes), "restored exactly");
+      assert.equal(call(0), 5n);
+      assert.deepEqual(mapsAround(code.address), maps, "the same mappings, the same protections");
+    } finally {
+      unassemble(code.base);
+    }
+  });
+
+  test("a batch whose run of pages mprotect refuses goes the forced way instead", () => {
+    const { platform: refused, calls } = refusingLinux({ mprotect: true });
+    const { code, addresses, sevens, originals, call } = smallFunctions(PROTECT_FROM);
+    const protection = protectionAt(code.address);
+    try {
+      writeCode(refused, sevens);
+      assert.deepEqual(addresses.map((_, i) => call(i)), addresses.map(() => 7n));
+      assert.equal(calls.mprotect, 1, "asked once");
+      assert.equal(calls.pwrite, 1 + PROTECT_FROM, "the probe, then one pwrite per store");
+      writeCode(refused, originals);
+      assert.deepEqual(addresses.map((a) => bytesAt(a, 8)), originals.map((o) => o.bytes), "restored exactly");
+      assert.equal(protectionAt(code.address), protection);
+    } finally {
+      unassemble(code.base);
+    }
+  });
+
+  test("a batch on the mprotect way that fails half-way rolls back every byte and protection", () => {
+    const { code, addresses, sevens, originals } = smallFunctions(PROTECT_FROM);
+    const unwritable = unwritableCode(); // the forced write and mprotect both refuse it
+    const maps = mapsAround(code.address);
+    try {
+      assertCode(() => writeCode(platform(), [...sevens, { address: unwritable, bytes: Uint8Array.of(0xcc) }]), "PROTECT_FAILED");
+      assert.deepEqual(addresses.map((a) => bytesAt(a, 8)), originals.map((o) => o.bytes), "every byte back");
+      assert.deepEqual(mapsAround(code.address), maps, "every protection back, no mapping split");
+    } finally {
+      libc.munmap(unwritable, BigInt(os.pageSize));
+      unassemble(code.base);
+    }
+  });
+
+  test("a write given its mapping asks the system nothing; on the mprotect way the protection is asked again", () => {
+    const { platform: counting, calls } = refusingLinux({});
+    const { code, sevens, originals, call } = smallFunctions(PROTECT_FROM);
+    const mapping = os.mappingAt(code.address)!;
+    try {
+      writeCode(counting, [{ ...sevens[0]!, mapping }]);
+      assert.equal(call(0), 7n);
+      assert.equal(calls.ioctl, 0, "no mapping query");
+      writeCode(counting, [{ ...originals[0]!, mapping }]);
+      // A mapping whose protection is not the page's: the protection given back is the page's own.
+      const stale = { ...mapping, protection: PROT_READ };
+      writeCode(counting, sevens.map((w) => ({ ...w, mapping: stale })));
+      assert.ok(calls.ioctl > 0, "asked before changing the protection");
+      assert.equal(protectionAt(code.address), PROT_READ | PROT_EXEC);
+      assert.equal(call(0), 7n);
+      writeCode(counting, originals.map((w) => ({ ...w, mapping: stale })));
+      assert.equal(protectionAt(code.address), PROT_READ | PROT_EXEC);
+      assert.equal(call(0), 5n);
+    } finally {
+      unassemble(code.base);
+    }
   });
 
   test("glibc's time, in the vDSO: redefined through /proc/self/mem, and restored", () => {

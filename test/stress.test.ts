@@ -1,5 +1,7 @@
 import { assert, test } from "./harness.ts";
-import { redefine } from "../mod.ts";
+import { redefine, transaction } from "../mod.ts";
+import { PROTECT_FROM } from "../src/code_memory.ts";
+import { platform } from "../platform/mod.ts";
 import { redefineToOriginal } from "../src/internal.ts";
 import { assemble, isArm64, libc, unassemble, words } from "./native.ts";
 import { log } from "node:console";
@@ -81,9 +83,9 @@ const TOGGLES = process.env.REDEFINE_TEST_EMULATED ? 200 : 100_000;
 
 /**
  * Two native threads call `targets[0]` and `targets[1]` in a loop while the JS thread runs
- * `toggle` TOGGLES times; returns what the threads saw.
+ * `toggle` `toggles` times; returns what the threads saw.
  */
-function hammer(targets: bigint[], toggle: (i: number) => void): { ones: bigint; twos: bigint; others: bigint } {
+function hammer(targets: bigint[], toggles: number, toggle: (i: number) => void): { ones: bigint; twos: bigint; others: bigint } {
   const loop = assemble(THREAD_LOOP);
   const records = targets.map((target) => new BigUint64Array([target, 0n, 0n, 0n, 0n, 0n]));
   const bytes = (a: BigUint64Array) => new Uint8Array(a.buffer);
@@ -93,7 +95,7 @@ function hammer(targets: bigint[], toggle: (i: number) => void): { ones: bigint;
     return id[0];
   });
   try {
-    for (let i = 0; i < TOGGLES; i++) toggle(i);
+    for (let i = 0; i < toggles; i++) toggle(i);
   } finally {
     for (const record of records) Atomics.store(record, 4, 1n);
     for (const id of ids) libc.pthread_join(id, 0n);
@@ -111,7 +113,7 @@ test(`stress: ${TOGGLES} native redirects on and off under two calling threads`,
   const addresses = targets.map((t, i) => t.address + BigInt(offsets[i]));
   const replacement = assemble(RETURN_2);
   try {
-    const seen = hammer(addresses, (i) => {
+    const seen = hammer(addresses, TOGGLES, (i) => {
       const address = addresses[i % 2];
       redefine({ address, size: 16, parameters: [], result: "i32" }, replacement.address).restore();
     });
@@ -123,10 +125,50 @@ test(`stress: ${TOGGLES} native redirects on and off under two calling threads`,
   }
 });
 
+// Batches large enough for writeCode to make the page writable with one mprotect pair and store
+// plainly (src/code_memory.ts, PROTECT_FROM): the same guarantee on that way.
+test(`stress: ${TOGGLES / 10} batches of native redirects taking the mprotect way, on and off under two calling threads`, () => {
+  const offsets = isArm64 ? [0, 4] : [0, 5];
+  // Each hammered function, then PROTECT_FROM more on its page, patched with it in one transaction.
+  const blocks = offsets.map((offset) =>
+    assemble([
+      ...fill(NOP, offset), ...RETURN_1, ...fill(TRAP, 32 - offset - RETURN_1.length),
+      ...Array.from({ length: PROTECT_FROM }, () => [...RETURN_1, ...fill(TRAP, 32 - RETURN_1.length)]).flat(),
+    ])
+  );
+  const batches = blocks.map((b, i) => [
+    b.address + BigInt(offsets[i]!),
+    ...Array.from({ length: PROTECT_FROM }, (_, k) => b.address + BigInt(32 * (k + 1))),
+  ]);
+  const replacement = assemble(RETURN_2);
+  const { os } = platform();
+  const protect = os.protect;
+  let protects = 0;
+  os.protect = (start, length, protection) => {
+    protects++;
+    protect(start, length, protection);
+  };
+  try {
+    const seen = hammer(batches.map((batch) => batch[0]!), TOGGLES / 10, (i) => {
+      const patches = transaction(() =>
+        batches[i % 2]!.map((address) => redefine({ address, size: 16, parameters: [], result: "i32" }, replacement.address))
+      );
+      transaction(() => patches.forEach((patch) => patch.restore()));
+    });
+    log(`stress (mprotect way): ${seen.ones} calls saw the original, ${seen.twos} the replacement, ${seen.others} anything else`);
+    assert.equal(seen.others, 0n, "every result is the original's or the replacement's");
+    assert.ok(seen.ones > 0n && seen.twos > 0n, "both were seen");
+    assert.ok(protects >= (4 * TOGGLES) / 10, "each batch made its page writable and back");
+  } finally {
+    os.protect = protect;
+    for (const t of [...blocks, replacement]) unassemble(t.base);
+  }
+});
+
 test(`stress: ${TOGGLES} identity hooks through call-original trampolines, on and off under two calling threads`, () => {
   const target = assemble([...RETURN_1, ...fill(TRAP, 16)], isArm64 ? 4 : 5);
   try {
-    const seen = hammer([target.address, target.address], () => {
+    const seen = hammer([target.address, target.address], TOGGLES, () => {
       redefineToOriginal({ address: target.address, size: 16, parameters: [], result: "i32" }).restore();
     });
     log(`stress trampolines: ${seen.ones} calls saw the original, ${seen.others + seen.twos} anything else`);

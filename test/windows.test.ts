@@ -9,7 +9,7 @@ import { buildStubImage } from "../platform/image/elf.ts";
 import { importingDll } from "./import_dll.ts";
 import { peExports, peImports } from "../platform/image/pe_loaded.ts";
 import { x86_64 } from "../src/arch/x86_64/mod.ts";
-import { writeCode } from "../src/code_memory.ts";
+import { PROTECT_FROM, writeCode } from "../src/code_memory.ts";
 import { fakeRuntime, fields, windowsSystemInfo } from "./fake_ffi.ts";
 import type { FakeRuntime } from "./fake_ffi.ts";
 
@@ -331,6 +331,23 @@ test("windows: writing code: VirtualProtect(PAGE_EXECUTE_READWRITE), store, the 
   assert.equal(os.forceWrite(address, Uint8Array.of(0xcc)), false, "no forced write (WriteProcessMemory opens the page itself, and is slower)");
   assert.deepEqual(win.runtime.names(), [], "no foreign call");
   assert.equal(win.runtime.memory.view(address, 1)[0], 0xe9, "nothing written");
+});
+
+test(`windows: a batch of ${PROTECT_FROM} entry jumps on one page: one VirtualQuery, one VirtualProtect pair, each write flushed`, () => {
+  const win = fakeWindows();
+  const os = windows(win.runtime);
+  const text = win.regions.find((r) => r.start === KERNELBASE + 0x1000n)!;
+  text.protect = PAGE_EXECUTE_READ | PAGE_NOCACHE;
+  const addresses = Array.from({ length: PROTECT_FROM }, (_, i) => KERNELBASE + 0x2000n + BigInt(16 * i));
+  win.runtime.clear();
+  writeCode({ runtime: win.runtime, os }, addresses.map((address) => ({ address, bytes: Uint8Array.of(0xe9, 1, 2, 3, 4) })));
+  for (const address of addresses) assert.deepEqual(win.runtime.memory.view(address, 5), Uint8Array.of(0xe9, 1, 2, 3, 4));
+  assert.deepEqual(win.runtime.names(["VirtualQuery", "VirtualProtect"]), ["VirtualQuery", "VirtualProtect", "VirtualProtect"]);
+  const [open, close] = win.runtime.callsTo("VirtualProtect");
+  assert.deepEqual(open.slice(0, 3), [addresses[0], 4096n, PAGE_EXECUTE_READWRITE]);
+  assert.deepEqual(close.slice(0, 3), [addresses[0], 4096n, PAGE_EXECUTE_READ | PAGE_NOCACHE]);
+  assert.deepEqual(win.runtime.callsTo("FlushInstructionCache"), addresses.map((address) => [-1n, address, 5n]));
+  assert.equal(text.protect, PAGE_EXECUTE_READ | PAGE_NOCACHE);
 });
 
 test("windows: a refused VirtualProtect is PROTECT_FAILED with the error; nothing is written", () => {
