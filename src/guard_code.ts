@@ -8,21 +8,22 @@ import { hex, RedefineError } from "./errors.ts";
 import type { GuardLayout, RuntimeCode } from "./arch/types.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { Signature } from "./signature.ts";
-import { isolateIdentity } from "./registry.ts";
+import { isolateIdentity, liveBytes } from "./registry.ts";
 import type { Machine } from "./registry.ts";
 /** The guard's layout for `signature`: its shared code is assembled once, not once a patch. */
 export function guardShape(m: Machine, signature: Signature): GuardLayout {
   const { os } = m.platform.runtime;
   const key = `${os}:${signature.parameters.join()}:${signature.result}`;
-  const shape = m.guardLayouts.get(key) ?? m.arch.guard!.layout(os, signature);
-  m.guardLayouts.set(key, shape);
+  let shape = m.guardLayouts.get(key);
+  if (shape === undefined) m.guardLayouts.set(key, shape = m.arch.guard!.layout(os, signature));
   return shape;
 }
 
-/** The guard's code for `front` in `slot`, its data written into the slot's data. */
+/** The guard's code for `front` in `slot`, its data written into the slot's data; `shape` is its `guardShape`. */
 export function guardCode(
   m: Machine,
   signature: Signature,
+  shape: GuardLayout,
   slot: CodeSlot,
   front: bigint,
   callback: bigint,
@@ -30,7 +31,6 @@ export function guardCode(
 ): Uint8Array {
   const guard = m.arch.guard!;
   const { os } = m.platform.runtime;
-  const shape = guardShape(m, signature);
   const { code, data } = guard.encode({
     at: front,
     data: slot.data,
@@ -42,7 +42,7 @@ export function guardCode(
     signature,
     shared: shape.shared ? sharedCode(m, shape.shared, front) : undefined,
   });
-  m.platform.runtime.view(slot.data, data.length).set(data);
+  liveBytes(slot.data, data.length).set(data);
   return code;
 }
 

@@ -14,7 +14,7 @@ import { guardCode, guardShape } from "./guard_code.ts";
 import { probeCode, probeRecord } from "./slot_layout.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { NativeType } from "./signature.ts";
-import { machine, refuseOverlap } from "./registry.ts";
+import { liveBytes, machine, refuseOverlap } from "./registry.ts";
 import type { Entry, Machine } from "./registry.ts";
 import { refuseJumpsIntoEntry } from "./target.ts";
 import type { Site } from "./target.ts";
@@ -124,8 +124,9 @@ function directJump(m: Machine, site: AnySite, to: bigint, below: bigint | null)
 
 function trampolineAlone(m: Machine, site: AnySite): { address: bigint; slot: CodeSlot } {
   const { arch, pool } = m;
-  const plan = arch.planRelocation(site.code, site.at, arch.nearJumpSize);
-  refuseOverlap(site.at, plan.consumed);
+  const plan = relocationPlan(m, site, arch.nearJumpSize);
+  // `locate` refused overlaps of the first near jump's bytes: only a wider reach is asked again.
+  if (plan.consumed > arch.nearJumpSize) refuseOverlap(site.at, plan.consumed);
   const slot = pool.allocate(site.at, arch.nearReach - BigInt(plan.maxSize), plan.maxSize);
   if (!slot) {
     throw new RedefineError(
@@ -161,7 +162,7 @@ function guardedStub(
     // Past every JS layer below: a call that must not run JS (V8's own getpid while it collects
     // garbage, say) must not enter the replacement of the patch below either.
     const bypass = belowBypass ?? originalForGuard(trampoline);
-    const code = guardCode(m, site.signature, stub.slot, stub.front, callback, bypass);
+    const code = guardCode(m, site.signature, shape, stub.slot, stub.front, callback, bypass);
     write(m, stub, relocated, code);
     return { ...throughStub(m, site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset)), bypass };
   });
@@ -204,7 +205,7 @@ function cannedStub(m: Machine, site: AnySite, to: Destination & { kind: "canned
   const stub = reserve(m, site, below, plan.size, plan.dataSize);
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, stub, below);
-    m.platform.runtime.view(stub.slot.data, plan.dataSize).set(cannedData(to, () => trampoline.address));
+    liveBytes(stub.slot.data, plan.dataSize).set(cannedData(to, () => trampoline.address));
     write(m, stub, relocated, plan.encode(stub.front, stub.slot.data));
     return { ...throughStub(m, site, stub, trampoline, null), counter: stub.slot.data + BigInt(CANNED_DATA.calls) };
   });
@@ -319,11 +320,35 @@ function reserve(
 function planFor(m: Machine, site: AnySite, below: bigint | null, jumpSize: number): Plan {
   if (below !== null) return null;
   try {
-    return m.arch.planRelocation(site.code, site.at, jumpSize);
+    return relocationPlan(m, site, jumpSize);
   } catch (error) {
     if (!(error instanceof RedefineError)) throw error;
     return error;
   }
+}
+
+/**
+ * How the first instructions of `site` move to free `minLength` bytes: decoded and checked once
+ * per entry, then reused while the entry's bytes are the ones it moves (compared each time). What
+ * follows them in the function, which the checks read for branches back into them, is taken to
+ * stay as it was, as the code before the entry is (`Machine.cleanEntries`): code does not change
+ * under us, and our own patches are read through.
+ */
+function relocationPlan(m: Machine, site: AnySite, minLength: number): RelocationPlan {
+  const known = m.plans.get(site.at);
+  const same = known?.minLength === minLength && known.extent === site.code.length;
+  if (same && startsWith(site.code, known.moved)) return known.plan;
+  const plan = m.arch.planRelocation(site.code, site.at, minLength);
+  const moved = new Uint8Array(plan.consumed);
+  moved.set(site.code.subarray(0, plan.consumed));
+  m.plans.set(site.at, { minLength, extent: site.code.length, moved, plan });
+  return plan;
+}
+
+/** Whether `code` starts with `head`. */
+function startsWith(code: Uint8Array, head: Uint8Array): boolean {
+  for (let i = 0; i < head.length; i++) if (code[i] !== head[i]) return false;
+  return true;
 }
 
 /** The trampoline's room at the start of a stub's slot. */

@@ -16,6 +16,8 @@ interface StubLibrary {
   readonly path: string;
   readonly image: StubImage;
   readonly base: bigint;
+  /** Where its image ends in memory. */
+  readonly end: bigint;
   readonly free: number[];
 }
 
@@ -61,7 +63,7 @@ export class OriginalStubs {
 
   /** Whether `address` is inside one of the stub libraries (their code is no function to redefine). */
   contains(address: bigint): boolean {
-    return this.#libraries.some((l) => address >= l.base && address < l.base + BigInt(l.image.bytes.length));
+    return this.#libraries.some((l) => address >= l.base && address < l.end);
   }
 
   #create(signature: Signature, address: bigint): OriginalStub {
@@ -117,6 +119,7 @@ export class OriginalStubs {
       path,
       image,
       base,
+      end: base + BigInt(image.bytes.length),
       free: Array.from({ length: STUBS_PER_LIBRARY }, (_, i) => STUBS_PER_LIBRARY - 1 - i),
     };
     this.#libraries.push(library);

@@ -6,7 +6,7 @@ import { hex, hexBytes, RedefineError } from "./errors.ts";
 import type { JsArguments, JsValue, NativeType } from "./signature.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { OriginalStub } from "./original.ts";
-import { exclusive, isForeign, layers, machine, register, restoredBytes, retire, unregister } from "./registry.ts";
+import { exclusive, isForeign, layers, liveBytes, machine, register, restoredBytes, retire, unregister } from "./registry.ts";
 import type { Entry } from "./registry.ts";
 import { nativeSignature } from "./replacement.ts";
 import { moduleAt } from "./introspect.ts";
@@ -267,14 +267,13 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
           `newer patch first (restoreAll() goes newest first).`,
       );
     }
-    const { platform, arch } = machine();
+    const { arch } = machine();
     entries.forEach((entry, i) => {
       // Under a patch whose restore is pending in this transaction, the place will hold our bytes
       // again once that write lands; that patch has checked them. Made in the open transaction, it
       // holds our bytes once that transaction's writes land.
       const length = entry.written.length;
-      const now = overs[i] ? entry.written : pendingAt(entry.at, length) ??
-        platform.runtime.view(entry.at, length);
+      const now = overs[i] ? entry.written : pendingAt(entry.at, length) ?? liveBytes(entry.at, length);
       if (!sameBytes(now, entry.written)) {
         const where = entry.address === this.address ? "the entry of the function" : "the import slot";
         throw new RedefineError(
@@ -296,14 +295,17 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     const kept = () => {
       for (const entry of entries) entry.restoring = false;
     };
+    const write = (entry: Entry, i: number) => ({
+      address: entry.at,
+      bytes: restoredBytes(entry),
+      spin: arch.selfLoop,
+      mapping: applied.writes[i]!.mapping,
+    });
+    // One write goes alone, or with the enclosing transaction, as `schedule` sends it; several
+    // (import slots) go together.
+    if (entries.length === 1) return schedule(write(entries[0]!, 0), restored, kept);
     transaction(() =>
-      entries.forEach((entry, i) =>
-        schedule(
-          { address: entry.at, bytes: restoredBytes(entry), spin: arch.selfLoop, mapping: applied.writes[i]!.mapping },
-          i === entries.length - 1 ? restored : () => {},
-          kept,
-        )
-      )
+      entries.forEach((entry, i) => schedule(write(entry, i), i === entries.length - 1 ? restored : () => {}, kept))
     );
   }
 
@@ -378,7 +380,7 @@ function storeSlot(slot: bigint, value: bigint): bigint {
 function closeWhenIdle(applied: Applied): void {
   const callback = applied.callback;
   if (!callback) return;
-  if (applied.busy !== null && machine().platform.runtime.view(applied.busy, 1)[0] !== 0) {
+  if (applied.busy !== null && liveBytes(applied.busy, 1)[0] !== 0) {
     setTimeout(() => callback.close(), 0);
   } else {
     callback.close();

@@ -14,7 +14,8 @@ import type { Destination, Replacement } from "./replacement.ts";
 import { layOut, release } from "./layout.ts";
 import type { Layout } from "./layout.ts";
 import { Patch } from "./patch.ts";
-import { exclusive, layers, machine, newestFirst, refuseOverlap } from "./registry.ts";
+import { exclusive, keep, layers, machine, newestFirst, refuseOverlap } from "./registry.ts";
+import type { Entry } from "./registry.ts";
 import { schedule, transaction } from "./transaction.ts";
 import { redefineCallers } from "./import_slots.ts";
 
@@ -103,11 +104,14 @@ export function apply<P extends readonly NativeType[], R extends NativeType>(
 function applyLocked<P extends readonly NativeType[], R extends NativeType>(site: Site<P, R>, to: Destination): Patch<P, R> {
   // Layered on the function's newest patch, unless that one's restore is pending in this
   // transaction: then on the newest that stays, or on the function itself.
-  const under = layers(site.address).filter((entry) => !entry.restoring).at(-1) ?? null;
+  const stack = layers(site.address);
+  let under: Entry | null = null;
+  for (let i = stack.length - 1; i >= 0 && under === null; i--) if (!stack[i]!.restoring) under = stack[i]!;
   let layout: Layout | undefined;
   try {
     layout = layOut(site, to, under);
-    refuseOverlap(site.at, layout.covers);
+    // `locate` refused overlaps of the first near jump's bytes: only a wider reach is asked again.
+    if (layout.covers > machine().arch.nearJumpSize) refuseOverlap(site.at, layout.covers);
   } catch (error) {
     if (layout) release(layout);
     discard(to);
@@ -115,7 +119,7 @@ function applyLocked<P extends readonly NativeType[], R extends NativeType>(site
   }
   // What the entry holds once every earlier write has landed: the function's bytes, under the
   // jump of the patch below if there is one.
-  const original = site.code.slice(0, layout.entry.length);
+  const original = keep(site.code.subarray(0, layout.entry.length));
   if (under) original.set(under.written.subarray(0, original.length));
   const patch = new Patch(site.address, site.signature, {
     writes: [{ key: site.address, at: site.at, original, written: layout.entry, mapping: site.mapping }],
@@ -131,8 +135,11 @@ function applyLocked<P extends readonly NativeType[], R extends NativeType>(site
   });
   schedule(
     { address: site.at, bytes: layout.entry, spin: machine().arch.selfLoop, mapping: site.mapping },
-    () => {},
+    nothing,
     () => patch.abandon(),
   );
   return patch;
 }
+
+/** A new patch's entry write needs no bookkeeping once it lands: the patch is live from the start. */
+function nothing(): void {}

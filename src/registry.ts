@@ -11,7 +11,7 @@ import { hex, RedefineError } from "./errors.ts";
 import { CodePool, writeCode } from "./code_memory.ts";
 import type { CodeWrite } from "./code_memory.ts";
 import { archFor } from "./arch/mod.ts";
-import type { Arch, GuardLayout, RuntimeCode } from "./arch/types.ts";
+import type { Arch, GuardLayout, RelocationPlan, RuntimeCode } from "./arch/types.ts";
 import { OriginalStubs } from "./original.ts";
 import { openStore } from "./shared_registry.ts";
 import type { Store } from "./shared_registry.ts";
@@ -24,10 +24,18 @@ export interface Batch {
   readonly writes: CodeWrite[];
   readonly commits: (() => void)[];
   readonly rollbacks: (() => void)[];
-  /** The mappings this transaction's checks have found, made on first use (see `mappingAt`). */
-  mappings?: Mapping[];
   /** `writes` by address, in order, made on first use (src/transaction.ts's `pendingAt`). */
   byAddress?: Map<bigint, CodeWrite[]> | undefined;
+}
+
+/** A relocation plan kept for an entry: what it was made for, and the bytes it moves. */
+export interface KnownPlan {
+  /** The bytes it frees. */
+  readonly minLength: number;
+  /** The length of the code it was planned from (its checks read all of it). */
+  readonly extent: number;
+  readonly moved: Uint8Array;
+  readonly plan: RelocationPlan;
 }
 
 /** This isolate's platform and the state built on it, made on first use. */
@@ -54,6 +62,17 @@ export interface Machine {
    * not change under us (our own patches are read through), so a clean scan stays clean.
    */
   readonly cleanEntries: Map<bigint, number>;
+  /**
+   * The relocation plan made for each entry patched so far, with the bytes it moves and what it was
+   * made for (src/layout.ts's `relocationPlan`): one a function ever patched, as `symbols` is.
+   */
+  readonly plans: Map<bigint, KnownPlan>;
+  /** A view of each page read so far, by its address (see `liveBytes`): a small object a page. */
+  readonly pages: Map<bigint, Uint8Array>;
+  /** The page size, as a bigint for address arithmetic. */
+  readonly pageBytes: bigint;
+  /** The block `keep` carves copies from, and how much of it is used. */
+  kept: { block: Uint8Array; used: number };
   /** The open transaction, if any. */
   batch: Batch | null;
 }
@@ -75,27 +94,68 @@ export function machine(): Machine {
     guardLayouts: new Map(),
     symbols: new Map(),
     cleanEntries: new Map(),
+    plans: new Map(),
+    pages: new Map(),
+    pageBytes: BigInt(p.os.pageSize),
+    kept: { block: new Uint8Array(0), used: 0 },
     batch: null,
   };
   return current;
 }
 
 /**
- * The mapping holding `address`, or null when it is unmapped. Inside a transaction each mapping is
- * asked of the OS once: a thousand patches of one library make one query, not two thousand. Only
- * mappings found are kept, never an answer of "unmapped": what the transaction itself maps (code
- * pool blocks, stub libraries) lands in free space, and its writes give every page its protection
- * back, so what it has seen stays true until it ends.
+ * A live view of the `length` bytes at `address`, which the caller has found mapped and readable:
+ * a piece of one view per page, kept. Making a view is a foreign call and, under Deno, a fresh
+ * buffer (~0.3 µs); a piece of a kept one costs a small object. A view is only a pointer: keeping
+ * one keeps nothing mapped, and it is read only where a check has just found the memory mapped.
+ */
+export function liveBytes(address: bigint, length: number): Uint8Array {
+  const m = machine();
+  const page = address - address % m.pageBytes;
+  const offset = Number(address - page);
+  const size = m.platform.os.pageSize;
+  if (offset + length > size) return m.platform.runtime.view(address, length);
+  let view = m.pages.get(page);
+  if (!view) m.pages.set(page, view = m.platform.runtime.view(page, size));
+  return view.subarray(offset, offset + length);
+}
+
+/**
+ * The mapping holding `address`, or null when it is unmapped. Within one `exclusive` section (one
+ * `redefine`, one `restore`, one whole transaction) each mapping is asked of the OS once: a lone
+ * patch's target and its native replacement in the same library make one query, a thousand patches
+ * of one library one query, not two thousand. Only mappings found are kept, never an answer of
+ * "unmapped", and only until the section ends: what a section maps itself (code pool blocks, stub
+ * libraries) lands in free space, nothing in it unmaps or moves a mapping, and its writes give every
+ * page its protection back, so what it has seen stays true until it ends. A later section asks
+ * again: between sections anything may have changed the map.
  */
 export function mappingAt(address: bigint): Mapping | null {
-  const m = machine();
-  const known = m.batch?.mappings;
+  const known = sectionMappings;
   if (known) {
     for (const mapping of known) if (address >= mapping.start && address < mapping.end) return mapping;
   }
-  const found = m.platform.os.mappingAt(address);
-  if (found && m.batch) (m.batch.mappings ??= []).push(found);
+  const found = machine().platform.os.mappingAt(address);
+  if (found && known) known.push(found);
   return found;
+}
+
+/** How many bytes each block of `keep` holds: a few hundred patches' entry bytes. */
+const KEPT_BLOCK = 4096;
+
+/**
+ * A copy of the few bytes of `bytes` that a patch keeps (what its entry held), carved from a shared
+ * block: under Deno a small array of its own costs a fresh buffer (~0.2 µs, a slice ~0.5 µs), a
+ * piece of a block a small object. A block lives as long as any of its pieces.
+ */
+export function keep(bytes: Uint8Array): Uint8Array {
+  const m = machine();
+  if (bytes.length > KEPT_BLOCK / 16) return bytes.slice();
+  if (m.kept.used + bytes.length > m.kept.block.length) m.kept = { block: new Uint8Array(KEPT_BLOCK), used: 0 };
+  const copy = m.kept.block.subarray(m.kept.used, m.kept.used + bytes.length);
+  m.kept.used += bytes.length;
+  copy.set(bytes);
+  return copy;
 }
 
 /** What the registry knows of one live patch. */
@@ -132,14 +192,22 @@ interface Stored {
 let store: Store | undefined;
 /** The store's generation this isolate's cache below reflects. */
 let seen = -1n;
+/** Whether the cache holds another isolate's patches (only those can be a dead isolate's). */
+let others = false;
 /** How deep this isolate is in `exclusive` calls: the lock is taken at 1 and given back at 0. */
 let depth = 0;
+/** The mappings found in the current `exclusive` section (see `mappingAt`); null outside one. */
+let sectionMappings: Mapping[] | null = null;
 /** The live patches of the process, oldest first. */
 let live: Entry[] = [];
 /** The live patches of each function, by its entry, oldest first: each layered on the one before. */
 let stacks = new Map<bigint, Entry[]>();
-/** Live patches by the 64-byte block their entry jump starts in, to find neighbours quickly. */
-let byBlock = new Map<bigint, Entry[]>();
+/**
+ * Live patches by the 64-byte block their entry jump starts in, to find neighbours quickly. A
+ * block's number is a plain number (exact for every address below 2^59, far above any process's):
+ * a bigint key is hashed digit by digit, and each step of a bigint loop is a new heap object.
+ */
+let byBlock = new Map<number, Entry[]>();
 const stored = new Map<Entry, Stored>();
 /** This isolate's own patches, by their slot in the store. */
 const mine = new Map<number, Entry>();
@@ -147,6 +215,11 @@ const BLOCK = 64n;
 /** No entry jump is longer than this (x86-64's 14 bytes, arm64's 16). */
 const LONGEST_JUMP = 16n;
 let restoresAtExit = false;
+
+/** The block `address` is in (see `byBlock`). */
+function blockOf(address: bigint): number {
+  return Number(address / BLOCK);
+}
 
 /** The process-wide store, opened on first use with this isolate's identity. */
 function theStore(): Store {
@@ -181,11 +254,13 @@ export function exclusive<T>(body: () => T): T {
   const s = theStore();
   if (depth++ === 0) {
     s.lock();
+    sectionMappings = [];
     try {
       sync(s);
       reapDead(s);
     } catch (error) {
       depth--;
+      sectionMappings = null;
       s.unlock();
       throw error;
     }
@@ -193,7 +268,10 @@ export function exclusive<T>(body: () => T): T {
   try {
     return body();
   } finally {
-    if (--depth === 0) s.unlock();
+    if (--depth === 0) {
+      sectionMappings = null;
+      s.unlock();
+    }
   }
 }
 
@@ -204,9 +282,11 @@ function sync(s: Store): void {
   stacks = new Map();
   byBlock = new Map();
   stored.clear();
+  others = false;
   const present = new Set<number>();
   for (const record of s.records()) {
     present.add(record.slot);
+    if (record.owner !== s.identity) others = true;
     const entry = (record.owner === s.identity ? mine.get(record.slot) : undefined) ?? foreign(record);
     stored.set(entry, { slot: record.slot, owner: record.owner, retired: record.retired });
     index(entry);
@@ -232,7 +312,7 @@ function foreign(record: { address: bigint; at: bigint; written: Uint8Array; ori
 function index(entry: Entry): void {
   live.push(entry);
   stacks.set(entry.address, [...layers(entry.address), entry]);
-  const block = entry.at / BLOCK;
+  const block = blockOf(entry.at);
   byBlock.set(block, [...(byBlock.get(block) ?? []), entry]);
 }
 
@@ -255,9 +335,9 @@ export function register(entry: Entry): void {
  * inert patches right under it — they go too), or abandoned before its entry was written.
  */
 export function unregister(entry: Entry, restored = false): void {
-  const gone = restored ? [entry, ...inertBelow(entry)] : [entry];
+  const below = restored ? inertBelow(entry) : [];
   const s = theStore();
-  for (const e of gone) {
+  for (const e of [entry, ...below]) {
     const where = stored.get(e);
     if (where) {
       s.remove(where.slot);
@@ -265,21 +345,27 @@ export function unregister(entry: Entry, restored = false): void {
       stored.delete(e);
     }
     live.splice(live.lastIndexOf(e), 1);
-    const rest = layers(e.address).filter((x) => x !== e);
-    if (rest.length) stacks.set(e.address, rest);
-    else stacks.delete(e.address);
-    const block = e.at / BLOCK;
-    const neighbours = byBlock.get(block)!.filter((x) => x !== e);
-    if (neighbours.length) byBlock.set(block, neighbours);
-    else byBlock.delete(block);
+    without(stacks, e.address, e);
+    without(byBlock, blockOf(e.at), e);
   }
   seen = s.generation();
 }
 
+/** Takes `entry` out of the list at `key` (a new list: callers may hold the old), or the key out. */
+function without<K>(lists: Map<K, Entry[]>, key: K, entry: Entry): void {
+  const list = lists.get(key);
+  if (list === undefined) return;
+  if (list.length === 1 && list[0] === entry) lists.delete(key);
+  else lists.set(key, list.filter((x) => x !== entry));
+}
+
 /** The live patches of the function at `address`, oldest first: each is layered on the one before. */
 export function layers(address: bigint): readonly Entry[] {
-  return stacks.get(address) ?? [];
+  return stacks.get(address) ?? NO_LAYERS;
 }
+
+/** The layers of a function with none, shared: `layers` is asked several times a patch. */
+const NO_LAYERS: readonly Entry[] = Object.freeze([]);
 
 /** This isolate's live patches, newest first: the order they can be restored in. */
 export function newestFirst(): Entry[] {
@@ -322,9 +408,11 @@ function inertBelow(entry: Entry): Entry[] {
  */
 export function restoredBytes(entry: Entry): Uint8Array {
   const below = inertBelow(entry);
+  // Alone, its own original is the whole answer (and is never written to).
+  if (below.length === 0) return entry.original;
   const length = Math.max(entry.original.length, ...below.map((e) => e.original.length));
   // Past a patch's own bytes, the entry held before it what it holds now; the deeper wins.
-  const bytes = machine().platform.runtime.view(entry.at, length).slice();
+  const bytes = liveBytes(entry.at, length).slice();
   for (const e of [entry, ...below]) bytes.set(e.original, 0);
   return bytes;
 }
@@ -335,10 +423,13 @@ export function restoredBytes(entry: Entry): Uint8Array {
  * call to the original, this puts the bytes back.
  */
 function reapDead(s: Store): void {
+  // Only another isolate's patch can be left by a dead one; this isolate's own are never, and
+  // with a thousand of them live, looking at every stack would cost each patch made after them.
+  if (!others) return;
   for (const stack of [...stacks.values()]) {
     let top = stack.at(-1);
     while (top && !s.alive(stored.get(top)!.owner)) {
-      const now = machine().platform.runtime.view(top.at, top.written.length);
+      const now = liveBytes(top.at, top.written.length);
       if (!now.every((b, i) => b === top!.written[i])) break;
       const write: CodeWrite = { address: top.at, bytes: restoredBytes(top), spin: machine().arch.selfLoop };
       try {
@@ -360,19 +451,23 @@ function reapDead(s: Store): void {
  * leave the other with a copy of a jump into freed memory.
  */
 export function refuseOverlap(at: bigint, covers: number): void {
+  if (live.length === 0) return;
   // Patches of the same function write at the same place: those are layers, not overlaps.
   // A bigint is a heap object: each sum is made once, and a neighbour's end only when it starts
-  // before ours ends.
+  // before ours ends; the neighbours are walked in place (three checks a patch).
   const end = at + BigInt(covers);
-  const overlap = near(at, end).find((entry) =>
-    entry.at !== at && entry.at < end && at < entry.at + BigInt(entry.written.length)
-  );
-  if (overlap) {
-    throw new RedefineError(
-      "ALREADY_PATCHED",
-      `the first ${covers} bytes at ${hex(at)} overlap the entry jump of the function redefined at ` +
-        `${hex(overlap.address)}: restore that patch first.`,
-    );
+  const last = blockOf(end - 1n);
+  for (let block = blockOf(at - LONGEST_JUMP); block <= last; block++) {
+    const entries = byBlock.get(block);
+    if (entries === undefined) continue;
+    for (const entry of entries) {
+      if (entry.at === at || entry.at >= end || at >= entry.at + BigInt(entry.written.length)) continue;
+      throw new RedefineError(
+        "ALREADY_PATCHED",
+        `the first ${covers} bytes at ${hex(at)} overlap the entry jump of the function redefined at ` +
+          `${hex(entry.address)}: restore that patch first.`,
+      );
+    }
   }
 }
 
@@ -381,26 +476,21 @@ export function refuseOverlap(at: bigint, covers: number): void {
  * hold, so that a decoder sees the original code.
  */
 export function readThrough(bytes: Uint8Array, start: bigint): void {
-  for (const entry of near(start, start + BigInt(bytes.length))) {
-    // A layered patch's `original` is the jump of the patch below; the lowest holds the function's.
-    if (layers(entry.address)[0] !== entry) continue;
-    const offset = Number(entry.at - start);
-    entry.original.forEach((b, i) => {
-      if (offset + i >= 0 && offset + i < bytes.length) bytes[offset + i] = b;
-    });
-  }
-}
-
-/** Live patches whose entry jump may touch [from, to). */
-function near(from: bigint, to: bigint): Entry[] {
-  const found: Entry[] = [];
-  if (live.length === 0) return found;
-  const last = (to - 1n) / BLOCK;
-  for (let block = (from - LONGEST_JUMP) / BLOCK; block <= last; block++) {
+  if (live.length === 0) return;
+  // Each neighbour's bytes are copied over where they overlap, the blocks walked in place: the
+  // first scan before a thousand entries patched in one transaction meets a hundred each.
+  const last = blockOf(start + BigInt(bytes.length) - 1n);
+  for (let block = blockOf(start - LONGEST_JUMP); block <= last; block++) {
     const entries = byBlock.get(block);
-    if (entries) for (const entry of entries) found.push(entry);
+    if (entries === undefined) continue;
+    for (const entry of entries) {
+      // A layered patch's `original` is the jump of the patch below; the lowest holds the function's.
+      if (layers(entry.address)[0] !== entry) continue;
+      const offset = Number(entry.at - start);
+      const to = Math.min(entry.original.length, bytes.length - offset);
+      for (let i = Math.max(0, -offset); i < to; i++) bytes[offset + i] = entry.original[i]!;
+    }
   }
-  return found;
 }
 
 /**

@@ -9,7 +9,7 @@ import type { JsFunction, JsValue, NativeType, Signature } from "./signature.ts"
 import { cannedSpec, isCanned } from "./mock/canned.ts";
 import type { Canned } from "./mock/canned.ts";
 import type { CannedSpec } from "./arch/canned.ts";
-import { machine } from "./registry.ts";
+import { machine, mappingAt } from "./registry.ts";
 import { checkExecutable, symbolAddress } from "./target.ts";
 import type { NativeCall, NativeCallback } from "../platform/mod.ts";
 import { PROT_EXEC } from "../platform/mod.ts";
@@ -104,7 +104,7 @@ export function destinationFor(signature: Signature, replacement: unknown): Dest
   if (replacement && typeof replacement === "object" && typeof (replacement as SymbolReplacement).symbol === "string") {
     const { symbol, library } = replacement as SymbolReplacement;
     const address = symbolAddress(m, symbol, library);
-    const mapping = m.platform.os.mappingAt(address);
+    const mapping = mappingAt(address);
     if (!mapping || !(mapping.protection & PROT_EXEC)) {
       throw new RedefineError(
         "BAD_REPLACEMENT",
@@ -128,7 +128,10 @@ export function destinationFor(signature: Signature, replacement: unknown): Dest
 export function refuseUncallable(fn: object): void {
   // Bound functions keep their target's prototype, so a bound async function is caught too.
   const kind = Object.getPrototypeOf(fn)?.[Symbol.toStringTag];
-  const isClass = Function.prototype.toString.call(fn).startsWith("class");
+  // Only a function with a fixed `prototype` may be a class (arrows and methods have none, plain
+  // functions a writable one): its source, made afresh by `toString`, is read only for those.
+  const fixed = Object.getOwnPropertyDescriptor(fn, "prototype")?.writable === false;
+  const isClass = fixed && Function.prototype.toString.call(fn).startsWith("class");
   if (kind === "AsyncFunction" || kind === "GeneratorFunction" || kind === "AsyncGeneratorFunction" || isClass) {
     throw new RedefineError(
       "BAD_REPLACEMENT",

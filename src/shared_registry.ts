@@ -59,7 +59,14 @@ export interface Store {
 /** Bumped whenever the layout below changes: copies of another layout keep apart. */
 const LAYOUT = 1;
 const SIZE = 1 << 20;
-const HEADER = { lock: 0, generation: 8, nextSeq: 16, used: 24, size: 64 };
+/**
+ * `used`: slots ever taken (records live below it); `firstFree`: no slot below it is free, so an
+ * add looks from there — a thousand patches in one transaction would otherwise scan a thousand
+ * records each. It lives in what was spare header, so the layout stays the same: an older copy,
+ * which ignores it, fills free slots wherever they are and frees without lowering it, so adds here
+ * at worst skip the slots that copy freed.
+ */
+const HEADER = { lock: 0, generation: 8, nextSeq: 16, used: 24, firstFree: 28, size: 64 };
 const RECORD = {
   seq: 0, address: 8, at: 16, destination: 24, owner: 32, retired: 40, writtenLength: 41,
   originalLength: 42, written: 48, original: 64, size: 80,
@@ -135,7 +142,8 @@ export function openStore(
     : bind(slot.address, { parameters: ["usize", "u64", "u64"], result: "u64" });
   const yieldCpu = c?.sched_yield;
   const u64 = (at: number) => view.getBigUint64(at, true);
-  const setU64 = (at: number, value: bigint) => view.setBigUint64(at, BigInt.asUintN(64, value), true);
+  // setBigUint64 takes the value modulo 2^64 itself: no intermediate bigint a store.
+  const setU64 = (at: number, value: bigint) => view.setBigUint64(at, value, true);
   const alive = (id: bigint) => id === identity || Atomics.load(word(id), 0) !== 0n;
   const bump = () => setU64(HEADER.generation, u64(HEADER.generation) + 1n);
   const recordAt = (slot: number) => HEADER.size + slot * RECORD.size;
@@ -181,12 +189,13 @@ export function openStore(
         throw new RangeError(`internal: the registry keeps ${BYTES} bytes of a patch, not ${patch.written.length}`);
       }
       const used = view.getUint32(HEADER.used, true);
-      let slot = 0;
+      let slot = view.getUint32(HEADER.firstFree, true);
       while (slot < used && u64(recordAt(slot) + RECORD.seq) !== 0n) slot++;
       if (slot === CAPACITY) {
         throw new RedefineError("ALLOCATION_FAILED", `more than ${CAPACITY} live patches: restore some first.`);
       }
       if (slot === used) view.setUint32(HEADER.used, used + 1, true);
+      view.setUint32(HEADER.firstFree, slot + 1, true);
       const at = recordAt(slot);
       const seq = u64(HEADER.nextSeq) + 1n;
       setU64(HEADER.nextSeq, seq);
@@ -205,6 +214,7 @@ export function openStore(
     },
     remove(slot) {
       setU64(recordAt(slot) + RECORD.seq, 0n);
+      if (slot < view.getUint32(HEADER.firstFree, true)) view.setUint32(HEADER.firstFree, slot, true);
       bump();
     },
     retire(slot) {

@@ -52,7 +52,7 @@ export function slotLayout(
   if (!guard) return { destination: to.callback.address, stub: null, busy: null, bypass: to.callback.address };
   const shape = guardShape(m, signature);
   const slot = placed(m, original, shape.size, shape.dataSize, "the guard", (slot) => {
-    m.pool.write(slot, guardCode(m, signature, slot, slot.address, to.callback.address, bypass));
+    m.pool.write(slot, guardCode(m, signature, shape, slot, slot.address, to.callback.address, bypass));
   });
   return { destination: slot.address, stub: slot, busy: slot.data + BigInt(shape.busyOffset), bypass };
 }

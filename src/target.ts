@@ -7,7 +7,7 @@
 import { hex, RedefineError } from "./errors.ts";
 import { checkSignature } from "./signature.ts";
 import type { NativeType } from "./signature.ts";
-import { layers, machine, mappingAt, readThrough, refuseOverlap } from "./registry.ts";
+import { layers, liveBytes, machine, mappingAt, readThrough, refuseOverlap } from "./registry.ts";
 import type { Machine } from "./registry.ts";
 import { checkName } from "./introspect.ts";
 import type { Mapping, SymbolInfo } from "../platform/mod.ts";
@@ -109,7 +109,8 @@ export interface Site<P extends readonly NativeType[], R extends NativeType> {
   readonly room: number;
   /**
    * The function's bytes from `at` (at most `MAX_SCAN` from the entry), so the relocator can see
-   * branches back into the bytes it moves.
+   * branches back into the bytes it moves: the live code, unless a live patch's jump is there
+   * (then a copy with the function's own bytes). Use them before any write.
    */
   readonly code: Uint8Array;
   /** The target's signature, checked. */
@@ -148,7 +149,9 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   checkReadable(m, address, 1, mapping);
   const extent = extentOf(m, address, target.size, "symbol" in target && target.symbol !== undefined);
   checkReadable(m, address, extent, mapping);
-  const whole = m.platform.runtime.view(address, Math.min(extent, MAX_SCAN)).slice();
+  // Read in place: nothing writes code before the layout has used these bytes (a write waits for
+  // the patch's schedule, or the transaction's end), and the patch keeps a copy of what it covers.
+  let whole = liveBytes(address, Math.min(extent, MAX_SCAN));
   const pad = m.arch.landingPadLength(whole);
   const at = address + BigInt(pad);
   const room = extent - pad;
@@ -162,7 +165,10 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   // The function's own bytes, not its live patches' jump: a restore pending in this transaction
   // puts them back before this patch's jump lands.
   const lowest = layers(address)[0];
-  if (lowest) whole.set(lowest.original.subarray(0, whole.length - pad), pad);
+  if (lowest) {
+    whole = whole.slice();
+    whole.set(lowest.original.subarray(0, whole.length - pad), pad);
+  }
   // Before anything is decoded there: the bytes may be the middle of another patch's jump.
   refuseOverlap(at, m.arch.nearJumpSize);
   refuseJumpsIntoEntry(at, m.arch.nearJumpSize);
@@ -186,12 +192,14 @@ export function checkExecutable(m: Machine, address: bigint, what: string): Mapp
   return mapping;
 }
 
+const TWO_64 = 2n ** 64n;
+
 /** Refuses what cannot be a 64-bit address: NULL, negative or 2^64 and more. */
 function checkAddress(address: bigint, what: string): void {
   if (address === 0n) {
     throw new RedefineError("INVALID_ADDRESS", `${what} is the NULL address: check where it came from.`);
   }
-  if (address < 0n || address >= 2n ** 64n) {
+  if (address < 0n || address >= TWO_64) {
     throw new RedefineError(
       "INVALID_ADDRESS",
       `${what} ${address < 0n ? "-" + hex(-address) : hex(address)} is not a 64-bit address: check ` +
@@ -208,7 +216,7 @@ function checkAddress(address: bigint, what: string): void {
 function checkReadable(m: Machine, address: bigint, length: number, mapping: Mapping): void {
   const end = address + BigInt(length);
   const code = PROT_READ | PROT_EXEC;
-  for (let from = address, here: Mapping | null = mapping;; from = here.end, here = m.platform.os.mappingAt(from)) {
+  for (let from = address, here: Mapping | null = mapping;; from = here.end, here = mappingAt(from)) {
     if (here && (here.protection & code) === code) {
       if (here.end >= end) return;
       continue;
@@ -237,7 +245,7 @@ function slotOf(m: Machine, slot: unknown): bigint | null {
     throw new RedefineError("INVALID_ADDRESS", `${what} must be a bigint address, not ${typeof slot}.`);
   }
   checkAddress(slot, what);
-  const mapping = m.platform.os.mappingAt(slot);
+  const mapping = mappingAt(slot);
   const data = PROT_READ | PROT_WRITE;
   if (slot % 8n !== 0n || !mapping || (mapping.protection & data) !== data || slot + 8n > mapping.end) {
     throw new RedefineError(
@@ -314,7 +322,7 @@ function checkInstructionStart(m: Machine, address: bigint): void {
   const symbol = symbolAt(m, address);
   if (!symbol || symbol.size === 0 || address <= symbol.start || address >= symbol.start + BigInt(symbol.size)) return;
   const offset = Number(address - symbol.start);
-  const code = m.platform.runtime.view(symbol.start, Math.min(symbol.size, offset + 16)).slice();
+  const code = liveBytes(symbol.start, Math.min(symbol.size, offset + 16));
   if (m.arch.startsInstruction(code, symbol.start, offset) === false) {
     throw new RedefineError(
       "INVALID_ADDRESS",
@@ -343,9 +351,9 @@ function extentOf(m: Machine, address: bigint, size: number | undefined, bySymbo
   if (bySymbol) {
     // An exported name with no symbol size of its own (glibc's ifunc-selected strlen, say): its
     // entry surely is a function's, and the straight run of code from there surely is its body.
-    const mapping = m.platform.os.mappingAt(address)!;
+    const mapping = mappingAt(address)!;
     const readable = mapping.end - address < 64n ? Number(mapping.end - address) : 64;
-    const straight = m.arch.straightLineLength(m.platform.runtime.view(address, readable).slice(), address);
+    const straight = m.arch.straightLineLength(liveBytes(address, readable), address);
     if (straight > 0) return straight;
   }
   throw new RedefineError(

@@ -32,7 +32,7 @@ export interface Instruction {
   /** Run-time address of the first byte. */
   address: bigint;
   length: number;
-  /** A copy of the instruction's bytes. */
+  /** The instruction's bytes: a view of the decoded code (copy them to keep them past a change there). */
   bytes: Uint8Array;
   branch?: Branch;
   /** A memory operand addressed from the end of the instruction. */
@@ -70,8 +70,10 @@ export interface Operands {
 
 /** A fresh `Operands`, to pass to `instructionLength` for a whole scan. */
 export function operands(): Operands {
-  const none = { relSize: 0, relOffset: 0, rel: 0, ripDispOffset: -1, ripDisp: 0, address32: false } as const;
-  return { ...none, map: 0, opcode: 0, modrm: -1, repeat: false, escaped: false, consumed: 0 };
+  return {
+    relSize: 0, relOffset: 0, rel: 0, ripDispOffset: -1, ripDisp: 0, address32: false,
+    map: 0, opcode: 0, modrm: -1, repeat: false, escaped: false, consumed: 0,
+  };
 }
 
 /*
@@ -415,7 +417,7 @@ export function decode(code: Uint8Array, offset: number, address: bigint): Instr
   const instruction: Instruction = {
     address,
     length,
-    bytes: code.slice(offset, offset + length),
+    bytes: code.subarray(offset, offset + length),
     flow: flowOf(found),
   };
   if (found.relSize !== 0) {

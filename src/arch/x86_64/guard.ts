@@ -27,7 +27,7 @@
 import type { GuardLayout, GuardOptions, RuntimeCode } from "../types.ts";
 import { RedefineError } from "../../errors.ts";
 import { align, assembleListing, type Line, type Place } from "../listing.ts";
-import { i32le, INT3, jmpRel32, u64le } from "./writer.ts";
+import { i32le, INT3, putI32, putJmpRel32, putU64, u64le } from "./writer.ts";
 
 /** The swapping guard: bytes of code (with its seven literals). */
 const SWAP_SIZE = 208;
@@ -107,23 +107,23 @@ export function guardStub(options: GuardOptions): { code: Uint8Array; data: Uint
     return { code: swappingGuard(options), data: new Uint8Array(SWAP_DATA_SIZE) };
   }
   if (options.shared === undefined) throw new RangeError("the calling guard needs its shared code placed");
+  // Written in place, into one array each: a guard is made for every JS replacement, and under
+  // Deno each small array costs a fresh buffer.
   const record = new Uint8Array(RECORD.size);
-  record.set(u64le(options.identity), RECORD.identity);
-  record.set(u64le(options.callback), RECORD.callback);
-  record.set(u64le(options.original), RECORD.original);
-  record.set(u64le(options.runtimeCode.start), RECORD.textStart);
-  record.set(u64le(options.runtimeCode.end), RECORD.textEnd);
-  record.set(u64le(options.runtimeCode.ffiStart), RECORD.ffiStart);
-  record.set(u64le(options.runtimeCode.ffiEnd), RECORD.ffiEnd);
-  const jump = jmpRel32(options.at + 7n, options.shared);
-  if (!jump) throw new RangeError("shared guard out of rel32 reach");
-  return {
-    code: Uint8Array.of(
-      0x4c, 0x8d, 0x1d, ...ripFrom(options.at, 7, options.data), // lea r11, [rip+record]
-      ...jump, //                                                 jmp shared
-    ),
-    data: record,
-  };
+  putU64(record, RECORD.identity, options.identity);
+  putU64(record, RECORD.callback, options.callback);
+  putU64(record, RECORD.original, options.original);
+  putU64(record, RECORD.textStart, options.runtimeCode.start);
+  putU64(record, RECORD.textEnd, options.runtimeCode.end);
+  putU64(record, RECORD.ffiStart, options.runtimeCode.ffiStart);
+  putU64(record, RECORD.ffiEnd, options.runtimeCode.ffiEnd);
+  const code = new Uint8Array(THUNK_SIZE);
+  code.set([0x4c, 0x8d, 0x1d]); //                           lea r11, [rip+record]
+  putI32(code, 3, ripDisplacement(options.at, 7, options.data));
+  if (!putJmpRel32(code, 7, options.at + 7n, options.shared)) { // jmp shared
+    throw new RangeError("shared guard out of rel32 reach");
+  }
+  return { code, data: record };
 }
 
 /**
@@ -189,10 +189,15 @@ function jne(label: string): Line {
 }
 
 /** rip-relative displacement from the end of an instruction ending at `at + end` to `target`. */
-function ripFrom(at: bigint, end: number, target: bigint): Uint8Array {
+function ripDisplacement(at: bigint, end: number, target: bigint): number {
   const d = target - (at + BigInt(end));
   if (d < -(2n ** 31n) || d >= 2n ** 31n) throw new RangeError("guard data out of rip-relative reach");
-  return i32le(Number(d));
+  return Number(d);
+}
+
+/** The same displacement's bytes. */
+function ripFrom(at: bigint, end: number, target: bigint): Uint8Array {
+  return i32le(ripDisplacement(at, end, target));
 }
 
 /**

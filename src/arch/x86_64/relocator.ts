@@ -8,11 +8,11 @@
  */
 import { concat } from "../bytes.ts";
 import type { RelocationPlan } from "../types.ts";
-import { decode, type Instruction } from "./decoder.ts";
+import { type Branch, decode, type Instruction } from "./decoder.ts";
 import { tooShort, unrelocatable } from "../refusals.ts";
 import { branchesBetween, mayBranchInto } from "./scan.ts";
 import { hex, hexBytes, type RedefineError } from "../../errors.ts";
-import { i32le, JMP_ABS_SIZE, jmpAbs, jmpNearest, PUSH_ADDRESS_SIZE, pushAddress, rel32 } from "./writer.ts";
+import { i32le, JMP_ABS_SIZE, JMP_REL32_SIZE, jmpAbs, PUSH_ADDRESS_SIZE, pushAddress, putI32, putJmpRel32, rel32 } from "./writer.ts";
 
 /** The bytes a copied branch takes: `near` with a rel32 operand, `far` with an absolute address. */
 const FORMS = {
@@ -43,9 +43,15 @@ export function planRelocation(
 ): RelocationPlan<Instruction> {
   const instructions = copiedInstructions(code, address, minLength);
   const consumed = instructions.reduce((sum, insn) => sum + insn.length, 0);
+  // The plan keeps its own copy of the bytes it moves (one array, not one an instruction), so it
+  // stays true of them whatever is written at `address` later.
+  const moved = new Uint8Array(consumed);
+  moved.set(code.subarray(0, consumed));
+  let offset = 0;
+  for (const insn of instructions) insn.bytes = moved.subarray(offset, offset += insn.length);
   const worst = layout(instructions, address, consumed, null);
   const jumpBack = endsInCall(instructions) ? 0 : JMP_ABS_SIZE;
-  return { address, consumed, maxSize: Number(worst[instructions.length]) + jumpBack, instructions };
+  return { address, consumed, maxSize: worst[instructions.length]! + jumpBack, instructions };
 }
 
 /**
@@ -63,13 +69,21 @@ export function planRelocation(
  */
 export function relocate(plan: RelocationPlan<Instruction>, trampoline: bigint): Uint8Array {
   const { address, consumed, instructions: copied } = plan;
+  // Offsets into the trampoline, as numbers: an address is made only where a branch needs one.
   const starts = layout(copied, address, consumed, trampoline);
   const newAddressOf = (target: bigint): bigint =>
-    starts[copied.findIndex((insn) => insn.address === target)]!;
-
-  const parts = copied.map((insn, i) => rewrite(insn, starts[i]!, address, consumed, newAddressOf));
-  if (!endsInCall(copied)) parts.push(jmpNearest(starts[copied.length]!, address + BigInt(consumed)));
-  return concat(parts);
+    trampoline + BigInt(starts[copied.findIndex((insn) => insn.address === target)]!);
+  const size = starts[copied.length]!;
+  const end = trampoline + BigInt(size);
+  const back = address + BigInt(consumed);
+  const near = rel32(end + BigInt(JMP_REL32_SIZE), back) !== null;
+  const backSize = endsInCall(copied) ? 0 : near ? JMP_REL32_SIZE : JMP_ABS_SIZE;
+  // One array for the whole trampoline, each instruction written in place.
+  const out = new Uint8Array(size + backSize);
+  copied.forEach((insn, i) => rewrite(out, insn, starts[i]!, trampoline, address, consumed, newAddressOf));
+  if (backSize === JMP_REL32_SIZE) putJmpRel32(out, size, end, back);
+  else if (backSize === JMP_ABS_SIZE) out.set(jmpAbs(back), size);
+  return out;
 }
 
 /**
@@ -93,12 +107,11 @@ function copiedInstructions(code: Uint8Array, address: bigint, minLength: number
     consumed += insn.length;
   }
   const end = address + BigInt(consumed);
-  const boundaries = new Set(copied.map((insn) => insn.address));
   for (const insn of copied) {
     const branch = insn.branch;
     if (branch === undefined) continue;
     const internal = branch.target >= address && branch.target < end;
-    if (internal && !boundaries.has(branch.target)) {
+    if (internal && !copied.some((other) => other.address === branch.target)) {
       throw refuse(insn, "it branches into the middle of a copied instruction");
     }
     if (branch.kind === "xbegin") {
@@ -121,13 +134,14 @@ function copiedInstructions(code: Uint8Array, address: bigint, minLength: number
     }
   }
   // Where every branch leaving the copy takes its far form, internal rel8 distances are longest.
-  const worst = layout(copied, address, consumed, null);
+  const loops = copied.some((insn) => insn.branch?.kind === "loop" || insn.branch?.kind === "jrcxz");
+  const worst = loops ? layout(copied, address, consumed, null) : [];
   copied.forEach((insn, i) => {
     const branch = insn.branch;
     if (branch?.kind !== "loop" && branch?.kind !== "jrcxz") return;
     const target = worst[copied.findIndex((other) => other.address === branch.target)]!;
     const disp = target - worst[i + 1]!;
-    if (disp < -128n || disp > 127n) {
+    if (disp < -128 || disp > 127) {
       throw refuse(
         insn,
         `${branch.kind} cannot reach its target once the branches around it are widened`,
@@ -167,28 +181,36 @@ function isInternal(insn: Instruction, address: bigint, consumed: number): boole
 }
 
 /**
- * Where each copied instruction starts in a trampoline at `trampoline`, and where the copy ends;
- * with `trampoline` null, offsets from 0 of the largest layout any placement can produce.
+ * Where each copied instruction starts in a trampoline at `trampoline`, and where the copy ends, as
+ * offsets from its start; with `trampoline` null, those of the largest layout any placement can
+ * produce.
  */
 function layout(
   copied: readonly Instruction[],
   address: bigint,
   consumed: number,
   trampoline: bigint | null,
-): bigint[] {
-  const starts = [trampoline ?? 0n];
+): number[] {
+  const starts = [0];
   for (const insn of copied) {
     const at = starts[starts.length - 1]!;
-    starts.push(at + BigInt(sizeAt(insn, trampoline === null ? null : at, address, consumed)));
+    starts.push(at + sizeAt(insn, trampoline, at, address, consumed));
   }
   return starts;
 }
 
 /**
- * The bytes `insn` takes in the trampoline when placed `at` there, or at most when `at` is null:
- * a branch leaving the copy takes its far form when its new place cannot reach the target.
+ * The bytes `insn` takes in the trampoline at `trampoline` when placed `offset` bytes into it, or
+ * at most when `trampoline` is null: a branch leaving the copy takes its far form when its new
+ * place cannot reach the target.
  */
-function sizeAt(insn: Instruction, at: bigint | null, address: bigint, consumed: number): number {
+function sizeAt(
+  insn: Instruction,
+  trampoline: bigint | null,
+  offset: number,
+  address: bigint,
+  consumed: number,
+): number {
   const branch = insn.branch;
   if (
     branch === undefined || branch.kind === "loop" || branch.kind === "jrcxz" ||
@@ -198,22 +220,30 @@ function sizeAt(insn: Instruction, at: bigint | null, address: bigint, consumed:
   }
   const form = FORMS[branch.kind];
   if (isInternal(insn, address, consumed)) return form.near;
-  if (at === null) return form.far;
-  return rel32(at + BigInt(form.near), branch.target) === null ? form.far : form.near;
+  if (trampoline === null) return form.far;
+  return rel32(trampoline + BigInt(offset + form.near), branch.target) === null ? form.far : form.near;
 }
 
 /**
- * `insn` rewritten to run at `at`. `newAddressOf` maps the target of a branch that stays inside
- * the copy to that target's place in the trampoline.
+ * `insn` rewritten to run `offset` bytes into the trampoline at `trampoline`, written there in `out`.
+ * `newAddressOf` maps the target of a branch that stays inside the copy to that target's place in
+ * the trampoline.
  */
 function rewrite(
+  out: Uint8Array,
   insn: Instruction,
-  at: bigint,
+  offset: number,
+  trampoline: bigint,
   address: bigint,
   consumed: number,
   newAddressOf: (target: bigint) => bigint,
-): Uint8Array {
+): void {
   const { branch, ripRelative } = insn;
+  if (ripRelative === undefined && branch === undefined) {
+    out.set(insn.bytes, offset);
+    return;
+  }
+  const at = trampoline + BigInt(offset);
   if (ripRelative !== undefined) {
     const disp = rel32(at + BigInt(insn.length), ripRelative.target);
     if (disp === null) {
@@ -223,22 +253,30 @@ function rewrite(
           `±2 GiB reach from the trampoline at ${hex(at)}`,
       );
     }
-    const out = insn.bytes.slice();
-    out.set(i32le(disp), ripRelative.dispOffset);
-    return out;
+    out.set(insn.bytes, offset);
+    putI32(out, offset + ripRelative.dispOffset, disp);
+    return;
   }
-  if (branch === undefined) return insn.bytes;
+  if (branch === undefined) return;
 
   const target = isInternal(insn, address, consumed) ? newAddressOf(branch.target) : branch.target;
-  const size = sizeAt(insn, at, address, consumed);
+  const size = sizeAt(insn, trampoline, offset, address, consumed);
   const disp = target - (at + BigInt(size));
   if (branch.kind === "loop" || branch.kind === "jrcxz") {
     // Kept whole, prefixes included: a 67 prefix makes them count with ecx instead of rcx.
     // copiedInstructions() has checked that the rel8 reaches.
-    const out = insn.bytes.slice();
-    out[branch.relOffset] = Number(BigInt.asUintN(8, disp));
-    return out;
+    out.set(insn.bytes, offset);
+    out[offset + branch.relOffset] = Number(BigInt.asUintN(8, disp));
+    return;
   }
+  out.set(branchForm(branch, size, disp, target, address + BigInt(consumed)), offset);
+}
+
+/**
+ * A copied branch of `size` bytes in its new form: `disp` reaches `target` from the form's end
+ * (near forms); a call first pushes `returnTo`, the original return address.
+ */
+function branchForm(branch: Branch, size: number, disp: bigint, target: bigint, returnTo: bigint): Uint8Array {
   const condition = branch.condition ?? 0;
   switch (branch.kind) {
     case "jcc":
@@ -253,7 +291,7 @@ function rewrite(
     case "call":
       // As the original call would have: its return address pushed, then the jump to the callee.
       return concat([
-        pushAddress(address + BigInt(consumed)),
+        pushAddress(returnTo),
         size === FORMS.call.near
           ? Uint8Array.of(
             0xe9, ...i32le(Number(disp)), // jmp rel32

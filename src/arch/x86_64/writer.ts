@@ -25,30 +25,63 @@ export function reachesRel32(from: bigint, length: number, to: bigint): boolean 
   return rel32(from + BigInt(length), to) !== null;
 }
 
+const TWO_32 = 2n ** 32n;
+
+/**
+ * Writes the low `size` bytes of the integer `value` (two's complement when negative) at
+ * `out[at]`, little-endian. Arithmetic, not a DataView: a view of a small array costs more than
+ * the array (it makes the array's buffer real), and an encoder runs a few times a patch.
+ */
+function putLittleEndian(out: Uint8Array, at: number, value: number, size: number): void {
+  let rest = value < 0 ? value + 2 ** (8 * size) : value;
+  for (let i = 0; i < size; i++) {
+    out[at + i] = rest % 256;
+    rest = Math.floor(rest / 256);
+  }
+}
+
+/** Writes the signed 32-bit `value` at `out[at]`, little-endian. */
+export function putI32(out: Uint8Array, at: number, value: number): void {
+  putLittleEndian(out, at, value, 4);
+}
+
+/** Writes the 64-bit `value` at `out[at]`, little-endian, in two 32-bit halves. */
+export function putU64(out: Uint8Array, at: number, value: bigint): void {
+  const bits = BigInt.asUintN(64, value);
+  putLittleEndian(out, at, Number(bits % TWO_32), 4);
+  putLittleEndian(out, at + 4, Number(bits / TWO_32), 4);
+}
+
 /** Little-endian bytes of a 64-bit value. */
 export function u64le(value: bigint): Uint8Array {
   const out = new Uint8Array(8);
-  new DataView(out.buffer).setBigUint64(0, BigInt.asUintN(64, value), true);
+  putU64(out, 0, value);
   return out;
 }
 
 /** Little-endian bytes of a signed 32-bit value. */
 export function i32le(value: number): Uint8Array {
   const out = new Uint8Array(4);
-  new DataView(out.buffer).setInt32(0, value, true);
+  putI32(out, 0, value);
   return out;
+}
+
+/**
+ * Writes `jmp rel32` from `from` to `to` at `out[at]`; false (nothing written) when `to` is further
+ * than ±2 GiB.
+ */
+export function putJmpRel32(out: Uint8Array, at: number, from: bigint, to: bigint): boolean {
+  const disp = rel32(from + BigInt(JMP_REL32_SIZE), to);
+  if (disp === null) return false;
+  out[at] = 0xe9; // jmp rel32
+  putI32(out, at + 1, disp);
+  return true;
 }
 
 /** `jmp rel32` at `from` to `to`, or null when `to` is further than ±2 GiB. */
 export function jmpRel32(from: bigint, to: bigint): Uint8Array | null {
-  const disp = rel32(from + BigInt(JMP_REL32_SIZE), to);
-  if (disp === null) return null;
-  const jump = Uint8Array.of(
-    0xe9, 0, 0, 0, 0, // jmp rel32
-  );
-  // Written in place: one array per entry jump (a thousand-patch transaction makes a thousand).
-  new DataView(jump.buffer).setInt32(1, disp, true);
-  return jump;
+  const jump = new Uint8Array(JMP_REL32_SIZE);
+  return putJmpRel32(jump, 0, from, to) ? jump : null;
 }
 
 /** `jmp qword [rip+0]` with the absolute target inline: reaches anywhere, clobbers nothing. */
@@ -75,7 +108,7 @@ export function pushAddress(value: bigint): Uint8Array {
 /** Little-endian bytes of an unsigned 32-bit value. */
 function u32le(value: bigint): Uint8Array {
   const out = new Uint8Array(4);
-  new DataView(out.buffer).setUint32(0, Number(value), true);
+  putLittleEndian(out, 0, Number(value), 4);
   return out;
 }
 
