@@ -237,9 +237,9 @@ export function linux(runtime: Runtime): Os {
       return forced?.write(address, bytes) ?? false;
     },
 
-    allocateCode(near, reach, size) {
+    allocateCode(near, reach, size, wanted = pageSize) {
       const fd = codeFile(size);
-      const dataSize = pageSize;
+      const dataSize = Math.max(1, Math.ceil(wanted / pageSize)) * pageSize;
       try {
         const total = BigInt(size + dataSize);
         const candidates = nearCandidates(parseMaps(readMaps()), near, reach, total, BigInt(pageSize));

@@ -87,9 +87,13 @@ export class CodePool {
       if (slot) return slot;
     }
     const { os } = this.#platform;
-    // Where near space is too scarce for a whole block, the exact size may still fit.
-    const fresh = os.allocateCode(near, reach, roundUp(Math.max(codeSize, MIN_BLOCK), os.pageSize)) ??
-      (codeSize < MIN_BLOCK ? os.allocateCode(near, reach, roundUp(codeSize, os.pageSize)) : null);
+    // A whole block's data is sized so that slots like this one use up its code and its data
+    // together (a JS replacement's guard record outweighs its code: one page would hold only 64 of
+    // them, and every 64 patches would map a block); untouched data costs address space, not memory.
+    // Where near space is too scarce for a whole block, the exact sizes may still fit.
+    const blockSize = roundUp(Math.max(codeSize, MIN_BLOCK), os.pageSize);
+    const fresh = os.allocateCode(near, reach, blockSize, roundUp(blockSize * dataBytes / codeSize, os.pageSize) || os.pageSize) ??
+      (codeSize < MIN_BLOCK ? os.allocateCode(near, reach, roundUp(codeSize, os.pageSize), roundUp(dataBytes, os.pageSize) || os.pageSize) : null);
     if (!fresh) return null;
     const block: PoolBlock = {
       ...fresh,
