@@ -5,6 +5,7 @@ import { assert, test } from "./harness.ts";
 import { platform } from "../platform/mod.ts";
 import type { CodeBlock, Platform } from "../platform/mod.ts";
 import { CodePool } from "../src/code_memory.ts";
+import type { CodeSlot } from "../src/code_memory.ts";
 
 /** A platform whose `allocateCode` hands out fake blocks (never written) and records each request. */
 function fakeBlocks(refuse: (size: number) => boolean = () => false) {
@@ -48,4 +49,26 @@ test("code pool: where a whole block cannot be had in reach, the slot's exact co
   assert.deepEqual(asked.map((a) => a.size), [64 * 1024, pageSize]);
   assert.equal(asked[1]!.dataSize, pageSize);
   assert.ok(asked[0]!.dataSize! > pageSize, "the whole block was asked with its data first");
+});
+
+test("code pool: a released slot is reused at its size only after the quarantine, and never while its busy flag is set", async () => {
+  const { os, runtime } = platform();
+  const pool = new CodePool(platform());
+  const near = os.symbolAddress("labs");
+  const take = () => pool.allocate(near, 2n ** 31n, 48, 64)!;
+  const [a, b] = [take(), take()];
+  const busy = (slot: CodeSlot) => slot.data + 24n;
+  runtime.view(busy(b), 1)[0] = 1; // b's replacement is running on some thread
+  pool.release(a, busy(a));
+  pool.release(b, busy(b));
+  const early = take();
+  assert.ok(early.address !== a.address && early.address !== b.address, "nothing reused inside the quarantine");
+  await new Promise((resolve) => setTimeout(resolve, 1050));
+  const again = take();
+  assert.deepEqual([again.address, again.data], [a.address, a.data], "the idle slot comes back, code and data");
+  const meanwhile = take();
+  assert.ok(meanwhile.address !== b.address, "not the slot whose flag is set");
+  runtime.view(busy(b), 1)[0] = 0;
+  const last = take();
+  assert.deepEqual([last.address, last.data], [b.address, b.data], "the slot comes back once its flag clears");
 });
