@@ -47,6 +47,13 @@ interface PoolBlock extends CodeBlock {
  */
 const MIN_BLOCK = 64 * 1024;
 
+/**
+ * At most this many data bytes per code byte in a whole block: the most any slot has (x86-64's
+ * calling guard, 16 bytes of code before a 64-byte record), so a slot asking for more gets its
+ * own data but no block-wide share of it.
+ */
+const MAX_DATA_RATIO = 4;
+
 /** Slots start on this boundary: instruction fetch likes it and arm64 needs ≥ 4. */
 const SLOT_ALIGN = 16;
 
@@ -101,8 +108,10 @@ export class CodePool {
     // them, and every 64 patches would map a block); untouched data costs address space, not memory.
     // Where near space is too scarce for a whole block, the exact sizes may still fit.
     const blockSize = roundUp(Math.max(codeSize, MIN_BLOCK), os.pageSize);
-    const fresh = os.allocateCode(near, reach, blockSize, roundUp(blockSize * dataBytes / codeSize, os.pageSize) || os.pageSize) ??
-      (codeSize < MIN_BLOCK ? os.allocateCode(near, reach, roundUp(codeSize, os.pageSize), roundUp(dataBytes, os.pageSize) || os.pageSize) : null);
+    const ratio = Math.min(dataBytes / Math.max(codeSize, SLOT_ALIGN), MAX_DATA_RATIO);
+    const blockData = roundUp(Math.max(blockSize * ratio, dataBytes, 1), os.pageSize);
+    const fresh = os.allocateCode(near, reach, blockSize, blockData) ??
+      (codeSize < MIN_BLOCK ? os.allocateCode(near, reach, roundUp(codeSize, os.pageSize), roundUp(Math.max(dataBytes, 1), os.pageSize)) : null);
     if (!fresh) return null;
     const block: PoolBlock = {
       ...fresh,

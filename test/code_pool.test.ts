@@ -42,6 +42,13 @@ test("code pool: a block made for slots without data has one page of it", () => 
   assert.deepEqual(asked, [{ size: 64 * 1024, dataSize: pageSize }]);
 });
 
+test("code pool: a block's data is at most 4 bytes per code byte, and always holds the slot that made it", () => {
+  const { pool, asked } = fakeBlocks();
+  pool.allocate(0x7000_0000_0000n, 2n ** 31n, 16, 4096);
+  pool.allocate(0x7000_0000_0000n, 2n ** 31n, 100_000, 600_000);
+  assert.deepEqual(asked, [{ size: 64 * 1024, dataSize: 4 * 64 * 1024 }, { size: 102_400, dataSize: 602_112 }]);
+});
+
 test("code pool: where a whole block cannot be had in reach, the slot's exact code and data sizes are asked", () => {
   const { pool, asked, pageSize } = fakeBlocks((size) => size > 4096);
   const slot = pool.allocate(0x7000_0000_0000n, 2n ** 27n, 48, 64);
