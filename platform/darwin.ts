@@ -241,8 +241,8 @@ export function darwin(runtime: Runtime): Os {
       }
     },
 
-    allocateCode(near, reach, size) {
-      const dataSize = pageSize;
+    allocateCode(near, reach, size, wanted = pageSize) {
+      const dataSize = Math.max(1, Math.ceil(wanted / pageSize)) * pageSize;
       const total = BigInt(size + dataSize);
       const candidates = nearCandidates(mappings(), near, reach, total, page).slice(0, 16);
       let refused = false;

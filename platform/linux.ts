@@ -237,12 +237,13 @@ export function linux(runtime: Runtime): Os {
       return forced?.write(address, bytes) ?? false;
     },
 
-    allocateCode(near, reach, size) {
+    allocateCode(near, reach, size, wanted = pageSize) {
       const fd = codeFile(size);
-      const dataSize = pageSize;
+      const dataSize = Math.max(1, Math.ceil(wanted / pageSize)) * pageSize;
       try {
         const total = BigInt(size + dataSize);
-        const candidates = nearCandidates(parseMaps(readMaps()), near, reach, total, BigInt(pageSize));
+        const mappings = parseMaps(readMaps());
+        const candidates = nearCandidates(mappings, near, reach, total, BigInt(pageSize));
         for (const at of candidates.slice(0, 256)) {
           const address = mapShared(fd, at, size, PROT_READ | PROT_EXEC, MAP_FIXED_NOREPLACE);
           if (address === null) continue;
@@ -255,8 +256,13 @@ export function linux(runtime: Runtime): Os {
             c.munmap(address, BigInt(size));
             continue;
           }
-          // The write alias needs no reach: far away, it leaves the near gaps to code.
-          const far = farPlace(parseMaps(readMaps()), BigInt(size), BigInt(pageSize));
+          // The write alias needs no reach: far away, it leaves the near gaps to code. The map read
+          // above, with the block just mapped, tells where (one read and parse of the map is most
+          // of a block's cost): a place taken meanwhile fails MAP_FIXED_NOREPLACE, and the system
+          // chooses instead.
+          const below = mappings.findIndex((m) => m.start > address);
+          mappings.splice(below < 0 ? mappings.length : below, 0, { start: address, end: address + total, protection: 0, path: "" });
+          const far = farPlace(mappings, BigInt(size), BigInt(pageSize));
           const writable = (far === 0n ? null : mapShared(fd, far, size, PROT_READ | PROT_WRITE, MAP_FIXED_NOREPLACE)) ??
             mapShared(fd, 0n, size, PROT_READ | PROT_WRITE, 0);
           if (writable === null) {

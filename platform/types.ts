@@ -175,10 +175,11 @@ export interface Os {
    */
   forceWrite(address: bigint, bytes: Uint8Array): boolean;
   /**
-   * Executable memory (with a writable alias) within `reach` bytes of `near`, or null when none
-   * can be had there. It stays mapped for the life of the process: the code pool reuses it.
+   * Executable memory (with a writable alias) within `reach` bytes of `near`, followed by at least
+   * `dataSize` bytes of data (one page when not given), or null when none can be had there. It
+   * stays mapped for the life of the process: the code pool reuses it.
    */
-  allocateCode(near: bigint, reach: bigint, size: number): CodeBlock | null;
+  allocateCode(near: bigint, reach: bigint, size: number, dataSize?: number): CodeBlock | null;
   /**
    * A path the runtime's `dlopen` can open, holding `image` (a shared library built in memory, see
    * platform/image/elf.ts). It stays valid, and its bytes as given, for the life of the process.

@@ -197,10 +197,10 @@ export function windows(runtime: Runtime): Os {
       else if (protection & PROT_WRITE && !(protectionBits(old) & PROT_WRITE)) saved.set(start, old);
     },
 
-    allocateCode(near, reach, codeSize) {
+    allocateCode(near, reach, codeSize, wanted = pageSize) {
       // Whole pages: the data page's VirtualProtect must not reach back into the code's last page.
       const size = Math.ceil(codeSize / pageSize) * pageSize;
-      const dataSize = pageSize;
+      const dataSize = Math.max(1, Math.ceil(wanted / pageSize)) * pageSize;
       const total = size + dataSize;
       const span = (BigInt(total) + granularity - 1n) / granularity * granularity;
       const from = near - reach > lowest ? near - reach : lowest;

@@ -18,11 +18,15 @@ export interface CodeSlot {
   readonly block: PoolBlock;
 }
 
-/** Bump allocation with a free list of exact sizes: slots come in few sizes. */
+/**
+ * Bump allocation with free lists of exact sizes: slots come in few sizes, and a thousand freed
+ * slots of one size are a stack taken from its end (not one list searched and spliced per slot).
+ */
 interface Arena {
   used: number;
   readonly size: number;
-  readonly free: { offset: number; size: number }[];
+  /** Free offsets by slot size. */
+  readonly free: Map<number, number[]>;
 }
 
 interface PoolBlock extends CodeBlock {
@@ -30,6 +34,11 @@ interface PoolBlock extends CodeBlock {
   readonly dataArena: Arena;
   /** One view of the whole write alias, made on first write: the block is never unmapped. */
   aliasView?: Uint8Array;
+  /**
+   * One view of the whole data, made when a released slot's busy flag is first read there: under
+   * Deno a view costs ~1 µs, and a restored transaction's every guard asks one.
+   */
+  dataBytes?: Uint8Array;
 }
 
 /**
@@ -37,6 +46,13 @@ interface PoolBlock extends CodeBlock {
  * block serves hundreds of trampolines rather than one page's worth (Windows maps 64 KiB anyway).
  */
 const MIN_BLOCK = 64 * 1024;
+
+/**
+ * At most this many data bytes per code byte in a whole block: the most any slot has (x86-64's
+ * calling guard, 16 bytes of code before a 64-byte record), so a slot asking for more gets its
+ * own data but no block-wide share of it.
+ */
+const MAX_DATA_RATIO = 4;
 
 /** Slots start on this boundary: instruction fetch likes it and arm64 needs ≥ 4. */
 const SLOT_ALIGN = 16;
@@ -87,14 +103,20 @@ export class CodePool {
       if (slot) return slot;
     }
     const { os } = this.#platform;
-    // Where near space is too scarce for a whole block, the exact size may still fit.
-    const fresh = os.allocateCode(near, reach, roundUp(Math.max(codeSize, MIN_BLOCK), os.pageSize)) ??
-      (codeSize < MIN_BLOCK ? os.allocateCode(near, reach, roundUp(codeSize, os.pageSize)) : null);
+    // A whole block's data is sized so that slots like this one use up its code and its data
+    // together (a JS replacement's guard record outweighs its code: one page would hold only 64 of
+    // them, and every 64 patches would map a block); untouched data costs address space, not memory.
+    // Where near space is too scarce for a whole block, the exact sizes may still fit.
+    const blockSize = roundUp(Math.max(codeSize, MIN_BLOCK), os.pageSize);
+    const ratio = Math.min(dataBytes / Math.max(codeSize, SLOT_ALIGN), MAX_DATA_RATIO);
+    const blockData = roundUp(Math.max(blockSize * ratio, dataBytes, 1), os.pageSize);
+    const fresh = os.allocateCode(near, reach, blockSize, blockData) ??
+      (codeSize < MIN_BLOCK ? os.allocateCode(near, reach, roundUp(codeSize, os.pageSize), roundUp(Math.max(dataBytes, 1), os.pageSize)) : null);
     if (!fresh) return null;
     const block: PoolBlock = {
       ...fresh,
-      code: { used: 0, size: fresh.size, free: [] },
-      dataArena: { used: 0, size: fresh.dataSize, free: [] },
+      code: { used: 0, size: fresh.size, free: new Map() },
+      dataArena: { used: 0, size: fresh.dataSize, free: new Map() },
     };
     this.#blocks.push(block);
     const page = BigInt(os.pageSize);
@@ -131,7 +153,7 @@ export class CodePool {
 
   /** Executable bytes handed out and not given back, for the memory-per-patch measure. */
   get codeBytesInUse(): number {
-    const freed = (a: Arena) => a.free.reduce((n, f) => n + f.size, 0);
+    const freed = (a: Arena) => [...a.free].reduce((n, [size, offsets]) => n + size * offsets.length, 0);
     const quarantined = this.#quarantine.reduce((n, q) => n + q.slot.size, 0);
     return this.#blocks.reduce((n, b) => n + b.code.used - freed(b.code), 0) - quarantined;
   }
@@ -139,17 +161,21 @@ export class CodePool {
   #recycle(): void {
     const now = performance.now();
     const { runtime } = this.#platform;
-    const ready = (q: { since: number; busy: bigint | null }) =>
-      now - q.since >= QUARANTINE_MS && (q.busy === null || runtime.view(q.busy, 1)[0] === 0);
+    const idle = (block: PoolBlock, busy: bigint) => {
+      const at = busy - block.data;
+      if (at < 0n || at >= BigInt(block.dataSize)) return runtime.view(busy, 1)[0] === 0;
+      block.dataBytes ??= runtime.view(block.data, block.dataSize);
+      return block.dataBytes[Number(at)] === 0;
+    };
+    const ready = (q: { slot: CodeSlot; since: number; busy: bigint | null }) =>
+      now - q.since >= QUARANTINE_MS && (q.busy === null || idle(q.slot.block, q.busy));
     // Oldest first; the ready ones leave in one splice (a shift each would move the whole
     // queue, tens of thousands of slots after many patches, once per slot).
     let done = 0;
     for (; done < this.#quarantine.length && ready(this.#quarantine[done]!); done++) {
       const { slot } = this.#quarantine[done]!;
-      slot.block.code.free.push({ offset: Number(slot.address - slot.block.address), size: slot.size });
-      if (slot.dataSize) {
-        slot.block.dataArena.free.push({ offset: Number(slot.data - slot.block.data), size: slot.dataSize });
-      }
+      give(slot.block.code, Number(slot.address - slot.block.address), slot.size);
+      if (slot.dataSize) give(slot.block.dataArena, Number(slot.data - slot.block.data), slot.dataSize);
     }
     if (done > 0) this.#quarantine.splice(0, done);
   }
@@ -161,16 +187,23 @@ function roundUp(n: number, to: number): number {
 
 /** Whether `carve` can give `size` bytes of `arena`. */
 function fits(arena: Arena, size: number): boolean {
-  return size === 0 || arena.used + size <= arena.size || arena.free.some((f) => f.size === size);
+  return size === 0 || arena.used + size <= arena.size || (arena.free.get(size)?.length ?? 0) > 0;
 }
 
 function carve(arena: Arena, size: number): number | null {
   if (size === 0) return 0;
-  const reuse = arena.free.findIndex((f) => f.size === size);
-  if (reuse >= 0) return arena.free.splice(reuse, 1)[0]!.offset;
+  const reuse = arena.free.get(size)?.pop();
+  if (reuse !== undefined) return reuse;
   if (arena.used + size > arena.size) return null;
   arena.used += size;
   return arena.used - size;
+}
+
+/** Puts `size` bytes at `offset` back on `arena`'s free list. */
+function give(arena: Arena, offset: number, size: number): void {
+  const offsets = arena.free.get(size);
+  if (offsets) offsets.push(offset);
+  else arena.free.set(size, [offset]);
 }
 
 function take(block: PoolBlock, size: number, dataSize: number): CodeSlot | null {
@@ -178,7 +211,7 @@ function take(block: PoolBlock, size: number, dataSize: number): CodeSlot | null
   if (code === null) return null;
   const data = carve(block.dataArena, dataSize);
   if (data === null) {
-    block.code.free.push({ offset: code, size });
+    give(block.code, code, size);
     return null;
   }
   return {

@@ -1,0 +1,81 @@
+// The code pool asks the platform for few blocks: a block's data is sized for the slots that made
+// it (a JS replacement's guard record outweighs its code), and where near space is too scarce for
+// a whole block (arm64 under qemu) the pool falls back to the exact sizes of the one slot.
+import { assert, test } from "./harness.ts";
+import { platform } from "../platform/mod.ts";
+import type { CodeBlock, Platform } from "../platform/mod.ts";
+import { CodePool } from "../src/code_memory.ts";
+import type { CodeSlot } from "../src/code_memory.ts";
+
+/** A platform whose `allocateCode` hands out fake blocks (never written) and records each request. */
+function fakeBlocks(refuse: (size: number) => boolean = () => false) {
+  const real = platform();
+  const asked: { size: number; dataSize: number | undefined }[] = [];
+  let next = 0x7000_0000_0000n;
+  const allocateCode = (_near: bigint, _reach: bigint, size: number, dataSize?: number): CodeBlock | null => {
+    asked.push({ size, dataSize });
+    if (refuse(size)) return null;
+    const data = dataSize ?? real.os.pageSize;
+    const block = { address: next, writable: next + 2n ** 32n, size, data: next + BigInt(size), dataSize: data };
+    next += BigInt(size + data) + 2n ** 20n;
+    return block;
+  };
+  const fake: Platform = { ...real, os: { ...real.os, allocateCode } };
+  return { pool: new CodePool(fake), asked, pageSize: real.os.pageSize };
+}
+
+test("code pool: 1000 slots of a JS replacement's sizes (48 code, 64 data bytes) come from one block", () => {
+  const { pool, asked } = fakeBlocks();
+  const slots = Array.from({ length: 1000 }, () => pool.allocate(0x7000_0000_0000n, 2n ** 31n, 48, 64)!);
+  assert.equal(asked.length, 1, "one block");
+  assert.ok(asked[0]!.dataSize! >= (asked[0]!.size / 48) * 64, "data for as many slots as the code holds");
+  const data = new Set(slots.map((s) => s.data));
+  assert.equal(data.size, 1000, "each slot its own data");
+  for (const s of slots) {
+    assert.ok(s.data >= s.block.data && s.data + 64n <= s.block.data + BigInt(s.block.dataSize), "data inside its block");
+  }
+});
+
+test("code pool: a block made for slots without data has one page of it", () => {
+  const { pool, asked, pageSize } = fakeBlocks();
+  pool.allocate(0x7000_0000_0000n, 2n ** 31n, 40);
+  assert.deepEqual(asked, [{ size: 64 * 1024, dataSize: pageSize }]);
+});
+
+test("code pool: a block's data is at most 4 bytes per code byte, and always holds the slot that made it", () => {
+  const { pool, asked } = fakeBlocks();
+  pool.allocate(0x7000_0000_0000n, 2n ** 31n, 16, 4096);
+  pool.allocate(0x7000_0000_0000n, 2n ** 31n, 100_000, 600_000);
+  assert.deepEqual(asked, [{ size: 64 * 1024, dataSize: 4 * 64 * 1024 }, { size: 102_400, dataSize: 602_112 }]);
+});
+
+test("code pool: where a whole block cannot be had in reach, the slot's exact code and data sizes are asked", () => {
+  const { pool, asked, pageSize } = fakeBlocks((size) => size > 4096);
+  const slot = pool.allocate(0x7000_0000_0000n, 2n ** 27n, 48, 64);
+  assert.ok(slot, "a slot from the small block");
+  assert.deepEqual(asked.map((a) => a.size), [64 * 1024, pageSize]);
+  assert.equal(asked[1]!.dataSize, pageSize);
+  assert.ok(asked[0]!.dataSize! > pageSize, "the whole block was asked with its data first");
+});
+
+test("code pool: a released slot is reused at its size only after the quarantine, and never while its busy flag is set", async () => {
+  const { os, runtime } = platform();
+  const pool = new CodePool(platform());
+  const near = os.symbolAddress("labs");
+  const take = () => pool.allocate(near, 2n ** 31n, 48, 64)!;
+  const [a, b] = [take(), take()];
+  const busy = (slot: CodeSlot) => slot.data + 24n;
+  runtime.view(busy(b), 1)[0] = 1; // b's replacement is running on some thread
+  pool.release(a, busy(a));
+  pool.release(b, busy(b));
+  const early = take();
+  assert.ok(early.address !== a.address && early.address !== b.address, "nothing reused inside the quarantine");
+  await new Promise((resolve) => setTimeout(resolve, 1050));
+  const again = take();
+  assert.deepEqual([again.address, again.data], [a.address, a.data], "the idle slot comes back, code and data");
+  const meanwhile = take();
+  assert.ok(meanwhile.address !== b.address, "not the slot whose flag is set");
+  runtime.view(busy(b), 1)[0] = 0;
+  const last = take();
+  assert.deepEqual([last.address, last.data], [b.address, b.data], "the slot comes back once its flag clears");
+});
