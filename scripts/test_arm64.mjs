@@ -58,10 +58,10 @@ function debianCodename() {
 }
 
 /**
- * Downloads the Debian packages `names` of `architecture` from the suite `suite` into `dir` and
- * unpacks them into `into`; false when apt cannot. apt-get runs with its own sources list, package
- * lists, cache and (empty) dpkg status in `dir`, so the system's apt configuration and state stay
- * untouched.
+ * Downloads the Debian packages `names` from the suite `suite` into `dir`, for `architecture` (this
+ * machine's when undefined), and unpacks them into `into`. Returns why that failed in one line, or
+ * undefined. apt-get runs with its own sources list, package lists, cache and (empty) dpkg status
+ * in `dir`, so the system's apt configuration and state stay untouched.
  */
 function aptFetch(dir, suite, architecture, names, into) {
   mkdirSync(join(dir, "lists", "partial"), { recursive: true });
@@ -75,19 +75,26 @@ function aptFetch(dir, suite, architecture, names, into) {
     "-o", `Dir::State::Lists=${join(dir, "lists")}`,
     "-o", `Dir::Cache=${join(dir, "cache")}`,
     "-o", "Dir::State::status=/dev/null",
-    "-o", `APT::Architecture=${architecture}`,
-    "-o", `APT::Architectures=${architecture}`,
+    ...(architecture ? ["-o", `APT::Architecture=${architecture}`, "-o", `APT::Architectures=${architecture}`] : []),
   ];
   for (const old of readdirSync(dir).filter((f) => f.endsWith(".deb"))) rmSync(join(dir, old));
-  if (sh("apt-get", [...apt, "update"], { stdio: "inherit" }).status !== 0) return false;
-  if (sh("apt-get", [...apt, "download", ...names], { cwd: dir, stdio: "inherit" }).status !== 0) return false;
+  // apt-get update exits 0 when an index cannot be fetched: then that warning is the reason.
+  let said = "";
+  for (const [command, options] of [[["update"], {}], [["download", ...names], { cwd: dir }]]) {
+    const run = sh("apt-get", [...apt, ...command], options);
+    said += `${run.stdout ?? ""}${run.stderr ?? ""}${run.error ? `${run.error.message}\n` : ""}`;
+    if (run.status !== 0) {
+      const why = /^W: Failed to fetch.*$/m.exec(said) ?? /^E: .*$/m.exec(said);
+      return why?.[0] || said.trim().split("\n")[0] || `apt-get ${command[0]} exited ${run.status}`;
+    }
+  }
   const debs = readdirSync(dir).filter((f) => f.endsWith(".deb"));
-  if (debs.length !== names.length) return false;
+  if (debs.length !== names.length) return `apt-get download gave ${debs.join(", ") || "nothing"} for ${names.join(", ")}`;
   rmSync(into, { recursive: true, force: true });
   mkdirSync(into, { recursive: true });
-  const unpacked = debs.every((deb) => sh("dpkg-deb", ["-x", join(dir, deb), into]).status === 0);
+  const broken = debs.find((deb) => sh("dpkg-deb", ["-x", join(dir, deb), into]).status !== 0);
   for (const deb of debs) rmSync(join(dir, deb));
-  return unpacked;
+  return broken ? `dpkg-deb cannot unpack ${broken}` : undefined;
 }
 
 /**
@@ -107,7 +114,11 @@ function modernQemu() {
   const dir = join(cache, "apt");
   const unpacked = join(dir, "unpacked");
   console.log(`fetching qemu-user from ${suite}`);
-  if (!aptFetch(dir, suite, "amd64", [`qemu-user/${suite}`], unpacked)) return null;
+  const failed = aptFetch(dir, suite, undefined, [`qemu-user/${suite}`], unpacked);
+  if (failed) {
+    console.log(`cannot fetch qemu-user: ${failed}`);
+    return null;
+  }
   renameSync(join(unpacked, "usr", "bin", "qemu-aarch64"), kept);
   rmSync(unpacked, { recursive: true, force: true });
   return honoursIcIvau(kept) ? kept : null;
@@ -132,8 +143,9 @@ function sysroot() {
     const unpacked = join(dir, "unpacked");
     const names = ARM64_LIBRARIES.map(([name]) => name);
     console.log(`fetching arm64 ${names.join(", ")} from ${debianCodename()}`);
-    if (!aptFetch(dir, debianCodename(), "arm64", names, unpacked)) {
-      console.log(`WARNING: arm64 ${names.join(", ")} could not be downloaded: the tests using them report skipped`);
+    const failed = aptFetch(dir, debianCodename(), "arm64", names, unpacked);
+    if (failed) {
+      console.log(`WARNING: no arm64 ${names.join(", ")} (${failed}): the tests using them report skipped`);
       return SYSROOT;
     }
     rmSync(root, { recursive: true, force: true });
