@@ -1,12 +1,12 @@
 // `npm run test:arm64`: the whole test suite on Linux arm64, emulated by qemu-user on this x86-64
 // machine, for Deno and for Bun, plus the Deno suite once more with 16 KiB pages. Sets up what it
-// needs first and skips what is already there: Debian's qemu and arm64 libraries, a qemu recent
-// enough to honour instruction-cache flushes (see `modernQemu`), the arm64 Deno and Bun of the same
-// versions as the x86-64 devDependencies (from npm), and binfmt_misc so that tests can start arm64
-// child processes. Closes with one line: "N passed, N failed, N skipped".
+// needs first and skips what is already there: Debian's qemu and arm64 libc, a qemu recent enough
+// to honour instruction-cache flushes (see `modernQemu`), the arm64 libsqlite3 and zlib that some
+// tests use (see `sysroot`), the arm64 Deno and Bun of the same versions as the x86-64
+// devDependencies (from npm), and binfmt_misc so that tests can start arm64 child processes. Closes with one line: "N passed, N failed, N skipped".
 //
 // Arguments pick steps by name ("deno", "bun", "deno 16k"); none runs them all.
-import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { bunCounts, denoCounts } from "./counts.mjs";
 import { npmPackage, versionOf } from "./packages.mjs";
@@ -19,8 +19,10 @@ const only = process.argv.slice(2);
 /** The arm64 sysroot of Debian's cross packages: qemu-user finds the dynamic loader there. */
 const SYSROOT = "/usr/aarch64-linux-gnu";
 const APT_PACKAGES = ["qemu-user-static", "libc6-arm64-cross", "libgcc-s1-arm64-cross", "binutils-aarch64-linux-gnu"];
+/** The optional libraries of the tests (Debian package, soname); the cross packages have none. */
+const ARM64_LIBRARIES = [["libsqlite3-0", "libsqlite3.so.0"], ["zlib1g", "libz.so.1"]];
+/** qemu's environment besides QEMU_LD_PREFIX, the sysroot (`sysroot`). */
 const QEMU_ENV = {
-  QEMU_LD_PREFIX: SYSROOT,
   // The default CPU model ("max") emulates pointer authentication so slowly that Deno runs ~100×
   // slower; Neoverse N1 is a real ARMv8.2 core without it.
   QEMU_CPU: "neoverse-n1",
@@ -50,45 +52,120 @@ function honoursIcIvau(binary) {
   return m !== null && (Number(m[1]) > 8 || (Number(m[1]) === 8 && Number(m[2]) >= 1));
 }
 
+/** This machine's Debian release (its cross libc is that release's), e.g. "bookworm". */
+function debianCodename() {
+  return /^VERSION_CODENAME=(\w+)/m.exec(readFileSync("/etc/os-release", "utf8"))?.[1];
+}
+
 /**
- * A qemu-aarch64 of version 8.1 or later. Older ones (Debian 12 ships 7.2) ignore `ic ivau`, so
- * code written through a second, writable mapping (the code pool writes through one) keeps running
- * stale translations after it is rewritten, however it is flushed: a reused stub slot then runs
- * the previous patch's code, and Bun crashes. They also list /proc/self/maps wrongly. 8.1 and later
- * invalidate translations on `ic ivau`, as hardware does, so the emulated runs also exercise the
- * flush. Debian 12 has one in bookworm-backports: fetched with apt-get (its own package lists in
- * the cache, the system's apt configuration untouched) and only qemu-aarch64 kept.
+ * Downloads the Debian packages `names` from the suite `suite` into `dir`, for `architecture` (this
+ * machine's when undefined), and unpacks them into `into`. Returns why that failed in one line, or
+ * undefined. apt-get runs with its own sources list, package lists, cache and (empty) dpkg status
+ * in `dir`, so the system's apt configuration and state stay untouched.
  */
-function modernQemu() {
-  if (honoursIcIvau("qemu-aarch64-static")) return "qemu-aarch64-static";
-  const kept = join(cache, "qemu-aarch64");
-  if (existsSync(kept) && honoursIcIvau(kept)) return kept;
-  const codename = /^VERSION_CODENAME=(\w+)/m.exec(readFileSync("/etc/os-release", "utf8"))?.[1];
-  const dir = join(cache, "apt");
+function aptFetch(dir, suite, architecture, names, into) {
   mkdirSync(join(dir, "lists", "partial"), { recursive: true });
-  writeFileSync(join(dir, "sources.list"), `deb http://deb.debian.org/debian ${codename}-backports main\n`);
+  mkdirSync(join(dir, "cache", "archives", "partial"), { recursive: true });
+  writeFileSync(join(dir, "sources.list"), `deb http://deb.debian.org/debian ${suite} main\n`);
   const apt = [
     "-qq",
     "-o", `Dir::Etc::SourceList=${join(dir, "sources.list")}`,
     "-o", "Dir::Etc::SourceParts=/dev/null",
     "-o", "APT::Sandbox::User=root",
     "-o", `Dir::State::Lists=${join(dir, "lists")}`,
+    "-o", `Dir::Cache=${join(dir, "cache")}`,
+    "-o", "Dir::State::status=/dev/null",
+    ...(architecture ? ["-o", `APT::Architecture=${architecture}`, "-o", `APT::Architectures=${architecture}`] : []),
   ];
-  console.log(`fetching qemu-user from ${codename}-backports`);
-  if (sh("apt-get", [...apt, "update"], { stdio: "inherit" }).status !== 0) return null;
-  if (sh("apt-get", [...apt, "download", `qemu-user/${codename}-backports`], { cwd: dir, stdio: "inherit" }).status !== 0) {
+  for (const old of readdirSync(dir).filter((f) => f.endsWith(".deb"))) rmSync(join(dir, old));
+  // apt-get update exits 0 when an index cannot be fetched: then that warning is the reason.
+  let said = "";
+  for (const [command, options] of [[["update"], {}], [["download", ...names], { cwd: dir }]]) {
+    const run = sh("apt-get", [...apt, ...command], options);
+    said += `${run.stdout ?? ""}${run.stderr ?? ""}${run.error ? `${run.error.message}\n` : ""}`;
+    if (run.status !== 0) {
+      const why = /^W: Failed to fetch.*$/m.exec(said) ?? /^E: .*$/m.exec(said);
+      return why?.[0] || said.trim().split("\n")[0] || `apt-get ${command[0]} exited ${run.status}`;
+    }
+  }
+  const debs = readdirSync(dir).filter((f) => f.endsWith(".deb"));
+  if (debs.length !== names.length) return `apt-get download gave ${debs.join(", ") || "nothing"} for ${names.join(", ")}`;
+  rmSync(into, { recursive: true, force: true });
+  mkdirSync(into, { recursive: true });
+  const broken = debs.find((deb) => sh("dpkg-deb", ["-x", join(dir, deb), into]).status !== 0);
+  for (const deb of debs) rmSync(join(dir, deb));
+  return broken ? `dpkg-deb cannot unpack ${broken}` : undefined;
+}
+
+/**
+ * A qemu-aarch64 of version 8.1 or later. Older ones (Debian 12 ships 7.2) ignore `ic ivau`, so
+ * code written through a second, writable mapping (the code pool writes through one) keeps running
+ * stale translations after it is rewritten, however it is flushed: a reused stub slot then runs
+ * the previous patch's code, and Bun crashes. They also list /proc/self/maps wrongly. 8.1 and later
+ * invalidate translations on `ic ivau`, as hardware does, so the emulated runs also exercise the
+ * flush. Debian 12 has one in bookworm-backports: fetched with `aptFetch` and only qemu-aarch64
+ * kept.
+ */
+function modernQemu() {
+  if (honoursIcIvau("qemu-aarch64-static")) return "qemu-aarch64-static";
+  const kept = join(cache, "qemu-aarch64");
+  if (existsSync(kept) && honoursIcIvau(kept)) return kept;
+  const suite = `${debianCodename()}-backports`;
+  const dir = join(cache, "apt");
+  const unpacked = join(dir, "unpacked");
+  console.log(`fetching qemu-user from ${suite}`);
+  const failed = aptFetch(dir, suite, undefined, [`qemu-user/${suite}`], unpacked);
+  if (failed) {
+    console.log(`cannot fetch qemu-user: ${failed}`);
     return null;
   }
-  const deb = readdirSync(dir).find((f) => f.startsWith("qemu-user_") && f.endsWith(".deb"));
-  if (!deb) return null;
-  const unpacked = join(dir, "unpacked");
-  rmSync(unpacked, { recursive: true, force: true });
-  mkdirSync(unpacked);
-  if (sh("dpkg-deb", ["-x", join(dir, deb), unpacked]).status !== 0) return null;
   renameSync(join(unpacked, "usr", "bin", "qemu-aarch64"), kept);
   rmSync(unpacked, { recursive: true, force: true });
-  rmSync(join(dir, deb));
   return honoursIcIvau(kept) ? kept : null;
+}
+
+/**
+ * The sysroot qemu runs the arm64 programs in: Debian's cross libc (`SYSROOT`) and the optional
+ * libraries some tests use (`ARM64_LIBRARIES`), or `SYSROOT` alone when those cannot be had (the
+ * tests then report themselves skipped). The cross libc has no arm64 libsqlite3 or libz beside it,
+ * so the libraries come from this machine's Debian release for arm64 (apt, as in `aptFetch`),
+ * unpacked into the cache where an arm64 Debian has them, /usr/lib/aarch64-linux-gnu (zlib's
+ * /lib/aarch64-linux-gnu joins it, as on a merged-/usr system): the loader finds them there by its
+ * default search path, as on arm64 hardware. The cross libc's lib/ and bin/ are linked in.
+ */
+function sysroot() {
+  const root = join(cache, "sysroot");
+  const libraries = join(root, "usr", "lib", "aarch64-linux-gnu");
+  const have = () => ARM64_LIBRARIES.every(([, soname]) => existsSync(join(libraries, soname)));
+  if (!have()) {
+    const started = Date.now();
+    const dir = join(cache, "apt-arm64");
+    const unpacked = join(dir, "unpacked");
+    const names = ARM64_LIBRARIES.map(([name]) => name);
+    console.log(`fetching arm64 ${names.join(", ")} from ${debianCodename()}`);
+    const failed = aptFetch(dir, debianCodename(), "arm64", names, unpacked);
+    if (failed) {
+      console.log(`WARNING: no arm64 ${names.join(", ")} (${failed}): the tests using them report skipped`);
+      return SYSROOT;
+    }
+    rmSync(root, { recursive: true, force: true });
+    mkdirSync(libraries, { recursive: true });
+    for (const from of [join(unpacked, "usr", "lib", "aarch64-linux-gnu"), join(unpacked, "lib", "aarch64-linux-gnu")]) {
+      if (!existsSync(from)) continue;
+      for (const file of readdirSync(from)) renameSync(join(from, file), join(libraries, file));
+    }
+    rmSync(unpacked, { recursive: true, force: true });
+    if (!have()) {
+      console.log(`WARNING: the arm64 packages ${names.join(", ")} lack an expected library: the tests using them report skipped`);
+      return SYSROOT;
+    }
+    console.log(`fetched in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+  }
+  for (const top of ["lib", "bin"]) {
+    rmSync(join(root, top), { force: true });
+    symlinkSync(join(SYSROOT, top), join(root, top));
+  }
+  return root;
 }
 
 /**
@@ -130,15 +207,16 @@ function setUp() {
     if (!existsSync(binary)) throw new Error(`${binary} is missing from its npm package`);
   }
   registerBinfmt(qemu);
+  const prefix = sysroot();
   console.log(`set-up: ${((Date.now() - started) / 1000).toFixed(1)} s`);
-  return { deno, bun, qemu };
+  return { deno, bun, qemu, prefix };
 }
 
 /** Runs the arm64 `binary` under `qemu`, with `qemuArgs` before it. */
 function emulate(qemu, binary, args, qemuArgs = []) {
   return echoed(qemu, [...qemuArgs, binary, ...args], {
     cwd: root,
-    env: { ...process.env, ...QEMU_ENV, NO_COLOR: "1" },
+    env: { ...process.env, ...QEMU_ENV, QEMU_LD_PREFIX: machine.prefix, NO_COLOR: "1" },
     timeout: TIMEOUT_MS,
   });
 }
