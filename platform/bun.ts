@@ -4,7 +4,7 @@
  */
 import { RedefineError } from "../src/errors.ts";
 import type { NativeType, Signature } from "../src/signature.ts";
-import type { NativeCall, NativeCallback, Runtime } from "./types.ts";
+import type { Binding, NativeCall, NativeCallback, Runtime } from "./types.ts";
 
 /** What this adapter uses of bun:ffi, declared here: neither Deno's checker nor @types/node knows bun:ffi. */
 interface BunFfi {
@@ -55,8 +55,8 @@ export const bun: Runtime = {
   os: process.platform === "win32" ? "windows" : process.platform,
   arch: process.arch,
 
-  open<K extends string>(path: string, symbols: Record<K, Signature & { optional?: boolean }>) {
-    const entries = Object.entries<Signature & { optional?: boolean }>(symbols);
+  open<K extends string>(path: string, symbols: Record<K, Binding>) {
+    const entries = Object.entries<Binding>(symbols);
     // Bun has no optional symbols: bind the required ones together and each optional one alone.
     const required = Object.fromEntries(
       entries.filter(([, s]) => !s.optional).map(([n, s]) => [n, bunDefinition(s)]),

@@ -5,7 +5,7 @@
 import { RedefineError } from "../src/errors.ts";
 import type { NativeType, Signature } from "../src/signature.ts";
 import type { DenoDefinition, DenoFfi, DenoParameterType, DenoPointer, DenoResultType } from "./deno_types.ts";
-import type { NativeCall, NativeCallback, Runtime } from "./types.ts";
+import type { Binding, NativeCall, NativeCallback, Runtime } from "./types.ts";
 
 // Through the adapter's own declaration of it: a Bun or Node project's type check has no Deno namespace.
 const Deno = (globalThis as unknown as { Deno: DenoFfi }).Deno;
@@ -52,9 +52,9 @@ export const deno: Runtime = {
   os: Deno.build.os,
   arch: Deno.build.arch,
 
-  open<K extends string>(path: string, symbols: Record<K, Signature & { optional?: boolean }>) {
+  open<K extends string>(path: string, symbols: Record<K, Binding>) {
     const definitions = Object.fromEntries(
-      Object.entries<Signature & { optional?: boolean }>(symbols).map((
+      Object.entries<Binding>(symbols).map((
         [name, s],
       ) => [name, {
         ...denoDefinition(s),

@@ -7,7 +7,7 @@
 import { hex, RedefineError } from "../src/errors.ts";
 import type { NativeType, Signature } from "../src/signature.ts";
 import { buildStubImage } from "./image/elf.ts";
-import type { NativeCall, NativeCallback, Runtime } from "./types.ts";
+import type { Binding, NativeCall, NativeCallback, Runtime } from "./types.ts";
 
 type FfiSignature = { arguments: string[]; return: string };
 
@@ -46,8 +46,14 @@ const NODE_TYPES: Record<NativeType, string> = {
   bool: "bool", pointer: "pointer", buffer: "pointer", function: "pointer", void: "void",
 };
 
-function definition(signature: Signature): FfiSignature {
-  return { arguments: signature.parameters.map((t) => NODE_TYPES[t]), return: NODE_TYPES[signature.result] };
+/** A pointer-like parameter, which node:ffi may equally be told is a `function`. */
+const POINTER_LIKE = new Set<NativeType>(["pointer", "buffer", "function"]);
+
+function definition(signature: Binding): FfiSignature {
+  // A `function` argument keeps the binding off the Fast API path, where JS that runs inside the
+  // call and deoptimizes its caller aborts V8: the way off it for a call that may run JS.
+  const type = (t: NativeType) => (signature.callback && POINTER_LIKE.has(t) ? "function" : NODE_TYPES[t]);
+  return { arguments: signature.parameters.map(type), return: NODE_TYPES[signature.result] };
 }
 
 /** node:ffi's `bool` is a number both ways; Deno's and Bun's is a boolean. */
@@ -155,10 +161,10 @@ function adapter(ffi: Ffi): Runtime {
     }
   }
 
-  function open<K extends string>(path: string, symbols: Record<K, Signature & { optional?: boolean }>) {
+  function open<K extends string>(path: string, symbols: Record<K, Binding>) {
     const lib = library(path);
     const bound: Record<string, NativeCall> = {};
-    for (const [name, signature] of Object.entries<Signature & { optional?: boolean }>(symbols)) {
+    for (const [name, signature] of Object.entries<Binding>(symbols)) {
       try {
         bound[name] = withBooleans(signature, lib.getFunction(name, definition(signature)));
       } catch (error) {

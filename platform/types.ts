@@ -8,6 +8,20 @@ import type { Signature } from "../src/signature.ts";
 // deno-lint-ignore no-explicit-any
 export type NativeCall = (...args: any[]) => any;
 
+/** One symbol for `Runtime.open` to bind. */
+export interface Binding extends Signature {
+  /** A missing symbol comes back undefined instead of failing the whole open. */
+  readonly optional?: boolean;
+  /**
+   * The call may run JS before it returns (its callee redefined with a JS replacement): V8 aborts
+   * when it deoptimizes the caller during a fast API call that returns a value. node:ffi keeps a
+   * signature with a `function` argument off its Fast API path, so Node binds pointer-like
+   * parameters as `function`; a signature without one has no way off it. Deno 2.9 has no per-symbol
+   * opt-out (it ignores this key); Bun's JavaScriptCore has no V8 fast calls.
+   */
+  readonly callback?: boolean;
+}
+
 /** A JS function turned into a native function pointer; valid until `close()`. */
 export interface NativeCallback {
   readonly address: bigint;
@@ -25,10 +39,7 @@ export interface Runtime {
    * Opens a library with the runtime's loader and binds `symbols`. `optional` symbols that are
    * missing come back undefined. Throws FFI_PERMISSION / LIBRARY_NOT_FOUND.
    */
-  open<K extends string>(
-    path: string,
-    symbols: Record<K, Signature & { optional?: boolean }>,
-  ): Record<K, NativeCall>;
+  open<K extends string>(path: string, symbols: Record<K, Binding>): Record<K, NativeCall>;
   /** A live view of `length` bytes of native memory at `address`. */
   view(address: bigint, length: number): Uint8Array;
   /** The NUL-terminated string at `address`. */

@@ -22,16 +22,20 @@ export function quad(address: bigint): number[] {
   return [...bytes];
 }
 
-/** libc as a native caller sees it, bound with the runtime's FFI. */
+/**
+ * libc as a native caller sees it, bound with the runtime's FFI. Those the tests redefine with JS
+ * replacements and that take a pointer are bound `callback: true`, off node:ffi's fast path (see
+ * Binding); the others have no way off it.
+ */
 export const libc = runtime.open("libc.so.6", {
   getpid: { parameters: [], result: "i32" },
   getppid: { parameters: [], result: "i32" },
   labs: { parameters: ["i64"], result: "i64" },
   imaxabs: { parameters: ["i64"], result: "i64" },
   atoi: { parameters: ["buffer"], result: "i32" },
-  strtol: { parameters: ["buffer", "pointer", "i32"], result: "i64" },
-  strlen: { parameters: ["buffer"], result: "u64" },
-  memcmp: { parameters: ["buffer", "buffer", "usize"], result: "i32" },
+  strtol: { parameters: ["buffer", "pointer", "i32"], result: "i64", callback: true },
+  strlen: { parameters: ["buffer"], result: "u64", callback: true },
+  memcmp: { parameters: ["buffer", "buffer", "usize"], result: "i32", callback: true },
   qsort: { parameters: ["buffer", "usize", "usize", "pointer"], result: "void" },
   pthread_create: { parameters: ["buffer", "pointer", "pointer", "buffer"], result: "i32" },
   pthread_join: { parameters: ["u64", "pointer"], result: "i32" },
