@@ -59,7 +59,9 @@ export const deno: Runtime = {
       ) => [name, {
         ...denoDefinition(s),
         optional: s.optional ?? false,
-        // A function taking a function pointer may call back into JS, which V8's fast calls forbid.
+        // A function taking a function pointer may call back into JS, which V8's fast calls forbid:
+        // older Deno releases keep a `callback` symbol off the fast path; 2.9 ignores the field
+        // (README: caveats), so this only helps a user on an older Deno.
         callback: s.parameters.includes("function"),
       }]),
     );
