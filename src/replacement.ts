@@ -98,7 +98,7 @@ export function destinationFor(signature: Signature, replacement: unknown): Dest
     return { kind: "canned", spec: cannedSpec(replacement, signature.result) };
   }
   if (typeof replacement === "bigint") {
-    checkExecutable(m, replacement, "the replacement address");
+    checkExecutable(replacement, "the replacement address");
     return { kind: "native", address: replacement };
   }
   if (replacement && typeof replacement === "object" && typeof (replacement as SymbolReplacement).symbol === "string") {

@@ -138,17 +138,17 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   const signature = checkSignature(target, "the target's signature") as { parameters: P; result: R };
   const m = machine();
   const address = addressOf(m, target);
-  const mapping = checkExecutable(m, address, "the function");
+  const mapping = checkExecutable(address, "the function");
   if (m.pool.contains(address) || m.originals.contains(address)) {
     throw new RedefineError(
       "INVALID_ADDRESS",
       `${hex(address)} is inside redefine's own stubs: redefine the original function instead.`,
     );
   }
-  const originalSlot = slotOf(m, target.originalSlot);
-  checkReadable(m, address, 1, mapping);
+  const originalSlot = slotOf(target.originalSlot);
+  checkReadable(address, 1, mapping);
   const extent = extentOf(m, address, target.size, "symbol" in target && target.symbol !== undefined);
-  checkReadable(m, address, extent, mapping);
+  checkReadable(address, extent, mapping);
   // Read in place: nothing writes code before the layout has used these bytes (a write waits for
   // the patch's schedule, or the transaction's end), and the patch keeps a copy of what it covers.
   let whole = liveBytes(address, Math.min(extent, MAX_SCAN));
@@ -179,7 +179,7 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
  * Refuses an address that is not a 64-bit address, NULL, unmapped or not executable: it is not
  * code. Returns its mapping.
  */
-export function checkExecutable(m: Machine, address: bigint, what: string): Mapping {
+export function checkExecutable(address: bigint, what: string): Mapping {
   checkAddress(address, what);
   const mapping = mappingAt(address);
   if (!mapping || !(mapping.protection & PROT_EXEC)) {
@@ -213,7 +213,7 @@ function checkAddress(address: bigint, what: string): void {
  * is in readable, executable mappings, before anything reads them: a size running into an
  * inaccessible page, or an execute-only page, would fault.
  */
-function checkReadable(m: Machine, address: bigint, length: number, mapping: Mapping): void {
+function checkReadable(address: bigint, length: number, mapping: Mapping): void {
   const end = address + BigInt(length);
   const code = PROT_READ | PROT_EXEC;
   for (let from = address, here: Mapping | null = mapping;; from = here.end, here = mappingAt(from)) {
@@ -238,7 +238,7 @@ function checkReadable(m: Machine, address: bigint, length: number, mapping: Map
 }
 
 /** Checks an `originalSlot`: 8 writable bytes, pointer-aligned. */
-function slotOf(m: Machine, slot: unknown): bigint | null {
+function slotOf(slot: unknown): bigint | null {
   if (slot === undefined) return null;
   const what = "'originalSlot'";
   if (typeof slot !== "bigint") {
