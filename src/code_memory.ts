@@ -1,8 +1,8 @@
 /**
  * Writing code: the executable pool where stubs and trampolines live, and the all-or-nothing
  * transaction that writes into protected code (through the kernel's forced write where the system
- * has one, else make the pages writable, write, put the original protection back; then flush),
- * undoing every step when one fails.
+ * has one and a run of pages takes few stores, else make the pages writable, write, put the
+ * original protection back; then flush), undoing every step when one fails.
  */
 import { hex, RedefineError } from "./errors.ts";
 import type { CodeBlock, Mapping, Os, Platform, Runtime } from "../platform/mod.ts";

@@ -75,8 +75,8 @@ function net(writes: readonly CodeWrite[], byAddress?: Map<bigint, CodeWrite[]>)
 }
 
 /**
- * Applies everything `body` redefines and restores as one transaction: a run of pages written 4
- * times or more is made writable once and gets its protection back once, however many patches it
+ * Applies everything `body` redefines and restores as one transaction: a run of pages taking 4
+ * stores or more is made writable once and gets its protection back once, however many patches it
  * holds (fewer stores go through the kernel's forced write where the system has one), and if
  * anything fails — in `body` or while writing — every page and byte is as it was before and the
  * error is rethrown.
