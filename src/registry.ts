@@ -104,10 +104,12 @@ export function machine(): Machine {
 }
 
 /**
- * A live view of the `length` bytes at `address`, which the caller has found mapped and readable:
+ * A live view of the `length` bytes at `address`, which the caller takes to be mapped and readable:
  * a piece of one view per page, kept. Making a view is a foreign call and, under Deno, a fresh
  * buffer (~0.3 µs); a piece of a kept one costs a small object. A view is only a pointer: keeping
- * one keeps nothing mapped, and it is read only where a check has just found the memory mapped.
+ * one keeps nothing mapped. Callers read code a check has just found mapped, the pool's own memory,
+ * or a live patch's entry, which is not asked of the map again (its library is taken to stay loaded
+ * while it is patched).
  */
 export function liveBytes(address: bigint, length: number): Uint8Array {
   const m = machine();
