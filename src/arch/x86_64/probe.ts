@@ -85,7 +85,7 @@ function listing({ at, data, original: to, inline, timing, os }: ProbeOptions): 
     [0x5a], //                                          pop rdx
     [0x58], //                                          pop rax
     "to_original",
-    intoOriginal, //                                    jmp [rip+original], or the copy of its start
+    intoOriginal, //                                    jmp original (direct or through the record), or the copy of its start
     "other",
     other, //                                           lock inc qword [rip+calls]
     // rel32, not a short jump: the copy of the original's start in between may be tens of bytes.
