@@ -3,7 +3,8 @@
 // needs first and skips what is already there: Debian's qemu and arm64 libc, a qemu recent enough
 // to honour instruction-cache flushes (see `modernQemu`), the arm64 libsqlite3 and zlib that some
 // tests use (see `sysroot`), the arm64 Deno and Bun of the same versions as the x86-64
-// devDependencies (from npm), and binfmt_misc so that tests can start arm64 child processes. Closes with one line: "N passed, N failed, N skipped".
+// devDependencies (from npm), and binfmt_misc so that tests can start arm64 child processes.
+// Closes with one line: "N passed, N failed, N skipped".
 //
 // Arguments pick steps by name ("deno", "bun", "deno 16k"); none runs them all.
 import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from "node:fs";

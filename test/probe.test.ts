@@ -70,7 +70,7 @@ test("x86-64 timing probe: counts as above, takes the slot, swaps the return add
       "push rdx",
       "mov r11,[rsp+10h]",
       `mov [${word(32)}],r11`,
-      `lea r11,[${at(0x7c + far)}]`,
+      `lea r11,[${at(0x7f + far)}]`,
       "mov [rsp+10h],r11",
       "rdtsc",
       "shl rdx,20h",
@@ -127,6 +127,26 @@ test("x86-64 probe at a function's entry: the owner's count runs into the probe'
   ]);
   const timed = disassembleX86(x86_64.encode({ at: AT, data: DATA, original: NEAR, inline, timing: true, os: "linux" }), AT);
   assert.deepEqual(timed.slice(21, 25), ["pop rax", "mov rax,rdi", "neg rax", back], "every timed path leaves through the copy");
+});
+
+test("x86-64 timing probe at a far entry: a long copy of the first instructions (far branch forms) still assembles", () => {
+  // test rdi, rdi; je +0x10; mov rax, rdi; neg rax; cmovs rax, rdi: the 14 bytes a far entry jump
+  // covers, relocated out of rel32 reach of the function, so the je and the jump back take their
+  // 16- and 14-byte absolute forms: a copy of 43 bytes between `time` and the other threads' jump back to it.
+  const entry = 0x1000_0000_0000n;
+  const labs = Uint8Array.of(0x48, 0x85, 0xff, 0x74, 0x10, 0x48, 0x89, 0xf8, 0x48, 0xf7, 0xd8, 0x48, 0x0f, 0x48, 0xc7, 0xc3);
+  const plan = x86_64Arch.planRelocation(labs, entry, 14);
+  const inline = (address: bigint) => x86_64Arch.relocate(plan, address);
+  assert.equal(inline(AT).length, 43);
+  const code = x86_64.encode({ at: AT, data: DATA, original: NEAR, inline, timing: true, os: "linux" });
+  // Read from the other threads' path on (the copy's inline addresses would not disassemble):
+  // its lock inc and jump back, then the 55 bytes of `exit`.
+  const other = code.length - 55 - 5 - 8;
+  assert.deepEqual(disassembleX86(code.subarray(other), AT + BigInt(other)).slice(0, 3), [
+    `lock inc qword ptr [${word(0)}]`,
+    `jmp ${at(0x1d)}`, //                    back to time
+    "push rax", //                           exit
+  ]);
 });
 
 const PAGE = DATA - DATA % 4096n;

@@ -40,7 +40,8 @@ export function archFor(arch: string): Arch {
   if (native?.name !== name) {
     throw new RedefineError(
       "UNSUPPORTED_PLATFORM",
-      `this process runs on '${cpu}': the ${name} instruction set is not loaded here.`,
+      `this process runs on '${cpu}', so only its own instruction set is loaded: ` +
+        `import the ${name} one from src/arch/${name}/mod.ts.`,
     );
   }
   return native;

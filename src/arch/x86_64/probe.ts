@@ -33,12 +33,6 @@ function rip(at: bigint, p: Place, target: bigint): Uint8Array {
  */
 const LONGEST = 4096n;
 
-/** A short jump's displacement. */
-function rel8(distance: number): number {
-  if (distance < -128 || distance > 127) throw new RangeError("probe label out of short-jump reach");
-  return distance & 0xff;
-}
-
 /** `jne rel32` to `label`. */
 function jne(label: string): Line {
   return (p) => [0x0f, 0x85, ...i32le(p.label(label) - p.end)];
@@ -91,10 +85,11 @@ function listing({ at, data, original: to, inline, timing, os }: ProbeOptions): 
     [0x5a], //                                          pop rdx
     [0x58], //                                          pop rax
     "to_original",
-    intoOriginal, //                                    jmp [rip+original], or the copy of its start
+    intoOriginal, //                                    jmp original (direct or through the record), or the copy of its start
     "other",
     other, //                                           lock inc qword [rip+calls]
-    (p) => [0xeb, rel8(p.label("time") - p.end)], //    jmp short time
+    // rel32, not a short jump: the copy of the original's start in between may be tens of bytes.
+    (p) => [0xe9, ...i32le(p.label("time") - p.end)], // jmp time
     "exit",
     [0x50], //                                          push rax: the results
     [0x52], //                                          push rdx

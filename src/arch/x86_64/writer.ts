@@ -20,11 +20,6 @@ export function rel32(end: bigint, to: bigint): number | null {
   return delta >= INT32_MIN && delta <= INT32_MAX ? Number(delta) : null;
 }
 
-/** True when an instruction of `length` bytes at `from` can reach `to` with a rel32 operand. */
-export function reachesRel32(from: bigint, length: number, to: bigint): boolean {
-  return rel32(from + BigInt(length), to) !== null;
-}
-
 const TWO_32 = 2n ** 32n;
 
 /**
@@ -122,11 +117,6 @@ export function jmpIndirect(from: bigint, slot: bigint): Uint8Array {
   return Uint8Array.of(
     0xff, 0x25, ...i32le(disp), // jmp qword [rip+disp32]
   );
-}
-
-/** The shortest jump from `from` to `to`: rel32 when in range, else the absolute form. */
-export function jmpNearest(from: bigint, to: bigint): Uint8Array {
-  return jmpRel32(from, to) ?? jmpAbs(to);
 }
 
 /** `endbr64`, the CET landing pad that must stay at the entry of functions built with IBT. */
