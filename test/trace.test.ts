@@ -40,6 +40,8 @@ test("trace options: what cannot run is a UsageError saying what to give", () =>
   fails(["--", "script.ts"], /nothing to trace/);
   fails(["--match", "x*", "--", "s.ts"], /--match applies to the --library before it/);
   fails(["--library"], /--library needs a value/);
+  fails(["--library", "libc.so.6", "--json=", "--", "s.ts"], /--json needs a value, not an empty one/);
+  fails(["--library", "", "--", "s.ts"], /--library needs a value, not an empty one/);
   fails(["--frobnicate", "--", "s.ts"], /unknown option '--frobnicate'/);
   fails(["--signature", "crc32(u64", "--", "s.ts"], /not of the form name\(type,...\):type/);
   fails(["--signature", "f(int):u64", "--", "s.ts"], /parameters\[0\] is 'int', not a native type/);

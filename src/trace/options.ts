@@ -76,6 +76,11 @@ export function parseOptions(argv: readonly string[]): TraceOptions {
     if (v === undefined || v === "--") throw new UsageError(`${flag} needs a value.`);
     return v;
   };
+  // An empty value (`--json=`) names no file and no library: refused like a missing one.
+  const nonEmpty = (flag: string, v: string): string => {
+    if (v === "") throw new UsageError(`${flag} needs a value, not an empty one.`);
+    return v;
+  };
   for (; i < argv.length; i++) {
     const arg = argv[i];
     if (arg === "--") {
@@ -85,7 +90,7 @@ export function parseOptions(argv: readonly string[]): TraceOptions {
     // `--flag=value` as well as `--flag value`.
     const equals = arg.startsWith("--") ? arg.indexOf("=") : -1;
     const [flag, inline] = equals > 0 ? [arg.slice(0, equals), arg.slice(equals + 1)] : [arg, undefined];
-    const take = () => inline ?? value(flag);
+    const take = () => nonEmpty(flag, inline ?? value(flag));
     switch (flag) {
       case "--library":
         libraries.push({ library: take(), match: [] });
