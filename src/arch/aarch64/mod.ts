@@ -27,7 +27,8 @@ import {
  * AArch64 for `src/`. A leading `bti` or `paciasp`/`pacibsp` (which also serve as landing pads)
  * stays in place: indirect calls into guarded pages must land on one. The entry jumps that go
  * through x16 (`br x16`) land on our stubs, in pages mapped without PROT_BTI, where any
- * instruction may be a branch's target.
+ * instruction may be a branch's target (in a guarded page, a `br` through x16 or x17 may land on
+ * `bti c`, as a call does, so a stub that began with one would still be reachable).
  *
  * @example
  * ```ts
