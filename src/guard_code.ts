@@ -55,7 +55,7 @@ function sharedCode(m: Machine, code: Uint8Array, near: bigint): bigint {
   // their shared code).
   let key = m.sharedKeys.get(code);
   if (key === undefined) m.sharedKeys.set(code, key = code.join());
-  const reach = m.arch.nearReach - BigInt(code.length) - 4096n;
+  const reach = m.arch.entryJumps[0].reach - BigInt(code.length) - 4096n;
   const copies = m.shared.get(key) ?? [];
   const found = copies.find((at) => (at > near ? at - near : near - at) < reach);
   if (found !== undefined) return found;

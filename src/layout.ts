@@ -3,13 +3,14 @@
  * native replacement in reach; a guarded stub in front of a JS replacement; a stub with an
  * absolute jump to a native replacement out of reach; and the function's own trampoline
  * (`redefineToOriginal`). Stubs share one pool slot with the trampoline (the relocated first
- * instructions), placed within near-jump reach of the entry, or anywhere, behind an absolute entry
- * jump, when no memory is that near. A patch layered on another has no trampoline of its own: its
- * original is where the patch below leads. The original exists before the entry jump can go live
- * (a native replacement may call it from its first call on); nothing is written at the entry here.
+ * instructions), placed within reach of the shortest entry jump that has memory in its reach: near,
+ * then (arm64) ±4 GiB, then anywhere, behind an absolute entry jump. A patch layered on another has
+ * no trampoline of its own: its original is where the patch below leads. The original exists
+ * before the entry jump can go live (a native replacement may call it from its first call on);
+ * nothing is written at the entry here.
  */
 import { hex, RedefineError } from "./errors.ts";
-import type { RelocationPlan } from "./arch/types.ts";
+import { ANYWHERE, type EntryJump, type RelocationPlan } from "./arch/types.ts";
 import { guardCode, guardShape } from "./guard_code.ts";
 import { probeCode, probeRecord } from "./slot_layout.ts";
 import type { CodeSlot } from "./code_memory.ts";
@@ -115,7 +116,7 @@ function originalForSlot(trampoline: Trampoline): void {
  * be the function). A prologue that cannot be moved leaves no original; the patch is still made.
  */
 function directJump(m: Machine, site: AnySite, to: bigint, below: bigint | null): Layout | null {
-  const entry = m.arch.nearJump(site.at, to);
+  const entry = m.arch.entryJumps[0].encode(site.at, to);
   if (!entry) return null;
   const trampoline = below !== null ? Trampoline.at(below) : new Trampoline(() => trampolineAlone(m, site));
   trampoline.build();
@@ -124,14 +125,17 @@ function directJump(m: Machine, site: AnySite, to: bigint, below: bigint | null)
 
 function trampolineAlone(m: Machine, site: AnySite): { address: bigint; slot: CodeSlot } {
   const { arch, pool } = m;
-  const plan = relocationPlan(m, site, arch.nearJumpSize);
+  const near = arch.entryJumps[0];
+  const plan = relocationPlan(m, site, near.size);
   // `locate` refused overlaps of the first near jump's bytes: only a wider reach is asked again.
-  if (plan.consumed > arch.nearJumpSize) refuseOverlap(site.at, plan.consumed);
-  const slot = pool.allocate(site.at, arch.nearReach - BigInt(plan.maxSize), plan.maxSize);
+  if (plan.consumed > near.size) refuseOverlap(site.at, plan.consumed);
+  // Near, where the relocated code is shortest; else anywhere, as it jumps back from anywhere.
+  const slot = pool.allocate(site.at, near.reach - BigInt(plan.maxSize), plan.maxSize) ??
+    pool.allocate(site.at, ANYWHERE, plan.maxSize);
   if (!slot) {
     throw new RedefineError(
       "ALLOCATION_FAILED",
-      `no executable memory near ${hex(site.at)} for the original.`,
+      `no executable memory could be mapped for the original of ${hex(site.at)}.`,
     );
   }
   try {
@@ -164,7 +168,7 @@ function guardedStub(
     const bypass = belowBypass ?? originalForGuard(trampoline);
     const code = guardCode(m, site.signature, shape, stub.slot, stub.front, callback, bypass);
     write(m, stub, relocated, code);
-    return { ...throughStub(m, site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset)), bypass };
+    return { ...throughStub(site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset)), bypass };
   });
 }
 
@@ -188,11 +192,11 @@ function originalForGuard(trampoline: Trampoline): bigint {
  * asked for.
  */
 function jumpStub(m: Machine, site: AnySite, to: bigint, below: bigint | null): Layout {
-  const stub = reserve(m, site, below, m.arch.farJumpSize, 0);
+  const stub = reserve(m, site, below, absolute(m).size, 0);
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, stub, below);
-    write(m, stub, relocated, m.arch.farJump(stub.front, to));
-    return throughStub(m, site, stub, trampoline, null);
+    write(m, stub, relocated, absolute(m).encode(stub.front, to)!);
+    return throughStub(site, stub, trampoline, null);
   });
 }
 
@@ -207,24 +211,25 @@ function cannedStub(m: Machine, site: AnySite, to: Destination & { kind: "canned
     const { code: relocated, trampoline } = relocateInto(m, stub, below);
     liveBytes(stub.slot.data, plan.dataSize).set(cannedData(to, () => trampoline.address));
     write(m, stub, relocated, plan.encode(stub.front, stub.slot.data));
-    return { ...throughStub(m, site, stub, trampoline, null), counter: stub.slot.data + BigInt(CANNED_DATA.calls) };
+    return { ...throughStub(site, stub, trampoline, null), counter: stub.slot.data + BigInt(CANNED_DATA.calls) };
   });
 }
 
 /**
  * The function redirected to its own trampoline (or, layered, to the patch below): every call runs
  * the relocated first instructions and jumps back. The entry jump leads straight there when it
- * reaches, else through an absolute jump after the trampoline.
+ * reaches (the trampoline is in its reach; the patch below may not be), else through an absolute
+ * jump after the trampoline.
  */
 function toOriginal(m: Machine, site: AnySite, below: bigint | null): Layout {
-  const stub = reserve(m, site, below, m.arch.farJumpSize, 0);
+  const stub = reserve(m, site, below, absolute(m).size, 0);
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, stub, below);
     const original = trampoline.address;
-    const straight = stub.jumpSize === m.arch.nearJumpSize ? m.arch.nearJump(site.at, original) : null;
+    const straight = stub.jump.encode(site.at, original);
     if (!straight) {
-      write(m, stub, relocated, m.arch.farJump(stub.front, original));
-      return throughStub(m, site, stub, trampoline, null);
+      write(m, stub, relocated, absolute(m).encode(stub.front, original)!);
+      return throughStub(site, stub, trampoline, null);
     }
     write(m, stub, relocated, new Uint8Array(0));
     return {
@@ -261,7 +266,7 @@ function probeStub(m: Machine, site: AnySite, timing: boolean, below: bigint | n
     write(m, stub, relocated, code);
     const busy = stub.slot.data + BigInt(PROBE_RECORD.timer);
     const counter = stub.slot.data + BigInt(PROBE_RECORD.calls);
-    return { ...throughStub(m, site, stub, trampoline, busy), counter, counters: PROBE_COUNTERS };
+    return { ...throughStub(site, stub, trampoline, busy), counter, counters: PROBE_COUNTERS };
   });
 }
 
@@ -271,16 +276,16 @@ type Plan = RelocationPlan | RedefineError | null;
 /** A pool slot for a trampoline and the stub after it, and the entry jump that reaches it. */
 interface Stub {
   readonly slot: CodeSlot;
-  /** The entry jump's size: the near jump, or the absolute one when no memory is in near reach. */
-  readonly jumpSize: number;
+  /** The form of the entry jump: the shortest with the slot in its reach. */
+  readonly jump: EntryJump;
   readonly plan: Plan;
   /** Where the stub's code starts: after the trampoline. */
   readonly front: bigint;
 }
 
 /**
- * Reserves a slot for the trampoline and `frontSize` bytes of stub code (and `dataSize` of data):
- * within near-jump reach of the entry, or else anywhere, with an absolute jump at the entry.
+ * Reserves a slot for the trampoline and `frontSize` bytes of stub code (and `dataSize` of data)
+ * within reach of the shortest entry jump that has memory in its reach and room at the entry.
  */
 function reserve(
   m: Machine,
@@ -291,29 +296,45 @@ function reserve(
 ): Stub {
   const front = (plan: Plan) => typeof frontSize === "number" ? frontSize : frontSize(plan);
   const { arch, pool } = m;
-  let jumpSize = arch.nearJumpSize;
-  let plan = planFor(m, site, below, jumpSize);
-  let size = sizeOf(plan) + front(plan);
-  let slot = pool.allocate(site.at, arch.nearReach - BigInt(size), size, dataSize);
-  if (!slot) {
-    if (site.room < arch.farJumpSize) {
-      throw new RedefineError(
-        "FUNCTION_TOO_SHORT",
-        `no memory could be had within reach of ${hex(site.at)} for a stub, and the function has only ` +
-          `${site.room} bytes, fewer than the ${arch.farJumpSize} an absolute jump needs: redefine a caller ` +
-          `instead.`,
-      );
+  for (const [i, jump] of arch.entryJumps.entries()) {
+    // `locate` checked the shortest jump's room and the branches into its bytes.
+    if (i > 0) {
+      if (site.room < jump.size) throw tooShortForStub(m, site, i);
+      refuseJumpsIntoEntry(site.at, jump.size);
     }
-    refuseJumpsIntoEntry(site.at, arch.farJumpSize);
-    jumpSize = arch.farJumpSize;
-    plan = planFor(m, site, below, jumpSize);
-    size = sizeOf(plan) + front(plan);
-    slot = pool.allocate(site.at, 2n ** 62n, size, dataSize);
-    if (!slot) {
-      throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for a stub.");
-    }
+    const plan = planFor(m, site, below, jump.size);
+    const size = sizeOf(plan) + front(plan);
+    const slot = pool.allocate(site.at, jump.reach - BigInt(size), size, dataSize);
+    if (slot) return { slot, jump, plan, front: slot.address + BigInt(sizeOf(plan)) };
   }
-  return { slot, jumpSize, plan, front: slot.address + BigInt(sizeOf(plan)) };
+  throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for a stub.");
+}
+
+/**
+ * The refusal of a function with no room for the entry jump `entryJumps[next]`, the form tried
+ * when no memory could be had within the reach of the one before.
+ */
+function tooShortForStub(m: Machine, site: AnySite, next: number): RedefineError {
+  const jumps = m.arch.entryJumps;
+  const forms = jumps.map((form, i) => `${form.size}${i === 0 ? " bytes" : ""} ${reachText(form.reach)}`);
+  return new RedefineError(
+    "FUNCTION_TOO_SHORT",
+    `no memory could be had ${reachText(jumps[next - 1]!.reach)} of ${hex(site.at)} for a stub, and the ` +
+      `function has only ${site.room} bytes for the entry jump, fewer than the ${jumps[next]!.size} of one ` +
+      `that reaches farther (an entry jump takes ${forms.join(", ")}): redefine a caller instead.`,
+  );
+}
+
+/** A reach as the messages say it: "within ±128 MiB", "anywhere". */
+function reachText(reach: bigint): string {
+  if (reach >= ANYWHERE) return "anywhere";
+  const mib = Math.round(Number(reach) / 2 ** 20);
+  return `within ±${mib >= 1024 ? `${mib / 1024} GiB` : `${mib} MiB`}`;
+}
+
+/** The entry jump that reaches anywhere, the last of the arch's forms. */
+function absolute(m: Machine): EntryJump {
+  return m.arch.entryJumps[m.arch.entryJumps.length - 1]!;
 }
 
 /** How the first instructions move for an entry jump of `jumpSize` bytes; why not; null when layered. */
@@ -395,11 +416,9 @@ function filling(m: Machine, stub: Stub, fill: () => Layout): Layout {
 }
 
 /** The layout of a patch whose entry jump leads to the code at the stub's front. */
-function throughStub(m: Machine, site: AnySite, stub: Stub, trampoline: Trampoline, busy: bigint | null): Layout {
-  // The near jump surely reaches: the slot was allocated within its reach.
-  const entry = stub.jumpSize === m.arch.nearJumpSize
-    ? m.arch.nearJump(site.at, stub.front)!
-    : m.arch.farJump(site.at, stub.front);
+function throughStub(site: AnySite, stub: Stub, trampoline: Trampoline, busy: bigint | null): Layout {
+  // The jump surely reaches: the slot was allocated within its reach.
+  const entry = stub.jump.encode(site.at, stub.front)!;
   const destination = stub.front;
   return { entry, covers: coverage(entry, stub), destination, stub: stub.slot, trampoline, busy, bypass: destination };
 }

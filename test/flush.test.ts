@@ -121,17 +121,17 @@ test("flush: redefine and restore flush every stub they write and the entry, exa
   assert.equal(entry.length, 1, "one flush besides the pool's: the entry");
   const at = Number(patchedAddress - address);
   assert.equal(entry[0].address, patchedAddress, "flushed from the first byte of the entry jump");
-  assert.equal(entry[0].length, arch.nearJumpSize, "flushed to its last byte");
-  assert.deepEqual(entry[0].bytes, during.subarray(at, at + arch.nearJumpSize), "after the jump was in place");
+  assert.equal(entry[0].length, arch.entryJumps[0].size, "flushed to its last byte");
+  assert.deepEqual(entry[0].bytes, during.subarray(at, at + arch.entryJumps[0].size), "after the jump was in place");
   for (let i = 0; i < 64; i++) {
-    if (before[i] !== during[i]) assert.ok(i >= at && i < at + arch.nearJumpSize, `byte ${i} changed unflushed`);
+    if (before[i] !== during[i]) assert.ok(i >= at && i < at + arch.entryJumps[0].size, `byte ${i} changed unflushed`);
   }
 
   const restoring = watch(() => patch!.restore());
   assert.deepEqual(bytesAt(address, 64), before);
   assert.deepEqual(
     restoring.map((e) => e.kind === "flush" && [e.address, e.length, Array.from(e.bytes)]),
-    [[patchedAddress, arch.nearJumpSize, Array.from(before.subarray(at, at + arch.nearJumpSize))]],
+    [[patchedAddress, arch.entryJumps[0].size, Array.from(before.subarray(at, at + arch.entryJumps[0].size))]],
     "restore flushes the original bytes it put back, and nothing else is written",
   );
 });
