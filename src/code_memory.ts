@@ -279,6 +279,8 @@ interface Spot {
   readonly page: Page;
   readonly offset: number;
   readonly runs: readonly Run[];
+  /** Whether any page it touches is executable (writable ones too): then it is flushed. */
+  readonly exec: boolean;
 }
 
 /** Consecutive non-writable pages of one protection: one protection change, or forced writes. */
@@ -492,10 +494,7 @@ function close(w: Writing): void {
 /** Flushes each write that touches an executable page. */
 function flush(w: Writing, writes: readonly CodeWrite[], spots: readonly Spot[]): void {
   for (let i = 0; i < writes.length; i++) {
-    const { page, runs } = spots[i]!;
-    if (page.protection & PROT_EXEC || runs.some((run) => run.protection & PROT_EXEC)) {
-      w.os.flushCode(writes[i]!.address, writes[i]!.bytes.length);
-    }
+    if (spots[i]!.exec) w.os.flushCode(writes[i]!.address, writes[i]!.bytes.length);
   }
 }
 
@@ -570,6 +569,7 @@ function spotsOf(platform: Platform, writes: readonly CodeWrite[]): Spot[] {
     page: first,
     offset,
     runs: list.length === 1 ? first.runs : [...new Set(list.flatMap((p) => p.runs))],
+    exec: list.some((p) => (p.protection & PROT_EXEC) !== 0),
   }));
 }
 

@@ -7,8 +7,8 @@ import { platform } from "../platform/mod.ts";
 import { CodePool, writeCode } from "../src/code_memory.ts";
 import type { CodeSlot } from "../src/code_memory.ts";
 import { archFor } from "../src/arch/mod.ts";
-import { assemble, bytesAt, libc, os, protectionAt, unassemble } from "./native.ts";
-import { PROT_EXEC, PROT_READ } from "../platform/mod.ts";
+import { assemble, bytesAt, libc, mapPages, os, protectionAt, unassemble } from "./native.ts";
+import { PROT_EXEC, PROT_READ, PROT_WRITE } from "../platform/mod.ts";
 
 type Event =
   | { kind: "pool write"; address: bigint; bytes: Uint8Array }
@@ -80,6 +80,23 @@ test("flush: writeCode flushes each write into code over exactly its bytes, afte
     );
   } finally {
     unassemble(base);
+  }
+});
+
+test("flush: a write from a writable data page onto a writable executable one is flushed", () => {
+  // Neither page needs a protection change, and the first is not code: the second still is.
+  const base = mapPages(2);
+  const page = BigInt(os.pageSize);
+  try {
+    assert.equal(libc.mprotect(base + page, page, PROT_READ | PROT_WRITE | PROT_EXEC), 0, "second page made RWX");
+    const write = { address: base + page - 4n, bytes: Uint8Array.of(1, 2, 3, 4, 5, 6, 7, 8) };
+    const events = watch(() => writeCode(platform(), [write]));
+    assert.deepEqual(
+      events.map((e) => e.kind === "flush" && [e.address, e.length, Array.from(e.bytes)]),
+      [[write.address, 8, Array.from(write.bytes)]],
+    );
+  } finally {
+    libc.munmap(base, 2n * page);
   }
 });
 
