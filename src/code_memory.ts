@@ -6,7 +6,7 @@
  */
 import { hex, RedefineError } from "./errors.ts";
 import type { CodeBlock, Mapping, Os, Platform, Runtime } from "../platform/mod.ts";
-import { PROT_EXEC, PROT_WRITE } from "../platform/mod.ts";
+import { PROT_EXEC, PROT_READ, PROT_WRITE } from "../platform/mod.ts";
 
 /** A piece of a code block handed to one patch: code, and optionally data next to it. */
 export interface CodeSlot {
@@ -587,4 +587,26 @@ function exactSpans(os: Os, run: Run): Opened[] {
     at = to;
   }
   return spans;
+}
+
+/**
+ * The mapping holding `address` as the memory map has it now (`lookup`), once each of the `length`
+ * bytes from there is found in a readable mapping; null when one of them is not mapped at all.
+ * A restore asks before it reads or writes a patch's place: the mapping found when the patch was
+ * made is stale once its library is unloaded, and reading through it would crash.
+ */
+export function mappedNow(lookup: (address: bigint) => Mapping | null, address: bigint, length: number): Mapping | null {
+  const end = address + BigInt(length);
+  const first = lookup(address);
+  for (let here = first, from = address; here; from = here.end, here = lookup(from)) {
+    if (!(here.protection & PROT_READ)) {
+      throw new RedefineError(
+        "INVALID_ADDRESS",
+        `${hex(from)} is mapped but no longer readable, so the bytes there cannot be checked or put back: ` +
+          `make it readable again, then restore.`,
+      );
+    }
+    if (here.end >= end) return first;
+  }
+  return null;
 }
