@@ -14,10 +14,14 @@ const IDENTITY = isArm64
   ? words(0xd65f03c0, 0xd4200000, 0xd4200000, 0xd4200000) // ret (x0 is the argument); brk #0 ×3
   : [0x48, 0x89, 0xf8, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc, 0xcc]; // mov rax, rdi; ret
 
-/** Two identity functions in pages of their own (one run each); their addresses and the pages to unmap. */
-function twoRuns(): { functions: bigint[]; bases: bigint[] } {
+/** Runs `body` with two identity functions in pages of their own (one run each), unmapped after. */
+function withTwoRuns(body: (functions: readonly bigint[]) => void): void {
   const pieces = [assemble(IDENTITY), assemble(IDENTITY)];
-  return { functions: pieces.map((p) => p.address), bases: pieces.map((p) => p.base) };
+  try {
+    body(pieces.map((p) => p.address));
+  } finally {
+    for (const { base } of pieces) unassemble(base);
+  }
 }
 
 /**
@@ -53,8 +57,7 @@ const identityTarget = (address: bigint) => ({ address, size: 16, parameters: ["
 const call = (address: bigint) => runtime.fnPointer(address, { parameters: ["i64"], result: "i64" })(-4n);
 
 test("a batch whose protection cannot be given back: every byte goes back, nothing is registered", () => {
-  const { functions, bases } = twoRuns();
-  try {
+  withTwoRuns((functions) => {
     const before = state(functions);
     const patches: Patch<readonly ["i64"], "i64">[] = [];
     // The second run's restoring call fails, once: the first run's protection is already back, so
@@ -73,14 +76,11 @@ test("a batch whose protection cannot be given back: every byte goes back, nothi
     assert.deepEqual(functions.map(call), [4n, 4n]);
     again.forEach((p) => p.restore());
     assert.equal(state(functions), before);
-  } finally {
-    bases.forEach(unassemble);
-  }
+  });
 });
 
 test("a lone patch whose page cannot be given its protection back: the bytes go back, the patch is not made", () => {
-  const { functions, bases } = twoRuns();
-  try {
+  withTwoRuns((functions) => {
     const before = state(functions);
     withRefusals((n) => n === 1, () =>
       assertCode(() => redefine(identityTarget(functions[0]), os.symbolAddress("labs")), "PROTECT_FAILED", /ENOMEM \(test\)/));
@@ -88,14 +88,11 @@ test("a lone patch whose page cannot be given its protection back: the bytes go 
     assert.equal(call(functions[0]), -4n);
     redefine(identityTarget(functions[0]), os.symbolAddress("labs")).restore();
     assert.equal(state(functions), before);
-  } finally {
-    bases.forEach(unassemble);
-  }
+  });
 });
 
 test("protection that can never be given back: the bytes go back, and the error names the page left writable", () => {
-  const { functions, bases } = twoRuns();
-  try {
+  withTwoRuns((functions) => {
     const before = bytesAt(functions[0], 16);
     const protection = protectionAt(functions[0]);
     withRefusals(() => true, () =>
@@ -108,7 +105,5 @@ test("protection that can never be given back: the bytes go back, and the error 
     assert.equal(protectionAt(functions[0]), protection | PROT_WRITE, "the page is left writable, as the error says");
     assert.equal(call(functions[0]), -4n);
     assert.equal(libc.mprotect(functions[0] - functions[0] % BigInt(os.pageSize), BigInt(os.pageSize), protection), 0);
-  } finally {
-    bases.forEach(unassemble);
-  }
+  });
 });
