@@ -275,7 +275,6 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     // Where each place is now (the mapping found at patch time is stale once its library is
     // unloaded): gone places have nothing to put back and are not read.
     const places = entries.map((entry) => mappedNow(mappingAt, entry.at, Math.max(entry.written.length, entry.original.length)));
-    if (!places.some((place) => place)) return this.#drop(applied);
     entries.forEach((entry, i) => {
       if (!places[i]) return;
       // Under a patch whose restore is pending in this transaction, the place will hold our bytes
@@ -284,7 +283,12 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
       const length = entry.written.length;
       const now = overs[i] ? entry.written : pendingAt(entry.at, length) ?? liveBytes(entry.at, length);
       if (!sameBytes(now, entry.written)) {
-        const where = entry.address === this.address ? "the entry of the function" : "the import slot";
+        const isEntry = entry.address === this.address;
+        if (replaced(isEntry, entry.at, applied.writes[i]!.mapping, places[i]!)) {
+          places[i] = null;
+          return;
+        }
+        const where = isEntry ? "the entry of the function" : "the import slot";
         throw new RedefineError(
           "PATCH_MODIFIED",
           `${where} at ${hex(entry.at)} changed after the function at ${hex(this.address)} was redefined ` +
@@ -293,6 +297,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
         );
       }
     });
+    if (!places.some((place) => place)) return this.#drop(applied);
     for (const entry of entries) entry.restoring = true;
     const restored = () => {
       for (const entry of entries) entry.restoring = false;
@@ -322,8 +327,8 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   }
 
   /**
-   * Forgets a patch whose every place is unmapped (its library was unloaded): nothing is left to
-   * put back, and a patch kept would fail every later restore and `restoreAll()`.
+   * Forgets a patch whose every place is gone with its library (unmapped, or other memory now):
+   * nothing is left to put back, and a patch kept would fail every later restore and `restoreAll()`.
    */
   #drop(applied: Applied): never {
     this.#original?.point(this.address);
@@ -334,9 +339,9 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     const where = this.#entries.length > 1 ? "the import slots it rewrote are" : "its code is";
     throw new RedefineError(
       "UNLOADED",
-      `the function at ${hex(this.address)} cannot be restored: ${where} no longer mapped, so its library ` +
-        `was unloaded after it was redefined. The patch is dropped; restore patches before unloading ` +
-        `their library (dlclose, FreeLibrary).`,
+      `the function at ${hex(this.address)} cannot be restored: ${where} gone (unmapped, or other memory ` +
+        `in its place), so its library was unloaded after it was redefined. The patch is dropped; restore ` +
+        `patches before unloading their library (dlclose, FreeLibrary).`,
     );
   }
 
@@ -389,6 +394,18 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     if (applied.stub) machine().pool.release(applied.stub, busy);
     applied.trampoline.release();
   }
+}
+
+/**
+ * Whether a place holding other bytes than its patch wrote is other memory now, its library
+ * unloaded and something else mapped there: a function's entry in a mapping of another file (or
+ * of none) where the patch found a file's, an import slot in no loaded library.
+ */
+function replaced(isEntry: boolean, at: bigint, then: Mapping | undefined, now: Mapping): boolean {
+  if (!isEntry) return moduleAt(at) === null;
+  const was = then?.file;
+  const is = now.file;
+  return was !== undefined && !(is && is.device === was.device && is.inode === was.inode && is.base === was.base);
 }
 
 /** Whether `live` (a view of the code) holds exactly `expected`, read in place. */
