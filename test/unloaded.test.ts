@@ -34,6 +34,15 @@ for (const kind of ["JS replacement", "native replacement"]) {
   }
 }
 
+test("restoreAll() after a patched library was unloaded: UNLOADED, nothing else restored; a second restores the rest", () => {
+  assert.deepEqual(runCase(fixture, "restoreAll"), {
+    first: "UNLOADED",
+    between: { active: false, otherActive: true, otherPatched: true },
+    second: "none",
+    otherRestored: true,
+  });
+}, linuxOnly);
+
 test("restore of a callers patch after one of its two libraries was unloaded: the other's slot restored, no error", () => {
   check("callers, one library unloaded", null, {
     patched: true, error: "none", activeAfter: false, untouched: true, restoredB: true,
