@@ -338,8 +338,8 @@ interface Writing {
  * end. Where the forced write is refused the run is made writable; where that is refused the
  * forced write is tried. The code is flushed. If any step fails (giving a protection back
  * included), bytes already written are put back, each the way its pages take a store by then,
- * and every protection restored. `protectFrom` is for benches
- * that time one way on purpose (Infinity: forced writes wherever the system allows).
+ * and every protection restored. `protectFrom` is for benches that time one way on purpose
+ * (Infinity: forced writes wherever the system allows).
  */
 export function writeCode(platform: Platform, writes: readonly CodeWrite[], protectFrom: number = PROTECT_FROM): void {
   const spots = spotsOf(platform, writes);
