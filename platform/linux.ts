@@ -72,17 +72,29 @@ function libc(runtime: Runtime) {
 export function parseMaps(text: string): Mapping[] {
   const mappings: Mapping[] = [];
   for (const line of text.split("\n")) {
-    const m = /^([0-9a-f]+)-([0-9a-f]+) (r|-)(w|-)(x|-)\S* \S+ \S+ \S+\s*(.*)$/.exec(line);
+    const m = /^([0-9a-f]+)-([0-9a-f]+) (r|-)(w|-)(x|-)\S* ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)\s*(.*)$/.exec(line);
     if (!m) continue;
+    const start = BigInt("0x" + m[1]);
+    const inode = Number(m[9]);
     mappings.push({
-      start: BigInt("0x" + m[1]),
+      start,
       end: BigInt("0x" + m[2]),
       protection: (m[3] === "r" ? PROT_READ : 0) | (m[4] === "w" ? PROT_WRITE : 0) |
         (m[5] === "x" ? PROT_EXEC : 0),
-      path: m[6]!,
+      path: m[10]!,
+      file: inode === 0 ? undefined : {
+        device: device(parseInt(m[7]!, 16), parseInt(m[8]!, 16)),
+        inode,
+        base: start - BigInt("0x" + m[6]),
+      },
     });
   }
   return mappings;
+}
+
+/** A device number from its major and minor numbers, as the kernel composes them. */
+function device(major: number, minor: number): number {
+  return major * 0x100000 + minor;
 }
 
 /** The Linux layer over `runtime`. */
@@ -126,11 +138,19 @@ export function linux(runtime: Runtime): Os {
       return undefined;
     }
     const flags = Number(queryFields.getBigUint64(40, true));
+    const start = queryFields.getBigUint64(24, true);
+    // struct procmap_query: vma_offset at 56, inode at 64, dev_major and dev_minor at 72 and 76.
+    const inode = Number(queryFields.getBigUint64(64, true));
     return {
-      start: queryFields.getBigUint64(24, true),
+      start,
       end: queryFields.getBigUint64(32, true),
       protection: flags & (PROT_READ | PROT_WRITE | PROT_EXEC),
       path: "",
+      file: inode === 0 ? undefined : {
+        device: device(queryFields.getUint32(72, true), queryFields.getUint32(76, true)),
+        inode,
+        base: start - queryFields.getBigUint64(56, true),
+      },
     };
   }
 

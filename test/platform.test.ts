@@ -37,7 +37,11 @@ test("/proc/self/maps parsing and the choice of near free space", () => {
       "7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]\n",
   );
   assert.equal(maps.length, 4);
-  assert.deepEqual(maps[0], { start: 0x55d0a000n, end: 0x55d0b000n, protection: 5, path: "/usr/bin/x" });
+  assert.deepEqual(maps[0], {
+    start: 0x55d0a000n, end: 0x55d0b000n, protection: 5, path: "/usr/bin/x",
+    file: { device: 0x800001, inode: 42, base: 0x55d0a000n },
+  });
+  assert.equal(maps[1].file, undefined, "anonymous memory maps no file");
   assert.equal(maps[2].path, "[heap]");
   const page = 0x1000n;
   // Near 0x7f0000008000: the gap just above the first mapping, then the one just below it.
@@ -51,6 +55,15 @@ test("/proc/self/maps parsing and the choice of near free space", () => {
   const nearStack = nearCandidates(maps, 0x7ffd00010000n, 2n ** 20n, page, page);
   assert.ok(nearStack.every((a) => a >= 0x7ffd00021000n), nearStack.map((a) => a.toString(16)).join());
 });
+
+if (runtime.os === "linux") {
+  test("a mapping's file as mappingAt gives it (PROCMAP_QUERY where the kernel has it) is the one /proc/self/maps lists", () => {
+    const labs = os.symbolAddress("labs");
+    const listed = os.mappings().find((m) => labs >= m.start && labs < m.end)!;
+    assert.ok(listed.file && listed.file.inode > 0, "libc's code maps its file");
+    assert.deepEqual(os.mappingAt(labs)!.file, listed.file);
+  });
+}
 
 test("a write that fails half-way rolls back every page and byte", () => {
   const p = platform();
