@@ -246,8 +246,10 @@ const steps = [
   // granularity run there (PAGE_SIZE_TESTS): qemu 7.2 with -p 16384 leaves out of the guest's
   // /proc/self/maps every mapping whose length is not a multiple of 16 KiB (each library's last,
   // .bss page among them, though it is mapped and readable), so tests that read loaded images
-  // through the memory map are refused there, rightly; and it ignores `ic ivau`, so a reused stub
-  // slot can run stale code. Both are the emulator's, measured; the 4 KiB steps run every file.
+  // through the memory map are refused there, rightly; it ignores `ic ivau`, so a reused stub
+  // slot can run stale code; and (also with 4 KiB pages) it prints a read+write page and the
+  // read+write+execute page after it as one `rw-p` mapping, the second page's execute bit lost
+  // (test/flush.test.ts maps its two pages so that they cannot merge). Both are the emulator's, measured; the 4 KiB steps run every file.
   ["deno 16k", () =>
     denoCounts(emulate("qemu-aarch64-static", machine.deno, ["test", "-A", "--no-check", ...PAGE_SIZE_TESTS], ["-p", "16384"]))],
 ];
