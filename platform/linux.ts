@@ -10,6 +10,7 @@ import { hex, RedefineError } from "../src/errors.ts";
 import type { Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 import { aarch64CacheFlush } from "./aarch64_flush.ts";
+import { aarch64BranchChecks } from "./branch_checks.ts";
 import { farPlace, nearCandidates, protectionText } from "./address_space.ts";
 import { cString, posix } from "./posix.ts";
 import { procMem } from "./proc_mem.ts";
@@ -317,6 +318,8 @@ export function linux(runtime: Runtime): Os {
     },
 
     ...modules,
+
+    ...(arm64 ? { branchChecks: aarch64BranchChecks(runtime, pageSize, (address) => os.mappingAt(address)) } : {}),
 
     flushCode(address, length) {
       flush?.(address, length);

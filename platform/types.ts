@@ -3,6 +3,7 @@
  * operating system's memory services (Linux, macOS, Windows). All addresses are `bigint`.
  */
 import type { Signature } from "../src/signature.ts";
+import type { BranchChecks } from "../src/arch/types.ts";
 
 /** A native function called from JS: arguments and result as the signature's JS types. */
 // deno-lint-ignore no-explicit-any
@@ -218,6 +219,11 @@ export interface Os {
    * calls to the original (src/arch/x86_64/guard.ts). Absent from layers that do not know it yet.
    */
   programText?(): AddressRange | null;
+  /**
+   * How the CPU checks branches into the code at `address` (arm64: BTI landing pads, GCS returns;
+   * platform/branch_checks.ts). Absent where nothing is checked.
+   */
+  branchChecks?(address: bigint): BranchChecks;
   /** Makes freshly written code visible to instruction fetch (a no-op on x86-64). */
   flushCode(address: bigint, length: number): void;
   /** Every loaded module, in the loader's order: the main executable first. */

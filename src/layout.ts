@@ -10,7 +10,7 @@
  * nothing is written at the entry here.
  */
 import { hex, RedefineError } from "./errors.ts";
-import { ANYWHERE, type EntryJump, type RelocationPlan } from "./arch/types.ts";
+import { ANYWHERE, type BranchChecks, type EntryJump, type RelocationPlan, UNCHECKED } from "./arch/types.ts";
 import { guardCode, guardShape } from "./guard_code.ts";
 import { probeCode, probeRecord } from "./slot_layout.ts";
 import type { CodeSlot } from "./code_memory.ts";
@@ -139,7 +139,7 @@ function trampolineAlone(m: Machine, site: AnySite): { address: bigint; slot: Co
     );
   }
   try {
-    pool.write(slot, arch.relocate(plan, slot.address));
+    pool.write(slot, arch.relocate(plan, slot.address, branchChecks(m, site)));
   } catch (error) {
     pool.release(slot, null);
     throw error;
@@ -259,7 +259,7 @@ function probeStub(m: Machine, site: AnySite, timing: boolean, below: bigint | n
     probeRecord(m, stub.slot.data, trampoline.address);
     const plan = stub.plan;
     const inline = relocated.length && plan && !(plan instanceof RedefineError)
-      ? (at: bigint) => m.arch.relocate(plan, at)
+      ? (at: bigint) => m.arch.relocate(plan, at, stub.checks)
       : undefined;
     const data = stub.slot.data;
     const code = probe.encode({ at: stub.front, data, original: trampoline.address, inline, timing, os });
@@ -281,6 +281,8 @@ interface Stub {
   readonly plan: Plan;
   /** Where the stub's code starts: after the trampoline. */
   readonly front: bigint;
+  /** How the CPU checks the trampoline's jumps back into the function. */
+  readonly checks: BranchChecks;
 }
 
 /**
@@ -305,7 +307,7 @@ function reserve(
     const plan = planFor(m, site, below, jump.size);
     const size = sizeOf(plan) + front(plan);
     const slot = pool.allocate(site.at, jump.reach - BigInt(size), size, dataSize);
-    if (slot) return { slot, jump, plan, front: slot.address + BigInt(sizeOf(plan)) };
+    if (slot) return { slot, jump, plan, front: slot.address + BigInt(sizeOf(plan)), checks: branchChecks(m, site) };
   }
   throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for a stub.");
 }
@@ -335,6 +337,15 @@ function reachText(reach: bigint): string {
 /** The entry jump that reaches anywhere, the last of the arch's forms. */
 function absolute(m: Machine): EntryJump {
   return m.arch.entryJumps[m.arch.entryJumps.length - 1]!;
+}
+
+/**
+ * How the CPU checks branches into the code of `site` (arm64 BTI: a trampoline beyond `b`'s reach
+ * then jumps back by `ret x16`, see src/arch/aarch64/relocator.ts). No placement is needed for it:
+ * every slot is taken as near as memory allows, and where none is near, none is for a trampoline.
+ */
+function branchChecks(m: Machine, site: AnySite): BranchChecks {
+  return m.platform.os.branchChecks?.(site.at) ?? UNCHECKED;
 }
 
 /** How the first instructions move for an entry jump of `jumpSize` bytes; why not; null when layered. */
@@ -388,7 +399,7 @@ function relocateInto(
   if (stub.plan instanceof RedefineError) return { code: none, trampoline: Trampoline.refused(stub.plan) };
   try {
     // Planned: there is no patch below.
-    const code = m.arch.relocate(stub.plan!, stub.slot.address);
+    const code = m.arch.relocate(stub.plan!, stub.slot.address, stub.checks);
     return { code, trampoline: Trampoline.at(stub.slot.address) };
   } catch (error) {
     if (!(error instanceof RedefineError)) throw error;

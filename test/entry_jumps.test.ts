@@ -11,37 +11,9 @@ import { redefineToOriginal } from "../src/internal.ts";
 import { layers, machine } from "../src/registry.ts";
 import { ANYWHERE, type EntryJump } from "../src/arch/types.ts";
 import { assemble, bytesAt, isArm64, libc, os, protectionAt, runtime, unassemble, words } from "./native.ts";
+import { withNearMemoryTaken } from "./near_memory.ts";
 
 const jumps = machine().arch.entryJumps;
-
-/**
- * Runs `body` while the pool has no memory within `jumps[form - 1]`'s reach of `entry` (and a
- * megabyte more, so that no slot lands at the edge of that reach): each request gets memory in the
- * part of its window outside that range, nearest part first, or none.
- */
-function withNearMemoryTaken(entry: bigint, form: number, body: () => void): void {
-  const { pool } = machine();
-  const allocate = pool.allocate;
-  const taken = jumps[form - 1]!.reach + 2n ** 20n;
-  pool.allocate = (near, reach, size, dataSize) => {
-    const low = near > reach ? near - reach : 0n, high = near + reach;
-    const parts: [bigint, bigint][] = [];
-    if (low < entry - taken) parts.push([low, high < entry - taken ? high : entry - taken]);
-    if (high > entry + taken) parts.push([low > entry + taken ? low : entry + taken, high]);
-    const distance = ([from, to]: [bigint, bigint]) => (near < from ? from - near : near > to ? near - to : 0n);
-    parts.sort((a, b) => (distance(a) < distance(b) ? -1 : 1));
-    for (const [from, to] of parts) {
-      const slot = allocate.call(pool, (from + to) / 2n, (to - from) / 2n, size, dataSize);
-      if (slot) return slot;
-    }
-    return null;
-  };
-  try {
-    body();
-  } finally {
-    pool.allocate = allocate;
-  }
-}
 
 /** abs(x) in hand-assembled code of exactly `length` bytes (`nop`s before its `ret`). */
 function absOf(length: number): number[] {
@@ -119,7 +91,7 @@ for (let form = 1; form < jumps.length; form++) {
   test(`the ${what}: a JS replacement, a native redirect, canned code and the original`, () => {
     onAbs(jump.size, (address, call) => {
       const before = bytesAt(address, NEIGHBOUR);
-      withNearMemoryTaken(address, form, () => {
+      withNearMemoryTaken(address, nearer.reach, () => {
         const js = redefine(target(address), (x) => x * 10n);
         assertFar(address, assertJump(address, before, jump), nearer);
         assert.equal(call(-7n), -70n);
@@ -171,7 +143,7 @@ for (let form = 1; form < jumps.length; form++) {
     const short = jump.size - (isArm64 ? 4 : 1);
     onAbs(jump.size, (address, call) => {
       const before = bytesAt(address, NEIGHBOUR);
-      withNearMemoryTaken(address, form, () => {
+      withNearMemoryTaken(address, nearer.reach, () => {
         const forms = jumps.map((j, i) => `${j.size}${i === 0 ? " bytes" : ""} (within ±\\d+ [MG]iB|anywhere)`);
         assertCode(
           () => redefine({ ...target(address), size: short }, (x) => x * 10n),
@@ -191,7 +163,7 @@ test("arm64 libc's labs (12 bytes) with no memory within ±128 MiB: the adrp jum
   const before = bytesAt(address, 16);
   const protection = protectionAt(address);
   assert.equal(size, 12, "glibc's aarch64 labs is cmp, cneg, ret");
-  withNearMemoryTaken(address, 1, () => {
+  withNearMemoryTaken(address, jumps[0].reach, () => {
     const labs = { symbol: "labs", library: "libc.so.6", parameters: ["i64"], result: "i64" } as const;
     const patch = redefine(labs, (x) => x * 10n);
     try {

@@ -160,6 +160,50 @@ export function loadedSpan(image: LoadedImage, pageSize: number): { base: bigint
 }
 
 /**
+ * The image whose ELF header the loader mapped at `base` (`dladdr`'s `dli_fbase`): its program
+ * headers, read where the header says they are in the file (inside the first segment, which maps
+ * the file from offset 0), and its bias, `base` less the first segment's linked page.
+ */
+export function imageAt(read: Reader, base: bigint, pageSize: number): LoadedImage {
+  const header = fields(read(base, 64));
+  const headers = programHeaders(read, base + header.getBigUint64(32, true), header.getUint16(56, true));
+  const low = linkedRange(headers)?.low ?? 0n;
+  return { bias: base - (low - low % BigInt(pageSize)), headers };
+}
+
+const PT_GNU_PROPERTY = 0x6474e553;
+const NT_GNU_PROPERTY_TYPE_0 = 5;
+const GNU_PROPERTY_AARCH64_FEATURE_1_AND = 0xc0000000;
+
+/**
+ * The AArch64 features the image was built for, from its `PT_GNU_PROPERTY` note (what the kernel
+ * and glibc's loader read): bit 0 BTI (its text is mapped PROT_BTI on a CPU with BTI), bit 1 PAC,
+ * bit 2 GCS; 0 without the note. ELF64 property notes pad to 8 bytes.
+ */
+export function aarch64Features(read: Reader, image: LoadedImage): number {
+  const header = image.headers.find((h) => h.type === PT_GNU_PROPERTY);
+  if (header === undefined) return 0;
+  const notes = fields(read(image.bias + header.vaddr, Number(header.memsz)));
+  const pad = (n: number) => Math.ceil(n / 8) * 8;
+  for (let at = 0; at + 12 <= notes.byteLength;) {
+    const nameSize = notes.getUint32(at, true), descSize = notes.getUint32(at + 4, true);
+    const type = notes.getUint32(at + 8, true);
+    const desc = at + 12 + Math.ceil(nameSize / 4) * 4;
+    const end = Math.min(desc + descSize, notes.byteLength);
+    // The name is "GNU\0": 0x00554e47 little-endian.
+    if (type === NT_GNU_PROPERTY_TYPE_0 && nameSize === 4 && notes.getUint32(at + 12, true) === 0x00554e47) {
+      for (let p = pad(desc); p + 8 <= end;) {
+        const kind = notes.getUint32(p, true), size = notes.getUint32(p + 4, true);
+        if (kind === GNU_PROPERTY_AARCH64_FEATURE_1_AND && size >= 4 && p + 12 <= end) return notes.getUint32(p + 8, true);
+        p += 8 + pad(size);
+      }
+    }
+    at = pad(desc + descSize);
+  }
+  return 0;
+}
+
+/**
  * A dynamic-section address, relocated. glibc adds the bias in place to some tags only (not the
  * version tables) and to none where the section is read-only (the vDSO): a value inside the
  * linked range is taken as linked, anything else as already relocated.

@@ -80,6 +80,24 @@ export interface RegistryLockCode {
 /** The reach of a jump that goes anywhere: farther than any two user-space addresses are apart. */
 export const ANYWHERE = 2n ** 62n;
 
+/**
+ * How the CPU checks the branches that enter a function's code, as the platform tells for its
+ * pages (arm64: Branch Target Identification and the Guarded Control Stack; x86-64 user space has
+ * neither check on Linux). What the trampoline's jumps back into the function may be follows.
+ */
+export interface BranchChecks {
+  /**
+   * An indirect jump or call (`br`, `blr`) into the code must land on a landing pad (`bti`): the
+   * CPU has BTI and the pages are guarded (PROT_BTI), or may be.
+   */
+  readonly landingPads: boolean;
+  /** Every return is checked against a shadow stack (GCS): a `ret` goes only where a call came from. */
+  readonly shadowStack: boolean;
+}
+
+/** No check: any branch may land anywhere. */
+export const UNCHECKED: BranchChecks = { landingPads: false, shadowStack: false };
+
 /** One form of the entry jump: it clobbers no argument register, so it can sit at any entry. */
 export interface EntryJump {
   /** Its length in bytes. */
@@ -113,9 +131,10 @@ export interface Arch {
    * `planRelocation`), rewritten to run there, then a jump back to `plan.address + plan.consumed`
    * (or, when they end with a call, that call with the original's return address, so that the
    * callee returns there itself). At most `plan.maxSize` bytes. Throws `UNRELOCATABLE` for what
-   * cannot reach from there.
+   * cannot reach from there, `BRANCH_PROTECTION` for a jump back that `checks` (the function's
+   * pages', `UNCHECKED` when absent) would fault.
    */
-  relocate(plan: RelocationPlan, trampoline: bigint): Uint8Array;
+  relocate(plan: RelocationPlan, trampoline: bigint, checks?: BranchChecks): Uint8Array;
   /**
    * How many bytes from `address` are surely this function's code when no symbol tells its size:
    * the instructions up to and including the first unconditional transfer (or the first that does

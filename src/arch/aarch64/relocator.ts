@@ -3,11 +3,19 @@
  * rewrites each PC-relative one to reach the same place from there, and refuses what cannot move.
  * A `bl` may only end the moved words: x30 gets the original return address. Scratch registers:
  * x16 for far jumps, x17 as the base of relocated literal loads.
+ *
+ * Far jumps into the function's own code (the jump back, and moved branches out of `b`'s reach)
+ * land where no landing pad is, mid-function: into pages guarded by Branch Target Identification
+ * (PROT_BTI, which glibc's loader gives the text of every library built with
+ * `-mbranch-protection=standard`), a `br` there faults (SIGILL). So there they go by `ret x16`,
+ * which BTI does not check; only the Guarded Control Stack checks it, and with both on such a
+ * jump is refused (`BRANCH_PROTECTION`). The trampoline is placed within `b`'s reach wherever
+ * memory there can be had (src/layout.ts), so these are the exception.
  */
 import { concat } from "../bytes.ts";
 import { hex, RedefineError } from "../../errors.ts";
 import { tooShort, unrelocatable } from "../refusals.ts";
-import type { RelocationPlan } from "../types.ts";
+import { type BranchChecks, type RelocationPlan, UNCHECKED } from "../types.ts";
 import {
   type Branch,
   decodeAt,
@@ -26,8 +34,10 @@ import {
   b,
   bCond,
   cbz,
+  B_REACH,
   JUMP_ABS_SIZE,
   jumpAbs,
+  jumpAbsUnchecked,
   ldrBase,
   ldrLiteral,
   LITERAL_SIZES,
@@ -120,10 +130,27 @@ function hazardText(found: number, address: bigint, at: number, word: number, ki
   }
 }
 
-/** The shortest jump from `at` to `target`. */
-function jump(at: bigint, target: bigint): Uint8Array {
+/** The shortest jump from `at` to `target` that `checks` let land there. */
+function jump(at: bigint, target: bigint, checks: BranchChecks): Uint8Array {
   const near = b(at, target);
-  return near === null ? jumpAbs(target) : assemble([near]);
+  if (near !== null) return assemble([near]);
+  return farJump(at, target, checks);
+}
+
+/** A jump from `at` to `target` beyond `b`'s reach. */
+function farJump(at: bigint, target: bigint, checks: BranchChecks): Uint8Array {
+  if (!checks.landingPads) return jumpAbs(target);
+  if (!checks.shadowStack) return jumpAbsUnchecked(target);
+  const mib = Math.round(Number(B_REACH) / 2 ** 20);
+  throw new RedefineError(
+    "BRANCH_PROTECTION",
+    `the original would jump from ${hex(at)} to ${hex(target)}, farther than a b reaches (±${mib} MiB), ` +
+      "into code that arm64 Branch Target Identification guards, where an indirect br must land " +
+      "on a landing pad and finds none; the other way, ret x16, is refused by the Guarded Control " +
+      "Stack this process runs with. Leave memory free within that reach of the function, run " +
+      "without GCS (GLIBC_TUNABLES=glibc.cpu.aarch64_gcs=0), or pass a native replacement that " +
+      "does not call the original.",
+  );
 }
 
 /**
@@ -133,6 +160,7 @@ function jump(at: bigint, target: bigint): Uint8Array {
 function conditional(
   at: bigint,
   target: bigint,
+  checks: BranchChecks,
   encode: (from: bigint, to: bigint) => number | null,
   encodeInverse: (from: bigint, to: bigint) => number | null,
 ): Uint8Array {
@@ -140,22 +168,30 @@ function conditional(
   if (same !== null) return assemble([same]);
   const near = b(at + 4n, target);
   if (near !== null) return assemble([encodeInverse(at, at + 8n)!, near]);
-  return concat([assemble([encodeInverse(at, at + 4n + BigInt(JUMP_ABS_SIZE))!]), jumpAbs(target)]);
+  const far = farJump(at + 4n, target, checks);
+  return concat([assemble([encodeInverse(at, at + 4n + BigInt(far.length))!]), far]);
 }
 
 /** A compare- or test-and-branch at `at` to `target`: its inverse is the same with `nonzero` flipped. */
 function flippable<T extends { nonzero: boolean }>(
   at: bigint,
   target: bigint,
+  checks: BranchChecks,
   branch: T,
   encode: (branch: T, from: bigint, to: bigint) => number | null,
 ): Uint8Array {
   const inverse = { ...branch, nonzero: !branch.nonzero };
-  return conditional(at, target, (from, to) => encode(branch, from, to), (from, to) => encode(inverse, from, to));
+  return conditional(
+    at,
+    target,
+    checks,
+    (from, to) => encode(branch, from, to),
+    (from, to) => encode(inverse, from, to),
+  );
 }
 
-/** `instruction`, rewritten to run at `at` and reach the same target. */
-function rewrite(instruction: Instruction, at: bigint): Uint8Array {
+/** `instruction`, rewritten to run at `at` and reach the same target, as `checks` let it. */
+function rewrite(instruction: Instruction, at: bigint, checks: BranchChecks): Uint8Array {
   switch (instruction.kind) {
     case "adr":
     case "adrp": {
@@ -174,12 +210,12 @@ function rewrite(instruction: Instruction, at: bigint): Uint8Array {
       return assemble([...movAbs(base, target), ldrBase(load, rt, base)]);
     }
     case "b":
-      return jump(at, instruction.target);
+      return jump(at, instruction.target, checks);
     case "bl": {
       // The last moved word (analyse() refuses others): x30 gets the original return address, the
       // first word left in place, so the callee returns straight there and sees what it would.
       const link = assemble(movAbs(X30, instruction.address + 4n));
-      return concat([link, jump(at + BigInt(link.length), instruction.target)]);
+      return concat([link, jump(at + BigInt(link.length), instruction.target, checks)]);
     }
     case "bCond": {
       const { cond, consistent, target } = instruction;
@@ -187,14 +223,14 @@ function rewrite(instruction: Instruction, at: bigint): Uint8Array {
       // Conditions 14 and 15 both mean "always": they have no inverse.
       if (cond >= 14) {
         const same = encode(at, target);
-        return same === null ? jump(at, target) : assemble([same]);
+        return same === null ? jump(at, target, checks) : assemble([same]);
       }
-      return conditional(at, target, encode, (from, to) => bCond(cond ^ 1, consistent, from, to));
+      return conditional(at, target, checks, encode, (from, to) => bCond(cond ^ 1, consistent, from, to));
     }
     case "cbz":
-      return flippable(at, instruction.target, instruction.branch, cbz);
+      return flippable(at, instruction.target, checks, instruction.branch, cbz);
     case "tbz":
-      return flippable(at, instruction.target, instruction.branch, tbz);
+      return flippable(at, instruction.target, checks, instruction.branch, tbz);
     default:
       return assemble([instruction.word]);
   }
@@ -245,7 +281,11 @@ export function planRelocation(
 }
 
 /** See `Arch.relocate`. */
-export function relocate(plan: RelocationPlan<Instruction>, trampoline: bigint): Uint8Array {
+export function relocate(
+  plan: RelocationPlan<Instruction>,
+  trampoline: bigint,
+  checks: BranchChecks = UNCHECKED,
+): Uint8Array {
   const { address, consumed, instructions } = plan;
   const internal = internalTo(address, consumed);
 
@@ -255,16 +295,17 @@ export function relocate(plan: RelocationPlan<Instruction>, trampoline: bigint):
   let at = trampoline;
   for (const instruction of instructions) {
     starts.push(at);
-    at += BigInt(rewrite(internal(instruction) ? { ...instruction, target: at } : instruction, at).length);
+    at += BigInt(rewrite(internal(instruction) ? { ...instruction, target: at } : instruction, at, checks).length);
   }
   const moved = instructions.map((instruction, i) => {
-    if (!internal(instruction)) return rewrite(instruction, starts[i]!);
+    if (!internal(instruction)) return rewrite(instruction, starts[i]!, checks);
     return rewrite(
       { ...instruction, target: starts[Number((instruction.target - address) / 4n)]! },
       starts[i]!,
+      checks,
     );
   });
-  if (!endsInCall(instructions)) moved.push(jump(at, address + BigInt(consumed)));
+  if (!endsInCall(instructions)) moved.push(jump(at, address + BigInt(consumed), checks));
   return concat(moved);
 }
 

@@ -231,6 +231,22 @@ export function jumpAbs(to: bigint): Uint8Array {
 }
 
 /**
+ * An absolute jump to `to` that reaches anywhere, writes only x16, and lands anywhere: `ret x16`
+ * is the one indirect branch Branch Target Identification does not check, so it may enter a
+ * guarded page where no landing pad is (the middle of a function). It leaves the return-address
+ * predictor one entry off, and with the Guarded Control Stack on it faults: use it only for that.
+ */
+export function jumpAbsUnchecked(to: bigint): Uint8Array {
+  return assemble(
+    [
+      0x58000050, // ldr x16, #8 (the literal)
+      0xd65f0200, // ret x16
+    ],
+    to, //           .quad to
+  );
+}
+
+/**
  * A jump placed at `from` to `to` through the page address `adrp` forms, or null beyond its reach
  * (see `JUMP_PAGE_REACH`): three words and no literal; writes only x16.
  */
