@@ -347,6 +347,53 @@ test("relocate: b re-targets when in reach, else jumps through x16", () => {
   ]);
 });
 
+// Into code guarded by BTI a far jump goes by `ret x16`, the one indirect branch BTI does not check.
+const GUARDED = { landingPads: true, shadowStack: false };
+const GUARDED_GCS = { landingPads: true, shadowStack: true };
+
+test("relocate, BTI-guarded: far jumps back, moved b, bl and cbz go by ret x16; b in reach stays b", () => {
+  const target = A + 0x40_0000n;
+  const unchecked = (at: bigint, to: bigint) => [`ldr x16, ${h(at + 8n)}`, "ret x16", { quad: to }];
+  const fn = code(b(A, target), NOP);
+  const plan = planRelocation(fn, A, 4);
+  assertDisassembly(relocate(plan, MID, GUARDED), MID, [`b ${h(target)}`, `b ${h(A + 4n)}`]);
+  const far = relocate(plan, FAR, GUARDED);
+  assert.ok(far.length <= plan.maxSize);
+  assertDisassembly(far, FAR, [...unchecked(FAR, target), ...unchecked(FAR + 16n, A + 4n)]);
+
+  const call = planRelocation(code(NOP, bl(A + 4n, target)), A, 8);
+  assertDisassembly(relocate(call, FAR, GUARDED), FAR, [
+    "nop",
+    ...movs("x30", A + 8n),
+    ...unchecked(FAR + 16n, target),
+  ]);
+
+  const near = A + 0x8_0000n;
+  const branch = planRelocation(code(cbz({ nonzero: false, sf: true, rt: 3 }, A, near), NOP), A, 4);
+  assertDisassembly(relocate(branch, FAR, GUARDED), FAR, [
+    `cbnz x3, ${h(FAR + 20n)}`,
+    ...unchecked(FAR + 4n, near),
+    ...unchecked(FAR + 20n, A + 4n),
+  ]);
+});
+
+test("relocate, BTI-guarded with the Guarded Control Stack: a far jump is refused, a near one is not", () => {
+  const plan = planRelocation(code(NOP, NOP), A, 4);
+  assertDisassembly(relocate(plan, MID, GUARDED_GCS), MID, ["nop", `b ${h(A + 4n)}`]);
+  assert.throws(() => relocate(plan, FAR, GUARDED_GCS), (error: unknown) => {
+    assert.ok(error instanceof RedefineError && error.code === "BRANCH_PROTECTION", String(error));
+    assert.match(error.message, /farther than a b reaches \(±128 MiB\).*Branch Target Identification.*Guarded Control Stack.*glibc\.cpu\.aarch64_gcs=0/s);
+    return true;
+  });
+  // Not guarded: the shadow stack alone does not check br.
+  assertDisassembly(relocate(plan, FAR, { landingPads: false, shadowStack: true }), FAR, [
+    "nop",
+    `ldr x16, ${h(FAR + 12n)}`,
+    "br x16",
+    { quad: A + 4n },
+  ]);
+});
+
 test("relocate: bl, the last moved word, puts the original return address in x30, then jumps", () => {
   const target = A - 0x40_0000n;
   const fn = code(bl(A, target), NOP);

@@ -15,6 +15,7 @@ import {
   JUMP_PAGE_REACH,
   JUMP_PAGE_SIZE,
   jumpAbs,
+  jumpAbsUnchecked,
   jumpPage,
   ldrBase,
   ldrLiteral,
@@ -287,6 +288,13 @@ test("writer: jumpAbs is ldr x16, #8; br x16; .quad", () => {
   assert.equal(bytes.length, JUMP_ABS_SIZE);
   assert.deepEqual(bytes.subarray(0, 8), assemble([ldrLiteral("x", 16, 0n, 8n)!, br(16)]));
   assertDisassembly(bytes, AT, [`ldr x16, ${h(AT + 8n)}`, "br x16", { quad: target }]);
+});
+
+test("writer: jumpAbsUnchecked is ldr x16, #8; ret x16; .quad", () => {
+  const target = 0x1234_5678_9abc_def0n;
+  const bytes = jumpAbsUnchecked(target);
+  assert.equal(bytes.length, JUMP_ABS_SIZE);
+  assertDisassembly(bytes, AT, [`ldr x16, ${h(AT + 8n)}`, "ret x16", { quad: target }]);
 });
 
 test("writer: jumpPage is adrp x16; add x16, x16, #lo12; br x16, reaching JUMP_PAGE_REACH either way", () => {

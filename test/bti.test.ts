@@ -1,0 +1,102 @@
+/**
+ * arm64 Branch Target Identification: an indirect branch into a guarded page (PROT_BTI, what
+ * glibc's loader gives the text of libraries built with `-mbranch-protection=standard`) must land
+ * on a landing pad, else SIGILL. A trampoline farther than `b` reaches from the function jumps
+ * back into its middle, where none is: it must get there by a branch BTI does not check. Run for
+ * real in child processes (test/fixtures/bti.ts) on CPUs with BTI (qemu-user's `neoverse-n2` and
+ * `max` honour PROT_BTI); elsewhere skipped. The detection (the CPU's hwcaps, an image's
+ * `PT_GNU_PROPERTY` note) is checked here too.
+ */
+import { assert, test } from "./harness.ts";
+import { runCase } from "./cases.ts";
+import { assemble, isArm64, os, runtime, unassemble, words } from "./native.ts";
+import { aarch64Features, imageAt } from "../platform/image/elf_loaded.ts";
+
+const fixture = new URL("./fixtures/bti.ts", import.meta.url);
+const AT_HWCAP2 = 26n;
+const HWCAP2_BTI = 1n << 17n;
+
+/** Whether this CPU (and kernel) has BTI: only then can a page be guarded. */
+function hasBti(): boolean {
+  if (!isArm64 || runtime.os !== "linux") return false;
+  const c = runtime.open("libc.so.6", { getauxval: { parameters: ["u64"], result: "u64" } });
+  return ((c.getauxval(AT_HWCAP2) as bigint) & HWCAP2_BTI) !== 0n;
+}
+const bti = hasBti();
+const needsBti = { skip: bti ? undefined : "no BTI on this CPU (qemu-user: QEMU_CPU=neoverse-n2 has it)" };
+
+for (const kind of ["JS replacement", "native redirect", "to its original"]) {
+  test(`BTI: a guarded function with its trampoline beyond b's reach (${kind}): the original runs, no SIGILL`, () => {
+    const seen = runCase(fixture, kind) as Record<string, unknown>;
+    const replaced = { "JS replacement": "-70n", "native redirect": "4242n", "to its original": "7n" }[kind];
+    const original = kind === "to its original" ? "9n" : "7n";
+    assert.deepEqual(seen, { far: true, replaced, original, restored: true, after: "7n" });
+  }, needsBti);
+}
+
+test("BTI: Os.branchChecks guards anonymous code, and an image as its PT_GNU_PROPERTY note says", () => {
+  const checks = os.branchChecks!;
+  const { address, base } = assemble(words(0xd65f03c0)); // ret
+  try {
+    assert.deepEqual(checks(address), { landingPads: true, shadowStack: false }, "anonymous code: taken as guarded");
+  } finally {
+    unassemble(base);
+  }
+  const labs = os.symbolAddress("labs", "libc.so.6");
+  const libc = os.modules().find((m) => labs >= m.base && labs < m.base + BigInt(m.size))!;
+  const read = (at: bigint, length: number) => runtime.view(at, length).slice();
+  const marked = (aarch64Features(read, imageAt(read, libc.base, os.pageSize)) & 1) !== 0;
+  // Debian's arm64 libc (qemu's sysroot here) is built without BTI; Fedora's and Ubuntu's with it.
+  assert.equal(checks(labs).landingPads, marked, `${libc.path}: ${marked ? "" : "not "}built for BTI`);
+  assert.equal(checks(labs).shadowStack, false, "glibc turns the GCS on only when a tunable asks");
+}, needsBti);
+
+test("BTI: Os.branchChecks checks nothing on a CPU without BTI", () => {
+  const checks = os.branchChecks?.(os.symbolAddress("labs", "libc.so.6"));
+  assert.deepEqual(checks ?? { landingPads: false, shadowStack: false }, { landingPads: false, shadowStack: false });
+}, { skip: bti ? "this CPU has BTI" : undefined });
+
+/** A little ELF image in memory: the header, two program headers, and a property note with `features`. */
+function imageWithNote(features: number | null): { read: (address: bigint, length: number) => Uint8Array; base: bigint } {
+  const base = 0x40_0000n;
+  const bytes = new Uint8Array(0x200);
+  const view = new DataView(bytes.buffer);
+  view.setBigUint64(32, 64n, true); //                  e_phoff
+  view.setUint16(56, 2, true); //                       e_phnum
+  const phdr = (i: number, type: number, vaddr: number, size: number) => {
+    view.setUint32(64 + i * 56, type, true);
+    view.setBigUint64(64 + i * 56 + 16, BigInt(vaddr), true);
+    view.setBigUint64(64 + i * 56 + 40, BigInt(size), true);
+  };
+  phdr(0, 1, 0, bytes.length); //                       PT_LOAD of the whole image
+  // A note with an x86 property first (another type, skipped), then the AArch64 one.
+  const note = 0x100;
+  view.setUint32(note, 4, true); //                     namesz
+  view.setUint32(note + 4, features === null ? 16 : 32, true); // descsz
+  view.setUint32(note + 8, 5, true); //                 NT_GNU_PROPERTY_TYPE_0
+  bytes.set([0x47, 0x4e, 0x55, 0], note + 12); //       "GNU"
+  view.setUint32(note + 16, 0xc0010001, true); //       GNU_PROPERTY_X86_ISA_1_NEEDED-like, 4 bytes
+  view.setUint32(note + 20, 4, true);
+  view.setUint32(note + 24, 0xffff, true);
+  if (features !== null) {
+    view.setUint32(note + 32, 0xc0000000, true); //     GNU_PROPERTY_AARCH64_FEATURE_1_AND
+    view.setUint32(note + 36, 4, true);
+    view.setUint32(note + 40, features, true);
+  }
+  phdr(1, 0x6474e553, note, features === null ? 32 : 48); // PT_GNU_PROPERTY
+  const read = (address: bigint, length: number) => {
+    const at = Number(address - base);
+    if (at < 0 || at + length > bytes.length) throw new RangeError("outside the image");
+    return bytes.slice(at, at + length);
+  };
+  return { read, base };
+}
+
+test("BTI: an image's PT_GNU_PROPERTY note gives its AArch64 features (BTI 1, PAC 2), 0 without one", () => {
+  for (const [features, expected] of [[3, 3], [1, 1], [0, 0], [null, 0]] as const) {
+    const { read, base } = imageWithNote(features);
+    const image = imageAt(read, base, 4096);
+    assert.equal(image.bias, base);
+    assert.equal(aarch64Features(read, image), expected);
+  }
+});
