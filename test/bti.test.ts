@@ -25,12 +25,17 @@ function hasBti(): boolean {
 const bti = hasBti();
 const needsBti = { skip: bti ? undefined : "no BTI on this CPU (qemu-user: QEMU_CPU=neoverse-n2 has it)" };
 
-for (const kind of ["JS replacement", "native redirect", "to its original"]) {
+/** What each case of the fixture calls, and what the calls must give. */
+const CASES: Record<string, Record<string, unknown>> = {
+  "JS replacement": { replaced: "-70n", original: "7n" },
+  "native redirect": { replaced: "4242n", original: "7n" },
+  "native probe": { replaced: "7n", original: "9n", calls: 2 },
+  "to its original": { replaced: "7n", original: "9n" },
+};
+
+for (const [kind, expected] of Object.entries(CASES)) {
   test(`BTI: a guarded function with its trampoline beyond b's reach (${kind}): the original runs, no SIGILL`, () => {
-    const seen = runCase(fixture, kind) as Record<string, unknown>;
-    const replaced = { "JS replacement": "-70n", "native redirect": "4242n", "to its original": "7n" }[kind];
-    const original = kind === "to its original" ? "9n" : "7n";
-    assert.deepEqual(seen, { far: true, replaced, original, restored: true, after: "7n" });
+    assert.deepEqual(runCase(fixture, kind), { far: true, ...expected, restored: true, after: "7n" });
   }, needsBti);
 }
 
