@@ -9,6 +9,11 @@
  * A page outside every loaded image (anonymous memory, a JIT's code) is taken as guarded on a CPU
  * with BTI: the memory map does not tell PROT_BTI (`/proc/self/smaps` does, as `bt`, but not under
  * qemu-user), and taking it as guarded only costs its trampolines a `ret` where a `br` would do.
+ *
+ * `mprotect` replaces PROT_BTI with the rest: the write that patches a page must ask for it again,
+ * or the page stays unguarded for good. It is asked for an image built for BTI (whose text the
+ * loader guarded, and whose every indirect target has a landing pad), never for anonymous memory,
+ * which may not have been guarded.
  */
 import type { BranchChecks } from "../src/arch/types.ts";
 import { UNCHECKED } from "../src/arch/types.ts";
@@ -22,18 +27,29 @@ const HWCAP_GCS = 1n << 32n;
 const HWCAP2_BTI = 1n << 17n;
 const PR_GET_SHADOW_STACK_STATUS = 74;
 const PR_SHADOW_STACK_ENABLE = 1n;
+const PROT_EXEC = 4;
+/** arm64's `PROT_BTI`. */
+const PROT_BTI = 0x10;
 /** `GNU_PROPERTY_AARCH64_FEATURE_1_BTI`. */
 const FEATURE_BTI = 1;
 
+/** What the Linux layer asks of BTI and GCS on arm64. */
+export interface Aarch64BranchChecks {
+  /** `Os.branchChecks`. */
+  branchChecks(address: bigint): BranchChecks;
+  /** `protection` for `mprotect` of pages from `address`: PROT_BTI added to guarded executable text. */
+  protection(address: bigint, protection: number): number;
+}
+
 /**
- * `Os.branchChecks` for arm64 Linux over `runtime`, with `mappingAt` to check each read against the
+ * BTI and GCS for arm64 Linux over `runtime`, with `mappingAt` to check each read against the
  * memory map. libc is bound at the first call: a process that patches nothing pays nothing.
  */
 export function aarch64BranchChecks(
   runtime: Runtime,
   pageSize: number,
   mappingAt: (address: bigint) => Mapping | null,
-): (address: bigint) => BranchChecks {
+): Aarch64BranchChecks {
   let known: { bti: boolean; gcs: boolean; dladdr: (address: bigint, info: Uint8Array) => number } | undefined;
   function cpu() {
     if (known) return known;
@@ -63,23 +79,33 @@ export function aarch64BranchChecks(
     return runtime.view(address, length).slice();
   }
 
-  /** Whether the loaded image holding `address` was built for BTI; true when none holds it. */
-  function guarded(address: bigint, dladdr: (address: bigint, info: Uint8Array) => number): boolean {
+  /**
+   * Whether the loaded image holding `address` was built for BTI; null when no image holds it, or
+   * its headers cannot be read.
+   */
+  function builtForBti(address: bigint, dladdr: (address: bigint, info: Uint8Array) => number): boolean | null {
     // Dl_info: dli_fname, dli_fbase, dli_sname, dli_saddr.
     const info = new Uint8Array(32);
-    if (dladdr(address, info) === 0) return true;
+    if (dladdr(address, info) === 0) return null;
     const base = new DataView(info.buffer).getBigUint64(8, true);
     try {
       return (aarch64Features(read, imageAt(read, base, pageSize)) & FEATURE_BTI) !== 0;
     } catch (error) {
       if (!(error instanceof RangeError)) throw error;
-      return true;
+      return null;
     }
   }
 
-  return (address) => {
-    const { bti, gcs, dladdr } = cpu();
-    if (!bti) return gcs ? { landingPads: false, shadowStack: true } : UNCHECKED;
-    return { landingPads: guarded(address, dladdr), shadowStack: gcs };
+  return {
+    branchChecks(address) {
+      const { bti, gcs, dladdr } = cpu();
+      if (!bti) return gcs ? { landingPads: false, shadowStack: true } : UNCHECKED;
+      return { landingPads: builtForBti(address, dladdr) ?? true, shadowStack: gcs };
+    },
+    protection(address, protection) {
+      if (!(protection & PROT_EXEC)) return protection;
+      const { bti, dladdr } = cpu();
+      return bti && builtForBti(address, dladdr) === true ? protection | PROT_BTI : protection;
+    },
   };
 }

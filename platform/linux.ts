@@ -202,6 +202,7 @@ export function linux(runtime: Runtime): Os {
 
 
   const modules = linuxModules(runtime, c, pageSize, () => parseMaps(readMaps()));
+  const bti = arm64 ? aarch64BranchChecks(runtime, pageSize, (address) => os.mappingAt(address)) : null;
 
   const os: Os = {
     pageSize,
@@ -239,7 +240,7 @@ export function linux(runtime: Runtime): Os {
     },
 
     protect(start, length, protection) {
-      if ((c.mprotect(start, BigInt(length), protection) as number) !== 0) {
+      if ((c.mprotect(start, BigInt(length), bti?.protection(start, protection) ?? protection) as number) !== 0) {
         const why = errnoText();
         const refusal = forced?.refusal();
         throw new RedefineError(
@@ -319,7 +320,7 @@ export function linux(runtime: Runtime): Os {
 
     ...modules,
 
-    ...(arm64 ? { branchChecks: aarch64BranchChecks(runtime, pageSize, (address) => os.mappingAt(address)) } : {}),
+    ...(bti ? { branchChecks: bti.branchChecks } : {}),
 
     flushCode(address, length) {
       flush?.(address, length);

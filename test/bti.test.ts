@@ -7,7 +7,9 @@
  * `max` honour PROT_BTI); elsewhere skipped. The detection (the CPU's hwcaps, an image's
  * `PT_GNU_PROPERTY` note) is checked here too.
  */
-import { assert, test } from "./harness.ts";
+import { assert, runtimeName, runtimePath, test } from "./harness.ts";
+import { spawnSync } from "node:child_process";
+import process from "node:process";
 import { runCase } from "./cases.ts";
 import { assemble, isArm64, os, runtime, unassemble, words } from "./native.ts";
 import { aarch64Features, imageAt } from "../platform/image/elf_loaded.ts";
@@ -38,6 +40,33 @@ for (const [kind, expected] of Object.entries(CASES)) {
     assert.deepEqual(runCase(fixture, kind), { far: true, ...expected, restored: true, after: "7n" });
   }, needsBti);
 }
+
+test("BTI: a library built for BTI (the loader guards its text): patched with its trampoline beyond b's reach, the original runs", () => {
+  assert.deepEqual(runCase(fixture, "library built for BTI"), {
+    checks: { landingPads: true, shadowStack: false },
+    far: true,
+    replaced: "-70n",
+    original: "7n",
+    restored: true,
+    after: "7n",
+  });
+}, needsBti);
+
+/** The signal case `name` of the fixture ends with (null when it exits), and its output. */
+function signalOf(name: string): { signal: string | null; output: string } {
+  const path = fixture.pathname;
+  const args = runtimeName === "deno" ? ["run", "-A", "--no-check", path, name] : [path, name];
+  const child = spawnSync(runtimePath, args, { encoding: "utf8", timeout: 60_000, env: { ...process.env, NO_COLOR: "1" } });
+  return { signal: child.signal, output: `${child.stdout ?? ""}${child.stderr ?? ""}`.slice(-2000) };
+}
+
+test("BTI: a library's page stays guarded after a patch and its restore (mprotect keeps PROT_BTI)", () => {
+  // A branch past the landing pad faults before any patch (the page is guarded) and after one.
+  for (const name of ["library built for BTI, past the pad", "library built for BTI, past the pad after a patch"]) {
+    const { signal, output } = signalOf(name);
+    assert.equal(signal, "SIGILL", `${name}: ${output}`);
+  }
+}, needsBti);
 
 test("BTI: Os.branchChecks guards anonymous code, and an image as its PT_GNU_PROPERTY note says", () => {
   const checks = os.branchChecks!;
