@@ -30,6 +30,16 @@ import {
  * instruction may be a branch's target (in a guarded page, a `br` through x16 or x17 may land on
  * `bti c`, as a call does, so a stub that began with one would still be reachable).
  *
+ * The branches we write that enter a library's code: the entry jump's `b` and every relocated
+ * branch in reach are direct, which BTI does not check. The trampoline's far ones (the jump back
+ * into the middle of the function, a moved `b`/`bl`/`b.cond`/`cbz`/`tbz` out of reach) land where
+ * no landing pad is, so into guarded code they go by `ret x16` (see relocator.ts); the native
+ * probe's copy of the moved words is relocated the same way. Every other indirect branch lands on
+ * our own pages or on a function's entry: the guard's and the probe's way to the original (the
+ * trampoline, or the patch below), the guard's call of the JS callback, canned code's call of the
+ * real clock (its trampoline, or the exported entry), a jump stub's to a native replacement (a
+ * function pointer, whose code, if built for BTI, starts with a landing pad).
+ *
  * @example
  * ```ts
  * import { aarch64 } from "./mod.ts";
