@@ -1,10 +1,10 @@
 // `npm run test:arm64`: the whole test suite on Linux arm64, emulated by qemu-user on this x86-64
 // machine, for Deno and for Bun, plus the Deno suite once more with 16 KiB pages and the BTI tests
-// on a CPU with BTI. Sets up what it
-// needs first and skips what is already there: Debian's qemu and arm64 libc, a qemu recent enough
-// to honour instruction-cache flushes (see `modernQemu`), the arm64 libsqlite3 and zlib that some
-// tests use (see `sysroot`), the arm64 Deno and Bun of the same versions as the x86-64
-// devDependencies (from npm), and binfmt_misc so that tests can start arm64 child processes.
+// on a CPU with BTI. Sets up what it needs first and skips what is already there: Debian's qemu
+// and arm64 libc, a qemu recent enough to honour instruction-cache flushes (see `modernQemu`), the
+// arm64 libsqlite3 and zlib that some tests use (see `sysroot`), the arm64 Deno and Bun of the same
+// versions as the x86-64 devDependencies (from npm), and binfmt_misc so that tests can start arm64
+// child processes.
 // Closes with one line: "N passed, N failed, N skipped".
 //
 // Arguments pick steps by name ("deno", "bun", "deno 16k", "deno bti", "bun bti"); none runs them all.
