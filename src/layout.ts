@@ -14,8 +14,8 @@ import { guardCode, guardShape } from "./guard_code.ts";
 import { probeCode, probeRecord } from "./slot_layout.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { NativeType } from "./signature.ts";
-import { liveBytes, machine, refuseOverlap } from "./registry.ts";
-import type { Entry, Machine } from "./registry.ts";
+import { liveBytes, machine, reclaimSpare, refuseOverlap } from "./registry.ts";
+import type { Entry, KnownPlan, Machine, SlotReuse } from "./registry.ts";
 import { refuseJumpsIntoEntry } from "./target.ts";
 import type { Site } from "./target.ts";
 import type { Destination } from "./replacement.ts";
@@ -36,6 +36,8 @@ export interface Layout {
   readonly destination: bigint;
   /** The slot holding the trampoline and the stub or guard; null for a direct jump. */
   readonly stub: CodeSlot | null;
+  /** What `stub` holds for the entry's next patch to take back, when that can (registry.ts `SlotReuse`). */
+  readonly reuse?: SlotReuse | null;
   readonly trampoline: Trampoline;
   /** The guard's busy flag (JS replacements): set while the replacement runs. */
   readonly busy: bigint | null;
@@ -122,11 +124,18 @@ function directJump(m: Machine, site: AnySite, to: bigint, below: bigint | null)
   return { entry, covers: entry.length, destination: to, stub: null, trampoline, busy: null, bypass: to };
 }
 
-function trampolineAlone(m: Machine, site: AnySite): { address: bigint; slot: CodeSlot } {
+/** What a lone trampoline's slot holds after the relocated instructions: nothing (see `SlotReuse`). */
+const LONE_TRAMPOLINE = {};
+
+function trampolineAlone(m: Machine, site: AnySite): { address: bigint; slot: CodeSlot; reuse: SlotReuse } {
   const { arch, pool } = m;
-  const plan = relocationPlan(m, site, arch.nearJumpSize);
+  const known = relocationPlan(m, site, arch.nearJumpSize);
+  const plan = known.plan;
   // `locate` refused overlaps of the first near jump's bytes: only a wider reach is asked again.
   if (plan.consumed > arch.nearJumpSize) refuseOverlap(site.at, plan.consumed);
+  const reuse: SlotReuse = { plan: known, holds: LONE_TRAMPOLINE, jumpSize: arch.nearJumpSize, released: null };
+  const again = reclaimSpare(known, LONE_TRAMPOLINE, arch.nearJumpSize);
+  if (again) return { address: again.address, slot: again, reuse };
   const slot = pool.allocate(site.at, arch.nearReach - BigInt(plan.maxSize), plan.maxSize);
   if (!slot) {
     throw new RedefineError(
@@ -140,7 +149,7 @@ function trampolineAlone(m: Machine, site: AnySite): { address: bigint; slot: Co
     pool.release(slot, null);
     throw error;
   }
-  return { address: slot.address, slot };
+  return { address: slot.address, slot, reuse };
 }
 
 /**
@@ -156,7 +165,11 @@ function guardedStub(
   belowBypass: bigint | null,
 ): Layout {
   const shape = guardShape(m, site.signature);
-  const stub = reserve(m, site, below, shape.size, shape.dataSize);
+  // A calling guard's code is the same for every patch of the entry (its record, in the data, is
+  // the patch's own): it can be taken back. A swapping guard's holds the callback.
+  const stub = shape.shared
+    ? reserveAgain(m, site, below, shape.size, shape.dataSize, shape)
+    : reserve(m, site, below, shape.size, shape.dataSize);
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, stub, below);
     // Past every JS layer below: a call that must not run JS (V8's own getpid while it collects
@@ -164,7 +177,7 @@ function guardedStub(
     const bypass = belowBypass ?? originalForGuard(trampoline);
     const code = guardCode(m, site.signature, shape, stub.slot, stub.front, callback, bypass);
     write(m, stub, relocated, code);
-    return { ...throughStub(m, site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset)), bypass };
+    return { ...throughStub(m, site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset)), bypass, reuse: stub.reuse };
   });
 }
 
@@ -217,14 +230,15 @@ function cannedStub(m: Machine, site: AnySite, to: Destination & { kind: "canned
  * reaches, else through an absolute jump after the trampoline.
  */
 function toOriginal(m: Machine, site: AnySite, below: bigint | null): Layout {
-  const stub = reserve(m, site, below, m.arch.farJumpSize, 0);
+  // Its code is the same for every such patch of the entry: it can be taken back.
+  const stub = reserveAgain(m, site, below, m.arch.farJumpSize, 0, TO_ORIGINAL);
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, stub, below);
     const original = trampoline.address;
     const straight = stub.jumpSize === m.arch.nearJumpSize ? m.arch.nearJump(site.at, original) : null;
     if (!straight) {
       write(m, stub, relocated, m.arch.farJump(stub.front, original));
-      return throughStub(m, site, stub, trampoline, null);
+      return { ...throughStub(m, site, stub, trampoline, null), reuse: stub.reuse };
     }
     write(m, stub, relocated, new Uint8Array(0));
     return {
@@ -232,6 +246,7 @@ function toOriginal(m: Machine, site: AnySite, below: bigint | null): Layout {
       covers: coverage(straight, stub),
       destination: original,
       stub: stub.slot,
+      reuse: stub.reuse,
       trampoline,
       busy: null,
       bypass: original,
@@ -268,6 +283,9 @@ function probeStub(m: Machine, site: AnySite, timing: boolean, below: bigint | n
 /** How the first instructions move to a stub's slot; null when layered, or why they cannot. */
 type Plan = RelocationPlan | RedefineError | null;
 
+/** What a slot redirecting a function to its own trampoline holds after it (see `SlotReuse`). */
+const TO_ORIGINAL = {};
+
 /** A pool slot for a trampoline and the stub after it, and the entry jump that reaches it. */
 interface Stub {
   readonly slot: CodeSlot;
@@ -276,6 +294,10 @@ interface Stub {
   readonly plan: Plan;
   /** Where the stub's code starts: after the trampoline. */
   readonly front: bigint;
+  /** What the slot holds, for the entry's next patch (`reserveAgain`); null or absent: nothing it can take back. */
+  readonly reuse?: SlotReuse | null;
+  /** Taken back from the entry's last patch: its code is in place already, only data is written. */
+  readonly reused?: boolean;
 }
 
 /**
@@ -316,14 +338,50 @@ function reserve(
   return { slot, jumpSize, plan, front: slot.address + BigInt(sizeOf(plan)) };
 }
 
+/**
+ * `reserve`, for a stub whose code `holds` names: the same for every patch of the entry laid out
+ * this way. The slot of the entry's last such patch is taken back while it waits in quarantine,
+ * its code in place; a fresh slot says what it holds for the next one.
+ */
+function reserveAgain(
+  m: Machine,
+  site: AnySite,
+  below: bigint | null,
+  frontSize: number,
+  dataSize: number,
+  holds: object,
+): Stub {
+  const jumpSize = m.arch.nearJumpSize;
+  const known = below === null ? knownPlan(m, site, jumpSize) : null;
+  const again = known ? reclaimSpare(known, holds, jumpSize) : null;
+  if (again) {
+    const reuse = { plan: known!, holds, jumpSize, released: null };
+    return { slot: again, jumpSize, plan: known!.plan, front: again.address + BigInt(sizeOf(known!.plan)), reuse, reused: true };
+  }
+  const stub = reserve(m, site, below, frontSize, dataSize);
+  const planned = below === null ? m.plans.get(site.at) : undefined;
+  const reuse = planned && planned.plan === stub.plan ? { plan: planned, holds, jumpSize: stub.jumpSize, released: null } : null;
+  return { ...stub, reuse, reused: false };
+}
+
 /** How the first instructions move for an entry jump of `jumpSize` bytes; why not; null when layered. */
 function planFor(m: Machine, site: AnySite, below: bigint | null, jumpSize: number): Plan {
   if (below !== null) return null;
   try {
-    return relocationPlan(m, site, jumpSize);
+    return relocationPlan(m, site, jumpSize).plan;
   } catch (error) {
     if (!(error instanceof RedefineError)) throw error;
     return error;
+  }
+}
+
+/** The entry's plan for an entry jump of `jumpSize` bytes, or null when its instructions cannot move. */
+function knownPlan(m: Machine, site: AnySite, jumpSize: number): KnownPlan | null {
+  try {
+    return relocationPlan(m, site, jumpSize);
+  } catch (error) {
+    if (!(error instanceof RedefineError)) throw error;
+    return null;
   }
 }
 
@@ -334,15 +392,16 @@ function planFor(m: Machine, site: AnySite, below: bigint | null, jumpSize: numb
  * stay as it was, as the code before the entry is (`Machine.cleanEntries`): code does not change
  * under us, and our own patches are read through.
  */
-function relocationPlan(m: Machine, site: AnySite, minLength: number): RelocationPlan {
+function relocationPlan(m: Machine, site: AnySite, minLength: number): KnownPlan {
   const known = m.plans.get(site.at);
   const same = known?.minLength === minLength && known.extent === site.code.length;
-  if (same && startsWith(site.code, known.moved)) return known.plan;
+  if (same && startsWith(site.code, known.moved)) return known;
   const plan = m.arch.planRelocation(site.code, site.at, minLength);
   const moved = new Uint8Array(plan.consumed);
   moved.set(site.code.subarray(0, plan.consumed));
-  m.plans.set(site.at, { minLength, extent: site.code.length, moved, plan });
-  return plan;
+  const fresh: KnownPlan = { minLength, extent: site.code.length, moved, plan, spare: null };
+  m.plans.set(site.at, fresh);
+  return fresh;
 }
 
 /** Whether `code` starts with `head`. */
@@ -365,6 +424,8 @@ function relocateInto(
   const none = new Uint8Array(0);
   if (below !== null) return { code: none, trampoline: Trampoline.at(below) };
   if (stub.plan instanceof RedefineError) return { code: none, trampoline: Trampoline.refused(stub.plan) };
+  // Its trampoline relocated there by the entry's last patch, as it would be now.
+  if (stub.reused) return { code: none, trampoline: Trampoline.at(stub.slot.address) };
   try {
     // Planned: there is no patch below.
     const code = m.arch.relocate(stub.plan!, stub.slot.address);
@@ -375,8 +436,9 @@ function relocateInto(
   }
 }
 
-/** Writes the trampoline's code and the stub's into the stub's slot. */
+/** Writes the trampoline's code and the stub's into the stub's slot (a slot taken back holds them). */
 function write(m: Machine, stub: Stub, trampoline: Uint8Array, front: Uint8Array): void {
+  if (stub.reused) return;
   const offset = Number(stub.front - stub.slot.address);
   const bytes = new Uint8Array(offset + front.length);
   bytes.set(trampoline, 0);

@@ -6,8 +6,8 @@ import { hex, hexBytes, RedefineError } from "./errors.ts";
 import type { JsArguments, JsValue, NativeType } from "./signature.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { OriginalStub } from "./original.ts";
-import { exclusive, isForeign, layers, liveBytes, machine, register, restoredBytes, retire, unregister } from "./registry.ts";
-import type { Entry } from "./registry.ts";
+import { exclusive, isForeign, layers, liveBytes, machine, register, releaseSlot, restoredBytes, retire, unregister } from "./registry.ts";
+import type { Entry, SlotReuse } from "./registry.ts";
 import { nativeSignature } from "./replacement.ts";
 import { moduleAt } from "./introspect.ts";
 import { pendingAt, schedule, transaction } from "./transaction.ts";
@@ -17,6 +17,8 @@ import type { Mapping, NativeCallback } from "../platform/mod.ts";
 interface Built {
   readonly address: bigint;
   readonly slot: CodeSlot | null;
+  /** What its own slot holds, for the entry's next patch to take back (registry.ts `SlotReuse`). */
+  readonly reuse?: SlotReuse | null;
 }
 
 /**
@@ -73,7 +75,7 @@ export class Trampoline {
   /** Gives back the slot it got for itself, once its patch is gone. */
   release(): void {
     if (this.#built && !(this.#built instanceof RedefineError) && this.#built.slot) {
-      machine().pool.release(this.#built.slot, null);
+      releaseSlot(this.#built.slot, null, this.#built.reuse ?? null);
     }
     this.#build = null;
     this.#built = null;
@@ -102,6 +104,8 @@ export interface Applied {
   readonly destination: bigint;
   /** Trampoline, then stub or guard: null when the jump reaches the replacement directly. */
   readonly stub: CodeSlot | null;
+  /** What the stub's slot holds, for the entry's next patch to take back (registry.ts `SlotReuse`). */
+  readonly reuse?: SlotReuse | null | undefined;
   readonly trampoline: Trampoline;
   /** A JS replacement's callback. */
   readonly callback: NativeCallback | null;
@@ -355,7 +359,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     this.#calls = this.calls;
     for (const entry of this.#entries) unregister(entry, restored);
     this.#applied = null;
-    if (applied.stub) machine().pool.release(applied.stub, busy);
+    if (applied.stub) releaseSlot(applied.stub, busy, applied.reuse ?? null);
     applied.trampoline.release();
   }
 }

@@ -125,6 +125,7 @@ function applyLocked<P extends readonly NativeType[], R extends NativeType>(site
     writes: [{ key: site.address, at: site.at, original, written: layout.entry, mapping: site.mapping }],
     destination: layout.destination,
     stub: layout.stub,
+    reuse: layout.reuse,
     trampoline: layout.trampoline,
     callback: to.kind === "callback" ? to.callback : null,
     busy: layout.busy,

@@ -9,7 +9,7 @@
  */
 import { hex, RedefineError } from "./errors.ts";
 import { CodePool, writeCode } from "./code_memory.ts";
-import type { CodeWrite } from "./code_memory.ts";
+import type { CodeSlot, CodeWrite, Quarantined } from "./code_memory.ts";
 import { archFor } from "./arch/mod.ts";
 import type { Arch, GuardLayout, RelocationPlan, RuntimeCode } from "./arch/types.ts";
 import { OriginalStubs } from "./original.ts";
@@ -36,6 +36,44 @@ export interface KnownPlan {
   readonly extent: number;
   readonly moved: Uint8Array;
   readonly plan: RelocationPlan;
+  /** The slot of the entry's last restored patch, while its code may be taken back (see `SlotReuse`). */
+  spare: SlotReuse | null;
+}
+
+/**
+ * A pool slot whose code was made from an entry's plan: the relocated first instructions, then
+ * the code `holds` names (src/layout.ts). Once its patch is gone the slot waits out its
+ * quarantine with that code in place, as the plan's `spare`: the entry's next patch laid out the
+ * same way takes it back (`CodePool.reclaim`) instead of relocating and writing the same bytes
+ * into a fresh one.
+ */
+export interface SlotReuse {
+  readonly plan: KnownPlan;
+  /** What follows the relocated instructions: compared by identity. */
+  readonly holds: object;
+  /** The entry jump's size the slot was placed in reach of. */
+  readonly jumpSize: number;
+  /** The slot, once released. */
+  released: Quarantined | null;
+}
+
+/** Releases `slot` to the pool's quarantine, kept as its plan's spare when `reuse` says what it holds. */
+export function releaseSlot(slot: CodeSlot, busy: bigint | null, reuse: SlotReuse | null): void {
+  const released = machine().pool.release(slot, busy);
+  if (reuse === null) return;
+  reuse.released = released;
+  reuse.plan.spare = reuse;
+}
+
+/**
+ * The slot of the plan's spare, taken back, when it holds `holds` and was placed for `jumpSize`;
+ * else null (the spare stays for a later patch that matches).
+ */
+export function reclaimSpare(plan: KnownPlan, holds: object, jumpSize: number): CodeSlot | null {
+  const spare = plan.spare;
+  if (spare === null || spare.holds !== holds || spare.jumpSize !== jumpSize) return null;
+  plan.spare = null;
+  return machine().pool.reclaim(spare.released!) ? spare.released!.slot : null;
 }
 
 /** This isolate's platform and the state built on it, made on first use. */

@@ -79,3 +79,28 @@ test("code pool: a released slot is reused at its size only after the quarantine
   const last = take();
   assert.deepEqual([last.address, last.data], [b.address, b.data], "the slot comes back once its flag clears");
 });
+
+test("code pool: a released slot can be reclaimed, untouched, until it is reused, and never while its busy flag is set", async () => {
+  const { os, runtime } = platform();
+  const pool = new CodePool(platform());
+  const near = os.symbolAddress("labs");
+  const take = () => pool.allocate(near, 2n ** 31n, 48, 64)!;
+  const [a, b] = [take(), take()];
+  const busy = (slot: CodeSlot) => slot.data + 24n;
+  const ra = pool.release(a, busy(a));
+  assert.ok(pool.reclaim(ra), "reclaimed inside the quarantine");
+  assert.ok(!pool.reclaim(ra), "only once");
+  runtime.view(busy(b), 1)[0] = 1;
+  const rb = pool.release(b, busy(b));
+  const inUse = pool.codeBytesInUse;
+  assert.ok(!pool.reclaim(rb), "not while its replacement runs");
+  runtime.view(busy(b), 1)[0] = 0;
+  assert.ok(pool.reclaim(rb), "once its flag clears");
+  assert.equal(pool.codeBytesInUse, inUse + b.size, "a reclaimed slot is in use again");
+  // Released and left: once the quarantine is over it is reused, and its record says so.
+  const ra2 = pool.release(a, null);
+  await new Promise((resolve) => setTimeout(resolve, 1050));
+  const again = take();
+  assert.equal(again.address, a.address, "the slot goes back to the free lists as before");
+  assert.ok(!pool.reclaim(ra2), "no longer reclaimable once reused");
+});
