@@ -14,7 +14,7 @@ import { guardCode, guardShape } from "./guard_code.ts";
 import { probeCode, probeRecord } from "./slot_layout.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { NativeType } from "./signature.ts";
-import { liveBytes, machine, reclaimSpare, refuseOverlap } from "./registry.ts";
+import { holdsAt, liveBytes, machine, reclaimSpare, refuseOverlap } from "./registry.ts";
 import type { Entry, KnownPlan, Machine, SlotReuse } from "./registry.ts";
 import { refuseJumpsIntoEntry } from "./target.ts";
 import type { Site } from "./target.ts";
@@ -395,19 +395,13 @@ function knownPlan(m: Machine, site: AnySite, jumpSize: number): KnownPlan | nul
 function relocationPlan(m: Machine, site: AnySite, minLength: number): KnownPlan {
   const known = m.plans.get(site.at);
   const same = known?.minLength === minLength && known.extent === site.code.length;
-  if (same && startsWith(site.code, known.moved)) return known;
+  if (same && holdsAt(site.code, 0, known.moved)) return known;
   const plan = m.arch.planRelocation(site.code, site.at, minLength);
   const moved = new Uint8Array(plan.consumed);
   moved.set(site.code.subarray(0, plan.consumed));
   const fresh: KnownPlan = { minLength, extent: site.code.length, moved, plan, spare: null };
   m.plans.set(site.at, fresh);
   return fresh;
-}
-
-/** Whether `code` starts with `head`. */
-function startsWith(code: Uint8Array, head: Uint8Array): boolean {
-  for (let i = 0; i < head.length; i++) if (code[i] !== head[i]) return false;
-  return true;
 }
 
 /** The trampoline's room at the start of a stub's slot. */

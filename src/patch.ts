@@ -6,7 +6,9 @@ import { hex, hexBytes, RedefineError } from "./errors.ts";
 import type { JsArguments, JsValue, NativeType } from "./signature.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { OriginalStub } from "./original.ts";
-import { exclusive, isForeign, layers, liveBytes, machine, register, releaseSlot, restoredBytes, retire, unregister } from "./registry.ts";
+import {
+  exclusive, holdsAt, isForeign, layers, liveBytes, liveHolds, machine, register, releaseSlot, restoredBytes, retire, unregister,
+} from "./registry.ts";
 import type { Entry, SlotReuse } from "./registry.ts";
 import { nativeSignature } from "./replacement.ts";
 import { moduleAt } from "./introspect.ts";
@@ -158,11 +160,15 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     this.signature = signature;
     this.#applied = applied;
     const restore = () => this.restore();
-    const { destination, bypass } = applied;
-    this.#entries = applied.writes.map(({ key, at, written, original }) => ({
-      address: key, at, written, original, destination, bypass, restoring: false, restore,
-    }));
-    for (const entry of this.#entries) register(entry);
+    const { destination, bypass, writes } = applied;
+    const entries: Entry[] = [];
+    for (let i = 0; i < writes.length; i++) {
+      const { key, at, written, original } = writes[i]!;
+      const entry = { address: key, at, written, original, destination, bypass, restoring: false, restore };
+      entries.push(entry);
+      register(entry);
+    }
+    this.#entries = entries;
     if (applied.originalSlot !== null) {
       this.#slotBefore = storeSlot(applied.originalSlot, applied.trampoline.address);
     }
@@ -255,11 +261,16 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     const applied = this.#applied;
     const entries = this.#entries;
     if (!applied || entries[0]!.restoring) return;
-    const overs = entries.map((entry) => {
-      const stack = layers(entry.address);
-      return stack[stack.indexOf(entry) + 1];
-    });
-    const blocked = overs.findIndex((over) => over && !over.restoring);
+    // The patch layered right on each write, if any (a list only when there is one).
+    let overs: (Entry | undefined)[] | null = null;
+    let blocked = -1;
+    for (let i = 0; i < entries.length; i++) {
+      const stack = layers(entries[i]!.address);
+      const over = stack[stack.indexOf(entries[i]!) + 1];
+      if (over === undefined) continue;
+      (overs ??= [])[i] = over;
+      if (blocked < 0 && !over.restoring) blocked = i;
+    }
     if (blocked >= 0) {
       // Another isolate's patch leads through this one: a guarded one can step aside in place.
       const stack = layers(entries[blocked]!.address);
@@ -267,18 +278,21 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
       if (entries.length === 1 && applied.busy !== null && above.every(isForeign)) return this.#retire(applied);
       throw new RedefineError(
         "OUT_OF_ORDER",
-        `the function at ${hex(this.address)} was redefined again on top of this patch${isForeign(overs[blocked]!) ? " by another isolate (a Worker)" : ""}: restore the ` +
+        `the function at ${hex(this.address)} was redefined again on top of this patch${isForeign(overs![blocked]!) ? " by another isolate (a Worker)" : ""}: restore the ` +
           `newer patch first (restoreAll() goes newest first).`,
       );
     }
     const { arch } = machine();
-    entries.forEach((entry, i) => {
+    for (let i = 0; i < entries.length; i++) {
+      const entry = entries[i]!;
       // Under a patch whose restore is pending in this transaction, the place will hold our bytes
       // again once that write lands; that patch has checked them. Made in the open transaction, it
       // holds our bytes once that transaction's writes land.
+      if (overs?.[i]) continue;
       const length = entry.written.length;
-      const now = overs[i] ? entry.written : pendingAt(entry.at, length) ?? liveBytes(entry.at, length);
-      if (!sameBytes(now, entry.written)) {
+      const pending = pendingAt(entry.at, length);
+      if (pending ? !holdsAt(pending, 0, entry.written) : !liveHolds(entry.at, entry.written)) {
+        const now = pending ?? liveBytes(entry.at, length);
         const where = entry.address === this.address ? "the entry of the function" : "the import slot";
         throw new RedefineError(
           "PATCH_MODIFIED",
@@ -287,17 +301,17 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
             `restore that patch first (redefine leaves these bytes alone rather than clobber them).`,
         );
       }
-    });
-    for (const entry of entries) entry.restoring = true;
+    }
+    setRestoring(entries, true);
     const restored = () => {
-      for (const entry of entries) entry.restoring = false;
+      setRestoring(entries, false);
       this.#original?.point(this.address);
       if (applied.originalSlot !== null) storeSlot(applied.originalSlot, this.address);
       this.#forget(applied, applied.busy, true);
       closeWhenIdle(applied);
     };
     const kept = () => {
-      for (const entry of entries) entry.restoring = false;
+      setRestoring(entries, false);
     };
     const write = (entry: Entry, i: number) => ({
       address: entry.at,
@@ -357,17 +371,16 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
    */
   #forget(applied: Applied, busy: bigint | null, restored = false): void {
     this.#calls = this.calls;
-    for (const entry of this.#entries) unregister(entry, restored);
+    for (let i = 0; i < this.#entries.length; i++) unregister(this.#entries[i]!, restored);
     this.#applied = null;
     if (applied.stub) releaseSlot(applied.stub, busy, applied.reuse ?? null);
     applied.trampoline.release();
   }
 }
 
-/** Whether `live` (a view of the code) holds exactly `expected`, read in place. */
-function sameBytes(live: Uint8Array, expected: Uint8Array): boolean {
-  for (let i = 0; i < expected.length; i++) if (live[i] !== expected[i]) return false;
-  return true;
+/** Marks every entry's restore pending (or no longer). */
+function setRestoring(entries: readonly Entry[], restoring: boolean): void {
+  for (let i = 0; i < entries.length; i++) entries[i]!.restoring = restoring;
 }
 
 /** Stores `value` in the 8-byte aligned slot at `slot` in one store; returns what was there. */

@@ -151,13 +151,32 @@ export function machine(): Machine {
  */
 export function liveBytes(address: bigint, length: number): Uint8Array {
   const m = machine();
-  const page = address - address % m.pageBytes;
-  const offset = Number(address - page);
-  const size = m.platform.os.pageSize;
-  if (offset + length > size) return m.platform.runtime.view(address, length);
+  const offset = Number(address % m.pageBytes);
+  if (offset + length > m.platform.os.pageSize) return m.platform.runtime.view(address, length);
+  return keptPage(m, address - BigInt(offset)).subarray(offset, offset + length);
+}
+
+/** Whether the live bytes at `address` are `expected`, compared in place (see `liveBytes`). */
+export function liveHolds(address: bigint, expected: Uint8Array): boolean {
+  const m = machine();
+  const offset = Number(address % m.pageBytes);
+  if (offset + expected.length > m.platform.os.pageSize) {
+    return holdsAt(m.platform.runtime.view(address, expected.length), 0, expected);
+  }
+  return holdsAt(keptPage(m, address - BigInt(offset)), offset, expected);
+}
+
+/** The kept view of the page at `page`, made on first use. */
+function keptPage(m: Machine, page: bigint): Uint8Array {
   let view = m.pages.get(page);
-  if (!view) m.pages.set(page, view = m.platform.runtime.view(page, size));
-  return view.subarray(offset, offset + length);
+  if (!view) m.pages.set(page, view = m.platform.runtime.view(page, m.platform.os.pageSize));
+  return view;
+}
+
+/** Whether `bytes` holds `expected` from `offset`. */
+export function holdsAt(bytes: Uint8Array, offset: number, expected: Uint8Array): boolean {
+  for (let i = 0; i < expected.length; i++) if (bytes[offset + i] !== expected[i]) return false;
+  return true;
 }
 
 /**
@@ -173,7 +192,9 @@ export function liveBytes(address: bigint, length: number): Uint8Array {
 export function mappingAt(address: bigint): Mapping | null {
   const known = sectionMappings;
   if (known) {
-    for (const mapping of known) if (address >= mapping.start && address < mapping.end) return mapping;
+    // Indexed loops in this file and its callers' hot paths: a `for…of` step allocates wherever
+    // the optimizing compiler has not reached yet, and a patch is a few hundred such steps.
+    for (let i = 0; i < known.length; i++) if (address >= known[i]!.start && address < known[i]!.end) return known[i]!;
   }
   const found = machine().platform.os.mappingAt(address);
   if (found && known) known.push(found);
@@ -351,9 +372,14 @@ function foreign(record: { address: bigint; at: bigint; written: Uint8Array; ori
 
 function index(entry: Entry): void {
   live.push(entry);
-  stacks.set(entry.address, [...layers(entry.address), entry]);
+  const stack = stacks.get(entry.address);
+  stacks.set(entry.address, stack ? [...stack, entry] : [entry]);
+  // A block's list changes in place: it is only ever read straight away (`refuseOverlap`,
+  // `readThrough`), never held.
   const block = blockOf(entry.at);
-  byBlock.set(block, [...(byBlock.get(block) ?? []), entry]);
+  const neighbours = byBlock.get(block);
+  if (neighbours) neighbours.push(entry);
+  else byBlock.set(block, [entry]);
 }
 
 /** Records a patch of this isolate as live, layered on the function's newest live patch if it has one. */
@@ -375,28 +401,30 @@ export function register(entry: Entry): void {
  * inert patches right under it — they go too), or abandoned before its entry was written.
  */
 export function unregister(entry: Entry, restored = false): void {
-  const below = restored ? inertBelow(entry) : [];
+  const below = restored ? inertBelow(entry) : NO_LAYERS;
   const s = theStore();
-  for (const e of [entry, ...below]) {
-    const where = stored.get(e);
-    if (where) {
-      s.remove(where.slot);
-      mine.delete(where.slot);
-      stored.delete(e);
-    }
-    live.splice(live.lastIndexOf(e), 1);
-    without(stacks, e.address, e);
-    without(byBlock, blockOf(e.at), e);
-  }
+  forget(s, entry);
+  for (let i = 0; i < below.length; i++) forget(s, below[i]!);
   seen = s.generation();
 }
 
-/** Takes `entry` out of the list at `key` (a new list: callers may hold the old), or the key out. */
-function without<K>(lists: Map<K, Entry[]>, key: K, entry: Entry): void {
-  const list = lists.get(key);
-  if (list === undefined) return;
-  if (list.length === 1 && list[0] === entry) lists.delete(key);
-  else lists.set(key, list.filter((x) => x !== entry));
+/** Takes `entry` out of the store and the cache. */
+function forget(s: Store, entry: Entry): void {
+  const where = stored.get(entry);
+  if (where) {
+    s.remove(where.slot);
+    mine.delete(where.slot);
+    stored.delete(entry);
+  }
+  live.splice(live.lastIndexOf(entry), 1);
+  const stack = stacks.get(entry.address);
+  // A new list: callers may hold the old.
+  if (stack?.length === 1 && stack[0] === entry) stacks.delete(entry.address);
+  else if (stack) stacks.set(entry.address, stack.filter((x) => x !== entry));
+  const block = blockOf(entry.at);
+  const neighbours = byBlock.get(block);
+  if (neighbours?.length === 1 && neighbours[0] === entry) byBlock.delete(block);
+  else if (neighbours) neighbours.splice(neighbours.indexOf(entry), 1);
 }
 
 /** The live patches of the function at `address`, oldest first: each is layered on the one before. */
@@ -430,9 +458,11 @@ export function retire(entry: Entry): void {
 }
 
 /** The inert patches (retired, or left by an isolate that ended) right under `entry`, nearest first. */
-function inertBelow(entry: Entry): Entry[] {
-  const s = theStore();
+function inertBelow(entry: Entry): readonly Entry[] {
   const stack = layers(entry.address);
+  // Alone on its function (nearly always): nothing below, and no list made.
+  if (stack.length < 2) return NO_LAYERS;
+  const s = theStore();
   const found: Entry[] = [];
   for (let i = stack.indexOf(entry) - 1; i >= 0; i--) {
     const where = stored.get(stack[i]!);
@@ -500,7 +530,8 @@ export function refuseOverlap(at: bigint, covers: number): void {
   for (let block = blockOf(at - LONGEST_JUMP); block <= last; block++) {
     const entries = byBlock.get(block);
     if (entries === undefined) continue;
-    for (const entry of entries) {
+    for (let i = 0; i < entries.length; i++) {
+      const entry = entries[i]!;
       if (entry.at === at || entry.at >= end || at >= entry.at + BigInt(entry.written.length)) continue;
       throw new RedefineError(
         "ALREADY_PATCHED",
@@ -523,7 +554,8 @@ export function readThrough(bytes: Uint8Array, start: bigint): void {
   for (let block = blockOf(start - LONGEST_JUMP); block <= last; block++) {
     const entries = byBlock.get(block);
     if (entries === undefined) continue;
-    for (const entry of entries) {
+    for (let i = 0; i < entries.length; i++) {
+      const entry = entries[i]!;
       // A layered patch's `original` is the jump of the patch below; the lowest holds the function's.
       if (layers(entry.address)[0] !== entry) continue;
       const offset = Number(entry.at - start);
