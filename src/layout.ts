@@ -10,7 +10,7 @@
  */
 import { hex, RedefineError } from "./errors.ts";
 import type { RelocationPlan } from "./arch/types.ts";
-import { guardCode, guardShape } from "./guard_code.ts";
+import { guardCode, guardData, guardShape } from "./guard_code.ts";
 import { probeCode, probeRecord } from "./slot_layout.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { NativeType } from "./signature.ts";
@@ -175,8 +175,9 @@ function guardedStub(
     // Past every JS layer below: a call that must not run JS (V8's own getpid while it collects
     // garbage, say) must not enter the replacement of the patch below either.
     const bypass = belowBypass ?? originalForGuard(trampoline);
-    const code = guardCode(m, site.signature, shape, stub.slot, stub.front, callback, bypass);
-    write(m, stub, relocated, code);
+    // A slot taken back holds the code: only its data is written.
+    if (stub.reused) guardData(m, site.signature, shape, stub.slot, stub.front, callback, bypass);
+    else write(m, stub, relocated, guardCode(m, site.signature, shape, stub.slot, stub.front, callback, bypass));
     return { ...throughStub(m, site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset)), bypass, reuse: stub.reuse };
   });
 }

@@ -121,7 +121,7 @@ function applyLocked<P extends readonly NativeType[], R extends NativeType>(site
   }
   // What the entry holds once every earlier write has landed: the function's bytes, under the
   // jump of the patch below if there is one.
-  const original = keep(site.code.subarray(0, layout.entry.length));
+  const original = keep(site.code, layout.entry.length);
   if (under) original.set(under.written.subarray(0, original.length));
   const patch = new Patch(site.address, site.signature, {
     writes: [{ key: site.address, at: site.at, original, written: layout.entry, mapping: site.mapping }],

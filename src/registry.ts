@@ -205,17 +205,18 @@ export function mappingAt(address: bigint): Mapping | null {
 const KEPT_BLOCK = 4096;
 
 /**
- * A copy of the few bytes of `bytes` that a patch keeps (what its entry held), carved from a shared
+ * A copy of the first `length` bytes of `bytes` (all of them by default) that a patch keeps (what its entry held), carved from a shared
  * block: under Deno a small array of its own costs a fresh buffer (~0.2 µs, a slice ~0.5 µs), a
  * piece of a block a small object. A block lives as long as any of its pieces.
  */
-export function keep(bytes: Uint8Array): Uint8Array {
+export function keep(bytes: Uint8Array, length: number = bytes.length): Uint8Array {
   const m = machine();
-  if (bytes.length > KEPT_BLOCK / 16) return bytes.slice();
-  if (m.kept.used + bytes.length > m.kept.block.length) m.kept = { block: new Uint8Array(KEPT_BLOCK), used: 0 };
-  const copy = m.kept.block.subarray(m.kept.used, m.kept.used + bytes.length);
-  m.kept.used += bytes.length;
-  copy.set(bytes);
+  if (length > KEPT_BLOCK / 16) return bytes.slice(0, length);
+  if (m.kept.used + length > m.kept.block.length) m.kept = { block: new Uint8Array(KEPT_BLOCK), used: 0 };
+  const { block, used } = m.kept;
+  const copy = block.subarray(used, used + length);
+  m.kept.used += length;
+  for (let i = 0; i < length; i++) block[used + i] = bytes[i]!;
   return copy;
 }
 
@@ -265,21 +266,25 @@ let live: Entry[] = [];
 let stacks = new Map<bigint, Entry[]>();
 /**
  * Live patches by the 64-byte block their entry jump starts in, to find neighbours quickly. A
- * block's number is a plain number (exact for every address below 2^59, far above any process's):
- * a bigint key is hashed digit by digit, and each step of a bigint loop is a new heap object.
+ * block's number is a plain number: a bigint key is hashed digit by digit, and each step of a
+ * bigint loop is a new heap object.
  */
 let byBlock = new Map<number, Entry[]>();
 const stored = new Map<Entry, Stored>();
 /** This isolate's own patches, by their slot in the store. */
 const mine = new Map<number, Entry>();
-const BLOCK = 64n;
+const BLOCK = 64;
 /** No entry jump is longer than this (x86-64's 14 bytes, arm64's 16). */
 const LONGEST_JUMP = 16n;
 let restoresAtExit = false;
 
-/** The block `address` is in (see `byBlock`). */
+/**
+ * The block `address` is in (see `byBlock`): exact for every address below 2^53, far above any
+ * process's; above, `Number` rounds, but never out of order, so a range of blocks still holds
+ * every address between its ends. No bigint is made.
+ */
 function blockOf(address: bigint): number {
-  return Number(address / BLOCK);
+  return Math.floor(Number(address) / BLOCK);
 }
 
 /** The process-wide store, opened on first use with this isolate's identity. */

@@ -153,7 +153,7 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   // the patch's schedule, or the transaction's end), and the patch keeps a copy of what it covers.
   let whole = liveBytes(address, Math.min(extent, MAX_SCAN));
   const pad = m.arch.landingPadLength(whole);
-  const at = address + BigInt(pad);
+  const at = pad ? address + BigInt(pad) : address;
   const room = extent - pad;
   if (room < m.arch.nearJumpSize) {
     throw new RedefineError(
@@ -172,7 +172,7 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   // Before anything is decoded there: the bytes may be the middle of another patch's jump.
   refuseOverlap(at, m.arch.nearJumpSize);
   refuseJumpsIntoEntry(at, m.arch.nearJumpSize);
-  return { address, at, room, code: whole.subarray(pad), signature, originalSlot, mapping };
+  return { address, at, room, code: pad ? whole.subarray(pad) : whole, signature, originalSlot, mapping };
 }
 
 /**

@@ -62,7 +62,13 @@ function outcome(writes: readonly CodeWrite[], length = 0): Uint8Array {
  */
 function net(writes: readonly CodeWrite[], byAddress?: Map<bigint, CodeWrite[]>): readonly CodeWrite[] {
   if (writes.length < 2) return writes;
-  byAddress ??= Map.groupBy(writes, (w) => w.address);
+  if (!byAddress) {
+    // Most batches write each place once: a set tells, without a list per place.
+    const places = new Set<bigint>();
+    for (let i = 0; i < writes.length; i++) places.add(writes[i]!.address);
+    if (places.size === writes.length) return writes;
+    byAddress = Map.groupBy(writes, (w) => w.address);
+  }
   if (byAddress.size === writes.length) return writes;
   const idle = new Set<bigint>();
   for (const [address, group] of byAddress) {
