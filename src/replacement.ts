@@ -129,8 +129,9 @@ export function refuseUncallable(fn: object): void {
   // Bound functions keep their target's prototype, so a bound async function is caught too.
   const kind = Object.getPrototypeOf(fn)?.[Symbol.toStringTag];
   // Only a function with a fixed `prototype` may be a class (arrows and methods have none, plain
-  // functions a writable one): its source, made afresh by `toString`, is read only for those.
-  const fixed = Object.getOwnPropertyDescriptor(fn, "prototype")?.writable === false;
+  // functions a writable one): its source, made afresh by `toString`, is read only for those, and
+  // a descriptor is made only for a function that has one.
+  const fixed = Object.hasOwn(fn, "prototype") && Object.getOwnPropertyDescriptor(fn, "prototype")?.writable === false;
   const isClass = fixed && Function.prototype.toString.call(fn).startsWith("class");
   if (kind === "AsyncFunction" || kind === "GeneratorFunction" || kind === "AsyncGeneratorFunction" || isClass) {
     throw new RedefineError(
@@ -292,6 +293,8 @@ export function discard(destination: Destination): void {
 
 /** Buffers reach native code as addresses, so a replacement sees a `bigint` for them. */
 export function nativeSignature(signature: Signature): Signature {
+  // Most signatures have no buffer: those are their own, with nothing made.
+  if (signature.result !== "buffer" && !signature.parameters.includes("buffer")) return signature;
   const pointerFor = (t: NativeType): NativeType => (t === "buffer" ? "pointer" : t);
   return { parameters: signature.parameters.map(pointerFor), result: pointerFor(signature.result) };
 }
