@@ -22,6 +22,7 @@ import type { Destination } from "./replacement.ts";
 import { CANNED_DATA } from "./arch/canned.ts";
 import { cannedData } from "./mock/canned.ts";
 import { Trampoline } from "./patch.ts";
+import type { Built } from "./patch.ts";
 import { PROBE_COUNTERS, PROBE_RECORD } from "./arch/probe.ts";
 
 type AnySite = Site<readonly NativeType[], NativeType>;
@@ -99,7 +100,7 @@ function choose(m: Machine, site: AnySite, to: Destination, below: bigint | null
 
 /** The original for an `originalSlot`: a native replacement calls it, so it must exist. */
 function originalForSlot(trampoline: Trampoline): void {
-  const built = trampoline.build();
+  const built = trampoline.built();
   if (built instanceof RedefineError) {
     throw new RedefineError(
       built.code,
@@ -119,15 +120,23 @@ function originalForSlot(trampoline: Trampoline): void {
 function directJump(m: Machine, site: AnySite, to: bigint, below: bigint | null): Layout | null {
   const entry = m.arch.nearJump(site.at, to);
   if (!entry) return null;
-  const trampoline = below !== null ? Trampoline.at(below) : new Trampoline(() => trampolineAlone(m, site));
-  trampoline.build();
+  let trampoline: Trampoline;
+  if (below !== null) trampoline = Trampoline.at(below);
+  else {
+    try {
+      trampoline = new Trampoline(trampolineAlone(m, site));
+    } catch (error) {
+      if (!(error instanceof RedefineError)) throw error;
+      trampoline = new Trampoline(error);
+    }
+  }
   return { entry, covers: entry.length, destination: to, stub: null, trampoline, busy: null, bypass: to };
 }
 
 /** What a lone trampoline's slot holds after the relocated instructions: nothing (see `SlotReuse`). */
 const LONE_TRAMPOLINE = {};
 
-function trampolineAlone(m: Machine, site: AnySite): { address: bigint; slot: CodeSlot; reuse: SlotReuse } {
+function trampolineAlone(m: Machine, site: AnySite): Built {
   const { arch, pool } = m;
   const known = relocationPlan(m, site, arch.nearJumpSize);
   const plan = known.plan;
@@ -418,7 +427,7 @@ function relocateInto(
 ): { code: Uint8Array; trampoline: Trampoline } {
   const none = new Uint8Array(0);
   if (below !== null) return { code: none, trampoline: Trampoline.at(below) };
-  if (stub.plan instanceof RedefineError) return { code: none, trampoline: Trampoline.refused(stub.plan) };
+  if (stub.plan instanceof RedefineError) return { code: none, trampoline: new Trampoline(stub.plan) };
   // Its trampoline relocated there by the entry's last patch, as it would be now.
   if (stub.reused) return { code: none, trampoline: Trampoline.at(stub.slot.address) };
   try {
@@ -427,7 +436,7 @@ function relocateInto(
     return { code, trampoline: Trampoline.at(stub.slot.address) };
   } catch (error) {
     if (!(error instanceof RedefineError)) throw error;
-    return { code: none, trampoline: Trampoline.refused(error) };
+    return { code: none, trampoline: new Trampoline(error) };
   }
 }
 

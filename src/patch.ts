@@ -16,7 +16,7 @@ import { pendingAt, schedule, transaction } from "./transaction.ts";
 import type { Mapping, NativeCallback } from "../platform/mod.ts";
 
 /** A trampoline's code: where it is, and the pool slot it got for itself (null: it lives in a stub's). */
-interface Built {
+export interface Built {
   readonly address: bigint;
   readonly slot: CodeSlot | null;
   /** What its own slot holds, for the entry's next patch to take back (registry.ts `SlotReuse`). */
@@ -26,51 +26,32 @@ interface Built {
 /**
  * The original function as native code can call it while the patch is live: the relocated first
  * instructions and a jump back into the function, or, for a patch layered on another, what the
- * patch below leads to. Built once, with the layout, before the entry jump can go live: with the
+ * patch below leads to. Built once, by the layout, before the entry jump can go live: with the
  * patch's stub, or in a slot of its own when the entry jump reaches a native replacement directly.
  * Why it cannot be built is kept and thrown to whoever asks for it.
  */
 export class Trampoline {
-  #build: (() => Built) | null;
-  #built: Built | RedefineError | null = null;
+  #built: Built | RedefineError | null;
 
-  constructor(build: () => Built) {
-    this.#build = build;
+  /** A trampoline built (by the layout), or refused for the reason given. */
+  constructor(built: Built | RedefineError) {
+    this.#built = built;
   }
 
   /** A trampoline already in place at `address`. */
   static at(address: bigint): Trampoline {
-    return new Trampoline(() => ({ address, slot: null }));
-  }
-
-  /** No trampoline, for the reason `why`. */
-  static refused(why: RedefineError): Trampoline {
-    return new Trampoline(() => {
-      throw why;
-    });
+    return new Trampoline({ address, slot: null });
   }
 
   /** Where the trampoline is; throws why there is none (`UNRELOCATABLE`, `ALLOCATION_FAILED`). */
   get address(): bigint {
-    const built = this.build();
+    const built = this.built();
     if (built instanceof RedefineError) throw built;
     return built.address;
   }
 
-  /**
-   * Builds the trampoline now if it is not yet: its code, or why there is none, kept for whoever
-   * asks for its address.
-   */
-  build(): Built | RedefineError {
-    if (this.#build) {
-      try {
-        this.#built = this.#build();
-      } catch (error) {
-        if (!(error instanceof RedefineError)) throw error;
-        this.#built = error;
-      }
-      this.#build = null;
-    }
+  /** Its code, or why there is none. */
+  built(): Built | RedefineError {
     return this.#built!;
   }
 
@@ -79,7 +60,6 @@ export class Trampoline {
     if (this.#built && !(this.#built instanceof RedefineError) && this.#built.slot) {
       releaseSlot(this.#built.slot, null, this.#built.reuse ?? null);
     }
-    this.#build = null;
     this.#built = null;
   }
 }
@@ -313,17 +293,17 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     const kept = () => {
       setRestoring(entries, false);
     };
-    const write = (entry: Entry, i: number) => ({
-      address: entry.at,
-      bytes: restoredBytes(entry),
+    const write = (i: number) => ({
+      address: entries[i]!.at,
+      bytes: restoredBytes(entries[i]!),
       spin: arch.selfLoop,
       mapping: applied.writes[i]!.mapping,
     });
     // One write goes alone, or with the enclosing transaction, as `schedule` sends it; several
     // (import slots) go together.
-    if (entries.length === 1) return schedule(write(entries[0]!, 0), restored, kept);
+    if (entries.length === 1) return schedule(write(0), restored, kept);
     transaction(() =>
-      entries.forEach((entry, i) => schedule(write(entry, i), i === entries.length - 1 ? restored : () => {}, kept))
+      entries.forEach((_, i) => schedule(write(i), i === entries.length - 1 ? restored : () => {}, kept))
     );
   }
 

@@ -274,8 +274,6 @@ const stored = new Map<Entry, Stored>();
 /** This isolate's own patches, by their slot in the store. */
 const mine = new Map<number, Entry>();
 const BLOCK = 64;
-/** No entry jump is longer than this (x86-64's 14 bytes, arm64's 16). */
-const LONGEST_JUMP = 16n;
 let restoresAtExit = false;
 
 /**
@@ -442,6 +440,9 @@ const NO_LAYERS: readonly Entry[] = Object.freeze([]);
 
 /** This isolate's live patches, newest first: the order they can be restored in. */
 export function newestFirst(): Entry[] {
+  // Alone in the process, every live patch is this isolate's, and none is retired (a patch is
+  // retired only under another isolate's).
+  if (!others) return live.slice().reverse();
   return live.filter((e) => mine.has(stored.get(e)?.slot ?? -1) && !stored.get(e)!.retired).reverse();
 }
 
@@ -528,16 +529,20 @@ function reapDead(s: Store): void {
 export function refuseOverlap(at: bigint, covers: number): void {
   if (live.length === 0) return;
   // Patches of the same function write at the same place: those are layers, not overlaps.
-  // A bigint is a heap object: each sum is made once, and a neighbour's end only when it starts
-  // before ours ends; the neighbours are walked in place (three checks a patch).
-  const end = at + BigInt(covers);
-  const last = blockOf(end - 1n);
-  for (let block = blockOf(at - LONGEST_JUMP); block <= last; block++) {
+  // A bigint is a heap object: a neighbour is placed by one difference, compared as a number,
+  // and the neighbours are walked in place (three checks a patch). No entry jump is longer than
+  // 16 bytes (x86-64's 14, arm64's 16): one that starts before `at` and reaches it starts in
+  // `at`'s block or the one before.
+  const home = blockOf(at);
+  const last = home + Math.ceil(covers / BLOCK);
+  for (let block = home - 1; block <= last; block++) {
     const entries = byBlock.get(block);
     if (entries === undefined) continue;
     for (let i = 0; i < entries.length; i++) {
       const entry = entries[i]!;
-      if (entry.at === at || entry.at >= end || at >= entry.at + BigInt(entry.written.length)) continue;
+      if (entry.at === at) continue;
+      const from = Number(entry.at - at);
+      if (from >= covers || -from >= entry.written.length) continue;
       throw new RedefineError(
         "ALREADY_PATCHED",
         `the first ${covers} bytes at ${hex(at)} overlap the entry jump of the function redefined at ` +
@@ -554,9 +559,11 @@ export function refuseOverlap(at: bigint, covers: number): void {
 export function readThrough(bytes: Uint8Array, start: bigint): void {
   if (live.length === 0) return;
   // Each neighbour's bytes are copied over where they overlap, the blocks walked in place: the
-  // first scan before a thousand entries patched in one transaction meets a hundred each.
-  const last = blockOf(start + BigInt(bytes.length) - 1n);
-  for (let block = blockOf(start - LONGEST_JUMP); block <= last; block++) {
+  // first scan before a thousand entries patched in one transaction meets a hundred each. A jump
+  // reaching `start` from before starts in its block or the one before (see `refuseOverlap`).
+  const home = blockOf(start);
+  const last = home + Math.ceil(bytes.length / BLOCK);
+  for (let block = home - 1; block <= last; block++) {
     const entries = byBlock.get(block);
     if (entries === undefined) continue;
     for (let i = 0; i < entries.length; i++) {
