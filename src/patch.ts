@@ -144,7 +144,9 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     const entries: Entry[] = [];
     for (let i = 0; i < writes.length; i++) {
       const { key, at, written, original } = writes[i]!;
-      const entry = { address: key, at, written, original, destination, bypass, restoring: false, restore };
+      const entry = {
+        address: key, at, written, original, destination, bypass, restoring: false, restore, slot: -1, owner: 0n, retired: false,
+      };
       entries.push(entry);
       register(entry);
     }

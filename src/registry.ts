@@ -242,12 +242,13 @@ export interface Entry {
   restoring: boolean;
   /** Puts the function back (the Patch handle's `restore`); another isolate's patch refuses. */
   readonly restore: () => void;
-}
-
-/** Where an entry is in the process-wide store, whose it is, and whether it was made inert. */
-interface Stored {
-  readonly slot: number;
-  readonly owner: bigint;
+  /**
+   * Kept by the registry, made -1, 0n, false: where the entry is in the process-wide store (-1
+   * while it is not), whose it is, and whether it was made inert. On the entry itself, not in a
+   * map beside it: a patch is registered, looked up and forgotten several times over.
+   */
+  slot: number;
+  owner: bigint;
   retired: boolean;
 }
 
@@ -270,7 +271,6 @@ let stacks = new Map<bigint, Entry[]>();
  * bigint loop is a new heap object.
  */
 let byBlock = new Map<number, Entry[]>();
-const stored = new Map<Entry, Stored>();
 /** This isolate's own patches, by their slot in the store. */
 const mine = new Map<number, Entry>();
 const BLOCK = 64;
@@ -345,17 +345,22 @@ function sync(s: Store): void {
   live = [];
   stacks = new Map();
   byBlock = new Map();
-  stored.clear();
   others = false;
   const present = new Set<number>();
   for (const record of s.records()) {
     present.add(record.slot);
     if (record.owner !== s.identity) others = true;
     const entry = (record.owner === s.identity ? mine.get(record.slot) : undefined) ?? foreign(record);
-    stored.set(entry, { slot: record.slot, owner: record.owner, retired: record.retired });
+    entry.slot = record.slot;
+    entry.owner = record.owner;
+    entry.retired = record.retired;
     index(entry);
   }
-  for (const slot of mine.keys()) if (!present.has(slot)) mine.delete(slot);
+  for (const [slot, entry] of mine) {
+    if (present.has(slot)) continue;
+    entry.slot = -1;
+    mine.delete(slot);
+  }
   seen = s.generation();
 }
 
@@ -366,7 +371,7 @@ function sync(s: Store): void {
 function foreign(record: { address: bigint; at: bigint; written: Uint8Array; original: Uint8Array; destination: bigint }): Entry {
   const { address, at, written, original, destination } = record;
   return {
-    address, at, written, original, destination, bypass: destination, restoring: false,
+    address, at, written, original, destination, bypass: destination, restoring: false, slot: -1, owner: 0n, retired: false,
     restore() {
       throw new RedefineError("OUT_OF_ORDER", `the patch at ${hex(address)} belongs to another isolate (a Worker): restore it there.`);
     },
@@ -394,7 +399,9 @@ export function register(entry: Entry): void {
   const s = theStore();
   const slot = s.add(entry);
   mine.set(slot, entry);
-  stored.set(entry, { slot, owner: s.identity, retired: false });
+  entry.slot = slot;
+  entry.owner = s.identity;
+  entry.retired = false;
   index(entry);
   seen = s.generation();
 }
@@ -413,11 +420,10 @@ export function unregister(entry: Entry, restored = false): void {
 
 /** Takes `entry` out of the store and the cache. */
 function forget(s: Store, entry: Entry): void {
-  const where = stored.get(entry);
-  if (where) {
-    s.remove(where.slot);
-    mine.delete(where.slot);
-    stored.delete(entry);
+  if (entry.slot >= 0) {
+    s.remove(entry.slot);
+    mine.delete(entry.slot);
+    entry.slot = -1;
   }
   live.splice(live.lastIndexOf(entry), 1);
   const stack = stacks.get(entry.address);
@@ -443,13 +449,12 @@ export function newestFirst(): Entry[] {
   // Alone in the process, every live patch is this isolate's, and none is retired (a patch is
   // retired only under another isolate's).
   if (!others) return live.slice().reverse();
-  return live.filter((e) => mine.has(stored.get(e)?.slot ?? -1) && !stored.get(e)!.retired).reverse();
+  return live.filter((e) => mine.has(e.slot) && !e.retired).reverse();
 }
 
 /** Whether `entry` is another isolate's patch. */
 export function isForeign(entry: Entry): boolean {
-  const where = stored.get(entry);
-  return where !== undefined && where.owner !== theStore().identity;
+  return entry.slot >= 0 && entry.owner !== theStore().identity;
 }
 
 /**
@@ -457,9 +462,8 @@ export function isForeign(entry: Entry): boolean {
  * patch (whose original leads through it), its guard sending every call to the original.
  */
 export function retire(entry: Entry): void {
-  const where = stored.get(entry)!;
-  where.retired = true;
-  theStore().retire(where.slot);
+  entry.retired = true;
+  theStore().retire(entry.slot);
   seen = theStore().generation();
 }
 
@@ -471,8 +475,8 @@ function inertBelow(entry: Entry): readonly Entry[] {
   const s = theStore();
   const found: Entry[] = [];
   for (let i = stack.indexOf(entry) - 1; i >= 0; i--) {
-    const where = stored.get(stack[i]!);
-    if (!where || !(where.retired || !s.alive(where.owner))) break;
+    const below = stack[i]!;
+    if (below.slot < 0 || !(below.retired || !s.alive(below.owner))) break;
     found.push(stack[i]!);
   }
   return found;
@@ -504,7 +508,7 @@ function reapDead(s: Store): void {
   if (!others) return;
   for (const stack of [...stacks.values()]) {
     let top = stack.at(-1);
-    while (top && !s.alive(stored.get(top)!.owner)) {
+    while (top && !s.alive(top.owner)) {
       const now = liveBytes(top.at, top.written.length);
       if (!now.every((b, i) => b === top!.written[i])) break;
       const write: CodeWrite = { address: top.at, bytes: restoredBytes(top), spin: machine().arch.selfLoop };
