@@ -155,6 +155,9 @@ export class CodePool {
    * (a guard's flag: its replacement is running) is set.
    */
   release(slot: CodeSlot, busy: bigint | null): Quarantined {
+    // Slots reclaimed meanwhile leave the queue here: a function patched and restored over and
+    // over takes its slots back and never allocates, which is where the queue is otherwise swept.
+    if (this.#quarantine.length > 0 && !this.#quarantine[0]!.waiting) this.#recycle();
     const waiting: Quarantined = { slot, since: performance.now(), busy, waiting: true };
     this.#quarantine.push(waiting);
     return waiting;
