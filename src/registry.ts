@@ -24,8 +24,11 @@ export interface Batch {
   readonly writes: CodeWrite[];
   readonly commits: (() => void)[];
   readonly rollbacks: (() => void)[];
-  /** `writes` by address, in order, made on first use (src/transaction.ts's `pendingAt`). */
-  byAddress?: Map<bigint, CodeWrite[]> | undefined;
+  /**
+   * `writes` by address, in order, made on first use (src/transaction.ts's `pendingAt`): an
+   * address written once holds its write, not a list of one.
+   */
+  byAddress?: Map<bigint, CodeWrite | CodeWrite[]> | undefined;
 }
 
 /** A relocation plan kept for an entry: what it was made for, and the bytes it moves. */
@@ -425,7 +428,9 @@ function forget(s: Store, entry: Entry): void {
     mine.delete(entry.slot);
     entry.slot = -1;
   }
-  live.splice(live.lastIndexOf(entry), 1);
+  // Restored newest first, it is nearly always the last.
+  if (live[live.length - 1] === entry) live.pop();
+  else live.splice(live.lastIndexOf(entry), 1);
   const stack = stacks.get(entry.address);
   // A new list: callers may hold the old.
   if (stack?.length === 1 && stack[0] === entry) stacks.delete(entry.address);
