@@ -118,8 +118,10 @@ function originalForSlot(trampoline: Trampoline): void {
  * be the function). A prologue that cannot be moved leaves no original; the patch is still made.
  */
 function directJump(m: Machine, site: AnySite, to: bigint, below: bigint | null): Layout | null {
-  const entry = m.arch.nearJump(site.at, to);
+  const last = m.directJumps.get(site.at);
+  const entry = last?.to === to ? last.bytes : m.arch.nearJump(site.at, to);
   if (!entry) return null;
+  if (entry !== last?.bytes) m.directJumps.set(site.at, { to, bytes: entry });
   let trampoline: Trampoline;
   if (below !== null) trampoline = Trampoline.at(below);
   else {
