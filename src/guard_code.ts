@@ -19,22 +19,10 @@ export function guardShape(m: Machine, signature: Signature): GuardLayout {
   return shape;
 }
 
-/** The guard's code for `front` in `slot`, its data written into the slot's data; `shape` is its `guardShape`. */
-export function guardCode(
-  m: Machine,
-  signature: Signature,
-  shape: GuardLayout,
-  slot: CodeSlot,
-  front: bigint,
-  callback: bigint,
-  original: bigint,
-): Uint8Array {
-  return m.arch.guard!.encode(guardData(m, signature, shape, slot, front, callback, original));
-}
-
 /**
- * Writes the first data of the guard for `front` in `slot` into the slot's data, in place, and
- * returns what the guard is made of: all a slot taken back with the guard's code in place needs.
+ * Writes the first data of the guard for `front` in `slot` (`shape` is its `guardShape`) into the
+ * slot's data, in place, and returns what the guard is made of, for `Arch.guard.encode` to make
+ * its code: a slot taken back with the guard's code in place needs the data only.
  */
 export function guardData(
   m: Machine,

@@ -10,7 +10,7 @@
  */
 import { hex, RedefineError } from "./errors.ts";
 import type { RelocationPlan } from "./arch/types.ts";
-import { guardCode, guardData, guardShape } from "./guard_code.ts";
+import { guardData, guardShape } from "./guard_code.ts";
 import { probeCode, probeRecord } from "./slot_layout.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { NativeType } from "./signature.ts";
@@ -38,7 +38,7 @@ export interface Layout {
   /** The slot holding the trampoline and the stub or guard; null for a direct jump. */
   readonly stub: CodeSlot | null;
   /** What `stub` holds for the entry's next patch to take back, when that can (registry.ts `SlotReuse`). */
-  readonly reuse?: SlotReuse | null;
+  readonly reuse?: SlotReuse | null | undefined;
   readonly trampoline: Trampoline;
   /** The guard's busy flag (JS replacements): set while the replacement runs. */
   readonly busy: bigint | null;
@@ -187,8 +187,8 @@ function guardedStub(
     // garbage, say) must not enter the replacement of the patch below either.
     const bypass = belowBypass ?? originalForGuard(trampoline);
     // A slot taken back holds the code: only its data is written.
-    if (stub.reused) guardData(m, site.signature, shape, stub.slot, stub.front, callback, bypass);
-    else write(m, stub, relocated, guardCode(m, site.signature, shape, stub.slot, stub.front, callback, bypass));
+    const guard = guardData(m, site.signature, shape, stub.slot, stub.front, callback, bypass);
+    if (!stub.reused) write(m, stub, relocated, m.arch.guard!.encode(guard));
     return { ...throughStub(m, site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset)), bypass, reuse: stub.reuse };
   });
 }

@@ -58,13 +58,18 @@ test("code pool: where a whole block cannot be had in reach, the slot's exact co
   assert.ok(asked[0]!.dataSize! > pageSize, "the whole block was asked with its data first");
 });
 
-test("code pool: a released slot is reused at its size only after the quarantine, and never while its busy flag is set", async () => {
+/** A real pool with two slots of a JS replacement's sizes taken; `busy` is where a slot's guard flag would be. */
+function twoSlots() {
   const { os, runtime } = platform();
   const pool = new CodePool(platform());
   const near = os.symbolAddress("labs");
   const take = () => pool.allocate(near, 2n ** 31n, 48, 64)!;
-  const [a, b] = [take(), take()];
   const busy = (slot: CodeSlot) => slot.data + 24n;
+  return { runtime, pool, take, busy, a: take(), b: take() };
+}
+
+test("code pool: a released slot is reused at its size only after the quarantine, and never while its busy flag is set", async () => {
+  const { runtime, pool, take, busy, a, b } = twoSlots();
   runtime.view(busy(b), 1)[0] = 1; // b's replacement is running on some thread
   pool.release(a, busy(a));
   pool.release(b, busy(b));
@@ -81,12 +86,7 @@ test("code pool: a released slot is reused at its size only after the quarantine
 });
 
 test("code pool: a released slot can be reclaimed, untouched, until it is reused, and never while its busy flag is set", async () => {
-  const { os, runtime } = platform();
-  const pool = new CodePool(platform());
-  const near = os.symbolAddress("labs");
-  const take = () => pool.allocate(near, 2n ** 31n, 48, 64)!;
-  const [a, b] = [take(), take()];
-  const busy = (slot: CodeSlot) => slot.data + 24n;
+  const { runtime, pool, take, busy, a, b } = twoSlots();
   const ra = pool.release(a, busy(a));
   assert.ok(pool.reclaim(ra), "reclaimed inside the quarantine");
   assert.ok(!pool.reclaim(ra), "only once");
