@@ -46,7 +46,7 @@ export function redefine<const P extends readonly NativeType[], const R extends 
       return redefineCallers(target, (signature) => destinationFor(signature, replacement));
     }
     const site = locate(target);
-    return apply(site, destinationFor(site.signature, replacement));
+    return applyLocked(site, destinationFor(site.signature, replacement));
   });
 }
 

@@ -545,10 +545,12 @@ function reapDead(s: Store): void {
 export function refuseOverlap(at: bigint, covers: number): void {
   if (live.length === 0) return;
   // Patches of the same function write at the same place: those are layers, not overlaps.
-  // A bigint is a heap object: a neighbour is placed by one difference, compared as a number,
-  // and the neighbours are walked in place (three checks a patch). No entry jump is longer than
-  // 16 bytes (x86-64's 14, arm64's 16): one that starts before `at` and reaches it starts in
-  // `at`'s block or the one before.
+  // A bigint is a heap object: the two ends are made once, a neighbour's end only when it starts
+  // just before ours, and the neighbours are walked in place (three checks a patch). No entry
+  // jump is longer than 16 bytes (x86-64's 14, arm64's 16): one that starts before `at` and
+  // reaches it starts less than 16 bytes before, in `at`'s block or the one before.
+  const end = at + BigInt(covers);
+  const reach = at - 16n;
   const home = blockOf(at);
   const last = home + Math.ceil(covers / BLOCK);
   for (let block = home - 1; block <= last; block++) {
@@ -556,9 +558,8 @@ export function refuseOverlap(at: bigint, covers: number): void {
     if (entries === undefined) continue;
     for (let i = 0; i < entries.length; i++) {
       const entry = entries[i]!;
-      if (entry.at === at) continue;
-      const from = Number(entry.at - at);
-      if (from >= covers || -from >= entry.written.length) continue;
+      if (entry.at === at || entry.at >= end || entry.at <= reach) continue;
+      if (entry.at < at && entry.at + BigInt(entry.written.length) <= at) continue;
       throw new RedefineError(
         "ALREADY_PATCHED",
         `the first ${covers} bytes at ${hex(at)} overlap the entry jump of the function redefined at ` +
