@@ -59,8 +59,11 @@ function sharedCode(m: Machine, code: Uint8Array, near: bigint): bigint {
   if (key === undefined) m.sharedKeys.set(code, key = code.join());
   const reach = m.arch.nearReach - BigInt(code.length) - 4096n;
   const copies = m.shared.get(key) ?? [];
-  const found = copies.find((at) => (at > near ? at - near : near - at) < reach);
-  if (found !== undefined) return found;
+  // Indexed, with no closure: asked for every guard made.
+  for (let i = 0; i < copies.length; i++) {
+    const at = copies[i]!;
+    if ((at > near ? at - near : near - at) < reach) return at;
+  }
   const slot = m.pool.allocate(near, reach, code.length);
   if (!slot) {
     throw new RedefineError(

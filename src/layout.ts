@@ -252,7 +252,7 @@ function toOriginal(m: Machine, site: AnySite, below: bigint | null): Layout {
       write(m, stub, relocated, m.arch.farJump(stub.front, original));
       return { ...throughStub(m, site, stub, trampoline, null), reuse: stub.reuse };
     }
-    write(m, stub, relocated, new Uint8Array(0));
+    write(m, stub, relocated, NO_CODE);
     return {
       entry: straight,
       covers: coverage(straight, stub),
@@ -291,6 +291,9 @@ function probeStub(m: Machine, site: AnySite, timing: boolean, below: bigint | n
     return { ...throughStub(m, site, stub, trampoline, busy), counter, counters: PROBE_COUNTERS };
   });
 }
+
+/** No code, shared: nothing writes into it, and under Deno each fresh array costs ~0.2 µs. */
+const NO_CODE = new Uint8Array(0);
 
 /** How the first instructions move to a stub's slot; null when layered, or why they cannot. */
 type Plan = RelocationPlan | RedefineError | null;
@@ -427,18 +430,17 @@ function relocateInto(
   stub: Stub,
   below: bigint | null,
 ): { code: Uint8Array; trampoline: Trampoline } {
-  const none = new Uint8Array(0);
-  if (below !== null) return { code: none, trampoline: Trampoline.at(below) };
-  if (stub.plan instanceof RedefineError) return { code: none, trampoline: new Trampoline(stub.plan) };
+  if (below !== null) return { code: NO_CODE, trampoline: Trampoline.at(below) };
+  if (stub.plan instanceof RedefineError) return { code: NO_CODE, trampoline: new Trampoline(stub.plan) };
   // Its trampoline relocated there by the entry's last patch, as it would be now.
-  if (stub.reused) return { code: none, trampoline: Trampoline.at(stub.slot.address) };
+  if (stub.reused) return { code: NO_CODE, trampoline: Trampoline.at(stub.slot.address) };
   try {
     // Planned: there is no patch below.
     const code = m.arch.relocate(stub.plan!, stub.slot.address);
     return { code, trampoline: Trampoline.at(stub.slot.address) };
   } catch (error) {
     if (!(error instanceof RedefineError)) throw error;
-    return { code: none, trampoline: new Trampoline(error) };
+    return { code: NO_CODE, trampoline: new Trampoline(error) };
   }
 }
 

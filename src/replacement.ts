@@ -179,13 +179,15 @@ const NARROW: Partial<Record<NativeType, readonly [number, number]>> = {
   u32: [0, 2 ** 32 - 1],
 };
 
-/** Whether a value of the result's kind is one `type` holds. */
+/** Whether a value of the result's kind is one `type` holds (made once per type: asked every JS replacement). */
 function holder(type: NativeType): (value: number) => boolean {
-  const range = NARROW[type];
-  if (!range) return () => true;
-  const [low, high] = range;
-  return (v) => v >= low && v <= high && Number.isInteger(v);
+  return HOLDERS.get(type) ?? ANY;
 }
+
+const ANY = (): boolean => true;
+const HOLDERS: ReadonlyMap<NativeType, (value: number) => boolean> = new Map(
+  Object.entries(NARROW).map(([type, [low, high]]) => [type as NativeType, (v: number) => v >= low && v <= high && Number.isInteger(v)]),
+);
 
 /** What a native caller gets from a replacement that failed: 0 of the result type. */
 const ZERO: Readonly<Record<Kind, unknown>> = { void: undefined, boolean: false, bigint: 0n, number: 0 };

@@ -88,7 +88,9 @@ const INTEGER_CLASS = new Set(["i8", "u8", "i16", "u16", "i32", "u32", "i64", "u
  */
 function callPadding(os: string, parameters: readonly string[]): number | null {
   if (os === "windows") return parameters.length <= 4 ? 40 : null;
-  const integers = parameters.filter((t) => INTEGER_CLASS.has(t)).length;
+  // Counted in place: asked for every guard made.
+  let integers = 0;
+  for (let i = 0; i < parameters.length; i++) if (INTEGER_CLASS.has(parameters[i]!)) integers++;
   return integers <= 6 && parameters.length - integers <= 8 ? 8 : null;
 }
 
