@@ -7,6 +7,9 @@
  * jump, when no memory is that near. A patch layered on another has no trampoline of its own: its
  * original is where the patch below leads. The original exists before the entry jump can go live
  * (a native replacement may call it from its first call on); nothing is written at the entry here.
+ * A function patched again the way its last patch was laid out takes that patch's slot back from
+ * quarantine, its code in place (registry.ts `SlotReuse`): a test suite or a benchmark that
+ * patches and restores the same functions over and over relocates and writes each one once.
  */
 import { hex, RedefineError } from "./errors.ts";
 import type { RelocationPlan } from "./arch/types.ts";
