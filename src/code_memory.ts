@@ -89,6 +89,8 @@ export class CodePool {
   /** Every page of the blocks (code, data, writable alias): `contains` asks it, not each block. */
   readonly #pages = new Set<bigint>();
   readonly #quarantine: Quarantined[] = [];
+  /** The time slots released now are quarantined from, when a caller gave one (`releasedSince`). */
+  #since: number | null = null;
 
   constructor(platform: Platform) {
     this.#platform = platform;
@@ -158,9 +160,25 @@ export class CodePool {
     // Slots reclaimed meanwhile leave the queue here: a function patched and restored over and
     // over takes its slots back and never allocates, which is where the queue is otherwise swept.
     if (this.#quarantine.length > 0 && !this.#quarantine[0]!.waiting) this.#recycle();
-    const waiting: Quarantined = { slot, since: performance.now(), busy, waiting: true };
+    const waiting: Quarantined = { slot, since: this.#since ?? performance.now(), busy, waiting: true };
     this.#quarantine.push(waiting);
     return waiting;
+  }
+
+  /**
+   * Runs `body` with every slot it releases quarantined from `since` rather than from a clock read
+   * of its own: `since` is a time after the writes that made their code unreachable (a thread
+   * inside still has the whole quarantine from there). A transaction's commits release a thousand
+   * slots, and under Deno each read of the clock costs ~0.12 µs.
+   */
+  releasedSince<T>(since: number, body: () => T): T {
+    const outer = this.#since;
+    this.#since = since;
+    try {
+      return body();
+    } finally {
+      this.#since = outer;
+    }
   }
 
   /**

@@ -104,3 +104,15 @@ test("code pool: a released slot can be reclaimed, untouched, until it is reused
   assert.equal(again.address, a.address, "the slot goes back to the free lists as before");
   assert.ok(!pool.reclaim(ra2), "no longer reclaimable once reused");
 });
+
+test("code pool: slots released inside releasedSince(t) wait out their quarantine from t, not from their release", () => {
+  const { pool, take, a, b } = twoSlots();
+  const long = performance.now() - 2000; // the writes that made the code unreachable, 2 s ago
+  const early = pool.releasedSince(long, () => pool.release(a, null));
+  assert.equal(early.since, long);
+  const now = pool.release(b, null);
+  assert.ok(now.since >= long + 2000, "outside it, from the clock");
+  const again = take();
+  assert.equal(again.address, a.address, "a's quarantine is over: it is reused");
+  assert.notEqual(take().address, b.address, "b's is not");
+});
