@@ -91,6 +91,7 @@ export class CodePool {
   readonly #quarantine: Quarantined[] = [];
   /** The time slots released now are quarantined from, when a caller gave one (`releasedSince`). */
   #since: number | null = null;
+  #pageBytes: bigint | undefined;
 
   constructor(platform: Platform) {
     this.#platform = platform;
@@ -194,7 +195,9 @@ export class CodePool {
 
   /** True when `address` lies in this pool's memory (patching it would patch ourselves). */
   contains(address: bigint): boolean {
-    return this.#pages.has(address - address % BigInt(this.#platform.os.pageSize));
+    // Asked of every target: the page size is a bigint made once, not once a call.
+    this.#pageBytes ??= BigInt(this.#platform.os.pageSize);
+    return this.#pages.has(address - address % this.#pageBytes);
   }
 
   /** Executable bytes handed out and not given back, for the memory-per-patch measure. */

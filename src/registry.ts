@@ -161,19 +161,21 @@ export function machine(): Machine {
  */
 export function liveBytes(address: bigint, length: number): Uint8Array {
   const m = machine();
-  const offset = Number(address % m.pageBytes);
+  const within = address % m.pageBytes;
+  const offset = Number(within);
   if (offset + length > m.platform.os.pageSize) return m.platform.runtime.view(address, length);
-  return keptPage(m, address - BigInt(offset)).subarray(offset, offset + length);
+  return keptPage(m, address - within).subarray(offset, offset + length);
 }
 
 /** Whether the live bytes at `address` are `expected`, compared in place (see `liveBytes`). */
 export function liveHolds(address: bigint, expected: Uint8Array): boolean {
   const m = machine();
-  const offset = Number(address % m.pageBytes);
+  const within = address % m.pageBytes;
+  const offset = Number(within);
   if (offset + expected.length > m.platform.os.pageSize) {
     return holdsAt(m.platform.runtime.view(address, expected.length), 0, expected);
   }
-  return holdsAt(keptPage(m, address - BigInt(offset)), offset, expected);
+  return holdsAt(keptPage(m, address - within), offset, expected);
 }
 
 /** The kept view of the page at `page`, made on first use. */

@@ -214,8 +214,10 @@ function checkAddress(address: bigint, what: string): void {
  * inaccessible page, or an execute-only page, would fault.
  */
 function checkReadable(address: bigint, length: number, mapping: Mapping): void {
-  const end = address + BigInt(length);
   const code = PROT_READ | PROT_EXEC;
+  // Nearly always one readable mapping holds it all: one bigint made, not two.
+  if ((mapping.protection & code) === code && Number(mapping.end - address) >= length) return;
+  const end = address + BigInt(length);
   for (let from = address, here: Mapping | null = mapping;; from = here.end, here = mappingAt(from)) {
     if (here && (here.protection & code) === code) {
       if (here.end >= end) return;
