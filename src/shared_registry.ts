@@ -75,6 +75,10 @@ const RECORD = {
 const BYTES = 16;
 const CAPACITY = Math.floor((SIZE - HEADER.size) / RECORD.size);
 const PROT_READ_WRITE = 3;
+/** `cas(word, expected, desired) → previous`. */
+const CAS: Signature = { parameters: ["usize", "u64", "u64"], result: "u64" };
+/** Sections locked through the runtime's slow pointer call before the fast binding (see `openStore`). */
+const RAW_LOCKS = 4;
 /** Private: threads share it anyway, and a forked child must not. */
 const MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20;
 
@@ -107,7 +111,9 @@ function cString(text: string): Uint8Array {
 /**
  * This isolate's view of the store: the process's (found or made), or its own. `threadPointer` is
  * the JS thread's identity as the guard reads it; `bind` makes a JS callable of code at an address
- * (the lock is taken twice a patch: the runtime's fast call path matters).
+ * on the runtime's fast call path (the lock is taken twice a patch), which may cost a stub library
+ * to make: where the runtime's own call through a pointer is slow, this isolate's first RAW_LOCKS
+ * sections use that one and `bind` is asked after them, so the first patch never pays for it.
  */
 export function openStore(
   platform: Platform,
@@ -137,9 +143,8 @@ export function openStore(
   }
   const bytes = base === null ? new Uint8Array(SIZE) : runtime.view(base, SIZE);
   const view = new DataView(bytes.buffer, bytes.byteOffset, SIZE);
-  const cas: NativeCall | null = base === null
-    ? null
-    : bind(slot.address, { parameters: ["usize", "u64", "u64"], result: "u64" });
+  let cas: NativeCall | null = base === null ? null : runtime.fnPointer(slot.address, CAS);
+  let rawLocks = runtime.slowPointerCalls ? RAW_LOCKS : Infinity;
   const yieldCpu = c?.sched_yield;
   const u64 = (at: number) => view.getBigUint64(at, true);
   // setBigUint64 takes the value modulo 2^64 itself: no intermediate bigint a store.
@@ -151,6 +156,7 @@ export function openStore(
     identity,
     lock() {
       if (!cas) return;
+      if (rawLocks-- === 0) cas = bind(slot.address, CAS);
       for (let tries = 0;; tries++) {
         const holder = BigInt(cas(base!, 0n, identity));
         if (holder === 0n) return;
