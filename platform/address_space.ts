@@ -20,7 +20,7 @@ export function protectionText(protection: number): string {
 
 /**
  * Free page-aligned places for `size` bytes whose every byte is within `reach` of `near`, nearest
- * first. Gaps below a stack keep a margin for its growth.
+ * first, at most `limit` of them. Gaps below a stack keep a margin for its growth.
  */
 export function nearCandidates(
   mappings: readonly Mapping[],
@@ -28,47 +28,75 @@ export function nearCandidates(
   reach: bigint,
   size: bigint,
   pageSize: bigint,
+  limit = Infinity,
 ): bigint[] {
+  const bounds = { near, low: near > reach ? near - reach : pageSize * 16n, high: near + reach, size, pageSize };
+  // Each gap gives its places nearest first, and so do the gaps below `near` taken downwards and
+  // the others taken upwards: two streams already in order, merged without a sort (a sort of every
+  // place in the address space, for memory wanted anywhere, was a millisecond of the first patch).
+  const below: number[] = [], above: number[] = [];
+  for (let i = 0; i <= mappings.length; i++) (gapBelow(mappings, i, bounds) ? below : above).push(i);
+  below.reverse();
+  const streams = [below, above].map((gaps) => ({ gaps, next: 0, places: [] as bigint[], at: 0 }));
+  const head = (s: (typeof streams)[number]): bigint | null => {
+    while (s.at === s.places.length && s.next < s.gaps.length) {
+      s.places = gapPlaces(mappings, s.gaps[s.next++]!, bounds);
+      s.at = 0;
+    }
+    return s.at < s.places.length ? s.places[s.at]! : null;
+  };
   const distance = (a: bigint) => (a > near ? a - near : near - a);
-  return places(mappings, near, reach, size, pageSize, Infinity)
-    .sort((a, b) => (distance(a) < distance(b) ? -1 : distance(a) > distance(b) ? 1 : 0));
+  const found: bigint[] = [];
+  while (found.length < limit) {
+    const down = head(streams[0]!), up = head(streams[1]!);
+    if (down === null && up === null) break;
+    // Of two as near, the lower first.
+    const takeDown = up === null || (down !== null && distance(down) <= distance(up));
+    found.push(takeDown ? down! : up!);
+    streams[takeDown ? 0 : 1]!.at++;
+  }
+  return found;
+}
+
+/** What `nearCandidates` looks for. */
+interface Bounds {
+  readonly near: bigint;
+  readonly low: bigint;
+  readonly high: bigint;
+  readonly size: bigint;
+  readonly pageSize: bigint;
+}
+
+/** The usable part of the free gap before `mappings[i]` (after the last one when `i` is their count). */
+function gap(mappings: readonly Mapping[], i: number, { low, high, pageSize }: Bounds): { from: bigint; to: bigint } {
+  const floor = (v: bigint) => v - v % pageSize;
+  const gapStart = i === 0 ? pageSize * 16n : mappings[i - 1]!.end;
+  let gapEnd = i === mappings.length ? 2n ** 47n : mappings[i]!.start;
+  if (i < mappings.length && mappings[i]!.path === "[stack]") gapEnd -= STACK_GUARD;
+  return { from: floor((gapStart > low ? gapStart : low) + pageSize - 1n), to: floor(gapEnd < high ? gapEnd : high) };
+}
+
+/** Whether that gap lies wholly below `near`: its places are then taken from its top down. */
+function gapBelow(mappings: readonly Mapping[], i: number, bounds: Bounds): boolean {
+  return gap(mappings, i, bounds).to <= bounds.near;
 }
 
 /**
- * The places `nearCandidates` sorts, gap by gap in address order (the order of `mappings`), the
- * first `limit` of them.
+ * The places in one gap, nearest to `near` first: the closest (its top when the gap lies below,
+ * its bottom above), then a few more further away — part of a gap the maps show free may be taken
+ * by something they do not show (qemu-user hides its own mappings from the guest's /proc/self/maps).
  */
-function places(
-  mappings: readonly Mapping[],
-  near: bigint,
-  reach: bigint,
-  size: bigint,
-  pageSize: bigint,
-  limit: number,
-): bigint[] {
+function gapPlaces(mappings: readonly Mapping[], i: number, bounds: Bounds): bigint[] {
+  const { near, size, pageSize } = bounds;
+  const { from, to } = gap(mappings, i, bounds);
+  if (to - from < size) return [];
+  const below = to <= near;
+  const first = below ? to - size : from >= near ? from : near - near % pageSize;
   const found: bigint[] = [];
-  const low = near > reach ? near - reach : pageSize * 16n;
-  const high = near + reach;
-  const floor = (v: bigint) => v - v % pageSize;
-  const ceil = (v: bigint) => floor(v + pageSize - 1n);
-  for (let i = 0; i <= mappings.length; i++) {
-    const gapStart = i === 0 ? pageSize * 16n : mappings[i - 1]!.end;
-    let gapEnd = i === mappings.length ? 2n ** 47n : mappings[i]!.start;
-    if (i < mappings.length && mappings[i]!.path === "[stack]") gapEnd -= STACK_GUARD;
-    const from = ceil(gapStart > low ? gapStart : low);
-    const to = floor(gapEnd < high ? gapEnd : high);
-    if (to - from < size) continue;
-    // The place in this gap closest to `near` (its top when the gap lies below, its bottom above),
-    // then a few more further away: part of a gap the maps show free may be taken by something
-    // they do not show (qemu-user hides its own mappings from the guest's /proc/self/maps).
-    const below = to <= near;
-    const first = below ? to - size : from >= near ? from : floor(near);
-    for (let k = 0n; k < GAP_TRIES; k++) {
-      const at = below ? first - k * GAP_STEP : first + k * GAP_STEP;
-      if (at < from || at + size > to) break;
-      found.push(at);
-      if (found.length === limit) return found;
-    }
+  for (let k = 0n; k < GAP_TRIES; k++) {
+    const at = below ? first - k * GAP_STEP : first + k * GAP_STEP;
+    if (at < from || at + size > to) break;
+    found.push(at);
   }
   return found;
 }
@@ -80,6 +108,6 @@ function places(
  * beside them first.
  */
 export function farPlace(mappings: readonly Mapping[], size: bigint, pageSize: bigint): bigint {
-  // Nearest to 0 is the first place of the lowest gap that has one: nothing to sort.
-  return places(mappings, 0n, 2n ** 62n, size, pageSize, 1)[0] ?? 0n;
+  // Nearest to 0 is the first place of the lowest gap that has one.
+  return nearCandidates(mappings, 0n, 2n ** 62n, size, pageSize, 1)[0] ?? 0n;
 }

@@ -243,8 +243,7 @@ export function linux(runtime: Runtime): Os {
       try {
         const total = BigInt(size + dataSize);
         const mappings = parseMaps(readMaps());
-        const candidates = nearCandidates(mappings, near, reach, total, BigInt(pageSize));
-        for (const at of candidates.slice(0, 256)) {
+        for (const at of nearCandidates(mappings, near, reach, total, BigInt(pageSize), 256)) {
           const address = mapShared(fd, at, size, PROT_READ | PROT_EXEC, MAP_FIXED_NOREPLACE);
           if (address === null) continue;
           // The guard stubs' flags and saved return addresses, right after the code so that
