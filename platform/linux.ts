@@ -12,6 +12,7 @@ import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 import { aarch64CacheFlush } from "./aarch64_flush.ts";
 import { farPlace, nearCandidates, protectionText } from "./address_space.ts";
 import { cString, posix } from "./posix.ts";
+import { lazyLibrary } from "./lazy_library.ts";
 import { procMem } from "./proc_mem.ts";
 import { linuxModules } from "./linux_modules.ts";
 
@@ -39,32 +40,46 @@ const ENOENT = 2;
 /** Linux's number for ENOSYS (macOS: 78); the others posix.ts knows. */
 const ERRNO_NAMES: Record<number, string> = { 38: "ENOSYS" };
 
+/** libc's functions, in groups bound on first use (platform/lazy_library.ts). */
 function libc(runtime: Runtime) {
-  return runtime.open("libc.so.6", {
-    sysconf: { parameters: ["i32"], result: "i64" },
-    mprotect: { parameters: ["usize", "usize", "i32"], result: "i32" },
-    mmap: { parameters: ["usize", "usize", "i32", "i32", "i32", "i64"], result: "usize" },
-    munmap: { parameters: ["usize", "usize"], result: "i32" },
-    memfd_create: { parameters: ["buffer", "u32"], result: "i32" },
-    ftruncate: { parameters: ["i32", "i64"], result: "i32" },
-    open: { parameters: ["buffer", "i32"], result: "i32" },
-    read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
-    write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
-    pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
-    close: { parameters: ["i32"], result: "i32" },
-    fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
-    ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
-    __errno_location: { parameters: [], result: "usize" },
-    strerror: { parameters: ["i32"], result: "usize" },
-    dlopen: { parameters: ["buffer", "i32"], result: "usize" },
-    dlerror: { parameters: [], result: "usize" },
-    dlsym: { parameters: ["usize", "buffer"], result: "usize" },
-    dladdr1: { parameters: ["usize", "buffer", "buffer", "i32"], result: "i32" },
-    dlvsym: { parameters: ["usize", "buffer", "buffer"], result: "usize" },
-    dlclose: { parameters: ["usize"], result: "i32" },
-    dl_iterate_phdr: { parameters: ["function", "pointer"], result: "i32" },
-    getauxval: { parameters: ["u64"], result: "u64" },
-    readlink: { parameters: ["buffer", "buffer", "usize"], result: "isize" },
+  return lazyLibrary(runtime, "libc.so.6", {
+    // What a first patch calls: the page size, the map, code blocks, forced writes, a symbol.
+    firstPatch: {
+      sysconf: { parameters: ["i32"], result: "i64" },
+      mmap: { parameters: ["usize", "usize", "i32", "i32", "i32", "i64"], result: "usize" },
+      munmap: { parameters: ["usize", "usize"], result: "i32" },
+      memfd_create: { parameters: ["buffer", "u32"], result: "i32" },
+      ftruncate: { parameters: ["i32", "i64"], result: "i32" },
+      open: { parameters: ["buffer", "i32"], result: "i32" },
+      read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+      pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
+      close: { parameters: ["i32"], result: "i32" },
+      ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
+      dlsym: { parameters: ["usize", "buffer"], result: "usize" },
+      dladdr1: { parameters: ["usize", "buffer", "buffer", "i32"], result: "i32" },
+    },
+    protections: {
+      mprotect: { parameters: ["usize", "usize", "i32"], result: "i32" },
+    },
+    errors: {
+      __errno_location: { parameters: [], result: "usize" },
+      strerror: { parameters: ["i32"], result: "usize" },
+    },
+    libraries: {
+      dlopen: { parameters: ["buffer", "i32"], result: "usize" },
+      dlerror: { parameters: [], result: "usize" },
+    },
+    stubLibraries: {
+      write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+      fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
+    },
+    modules: {
+      dlvsym: { parameters: ["usize", "buffer", "buffer"], result: "usize" },
+      dlclose: { parameters: ["usize"], result: "i32" },
+      dl_iterate_phdr: { parameters: ["function", "pointer"], result: "i32" },
+      getauxval: { parameters: ["u64"], result: "u64" },
+      readlink: { parameters: ["buffer", "buffer", "usize"], result: "isize" },
+    },
   });
 }
 
