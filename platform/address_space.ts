@@ -6,11 +6,20 @@ import type { Mapping } from "./types.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 
 /** How many places to try in one free gap, and how far apart. */
-const GAP_TRIES = 16n;
-const GAP_STEP = 1n << 20n;
+const GAP_TRIES = 16;
+const GAP_STEP = 2 ** 20;
 
 /** A stack may grow down into this much space below it; never put code there. */
-const STACK_GUARD = 1n << 24n;
+const STACK_GUARD = 2 ** 24;
+
+/** Where the last gap ends: the top of x86-64's user space. */
+const TOP = 2 ** 47;
+
+/**
+ * No place is sought above this: below it every integer is exact as a double (a process's
+ * addresses all are; only x86-64's vsyscall page lies higher).
+ */
+const EXACT = 2 ** 53;
 
 /** `r-x` style, for messages. */
 export function protectionText(protection: number): string {
@@ -21,6 +30,10 @@ export function protectionText(protection: number): string {
 /**
  * Free page-aligned places for `size` bytes whose every byte is within `reach` of `near`, nearest
  * first, at most `limit` of them. Gaps below a stack keep a margin for its growth.
+ *
+ * Worked out in plain numbers, exact below 2^53, and given back as bigints: bigint arithmetic in
+ * code not yet compiled costs about a microsecond an operation (Bun), and a first patch walks every
+ * gap of the map twice (a millisecond or two of it, in bigints).
  */
 export function nearCandidates(
   mappings: readonly Mapping[],
@@ -30,55 +43,57 @@ export function nearCandidates(
   pageSize: bigint,
   limit = Infinity,
 ): bigint[] {
-  const bounds = { near, low: near > reach ? near - reach : pageSize * 16n, high: near + reach, size, pageSize };
+  const page = Number(pageSize);
+  const at = Number(near);
+  const bounds: Bounds = {
+    near: at,
+    low: near > reach ? at - Number(reach) : page * 16,
+    high: Math.min(at + Number(reach), EXACT),
+    size: Number(size),
+    page,
+  };
   // Each gap gives its places nearest first, and so do the gaps below `near` taken downwards and
-  // the others taken upwards: two streams already in order, merged without a sort (a sort of every
-  // place in the address space, for memory wanted anywhere, was a millisecond of the first patch).
+  // the others taken upwards: two streams already in order, merged without a sort.
   const below: number[] = [], above: number[] = [];
-  for (let i = 0; i <= mappings.length; i++) (gapBelow(mappings, i, bounds) ? below : above).push(i);
+  for (let i = 0; i <= mappings.length; i++) (gap(mappings, i, bounds).to <= at ? below : above).push(i);
   below.reverse();
-  const streams = [below, above].map((gaps) => ({ gaps, next: 0, places: [] as bigint[], at: 0 }));
-  const head = (s: (typeof streams)[number]): bigint | null => {
+  const streams = [below, above].map((gaps) => ({ gaps, next: 0, places: [] as number[], at: 0 }));
+  const head = (s: (typeof streams)[number]): number => {
     while (s.at === s.places.length && s.next < s.gaps.length) {
       s.places = gapPlaces(mappings, s.gaps[s.next++]!, bounds);
       s.at = 0;
     }
-    return s.at < s.places.length ? s.places[s.at]! : null;
+    return s.at < s.places.length ? s.places[s.at]! : -1;
   };
-  const distance = (a: bigint) => (a > near ? a - near : near - a);
   const found: bigint[] = [];
   while (found.length < limit) {
     const down = head(streams[0]!), up = head(streams[1]!);
-    if (down === null && up === null) break;
+    if (down < 0 && up < 0) break;
     // Of two as near, the lower first.
-    const takeDown = up === null || (down !== null && distance(down) <= distance(up));
-    found.push(takeDown ? down! : up!);
+    const takeDown = up < 0 || (down >= 0 && at - down <= Math.abs(up - at));
+    found.push(BigInt(takeDown ? down : up));
     streams[takeDown ? 0 : 1]!.at++;
   }
   return found;
 }
 
-/** What `nearCandidates` looks for. */
+/** What `nearCandidates` looks for, in numbers. */
 interface Bounds {
-  readonly near: bigint;
-  readonly low: bigint;
-  readonly high: bigint;
-  readonly size: bigint;
-  readonly pageSize: bigint;
+  readonly near: number;
+  readonly low: number;
+  readonly high: number;
+  readonly size: number;
+  readonly page: number;
 }
 
 /** The usable part of the free gap before `mappings[i]` (after the last one when `i` is their count). */
-function gap(mappings: readonly Mapping[], i: number, { low, high, pageSize }: Bounds): { from: bigint; to: bigint } {
-  const floor = (v: bigint) => v - v % pageSize;
-  const gapStart = i === 0 ? pageSize * 16n : mappings[i - 1]!.end;
-  let gapEnd = i === mappings.length ? 2n ** 47n : mappings[i]!.start;
+function gap(mappings: readonly Mapping[], i: number, { low, high, page }: Bounds): { from: number; to: number } {
+  const gapStart = i === 0 ? page * 16 : Number(mappings[i - 1]!.end);
+  let gapEnd = i === mappings.length ? TOP : Number(mappings[i]!.start);
   if (i < mappings.length && mappings[i]!.path === "[stack]") gapEnd -= STACK_GUARD;
-  return { from: floor((gapStart > low ? gapStart : low) + pageSize - 1n), to: floor(gapEnd < high ? gapEnd : high) };
-}
-
-/** Whether that gap lies wholly below `near`: its places are then taken from its top down. */
-function gapBelow(mappings: readonly Mapping[], i: number, bounds: Bounds): boolean {
-  return gap(mappings, i, bounds).to <= bounds.near;
+  const from = Math.max(gapStart, low) + page - 1;
+  const to = Math.min(gapEnd, high);
+  return { from: from - from % page, to: to - to % page };
 }
 
 /**
@@ -86,17 +101,17 @@ function gapBelow(mappings: readonly Mapping[], i: number, bounds: Bounds): bool
  * its bottom above), then a few more further away — part of a gap the maps show free may be taken
  * by something they do not show (qemu-user hides its own mappings from the guest's /proc/self/maps).
  */
-function gapPlaces(mappings: readonly Mapping[], i: number, bounds: Bounds): bigint[] {
-  const { near, size, pageSize } = bounds;
+function gapPlaces(mappings: readonly Mapping[], i: number, bounds: Bounds): number[] {
+  const { near, size, page } = bounds;
   const { from, to } = gap(mappings, i, bounds);
   if (to - from < size) return [];
   const below = to <= near;
-  const first = below ? to - size : from >= near ? from : near - near % pageSize;
-  const found: bigint[] = [];
-  for (let k = 0n; k < GAP_TRIES; k++) {
-    const at = below ? first - k * GAP_STEP : first + k * GAP_STEP;
-    if (at < from || at + size > to) break;
-    found.push(at);
+  const first = below ? to - size : from >= near ? from : near - near % page;
+  const found: number[] = [];
+  for (let k = 0; k < GAP_TRIES; k++) {
+    const place = below ? first - k * GAP_STEP : first + k * GAP_STEP;
+    if (place < from || place + size > to) break;
+    found.push(place);
   }
   return found;
 }
