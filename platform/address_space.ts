@@ -31,9 +31,10 @@ export function protectionText(protection: number): string {
  * Free page-aligned places for `size` bytes whose every byte is within `reach` of `near`, nearest
  * first, at most `limit` of them. Gaps below a stack keep a margin for its growth.
  *
- * Worked out in plain numbers, exact below 2^53, and given back as bigints: bigint arithmetic in
- * code not yet compiled costs about a microsecond an operation (Bun), and a first patch walks every
- * gap of the map twice (a millisecond or two of it, in bigints).
+ * A first patch asks this of a map of a hundred-odd lines before anything is compiled, where each
+ * step costs: the work is in plain numbers (exact below 2^53; bigints in and out, since bigint
+ * arithmetic costs about a microsecond an operation there under Bun), and only the gaps that give
+ * the places returned are looked at, found from `near` by a binary search.
  */
 export function nearCandidates(
   mappings: readonly Mapping[],
@@ -52,27 +53,35 @@ export function nearCandidates(
     size: Number(size),
     page,
   };
+  // Gap i lies before mapping i. Those before the first mapping that starts above `near` lie
+  // below it, those after that one above it; that one's own gap may be either.
+  let first = 0;
+  for (let top = mappings.length; first < top;) {
+    const middle = Math.floor((first + top) / 2);
+    if (mappings[middle]!.start > near) top = middle;
+    else first = middle + 1;
+  }
+  const split = gapTo(mappings, first, bounds) <= at ? first + 1 : first;
   // Each gap gives its places nearest first, and so do the gaps below `near` taken downwards and
   // the others taken upwards: two streams already in order, merged without a sort.
-  const below: number[] = [], above: number[] = [];
-  for (let i = 0; i <= mappings.length; i++) (gap(mappings, i, bounds).to <= at ? below : above).push(i);
-  below.reverse();
-  const streams = [below, above].map((gaps) => ({ gaps, next: 0, places: [] as number[], at: 0 }));
-  const head = (s: (typeof streams)[number]): number => {
-    while (s.at === s.places.length && s.next < s.gaps.length) {
-      s.places = gapPlaces(mappings, s.gaps[s.next++]!, bounds);
+  const down = { next: split - 1, step: -1, places: [] as number[], at: 0 };
+  const up = { next: split, step: 1, places: [] as number[], at: 0 };
+  const head = (s: typeof down): number => {
+    while (s.at === s.places.length && s.next >= 0 && s.next <= mappings.length) {
+      s.places = gapPlaces(mappings, s.next, bounds);
+      s.next += s.step;
       s.at = 0;
     }
     return s.at < s.places.length ? s.places[s.at]! : -1;
   };
   const found: bigint[] = [];
   while (found.length < limit) {
-    const down = head(streams[0]!), up = head(streams[1]!);
-    if (down < 0 && up < 0) break;
+    const lower = head(down), upper = head(up);
+    if (lower < 0 && upper < 0) break;
     // Of two as near, the lower first.
-    const takeDown = up < 0 || (down >= 0 && at - down <= Math.abs(up - at));
-    found.push(BigInt(takeDown ? down : up));
-    streams[takeDown ? 0 : 1]!.at++;
+    const takeLower = upper < 0 || (lower >= 0 && at - lower <= Math.abs(upper - at));
+    found.push(BigInt(takeLower ? lower : upper));
+    (takeLower ? down : up).at++;
   }
   return found;
 }
@@ -86,24 +95,25 @@ interface Bounds {
   readonly page: number;
 }
 
-/** The usable part of the free gap before `mappings[i]` (after the last one when `i` is their count). */
-function gap(mappings: readonly Mapping[], i: number, { low, high, page }: Bounds): { from: number; to: number } {
-  const gapStart = i === 0 ? page * 16 : Number(mappings[i - 1]!.end);
-  let gapEnd = i === mappings.length ? TOP : Number(mappings[i]!.start);
-  if (i < mappings.length && mappings[i]!.path === "[stack]") gapEnd -= STACK_GUARD;
-  const from = Math.max(gapStart, low) + page - 1;
-  const to = Math.min(gapEnd, high);
-  return { from: from - from % page, to: to - to % page };
+/** Where the usable part of the free gap before `mappings[i]` ends (`i` their count: the last gap). */
+function gapTo(mappings: readonly Mapping[], i: number, { high, page }: Bounds): number {
+  let end = i === mappings.length ? TOP : Number(mappings[i]!.start);
+  if (i < mappings.length && mappings[i]!.path === "[stack]") end -= STACK_GUARD;
+  const to = Math.min(end, high);
+  return to - to % page;
 }
 
 /**
- * The places in one gap, nearest to `near` first: the closest (its top when the gap lies below,
- * its bottom above), then a few more further away — part of a gap the maps show free may be taken
- * by something they do not show (qemu-user hides its own mappings from the guest's /proc/self/maps).
+ * The places in the gap before `mappings[i]`, nearest to `near` first: the closest (its top when
+ * the gap lies below, its bottom above), then a few more further away — part of a gap the maps
+ * show free may be taken by something they do not show (qemu-user hides its own mappings from the
+ * guest's /proc/self/maps).
  */
 function gapPlaces(mappings: readonly Mapping[], i: number, bounds: Bounds): number[] {
-  const { near, size, page } = bounds;
-  const { from, to } = gap(mappings, i, bounds);
+  const { near, low, size, page } = bounds;
+  const start = Math.max(i === 0 ? page * 16 : Number(mappings[i - 1]!.end), low) + page - 1;
+  const from = start - start % page;
+  const to = gapTo(mappings, i, bounds);
   if (to - from < size) return [];
   const below = to <= near;
   const first = below ? to - size : from >= near ? from : near - near % page;
