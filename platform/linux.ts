@@ -35,6 +35,10 @@ const O_CLOEXEC = 0x80000;
 const PROCMAP_QUERY = 0xc0686611n;
 const PROCMAP_QUERY_SIZE = 104;
 const ENOENT = 2;
+/** A reach that takes in every address: what code that may live anywhere asks for. */
+const ANYWHERE = 2n ** 62n;
+/** How far from the C library code that may live anywhere is put on x86-64 (see `anywhere`). */
+const BESIDE_LIBC = 2n ** 30n;
 /** `getauxval` keys: where the kernel put the main program's program headers, and how many. */
 /** The segment types and the flag the program's text is found by. */
 /** Linux's number for ENOSYS (macOS: 78); the others posix.ts knows. */
@@ -195,6 +199,17 @@ export function linux(runtime: Runtime): Os {
   }
 
 
+  /**
+   * Whether a request leaves the place to us: any address at all. On x86-64, whose near jumps reach
+   * ±2 GiB, such code goes beside the C library, where its block also holds the trampolines of the
+   * libc functions a first patch redefines (one block fewer: its memfd, map read and mappings). On
+   * arm64 near space is ±128 MiB and scarce: such code keeps to the lowest free gap.
+   */
+  const anywhere = (near: bigint, reach: bigint) => !arm64 && near === 0n && reach >= ANYWHERE;
+  let libcAddress: bigint | undefined;
+  /** An address inside glibc's text (a function only glibc exports), or 0n where none is found. */
+  const besideLibc = () => (libcAddress ??= c.dlsym(0n, cString("gnu_get_libc_version")) as bigint);
+
   const modules = linuxModules(runtime, c, pageSize, () => parseMaps(readMaps()));
 
   const os: Os = {
@@ -258,7 +273,14 @@ export function linux(runtime: Runtime): Os {
       try {
         const total = BigInt(size + dataSize);
         const mappings = parseMaps(readMaps());
-        for (const at of nearCandidates(mappings, near, reach, total, BigInt(pageSize), 256)) {
+        const page = BigInt(pageSize);
+        const anchor = anywhere(near, reach) ? besideLibc() : 0n;
+        // The places beside the C library first, where that is the choice; the others only if need be.
+        const places = function* () {
+          if (anchor !== 0n) yield* nearCandidates(mappings, anchor, BESIDE_LIBC, total, page, 256);
+          yield* nearCandidates(mappings, near, reach, total, page, 256);
+        };
+        for (const at of places()) {
           const address = mapShared(fd, at, size, PROT_READ | PROT_EXEC, MAP_FIXED_NOREPLACE);
           if (address === null) continue;
           // The guard stubs' flags and saved return addresses, right after the code so that
