@@ -17,7 +17,7 @@ import { RedefineError } from "./errors.ts";
 import type { Arch } from "./arch/types.ts";
 import type { CodePool } from "./code_memory.ts";
 import type { NativeCall, Platform } from "../platform/mod.ts";
-import { farPlace } from "../platform/mod.ts";
+import { farPlace, lazyLibrary } from "../platform/mod.ts";
 import type { Signature } from "./signature.ts";
 
 /** One live patch as every isolate sees it. */
@@ -86,18 +86,25 @@ const MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20;
 function libc(platform: Platform): Record<string, NativeCall> | null {
   const { runtime } = platform;
   if (runtime.os !== "linux") return null;
-  const signatures = {
-    getenv: { parameters: ["buffer"], result: "usize" },
-    setenv: { parameters: ["buffer", "buffer", "i32"], result: "i32" },
-    getpid: { parameters: [], result: "i32" },
-    mmap: { parameters: ["usize", "usize", "i32", "i32", "i32", "i64"], result: "usize" },
-    munmap: { parameters: ["usize", "usize"], result: "i32" },
-    sched_yield: { parameters: [], result: "i32" },
-    __cxa_thread_atexit_impl: { parameters: ["usize", "usize", "usize"], result: "i32" },
-  } as const;
-  // One library, not a callable per address: under Node each of those is a library of its own.
+  // Bound a group at a time (a symbol costs Deno ~45 µs to bind): what opening the store calls,
+  // and what only a lost race or a contended lock does.
+  const c = lazyLibrary(runtime, "libc.so.6", {
+    opening: {
+      getenv: { parameters: ["buffer"], result: "usize" },
+      setenv: { parameters: ["buffer", "buffer", "i32"], result: "i32" },
+      getpid: { parameters: [], result: "i32" },
+      mmap: { parameters: ["usize", "usize", "i32", "i32", "i32", "i64"], result: "usize" },
+      __cxa_thread_atexit_impl: { parameters: ["usize", "usize", "usize"], result: "i32" },
+    },
+    seldom: {
+      munmap: { parameters: ["usize", "usize"], result: "i32" },
+      sched_yield: { parameters: [], result: "i32" },
+    },
+  });
   try {
-    return runtime.open("libc.so.6", signatures);
+    // Bound now, so that a C library lacking one of them is known here.
+    void c.getenv;
+    return c;
   } catch (error) {
     if (error instanceof RedefineError) return null;
     throw error;
@@ -145,7 +152,6 @@ export function openStore(
   const view = new DataView(bytes.buffer, bytes.byteOffset, SIZE);
   let cas: NativeCall | null = base === null ? null : runtime.fnPointer(slot.address, CAS);
   let rawLocks = runtime.slowPointerCalls ? RAW_LOCKS : Infinity;
-  const yieldCpu = c?.sched_yield;
   const u64 = (at: number) => view.getBigUint64(at, true);
   // setBigUint64 takes the value modulo 2^64 itself: no intermediate bigint a store.
   const setU64 = (at: number, value: bigint) => view.setBigUint64(at, value, true);
@@ -162,7 +168,7 @@ export function openStore(
         if (holder === 0n) return;
         // An isolate that ended while holding the lock never gives it back.
         if (!alive(holder) && BigInt(cas(base!, holder, identity)) === holder) return;
-        if (tries > 64) yieldCpu!();
+        if (tries > 64) c!.sched_yield!();
       }
     },
     unlock() {
