@@ -81,6 +81,8 @@ const CAS: Signature = { parameters: ["usize", "u64", "u64"], result: "u64" };
 const RAW_LOCKS = 4;
 /** Private: threads share it anyway, and a forked child must not. */
 const MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20;
+const MAP_FIXED_NOREPLACE = 0x100000;
+const MAP_FAILED = 2n ** 64n - 1n;
 
 /** The C library functions the shared store needs, or null where one is missing. */
 function libc(platform: Platform): Record<string, NativeCall> | null {
@@ -247,10 +249,19 @@ function shared(c: Record<string, NativeCall>, platform: Platform): bigint {
   };
   const found = published();
   if (found !== null) return found;
-  // A hint far from the libraries: the system's own choice would take near space stubs need.
-  const hint = farPlace(os.mappings(), BigInt(SIZE), BigInt(os.pageSize));
-  const mine = BigInt(c.mmap!(hint, BigInt(SIZE), PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0n));
-  if (mine === 2n ** 64n - 1n) throw new RedefineError("ALLOCATION_FAILED", "mmap of the process-wide registry failed.");
+  // Far from the libraries: the system's own choice would take near space stubs need. The place
+  // `farPlace` gives when nothing is mapped low is free in most processes, so it is tried before
+  // the map is read (a first patch then reads it not at all: a read and parse of it costs a few
+  // hundred µs there).
+  const size = BigInt(SIZE), page = BigInt(os.pageSize);
+  const lowest = farPlace([], size, page);
+  let mine = BigInt(c.mmap!(lowest, size, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0n));
+  if (mine !== lowest) {
+    // Taken, or a kernel before 4.17, which takes MAP_FIXED_NOREPLACE as a mere hint.
+    if (mine !== MAP_FAILED) c.munmap!(mine, size);
+    mine = BigInt(c.mmap!(farPlace(os.mappings(), size, page), size, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0n));
+  }
+  if (mine === MAP_FAILED) throw new RedefineError("ALLOCATION_FAILED", "mmap of the process-wide registry failed.");
   c.setenv!(name, cString(`0x${mine.toString(16)}`), 0);
   const winner = published()!;
   if (winner !== mine) c.munmap!(mine, BigInt(SIZE));
