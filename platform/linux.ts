@@ -52,7 +52,7 @@ const ERRNO_NAMES: Record<number, string> = { 38: "ENOSYS" };
 /** libc's functions, in groups bound on first use (platform/lazy_library.ts). */
 function libc(runtime: Runtime) {
   return lazyLibrary(runtime, "libc.so.6", {
-    // What a first patch calls: the page size, the map, code blocks, forced writes, a symbol.
+    // What a first patch calls: the page size, mapping queries, code blocks, forced writes, a symbol.
     firstPatch: {
       sysconf: { parameters: ["i32"], result: "i64" },
       mmap: { parameters: ["usize", "usize", "i32", "i32", "i32", "i64"], result: "usize" },
@@ -60,12 +60,15 @@ function libc(runtime: Runtime) {
       memfd_create: { parameters: ["buffer", "u32"], result: "i32" },
       ftruncate: { parameters: ["i32", "i64"], result: "i32" },
       open: { parameters: ["buffer", "i32"], result: "i32" },
-      read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
       pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
       close: { parameters: ["i32"], result: "i32" },
       ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
       dlsym: { parameters: ["usize", "buffer"], result: "usize" },
       dladdr1: { parameters: ["usize", "buffer", "buffer", "i32"], result: "i32" },
+    },
+    // The whole map as text, which a first patch on x86-64 does not read.
+    mapText: {
+      read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
     },
     protections: {
       mprotect: { parameters: ["usize", "usize", "i32"], result: "i32" },
