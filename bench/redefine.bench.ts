@@ -108,7 +108,7 @@ if (x86_64) {
   const word = getppid - getppid % 8n;
   const before = runtime.view(word, 8).slice();
   const jumped = before.slice();
-  jumped.set(machine().arch.nearJump(getppid, getpid)!, Number(getppid - word));
+  jumped.set(machine().arch.entryJumps[0].encode(getppid, getpid)!, Number(getppid - word));
   if (os.forceWrite(word, before)) {
     const [ours2, writes] = compare(
       { body: () => redefine({ symbol: "getppid", parameters: [], result: "i32" }, getpid).restore() },

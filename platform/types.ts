@@ -48,6 +48,11 @@ export interface Runtime {
   callback(signature: Signature, fn: NativeCall): NativeCallback;
   /** A JS callable for the native function at `address`. */
   fnPointer(address: bigint, signature: Signature): NativeCall;
+  /**
+   * Whether a call through `fnPointer` takes a slow path (Deno: hundreds of ns a call, against a
+   * few for a symbol of an opened library), so a callable called often is better bound otherwise.
+   */
+  readonly slowPointerCalls?: boolean;
 }
 
 /** One line of the process's memory map. */
@@ -57,6 +62,22 @@ export interface Mapping {
   /** Protection bits: PROT_READ 1, PROT_WRITE 2, PROT_EXEC 4. */
   readonly protection: number;
   readonly path: string;
+  /** The file it maps, where the system tells (Linux); absent for anonymous memory. */
+  readonly file?: MappedFile | undefined;
+}
+
+/**
+ * Which file a mapping maps, and from where: what tells a library's memory from whatever was
+ * mapped at the same place once it was unloaded.
+ */
+export interface MappedFile {
+  readonly device: number;
+  readonly inode: number;
+  /**
+   * The mapping's start minus its offset in the file: where the file's first byte would lie, the
+   * same however protection changes split or merge the mapping.
+   */
+  readonly base: bigint;
 }
 
 /** Protection bits, the same numbers on every system we support. */

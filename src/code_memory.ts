@@ -6,7 +6,7 @@
  */
 import { hex, RedefineError } from "./errors.ts";
 import type { CodeBlock, Mapping, Os, Platform, Runtime } from "../platform/mod.ts";
-import { PROT_EXEC, PROT_WRITE } from "../platform/mod.ts";
+import { PROT_EXEC, PROT_READ, PROT_WRITE } from "../platform/mod.ts";
 
 /** A piece of a code block handed to one patch: code, and optionally data next to it. */
 export interface CodeSlot {
@@ -333,6 +333,8 @@ interface Spot {
   readonly page: Page;
   readonly offset: number;
   readonly runs: readonly Run[];
+  /** Whether any page it touches is executable (writable ones too): then it is flushed. */
+  readonly exec: boolean;
 }
 
 /** Consecutive non-writable pages of one protection: one protection change, or forced writes. */
@@ -348,13 +350,21 @@ interface Run {
   forced: boolean;
   /** Made writable (with its pages' exact protections in the batch's `opened`). */
   open: boolean;
+  /** Its pages' exact protections, found when it is first made writable (an undo may make it so again). */
+  spans?: readonly Span[];
 }
 
-/** A span of pages whose protection was changed, and the protection it gets back. */
-interface Opened {
+/** A span of pages of one protection. */
+interface Span {
   readonly start: bigint;
   readonly length: number;
   readonly protection: number;
+}
+
+/** A span of pages whose protection was changed, and the protection it gets back. */
+interface Opened extends Span {
+  /** The run it was made writable for. */
+  readonly run: Run;
 }
 
 /** One call of `writeCode`: what its stores share. */
@@ -380,9 +390,10 @@ interface Writing {
  * stores, one protection change making the run writable (keeping its execute bit, since other
  * threads may be running code there), plain stores, and its exact original protection back at the
  * end. Where the forced write is refused the run is made writable; where that is refused the
- * forced write is tried. The code is flushed. If any step fails, bytes already written are put
- * back, each the way it was written, and every protection restored. `protectFrom` is for benches
- * that time one way on purpose (Infinity: forced writes wherever the system allows).
+ * forced write is tried. The code is flushed. If any step fails (giving a protection back
+ * included), bytes already written are put back, each the way its pages take a store by then,
+ * and every protection restored. `protectFrom` is for benches that time one way on purpose
+ * (Infinity: forced writes wherever the system allows).
  */
 export function writeCode(platform: Platform, writes: readonly CodeWrite[], protectFrom: number = PROTECT_FROM): void {
   const spots = spotsOf(platform, writes);
@@ -405,47 +416,89 @@ export function writeCode(platform: Platform, writes: readonly CodeWrite[], prot
     wordValue: new BigInt64Array(buffer.buffer, 0, 1),
     opened: [],
   };
-  // Which writes were made, and whether forced: the undo makes each again the same way.
+  // Which writes were made: the undo puts back what each replaced.
   const done: number[] = [];
-  const forcedWrite: boolean[] = [];
   try {
     for (let index = 0; index < writes.length; index++) {
       const { address, bytes, spin } = writes[index]!;
       if (bytes.length === 0) continue;
       const spot = spots[index]!;
-      const closed = spot.runs;
-      let forced = closed.some((run) => !run.open);
-      if (forced && closed.every((run) => run.open || !run.forced)) {
-        forced = !closed.every((run) => run.open || tryOpen(w, run));
-      }
       done.push(index);
-      forcedWrite[index] = forced;
-      if (store(w, spot, address, bytes, spin, forced, undoAt[index]!)) continue;
+      if (store(w, spot, address, bytes, spin, forcedFor(w, spot), undoAt[index]!)) continue;
       // The forced write refused, with nothing written: the pages are made writable instead.
       done.pop();
-      for (const run of closed) if (!run.open) open(w, run);
+      for (const run of spot.runs) if (!run.open) open(w, run);
       done.push(index);
-      forcedWrite[index] = false;
       store(w, spot, address, bytes, spin, false, undoAt[index]!);
     }
-  } catch (error) {
-    for (const index of done.reverse()) {
-      const write = writes[index]!;
-      const spot = spots[index]!;
-      const offset = spot.offset % 8;
-      const before = buffer.subarray(undoAt[index]!, undoAt[index]! + undoLength(write, offset));
-      if (offset + write.bytes.length <= 8) {
-        storeWord(w, spot.page, spot.offset - offset, write.address - BigInt(offset), before, 0, forcedWrite[index]!, -1);
-      } else {
-        store(w, spot, write.address, before, write.spin, forcedWrite[index]!, -1);
-      }
-    }
+    // Inside the try: a protection that cannot be given back undoes the bytes too.
     close(w);
+  } catch (error) {
+    const unwritten = undo(w, writes, spots, done, undoAt);
+    const unclosed = closing(w);
     flush(w, writes, spots);
-    throw error;
+    if (unwritten === null && unclosed === null) throw error;
+    const what = unwritten === null ? `the bytes are back, but ${unclosed}` : unclosed === null ? unwritten : `${unwritten}, and ${unclosed}`;
+    throw new RedefineError(
+      "PROTECT_FAILED",
+      `${messageOf(error)} Then putting everything back failed too: ${what}.`,
+      { cause: error },
+    );
   }
-  close(w);
   flush(w, writes, spots);
+}
+
+/**
+ * Whether a store on `spot` now goes the forced way: while any of its runs is not writable, unless
+ * those are runs to make writable (many stores), and the system lets them be.
+ */
+function forcedFor(w: Writing, spot: Spot): boolean {
+  const closed = spot.runs;
+  const forced = closed.some((run) => !run.open);
+  if (forced && closed.every((run) => run.open || !run.forced)) return !closed.every((run) => run.open || tryOpen(w, run));
+  return forced;
+}
+
+/**
+ * Puts back what each write of `done` replaced, newest first, each the way its pages take a store
+ * now: a run whose protection was already given back is made writable again, or written the forced
+ * way. Tries every write; says what failed, or null.
+ */
+function undo(w: Writing, writes: readonly CodeWrite[], spots: readonly Spot[], done: number[], undoAt: readonly number[]): string | null {
+  let failed: string | null = null;
+  for (const index of done.reverse()) {
+    const write = writes[index]!;
+    const spot = spots[index]!;
+    const offset = spot.offset % 8;
+    const before = w.buffer.subarray(undoAt[index]!, undoAt[index]! + undoLength(write, offset));
+    const put = (forced: boolean) =>
+      offset + write.bytes.length <= 8
+        ? storeWord(w, spot.page, spot.offset - offset, write.address - BigInt(offset), before, 0, forced, -1)
+        : store(w, spot, write.address, before, write.spin, forced, -1);
+    try {
+      if (put(forcedFor(w, spot))) continue;
+      for (const run of spot.runs) if (!run.open) open(w, run);
+      put(false);
+    } catch (error) {
+      failed ??= `the new bytes at ${hex(write.address)} stay (${messageOf(error)})`;
+    }
+  }
+  return failed;
+}
+
+/** `close`, after an undo: which pages stay writable, or null. */
+function closing(w: Writing): string | null {
+  try {
+    close(w);
+    return null;
+  } catch (error) {
+    const span = w.opened[0]!;
+    return `${hex(span.start)} (${span.length} bytes) stays writable (${messageOf(error)})`;
+  }
+}
+
+function messageOf(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
 }
 
 /** The whole page's view, for a page many writes share; null for the others. */
@@ -519,9 +572,10 @@ function store(
 
 /** Makes `run` writable, each page keeping its exact protection's other bits. */
 function open(w: Writing, run: Run): void {
-  for (const span of run.exact ? [run] : exactSpans(w.os, run)) {
+  run.spans ??= run.exact ? [run] : exactSpans(w.os, run);
+  for (const span of run.spans) {
     w.os.protect(span.start, span.length, span.protection | PROT_WRITE);
-    w.opened.push({ start: span.start, length: span.length, protection: span.protection });
+    w.opened.push({ start: span.start, length: span.length, protection: span.protection, run });
   }
   run.open = true;
 }
@@ -538,18 +592,27 @@ function tryOpen(w: Writing, run: Run): boolean {
   }
 }
 
-/** Gives every page made writable its exact protection back. */
+/**
+ * Gives every page made writable its exact protection back. Each span is forgotten once given
+ * back, and its run counts as not writable again: where one fails, an undo knows which are.
+ */
 function close(w: Writing): void {
-  for (const span of w.opened) w.os.protect(span.start, span.length, span.protection);
+  let closed = 0;
+  try {
+    for (const span of w.opened) {
+      w.os.protect(span.start, span.length, span.protection);
+      span.run.open = false;
+      closed++;
+    }
+  } finally {
+    w.opened.splice(0, closed);
+  }
 }
 
 /** Flushes each write that touches an executable page. */
 function flush(w: Writing, writes: readonly CodeWrite[], spots: readonly Spot[]): void {
   for (let i = 0; i < writes.length; i++) {
-    const { page, runs } = spots[i]!;
-    if (page.protection & PROT_EXEC || runs.some((run) => run.protection & PROT_EXEC)) {
-      w.os.flushCode(writes[i]!.address, writes[i]!.bytes.length);
-    }
+    if (spots[i]!.exec) w.os.flushCode(writes[i]!.address, writes[i]!.bytes.length);
   }
 }
 
@@ -624,11 +687,12 @@ function spotsOf(platform: Platform, writes: readonly CodeWrite[]): Spot[] {
     page: first,
     offset,
     runs: list.length === 1 ? first.runs : [...new Set(list.flatMap((p) => p.runs))],
+    exec: list.some((p) => (p.protection & PROT_EXEC) !== 0),
   }));
 }
 
 /** `run`'s pages by their protection as the system has it now: consecutive pages of one protection merged. */
-function exactSpans(os: Os, run: Run): Opened[] {
+function exactSpans(os: Os, run: Run): Span[] {
   const spans: { start: bigint; length: number; protection: number }[] = [];
   const end = run.start + BigInt(run.length);
   for (let at = run.start; at < end;) {
@@ -641,4 +705,26 @@ function exactSpans(os: Os, run: Run): Opened[] {
     at = to;
   }
   return spans;
+}
+
+/**
+ * The mapping holding `address` as the memory map has it now (`lookup`), once each of the `length`
+ * bytes from there is found in a readable mapping; null when one of them is not mapped at all.
+ * A restore asks before it reads or writes a patch's place: the mapping found when the patch was
+ * made is stale once its library is unloaded, and reading through it would crash.
+ */
+export function mappedNow(lookup: (address: bigint) => Mapping | null, address: bigint, length: number): Mapping | null {
+  const end = address + BigInt(length);
+  const first = lookup(address);
+  for (let here = first, from = address; here; from = here.end, here = lookup(from)) {
+    if (!(here.protection & PROT_READ)) {
+      throw new RedefineError(
+        "INVALID_ADDRESS",
+        `${hex(from)} is mapped but no longer readable, so the bytes there cannot be checked or put back: ` +
+          `make it readable again, then restore.`,
+      );
+    }
+    if (here.end >= end) return first;
+  }
+  return null;
 }

@@ -31,6 +31,7 @@ export type RedefineErrorCode =
   | "BAD_REPLACEMENT"
   | "UNKNOWN_SIZE"
   | "OUT_OF_ORDER"
+  | "UNLOADED"
   | "RESTORED"
   | "NOT_IMPORTED";
 

@@ -57,7 +57,7 @@ function sharedCode(m: Machine, code: Uint8Array, near: bigint): bigint {
   // their shared code).
   let key = m.sharedKeys.get(code);
   if (key === undefined) m.sharedKeys.set(code, key = code.join());
-  const reach = m.arch.nearReach - BigInt(code.length) - 4096n;
+  const reach = m.arch.entryJumps[0].reach - BigInt(code.length) - 4096n;
   const copies = m.shared.get(key) ?? [];
   // Indexed, with no closure: asked for every guard made.
   for (let i = 0; i < copies.length; i++) {

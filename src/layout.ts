@@ -3,16 +3,17 @@
  * native replacement in reach; a guarded stub in front of a JS replacement; a stub with an
  * absolute jump to a native replacement out of reach; and the function's own trampoline
  * (`redefineToOriginal`). Stubs share one pool slot with the trampoline (the relocated first
- * instructions), placed within near-jump reach of the entry, or anywhere, behind an absolute entry
- * jump, when no memory is that near. A patch layered on another has no trampoline of its own: its
- * original is where the patch below leads. The original exists before the entry jump can go live
- * (a native replacement may call it from its first call on); nothing is written at the entry here.
- * A function patched again the way its last patch was laid out takes that patch's slot back from
- * quarantine, its code in place (registry.ts `SlotReuse`): a test suite or a benchmark that
- * patches and restores the same functions over and over relocates and writes each one once.
+ * instructions), placed within reach of the shortest entry jump that has memory in its reach: near,
+ * then (arm64) ±4 GiB, then anywhere, behind an absolute entry jump. A patch layered on another has
+ * no trampoline of its own: its original is where the patch below leads. The original exists
+ * before the entry jump can go live (a native replacement may call it from its first call on);
+ * nothing is written at the entry here. A function patched again the way its last patch was laid
+ * out takes that patch's slot back from quarantine, its code in place (registry.ts `SlotReuse`): a
+ * test suite or a benchmark that patches and restores the same functions over and over relocates
+ * and writes each one once.
  */
 import { hex, RedefineError } from "./errors.ts";
-import type { RelocationPlan } from "./arch/types.ts";
+import { ANYWHERE, type EntryJump, type RelocationPlan } from "./arch/types.ts";
 import { guardData, guardShape } from "./guard_code.ts";
 import { probeCode, probeRecord } from "./slot_layout.ts";
 import type { CodeSlot } from "./code_memory.ts";
@@ -122,7 +123,7 @@ function originalForSlot(trampoline: Trampoline): void {
  */
 function directJump(m: Machine, site: AnySite, to: bigint, below: bigint | null): Layout | null {
   const last = m.directJumps.get(site.at);
-  const entry = last?.to === to ? last.bytes : m.arch.nearJump(site.at, to);
+  const entry = last?.to === to ? last.bytes : m.arch.entryJumps[0].encode(site.at, to);
   if (!entry) return null;
   if (entry !== last?.bytes) m.directJumps.set(site.at, { to, bytes: entry });
   let trampoline: Trampoline;
@@ -143,18 +144,22 @@ const LONE_TRAMPOLINE = {};
 
 function trampolineAlone(m: Machine, site: AnySite): Built {
   const { arch, pool } = m;
-  const known = relocationPlan(m, site, arch.nearJumpSize);
+  const near = arch.entryJumps[0];
+  const known = relocationPlan(m, site, near.size);
   const plan = known.plan;
   // `locate` refused overlaps of the first near jump's bytes: only a wider reach is asked again.
-  if (plan.consumed > arch.nearJumpSize) refuseOverlap(site.at, plan.consumed);
-  const reuse: SlotReuse = { plan: known, holds: LONE_TRAMPOLINE, jumpSize: arch.nearJumpSize, released: null };
-  const again = reclaimSpare(known, LONE_TRAMPOLINE, arch.nearJumpSize);
+  if (plan.consumed > near.size) refuseOverlap(site.at, plan.consumed);
+  // The code a slot holds is the same wherever the slot is (it jumps back from anywhere).
+  const reuse: SlotReuse = { plan: known, holds: LONE_TRAMPOLINE, jumpSize: near.size, released: null };
+  const again = reclaimSpare(known, LONE_TRAMPOLINE, near.size);
   if (again) return { address: again.address, slot: again, reuse };
-  const slot = pool.allocate(site.at, arch.nearReach - BigInt(plan.maxSize), plan.maxSize);
+  // Near, where the relocated code is shortest; else anywhere, as it jumps back from anywhere.
+  const slot = pool.allocate(site.at, near.reach - BigInt(plan.maxSize), plan.maxSize) ??
+    pool.allocate(site.at, ANYWHERE, plan.maxSize);
   if (!slot) {
     throw new RedefineError(
       "ALLOCATION_FAILED",
-      `no executable memory near ${hex(site.at)} for the original.`,
+      `no executable memory could be mapped for the original of ${hex(site.at)}.`,
     );
   }
   try {
@@ -192,7 +197,7 @@ function guardedStub(
     // A slot taken back holds the code: only its data is written.
     const guard = guardData(m, site.signature, shape, stub.slot, stub.front, callback, bypass);
     if (!stub.reused) write(m, stub, relocated, m.arch.guard!.encode(guard));
-    return { ...throughStub(m, site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset)), bypass, reuse: stub.reuse };
+    return { ...throughStub(site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset)), bypass, reuse: stub.reuse };
   });
 }
 
@@ -216,11 +221,11 @@ function originalForGuard(trampoline: Trampoline): bigint {
  * asked for.
  */
 function jumpStub(m: Machine, site: AnySite, to: bigint, below: bigint | null): Layout {
-  const stub = reserve(m, site, below, m.arch.farJumpSize, 0);
+  const stub = reserve(m, site, below, absolute(m).size, 0);
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, stub, below);
-    write(m, stub, relocated, m.arch.farJump(stub.front, to));
-    return throughStub(m, site, stub, trampoline, null);
+    write(m, stub, relocated, absolute(m).encode(stub.front, to)!);
+    return throughStub(site, stub, trampoline, null);
   });
 }
 
@@ -235,25 +240,26 @@ function cannedStub(m: Machine, site: AnySite, to: Destination & { kind: "canned
     const { code: relocated, trampoline } = relocateInto(m, stub, below);
     liveBytes(stub.slot.data, plan.dataSize).set(cannedData(to, () => trampoline.address));
     write(m, stub, relocated, plan.encode(stub.front, stub.slot.data));
-    return { ...throughStub(m, site, stub, trampoline, null), counter: stub.slot.data + BigInt(CANNED_DATA.calls) };
+    return { ...throughStub(site, stub, trampoline, null), counter: stub.slot.data + BigInt(CANNED_DATA.calls) };
   });
 }
 
 /**
  * The function redirected to its own trampoline (or, layered, to the patch below): every call runs
  * the relocated first instructions and jumps back. The entry jump leads straight there when it
- * reaches, else through an absolute jump after the trampoline.
+ * reaches (the trampoline is in its reach; the patch below may not be), else through an absolute
+ * jump after the trampoline.
  */
 function toOriginal(m: Machine, site: AnySite, below: bigint | null): Layout {
   // Its code is the same for every such patch of the entry: it can be taken back.
-  const stub = reserveAgain(m, site, below, m.arch.farJumpSize, 0, TO_ORIGINAL);
+  const stub = reserveAgain(m, site, below, absolute(m).size, 0, TO_ORIGINAL);
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, stub, below);
     const original = trampoline.address;
-    const straight = stub.jumpSize === m.arch.nearJumpSize ? m.arch.nearJump(site.at, original) : null;
+    const straight = stub.jump.encode(site.at, original);
     if (!straight) {
-      write(m, stub, relocated, m.arch.farJump(stub.front, original));
-      return { ...throughStub(m, site, stub, trampoline, null), reuse: stub.reuse };
+      write(m, stub, relocated, absolute(m).encode(stub.front, original)!);
+      return { ...throughStub(site, stub, trampoline, null), reuse: stub.reuse };
     }
     write(m, stub, relocated, NO_CODE);
     return {
@@ -291,7 +297,7 @@ function probeStub(m: Machine, site: AnySite, timing: boolean, below: bigint | n
     write(m, stub, relocated, code);
     const busy = stub.slot.data + BigInt(PROBE_RECORD.timer);
     const counter = stub.slot.data + BigInt(PROBE_RECORD.calls);
-    return { ...throughStub(m, site, stub, trampoline, busy), counter, counters: PROBE_COUNTERS };
+    return { ...throughStub(site, stub, trampoline, busy), counter, counters: PROBE_COUNTERS };
   });
 }
 
@@ -307,8 +313,8 @@ const TO_ORIGINAL = {};
 /** A pool slot for a trampoline and the stub after it, and the entry jump that reaches it. */
 interface Stub {
   readonly slot: CodeSlot;
-  /** The entry jump's size: the near jump, or the absolute one when no memory is in near reach. */
-  readonly jumpSize: number;
+  /** The form of the entry jump: the shortest with the slot in its reach. */
+  readonly jump: EntryJump;
   readonly plan: Plan;
   /** Where the stub's code starts: after the trampoline. */
   readonly front: bigint;
@@ -319,8 +325,8 @@ interface Stub {
 }
 
 /**
- * Reserves a slot for the trampoline and `frontSize` bytes of stub code (and `dataSize` of data):
- * within near-jump reach of the entry, or else anywhere, with an absolute jump at the entry.
+ * Reserves a slot for the trampoline and `frontSize` bytes of stub code (and `dataSize` of data)
+ * within reach of the shortest entry jump that has memory in its reach and room at the entry.
  */
 function reserve(
   m: Machine,
@@ -331,29 +337,45 @@ function reserve(
 ): Stub {
   const front = (plan: Plan) => typeof frontSize === "number" ? frontSize : frontSize(plan);
   const { arch, pool } = m;
-  let jumpSize = arch.nearJumpSize;
-  let plan = planFor(m, site, below, jumpSize);
-  let size = sizeOf(plan) + front(plan);
-  let slot = pool.allocate(site.at, arch.nearReach - BigInt(size), size, dataSize);
-  if (!slot) {
-    if (site.room < arch.farJumpSize) {
-      throw new RedefineError(
-        "FUNCTION_TOO_SHORT",
-        `no memory could be had within reach of ${hex(site.at)} for a stub, and the function has only ` +
-          `${site.room} bytes, fewer than the ${arch.farJumpSize} an absolute jump needs: redefine a caller ` +
-          `instead.`,
-      );
+  for (const [i, jump] of arch.entryJumps.entries()) {
+    // `locate` checked the shortest jump's room and the branches into its bytes.
+    if (i > 0) {
+      if (site.room < jump.size) throw tooShortForStub(m, site, i);
+      refuseJumpsIntoEntry(site.at, jump.size);
     }
-    refuseJumpsIntoEntry(site.at, arch.farJumpSize);
-    jumpSize = arch.farJumpSize;
-    plan = planFor(m, site, below, jumpSize);
-    size = sizeOf(plan) + front(plan);
-    slot = pool.allocate(site.at, 2n ** 62n, size, dataSize);
-    if (!slot) {
-      throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for a stub.");
-    }
+    const plan = planFor(m, site, below, jump.size);
+    const size = sizeOf(plan) + front(plan);
+    const slot = pool.allocate(site.at, jump.reach - BigInt(size), size, dataSize);
+    if (slot) return { slot, jump, plan, front: slot.address + BigInt(sizeOf(plan)) };
   }
-  return { slot, jumpSize, plan, front: slot.address + BigInt(sizeOf(plan)) };
+  throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for a stub.");
+}
+
+/**
+ * The refusal of a function with no room for the entry jump `entryJumps[next]`, the form tried
+ * when no memory could be had within the reach of the one before.
+ */
+function tooShortForStub(m: Machine, site: AnySite, next: number): RedefineError {
+  const jumps = m.arch.entryJumps;
+  const forms = jumps.map((form, i) => `${form.size}${i === 0 ? " bytes" : ""} ${reachText(form.reach)}`);
+  return new RedefineError(
+    "FUNCTION_TOO_SHORT",
+    `no memory could be had ${reachText(jumps[next - 1]!.reach)} of ${hex(site.at)} for a stub, and the ` +
+      `function has only ${site.room} bytes for the entry jump, fewer than the ${jumps[next]!.size} of one ` +
+      `that reaches farther (an entry jump takes ${forms.join(", ")}): redefine a caller instead.`,
+  );
+}
+
+/** A reach as the messages say it: "within ±128 MiB", "anywhere". */
+function reachText(reach: bigint): string {
+  if (reach >= ANYWHERE) return "anywhere";
+  const mib = Math.round(Number(reach) / 2 ** 20);
+  return `within ±${mib >= 1024 ? `${mib / 1024} GiB` : `${mib} MiB`}`;
+}
+
+/** The entry jump that reaches anywhere, the last of the arch's forms. */
+function absolute(m: Machine): EntryJump {
+  return m.arch.entryJumps[m.arch.entryJumps.length - 1]!;
 }
 
 /**
@@ -369,16 +391,17 @@ function reserveAgain(
   dataSize: number,
   holds: object,
 ): Stub {
-  const jumpSize = m.arch.nearJumpSize;
-  const known = below === null ? knownPlan(m, site, jumpSize) : null;
-  const again = known ? reclaimSpare(known, holds, jumpSize) : null;
+  // Only a slot in the shortest jump's reach is taken back (the one nearly every patch gets).
+  const jump = m.arch.entryJumps[0];
+  const known = below === null ? knownPlan(m, site, jump.size) : null;
+  const again = known ? reclaimSpare(known, holds, jump.size) : null;
   if (again) {
-    const reuse = { plan: known!, holds, jumpSize, released: null };
-    return { slot: again, jumpSize, plan: known!.plan, front: again.address + BigInt(sizeOf(known!.plan)), reuse, reused: true };
+    const reuse = { plan: known!, holds, jumpSize: jump.size, released: null };
+    return { slot: again, jump, plan: known!.plan, front: again.address + BigInt(sizeOf(known!.plan)), reuse, reused: true };
   }
   const stub = reserve(m, site, below, frontSize, dataSize);
   const planned = below === null ? m.plans.get(site.at) : undefined;
-  const reuse = planned && planned.plan === stub.plan ? { plan: planned, holds, jumpSize: stub.jumpSize, released: null } : null;
+  const reuse = planned && planned.plan === stub.plan ? { plan: planned, holds, jumpSize: stub.jump.size, released: null } : null;
   return { ...stub, reuse, reused: false };
 }
 
@@ -468,11 +491,9 @@ function filling(m: Machine, stub: Stub, fill: () => Layout): Layout {
 }
 
 /** The layout of a patch whose entry jump leads to the code at the stub's front. */
-function throughStub(m: Machine, site: AnySite, stub: Stub, trampoline: Trampoline, busy: bigint | null): Layout {
-  // The near jump surely reaches: the slot was allocated within its reach.
-  const entry = stub.jumpSize === m.arch.nearJumpSize
-    ? m.arch.nearJump(site.at, stub.front)!
-    : m.arch.farJump(site.at, stub.front);
+function throughStub(site: AnySite, stub: Stub, trampoline: Trampoline, busy: bigint | null): Layout {
+  // The jump surely reaches: the slot was allocated within its reach.
+  const entry = stub.jump.encode(site.at, stub.front)!;
   const destination = stub.front;
   return { entry, covers: coverage(entry, stub), destination, stub: stub.slot, trampoline, busy, bypass: destination };
 }

@@ -4,15 +4,18 @@
  */
 import { hex, hexBytes, RedefineError } from "./errors.ts";
 import type { JsArguments, JsValue, NativeType } from "./signature.ts";
+import { mappedNow } from "./code_memory.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { OriginalStub } from "./original.ts";
 import {
-  exclusive, holdsAt, isForeign, layers, liveBytes, liveHolds, machine, register, releaseSlot, restoredBytes, retire, unregister,
+  exclusive, holdsAt, isForeign, layers, liveBytes, liveHolds, machine, mappingAt, register, releaseSlot, restoredBytes, retire,
+  unregister,
 } from "./registry.ts";
 import type { Entry, SlotReuse } from "./registry.ts";
 import { nativeSignature } from "./replacement.ts";
 import { moduleAt } from "./introspect.ts";
 import { pendingAt, schedule, transaction } from "./transaction.ts";
+import { PROT_WRITE } from "../platform/mod.ts";
 import type { Mapping, NativeCallback } from "../platform/mod.ts";
 
 /** A trampoline's code: where it is, and the pool slot it got for itself (null: it lives in a stub's). */
@@ -232,8 +235,10 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   /**
    * Puts the original bytes and page protections back (for a layered patch: the patch below it).
    * Refuses with PATCH_MODIFIED when the bytes at the entry are no longer the ones this patch
-   * wrote, and with OUT_OF_ORDER while a newer patch is layered on this one. A second call does
-   * nothing. Inside `transaction()`, takes effect when the transaction commits.
+   * wrote, and with OUT_OF_ORDER while a newer patch is layered on this one. Throws UNLOADED when
+   * the function's library was unloaded since: the patch is dropped, as nothing is left to put
+   * back. A second call does nothing. Inside `transaction()`, takes effect when the transaction
+   * commits.
    */
   restore(): void {
     exclusive(() => this.#restore());
@@ -265,17 +270,28 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
       );
     }
     const { arch } = machine();
+    // Where each place is now (the mapping found at patch time is stale once its library is
+    // unloaded): gone places have nothing to put back and are not read.
+    const places: (Mapping | null)[] = [];
+    let any = false;
     for (let i = 0; i < entries.length; i++) {
       const entry = entries[i]!;
+      const place = mappedNow(mappingAt, entry.at, Math.max(entry.written.length, entry.original.length));
+      places.push(place);
+      if (!place) continue;
       // Under a patch whose restore is pending in this transaction, the place will hold our bytes
       // again once that write lands; that patch has checked them. Made in the open transaction, it
       // holds our bytes once that transaction's writes land.
-      if (overs?.[i]) continue;
       const length = entry.written.length;
-      const pending = pendingAt(entry.at, length);
+      const pending = overs?.[i] ? entry.written : pendingAt(entry.at, length);
       if (pending ? !holdsAt(pending, 0, entry.written) : !liveHolds(entry.at, entry.written)) {
         const now = pending ?? liveBytes(entry.at, length);
-        const where = entry.address === this.address ? "the entry of the function" : "the import slot";
+        const isEntry = entry.address === this.address;
+        if (replaced(isEntry, entry.at, applied.writes[i]!.mapping, place)) {
+          places[i] = null;
+          continue;
+        }
+        const where = isEntry ? "the entry of the function" : "the import slot";
         throw new RedefineError(
           "PATCH_MODIFIED",
           `${where} at ${hex(entry.at)} changed after the function at ${hex(this.address)} was redefined ` +
@@ -283,7 +299,9 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
             `restore that patch first (redefine leaves these bytes alone rather than clobber them).`,
         );
       }
+      any = true;
     }
+    if (!any) return this.#drop(applied);
     setRestoring(entries, true);
     const restored = () => {
       setRestoring(entries, false);
@@ -299,13 +317,35 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
       address: entries[i]!.at,
       bytes: restoredBytes(entries[i]!),
       spin: arch.selfLoop,
-      mapping: applied.writes[i]!.mapping,
+      mapping: places[i]!,
     });
     // One write goes alone, or with the enclosing transaction, as `schedule` sends it; several
-    // (import slots) go together.
+    // (import slots, those of unloaded libraries left out) go together.
     if (entries.length === 1) return schedule(write(0), restored, kept);
+    const last = places.findLastIndex((place) => place);
     transaction(() =>
-      entries.forEach((_, i) => schedule(write(i), i === entries.length - 1 ? restored : () => {}, kept))
+      entries.forEach((_, i) => {
+        if (places[i]) schedule(write(i), i === last ? restored : () => {}, kept);
+      })
+    );
+  }
+
+  /**
+   * Forgets a patch whose every place is gone with its library (unmapped, or other memory now):
+   * nothing is left to put back, and a patch kept would fail every later restore and `restoreAll()`.
+   */
+  #drop(applied: Applied): never {
+    this.#original?.point(this.address);
+    const slot = applied.originalSlot;
+    if (slot !== null && (mappedNow(mappingAt, slot, 8)?.protection ?? 0) & PROT_WRITE) storeSlot(slot, this.address);
+    this.#forget(applied, applied.busy, true);
+    closeWhenIdle(applied);
+    const where = this.#entries.length > 1 ? "the import slots it rewrote are" : "its code is";
+    throw new RedefineError(
+      "UNLOADED",
+      `the function at ${hex(this.address)} cannot be restored: ${where} gone (unmapped, or other memory ` +
+        `in its place), so its library was unloaded after it was redefined. The patch is dropped; restore ` +
+        `patches before unloading their library (dlclose, FreeLibrary).`,
     );
   }
 
@@ -363,6 +403,18 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
 /** Marks every entry's restore pending (or no longer). */
 function setRestoring(entries: readonly Entry[], restoring: boolean): void {
   for (let i = 0; i < entries.length; i++) entries[i]!.restoring = restoring;
+}
+
+/**
+ * Whether a place holding other bytes than its patch wrote is other memory now, its library
+ * unloaded and something else mapped there: a function's entry in a mapping of another file (or
+ * of none) where the patch found a file's, an import slot in no loaded library.
+ */
+function replaced(isEntry: boolean, at: bigint, then: Mapping | undefined, now: Mapping): boolean {
+  if (!isEntry) return moduleAt(at) === null;
+  const was = then?.file;
+  const is = now.file;
+  return was !== undefined && !(is && is.device === was.device && is.inode === was.inode && is.base === was.base);
 }
 
 /** Stores `value` in the 8-byte aligned slot at `slot` in one store; returns what was there. */

@@ -113,7 +113,7 @@ function applyLocked<P extends readonly NativeType[], R extends NativeType>(site
   try {
     layout = layOut(site, to, under);
     // `locate` refused overlaps of the first near jump's bytes: only a wider reach is asked again.
-    if (layout.covers > machine().arch.nearJumpSize) refuseOverlap(site.at, layout.covers);
+    if (layout.covers > machine().arch.entryJumps[0].size) refuseOverlap(site.at, layout.covers);
   } catch (error) {
     if (layout) release(layout);
     discard(to);

@@ -155,11 +155,12 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   const pad = m.arch.landingPadLength(whole);
   const at = pad ? address + BigInt(pad) : address;
   const room = extent - pad;
-  if (room < m.arch.nearJumpSize) {
+  const shortest = m.arch.entryJumps[0].size;
+  if (room < shortest) {
     throw new RedefineError(
       "FUNCTION_TOO_SHORT",
       `the function at ${hex(address)} is ${extent} bytes long; the shortest jump needs ` +
-        `${m.arch.nearJumpSize} after the ${pad}-byte landing pad: redefine a caller instead.`,
+        `${shortest} after the ${pad}-byte landing pad: redefine a caller instead.`,
     );
   }
   // The function's own bytes, not its live patches' jump: a restore pending in this transaction
@@ -170,8 +171,8 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
     whole.set(lowest.original.subarray(0, whole.length - pad), pad);
   }
   // Before anything is decoded there: the bytes may be the middle of another patch's jump.
-  refuseOverlap(at, m.arch.nearJumpSize);
-  refuseJumpsIntoEntry(at, m.arch.nearJumpSize);
+  refuseOverlap(at, shortest);
+  refuseJumpsIntoEntry(at, shortest);
   return { address, at, room, code: pad ? whole.subarray(pad) : whole, signature, originalSlot, mapping };
 }
 

@@ -513,6 +513,49 @@ test("relocate: branches into the moved words stay inside the trampoline", () =>
   ]);
 });
 
+test("relocate: a 12-byte plan (the ±4 GiB entry jump) moves three words of any class", () => {
+  // libc's labs, whole: the trampoline returns from its copy; the jump back is never reached.
+  const labs = code(0xf100001f, 0xda805400, RET); // cmp x0, #0; cneg x0, x0, mi; ret
+  expectRelocation(labs, 12, MID, ["cmp x0, #0x0", "cneg x0, x0, mi", "ret", `b ${h(A + 12n)}`]);
+  const loads = code(
+    adrp(0, A, A + 0x5_0000n),
+    ldrLiteral("x", 1, A + 4n, A + 0x8000n),
+    cbz({ nonzero: false, sf: true, rt: 2 }, A + 8n, A + 0x2000n),
+    RET,
+  );
+  expectRelocation(loads, 12, MID, [
+    `adrp x0, ${h(A + 0x5_0000n)}`,
+    ...movs("x1", A + 0x8000n),
+    "ldr x1, [x1]",
+    `cbnz x2, ${h(MID + 0x1cn)}`,
+    `b ${h(A + 0x2000n)}`,
+    `b ${h(A + 12n)}`,
+  ]);
+  const call = code(
+    adr(3, A, A + 0x1235n),
+    tbz({ nonzero: true, bit: 3, rt: 5 }, A + 4n, A + 0x100n),
+    bl(A + 8n, A + 0x30_0000n),
+    RET,
+  );
+  expectRelocation(call, 12, FAR, [
+    ...movs("x3", A + 0x1235n),
+    `tbz w5, #3, ${h(FAR + 0x20n)}`,
+    `ldr x16, ${h(FAR + 0x18n)}`,
+    "br x16",
+    { quad: A + 0x100n },
+    ...movs("x30", A + 12n),
+    `ldr x16, ${h(FAR + 0x34n)}`,
+    "br x16",
+    { quad: A + 0x30_0000n },
+  ]);
+  // A branch back into the third word forbids the 12-byte jump, not the 4-byte one.
+  const into = code(STP, MOV_FP, NOP, NOP, b(A + 16n, A + 8n), RET);
+  assertRefused(into, 12, "UNRELOCATABLE", /0x7f0012340010/, /inside the 12 bytes/);
+  expectRelocation(into, 4, NEAR, ["stp x29, x30, [sp, #-16]!", `b ${h(A + 4n)}`]);
+  const toEnd = code(STP, MOV_FP, NOP, NOP, b(A + 16n, A + 12n), RET);
+  expectRelocation(toEnd, 12, MID, ["stp x29, x30, [sp, #-16]!", "mov x29, sp", "nop", `b ${h(A + 12n)}`]);
+});
+
 test("relocate: a leading landing pad is copied like any hint", () => {
   const fn = code(0xd503233f, STP, MOV_FP, RET);
   assert.equal(aarch64.landingPadLength(fn), 4);
@@ -653,14 +696,23 @@ test("maxSize: bounds random prologues wherever the trampoline lands", () => {
 
 test("aarch64: entry jumps, sizes and landing pads", () => {
   assert.equal(aarch64.name, "aarch64");
-  assert.equal(aarch64.nearReach, 2n ** 27n - 4n);
-  assert.equal(aarch64.nearJumpSize, 4);
-  assert.equal(aarch64.farJumpSize, 16);
-  assertDisassembly(aarch64.nearJump(A, A + aarch64.nearReach)!, A, [`b ${h(A + aarch64.nearReach)}`]);
-  assertDisassembly(aarch64.nearJump(A, A - aarch64.nearReach)!, A, [`b ${h(A - aarch64.nearReach)}`]);
-  assert.equal(aarch64.nearJump(A, A + aarch64.nearReach + 4n), null);
-  assert.equal(aarch64.nearJump(A, A - aarch64.nearReach - 8n), null);
-  assertDisassembly(aarch64.farJump(A, FAR), A, [`ldr x16, ${h(A + 8n)}`, "br x16", { quad: FAR }]);
+  const [near, page, absolute] = aarch64.entryJumps;
+  assert.deepEqual(
+    aarch64.entryJumps.map((jump) => [jump.size, jump.reach]),
+    [[4, 2n ** 27n - 4n], [12, 2n ** 32n - 4096n], [16, 2n ** 62n]],
+  );
+  assertDisassembly(near.encode(A, A + near.reach)!, A, [`b ${h(A + near.reach)}`]);
+  assertDisassembly(near.encode(A, A - near.reach)!, A, [`b ${h(A - near.reach)}`]);
+  assert.equal(near.encode(A, A + near.reach + 4n), null);
+  assert.equal(near.encode(A, A - near.reach - 8n), null);
+  // From the last word of a page, the page jump's reach holds both ways to the word.
+  const last = A + 0xffcn;
+  for (const to of [last + page!.reach, last - page!.reach, last + near.reach + 4n]) {
+    const listing = [`adrp x16, ${h(to - to % 4096n)}`, `add x16, x16, #${h(to % 4096n)}`, "br x16"];
+    assertDisassembly(page!.encode(last, to)!, last, listing);
+  }
+  assert.equal(page!.encode(last, last + page!.reach + 4n), null);
+  assertDisassembly(absolute!.encode(A, FAR)!, A, [`ldr x16, ${h(A + 8n)}`, "br x16", { quad: FAR }]);
   for (const pad of [0xd503241f, 0xd503245f, 0xd503249f, 0xd50324df, 0xd503233f, 0xd503237f]) {
     assert.equal(aarch64.landingPadLength(code(pad, NOP)), 4, `0x${pad.toString(16)}`);
   }

@@ -12,7 +12,10 @@ import {
   br,
   cbz,
   JUMP_ABS_SIZE,
+  JUMP_PAGE_REACH,
+  JUMP_PAGE_SIZE,
   jumpAbs,
+  jumpPage,
   ldrBase,
   ldrLiteral,
   type LiteralLoad,
@@ -284,4 +287,25 @@ test("writer: jumpAbs is ldr x16, #8; br x16; .quad", () => {
   assert.equal(bytes.length, JUMP_ABS_SIZE);
   assert.deepEqual(bytes.subarray(0, 8), assemble([ldrLiteral("x", 16, 0n, 8n)!, br(16)]));
   assertDisassembly(bytes, AT, [`ldr x16, ${h(AT + 8n)}`, "br x16", { quad: target }]);
+});
+
+test("writer: jumpPage is adrp x16; add x16, x16, #lo12; br x16, reaching JUMP_PAGE_REACH either way", () => {
+  const listing = (to: bigint) => [`adrp x16, ${h(to - to % 4096n)}`, `add x16, x16, #${h(to % 4096n)}`, "br x16"];
+  // From the start of a page, the middle and its last word: the reach is counted from the jump, the
+  // encoding from its page.
+  for (const from of [AT, AT + 0x7f8n, AT + 0xffcn]) {
+    for (const to of [from + JUMP_PAGE_REACH, from - JUMP_PAGE_REACH, from + 0x1234n, from - 0xabcdn, from + 4n]) {
+      const bytes = jumpPage(from, to)!;
+      assert.equal(bytes.length, JUMP_PAGE_SIZE);
+      assertDisassembly(bytes, from, listing(to));
+    }
+  }
+  // The page boundaries, from the start of a page: 2^20 pages forward is out, 2^20 back is in.
+  assertDisassembly(jumpPage(AT, AT + 4n * GiB - 4n)!, AT, listing(AT + 4n * GiB - 4n));
+  assert.equal(jumpPage(AT, AT + 4n * GiB), null);
+  assertDisassembly(jumpPage(AT, AT - 4n * GiB)!, AT, listing(AT - 4n * GiB));
+  assert.equal(jumpPage(AT, AT - 4n * GiB - 4n), null);
+  // Just past the reach from the last word of a page: the next page out, either way.
+  assert.equal(jumpPage(AT + 0xffcn, AT - 4n * GiB - 4n), null);
+  assert.equal(jumpPage(AT + 0xffcn, AT + 0xffcn + JUMP_PAGE_REACH + 4n), null);
 });

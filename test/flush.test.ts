@@ -8,8 +8,12 @@ import { CodePool, writeCode } from "../src/code_memory.ts";
 import type { CodeSlot } from "../src/code_memory.ts";
 import { archFor } from "../src/arch/mod.ts";
 import { redefineToOriginal } from "../src/internal.ts";
-import { assemble, bytesAt, libc, os, protectionAt, unassemble } from "./native.ts";
-import { PROT_EXEC, PROT_READ } from "../platform/mod.ts";
+import { assemble, bytesAt, libc, mapPages, os, protectionAt, unassemble } from "./native.ts";
+import { PROT_EXEC, PROT_READ, PROT_WRITE } from "../platform/mod.ts";
+
+const MAP_SHARED = 0x01;
+const MAP_FIXED = 0x10;
+const MAP_ANONYMOUS = 0x20;
 
 type Event =
   | { kind: "pool write"; address: bigint; bytes: Uint8Array }
@@ -84,6 +88,31 @@ test("flush: writeCode flushes each write into code over exactly its bytes, afte
   }
 });
 
+test("flush: a write from a writable data page onto a writable executable one is flushed", () => {
+  // Neither page needs a protection change, and the first is not code: the second still is.
+  // The data page is a shared mapping, the code page a private one, so that they stay two mappings
+  // in every memory map: qemu-user 7.2 gives a guest's read+write+execute page no host execute,
+  // the host merges it with a private read+write neighbour, and qemu lists the merged mapping with
+  // its first page's protection, "rw-p" for both (measured, with 4 and 16 KiB guest pages).
+  const base = mapPages(2);
+  const page = BigInt(os.pageSize);
+  try {
+    const shared = libc.mmap(base, page, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED, -1, 0n);
+    assert.equal(shared, base, "first page mapped shared");
+    assert.equal(libc.mprotect(base + page, page, PROT_READ | PROT_WRITE | PROT_EXEC), 0, "second page made RWX");
+    assert.equal(protectionAt(base), PROT_READ | PROT_WRITE, "the memory map says the first page is data");
+    assert.equal(protectionAt(base + page), PROT_READ | PROT_WRITE | PROT_EXEC, "the memory map says the second is RWX");
+    const write = { address: base + page - 4n, bytes: Uint8Array.of(1, 2, 3, 4, 5, 6, 7, 8) };
+    const events = watch(() => writeCode(platform(), [write]));
+    assert.deepEqual(
+      events.map((e) => e.kind === "flush" && [e.address, e.length, Array.from(e.bytes)]),
+      [[write.address, 8, Array.from(write.bytes)]],
+    );
+  } finally {
+    libc.munmap(base, 2n * page);
+  }
+});
+
 test("flush: a live entry written in several stores (spin first) is flushed after each, then whole", () => {
   const arch = archFor(platform().runtime.arch);
   const { address, base } = assemble(new Array(64).fill(0));
@@ -126,17 +155,17 @@ test("flush: redefine and restore flush every stub they write and the entry, exa
   assert.equal(entry.length, 1, "one flush besides the pool's: the entry");
   const at = Number(patchedAddress - address);
   assert.equal(entry[0].address, patchedAddress, "flushed from the first byte of the entry jump");
-  assert.equal(entry[0].length, arch.nearJumpSize, "flushed to its last byte");
-  assert.deepEqual(entry[0].bytes, during.subarray(at, at + arch.nearJumpSize), "after the jump was in place");
+  assert.equal(entry[0].length, arch.entryJumps[0].size, "flushed to its last byte");
+  assert.deepEqual(entry[0].bytes, during.subarray(at, at + arch.entryJumps[0].size), "after the jump was in place");
   for (let i = 0; i < 64; i++) {
-    if (before[i] !== during[i]) assert.ok(i >= at && i < at + arch.nearJumpSize, `byte ${i} changed unflushed`);
+    if (before[i] !== during[i]) assert.ok(i >= at && i < at + arch.entryJumps[0].size, `byte ${i} changed unflushed`);
   }
 
   const restoring = watch(() => patch!.restore());
   assert.deepEqual(bytesAt(address, 64), before);
   assert.deepEqual(
     restoring.map((e) => e.kind === "flush" && [e.address, e.length, Array.from(e.bytes)]),
-    [[patchedAddress, arch.nearJumpSize, Array.from(before.subarray(at, at + arch.nearJumpSize))]],
+    [[patchedAddress, arch.entryJumps[0].size, Array.from(before.subarray(at, at + arch.entryJumps[0].size))]],
     "restore flushes the original bytes it put back, and nothing else is written",
   );
 });

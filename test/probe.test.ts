@@ -206,7 +206,7 @@ test("aarch64 probe at a function's entry: the owner's count runs into the probe
     0xda805400, // cneg x0, x0, mi
     0xd65f03c0, // ret
   ));
-  const plan = aarch64Arch.planRelocation(labs, ENTRY, aarch64Arch.nearJumpSize);
+  const plan = aarch64Arch.planRelocation(labs, ENTRY, aarch64Arch.entryJumps[0].size);
   const inline = (address: bigint) => aarch64Arch.relocate(plan, address);
   const encode = (timing: boolean) => aarch64.encode({ at: AT, data: DATA, original: NEAR, inline, timing, os: "linux" });
   const back = `b ${h(ENTRY + 4n)}`;

@@ -84,6 +84,29 @@ if (onWindows) {
   };
 
   /**
+   * Runs `body` with a native probe on `target` (timing or not), restored after, whatever `body`
+   * does; the bytes and page protection where it writes (the entry, or with `callers` the import
+   * slot) must come back exactly.
+   */
+  const withProbe = (
+    target: { readonly symbol: string; readonly library: string; readonly callers?: string },
+    timing: boolean,
+    body: (probe: NativeProbe) => void,
+  ): void => {
+    const at = target.callers === undefined
+      ? os.symbolAddress(target.symbol, target.library)
+      : imports(target.callers).find((i) => i.name === target.symbol)!.slot;
+    restoresExactly(at, () => {
+      const probe = probeNatively(target, timing);
+      try {
+        body(probe);
+      } finally {
+        probe.restore();
+      }
+    });
+  };
+
+  /**
    * Runs HAMMER once per entry of `runs`, that many calls of `fn` each: one after another on this
    * thread, or each on a thread of its own, all at once, `meanwhile` running here. Each run's sum
    * of results.
@@ -228,48 +251,37 @@ if (onWindows) {
     const address = os.symbolAddress("labs", "msvcrt.dll");
     const n = 1_000_000n;
     for (const timing of [false, true]) {
-      restoresExactly(address, () => {
-        const probe = probeNatively({ symbol: "labs", library: "msvcrt.dll" }, timing);
-        try {
-          const { own, shared } = counters(probe);
-          assert.deepEqual(hammer(address, [1000n], "here"), [5000n], "a native loop on the JS thread");
-          assert.deepEqual([own(), shared(), probe.read().timed], [1000, 0, timing ? 1000 : 0]);
-          // The JS thread calls all the while the two threads do (bounded, should they never count).
-          let fromJs = 0, sum = 0;
-          const until = performance.now() + 30_000;
-          const sums = hammer(address, [n, n], "threads", () => {
-            do {
-              for (let i = 0; i < 1000; i++) sum += msvcrt.labs(-7) as number;
-              fromJs += 1000;
-            } while (shared() < 2 * Number(n) && performance.now() < until);
-          });
-          assert.deepEqual(sums, [5n * n, 5n * n], "each thread got labs(-5) = 5 every time");
-          assert.equal(sum, 7 * fromJs, "the JS thread got labs(-7) = 7 every time");
-          assert.deepEqual([own(), shared()], [1000 + fromJs, 2 * Number(n)], "the JS thread's calls on the owner's counter, the threads' on the shared one");
-          const { calls, timed } = probe.read();
-          assert.equal(calls, 1000 + fromJs + 2 * Number(n), "no call lost");
-          if (timing) assert.ok(timed >= 1000 && timed <= calls, `${timed} timed`);
-          else assert.equal(timed, 0);
-        } finally {
-          probe.restore();
-        }
+      withProbe({ symbol: "labs", library: "msvcrt.dll" }, timing, (probe) => {
+        const { own, shared } = counters(probe);
+        assert.deepEqual(hammer(address, [1000n], "here"), [5000n], "a native loop on the JS thread");
+        assert.deepEqual([own(), shared(), probe.read().timed], [1000, 0, timing ? 1000 : 0]);
+        // The JS thread calls all the while the two threads do (bounded, should they never count).
+        let fromJs = 0, sum = 0;
+        const until = performance.now() + 30_000;
+        const sums = hammer(address, [n, n], "threads", () => {
+          do {
+            for (let i = 0; i < 1000; i++) sum += msvcrt.labs(-7) as number;
+            fromJs += 1000;
+          } while (shared() < 2 * Number(n) && performance.now() < until);
+        });
+        assert.deepEqual(sums, [5n * n, 5n * n], "each thread got labs(-5) = 5 every time");
+        assert.equal(sum, 7 * fromJs, "the JS thread got labs(-7) = 7 every time");
+        assert.deepEqual([own(), shared()], [1000 + fromJs, 2 * Number(n)], "the JS thread's calls on the owner's counter, the threads' on the shared one");
+        const { calls, timed } = probe.read();
+        assert.equal(calls, 1000 + fromJs + 2 * Number(n), "no call lost");
+        if (timing) assert.ok(timed >= 1000 && timed <= calls, `${timed} timed`);
+        else assert.equal(timed, 0);
       });
     }
   });
 
   test("windows native probe on kernel32 GetCurrentProcessId: counted through the thunk, from JS and from another thread", () => {
-    const address = os.symbolAddress("GetCurrentProcessId", "kernel32.dll");
-    restoresExactly(address, () => {
-      const probe = probeNatively({ symbol: "GetCurrentProcessId", library: "kernel32.dll" }, true);
-      try {
-        for (let i = 0; i < 50; i++) assert.equal(kernel32.GetCurrentProcessId(), realPid);
-        assert.equal(onAnotherThread(procAddress("kernel32.dll", "GetCurrentProcessId")), realPid);
-        assert.deepEqual([probe.read().calls, probe.read().timed], [51, 51]);
-        const { own, shared } = counters(probe);
-        assert.deepEqual([own(), shared()], [50, 1], "the JS thread's on the owner's counter, the other thread's shared");
-      } finally {
-        probe.restore();
-      }
+    withProbe({ symbol: "GetCurrentProcessId", library: "kernel32.dll" }, true, (probe) => {
+      for (let i = 0; i < 50; i++) assert.equal(kernel32.GetCurrentProcessId(), realPid);
+      assert.equal(onAnotherThread(procAddress("kernel32.dll", "GetCurrentProcessId")), realPid);
+      assert.deepEqual([probe.read().calls, probe.read().timed], [51, 51]);
+      const { own, shared } = counters(probe);
+      assert.deepEqual([own(), shared()], [50, 1], "the JS thread's on the owner's counter, the other thread's shared");
     });
   });
 
@@ -291,37 +303,26 @@ if (onWindows) {
   });
 
   test("windows native probe with callers: counts and times only msvcrt's calls, in its import slot", () => {
-    restoresExactly(timeSlot(), () => {
-      const probe = probeNatively(TIME, true);
-      try {
-        for (let i = 0; i < 20; i++) {
-          assert.ok(realTime(msvcrt.time(0n)));
-          kernel32.GetSystemTimeAsFileTime(new Uint8Array(8));
-        }
-        assert.deepEqual([probe.read().calls, probe.read().timed], [20, 20], "the program's own calls are not counted");
-        assert.equal(counters(probe).own(), 20, "the JS thread's, on the owner's counter");
-      } finally {
-        probe.restore();
+    withProbe(TIME, true, (probe) => {
+      for (let i = 0; i < 20; i++) {
+        assert.ok(realTime(msvcrt.time(0n)));
+        kernel32.GetSystemTimeAsFileTime(new Uint8Array(8));
       }
+      assert.deepEqual([probe.read().calls, probe.read().timed], [20, 20], "the program's own calls are not counted");
+      assert.equal(counters(probe).own(), 20, "the JS thread's, on the owner's counter");
     });
   });
 
   test("windows timing probe on kernel32 IsBadReadPtr: a fault raised and handled inside the timed call (SEH) returns through the probe", () => {
-    const address = os.symbolAddress("IsBadReadPtr", "kernel32.dll");
-    restoresExactly(address, () => {
-      const probe = probeNatively({ symbol: "IsBadReadPtr", library: "kernel32.dll" }, true);
+    withProbe({ symbol: "IsBadReadPtr", library: "kernel32.dll" }, true, (probe) => {
+      assert.equal(kernel32.IsBadReadPtr(0x10n, 8n), 1, "the read faulted; IsBadReadPtr's own handler caught it");
+      const page = allocate(4096);
       try {
-        assert.equal(kernel32.IsBadReadPtr(0x10n, 8n), 1, "the read faulted; IsBadReadPtr's own handler caught it");
-        const page = allocate(4096);
-        try {
-          assert.equal(kernel32.IsBadReadPtr(page.address, 8n), 0);
-        } finally {
-          page.release();
-        }
-        assert.deepEqual([probe.read().calls, probe.read().timed], [2, 2]);
+        assert.equal(kernel32.IsBadReadPtr(page.address, 8n), 0);
       } finally {
-        probe.restore();
+        page.release();
       }
+      assert.deepEqual([probe.read().calls, probe.read().timed], [2, 2]);
     });
   });
 

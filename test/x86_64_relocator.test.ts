@@ -471,15 +471,15 @@ test("relocator: the entries of libc, libm and libstdc++ relocate or are refused
 
 test("x86_64 arch: jumps, reach and landing pad", () => {
   assert.equal(x86_64.name, "x86_64");
-  assert.equal(x86_64.nearJumpSize, 5);
-  assert.equal(x86_64.farJumpSize, 14);
+  const [near, absolute] = x86_64.entryJumps;
+  assert.deepEqual(x86_64.entryJumps.map((jump) => [jump.size, jump.reach]), [[5, 2n ** 31n - 5n], [14, 2n ** 62n]]);
   // The reach holds both ways from the jump's first byte.
-  assert.ok(x86_64.nearJump(AT, AT + x86_64.nearReach) !== null);
-  assert.ok(x86_64.nearJump(AT, AT - x86_64.nearReach) !== null);
-  assert.equal(x86_64.nearJump(AT, AT - x86_64.nearReach - 1n), null);
-  assert.deepEqual(x86_64.nearJump(AT, AT + 0x10n), bytes("e9 0b 00 00 00"));
+  assert.ok(near.encode(AT, AT + near.reach) !== null);
+  assert.ok(near.encode(AT, AT - near.reach) !== null);
+  assert.equal(near.encode(AT, AT - near.reach - 1n), null);
+  assert.deepEqual(near.encode(AT, AT + 0x10n), bytes("e9 0b 00 00 00"));
   assert.deepEqual(
-    x86_64.farJump(AT, 0x1122334455667788n),
+    absolute!.encode(AT, 0x1122334455667788n),
     bytes("ff 25 00 00 00 00 88 77 66 55 44 33 22 11"),
   );
   assert.equal(x86_64.landingPadLength(bytes("f3 0f 1e fa 55")), 4);

@@ -77,23 +77,31 @@ export interface RegistryLockCode {
   readonly clear: number;
 }
 
+/** The reach of a jump that goes anywhere: farther than any two user-space addresses are apart. */
+export const ANYWHERE = 2n ** 62n;
+
+/** One form of the entry jump: it clobbers no argument register, so it can sit at any entry. */
+export interface EntryJump {
+  /** Its length in bytes. */
+  readonly size: number;
+  /** Largest distance, either way, from where it is placed to a target it surely reaches. */
+  readonly reach: bigint;
+  /** The jump placed at `from` to `to`, or null when `to` is out of its reach. */
+  encode(from: bigint, to: bigint): Uint8Array | null;
+}
+
 /** What `src/` asks of an instruction set. */
 export interface Arch {
   readonly name: "x86_64" | "aarch64";
-  /** Largest distance, either way, a near entry jump covers. */
-  readonly nearReach: bigint;
-  /** Size of the near entry jump (`jmp rel32`, `b imm26`). */
-  readonly nearJumpSize: number;
-  /** Size of the absolute jump written when no near memory can be had. */
-  readonly farJumpSize: number;
+  /**
+   * The forms of the entry jump, shortest first, each reaching farther than the one before; the
+   * last reaches `ANYWHERE`. A patch takes the first whose reach holds memory it can have.
+   */
+  readonly entryJumps: readonly [EntryJump, ...EntryJump[]];
   /** A jump to itself: what a live entry holds while a multi-store write is under way. */
   readonly selfLoop: Uint8Array;
   /** Bytes at the entry that must stay in place (`endbr64`, `bti c`): the patch goes after them. */
   landingPadLength(code: Uint8Array): number;
-  /** The near entry jump from `from` to `to`, or null when out of reach. */
-  nearJump(from: bigint, to: bigint): Uint8Array | null;
-  /** An absolute jump placed at `from` that reaches `to` anywhere and clobbers no argument register. */
-  farJump(from: bigint, to: bigint): Uint8Array;
   /**
    * Decides how many whole instructions from `address` must move to free `minLength` bytes, and
    * how large their relocated copy can get. Throws `UNRELOCATABLE` for what cannot be moved.

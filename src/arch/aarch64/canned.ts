@@ -20,7 +20,7 @@
  */
 import type { CannedPlan, CannedSpec, CannedValue, PosixClockFunction } from "../canned.ts";
 import { CANNED_DATA, cannedCodeWith, clockIds } from "../canned.ts";
-import { adr, adrp, bCond, blr, br, cbz, ldrBase, ldrLiteral, movAbs, movz, NOP } from "./writer.ts";
+import { addImmediate, adr, adrp, bCond, blr, br, cbz, ldrBase, ldrLiteral, movAbs, movz, NOP } from "./writer.ts";
 
 /** The address of a label, for the words that refer to one. */
 type Resolve = (label: string) => bigint;
@@ -31,11 +31,6 @@ type Word = number | ((pc: bigint, at: Resolve) => number | null);
 type Line = Word | { readonly label: string } | { readonly quad: bigint } | { readonly align: 8 };
 
 const X9 = 9, X10 = 10, X11 = 11, X12 = 12, X13 = 13, X15 = 15, X16 = 16, X17 = 17, SP = 31, ZR = 31;
-
-/** `add xd, xn, #imm12` (xn may be sp). */
-function addImmediate(rd: number, rn: number, imm12: number): number {
-  return (0x91000000 | (imm12 << 10) | (rn << 5) | rd) >>> 0;
-}
 
 /** `add xd, xn, xm, lsl #shift`. */
 function addShifted(rd: number, rn: number, rm: number, shift: number): number {

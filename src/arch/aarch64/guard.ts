@@ -17,7 +17,7 @@
 import type { GuardOptions, RuntimeCode } from "../types.ts";
 import { RedefineError } from "../../errors.ts";
 import { align, assembleListing, type Line } from "../listing.ts";
-import { adrp, assemble, blr, br, cbz, ldrLiteral, NOP, tbz } from "./writer.ts";
+import { addImmediate, adrp, assemble, blr, br, cbz, ldrLiteral, NOP, tbz } from "./writer.ts";
 
 /** Bytes of code (with its seven literals). */
 export const GUARD_SIZE = 200;
@@ -62,11 +62,6 @@ export function returnAddressReader(): Uint8Array {
     0xaa1e03e0, // mov x0, x30
     0xd65f03c0, // ret
   ]);
-}
-
-/** `add xd, xn, #imm12`. */
-function addImmediate(rd: number, rn: number, imm12: number): number {
-  return (0x91000000 | (imm12 << 10) | (rn << 5) | rd) >>> 0;
 }
 
 /** The guard's bytes for `options`. */

@@ -1,42 +1,61 @@
 /**
- * The AArch64 instruction set: `b imm26` entry jumps, `ldr x16, #8; br x16` absolute jumps, and
- * the relocator for the words they overwrite.
+ * The AArch64 instruction set: `b imm26` entry jumps, `adrp x16; add; br x16` ones for ±4 GiB,
+ * `ldr x16, #8; br x16` absolute ones, and the relocator for the words they overwrite.
  */
-import type { Arch } from "../types.ts";
+import { ANYWHERE, type Arch } from "../types.ts";
 import { displacement, isBranchKind, kindOf } from "./decoder.ts";
 import { planRelocation, relocate } from "./relocator.ts";
 import { GUARD_DATA_SIZE, GUARD_SIZE, guardStub, returnAddressReader, threadPointerReader } from "./guard.ts";
 import { registryLock } from "./registry_lock.ts";
 import { cannedCode } from "./canned.ts";
 import { probe } from "./probe.ts";
-import { assemble, b, B_REACH, B_SIZE, JUMP_ABS_SIZE, JUMP_INDIRECT_SIZE, jumpAbs, jumpIndirect } from "./writer.ts";
+import {
+  assemble,
+  b,
+  B_REACH,
+  B_SIZE,
+  JUMP_ABS_SIZE,
+  JUMP_INDIRECT_SIZE,
+  JUMP_PAGE_REACH,
+  JUMP_PAGE_SIZE,
+  jumpAbs,
+  jumpIndirect,
+  jumpPage,
+} from "./writer.ts";
 
 /**
  * AArch64 for `src/`. A leading `bti` or `paciasp`/`pacibsp` (which also serve as landing pads)
- * stays in place: indirect calls into guarded pages must land on one.
+ * stays in place: indirect calls into guarded pages must land on one. The entry jumps that go
+ * through x16 (`br x16`) land on our stubs, in pages mapped without PROT_BTI, where any
+ * instruction may be a branch's target (in a guarded page, a `br` through x16 or x17 may land on
+ * `bti c`, as a call does, so a stub that began with one would still be reachable).
  *
  * @example
  * ```ts
  * import { aarch64 } from "./mod.ts";
- * const jump = aarch64.nearJump(0x10000n, 0x20000n); // b 0x20000
+ * const jump = aarch64.entryJumps[0].encode(0x10000n, 0x20000n); // b 0x20000
  * if (jump?.join() !== "0,64,0,20") throw new Error("expected the word 0x14004000");
  * ```
  */
 export const aarch64: Arch = {
   name: "aarch64",
-  nearReach: B_REACH,
-  nearJumpSize: B_SIZE,
-  farJumpSize: JUMP_ABS_SIZE,
+  entryJumps: [
+    {
+      size: B_SIZE,
+      reach: B_REACH,
+      encode(from: bigint, to: bigint): Uint8Array | null {
+        const word = b(from, to);
+        return word === null ? null : assemble([word]);
+      },
+    },
+    // Where qemu-user's or a big runtime's mappings fill the ±128 MiB around a library, 12 bytes:
+    // functions of 12 to 15 bytes (libc's `labs`) have no room for the absolute jump.
+    { size: JUMP_PAGE_SIZE, reach: JUMP_PAGE_REACH, encode: jumpPage },
+    { size: JUMP_ABS_SIZE, reach: ANYWHERE, encode: (_from, to) => jumpAbs(to) },
+  ],
   selfLoop: Uint8Array.of(0x00, 0x00, 0x00, 0x14), // b .
   landingPadLength(code: Uint8Array): number {
     return code.length >= 4 && kindOf(words(code).getUint32(0, true)) === "landingPad" ? 4 : 0;
-  },
-  nearJump(from: bigint, to: bigint): Uint8Array | null {
-    const word = b(from, to);
-    return word === null ? null : assemble([word]);
-  },
-  farJump(_from: bigint, to: bigint): Uint8Array {
-    return jumpAbs(to);
   },
   planRelocation,
   relocate,

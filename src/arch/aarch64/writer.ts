@@ -10,6 +10,14 @@ import { hex, RedefineError } from "../../errors.ts";
 export const NOP = 0xd503201f;
 /** Length of `b imm26`. */
 export const B_SIZE = 4;
+/** Length of `adrp x16, page; add x16, x16, #lo12; br x16`. */
+export const JUMP_PAGE_SIZE = 12;
+/**
+ * Largest distance, either way, `jumpPage` reaches from its own address: `adrp` reaches 2^20 pages
+ * forward of the page it is on, the last of them ending 2^32 - 4096 bytes past its own page's
+ * start, and 2^20 pages back.
+ */
+export const JUMP_PAGE_REACH = 2n ** 32n - 4096n;
 /** Length of `ldr x16, #8; br x16` followed by the 8-byte target. */
 export const JUMP_ABS_SIZE = 16;
 /** Longest sequence `movAbs` returns, in bytes. */
@@ -187,6 +195,11 @@ export function movAbs(rd: number, value: bigint): number[] {
   return out.length === 0 ? [movz(rd, 0, 0)] : out;
 }
 
+/** `add xd, xn, #imm12` (xn may be sp). */
+export function addImmediate(rd: number, rn: number, imm12: number): number {
+  return (0x91000000 | (imm12 << 10) | (rn << 5) | rd) >>> 0;
+}
+
 /** `br xn`. */
 export function br(xn: number): number {
   return (0xd61f0000 | (xn << 5)) >>> 0;
@@ -215,6 +228,20 @@ export function jumpAbs(to: bigint): Uint8Array {
     ],
     to, //           .quad to
   );
+}
+
+/**
+ * A jump placed at `from` to `to` through the page address `adrp` forms, or null beyond its reach
+ * (see `JUMP_PAGE_REACH`): three words and no literal; writes only x16.
+ */
+export function jumpPage(from: bigint, to: bigint): Uint8Array | null {
+  const page = adrp(16, from, to);
+  if (page === null) return null;
+  return assemble([
+    page, //                                     adrp x16, to (its page)
+    addImmediate(16, 16, Number(to % 4096n)), // add x16, x16, :lo12:to
+    br(16), //                                   br x16
+  ]);
 }
 
 /** Size of `indirectJump`. */

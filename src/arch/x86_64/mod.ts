@@ -2,7 +2,7 @@
  * The x86-64 instruction set for `redefine`: entry jumps from `writer.ts`, prologue relocation
  * from `relocator.ts`.
  */
-import type { Arch } from "../types.ts";
+import { ANYWHERE, type Arch } from "../types.ts";
 import { planRelocation, relocate } from "./relocator.ts";
 import { flowOf, instructionLength, operands } from "./decoder.ts";
 import { branchesBetween, mayBranchInto } from "./scan.ts";
@@ -28,21 +28,20 @@ import {
  * @example
  * ```ts
  * import { x86_64 } from "./mod.ts";
- * console.log(x86_64.nearJump(0x1000n, 0x2000n)); // Uint8Array(5) [ 233, 251, 15, 0, 0 ]
+ * console.log(x86_64.entryJumps[0].encode(0x1000n, 0x2000n)); // Uint8Array(5) [ 233, 251, 15, 0, 0 ]
  * console.log(x86_64.landingPadLength(Uint8Array.of(0xf3, 0x0f, 0x1e, 0xfa))); // 4
  * ```
  */
 export const x86_64: Arch = {
   name: "x86_64",
-  // rel32 counts from the end of the 5-byte jump, so from its start it reaches 2^31 + 4 bytes
-  // forward but only 2^31 - 5 back: the symmetric reach is the smaller.
-  nearReach: 2n ** 31n - BigInt(JMP_REL32_SIZE),
-  nearJumpSize: JMP_REL32_SIZE,
-  farJumpSize: JMP_ABS_SIZE,
+  entryJumps: [
+    // rel32 counts from the end of the 5-byte jump, so from its start it reaches 2^31 + 4 bytes
+    // forward but only 2^31 - 5 back: the symmetric reach is the smaller.
+    { size: JMP_REL32_SIZE, reach: 2n ** 31n - BigInt(JMP_REL32_SIZE), encode: jmpRel32 },
+    { size: JMP_ABS_SIZE, reach: ANYWHERE, encode: (_from, to) => jmpAbs(to) },
+  ],
   selfLoop: Uint8Array.of(0xeb, 0xfe), // jmp $
   landingPadLength: (code) => (startsWithEndbr64(code) ? ENDBR64.length : 0),
-  nearJump: jmpRel32,
-  farJump: (_from, to) => jmpAbs(to),
   planRelocation,
   relocate,
   straightLineLength(code, _address) {
