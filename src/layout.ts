@@ -122,10 +122,8 @@ function originalForSlot(trampoline: Trampoline): void {
  * be the function). A prologue that cannot be moved leaves no original; the patch is still made.
  */
 function directJump(m: Machine, site: AnySite, to: bigint, below: bigint | null): Layout | null {
-  const last = m.directJumps.get(site.at);
-  const entry = last?.to === to ? last.bytes : m.arch.entryJumps[0].encode(site.at, to);
+  const entry = entryJump(m, m.arch.entryJumps[0], site.at, to);
   if (!entry) return null;
-  if (entry !== last?.bytes) m.directJumps.set(site.at, { to, bytes: entry });
   let trampoline: Trampoline;
   if (below !== null) trampoline = Trampoline.at(below);
   else {
@@ -256,7 +254,7 @@ function toOriginal(m: Machine, site: AnySite, below: bigint | null): Layout {
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, stub, below);
     const original = trampoline.address;
-    const straight = stub.jump.encode(site.at, original);
+    const straight = entryJump(m, stub.jump, site.at, original);
     if (!straight) {
       write(m, stub, relocated, absolute(m).encode(stub.front, original)!);
       return { ...throughStub(site, stub, trampoline, null), reuse: stub.reuse };
@@ -493,9 +491,21 @@ function filling(m: Machine, stub: Stub, fill: () => Layout): Layout {
 /** The layout of a patch whose entry jump leads to the code at the stub's front. */
 function throughStub(site: AnySite, stub: Stub, trampoline: Trampoline, busy: bigint | null): Layout {
   // The jump surely reaches: the slot was allocated within its reach.
-  const entry = stub.jump.encode(site.at, stub.front)!;
+  const entry = entryJump(machine(), stub.jump, site.at, stub.front)!;
   const destination = stub.front;
   return { entry, covers: coverage(entry, stub), destination, stub: stub.slot, trampoline, busy, bypass: destination };
+}
+
+/**
+ * `jump.encode(at, to)`, kept for the entry (`Machine.jumpBytes`): a function patched again the
+ * same way gets the same bytes, which nothing writes to, instead of a fresh array.
+ */
+function entryJump(m: Machine, jump: EntryJump, at: bigint, to: bigint): Uint8Array | null {
+  const last = m.jumpBytes.get(at);
+  if (last?.to === to && last.jump === jump) return last.bytes;
+  const bytes = jump.encode(at, to);
+  if (bytes) m.jumpBytes.set(at, { jump, to, bytes });
+  return bytes;
 }
 
 /** Bytes from the entry that the entry jump overwrites or the trampoline copies. */

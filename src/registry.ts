@@ -11,7 +11,7 @@ import { hex, RedefineError } from "./errors.ts";
 import { CodePool, writeCode } from "./code_memory.ts";
 import type { CodeSlot, CodeWrite, Quarantined } from "./code_memory.ts";
 import { archFor } from "./arch/mod.ts";
-import type { Arch, GuardLayout, RelocationPlan, RuntimeCode } from "./arch/types.ts";
+import type { Arch, EntryJump, GuardLayout, RelocationPlan, RuntimeCode } from "./arch/types.ts";
 import { OriginalStubs } from "./original.ts";
 import { openStore } from "./shared_registry.ts";
 import type { Store } from "./shared_registry.ts";
@@ -109,11 +109,11 @@ export interface Machine {
    */
   readonly plans: Map<bigint, KnownPlan>;
   /**
-   * The last direct entry jump made at each entry, and where it leads (src/layout.ts's
-   * `directJump`): a function redirected to the same replacement again gets the same bytes, which
-   * nothing writes to, without making them again (under Deno a fresh array costs ~0.2 µs).
+   * The last entry jump made at each entry, its form and where it leads (src/layout.ts's
+   * `entryJump`): a function sent to the same place again gets the same bytes, which nothing
+   * writes to, without making them again (under Deno a fresh array costs ~0.36 µs).
    */
-  readonly directJumps: Map<bigint, { readonly to: bigint; readonly bytes: Uint8Array }>;
+  readonly jumpBytes: Map<bigint, { readonly jump: EntryJump; readonly to: bigint; readonly bytes: Uint8Array }>;
   /** A view of each page read so far, by its address (see `liveBytes`): a small object a page. */
   readonly pages: Map<bigint, Uint8Array>;
   /** The page size, as a bigint for address arithmetic. */
@@ -142,7 +142,7 @@ export function machine(): Machine {
     symbols: new Map(),
     cleanEntries: new Map(),
     plans: new Map(),
-    directJumps: new Map(),
+    jumpBytes: new Map(),
     pages: new Map(),
     pageBytes: BigInt(p.os.pageSize),
     kept: { block: new Uint8Array(0), used: 0 },
