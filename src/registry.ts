@@ -11,6 +11,7 @@ import { hex, RedefineError } from "./errors.ts";
 import { CodePool, writeCode } from "./code_memory.ts";
 import type { CodeSlot, CodeWrite, Quarantined } from "./code_memory.ts";
 import { archFor } from "./arch/mod.ts";
+import { ANYWHERE } from "./arch/types.ts";
 import type { Arch, EntryJump, GuardLayout, RelocationPlan, RuntimeCode } from "./arch/types.ts";
 import { OriginalStubs } from "./original.ts";
 import { openStore } from "./shared_registry.ts";
@@ -316,7 +317,7 @@ export function isolateIdentity(): bigint {
 function threadPointer(m: Machine): bigint {
   if (!m.arch.guard) return 0n;
   const reader = m.arch.guard.threadPointerReader(m.platform.runtime.os);
-  const slot = m.pool.allocate(0n, 2n ** 62n, reader.length);
+  const slot = m.pool.allocate(0n, ANYWHERE, reader.length);
   if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory for the thread probe.");
   m.pool.write(slot, reader);
   return BigInt(m.platform.runtime.fnPointer(slot.address, { parameters: [], result: "u64" })());

@@ -14,7 +14,7 @@
  * store is this isolate's own, as if it were alone in the process.
  */
 import { RedefineError } from "./errors.ts";
-import type { Arch } from "./arch/types.ts";
+import { ANYWHERE, type Arch } from "./arch/types.ts";
 import type { CodePool } from "./code_memory.ts";
 import type { NativeCall, Platform } from "../platform/mod.ts";
 import { farPlace, lazyLibrary } from "../platform/mod.ts";
@@ -133,7 +133,7 @@ export function openStore(
 ): Store {
   const { runtime } = platform;
   const lockCode = arch.registryLock(runtime.os);
-  const slot = pool.allocate(0n, 2n ** 62n, lockCode.code.length, 16);
+  const slot = pool.allocate(0n, ANYWHERE, lockCode.code.length, 16);
   if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory for the registry's lock.");
   pool.write(slot, lockCode.code);
   const identity = slot.data;

@@ -15,6 +15,7 @@ import { cannedData } from "./mock/canned.ts";
 import { PROBE_COUNTERS, PROBE_RECORD } from "./arch/probe.ts";
 import type { ProbeCode } from "./arch/probe.ts";
 import { guardData, guardShape } from "./guard_code.ts";
+import { ANYWHERE } from "./arch/types.ts";
 
 /** What an import slot leads to instead of the function (`callers`), and the code placed for it. */
 export interface SlotLayout {
@@ -115,7 +116,7 @@ function placed(
   what: string,
   fill: (slot: CodeSlot) => void,
 ): CodeSlot {
-  const slot = m.pool.allocate(near, 2n ** 62n, size, dataSize);
+  const slot = m.pool.allocate(near, ANYWHERE, size, dataSize);
   if (!slot) throw new RedefineError("ALLOCATION_FAILED", `no executable memory could be mapped for ${what}.`);
   try {
     fill(slot);
