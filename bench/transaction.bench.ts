@@ -38,8 +38,13 @@ function countProtects<T>(body: () => T): [T, number] {
   }
 }
 
-/** µs per patch of `a` and of `b`, each a whole round of COUNT patches: the best of interleaved rounds. */
-function perPatch(a: () => void, b: () => void, rounds = 9): [number, number] {
+/**
+ * µs per patch of `a` and of `b`, each a whole round of COUNT patches: the best of interleaved
+ * rounds. A round takes a few ms: 25 of them take well under a second, and find a quiet moment
+ * on a shared 2-core machine (with 9, a run under load gave up to twice the floor: a minor GC or
+ * another process in every round).
+ */
+function perPatch(a: () => void, b: () => void, rounds = 25): [number, number] {
   const as: number[] = [], bs: number[] = [];
   for (let r = 0; r < rounds; r++) {
     for (const [body, out] of [[a, as], [b, bs]] as const) {

@@ -109,6 +109,8 @@ export const deno: Runtime = {
     };
   },
 
+  slowPointerCalls: true,
+
   fnPointer(address, signature) {
     const fn = ffiGuard(
       "calling a native address",

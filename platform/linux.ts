@@ -7,12 +7,13 @@
  * and the arm64 cache flush. Modules, exports and imports: platform/linux_modules.ts.
  */
 import { hex, RedefineError } from "../src/errors.ts";
-import type { Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
+import type { CodeBlock, Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 import { aarch64CacheFlush } from "./aarch64_flush.ts";
 import { aarch64BranchChecks } from "./branch_checks.ts";
 import { farPlace, nearCandidates, protectionText } from "./address_space.ts";
 import { cString, posix } from "./posix.ts";
+import { lazyLibrary } from "./lazy_library.ts";
 import { procMem } from "./proc_mem.ts";
 import { linuxModules } from "./linux_modules.ts";
 
@@ -35,37 +36,63 @@ const O_CLOEXEC = 0x80000;
 const PROCMAP_QUERY = 0xc0686611n;
 const PROCMAP_QUERY_SIZE = 104;
 const ENOENT = 2;
+/** A reach that takes in every address: what code that may live anywhere asks for. */
+const ANYWHERE = 2n ** 62n;
+/**
+ * How far from the C library a block for code that may live anywhere may be (`blockBesideLibc`):
+ * all of libc's text stays within a near jump's ±2 GiB of all of it.
+ */
+const BESIDE_LIBC = 2n ** 31n - 2n ** 25n;
+const PROT_NONE = 0;
+const MAP_FIXED = 0x10;
 /** `getauxval` keys: where the kernel put the main program's program headers, and how many. */
 /** The segment types and the flag the program's text is found by. */
 /** Linux's number for ENOSYS (macOS: 78); the others posix.ts knows. */
 const ERRNO_NAMES: Record<number, string> = { 38: "ENOSYS" };
 
+/** libc's functions, in groups bound on first use (platform/lazy_library.ts). */
 function libc(runtime: Runtime) {
-  return runtime.open("libc.so.6", {
-    sysconf: { parameters: ["i32"], result: "i64" },
-    mprotect: { parameters: ["usize", "usize", "i32"], result: "i32" },
-    mmap: { parameters: ["usize", "usize", "i32", "i32", "i32", "i64"], result: "usize" },
-    munmap: { parameters: ["usize", "usize"], result: "i32" },
-    memfd_create: { parameters: ["buffer", "u32"], result: "i32" },
-    ftruncate: { parameters: ["i32", "i64"], result: "i32" },
-    open: { parameters: ["buffer", "i32"], result: "i32" },
-    read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
-    write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
-    pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
-    close: { parameters: ["i32"], result: "i32" },
-    fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
-    ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
-    __errno_location: { parameters: [], result: "usize" },
-    strerror: { parameters: ["i32"], result: "usize" },
-    dlopen: { parameters: ["buffer", "i32"], result: "usize" },
-    dlerror: { parameters: [], result: "usize" },
-    dlsym: { parameters: ["usize", "buffer"], result: "usize" },
-    dladdr1: { parameters: ["usize", "buffer", "buffer", "i32"], result: "i32" },
-    dlvsym: { parameters: ["usize", "buffer", "buffer"], result: "usize" },
-    dlclose: { parameters: ["usize"], result: "i32" },
-    dl_iterate_phdr: { parameters: ["function", "pointer"], result: "i32" },
-    getauxval: { parameters: ["u64"], result: "u64" },
-    readlink: { parameters: ["buffer", "buffer", "usize"], result: "isize" },
+  return lazyLibrary(runtime, "libc.so.6", {
+    // What a first patch calls: the page size, mapping queries, code blocks, forced writes, a symbol.
+    firstPatch: {
+      sysconf: { parameters: ["i32"], result: "i64" },
+      mmap: { parameters: ["usize", "usize", "i32", "i32", "i32", "i64"], result: "usize" },
+      munmap: { parameters: ["usize", "usize"], result: "i32" },
+      memfd_create: { parameters: ["buffer", "u32"], result: "i32" },
+      ftruncate: { parameters: ["i32", "i64"], result: "i32" },
+      open: { parameters: ["buffer", "i32"], result: "i32" },
+      pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "isize" },
+      close: { parameters: ["i32"], result: "i32" },
+      ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
+      dlsym: { parameters: ["usize", "buffer"], result: "usize" },
+      dladdr1: { parameters: ["usize", "buffer", "buffer", "i32"], result: "i32" },
+    },
+    // The whole map as text, which a first patch on x86-64 does not read.
+    mapText: {
+      read: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+    },
+    protections: {
+      mprotect: { parameters: ["usize", "usize", "i32"], result: "i32" },
+    },
+    errors: {
+      __errno_location: { parameters: [], result: "usize" },
+      strerror: { parameters: ["i32"], result: "usize" },
+    },
+    libraries: {
+      dlopen: { parameters: ["buffer", "i32"], result: "usize" },
+      dlerror: { parameters: [], result: "usize" },
+    },
+    stubLibraries: {
+      write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
+      fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
+    },
+    modules: {
+      dlvsym: { parameters: ["usize", "buffer", "buffer"], result: "usize" },
+      dlclose: { parameters: ["usize"], result: "i32" },
+      dl_iterate_phdr: { parameters: ["function", "pointer"], result: "i32" },
+      getauxval: { parameters: ["u64"], result: "u64" },
+      readlink: { parameters: ["buffer", "buffer", "usize"], result: "isize" },
+    },
   });
 }
 
@@ -201,6 +228,42 @@ export function linux(runtime: Runtime): Os {
   }
 
 
+  /**
+   * Whether a request leaves the place to us: any address at all. On x86-64, whose near jumps reach
+   * ±2 GiB, such code goes beside the C library (`blockBesideLibc`); on arm64 near space is
+   * ±128 MiB and scarce, and such code keeps to the lowest free gap.
+   */
+  const anywhere = (near: bigint, reach: bigint) => !arm64 && near === 0n && reach >= ANYWHERE;
+
+  /**
+   * A block for code that may live anywhere, where the system puts a mapping asked for at the C
+   * library: where it puts libraries, in practice within a GiB of it. There the block also holds
+   * the trampolines of the libc functions a first patch redefines, and placing it needs no read of
+   * the map: a first patch then makes one block, not two, and reads the map not at all (the first
+   * read and parse of it costs 0.3-0.7 ms). Null when the system put it out of reach.
+   */
+  function blockBesideLibc(fd: number, size: number, dataSize: number): CodeBlock | null {
+    const anchor = c.dlsym(0n, cString("gnu_get_libc_version")) as bigint; // glibc's alone
+    if (anchor === 0n) return null;
+    const total = BigInt(size + dataSize);
+    // Code and data are one reservation first, then each mapped over its part: contiguous for sure.
+    const at = c.mmap(anchor, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0n) as bigint;
+    if (at === MAP_FAILED) return null;
+    const code = (at > anchor ? at - anchor : anchor - at) < BESIDE_LIBC
+      ? c.mmap(at, BigInt(size), PROT_READ | PROT_EXEC, MAP_SHARED | MAP_FIXED, fd, 0n) as bigint
+      : MAP_FAILED;
+    const data = code === at
+      ? c.mmap(at + BigInt(size), BigInt(dataSize), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0n) as bigint
+      : MAP_FAILED;
+    // The write alias wherever the system likes: x86-64's near space is plentiful.
+    const writable = data === at + BigInt(size) ? mapShared(fd, 0n, size, PROT_READ | PROT_WRITE, 0) : null;
+    if (writable === null) {
+      c.munmap(at, total);
+      return null;
+    }
+    return { address: at, writable, size, data, dataSize };
+  }
+
   const modules = linuxModules(runtime, c, pageSize, () => parseMaps(readMaps()));
   const bti = arm64 ? aarch64BranchChecks(runtime, pageSize, (address) => os.mappingAt(address)) : null;
 
@@ -263,10 +326,11 @@ export function linux(runtime: Runtime): Os {
       const fd = codeFile(size);
       const dataSize = Math.max(1, Math.ceil(wanted / pageSize)) * pageSize;
       try {
+        const beside = anywhere(near, reach) ? blockBesideLibc(fd, size, dataSize) : null;
+        if (beside) return beside;
         const total = BigInt(size + dataSize);
         const mappings = parseMaps(readMaps());
-        const candidates = nearCandidates(mappings, near, reach, total, BigInt(pageSize));
-        for (const at of candidates.slice(0, 256)) {
+        for (const at of nearCandidates(mappings, near, reach, total, BigInt(pageSize), 256)) {
           const address = mapShared(fd, at, size, PROT_READ | PROT_EXEC, MAP_FIXED_NOREPLACE);
           if (address === null) continue;
           // The guard stubs' flags and saved return addresses, right after the code so that

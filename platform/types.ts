@@ -49,6 +49,11 @@ export interface Runtime {
   callback(signature: Signature, fn: NativeCall): NativeCallback;
   /** A JS callable for the native function at `address`. */
   fnPointer(address: bigint, signature: Signature): NativeCall;
+  /**
+   * Whether a call through `fnPointer` takes a slow path (Deno: hundreds of ns a call, against a
+   * few for a symbol of an opened library), so a callable called often is better bound otherwise.
+   */
+  readonly slowPointerCalls?: boolean;
 }
 
 /** One line of the process's memory map. */

@@ -5,7 +5,7 @@
  * learnt once by running the guard's own read of the return address through the FFI.
  */
 import { hex, RedefineError } from "./errors.ts";
-import type { GuardLayout, RuntimeCode } from "./arch/types.ts";
+import type { GuardLayout, GuardOptions, RuntimeCode } from "./arch/types.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { Signature } from "./signature.ts";
 import { isolateIdentity, liveBytes } from "./registry.ts";
@@ -19,8 +19,12 @@ export function guardShape(m: Machine, signature: Signature): GuardLayout {
   return shape;
 }
 
-/** The guard's code for `front` in `slot`, its data written into the slot's data; `shape` is its `guardShape`. */
-export function guardCode(
+/**
+ * Writes the first data of the guard for `front` in `slot` (`shape` is its `guardShape`) into the
+ * slot's data, in place, and returns what the guard is made of, for `Arch.guard.encode` to make
+ * its code: a slot taken back with the guard's code in place needs the data only.
+ */
+export function guardData(
   m: Machine,
   signature: Signature,
   shape: GuardLayout,
@@ -28,22 +32,20 @@ export function guardCode(
   front: bigint,
   callback: bigint,
   original: bigint,
-): Uint8Array {
-  const guard = m.arch.guard!;
-  const { os } = m.platform.runtime;
-  const { code, data } = guard.encode({
+): GuardOptions {
+  const options = {
     at: front,
     data: slot.data,
     identity: isolateIdentity(),
     callback,
     original,
-    runtimeCode: runtimeCodeOf(m, guard.returnAddressReader(), front),
-    os,
+    runtimeCode: runtimeCodeOf(m, front),
+    os: m.platform.runtime.os,
     signature,
     shared: shape.shared ? sharedCode(m, shape.shared, front) : undefined,
-  });
-  liveBytes(slot.data, data.length).set(data);
-  return code;
+  };
+  m.arch.guard!.data(options, liveBytes(slot.data, shape.dataSize));
+  return options;
 }
 
 /**
@@ -57,8 +59,11 @@ function sharedCode(m: Machine, code: Uint8Array, near: bigint): bigint {
   if (key === undefined) m.sharedKeys.set(code, key = code.join());
   const reach = m.arch.entryJumps[0].reach - BigInt(code.length) - 4096n;
   const copies = m.shared.get(key) ?? [];
-  const found = copies.find((at) => (at > near ? at - near : near - at) < reach);
-  if (found !== undefined) return found;
+  // Indexed, with no closure: asked for every guard made.
+  for (let i = 0; i < copies.length; i++) {
+    const at = copies[i]!;
+    if ((at > near ? at - near : near - at) < reach) return at;
+  }
   const slot = m.pool.allocate(near, reach, code.length);
   if (!slot) {
     throw new RedefineError(
@@ -95,11 +100,11 @@ const FFI_SPREAD = 4096n;
  * outside, so none of its text is the FFI's). Where the OS layer cannot tell the text, no call is
  * the runtime's own. Learnt once.
  */
-function runtimeCodeOf(m: Machine, reader: Uint8Array, near: bigint): RuntimeCode {
+function runtimeCodeOf(m: Machine, near: bigint): RuntimeCode {
   if (m.runtimeCode) return m.runtimeCode;
   const text = m.platform.os.programText?.() ?? null;
   if (!text) return (m.runtimeCode = { start: 0n, end: 0n, ffiStart: 0n, ffiEnd: 0n });
-  const at = sharedCode(m, reader, near);
+  const at = sharedCode(m, m.arch.guard!.returnAddressReader(), near);
   const sites = FFI_PROBES.map((signature) => {
     const zeros = signature.parameters.map((type) => (type === "f64" ? 0 : 0n));
     return BigInt(m.platform.runtime.fnPointer(at, signature)(...zeros));

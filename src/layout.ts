@@ -7,22 +7,26 @@
  * then (arm64) ±4 GiB, then anywhere, behind an absolute entry jump. A patch layered on another has
  * no trampoline of its own: its original is where the patch below leads. The original exists
  * before the entry jump can go live (a native replacement may call it from its first call on);
- * nothing is written at the entry here.
+ * nothing is written at the entry here. A function patched again the way its last patch was laid
+ * out takes that patch's slot back from quarantine, its code in place (registry.ts `SlotReuse`): a
+ * test suite or a benchmark that patches and restores the same functions over and over relocates
+ * and writes each one once.
  */
 import { hex, RedefineError } from "./errors.ts";
 import { ANYWHERE, type BranchChecks, type EntryJump, type RelocationPlan, UNCHECKED } from "./arch/types.ts";
-import { guardCode, guardShape } from "./guard_code.ts";
+import { guardData, guardShape } from "./guard_code.ts";
 import { probeCode, probeRecord } from "./slot_layout.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { NativeType } from "./signature.ts";
-import { liveBytes, machine, refuseOverlap } from "./registry.ts";
-import type { Entry, Machine } from "./registry.ts";
+import { holdsAt, liveBytes, machine, reclaimSpare, refuseOverlap } from "./registry.ts";
+import type { Entry, KnownPlan, Machine, SlotReuse } from "./registry.ts";
 import { refuseJumpsIntoEntry } from "./target.ts";
 import type { Site } from "./target.ts";
 import type { Destination } from "./replacement.ts";
 import { CANNED_DATA } from "./arch/canned.ts";
 import { cannedData } from "./mock/canned.ts";
 import { Trampoline } from "./patch.ts";
+import type { Built } from "./patch.ts";
 import { PROBE_COUNTERS, PROBE_RECORD } from "./arch/probe.ts";
 
 type AnySite = Site<readonly NativeType[], NativeType>;
@@ -37,6 +41,8 @@ export interface Layout {
   readonly destination: bigint;
   /** The slot holding the trampoline and the stub or guard; null for a direct jump. */
   readonly stub: CodeSlot | null;
+  /** What `stub` holds for the entry's next patch to take back, when that can (registry.ts `SlotReuse`). */
+  readonly reuse?: SlotReuse | null | undefined;
   readonly trampoline: Trampoline;
   /** The guard's busy flag (JS replacements): set while the replacement runs. */
   readonly busy: bigint | null;
@@ -98,7 +104,7 @@ function choose(m: Machine, site: AnySite, to: Destination, below: bigint | null
 
 /** The original for an `originalSlot`: a native replacement calls it, so it must exist. */
 function originalForSlot(trampoline: Trampoline): void {
-  const built = trampoline.build();
+  const built = trampoline.built();
   if (built instanceof RedefineError) {
     throw new RedefineError(
       built.code,
@@ -116,19 +122,35 @@ function originalForSlot(trampoline: Trampoline): void {
  * be the function). A prologue that cannot be moved leaves no original; the patch is still made.
  */
 function directJump(m: Machine, site: AnySite, to: bigint, below: bigint | null): Layout | null {
-  const entry = m.arch.entryJumps[0].encode(site.at, to);
+  const entry = entryJump(m, m.arch.entryJumps[0], site.at, to);
   if (!entry) return null;
-  const trampoline = below !== null ? Trampoline.at(below) : new Trampoline(() => trampolineAlone(m, site));
-  trampoline.build();
+  let trampoline: Trampoline;
+  if (below !== null) trampoline = Trampoline.at(below);
+  else {
+    try {
+      trampoline = new Trampoline(trampolineAlone(m, site));
+    } catch (error) {
+      if (!(error instanceof RedefineError)) throw error;
+      trampoline = new Trampoline(error);
+    }
+  }
   return { entry, covers: entry.length, destination: to, stub: null, trampoline, busy: null, bypass: to };
 }
 
-function trampolineAlone(m: Machine, site: AnySite): { address: bigint; slot: CodeSlot } {
+/** What a lone trampoline's slot holds after the relocated instructions: nothing (see `SlotReuse`). */
+const LONE_TRAMPOLINE = {};
+
+function trampolineAlone(m: Machine, site: AnySite): Built {
   const { arch, pool } = m;
   const near = arch.entryJumps[0];
-  const plan = relocationPlan(m, site, near.size);
+  const known = relocationPlan(m, site, near.size);
+  const plan = known.plan;
   // `locate` refused overlaps of the first near jump's bytes: only a wider reach is asked again.
   if (plan.consumed > near.size) refuseOverlap(site.at, plan.consumed);
+  // The code a slot holds is the same wherever the slot is (it jumps back from anywhere).
+  const reuse: SlotReuse = { plan: known, holds: LONE_TRAMPOLINE, jumpSize: near.size, released: null };
+  const again = reclaimSpare(known, LONE_TRAMPOLINE, near.size);
+  if (again) return { address: again.address, slot: again, reuse };
   // Near, where the relocated code is shortest; else anywhere, as it jumps back from anywhere.
   const slot = pool.allocate(site.at, near.reach - BigInt(plan.maxSize), plan.maxSize) ??
     pool.allocate(site.at, ANYWHERE, plan.maxSize);
@@ -144,7 +166,7 @@ function trampolineAlone(m: Machine, site: AnySite): { address: bigint; slot: Co
     pool.release(slot, null);
     throw error;
   }
-  return { address: slot.address, slot };
+  return { address: slot.address, slot, reuse };
 }
 
 /**
@@ -160,15 +182,20 @@ function guardedStub(
   belowBypass: bigint | null,
 ): Layout {
   const shape = guardShape(m, site.signature);
-  const stub = reserve(m, site, below, shape.size, shape.dataSize);
+  // A calling guard's code is the same for every patch of the entry (its record, in the data, is
+  // the patch's own): it can be taken back. A swapping guard's holds the callback.
+  const stub = shape.shared
+    ? reserveAgain(m, site, below, shape.size, shape.dataSize, shape)
+    : reserve(m, site, below, shape.size, shape.dataSize);
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, stub, below);
     // Past every JS layer below: a call that must not run JS (V8's own getpid while it collects
     // garbage, say) must not enter the replacement of the patch below either.
     const bypass = belowBypass ?? originalForGuard(trampoline);
-    const code = guardCode(m, site.signature, shape, stub.slot, stub.front, callback, bypass);
-    write(m, stub, relocated, code);
-    return { ...throughStub(site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset)), bypass };
+    // A slot taken back holds the code: only its data is written.
+    const guard = guardData(m, site.signature, shape, stub.slot, stub.front, callback, bypass);
+    if (!stub.reused) write(m, stub, relocated, m.arch.guard!.encode(guard));
+    return { ...throughStub(site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset)), bypass, reuse: stub.reuse };
   });
 }
 
@@ -222,21 +249,23 @@ function cannedStub(m: Machine, site: AnySite, to: Destination & { kind: "canned
  * jump after the trampoline.
  */
 function toOriginal(m: Machine, site: AnySite, below: bigint | null): Layout {
-  const stub = reserve(m, site, below, absolute(m).size, 0);
+  // Its code is the same for every such patch of the entry: it can be taken back.
+  const stub = reserveAgain(m, site, below, absolute(m).size, 0, TO_ORIGINAL);
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, stub, below);
     const original = trampoline.address;
-    const straight = stub.jump.encode(site.at, original);
+    const straight = entryJump(m, stub.jump, site.at, original);
     if (!straight) {
       write(m, stub, relocated, absolute(m).encode(stub.front, original)!);
-      return throughStub(site, stub, trampoline, null);
+      return { ...throughStub(site, stub, trampoline, null), reuse: stub.reuse };
     }
-    write(m, stub, relocated, new Uint8Array(0));
+    write(m, stub, relocated, NO_CODE);
     return {
       entry: straight,
       covers: coverage(straight, stub),
       destination: original,
       stub: stub.slot,
+      reuse: stub.reuse,
       trampoline,
       busy: null,
       bypass: original,
@@ -259,7 +288,7 @@ function probeStub(m: Machine, site: AnySite, timing: boolean, below: bigint | n
     probeRecord(m, stub.slot.data, trampoline.address);
     const plan = stub.plan;
     const inline = relocated.length && plan && !(plan instanceof RedefineError)
-      ? (at: bigint) => m.arch.relocate(plan, at, stub.checks)
+      ? (at: bigint) => m.arch.relocate(plan, at, stub.checks())
       : undefined;
     const data = stub.slot.data;
     const code = probe.encode({ at: stub.front, data, original: trampoline.address, inline, timing, os });
@@ -270,8 +299,14 @@ function probeStub(m: Machine, site: AnySite, timing: boolean, below: bigint | n
   });
 }
 
+/** No code, shared: nothing writes into it, and under Deno each fresh array costs ~0.2 µs. */
+const NO_CODE = new Uint8Array(0);
+
 /** How the first instructions move to a stub's slot; null when layered, or why they cannot. */
 type Plan = RelocationPlan | RedefineError | null;
+
+/** What a slot redirecting a function to its own trampoline holds after it (see `SlotReuse`). */
+const TO_ORIGINAL = {};
 
 /** A pool slot for a trampoline and the stub after it, and the entry jump that reaches it. */
 interface Stub {
@@ -281,8 +316,12 @@ interface Stub {
   readonly plan: Plan;
   /** Where the stub's code starts: after the trampoline. */
   readonly front: bigint;
-  /** How the CPU checks the trampoline's jumps back into the function. */
-  readonly checks: BranchChecks;
+  /** What the slot holds, for the entry's next patch (`reserveAgain`); null or absent: nothing it can take back. */
+  readonly reuse?: SlotReuse | null;
+  /** Taken back from the entry's last patch: its code is in place already, only data is written. */
+  readonly reused?: boolean;
+  /** How the CPU checks the trampoline's jumps back into the function: asked when it is relocated. */
+  readonly checks: () => BranchChecks;
 }
 
 /**
@@ -307,7 +346,7 @@ function reserve(
     const plan = planFor(m, site, below, jump.size);
     const size = sizeOf(plan) + front(plan);
     const slot = pool.allocate(site.at, jump.reach - BigInt(size), size, dataSize);
-    if (slot) return { slot, jump, plan, front: slot.address + BigInt(sizeOf(plan)), checks: branchChecks(m, site) };
+    if (slot) return { slot, jump, plan, front: slot.address + BigInt(sizeOf(plan)), checks: () => branchChecks(m, site) };
   }
   throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for a stub.");
 }
@@ -348,14 +387,52 @@ function branchChecks(m: Machine, site: AnySite): BranchChecks {
   return m.platform.os.branchChecks?.(site.at) ?? UNCHECKED;
 }
 
+/**
+ * `reserve`, for a stub whose code `holds` names: the same for every patch of the entry laid out
+ * this way. The slot of the entry's last such patch is taken back while it waits in quarantine,
+ * its code in place; a fresh slot says what it holds for the next one.
+ */
+function reserveAgain(
+  m: Machine,
+  site: AnySite,
+  below: bigint | null,
+  frontSize: number,
+  dataSize: number,
+  holds: object,
+): Stub {
+  // Only a slot in the shortest jump's reach is taken back (the one nearly every patch gets).
+  const jump = m.arch.entryJumps[0];
+  const known = below === null ? knownPlan(m, site, jump.size) : null;
+  const again = known ? reclaimSpare(known, holds, jump.size) : null;
+  if (again) {
+    const reuse = { plan: known!, holds, jumpSize: jump.size, released: null };
+    const front = again.address + BigInt(sizeOf(known!.plan));
+    return { slot: again, jump, plan: known!.plan, front, reuse, reused: true, checks: () => branchChecks(m, site) };
+  }
+  const stub = reserve(m, site, below, frontSize, dataSize);
+  const planned = below === null ? m.plans.get(site.at) : undefined;
+  const reuse = planned && planned.plan === stub.plan ? { plan: planned, holds, jumpSize: stub.jump.size, released: null } : null;
+  return { ...stub, reuse, reused: false };
+}
+
 /** How the first instructions move for an entry jump of `jumpSize` bytes; why not; null when layered. */
 function planFor(m: Machine, site: AnySite, below: bigint | null, jumpSize: number): Plan {
   if (below !== null) return null;
   try {
-    return relocationPlan(m, site, jumpSize);
+    return relocationPlan(m, site, jumpSize).plan;
   } catch (error) {
     if (!(error instanceof RedefineError)) throw error;
     return error;
+  }
+}
+
+/** The entry's plan for an entry jump of `jumpSize` bytes, or null when its instructions cannot move. */
+function knownPlan(m: Machine, site: AnySite, jumpSize: number): KnownPlan | null {
+  try {
+    return relocationPlan(m, site, jumpSize);
+  } catch (error) {
+    if (!(error instanceof RedefineError)) throw error;
+    return null;
   }
 }
 
@@ -366,21 +443,16 @@ function planFor(m: Machine, site: AnySite, below: bigint | null, jumpSize: numb
  * stay as it was, as the code before the entry is (`Machine.cleanEntries`): code does not change
  * under us, and our own patches are read through.
  */
-function relocationPlan(m: Machine, site: AnySite, minLength: number): RelocationPlan {
+function relocationPlan(m: Machine, site: AnySite, minLength: number): KnownPlan {
   const known = m.plans.get(site.at);
   const same = known?.minLength === minLength && known.extent === site.code.length;
-  if (same && startsWith(site.code, known.moved)) return known.plan;
+  if (same && holdsAt(site.code, 0, known.moved)) return known;
   const plan = m.arch.planRelocation(site.code, site.at, minLength);
   const moved = new Uint8Array(plan.consumed);
   moved.set(site.code.subarray(0, plan.consumed));
-  m.plans.set(site.at, { minLength, extent: site.code.length, moved, plan });
-  return plan;
-}
-
-/** Whether `code` starts with `head`. */
-function startsWith(code: Uint8Array, head: Uint8Array): boolean {
-  for (let i = 0; i < head.length; i++) if (code[i] !== head[i]) return false;
-  return true;
+  const fresh: KnownPlan = { minLength, extent: site.code.length, moved, plan, spare: null };
+  m.plans.set(site.at, fresh);
+  return fresh;
 }
 
 /** The trampoline's room at the start of a stub's slot. */
@@ -394,21 +466,23 @@ function relocateInto(
   stub: Stub,
   below: bigint | null,
 ): { code: Uint8Array; trampoline: Trampoline } {
-  const none = new Uint8Array(0);
-  if (below !== null) return { code: none, trampoline: Trampoline.at(below) };
-  if (stub.plan instanceof RedefineError) return { code: none, trampoline: Trampoline.refused(stub.plan) };
+  if (below !== null) return { code: NO_CODE, trampoline: Trampoline.at(below) };
+  if (stub.plan instanceof RedefineError) return { code: NO_CODE, trampoline: new Trampoline(stub.plan) };
+  // Its trampoline relocated there by the entry's last patch, as it would be now.
+  if (stub.reused) return { code: NO_CODE, trampoline: Trampoline.at(stub.slot.address) };
   try {
     // Planned: there is no patch below.
-    const code = m.arch.relocate(stub.plan!, stub.slot.address, stub.checks);
+    const code = m.arch.relocate(stub.plan!, stub.slot.address, stub.checks());
     return { code, trampoline: Trampoline.at(stub.slot.address) };
   } catch (error) {
     if (!(error instanceof RedefineError)) throw error;
-    return { code: none, trampoline: Trampoline.refused(error) };
+    return { code: NO_CODE, trampoline: new Trampoline(error) };
   }
 }
 
-/** Writes the trampoline's code and the stub's into the stub's slot. */
+/** Writes the trampoline's code and the stub's into the stub's slot (a slot taken back holds them). */
 function write(m: Machine, stub: Stub, trampoline: Uint8Array, front: Uint8Array): void {
+  if (stub.reused) return;
   const offset = Number(stub.front - stub.slot.address);
   const bytes = new Uint8Array(offset + front.length);
   bytes.set(trampoline, 0);
@@ -429,9 +503,21 @@ function filling(m: Machine, stub: Stub, fill: () => Layout): Layout {
 /** The layout of a patch whose entry jump leads to the code at the stub's front. */
 function throughStub(site: AnySite, stub: Stub, trampoline: Trampoline, busy: bigint | null): Layout {
   // The jump surely reaches: the slot was allocated within its reach.
-  const entry = stub.jump.encode(site.at, stub.front)!;
+  const entry = entryJump(machine(), stub.jump, site.at, stub.front)!;
   const destination = stub.front;
   return { entry, covers: coverage(entry, stub), destination, stub: stub.slot, trampoline, busy, bypass: destination };
+}
+
+/**
+ * `jump.encode(at, to)`, kept for the entry (`Machine.jumpBytes`): a function patched again the
+ * same way gets the same bytes, which nothing writes to, instead of a fresh array.
+ */
+function entryJump(m: Machine, jump: EntryJump, at: bigint, to: bigint): Uint8Array | null {
+  const last = m.jumpBytes.get(at);
+  if (last?.to === to && last.jump === jump) return last.bytes;
+  const bytes = jump.encode(at, to);
+  if (bytes) m.jumpBytes.set(at, { jump, to, bytes });
+  return bytes;
 }
 
 /** Bytes from the entry that the entry jump overwrites or the trampoline copies. */

@@ -63,7 +63,11 @@ export class OriginalStubs {
 
   /** Whether `address` is inside one of the stub libraries (their code is no function to redefine). */
   contains(address: bigint): boolean {
-    return this.#libraries.some((l) => address >= l.base && address < l.end);
+    // Indexed, with no closure: asked of every target.
+    for (let i = 0; i < this.#libraries.length; i++) {
+      if (address >= this.#libraries[i]!.base && address < this.#libraries[i]!.end) return true;
+    }
+    return false;
   }
 
   #create(signature: Signature, address: bigint): OriginalStub {

@@ -7,8 +7,11 @@ import type { JsArguments, JsValue, NativeType } from "./signature.ts";
 import { mappedNow } from "./code_memory.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { OriginalStub } from "./original.ts";
-import { exclusive, isForeign, layers, liveBytes, machine, mappingAt, register, restoredBytes, retire, unregister } from "./registry.ts";
-import type { Entry } from "./registry.ts";
+import {
+  exclusive, holdsAt, isForeign, layers, liveBytes, liveHolds, machine, mappingAt, register, releaseSlot, restoredBytes, retire,
+  unregister,
+} from "./registry.ts";
+import type { Entry, SlotReuse } from "./registry.ts";
 import { nativeSignature } from "./replacement.ts";
 import { moduleAt } from "./introspect.ts";
 import { pendingAt, schedule, transaction } from "./transaction.ts";
@@ -16,68 +19,50 @@ import { PROT_WRITE } from "../platform/mod.ts";
 import type { Mapping, NativeCallback } from "../platform/mod.ts";
 
 /** A trampoline's code: where it is, and the pool slot it got for itself (null: it lives in a stub's). */
-interface Built {
+export interface Built {
   readonly address: bigint;
   readonly slot: CodeSlot | null;
+  /** What its own slot holds, for the entry's next patch to take back (registry.ts `SlotReuse`). */
+  readonly reuse?: SlotReuse | null;
 }
 
 /**
  * The original function as native code can call it while the patch is live: the relocated first
  * instructions and a jump back into the function, or, for a patch layered on another, what the
- * patch below leads to. Built once, with the layout, before the entry jump can go live: with the
+ * patch below leads to. Built once, by the layout, before the entry jump can go live: with the
  * patch's stub, or in a slot of its own when the entry jump reaches a native replacement directly.
  * Why it cannot be built is kept and thrown to whoever asks for it.
  */
 export class Trampoline {
-  #build: (() => Built) | null;
-  #built: Built | RedefineError | null = null;
+  #built: Built | RedefineError | null;
 
-  constructor(build: () => Built) {
-    this.#build = build;
+  /** A trampoline built (by the layout), or refused for the reason given. */
+  constructor(built: Built | RedefineError) {
+    this.#built = built;
   }
 
   /** A trampoline already in place at `address`. */
   static at(address: bigint): Trampoline {
-    return new Trampoline(() => ({ address, slot: null }));
-  }
-
-  /** No trampoline, for the reason `why`. */
-  static refused(why: RedefineError): Trampoline {
-    return new Trampoline(() => {
-      throw why;
-    });
+    return new Trampoline({ address, slot: null });
   }
 
   /** Where the trampoline is; throws why there is none (`UNRELOCATABLE`, `ALLOCATION_FAILED`). */
   get address(): bigint {
-    const built = this.build();
+    const built = this.built();
     if (built instanceof RedefineError) throw built;
     return built.address;
   }
 
-  /**
-   * Builds the trampoline now if it is not yet: its code, or why there is none, kept for whoever
-   * asks for its address.
-   */
-  build(): Built | RedefineError {
-    if (this.#build) {
-      try {
-        this.#built = this.#build();
-      } catch (error) {
-        if (!(error instanceof RedefineError)) throw error;
-        this.#built = error;
-      }
-      this.#build = null;
-    }
+  /** Its code, or why there is none. */
+  built(): Built | RedefineError {
     return this.#built!;
   }
 
   /** Gives back the slot it got for itself, once its patch is gone. */
   release(): void {
     if (this.#built && !(this.#built instanceof RedefineError) && this.#built.slot) {
-      machine().pool.release(this.#built.slot, null);
+      releaseSlot(this.#built.slot, null, this.#built.reuse ?? null);
     }
-    this.#build = null;
     this.#built = null;
   }
 }
@@ -104,6 +89,8 @@ export interface Applied {
   readonly destination: bigint;
   /** Trampoline, then stub or guard: null when the jump reaches the replacement directly. */
   readonly stub: CodeSlot | null;
+  /** What the stub's slot holds, for the entry's next patch to take back (registry.ts `SlotReuse`). */
+  readonly reuse?: SlotReuse | null | undefined;
   readonly trampoline: Trampoline;
   /** A JS replacement's callback. */
   readonly callback: NativeCallback | null;
@@ -156,11 +143,17 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     this.signature = signature;
     this.#applied = applied;
     const restore = () => this.restore();
-    const { destination, bypass } = applied;
-    this.#entries = applied.writes.map(({ key, at, written, original }) => ({
-      address: key, at, written, original, destination, bypass, restoring: false, restore,
-    }));
-    for (const entry of this.#entries) register(entry);
+    const { destination, bypass, writes } = applied;
+    const entries: Entry[] = [];
+    for (let i = 0; i < writes.length; i++) {
+      const { key, at, written, original } = writes[i]!;
+      const entry = {
+        address: key, at, written, original, destination, bypass, restoring: false, restore, slot: -1, owner: 0n, retired: false,
+      };
+      entries.push(entry);
+      register(entry);
+    }
+    this.#entries = entries;
     if (applied.originalSlot !== null) {
       this.#slotBefore = storeSlot(applied.originalSlot, applied.trampoline.address);
     }
@@ -255,11 +248,16 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     const applied = this.#applied;
     const entries = this.#entries;
     if (!applied || entries[0]!.restoring) return;
-    const overs = entries.map((entry) => {
-      const stack = layers(entry.address);
-      return stack[stack.indexOf(entry) + 1];
-    });
-    const blocked = overs.findIndex((over) => over && !over.restoring);
+    // The patch layered right on each write, if any (a list only when there is one).
+    let overs: (Entry | undefined)[] | null = null;
+    let blocked = -1;
+    for (let i = 0; i < entries.length; i++) {
+      const stack = layers(entries[i]!.address);
+      const over = stack[stack.indexOf(entries[i]!) + 1];
+      if (over === undefined) continue;
+      (overs ??= [])[i] = over;
+      if (blocked < 0 && !over.restoring) blocked = i;
+    }
     if (blocked >= 0) {
       // Another isolate's patch leads through this one: a guarded one can step aside in place.
       const stack = layers(entries[blocked]!.address);
@@ -267,26 +265,31 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
       if (entries.length === 1 && applied.busy !== null && above.every(isForeign)) return this.#retire(applied);
       throw new RedefineError(
         "OUT_OF_ORDER",
-        `the function at ${hex(this.address)} was redefined again on top of this patch${isForeign(overs[blocked]!) ? " by another isolate (a Worker)" : ""}: restore the ` +
+        `the function at ${hex(this.address)} was redefined again on top of this patch${isForeign(overs![blocked]!) ? " by another isolate (a Worker)" : ""}: restore the ` +
           `newer patch first (restoreAll() goes newest first).`,
       );
     }
     const { arch } = machine();
     // Where each place is now (the mapping found at patch time is stale once its library is
     // unloaded): gone places have nothing to put back and are not read.
-    const places = entries.map((entry) => mappedNow(mappingAt, entry.at, Math.max(entry.written.length, entry.original.length)));
-    entries.forEach((entry, i) => {
-      if (!places[i]) return;
+    const places: (Mapping | null)[] = [];
+    let any = false;
+    for (let i = 0; i < entries.length; i++) {
+      const entry = entries[i]!;
+      const place = mappedNow(mappingAt, entry.at, Math.max(entry.written.length, entry.original.length));
+      places.push(place);
+      if (!place) continue;
       // Under a patch whose restore is pending in this transaction, the place will hold our bytes
       // again once that write lands; that patch has checked them. Made in the open transaction, it
       // holds our bytes once that transaction's writes land.
       const length = entry.written.length;
-      const now = overs[i] ? entry.written : pendingAt(entry.at, length) ?? liveBytes(entry.at, length);
-      if (!sameBytes(now, entry.written)) {
+      const pending = overs?.[i] ? entry.written : pendingAt(entry.at, length);
+      if (pending ? !holdsAt(pending, 0, entry.written) : !liveHolds(entry.at, entry.written)) {
+        const now = pending ?? liveBytes(entry.at, length);
         const isEntry = entry.address === this.address;
-        if (replaced(isEntry, entry.at, applied.writes[i]!.mapping, places[i]!)) {
+        if (replaced(isEntry, entry.at, applied.writes[i]!.mapping, place)) {
           places[i] = null;
-          return;
+          continue;
         }
         const where = isEntry ? "the entry of the function" : "the import slot";
         throw new RedefineError(
@@ -296,32 +299,33 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
             `restore that patch first (redefine leaves these bytes alone rather than clobber them).`,
         );
       }
-    });
-    if (!places.some((place) => place)) return this.#drop(applied);
-    for (const entry of entries) entry.restoring = true;
+      any = true;
+    }
+    if (!any) return this.#drop(applied);
+    setRestoring(entries, true);
     const restored = () => {
-      for (const entry of entries) entry.restoring = false;
+      setRestoring(entries, false);
       this.#original?.point(this.address);
       if (applied.originalSlot !== null) storeSlot(applied.originalSlot, this.address);
       this.#forget(applied, applied.busy, true);
       closeWhenIdle(applied);
     };
     const kept = () => {
-      for (const entry of entries) entry.restoring = false;
+      setRestoring(entries, false);
     };
-    const write = (entry: Entry, i: number) => ({
-      address: entry.at,
-      bytes: restoredBytes(entry),
+    const write = (i: number) => ({
+      address: entries[i]!.at,
+      bytes: restoredBytes(entries[i]!),
       spin: arch.selfLoop,
       mapping: places[i]!,
     });
     // One write goes alone, or with the enclosing transaction, as `schedule` sends it; several
     // (import slots, those of unloaded libraries left out) go together.
-    if (entries.length === 1) return schedule(write(entries[0]!, 0), restored, kept);
+    if (entries.length === 1) return schedule(write(0), restored, kept);
     const last = places.findLastIndex((place) => place);
     transaction(() =>
-      entries.forEach((entry, i) => {
-        if (places[i]) schedule(write(entry, i), i === last ? restored : () => {}, kept);
+      entries.forEach((_, i) => {
+        if (places[i]) schedule(write(i), i === last ? restored : () => {}, kept);
       })
     );
   }
@@ -389,11 +393,16 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
    */
   #forget(applied: Applied, busy: bigint | null, restored = false): void {
     this.#calls = this.calls;
-    for (const entry of this.#entries) unregister(entry, restored);
+    for (let i = 0; i < this.#entries.length; i++) unregister(this.#entries[i]!, restored);
     this.#applied = null;
-    if (applied.stub) machine().pool.release(applied.stub, busy);
+    if (applied.stub) releaseSlot(applied.stub, busy, applied.reuse ?? null);
     applied.trampoline.release();
   }
+}
+
+/** Marks every entry's restore pending (or no longer). */
+function setRestoring(entries: readonly Entry[], restoring: boolean): void {
+  for (let i = 0; i < entries.length; i++) entries[i]!.restoring = restoring;
 }
 
 /**
@@ -406,12 +415,6 @@ function replaced(isEntry: boolean, at: bigint, then: Mapping | undefined, now: 
   const was = then?.file;
   const is = now.file;
   return was !== undefined && !(is && is.device === was.device && is.inode === was.inode && is.base === was.base);
-}
-
-/** Whether `live` (a view of the code) holds exactly `expected`, read in place. */
-function sameBytes(live: Uint8Array, expected: Uint8Array): boolean {
-  for (let i = 0; i < expected.length; i++) if (live[i] !== expected[i]) return false;
-  return true;
 }
 
 /** Stores `value` in the 8-byte aligned slot at `slot` in one store; returns what was there. */

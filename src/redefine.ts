@@ -46,7 +46,7 @@ export function redefine<const P extends readonly NativeType[], const R extends 
       return redefineCallers(target, (signature) => destinationFor(signature, replacement));
     }
     const site = locate(target);
-    return apply(site, destinationFor(site.signature, replacement));
+    return applyLocked(site, destinationFor(site.signature, replacement));
   });
 }
 
@@ -85,7 +85,9 @@ export function redefineAll<const T extends readonly Target<readonly NativeType[
  */
 export function restoreAll(): void {
   transaction(() => {
-    for (const entry of newestFirst()) entry.restore();
+    const entries = newestFirst();
+    // Indexed: a `for…of` step allocates until the optimizing compiler has the loop.
+    for (let i = 0; i < entries.length; i++) entries[i]!.restore();
   });
 }
 
@@ -119,12 +121,13 @@ function applyLocked<P extends readonly NativeType[], R extends NativeType>(site
   }
   // What the entry holds once every earlier write has landed: the function's bytes, under the
   // jump of the patch below if there is one.
-  const original = keep(site.code.subarray(0, layout.entry.length));
+  const original = keep(site.code, layout.entry.length);
   if (under) original.set(under.written.subarray(0, original.length));
   const patch = new Patch(site.address, site.signature, {
     writes: [{ key: site.address, at: site.at, original, written: layout.entry, mapping: site.mapping }],
     destination: layout.destination,
     stub: layout.stub,
+    reuse: layout.reuse,
     trampoline: layout.trampoline,
     callback: to.kind === "callback" ? to.callback : null,
     busy: layout.busy,

@@ -9,9 +9,10 @@
  */
 import { hex, RedefineError } from "./errors.ts";
 import { CodePool, writeCode } from "./code_memory.ts";
-import type { CodeWrite } from "./code_memory.ts";
+import type { CodeSlot, CodeWrite, Quarantined } from "./code_memory.ts";
 import { archFor } from "./arch/mod.ts";
-import type { Arch, GuardLayout, RelocationPlan, RuntimeCode } from "./arch/types.ts";
+import { ANYWHERE } from "./arch/types.ts";
+import type { Arch, EntryJump, GuardLayout, RelocationPlan, RuntimeCode } from "./arch/types.ts";
 import { OriginalStubs } from "./original.ts";
 import { openStore } from "./shared_registry.ts";
 import type { Store } from "./shared_registry.ts";
@@ -24,8 +25,11 @@ export interface Batch {
   readonly writes: CodeWrite[];
   readonly commits: (() => void)[];
   readonly rollbacks: (() => void)[];
-  /** `writes` by address, in order, made on first use (src/transaction.ts's `pendingAt`). */
-  byAddress?: Map<bigint, CodeWrite[]> | undefined;
+  /**
+   * `writes` by address, in order, made on first use (src/transaction.ts's `pendingAt`): an
+   * address written once holds its write, not a list of one.
+   */
+  byAddress?: Map<bigint, CodeWrite | CodeWrite[]> | undefined;
 }
 
 /** A relocation plan kept for an entry: what it was made for, and the bytes it moves. */
@@ -36,6 +40,44 @@ export interface KnownPlan {
   readonly extent: number;
   readonly moved: Uint8Array;
   readonly plan: RelocationPlan;
+  /** The slot of the entry's last restored patch, while its code may be taken back (see `SlotReuse`). */
+  spare: SlotReuse | null;
+}
+
+/**
+ * A pool slot whose code was made from an entry's plan: the relocated first instructions, then
+ * the code `holds` names (src/layout.ts). Once its patch is gone the slot waits out its
+ * quarantine with that code in place, as the plan's `spare`: the entry's next patch laid out the
+ * same way takes it back (`CodePool.reclaim`) instead of relocating and writing the same bytes
+ * into a fresh one.
+ */
+export interface SlotReuse {
+  readonly plan: KnownPlan;
+  /** What follows the relocated instructions: compared by identity. */
+  readonly holds: object;
+  /** The entry jump's size the slot was placed in reach of. */
+  readonly jumpSize: number;
+  /** The slot, once released. */
+  released: Quarantined | null;
+}
+
+/** Releases `slot` to the pool's quarantine, kept as its plan's spare when `reuse` says what it holds. */
+export function releaseSlot(slot: CodeSlot, busy: bigint | null, reuse: SlotReuse | null): void {
+  const released = machine().pool.release(slot, busy);
+  if (reuse === null) return;
+  reuse.released = released;
+  reuse.plan.spare = reuse;
+}
+
+/**
+ * The slot of the plan's spare, taken back, when it holds `holds` and was placed for `jumpSize`;
+ * else null (the spare stays for a later patch that matches).
+ */
+export function reclaimSpare(plan: KnownPlan, holds: object, jumpSize: number): CodeSlot | null {
+  const spare = plan.spare;
+  if (spare === null || spare.holds !== holds || spare.jumpSize !== jumpSize) return null;
+  plan.spare = null;
+  return machine().pool.reclaim(spare.released!) ? spare.released!.slot : null;
 }
 
 /** This isolate's platform and the state built on it, made on first use. */
@@ -67,6 +109,12 @@ export interface Machine {
    * made for (src/layout.ts's `relocationPlan`): one a function ever patched, as `symbols` is.
    */
   readonly plans: Map<bigint, KnownPlan>;
+  /**
+   * The last entry jump made at each entry, its form and where it leads (src/layout.ts's
+   * `entryJump`): a function sent to the same place again gets the same bytes, which nothing
+   * writes to, without making them again (under Deno a fresh array costs ~0.36 µs).
+   */
+  readonly jumpBytes: Map<bigint, { readonly jump: EntryJump; readonly to: bigint; readonly bytes: Uint8Array }>;
   /** A view of each page read so far, by its address (see `liveBytes`): a small object a page. */
   readonly pages: Map<bigint, Uint8Array>;
   /** The page size, as a bigint for address arithmetic. */
@@ -95,6 +143,7 @@ export function machine(): Machine {
     symbols: new Map(),
     cleanEntries: new Map(),
     plans: new Map(),
+    jumpBytes: new Map(),
     pages: new Map(),
     pageBytes: BigInt(p.os.pageSize),
     kept: { block: new Uint8Array(0), used: 0 },
@@ -113,13 +162,34 @@ export function machine(): Machine {
  */
 export function liveBytes(address: bigint, length: number): Uint8Array {
   const m = machine();
-  const page = address - address % m.pageBytes;
-  const offset = Number(address - page);
-  const size = m.platform.os.pageSize;
-  if (offset + length > size) return m.platform.runtime.view(address, length);
+  const within = address % m.pageBytes;
+  const offset = Number(within);
+  if (offset + length > m.platform.os.pageSize) return m.platform.runtime.view(address, length);
+  return keptPage(m, address - within).subarray(offset, offset + length);
+}
+
+/** Whether the live bytes at `address` are `expected`, compared in place (see `liveBytes`). */
+export function liveHolds(address: bigint, expected: Uint8Array): boolean {
+  const m = machine();
+  const within = address % m.pageBytes;
+  const offset = Number(within);
+  if (offset + expected.length > m.platform.os.pageSize) {
+    return holdsAt(m.platform.runtime.view(address, expected.length), 0, expected);
+  }
+  return holdsAt(keptPage(m, address - within), offset, expected);
+}
+
+/** The kept view of the page at `page`, made on first use. */
+function keptPage(m: Machine, page: bigint): Uint8Array {
   let view = m.pages.get(page);
-  if (!view) m.pages.set(page, view = m.platform.runtime.view(page, size));
-  return view.subarray(offset, offset + length);
+  if (!view) m.pages.set(page, view = m.platform.runtime.view(page, m.platform.os.pageSize));
+  return view;
+}
+
+/** Whether `bytes` holds `expected` from `offset`. */
+export function holdsAt(bytes: Uint8Array, offset: number, expected: Uint8Array): boolean {
+  for (let i = 0; i < expected.length; i++) if (bytes[offset + i] !== expected[i]) return false;
+  return true;
 }
 
 /**
@@ -135,7 +205,9 @@ export function liveBytes(address: bigint, length: number): Uint8Array {
 export function mappingAt(address: bigint): Mapping | null {
   const known = sectionMappings;
   if (known) {
-    for (const mapping of known) if (address >= mapping.start && address < mapping.end) return mapping;
+    // Indexed loops in this file and its callers' hot paths: a `for…of` step allocates wherever
+    // the optimizing compiler has not reached yet, and a patch is a few hundred such steps.
+    for (let i = 0; i < known.length; i++) if (address >= known[i]!.start && address < known[i]!.end) return known[i]!;
   }
   const found = machine().platform.os.mappingAt(address);
   if (found && known) known.push(found);
@@ -146,17 +218,18 @@ export function mappingAt(address: bigint): Mapping | null {
 const KEPT_BLOCK = 4096;
 
 /**
- * A copy of the few bytes of `bytes` that a patch keeps (what its entry held), carved from a shared
+ * A copy of the first `length` bytes of `bytes` (all of them by default) that a patch keeps (what its entry held), carved from a shared
  * block: under Deno a small array of its own costs a fresh buffer (~0.2 µs, a slice ~0.5 µs), a
  * piece of a block a small object. A block lives as long as any of its pieces.
  */
-export function keep(bytes: Uint8Array): Uint8Array {
+export function keep(bytes: Uint8Array, length: number = bytes.length): Uint8Array {
   const m = machine();
-  if (bytes.length > KEPT_BLOCK / 16) return bytes.slice();
-  if (m.kept.used + bytes.length > m.kept.block.length) m.kept = { block: new Uint8Array(KEPT_BLOCK), used: 0 };
-  const copy = m.kept.block.subarray(m.kept.used, m.kept.used + bytes.length);
-  m.kept.used += bytes.length;
-  copy.set(bytes);
+  if (length > KEPT_BLOCK / 16) return bytes.slice(0, length);
+  if (m.kept.used + length > m.kept.block.length) m.kept = { block: new Uint8Array(KEPT_BLOCK), used: 0 };
+  const { block, used } = m.kept;
+  const copy = block.subarray(used, used + length);
+  m.kept.used += length;
+  for (let i = 0; i < length; i++) block[used + i] = bytes[i]!;
   return copy;
 }
 
@@ -182,12 +255,13 @@ export interface Entry {
   restoring: boolean;
   /** Puts the function back (the Patch handle's `restore`); another isolate's patch refuses. */
   readonly restore: () => void;
-}
-
-/** Where an entry is in the process-wide store, whose it is, and whether it was made inert. */
-interface Stored {
-  readonly slot: number;
-  readonly owner: bigint;
+  /**
+   * Kept by the registry, made -1, 0n, false: where the entry is in the process-wide store (-1
+   * while it is not), whose it is, and whether it was made inert. On the entry itself, not in a
+   * map beside it: a patch is registered, looked up and forgotten several times over.
+   */
+  slot: number;
+  owner: bigint;
   retired: boolean;
 }
 
@@ -206,21 +280,22 @@ let live: Entry[] = [];
 let stacks = new Map<bigint, Entry[]>();
 /**
  * Live patches by the 64-byte block their entry jump starts in, to find neighbours quickly. A
- * block's number is a plain number (exact for every address below 2^59, far above any process's):
- * a bigint key is hashed digit by digit, and each step of a bigint loop is a new heap object.
+ * block's number is a plain number: a bigint key is hashed digit by digit, and each step of a
+ * bigint loop is a new heap object.
  */
 let byBlock = new Map<number, Entry[]>();
-const stored = new Map<Entry, Stored>();
 /** This isolate's own patches, by their slot in the store. */
 const mine = new Map<number, Entry>();
-const BLOCK = 64n;
-/** No entry jump is longer than this (x86-64's 14 bytes, arm64's 16). */
-const LONGEST_JUMP = 16n;
+const BLOCK = 64;
 let restoresAtExit = false;
 
-/** The block `address` is in (see `byBlock`). */
+/**
+ * The block `address` is in (see `byBlock`): exact for every address below 2^53, far above any
+ * process's; above, `Number` rounds, but never out of order, so a range of blocks still holds
+ * every address between its ends. No bigint is made.
+ */
 function blockOf(address: bigint): number {
-  return Number(address / BLOCK);
+  return Math.floor(Number(address) / BLOCK);
 }
 
 /** The process-wide store, opened on first use with this isolate's identity. */
@@ -242,7 +317,7 @@ export function isolateIdentity(): bigint {
 function threadPointer(m: Machine): bigint {
   if (!m.arch.guard) return 0n;
   const reader = m.arch.guard.threadPointerReader(m.platform.runtime.os);
-  const slot = m.pool.allocate(0n, 2n ** 62n, reader.length);
+  const slot = m.pool.allocate(0n, ANYWHERE, reader.length);
   if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory for the thread probe.");
   m.pool.write(slot, reader);
   return BigInt(m.platform.runtime.fnPointer(slot.address, { parameters: [], result: "u64" })());
@@ -283,17 +358,22 @@ function sync(s: Store): void {
   live = [];
   stacks = new Map();
   byBlock = new Map();
-  stored.clear();
   others = false;
   const present = new Set<number>();
   for (const record of s.records()) {
     present.add(record.slot);
     if (record.owner !== s.identity) others = true;
     const entry = (record.owner === s.identity ? mine.get(record.slot) : undefined) ?? foreign(record);
-    stored.set(entry, { slot: record.slot, owner: record.owner, retired: record.retired });
+    entry.slot = record.slot;
+    entry.owner = record.owner;
+    entry.retired = record.retired;
     index(entry);
   }
-  for (const slot of mine.keys()) if (!present.has(slot)) mine.delete(slot);
+  for (const [slot, entry] of mine) {
+    if (present.has(slot)) continue;
+    entry.slot = -1;
+    mine.delete(slot);
+  }
   seen = s.generation();
 }
 
@@ -304,7 +384,7 @@ function sync(s: Store): void {
 function foreign(record: { address: bigint; at: bigint; written: Uint8Array; original: Uint8Array; destination: bigint }): Entry {
   const { address, at, written, original, destination } = record;
   return {
-    address, at, written, original, destination, bypass: destination, restoring: false,
+    address, at, written, original, destination, bypass: destination, restoring: false, slot: -1, owner: 0n, retired: false,
     restore() {
       throw new RedefineError("OUT_OF_ORDER", `the patch at ${hex(address)} belongs to another isolate (a Worker): restore it there.`);
     },
@@ -313,9 +393,14 @@ function foreign(record: { address: bigint; at: bigint; written: Uint8Array; ori
 
 function index(entry: Entry): void {
   live.push(entry);
-  stacks.set(entry.address, [...layers(entry.address), entry]);
+  const stack = stacks.get(entry.address);
+  stacks.set(entry.address, stack ? [...stack, entry] : [entry]);
+  // A block's list changes in place: it is only ever read straight away (`refuseOverlap`,
+  // `readThrough`), never held.
   const block = blockOf(entry.at);
-  byBlock.set(block, [...(byBlock.get(block) ?? []), entry]);
+  const neighbours = byBlock.get(block);
+  if (neighbours) neighbours.push(entry);
+  else byBlock.set(block, [entry]);
 }
 
 /** Records a patch of this isolate as live, layered on the function's newest live patch if it has one. */
@@ -327,7 +412,9 @@ export function register(entry: Entry): void {
   const s = theStore();
   const slot = s.add(entry);
   mine.set(slot, entry);
-  stored.set(entry, { slot, owner: s.identity, retired: false });
+  entry.slot = slot;
+  entry.owner = s.identity;
+  entry.retired = false;
   index(entry);
   seen = s.generation();
 }
@@ -337,28 +424,31 @@ export function register(entry: Entry): void {
  * inert patches right under it — they go too), or abandoned before its entry was written.
  */
 export function unregister(entry: Entry, restored = false): void {
-  const below = restored ? inertBelow(entry) : [];
+  const below = restored ? inertBelow(entry) : NO_LAYERS;
   const s = theStore();
-  for (const e of [entry, ...below]) {
-    const where = stored.get(e);
-    if (where) {
-      s.remove(where.slot);
-      mine.delete(where.slot);
-      stored.delete(e);
-    }
-    live.splice(live.lastIndexOf(e), 1);
-    without(stacks, e.address, e);
-    without(byBlock, blockOf(e.at), e);
-  }
+  forget(s, entry);
+  for (let i = 0; i < below.length; i++) forget(s, below[i]!);
   seen = s.generation();
 }
 
-/** Takes `entry` out of the list at `key` (a new list: callers may hold the old), or the key out. */
-function without<K>(lists: Map<K, Entry[]>, key: K, entry: Entry): void {
-  const list = lists.get(key);
-  if (list === undefined) return;
-  if (list.length === 1 && list[0] === entry) lists.delete(key);
-  else lists.set(key, list.filter((x) => x !== entry));
+/** Takes `entry` out of the store and the cache. */
+function forget(s: Store, entry: Entry): void {
+  if (entry.slot >= 0) {
+    s.remove(entry.slot);
+    mine.delete(entry.slot);
+    entry.slot = -1;
+  }
+  // Restored newest first, it is nearly always the last.
+  if (live[live.length - 1] === entry) live.pop();
+  else live.splice(live.lastIndexOf(entry), 1);
+  const stack = stacks.get(entry.address);
+  // A new list: callers may hold the old.
+  if (stack?.length === 1 && stack[0] === entry) stacks.delete(entry.address);
+  else if (stack) stacks.set(entry.address, stack.filter((x) => x !== entry));
+  const block = blockOf(entry.at);
+  const neighbours = byBlock.get(block);
+  if (neighbours?.length === 1 && neighbours[0] === entry) byBlock.delete(block);
+  else if (neighbours) neighbours.splice(neighbours.indexOf(entry), 1);
 }
 
 /** The live patches of the function at `address`, oldest first: each is layered on the one before. */
@@ -371,13 +461,15 @@ const NO_LAYERS: readonly Entry[] = Object.freeze([]);
 
 /** This isolate's live patches, newest first: the order they can be restored in. */
 export function newestFirst(): Entry[] {
-  return live.filter((e) => mine.has(stored.get(e)?.slot ?? -1) && !stored.get(e)!.retired).reverse();
+  // Alone in the process, every live patch is this isolate's, and none is retired (a patch is
+  // retired only under another isolate's).
+  if (!others) return live.slice().reverse();
+  return live.filter((e) => mine.has(e.slot) && !e.retired).reverse();
 }
 
 /** Whether `entry` is another isolate's patch. */
 export function isForeign(entry: Entry): boolean {
-  const where = stored.get(entry);
-  return where !== undefined && where.owner !== theStore().identity;
+  return entry.slot >= 0 && entry.owner !== theStore().identity;
 }
 
 /**
@@ -385,20 +477,21 @@ export function isForeign(entry: Entry): boolean {
  * patch (whose original leads through it), its guard sending every call to the original.
  */
 export function retire(entry: Entry): void {
-  const where = stored.get(entry)!;
-  where.retired = true;
-  theStore().retire(where.slot);
+  entry.retired = true;
+  theStore().retire(entry.slot);
   seen = theStore().generation();
 }
 
 /** The inert patches (retired, or left by an isolate that ended) right under `entry`, nearest first. */
-function inertBelow(entry: Entry): Entry[] {
-  const s = theStore();
+function inertBelow(entry: Entry): readonly Entry[] {
   const stack = layers(entry.address);
+  // Alone on its function (nearly always): nothing below, and no list made.
+  if (stack.length < 2) return NO_LAYERS;
+  const s = theStore();
   const found: Entry[] = [];
   for (let i = stack.indexOf(entry) - 1; i >= 0; i--) {
-    const where = stored.get(stack[i]!);
-    if (!where || !(where.retired || !s.alive(where.owner))) break;
+    const below = stack[i]!;
+    if (below.slot < 0 || !(below.retired || !s.alive(below.owner))) break;
     found.push(stack[i]!);
   }
   return found;
@@ -430,7 +523,7 @@ function reapDead(s: Store): void {
   if (!others) return;
   for (const stack of [...stacks.values()]) {
     let top = stack.at(-1);
-    while (top && !s.alive(stored.get(top)!.owner)) {
+    while (top && !s.alive(top.owner)) {
       const now = liveBytes(top.at, top.written.length);
       if (!now.every((b, i) => b === top!.written[i])) break;
       const write: CodeWrite = { address: top.at, bytes: restoredBytes(top), spin: machine().arch.selfLoop };
@@ -455,15 +548,21 @@ function reapDead(s: Store): void {
 export function refuseOverlap(at: bigint, covers: number): void {
   if (live.length === 0) return;
   // Patches of the same function write at the same place: those are layers, not overlaps.
-  // A bigint is a heap object: each sum is made once, and a neighbour's end only when it starts
-  // before ours ends; the neighbours are walked in place (three checks a patch).
+  // A bigint is a heap object: the two ends are made once, a neighbour's end only when it starts
+  // just before ours, and the neighbours are walked in place (three checks a patch). No entry
+  // jump is longer than 16 bytes (x86-64's 14, arm64's 16): one that starts before `at` and
+  // reaches it starts less than 16 bytes before, in `at`'s block or the one before.
   const end = at + BigInt(covers);
-  const last = blockOf(end - 1n);
-  for (let block = blockOf(at - LONGEST_JUMP); block <= last; block++) {
+  const reach = at - 16n;
+  const home = blockOf(at);
+  const last = home + Math.ceil(covers / BLOCK);
+  for (let block = home - 1; block <= last; block++) {
     const entries = byBlock.get(block);
     if (entries === undefined) continue;
-    for (const entry of entries) {
-      if (entry.at === at || entry.at >= end || at >= entry.at + BigInt(entry.written.length)) continue;
+    for (let i = 0; i < entries.length; i++) {
+      const entry = entries[i]!;
+      if (entry.at === at || entry.at >= end || entry.at <= reach) continue;
+      if (entry.at < at && entry.at + BigInt(entry.written.length) <= at) continue;
       throw new RedefineError(
         "ALREADY_PATCHED",
         `the first ${covers} bytes at ${hex(at)} overlap the entry jump of the function redefined at ` +
@@ -480,12 +579,15 @@ export function refuseOverlap(at: bigint, covers: number): void {
 export function readThrough(bytes: Uint8Array, start: bigint): void {
   if (live.length === 0) return;
   // Each neighbour's bytes are copied over where they overlap, the blocks walked in place: the
-  // first scan before a thousand entries patched in one transaction meets a hundred each.
-  const last = blockOf(start + BigInt(bytes.length) - 1n);
-  for (let block = blockOf(start - LONGEST_JUMP); block <= last; block++) {
+  // first scan before a thousand entries patched in one transaction meets a hundred each. A jump
+  // reaching `start` from before starts in its block or the one before (see `refuseOverlap`).
+  const home = blockOf(start);
+  const last = home + Math.ceil(bytes.length / BLOCK);
+  for (let block = home - 1; block <= last; block++) {
     const entries = byBlock.get(block);
     if (entries === undefined) continue;
-    for (const entry of entries) {
+    for (let i = 0; i < entries.length; i++) {
+      const entry = entries[i]!;
       // A layered patch's `original` is the jump of the patch below; the lowest holds the function's.
       if (layers(entry.address)[0] !== entry) continue;
       const offset = Number(entry.at - start);

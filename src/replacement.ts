@@ -129,8 +129,9 @@ export function refuseUncallable(fn: object): void {
   // Bound functions keep their target's prototype, so a bound async function is caught too.
   const kind = Object.getPrototypeOf(fn)?.[Symbol.toStringTag];
   // Only a function with a fixed `prototype` may be a class (arrows and methods have none, plain
-  // functions a writable one): its source, made afresh by `toString`, is read only for those.
-  const fixed = Object.getOwnPropertyDescriptor(fn, "prototype")?.writable === false;
+  // functions a writable one): its source, made afresh by `toString`, is read only for those, and
+  // a descriptor is made only for a function that has one.
+  const fixed = Object.hasOwn(fn, "prototype") && Object.getOwnPropertyDescriptor(fn, "prototype")?.writable === false;
   const isClass = fixed && Function.prototype.toString.call(fn).startsWith("class");
   if (kind === "AsyncFunction" || kind === "GeneratorFunction" || kind === "AsyncGeneratorFunction" || isClass) {
     throw new RedefineError(
@@ -178,13 +179,15 @@ const NARROW: Partial<Record<NativeType, readonly [number, number]>> = {
   u32: [0, 2 ** 32 - 1],
 };
 
-/** Whether a value of the result's kind is one `type` holds. */
+/** Whether a value of the result's kind is one `type` holds (made once per type: asked every JS replacement). */
 function holder(type: NativeType): (value: number) => boolean {
-  const range = NARROW[type];
-  if (!range) return () => true;
-  const [low, high] = range;
-  return (v) => v >= low && v <= high && Number.isInteger(v);
+  return HOLDERS.get(type) ?? ANY;
 }
+
+const ANY = (): boolean => true;
+const HOLDERS: ReadonlyMap<NativeType, (value: number) => boolean> = new Map(
+  Object.entries(NARROW).map(([type, [low, high]]) => [type as NativeType, (v: number) => v >= low && v <= high && Number.isInteger(v)]),
+);
 
 /** What a native caller gets from a replacement that failed: 0 of the result type. */
 const ZERO: Readonly<Record<Kind, unknown>> = { void: undefined, boolean: false, bigint: 0n, number: 0 };
@@ -292,6 +295,8 @@ export function discard(destination: Destination): void {
 
 /** Buffers reach native code as addresses, so a replacement sees a `bigint` for them. */
 export function nativeSignature(signature: Signature): Signature {
+  // Most signatures have no buffer: those are their own, with nothing made.
+  if (signature.result !== "buffer" && !signature.parameters.includes("buffer")) return signature;
   const pointerFor = (t: NativeType): NativeType => (t === "buffer" ? "pointer" : t);
   return { parameters: signature.parameters.map(pointerFor), result: pointerFor(signature.result) };
 }

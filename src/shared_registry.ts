@@ -14,10 +14,10 @@
  * store is this isolate's own, as if it were alone in the process.
  */
 import { RedefineError } from "./errors.ts";
-import type { Arch } from "./arch/types.ts";
+import { ANYWHERE, type Arch } from "./arch/types.ts";
 import type { CodePool } from "./code_memory.ts";
 import type { NativeCall, Platform } from "../platform/mod.ts";
-import { farPlace } from "../platform/mod.ts";
+import { farPlace, lazyLibrary } from "../platform/mod.ts";
 import type { Signature } from "./signature.ts";
 
 /** One live patch as every isolate sees it. */
@@ -75,25 +75,38 @@ const RECORD = {
 const BYTES = 16;
 const CAPACITY = Math.floor((SIZE - HEADER.size) / RECORD.size);
 const PROT_READ_WRITE = 3;
+/** `cas(word, expected, desired) → previous`. */
+const CAS: Signature = { parameters: ["usize", "u64", "u64"], result: "u64" };
+/** Sections locked through the runtime's slow pointer call before the fast binding (see `openStore`). */
+const RAW_LOCKS = 4;
 /** Private: threads share it anyway, and a forked child must not. */
 const MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20;
+const MAP_FIXED_NOREPLACE = 0x100000;
+const MAP_FAILED = 2n ** 64n - 1n;
 
 /** The C library functions the shared store needs, or null where one is missing. */
 function libc(platform: Platform): Record<string, NativeCall> | null {
   const { runtime } = platform;
   if (runtime.os !== "linux") return null;
-  const signatures = {
-    getenv: { parameters: ["buffer"], result: "usize" },
-    setenv: { parameters: ["buffer", "buffer", "i32"], result: "i32" },
-    getpid: { parameters: [], result: "i32" },
-    mmap: { parameters: ["usize", "usize", "i32", "i32", "i32", "i64"], result: "usize" },
-    munmap: { parameters: ["usize", "usize"], result: "i32" },
-    sched_yield: { parameters: [], result: "i32" },
-    __cxa_thread_atexit_impl: { parameters: ["usize", "usize", "usize"], result: "i32" },
-  } as const;
-  // One library, not a callable per address: under Node each of those is a library of its own.
+  // Bound a group at a time (a symbol costs Deno ~45 µs to bind): what opening the store calls,
+  // and what only a lost race or a contended lock does.
+  const c = lazyLibrary(runtime, "libc.so.6", {
+    opening: {
+      getenv: { parameters: ["buffer"], result: "usize" },
+      setenv: { parameters: ["buffer", "buffer", "i32"], result: "i32" },
+      getpid: { parameters: [], result: "i32" },
+      mmap: { parameters: ["usize", "usize", "i32", "i32", "i32", "i64"], result: "usize" },
+      __cxa_thread_atexit_impl: { parameters: ["usize", "usize", "usize"], result: "i32" },
+    },
+    seldom: {
+      munmap: { parameters: ["usize", "usize"], result: "i32" },
+      sched_yield: { parameters: [], result: "i32" },
+    },
+  });
   try {
-    return runtime.open("libc.so.6", signatures);
+    // Bound now, so that a C library lacking one of them is known here.
+    void c.getenv;
+    return c;
   } catch (error) {
     if (error instanceof RedefineError) return null;
     throw error;
@@ -107,7 +120,9 @@ function cString(text: string): Uint8Array {
 /**
  * This isolate's view of the store: the process's (found or made), or its own. `threadPointer` is
  * the JS thread's identity as the guard reads it; `bind` makes a JS callable of code at an address
- * (the lock is taken twice a patch: the runtime's fast call path matters).
+ * on the runtime's fast call path (the lock is taken twice a patch), which may cost a stub library
+ * to make: where the runtime's own call through a pointer is slow, this isolate's first RAW_LOCKS
+ * sections use that one and `bind` is asked after them, so the first patch never pays for it.
  */
 export function openStore(
   platform: Platform,
@@ -118,7 +133,7 @@ export function openStore(
 ): Store {
   const { runtime } = platform;
   const lockCode = arch.registryLock(runtime.os);
-  const slot = pool.allocate(0n, 2n ** 62n, lockCode.code.length, 16);
+  const slot = pool.allocate(0n, ANYWHERE, lockCode.code.length, 16);
   if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory for the registry's lock.");
   pool.write(slot, lockCode.code);
   const identity = slot.data;
@@ -137,10 +152,8 @@ export function openStore(
   }
   const bytes = base === null ? new Uint8Array(SIZE) : runtime.view(base, SIZE);
   const view = new DataView(bytes.buffer, bytes.byteOffset, SIZE);
-  const cas: NativeCall | null = base === null
-    ? null
-    : bind(slot.address, { parameters: ["usize", "u64", "u64"], result: "u64" });
-  const yieldCpu = c?.sched_yield;
+  let cas: NativeCall | null = base === null ? null : runtime.fnPointer(slot.address, CAS);
+  let rawLocks = runtime.slowPointerCalls ? RAW_LOCKS : Infinity;
   const u64 = (at: number) => view.getBigUint64(at, true);
   // setBigUint64 takes the value modulo 2^64 itself: no intermediate bigint a store.
   const setU64 = (at: number, value: bigint) => view.setBigUint64(at, value, true);
@@ -151,12 +164,13 @@ export function openStore(
     identity,
     lock() {
       if (!cas) return;
+      if (rawLocks-- === 0) cas = bind(slot.address, CAS);
       for (let tries = 0;; tries++) {
         const holder = BigInt(cas(base!, 0n, identity));
         if (holder === 0n) return;
         // An isolate that ended while holding the lock never gives it back.
         if (!alive(holder) && BigInt(cas(base!, holder, identity)) === holder) return;
-        if (tries > 64) yieldCpu!();
+        if (tries > 64) c!.sched_yield!();
       }
     },
     unlock() {
@@ -235,10 +249,19 @@ function shared(c: Record<string, NativeCall>, platform: Platform): bigint {
   };
   const found = published();
   if (found !== null) return found;
-  // A hint far from the libraries: the system's own choice would take near space stubs need.
-  const hint = farPlace(os.mappings(), BigInt(SIZE), BigInt(os.pageSize));
-  const mine = BigInt(c.mmap!(hint, BigInt(SIZE), PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0n));
-  if (mine === 2n ** 64n - 1n) throw new RedefineError("ALLOCATION_FAILED", "mmap of the process-wide registry failed.");
+  // Far from the libraries: the system's own choice would take near space stubs need. The place
+  // `farPlace` gives when nothing is mapped low is free in most processes, so it is tried before
+  // the map is read (a first patch then reads it not at all: a read and parse of it costs a few
+  // hundred µs there).
+  const size = BigInt(SIZE), page = BigInt(os.pageSize);
+  const lowest = farPlace([], size, page);
+  let mine = BigInt(c.mmap!(lowest, size, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0n));
+  if (mine !== lowest) {
+    // Taken, or a kernel before 4.17, which takes MAP_FIXED_NOREPLACE as a mere hint.
+    if (mine !== MAP_FAILED) c.munmap!(mine, size);
+    mine = BigInt(c.mmap!(farPlace(os.mappings(), size, page), size, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0n));
+  }
+  if (mine === MAP_FAILED) throw new RedefineError("ALLOCATION_FAILED", "mmap of the process-wide registry failed.");
   c.setenv!(name, cString(`0x${mine.toString(16)}`), 0);
   const winner = published()!;
   if (winner !== mine) c.munmap!(mine, BigInt(SIZE));

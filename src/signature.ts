@@ -102,14 +102,17 @@ export function checkSignature(signature: Signature, what: string): Signature {
       `${what}: 'parameters' must be an array of native type names, e.g. { parameters: ["i32"], result: "i64" }.`,
     );
   }
-  const bad = [...signature.parameters.map((t, i) => [`parameters[${i}]`, t] as const), [
-    "result",
-    signature.result,
-  ] as const].find(([, t]) => !TYPES.has(t as string));
-  if (bad) {
+  // Checked in place: a signature is checked on every patch, and its message is built only for a
+  // bad one.
+  const { parameters, result } = signature;
+  let bad = 0;
+  while (bad < parameters.length && TYPES.has(parameters[bad] as string)) bad++;
+  if (bad === parameters.length && TYPES.has(result as string)) bad = -1;
+  if (bad >= 0) {
+    const [name, type] = bad < parameters.length ? [`parameters[${bad}]`, parameters[bad]] : ["result", result];
     throw new RedefineError(
       "BAD_SIGNATURE",
-      `${what}: ${bad[0]} is '${String(bad[1])}', not a native type. Use one of: ${[...TYPES].join(", ")}.`,
+      `${what}: ${name} is '${String(type)}', not a native type. Use one of: ${[...TYPES].join(", ")}.`,
     );
   }
   if (signature.parameters.includes("void")) {

@@ -14,7 +14,8 @@ import { CANNED_DATA } from "./arch/canned.ts";
 import { cannedData } from "./mock/canned.ts";
 import { PROBE_COUNTERS, PROBE_RECORD } from "./arch/probe.ts";
 import type { ProbeCode } from "./arch/probe.ts";
-import { guardCode, guardShape } from "./guard_code.ts";
+import { guardData, guardShape } from "./guard_code.ts";
+import { ANYWHERE } from "./arch/types.ts";
 
 /** What an import slot leads to instead of the function (`callers`), and the code placed for it. */
 export interface SlotLayout {
@@ -52,7 +53,7 @@ export function slotLayout(
   if (!guard) return { destination: to.callback.address, stub: null, busy: null, bypass: to.callback.address };
   const shape = guardShape(m, signature);
   const slot = placed(m, original, shape.size, shape.dataSize, "the guard", (slot) => {
-    m.pool.write(slot, guardCode(m, signature, shape, slot, slot.address, to.callback.address, bypass));
+    m.pool.write(slot, guard.encode(guardData(m, signature, shape, slot, slot.address, to.callback.address, bypass)));
   });
   return { destination: slot.address, stub: slot, busy: slot.data + BigInt(shape.busyOffset), bypass };
 }
@@ -115,7 +116,7 @@ function placed(
   what: string,
   fill: (slot: CodeSlot) => void,
 ): CodeSlot {
-  const slot = m.pool.allocate(near, 2n ** 62n, size, dataSize);
+  const slot = m.pool.allocate(near, ANYWHERE, size, dataSize);
   if (!slot) throw new RedefineError("ALLOCATION_FAILED", `no executable memory could be mapped for ${what}.`);
   try {
     fill(slot);

@@ -153,7 +153,7 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   // the patch's schedule, or the transaction's end), and the patch keeps a copy of what it covers.
   let whole = liveBytes(address, Math.min(extent, MAX_SCAN));
   const pad = m.arch.landingPadLength(whole);
-  const at = address + BigInt(pad);
+  const at = pad ? address + BigInt(pad) : address;
   const room = extent - pad;
   const shortest = m.arch.entryJumps[0].size;
   if (room < shortest) {
@@ -173,7 +173,7 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   // Before anything is decoded there: the bytes may be the middle of another patch's jump.
   refuseOverlap(at, shortest);
   refuseJumpsIntoEntry(at, shortest);
-  return { address, at, room, code: whole.subarray(pad), signature, originalSlot, mapping };
+  return { address, at, room, code: pad ? whole.subarray(pad) : whole, signature, originalSlot, mapping };
 }
 
 /**
@@ -215,8 +215,10 @@ function checkAddress(address: bigint, what: string): void {
  * inaccessible page, or an execute-only page, would fault.
  */
 function checkReadable(address: bigint, length: number, mapping: Mapping): void {
-  const end = address + BigInt(length);
   const code = PROT_READ | PROT_EXEC;
+  // Nearly always one readable mapping holds it all: one bigint made, not two.
+  if ((mapping.protection & code) === code && Number(mapping.end - address) >= length) return;
+  const end = address + BigInt(length);
   for (let from = address, here: Mapping | null = mapping;; from = here.end, here = mappingAt(from)) {
     if (here && (here.protection & code) === code) {
       if (here.end >= end) return;

@@ -122,7 +122,10 @@ test("arm64 guard: the thread pointer reader and the wiring in the Arch", () => 
     shared: null,
   });
   const options = { at: AT, data: AT + 0x2000n, identity: 1n, callback: 2n, original: 3n, runtimeCode: RUNTIME_CODE, os: "linux", signature };
-  assert.deepEqual(aarch64.guard?.encode(options), { code: guardStub(options), data: new Uint8Array(GUARD_DATA_SIZE) });
+  assert.deepEqual(aarch64.guard?.encode(options), guardStub(options));
+  const data = new Uint8Array(GUARD_DATA_SIZE).fill(0xa5);
+  aarch64.guard?.data(options, data);
+  assert.deepEqual(data, new Uint8Array(GUARD_DATA_SIZE));
   assert.equal(aarch64.guard?.threadPointerReader, threadPointerReader);
   assertDisassembly(returnAddressReader(), 0x1000n, ["mov x0, x30", "ret"]);
   assert.equal(aarch64.guard?.returnAddressReader, returnAddressReader);

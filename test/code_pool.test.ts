@@ -58,13 +58,18 @@ test("code pool: where a whole block cannot be had in reach, the slot's exact co
   assert.ok(asked[0]!.dataSize! > pageSize, "the whole block was asked with its data first");
 });
 
-test("code pool: a released slot is reused at its size only after the quarantine, and never while its busy flag is set", async () => {
+/** A real pool with two slots of a JS replacement's sizes taken; `busy` is where a slot's guard flag would be. */
+function twoSlots() {
   const { os, runtime } = platform();
   const pool = new CodePool(platform());
   const near = os.symbolAddress("labs");
   const take = () => pool.allocate(near, 2n ** 31n, 48, 64)!;
-  const [a, b] = [take(), take()];
   const busy = (slot: CodeSlot) => slot.data + 24n;
+  return { runtime, pool, take, busy, a: take(), b: take() };
+}
+
+test("code pool: a released slot is reused at its size only after the quarantine, and never while its busy flag is set", async () => {
+  const { runtime, pool, take, busy, a, b } = twoSlots();
   runtime.view(busy(b), 1)[0] = 1; // b's replacement is running on some thread
   pool.release(a, busy(a));
   pool.release(b, busy(b));
@@ -78,4 +83,36 @@ test("code pool: a released slot is reused at its size only after the quarantine
   runtime.view(busy(b), 1)[0] = 0;
   const last = take();
   assert.deepEqual([last.address, last.data], [b.address, b.data], "the slot comes back once its flag clears");
+});
+
+test("code pool: a released slot can be reclaimed, untouched, until it is reused, and never while its busy flag is set", async () => {
+  const { runtime, pool, take, busy, a, b } = twoSlots();
+  const ra = pool.release(a, busy(a));
+  assert.ok(pool.reclaim(ra), "reclaimed inside the quarantine");
+  assert.ok(!pool.reclaim(ra), "only once");
+  runtime.view(busy(b), 1)[0] = 1;
+  const rb = pool.release(b, busy(b));
+  const inUse = pool.codeBytesInUse;
+  assert.ok(!pool.reclaim(rb), "not while its replacement runs");
+  runtime.view(busy(b), 1)[0] = 0;
+  assert.ok(pool.reclaim(rb), "once its flag clears");
+  assert.equal(pool.codeBytesInUse, inUse + b.size, "a reclaimed slot is in use again");
+  // Released and left: once the quarantine is over it is reused, and its record says so.
+  const ra2 = pool.release(a, null);
+  await new Promise((resolve) => setTimeout(resolve, 1050));
+  const again = take();
+  assert.equal(again.address, a.address, "the slot goes back to the free lists as before");
+  assert.ok(!pool.reclaim(ra2), "no longer reclaimable once reused");
+});
+
+test("code pool: slots released inside releasedSince(t) wait out their quarantine from t, not from their release", () => {
+  const { pool, take, a, b } = twoSlots();
+  const long = performance.now() - 2000; // the writes that made the code unreachable, 2 s ago
+  const early = pool.releasedSince(long, () => pool.release(a, null));
+  assert.equal(early.since, long);
+  const now = pool.release(b, null);
+  assert.ok(now.since >= long + 2000, "outside it, from the clock");
+  const again = take();
+  assert.equal(again.address, a.address, "a's quarantine is over: it is reused");
+  assert.notEqual(take().address, b.address, "b's is not");
 });

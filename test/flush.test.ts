@@ -7,6 +7,7 @@ import { platform } from "../platform/mod.ts";
 import { CodePool, writeCode } from "../src/code_memory.ts";
 import type { CodeSlot } from "../src/code_memory.ts";
 import { archFor } from "../src/arch/mod.ts";
+import { redefineToOriginal } from "../src/internal.ts";
 import { assemble, bytesAt, libc, mapPages, os, protectionAt, unassemble } from "./native.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "../platform/mod.ts";
 
@@ -138,6 +139,10 @@ test("flush: redefine and restore flush every stub they write and the entry, exa
   const arch = archFor(platform().runtime.arch);
   const address = os.symbolAddress("labs");
   const before = bytesAt(address, 64);
+  // A fresh stub, written and flushed: labs redefined with a JS replacement earlier in this
+  // process (another file, under bun) left its slot to be taken back with its code in place,
+  // which a patch laid out another way, restored since, replaces (src/layout.ts `reserveAgain`).
+  redefineToOriginal({ symbol: "labs", parameters: [], result: "void" }).restore();
   let patch: Patch<readonly ["i64"], "i64"> | undefined;
   const applying = watch(() => {
     patch = redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, (x) => x + 1n);

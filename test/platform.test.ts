@@ -1,9 +1,10 @@
 import { assert, assertCode, runtimeName, runtimePath, test } from "./harness.ts";
-import { redefine } from "../mod.ts";
+import { redefine, RedefineError } from "../mod.ts";
 import { archFor } from "../src/arch/mod.ts";
 import { osFor } from "../platform/mod.ts";
 import { linux, parseMaps } from "../platform/linux.ts";
-import { nearCandidates } from "../platform/address_space.ts";
+import { farPlace, nearCandidates } from "../platform/address_space.ts";
+import { lazyLibrary } from "../platform/lazy_library.ts";
 import { PROTECT_FROM, writeCode } from "../src/code_memory.ts";
 import { platform } from "../platform/mod.ts";
 import { assemble, bytesAt, isArm64, libc, os, protectionAt, runtime, unassemble, unwritableCode } from "./native.ts";
@@ -64,6 +65,47 @@ if (runtime.os === "linux") {
     assert.deepEqual(os.mappingAt(labs)!.file, listed.file);
   });
 }
+
+test("near free space: nearest first across the gaps below and above, up to a limit", () => {
+  const page = 0x1000n;
+  const maps = parseMaps(
+    "100000-200000 r-xp 00000000 08:01 42 /a\n" +
+      "204000-300000 r-xp 00000000 08:01 42 /b\n" +
+      "301000-400000 r-xp 00000000 08:01 42 /c\n",
+  );
+  // Near 0x300800: the one-page gap it is in (0x300000), the top of the gap below /b, then above /c.
+  const found = nearCandidates(maps, 0x300800n, 2n ** 31n, page, page);
+  assert.deepEqual(found.slice(0, 3), [0x300000n, 0x203000n, 0x400000n]);
+  const distance = (a: bigint) => (a > 0x300800n ? a - 0x300800n : 0x300800n - a);
+  for (let i = 1; i < found.length; i++) assert.ok(distance(found[i - 1]!) <= distance(found[i]!), "nearest first");
+  assert.deepEqual(nearCandidates(maps, 0x300800n, 2n ** 31n, page, page, 2), found.slice(0, 2));
+  // Anywhere: the lowest place there is.
+  assert.equal(farPlace(maps, page, page), 0x10000n);
+});
+
+test("a lazily bound library binds a group on the first use of one of its symbols, once", () => {
+  const opened: string[][] = [];
+  const counting: Runtime = {
+    ...runtime,
+    open(path, symbols) {
+      opened.push(Object.keys(symbols));
+      return runtime.open(path, symbols);
+    },
+  };
+  const c = lazyLibrary(counting, "libc.so.6", {
+    ids: { getpid: { parameters: [], result: "i32" }, getppid: { parameters: [], result: "i32" } },
+    other: { labs: { parameters: ["i64"], result: "i64" } },
+  });
+  assert.deepEqual(opened, []);
+  assert.equal(c.getpid(), process.pid);
+  assert.equal(c.getppid(), process.ppid);
+  assert.deepEqual(opened, [["getpid", "getppid"]]);
+  assert.equal(c.labs(-3n), 3n);
+  assert.deepEqual(opened, [["getpid", "getppid"], ["labs"]]);
+  // A symbol the library lacks fails where it is first read, as a typed error.
+  const missing = lazyLibrary(runtime, "libc.so.6", { g: { no_such_symbol_here: { parameters: [], result: "i32" } } });
+  assert.throws(() => missing.no_such_symbol_here, RedefineError);
+});
 
 test("a write that fails half-way rolls back every page and byte", () => {
   const p = platform();

@@ -4,7 +4,7 @@
  */
 import { assert, test } from "./harness.ts";
 import { Decoder, DecoderOptions, FastFormatter } from "iced-x86";
-import { guardLayout, guardStub, returnAddressReader, threadPointerReader } from "../src/arch/x86_64/guard.ts";
+import { guardData, guardLayout, guardStub, returnAddressReader, threadPointerReader } from "../src/arch/x86_64/guard.ts";
 import { registryLock } from "../src/arch/x86_64/registry_lock.ts";
 import { x86_64 } from "../src/arch/x86_64/mod.ts";
 import type { NativeType } from "../src/signature.ts";
@@ -30,10 +30,14 @@ const RUNTIME_CODE = { start: 0x5555_0000_0000n, end: 0x5555_0400_0000n, ffiStar
 function guard(os: string, parameters: NativeType[]) {
   const signature = { parameters, result: "i64" as const };
   const layout = guardLayout(os, signature);
-  const { code, data } = guardStub({
+  const options = {
     at: AT, data: DATA, identity: 0x1111n, callback: 0x2222n, original: 0x3333n, runtimeCode: RUNTIME_CODE, os, signature,
     shared: layout.shared ? SHARED : undefined,
-  });
+  };
+  const code = guardStub(options);
+  // Written over what a reused slot's data held before.
+  const data = new Uint8Array(layout.dataSize).fill(0xa5);
+  guardData(options, data);
   return { layout, code, data };
 }
 

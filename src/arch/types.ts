@@ -184,7 +184,12 @@ export interface Arch {
      * runtime's FFI, it tells where `RuntimeCode`'s FFI range is.
      */
     returnAddressReader(): Uint8Array;
-    /** The patch's guard code at `options.at`, and the first contents of its data at `options.data`. */
-    encode(options: GuardOptions): { code: Uint8Array; data: Uint8Array };
+    /** The patch's guard code at `options.at`. */
+    encode(options: GuardOptions): Uint8Array;
+    /**
+     * Writes the first contents of the patch's guard data (`layout().dataSize` bytes, for
+     * `options.data`) into `into`, in place: a slot taken back for the same code needs only this.
+     */
+    data(options: GuardOptions, into: Uint8Array): void;
   };
 }

@@ -19,6 +19,7 @@ import { transaction } from "../transaction.ts";
 import { callerNames, redefineCallers } from "../import_slots.ts";
 import { imports } from "../introspect.ts";
 import type { Runtime } from "../../platform/mod.ts";
+import { ANYWHERE } from "../arch/types.ts";
 
 /** What a fake clock works with: the word the native code reads, and the clock it runs on. */
 export interface ClockBackend {
@@ -251,7 +252,7 @@ export function fakeClockOf(only: readonly ClockFunction[] | undefined, options:
     );
   }
   // The state word, then scratch for reading the real clock from JS.
-  const cell = m.pool.allocate(0n, 2n ** 62n, 16, 32);
+  const cell = m.pool.allocate(0n, ANYWHERE, 16, 32);
   if (!cell) throw new RedefineError("ALLOCATION_FAILED", "no memory for the fake clock's state.");
   const state = cell.data;
   let released = false;

@@ -11,6 +11,7 @@ import { machine } from "../registry.ts";
 import type { Patch } from "../patch.ts";
 import { PROBE_RECORD } from "../arch/probe.ts";
 import { RedefineError } from "../errors.ts";
+import { ANYWHERE } from "../arch/types.ts";
 
 /** What a native probe has seen so far. */
 export interface ProbeReading {
@@ -79,7 +80,7 @@ export function clockRate(ms = 25): number {
   const m = machine();
   const reader = m.arch.probe?.clockReader;
   if (!reader) throw new RedefineError("UNSUPPORTED_PLATFORM", `the native probe has no ${m.arch.name} code.`);
-  const slot = m.pool.allocate(0n, 2n ** 62n, reader.length);
+  const slot = m.pool.allocate(0n, ANYWHERE, reader.length);
   if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory for the clock reader.");
   try {
     m.pool.write(slot, reader);

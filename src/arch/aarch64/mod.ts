@@ -105,7 +105,8 @@ export const aarch64: Arch = {
     layout: () => ({ size: GUARD_SIZE, dataSize: GUARD_DATA_SIZE, busyOffset: 8, shared: null }),
     threadPointerReader,
     returnAddressReader,
-    encode: (options) => ({ code: guardStub(options), data: new Uint8Array(GUARD_DATA_SIZE) }),
+    encode: guardStub,
+    data: (_options, into) => into.fill(0, 0, GUARD_DATA_SIZE),
   },
   probe,
 };

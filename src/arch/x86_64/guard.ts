@@ -27,7 +27,7 @@
 import type { GuardLayout, GuardOptions, RuntimeCode } from "../types.ts";
 import { RedefineError } from "../../errors.ts";
 import { align, assembleListing, type Line, type Place } from "../listing.ts";
-import { i32le, INT3, putI32, putJmpRel32, putU64, u64le } from "./writer.ts";
+import { i32le, INT3, putI32, putJmpRel32, u64le } from "./writer.ts";
 
 /** The swapping guard: bytes of code (with its seven literals). */
 const SWAP_SIZE = 208;
@@ -88,7 +88,9 @@ const INTEGER_CLASS = new Set(["i8", "u8", "i16", "u16", "i32", "u32", "i64", "u
  */
 function callPadding(os: string, parameters: readonly string[]): number | null {
   if (os === "windows") return parameters.length <= 4 ? 40 : null;
-  const integers = parameters.filter((t) => INTEGER_CLASS.has(t)).length;
+  // Counted in place: asked for every guard made.
+  let integers = 0;
+  for (let i = 0; i < parameters.length; i++) if (INTEGER_CLASS.has(parameters[i]!)) integers++;
   return integers <= 6 && parameters.length - integers <= 8 ? 8 : null;
 }
 
@@ -100,30 +102,39 @@ export function guardLayout(os: string, signature: { parameters: readonly string
     : { size: THUNK_SIZE, dataSize: RECORD.size, busyOffset: RECORD.busy, shared: sharedCallingGuard(os, padding) };
 }
 
-/** The guard's code and first data for `options`. */
-export function guardStub(options: GuardOptions): { code: Uint8Array; data: Uint8Array } {
+/** The guard's code for `options`. */
+export function guardStub(options: GuardOptions): Uint8Array {
   // Which guard, without assembling the shared code again (`options.shared` is where it is).
-  if (callPadding(options.os, options.signature.parameters) === null) {
-    return { code: swappingGuard(options), data: new Uint8Array(SWAP_DATA_SIZE) };
-  }
+  if (callPadding(options.os, options.signature.parameters) === null) return swappingGuard(options);
   if (options.shared === undefined) throw new RangeError("the calling guard needs its shared code placed");
-  // Written in place, into one array each: a guard is made for every JS replacement, and under
-  // Deno each small array costs a fresh buffer.
-  const record = new Uint8Array(RECORD.size);
-  putU64(record, RECORD.identity, options.identity);
-  putU64(record, RECORD.callback, options.callback);
-  putU64(record, RECORD.original, options.original);
-  putU64(record, RECORD.textStart, options.runtimeCode.start);
-  putU64(record, RECORD.textEnd, options.runtimeCode.end);
-  putU64(record, RECORD.ffiStart, options.runtimeCode.ffiStart);
-  putU64(record, RECORD.ffiEnd, options.runtimeCode.ffiEnd);
   const code = new Uint8Array(THUNK_SIZE);
   code.set([0x4c, 0x8d, 0x1d]); //                           lea r11, [rip+record]
   putI32(code, 3, ripDisplacement(options.at, 7, options.data));
   if (!putJmpRel32(code, 7, options.at + 7n, options.shared)) { // jmp shared
     throw new RangeError("shared guard out of rel32 reach");
   }
-  return { code, data: record };
+  return code;
+}
+
+/**
+ * The guard's first data for `options`, written into `into` (the live data, or any array): the
+ * swapping guard's zeros, or the calling guard's record. In place, with no array of its own: a
+ * guard is made for every JS replacement, and under Deno each small array costs a fresh buffer.
+ */
+export function guardData(options: GuardOptions, into: Uint8Array): void {
+  if (callPadding(options.os, options.signature.parameters) === null) {
+    into.fill(0, 0, SWAP_DATA_SIZE);
+    return;
+  }
+  const record = new DataView(into.buffer, into.byteOffset, RECORD.size);
+  record.setBigUint64(RECORD.identity, options.identity, true);
+  record.setBigUint64(RECORD.callback, options.callback, true);
+  record.setBigUint64(RECORD.original, options.original, true);
+  record.setBigUint64(RECORD.busy, 0n, true);
+  record.setBigUint64(RECORD.textStart, options.runtimeCode.start, true);
+  record.setBigUint64(RECORD.textEnd, options.runtimeCode.end, true);
+  record.setBigUint64(RECORD.ffiStart, options.runtimeCode.ffiStart, true);
+  record.setBigUint64(RECORD.ffiEnd, options.runtimeCode.ffiEnd, true);
 }
 
 /**

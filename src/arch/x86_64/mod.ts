@@ -6,7 +6,7 @@ import { ANYWHERE, type Arch } from "../types.ts";
 import { planRelocation, relocate } from "./relocator.ts";
 import { flowOf, instructionLength, operands } from "./decoder.ts";
 import { branchesBetween, mayBranchInto } from "./scan.ts";
-import { guardLayout, guardStub, returnAddressReader, threadPointerReader } from "./guard.ts";
+import { guardData, guardLayout, guardStub, returnAddressReader, threadPointerReader } from "./guard.ts";
 import { registryLock } from "./registry_lock.ts";
 import { cannedCode } from "./canned.ts";
 import { probe } from "./probe.ts";
@@ -75,7 +75,7 @@ export const x86_64: Arch = {
   indirectJump: jmpIndirect,
   registryLock,
   canned: cannedCode,
-  guard: { layout: guardLayout, threadPointerReader, returnAddressReader, encode: guardStub },
+  guard: { layout: guardLayout, threadPointerReader, returnAddressReader, encode: guardStub, data: guardData },
   probe,
 };
 
