@@ -79,6 +79,10 @@ export function aarch64BranchChecks(
     return runtime.view(address, length).slice();
   }
 
+  // What each image's note said, by where it is loaded and its name: every write of a patch asks
+  // (arm64 writes go through mprotect), and an image's note does not change while it is loaded.
+  const images = new Map<string, boolean | null>();
+
   /**
    * Whether the loaded image holding `address` was built for BTI; null when no image holds it, or
    * its headers cannot be read.
@@ -87,13 +91,19 @@ export function aarch64BranchChecks(
     // Dl_info: dli_fname, dli_fbase, dli_sname, dli_saddr.
     const info = new Uint8Array(32);
     if (dladdr(address, info) === 0) return null;
-    const base = new DataView(info.buffer).getBigUint64(8, true);
+    const fields = new DataView(info.buffer);
+    const base = fields.getBigUint64(8, true), name = fields.getBigUint64(0, true);
+    const key = `${base}:${name === 0n ? "" : runtime.cString(name)}`;
+    if (images.has(key)) return images.get(key)!;
+    let built: boolean | null;
     try {
-      return (aarch64Features(read, imageAt(read, base, pageSize)) & FEATURE_BTI) !== 0;
+      built = (aarch64Features(read, imageAt(read, base, pageSize)) & FEATURE_BTI) !== 0;
     } catch (error) {
       if (!(error instanceof RangeError)) throw error;
-      return null;
+      built = null;
     }
+    images.set(key, built);
+    return built;
   }
 
   return {
