@@ -77,6 +77,17 @@ export interface Quarantined {
 }
 
 /**
+ * A request the system could not serve: no `size` bytes of code and data, all within [`low`,
+ * `high`], found by the search made at `since`.
+ */
+interface Refusal {
+  low: bigint;
+  high: bigint;
+  size: number;
+  since: number;
+}
+
+/**
  * Executable memory shared by many patches: one page serves many stubs. Blocks are never unmapped:
  * their slots are reused, so the pool is as large as the most patches ever live at once, and
  * memory near a library (scarce: ±2 GiB on x86-64, ±128 MiB on arm64) stays ours for later patches.
@@ -89,6 +100,13 @@ export class CodePool {
   /** Every page of the blocks (code, data, writable alias): `contains` asks it, not each block. */
   readonly #pages = new Set<bigint>();
   readonly #quarantine: Quarantined[] = [];
+  /**
+   * Searches the system failed lately (see `#refuses`): once the memory within an arm64 jump's
+   * ±128 MiB of a library is gone, each patch there would read and parse the whole memory map
+   * and try 256 places (under qemu: 4–23 patches in 1.5 s instead of ~45) before taking a
+   * longer jump.
+   */
+  readonly #refusals: Refusal[] = [];
   /** The time slots released now are quarantined from, when a caller gave one (`releasedSince`). */
   #since: number | null = null;
   #pageBytes: bigint | undefined;
@@ -125,9 +143,18 @@ export class CodePool {
     const blockSize = roundUp(Math.max(codeSize, MIN_BLOCK), os.pageSize);
     const ratio = Math.min(dataBytes / Math.max(codeSize, SLOT_ALIGN), MAX_DATA_RATIO);
     const blockData = roundUp(Math.max(blockSize * ratio, dataBytes, 1), os.pageSize);
+    const small = codeSize < MIN_BLOCK;
+    const least = small ? roundUp(codeSize, os.pageSize) + roundUp(Math.max(dataBytes, 1), os.pageSize) : blockSize + blockData;
+    const low = near > reach ? near - reach : 0n, high = near + reach;
+    const now = performance.now();
+    if (this.#refuses(low, high, least, now)) return null;
     const fresh = os.allocateCode(near, reach, blockSize, blockData) ??
-      (codeSize < MIN_BLOCK ? os.allocateCode(near, reach, roundUp(codeSize, os.pageSize), roundUp(Math.max(dataBytes, 1), os.pageSize)) : null);
-    if (!fresh) return null;
+      (small ? os.allocateCode(near, reach, roundUp(codeSize, os.pageSize), roundUp(Math.max(dataBytes, 1), os.pageSize)) : null);
+    if (!fresh) {
+      this.#refused(low, high, least, now);
+      return null;
+    }
+    this.#mapped(fresh.address, fresh.data + BigInt(fresh.dataSize));
     const block: PoolBlock = {
       ...fresh,
       code: { used: 0, size: fresh.size, free: new Map() },
@@ -139,6 +166,63 @@ export class CodePool {
       for (let p = start - start % page; p < end; p += page) this.#pages.add(p);
     }
     return take(block, codeSize, dataBytes);
+  }
+
+  /**
+   * Whether the system is not asked for `size` bytes within [`low`, `high`]: a search failed
+   * within the last quarantine for at most that many bytes in a window holding this one, so
+   * every place this request could take, that search could have taken. Blocks of the pool are
+   * searched before this is asked, so room in them (slots out of quarantine included) is never
+   * refused; fewer bytes ask again, and so does a wider reach around the same entry (its window
+   * is not held in the one that failed). What is missed is memory the process itself unmaps
+   * there meanwhile (the pool never unmaps, and a block it maps there forgets the failure): it
+   * waits one quarantine, as long as a released slot waits, where otherwise every patch near
+   * that library would pay a failing search to find it sooner.
+   */
+  #refuses(low: bigint, high: bigint, size: number, now: number): boolean {
+    const refusals = this.#refusals;
+    for (let i = refusals.length - 1; i >= 0; i--) {
+      const r = refusals[i]!;
+      if (now - r.since >= QUARANTINE_MS) refusals.splice(i, 1);
+      else if (r.low <= low && high <= r.high && r.size <= size) return true;
+    }
+    return false;
+  }
+
+  /**
+   * Keeps a failed search. Two failed windows that overlap by at least either's size fail
+   * together for the larger size: a run of that many bytes in their union has that many in one
+   * of them. So entries of one library, each a little apart, make one window: the search fails
+   * once for the lowest and once for the highest, and the entries between ask nothing.
+   */
+  #refused(low: bigint, high: bigint, size: number, now: number): void {
+    const refusals = this.#refusals;
+    let merged: Refusal = { low, high, size, since: now };
+    for (let i = refusals.length - 1; i >= 0; i--) {
+      const r = refusals[i]!;
+      const most = Math.max(r.size, merged.size);
+      const overlap = (r.high < merged.high ? r.high : merged.high) - (r.low > merged.low ? r.low : merged.low);
+      if (overlap < BigInt(most)) continue;
+      refusals.splice(i, 1);
+      merged = {
+        low: r.low < merged.low ? r.low : merged.low,
+        high: r.high > merged.high ? r.high : merged.high,
+        size: most,
+        since: Math.min(r.since, merged.since),
+      };
+    }
+    refusals.push(merged);
+  }
+
+  /**
+   * Forgets the failed searches whose window holds some of a block just mapped at [`start`,
+   * `end`): memory was freed there since, which a later search may find more of.
+   */
+  #mapped(start: bigint, end: bigint): void {
+    const refusals = this.#refusals;
+    for (let i = refusals.length - 1; i >= 0; i--) {
+      if (refusals[i]!.low < end && start < refusals[i]!.high) refusals.splice(i, 1);
+    }
   }
 
   /** Writes `bytes` at the start of `slot` (through the writable alias) and flushes them. */

@@ -1,6 +1,7 @@
 // The code pool asks the platform for few blocks: a block's data is sized for the slots that made
 // it (a JS replacement's guard record outweighs its code), and where near space is too scarce for
-// a whole block (arm64 under qemu) the pool falls back to the exact sizes of the one slot.
+// a whole block (arm64 under qemu) the pool falls back to the exact sizes of the one slot; what
+// the platform just refused, it does not ask again within a quarantine.
 import { assert, test } from "./harness.ts";
 import { platform } from "../platform/mod.ts";
 import type { CodeBlock, Platform } from "../platform/mod.ts";
@@ -115,4 +116,75 @@ test("code pool: slots released inside releasedSince(t) wait out their quarantin
   const again = take();
   assert.equal(again.address, a.address, "a's quarantine is over: it is reused");
   assert.notEqual(take().address, b.address, "b's is not");
+});
+
+/**
+ * A platform with no memory within 2^27 bytes of `NEAR`, the way the ±128 MiB around an arm64
+ * library can be full: `allocateCode` counts its calls, refuses what must lie there, and maps
+ * other requests at `place(near)` (far away, unless a test says otherwise).
+ */
+const NEAR = 0x7000_0000_0000n;
+const FULL = 2n ** 27n;
+function nearMemoryFull(place: (near: bigint) => bigint = () => 0x1000_0000_0000n) {
+  const real = platform();
+  const calls = { count: 0 };
+  const allocateCode = (near: bigint, reach: bigint, size: number, dataSize?: number): CodeBlock | null => {
+    calls.count++;
+    if (near - reach >= NEAR - FULL && near + reach <= NEAR + FULL) return null;
+    const address = place(near);
+    return { address, writable: address + 2n ** 32n, size, data: address + BigInt(size), dataSize: dataSize ?? real.os.pageSize };
+  };
+  return { pool: new CodePool({ ...real, os: { ...real.os, allocateCode } }), calls };
+}
+
+test("code pool: a near request that failed is not searched again within the quarantine, and is after it", async () => {
+  const { pool, calls } = nearMemoryFull();
+  const reach = 2n ** 26n;
+  assert.equal(pool.allocate(NEAR, reach, 48, 64), null);
+  assert.equal(calls.count, 2, "the whole block, then the exact sizes");
+  assert.equal(pool.allocate(NEAR, reach, 48, 64), null, "the same request again");
+  assert.equal(pool.allocate(NEAR + 4096n, reach - 8192n, 200, 64), null, "a narrower window, more bytes");
+  assert.equal(calls.count, 2, "no search made");
+  await new Promise((resolve) => setTimeout(resolve, 1050));
+  assert.equal(pool.allocate(NEAR, reach, 48, 64), null);
+  assert.equal(calls.count, 4, "searched again once the quarantine is over");
+});
+
+test("code pool: a failed near request leaves a wider reach, and fewer bytes, to be asked", () => {
+  const { pool, calls } = nearMemoryFull();
+  assert.equal(pool.allocate(NEAR, 2n ** 26n, 100_000, 0), null);
+  assert.equal(calls.count, 1, "a slot past a whole block's size asks once");
+  assert.equal(pool.allocate(NEAR, 2n ** 26n, 48), null, "fewer bytes: asked");
+  assert.equal(calls.count, 3);
+  const far = pool.allocate(NEAR, 2n ** 32n, 48);
+  assert.ok(far, "the wider reach is served");
+  assert.equal(calls.count, 4);
+});
+
+test("code pool: failed windows a little apart make one, and what lies between asks nothing", () => {
+  const { pool, calls } = nearMemoryFull();
+  const reach = 2n ** 26n;
+  assert.equal(pool.allocate(NEAR - 2n ** 20n, reach, 48), null);
+  assert.equal(pool.allocate(NEAR + 2n ** 20n, reach, 48), null);
+  assert.equal(calls.count, 4);
+  assert.equal(pool.allocate(NEAR, reach, 48), null, "an entry between the two");
+  assert.equal(calls.count, 4, "no search made");
+  assert.equal(pool.allocate(NEAR + 2n ** 21n, reach, 48), null, "one past both");
+  assert.equal(calls.count, 6, "searched");
+});
+
+test("code pool: a block mapped inside a failed window forgets the failure, and its room is used first", () => {
+  // A wider request lands next to NEAR: memory there was freed since the near search failed.
+  const { pool, calls } = nearMemoryFull(() => NEAR + 2n ** 20n);
+  const reach = 2n ** 26n;
+  assert.equal(pool.allocate(NEAR, reach, 48), null);
+  assert.equal(calls.count, 2);
+  const wide = pool.allocate(NEAR, 2n ** 32n, 48)!;
+  assert.equal(wide.address, NEAR + 2n ** 20n);
+  assert.equal(calls.count, 3);
+  const near = pool.allocate(NEAR, reach, 48);
+  assert.equal(near?.block, wide.block, "served from the new block's room");
+  assert.equal(calls.count, 3, "without asking");
+  assert.equal(pool.allocate(NEAR, reach, 100_000), null, "too big for that block: asked, not refused");
+  assert.equal(calls.count, 4);
 });
