@@ -394,12 +394,17 @@ export interface CodeWrite {
  */
 export const PROTECT_FROM = 4;
 
+/** The runs of a page the process may store to. */
+const NO_RUNS: readonly Run[] = [];
+
 /** From how many writes on one page one view of the whole page serves them (Deno: 4 small views cost one). */
 const PAGE_VIEW_FROM = 4;
 
 /** One page a batch writes. */
 interface Page {
   readonly address: bigint;
+  /** Where the next page starts (kept: each bigint sum costs an allocation). */
+  readonly end: bigint;
   /** Its protection bits: the system's, or those of the caller's mapping (`exact` false). */
   readonly protection: number;
   readonly exact: boolean;
@@ -416,9 +421,13 @@ interface Page {
 interface Spot {
   readonly page: Page;
   readonly offset: number;
-  readonly runs: readonly Run[];
+  /** How many pages it touches (consecutive from `page`). */
+  readonly pages: number;
+  runs: readonly Run[];
   /** Whether any page it touches is executable (writable ones too): then it is flushed. */
-  readonly exec: boolean;
+  exec: boolean;
+  /** Where in the call's buffer the undo keeps what it replaces. */
+  save: number;
 }
 
 /** Consecutive non-writable pages of one protection: one protection change, or forced writes. */
@@ -436,6 +445,8 @@ interface Run {
   open: boolean;
   /** Its pages' exact protections, found when it is first made writable (an undo may make it so again). */
   spans?: readonly Span[];
+  /** The list of it alone, which each of its pages and the spots on one page share. */
+  readonly alone: readonly Run[];
 }
 
 /** A span of pages of one protection. */
@@ -481,12 +492,12 @@ interface Writing {
  */
 export function writeCode(platform: Platform, writes: readonly CodeWrite[], protectFrom: number = PROTECT_FROM): void {
   const spots = spotsOf(platform, writes);
-  const undoAt: number[] = [];
   let total = 8;
   for (let i = 0; i < writes.length; i++) {
-    const offset = spots[i]!.offset % 8;
-    for (const run of spots[i]!.runs) run.stores += storesOf(writes[i]!, offset);
-    undoAt.push(total);
+    const spot = spots[i]!;
+    const offset = spot.offset % 8;
+    for (const run of spot.runs) run.stores += storesOf(writes[i]!, offset);
+    spot.save = total;
     total += undoLength(writes[i]!, offset);
   }
   for (const spot of spots) for (const run of spot.runs) run.forced = run.stores < protectFrom;
@@ -500,25 +511,25 @@ export function writeCode(platform: Platform, writes: readonly CodeWrite[], prot
     wordValue: new BigInt64Array(buffer.buffer, 0, 1),
     opened: [],
   };
-  // Which writes were made: the undo puts back what each replaced.
-  const done: number[] = [];
+  // How many writes were made (or begun): the undo puts back what each replaced.
+  let done = 0;
   try {
     for (let index = 0; index < writes.length; index++) {
       const { address, bytes, spin } = writes[index]!;
       if (bytes.length === 0) continue;
       const spot = spots[index]!;
-      done.push(index);
-      if (store(w, spot, address, bytes, spin, forcedFor(w, spot), undoAt[index]!)) continue;
+      done = index + 1;
+      if (store(w, spot, address, bytes, spin, forcedFor(w, spot), spot.save)) continue;
       // The forced write refused, with nothing written: the pages are made writable instead.
-      done.pop();
+      done = index;
       for (const run of spot.runs) if (!run.open) open(w, run);
-      done.push(index);
-      store(w, spot, address, bytes, spin, false, undoAt[index]!);
+      done = index + 1;
+      store(w, spot, address, bytes, spin, false, spot.save);
     }
     // Inside the try: a protection that cannot be given back undoes the bytes too.
     close(w);
   } catch (error) {
-    const unwritten = undo(w, writes, spots, done, undoAt);
+    const unwritten = undo(w, writes, spots, done);
     const unclosed = closing(w);
     flush(w, writes, spots);
     if (unwritten === null && unclosed === null) throw error;
@@ -537,37 +548,47 @@ export function writeCode(platform: Platform, writes: readonly CodeWrite[], prot
  * those are runs to make writable (many stores), and the system lets them be.
  */
 function forcedFor(w: Writing, spot: Spot): boolean {
-  const closed = spot.runs;
-  const forced = closed.some((run) => !run.open);
-  if (forced && closed.every((run) => run.open || !run.forced)) return !closed.every((run) => run.open || tryOpen(w, run));
-  return forced;
+  let forced = false;
+  let toOpen = true;
+  for (const run of spot.runs) {
+    if (run.open) continue;
+    forced = true;
+    if (run.forced) toOpen = false;
+  }
+  if (!forced || !toOpen) return forced;
+  for (const run of spot.runs) if (!run.open && !tryOpen(w, run)) return true;
+  return false;
 }
 
 /**
- * Puts back what each write of `done` replaced, newest first, each the way its pages take a store
- * now: a run whose protection was already given back is made writable again, or written the forced
- * way. Tries every write; says what failed, or null.
+ * Puts back what each of the first `done` writes replaced, newest first, each the way its pages
+ * take a store now: a run whose protection was already given back is made writable again, or
+ * written the forced way. Tries every write; says what failed, or null.
  */
-function undo(w: Writing, writes: readonly CodeWrite[], spots: readonly Spot[], done: number[], undoAt: readonly number[]): string | null {
+function undo(w: Writing, writes: readonly CodeWrite[], spots: readonly Spot[], done: number): string | null {
   let failed: string | null = null;
-  for (const index of done.reverse()) {
+  for (let index = done - 1; index >= 0; index--) {
     const write = writes[index]!;
+    if (write.bytes.length === 0) continue;
     const spot = spots[index]!;
-    const offset = spot.offset % 8;
-    const before = w.buffer.subarray(undoAt[index]!, undoAt[index]! + undoLength(write, offset));
-    const put = (forced: boolean) =>
-      offset + write.bytes.length <= 8
-        ? storeWord(w, spot.page, spot.offset - offset, write.address - BigInt(offset), before, 0, forced, -1)
-        : store(w, spot, write.address, before, write.spin, forced, -1);
+    const before = w.buffer.subarray(spot.save, spot.save + undoLength(write, spot.offset % 8));
     try {
-      if (put(forcedFor(w, spot))) continue;
+      if (putBack(w, spot, write, before, forcedFor(w, spot))) continue;
       for (const run of spot.runs) if (!run.open) open(w, run);
-      put(false);
+      putBack(w, spot, write, before, false);
     } catch (error) {
       failed ??= `the new bytes at ${hex(write.address)} stay (${messageOf(error)})`;
     }
   }
   return failed;
+}
+
+/** Stores `before`, what `write` replaced (its aligned word, or its bytes), back; false when the forced write refuses it. */
+function putBack(w: Writing, spot: Spot, write: CodeWrite, before: Uint8Array, forced: boolean): boolean {
+  const offset = spot.offset % 8;
+  return offset + write.bytes.length <= 8
+    ? storeWord(w, spot.page, spot.offset - offset, wordAt(write.address, offset), before, 0, forced, -1)
+    : store(w, spot, write.address, before, write.spin, forced, -1);
 }
 
 /** `close`, after an undo: which pages stay writable, or null. */
@@ -634,7 +655,7 @@ function store(
 ): boolean {
   const { page, offset: inPage } = spot;
   const offset = inPage % 8;
-  const at = address - BigInt(offset);
+  const at = wordAt(address, offset);
   if (offset + bytes.length <= 8) return storeWord(w, page, inPage - offset, at, bytes, offset, forced, save);
   if (save >= 0) {
     const whole = inPage + bytes.length <= w.size ? pageView(w, page) : null;
@@ -654,9 +675,14 @@ function store(
   return true;
 }
 
+/** The aligned word holding `address`, `offset` bytes into it (an aligned one is its own: no bigint to make). */
+function wordAt(address: bigint, offset: number): bigint {
+  return offset === 0 ? address : address - BigInt(offset);
+}
+
 /** Makes `run` writable, each page keeping its exact protection's other bits. */
 function open(w: Writing, run: Run): void {
-  run.spans ??= run.exact ? [run] : exactSpans(w.os, run);
+  run.spans ??= run.exact ? run.alone : exactSpans(w.os, run);
   for (const span of run.spans) {
     w.os.protect(span.start, span.length, span.protection | PROT_WRITE);
     w.opened.push({ start: span.start, length: span.length, protection: span.protection, run });
@@ -729,7 +755,7 @@ function spotsOf(platform: Platform, writes: readonly CodeWrite[]): Spot[] {
   // Writes come in address order more often than not: the last page found is asked first.
   let last: Page | null = null;
   const pageAt = (address: bigint, hint: Mapping | null): Page => {
-    if (last && address >= last.address && address - last.address < page) return last;
+    if (last && address >= last.address && address < last.end) return last;
     const p = address - address % page;
     let found = pages.get(p);
     if (!found) {
@@ -737,25 +763,25 @@ function spotsOf(platform: Platform, writes: readonly CodeWrite[]): Spot[] {
       if (!given && (!known || p < known.start || p >= known.end)) known = os.mappingAt(p);
       const mapping = given ?? known;
       if (!mapping) throw new RedefineError("INVALID_ADDRESS", `${hex(p)} is not mapped: nothing was written.`);
-      found = { address: p, protection: mapping.protection, exact: !given, runs: [], writes: 0 };
+      found = { address: p, end: p + page, protection: mapping.protection, exact: !given, runs: NO_RUNS, writes: 0 };
       pages.set(p, found);
     }
     return (last = found);
   };
-  const touched = writes.map((w) => {
+  const spots: Spot[] = [];
+  for (const w of writes) {
     const hint = w.mapping && !(w.mapping.protection & PROT_WRITE) ? w.mapping : null;
     const first = pageAt(w.address, hint);
     first.writes++;
     const offset = Number(w.address - first.address);
-    const list = [first];
-    for (let at = offset + w.bytes.length - size, p = first.address + page; at > 0; at -= size, p += page) {
-      const next = pageAt(p, hint);
-      next.writes++;
-      list.push(next);
+    let count = 1;
+    for (let at = offset + w.bytes.length - size, p = first.end; at > 0; at -= size, p += page, count++) {
+      pageAt(p, hint).writes++;
     }
-    return { first, offset, list };
-  });
-  const closed = [...pages.values()].filter((p) => !(p.protection & PROT_WRITE));
+    spots.push({ page: first, offset, pages: count, runs: first.runs, exec: false, save: 0 });
+  }
+  const closed: Page[] = [];
+  for (const p of pages.values()) if (!(p.protection & PROT_WRITE)) closed.push(p);
   if (closed.length > 1) closed.sort((a, b) => (a.address < b.address ? -1 : a.address > b.address ? 1 : 0));
   let run: Run | null = null;
   for (const p of closed) {
@@ -763,16 +789,25 @@ function spotsOf(platform: Platform, writes: readonly CodeWrite[]): Spot[] {
       run.length += size;
       run.exact &&= p.exact;
     } else {
-      run = { start: p.address, length: size, protection: p.protection, exact: p.exact, stores: 0, forced: true, open: false };
+      const alone: Run[] = [];
+      run = { start: p.address, length: size, protection: p.protection, exact: p.exact, stores: 0, forced: true, open: false, alone };
+      alone.push(run);
     }
-    p.runs = [run];
+    p.runs = run.alone;
   }
-  return touched.map(({ first, offset, list }) => ({
-    page: first,
-    offset,
-    runs: list.length === 1 ? first.runs : [...new Set(list.flatMap((p) => p.runs))],
-    exec: list.some((p) => (p.protection & PROT_EXEC) !== 0),
-  }));
+  for (const spot of spots) {
+    spot.runs = spot.page.runs;
+    spot.exec = (spot.page.protection & PROT_EXEC) !== 0;
+    if (spot.pages === 1) continue;
+    const runs: Run[] = [...spot.runs];
+    for (let k = 1, p = spot.page.end; k < spot.pages; k++, p += page) {
+      const next = pages.get(p)!;
+      spot.exec ||= (next.protection & PROT_EXEC) !== 0;
+      for (const r of next.runs) if (!runs.includes(r)) runs.push(r);
+    }
+    spot.runs = runs;
+  }
+  return spots;
 }
 
 /** `run`'s pages by their protection as the system has it now: consecutive pages of one protection merged. */
