@@ -18,7 +18,7 @@
 import type { BranchChecks } from "../src/arch/types.ts";
 import { UNCHECKED } from "../src/arch/types.ts";
 import type { Mapping, Runtime } from "./types.ts";
-import { PROT_READ } from "./types.ts";
+import { PROT_EXEC, PROT_READ } from "./types.ts";
 import { aarch64Features, imageAt } from "./image/elf_loaded.ts";
 
 const AT_HWCAP = 16n;
@@ -27,7 +27,6 @@ const HWCAP_GCS = 1n << 32n;
 const HWCAP2_BTI = 1n << 17n;
 const PR_GET_SHADOW_STACK_STATUS = 74;
 const PR_SHADOW_STACK_ENABLE = 1n;
-const PROT_EXEC = 4;
 /** arm64's `PROT_BTI`. */
 const PROT_BTI = 0x10;
 /** `GNU_PROPERTY_AARCH64_FEATURE_1_BTI`. */

@@ -145,7 +145,7 @@ function trampolineAlone(m: Machine, site: AnySite): Built {
   const near = arch.entryJumps[0];
   const known = relocationPlan(m, site, near.size);
   const plan = known.plan;
-  // `locate` refused overlaps of the first near jump's bytes: only a wider reach is asked again.
+  // `locate` refused overlaps of the shortest entry jump's bytes (`entryJumps[0]`): only a wider reach is asked again.
   if (plan.consumed > near.size) refuseOverlap(site.at, plan.consumed);
   // The code a slot holds is the same wherever the slot is (it jumps back from anywhere).
   const reuse: SlotReuse = { plan: known, holds: LONE_TRAMPOLINE, jumpSize: near.size, released: null };

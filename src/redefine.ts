@@ -112,7 +112,7 @@ function applyLocked<P extends readonly NativeType[], R extends NativeType>(site
   let layout: Layout | undefined;
   try {
     layout = layOut(site, to, under);
-    // `locate` refused overlaps of the first near jump's bytes: only a wider reach is asked again.
+    // `locate` refused overlaps of the shortest entry jump's bytes (`entryJumps[0]`): only a wider reach is asked again.
     if (layout.covers > machine().arch.entryJumps[0].size) refuseOverlap(site.at, layout.covers);
   } catch (error) {
     if (layout) release(layout);

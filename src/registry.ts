@@ -8,7 +8,7 @@
  * state besides the platform singleton.
  */
 import { hex, RedefineError } from "./errors.ts";
-import { CodePool, writeCode } from "./code_memory.ts";
+import { CodePool, mappedNow, writeCode } from "./code_memory.ts";
 import type { CodeSlot, CodeWrite, Quarantined } from "./code_memory.ts";
 import { archFor } from "./arch/mod.ts";
 import { ANYWHERE } from "./arch/types.ts";
@@ -524,11 +524,14 @@ function reapDead(s: Store): void {
   for (const stack of [...stacks.values()]) {
     let top = stack.at(-1);
     while (top && !s.alive(top.owner)) {
-      const now = liveBytes(top.at, top.written.length);
-      if (!now.every((b, i) => b === top!.written[i])) break;
-      const write: CodeWrite = { address: top.at, bytes: restoredBytes(top), spin: machine().arch.selfLoop };
       try {
-        writeCode(machine().platform, [write]);
+        // As a restore does (src/patch.ts): the library may have been unloaded since, and reading
+        // its place would crash; a place gone has nothing to put back.
+        if (mappedNow(mappingAt, top.at, Math.max(top.written.length, top.original.length))) {
+          if (!liveHolds(top.at, top.written)) break;
+          const write: CodeWrite = { address: top.at, bytes: restoredBytes(top), spin: machine().arch.selfLoop };
+          writeCode(machine().platform, [write]);
+        }
       } catch (error) {
         // It stays inert where it is; this isolate's own patching must not fail for it.
         if (error instanceof RedefineError) break;

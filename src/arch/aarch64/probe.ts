@@ -19,7 +19,7 @@ import type { ProbeCode, ProbeOptions } from "../probe.ts";
 import { PROBE_RECORD as R } from "../probe.ts";
 import { assembleListing, type Line, type Place } from "../listing.ts";
 import { threadPointer } from "./guard.ts";
-import { adr, adrp, assemble, b, br, cbz } from "./writer.ts";
+import { addImmediate, adr, adrp, assemble, b, br, cbz } from "./writer.ts";
 
 const X0 = 0, X1 = 1, X16 = 16, X17 = 17, X30 = 30;
 
@@ -35,11 +35,6 @@ function ldr(rt: number, rn: number, offset: number): number {
 }
 function str(rt: number, rn: number, offset: number): number {
   return (0xf9000000 | ((offset / 8) << 10) | (rn << 5) | rt) >>> 0;
-}
-
-/** `add xd, xn, #imm12`. */
-function addImmediate(rd: number, rn: number, imm12: number): number {
-  return (0x91000000 | (imm12 << 10) | (rn << 5) | rd) >>> 0;
 }
 
 /** The little-endian words of `code` (whole instructions). */
