@@ -3,7 +3,7 @@
  * gaps near an address can hold new code, and protection bits as text for messages.
  */
 import type { Mapping } from "./types.ts";
-import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
+import { ANYWHERE, PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 
 /** How many places to try in one free gap, and how far apart. */
 const GAP_TRIES = 16;
@@ -134,5 +134,5 @@ function gapPlaces(mappings: readonly Mapping[], i: number, bounds: Bounds): num
  */
 export function farPlace(mappings: readonly Mapping[], size: bigint, pageSize: bigint): bigint {
   // Nearest to 0 is the first place of the lowest gap that has one.
-  return nearCandidates(mappings, 0n, 2n ** 62n, size, pageSize, 1)[0] ?? 0n;
+  return nearCandidates(mappings, 0n, ANYWHERE, size, pageSize, 1)[0] ?? 0n;
 }

@@ -15,10 +15,8 @@
  * loader guarded, and whose every indirect target has a landing pad), never for anonymous memory,
  * which may not have been guarded.
  */
-import type { BranchChecks } from "../src/arch/types.ts";
-import { UNCHECKED } from "../src/arch/types.ts";
-import type { Mapping, Runtime } from "./types.ts";
-import { PROT_EXEC, PROT_READ } from "./types.ts";
+import type { BranchChecks, Mapping, Runtime } from "./types.ts";
+import { PROT_EXEC, PROT_READ, UNCHECKED } from "./types.ts";
 import { aarch64Features, imageAt } from "./image/elf_loaded.ts";
 
 const AT_HWCAP = 16n;

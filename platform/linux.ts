@@ -8,7 +8,7 @@
  */
 import { hex, RedefineError } from "../src/errors.ts";
 import type { CodeBlock, Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
-import { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
+import { ANYWHERE, PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 import { aarch64CacheFlush } from "./aarch64_flush.ts";
 import { aarch64BranchChecks } from "./branch_checks.ts";
 import { farPlace, nearCandidates, protectionText } from "./address_space.ts";
@@ -36,8 +36,6 @@ const O_CLOEXEC = 0x80000;
 const PROCMAP_QUERY = 0xc0686611n;
 const PROCMAP_QUERY_SIZE = 104;
 const ENOENT = 2;
-/** A reach that takes in every address: what code that may live anywhere asks for. */
-const ANYWHERE = 2n ** 62n;
 /**
  * How far from the C library a block for code that may live anywhere may be (`blockBesideLibc`):
  * all of libc's text stays within a near jump's ±2 GiB of all of it.

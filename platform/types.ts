@@ -3,11 +3,31 @@
  * operating system's memory services (Linux, macOS, Windows). All addresses are `bigint`.
  */
 import type { Signature } from "../src/signature.ts";
-import type { BranchChecks } from "../src/arch/types.ts";
 
 /** A native function called from JS: arguments and result as the signature's JS types. */
 // deno-lint-ignore no-explicit-any
 export type NativeCall = (...args: any[]) => any;
+
+/** The reach of a jump that goes anywhere: farther than any two user-space addresses are apart. */
+export const ANYWHERE = 2n ** 62n;
+
+/**
+ * How the CPU checks the branches that enter a function's code, as the platform tells for its
+ * pages (arm64: Branch Target Identification and the Guarded Control Stack; x86-64 user space has
+ * neither check on Linux). What the trampoline's jumps back into the function may be follows.
+ */
+export interface BranchChecks {
+  /**
+   * An indirect jump or call (`br`, `blr`) into the code must land on a landing pad (`bti`): the
+   * CPU has BTI and the pages are guarded (PROT_BTI), or may be.
+   */
+  readonly landingPads: boolean;
+  /** Every return is checked against a shadow stack (GCS): a `ret` goes only where a call came from. */
+  readonly shadowStack: boolean;
+}
+
+/** No check: any branch may land anywhere. */
+export const UNCHECKED: BranchChecks = { landingPads: false, shadowStack: false };
 
 /** One symbol for `Runtime.open` to bind. */
 export interface Binding extends Signature {

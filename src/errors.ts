@@ -64,6 +64,12 @@ export function hex(address: bigint | number): string {
   return "0x" + address.toString(16);
 }
 
+/** A distance either way, as messages say a jump's reach: `±128 MiB`, `±4 GiB`. */
+export function spanText(reach: bigint): string {
+  const mib = Math.round(Number(reach) / 2 ** 20);
+  return `±${mib >= 1024 ? `${mib / 1024} GiB` : `${mib} MiB`}`;
+}
+
 /** `48 8b 05 ...` style, for messages that name instruction bytes. */
 export function hexBytes(bytes: Uint8Array): string {
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join(" ");

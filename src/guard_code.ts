@@ -24,7 +24,7 @@ export function guardShape(m: Machine, signature: Signature): GuardLayout {
  * slot's data, in place, and returns what the guard is made of, for `Arch.guard.encode` to make
  * its code: a slot taken back with the guard's code in place needs the data only.
  */
-export function guardData(
+export function guardOptions(
   m: Machine,
   signature: Signature,
   shape: GuardLayout,

@@ -12,9 +12,9 @@
  * test suite or a benchmark that patches and restores the same functions over and over relocates
  * and writes each one once.
  */
-import { hex, RedefineError } from "./errors.ts";
+import { hex, RedefineError, spanText } from "./errors.ts";
 import { ANYWHERE, type BranchChecks, type EntryJump, type RelocationPlan, UNCHECKED } from "./arch/types.ts";
-import { guardData, guardShape } from "./guard_code.ts";
+import { guardOptions, guardShape } from "./guard_code.ts";
 import { probeCode, probeRecord } from "./slot_layout.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { NativeType } from "./signature.ts";
@@ -193,7 +193,7 @@ function guardedStub(
     // garbage, say) must not enter the replacement of the patch below either.
     const bypass = belowBypass ?? originalForGuard(trampoline);
     // A slot taken back holds the code: only its data is written.
-    const guard = guardData(m, site.signature, shape, stub.slot, stub.front, callback, bypass);
+    const guard = guardOptions(m, site.signature, shape, stub.slot, stub.front, callback, bypass);
     if (!stub.reused) write(m, stub, relocated, m.arch.guard!.encode(guard));
     return { ...throughStub(site, stub, trampoline, stub.slot.data + BigInt(shape.busyOffset)), bypass, reuse: stub.reuse };
   });
@@ -368,9 +368,7 @@ function tooShortForStub(m: Machine, site: AnySite, next: number): RedefineError
 
 /** A reach as the messages say it: "within ±128 MiB", "anywhere". */
 function reachText(reach: bigint): string {
-  if (reach >= ANYWHERE) return "anywhere";
-  const mib = Math.round(Number(reach) / 2 ** 20);
-  return `within ±${mib >= 1024 ? `${mib / 1024} GiB` : `${mib} MiB`}`;
+  return reach >= ANYWHERE ? "anywhere" : `within ${spanText(reach)}`;
 }
 
 /** The entry jump that reaches anywhere, the last of the arch's forms. */

@@ -14,7 +14,7 @@ import { CANNED_DATA } from "./arch/canned.ts";
 import { cannedData } from "./mock/canned.ts";
 import { PROBE_COUNTERS, PROBE_RECORD } from "./arch/probe.ts";
 import type { ProbeCode } from "./arch/probe.ts";
-import { guardData, guardShape } from "./guard_code.ts";
+import { guardOptions, guardShape } from "./guard_code.ts";
 import { ANYWHERE } from "./arch/types.ts";
 
 /** What an import slot leads to instead of the function (`callers`), and the code placed for it. */
@@ -53,7 +53,7 @@ export function slotLayout(
   if (!guard) return { destination: to.callback.address, stub: null, busy: null, bypass: to.callback.address };
   const shape = guardShape(m, signature);
   const slot = placed(m, original, shape.size, shape.dataSize, "the guard", (slot) => {
-    m.pool.write(slot, guard.encode(guardData(m, signature, shape, slot, slot.address, to.callback.address, bypass)));
+    m.pool.write(slot, guard.encode(guardOptions(m, signature, shape, slot, slot.address, to.callback.address, bypass)));
   });
   return { destination: slot.address, stub: slot, busy: slot.data + BigInt(shape.busyOffset), bypass };
 }

@@ -5,6 +5,7 @@
 import type { CannedPlan, CannedSpec } from "./canned.ts";
 import type { Signature } from "../signature.ts";
 import type { ProbeCode } from "./probe.ts";
+import type { BranchChecks } from "../../platform/types.ts";
 
 /**
  * The instructions a relocation moves, decoded once by `Arch.planRelocation` and written by
@@ -77,26 +78,9 @@ export interface RegistryLockCode {
   readonly clear: number;
 }
 
-/** The reach of a jump that goes anywhere: farther than any two user-space addresses are apart. */
-export const ANYWHERE = 2n ** 62n;
-
-/**
- * How the CPU checks the branches that enter a function's code, as the platform tells for its
- * pages (arm64: Branch Target Identification and the Guarded Control Stack; x86-64 user space has
- * neither check on Linux). What the trampoline's jumps back into the function may be follows.
- */
-export interface BranchChecks {
-  /**
-   * An indirect jump or call (`br`, `blr`) into the code must land on a landing pad (`bti`): the
-   * CPU has BTI and the pages are guarded (PROT_BTI), or may be.
-   */
-  readonly landingPads: boolean;
-  /** Every return is checked against a shadow stack (GCS): a `ret` goes only where a call came from. */
-  readonly shadowStack: boolean;
-}
-
-/** No check: any branch may land anywhere. */
-export const UNCHECKED: BranchChecks = { landingPads: false, shadowStack: false };
+// The platform's (it tells both for its memory), and the arch code's vocabulary too.
+export { ANYWHERE, UNCHECKED } from "../../platform/types.ts";
+export type { BranchChecks } from "../../platform/types.ts";
 
 /** One form of the entry jump: it clobbers no argument register, so it can sit at any entry. */
 export interface EntryJump {

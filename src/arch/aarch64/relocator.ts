@@ -13,7 +13,7 @@
  * memory there can be had (src/layout.ts), so these are the exception.
  */
 import { concat } from "../bytes.ts";
-import { hex, RedefineError } from "../../errors.ts";
+import { hex, RedefineError, spanText } from "../../errors.ts";
 import { tooShort, unrelocatable } from "../refusals.ts";
 import { type BranchChecks, type RelocationPlan, UNCHECKED } from "../types.ts";
 import {
@@ -141,10 +141,9 @@ function jump(at: bigint, target: bigint, checks: BranchChecks): Uint8Array {
 function farJump(at: bigint, target: bigint, checks: BranchChecks): Uint8Array {
   if (!checks.landingPads) return jumpAbs(target);
   if (!checks.shadowStack) return jumpAbsUnchecked(target);
-  const mib = Math.round(Number(B_REACH) / 2 ** 20);
   throw new RedefineError(
     "BRANCH_PROTECTION",
-    `the original would jump from ${hex(at)} to ${hex(target)}, farther than a b reaches (±${mib} MiB), ` +
+    `the original would jump from ${hex(at)} to ${hex(target)}, farther than a b reaches (${spanText(B_REACH)}), ` +
       "into code that arm64 Branch Target Identification guards, where an indirect br must land " +
       "on a landing pad and finds none; the other way, ret x16, is refused by the Guarded Control " +
       "Stack this process runs with. Leave memory free within that reach of the function, run " +
