@@ -88,8 +88,11 @@ test("code pool: a released slot is reused at its size only after the quarantine
 
 test("code pool: a released slot can be reclaimed, untouched, until it is reused, and never while its busy flag is set", async () => {
   const { runtime, pool, take, busy, a, b } = twoSlots();
+  const code = Uint8Array.of(0xc3, 0xcc, 0x90, 0x90);
+  pool.write(a, code);
   const ra = pool.release(a, busy(a));
   assert.ok(pool.reclaim(ra), "reclaimed inside the quarantine");
+  assert.deepEqual(Array.from(runtime.view(a.address, code.length)), Array.from(code), "its code untouched");
   assert.ok(!pool.reclaim(ra), "only once");
   runtime.view(busy(b), 1)[0] = 1;
   const rb = pool.release(b, busy(b));
