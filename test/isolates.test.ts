@@ -64,7 +64,8 @@ test("isolates: the raced functions' entry jumps change only their first instruc
     const before = bytesAt(address, 64);
     const real = ids[symbol]();
     // A thread stopped after the first instruction, as it goes on: that instruction, relocated,
-    // then a jump to the second.
+    // then a jump to the second. It runs in this process once the bytes past the first
+    // instruction are found unchanged: a jump reaching past it fails the test, not the suite.
     const page = mapPages(1);
     try {
       const plan = arch.planRelocation(before, address, 1);
