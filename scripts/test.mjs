@@ -24,8 +24,8 @@ const steps = [
     // functions are optimized on the JS thread (the flag reaches each file's process): Node
     // 26.10 frees node:ffi's functions while its environment ends, and an optimizing job still
     // reading one's fast-call signature on a background thread crashed (SIGSEGV in
-    // FastApiCallOp::inputs_rep; probe.test.ts, which ends in a hot loop of FFI calls, 2 of 128
-    // runs under load, 0 of 200 with the flag). See the README's Node section.
+    // FastApiCallOp::inputs_rep; probe.test.ts, which ends in a hot loop of FFI calls, 3 of 328
+    // runs under load, 0 of 600 with the flag). See the README's Node section.
     const flags = ["--no-concurrent-recompilation", "--test", "--test-reporter=tap"];
     return nodeCounts(run(bin("node"), [...flags, "test/*.test.ts"]));
   }],
