@@ -4,7 +4,25 @@
 import { assert, runtimeName, runtimePath, test } from "./harness.ts";
 import { spawnSync } from "node:child_process";
 import process from "node:process";
+import { redefine } from "../mod.ts";
+import { machine } from "../src/registry.ts";
+import { PROT_EXEC, PROT_READ } from "../platform/mod.ts";
+import { bytesAt, libc, mapPages, os, runtime } from "./native.ts";
 
+/**
+ * The functions the races redefine while other isolates call them: each one's first instruction
+ * is as long as the entry jump. A thread that has run a function's first instruction when another
+ * thread's entry jump goes live resumes at the second, in the middle of the jump when the jump
+ * reaches past the first (README, "Not guaranteed"): racing glibc's `labs` (a 3-byte `mov rax,
+ * rdi` first) killed Bun's main thread once in a 2-core CI run, an illegal instruction at labs+3
+ * while the Worker's patch landed. `getuid`'s and `getgid`'s first instruction, `mov eax, N`, is 5
+ * bytes, the near jump's length (an arm64 `b` is always one instruction).
+ */
+const RACED = ["getuid", "getgid"] as const;
+const ids = runtime.open("libc.so.6", {
+  getuid: { parameters: [], result: "i32" },
+  getgid: { parameters: [], result: "i32" },
+});
 
 /** Runs a fixture under this runtime; its exit status, signal and last line of JSON. */
 function fixture(name: string, args: string[], timeout = 30_000) {
@@ -26,6 +44,8 @@ interface Report {
 }
 
 function race(where: "two" | "main", first: string, second: string): Report[] {
+  const raced: readonly string[] = RACED;
+  assert.ok(raced.includes(first) && raced.includes(second), `${first} and ${second} must be in RACED (see there)`);
   const reports: Report[] = fixture("isolates_race.ts", [where, first, second, "1500"]);
   for (const report of reports) {
     assert.ok(report.toggles > 0, JSON.stringify(reports));
@@ -35,8 +55,43 @@ function race(where: "two" | "main", first: string, second: string): Report[] {
   return reports;
 }
 
+test("isolates: the raced functions' entry jumps change only their first instruction; a thread stopped after it gets the original", () => {
+  const { arch } = machine();
+  for (const symbol of RACED) {
+    const entry = os.symbolAddress(symbol);
+    // Where the jump goes: after `endbr64`, in a C library built for CET.
+    const address = entry + BigInt(arch.landingPadLength(bytesAt(entry, 16)));
+    const before = bytesAt(address, 64);
+    const real = ids[symbol]();
+    // A thread stopped after the first instruction, as it goes on: that instruction, relocated,
+    // then a jump to the second. It runs in this process once the bytes past the first
+    // instruction are found unchanged: a jump reaching past it fails the test, not the suite.
+    const page = mapPages(1);
+    try {
+      const plan = arch.planRelocation(before, address, 1);
+      const resume = arch.relocate(plan, page);
+      runtime.view(page, resume.length).set(resume);
+      assert.equal(libc.mprotect(page, BigInt(os.pageSize), PROT_READ | PROT_EXEC), 0);
+      os.flushCode(page, resume.length);
+      const stopped = runtime.fnPointer(page, { parameters: [], result: "i32" });
+      const patch = redefine({ symbol, parameters: [], result: "i32" }, () => real + 1);
+      try {
+        assert.equal(patch.patchedAddress, address);
+        const past = plan.consumed;
+        assert.deepEqual(bytesAt(address + BigInt(past), 16), before.subarray(past, past + 16), `${symbol} past its first instruction`);
+        assert.equal(ids[symbol](), real + 1, "the patch is live");
+        assert.equal(stopped(), real, "the stopped thread finishes the original");
+      } finally {
+        patch.restore();
+      }
+    } finally {
+      libc.munmap(page, BigInt(os.pageSize));
+    }
+  }
+});
+
 test("isolates: two Workers redefining and restoring the same function at once", () => {
-  race("two", "labs", "labs");
+  race("two", "getuid", "getuid");
 });
 
 test("isolates: two Workers redefining different functions on one page at once", () => {
@@ -44,7 +99,7 @@ test("isolates: two Workers redefining different functions on one page at once",
 });
 
 test("isolates: the main thread and a Worker redefining the same function at once", () => {
-  race("main", "labs", "labs");
+  race("main", "getuid", "getuid");
 });
 
 for (const [how, title, why] of [
