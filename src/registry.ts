@@ -304,13 +304,13 @@ function theStore(): Store {
   const m = machine();
   const bind = (address: bigint, signature: Signature) =>
     m.originals.acquire(`registry lock at ${address}`, signature, address).call;
-  store = openStore(m.platform, m.pool, m.arch, threadPointer(m), bind);
+  store = openStore(m.platform, m.pool, m.arch, () => threadPointer(m), bind);
   return store;
 }
 
-/** This isolate's identity word, which the guard stubs compare the running thread with. */
+/** This isolate's identity word, holding the JS thread's pointer, which the guard stubs compare the running thread with. */
 export function isolateIdentity(): bigint {
-  return theStore().identity;
+  return theStore().ownIdentity();
 }
 
 /** The JS thread's thread pointer, read by running the guard's own read on this thread. */

@@ -7,9 +7,10 @@
  * The first copy in a process maps it and publishes its address in an environment variable named
  * after the process id (`setenv` without overwrite: of two copies racing, one wins and the other
  * unmaps its own); a child process inherits the variable under its parent's id and ignores it.
- * Each isolate also owns an identity word: its JS thread's pointer while it lives, cleared by a
- * thread-exit destructor when the isolate's thread ends — the guard stubs compare against it, and
- * the registry takes a lock or a patch whose owner's word is 0 as left by a dead isolate.
+ * Each isolate also owns an identity word: non-zero while it lives (its JS thread's pointer once
+ * a guard or a probe asks for it), cleared by a thread-exit destructor when the isolate's thread
+ * ends — the guard stubs compare against it, and the registry takes a lock or a patch whose
+ * owner's word is 0 as left by a dead isolate.
  * Where the C library offers no such place (Windows, macOS, a libc without thread destructors), the
  * store is this isolate's own, as if it were alone in the process.
  */
@@ -41,6 +42,12 @@ export interface StoredPatch {
 export interface Store {
   /** This isolate's identity word (see the module doc). */
   readonly identity: bigint;
+  /**
+   * The identity word, holding this isolate's JS thread's pointer: read on first ask, as only the
+   * guards and probes compare it with the running thread (a first patch without one never runs the
+   * read, which costs a code slot and a call through a pointer — under Node a stub library).
+   */
+  ownIdentity(): bigint;
   /** Takes the process-wide lock (spinning, yielding the CPU); taken from a dead owner if need be. */
   lock(): void;
   unlock(): void;
@@ -118,8 +125,8 @@ function cString(text: string): Uint8Array {
 }
 
 /**
- * This isolate's view of the store: the process's (found or made), or its own. `threadPointer` is
- * the JS thread's identity as the guard reads it; `bind` makes a JS callable of code at an address
+ * This isolate's view of the store: the process's (found or made), or its own. `threadPointer`
+ * reads the JS thread's identity as the guard reads it; `bind` makes a JS callable of code at an address
  * on the runtime's fast call path (the lock is taken twice a patch), which may cost a stub library
  * to make: where the runtime's own call through a pointer is slow, this isolate's first RAW_LOCKS
  * sections use that one and `bind` is asked after them, so the first patch never pays for it.
@@ -128,7 +135,7 @@ export function openStore(
   platform: Platform,
   pool: CodePool,
   arch: Arch,
-  threadPointer: bigint,
+  threadPointer: () => bigint,
   bind: (address: bigint, signature: Signature) => NativeCall,
 ): Store {
   const { runtime } = platform;
@@ -141,7 +148,9 @@ export function openStore(
     const live = runtime.view(address, 8);
     return new BigInt64Array(live.buffer, live.byteOffset, 1);
   };
-  Atomics.store(word(identity), 0, BigInt.asIntN(64, threadPointer));
+  // Alive from the start; no thread pointer is 1 (they are aligned), so no guard takes it for one.
+  Atomics.store(word(identity), 0, 1n);
+  let owned = false;
   const c = libc(platform);
   let base: bigint | null = null;
   // The destructor is filed under libc (the DSO of the address given), which is never unloaded;
@@ -162,6 +171,11 @@ export function openStore(
   const recordAt = (slot: number) => HEADER.size + slot * RECORD.size;
   return {
     identity,
+    ownIdentity() {
+      if (!owned) Atomics.store(word(identity), 0, BigInt.asIntN(64, threadPointer()));
+      owned = true;
+      return identity;
+    },
     lock() {
       if (!cas) return;
       if (rawLocks-- === 0) cas = bind(slot.address, CAS);
