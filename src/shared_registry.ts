@@ -95,9 +95,10 @@ const MAP_FAILED = 2n ** 64n - 1n;
 function libc(platform: Platform): Record<string, NativeCall> | null {
   const { runtime } = platform;
   if (runtime.os !== "linux") return null;
-  // Bound a group at a time (a symbol costs Deno ~45 µs to bind): what opening the store calls,
-  // and what only a lost race or a contended lock does.
-  const c = lazyLibrary(runtime, "libc.so.6", {
+  // Bound a group at a time: what opening the store calls, and what only a lost race or a contended
+  // lock does. Each is called a few times at most: where binding costs more than a call through a
+  // pointer (Deno), none is bound (platform/lazy_library.ts).
+  const symbols = {
     opening: {
       getenv: { parameters: ["buffer"], result: "usize" },
       setenv: { parameters: ["buffer", "buffer", "i32"], result: "i32" },
@@ -109,10 +110,12 @@ function libc(platform: Platform): Record<string, NativeCall> | null {
       munmap: { parameters: ["usize", "usize"], result: "i32" },
       sched_yield: { parameters: [], result: "i32" },
     },
-  });
+  } as const;
+  const names = Object.values(symbols).flatMap((group) => Object.keys(group));
+  const c = lazyLibrary(runtime, "libc.so.6", symbols, { names, address: (symbol) => platform.os.symbolAddress(symbol, "libc.so.6") });
   try {
-    // Bound now, so that a C library lacking one of them is known here.
-    void c.getenv;
+    // Bound (or found) now, so that a C library lacking one of them is known here.
+    for (const name of Object.keys(symbols.opening)) void c[name as keyof typeof c];
     return c;
   } catch (error) {
     if (error instanceof RedefineError) return null;
