@@ -58,6 +58,9 @@ const SELDOM = [
   "write", "fcntl",
 ];
 
+/** What each patch calls once or twice (a mapping query, a forced write, a symbol's size): bound once busy. */
+const BUSY_LATER = ["ioctl", "pwrite", "dladdr1"];
+
 /**
  * libc's functions, in groups bound on first use (platform/lazy_library.ts); `address` finds a
  * seldom one in libc.
@@ -107,7 +110,7 @@ function libc(runtime: Runtime, address: (symbol: string) => bigint) {
       getauxval: { parameters: ["u64"], result: "u64" },
       readlink: { parameters: ["buffer", "buffer", "usize"], result: "isize" },
     },
-  }, { names: SELDOM, address });
+  }, { names: SELDOM, busyLater: BUSY_LATER, address });
 }
 
 /** Parses /proc/self/maps text. */

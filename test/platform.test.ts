@@ -107,7 +107,7 @@ test("a lazily bound library binds a group on the first use of one of its symbol
   assert.throws(() => missing.no_such_symbol_here, RedefineError);
 });
 
-test("a lazily bound library calls its seldom symbols through their addresses where pointer calls are slow, else binds them with their group", () => {
+test("a lazily bound library calls its seldom symbols through their addresses where pointer calls are slow (its busy-later ones until they prove busy), else binds them with their group", () => {
   for (const slowPointerCalls of [true, false]) {
     const opened: string[][] = [];
     const pointers: bigint[] = [];
@@ -127,20 +127,32 @@ test("a lazily bound library calls its seldom symbols through their addresses wh
     const c = lazyLibrary(counting, "libc.so.6", {
       ids: { getpid: { parameters: [], result: "i32" }, getppid: { parameters: [], result: "i32" } },
       other: { labs: { parameters: ["i64"], result: "i64" } },
-    }, { names: ["getppid", "labs"], address: (symbol) => (asked.push(symbol), os.symbolAddress(symbol, "libc.so.6")) });
+      busy: { imaxabs: { parameters: ["i64"], result: "i64" } },
+    }, {
+      names: ["getppid", "labs"],
+      busyLater: ["imaxabs"],
+      address: (symbol) => (asked.push(symbol), os.symbolAddress(symbol, "libc.so.6")),
+    });
     assert.equal(c.getppid(), process.ppid);
     assert.equal(c.getppid(), process.ppid);
     assert.equal(c.getpid(), process.pid);
     assert.equal(c.labs(-3n), 3n);
+    const openedBefore = opened.length;
+    // A busy-later one: its first 16 calls through its address, then bound; every call answered.
+    for (let i = 1; i <= 20; i++) {
+      assert.equal(c.imaxabs(BigInt(-i)), BigInt(i));
+      if (slowPointerCalls) assert.equal(opened.length, openedBefore + (i >= 16 ? 1 : 0), `after ${i} calls`);
+    }
     if (slowPointerCalls) {
       // Each seldom one found and made callable once; the rest of its group bound without it.
-      assert.deepEqual(asked, ["getppid", "labs"]);
-      assert.deepEqual(pointers, [os.symbolAddress("getppid", "libc.so.6"), os.symbolAddress("labs", "libc.so.6")]);
-      assert.deepEqual(opened, [["getpid"]]);
+      assert.deepEqual(asked, ["getppid", "labs", "imaxabs"]);
+      const at = (name: string) => os.symbolAddress(name, "libc.so.6");
+      assert.deepEqual(pointers, [at("getppid"), at("labs"), at("imaxabs")]);
+      assert.deepEqual(opened, [["getpid"], ["imaxabs"]]);
     } else {
       assert.deepEqual(asked, []);
       assert.deepEqual(pointers, []);
-      assert.deepEqual(opened, [["getpid", "getppid"], ["labs"]]);
+      assert.deepEqual(opened, [["getpid", "getppid"], ["labs"], ["imaxabs"]]);
     }
   }
 });
