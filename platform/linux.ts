@@ -55,8 +55,11 @@ const ERRNO_NAMES: Record<number, string> = { 38: "ENOSYS" };
  */
 const SELDOM = [
   "sysconf", "mmap", "munmap", "memfd_create", "ftruncate", "open", "close", "read", "__errno_location", "strerror",
-  "write", "fcntl",
+  "write", "fcntl", "dlopen", "dlerror",
 ];
+
+/** What a seldom symbol is looked up with, so is found anywhere in the process: as a C program finds it. */
+const DLFCN = new Set(["dlopen", "dlerror"]);
 
 /** What each patch calls once or twice (a mapping query, a forced write, a symbol's size): bound once busy. */
 const BUSY_LATER = ["ioctl", "pwrite", "dladdr1"];
@@ -145,8 +148,8 @@ function device(major: number, minor: number): number {
 /** The Linux layer over `runtime`. */
 export function linux(runtime: Runtime): Os {
   // libc's own definitions, by its handle (the runtime's executable may define some too: Deno's
-  // has a memfd_create).
-  const c = libc(runtime, (symbol) => symbolAddress(symbol, "libc.so.6"));
+  // has a memfd_create), but for the calls that open that handle.
+  const c = libc(runtime, (symbol) => symbolAddress(symbol, DLFCN.has(symbol) ? undefined : "libc.so.6"));
   // x86-64 keeps instruction fetch coherent with stores by itself; arm64 needs a flush.
   const arm64 = runtime.arch === "aarch64" || runtime.arch === "arm64";
 
