@@ -112,7 +112,10 @@ function libc(platform: Platform): Record<string, NativeCall> | null {
     },
   } as const;
   const names = Object.values(symbols).flatMap((group) => Object.keys(group));
-  const c = lazyLibrary(runtime, "libc.so.6", symbols, { names, address: (symbol) => platform.os.symbolAddress(symbol, "libc.so.6") });
+  const c = lazyLibrary(runtime, "libc.so.6", symbols, {
+    names,
+    address: (symbol) => platform.os.symbolAddress(symbol, "libc.so.6"),
+  });
   try {
     // Bound (or found) now, so that a C library lacking one of them is known here.
     for (const name of Object.keys(symbols.opening)) void c[name as keyof typeof c];

@@ -107,7 +107,7 @@ test("a lazily bound library binds a group on the first use of one of its symbol
   assert.throws(() => missing.no_such_symbol_here, RedefineError);
 });
 
-test("a lazily bound library calls its seldom symbols through their addresses where pointer calls are slow (its busy-later ones until they prove busy), else binds them with their group", () => {
+test("lazy library: seldom symbols through their addresses where pointer calls are slow (busy-later ones until busy), else bound", () => {
   for (const slowPointerCalls of [true, false]) {
     const opened: string[][] = [];
     const pointers: bigint[] = [];

@@ -45,15 +45,23 @@ test("mayBranchInto: agrees with the byte-at-a-time definition on random code ar
   let hits = 0;
   for (let round = 0; round < 3000; round++) {
     const n = 1 + Math.floor(next() * 400);
-    const code = Uint8Array.from({ length: n }, () => (next() < 0.3 ? openers[Math.floor(next() * openers.length)]! : Math.floor(next() * 256)));
+    const byte = () => (next() < 0.3 ? openers[Math.floor(next() * openers.length)]! : Math.floor(next() * 256));
+    const code = Uint8Array.from({ length: n }, byte);
     // Ranges after the code (a scan before an entry), before it (code after moved bytes), inside it, and far.
     const kind = round % 4;
     const length = 1 + Math.floor(next() * 20);
-    const lo = kind === 0 ? n + Math.floor(next() * 3) : kind === 1 ? -length - Math.floor(next() * 3) : kind === 2 ? Math.floor(next() * n) : n + 200 + Math.floor(next() * 100);
+    const lo = kind === 0
+      ? n + Math.floor(next() * 3)
+      : kind === 1
+      ? -length - Math.floor(next() * 3)
+      : kind === 2
+      ? Math.floor(next() * n)
+      : n + 200 + Math.floor(next() * 100);
     const hi = lo + length;
     const expected = reference(code, lo, hi);
     if (expected) hits++;
-    assert.equal(mayBranchInto(code, BASE, BASE + BigInt(lo), BASE + BigInt(hi)), expected, `round ${round}: ${lo}..${hi} in ${n} bytes`);
+    const found = mayBranchInto(code, BASE, BASE + BigInt(lo), BASE + BigInt(hi));
+    assert.equal(found, expected, `round ${round}: ${lo}..${hi} in ${n} bytes`);
   }
   assert.ok(hits > 100, `only ${hits} cases had a branch into the range`);
 });
@@ -65,7 +73,7 @@ test("mayBranchInto: finds the farthest rel8, rel32 jumps and calls, and a jcc r
     return c;
   };
   const n = 300;
-  // jmp rel8 -128, 127 bytes after its end... and back from the range's other side.
+  // A rel8 at its farthest, forward from the code's start and backward from its end.
   assert.equal(mayBranchInto(code(n, 0, [0xeb, 0x7f]), BASE, BASE + 128n, BASE + 130n), true); // lands at 129
   assert.equal(mayBranchInto(code(n, 0, [0xeb, 0x7f]), BASE, BASE + 129n, BASE + 131n), false);
   assert.equal(mayBranchInto(code(n, 290, [0x74, 0x80]), BASE, BASE + 162n, BASE + 165n), true); // lands at 164
@@ -76,7 +84,8 @@ test("mayBranchInto: finds the farthest rel8, rel32 jumps and calls, and a jcc r
   assert.equal(mayBranchInto(code(n, 10, [0xe8, ...disp(n - 15 + 1)]), BASE, BASE + BigInt(n), BASE + BigInt(n + 4)), true);
   assert.equal(mayBranchInto(code(n, n - 6, [0x0f, 0x85, ...disp(2)]), BASE, BASE + BigInt(n), BASE + BigInt(n + 4)), true);
   // Cut off: an opener without all of its displacement is no branch.
-  assert.equal(mayBranchInto(code(n, n - 5, [0xe9, ...disp(0)]).subarray(0, n - 1), BASE, BASE + BigInt(n - 1), BASE + BigInt(n + 4)), false);
+  const cut = code(n, n - 5, [0xe9, ...disp(0)]).subarray(0, n - 1);
+  assert.equal(mayBranchInto(cut, BASE, BASE + BigInt(n - 1), BASE + BigInt(n + 4)), false);
   // A backward rel32 into a range before the code.
   assert.equal(mayBranchInto(code(n, 100, [0xe9, ...disp(-108)]), BASE, BASE - 5n, BASE), true); // lands at -3
 });
