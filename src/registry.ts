@@ -266,8 +266,11 @@ export interface Entry {
 }
 
 let store: Store | undefined;
-/** The store's generation this isolate's cache below reflects. */
-let seen = -1n;
+/**
+ * The store's generation this isolate's cache below reflects: the empty cache is a store no one has
+ * written yet (generation 0, zeroed memory), so a first patch in a fresh process reads no records.
+ */
+let seen = 0n;
 /** Whether the cache holds another isolate's patches (only those can be a dead isolate's). */
 let others = false;
 /** How deep this isolate is in `exclusive` calls: the lock is taken at 1 and given back at 0. */
