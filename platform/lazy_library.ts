@@ -1,9 +1,12 @@
 /**
  * A library whose symbols are bound a group at a time, each group when one of its symbols is first
- * used: binding costs a runtime per symbol (Deno compiles a fast-call trampoline for each, ~45 µs),
- * and most of what a layer declares serves calls that a process's first patch never makes (module
- * lists, error text, stub libraries). A bound symbol becomes a plain property: later calls read
- * it as if the whole library had been bound at once.
+ * used: binding costs a runtime per symbol (Deno compiles a fast-call trampoline for each, ~50-100
+ * µs), and most of what a layer declares serves calls that a process's first patch never makes
+ * (module lists, error text, stub libraries). A bound symbol becomes a plain property: later calls
+ * read it as if the whole library had been bound at once. Symbols a process calls only a handful
+ * of times (`seldom`) are not bound at all where a call through a pointer is cheap to make and
+ * slow to call (Deno: ~25 µs to make, ~1 µs a call): each is called through its address instead;
+ * those a first patch calls a few times and later patches often are bound once they prove busy.
  */
 import type { Binding, NativeCall, Runtime } from "./types.ts";
 
@@ -16,24 +19,68 @@ export type GroupedSymbols<G extends SymbolGroups> = {
 };
 
 /**
+ * Which symbols are seldom called, which are called a few times by a first patch and often after,
+ * and where each is (in the library, as its loader finds it).
+ */
+export interface SeldomSymbols {
+  readonly names: readonly string[];
+  /** Called through their address for their first `BOUND_AFTER` calls, then bound, each alone. */
+  readonly busyLater?: readonly string[];
+  readonly address: (symbol: string) => bigint;
+}
+
+/**
+ * How many calls a `busyLater` symbol takes through its address: a first patch and its restore make
+ * a few (a mapping query, a write, a symbol's size); binding it costs a hundred slow calls' worth.
+ */
+const BOUND_AFTER = 16;
+
+/**
  * `path` opened through `runtime`, one `runtime.open` for each group the first time a symbol of it
  * is read; its errors (LIBRARY_NOT_FOUND, SYMBOL_NOT_FOUND, FFI_PERMISSION) come from that read.
+ * Where `runtime.slowPointerCalls`, the `seldom` symbols leave their groups: each is a call through
+ * its address, made when it is first read (`seldom.address` throws for a missing one), and a
+ * `busyLater` one is bound on its own once it has been called `BOUND_AFTER` times.
  */
-export function lazyLibrary<G extends SymbolGroups>(runtime: Runtime, path: string, groups: G): GroupedSymbols<G> {
+export function lazyLibrary<G extends SymbolGroups>(
+  runtime: Runtime,
+  path: string,
+  groups: G,
+  seldom?: SeldomSymbols,
+): GroupedSymbols<G> {
   const library: Record<string, NativeCall> = {};
-  for (const symbols of Object.values(groups)) {
+  const pointer = runtime.slowPointerCalls && seldom ? new Set(seldom.names) : null;
+  const later = runtime.slowPointerCalls && seldom ? new Set(seldom.busyLater) : null;
+  const settle = (name: string, value: NativeCall) => Object.defineProperty(library, name, { value, enumerable: true });
+  const lazily = (name: string, bind: () => void) =>
+    Object.defineProperty(library, name, { get: () => (bind(), library[name]), enumerable: true, configurable: true });
+  /** `name` through its address, until its calls show it busy: then bound. */
+  const throughAddress = (name: string, signature: Binding): void => {
+    const call = runtime.fnPointer(seldom!.address(name), signature);
+    let left = BOUND_AFTER;
+    const counted: NativeCall = (...args) => {
+      if (--left === 0) settle(name, runtime.open(path, { [name]: signature })[name]!);
+      return call(...args);
+    };
+    Object.defineProperty(library, name, { value: counted, enumerable: true, configurable: true });
+  };
+  for (const all of Object.values(groups)) {
+    const symbols = pointer || later
+      ? Object.fromEntries(Object.entries(all).filter(([name]) => !pointer!.has(name) && !later!.has(name)))
+      : all;
     const bind = (): void => {
       const bound = runtime.open(path, symbols);
-      for (const name of Object.keys(symbols)) {
-        Object.defineProperty(library, name, { value: bound[name], enumerable: true });
-      }
+      for (const name of Object.keys(symbols)) settle(name, bound[name] as NativeCall);
     };
-    for (const name of Object.keys(symbols)) {
-      Object.defineProperty(library, name, {
-        get: () => (bind(), library[name]),
-        enumerable: true,
-        configurable: true,
-      });
+    for (const [name, signature] of Object.entries(all)) {
+      lazily(
+        name,
+        pointer?.has(name)
+          ? () => settle(name, runtime.fnPointer(seldom!.address(name), signature))
+          : later?.has(name)
+          ? () => throughAddress(name, signature)
+          : bind,
+      );
     }
   }
   return library as GroupedSymbols<G>;

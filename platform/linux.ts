@@ -48,12 +48,30 @@ const MAP_FIXED = 0x10;
 /** Linux's number for ENOSYS (macOS: 78); the others posix.ts knows. */
 const ERRNO_NAMES: Record<number, string> = { 38: "ENOSYS" };
 
-/** libc's functions, in groups bound on first use (platform/lazy_library.ts). */
-function libc(runtime: Runtime) {
+/**
+ * What a process calls only a few times (once, once per code block, on a failure), called through
+ * its address where binding costs more (platform/lazy_library.ts): a first patch binds only what
+ * every patch calls.
+ */
+const SELDOM = [
+  "sysconf", "mmap", "munmap", "memfd_create", "ftruncate", "open", "close", "read", "__errno_location", "strerror",
+  "write", "fcntl", "dlopen", "dlerror",
+];
+
+/** What a seldom symbol is looked up with, so is found anywhere in the process: as a C program finds it. */
+const DLFCN = new Set(["dlopen", "dlerror"]);
+
+/** What each patch calls once or twice (a mapping query, a forced write, a symbol's size): bound once busy. */
+const BUSY_LATER = ["ioctl", "pwrite", "dladdr1"];
+
+/**
+ * libc's functions, in groups bound on first use (platform/lazy_library.ts); `address` finds a
+ * seldom one in libc.
+ */
+function libc(runtime: Runtime, address: (symbol: string) => bigint) {
   return lazyLibrary(runtime, "libc.so.6", {
-    // What a first patch calls: the page size, mapping queries, code blocks, forced writes, a symbol.
+    // What a first patch calls: mapping queries, code blocks, forced writes, symbols.
     firstPatch: {
-      sysconf: { parameters: ["i32"], result: "i64" },
       mmap: { parameters: ["usize", "usize", "i32", "i32", "i32", "i64"], result: "usize" },
       munmap: { parameters: ["usize", "usize"], result: "i32" },
       memfd_create: { parameters: ["buffer", "u32"], result: "i32" },
@@ -64,6 +82,10 @@ function libc(runtime: Runtime) {
       ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
       dlsym: { parameters: ["usize", "buffer"], result: "usize" },
       dladdr1: { parameters: ["usize", "buffer", "buffer", "i32"], result: "i32" },
+    },
+    // The page size: x86-64's is always 4 KiB.
+    pageSize: {
+      sysconf: { parameters: ["i32"], result: "i64" },
     },
     // The whole map as text, which a first patch on x86-64 does not read.
     mapText: {
@@ -91,7 +113,7 @@ function libc(runtime: Runtime) {
       getauxval: { parameters: ["u64"], result: "u64" },
       readlink: { parameters: ["buffer", "buffer", "usize"], result: "isize" },
     },
-  });
+  }, { names: SELDOM, busyLater: BUSY_LATER, address });
 }
 
 /** Parses /proc/self/maps text. */
@@ -125,11 +147,11 @@ function device(major: number, minor: number): number {
 
 /** The Linux layer over `runtime`. */
 export function linux(runtime: Runtime): Os {
-  const c = libc(runtime);
-  const pageSize = Number(c.sysconf(SC_PAGESIZE));
+  // libc's own definitions, by its handle (the runtime's executable may define some too: Deno's
+  // has a memfd_create), but for the calls that open that handle.
+  const c = libc(runtime, (symbol) => symbolAddress(symbol, DLFCN.has(symbol) ? undefined : "libc.so.6"));
   // x86-64 keeps instruction fetch coherent with stores by itself; arm64 needs a flush.
   const arm64 = runtime.arch === "aarch64" || runtime.arch === "arm64";
-  const flush = arm64 ? aarch64CacheFlush(runtime, pageSize).flush : null;
 
   const { errno, errnoText, symbolAddress } = posix(runtime, c, {
     errnoAddress: () => c.__errno_location() as bigint,
@@ -138,6 +160,9 @@ export function linux(runtime: Runtime): Os {
     libraryAdvice: `Give the name the dynamic loader knows (e.g. "libc.so.6", "libm.so.6") or an absolute path.`,
     spelling: "C names, no mangling",
   });
+  // arm64 kernels are built for 4, 16 or 64 KiB pages; x86-64 has 4 KiB pages only.
+  const pageSize = arm64 ? Number(c.sysconf(SC_PAGESIZE)) : 4096;
+  const flush = arm64 ? aarch64CacheFlush(runtime, pageSize).flush : null;
 
   // Forced writes on x86-64 only, where the kernel's copy of an aligned 8-byte word was measured to
   // be one store (README: live patching). On arm64 it is unmeasured, and under qemu-user, where the

@@ -87,9 +87,12 @@ export function posix(runtime: Runtime, c: PosixLibc, flavour: PosixFlavour): Po
   function dlHandle(library: string): bigint {
     const known = handles.get(library);
     if (known !== undefined) return known;
+    // Taken before the call: binding or finding it after would run the loader, which clears the
+    // error it reports.
+    const dlerror = c.dlerror;
     const handle = c.dlopen(cString(library), RTLD_LAZY) as bigint;
     if (handle === 0n) {
-      const why = c.dlerror() as bigint;
+      const why = dlerror() as bigint;
       throw new RedefineError(
         "LIBRARY_NOT_FOUND",
         `cannot open library '${library}'${why ? ": " + runtime.cString(why) : ""}. ${flavour.libraryAdvice}`,

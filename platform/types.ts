@@ -71,7 +71,9 @@ export interface Runtime {
   fnPointer(address: bigint, signature: Signature): NativeCall;
   /**
    * Whether a call through `fnPointer` takes a slow path (Deno: hundreds of ns a call, against a
-   * few for a symbol of an opened library), so a callable called often is better bound otherwise.
+   * few for a symbol of an opened library), so a callable called often is better bound otherwise;
+   * there a callable is cheap to make, so one called only a few times is made so rather than bound
+   * (platform/lazy_library.ts).
    */
   readonly slowPointerCalls?: boolean;
 }

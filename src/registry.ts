@@ -266,8 +266,11 @@ export interface Entry {
 }
 
 let store: Store | undefined;
-/** The store's generation this isolate's cache below reflects. */
-let seen = -1n;
+/**
+ * The store's generation this isolate's cache below reflects: the empty cache is a store no one has
+ * written yet (generation 0, zeroed memory), so a first patch in a fresh process reads no records.
+ */
+let seen = 0n;
 /** Whether the cache holds another isolate's patches (only those can be a dead isolate's). */
 let others = false;
 /** How deep this isolate is in `exclusive` calls: the lock is taken at 1 and given back at 0. */
@@ -304,13 +307,13 @@ function theStore(): Store {
   const m = machine();
   const bind = (address: bigint, signature: Signature) =>
     m.originals.acquire(`registry lock at ${address}`, signature, address).call;
-  store = openStore(m.platform, m.pool, m.arch, threadPointer(m), bind);
+  store = openStore(m.platform, m.pool, m.arch, () => threadPointer(m), bind);
   return store;
 }
 
-/** This isolate's identity word, which the guard stubs compare the running thread with. */
+/** This isolate's identity word, holding the JS thread's pointer, which the guard stubs compare the running thread with. */
 export function isolateIdentity(): bigint {
-  return theStore().identity;
+  return theStore().ownIdentity();
 }
 
 /** The JS thread's thread pointer, read by running the guard's own read on this thread. */

@@ -7,9 +7,10 @@
  * The first copy in a process maps it and publishes its address in an environment variable named
  * after the process id (`setenv` without overwrite: of two copies racing, one wins and the other
  * unmaps its own); a child process inherits the variable under its parent's id and ignores it.
- * Each isolate also owns an identity word: its JS thread's pointer while it lives, cleared by a
- * thread-exit destructor when the isolate's thread ends — the guard stubs compare against it, and
- * the registry takes a lock or a patch whose owner's word is 0 as left by a dead isolate.
+ * Each isolate also owns an identity word: non-zero while it lives (its JS thread's pointer once
+ * a guard or a probe asks for it), cleared by a thread-exit destructor when the isolate's thread
+ * ends — the guard stubs compare against it, and the registry takes a lock or a patch whose
+ * owner's word is 0 as left by a dead isolate.
  * Where the C library offers no such place (Windows, macOS, a libc without thread destructors), the
  * store is this isolate's own, as if it were alone in the process.
  */
@@ -41,6 +42,12 @@ export interface StoredPatch {
 export interface Store {
   /** This isolate's identity word (see the module doc). */
   readonly identity: bigint;
+  /**
+   * The identity word, holding this isolate's JS thread's pointer: read on first ask, as only the
+   * guards and probes compare it with the running thread (a first patch without one never runs the
+   * read, which costs a code slot and a call through a pointer — under Node a stub library).
+   */
+  ownIdentity(): bigint;
   /** Takes the process-wide lock (spinning, yielding the CPU); taken from a dead owner if need be. */
   lock(): void;
   unlock(): void;
@@ -88,9 +95,10 @@ const MAP_FAILED = 2n ** 64n - 1n;
 function libc(platform: Platform): Record<string, NativeCall> | null {
   const { runtime } = platform;
   if (runtime.os !== "linux") return null;
-  // Bound a group at a time (a symbol costs Deno ~45 µs to bind): what opening the store calls,
-  // and what only a lost race or a contended lock does.
-  const c = lazyLibrary(runtime, "libc.so.6", {
+  // Bound a group at a time: what opening the store calls, and what only a lost race or a contended
+  // lock does. Each is called a few times at most: where binding costs more than a call through a
+  // pointer (Deno), none is bound (platform/lazy_library.ts).
+  const symbols = {
     opening: {
       getenv: { parameters: ["buffer"], result: "usize" },
       setenv: { parameters: ["buffer", "buffer", "i32"], result: "i32" },
@@ -102,10 +110,15 @@ function libc(platform: Platform): Record<string, NativeCall> | null {
       munmap: { parameters: ["usize", "usize"], result: "i32" },
       sched_yield: { parameters: [], result: "i32" },
     },
+  } as const;
+  const names = Object.values(symbols).flatMap((group) => Object.keys(group));
+  const c = lazyLibrary(runtime, "libc.so.6", symbols, {
+    names,
+    address: (symbol) => platform.os.symbolAddress(symbol, "libc.so.6"),
   });
   try {
-    // Bound now, so that a C library lacking one of them is known here.
-    void c.getenv;
+    // Bound (or found) now, so that a C library lacking one of them is known here.
+    for (const name of Object.keys(symbols.opening)) void c[name as keyof typeof c];
     return c;
   } catch (error) {
     if (error instanceof RedefineError) return null;
@@ -118,8 +131,8 @@ function cString(text: string): Uint8Array {
 }
 
 /**
- * This isolate's view of the store: the process's (found or made), or its own. `threadPointer` is
- * the JS thread's identity as the guard reads it; `bind` makes a JS callable of code at an address
+ * This isolate's view of the store: the process's (found or made), or its own. `threadPointer`
+ * reads the JS thread's identity as the guard reads it; `bind` makes a JS callable of code at an address
  * on the runtime's fast call path (the lock is taken twice a patch), which may cost a stub library
  * to make: where the runtime's own call through a pointer is slow, this isolate's first RAW_LOCKS
  * sections use that one and `bind` is asked after them, so the first patch never pays for it.
@@ -128,7 +141,7 @@ export function openStore(
   platform: Platform,
   pool: CodePool,
   arch: Arch,
-  threadPointer: bigint,
+  threadPointer: () => bigint,
   bind: (address: bigint, signature: Signature) => NativeCall,
 ): Store {
   const { runtime } = platform;
@@ -141,7 +154,9 @@ export function openStore(
     const live = runtime.view(address, 8);
     return new BigInt64Array(live.buffer, live.byteOffset, 1);
   };
-  Atomics.store(word(identity), 0, BigInt.asIntN(64, threadPointer));
+  // Alive from the start; no thread pointer is 1 (they are aligned), so no guard takes it for one.
+  Atomics.store(word(identity), 0, 1n);
+  let owned = false;
   const c = libc(platform);
   let base: bigint | null = null;
   // The destructor is filed under libc (the DSO of the address given), which is never unloaded;
@@ -162,6 +177,11 @@ export function openStore(
   const recordAt = (slot: number) => HEADER.size + slot * RECORD.size;
   return {
     identity,
+    ownIdentity() {
+      if (!owned) Atomics.store(word(identity), 0, BigInt.asIntN(64, threadPointer()));
+      owned = true;
+      return identity;
+    },
     lock() {
       if (!cas) return;
       if (rawLocks-- === 0) cas = bind(slot.address, CAS);

@@ -5,40 +5,46 @@
  */
 import { instructionLength, operands } from "./decoder.ts";
 
-/** What a byte may start: 0 nothing, else a rel8 branch, a rel32 jmp/call, or the 0F of jcc rel32. */
-const OPENS = new Uint8Array(256);
-const REL8 = 1, REL32 = 2, ESCAPE = 3;
-OPENS.fill(REL8, 0x70, 0x80).fill(REL8, 0xe0, 0xe4);
-OPENS[0xeb] = REL8;
-OPENS[0xe8] = OPENS[0xe9] = REL32;
-OPENS[0x0f] = ESCAPE;
+/** What a byte may start: 0 nothing, else a rel8 branch (jmp/jcc/loop/jrcxz). */
+const OPENS_REL8 = new Uint8Array(256).fill(1, 0x70, 0x80).fill(1, 0xe0, 0xe4);
+OPENS_REL8[0xeb] = 1;
+/** A rel8 branch lands at most this far before its first byte, and this far after. */
+const REL8_BACK = 126, REL8_AHEAD = 129;
 
 /**
  * True when some byte of `code` could start a relative branch (jmp/jcc/call/loop/jrcxz, rel8 or
  * rel32) landing strictly between `from` and `to`: a superset of the real ones, found without
- * decoding.
+ * decoding. Only the bytes within a rel8's reach of the range are looked at one by one; the rel32
+ * forms are found with `indexOf` (a native scan): a first patch looks through the 2 KiB before its
+ * entry, which cold JS would otherwise step through a byte at a time (~1 ms under Deno).
  */
 export function mayBranchInto(code: Uint8Array, address: bigint, from: bigint, to: bigint): boolean {
   // Offsets relative to code[0]; the range is a few bytes, so plain numbers are exact here.
   const lo = Number(from - address), hi = Number(to - address);
   const n = code.length;
-  for (let i = 0; i < n; i++) {
-    const opens = OPENS[code[i]!];
-    if (opens === 0) continue;
-    let target: number;
-    if (opens === REL8) {
-      if (i + 1 >= n) continue;
-      target = i + 2 + ((code[i + 1]! << 24) >> 24);
-    } else if (opens === REL32) {
-      if (i + 4 >= n) continue;
-      target = i + 5 + (code[i + 1]! | (code[i + 2]! << 8) | (code[i + 3]! << 16) | (code[i + 4]! << 24));
-    } else {
-      if (i + 5 >= n || code[i + 1]! < 0x80 || code[i + 1]! > 0x8f) continue;
-      target = i + 6 + (code[i + 2]! | (code[i + 3]! << 8) | (code[i + 4]! << 16) | (code[i + 5]! << 24));
-    }
+  for (let i = Math.max(0, lo - REL8_AHEAD + 1), last = Math.min(n - 2, hi + REL8_BACK - 1); i <= last; i++) {
+    if (OPENS_REL8[code[i]!] === 0) continue;
+    const target = i + 2 + ((code[i + 1]! << 24) >> 24);
     if (target > lo && target < hi) return true;
   }
+  // jmp rel32 and call rel32: the opcode, then the displacement.
+  for (let i = code.indexOf(0xe9); i >= 0 && i + 4 < n; i = code.indexOf(0xe9, i + 1)) {
+    if (rel32Lands(code, i + 1, i + 5, lo, hi)) return true;
+  }
+  for (let i = code.indexOf(0xe8); i >= 0 && i + 4 < n; i = code.indexOf(0xe8, i + 1)) {
+    if (rel32Lands(code, i + 1, i + 5, lo, hi)) return true;
+  }
+  // jcc rel32: 0F 80-8F, then the displacement.
+  for (let i = code.indexOf(0x0f); i >= 0 && i + 5 < n; i = code.indexOf(0x0f, i + 1)) {
+    if (code[i + 1]! >= 0x80 && code[i + 1]! <= 0x8f && rel32Lands(code, i + 2, i + 6, lo, hi)) return true;
+  }
   return false;
+}
+
+/** Whether the rel32 at `at`, counted from `next`, lands strictly between `lo` and `hi`. */
+function rel32Lands(code: Uint8Array, at: number, next: number, lo: number, hi: number): boolean {
+  const target = next + (code[at]! | (code[at + 1]! << 8) | (code[at + 2]! << 16) | (code[at + 3]! << 24));
+  return target > lo && target < hi;
 }
 
 /**
