@@ -75,8 +75,9 @@ const { getpid, getppid } = dlopen("libc.so.6", {
   getppid: { args: [], returns: "i32" },
 }).symbols;`),
   );
-  // The "bun" export condition: Bun runs the TypeScript sources themselves.
-  assertRedefined(run(bin("bun"), ["check.ts"], dir), "mod.ts");
+  // The "bun" export condition: the bundle, like every runtime's (dist/mod.js loads this system's
+  // dist/<os>-<cpu>.js): Bun parses one file instead of the sources' fifty, ~3 ms less start-up.
+  assertRedefined(run(bin("bun"), ["check.ts"], dir), "dist/mod.js");
 });
 
 test("package: the tarball installs into a fresh Deno project with npm; a bare import redefines getpid natively", () => {
