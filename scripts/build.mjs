@@ -4,7 +4,7 @@
 // one bundle per operating system and CPU, dist/<os>-<cpu>.js, each without the other systems'
 // and CPU's layers, and dist/mod.js, which loads this process's one: start-up is mostly parsing
 // (Node and Bun compile every byte they load, each module file costs Node about 0.4 ms more), so a
-// process parses one file of ~150 KB instead of the sources' fifty files or an all-platform bundle
+// process parses one file of ~155 KB instead of the sources' fifty files or an all-platform bundle
 // of 230 KB. The bundles are minified in whitespace and syntax but keep every name (stack traces
 // name our functions, `RedefineError.name` stays), start with `// @bun` (Bun then runs them without
 // transpiling) and carry source maps into the TypeScript sources the package ships beside them.
@@ -24,8 +24,8 @@ export function writeDenoTypes() {
   writeFileSync(`${root}.cache/lib.deno.d.ts`, types.stdout);
 }
 
-/** Every operating system and CPU the sources support, as Deno names them and as Node and Bun do. */
-const SYSTEMS = [["linux", "linux"], ["darwin", "darwin"], ["windows", "win32"]];
+/** Every operating system the sources support, and every CPU: its instruction set's name, and Node's. */
+const SYSTEMS = ["linux", "darwin", "windows"];
 const CPUS = [["x86_64", "x64"], ["aarch64", "arm64"]];
 
 /**
@@ -34,7 +34,7 @@ const CPUS = [["x86_64", "x64"], ["aarch64", "arm64"]];
  */
 function onlyFor(system, cpu) {
   const unused = new Set([
-    ...SYSTEMS.filter(([os]) => os !== system).map(([os]) => `./${os}.ts`),
+    ...SYSTEMS.filter((os) => os !== system).map((os) => `./${os}.ts`),
     ...CPUS.filter(([arch]) => arch !== cpu).map(([arch]) => `./${arch}/mod.ts`),
   ]);
   return {
@@ -51,12 +51,13 @@ function onlyFor(system, cpu) {
   };
 }
 
-/** The map of a bundle, pointing into the sources shipped beside dist/ instead of carrying them. */
+/**
+ * A bundle's map without the sources' text: it points into the sources shipped beside dist/
+ * (`../src/...`). Null contents, not none: Bun refuses a map without the array.
+ */
 function shrinkMap(file) {
   const map = JSON.parse(readFileSync(file, "utf8"));
-  // Null contents, not none: Bun refuses a map without the array.
   map.sourcesContent = map.sources.map(() => null);
-  map.sources = map.sources.map((source) => source.startsWith("unused:") ? source : `../${source.slice(source.indexOf("/") + 1)}`);
   writeFileSync(file, JSON.stringify(map));
 }
 
@@ -91,7 +92,7 @@ export const { ${names.join(", ")} } = bundle;
 /** The six bundles (run by Bun: its bundler), then dist/mod.js over them. */
 async function bundles() {
   const outputs = [];
-  for (const [system] of SYSTEMS) {
+  for (const system of SYSTEMS) {
     for (const [cpu, name] of CPUS) {
       const result = await globalThis.Bun.build({
         entrypoints: [`${root}mod.ts`],
