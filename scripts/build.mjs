@@ -32,19 +32,19 @@ const CPUS = [["x86_64", "x64"], ["aarch64", "arm64"]];
  * Bun's bundler, by a plugin, leaves out of one system's bundle the OS layers and the instruction
  * set it cannot use: the files platform/mod.ts and src/arch/mod.ts import dynamically by name.
  */
-function onlyFor(system, cpu) {
+function onlyFor(system, cpu, name) {
   const unused = new Set([
     ...SYSTEMS.filter((os) => os !== system).map((os) => `./${os}.ts`),
     ...CPUS.filter(([arch]) => arch !== cpu).map(([arch]) => `./${arch}/mod.ts`),
   ]);
   return {
-    name: `only ${system}-${cpu}`,
+    name: `only ${system}-${name}`,
     setup(build) {
       build.onResolve({ filter: /^\.\/[\w/]+\.ts$/ }, ({ path, importer }) =>
         unused.has(path) && /\/(platform|src\/arch)\/mod\.ts$/.test(importer) ? { path, namespace: "unused" } : undefined);
       // Never loaded: dist/mod.js picks the bundle by the same names the runtime adapters report.
       build.onLoad({ filter: /.*/, namespace: "unused" }, ({ path }) => ({
-        contents: `throw new Error("redefine's ${system}-${cpu} bundle leaves out ${path}");`,
+        contents: `throw new Error("redefine's ${system}-${name} bundle leaves out ${path}");`,
         loader: "js",
       }));
     },
@@ -62,8 +62,10 @@ function shrinkMap(file) {
 }
 
 /**
- * dist/mod.js: this process's bundle, chosen by the names Deno.build or process reports (the
- * runtime adapters report the same), re-exported; string-literal imports, which JSR and Deno see.
+ * dist/mod.js: this process's bundle, chosen by `process.platform` and `process.arch` (Deno, Bun
+ * and Node all have them, and the runtime adapters report the same), re-exported; string-literal
+ * imports, which JSR and Deno see. Written literally, so that a bundler that knows the target's
+ * (`bun build --compile` does; others by `--define`) keeps only its bundle instead of all six.
  * Another system or CPU gets Linux's or x86-64's bundle, whose platform() then says it is
  * unsupported. Its types, for Deno and JSR, are the sources' (mod.ts: JSR's documentation and
  * checks stay what they were): Deno cannot follow tsc's declarations, whose imports name .ts files.
@@ -76,13 +78,10 @@ function entry(names) {
   return `// @bun
 // @ts-self-types="../mod.ts"
 // redefine for this process's operating system and CPU: dist/<os>-<cpu>.js (scripts/build.mjs).
-const global = globalThis;
-const os = global.Deno?.build.os ?? global.process?.platform;
-const cpu = global.Deno?.build.arch ?? global.process?.arch;
-const arm = cpu === "aarch64" || cpu === "arm64";
-const bundle = os === "darwin"
+const arm = process.arch === "arm64";
+const bundle = process.platform === "darwin"
   ? ${load("darwin")}
-  : os === "windows" || os === "win32"
+  : process.platform === "win32"
   ? ${load("windows")}
   : ${load("linux")};
 export const { ${names.join(", ")} } = bundle;
@@ -104,7 +103,7 @@ async function bundles() {
         keepNames: true,
         sourcemap: "linked",
         metafile: true,
-        plugins: [onlyFor(system, cpu)],
+        plugins: [onlyFor(system, cpu, name)],
       });
       if (!result.success) throw new AggregateError(result.logs, `bun build for ${system}-${name} failed`);
       shrinkMap(`${root}dist/${system}-${name}.js.map`);
