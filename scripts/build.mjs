@@ -2,14 +2,15 @@
 // every runtime's users load (npm's prepack, the JSR publish, npm test and the start-up bench run
 // it first; dist/ is not in git). The declarations come file by file from tsc. The JavaScript is
 // one bundle per operating system and CPU, dist/<os>-<cpu>.js, each without the other systems'
-// and CPU's layers, and dist/mod.js, which loads this process's one: start-up is mostly parsing
-// (Node and Bun compile every byte they load, each module file costs Node about 0.4 ms more), so a
-// process parses one file of ~155 KB instead of the sources' fifty files or an all-platform bundle
-// of 230 KB. The bundles are minified in whitespace and syntax but keep every name (stack traces
-// name our functions, `RedefineError.name` stays), start with `// @bun` (Bun then runs them without
-// transpiling) and carry source maps into the TypeScript sources the package ships beside them.
-// No file imports a builtin module (each asks `process.getBuiltinModule`), so no bundle imports
-// anything. Run by Node, it runs itself again under Bun for the bundles (Bun's bundler).
+// and CPU's layers, and dist/mod.js (dist/deno.js for Deno), which loads this process's one:
+// start-up is mostly parsing (Node and Bun compile every byte they load, each module file costs
+// Node about 0.4 ms more), so a process parses one file of ~155 KB instead of the sources' fifty
+// files or an all-platform bundle of 230 KB. The bundles are minified in whitespace and syntax but
+// keep every name (stack traces name our functions, `RedefineError.name` stays), start with
+// `// @bun` (Bun then runs them without transpiling) and carry source maps into the TypeScript
+// sources the package ships beside them. No file imports a builtin module (each asks
+// `process.getBuiltinModule`), so no bundle imports anything. Run by Node, it runs itself again
+// under Bun for the bundles (Bun's bundler).
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { sh } from "./steps.mjs";
 
@@ -62,33 +63,34 @@ function shrinkMap(file) {
 }
 
 /**
- * dist/mod.js: this process's bundle, chosen by `process.platform` and `process.arch` (Deno, Bun
- * and Node all have them, and the runtime adapters report the same), re-exported; string-literal
- * imports, which JSR and Deno see. Written literally, so that a bundler that knows the target's
- * (`bun build --compile` does; others by `--define`) keeps only its bundle instead of all six.
- * Another system or CPU gets Linux's or x86-64's bundle, whose platform() then says it is
- * unsupported. Its types, for Deno and JSR, are the sources' (mod.ts: JSR's documentation and
- * checks stay what they were): Deno cannot follow tsc's declarations, whose imports name .ts files.
+ * The entry that picks this process's bundle and re-exports it, with string-literal imports (JSR
+ * and Deno see them). dist/mod.js, for Node and Bun, asks `process.platform` and `process.arch`,
+ * written literally, so that a bundler that knows the target's (`bun build --compile` does;
+ * others by `--define`) keeps only its bundle instead of all six. dist/deno.js asks `Deno.build`:
+ * Deno's first touch of `process` costs ~12 ms (it sets up its Node compatibility then). Another
+ * system or CPU gets Linux's or x86-64's bundle, whose platform() then says it is unsupported.
+ * The types, for Deno and JSR, are the sources' (mod.ts: JSR's documentation and checks stay what
+ * they were): Deno cannot follow tsc's declarations, whose imports name .ts files.
  */
-function entry(names) {
+function entry(names, [os, cpu], [darwin, windows, arm]) {
   const load = (system) => {
-    const [x64, arm64] = CPUS.map(([, cpu]) => `await import("./${system}-${cpu}.js")`);
+    const [x64, arm64] = CPUS.map(([, name]) => `await import("./${system}-${name}.js")`);
     return `arm ? ${arm64} : ${x64}`;
   };
   return `// @bun
 // @ts-self-types="../mod.ts"
 // redefine for this process's operating system and CPU: dist/<os>-<cpu>.js (scripts/build.mjs).
-const arm = process.arch === "arm64";
-const bundle = process.platform === "darwin"
+const arm = ${cpu} === "${arm}";
+const bundle = ${os} === "${darwin}"
   ? ${load("darwin")}
-  : process.platform === "win32"
+  : ${os} === "${windows}"
   ? ${load("windows")}
   : ${load("linux")};
 export const { ${names.join(", ")} } = bundle;
 `;
 }
 
-/** The six bundles (run by Bun: its bundler), then dist/mod.js over them. */
+/** The six bundles (run by Bun: its bundler), then the entries over them. */
 async function bundles() {
   const outputs = [];
   for (const system of SYSTEMS) {
@@ -112,7 +114,8 @@ async function bundles() {
   }
   const names = outputs[0].exports.toSorted();
   if (outputs.some((o) => o.exports.toSorted().join() !== names.join())) throw new Error("the bundles export different names");
-  writeFileSync(`${root}dist/mod.js`, entry(names));
+  writeFileSync(`${root}dist/mod.js`, entry(names, ["process.platform", "process.arch"], ["darwin", "win32", "arm64"]));
+  writeFileSync(`${root}dist/deno.js`, entry(names, ["Deno.build.os", "Deno.build.arch"], ["darwin", "windows", "aarch64"]));
 }
 
 if (process.argv[1] === new URL(import.meta.url).pathname) {
