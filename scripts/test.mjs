@@ -13,6 +13,8 @@ function run(command, args) {
 }
 
 const steps = [
+  // dist/ (not in git), which the JSR export, the doc examples' bare imports and the package test load.
+  ["build dist", () => one(run(process.execPath, ["scripts/build.mjs"]))],
   ["deno test", () => {
     return denoCounts(run(bin("deno"), ["test", "-A", "--no-check", "test/"]));
   }],

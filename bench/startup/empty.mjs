@@ -1,1 +1,1 @@
-// The baseline of the start-up benchmark on Node (bench/startup.bench.ts): a script that does nothing.
+// The baseline of the start-up benchmark (bench/startup.bench.ts): a script that does nothing.

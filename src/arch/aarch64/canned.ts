@@ -144,7 +144,7 @@ function load(value: CannedValue): number[] {
 const RET = 0xd65f03c0;
 
 /** Every call returns the value. */
-function returns(value: CannedValue): CannedPlan {
+function returnsPlan(value: CannedValue): CannedPlan {
   return plan((data) => [
     ...count(data),
     ...load(value),
@@ -153,7 +153,7 @@ function returns(value: CannedValue): CannedPlan {
 }
 
 /** Each call returns the next value; the last repeats. */
-function sequence(values: readonly CannedValue[]): CannedPlan {
+function sequencePlan(values: readonly CannedValue[]): CannedPlan {
   const last = values.length - 1;
   if (values.length === 0 || last > 0x7fff_ffff) throw new RangeError("a sequence needs 1 to 2^31 values");
   const kind = values[0]!.register === "integer" ? "x" : values[0]!.register === "f64" ? "d" : "s";
@@ -298,5 +298,5 @@ function windowsClock(rate: 0 | 1, state: bigint): CannedPlan {
 
 /** The canned code of `spec` for `os`. */
 export function cannedCode(spec: CannedSpec, os: string): CannedPlan {
-  return cannedCodeWith({ returns, sequence, posixClock, windowsClock }, spec, os);
+  return cannedCodeWith({ returns: returnsPlan, sequence: sequencePlan, posixClock, windowsClock }, spec, os);
 }

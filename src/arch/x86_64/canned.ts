@@ -136,7 +136,7 @@ function loadIndexed(register: CannedValue["register"]): Op {
 }
 
 /** Every call returns the value. */
-function returns(value: CannedValue): CannedPlan {
+function returnsPlan(value: CannedValue): CannedPlan {
   return plan((_at, data) => [
     count(data),
     ...load(value),
@@ -145,7 +145,7 @@ function returns(value: CannedValue): CannedPlan {
 }
 
 /** Each call returns the next value; the last repeats. */
-function sequence(values: readonly CannedValue[]): CannedPlan {
+function sequencePlan(values: readonly CannedValue[]): CannedPlan {
   const last = values.length - 1;
   if (values.length === 0 || last > 0x7fff_ffff) throw new RangeError("a sequence needs 1 to 2^31 values");
   const register = values[0]!.register;
@@ -286,5 +286,5 @@ function windowsClock(rate: 0 | 1, state: bigint): CannedPlan {
 
 /** The canned code of `spec` for `os`. */
 export function cannedCode(spec: CannedSpec, os: string): CannedPlan {
-  return cannedCodeWith({ returns, sequence, posixClock, windowsClock }, spec, os);
+  return cannedCodeWith({ returns: returnsPlan, sequence: sequencePlan, posixClock, windowsClock }, spec, os);
 }

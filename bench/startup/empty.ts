@@ -1,1 +1,0 @@
-// The baseline of the start-up benchmark (bench/startup.bench.ts): a script that does nothing.
