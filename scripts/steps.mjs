@@ -16,6 +16,15 @@ export function echoed(command, args, options = {}) {
   return { output, ok: result.status === 0 };
 }
 
+/**
+ * The step that builds dist/ (scripts/build.mjs; not in git), which the package's exports, the doc
+ * examples' bare imports, the package test and test/bundle.test.ts load: first in every test script.
+ */
+export const buildDist = ["build dist", () => {
+  const build = new URL("./build.mjs", import.meta.url).pathname;
+  return echoed(process.execPath, [build], { cwd: new URL("..", import.meta.url).pathname }).ok ? [1, 0] : [0, 1];
+}];
+
 /** Installs the Debian packages of `names` not installed yet; throws when apt cannot. */
 export function aptInstall(names) {
   const listed = sh("dpkg-query", ["-W", "-f", "${Package} ${db:Status-Status}\n", ...names]).stdout ?? "";

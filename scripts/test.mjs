@@ -2,7 +2,7 @@
 // Each test suite counts its tests; each whole-program check (types, docs, publish) counts as one.
 import { writeDenoTypes } from "./build.mjs";
 import { bunCounts, denoCounts, nodeCounts } from "./counts.mjs";
-import { echoed, report, runSteps } from "./steps.mjs";
+import { buildDist, echoed, report, runSteps } from "./steps.mjs";
 
 const bin = (name) => new URL(`../node_modules/.bin/${name}`, import.meta.url).pathname;
 const root = new URL("..", import.meta.url).pathname;
@@ -13,8 +13,7 @@ function run(command, args) {
 }
 
 const steps = [
-  // dist/ (not in git), which the JSR export, the doc examples' bare imports and the package test load.
-  ["build dist", () => one(run(process.execPath, ["scripts/build.mjs"]))],
+  buildDist,
   ["deno test", () => {
     return denoCounts(run(bin("deno"), ["test", "-A", "--no-check", "test/"]));
   }],

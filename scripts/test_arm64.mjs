@@ -12,7 +12,7 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, s
 import { join } from "node:path";
 import { bunCounts, denoCounts } from "./counts.mjs";
 import { npmPackage, versionOf } from "./packages.mjs";
-import { aptInstall, echoed, report, runSteps, sh } from "./steps.mjs";
+import { aptInstall, buildDist, echoed, report, runSteps, sh } from "./steps.mjs";
 
 const root = new URL("..", import.meta.url).pathname;
 const cache = join(root, ".cache", "arm64");
@@ -246,6 +246,7 @@ console.log(
 );
 
 const steps = [
+  buildDist,
   ["deno", () => denoCounts(emulate(machine.qemu, machine.deno, ["test", "-A", "--no-check", "test/"]))],
   ["bun", () => bunCounts(emulate(machine.qemu, machine.bun, ["test", "./test/"]))],
   // Kernels with 16 KiB pages exist (Apple silicon, some Android): nothing may assume 4096. Only

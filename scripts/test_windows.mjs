@@ -12,7 +12,7 @@ import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync 
 import { join } from "node:path";
 import { bunCounts, denoCounts } from "./counts.mjs";
 import { npmPackage, versionOf } from "./packages.mjs";
-import { aptInstall, report, runSteps, sh, totals } from "./steps.mjs";
+import { aptInstall, buildDist, report, runSteps, sh, totals } from "./steps.mjs";
 
 const root = new URL("..", import.meta.url).pathname.replace(/\/$/, "");
 const cache = join(root, ".cache", "windows");
@@ -32,6 +32,7 @@ const WINDOWS_TESTS = [
   "test/windows_callers_e2e.test.ts",
   "test/windows_stress_e2e.test.ts",
   "test/windows_attach_e2e.test.ts",
+  "test/bundle.test.ts",
   // Last: a process-wide fake clock holds Deno's Date.now() in the past for up to a minute after it.
   "test/windows_mock_e2e.test.ts",
 ];
@@ -168,6 +169,7 @@ try {
       ["bun", () => ran("bun", binaries.bun, ["run"])],
     ]
     : [
+      buildDist,
       ["deno", () => denoCounts(wine("deno", binaries.deno, ["test", "-A", "--no-check", ...WINDOWS_TESTS]))],
       ["bun", () => bunCounts(wine("bun", binaries.bun, ["test", ...WINDOWS_TESTS.map((f) => `./${f}`)]))],
     ];

@@ -1,0 +1,34 @@
+// The bundle every runtime's users load (dist/, built by scripts/build.mjs: npm test's first step,
+// and test:windows's and test:arm64's own), on this system for real: under Wine and qemu-user too,
+// where test/package.test.ts's tarball installs do not run. In a child process, as a user's program.
+import { spawnSync } from "node:child_process";
+import { existsSync } from "node:fs";
+import process from "node:process";
+import { fileURLToPath } from "node:url";
+import { assert, runtimeName, runtimePath, test } from "./harness.ts";
+
+// Paths, not URLs' pathnames: Windows has drive letters.
+const fixture = fileURLToPath(new URL("./fixtures/bundle.ts", import.meta.url));
+const dist = fileURLToPath(new URL("../dist/mod.js", import.meta.url));
+
+test("bundle: this system's bundle in dist/ redefines its process-id function natively, restores it, and names its errors", () => {
+  assert.ok(existsSync(dist), `${dist} is missing: build it with 'node scripts/build.mjs' (npm test does first)`);
+  const args = runtimeName === "deno"
+    ? ["run", "-A", "--no-check", fixture]
+    : runtimeName === "node"
+    ? ["--enable-source-maps", "--no-warnings", fixture]
+    : [fixture];
+  const child = spawnSync(runtimePath, args, { encoding: "utf8", timeout: 60_000, env: { ...process.env, NO_COLOR: "1" } });
+  const why = `status ${child.status}, signal ${child.signal}\n${child.stdout}\n${child.stderr.slice(-2000)}`;
+  assert.equal(child.status, 0, why);
+  const seen = JSON.parse(child.stdout.trim().split("\n").at(-1)!);
+  assert.ok(seen.entry.endsWith(runtimeName === "deno" ? "/dist/deno.js" : "/dist/mod.js"), why);
+  assert.notEqual(seen.real, seen.answer, why);
+  assert.equal(seen.patched, seen.answer, "patched, the process-id function answers the other one's value");
+  assert.equal(seen.restored, seen.real, "restored, it answers the process id again");
+  assert.equal(seen.refused?.code, "SYMBOL_NOT_FOUND", why);
+  assert.equal(seen.refused.name, "RedefineError", "the bundle keeps the error class's name");
+  assert.ok(seen.refused.ours, "the error is the bundle's own RedefineError");
+  // The bundle's source map leads a stack frame into the TypeScript sources shipped beside it.
+  assert.match(seen.refused.top, /[/\\](src|platform)[/\\][\w/\\]+\.ts:\d+:\d+/, why);
+});
