@@ -15,7 +15,7 @@ import { farPlace, nearCandidates, protectionText } from "./address_space.ts";
 import { cString, posix } from "./posix.ts";
 import { lazyLibrary } from "./lazy_library.ts";
 import { procMem } from "./proc_mem.ts";
-import { linuxModules } from "./linux_modules.ts";
+import { linuxModules, mappedReader } from "./linux_modules.ts";
 
 const RTLD_DL_SYMENT = 1;
 const SC_PAGESIZE = 30;
@@ -84,6 +84,11 @@ function libc(runtime: Runtime) {
       write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
       fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
     },
+    // arm64's Guarded Control Stack, asked of a CPU that has one (platform/branch_checks.ts).
+    shadowStack: {
+      prctl: { parameters: ["i32", "buffer", "u64", "u64", "u64"], result: "i32" },
+    },
+    // Module lists, and the auxiliary vector: the vDSO, the program's headers, arm64's BTI and GCS bits.
     modules: {
       dlvsym: { parameters: ["usize", "buffer", "buffer"], result: "usize" },
       dlclose: { parameters: ["usize"], result: "i32" },
@@ -263,7 +268,9 @@ export function linux(runtime: Runtime): Os {
   }
 
   const modules = linuxModules(runtime, c, pageSize, () => parseMaps(readMaps()));
-  const bti = arm64 ? aarch64BranchChecks(runtime, pageSize, (address) => os.mappingAt(address)) : null;
+  const bti = arm64
+    ? aarch64BranchChecks(runtime, c, pageSize, () => mappedReader(runtime, (address) => os.mappingAt(address)))
+    : null;
 
   const os: Os = {
     pageSize,
