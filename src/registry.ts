@@ -46,7 +46,7 @@ export interface KnownPlan {
 
 /**
  * A pool slot whose code was made from an entry's plan: the relocated first instructions, then
- * the code `holds` names (src/layout.ts). Once its patch is gone the slot waits out its
+ * the code `holds` names (src/layout.ts); placed in the reach of the shortest entry jump. Once its patch is gone the slot waits out its
  * quarantine with that code in place, as the plan's `spare`: the entry's next patch laid out the
  * same way takes it back (`CodePool.reclaim`) instead of relocating and writing the same bytes
  * into a fresh one.
@@ -55,8 +55,6 @@ export interface SlotReuse {
   readonly plan: KnownPlan;
   /** What follows the relocated instructions: compared by identity. */
   readonly holds: object;
-  /** The entry jump's size the slot was placed in reach of. */
-  readonly jumpSize: number;
   /** The slot, once released. */
   released: Quarantined | null;
 }
@@ -70,12 +68,12 @@ export function releaseSlot(slot: CodeSlot, busy: bigint | null, reuse: SlotReus
 }
 
 /**
- * The slot of the plan's spare, taken back, when it holds `holds` and was placed for `jumpSize`;
- * else null (the spare stays for a later patch that matches).
+ * The slot of the plan's spare, taken back, when it holds `holds`; else null (the spare stays for
+ * a later patch that matches).
  */
-export function reclaimSpare(plan: KnownPlan, holds: object, jumpSize: number): CodeSlot | null {
+export function reclaimSpare(plan: KnownPlan, holds: object): CodeSlot | null {
   const spare = plan.spare;
-  if (spare === null || spare.holds !== holds || spare.jumpSize !== jumpSize) return null;
+  if (spare === null || spare.holds !== holds) return null;
   plan.spare = null;
   return machine().pool.reclaim(spare.released!) ? spare.released!.slot : null;
 }
