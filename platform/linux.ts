@@ -88,12 +88,15 @@ function libc(runtime: Runtime) {
     shadowStack: {
       prctl: { parameters: ["i32", "buffer", "u64", "u64", "u64"], result: "i32" },
     },
-    // Module lists, and the auxiliary vector: the vDSO, the program's headers, arm64's BTI and GCS bits.
+    // The auxiliary vector, alone: a first JS replacement asks it for the program's headers (the
+    // guard's runtime code), an arm64 patch for the CPU's BTI and GCS bits; module lists for the vDSO.
+    auxiliaryVector: {
+      getauxval: { parameters: ["u64"], result: "u64" },
+    },
     modules: {
       dlvsym: { parameters: ["usize", "buffer", "buffer"], result: "usize" },
       dlclose: { parameters: ["usize"], result: "i32" },
       dl_iterate_phdr: { parameters: ["function", "pointer"], result: "i32" },
-      getauxval: { parameters: ["u64"], result: "u64" },
       readlink: { parameters: ["buffer", "buffer", "usize"], result: "isize" },
     },
   });
