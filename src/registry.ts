@@ -45,8 +45,9 @@ export interface KnownPlan {
 }
 
 /**
- * A pool slot whose code was made from an entry's plan: the relocated first instructions, then
- * the code `holds` names (src/layout.ts); placed in the reach of the shortest entry jump. Once its patch is gone the slot waits out its
+ * A pool slot whose code was made from an entry's plan for the shortest entry jump: the relocated
+ * first instructions, then the code `holds` names (src/layout.ts; a stub's slot in that jump's
+ * reach, a lone trampoline's anywhere). Once its patch is gone the slot waits out its
  * quarantine with that code in place, as the plan's `spare`: the entry's next patch laid out the
  * same way takes it back (`CodePool.reclaim`) instead of relocating and writing the same bytes
  * into a fresh one.
