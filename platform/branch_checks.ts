@@ -15,9 +15,11 @@
  * loader guarded, and whose every indirect target has a landing pad), never for anonymous memory,
  * which may not have been guarded.
  */
-import type { BranchChecks, Mapping, Runtime } from "./types.ts";
-import { PROT_EXEC, PROT_READ, UNCHECKED } from "./types.ts";
+import { RedefineError } from "../src/errors.ts";
+import type { BranchChecks, NativeCall, Runtime } from "./types.ts";
+import { PROT_EXEC, UNCHECKED } from "./types.ts";
 import { aarch64Features, imageAt } from "./image/elf_loaded.ts";
+import type { Reader } from "./image/elf_loaded.ts";
 
 const AT_HWCAP = 16n;
 const AT_HWCAP2 = 26n;
@@ -30,6 +32,9 @@ const PROT_BTI = 0x10;
 /** `GNU_PROPERTY_AARCH64_FEATURE_1_BTI`. */
 const FEATURE_BTI = 1;
 
+/** The libc functions the checks call: the Linux layer's, bound when first called. */
+type Libc = Record<"getauxval" | "prctl" | "dladdr1", NativeCall>;
+
 /** What the Linux layer asks of BTI and GCS on arm64. */
 export interface Aarch64BranchChecks {
   /** `Os.branchChecks`. */
@@ -39,22 +44,19 @@ export interface Aarch64BranchChecks {
 }
 
 /**
- * BTI and GCS for arm64 Linux over `runtime`, with `mappingAt` to check each read against the
- * memory map. libc is bound at the first call: a process that patches nothing pays nothing.
+ * BTI and GCS for arm64 Linux through the Linux layer's libc `c`, reading each image's headers
+ * with a fresh `reader()` (checked against the memory map). Nothing is called before the first
+ * ask: a process that patches nothing pays nothing.
  */
 export function aarch64BranchChecks(
   runtime: Runtime,
+  c: Libc,
   pageSize: number,
-  mappingAt: (address: bigint) => Mapping | null,
+  reader: () => Reader,
 ): Aarch64BranchChecks {
-  let known: { bti: boolean; gcs: boolean; dladdr: (address: bigint, info: Uint8Array) => number } | undefined;
-  function cpu() {
+  let known: { bti: boolean; gcs: boolean } | undefined;
+  function cpu(): { bti: boolean; gcs: boolean } {
     if (known) return known;
-    const c = runtime.open("libc.so.6", {
-      getauxval: { parameters: ["u64"], result: "u64" },
-      prctl: { parameters: ["i32", "buffer", "u64", "u64", "u64"], result: "i32" },
-      dladdr: { parameters: ["usize", "buffer"], result: "i32" },
-    });
     const bti = ((c.getauxval(AT_HWCAP2) as bigint) & HWCAP2_BTI) !== 0n;
     let gcs = false;
     if (((c.getauxval(AT_HWCAP) as bigint) & HWCAP_GCS) !== 0n) {
@@ -63,40 +65,34 @@ export function aarch64BranchChecks(
       // A kernel that cannot tell may have it on: taken as on.
       gcs = asked !== 0 || (status[0]! & PR_SHADOW_STACK_ENABLE) !== 0n;
     }
-    known = { bti, gcs, dladdr: (address, info) => c.dladdr(address, info) as number };
+    known = { bti, gcs };
     return known;
-  }
-
-  /** Copies readable bytes, or throws (the image is not what its header says). */
-  function read(address: bigint, length: number): Uint8Array {
-    const mapping = mappingAt(address);
-    if (!mapping || !(mapping.protection & PROT_READ) || address + BigInt(length) > mapping.end) {
-      throw new RangeError(`${length} bytes at ${address} are not readable`);
-    }
-    return runtime.view(address, length).slice();
   }
 
   // What each image's note said, by where it is loaded and its name: every write of a patch asks
   // (arm64 writes go through mprotect), and an image's note does not change while it is loaded.
   const images = new Map<string, boolean | null>();
+  // Dl_info: dli_fname, dli_fbase, dli_sname, dli_saddr; `dladdr1`'s extra answer is not asked for.
+  const info = new Uint8Array(32);
+  const fields = new DataView(info.buffer);
+  const unasked = new Uint8Array(8);
 
   /**
    * Whether the loaded image holding `address` was built for BTI; null when no image holds it, or
    * its headers cannot be read.
    */
-  function builtForBti(address: bigint, dladdr: (address: bigint, info: Uint8Array) => number): boolean | null {
-    // Dl_info: dli_fname, dli_fbase, dli_sname, dli_saddr.
-    const info = new Uint8Array(32);
-    if (dladdr(address, info) === 0) return null;
-    const fields = new DataView(info.buffer);
+  function builtForBti(address: bigint): boolean | null {
+    if ((c.dladdr1(address, info, unasked, 0) as number) === 0) return null;
     const base = fields.getBigUint64(8, true), name = fields.getBigUint64(0, true);
     const key = `${base}:${name === 0n ? "" : runtime.cString(name)}`;
     if (images.has(key)) return images.get(key)!;
     let built: boolean | null;
     try {
+      const read = reader();
       built = (aarch64Features(read, imageAt(read, base, pageSize)) & FEATURE_BTI) !== 0;
     } catch (error) {
-      if (!(error instanceof RangeError)) throw error;
+      // INVALID_ADDRESS: the headers are not where the image says.
+      if (!(error instanceof RedefineError)) throw error;
       built = null;
     }
     images.set(key, built);
@@ -105,14 +101,13 @@ export function aarch64BranchChecks(
 
   return {
     branchChecks(address) {
-      const { bti, gcs, dladdr } = cpu();
+      const { bti, gcs } = cpu();
       if (!bti) return gcs ? { landingPads: false, shadowStack: true } : UNCHECKED;
-      return { landingPads: builtForBti(address, dladdr) ?? true, shadowStack: gcs };
+      return { landingPads: builtForBti(address) ?? true, shadowStack: gcs };
     },
     protection(address, protection) {
       if (!(protection & PROT_EXEC)) return protection;
-      const { bti, dladdr } = cpu();
-      return bti && builtForBti(address, dladdr) === true ? protection | PROT_BTI : protection;
+      return cpu().bti && builtForBti(address) === true ? protection | PROT_BTI : protection;
     },
   };
 }

@@ -15,7 +15,7 @@ import { farPlace, nearCandidates, protectionText } from "./address_space.ts";
 import { cString, posix } from "./posix.ts";
 import { lazyLibrary } from "./lazy_library.ts";
 import { procMem } from "./proc_mem.ts";
-import { linuxModules } from "./linux_modules.ts";
+import { linuxModules, mappedReader } from "./linux_modules.ts";
 
 const RTLD_DL_SYMENT = 1;
 const SC_PAGESIZE = 30;
@@ -106,11 +106,19 @@ function libc(runtime: Runtime, address: (symbol: string) => bigint) {
       write: { parameters: ["i32", "buffer", "usize"], result: "isize" },
       fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
     },
+    // arm64's Guarded Control Stack, asked of a CPU that has one (platform/branch_checks.ts).
+    shadowStack: {
+      prctl: { parameters: ["i32", "buffer", "u64", "u64", "u64"], result: "i32" },
+    },
+    // The auxiliary vector, alone: a first JS replacement asks it for the program's headers (the
+    // guard's runtime code), an arm64 patch for the CPU's BTI and GCS bits; module lists for the vDSO.
+    auxiliaryVector: {
+      getauxval: { parameters: ["u64"], result: "u64" },
+    },
     modules: {
       dlvsym: { parameters: ["usize", "buffer", "buffer"], result: "usize" },
       dlclose: { parameters: ["usize"], result: "i32" },
       dl_iterate_phdr: { parameters: ["function", "pointer"], result: "i32" },
-      getauxval: { parameters: ["u64"], result: "u64" },
       readlink: { parameters: ["buffer", "buffer", "usize"], result: "isize" },
     },
   }, { names: SELDOM, busyLater: BUSY_LATER, address });
@@ -288,7 +296,9 @@ export function linux(runtime: Runtime): Os {
   }
 
   const modules = linuxModules(runtime, c, pageSize, () => parseMaps(readMaps()));
-  const bti = arm64 ? aarch64BranchChecks(runtime, pageSize, (address) => os.mappingAt(address)) : null;
+  const bti = arm64
+    ? aarch64BranchChecks(runtime, c, pageSize, () => mappedReader(runtime, (address) => os.mappingAt(address)))
+    : null;
 
   const os: Os = {
     pageSize,

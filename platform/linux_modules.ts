@@ -35,22 +35,7 @@ export function linuxModules(
   /** A reader that refuses any byte outside the readable mappings of this moment. */
   function checkedReader(): Reader {
     const maps = mappings();
-    return (address, length) => {
-      const end = address + BigInt(length);
-      for (let at = address; at < end;) {
-        const m = maps.find((m) => at >= m.start && at < m.end);
-        if (m === undefined || !(m.protection & PROT_READ)) {
-          throw new RedefineError(
-            "INVALID_ADDRESS",
-            `${length} bytes at ${hex(address)} are not readable memory (${hex(at)} is ` +
-              `${m === undefined ? "unmapped" : protectionText(m.protection)}): the loaded image is not ` +
-              `what its headers say, or it was unloaded meanwhile.`,
-          );
-        }
-        at = m.end;
-      }
-      return runtime.view(address, length).slice();
-    };
+    return mappedReader(runtime, (at) => maps.find((m) => at >= m.start && at < m.end) ?? null);
   }
 
   const machine: ElfMachine = runtime.arch === "aarch64" || runtime.arch === "arm64" ? "aarch64" : "x86_64";
@@ -180,5 +165,31 @@ function mainProgramText(read: Reader, phdr: bigint, count: number): AddressRang
   return {
     start: bias + text.reduce((low, s) => (s.vaddr < low ? s.vaddr : low), text[0]!.vaddr),
     end: bias + text.reduce((high, s) => (s.vaddr + s.memsz > high ? s.vaddr + s.memsz : high), 0n),
+  };
+}
+
+/**
+ * A reader that refuses any byte outside the readable mappings `mappingAt` finds. The mapping
+ * last found is kept, and asked again only for an address outside it: an image's headers and
+ * notes lie in its first mapping, so reading them asks once.
+ */
+export function mappedReader(runtime: Runtime, mappingAt: (address: bigint) => Mapping | null): Reader {
+  let known: Mapping | null = null;
+  return (address, length) => {
+    const end = address + BigInt(length);
+    for (let at = address; at < end;) {
+      const m = known !== null && at >= known.start && at < known.end ? known : mappingAt(at);
+      if (m === null || !(m.protection & PROT_READ)) {
+        throw new RedefineError(
+          "INVALID_ADDRESS",
+          `${length} bytes at ${hex(address)} are not readable memory (${hex(at)} is ` +
+            `${m === null ? "unmapped" : protectionText(m.protection)}): the loaded image is not ` +
+            `what its headers say, or it was unloaded meanwhile.`,
+        );
+      }
+      known = m;
+      at = m.end;
+    }
+    return runtime.view(address, length).slice();
   };
 }

@@ -62,7 +62,7 @@ const SLOT_ALIGN = 16;
  * trampoline when its patch was restored has that long to leave it. Measured on the monotonic
  * clock: a fake clock (`fakeClock()`) moves `Date.now()`.
  */
-const QUARANTINE_MS = 1000;
+export const QUARANTINE_MS = 1000;
 
 /**
  * A released slot waiting out its quarantine (see `CodePool.release`): its bytes stay as its last

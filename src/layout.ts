@@ -124,16 +124,7 @@ function originalForSlot(trampoline: Trampoline): void {
 function directJump(m: Machine, site: AnySite, to: bigint, below: bigint | null): Layout | null {
   const entry = entryJump(m, m.arch.entryJumps[0], site.at, to);
   if (!entry) return null;
-  let trampoline: Trampoline;
-  if (below !== null) trampoline = Trampoline.at(below);
-  else {
-    try {
-      trampoline = new Trampoline(trampolineAlone(m, site));
-    } catch (error) {
-      if (!(error instanceof RedefineError)) throw error;
-      trampoline = new Trampoline(error);
-    }
-  }
+  const trampoline = below !== null ? Trampoline.at(below) : new Trampoline(refused(() => trampolineAlone(m, site)));
   return { entry, covers: entry.length, destination: to, stub: null, trampoline, busy: null, bypass: to };
 }
 
@@ -148,8 +139,8 @@ function trampolineAlone(m: Machine, site: AnySite): Built {
   // `locate` refused overlaps of the shortest entry jump's bytes (`entryJumps[0]`): only a wider reach is asked again.
   if (plan.consumed > near.size) refuseOverlap(site.at, plan.consumed);
   // The code a slot holds is the same wherever the slot is (it jumps back from anywhere).
-  const reuse: SlotReuse = { plan: known, holds: LONE_TRAMPOLINE, jumpSize: near.size, released: null };
-  const again = reclaimSpare(known, LONE_TRAMPOLINE, near.size);
+  const reuse: SlotReuse = { plan: known, holds: LONE_TRAMPOLINE, released: null };
+  const again = reclaimSpare(known, LONE_TRAMPOLINE);
   if (again) return { address: again.address, slot: again, reuse };
   // Near, where the relocated code is shortest; else anywhere, as it jumps back from anywhere.
   const slot = pool.allocate(site.at, near.reach - BigInt(plan.maxSize), plan.maxSize) ??
@@ -188,7 +179,7 @@ function guardedStub(
     ? reserveAgain(m, site, below, shape.size, shape.dataSize, shape)
     : reserve(m, site, below, shape.size, shape.dataSize);
   return filling(m, stub, () => {
-    const { code: relocated, trampoline } = relocateInto(m, stub, below);
+    const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
     // Past every JS layer below: a call that must not run JS (V8's own getpid while it collects
     // garbage, say) must not enter the replacement of the patch below either.
     const bypass = belowBypass ?? originalForGuard(trampoline);
@@ -221,7 +212,7 @@ function originalForGuard(trampoline: Trampoline): bigint {
 function jumpStub(m: Machine, site: AnySite, to: bigint, below: bigint | null): Layout {
   const stub = reserve(m, site, below, absolute(m).size, 0);
   return filling(m, stub, () => {
-    const { code: relocated, trampoline } = relocateInto(m, stub, below);
+    const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
     write(m, stub, relocated, absolute(m).encode(stub.front, to)!);
     return throughStub(site, stub, trampoline, null);
   });
@@ -235,7 +226,7 @@ function cannedStub(m: Machine, site: AnySite, to: Destination & { kind: "canned
   const plan = m.arch.canned!(to.spec, m.platform.runtime.os);
   const stub = reserve(m, site, below, plan.size, plan.dataSize);
   return filling(m, stub, () => {
-    const { code: relocated, trampoline } = relocateInto(m, stub, below);
+    const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
     liveBytes(stub.slot.data, plan.dataSize).set(cannedData(to, () => trampoline.address));
     write(m, stub, relocated, plan.encode(stub.front, stub.slot.data));
     return { ...throughStub(site, stub, trampoline, null), counter: stub.slot.data + BigInt(CANNED_DATA.calls) };
@@ -252,7 +243,7 @@ function toOriginal(m: Machine, site: AnySite, below: bigint | null): Layout {
   // Its code is the same for every such patch of the entry: it can be taken back.
   const stub = reserveAgain(m, site, below, absolute(m).size, 0, TO_ORIGINAL);
   return filling(m, stub, () => {
-    const { code: relocated, trampoline } = relocateInto(m, stub, below);
+    const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
     const original = trampoline.address;
     const straight = entryJump(m, stub.jump, site.at, original);
     if (!straight) {
@@ -284,11 +275,11 @@ function probeStub(m: Machine, site: AnySite, timing: boolean, below: bigint | n
   const { os } = m.platform.runtime;
   const stub = reserve(m, site, below, (plan) => probe.size(timing, os) + sizeOf(plan), PROBE_RECORD.size);
   return filling(m, stub, () => {
-    const { code: relocated, trampoline } = relocateInto(m, stub, below);
+    const { code: relocated, trampoline, checks } = relocateInto(m, site, stub, below);
     probeRecord(m, stub.slot.data, trampoline.address);
     const plan = stub.plan;
-    const inline = relocated.length && plan && !(plan instanceof RedefineError)
-      ? (at: bigint) => m.arch.relocate(plan, at, stub.checks())
+    const inline = checks && plan && !(plan instanceof RedefineError)
+      ? (at: bigint) => m.arch.relocate(plan, at, checks)
       : undefined;
     const data = stub.slot.data;
     const code = probe.encode({ at: stub.front, data, original: trampoline.address, inline, timing, os });
@@ -320,13 +311,15 @@ interface Stub {
   readonly reuse?: SlotReuse | null;
   /** Taken back from the entry's last patch: its code is in place already, only data is written. */
   readonly reused?: boolean;
-  /** How the CPU checks the trampoline's jumps back into the function: asked when it is relocated. */
-  readonly checks: () => BranchChecks;
 }
+
+/** An entry's plan for an entry jump's size (`relocationPlan`), why its instructions cannot move, or null when layered. */
+type Planned = KnownPlan | RedefineError | null;
 
 /**
  * Reserves a slot for the trampoline and `frontSize` bytes of stub code (and `dataSize` of data)
- * within reach of the shortest entry jump that has memory in its reach and room at the entry.
+ * within reach of the shortest entry jump that has memory in its reach and room at the entry;
+ * `first` is the plan for the shortest, when the caller has it already.
  */
 function reserve(
   m: Machine,
@@ -334,6 +327,7 @@ function reserve(
   below: bigint | null,
   frontSize: number | ((plan: Plan) => number),
   dataSize: number,
+  first?: Planned,
 ): Stub {
   const front = (plan: Plan) => typeof frontSize === "number" ? frontSize : frontSize(plan);
   const { arch, pool } = m;
@@ -343,10 +337,11 @@ function reserve(
       if (site.room < jump.size) throw tooShortForStub(m, site, i);
       refuseJumpsIntoEntry(site.at, jump.size);
     }
-    const plan = planFor(m, site, below, jump.size);
+    const planned = i === 0 && first !== undefined ? first : planFor(m, site, below, jump.size);
+    const plan = planned === null || planned instanceof RedefineError ? planned : planned.plan;
     const size = sizeOf(plan) + front(plan);
     const slot = pool.allocate(site.at, jump.reach - BigInt(size), size, dataSize);
-    if (slot) return { slot, jump, plan, front: slot.address + BigInt(sizeOf(plan)), checks: () => branchChecks(m, site) };
+    if (slot) return { slot, jump, plan, front: slot.address + BigInt(sizeOf(plan)) };
   }
   throw new RedefineError("ALLOCATION_FAILED", "no executable memory could be mapped for a stub.");
 }
@@ -398,39 +393,37 @@ function reserveAgain(
   dataSize: number,
   holds: object,
 ): Stub {
-  // Only a slot in the shortest jump's reach is taken back (the one nearly every patch gets).
   const jump = m.arch.entryJumps[0];
-  const known = below === null ? knownPlan(m, site, jump.size) : null;
-  const again = known ? reclaimSpare(known, holds, jump.size) : null;
+  const planned = planFor(m, site, below, jump.size);
+  const known = planned instanceof RedefineError ? null : planned;
+  const again = known ? reclaimSpare(known, holds) : null;
   if (again) {
-    const reuse = { plan: known!, holds, jumpSize: jump.size, released: null };
+    const reuse = { plan: known!, holds, released: null };
     const front = again.address + BigInt(sizeOf(known!.plan));
-    return { slot: again, jump, plan: known!.plan, front, reuse, reused: true, checks: () => branchChecks(m, site) };
+    return { slot: again, jump, plan: known!.plan, front, reuse, reused: true };
   }
-  const stub = reserve(m, site, below, frontSize, dataSize);
-  const planned = below === null ? m.plans.get(site.at) : undefined;
-  const reuse = planned && planned.plan === stub.plan ? { plan: planned, holds, jumpSize: stub.jump.size, released: null } : null;
+  const stub = reserve(m, site, below, frontSize, dataSize, planned);
+  // Only a slot in the shortest jump's reach (the one nearly every patch gets) is kept to take
+  // back. One farther away was placed there because no memory was nearer: taken back, it would
+  // keep the function on the longer, slower entry jump after nearer memory has come free, and it
+  // would need the checks `reserve` makes for that form (the function's room, branches into
+  // those bytes) again.
+  const reuse = known && stub.jump === jump ? { plan: known, holds, released: null } : null;
   return { ...stub, reuse, reused: false };
 }
 
 /** How the first instructions move for an entry jump of `jumpSize` bytes; why not; null when layered. */
-function planFor(m: Machine, site: AnySite, below: bigint | null, jumpSize: number): Plan {
-  if (below !== null) return null;
+function planFor(m: Machine, site: AnySite, below: bigint | null, jumpSize: number): Planned {
+  return below === null ? refused(() => relocationPlan(m, site, jumpSize)) : null;
+}
+
+/** What `make` returns, or the RedefineError it throws: a refusal kept to tell later (any other error goes on). */
+function refused<T>(make: () => T): T | RedefineError {
   try {
-    return relocationPlan(m, site, jumpSize).plan;
+    return make();
   } catch (error) {
     if (!(error instanceof RedefineError)) throw error;
     return error;
-  }
-}
-
-/** The entry's plan for an entry jump of `jumpSize` bytes, or null when its instructions cannot move. */
-function knownPlan(m: Machine, site: AnySite, jumpSize: number): KnownPlan | null {
-  try {
-    return relocationPlan(m, site, jumpSize);
-  } catch (error) {
-    if (!(error instanceof RedefineError)) throw error;
-    return null;
   }
 }
 
@@ -458,24 +451,26 @@ function sizeOf(plan: Plan): number {
   return plan === null || plan instanceof RedefineError ? 0 : Math.ceil(plan.maxSize / 16) * 16;
 }
 
-/** The trampoline's code for the start of the stub's slot, and the trampoline (or why there is none). */
+/**
+ * The trampoline's code for the start of the stub's slot, and the trampoline (or why there is
+ * none); when it was relocated here, how the CPU checks its jumps back into the function.
+ */
 function relocateInto(
   m: Machine,
+  site: AnySite,
   stub: Stub,
   below: bigint | null,
-): { code: Uint8Array; trampoline: Trampoline } {
-  if (below !== null) return { code: NO_CODE, trampoline: Trampoline.at(below) };
-  if (stub.plan instanceof RedefineError) return { code: NO_CODE, trampoline: new Trampoline(stub.plan) };
+): { code: Uint8Array; trampoline: Trampoline; checks: BranchChecks | null } {
+  if (below !== null) return { code: NO_CODE, trampoline: Trampoline.at(below), checks: null };
+  if (stub.plan instanceof RedefineError) return { code: NO_CODE, trampoline: new Trampoline(stub.plan), checks: null };
   // Its trampoline relocated there by the entry's last patch, as it would be now.
-  if (stub.reused) return { code: NO_CODE, trampoline: Trampoline.at(stub.slot.address) };
-  try {
-    // Planned: there is no patch below.
-    const code = m.arch.relocate(stub.plan!, stub.slot.address, stub.checks());
-    return { code, trampoline: Trampoline.at(stub.slot.address) };
-  } catch (error) {
-    if (!(error instanceof RedefineError)) throw error;
-    return { code: NO_CODE, trampoline: new Trampoline(error) };
-  }
+  if (stub.reused) return { code: NO_CODE, trampoline: Trampoline.at(stub.slot.address), checks: null };
+  // Planned: there is no patch below. Asked once a stub: on a CPU with BTI each ask is a dladdr.
+  const plan = stub.plan!;
+  const checks = branchChecks(m, site);
+  const code = refused(() => m.arch.relocate(plan, stub.slot.address, checks));
+  if (code instanceof RedefineError) return { code: NO_CODE, trampoline: new Trampoline(code), checks: null };
+  return { code, trampoline: Trampoline.at(stub.slot.address), checks };
 }
 
 /** Writes the trampoline's code and the stub's into the stub's slot (a slot taken back holds them). */

@@ -45,8 +45,9 @@ export interface KnownPlan {
 }
 
 /**
- * A pool slot whose code was made from an entry's plan: the relocated first instructions, then
- * the code `holds` names (src/layout.ts). Once its patch is gone the slot waits out its
+ * A pool slot whose code was made from an entry's plan for the shortest entry jump: the relocated
+ * first instructions, then the code `holds` names (src/layout.ts; a stub's slot in that jump's
+ * reach, a lone trampoline's anywhere). Once its patch is gone the slot waits out its
  * quarantine with that code in place, as the plan's `spare`: the entry's next patch laid out the
  * same way takes it back (`CodePool.reclaim`) instead of relocating and writing the same bytes
  * into a fresh one.
@@ -55,8 +56,6 @@ export interface SlotReuse {
   readonly plan: KnownPlan;
   /** What follows the relocated instructions: compared by identity. */
   readonly holds: object;
-  /** The entry jump's size the slot was placed in reach of. */
-  readonly jumpSize: number;
   /** The slot, once released. */
   released: Quarantined | null;
 }
@@ -70,12 +69,12 @@ export function releaseSlot(slot: CodeSlot, busy: bigint | null, reuse: SlotReus
 }
 
 /**
- * The slot of the plan's spare, taken back, when it holds `holds` and was placed for `jumpSize`;
- * else null (the spare stays for a later patch that matches).
+ * The slot of the plan's spare, taken back, when it holds `holds`; else null (the spare stays for
+ * a later patch that matches).
  */
-export function reclaimSpare(plan: KnownPlan, holds: object, jumpSize: number): CodeSlot | null {
+export function reclaimSpare(plan: KnownPlan, holds: object): CodeSlot | null {
   const spare = plan.spare;
-  if (spare === null || spare.holds !== holds || spare.jumpSize !== jumpSize) return null;
+  if (spare === null || spare.holds !== holds) return null;
   plan.spare = null;
   return machine().pool.reclaim(spare.released!) ? spare.released!.slot : null;
 }
@@ -119,6 +118,11 @@ export interface Machine {
   readonly pages: Map<bigint, Uint8Array>;
   /** The page size, as a bigint for address arithmetic. */
   readonly pageBytes: bigint;
+  /**
+   * The size of the arch's longest entry jump (its absolute form), as a bigint: a live patch's
+   * jump (or import slot, shorter) reaching an address starts less than this before it.
+   */
+  readonly longestJump: bigint;
   /** The block `keep` carves copies from, and how much of it is used. */
   kept: { block: Uint8Array; used: number };
   /** The open transaction, if any. */
@@ -146,6 +150,7 @@ export function machine(): Machine {
     jumpBytes: new Map(),
     pages: new Map(),
     pageBytes: BigInt(p.os.pageSize),
+    longestJump: BigInt(Math.max(...arch.entryJumps.map((jump) => jump.size))),
     kept: { block: new Uint8Array(0), used: 0 },
     batch: null,
   };
@@ -555,14 +560,12 @@ export function refuseOverlap(at: bigint, covers: number): void {
   if (live.length === 0) return;
   // Patches of the same function write at the same place: those are layers, not overlaps.
   // A bigint is a heap object: the two ends are made once, a neighbour's end only when it starts
-  // just before ours, and the neighbours are walked in place (three checks a patch). No entry
-  // jump is longer than 16 bytes (x86-64's 14, arm64's 16): one that starts before `at` and
-  // reaches it starts less than 16 bytes before, in `at`'s block or the one before.
+  // just before ours, and the neighbours are walked in place (three checks a patch). A jump that
+  // starts before `at` and reaches it starts after `reach`.
   const end = at + BigInt(covers);
-  const reach = at - 16n;
-  const home = blockOf(at);
-  const last = home + Math.ceil(covers / BLOCK);
-  for (let block = home - 1; block <= last; block++) {
+  const reach = at - machine().longestJump;
+  const last = blockOf(at) + Math.ceil(covers / BLOCK);
+  for (let block = blockOf(reach); block <= last; block++) {
     const entries = byBlock.get(block);
     if (entries === undefined) continue;
     for (let i = 0; i < entries.length; i++) {
@@ -586,10 +589,9 @@ export function readThrough(bytes: Uint8Array, start: bigint): void {
   if (live.length === 0) return;
   // Each neighbour's bytes are copied over where they overlap, the blocks walked in place: the
   // first scan before a thousand entries patched in one transaction meets a hundred each. A jump
-  // reaching `start` from before starts in its block or the one before (see `refuseOverlap`).
-  const home = blockOf(start);
-  const last = home + Math.ceil(bytes.length / BLOCK);
-  for (let block = home - 1; block <= last; block++) {
+  // reaching `start` from before starts less than the longest jump before it.
+  const last = blockOf(start) + Math.ceil(bytes.length / BLOCK);
+  for (let block = blockOf(start - machine().longestJump); block <= last; block++) {
     const entries = byBlock.get(block);
     if (entries === undefined) continue;
     for (let i = 0; i < entries.length; i++) {

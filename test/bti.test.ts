@@ -7,12 +7,11 @@
  * `max` honour PROT_BTI); elsewhere skipped. The detection (the CPU's hwcaps, an image's
  * `PT_GNU_PROPERTY` note) is checked here too.
  */
-import { assert, runtimeName, runtimePath, test } from "./harness.ts";
-import { spawnSync } from "node:child_process";
-import process from "node:process";
-import { runCase } from "./cases.ts";
+import { assert, test } from "./harness.ts";
+import { runCase, spawnCase } from "./cases.ts";
 import { assemble, isArm64, os, runtime, unassemble, words } from "./native.ts";
 import { aarch64Features, imageAt } from "../platform/image/elf_loaded.ts";
+import { propertyNote } from "./bti_library.ts";
 
 const fixture = new URL("./fixtures/bti.ts", import.meta.url);
 const AT_HWCAP2 = 26n;
@@ -52,19 +51,12 @@ test("BTI: a library built for BTI (the loader guards its text): patched with it
   });
 }, needsBti);
 
-/** The signal case `name` of the fixture ends with (null when it exits), and its output. */
-function signalOf(name: string): { signal: string | null; output: string } {
-  const path = fixture.pathname;
-  const args = runtimeName === "deno" ? ["run", "-A", "--no-check", path, name] : [path, name];
-  const child = spawnSync(runtimePath, args, { encoding: "utf8", timeout: 60_000, env: { ...process.env, NO_COLOR: "1" } });
-  return { signal: child.signal, output: `${child.stdout ?? ""}${child.stderr ?? ""}`.slice(-2000) };
-}
-
 test("BTI: a library's page stays guarded after a patch and its restore (mprotect keeps PROT_BTI)", () => {
   // A branch past the landing pad faults before any patch (the page is guarded) and after one.
   for (const name of ["library built for BTI, past the pad", "library built for BTI, past the pad after a patch"]) {
-    const { signal, output } = signalOf(name);
-    assert.equal(signal, "SIGILL", `${name}: ${output}`);
+    const child = spawnCase(fixture, name);
+    const output = `${child.stdout ?? ""}${child.stderr ?? ""}`.slice(-2000);
+    assert.equal(child.signal, "SIGILL", `${name}: ${output}`);
   }
 }, needsBti);
 
@@ -105,19 +97,11 @@ function imageWithNote(features: number | null): { read: (address: bigint, lengt
   phdr(0, 1, 0, bytes.length); //                       PT_LOAD of the whole image
   // A note with an x86 property first (another type, skipped), then the AArch64 one.
   const note = 0x100;
-  view.setUint32(note, 4, true); //                     namesz
-  view.setUint32(note + 4, features === null ? 16 : 32, true); // descsz
-  view.setUint32(note + 8, 5, true); //                 NT_GNU_PROPERTY_TYPE_0
-  bytes.set([0x47, 0x4e, 0x55, 0], note + 12); //       "GNU"
-  view.setUint32(note + 16, 0xc0010001, true); //       GNU_PROPERTY_X86_ISA_1_NEEDED-like, 4 bytes
-  view.setUint32(note + 20, 4, true);
-  view.setUint32(note + 24, 0xffff, true);
-  if (features !== null) {
-    view.setUint32(note + 32, 0xc0000000, true); //     GNU_PROPERTY_AARCH64_FEATURE_1_AND
-    view.setUint32(note + 36, 4, true);
-    view.setUint32(note + 40, features, true);
-  }
-  phdr(1, 0x6474e553, note, features === null ? 32 : 48); // PT_GNU_PROPERTY
+  const properties: [number, number][] = [[0xc0010001, 0xffff]]; // GNU_PROPERTY_X86_ISA_1_NEEDED-like
+  if (features !== null) properties.push([0xc0000000, features]); // GNU_PROPERTY_AARCH64_FEATURE_1_AND
+  const notes = propertyNote(properties);
+  bytes.set(notes, note);
+  phdr(1, 0x6474e553, note, notes.length); // PT_GNU_PROPERTY
   const read = (address: bigint, length: number) => {
     const at = Number(address - base);
     if (at < 0 || at + length > bytes.length) throw new RangeError("outside the image");

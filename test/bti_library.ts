@@ -2,7 +2,8 @@
  * A shared library built in memory whose `PT_GNU_PROPERTY` note says it was built for arm64 Branch
  * Target Identification, as every library of a distribution built with
  * `-mbranch-protection=standard` is: on a CPU with BTI, the real dynamic loader maps its text
- * PROT_BTI. It exports one function, `<prefix>fn`, of the given code.
+ * PROT_BTI. It exports one function, `<prefix>fn`, of the given code. Its note is `propertyNote`'s,
+ * which test/bti.test.ts also builds images of its own with.
  */
 import { writeElfHeaders, writeSysvHash } from "../platform/image/elf.ts";
 
@@ -14,14 +15,34 @@ const DT_NULL = 0, DT_HASH = 4, DT_STRTAB = 5, DT_SYMTAB = 6, DT_STRSZ = 10, DT_
 const NT_GNU_PROPERTY_TYPE_0 = 5;
 const GNU_PROPERTY_AARCH64_FEATURE_1_AND = 0xc0000000, FEATURE_1_BTI = 1;
 
+/**
+ * A GNU property note (`NT_GNU_PROPERTY_TYPE_0`, what a `PT_GNU_PROPERTY` segment holds) with one
+ * 4-byte property for each `[type, value]`, in order: 16 bytes of header, 16 a property.
+ */
+export function propertyNote(properties: readonly (readonly [type: number, value: number])[]): Uint8Array {
+  const note = new Uint8Array(16 + 16 * properties.length);
+  const v = new DataView(note.buffer);
+  v.setUint32(0, 4, true); //                               namesz
+  v.setUint32(4, 16 * properties.length, true); //          descsz
+  v.setUint32(8, NT_GNU_PROPERTY_TYPE_0, true); //          type
+  note.set([0x47, 0x4e, 0x55, 0], 12); //                   "GNU"
+  properties.forEach(([type, value], i) => {
+    v.setUint32(16 + 16 * i, type, true); //                pr_type
+    v.setUint32(16 + 16 * i + 4, 4, true); //               pr_datasz
+    v.setUint32(16 + 16 * i + 8, value, true); //           the value (padded to 8)
+  });
+  return note;
+}
+
 /** The image's bytes and its one function's name. */
 export function buildBtiLibrary(prefix: string, code: readonly number[]): { bytes: Uint8Array; name: string } {
   const name = `${prefix}fn`;
   const soname = `${prefix}bti.so`;
   const strtab = new TextEncoder().encode(`\0${soname}\0${name}\0`);
   const phnum = 5;
+  const note = propertyNote([[GNU_PROPERTY_AARCH64_FEATURE_1_AND, FEATURE_1_BTI]]);
   const noteAt = EHDR + PHDR * phnum;
-  const noteSize = 32;
+  const noteSize = note.length;
   const hashAt = noteAt + noteSize;
   const symAt = Math.ceil((hashAt + 4 * (2 + 1 + 2)) / 8) * 8;
   const strAt = symAt + SYM * 2;
@@ -42,13 +63,7 @@ export function buildBtiLibrary(prefix: string, code: readonly number[]): { byte
     // Without PT_GNU_STACK the loader would make every thread's stack executable.
     { type: PT_GNU_STACK, flags: PF_R | PF_W, at: 0, fileSize: 0, memorySize: 0, alignment: 16 },
   ]);
-  v.setUint32(noteAt, 4, true); //                                        namesz
-  v.setUint32(noteAt + 4, 16, true); //                                   descsz
-  v.setUint32(noteAt + 8, NT_GNU_PROPERTY_TYPE_0, true); //               type
-  bytes.set([0x47, 0x4e, 0x55, 0], noteAt + 12); //                       "GNU"
-  v.setUint32(noteAt + 16, GNU_PROPERTY_AARCH64_FEATURE_1_AND, true); //  pr_type
-  v.setUint32(noteAt + 20, 4, true); //                                   pr_datasz
-  v.setUint32(noteAt + 24, FEATURE_1_BTI, true); //                       BTI (padded to 8)
+  bytes.set(note, noteAt);
   writeSysvHash(v, hashAt, 1, [name]);
   const symbol = symAt + SYM;
   v.setUint32(symbol, 1 + soname.length + 1, true); // st_name

@@ -7,6 +7,7 @@
 import { assert, runtimeName, runtimePath } from "./harness.ts";
 import { bytesAt, protectionAt, writableExecutable } from "./native.ts";
 import { spawnSync } from "node:child_process";
+import type { SpawnSyncReturns } from "node:child_process";
 import process from "node:process";
 
 const MARK = "CASE RESULT ";
@@ -42,9 +43,7 @@ export async function cases(table: Record<string, () => unknown>): Promise<void>
  * child's signal and output, when the child crashes, hangs past `timeout` ms or throws.
  */
 export function runCase(fixture: URL, name: string, timeout = 60_000): unknown {
-  const path = fixture.pathname;
-  const args = runtimeName === "deno" ? ["run", "-A", "--no-check", path, name] : [path, name];
-  const child = spawnSync(runtimePath, args, { encoding: "utf8", timeout, env: { ...process.env, NO_COLOR: "1" } });
+  const child = spawnCase(fixture, name, timeout);
   const output = `${child.stdout ?? ""}${child.stderr ?? ""}`;
   const line = (child.stdout ?? "").split("\n").find((l) => l.startsWith(MARK));
   assert.ok(
@@ -53,6 +52,13 @@ export function runCase(fixture: URL, name: string, timeout = 60_000): unknown {
       `${child.error ? ` (${child.error.message})` : ""}:\n${output.slice(-3000)}`,
   );
   return JSON.parse(line!.slice(MARK.length));
+}
+
+/** Runs case `name` of `fixture` in a child of this runtime, to its end: how it ended, what it printed. */
+export function spawnCase(fixture: URL, name: string, timeout = 60_000): SpawnSyncReturns<string> {
+  const path = fixture.pathname;
+  const args = runtimeName === "deno" ? ["run", "-A", "--no-check", path, name] : [path, name];
+  return spawnSync(runtimePath, args, { encoding: "utf8", timeout, env: { ...process.env, NO_COLOR: "1" } });
 }
 
 /** The code bytes and page protections at `addresses`, and the writable+executable file mappings. */

@@ -5,7 +5,7 @@
 import { assert, test } from "./harness.ts";
 import { platform } from "../platform/mod.ts";
 import type { CodeBlock, Platform } from "../platform/mod.ts";
-import { CodePool } from "../src/code_memory.ts";
+import { CodePool, QUARANTINE_MS } from "../src/code_memory.ts";
 import type { CodeSlot } from "../src/code_memory.ts";
 
 /** A platform whose `allocateCode` hands out fake blocks (never written) and records each request. */
@@ -59,6 +59,11 @@ test("code pool: where a whole block cannot be had in reach, the slot's exact co
   assert.ok(asked[0]!.dataSize! > pageSize, "the whole block was asked with its data first");
 });
 
+/** Waits until a slot released now is out of its quarantine, with a margin for the timer. */
+function pastQuarantine(): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, QUARANTINE_MS + 50));
+}
+
 /** A real pool with two slots of a JS replacement's sizes taken; `busy` is where a slot's guard flag would be. */
 function twoSlots() {
   const { os, runtime } = platform();
@@ -76,7 +81,7 @@ test("code pool: a released slot is reused at its size only after the quarantine
   pool.release(b, busy(b));
   const early = take();
   assert.ok(early.address !== a.address && early.address !== b.address, "nothing reused inside the quarantine");
-  await new Promise((resolve) => setTimeout(resolve, 1050));
+  await pastQuarantine();
   const again = take();
   assert.deepEqual([again.address, again.data], [a.address, a.data], "the idle slot comes back, code and data");
   const meanwhile = take();
@@ -103,7 +108,7 @@ test("code pool: a released slot can be reclaimed, untouched, until it is reused
   assert.equal(pool.codeBytesInUse, inUse + b.size, "a reclaimed slot is in use again");
   // Released and left: once the quarantine is over it is reused, and its record says so.
   const ra2 = pool.release(a, null);
-  await new Promise((resolve) => setTimeout(resolve, 1050));
+  await pastQuarantine();
   const again = take();
   assert.equal(again.address, a.address, "the slot goes back to the free lists as before");
   assert.ok(!pool.reclaim(ra2), "no longer reclaimable once reused");
@@ -148,7 +153,7 @@ test("code pool: a near request that failed is not searched again within the qua
   assert.equal(pool.allocate(NEAR, reach, 48, 64), null, "the same request again");
   assert.equal(pool.allocate(NEAR + 4096n, reach - 8192n, 200, 64), null, "a narrower window, more bytes");
   assert.equal(calls.count, 2, "no search made");
-  await new Promise((resolve) => setTimeout(resolve, 1050));
+  await pastQuarantine();
   assert.equal(pool.allocate(NEAR, reach, 48, 64), null);
   assert.equal(calls.count, 4, "searched again once the quarantine is over");
 });

@@ -9,9 +9,9 @@ import { assert, assertCode, test } from "./harness.ts";
 import { redefine, returns } from "../mod.ts";
 import { redefineToOriginal } from "../src/internal.ts";
 import { layers, machine } from "../src/registry.ts";
-import { ANYWHERE, type EntryJump } from "../src/arch/types.ts";
+import type { EntryJump } from "../src/arch/types.ts";
 import { assemble, bytesAt, isArm64, libc, os, protectionAt, runtime, unassemble, words } from "./native.ts";
-import { withNearMemoryTaken } from "./near_memory.ts";
+import { FORTY_TWO, withFortyTwoAnywhere, withNearMemoryTaken } from "./near_memory.ts";
 
 const jumps = machine().arch.entryJumps;
 
@@ -34,13 +34,7 @@ function absOf(length: number): number[] {
   return [...body, ...Array.from({ length: nops }, () => nop).flat(), ...ret];
 }
 
-/** A native function returning 4242: one copy `NEIGHBOUR` bytes after each abs, in reach of any jump. */
-const FORTY_TWO = isArm64
-  ? words(
-    0xd2821240, // mov x0, #4242
-    0xd65f03c0, // ret
-  )
-  : [0xb8, 0x92, 0x10, 0x00, 0x00, 0xc3]; // mov eax, 4242; ret
+/** Where a copy of `FORTY_TWO` lies after each abs, in reach of any jump. */
 const NEIGHBOUR = 256;
 
 /** The live patch of `address` as the registry has it: its entry jump and where it leads. */
@@ -100,19 +94,14 @@ for (let form = 1; form < jumps.length; form++) {
         assert.deepEqual(bytesAt(address, NEIGHBOUR), before);
 
         // Out of the nearer form's reach, so through a stub.
-        const { pool } = machine();
-        const far = pool.allocate(address, ANYWHERE, FORTY_TWO.length)!;
-        try {
-          pool.write(far, Uint8Array.from(FORTY_TWO));
-          assertFar(address, far.address, nearer);
-          const native = redefine(target(address), far.address);
+        withFortyTwoAnywhere(address, (far) => {
+          assertFar(address, far, nearer);
+          const native = redefine(target(address), far);
           assertFar(address, assertJump(address, before, jump), nearer);
           assert.equal(call(-7n), 4242n);
           assert.equal(native.original(-7n), 7n);
           native.restore();
-        } finally {
-          pool.release(far, null);
-        }
+        });
 
         // In reach of the nearest form: a direct jump, and a trampoline wherever memory is.
         const neighbour = address + BigInt(NEIGHBOUR);
