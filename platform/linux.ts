@@ -43,8 +43,6 @@ const ENOENT = 2;
 const BESIDE_LIBC = 2n ** 31n - 2n ** 25n;
 const PROT_NONE = 0;
 const MAP_FIXED = 0x10;
-/** `getauxval` keys: where the kernel put the main program's program headers, and how many. */
-/** The segment types and the flag the program's text is found by. */
 /** Linux's number for ENOSYS (macOS: 78); the others posix.ts knows. */
 const ERRNO_NAMES: Record<number, string> = { 38: "ENOSYS" };
 

@@ -16,8 +16,10 @@ const RTLD_LAZY = 1;
 const RTLD_NOLOAD = 4;
 const AT_SYSINFO_EHDR = 33n;
 const PATH_MAX = 4096;
+/** `getauxval` keys: where the kernel put the main program's program headers, and how many. */
 const AT_PHDR = 3n;
 const AT_PHNUM = 5n;
+/** The segment types and the flag the program's text is found by. */
 const PT_LOAD = 1;
 const PT_PHDR = 6;
 const PF_X = 1;
