@@ -10,8 +10,8 @@
 // name comes from the key, so no self-binding shadows an outer `m`). Class members and nested
 // declarations stay as they were: V8 has no such hint for them. Where each function starts and
 // ends comes from V8 itself (Node's `--log-function-events` with `--no-lazy`, compiling the bundle
-// without running it), and the source map moves with the text. Node and Bun keep no code cache,
-// so there eager compilation only costs: their bundles stay as they are.
+// without running it), and the source map moves with the text; V8 then compiles the result, which
+// must hold the same functions. Node and Bun keep no code cache, so their bundles stay lazy.
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -214,5 +214,14 @@ export function eager(node, code, map) {
     if (rewrite) rewrites.push(rewrite);
   }
   rewrites.sort((a, b) => a.cut - b.cut || b.to - a.to);
-  return movedMap(code, rewritten(code, rewrites), map);
+  // Each hoisted name is a top-level function of its own (the bundler renames clashes): one that
+  // came twice would be a block's function, whose scope moving it would change.
+  const names = rewrites.filter((r) => r.hoisted).map((r) => r.head);
+  if (new Set(names).size !== names.length) throw new Error("two hoisted functions share a name");
+  const moved = movedMap(code, rewritten(code, rewrites), map);
+  // The rewrite must compile (V8 says so before any runtime loads it: npm test runs only this
+  // system's bundle) and hold the same functions, no more, no fewer.
+  const after = functionsOf(node, moved.code).length;
+  if (after !== functions.length) throw new Error(`the eager bundle has ${after} functions where the bundle has ${functions.length}`);
+  return moved;
 }
