@@ -2,8 +2,9 @@
 // every runtime's users load (npm's prepack, the JSR publish, npm test and the start-up bench run
 // it first; dist/ is not in git). The declarations come file by file from tsc. The JavaScript is
 // one bundle per operating system and CPU, dist/<os>-<cpu>.js, each without the other systems'
-// and CPU's layers, and dist/mod.js (dist/deno.js for Deno), which loads this process's one:
-// start-up is mostly parsing (Node and Bun compile every byte they load, each module file costs
+// and CPU's layers (Deno's, dist/deno-<os>-<cpu>.js, also without the Bun and Node adapters and
+// compiled eagerly: scripts/eager.mjs), and dist/mod.js (dist/deno.js for Deno), which loads this
+// process's one: start-up is mostly parsing (Node and Bun compile every byte they load, each module file costs
 // Node about 0.4 ms more), so a process parses one file of ~155 KB instead of the sources' fifty
 // files or an all-platform bundle of 230 KB. The bundles are minified in whitespace and syntax but
 // keep every name (stack traces name our functions, `RedefineError.name` stays), start with
