@@ -64,9 +64,11 @@ function rewriteOf(code, [start, end], within) {
   const keyword = /((?:async\s*)?function\s*\*?)\s*([\w$]*)\s*$/.exec(before);
   if (keyword) {
     const from = start - before.length + keyword.index;
+    // An exported declaration stays: the bundler exports by one `export {...}` at the end.
+    if (/export\s+(default\s+)?$/.test(before.slice(0, keyword.index))) return null;
     if (from > 0 && !";{}\n".includes(code[from - 1])) return { cut: from, from, to: end, head: "(", tail: ")" };
     if (within || !keyword[2]) return null;
-    return { cut: from, from: start, to: end, head: `var ${keyword[2]}=(${keyword[1]}`, tail: ");", hoisted: true };
+    return { cut: from, from: start, to: end, head: `var ${keyword[2]}=(${keyword[1].trimEnd()}`, tail: ");", hoisted: true };
   }
   if (/^[\w$]+=>/.test(code.slice(start, start + 200)) || (code[start] === "(" && code.startsWith("=>", closing(code, start)))) {
     const from = /async\s*$/.test(before) ? start - before.length + before.search(/async\s*$/) : start;
@@ -110,8 +112,8 @@ function rewritten(code, rewrites) {
 
 const BASE64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
-/** A source map's segments as [line, column, ...the rest, absolute] of the generated code. */
-function segmentsOf(mappings) {
+/** A source map's segments: the generated line and column, and the rest (source, line, column, name). */
+export function segmentsOf(mappings) {
   const segments = [];
   const state = [0, 0, 0, 0];
   mappings.split(";").forEach((line, number) => {
@@ -136,6 +138,7 @@ function segmentsOf(mappings) {
   return segments;
 }
 
+/** One signed number in base-64 VLQ. */
 function vlq(value) {
   let v = value < 0 ? -value * 2 + 1 : value * 2, text = "";
   do {
@@ -146,7 +149,8 @@ function vlq(value) {
   return text;
 }
 
-function mappingsOf(segments) {
+/** The `mappings` text of segments sorted by line and column, as segmentsOf gives them. */
+export function mappingsOf(segments) {
   const state = [0, 0, 0, 0];
   const lines = [];
   for (const s of segments) {
