@@ -2,8 +2,9 @@
 // every runtime's users load (npm's prepack, the JSR publish, npm test and the start-up bench run
 // it first; dist/ is not in git). The declarations come file by file from tsc. The JavaScript is
 // one bundle per operating system and CPU, dist/<os>-<cpu>.js, each without the other systems'
-// and CPU's layers, and dist/mod.js (dist/deno.js for Deno), which loads this process's one:
-// start-up is mostly parsing (Node and Bun compile every byte they load, each module file costs
+// and CPU's layers (Deno's, dist/deno-<os>-<cpu>.js, also without the Bun and Node adapters and
+// compiled eagerly: scripts/eager.mjs), and dist/mod.js (dist/deno.js for Deno), which loads this
+// process's one: start-up is mostly parsing (Node and Bun compile every byte they load, each module file costs
 // Node about 0.4 ms more), so a process parses one file of ~155 KB instead of the sources' fifty
 // files or an all-platform bundle of 230 KB. The bundles are minified in whitespace and syntax but
 // keep every name (stack traces name our functions, `RedefineError.name` stays), start with
@@ -12,6 +13,7 @@
 // `process.getBuiltinModule`), so no bundle imports anything. Run by Node, it runs itself again
 // under Bun for the bundles (Bun's bundler).
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { eager } from "./eager.mjs";
 import { sh } from "./steps.mjs";
 
 const root = new URL("..", import.meta.url).pathname;
@@ -33,19 +35,20 @@ const CPUS = [["x86_64", "x64"], ["aarch64", "arm64"]];
  * Bun's bundler, by a plugin, leaves out of one system's bundle the OS layers and the instruction
  * set it cannot use: the files platform/mod.ts and src/arch/mod.ts import dynamically by name.
  */
-function onlyFor(system, cpu, name) {
+function onlyFor(system, cpu, name, forDeno) {
   const unused = new Set([
     ...SYSTEMS.filter((os) => os !== system).map((os) => `./${os}.ts`),
+    ...(forDeno ? ["./bun.ts", "./node.ts"] : []),
     ...CPUS.filter(([arch]) => arch !== cpu).map(([arch]) => `./${arch}/mod.ts`),
   ]);
   return {
-    name: `only ${system}-${name}`,
+    name: `only ${forDeno ? "deno-" : ""}${system}-${name}`,
     setup(build) {
       build.onResolve({ filter: /^\.\/[\w/]+\.ts$/ }, ({ path, importer }) =>
         unused.has(path) && /\/(platform|src\/arch)\/mod\.ts$/.test(importer) ? { path, namespace: "unused" } : undefined);
       // Never loaded: dist/mod.js picks the bundle by the same names the runtime adapters report.
       build.onLoad({ filter: /.*/, namespace: "unused" }, ({ path }) => ({
-        contents: `throw new Error("redefine's ${system}-${name} bundle leaves out ${path}");`,
+        contents: `throw new Error("redefine's ${forDeno ? "deno-" : ""}${system}-${name} bundle leaves out ${path}");`,
         loader: "js",
       }));
     },
@@ -72,14 +75,14 @@ function shrinkMap(file) {
  * The types, for Deno and JSR, are the sources' (mod.ts: JSR's documentation and checks stay what
  * they were): Deno cannot follow tsc's declarations, whose imports name .ts files.
  */
-function entry(names, [os, cpu], [darwin, windows, arm]) {
+function entry(names, [os, cpu], [darwin, windows, arm], prefix) {
   const load = (system) => {
-    const [x64, arm64] = CPUS.map(([, name]) => `await import("./${system}-${name}.js")`);
+    const [x64, arm64] = CPUS.map(([, name]) => `await import("./${prefix}${system}-${name}.js")`);
     return `arm ? ${arm64} : ${x64}`;
   };
   return `// @bun
 // @ts-self-types="../mod.ts"
-// redefine for this process's operating system and CPU: dist/<os>-<cpu>.js (scripts/build.mjs).
+// redefine for this process's operating system and CPU: dist/${prefix}<os>-<cpu>.js (scripts/build.mjs).
 const arm = ${cpu} === "${arm}";
 const bundle = ${os} === "${darwin}"
   ? ${load("darwin")}
@@ -90,32 +93,47 @@ export const { ${names.join(", ")} } = bundle;
 `;
 }
 
-/** The six bundles (run by Bun: its bundler), then the entries over them. */
+/**
+ * One system's bundle, for Node and Bun or, `forDeno`, for Deno: without the other runtimes'
+ * adapters and with its functions compiled with the module (scripts/eager.mjs), which Deno's code
+ * cache then keeps. Its output's metafile entry, for the names it exports.
+ */
+async function bundle(system, cpu, name, forDeno) {
+  const file = `${forDeno ? "deno-" : ""}${system}-${name}.js`;
+  const result = await globalThis.Bun.build({
+    entrypoints: [`${root}mod.ts`],
+    outdir: `${root}dist`,
+    naming: file,
+    target: "bun",
+    format: "esm",
+    minify: { whitespace: true, syntax: true, identifiers: false },
+    keepNames: true,
+    sourcemap: "linked",
+    metafile: true,
+    plugins: [onlyFor(system, cpu, name, forDeno)],
+  });
+  if (!result.success) throw new AggregateError(result.logs, `bun build for ${file} failed`);
+  if (forDeno) {
+    const { code, map } = eager(bin("node"), readFileSync(`${root}dist/${file}`, "utf8"), JSON.parse(readFileSync(`${root}dist/${file}.map`, "utf8")));
+    writeFileSync(`${root}dist/${file}`, code);
+    writeFileSync(`${root}dist/${file}.map`, JSON.stringify(map));
+  }
+  shrinkMap(`${root}dist/${file}.map`);
+  return Object.values(result.metafile.outputs).find((o) => o.entryPoint);
+}
+
+/** The twelve bundles (run by Bun: its bundler), then the entries over them. */
 async function bundles() {
   const outputs = [];
   for (const system of SYSTEMS) {
     for (const [cpu, name] of CPUS) {
-      const result = await globalThis.Bun.build({
-        entrypoints: [`${root}mod.ts`],
-        outdir: `${root}dist`,
-        naming: `${system}-${name}.js`,
-        target: "bun",
-        format: "esm",
-        minify: { whitespace: true, syntax: true, identifiers: false },
-        keepNames: true,
-        sourcemap: "linked",
-        metafile: true,
-        plugins: [onlyFor(system, cpu, name)],
-      });
-      if (!result.success) throw new AggregateError(result.logs, `bun build for ${system}-${name} failed`);
-      shrinkMap(`${root}dist/${system}-${name}.js.map`);
-      outputs.push(Object.values(result.metafile.outputs).find((o) => o.entryPoint));
+      for (const forDeno of [false, true]) outputs.push(await bundle(system, cpu, name, forDeno));
     }
   }
   const names = outputs[0].exports.toSorted();
   if (outputs.some((o) => o.exports.toSorted().join() !== names.join())) throw new Error("the bundles export different names");
-  writeFileSync(`${root}dist/mod.js`, entry(names, ["process.platform", "process.arch"], ["darwin", "win32", "arm64"]));
-  writeFileSync(`${root}dist/deno.js`, entry(names, ["Deno.build.os", "Deno.build.arch"], ["darwin", "windows", "aarch64"]));
+  writeFileSync(`${root}dist/mod.js`, entry(names, ["process.platform", "process.arch"], ["darwin", "win32", "arm64"], ""));
+  writeFileSync(`${root}dist/deno.js`, entry(names, ["Deno.build.os", "Deno.build.arch"], ["darwin", "windows", "aarch64"], "deno-"));
 }
 
 if (process.argv[1] === new URL(import.meta.url).pathname) {
