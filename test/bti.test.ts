@@ -82,8 +82,11 @@ test("BTI: Os.branchChecks checks nothing on a CPU without BTI", () => {
   assert.deepEqual(checks ?? { landingPads: false, shadowStack: false }, { landingPads: false, shadowStack: false });
 }, { skip: bti ? "this CPU has BTI" : undefined });
 
-/** A little ELF image in memory: the header, two program headers, and a property note with `features`. */
-function imageWithNote(features: number | null): { read: (address: bigint, length: number) => Uint8Array; base: bigint } {
+/**
+ * A little ELF image in memory: the header, two program headers, and a property note with
+ * `features`, of which the PT_GNU_PROPERTY header gives `noteLength` bytes (all of it by default).
+ */
+function imageWithNote(features: number | null, noteLength?: number): { read: (address: bigint, length: number) => Uint8Array; base: bigint } {
   const base = 0x40_0000n;
   const bytes = new Uint8Array(0x200);
   const view = new DataView(bytes.buffer);
@@ -101,7 +104,7 @@ function imageWithNote(features: number | null): { read: (address: bigint, lengt
   if (features !== null) properties.push([0xc0000000, features]); // GNU_PROPERTY_AARCH64_FEATURE_1_AND
   const notes = propertyNote(properties);
   bytes.set(notes, note);
-  phdr(1, 0x6474e553, note, notes.length); // PT_GNU_PROPERTY
+  phdr(1, 0x6474e553, note, noteLength ?? notes.length); // PT_GNU_PROPERTY
   const read = (address: bigint, length: number) => {
     const at = Number(address - base);
     if (at < 0 || at + length > bytes.length) throw new RangeError("outside the image");
@@ -116,5 +119,12 @@ test("BTI: an image's PT_GNU_PROPERTY note gives its AArch64 features (BTI 1, PA
     const image = imageAt(read, base, 4096);
     assert.equal(image.bias, base);
     assert.equal(aarch64Features(read, image), expected);
+  }
+});
+
+test("BTI: a property note cut short inside its name or a property gives no features, and no RangeError", () => {
+  for (const length of [12, 14, 16, 24, 36]) {
+    const { read, base } = imageWithNote(3, length);
+    assert.equal(aarch64Features(read, imageAt(read, base, 4096)), 0, `a note of ${length} bytes`);
   }
 });

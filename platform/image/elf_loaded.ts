@@ -191,7 +191,7 @@ export function aarch64Features(read: Reader, image: LoadedImage): number {
     const desc = at + 12 + Math.ceil(nameSize / 4) * 4;
     const end = Math.min(desc + descSize, notes.byteLength);
     // The name is "GNU\0": 0x00554e47 little-endian.
-    if (type === NT_GNU_PROPERTY_TYPE_0 && nameSize === 4 && notes.getUint32(at + 12, true) === 0x00554e47) {
+    if (type === NT_GNU_PROPERTY_TYPE_0 && nameSize === 4 && at + 16 <= notes.byteLength && notes.getUint32(at + 12, true) === 0x00554e47) {
       for (let p = pad(desc); p + 8 <= end;) {
         const kind = notes.getUint32(p, true), size = notes.getUint32(p + 4, true);
         if (kind === GNU_PROPERTY_AARCH64_FEATURE_1_AND && size >= 4 && p + 12 <= end) return notes.getUint32(p + 8, true);
