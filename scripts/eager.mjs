@@ -42,6 +42,17 @@ function functionsOf(node, code) {
   }
 }
 
+/**
+ * Throws unless each of `names` is bound in the module scope of `code`: V8 compiles it exporting
+ * every one under a fresh name, which is an early error for a name bound only inside a block.
+ */
+function assertModuleScope(node, code, names) {
+  const exports = names.map((name, i) => `${name} as __eager${i}`).join(",");
+  const compile = `new (require("node:vm").SourceTextModule)(require("node:fs").readFileSync(0, "utf8"))`;
+  const result = sh(node, ["--experimental-vm-modules", "--no-warnings", "-e", compile], { input: `${code}\nexport{${exports}};` });
+  if (result.status !== 0) throw new Error(`a function to hoist is not of the module's own scope: ${result.stderr}`);
+}
+
 /** The end of the bracket opened at `at` (ignoring brackets in strings: parameters hold few). */
 function closing(code, at) {
   for (let depth = 0, i = at; i < code.length; i++) {
@@ -218,10 +229,11 @@ export function eager(node, code, map) {
     if (rewrite) rewrites.push(rewrite);
   }
   rewrites.sort((a, b) => a.cut - b.cut || b.to - a.to);
-  // Each hoisted name is a top-level function of its own (the bundler renames clashes): one that
-  // came twice would be a block's function, whose scope moving it would change.
-  const names = rewrites.filter((r) => r.hoisted).map((r) => r.head);
+  // Each hoisted name must be a function of the module's own scope (a function declared in a
+  // top-level block is the block's: moving it out would change its scope), once.
+  const names = rewrites.filter((r) => r.hoisted).map((r) => /^var ([\w$]+)=/.exec(r.head)[1]);
   if (new Set(names).size !== names.length) throw new Error("two hoisted functions share a name");
+  assertModuleScope(node, code, names);
   const moved = movedMap(code, rewritten(code, rewrites), map);
   // The rewrite must compile (V8 says so before any runtime loads it: npm test runs only this
   // system's bundle) and hold the same functions, no more, no fewer.
