@@ -18,7 +18,8 @@ export function echoed(command, args, options = {}) {
 
 /**
  * The step that builds dist/ (scripts/build.mjs; not in git), which the package's exports, the doc
- * examples' bare imports, the package test and test/bundle.test.ts load: first in every test script.
+ * examples' bare imports, the package test and test/bundle.test.ts load: first in every test script,
+ * run even where only other steps are asked for.
  */
 export const buildDist = ["build dist", () => {
   const build = new URL("./build.mjs", import.meta.url).pathname;
@@ -47,13 +48,15 @@ export function totals() {
 }
 
 /**
- * Runs each `[name, step]` of `steps` whose name is in `only` (every one when `only` is empty); a
+ * Runs each `[name, step]` of `steps` whose name is in `only` (every one when `only` is empty;
+ * `buildDist` always); a
  * step returns `[passed, failed, skipped]` (skipped: the
  * tests that report an optional system tool or library missing). Adds them to `into`, with a summary line titled `label name`.
  */
 export function runSteps(steps, { only = [], label = "", into = totals() } = {}) {
   for (const [name, step] of steps) {
-    if (only.length && !only.includes(name)) continue;
+    // dist/ is built whichever steps are asked for: the rest load it.
+    if (only.length && !only.includes(name) && step !== buildDist[1]) continue;
     const title = label ? `${label} ${name}` : name;
     console.log(`\n=== ${title}`);
     const started = Date.now();

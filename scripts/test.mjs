@@ -27,7 +27,9 @@ const steps = [
     // reading one's fast-call signature on a background thread crashed (SIGSEGV in
     // FastApiCallOp::inputs_rep; probe.test.ts, which ends in a hot loop of FFI calls, 3 of 328
     // runs under load, 0 of 600 with the flag). See the README's Node section.
-    const flags = ["--no-concurrent-recompilation", "--test", "--test-reporter=tap"];
+    // One file at a time, as deno test and bun test run them: test/package.test.ts's `npm pack`
+    // rebuilds dist/, which test/bundle.test.ts loads (Node's default runs cores − 1 files at once).
+    const flags = ["--no-concurrent-recompilation", "--test", "--test-concurrency=1", "--test-reporter=tap"];
     return nodeCounts(run(bin("node"), [...flags, "test/*.test.ts"]));
   }],
   // src/ and platform/ import each other one way only (see ARCHITECTURE.md).
