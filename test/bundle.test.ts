@@ -8,11 +8,11 @@ import { fileURLToPath } from "node:url";
 import { assert, runtimeName, runtimePath, test } from "./harness.ts";
 
 // Paths, not URLs' pathnames: Windows has drive letters.
-const fixture = fileURLToPath(new URL("./fixtures/bundle.ts", import.meta.url));
 const dist = fileURLToPath(new URL("../dist/mod.js", import.meta.url));
 
-test("bundle: this system's bundle in dist/ redefines its process-id function natively, restores it, and names its errors", () => {
-  assert.ok(existsSync(dist), `${dist} is missing: build it with 'node scripts/build.mjs' (npm test does first)`);
+/** Runs `name` (in test/fixtures/) under this runtime as a user's program would be; its last line of JSON. */
+function run(name: string) {
+  const fixture = fileURLToPath(new URL(`./fixtures/${name}`, import.meta.url));
   const args = runtimeName === "deno"
     ? ["run", "-A", "--no-check", fixture]
     : runtimeName === "node"
@@ -21,7 +21,12 @@ test("bundle: this system's bundle in dist/ redefines its process-id function na
   const child = spawnSync(runtimePath, args, { encoding: "utf8", timeout: 60_000, env: { ...process.env, NO_COLOR: "1" } });
   const why = `status ${child.status}, signal ${child.signal}\n${child.stdout}\n${child.stderr.slice(-2000)}`;
   assert.equal(child.status, 0, why);
-  const seen = JSON.parse(child.stdout.trim().split("\n").at(-1)!);
+  return { ...JSON.parse(child.stdout.trim().split("\n").at(-1)!), why };
+}
+
+test("bundle: this system's bundle in dist/ redefines its process-id function natively, restores it, and names its errors", () => {
+  assert.ok(existsSync(dist), `${dist} is missing: build it with 'node scripts/build.mjs' (npm test does first)`);
+  const seen = run("bundle.ts"), { why } = seen;
   assert.ok(seen.entry.endsWith(runtimeName === "deno" ? "/dist/deno.js" : "/dist/mod.js"), why);
   assert.notEqual(seen.real, seen.answer, why);
   assert.equal(seen.patched, seen.answer, "patched, the process-id function answers the other one's value");
@@ -32,3 +37,24 @@ test("bundle: this system's bundle in dist/ redefines its process-id function na
   // The bundle's source map leads a stack frame into the TypeScript sources shipped beside it.
   assert.match(seen.refused.top, /[/\\](src|platform)[/\\][\w/\\]+\.ts:\d+:\d+/, why);
 });
+
+// The trace command runs the sources; a traced script importing the package loads the bundle.
+if (process.platform !== "win32") {
+  test("bundle: the sources and the bundle in one isolate see each other's patches as another isolate's, each restoring its own", () => {
+    const seen = run("two_copies.ts"), { uid, pid, parent } = seen;
+    assert.equal(seen.distinctClasses, true, "each copy has its own RedefineError class");
+    assert.equal(seen.depth, 1, "the bundle's patch layers on the sources'");
+    assert.equal(seen.stacked, 9, "the upper layer answers");
+    assert.equal(seen.belowSteps, null, "a guarded patch under the other copy's steps aside");
+    assert.equal(seen.afterBelow, 9);
+    assert.equal(seen.uidBack, true, "restoring the top puts getuid's own bytes back");
+    assert.equal(seen.onNative, 5);
+    assert.deepEqual(seen.nativeUnder, { code: "OUT_OF_ORDER", sources: true, bundle: false }, "a native patch under the other copy's");
+    assert.equal(seen.nativeAlone, parent);
+    assert.equal(seen.nativeAfter, null);
+    assert.equal(seen.pidBack, true);
+    assert.deepEqual(seen.restoreAll, { uid: 11, pid, kept: true }, "the bundle's restoreAll() restores its own, not the sources'");
+    assert.equal(seen.allBack, true);
+    assert.notEqual(uid, 11);
+  });
+}
