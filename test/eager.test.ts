@@ -82,3 +82,10 @@ test("eager bundles: every mapped token keeps its place in the source map", () =
   assert.equal(found.length, TOKENS.length);
   for (const [text, line] of found) assert.ok(text.startsWith(TOKENS[line!]!), `source line ${line} maps to ${text.slice(0, 20)}`);
 });
+
+test("eager bundles: a function declared in a top-level block is refused, not moved out of its block", () => {
+  // Called, so V8 compiles it and lists it (an unused one it lists not, and it stays as it is).
+  const blocked = "// @bun\nif(globalThis.x){function onlyHere(){return 1}onlyHere()}export const v=1;\n";
+  const empty: SourceMap = { version: 3, sources: ["module.ts"], names: [], mappings: "" };
+  assert.throws(() => rewrite.eager(node, blocked, empty), /not of the module's own scope/);
+});
