@@ -1,27 +1,18 @@
 // The bundle every runtime's users load (dist/, built by scripts/build.mjs: npm test's first step,
 // and test:windows's and test:arm64's own), on this system for real: under Wine and qemu-user too,
 // where test/package.test.ts's tarball installs do not run. In a child process, as a user's program.
-import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
-import { assert, runtimeName, runtimePath, test } from "./harness.ts";
+import { assert, fixtureJson, runtimeName, test } from "./harness.ts";
 
 // Paths, not URLs' pathnames: Windows has drive letters.
 const dist = fileURLToPath(new URL("../dist/mod.js", import.meta.url));
 
-/** Runs `name` (in test/fixtures/) under this runtime as a user's program would be; its last line of JSON. */
+/** Runs test/fixtures/`name` under this runtime as a user's program; the last line of JSON it printed. */
 function run(name: string) {
-  const fixture = fileURLToPath(new URL(`./fixtures/${name}`, import.meta.url));
-  const args = runtimeName === "deno"
-    ? ["run", "-A", "--no-check", fixture]
-    : runtimeName === "node"
-    ? ["--enable-source-maps", "--no-warnings", fixture]
-    : [fixture];
-  const child = spawnSync(runtimePath, args, { encoding: "utf8", timeout: 60_000, env: { ...process.env, NO_COLOR: "1" } });
-  const why = `status ${child.status}, signal ${child.signal}\n${child.stdout}\n${child.stderr.slice(-2000)}`;
-  assert.equal(child.status, 0, why);
-  return { ...JSON.parse(child.stdout.trim().split("\n").at(-1)!), why };
+  const seen = fixtureJson(new URL(`./fixtures/${name}`, import.meta.url));
+  return { ...seen, why: JSON.stringify(seen) };
 }
 
 test("bundle: this system's bundle in dist/ redefines its process-id function natively, restores it, and names its errors", () => {

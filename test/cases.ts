@@ -4,9 +4,8 @@
  * runs one with `runCase(fixture, name)` and gets back what the case returned. `snapshot` is what
  * every bad-input case compares before and after: nothing written.
  */
-import { assert, runtimeName, runtimePath } from "./harness.ts";
+import { assert, spawnRuntime } from "./harness.ts";
 import { bytesAt, protectionAt, writableExecutable } from "./native.ts";
-import { spawnSync } from "node:child_process";
 import type { SpawnSyncReturns } from "node:child_process";
 import process from "node:process";
 
@@ -56,9 +55,7 @@ export function runCase(fixture: URL, name: string, timeout = 60_000): unknown {
 
 /** Runs case `name` of `fixture` in a child of this runtime, to its end: how it ended, what it printed. */
 export function spawnCase(fixture: URL, name: string, timeout = 60_000): SpawnSyncReturns<string> {
-  const path = fixture.pathname;
-  const args = runtimeName === "deno" ? ["run", "-A", "--no-check", path, name] : [path, name];
-  return spawnSync(runtimePath, args, { encoding: "utf8", timeout, env: { ...process.env, NO_COLOR: "1" } });
+  return spawnRuntime(fixture, [name], timeout);
 }
 
 /** The code bytes and page protections at `addresses`, and the writable+executable file mappings. */

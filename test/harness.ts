@@ -5,7 +5,9 @@
  */
 export { default as assert } from "node:assert/strict";
 import assert from "node:assert/strict";
+import { spawnSync, type SpawnSyncReturns } from "node:child_process";
 import process from "node:process";
+import { fileURLToPath } from "node:url";
 import { RedefineError, type RedefineErrorCode } from "../src/errors.ts";
 
 type TestFn = () => void | Promise<void>;
@@ -51,6 +53,35 @@ export const runtimeName: "deno" | "bun" | "node" = isDeno ? "deno" : isBun ? "b
  * arm64 one, which the kernel starts through qemu (binfmt_misc, registered by scripts/test_arm64.mjs).
  */
 export const runtimePath: string = isDeno ? Deno.execPath() : process.execPath;
+
+/**
+ * Runs `script` with `args` in a child process of this runtime, as a user's program, to its end:
+ * Deno with every permission, Node mapping stack traces through source maps (Deno and Bun do so by
+ * themselves). A path, not the URL's pathname: Windows has drive letters.
+ */
+export function spawnRuntime(script: URL, args: readonly string[] = [], timeout = 60_000): SpawnSyncReturns<string> {
+  const path = fileURLToPath(script);
+  const runner = runtimeName === "deno"
+    ? ["run", "-A", "--no-check", path]
+    : runtimeName === "node"
+    ? ["--enable-source-maps", "--no-warnings", path]
+    : [path];
+  return spawnSync(runtimePath, [...runner, ...args], { encoding: "utf8", timeout, env: { ...process.env, NO_COLOR: "1" } });
+}
+
+/**
+ * `spawnRuntime`'s run, which must end by itself with status 0; the last line of JSON it printed,
+ * parsed (what JSON.parse gives: the caller knows its shape).
+ */
+export function fixtureJson(script: URL, args: readonly string[] = [], timeout = 60_000): ReturnType<typeof JSON.parse> {
+  const child = spawnRuntime(script, args, timeout);
+  const json = child.stdout.split("\n").filter((line) => /^[[{]/.test(line)).at(-1);
+  const why = `status ${child.status}, signal ${child.signal}\n${child.stdout}\n${child.stderr.slice(-2000)}`;
+  assert.equal(child.signal, null, why);
+  assert.equal(child.status, 0, why);
+  assert.ok(json, why);
+  return JSON.parse(json);
+}
 
 /**
  * Asserts that `fn` throws a `RedefineError` with `code`, and a message matching `message` when

@@ -1,9 +1,7 @@
 // One process, many isolates: Workers, and `deno test --parallel` files, each load their own copy
 // of redefine. The cases run in child processes (test/fixtures/isolates_*.ts, parallel_mock.ts),
 // so a crash is a failed test, not a dead suite.
-import { assert, runtimeName, runtimePath, test } from "./harness.ts";
-import { spawnSync } from "node:child_process";
-import process from "node:process";
+import { assert, fixtureJson, runtimeName, spawnRuntime, test } from "./harness.ts";
 import { redefine } from "../mod.ts";
 import { machine } from "../src/registry.ts";
 import { PROT_EXEC, PROT_READ } from "../platform/mod.ts";
@@ -24,17 +22,9 @@ const ids = runtime.open("libc.so.6", {
   getgid: { parameters: [], result: "i32" },
 });
 
-/** Runs a fixture under this runtime; its exit status, signal and last line of JSON. */
+/** Runs test/fixtures/`name` under this runtime; the last line of JSON it printed. */
 function fixture(name: string, args: string[], timeout = 30_000) {
-  const path = new URL(`./fixtures/${name}`, import.meta.url).pathname;
-  const argv = runtimeName === "deno" ? ["run", "-A", "--no-check", path, ...args] : [path, ...args];
-  const child = spawnSync(runtimePath, argv, { encoding: "utf8", timeout, env: { ...process.env, NO_COLOR: "1" } });
-  const json = child.stdout.split("\n").filter((line) => /^[[{]/.test(line)).at(-1);
-  const why = `status ${child.status}, signal ${child.signal}\n${child.stdout}\n${child.stderr.slice(-2000)}`;
-  assert.equal(child.signal, null, why);
-  assert.equal(child.status, 0, why);
-  assert.ok(json, why);
-  return JSON.parse(json);
+  return fixtureJson(new URL(`./fixtures/${name}`, import.meta.url), args, timeout);
 }
 
 interface Report {
@@ -116,8 +106,7 @@ for (const [how, title, why] of [
 }
 
 test("isolates: deno test --parallel, four files mocking getuid with their own values, all pass", () => {
-  const path = new URL("./fixtures/parallel_mock.ts", import.meta.url).pathname;
-  const child = spawnSync(runtimePath, ["run", "-A", "--no-check", path, "4"], { encoding: "utf8", timeout: 120_000 });
+  const child = spawnRuntime(new URL("./fixtures/parallel_mock.ts", import.meta.url), ["4"], 120_000);
   assert.equal(child.status, 0, child.stderr);
   assert.match(child.stdout, /ok \| 4 passed \| 0 failed/, child.stdout);
 }, {
