@@ -85,7 +85,7 @@ function entry(names, [os, cpu], [darwin, windows, arm], prefix, compiled = []) 
       const file = `${system}-${name}`;
       const module = `await import("./${prefix}${file}.js")`;
       return compiled.includes(file)
-        ? `globalThis.Bun !== undefined ? await (await import("./${file}.bun.cjs")).default() : await nodeCompiled("${file}") ?? ${module}`
+        ? `globalThis.Bun !== undefined ? await bunCompiled(await import("./${file}.bun.cjs")) ?? ${module} : await nodeCompiled("${file}") ?? ${module}`
         : module;
     });
     return `arm ? ${arm64} : ${x64}`;
@@ -100,24 +100,32 @@ const bundle = ${os} === "${darwin}"
   ? ${load("windows")}
   : ${load("linux")};
 export const { ${names.join(", ")} } = bundle;
-${compiled.length ? NODE_COMPILED : ""}`;
+${compiled.length ? COMPILED_LOADERS : ""}`;
 }
 
 /**
- * dist/mod.js's loader of a bundle precompiled for Node: the bundle as a script with the code cache
- * V8 made of it at build time (`precompile`); null where it cannot serve, and the module is
- * imported instead. Null under Deno; where stack traces are mapped to the sources (Node's
- * --enable-source-maps) or coverage is collected (NODE_V8_COVERAGE), since Node maps only what
- * its module loaders loaded; and where the files are not beside this one (a bundler copied this
- * one alone). A cache V8 rejects (another Node, other V8 flags) leaves the script compiled from its
- * text, as the module would be.
+ * dist/mod.js's loaders of a bundle precompiled for Bun and for Node (`precompile`); each gives
+ * null where it cannot serve, and the module is imported instead. Bun's, given the CommonJS module,
+ * runs the function it exports; null where a bundler took the file for plain CommonJS (`bun build
+ * --compile` does: it drops the wrapper Bun's loader reads the file by, and the module exports
+ * nothing), which then has the module too. Node's runs the bundle as a script with the code cache
+ * V8 made of it at build time; null under Deno, where stack traces are mapped to the sources
+ * (Node's --enable-source-maps) or coverage is collected (NODE_V8_COVERAGE), since Node maps only
+ * what its module loaders loaded, and where the files are not beside this one (a bundler copied
+ * this one alone). A dynamic import in the script would load as the module's does. A cache V8
+ * rejects (another Node, other V8 flags) leaves the script compiled from its text, as the module
+ * would be.
  */
-const NODE_COMPILED = `
+const COMPILED_LOADERS = `
+function bunCompiled({ default: run }) {
+  return typeof run === "function" ? run() : null;
+}
+
 function nodeCompiled(name) {
   const process = globalThis.process;
   if (globalThis.Deno !== undefined || process.sourceMapsEnabled || process.env.NODE_V8_COVERAGE) return null;
   const { readFileSync } = process.getBuiltinModule("node:fs");
-  const { Script } = process.getBuiltinModule("node:vm");
+  const { Script, constants } = process.getBuiltinModule("node:vm");
   const { fileURLToPath } = process.getBuiltinModule("node:url");
   const file = fileURLToPath(new URL(\`./\${name}.script.js\`, import.meta.url));
   let text, cachedData;
@@ -127,7 +135,8 @@ function nodeCompiled(name) {
   } catch {
     return null;
   }
-  return new Script(text, { filename: file, cachedData }).runInThisContext()();
+  const importModuleDynamically = constants.USE_MAIN_CONTEXT_DEFAULT_LOADER;
+  return new Script(text, { filename: file, cachedData, importModuleDynamically }).runInThisContext()();
 }
 `;
 
@@ -242,9 +251,10 @@ async function precompile() {
  * functions a first patch runs come compiled too.
  */
 async function nodeCache(file) {
-  const { Script } = process.getBuiltinModule("node:vm");
+  const { Script, constants } = process.getBuiltinModule("node:vm");
   const path = `${root}dist/${file}.script.js`;
-  const script = new Script(readFileSync(path, "utf8"), { filename: path });
+  const importModuleDynamically = constants.USE_MAIN_CONTEXT_DEFAULT_LOADER;
+  const script = new Script(readFileSync(path, "utf8"), { filename: path, importModuleDynamically });
   const { redefine } = await script.runInThisContext()();
   redefine({ symbol: "getppid", parameters: [], result: "i32" }, { symbol: "getpid" }).restore();
   writeFileSync(`${root}dist/${file}.node-cache`, script.createCachedData());

@@ -2,7 +2,9 @@
 // and test:windows's and test:arm64's own), on this system for real: under Wine and qemu-user too,
 // where test/package.test.ts's tarball installs do not run. In a child process, as a user's program.
 import { spawnSync } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import process from "node:process";
 import { fileURLToPath } from "node:url";
 import { assert, fixtureJson, runtimeName, runtimePath, test } from "./harness.ts";
@@ -48,6 +50,29 @@ test("bundle: this system's bundle in dist/ redefines its process-id function na
   // module; Node, mapping stack traces through source maps here, the module.
   if (precompiled && runtimeName === "bun") assert.deepEqual(seen.loaded.toSorted(), ["linux-x64.bun.cjs", "mod.js"], why);
 });
+
+// A bundler that takes Bun's bytecode file for plain CommonJS (it drops the wrapper Bun's loader
+// reads the file by) finds no function in it: dist/mod.js then runs the module, which it has too.
+if (precompiled && runtimeName === "bun") {
+  test("bundle: bun build --compile of a program importing dist/mod.js makes an executable that redefines and restores", () => {
+    const dir = mkdtempSync(join(tmpdir(), "redefine-compile-"));
+    try {
+      const program = join(dir, "program.ts");
+      writeFileSync(program, `import { redefine } from ${JSON.stringify(dist)};
+const patch = redefine({ symbol: "getpid", parameters: [], result: "i32" }, { symbol: "getppid" });
+patch.restore();
+console.log(JSON.stringify({ restored: true }));
+`);
+      const build = spawnSync(runtimePath, ["build", "--compile", program, "--outfile", join(dir, "program")], { encoding: "utf8" });
+      assert.equal(build.status, 0, `${build.stdout}\n${build.stderr}`);
+      const child = spawnSync(join(dir, "program"), [], { encoding: "utf8" });
+      assert.equal(child.status, 0, `status ${child.status}, signal ${child.signal}\n${child.stdout}\n${child.stderr.slice(-2000)}`);
+      assert.equal(child.stdout.trim(), JSON.stringify({ restored: true }));
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+}
 
 // Node without source maps (its default) runs this system's bundle as a script with the code cache
 // the build made, which Node maps no stack trace of: the test above sees the module.
