@@ -86,7 +86,7 @@ if (precompiled && runtimeName === "node") {
     assertRedefinedAndNamed(seen);
     assert.equal(seen.sourceMaps, false, why);
     assert.match(seen.refused.top, /[/\\]dist[/\\]linux-x64\.script\.js:\d+:\d+/, "the script ran, not the module");
-    assert.equal(seen.cacheTaken, true, "this Node takes the code cache the build made");
+    assert.equal(seen.cacheTaken, true, "this Node takes the code cache the build made (by npm's node: run the tests with the Node that built dist/)");
   });
 }
 
