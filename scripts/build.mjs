@@ -206,6 +206,12 @@ function composedMap(outer, inner) {
   return { ...outer, sources: inner.sources, sourcesContent: inner.sources.map(() => null), names: inner.names, mappings: mappingsOf(segments) };
 }
 
+/** The bundle `precompile` makes this system's: Linux's, where a first patch can be made here; or null. */
+function precompiled() {
+  const name = CPUS.find(([, n]) => n === process.arch)?.[1];
+  return process.platform === "linux" && name ? `linux-${name}` : null;
+}
+
 /**
  * This system's bundle, where a first patch can be made here (Linux), precompiled for Bun and Node,
  * which keep no code cache of a module a library can use, so parse and compile its code on every
@@ -217,10 +223,8 @@ function composedMap(outer, inner) {
  * other version rejects it and compiles the text, as it would the module. Null where none is made.
  */
 async function precompile() {
-  const system = process.platform === "win32" ? "windows" : process.platform;
-  const name = CPUS.find(([, n]) => n === process.arch)?.[1];
-  if (system !== "linux" || !name) return null;
-  const file = `${system}-${name}`;
+  const file = precompiled();
+  if (!file) return null;
   const script = scriptOf(file);
   writeFileSync(`${root}dist/${file}.script.js`, `${script}\n//# sourceMappingURL=${file}.js.map\n`);
   const input = `${root}.cache/${file}.bun-entry.cjs`;
@@ -273,8 +277,6 @@ async function bundles() {
   const compiled = await precompile();
   writeFileSync(`${root}dist/mod.js`, entry(names, ["process.platform", "process.arch"], ["darwin", "win32", "arm64"], "", compiled ? [compiled] : []));
   writeFileSync(`${root}dist/deno.js`, entry(names, ["Deno.build.os", "Deno.build.arch"], ["darwin", "windows", "aarch64"], "deno-"));
-  // For the Node step after this one (scripts/build.mjs run by Node).
-  writeFileSync(`${root}.cache/precompiled.json`, JSON.stringify(compiled));
 }
 
 if (process.argv[1] === new URL(import.meta.url).pathname) {
@@ -290,14 +292,9 @@ if (process.argv[1] === new URL(import.meta.url).pathname) {
     const ok = [
       [bin("tsc"), ["-p", "tsconfig.dist.json", "--emitDeclarationOnly"]],
       [bin("bun"), [self, "--bundles"]],
-      // The cache of the bundle the Bun step precompiled, if it did, by npm's node: no V8 flags.
-      () => {
-        const file = JSON.parse(readFileSync(`${root}.cache/precompiled.json`, "utf8"));
-        return file ? [bin("node"), ["--no-warnings", self, "--node-cache", file]] : null;
-      },
-    ].every((step) => {
-      const [command, args] = typeof step === "function" ? step() ?? [] : step;
-      if (!command) return true;
+      // The cache of the bundle the Bun step precompiled, by npm's node, with no V8 flags.
+      ...(precompiled() ? [[bin("node"), ["--no-warnings", self, "--node-cache", precompiled()]]] : []),
+    ].every(([command, args]) => {
       const result = sh(command, args, { cwd: root });
       if (result.status !== 0) process.stderr.write(`${result.stdout}${result.stderr}${result.error ?? ""}`);
       return result.status === 0;
