@@ -180,6 +180,8 @@ function scriptOf(file) {
   // The export list is the module's last statement: after it come only the map's comments.
   const found = [...code.matchAll(/(?<=[;}\n])export\{([\w$,]+)\};(?=(\s*\/\/#[^\n]*)*\s*$)/g)];
   if (found.length !== 1 || !code.startsWith("// @bun\n")) throw new Error(`dist/${file}.js is not one module with one export list at its end`);
+  // A script has no import.meta (a syntax error there): the sources would need another way.
+  if (/\bimport\.meta\b/.test(code)) throw new Error(`dist/${file}.js uses import.meta, which a script cannot`);
   const [{ index, 1: names }] = found;
   return `(async function(){"use strict";\n${code.slice("// @bun\n".length, index)}return{${names}};\n})`;
 }
