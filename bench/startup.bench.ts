@@ -4,7 +4,8 @@
  * first_patch_deno.mjs), against a process running an empty script (bench/startup/empty.mjs), on
  * the runtime running this file. Bun's and Node's users load the package's dist/mod.js, Deno's
  * dist/deno.js (npm's export conditions and JSR's "."), each of which loads this OS's and CPU's
- * one bundle (scripts/build.mjs, run here first: dist/ is not in git). Runs alternate, so drift hits both alike; each figure is the
+ * one bundle (scripts/build.mjs, run here first: dist/ is not in git), on Linux precompiled for
+ * Bun and for Node (Node run without source maps, as here). Runs alternate, so drift hits both alike; each figure is the
  * best run. Wall time is what a user waits; CPU time (user + system, from
  * `getrusage(RUSAGE_CHILDREN)` around each run) is what the process did, and shifts less when the
  * machine is busy.

@@ -205,9 +205,18 @@ function adapter(ffi: Ffi): Runtime {
   let owner: FfiLibrary | undefined;
   const callbacks = () => (owner ??= new ffi.DynamicLibrary(process.platform === "win32" ? "kernel32.dll" : null));
 
+  // One DynamicLibrary a path, opened once: making one costs ~50-70 µs, and node:ffi binds a symbol
+  // a library has bound before in a few µs (the OS layer and the shared registry both bind libc's
+  // mmap, this adapter and the OS layer its memfd_create), a fresh one in 25-100.
+  const opened = new Map<string, FfiLibrary>();
+
   function library(path: string): FfiLibrary {
+    const known = opened.get(path);
+    if (known) return known;
     try {
-      return new ffi.DynamicLibrary(path);
+      const lib = new ffi.DynamicLibrary(path);
+      opened.set(path, lib);
+      return lib;
     } catch (error) {
       throw permissionError(error, `opening ${path}`) ?? new RedefineError(
         "LIBRARY_NOT_FOUND",

@@ -10,10 +10,12 @@
 // keep every name (stack traces name our functions, `RedefineError.name` stays), start with
 // `// @bun` (Bun then runs them without transpiling) and carry source maps into the TypeScript
 // sources the package ships beside them. No file imports a builtin module (each asks
-// `process.getBuiltinModule`), so no bundle imports anything. Run by Node, it runs itself again
-// under Bun for the bundles (Bun's bundler).
+// `process.getBuiltinModule`), so no bundle imports anything. The build machine's own system's
+// bundle (Linux) also comes precompiled for Bun and for Node (`precompile`), which dist/mod.js
+// loads first there. Run by Node, it runs itself again under Bun for the bundles (Bun's bundler),
+// then Node once more for Node's code cache.
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { eager } from "./eager.mjs";
+import { eager, mappingsOf, segmentsOf } from "./eager.mjs";
 import { sh } from "./steps.mjs";
 
 const root = new URL("..", import.meta.url).pathname;
@@ -73,11 +75,19 @@ function shrinkMap(file) {
  * Deno's first touch of `process` costs ~12 ms (it sets up its Node compatibility then). Another
  * system or CPU gets Linux's or x86-64's bundle, whose platform() then says it is unsupported.
  * The types, for Deno and JSR, are the sources' (mod.ts: JSR's documentation and checks stay what
- * they were): Deno cannot follow tsc's declarations, whose imports name .ts files.
+ * they were): Deno cannot follow tsc's declarations, whose imports name .ts files. `compiled`
+ * names the bundles that also come precompiled (`precompile`): dist/mod.js loads those forms
+ * first, on Bun and on Node, and the module itself wherever they cannot serve.
  */
-function entry(names, [os, cpu], [darwin, windows, arm], prefix) {
+function entry(names, [os, cpu], [darwin, windows, arm], prefix, compiled = []) {
   const load = (system) => {
-    const [x64, arm64] = CPUS.map(([, name]) => `await import("./${prefix}${system}-${name}.js")`);
+    const [x64, arm64] = CPUS.map(([, name]) => {
+      const file = `${system}-${name}`;
+      const module = `await import("./${prefix}${file}.js")`;
+      return compiled.includes(file)
+        ? `globalThis.Bun !== undefined ? await bunCompiled(await import("./${file}.bun.cjs")) ?? ${module} : await nodeCompiled("${file}") ?? ${module}`
+        : module;
+    });
     return `arm ? ${arm64} : ${x64}`;
   };
   return `// @bun
@@ -90,8 +100,45 @@ const bundle = ${os} === "${darwin}"
   ? ${load("windows")}
   : ${load("linux")};
 export const { ${names.join(", ")} } = bundle;
-`;
+${compiled.length ? COMPILED_LOADERS : ""}`;
 }
+
+/**
+ * dist/mod.js's loaders of a bundle precompiled for Bun and for Node (`precompile`); each gives
+ * null where it cannot serve, and the module is imported instead. Bun's, given the CommonJS module,
+ * runs the function it exports; null where a bundler took the file for plain CommonJS (`bun build
+ * --compile` does: it drops the wrapper Bun's loader reads the file by, and the module exports
+ * nothing), which then has the module too. Node's runs the bundle as a script with the code cache
+ * V8 made of it at build time; null under Deno, where stack traces are mapped to the sources
+ * (Node's --enable-source-maps) or coverage is collected (NODE_V8_COVERAGE), since Node maps only
+ * what its module loaders loaded, and where the files are not beside this one (a bundler copied
+ * this one alone). A dynamic import in the script would load as the module's does. A cache V8
+ * rejects (another Node, other V8 flags) leaves the script compiled from its text, as the module
+ * would be.
+ */
+const COMPILED_LOADERS = `
+function bunCompiled({ default: run }) {
+  return typeof run === "function" ? run() : null;
+}
+
+function nodeCompiled(name) {
+  const process = globalThis.process;
+  if (globalThis.Deno !== undefined || process.sourceMapsEnabled || process.env.NODE_V8_COVERAGE) return null;
+  const { readFileSync } = process.getBuiltinModule("node:fs");
+  const { Script, constants } = process.getBuiltinModule("node:vm");
+  const { fileURLToPath } = process.getBuiltinModule("node:url");
+  const file = fileURLToPath(new URL(\`./\${name}.script.js\`, import.meta.url));
+  let text, cachedData;
+  try {
+    text = readFileSync(file, "utf8");
+    cachedData = readFileSync(\`\${file.slice(0, -".script.js".length)}.node-cache\`);
+  } catch {
+    return null;
+  }
+  const importModuleDynamically = constants.USE_MAIN_CONTEXT_DEFAULT_LOADER;
+  return new Script(text, { filename: file, cachedData, importModuleDynamically }).runInThisContext()();
+}
+`;
 
 /**
  * One system's bundle, for Node and Bun or, `forDeno`, for Deno: without the other runtimes'
@@ -122,7 +169,104 @@ async function bundle(system, cpu, name, forDeno) {
   return Object.values(result.metafile.outputs).find((o) => o.entryPoint);
 }
 
-/** The twelve bundles (run by Bun: its bundler), then the entries over them. */
+/**
+ * The bundle `file` (dist/<file>.js) as a classic script: an async function, strict as a module is,
+ * that runs the module's body and returns its exports. Line 0 (the module's `// @bun`, which the
+ * source map maps nothing on) becomes the function's head, so every other line keeps its place
+ * and the bundle's source map holds for the script too.
+ */
+function scriptOf(file) {
+  const code = readFileSync(`${root}dist/${file}.js`, "utf8");
+  // The export list is the module's last statement: after it come only the map's comments.
+  const found = [...code.matchAll(/(?<=[;}\n])export\{([\w$,]+)\};(?=(\s*\/\/#[^\n]*)*\s*$)/g)];
+  if (found.length !== 1 || !code.startsWith("// @bun\n")) throw new Error(`dist/${file}.js is not one module with one export list at its end`);
+  // A script has no import.meta (a syntax error there): the sources would need another way.
+  if (/\bimport\.meta\b/.test(code)) throw new Error(`dist/${file}.js uses import.meta, which a script cannot`);
+  const [{ index, 1: names }] = found;
+  return `(async function(){"use strict";\n${code.slice("// @bun\n".length, index)}return{${names}};\n})`;
+}
+
+/**
+ * `outer`'s map (of code made from one generated file) through `inner` (that file's map): each
+ * segment leads where `inner` leads its position, to the sources.
+ */
+function composedMap(outer, inner) {
+  const byLine = [];
+  for (const s of segmentsOf(inner.mappings)) (byLine[s.line] ??= []).push(s);
+  const segments = [];
+  for (const s of segmentsOf(outer.mappings)) {
+    if (s.rest.length < 3) continue;
+    const [, line, column] = s.rest;
+    const candidates = byLine[line] ?? [];
+    let found = null;
+    for (const c of candidates) {
+      if (c.column > column) break;
+      found = c;
+    }
+    if (found && found.rest.length >= 3) segments.push({ line: s.line, column: s.column, rest: found.rest });
+  }
+  return { ...outer, sources: inner.sources, sourcesContent: inner.sources.map(() => null), names: inner.names, mappings: mappingsOf(segments) };
+}
+
+/** The bundle `precompile` makes this system's: Linux's, where a first patch can be made here; or null. */
+function precompiled() {
+  const name = CPUS.find(([, n]) => n === process.arch)?.[1];
+  return process.platform === "linux" && name ? `linux-${name}` : null;
+}
+
+/**
+ * This system's bundle, where a first patch can be made here (Linux), precompiled for Bun and Node,
+ * which keep no code cache of a module a library can use, so parse and compile its code on every
+ * start (~7 ms of a first patch's ~12): dist/<file>.script.js, the bundle as a script, which
+ * dist/mod.js runs on Node with dist/<file>.node-cache (`nodeCache`), and dist/<file>.bun.cjs, the
+ * script as a CommonJS module with the bytecode Bun's bundler compiles beside it (.jsc; Bun has
+ * bytecode for CommonJS only, and the module's top-level await keeps the bundle from being one).
+ * Each cache is of the runtime version that made it (npm's node and bun, the devDependencies): any
+ * other version rejects it and compiles the text, as it would the module. Null where none is made.
+ */
+async function precompile() {
+  const file = precompiled();
+  if (!file) return null;
+  const script = scriptOf(file);
+  writeFileSync(`${root}dist/${file}.script.js`, `${script}\n//# sourceMappingURL=${file}.js.map\n`);
+  const input = `${root}.cache/${file}.bun-entry.cjs`;
+  mkdirSync(`${root}.cache`, { recursive: true });
+  // Strict for the whole file: Bun keeps a file's directive, not a function's.
+  writeFileSync(input, `"use strict";module.exports=${script};\n`);
+  const result = await globalThis.Bun.build({
+    entrypoints: [input],
+    outdir: `${root}dist`,
+    naming: `${file}.bun.cjs`,
+    target: "bun",
+    format: "cjs",
+    bytecode: true,
+    // The text is the bundle's already: only its whitespace again, and no second set of names.
+    minify: { whitespace: true, syntax: false, identifiers: false },
+    sourcemap: "linked",
+  });
+  if (!result.success) throw new AggregateError(result.logs, `bun build for ${file}.bun.cjs failed`);
+  const map = `${root}dist/${file}.bun.cjs.map`;
+  writeFileSync(map, JSON.stringify(composedMap(JSON.parse(readFileSync(map, "utf8")), JSON.parse(readFileSync(`${root}dist/${file}.js.map`, "utf8")))));
+  return file;
+}
+
+/**
+ * Node's code cache of dist/<file>.script.js (run by Node: npm's node, with no V8 flags, as a
+ * user's process runs), made after a first patch and its restore, the start-up benchmark's
+ * (bench/startup/first_patch.mjs): V8 keeps in it every function compiled so far, so the
+ * functions a first patch runs come compiled too.
+ */
+async function nodeCache(file) {
+  const { Script, constants } = process.getBuiltinModule("node:vm");
+  const path = `${root}dist/${file}.script.js`;
+  const importModuleDynamically = constants.USE_MAIN_CONTEXT_DEFAULT_LOADER;
+  const script = new Script(readFileSync(path, "utf8"), { filename: path, importModuleDynamically });
+  const { redefine } = await script.runInThisContext()();
+  redefine({ symbol: "getppid", parameters: [], result: "i32" }, { symbol: "getpid" }).restore();
+  writeFileSync(`${root}dist/${file}.node-cache`, script.createCachedData());
+}
+
+/** The twelve bundles (run by Bun: its bundler), this system's precompiled, then the entries over them. */
 async function bundles() {
   const outputs = [];
   for (const system of SYSTEMS) {
@@ -132,20 +276,26 @@ async function bundles() {
   }
   const names = outputs[0].exports.toSorted();
   if (outputs.some((o) => o.exports.toSorted().join() !== names.join())) throw new Error("the bundles export different names");
-  writeFileSync(`${root}dist/mod.js`, entry(names, ["process.platform", "process.arch"], ["darwin", "win32", "arm64"], ""));
+  const compiled = await precompile();
+  writeFileSync(`${root}dist/mod.js`, entry(names, ["process.platform", "process.arch"], ["darwin", "win32", "arm64"], "", compiled ? [compiled] : []));
   writeFileSync(`${root}dist/deno.js`, entry(names, ["Deno.build.os", "Deno.build.arch"], ["darwin", "windows", "aarch64"], "deno-"));
 }
 
 if (process.argv[1] === new URL(import.meta.url).pathname) {
   if (process.argv[2] === "--bundles") {
     await bundles();
+  } else if (process.argv[2] === "--node-cache") {
+    await nodeCache(process.argv[3]);
   } else {
     // Quiet unless it fails: `npm pack --json` prints what it packed after this on standard output.
     writeDenoTypes();
     rmSync(`${root}dist`, { recursive: true, force: true });
+    const self = new URL(import.meta.url).pathname;
     const ok = [
       [bin("tsc"), ["-p", "tsconfig.dist.json", "--emitDeclarationOnly"]],
-      [bin("bun"), [new URL(import.meta.url).pathname, "--bundles"]],
+      [bin("bun"), [self, "--bundles"]],
+      // The cache of the bundle the Bun step precompiled, by npm's node, with no V8 flags.
+      ...(precompiled() ? [[bin("node"), ["--no-warnings", self, "--node-cache", precompiled()]]] : []),
     ].every(([command, args]) => {
       const result = sh(command, args, { cwd: root });
       if (result.status !== 0) process.stderr.write(`${result.stdout}${result.stderr}${result.error ?? ""}`);
