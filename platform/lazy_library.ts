@@ -13,20 +13,22 @@ import type { Binding, NativeCall, Runtime } from "./types.ts";
 /** Groups of symbols by a name for each, the ones used together in one group. */
 export type SymbolGroups = Readonly<Record<string, Readonly<Record<string, Binding>>>>;
 
+/** The name of every symbol of every group. */
+export type SymbolName<G extends SymbolGroups> = { [N in keyof G]: keyof G[N] & string }[keyof G];
+
 /** Every symbol of every group. */
-export type GroupedSymbols<G extends SymbolGroups> = {
-  readonly [K in { [N in keyof G]: keyof G[N] }[keyof G]]: NativeCall;
-};
+export type GroupedSymbols<G extends SymbolGroups> = { readonly [K in SymbolName<G>]: NativeCall };
 
 /**
  * Which symbols are seldom called, which are called a few times by a first patch and often after,
- * and where each is (in the library, as its loader finds it).
+ * and where each is (in the library, as its loader finds it). `Name`: the groups' symbols, so a
+ * name no group declares (misspelt) is a type error, not a symbol silently left bound.
  */
-export interface SeldomSymbols {
-  readonly names: readonly string[];
+export interface SeldomSymbols<Name extends string = string> {
+  readonly names: readonly Name[];
   /** Called through their address for their first `BOUND_AFTER` calls, then bound, each alone. */
-  readonly busyLater?: readonly string[];
-  readonly address: (symbol: string) => bigint;
+  readonly busyLater?: readonly Name[];
+  readonly address: (symbol: Name) => bigint;
 }
 
 /**
@@ -46,7 +48,7 @@ export function lazyLibrary<G extends SymbolGroups>(
   runtime: Runtime,
   path: string,
   groups: G,
-  seldom?: SeldomSymbols,
+  seldom?: SeldomSymbols<NoInfer<SymbolName<G>>>,
 ): GroupedSymbols<G> {
   const library: Record<string, NativeCall> = {};
   const pointer = runtime.slowPointerCalls && seldom ? new Set(seldom.names) : null;

@@ -54,13 +54,13 @@ const ERRNO_NAMES: Record<number, string> = { 38: "ENOSYS" };
 const SELDOM = [
   "sysconf", "mmap", "munmap", "memfd_create", "ftruncate", "open", "close", "read", "__errno_location", "strerror",
   "write", "fcntl", "dlopen", "dlerror",
-];
+] as const;
 
 /** What a seldom symbol is looked up with, so is found anywhere in the process: as a C program finds it. */
 const DLFCN = new Set(["dlopen", "dlerror"]);
 
 /** What each patch calls once or twice (a mapping query, a forced write, a symbol's size): bound once busy. */
-const BUSY_LATER = ["ioctl", "pwrite", "dladdr1"];
+const BUSY_LATER = ["ioctl", "pwrite", "dladdr1"] as const;
 
 /**
  * libc's functions, in groups bound on first use (platform/lazy_library.ts); `address` finds a

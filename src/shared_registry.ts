@@ -17,7 +17,7 @@
 import { RedefineError } from "./errors.ts";
 import { ANYWHERE, type Arch } from "./arch/types.ts";
 import type { CodePool } from "./code_memory.ts";
-import type { NativeCall, Platform } from "../platform/mod.ts";
+import type { NativeCall, Platform, SymbolName } from "../platform/mod.ts";
 import { farPlace, lazyLibrary } from "../platform/mod.ts";
 import type { Signature } from "./signature.ts";
 
@@ -114,7 +114,7 @@ function libc(platform: Platform): Record<string, NativeCall> | null {
       sched_yield: { parameters: [], result: "i32" },
     },
   } as const;
-  const names = Object.values(symbols).flatMap((group) => Object.keys(group));
+  const names = Object.values(symbols).flatMap((group) => Object.keys(group)) as SymbolName<typeof symbols>[];
   const c = lazyLibrary(runtime, "libc.so.6", symbols, {
     names,
     address: (symbol) => platform.os.symbolAddress(symbol, "libc.so.6"),

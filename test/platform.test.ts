@@ -157,6 +157,17 @@ test("lazy library: seldom symbols through their addresses where pointer calls a
   }
 });
 
+test("lazy library: a seldom or busy-later name that no group declares is a type error (deno check, tsc)", () => {
+  const groups = { ids: { getpid: { parameters: [], result: "i32" } } } as const;
+  const address = (symbol: string) => os.symbolAddress(symbol, "libc.so.6");
+  // @ts-expect-error: misspelt, so no group's symbol
+  lazyLibrary(runtime, "libc.so.6", groups, { names: ["getpdi"], address });
+  // @ts-expect-error: misspelt, so no group's symbol
+  lazyLibrary(runtime, "libc.so.6", groups, { names: [], busyLater: ["getpdi"], address });
+  const c = lazyLibrary(runtime, "libc.so.6", groups, { names: [], busyLater: ["getpid"], address });
+  assert.equal(c.getpid(), process.pid);
+});
+
 test("a write that fails half-way rolls back every page and byte", () => {
   const p = platform();
   const labs = os.symbolAddress("labs");
