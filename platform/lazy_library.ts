@@ -8,6 +8,7 @@
  * slow to call (Deno: ~25 µs to make, ~1 µs a call): each is called through its address instead;
  * those a first patch calls a few times and later patches often are bound once they prove busy.
  */
+import { RedefineError } from "../src/errors.ts";
 import type { Binding, NativeCall, Runtime } from "./types.ts";
 
 /** Groups of symbols by a name for each, the ones used together in one group. */
@@ -24,12 +25,22 @@ export type GroupedSymbols<G extends SymbolGroups> = { readonly [K in SymbolName
  * and where each is (in the library, as its loader finds it). `Name`: the groups' symbols, so a
  * name no group declares (misspelt) is a type error, not a symbol silently left bound.
  */
-export interface SeldomSymbols<Name extends string = string> {
+export type SeldomSymbols<Name extends string = string> = {
   readonly names: readonly Name[];
-  /** Called through their address for their first `BOUND_AFTER` calls, then bound, each alone. */
-  readonly busyLater?: readonly Name[];
   readonly address: (symbol: Name) => bigint;
-}
+} & ({ readonly busyLater?: undefined; readonly defer?: undefined } | {
+  /** Called through their address for their first `BOUND_AFTER` calls, then bound, each alone. */
+  readonly busyLater: readonly Name[];
+  /**
+   * Takes the binding of a busy-later symbol that has proven busy, for the caller to run where
+   * nothing is half-done: binding runs the dynamic loader and the runtime's compiler on this
+   * thread, and the call that proves the symbol busy may be one store of several into a live
+   * function's entry, which holds a jump to itself meanwhile — should they call that function,
+   * this thread would wait on itself for ever. A binding that fails leaves the call through the
+   * address, as good but slower.
+   */
+  readonly defer: (bind: () => void) => void;
+});
 
 /**
  * How many calls a `busyLater` symbol takes through its address: a first patch and its restore make
@@ -42,7 +53,8 @@ const BOUND_AFTER = 16;
  * is read; its errors (LIBRARY_NOT_FOUND, SYMBOL_NOT_FOUND, FFI_PERMISSION) come from that read.
  * Where `runtime.slowPointerCalls`, the `seldom` symbols leave their groups: each is a call through
  * its address, made when it is first read (`seldom.address` throws for a missing one), and a
- * `busyLater` one is bound on its own once it has been called `BOUND_AFTER` times.
+ * `busyLater` one is bound on its own once it has been called `BOUND_AFTER` times, when the caller
+ * runs what it was given to `seldom.defer`.
  */
 export function lazyLibrary<G extends SymbolGroups>(
   runtime: Runtime,
@@ -60,8 +72,15 @@ export function lazyLibrary<G extends SymbolGroups>(
   const throughAddress = (name: string, signature: Binding): void => {
     const call = runtime.fnPointer(seldom!.address(name), signature);
     let left = BOUND_AFTER;
+    const bindAlone = (): void => {
+      try {
+        settle(name, runtime.open(path, { [name]: signature })[name]!);
+      } catch (error) {
+        if (!(error instanceof RedefineError)) throw error;
+      }
+    };
     const counted: NativeCall = (...args) => {
-      if (--left === 0) settle(name, runtime.open(path, { [name]: signature })[name]!);
+      if (--left === 0) seldom!.defer!(bindAlone);
       return call(...args);
     };
     Object.defineProperty(library, name, { value: counted, enumerable: true, configurable: true });

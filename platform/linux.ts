@@ -64,9 +64,9 @@ const BUSY_LATER = ["ioctl", "pwrite", "dladdr1"] as const;
 
 /**
  * libc's functions, in groups bound on first use (platform/lazy_library.ts); `address` finds a
- * seldom one in libc.
+ * seldom one in libc; `defer` takes a busy-later one's binding.
  */
-function libc(runtime: Runtime, address: (symbol: string) => bigint) {
+function libc(runtime: Runtime, address: (symbol: string) => bigint, defer: (bind: () => void) => void) {
   return lazyLibrary(runtime, "libc.so.6", {
     // What a first patch calls: mapping queries, code blocks, forced writes, symbols.
     firstPatch: {
@@ -119,7 +119,7 @@ function libc(runtime: Runtime, address: (symbol: string) => bigint) {
       dl_iterate_phdr: { parameters: ["function", "pointer"], result: "i32" },
       readlink: { parameters: ["buffer", "buffer", "usize"], result: "isize" },
     },
-  }, { names: SELDOM, busyLater: BUSY_LATER, address });
+  }, { names: SELDOM, busyLater: BUSY_LATER, defer, address });
 }
 
 /** Parses /proc/self/maps text. */
@@ -155,7 +155,14 @@ function device(major: number, minor: number): number {
 export function linux(runtime: Runtime): Os {
   // libc's own definitions, by its handle (the runtime's executable may define some too: Deno's
   // has a memfd_create), but for the calls that open that handle.
-  const c = libc(runtime, (symbol) => symbolAddress(symbol, DLFCN.has(symbol) ? undefined : "libc.so.6"));
+  // Bindings of busy-later symbols, put off until `settle`: the call that proves one busy may be
+  // a forced write in the middle of a patch's stores.
+  const due: (() => void)[] = [];
+  const c = libc(
+    runtime,
+    (symbol) => symbolAddress(symbol, DLFCN.has(symbol) ? undefined : "libc.so.6"),
+    (bind) => due.push(bind),
+  );
   // x86-64 keeps instruction fetch coherent with stores by itself; arm64 needs a flush.
   const arm64 = runtime.arch === "aarch64" || runtime.arch === "arm64";
 
@@ -421,6 +428,9 @@ export function linux(runtime: Runtime): Os {
       flush?.(address, length);
     },
 
+    settle() {
+      for (let bind = due.shift(); bind; bind = due.shift()) bind();
+    },
   };
   return os;
 }
