@@ -63,11 +63,13 @@ export function lazyLibrary<G extends SymbolGroups>(
   seldom?: SeldomSymbols<NoInfer<SymbolName<G>>>,
 ): GroupedSymbols<G> {
   const library: Record<string, NativeCall> = {};
-  const pointer = runtime.slowPointerCalls && seldom ? new Set(seldom.names) : null;
-  const later = runtime.slowPointerCalls && seldom ? new Set(seldom.busyLater) : null;
   const settle = (name: string, value: NativeCall) => Object.defineProperty(library, name, { value, enumerable: true });
   const lazily = (name: string, bind: () => void) =>
     Object.defineProperty(library, name, { get: () => (bind(), library[name]), enumerable: true, configurable: true });
+  /** `name` through its address. */
+  const pointerCall = (name: string, signature: Binding): void => {
+    settle(name, runtime.fnPointer(seldom!.address(name), signature));
+  };
   /** `name` through its address, until its calls show it busy: then bound. */
   const throughAddress = (name: string, signature: Binding): void => {
     const call = runtime.fnPointer(seldom!.address(name), signature);
@@ -85,23 +87,21 @@ export function lazyLibrary<G extends SymbolGroups>(
     };
     Object.defineProperty(library, name, { value: counted, enumerable: true, configurable: true });
   };
+  /** How each symbol kept out of its group is made: the seldom ones, where pointer calls are slow. */
+  const apart = new Map<string, (name: string, signature: Binding) => void>();
+  if (runtime.slowPointerCalls && seldom) {
+    for (const name of seldom.busyLater ?? []) apart.set(name, throughAddress);
+    for (const name of seldom.names) apart.set(name, pointerCall);
+  }
   for (const all of Object.values(groups)) {
-    const symbols = pointer || later
-      ? Object.fromEntries(Object.entries(all).filter(([name]) => !pointer!.has(name) && !later!.has(name)))
-      : all;
+    const symbols = apart.size === 0 ? all : Object.fromEntries(Object.entries(all).filter(([name]) => !apart.has(name)));
     const bind = (): void => {
       const bound = runtime.open(path, symbols);
       for (const name of Object.keys(symbols)) settle(name, bound[name] as NativeCall);
     };
     for (const [name, signature] of Object.entries(all)) {
-      lazily(
-        name,
-        pointer?.has(name)
-          ? () => settle(name, runtime.fnPointer(seldom!.address(name), signature))
-          : later?.has(name)
-          ? () => throughAddress(name, signature)
-          : bind,
-      );
+      const make = apart.get(name);
+      lazily(name, make ? () => make(name, signature) : bind);
     }
   }
   return library as GroupedSymbols<G>;
