@@ -153,11 +153,11 @@ function device(major: number, minor: number): number {
 
 /** The Linux layer over `runtime`. */
 export function linux(runtime: Runtime): Os {
+  // Bindings of busy-later symbols, put off until `runDeferred`: the call that proves one busy may
+  // be a forced write in the middle of a patch's stores.
+  const due: (() => void)[] = [];
   // libc's own definitions, by its handle (the runtime's executable may define some too: Deno's
   // has a memfd_create), but for the calls that open that handle.
-  // Bindings of busy-later symbols, put off until `settle`: the call that proves one busy may be
-  // a forced write in the middle of a patch's stores.
-  const due: (() => void)[] = [];
   const c = libc(
     runtime,
     (symbol) => symbolAddress(symbol, DLFCN.has(symbol) ? undefined : "libc.so.6"),
@@ -428,7 +428,7 @@ export function linux(runtime: Runtime): Os {
       flush?.(address, length);
     },
 
-    settle() {
+    runDeferred() {
       for (let bind = due.shift(); bind; bind = due.shift()) bind();
     },
   };

@@ -258,7 +258,7 @@ export interface Os {
    * the C library symbols that proved busy, platform/lazy_library.ts): the registry calls it as
    * each section under its lock ends. Absent where nothing is put off.
    */
-  settle?(): void;
+  runDeferred?(): void;
   /** Every loaded module, in the loader's order: the main executable first. */
   modules(): LoadedModule[];
   /** What `module` (one of `modules()`) exports; LIBRARY_NOT_FOUND once it is unloaded. */

@@ -360,7 +360,7 @@ export function exclusive<T>(body: () => T): T {
       s.unlock();
       // Outside the section: no code half-written (a write under way holds a live entry's jump to
       // itself, which the dynamic loader, run by a binding, may call on this thread).
-      machine().platform.os.settle?.();
+      machine().platform.os.runDeferred?.();
     }
   }
 }
