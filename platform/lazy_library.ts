@@ -8,26 +8,39 @@
  * slow to call (Deno: ~25 µs to make, ~1 µs a call): each is called through its address instead;
  * those a first patch calls a few times and later patches often are bound once they prove busy.
  */
+import { RedefineError } from "../src/errors.ts";
 import type { Binding, NativeCall, Runtime } from "./types.ts";
 
 /** Groups of symbols by a name for each, the ones used together in one group. */
 export type SymbolGroups = Readonly<Record<string, Readonly<Record<string, Binding>>>>;
 
+/** The name of every symbol of every group. */
+export type SymbolName<G extends SymbolGroups> = { [N in keyof G]: keyof G[N] & string }[keyof G];
+
 /** Every symbol of every group. */
-export type GroupedSymbols<G extends SymbolGroups> = {
-  readonly [K in { [N in keyof G]: keyof G[N] }[keyof G]]: NativeCall;
-};
+export type GroupedSymbols<G extends SymbolGroups> = { readonly [K in SymbolName<G>]: NativeCall };
 
 /**
  * Which symbols are seldom called, which are called a few times by a first patch and often after,
- * and where each is (in the library, as its loader finds it).
+ * and where each is (in the library, as its loader finds it). `Name`: the groups' symbols, so a
+ * name no group declares (misspelt) is a type error, not a symbol silently left bound.
  */
-export interface SeldomSymbols {
-  readonly names: readonly string[];
+export type SeldomSymbols<Name extends string = string> = {
+  readonly names: readonly Name[];
+  readonly address: (symbol: Name) => bigint;
+} & ({ readonly busyLater?: undefined; readonly defer?: undefined } | {
   /** Called through their address for their first `BOUND_AFTER` calls, then bound, each alone. */
-  readonly busyLater?: readonly string[];
-  readonly address: (symbol: string) => bigint;
-}
+  readonly busyLater: readonly Name[];
+  /**
+   * Takes the binding of a busy-later symbol that has proven busy, for the caller to run where
+   * nothing is half-done: binding runs the dynamic loader and the runtime's compiler on this
+   * thread, and the call that proves the symbol busy may be one store of several into a live
+   * function's entry, which holds a jump to itself meanwhile — should they call that function,
+   * this thread would wait on itself for ever. A binding that fails leaves the call through the
+   * address, as good but slower.
+   */
+  readonly defer: (bind: () => void) => void;
+});
 
 /**
  * How many calls a `busyLater` symbol takes through its address: a first patch and its restore make
@@ -40,47 +53,55 @@ const BOUND_AFTER = 16;
  * is read; its errors (LIBRARY_NOT_FOUND, SYMBOL_NOT_FOUND, FFI_PERMISSION) come from that read.
  * Where `runtime.slowPointerCalls`, the `seldom` symbols leave their groups: each is a call through
  * its address, made when it is first read (`seldom.address` throws for a missing one), and a
- * `busyLater` one is bound on its own once it has been called `BOUND_AFTER` times.
+ * `busyLater` one is bound on its own once it has been called `BOUND_AFTER` times, when the caller
+ * runs what it was given to `seldom.defer`.
  */
 export function lazyLibrary<G extends SymbolGroups>(
   runtime: Runtime,
   path: string,
   groups: G,
-  seldom?: SeldomSymbols,
+  seldom?: SeldomSymbols<NoInfer<SymbolName<G>>>,
 ): GroupedSymbols<G> {
   const library: Record<string, NativeCall> = {};
-  const pointer = runtime.slowPointerCalls && seldom ? new Set(seldom.names) : null;
-  const later = runtime.slowPointerCalls && seldom ? new Set(seldom.busyLater) : null;
   const settle = (name: string, value: NativeCall) => Object.defineProperty(library, name, { value, enumerable: true });
   const lazily = (name: string, bind: () => void) =>
     Object.defineProperty(library, name, { get: () => (bind(), library[name]), enumerable: true, configurable: true });
+  /** `name` through its address. */
+  const pointerCall = (name: string, signature: Binding): void => {
+    settle(name, runtime.fnPointer(seldom!.address(name), signature));
+  };
   /** `name` through its address, until its calls show it busy: then bound. */
   const throughAddress = (name: string, signature: Binding): void => {
     const call = runtime.fnPointer(seldom!.address(name), signature);
     let left = BOUND_AFTER;
+    const bindAlone = (): void => {
+      try {
+        settle(name, runtime.open(path, { [name]: signature })[name]!);
+      } catch (error) {
+        if (!(error instanceof RedefineError)) throw error;
+      }
+    };
     const counted: NativeCall = (...args) => {
-      if (--left === 0) settle(name, runtime.open(path, { [name]: signature })[name]!);
+      if (--left === 0) seldom!.defer!(bindAlone);
       return call(...args);
     };
     Object.defineProperty(library, name, { value: counted, enumerable: true, configurable: true });
   };
+  /** How each symbol kept out of its group is made: the seldom ones, where pointer calls are slow. */
+  const apart = new Map<string, (name: string, signature: Binding) => void>();
+  if (runtime.slowPointerCalls && seldom) {
+    for (const name of seldom.busyLater ?? []) apart.set(name, throughAddress);
+    for (const name of seldom.names) apart.set(name, pointerCall);
+  }
   for (const all of Object.values(groups)) {
-    const symbols = pointer || later
-      ? Object.fromEntries(Object.entries(all).filter(([name]) => !pointer!.has(name) && !later!.has(name)))
-      : all;
+    const symbols = apart.size === 0 ? all : Object.fromEntries(Object.entries(all).filter(([name]) => !apart.has(name)));
     const bind = (): void => {
       const bound = runtime.open(path, symbols);
       for (const name of Object.keys(symbols)) settle(name, bound[name] as NativeCall);
     };
     for (const [name, signature] of Object.entries(all)) {
-      lazily(
-        name,
-        pointer?.has(name)
-          ? () => settle(name, runtime.fnPointer(seldom!.address(name), signature))
-          : later?.has(name)
-          ? () => throughAddress(name, signature)
-          : bind,
-      );
+      const make = apart.get(name);
+      lazily(name, make ? () => make(name, signature) : bind);
     }
   }
   return library as GroupedSymbols<G>;

@@ -54,19 +54,19 @@ const ERRNO_NAMES: Record<number, string> = { 38: "ENOSYS" };
 const SELDOM = [
   "sysconf", "mmap", "munmap", "memfd_create", "ftruncate", "open", "close", "read", "__errno_location", "strerror",
   "write", "fcntl", "dlopen", "dlerror",
-];
+] as const;
 
 /** What a seldom symbol is looked up with, so is found anywhere in the process: as a C program finds it. */
 const DLFCN = new Set(["dlopen", "dlerror"]);
 
 /** What each patch calls once or twice (a mapping query, a forced write, a symbol's size): bound once busy. */
-const BUSY_LATER = ["ioctl", "pwrite", "dladdr1"];
+const BUSY_LATER = ["ioctl", "pwrite", "dladdr1"] as const;
 
 /**
  * libc's functions, in groups bound on first use (platform/lazy_library.ts); `address` finds a
- * seldom one in libc.
+ * seldom one in libc; `defer` takes a busy-later one's binding.
  */
-function libc(runtime: Runtime, address: (symbol: string) => bigint) {
+function libc(runtime: Runtime, address: (symbol: string) => bigint, defer: (bind: () => void) => void) {
   return lazyLibrary(runtime, "libc.so.6", {
     // What a first patch calls: mapping queries, code blocks, forced writes, symbols.
     firstPatch: {
@@ -119,7 +119,7 @@ function libc(runtime: Runtime, address: (symbol: string) => bigint) {
       dl_iterate_phdr: { parameters: ["function", "pointer"], result: "i32" },
       readlink: { parameters: ["buffer", "buffer", "usize"], result: "isize" },
     },
-  }, { names: SELDOM, busyLater: BUSY_LATER, address });
+  }, { names: SELDOM, busyLater: BUSY_LATER, defer, address });
 }
 
 /** Parses /proc/self/maps text. */
@@ -153,9 +153,16 @@ function device(major: number, minor: number): number {
 
 /** The Linux layer over `runtime`. */
 export function linux(runtime: Runtime): Os {
+  // Bindings of busy-later symbols, put off until `runDeferred`: the call that proves one busy may
+  // be a forced write in the middle of a patch's stores.
+  const due: (() => void)[] = [];
   // libc's own definitions, by its handle (the runtime's executable may define some too: Deno's
   // has a memfd_create), but for the calls that open that handle.
-  const c = libc(runtime, (symbol) => symbolAddress(symbol, DLFCN.has(symbol) ? undefined : "libc.so.6"));
+  const c = libc(
+    runtime,
+    (symbol) => symbolAddress(symbol, DLFCN.has(symbol) ? undefined : "libc.so.6"),
+    (bind) => due.push(bind),
+  );
   // x86-64 keeps instruction fetch coherent with stores by itself; arm64 needs a flush.
   const arm64 = runtime.arch === "aarch64" || runtime.arch === "arm64";
 
@@ -421,6 +428,9 @@ export function linux(runtime: Runtime): Os {
       flush?.(address, length);
     },
 
+    runDeferred() {
+      for (let bind = due.shift(); bind; bind = due.shift()) bind();
+    },
   };
   return os;
 }

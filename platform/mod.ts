@@ -14,6 +14,7 @@ export { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 export { buildStubImage, type StubImage } from "./image/elf.ts";
 export { farPlace } from "./address_space.ts";
 export { lazyLibrary } from "./lazy_library.ts";
+export type { SymbolName } from "./lazy_library.ts";
 
 const SUPPORTED = ["linux", "darwin", "windows"];
 

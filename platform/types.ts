@@ -253,6 +253,12 @@ export interface Os {
   branchChecks?(address: bigint): BranchChecks;
   /** Makes freshly written code visible to instruction fetch (a no-op on x86-64). */
   flushCode(address: bigint, length: number): void;
+  /**
+   * Does what the layer put off until no code is half-written and no lock is held (Linux: binding
+   * the C library symbols that proved busy, platform/lazy_library.ts): the registry calls it as
+   * each section under its lock ends. Absent where nothing is put off.
+   */
+  runDeferred?(): void;
   /** Every loaded module, in the loader's order: the main executable first. */
   modules(): LoadedModule[];
   /** What `module` (one of `modules()`) exports; LIBRARY_NOT_FOUND once it is unloaded. */

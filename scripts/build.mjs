@@ -61,10 +61,8 @@ function onlyFor(system, cpu, name, forDeno) {
  * A bundle's map without the sources' text: it points into the sources shipped beside dist/
  * (`../src/...`). Null contents, not none: Bun refuses a map without the array.
  */
-function shrinkMap(file) {
-  const map = JSON.parse(readFileSync(file, "utf8"));
-  map.sourcesContent = map.sources.map(() => null);
-  writeFileSync(file, JSON.stringify(map));
+function shrinkMap(map) {
+  return { ...map, sourcesContent: map.sources.map(() => null) };
 }
 
 /**
@@ -160,12 +158,13 @@ async function bundle(system, cpu, name, forDeno) {
     plugins: [onlyFor(system, cpu, name, forDeno)],
   });
   if (!result.success) throw new AggregateError(result.logs, `bun build for ${file} failed`);
+  let map = JSON.parse(readFileSync(`${root}dist/${file}.map`, "utf8"));
   if (forDeno) {
-    const { code, map } = eager(bin("node"), readFileSync(`${root}dist/${file}`, "utf8"), JSON.parse(readFileSync(`${root}dist/${file}.map`, "utf8")));
-    writeFileSync(`${root}dist/${file}`, code);
-    writeFileSync(`${root}dist/${file}.map`, JSON.stringify(map));
+    const rewritten = eager(bin("node"), readFileSync(`${root}dist/${file}`, "utf8"), map);
+    writeFileSync(`${root}dist/${file}`, rewritten.code);
+    map = rewritten.map;
   }
-  shrinkMap(`${root}dist/${file}.map`);
+  writeFileSync(`${root}dist/${file}.map`, JSON.stringify(shrinkMap(map)));
   return Object.values(result.metafile.outputs).find((o) => o.entryPoint);
 }
 

@@ -323,7 +323,9 @@ export function isolateIdentity(): bigint {
 
 /** The JS thread's thread pointer, read by running the guard's own read on this thread. */
 function threadPointer(m: Machine): bigint {
-  if (!m.arch.guard) return 0n;
+  if (!m.arch.guard) {
+    throw new RedefineError("UNSUPPORTED_PLATFORM", `no ${m.arch.name} guard code reads the JS thread's pointer: use a native replacement.`);
+  }
   const reader = m.arch.guard.threadPointerReader(m.platform.runtime.os);
   const slot = m.pool.allocate(0n, ANYWHERE, reader.length);
   if (!slot) throw new RedefineError("ALLOCATION_FAILED", "no executable memory for the thread probe.");
@@ -356,6 +358,9 @@ export function exclusive<T>(body: () => T): T {
     if (--depth === 0) {
       sectionMappings = null;
       s.unlock();
+      // Outside the section: no code half-written (a write under way holds a live entry's jump to
+      // itself, which the dynamic loader, run by a binding, may call on this thread).
+      machine().platform.os.runDeferred?.();
     }
   }
 }

@@ -17,7 +17,7 @@
 import { RedefineError } from "./errors.ts";
 import { ANYWHERE, type Arch } from "./arch/types.ts";
 import type { CodePool } from "./code_memory.ts";
-import type { NativeCall, Platform } from "../platform/mod.ts";
+import type { NativeCall, Platform, SymbolName } from "../platform/mod.ts";
 import { farPlace, lazyLibrary } from "../platform/mod.ts";
 import type { Signature } from "./signature.ts";
 
@@ -46,6 +46,7 @@ export interface Store {
    * The identity word, holding this isolate's JS thread's pointer: read on first ask, as only the
    * guards and probes compare it with the running thread (a first patch without one never runs the
    * read, which costs a code slot and a call through a pointer — under Node a stub library).
+   * Throws UNSUPPORTED_PLATFORM, the word left as it was, when the read gives 0 or 1 (see there).
    */
   ownIdentity(): bigint;
   /** Takes the process-wide lock (spinning, yielding the CPU); taken from a dead owner if need be. */
@@ -90,6 +91,8 @@ const RAW_LOCKS = 4;
 const MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20;
 const MAP_FIXED_NOREPLACE = 0x100000;
 const MAP_FAILED = 2n ** 64n - 1n;
+/** The identity word of a live isolate whose JS thread's pointer nothing has asked for yet. */
+const UNREAD = 1n;
 
 /** The C library functions the shared store needs, or null where one is missing. */
 function libc(platform: Platform): Record<string, NativeCall> | null {
@@ -111,7 +114,7 @@ function libc(platform: Platform): Record<string, NativeCall> | null {
       sched_yield: { parameters: [], result: "i32" },
     },
   } as const;
-  const names = Object.values(symbols).flatMap((group) => Object.keys(group));
+  const names = Object.values(symbols).flatMap((group) => Object.keys(group)) as SymbolName<typeof symbols>[];
   const c = lazyLibrary(runtime, "libc.so.6", symbols, {
     names,
     address: (symbol) => platform.os.symbolAddress(symbol, "libc.so.6"),
@@ -155,7 +158,7 @@ export function openStore(
     return new BigInt64Array(live.buffer, live.byteOffset, 1);
   };
   // Alive from the start; no thread pointer is 1 (they are aligned), so no guard takes it for one.
-  Atomics.store(word(identity), 0, 1n);
+  Atomics.store(word(identity), 0, UNREAD);
   let owned = false;
   const c = libc(platform);
   let base: bigint | null = null;
@@ -178,7 +181,17 @@ export function openStore(
   return {
     identity,
     ownIdentity() {
-      if (!owned) Atomics.store(word(identity), 0, BigInt.asIntN(64, threadPointer()));
+      if (owned) return identity;
+      const pointer = BigInt.asIntN(64, threadPointer());
+      // 0 would tell every isolate this one has ended (its lock and patches are then taken), 1 that
+      // it lives on a thread no guard matches (every call to the original, the replacement unused).
+      if (pointer === 0n || pointer === UNREAD) {
+        throw new RedefineError(
+          "UNSUPPORTED_PLATFORM",
+          `the JS thread's pointer read as ${pointer}, not a thread's: on this platform a guard or probe cannot tell the JS thread from others; use a native replacement.`,
+        );
+      }
+      Atomics.store(word(identity), 0, pointer);
       owned = true;
       return identity;
     },

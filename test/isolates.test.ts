@@ -3,28 +3,55 @@
 // so a crash is a failed test, not a dead suite.
 import { assert, fixtureJson, runtimeName, spawnRuntime, test } from "./harness.ts";
 import { redefine } from "../mod.ts";
+import { hexBytes } from "../src/errors.ts";
 import { machine } from "../src/registry.ts";
 import { PROT_EXEC, PROT_READ } from "../platform/mod.ts";
 import { bytesAt, libc, mapPages, os, runtime } from "./native.ts";
 
 /**
- * The functions the races redefine while other isolates call them: each one's first instruction
- * is as long as the entry jump. A thread that has run a function's first instruction when another
- * thread's entry jump goes live resumes at the second, in the middle of the jump when the jump
- * reaches past the first (README, "Not guaranteed"): racing glibc's `labs` (a 3-byte `mov rax,
- * rdi` first) killed Bun's main thread once in a 2-core CI run, an illegal instruction at labs+3
- * while the Worker's patch landed. `getuid`'s and `getgid`'s first instruction, `mov eax, N`, is 5
- * bytes, the near jump's length (an arm64 `b` is always one instruction).
+ * The functions the races redefine while other isolates call them (test/fixtures/isolate_job.ts),
+ * with the arguments they are called with there. A thread that has run a function's first
+ * instruction when another thread's entry jump goes live resumes at the second, in the middle of
+ * the jump when the jump reaches past the first (README, "Not guaranteed"): racing glibc's `labs`
+ * (a 3-byte `mov rax, rdi` first) killed Bun's main thread once in a 2-core CI run, an illegal
+ * instruction at labs+3 while the Worker's patch landed. So each one's first instruction must be
+ * at least as long as the shortest entry jump (`firstInstruction` checks it before a race): in
+ * glibc x86-64 `getuid`'s and `getgid`'s is `mov eax, N` and `ffsl`'s `mov eax, -1`, 5 bytes, the
+ * near jump's length (an arm64 `b` is always one instruction). `ffsl` takes a 64-bit argument,
+ * whose lowest set bit lies above its low 32 bits.
  */
-const RACED = ["getuid", "getgid"] as const;
-const ids = runtime.open("libc.so.6", {
+const RACED = {
   getuid: { parameters: [], result: "i32" },
   getgid: { parameters: [], result: "i32" },
-});
+  ffsl: { parameters: ["i64"], result: "i32" },
+} as const;
+type Raced = keyof typeof RACED;
+const ARGUMENTS: Record<Raced, readonly bigint[]> = { getuid: [], getgid: [], ffsl: [3n << 36n] };
+const ids = runtime.open("libc.so.6", RACED);
 
 /** Runs test/fixtures/`name` under this runtime; the last line of JSON it printed. */
 function fixture(name: string, args: string[], timeout = 30_000) {
   return fixtureJson(new URL(`./fixtures/${name}`, import.meta.url), args, timeout);
+}
+
+/**
+ * Where `symbol`'s entry jump goes (after `endbr64`, in a C library built for CET), its bytes
+ * from there, and its first instruction as this project's decoder reads it. Fails the test when
+ * that instruction is shorter than the shortest entry jump: a race on it would test the known
+ * window, not the library.
+ */
+function firstInstruction(symbol: Raced) {
+  const { arch } = machine();
+  const entry = os.symbolAddress(symbol);
+  const address = entry + BigInt(arch.landingPadLength(bytesAt(entry, 16)));
+  const code = bytesAt(address, 64);
+  const plan = arch.planRelocation(code, address, 1);
+  const jump = arch.entryJumps[0].size;
+  assert.ok(
+    plan.consumed >= jump,
+    `${symbol}'s first instruction here is ${plan.consumed} bytes (${hexBytes(code.subarray(0, plan.consumed))}), shorter than the ${jump}-byte entry jump: a thread past it would resume inside another isolate's jump (README, "Not guaranteed"), so a race on it tests that known window; race a function whose first instruction is at least ${jump} bytes in this C library (see RACED).`,
+  );
+  return { address, code, plan };
 }
 
 interface Report {
@@ -33,9 +60,9 @@ interface Report {
   refused: Record<string, number>;
 }
 
-function race(where: "two" | "main", first: string, second: string): Report[] {
-  const raced: readonly string[] = RACED;
-  assert.ok(raced.includes(first) && raced.includes(second), `${first} and ${second} must be in RACED (see there)`);
+function race(where: "two" | "main", first: Raced, second: Raced): Report[] {
+  firstInstruction(first);
+  firstInstruction(second);
   const reports: Report[] = fixture("isolates_race.ts", [where, first, second, "1500"]);
   for (const report of reports) {
     assert.ok(report.toggles > 0, JSON.stringify(reports));
@@ -47,30 +74,27 @@ function race(where: "two" | "main", first: string, second: string): Report[] {
 
 test("isolates: the raced functions' entry jumps change only their first instruction; a thread stopped after it gets the original", () => {
   const { arch } = machine();
-  for (const symbol of RACED) {
-    const entry = os.symbolAddress(symbol);
-    // Where the jump goes: after `endbr64`, in a C library built for CET.
-    const address = entry + BigInt(arch.landingPadLength(bytesAt(entry, 16)));
-    const before = bytesAt(address, 64);
-    const real = ids[symbol]();
+  for (const symbol of Object.keys(RACED) as Raced[]) {
+    const { address, code: before, plan } = firstInstruction(symbol);
+    const args = ARGUMENTS[symbol];
+    const real = ids[symbol](...args);
     // A thread stopped after the first instruction, as it goes on: that instruction, relocated,
     // then a jump to the second. It runs in this process once the bytes past the first
     // instruction are found unchanged: a jump reaching past it fails the test, not the suite.
     const page = mapPages(1);
     try {
-      const plan = arch.planRelocation(before, address, 1);
       const resume = arch.relocate(plan, page);
       runtime.view(page, resume.length).set(resume);
       assert.equal(libc.mprotect(page, BigInt(os.pageSize), PROT_READ | PROT_EXEC), 0);
       os.flushCode(page, resume.length);
-      const stopped = runtime.fnPointer(page, { parameters: [], result: "i32" });
-      const patch = redefine({ symbol, parameters: [], result: "i32" }, () => real + 1);
+      const stopped = runtime.fnPointer(page, RACED[symbol]);
+      const patch = redefine({ symbol, ...RACED[symbol] } as never, () => real + 1);
       try {
         assert.equal(patch.patchedAddress, address);
         const past = plan.consumed;
         assert.deepEqual(bytesAt(address + BigInt(past), 16), before.subarray(past, past + 16), `${symbol} past its first instruction`);
-        assert.equal(ids[symbol](), real + 1, "the patch is live");
-        assert.equal(stopped(), real, "the stopped thread finishes the original");
+        assert.equal(ids[symbol](...args), real + 1, "the patch is live");
+        assert.equal(stopped(...args), real, "the stopped thread finishes the original");
       } finally {
         patch.restore();
       }
@@ -81,7 +105,7 @@ test("isolates: the raced functions' entry jumps change only their first instruc
 });
 
 test("isolates: two Workers redefining and restoring the same function at once", () => {
-  race("two", "getuid", "getuid");
+  race("two", "ffsl", "ffsl");
 });
 
 test("isolates: two Workers redefining different functions on one page at once", () => {
@@ -89,7 +113,7 @@ test("isolates: two Workers redefining different functions on one page at once",
 });
 
 test("isolates: the main thread and a Worker redefining the same function at once", () => {
-  race("main", "getuid", "getuid");
+  race("main", "ffsl", "ffsl");
 });
 
 for (const [how, title, why] of [
