@@ -124,8 +124,18 @@ function originalForSlot(trampoline: Trampoline): void {
 function directJump(m: Machine, site: AnySite, to: bigint, below: bigint | null): Layout | null {
   const entry = entryJump(m, m.arch.entryJumps[0], site.at, to);
   if (!entry) return null;
-  const trampoline = below !== null ? Trampoline.at(below) : new Trampoline(refused(() => trampolineAlone(m, site)));
+  const trampoline = below !== null ? Trampoline.at(below) : new Trampoline(trampolineOrRefusal(m, site));
   return { entry, covers: entry.length, destination: to, stub: null, trampoline, busy: null, bypass: to };
+}
+
+/** `trampolineAlone`, or the RedefineError it throws (`refused`, without a function made for each patch). */
+function trampolineOrRefusal(m: Machine, site: AnySite): Built | RedefineError {
+  try {
+    return trampolineAlone(m, site);
+  } catch (error) {
+    if (!(error instanceof RedefineError)) throw error;
+    return error;
+  }
 }
 
 /** What a lone trampoline's slot holds after the relocated instructions: nothing (see `SlotReuse`). */

@@ -142,13 +142,12 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     this.address = address;
     this.signature = signature;
     this.#applied = applied;
-    const restore = () => this.restore();
     const { destination, bypass, writes } = applied;
     const entries: Entry[] = [];
     for (let i = 0; i < writes.length; i++) {
       const { key, at, written, original } = writes[i]!;
       const entry = {
-        address: key, at, written, original, destination, bypass, restoring: false, restore, slot: -1, owner: 0n, retired: false,
+        address: key, at, written, original, destination, bypass, restoring: false, handle: this, slot: -1, owner: 0n, retired: false,
       };
       entries.push(entry);
       register(entry);

@@ -87,7 +87,7 @@ export function restoreAll(): void {
   transaction(() => {
     const entries = newestFirst();
     // Indexed: a `for…of` step allocates until the optimizing compiler has the loop.
-    for (let i = 0; i < entries.length; i++) entries[i]!.restore();
+    for (let i = 0; i < entries.length; i++) entries[i]!.handle.restore();
   });
 }
 

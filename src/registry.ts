@@ -9,7 +9,7 @@
  */
 import { hex, RedefineError } from "./errors.ts";
 import { CodePool, mappedNow, writeCode } from "./code_memory.ts";
-import type { CodeSlot, CodeWrite, Quarantined } from "./code_memory.ts";
+import type { CodeSlot, CodeWrite, Lent, Quarantined } from "./code_memory.ts";
 import { archFor } from "./arch/mod.ts";
 import { ANYWHERE } from "./arch/types.ts";
 import type { Arch, EntryJump, GuardLayout, RelocationPlan, RuntimeCode } from "./arch/types.ts";
@@ -215,7 +215,10 @@ export function mappingAt(address: bigint): Mapping | null {
     for (let i = 0; i < known.length; i++) if (address >= known[i]!.start && address < known[i]!.end) return known[i]!;
   }
   const found = machine().platform.os.mappingAt(address);
-  if (found && known) known.push(found);
+  if (found && known) {
+    if (known.length === 0) sectionMappings = [found];
+    else known.push(found);
+  }
   return found;
 }
 
@@ -228,15 +231,34 @@ const KEPT_BLOCK = 4096;
  * piece of a block a small object. A block lives as long as any of its pieces.
  */
 export function keep(bytes: Uint8Array, length: number = bytes.length): Uint8Array {
-  const m = machine();
   if (length > KEPT_BLOCK / 16) return bytes.slice(0, length);
-  if (m.kept.used + length > m.kept.block.length) m.kept = { block: new Uint8Array(KEPT_BLOCK), used: 0 };
-  const { block, used } = m.kept;
-  const copy = block.subarray(used, used + length);
-  m.kept.used += length;
-  for (let i = 0; i < length; i++) block[used + i] = bytes[i]!;
+  const copy = carve(machine(), length, 1);
+  for (let i = 0; i < length; i++) copy[i] = bytes[i]!;
   return copy;
 }
+
+/**
+ * `length` bytes of the block `keep` carves from, from a multiple of `align`: no one else's piece,
+ * ever (a full block is left to its pieces, and a new one made).
+ */
+function carve(m: Machine, length: number, align: number): Uint8Array {
+  let used = Math.ceil(m.kept.used / align) * align;
+  if (used + length > m.kept.block.length) {
+    m.kept = { block: new Uint8Array(KEPT_BLOCK), used: 0 };
+    used = 0;
+  }
+  m.kept.used = used + length;
+  return m.kept.block.subarray(used, used + length);
+}
+
+/**
+ * What the registry lends every write it makes (`writeCode`'s `Lent`): the page views
+ * `liveBytes` keeps, and its scratch bytes carved as `keep` carves (a large batch's get their own).
+ */
+export const lent: Lent = {
+  page: (page) => keptPage(machine(), page),
+  scratch: (length) => length > KEPT_BLOCK / 16 ? new Uint8Array(length) : carve(machine(), length, 8),
+};
 
 /** What the registry knows of one live patch. */
 export interface Entry {
@@ -258,8 +280,11 @@ export interface Entry {
   readonly bypass: bigint;
   /** Set while its restore waits for the enclosing transaction to commit. */
   restoring: boolean;
-  /** Puts the function back (the Patch handle's `restore`); another isolate's patch refuses. */
-  readonly restore: () => void;
+  /**
+   * Whose `restore()` puts the function back: the Patch handle (the handle itself, not a function
+   * made for each patch); for another isolate's patch, one that refuses.
+   */
+  readonly handle: { restore(): void };
   /**
    * Kept by the registry, made -1, 0n, false: where the entry is in the process-wide store (-1
    * while it is not), whose it is, and whether it was made inert. On the entry itself, not in a
@@ -282,10 +307,15 @@ let others = false;
 let depth = 0;
 /** The mappings found in the current `exclusive` section (see `mappingAt`); null outside one. */
 let sectionMappings: Mapping[] | null = null;
+/**
+ * A section's mappings before it has found one, shared: a list grown from empty reserves room for
+ * 16, and most sections find one or two.
+ */
+const NO_MAPPINGS: Mapping[] = Object.freeze([]) as never;
 /** The live patches of the process, oldest first. */
 let live: Entry[] = [];
 /** The live patches of each function, by its entry, oldest first: each layered on the one before. */
-let stacks = new Map<bigint, Entry[]>();
+let stacks = new Map<bigint, readonly Entry[]>();
 /**
  * Live patches by the 64-byte block their entry jump starts in, to find neighbours quickly. A
  * block's number is a plain number: a bigint key is hashed digit by digit, and each step of a
@@ -339,7 +369,7 @@ export function exclusive<T>(body: () => T): T {
   const s = theStore();
   if (depth++ === 0) {
     s.lock();
-    sectionMappings = [];
+    sectionMappings = NO_MAPPINGS;
     try {
       sync(s);
       reapDead(s);
@@ -393,8 +423,10 @@ function foreign(record: { address: bigint; at: bigint; written: Uint8Array; ori
   const { address, at, written, original, destination } = record;
   return {
     address, at, written, original, destination, bypass: destination, restoring: false, slot: -1, owner: 0n, retired: false,
-    restore() {
-      throw new RedefineError("OUT_OF_ORDER", `the patch at ${hex(address)} belongs to another isolate (a Worker): restore it there.`);
+    handle: {
+      restore() {
+        throw new RedefineError("OUT_OF_ORDER", `the patch at ${hex(address)} belongs to another isolate (a Worker): restore it there.`);
+      },
     },
   };
 }
@@ -402,7 +434,7 @@ function foreign(record: { address: bigint; at: bigint; written: Uint8Array; ori
 function index(entry: Entry): void {
   live.push(entry);
   const stack = stacks.get(entry.address);
-  stacks.set(entry.address, stack ? [...stack, entry] : [entry]);
+  stacks.set(entry.address, stack?.length ? [...stack, entry] : [entry]);
   // A block's list changes in place: it is only ever read straight away (`refuseOverlap`,
   // `readThrough`), never held.
   const block = blockOf(entry.at);
@@ -450,12 +482,13 @@ function forget(s: Store, entry: Entry): void {
   if (live[live.length - 1] === entry) live.pop();
   else live.splice(live.lastIndexOf(entry), 1);
   const stack = stacks.get(entry.address);
-  // A new list: callers may hold the old.
-  if (stack?.length === 1 && stack[0] === entry) stacks.delete(entry.address);
+  // A new list: callers may hold the old. A function's key and a block's list stay once empty, as
+  // `Machine.plans` keeps one a function ever patched: a Map that loses its last keys shrinks, a
+  // new table for each patch of a function patched and restored on its own (~150 B, each of them).
+  if (stack?.length === 1 && stack[0] === entry) stacks.set(entry.address, NO_LAYERS);
   else if (stack) stacks.set(entry.address, stack.filter((x) => x !== entry));
-  const block = blockOf(entry.at);
-  const neighbours = byBlock.get(block);
-  if (neighbours?.length === 1 && neighbours[0] === entry) byBlock.delete(block);
+  const neighbours = byBlock.get(blockOf(entry.at));
+  if (neighbours?.[neighbours.length - 1] === entry) neighbours.pop();
   else if (neighbours) neighbours.splice(neighbours.indexOf(entry), 1);
 }
 
@@ -538,7 +571,7 @@ function reapDead(s: Store): void {
         if (mappedNow(mappingAt, top.at, Math.max(top.written.length, top.original.length))) {
           if (!liveHolds(top.at, top.written)) break;
           const write: CodeWrite = { address: top.at, bytes: restoredBytes(top), spin: machine().arch.selfLoop };
-          writeCode(machine().platform, [write]);
+          writeCode(machine().platform, [write], { lent });
         }
       } catch (error) {
         // It stays inert where it is; this isolate's own patching must not fail for it.
@@ -615,7 +648,7 @@ function restoreAtExit(): void {
   const restoreEach = () => {
     for (const entry of newestFirst()) {
       try {
-        entry.restore();
+        entry.handle.restore();
       } catch {
         // Someone else rewrote its entry (PATCH_MODIFIED): leave their bytes be.
       }

@@ -7,7 +7,7 @@
  */
 import { writeCode } from "./code_memory.ts";
 import type { CodeWrite } from "./code_memory.ts";
-import { exclusive, machine } from "./registry.ts";
+import { exclusive, lent, machine } from "./registry.ts";
 import type { Batch } from "./registry.ts";
 
 /**
@@ -28,7 +28,7 @@ export function schedule(write: CodeWrite, commit: () => void, rollback: () => v
     return;
   }
   try {
-    writeCode(m.platform, [write]);
+    writeCode(m.platform, [write], { lent });
   } catch (error) {
     rollback();
     throw error;
@@ -115,7 +115,7 @@ function transactionLocked<T>(body: () => T): T {
   try {
     result = body();
     m.batch = null;
-    writeCode(m.platform, net(batch.writes, batch.byAddress));
+    writeCode(m.platform, net(batch.writes, batch.byAddress), { lent });
   } catch (error) {
     m.batch = null;
     for (const rollback of batch.rollbacks.reverse()) rollback();
