@@ -130,16 +130,20 @@ function transactionLocked<T>(body: () => T): T {
   return result;
 }
 
-/** Runs a nested transaction's body in `batch`; when it throws, undoes what it added there. */
+/**
+ * Runs a nested transaction's body in `batch`; when it throws, undoes what it added there. Each list
+ * has its own mark: bookkeeping is queued without a write too (a fake clock's state, a guarded
+ * patch stepping aside), so the lists need not be as long as each other.
+ */
 function nested<T>(batch: Batch, body: () => T): T {
-  const mark = batch.writes.length;
+  const writes = batch.writes.length, commits = batch.commits.length, rollbacks = batch.rollbacks.length;
   try {
     return body();
   } catch (error) {
-    batch.writes.splice(mark);
+    batch.writes.splice(writes);
     batch.byAddress = undefined;
-    batch.commits.splice(mark);
-    for (const rollback of batch.rollbacks.splice(mark).reverse()) rollback();
+    batch.commits.splice(commits);
+    for (const rollback of batch.rollbacks.splice(rollbacks).reverse()) rollback();
     throw error;
   }
 }
