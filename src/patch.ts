@@ -8,7 +8,7 @@ import { mappedNow } from "./code_memory.ts";
 import type { CodeSlot } from "./code_memory.ts";
 import type { OriginalStub } from "./original.ts";
 import {
-  exclusive, holdsAt, isForeign, layers, liveBytes, liveHolds, machine, mappingAt, register, releaseSlot, restoredBytes, retire,
+  exclusive, holdsAt, isForeign, layers, layersOf, liveBytes, liveHolds, machine, mappingAt, register, releaseSlot, restoredBytes, retire,
   unregister,
 } from "./registry.ts";
 import type { Entry, SlotReuse } from "./registry.ts";
@@ -148,6 +148,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
       const { key, at, written, original } = writes[i]!;
       const entry = {
         address: key, at, written, original, destination, bypass, restoring: false, handle: this, slot: -1, owner: 0n, retired: false,
+        layers: null,
       };
       entries.push(entry);
       register(entry);
@@ -251,7 +252,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     let overs: (Entry | undefined)[] | null = null;
     let blocked = -1;
     for (let i = 0; i < entries.length; i++) {
-      const stack = layers(entries[i]!.address);
+      const stack = layersOf(entries[i]!);
       const over = stack[stack.indexOf(entries[i]!) + 1];
       if (over === undefined) continue;
       (overs ??= [])[i] = over;
@@ -259,7 +260,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     }
     if (blocked >= 0) {
       // Another isolate's patch leads through this one: a guarded one can step aside in place.
-      const stack = layers(entries[blocked]!.address);
+      const stack = layersOf(entries[blocked]!);
       const above = stack.slice(stack.indexOf(entries[blocked]!) + 1);
       if (entries.length === 1 && applied.busy !== null && above.every(isForeign)) return this.#retire(applied);
       throw new RedefineError(

@@ -293,6 +293,20 @@ export interface Entry {
   slot: number;
   owner: bigint;
   retired: boolean;
+  /**
+   * Kept by the registry, made null: the live patches of its function while it is in the cache
+   * (see `Layers`), so that its own restore and forgetting look none up; null once a rebuild of the
+   * cache has passed it by.
+   */
+  layers: Layers | null;
+}
+
+/**
+ * The live patches of one function (or import slot), oldest first, each layered on the one before:
+ * a new list on each change, as callers may hold the old.
+ */
+export interface Layers {
+  list: readonly Entry[];
 }
 
 let store: Store | undefined;
@@ -314,8 +328,12 @@ let sectionMappings: Mapping[] | null = null;
 const NO_MAPPINGS: Mapping[] = Object.freeze([]) as never;
 /** The live patches of the process, oldest first. */
 let live: Entry[] = [];
-/** The live patches of each function, by its entry, oldest first: each layered on the one before. */
-let stacks = new Map<bigint, readonly Entry[]>();
+/**
+ * The live patches of each function, by its entry. A function's record stays once its last patch
+ * goes, as `Machine.plans` keeps one a function ever patched: a Map that loses its last keys
+ * shrinks, a new table for each patch of a function patched and restored on its own (~150 B).
+ */
+let stacks = new Map<bigint, Layers>();
 /**
  * Live patches by the 64-byte block their entry jump starts in, to find neighbours quickly. A
  * block's number is a plain number: a bigint key is hashed digit by digit, and each step of a
@@ -393,6 +411,8 @@ export function exclusive<T>(body: () => T): T {
 /** Rebuilds the cache from the store when another isolate changed it. */
 function sync(s: Store): void {
   if (s.generation() === seen) return;
+  // The entries kept below get their functions' new records; the others keep none that is stale.
+  for (let i = 0; i < live.length; i++) live[i]!.layers = null;
   live = [];
   stacks = new Map();
   byBlock = new Map();
@@ -423,6 +443,7 @@ function foreign(record: { address: bigint; at: bigint; written: Uint8Array; ori
   const { address, at, written, original, destination } = record;
   return {
     address, at, written, original, destination, bypass: destination, restoring: false, slot: -1, owner: 0n, retired: false,
+    layers: null,
     handle: {
       restore() {
         throw new RedefineError("OUT_OF_ORDER", `the patch at ${hex(address)} belongs to another isolate (a Worker): restore it there.`);
@@ -433,8 +454,10 @@ function foreign(record: { address: bigint; at: bigint; written: Uint8Array; ori
 
 function index(entry: Entry): void {
   live.push(entry);
-  const stack = stacks.get(entry.address);
-  stacks.set(entry.address, stack?.length ? [...stack, entry] : [entry]);
+  let stack = stacks.get(entry.address);
+  if (stack === undefined) stacks.set(entry.address, stack = { list: NO_LAYERS });
+  stack.list = stack.list.length ? [...stack.list, entry] : [entry];
+  entry.layers = stack;
   // A block's list changes in place: it is only ever read straight away (`refuseOverlap`,
   // `readThrough`), never held.
   const block = blockOf(entry.at);
@@ -481,12 +504,10 @@ function forget(s: Store, entry: Entry): void {
   // Restored newest first, it is nearly always the last.
   if (live[live.length - 1] === entry) live.pop();
   else live.splice(live.lastIndexOf(entry), 1);
-  const stack = stacks.get(entry.address);
-  // A new list: callers may hold the old. A function's key and a block's list stay once empty, as
-  // `Machine.plans` keeps one a function ever patched: a Map that loses its last keys shrinks, a
-  // new table for each patch of a function patched and restored on its own (~150 B, each of them).
-  if (stack?.length === 1 && stack[0] === entry) stacks.set(entry.address, NO_LAYERS);
-  else if (stack) stacks.set(entry.address, stack.filter((x) => x !== entry));
+  const stack = entry.layers ?? stacks.get(entry.address);
+  if (stack) stack.list = stack.list.length === 1 && stack.list[0] === entry ? NO_LAYERS : stack.list.filter((x) => x !== entry);
+  entry.layers = null;
+  // A block's list stays once empty, as a function's record does.
   const neighbours = byBlock.get(blockOf(entry.at));
   if (neighbours?.[neighbours.length - 1] === entry) neighbours.pop();
   else if (neighbours) neighbours.splice(neighbours.indexOf(entry), 1);
@@ -494,7 +515,12 @@ function forget(s: Store, entry: Entry): void {
 
 /** The live patches of the function at `address`, oldest first: each is layered on the one before. */
 export function layers(address: bigint): readonly Entry[] {
-  return stacks.get(address) ?? NO_LAYERS;
+  return stacks.get(address)?.list ?? NO_LAYERS;
+}
+
+/** `layers(entry.address)`, for an entry of the cache, without a look-up. */
+export function layersOf(entry: Entry): readonly Entry[] {
+  return entry.layers ? entry.layers.list : layers(entry.address);
 }
 
 /** The layers of a function with none, shared: `layers` is asked several times a patch. */
@@ -525,7 +551,7 @@ export function retire(entry: Entry): void {
 
 /** The inert patches (retired, or left by an isolate that ended) right under `entry`, nearest first. */
 function inertBelow(entry: Entry): readonly Entry[] {
-  const stack = layers(entry.address);
+  const stack = layersOf(entry);
   // Alone on its function (nearly always): nothing below, and no list made.
   if (stack.length < 2) return NO_LAYERS;
   const s = theStore();
@@ -562,7 +588,7 @@ function reapDead(s: Store): void {
   // Only another isolate's patch can be left by a dead one; this isolate's own are never, and
   // with a thousand of them live, looking at every stack would cost each patch made after them.
   if (!others) return;
-  for (const stack of [...stacks.values()]) {
+  for (const { list: stack } of [...stacks.values()]) {
     let top = stack.at(-1);
     while (top && !s.alive(top.owner)) {
       try {
@@ -630,7 +656,7 @@ export function readThrough(bytes: Uint8Array, start: bigint): void {
     for (let i = 0; i < entries.length; i++) {
       const entry = entries[i]!;
       // A layered patch's `original` is the jump of the patch below; the lowest holds the function's.
-      if (layers(entry.address)[0] !== entry) continue;
+      if (layersOf(entry)[0] !== entry) continue;
       const offset = Number(entry.at - start);
       const to = Math.min(entry.original.length, bytes.length - offset);
       for (let i = Math.max(0, -offset); i < to; i++) bytes[offset + i] = entry.original[i]!;
