@@ -79,6 +79,33 @@ export function reclaimSpare(plan: KnownPlan, holds: object): CodeSlot | null {
   return machine().pool.reclaim(spare.released!) ? spare.released!.slot : null;
 }
 
+/** What was learnt of one place for an entry jump (see `Machine.places`). */
+export interface KnownPlace {
+  /**
+   * How many of its first bytes no nearby code jumps into, as checked (0: none): code does not
+   * change under us (our own patches are read through), so a clean scan stays clean.
+   */
+  clean: number;
+  /**
+   * The relocation plan made for its first instructions, with the bytes it moves and what it was
+   * made for (src/layout.ts's `relocationPlan`).
+   */
+  plan: KnownPlan | null;
+  /**
+   * The last entry jump made there, its form and where it leads (src/layout.ts's `entryJump`): a
+   * function sent to the same place again gets the same bytes, which nothing writes to, without
+   * making them again (under Deno a fresh array costs ~0.36 µs).
+   */
+  jump: { readonly jump: EntryJump; readonly to: bigint; readonly bytes: Uint8Array } | null;
+}
+
+/** What was learnt of the place `at`, a record made on first use. */
+export function knownPlace(m: Machine, at: bigint): KnownPlace {
+  let place = m.places.get(at);
+  if (place === undefined) m.places.set(at, place = { clean: 0, plan: null, jump: null });
+  return place;
+}
+
 /** This isolate's platform and the state built on it, made on first use. */
 export interface Machine {
   readonly platform: Platform;
@@ -99,21 +126,11 @@ export interface Machine {
    */
   readonly symbols: Map<bigint, SymbolInfo | null>;
   /**
-   * Entries no nearby code jumps into, with how many of their first bytes were checked: code does
-   * not change under us (our own patches are read through), so a clean scan stays clean.
+   * What was learnt of each place an entry jump was asked for (`at`), one record a place ever
+   * patched, as `symbols` keeps one an address: found once by `locate`, which hands it on in its
+   * Site (one look-up a patch, not one a fact).
    */
-  readonly cleanEntries: Map<bigint, number>;
-  /**
-   * The relocation plan made for each entry patched so far, with the bytes it moves and what it was
-   * made for (src/layout.ts's `relocationPlan`): one a function ever patched, as `symbols` is.
-   */
-  readonly plans: Map<bigint, KnownPlan>;
-  /**
-   * The last entry jump made at each entry, its form and where it leads (src/layout.ts's
-   * `entryJump`): a function sent to the same place again gets the same bytes, which nothing
-   * writes to, without making them again (under Deno a fresh array costs ~0.36 µs).
-   */
-  readonly jumpBytes: Map<bigint, { readonly jump: EntryJump; readonly to: bigint; readonly bytes: Uint8Array }>;
+  readonly places: Map<bigint, KnownPlace>;
   /** A view of each page read so far, by its address (see `liveBytes`): a small object a page. */
   readonly pages: Map<bigint, Uint8Array>;
   /** The page size, as a bigint for address arithmetic. */
@@ -145,9 +162,7 @@ export function machine(): Machine {
     sharedKeys: new WeakMap(),
     guardLayouts: new Map(),
     symbols: new Map(),
-    cleanEntries: new Map(),
-    plans: new Map(),
-    jumpBytes: new Map(),
+    places: new Map(),
     pages: new Map(),
     pageBytes: BigInt(p.os.pageSize),
     longestJump: BigInt(Math.max(...arch.entryJumps.map((jump) => jump.size))),
@@ -330,7 +345,7 @@ const NO_MAPPINGS: Mapping[] = Object.freeze([]) as never;
 let live: Entry[] = [];
 /**
  * The live patches of each function, by its entry. A function's record stays once its last patch
- * goes, as `Machine.plans` keeps one a function ever patched: a Map that loses its last keys
+ * goes, as `Machine.places` keeps one a function ever patched: a Map that loses its last keys
  * shrinks, a new table for each patch of a function patched and restored on its own (~150 B).
  */
 let stacks = new Map<bigint, Layers>();
