@@ -79,8 +79,13 @@ export function reclaimSpare(plan: KnownPlan, holds: object): CodeSlot | null {
   return machine().pool.reclaim(spare.released!) ? spare.released!.slot : null;
 }
 
-/** What was learnt of one place for an entry jump (see `Machine.places`). */
+/** What was learnt of a function's entry, or of a place for an entry jump (see `Machine.places`). */
 export interface KnownPlace {
+  /**
+   * The symbol holding the entry, as the OS found it (undefined: not asked yet): the lookup scans
+   * a library's whole symbol table, and a loaded library's symbols do not move.
+   */
+  symbol: SymbolInfo | null | undefined;
   /**
    * How many of its first bytes no nearby code jumps into, as checked (0: none): code does not
    * change under us (our own patches are read through), so a clean scan stays clean.
@@ -102,7 +107,7 @@ export interface KnownPlace {
 /** What was learnt of the place `at`, a record made on first use. */
 export function knownPlace(m: Machine, at: bigint): KnownPlace {
   let place = m.places.get(at);
-  if (place === undefined) m.places.set(at, place = { clean: 0, plan: null, jump: null });
+  if (place === undefined) m.places.set(at, place = { symbol: undefined, clean: 0, plan: null, jump: null });
   return place;
 }
 
@@ -121,14 +126,9 @@ export interface Machine {
   /** The guard's layout by signature: its shared code is assembled once, not once a patch. */
   readonly guardLayouts: Map<string, GuardLayout>;
   /**
-   * Symbols by address, as the OS found them: the lookup scans a library's whole symbol table, and
-   * a loaded library's symbols do not move.
-   */
-  readonly symbols: Map<bigint, SymbolInfo | null>;
-  /**
-   * What was learnt of each place an entry jump was asked for (`at`), one record a place ever
-   * patched, as `symbols` keeps one an address: found once by `locate`, which hands it on in its
-   * Site (one look-up a patch, not one a fact).
+   * What was learnt of each function's entry and each place an entry jump was asked for (`at`: the
+   * same record, but after a landing pad), one record an address ever patched: found once by
+   * `locate`, which hands it on in its Site (one look-up a patch, not one a fact).
    */
   readonly places: Map<bigint, KnownPlace>;
   /** A view of each page read so far, by its address (see `liveBytes`): a small object a page. */
@@ -161,7 +161,6 @@ export function machine(): Machine {
     shared: new Map(),
     sharedKeys: new WeakMap(),
     guardLayouts: new Map(),
-    symbols: new Map(),
     places: new Map(),
     pages: new Map(),
     pageBytes: BigInt(p.os.pageSize),

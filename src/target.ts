@@ -149,7 +149,8 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   }
   const originalSlot = slotOf(target.originalSlot);
   checkReadable(address, 1, mapping);
-  const extent = extentOf(m, address, target.size, "symbol" in target && target.symbol !== undefined);
+  const known = knownPlace(m, address);
+  const extent = extentOf(m, address, known, target.size, "symbol" in target && target.symbol !== undefined);
   checkReadable(address, extent, mapping);
   // Read in place: nothing writes code before the layout has used these bytes (a write waits for
   // the patch's schedule, or the transaction's end), and the patch keeps a copy of what it covers.
@@ -174,7 +175,7 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   }
   // Before anything is decoded there: the bytes may be the middle of another patch's jump.
   refuseOverlap(at, shortest);
-  const place = knownPlace(m, at);
+  const place = pad ? knownPlace(m, at) : known;
   refuseJumpsIntoEntry(at, shortest, place);
   return { address, at, room, code: pad ? whole.subarray(pad) : whole, signature, originalSlot, mapping, place };
 }
@@ -316,19 +317,18 @@ function addressOf(m: Machine, target: Target<readonly NativeType[], NativeType>
   return address;
 }
 
-/** The symbol whose code holds `address`, looked up once per address. */
-function symbolAt(m: Machine, address: bigint): SymbolInfo | null {
-  let symbol = m.symbols.get(address);
-  if (symbol === undefined) m.symbols.set(address, symbol = m.platform.os.symbolAt(address));
-  return symbol;
+/** The symbol whose code holds `address` (what was learnt of it: `known`), looked up once per address. */
+function symbolAt(m: Machine, address: bigint, known: KnownPlace): SymbolInfo | null {
+  if (known.symbol === undefined) known.symbol = m.platform.os.symbolAt(address);
+  return known.symbol;
 }
 
 /**
  * Refuses an address that a symbol's code, decoded from its start, shows to be mid-instruction;
  * returns the symbol holding it.
  */
-function checkInstructionStart(m: Machine, address: bigint): SymbolInfo | null {
-  const symbol = symbolAt(m, address);
+function checkInstructionStart(m: Machine, address: bigint, known: KnownPlace): SymbolInfo | null {
+  const symbol = symbolAt(m, address, known);
   if (!symbol || symbol.size === 0 || address <= symbol.start || address >= symbol.start + BigInt(symbol.size)) return symbol;
   const offset = Number(address - symbol.start);
   const code = liveBytes(symbol.start, Math.min(symbol.size, offset + 16));
@@ -343,8 +343,8 @@ function checkInstructionStart(m: Machine, address: bigint): SymbolInfo | null {
 }
 
 /** How many bytes from `address` belong to the function: a given size, or its symbol's extent. */
-function extentOf(m: Machine, address: bigint, size: number | undefined, bySymbol: boolean): number {
-  const symbol = checkInstructionStart(m, address);
+function extentOf(m: Machine, address: bigint, known: KnownPlace, size: number | undefined, bySymbol: boolean): number {
+  const symbol = checkInstructionStart(m, address, known);
   if (size !== undefined) {
     if (!Number.isSafeInteger(size) || size <= 0) {
       throw new RedefineError(
