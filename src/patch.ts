@@ -8,7 +8,7 @@ import { mappedNow } from "./code_memory.ts";
 import type { CodeSlot, CodeWrite } from "./code_memory.ts";
 import type { OriginalStub } from "./original.ts";
 import {
-  exclusive, holdsAt, isForeign, layers, layersOf, liveBytes, liveHolds, machine, mappingAt, register, releaseSlot, restoredBytes, retire,
+  exclusive, holding, holdsAt, isForeign, layers, layersOf, liveBytes, liveHolds, machine, mappingAt, register, releaseSlot, restoredBytes, retire,
   unregister,
 } from "./registry.ts";
 import type { Entry, SlotReuse } from "./registry.ts";
@@ -143,14 +143,15 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     this.signature = signature;
     this.#applied = applied;
     const { destination, bypass, writes } = applied;
-    const entries: Entry[] = [];
+    // Made at its length: a list grown from empty reserves room for 16.
+    const entries = new Array<Entry>(writes.length);
     for (let i = 0; i < writes.length; i++) {
       const { key, at, written, original } = writes[i]!;
       const entry = {
         address: key, at, written, original, destination, bypass, restoring: false, handle: this, slot: -1, owner: 0n, retired: false,
         layers: null,
       };
-      entries.push(entry);
+      entries[i] = entry;
       register(entry);
     }
     this.#entries = entries;
@@ -241,7 +242,8 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
    * commits.
    */
   restore(): void {
-    exclusive(() => this.#restore());
+    if (holding()) this.#restore();
+    else exclusive(() => this.#restore());
   }
 
   #restore(): void {
