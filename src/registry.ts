@@ -354,8 +354,11 @@ let stacks = new Map<bigint, Layers>();
  * bigint loop is a new heap object.
  */
 let byBlock = new Map<number, Entry[]>();
-/** This isolate's own patches, by their slot in the store. */
-const mine = new Map<number, Entry>();
+/**
+ * This isolate's own patches, by their slot in the store (a list: slots are small numbers, taken
+ * from the lowest free, and a Map that loses its last key shrinks, a new table each lone patch).
+ */
+const mine: (Entry | undefined)[] = [];
 const BLOCK = 64;
 let restoresAtExit = false;
 
@@ -444,16 +447,17 @@ function sync(s: Store): void {
   for (const record of s.records()) {
     present.add(record.slot);
     if (record.owner !== s.identity) others = true;
-    const entry = (record.owner === s.identity ? mine.get(record.slot) : undefined) ?? foreign(record);
+    const entry = (record.owner === s.identity ? mine[record.slot] : undefined) ?? foreign(record);
     entry.slot = record.slot;
     entry.owner = record.owner;
     entry.retired = record.retired;
     index(entry);
   }
-  for (const [slot, entry] of mine) {
-    if (present.has(slot)) continue;
+  for (let slot = 0; slot < mine.length; slot++) {
+    const entry = mine[slot];
+    if (entry === undefined || present.has(slot)) continue;
     entry.slot = -1;
-    mine.delete(slot);
+    mine[slot] = undefined;
   }
   seen = s.generation();
 }
@@ -497,7 +501,7 @@ export function register(entry: Entry): void {
   }
   const s = theStore();
   const slot = s.add(entry);
-  mine.set(slot, entry);
+  mine[slot] = entry;
   entry.slot = slot;
   entry.owner = s.identity;
   entry.retired = false;
@@ -521,7 +525,7 @@ export function unregister(entry: Entry, restored = false): void {
 function forget(s: Store, entry: Entry): void {
   if (entry.slot >= 0) {
     s.remove(entry.slot);
-    mine.delete(entry.slot);
+    mine[entry.slot] = undefined;
     entry.slot = -1;
   }
   // Restored newest first, it is nearly always the last.
@@ -554,7 +558,7 @@ export function newestFirst(): Entry[] {
   // Alone in the process, every live patch is this isolate's, and none is retired (a patch is
   // retired only under another isolate's).
   if (!others) return live.slice().reverse();
-  return live.filter((e) => mine.has(e.slot) && !e.retired).reverse();
+  return live.filter((e) => e.slot >= 0 && mine[e.slot] === e && !e.retired).reverse();
 }
 
 /** Whether `entry` is another isolate's patch. */

@@ -6,9 +6,12 @@
  * nested transaction that throws rolls back its own part only.
  */
 import { writeCode } from "./code_memory.ts";
-import type { CodeWrite } from "./code_memory.ts";
+import type { CodeWrite, WriteOptions } from "./code_memory.ts";
 import { exclusive, lent, machine } from "./registry.ts";
 import type { Batch } from "./registry.ts";
+
+/** How the registry's writes go: with what it lends them (one object for all). */
+const LENT: WriteOptions = { lent };
 
 /**
  * Writes `write` now, or with the enclosing transaction. `commit` runs once the bytes are in place;
@@ -28,7 +31,7 @@ export function schedule(write: CodeWrite, commit: () => void, rollback: () => v
     return;
   }
   try {
-    writeCode(m.platform, [write], { lent });
+    writeCode(m.platform, [write], LENT);
   } catch (error) {
     rollback();
     throw error;
@@ -115,7 +118,7 @@ function transactionLocked<T>(body: () => T): T {
   try {
     result = body();
     m.batch = null;
-    writeCode(m.platform, net(batch.writes, batch.byAddress), { lent });
+    writeCode(m.platform, net(batch.writes, batch.byAddress), LENT);
   } catch (error) {
     m.batch = null;
     for (const rollback of batch.rollbacks.reverse()) rollback();
