@@ -98,8 +98,8 @@ const bareWrites = () => {
 const protecting = { ...platform(), os: { ...platform().os, forceWrite: () => false } };
 {
   const [viaForced, viaProtect] = perPatch(() => {
-    writeCode(platform(), jumps, Infinity);
-    writeCode(platform(), originals, Infinity);
+    writeCode(platform(), jumps, { protectFrom: Infinity });
+    writeCode(platform(), originals, { protectFrom: Infinity });
   }, () => {
     writeCode(protecting, jumps);
     writeCode(protecting, originals);
@@ -128,8 +128,8 @@ if (os.forceWrite(jumps[0]!.address, originals[0]!.bytes.subarray(0, 1))) {
     const [there, back] = where === "one page" ? [jumps.slice(0, n), originals.slice(0, n)] : [libcWords.slice(0, n), libcWords.slice(0, n)];
     const [viaForced, viaProtect] = perPatch(() => {
       for (let i = 0; i < COUNT / 10; i++) {
-        writeCode(platform(), there, Infinity);
-        writeCode(platform(), back, Infinity);
+        writeCode(platform(), there, { protectFrom: Infinity });
+        writeCode(platform(), back, { protectFrom: Infinity });
       }
     }, () => {
       for (let i = 0; i < COUNT / 10; i++) {

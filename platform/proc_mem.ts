@@ -67,9 +67,8 @@ export function procMem(runtime: Runtime, c: ProcMemLibc, pageSize: number, errn
     write(address, bytes) {
       if (fd === undefined) fd = open();
       if (fd === null) return false;
-      const last = address + BigInt(bytes.length) - 1n;
       // Within one page the kernel takes all or nothing; across pages it may stop at a boundary.
-      const before = address / page === last / page ? null : runtime.view(address, bytes.length).slice();
+      const before = Number(address % page) + bytes.length <= pageSize ? null : runtime.view(address, bytes.length).slice();
       const n = pwrite(bytes, address);
       if (n === bytes.length) return true;
       refusal = `the write of ${bytes.length} bytes at ${hex(address)} through /proc/self/mem was refused: ` +

@@ -300,22 +300,27 @@ export class CodePool {
   }
 
   #recycle(): void {
-    const now = performance.now();
-    const ready = (q: Quarantined) =>
-      !q.waiting || (now - q.since >= QUARANTINE_MS && (q.busy === null || this.#idle(q.slot.block, q.busy)));
+    const queue = this.#quarantine;
+    // Read only for a slot still waiting: a function patched and restored over and over finds
+    // only its own reclaimed slot at the head (under Deno a clock read costs ~0.1 µs).
+    let now = -1;
     // Oldest first; the ready ones leave in one splice (a shift each would move the whole
     // queue, tens of thousands of slots after many patches, once per slot). A reclaimed slot
     // leaves with them, not given back.
     let done = 0;
-    for (; done < this.#quarantine.length && ready(this.#quarantine[done]!); done++) {
-      const q = this.#quarantine[done]!;
+    for (; done < queue.length; done++) {
+      const q = queue[done]!;
       if (!q.waiting) continue;
+      if (now < 0) now = performance.now();
+      if (now - q.since < QUARANTINE_MS || (q.busy !== null && !this.#idle(q.slot.block, q.busy))) break;
       q.waiting = false;
       const { slot } = q;
       give(slot.block.code, Number(slot.address - slot.block.address), slot.size);
       if (slot.dataSize) give(slot.block.dataArena, Number(slot.data - slot.block.data), slot.dataSize);
     }
-    if (done > 0) this.#quarantine.splice(0, done);
+    // All of them (a lone patch's one) without the list of them `splice` makes.
+    if (done === queue.length) queue.length = 0;
+    else if (done > 0) queue.splice(0, done);
   }
 }
 
@@ -412,9 +417,12 @@ interface Page {
   runs: readonly Run[];
   /** How many writes touch it. */
   writes: number;
-  /** Its bytes and its aligned words, once `PAGE_VIEW_FROM` writes share one view. */
-  view?: Uint8Array;
-  words?: BigInt64Array;
+  /**
+   * Its bytes and its aligned words, once lent or `PAGE_VIEW_FROM` writes share one view. Null
+   * until then, not absent: a field added later gives the page a new shape and a second block.
+   */
+  view: Uint8Array | null;
+  words: BigInt64Array | null;
 }
 
 /** Where one write lands: its first page, its offset there, and the runs it stores to. */
@@ -444,9 +452,9 @@ interface Run {
   /** Made writable (with its pages' exact protections in the batch's `opened`). */
   open: boolean;
   /** Its pages' exact protections, found when it is first made writable (an undo may make it so again). */
-  spans?: readonly Span[];
+  spans: readonly Span[] | null;
   /** The list of it alone, which each of its pages and the spots on one page share. */
-  readonly alone: readonly Run[];
+  alone: readonly Run[];
 }
 
 /** A span of pages of one protection. */
@@ -462,18 +470,48 @@ interface Opened extends Span {
   readonly run: Run;
 }
 
+/**
+ * What a caller that writes often lends `writeCode` (src/registry.ts lends its own): views of the
+ * pages it keeps, and short-lived bytes carved from a block it shares. A view is a foreign call
+ * and, under Deno, a fresh buffer; a fresh array of its own costs ~0.2 µs in a patch's churn on
+ * every runtime, and a lone write made two.
+ */
+export interface Lent {
+  /**
+   * A live view of the whole page at `page` (page-aligned). Asked only once the write has found
+   * the page mapped: a view is only a pointer, and keeping one keeps nothing mapped.
+   */
+  page(page: bigint): Uint8Array;
+  /** `length` bytes from an 8-byte boundary that no one else uses, their contents any. */
+  scratch(length: number): Uint8Array;
+}
+
+/** How `writeCode` goes about it. */
+export interface WriteOptions {
+  /**
+   * From how many stores on one run of pages it is made writable instead of written the forced
+   * way (`PROTECT_FROM`); Infinity, for benches that time the forced way on purpose: wherever the
+   * system allows.
+   */
+  readonly protectFrom?: number;
+  /** What the caller lends (see `Lent`). */
+  readonly lent?: Lent;
+}
+
 /** One call of `writeCode`: what its stores share. */
 interface Writing {
   readonly os: Os;
   readonly runtime: Runtime;
   readonly size: number;
+  readonly lent: Lent | undefined;
   /**
    * One buffer for the call (a typed array costs Deno ~0.2 µs to make): the word being composed
    * (bytes 0–7), then what each write replaces — its aligned word, or its bytes — for the undo.
    */
   readonly buffer: Uint8Array;
   readonly word: Uint8Array;
-  readonly wordValue: BigInt64Array;
+  /** `word` as one value, made for the first plain store (a forced one passes the bytes). */
+  wordValue: BigInt64Array | null;
   /** The protections changed so far, to be given back. */
   readonly opened: Opened[];
 }
@@ -487,10 +525,10 @@ interface Writing {
  * end. Where the forced write is refused the run is made writable; where that is refused the
  * forced write is tried. The code is flushed. If any step fails (giving a protection back
  * included), bytes already written are put back, each the way its pages take a store by then,
- * and every protection restored. `protectFrom` is for benches that time one way on purpose
- * (Infinity: forced writes wherever the system allows).
+ * and every protection restored.
  */
-export function writeCode(platform: Platform, writes: readonly CodeWrite[], protectFrom: number = PROTECT_FROM): void {
+export function writeCode(platform: Platform, writes: readonly CodeWrite[], options: WriteOptions = {}): void {
+  const { protectFrom = PROTECT_FROM, lent } = options;
   const spots = spotsOf(platform, writes);
   let total = 8;
   for (let i = 0; i < writes.length; i++) {
@@ -501,14 +539,15 @@ export function writeCode(platform: Platform, writes: readonly CodeWrite[], prot
     total += undoLength(writes[i]!, offset);
   }
   for (const spot of spots) for (const run of spot.runs) run.forced = run.stores < protectFrom;
-  const buffer = new Uint8Array(total);
+  const buffer = lent ? lent.scratch(total) : new Uint8Array(total);
   const w: Writing = {
     os: platform.os,
     runtime: platform.runtime,
     size: platform.os.pageSize,
+    lent,
     buffer,
     word: buffer.subarray(0, 8),
-    wordValue: new BigInt64Array(buffer.buffer, 0, 1),
+    wordValue: null,
     opened: [],
   };
   // How many writes were made (or begun): the undo puts back what each replaced.
@@ -606,9 +645,11 @@ function messageOf(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
 }
 
-/** The whole page's view, for a page many writes share; null for the others. */
+/** The whole page's view: the one lent, else for a page many writes share; null for the others. */
 function pageView(w: Writing, page: Page): Uint8Array | null {
-  return page.writes < PAGE_VIEW_FROM ? null : (page.view ??= w.runtime.view(page.address, w.size));
+  if (page.view) return page.view;
+  if (w.lent) return (page.view = w.lent.page(page.address));
+  return page.writes < PAGE_VIEW_FROM ? null : (page.view = w.runtime.view(page.address, w.size));
 }
 
 /**
@@ -631,6 +672,7 @@ function storeWord(
   const words = whole
     ? (page.words ??= new BigInt64Array(whole.buffer, whole.byteOffset, w.size / 8))
     : new BigInt64Array(view.buffer, view.byteOffset, 1);
+  w.wordValue ??= new BigInt64Array(buffer.buffer, buffer.byteOffset, 1);
   Atomics.store(words, from / 8, w.wordValue[0]!);
   return true;
 }
@@ -715,7 +757,7 @@ function close(w: Writing): void {
       closed++;
     }
   } finally {
-    w.opened.splice(0, closed);
+    if (closed > 0) w.opened.splice(0, closed);
   }
 }
 
@@ -740,74 +782,106 @@ function storesOf(write: CodeWrite, offset: number): number {
   return offset + bytes.length > 8 && spin && offset + spin.length <= 8 && bytes.length > spin.length ? 3 : 1;
 }
 
+/** The pages a call of `spotsOf` has found, and where it looks first. */
+interface PageSearch {
+  readonly os: Os;
+  readonly page: bigint;
+  /** Every page found, made for a second one: a lone write (every lone patch, most restores) touches one. */
+  pages: Map<bigint, Page> | null;
+  /** The mapping the system gave last. */
+  known: Mapping | null;
+  /** The page found last: writes come in address order more often than not. */
+  last: Page | null;
+}
+
 /**
  * Where each write lands, every page it touches checked mapped (INVALID_ADDRESS before anything
  * is written), with its protection: from the caller's mapping where it has one that says not
  * writable, else from the system — one query per mapping; and the non-writable pages grouped in
- * runs of consecutive pages of one protection.
+ * runs of consecutive pages of one protection. Lists are made at their length, not grown: a
+ * grown list reserves room for 16.
  */
 function spotsOf(platform: Platform, writes: readonly CodeWrite[]): Spot[] {
   const { os } = platform;
   const size = os.pageSize;
   const page = BigInt(size);
-  const pages = new Map<bigint, Page>();
-  let known: Mapping | null = null;
-  // Writes come in address order more often than not: the last page found is asked first.
-  let last: Page | null = null;
-  const pageAt = (address: bigint, hint: Mapping | null): Page => {
-    if (last && address >= last.address && address < last.end) return last;
-    const p = address - address % page;
-    let found = pages.get(p);
-    if (!found) {
-      const given = hint && p >= hint.start && p < hint.end ? hint : null;
-      if (!given && (!known || p < known.start || p >= known.end)) known = os.mappingAt(p);
-      const mapping = given ?? known;
-      if (!mapping) throw new RedefineError("INVALID_ADDRESS", `${hex(p)} is not mapped: nothing was written.`);
-      found = { address: p, end: p + page, protection: mapping.protection, exact: !given, runs: NO_RUNS, writes: 0 };
-      pages.set(p, found);
-    }
-    return (last = found);
-  };
-  const spots: Spot[] = [];
-  for (const w of writes) {
+  const search: PageSearch = { os, page, pages: null, known: null, last: null };
+  const spots = new Array<Spot>(writes.length);
+  for (let i = 0; i < writes.length; i++) {
+    const w = writes[i]!;
     const hint = w.mapping && !(w.mapping.protection & PROT_WRITE) ? w.mapping : null;
-    const first = pageAt(w.address, hint);
+    const first = pageAt(search, w.address, hint);
     first.writes++;
     const offset = Number(w.address - first.address);
     let count = 1;
     for (let at = offset + w.bytes.length - size, p = first.end; at > 0; at -= size, p += page, count++) {
-      pageAt(p, hint).writes++;
+      pageAt(search, p, hint).writes++;
     }
-    spots.push({ page: first, offset, pages: count, runs: first.runs, exec: false, save: 0 });
+    spots[i] = { page: first, offset, pages: count, runs: first.runs, exec: false, save: 0 };
   }
-  const closed: Page[] = [];
-  for (const p of pages.values()) if (!(p.protection & PROT_WRITE)) closed.push(p);
-  if (closed.length > 1) closed.sort((a, b) => (a.address < b.address ? -1 : a.address > b.address ? 1 : 0));
-  let run: Run | null = null;
-  for (const p of closed) {
-    if (run && run.start + BigInt(run.length) === p.address && run.protection === p.protection) {
-      run.length += size;
-      run.exact &&= p.exact;
-    } else {
-      const alone: Run[] = [];
-      run = { start: p.address, length: size, protection: p.protection, exact: p.exact, stores: 0, forced: true, open: false, alone };
-      alone.push(run);
+  const { pages, last } = search;
+  if (pages) {
+    const closed: Page[] = [];
+    for (const p of pages.values()) if (!(p.protection & PROT_WRITE)) closed.push(p);
+    if (closed.length > 1) closed.sort((a, b) => (a.address < b.address ? -1 : a.address > b.address ? 1 : 0));
+    let run: Run | null = null;
+    for (let i = 0; i < closed.length; i++) {
+      const p = closed[i]!;
+      if (run && run.start + BigInt(run.length) === p.address && run.protection === p.protection) {
+        run.length += size;
+        run.exact &&= p.exact;
+      } else {
+        run = runOf(p, size);
+      }
+      p.runs = run.alone;
     }
-    p.runs = run.alone;
+  } else if (last && !(last.protection & PROT_WRITE)) {
+    last.runs = runOf(last, size).alone;
   }
-  for (const spot of spots) {
+  for (let i = 0; i < spots.length; i++) {
+    const spot = spots[i]!;
     spot.runs = spot.page.runs;
     spot.exec = (spot.page.protection & PROT_EXEC) !== 0;
     if (spot.pages === 1) continue;
     const runs: Run[] = [...spot.runs];
     for (let k = 1, p = spot.page.end; k < spot.pages; k++, p += page) {
-      const next = pages.get(p)!;
+      const next = pages!.get(p)!;
       spot.exec ||= (next.protection & PROT_EXEC) !== 0;
       for (const r of next.runs) if (!runs.includes(r)) runs.push(r);
     }
     spot.runs = runs;
   }
   return spots;
+}
+
+/** The page holding `address`, found once (see `spotsOf`). */
+function pageAt(search: PageSearch, address: bigint, hint: Mapping | null): Page {
+  const { last } = search;
+  if (last && address >= last.address && address < last.end) return last;
+  const p = address - address % search.page;
+  if (last && !search.pages) search.pages = new Map([[last.address, last]]);
+  let found = search.pages?.get(p);
+  if (!found) {
+    const given = hint && p >= hint.start && p < hint.end ? hint : null;
+    const { known } = search;
+    if (!given && (!known || p < known.start || p >= known.end)) search.known = search.os.mappingAt(p);
+    const mapping = given ?? search.known;
+    if (!mapping) throw new RedefineError("INVALID_ADDRESS", `${hex(p)} is not mapped: nothing was written.`);
+    found = {
+      address: p, end: p + search.page, protection: mapping.protection, exact: !given, runs: NO_RUNS, writes: 0, view: null, words: null,
+    };
+    search.pages?.set(p, found);
+  }
+  return (search.last = found);
+}
+
+/** A run of the one page `p` (of `size` bytes), to grow with the pages after it. */
+function runOf(p: Page, size: number): Run {
+  const run: Run = {
+    start: p.address, length: size, protection: p.protection, exact: p.exact, stores: 0, forced: true, open: false, spans: null, alone: NO_RUNS,
+  };
+  run.alone = [run];
+  return run;
 }
 
 /** `run`'s pages by their protection as the system has it now: consecutive pages of one protection merged. */

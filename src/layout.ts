@@ -122,10 +122,20 @@ function originalForSlot(trampoline: Trampoline): void {
  * be the function). A prologue that cannot be moved leaves no original; the patch is still made.
  */
 function directJump(m: Machine, site: AnySite, to: bigint, below: bigint | null): Layout | null {
-  const entry = entryJump(m, m.arch.entryJumps[0], site.at, to);
+  const entry = entryJump(site, m.arch.entryJumps[0], to);
   if (!entry) return null;
-  const trampoline = below !== null ? Trampoline.at(below) : new Trampoline(refused(() => trampolineAlone(m, site)));
+  const trampoline = below !== null ? Trampoline.at(below) : new Trampoline(trampolineOrRefusal(m, site));
   return { entry, covers: entry.length, destination: to, stub: null, trampoline, busy: null, bypass: to };
+}
+
+/** `trampolineAlone`, or the RedefineError it throws (`refused`, without a function made for each patch). */
+function trampolineOrRefusal(m: Machine, site: AnySite): Built | RedefineError {
+  try {
+    return trampolineAlone(m, site);
+  } catch (error) {
+    if (!(error instanceof RedefineError)) throw error;
+    return error;
+  }
 }
 
 /** What a lone trampoline's slot holds after the relocated instructions: nothing (see `SlotReuse`). */
@@ -245,7 +255,7 @@ function toOriginal(m: Machine, site: AnySite, below: bigint | null): Layout {
   return filling(m, stub, () => {
     const { code: relocated, trampoline } = relocateInto(m, site, stub, below);
     const original = trampoline.address;
-    const straight = entryJump(m, stub.jump, site.at, original);
+    const straight = entryJump(site, stub.jump, original);
     if (!straight) {
       write(m, stub, relocated, absolute(m).encode(stub.front, original)!);
       return { ...throughStub(site, stub, trampoline, null), reuse: stub.reuse };
@@ -335,7 +345,7 @@ function reserve(
     // `locate` checked the shortest jump's room and the branches into its bytes.
     if (i > 0) {
       if (site.room < jump.size) throw tooShortForStub(m, site, i);
-      refuseJumpsIntoEntry(site.at, jump.size);
+      refuseJumpsIntoEntry(site.at, jump.size, site.place);
     }
     const planned = i === 0 && first !== undefined ? first : planFor(m, site, below, jump.size);
     const plan = planned === null || planned instanceof RedefineError ? planned : planned.plan;
@@ -431,18 +441,18 @@ function refused<T>(make: () => T): T | RedefineError {
  * How the first instructions of `site` move to free `minLength` bytes: decoded and checked once
  * per entry, then reused while the entry's bytes are the ones it moves (compared each time). What
  * follows them in the function, which the checks read for branches back into them, is taken to
- * stay as it was, as the code before the entry is (`Machine.cleanEntries`): code does not change
+ * stay as it was, as the code before the entry is (`KnownPlace.clean`): code does not change
  * under us, and our own patches are read through.
  */
 function relocationPlan(m: Machine, site: AnySite, minLength: number): KnownPlan {
-  const known = m.plans.get(site.at);
+  const known = site.place.plan;
   const same = known?.minLength === minLength && known.extent === site.code.length;
   if (same && holdsAt(site.code, 0, known.moved)) return known;
   const plan = m.arch.planRelocation(site.code, site.at, minLength);
   const moved = new Uint8Array(plan.consumed);
   moved.set(site.code.subarray(0, plan.consumed));
   const fresh: KnownPlan = { minLength, extent: site.code.length, moved, plan, spare: null };
-  m.plans.set(site.at, fresh);
+  site.place.plan = fresh;
   return fresh;
 }
 
@@ -496,20 +506,20 @@ function filling(m: Machine, stub: Stub, fill: () => Layout): Layout {
 /** The layout of a patch whose entry jump leads to the code at the stub's front. */
 function throughStub(site: AnySite, stub: Stub, trampoline: Trampoline, busy: bigint | null): Layout {
   // The jump surely reaches: the slot was allocated within its reach.
-  const entry = entryJump(machine(), stub.jump, site.at, stub.front)!;
+  const entry = entryJump(site, stub.jump, stub.front)!;
   const destination = stub.front;
   return { entry, covers: coverage(entry, stub), destination, stub: stub.slot, trampoline, busy, bypass: destination };
 }
 
 /**
- * `jump.encode(at, to)`, kept for the entry (`Machine.jumpBytes`): a function patched again the
+ * `jump.encode(site.at, to)`, kept for the place (`KnownPlace.jump`): a function patched again the
  * same way gets the same bytes, which nothing writes to, instead of a fresh array.
  */
-function entryJump(m: Machine, jump: EntryJump, at: bigint, to: bigint): Uint8Array | null {
-  const last = m.jumpBytes.get(at);
+function entryJump(site: AnySite, jump: EntryJump, to: bigint): Uint8Array | null {
+  const last = site.place.jump;
   if (last?.to === to && last.jump === jump) return last.bytes;
-  const bytes = jump.encode(at, to);
-  if (bytes) m.jumpBytes.set(at, { jump, to, bytes });
+  const bytes = jump.encode(site.at, to);
+  if (bytes) site.place.jump = { jump, to, bytes };
   return bytes;
 }
 

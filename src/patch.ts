@@ -5,10 +5,10 @@
 import { hex, hexBytes, RedefineError } from "./errors.ts";
 import type { JsArguments, JsValue, NativeType } from "./signature.ts";
 import { mappedNow } from "./code_memory.ts";
-import type { CodeSlot } from "./code_memory.ts";
+import type { CodeSlot, CodeWrite } from "./code_memory.ts";
 import type { OriginalStub } from "./original.ts";
 import {
-  exclusive, holdsAt, isForeign, layers, liveBytes, liveHolds, machine, mappingAt, register, releaseSlot, restoredBytes, retire,
+  exclusive, holding, holdsAt, isForeign, layers, layersOf, liveBytes, liveHolds, machine, mappingAt, register, releaseSlot, restoredBytes, retire,
   unregister,
 } from "./registry.ts";
 import type { Entry, SlotReuse } from "./registry.ts";
@@ -142,15 +142,16 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     this.address = address;
     this.signature = signature;
     this.#applied = applied;
-    const restore = () => this.restore();
     const { destination, bypass, writes } = applied;
-    const entries: Entry[] = [];
+    // Made at its length: a list grown from empty reserves room for 16.
+    const entries = new Array<Entry>(writes.length);
     for (let i = 0; i < writes.length; i++) {
       const { key, at, written, original } = writes[i]!;
       const entry = {
-        address: key, at, written, original, destination, bypass, restoring: false, restore, slot: -1, owner: 0n, retired: false,
+        address: key, at, written, original, destination, bypass, restoring: false, handle: this, slot: -1, owner: 0n, retired: false,
+        layers: null,
       };
-      entries.push(entry);
+      entries[i] = entry;
       register(entry);
     }
     this.#entries = entries;
@@ -241,7 +242,8 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
    * commits.
    */
   restore(): void {
-    exclusive(() => this.#restore());
+    if (holding()) this.#restore();
+    else exclusive(() => this.#restore());
   }
 
   #restore(): void {
@@ -252,7 +254,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     let overs: (Entry | undefined)[] | null = null;
     let blocked = -1;
     for (let i = 0; i < entries.length; i++) {
-      const stack = layers(entries[i]!.address);
+      const stack = layersOf(entries[i]!);
       const over = stack[stack.indexOf(entries[i]!) + 1];
       if (over === undefined) continue;
       (overs ??= [])[i] = over;
@@ -260,7 +262,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     }
     if (blocked >= 0) {
       // Another isolate's patch leads through this one: a guarded one can step aside in place.
-      const stack = layers(entries[blocked]!.address);
+      const stack = layersOf(entries[blocked]!);
       const above = stack.slice(stack.indexOf(entries[blocked]!) + 1);
       if (entries.length === 1 && applied.busy !== null && above.every(isForeign)) return this.#retire(applied);
       throw new RedefineError(
@@ -272,12 +274,13 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     const { arch } = machine();
     // Where each place is now (the mapping found at patch time is stale once its library is
     // unloaded): gone places have nothing to put back and are not read.
-    const places: (Mapping | null)[] = [];
+    // Made at its length: a list grown from empty reserves room for 16.
+    const places = new Array<Mapping | null>(entries.length);
     let any = false;
     for (let i = 0; i < entries.length; i++) {
       const entry = entries[i]!;
       const place = mappedNow(mappingAt, entry.at, Math.max(entry.written.length, entry.original.length));
-      places.push(place);
+      places[i] = place;
       if (!place) continue;
       // Under a patch whose restore is pending in this transaction, the place will hold our bytes
       // again once that write lands; that patch has checked them. Made in the open transaction, it
@@ -313,19 +316,13 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     const kept = () => {
       setRestoring(entries, false);
     };
-    const write = (i: number) => ({
-      address: entries[i]!.at,
-      bytes: restoredBytes(entries[i]!),
-      spin: arch.selfLoop,
-      mapping: places[i]!,
-    });
     // One write goes alone, or with the enclosing transaction, as `schedule` sends it; several
     // (import slots, those of unloaded libraries left out) go together.
-    if (entries.length === 1) return schedule(write(0), restored, kept);
+    if (entries.length === 1) return schedule(restoreWrite(entries[0]!, places[0]!, arch.selfLoop), restored, kept);
     const last = places.findLastIndex((place) => place);
     transaction(() =>
-      entries.forEach((_, i) => {
-        if (places[i]) schedule(write(i), i === last ? restored : () => {}, kept);
+      entries.forEach((entry, i) => {
+        if (places[i]) schedule(restoreWrite(entry, places[i]!, arch.selfLoop), i === last ? restored : () => {}, kept);
       })
     );
   }
@@ -398,6 +395,11 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     if (applied.stub) releaseSlot(applied.stub, busy, applied.reuse ?? null);
     applied.trampoline.release();
   }
+}
+
+/** The write that puts `entry`'s place (found in `mapping` now) back. */
+function restoreWrite(entry: Entry, mapping: Mapping, spin: Uint8Array): CodeWrite {
+  return { address: entry.at, bytes: restoredBytes(entry), spin, mapping };
 }
 
 /** Marks every entry's restore pending (or no longer). */

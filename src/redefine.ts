@@ -14,7 +14,7 @@ import type { Destination, Replacement } from "./replacement.ts";
 import { layOut, release } from "./layout.ts";
 import type { Layout } from "./layout.ts";
 import { Patch } from "./patch.ts";
-import { exclusive, keep, layers, machine, newestFirst, refuseOverlap } from "./registry.ts";
+import { exclusive, holding, keep, layers, machine, newestFirst, refuseOverlap } from "./registry.ts";
 import type { Entry } from "./registry.ts";
 import { schedule, transaction } from "./transaction.ts";
 import { redefineCallers } from "./import_slots.ts";
@@ -41,13 +41,18 @@ export function redefine<const P extends readonly NativeType[], const R extends 
   target: Target<P, R>,
   replacement: NoInfer<Replacement<P, R>>,
 ): Patch<P, R> {
-  return exclusive(() => {
-    if ("callers" in target && target.callers !== undefined) {
-      return redefineCallers(target, (signature) => destinationFor(signature, replacement));
-    }
-    const site = locate(target);
-    return applyLocked(site, destinationFor(site.signature, replacement));
-  });
+  return holding() ? redefineLocked(target, replacement) : exclusive(() => redefineLocked(target, replacement));
+}
+
+function redefineLocked<const P extends readonly NativeType[], const R extends NativeType>(
+  target: Target<P, R>,
+  replacement: Replacement<P, R>,
+): Patch<P, R> {
+  if ("callers" in target && target.callers !== undefined) {
+    return redefineCallers(target, (signature) => destinationFor(signature, replacement));
+  }
+  const site = locate(target);
+  return applyLocked(site, destinationFor(site.signature, replacement));
 }
 
 /**
@@ -87,7 +92,7 @@ export function restoreAll(): void {
   transaction(() => {
     const entries = newestFirst();
     // Indexed: a `for…of` step allocates until the optimizing compiler has the loop.
-    for (let i = 0; i < entries.length; i++) entries[i]!.restore();
+    for (let i = 0; i < entries.length; i++) entries[i]!.handle.restore();
   });
 }
 

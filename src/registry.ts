@@ -9,7 +9,7 @@
  */
 import { hex, RedefineError } from "./errors.ts";
 import { CodePool, mappedNow, writeCode } from "./code_memory.ts";
-import type { CodeSlot, CodeWrite, Quarantined } from "./code_memory.ts";
+import type { CodeSlot, CodeWrite, Lent, Quarantined } from "./code_memory.ts";
 import { archFor } from "./arch/mod.ts";
 import { ANYWHERE } from "./arch/types.ts";
 import type { Arch, EntryJump, GuardLayout, RelocationPlan, RuntimeCode } from "./arch/types.ts";
@@ -79,6 +79,38 @@ export function reclaimSpare(plan: KnownPlan, holds: object): CodeSlot | null {
   return machine().pool.reclaim(spare.released!) ? spare.released!.slot : null;
 }
 
+/** What was learnt of a function's entry, or of a place for an entry jump (see `Machine.places`). */
+export interface KnownPlace {
+  /**
+   * The symbol holding the entry, as the OS found it (undefined: not asked yet): the lookup scans
+   * a library's whole symbol table, and a loaded library's symbols do not move.
+   */
+  symbol: SymbolInfo | null | undefined;
+  /**
+   * How many of its first bytes no nearby code jumps into, as checked (0: none): code does not
+   * change under us (our own patches are read through), so a clean scan stays clean.
+   */
+  clean: number;
+  /**
+   * The relocation plan made for its first instructions, with the bytes it moves and what it was
+   * made for (src/layout.ts's `relocationPlan`).
+   */
+  plan: KnownPlan | null;
+  /**
+   * The last entry jump made there, its form and where it leads (src/layout.ts's `entryJump`): a
+   * function sent to the same place again gets the same bytes, which nothing writes to, without
+   * making them again (under Deno a fresh array costs ~0.36 µs).
+   */
+  jump: { readonly jump: EntryJump; readonly to: bigint; readonly bytes: Uint8Array } | null;
+}
+
+/** What was learnt of the place `at`, a record made on first use. */
+export function knownPlace(m: Machine, at: bigint): KnownPlace {
+  let place = m.places.get(at);
+  if (place === undefined) m.places.set(at, place = { symbol: undefined, clean: 0, plan: null, jump: null });
+  return place;
+}
+
 /** This isolate's platform and the state built on it, made on first use. */
 export interface Machine {
   readonly platform: Platform;
@@ -94,26 +126,11 @@ export interface Machine {
   /** The guard's layout by signature: its shared code is assembled once, not once a patch. */
   readonly guardLayouts: Map<string, GuardLayout>;
   /**
-   * Symbols by address, as the OS found them: the lookup scans a library's whole symbol table, and
-   * a loaded library's symbols do not move.
+   * What was learnt of each function's entry and each place an entry jump was asked for (`at`: the
+   * same record, but after a landing pad), one record an address ever patched: found once by
+   * `locate`, which hands it on in its Site (one look-up a patch, not one a fact).
    */
-  readonly symbols: Map<bigint, SymbolInfo | null>;
-  /**
-   * Entries no nearby code jumps into, with how many of their first bytes were checked: code does
-   * not change under us (our own patches are read through), so a clean scan stays clean.
-   */
-  readonly cleanEntries: Map<bigint, number>;
-  /**
-   * The relocation plan made for each entry patched so far, with the bytes it moves and what it was
-   * made for (src/layout.ts's `relocationPlan`): one a function ever patched, as `symbols` is.
-   */
-  readonly plans: Map<bigint, KnownPlan>;
-  /**
-   * The last entry jump made at each entry, its form and where it leads (src/layout.ts's
-   * `entryJump`): a function sent to the same place again gets the same bytes, which nothing
-   * writes to, without making them again (under Deno a fresh array costs ~0.36 µs).
-   */
-  readonly jumpBytes: Map<bigint, { readonly jump: EntryJump; readonly to: bigint; readonly bytes: Uint8Array }>;
+  readonly places: Map<bigint, KnownPlace>;
   /** A view of each page read so far, by its address (see `liveBytes`): a small object a page. */
   readonly pages: Map<bigint, Uint8Array>;
   /** The page size, as a bigint for address arithmetic. */
@@ -144,10 +161,7 @@ export function machine(): Machine {
     shared: new Map(),
     sharedKeys: new WeakMap(),
     guardLayouts: new Map(),
-    symbols: new Map(),
-    cleanEntries: new Map(),
-    plans: new Map(),
-    jumpBytes: new Map(),
+    places: new Map(),
     pages: new Map(),
     pageBytes: BigInt(p.os.pageSize),
     longestJump: BigInt(Math.max(...arch.entryJumps.map((jump) => jump.size))),
@@ -215,7 +229,10 @@ export function mappingAt(address: bigint): Mapping | null {
     for (let i = 0; i < known.length; i++) if (address >= known[i]!.start && address < known[i]!.end) return known[i]!;
   }
   const found = machine().platform.os.mappingAt(address);
-  if (found && known) known.push(found);
+  if (found && known) {
+    if (known.length === 0) sectionMappings = [found];
+    else known.push(found);
+  }
   return found;
 }
 
@@ -228,15 +245,34 @@ const KEPT_BLOCK = 4096;
  * piece of a block a small object. A block lives as long as any of its pieces.
  */
 export function keep(bytes: Uint8Array, length: number = bytes.length): Uint8Array {
-  const m = machine();
   if (length > KEPT_BLOCK / 16) return bytes.slice(0, length);
-  if (m.kept.used + length > m.kept.block.length) m.kept = { block: new Uint8Array(KEPT_BLOCK), used: 0 };
-  const { block, used } = m.kept;
-  const copy = block.subarray(used, used + length);
-  m.kept.used += length;
-  for (let i = 0; i < length; i++) block[used + i] = bytes[i]!;
+  const copy = carve(machine(), length, 1);
+  for (let i = 0; i < length; i++) copy[i] = bytes[i]!;
   return copy;
 }
+
+/**
+ * `length` bytes of the block `keep` carves from, from a multiple of `align`: no one else's piece,
+ * ever (a full block is left to its pieces, and a new one made).
+ */
+function carve(m: Machine, length: number, align: number): Uint8Array {
+  let used = Math.ceil(m.kept.used / align) * align;
+  if (used + length > m.kept.block.length) {
+    m.kept = { block: new Uint8Array(KEPT_BLOCK), used: 0 };
+    used = 0;
+  }
+  m.kept.used = used + length;
+  return m.kept.block.subarray(used, used + length);
+}
+
+/**
+ * What the registry lends every write it makes (`writeCode`'s `Lent`): the page views
+ * `liveBytes` keeps, and its scratch bytes carved as `keep` carves (a large batch's get their own).
+ */
+export const lent: Lent = {
+  page: (page) => keptPage(machine(), page),
+  scratch: (length) => length > KEPT_BLOCK / 16 ? new Uint8Array(length) : carve(machine(), length, 8),
+};
 
 /** What the registry knows of one live patch. */
 export interface Entry {
@@ -258,8 +294,11 @@ export interface Entry {
   readonly bypass: bigint;
   /** Set while its restore waits for the enclosing transaction to commit. */
   restoring: boolean;
-  /** Puts the function back (the Patch handle's `restore`); another isolate's patch refuses. */
-  readonly restore: () => void;
+  /**
+   * Whose `restore()` puts the function back: the Patch handle (the handle itself, not a function
+   * made for each patch); for another isolate's patch, one that refuses.
+   */
+  readonly handle: { restore(): void };
   /**
    * Kept by the registry, made -1, 0n, false: where the entry is in the process-wide store (-1
    * while it is not), whose it is, and whether it was made inert. On the entry itself, not in a
@@ -268,6 +307,20 @@ export interface Entry {
   slot: number;
   owner: bigint;
   retired: boolean;
+  /**
+   * Kept by the registry, made null: the live patches of its function while it is in the cache
+   * (see `Layers`), so that its own restore and forgetting look none up; null once a rebuild of the
+   * cache has passed it by.
+   */
+  layers: Layers | null;
+}
+
+/**
+ * The live patches of one function (or import slot), oldest first, each layered on the one before:
+ * a new list on each change, as callers may hold the old.
+ */
+export interface Layers {
+  list: readonly Entry[];
 }
 
 let store: Store | undefined;
@@ -282,18 +335,30 @@ let others = false;
 let depth = 0;
 /** The mappings found in the current `exclusive` section (see `mappingAt`); null outside one. */
 let sectionMappings: Mapping[] | null = null;
+/**
+ * A section's mappings before it has found one, shared: a list grown from empty reserves room for
+ * 16, and most sections find one or two.
+ */
+const NO_MAPPINGS: Mapping[] = Object.freeze([]) as never;
 /** The live patches of the process, oldest first. */
 let live: Entry[] = [];
-/** The live patches of each function, by its entry, oldest first: each layered on the one before. */
-let stacks = new Map<bigint, Entry[]>();
+/**
+ * The live patches of each function, by its entry. A function's record stays once its last patch
+ * goes, as `Machine.places` keeps one a function ever patched: a Map that loses its last keys
+ * shrinks, a new table for each patch of a function patched and restored on its own (~150 B).
+ */
+let stacks = new Map<bigint, Layers>();
 /**
  * Live patches by the 64-byte block their entry jump starts in, to find neighbours quickly. A
  * block's number is a plain number: a bigint key is hashed digit by digit, and each step of a
  * bigint loop is a new heap object.
  */
 let byBlock = new Map<number, Entry[]>();
-/** This isolate's own patches, by their slot in the store. */
-const mine = new Map<number, Entry>();
+/**
+ * This isolate's own patches, by their slot in the store (a list: slots are small numbers, taken
+ * from the lowest free, and a Map that loses its last key shrinks, a new table each lone patch).
+ */
+const mine: (Entry | undefined)[] = [];
 const BLOCK = 64;
 let restoresAtExit = false;
 
@@ -334,6 +399,15 @@ function threadPointer(m: Machine): bigint {
 }
 
 /**
+ * Whether this isolate holds the process-wide lock now (inside `exclusive`, a transaction's body
+ * say): a caller may then run its body as it is, without the function `exclusive` takes made for
+ * each call (a thousand patches restored in one transaction, a thousand of them).
+ */
+export function holding(): boolean {
+  return depth > 0;
+}
+
+/**
  * Runs `body` holding the process-wide lock on code and registry (taken once however deeply
  * nested): another isolate's patching waits, and what `body` reads of the registry stays true.
  */
@@ -341,7 +415,7 @@ export function exclusive<T>(body: () => T): T {
   const s = theStore();
   if (depth++ === 0) {
     s.lock();
-    sectionMappings = [];
+    sectionMappings = NO_MAPPINGS;
     try {
       sync(s);
       reapDead(s);
@@ -368,6 +442,8 @@ export function exclusive<T>(body: () => T): T {
 /** Rebuilds the cache from the store when another isolate changed it. */
 function sync(s: Store): void {
   if (s.generation() === seen) return;
+  // The entries kept below get their functions' new records; the others keep none that is stale.
+  for (let i = 0; i < live.length; i++) live[i]!.layers = null;
   live = [];
   stacks = new Map();
   byBlock = new Map();
@@ -376,16 +452,17 @@ function sync(s: Store): void {
   for (const record of s.records()) {
     present.add(record.slot);
     if (record.owner !== s.identity) others = true;
-    const entry = (record.owner === s.identity ? mine.get(record.slot) : undefined) ?? foreign(record);
+    const entry = (record.owner === s.identity ? mine[record.slot] : undefined) ?? foreign(record);
     entry.slot = record.slot;
     entry.owner = record.owner;
     entry.retired = record.retired;
     index(entry);
   }
-  for (const [slot, entry] of mine) {
-    if (present.has(slot)) continue;
+  for (let slot = 0; slot < mine.length; slot++) {
+    const entry = mine[slot];
+    if (entry === undefined || present.has(slot)) continue;
     entry.slot = -1;
-    mine.delete(slot);
+    mine[slot] = undefined;
   }
   seen = s.generation();
 }
@@ -398,16 +475,21 @@ function foreign(record: { address: bigint; at: bigint; written: Uint8Array; ori
   const { address, at, written, original, destination } = record;
   return {
     address, at, written, original, destination, bypass: destination, restoring: false, slot: -1, owner: 0n, retired: false,
-    restore() {
-      throw new RedefineError("OUT_OF_ORDER", `the patch at ${hex(address)} belongs to another isolate (a Worker): restore it there.`);
+    layers: null,
+    handle: {
+      restore() {
+        throw new RedefineError("OUT_OF_ORDER", `the patch at ${hex(address)} belongs to another isolate (a Worker): restore it there.`);
+      },
     },
   };
 }
 
 function index(entry: Entry): void {
   live.push(entry);
-  const stack = stacks.get(entry.address);
-  stacks.set(entry.address, stack ? [...stack, entry] : [entry]);
+  let stack = stacks.get(entry.address);
+  if (stack === undefined) stacks.set(entry.address, stack = { list: NO_LAYERS });
+  stack.list = stack.list.length ? [...stack.list, entry] : [entry];
+  entry.layers = stack;
   // A block's list changes in place: it is only ever read straight away (`refuseOverlap`,
   // `readThrough`), never held.
   const block = blockOf(entry.at);
@@ -424,7 +506,7 @@ export function register(entry: Entry): void {
   }
   const s = theStore();
   const slot = s.add(entry);
-  mine.set(slot, entry);
+  mine[slot] = entry;
   entry.slot = slot;
   entry.owner = s.identity;
   entry.retired = false;
@@ -448,25 +530,29 @@ export function unregister(entry: Entry, restored = false): void {
 function forget(s: Store, entry: Entry): void {
   if (entry.slot >= 0) {
     s.remove(entry.slot);
-    mine.delete(entry.slot);
+    mine[entry.slot] = undefined;
     entry.slot = -1;
   }
   // Restored newest first, it is nearly always the last.
   if (live[live.length - 1] === entry) live.pop();
   else live.splice(live.lastIndexOf(entry), 1);
-  const stack = stacks.get(entry.address);
-  // A new list: callers may hold the old.
-  if (stack?.length === 1 && stack[0] === entry) stacks.delete(entry.address);
-  else if (stack) stacks.set(entry.address, stack.filter((x) => x !== entry));
-  const block = blockOf(entry.at);
-  const neighbours = byBlock.get(block);
-  if (neighbours?.length === 1 && neighbours[0] === entry) byBlock.delete(block);
+  const stack = entry.layers ?? stacks.get(entry.address);
+  if (stack) stack.list = stack.list.length === 1 && stack.list[0] === entry ? NO_LAYERS : stack.list.filter((x) => x !== entry);
+  entry.layers = null;
+  // A block's list stays once empty, as a function's record does.
+  const neighbours = byBlock.get(blockOf(entry.at));
+  if (neighbours?.[neighbours.length - 1] === entry) neighbours.pop();
   else if (neighbours) neighbours.splice(neighbours.indexOf(entry), 1);
 }
 
 /** The live patches of the function at `address`, oldest first: each is layered on the one before. */
 export function layers(address: bigint): readonly Entry[] {
-  return stacks.get(address) ?? NO_LAYERS;
+  return stacks.get(address)?.list ?? NO_LAYERS;
+}
+
+/** `layers(entry.address)`, for an entry of the cache, without a look-up. */
+export function layersOf(entry: Entry): readonly Entry[] {
+  return entry.layers ? entry.layers.list : layers(entry.address);
 }
 
 /** The layers of a function with none, shared: `layers` is asked several times a patch. */
@@ -477,7 +563,7 @@ export function newestFirst(): Entry[] {
   // Alone in the process, every live patch is this isolate's, and none is retired (a patch is
   // retired only under another isolate's).
   if (!others) return live.slice().reverse();
-  return live.filter((e) => mine.has(e.slot) && !e.retired).reverse();
+  return live.filter((e) => e.slot >= 0 && mine[e.slot] === e && !e.retired).reverse();
 }
 
 /** Whether `entry` is another isolate's patch. */
@@ -497,7 +583,7 @@ export function retire(entry: Entry): void {
 
 /** The inert patches (retired, or left by an isolate that ended) right under `entry`, nearest first. */
 function inertBelow(entry: Entry): readonly Entry[] {
-  const stack = layers(entry.address);
+  const stack = layersOf(entry);
   // Alone on its function (nearly always): nothing below, and no list made.
   if (stack.length < 2) return NO_LAYERS;
   const s = theStore();
@@ -534,7 +620,7 @@ function reapDead(s: Store): void {
   // Only another isolate's patch can be left by a dead one; this isolate's own are never, and
   // with a thousand of them live, looking at every stack would cost each patch made after them.
   if (!others) return;
-  for (const stack of [...stacks.values()]) {
+  for (const { list: stack } of [...stacks.values()]) {
     let top = stack.at(-1);
     while (top && !s.alive(top.owner)) {
       try {
@@ -543,7 +629,7 @@ function reapDead(s: Store): void {
         if (mappedNow(mappingAt, top.at, Math.max(top.written.length, top.original.length))) {
           if (!liveHolds(top.at, top.written)) break;
           const write: CodeWrite = { address: top.at, bytes: restoredBytes(top), spin: machine().arch.selfLoop };
-          writeCode(machine().platform, [write]);
+          writeCode(machine().platform, [write], { lent });
         }
       } catch (error) {
         // It stays inert where it is; this isolate's own patching must not fail for it.
@@ -568,9 +654,17 @@ export function refuseOverlap(at: bigint, covers: number): void {
   // just before ours, and the neighbours are walked in place (three checks a patch). A jump that
   // starts before `at` and reaches it starts after `reach`.
   const end = at + BigInt(covers);
-  const reach = at - machine().longestJump;
-  const last = blockOf(at) + Math.ceil(covers / BLOCK);
-  for (let block = blockOf(reach); block <= last; block++) {
+  const longest = machine().longestJump;
+  const reach = at - longest;
+  // Only the blocks from `reach` to the last covered byte: the others hold only jumps that start
+  // at or before `reach`, or at or after `end`. Worked out in numbers where they are exact (below
+  // 2^53, far above any process's addresses): a thousand patches 16 bytes apart meet a block and
+  // a quarter each, not three.
+  const n = Number(at);
+  const exact = n < 2 ** 53;
+  const first = exact ? Math.floor((n - Number(longest)) / BLOCK) : blockOf(reach);
+  const last = exact ? Math.floor((n + covers - 1) / BLOCK) : blockOf(end - 1n);
+  for (let block = first; block <= last; block++) {
     const entries = byBlock.get(block);
     if (entries === undefined) continue;
     for (let i = 0; i < entries.length; i++) {
@@ -602,7 +696,7 @@ export function readThrough(bytes: Uint8Array, start: bigint): void {
     for (let i = 0; i < entries.length; i++) {
       const entry = entries[i]!;
       // A layered patch's `original` is the jump of the patch below; the lowest holds the function's.
-      if (layers(entry.address)[0] !== entry) continue;
+      if (layersOf(entry)[0] !== entry) continue;
       const offset = Number(entry.at - start);
       const to = Math.min(entry.original.length, bytes.length - offset);
       for (let i = Math.max(0, -offset); i < to; i++) bytes[offset + i] = entry.original[i]!;
@@ -620,7 +714,7 @@ function restoreAtExit(): void {
   const restoreEach = () => {
     for (const entry of newestFirst()) {
       try {
-        entry.restore();
+        entry.handle.restore();
       } catch {
         // Someone else rewrote its entry (PATCH_MODIFIED): leave their bytes be.
       }

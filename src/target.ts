@@ -7,8 +7,8 @@
 import { hex, RedefineError } from "./errors.ts";
 import { checkSignature } from "./signature.ts";
 import type { NativeType } from "./signature.ts";
-import { layers, liveBytes, machine, mappingAt, readThrough, refuseOverlap } from "./registry.ts";
-import type { Machine } from "./registry.ts";
+import { knownPlace, layers, liveBytes, machine, mappingAt, readThrough, refuseOverlap } from "./registry.ts";
+import type { KnownPlace, Machine } from "./registry.ts";
 import { checkName } from "./introspect.ts";
 import type { Mapping, SymbolInfo } from "../platform/mod.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "../platform/mod.ts";
@@ -119,6 +119,8 @@ export interface Site<P extends readonly NativeType[], R extends NativeType> {
   readonly originalSlot: bigint | null;
   /** The executable mapping holding the entry, as checked: the entry's write needs no query. */
   readonly mapping: Mapping;
+  /** What was learnt of `at` so far (the layout's plan and jump), found once for the patch. */
+  readonly place: KnownPlace;
 }
 
 /** How far into a function the relocator looks for branches back into its first bytes. */
@@ -147,7 +149,8 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   }
   const originalSlot = slotOf(target.originalSlot);
   checkReadable(address, 1, mapping);
-  const extent = extentOf(m, address, target.size, "symbol" in target && target.symbol !== undefined);
+  const known = knownPlace(m, address);
+  const extent = extentOf(m, address, known, target.size, "symbol" in target && target.symbol !== undefined);
   checkReadable(address, extent, mapping);
   // Read in place: nothing writes code before the layout has used these bytes (a write waits for
   // the patch's schedule, or the transaction's end), and the patch keeps a copy of what it covers.
@@ -172,8 +175,9 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   }
   // Before anything is decoded there: the bytes may be the middle of another patch's jump.
   refuseOverlap(at, shortest);
-  refuseJumpsIntoEntry(at, shortest);
-  return { address, at, room, code: pad ? whole.subarray(pad) : whole, signature, originalSlot, mapping };
+  const place = pad ? knownPlace(m, at) : known;
+  refuseJumpsIntoEntry(at, shortest, place);
+  return { address, at, room, code: pad ? whole.subarray(pad) : whole, signature, originalSlot, mapping, place };
 }
 
 /**
@@ -271,13 +275,13 @@ export function symbolAddress(m: Machine, symbol: string, library: string | unde
 }
 
 /**
- * Refuses to overwrite the first `length` bytes at `at` when nearby code jumps into them:
- * hand-written routines share code by jumping past each other's first instruction (glibc's
- * `mempcpy` jumps to `memmove` + 3).
+ * Refuses to overwrite the first `length` bytes at `at` (what was learnt of it: `place`) when
+ * nearby code jumps into them: hand-written routines share code by jumping past each other's
+ * first instruction (glibc's `mempcpy` jumps to `memmove` + 3).
  */
-export function refuseJumpsIntoEntry(at: bigint, length: number): void {
+export function refuseJumpsIntoEntry(at: bigint, length: number, place: KnownPlace): void {
   const m = machine();
-  if ((m.cleanEntries.get(at) ?? 0) >= length) return;
+  if (place.clean >= length) return;
   const mapping = mappingAt(at);
   const start = mapping && mapping.start > at - BigInt(SCAN_BEFORE) ? mapping.start : at - BigInt(SCAN_BEFORE);
   const before = m.platform.runtime.view(start, Number(at - start)).slice();
@@ -292,7 +296,7 @@ export function refuseJumpsIntoEntry(at: bigint, length: number): void {
         `redefine the function that jumps there, or a caller.`,
     );
   }
-  m.cleanEntries.set(at, length);
+  place.clean = length;
 }
 
 function addressOf(m: Machine, target: Target<readonly NativeType[], NativeType>): bigint {
@@ -313,17 +317,19 @@ function addressOf(m: Machine, target: Target<readonly NativeType[], NativeType>
   return address;
 }
 
-/** The symbol whose code holds `address`, looked up once per address. */
-function symbolAt(m: Machine, address: bigint): SymbolInfo | null {
-  let symbol = m.symbols.get(address);
-  if (symbol === undefined) m.symbols.set(address, symbol = m.platform.os.symbolAt(address));
-  return symbol;
+/** The symbol whose code holds `address` (what was learnt of it: `known`), looked up once per address. */
+function symbolAt(m: Machine, address: bigint, known: KnownPlace): SymbolInfo | null {
+  if (known.symbol === undefined) known.symbol = m.platform.os.symbolAt(address);
+  return known.symbol;
 }
 
-/** Refuses an address that a symbol's code, decoded from its start, shows to be mid-instruction. */
-function checkInstructionStart(m: Machine, address: bigint): void {
-  const symbol = symbolAt(m, address);
-  if (!symbol || symbol.size === 0 || address <= symbol.start || address >= symbol.start + BigInt(symbol.size)) return;
+/**
+ * Refuses an address that a symbol's code, decoded from its start, shows to be mid-instruction;
+ * returns the symbol holding it.
+ */
+function checkInstructionStart(m: Machine, address: bigint, known: KnownPlace): SymbolInfo | null {
+  const symbol = symbolAt(m, address, known);
+  if (!symbol || symbol.size === 0 || address <= symbol.start || address >= symbol.start + BigInt(symbol.size)) return symbol;
   const offset = Number(address - symbol.start);
   const code = liveBytes(symbol.start, Math.min(symbol.size, offset + 16));
   if (m.arch.startsInstruction(code, symbol.start, offset) === false) {
@@ -333,11 +339,12 @@ function checkInstructionStart(m: Machine, address: bigint): void {
         `corrupt it: use the function's entry, ${hex(symbol.start)}.`,
     );
   }
+  return symbol;
 }
 
 /** How many bytes from `address` belong to the function: a given size, or its symbol's extent. */
-function extentOf(m: Machine, address: bigint, size: number | undefined, bySymbol: boolean): number {
-  checkInstructionStart(m, address);
+function extentOf(m: Machine, address: bigint, known: KnownPlace, size: number | undefined, bySymbol: boolean): number {
+  const symbol = checkInstructionStart(m, address, known);
   if (size !== undefined) {
     if (!Number.isSafeInteger(size) || size <= 0) {
       throw new RedefineError(
@@ -347,7 +354,6 @@ function extentOf(m: Machine, address: bigint, size: number | undefined, bySymbo
     }
     return size;
   }
-  const symbol = symbolAt(m, address);
   if (symbol && symbol.size > 0 && address >= symbol.start && address < symbol.start + BigInt(symbol.size)) {
     return Number(symbol.start + BigInt(symbol.size) - address);
   }

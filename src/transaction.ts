@@ -6,9 +6,12 @@
  * nested transaction that throws rolls back its own part only.
  */
 import { writeCode } from "./code_memory.ts";
-import type { CodeWrite } from "./code_memory.ts";
-import { exclusive, machine } from "./registry.ts";
+import type { CodeWrite, WriteOptions } from "./code_memory.ts";
+import { exclusive, lent, machine } from "./registry.ts";
 import type { Batch } from "./registry.ts";
+
+/** How the registry's writes go: with what it lends them (one object for all). */
+const LENT: WriteOptions = { lent };
 
 /**
  * Writes `write` now, or with the enclosing transaction. `commit` runs once the bytes are in place;
@@ -28,7 +31,7 @@ export function schedule(write: CodeWrite, commit: () => void, rollback: () => v
     return;
   }
   try {
-    writeCode(m.platform, [write]);
+    writeCode(m.platform, [write], LENT);
   } catch (error) {
     rollback();
     throw error;
@@ -115,7 +118,7 @@ function transactionLocked<T>(body: () => T): T {
   try {
     result = body();
     m.batch = null;
-    writeCode(m.platform, net(batch.writes, batch.byAddress));
+    writeCode(m.platform, net(batch.writes, batch.byAddress), LENT);
   } catch (error) {
     m.batch = null;
     for (const rollback of batch.rollbacks.reverse()) rollback();
@@ -130,16 +133,20 @@ function transactionLocked<T>(body: () => T): T {
   return result;
 }
 
-/** Runs a nested transaction's body in `batch`; when it throws, undoes what it added there. */
+/**
+ * Runs a nested transaction's body in `batch`; when it throws, undoes what it added there. Each list
+ * has its own mark: bookkeeping is queued without a write too (a fake clock's state, a guarded
+ * patch stepping aside), so the lists need not be as long as each other.
+ */
 function nested<T>(batch: Batch, body: () => T): T {
-  const mark = batch.writes.length;
+  const writes = batch.writes.length, commits = batch.commits.length, rollbacks = batch.rollbacks.length;
   try {
     return body();
   } catch (error) {
-    batch.writes.splice(mark);
+    batch.writes.splice(writes);
     batch.byAddress = undefined;
-    batch.commits.splice(mark);
-    for (const rollback of batch.rollbacks.splice(mark).reverse()) rollback();
+    batch.commits.splice(commits);
+    for (const rollback of batch.rollbacks.splice(rollbacks).reverse()) rollback();
     throw error;
   }
 }

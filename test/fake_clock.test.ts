@@ -13,6 +13,7 @@ import { cannedCode as aarch64Code } from "../src/arch/aarch64/canned.ts";
 import type { ClockFunction } from "../src/arch/canned.ts";
 import { RedefineError } from "../src/errors.ts";
 import { transaction } from "../src/transaction.ts";
+import { redefine } from "../src/redefine.ts";
 import { FakeClock, fakeClock, fakeClockOf, POSIX_UNITS, WINDOWS_UNITS } from "../src/mock/clock.ts";
 import type { ClockBackend } from "../src/mock/clock.ts";
 import { callable, countListing, disassemble, place, placeCode } from "./canned_listing.ts";
@@ -546,6 +547,28 @@ test("fakeClock inside an enclosing transaction: live when it commits, gone with
     }), /later in the transaction/);
   assert.deepEqual(bytesAt(os.symbolAddress("clock_gettime"), 16), entry, "nothing written");
   assert.ok(clockNs(0) > 1_700_000_000_000_000_000n);
+});
+
+test("a nested transaction that throws after a fake clock was made in the outer one rolls back its own patch only (the clock's bookkeeping has no write of its own)", () => {
+  const at = Date.UTC(2001, 8, 9, 1, 46, 40);
+  const entries = [os.symbolAddress("clock_gettime"), os.symbolAddress("labs")];
+  const before = entries.map((entry) => bytesAt(entry, 16));
+  const clock = transaction(() => {
+    const made = fakeClockOf(["clock_gettime"], { at });
+    assert.throws(() =>
+      transaction(() => {
+        redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, () => 1n);
+        throw new Error("inner fails");
+      }), /inner fails/);
+    return made;
+  });
+  try {
+    assert.equal(clockNs(0), 1_000_000_000_000_000_000n, "the clock is live");
+    assert.equal(libc.labs(-3n), 3n, "the inner patch is not");
+  } finally {
+    clock.restore();
+  }
+  assert.deepEqual(entries.map((entry) => bytesAt(entry, 16)), before, "both entries exactly back");
 });
 
 test("fakeClock(): time, gettimeofday and clock_gettime for the program's FFI calls, a native thread and the runtime's Date.now(); restored exactly", () => {

@@ -6,6 +6,7 @@ import { linux, parseMaps } from "../platform/linux.ts";
 import { farPlace, nearCandidates } from "../platform/address_space.ts";
 import { lazyLibrary } from "../platform/lazy_library.ts";
 import { PROTECT_FROM, writeCode } from "../src/code_memory.ts";
+import { lent, liveBytes } from "../src/registry.ts";
 import { platform } from "../platform/mod.ts";
 import { assemble, bytesAt, isArm64, libc, os, protectionAt, runtime, unassemble, unwritableCode } from "./native.ts";
 import { PROT_EXEC, PROT_READ } from "../platform/mod.ts";
@@ -212,6 +213,17 @@ test("a write that fails half-way rolls back every page and byte", () => {
   }
   assert.deepEqual(bytesAt(labs, 8), before);
   assert.equal(protectionAt(labs), protection);
+});
+
+test("a write through the registry's kept page views still checks each page against the map: one unmapped since its view was kept is refused, not read", () => {
+  const p = platform();
+  const page = unwritableCode();
+  // The registry keeps a view of the page; the writes it makes read through it.
+  assert.equal(liveBytes(page, 8).length, 8);
+  libc.munmap(page, BigInt(os.pageSize));
+  // Read through the kept view, the unmapped page would crash the process.
+  assertCode(() => writeCode(p, [{ address: page, bytes: Uint8Array.of(0xc3) }], { lent }), "INVALID_ADDRESS", /is not mapped: nothing was written/);
+  assertCode(() => writeCode(p, [{ address: page + 8n, bytes: Uint8Array.of(0xc3) }, { address: page, bytes: Uint8Array.of(0xc3) }], { lent }), "INVALID_ADDRESS");
 });
 
 /**

@@ -226,6 +226,25 @@ if (!isArm64) test("errors: ALREADY_PATCHED for overlapping entries, then PATCH_
   }
 });
 
+// The registry finds neighbours by the 64-byte block their jump starts in: an entry jump that runs
+// over a block's end, and one that starts where another's reach ends, are found across it.
+if (!isArm64) test("errors: ALREADY_PATCHED for entry jumps overlapping across a 64-byte block boundary; the byte after one is free", () => {
+  const { address: code, base } = assemble([...Array(192).fill(0x90), 0xc3], 0);
+  const labs = os.symbolAddress("labs");
+  const at = (offset: number) => ({ address: code + BigInt(offset), size: 8, parameters: ["i64"], result: "i64" }) as const;
+  try {
+    redefine(at(60), labs); // its 5-byte jump covers 60..64, into the next block
+    assertCode(() => redefine(at(64), labs), "ALREADY_PATCHED", /overlap/);
+    redefine(at(65), labs).restore();
+    redefine(at(128), labs); // a block's first byte
+    assertCode(() => redefine(at(124), labs), "ALREADY_PATCHED", /overlap/);
+    redefine(at(123), labs).restore();
+  } finally {
+    restoreAll();
+    unassemble(base);
+  }
+});
+
 test("errors: PATCH_MODIFIED when something else rewrote the entry", () => {
   const { address: f, base } = assemble(DOUBLE, 0);
   try {
