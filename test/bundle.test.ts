@@ -51,6 +51,17 @@ test("bundle: this system's bundle in dist/ redefines its process-id function na
   if (precompiled && runtimeName === "bun") assert.deepEqual(seen.loaded.toSorted(), ["linux-x64.bun.cjs", "mod.js"], why);
 });
 
+if (precompiled && runtimeName === "bun") {
+  test("bundle: Bun takes the bytecode the build compiled beside dist/linux-x64.bun.cjs (its .jsc)", () => {
+    // JavaScriptCore says what its disk cache served; the fixture checks the rest.
+    const fixture = fileURLToPath(new URL("./fixtures/bundle.ts", import.meta.url));
+    const child = spawnSync(runtimePath, [fixture], { encoding: "utf8", env: { ...process.env, BUN_JSC_verboseDiskCache: "1" } });
+    const why = `status ${child.status}, signal ${child.signal}\n${child.stdout}\n${child.stderr.slice(-2000)}`;
+    assert.equal(child.status, 0, why);
+    assert.match(`${child.stdout}${child.stderr}`, /^\[Disk Cache\] Cache hit for sourceCode$/m, why);
+  });
+}
+
 // A bundler that takes Bun's bytecode file for plain CommonJS (it drops the wrapper Bun's loader
 // reads the file by) finds no function in it: dist/mod.js then runs the module, which it has too.
 if (precompiled && runtimeName === "bun") {
