@@ -122,8 +122,9 @@ function sized(id, bytes) {
  * A WebAssembly module whose function d(start, end) is FNV-1a over its imported memory's 8-byte
  * words from `start` up to `end` (the last word read whole): each step (xor, times an odd number)
  * is a bijection, so any one changed word changes the result. Node's hash functions would do, but
- * loading node:crypto costs 13-27 ms, and JS code hashing the ~380 KB of a cache and its script
- * 2-3 ms on its first run; this, compiled and run once, ~0.2 ms.
+ * loading node:crypto costs 13-27 ms, node:zlib (crc32) 7-10, and JS code hashing the ~380 KB of
+ * a cache and its script 2-3 ms on its first run; this ~0.3-0.4 ms, most of it compiling the
+ * process's first WebAssembly (~0.2) and the first call (~0.1).
  */
 const DIGEST_MODULE = [
   0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // "\0asm", version 1
