@@ -8,7 +8,6 @@
  * slow to call (Deno: ~25 µs to make, ~1 µs a call): each is called through its address instead;
  * those a first patch calls a few times and later patches often are bound once they prove busy.
  */
-import { RedefineError } from "../src/errors.ts";
 import type { Binding, NativeCall, Runtime } from "./types.ts";
 
 /** Groups of symbols by a name for each, the ones used together in one group. */
@@ -36,8 +35,8 @@ export type SeldomSymbols<Name extends string = string> = {
    * nothing is half-done: binding runs the dynamic loader and the runtime's compiler on this
    * thread, and the call that proves the symbol busy may be one store of several into a live
    * function's entry, which holds a jump to itself meanwhile — should they call that function,
-   * this thread would wait on itself for ever. A binding that fails leaves the call through the
-   * address, as good but slower.
+   * this thread would wait on itself for ever. A binding that fails, however, leaves the call
+   * through the address, as good but slower: what it was given never throws.
    */
   readonly defer: (bind: () => void) => void;
 });
@@ -74,11 +73,14 @@ export function lazyLibrary<G extends SymbolGroups>(
   const throughAddress = (name: string, signature: Binding): void => {
     const call = runtime.fnPointer(seldom!.address(name), signature);
     let left = BOUND_AFTER;
+    // Never throws, whatever the runtime raises: it runs as a section under the registry's lock
+    // ends (Os.runDeferred), where an error would replace the section's outcome (a patch made and
+    // never handed back), and the call through the address serves as well.
     const bindAlone = (): void => {
       try {
         settle(name, runtime.open(path, { [name]: signature })[name]!);
-      } catch (error) {
-        if (!(error instanceof RedefineError)) throw error;
+      } catch {
+        // Left a call through its address.
       }
     };
     const counted: NativeCall = (...args) => {

@@ -207,16 +207,16 @@ function adapter(ffi: Ffi): Runtime {
 
   // One DynamicLibrary a path, opened once: making one costs ~50-70 µs, and node:ffi binds a symbol
   // a library has bound before in a few µs (the OS layer and the shared registry both bind libc's
-  // mmap, this adapter and the OS layer its memfd_create), a fresh one in 25-100.
-  const opened = new Map<string, FfiLibrary>();
+  // mmap, this adapter and the OS layer its memfd_create), a fresh one in 25-100. A library keeps
+  // each name's first signature and refuses the name with another ("already requested with a
+  // different signature"): a name bound again otherwise (a stub slot of src/original.ts reused for
+  // another signature, a symbol declared two ways) gets a fresh library, which the path keeps from
+  // then on. The signatures are kept by name here, as their text, to know before asking.
+  const opened = new Map<string, { lib: FfiLibrary; signatures: Map<string, string> }>();
 
-  function library(path: string): FfiLibrary {
-    const known = opened.get(path);
-    if (known) return known;
+  function load(path: string): FfiLibrary {
     try {
-      const lib = new ffi.DynamicLibrary(path);
-      opened.set(path, lib);
-      return lib;
+      return new ffi.DynamicLibrary(path);
     } catch (error) {
       throw permissionError(error, `opening ${path}`) ?? new RedefineError(
         "LIBRARY_NOT_FOUND",
@@ -227,12 +227,25 @@ function adapter(ffi: Ffi): Runtime {
     }
   }
 
+  /** `path`'s library to bind `name` as `text` from: the one it has, unless that has `name` otherwise. */
+  function library(path: string, name: string, text: string): { lib: FfiLibrary; signatures: Map<string, string> } {
+    const known = opened.get(path);
+    const before = known?.signatures.get(name);
+    if (known && (before === undefined || before === text)) return known;
+    const fresh = { lib: load(path), signatures: new Map<string, string>() };
+    opened.set(path, fresh);
+    return fresh;
+  }
+
   function open<K extends string>(path: string, symbols: Record<K, Binding>) {
-    const lib = library(path);
     const bound: Record<string, NativeCall> = {};
     for (const [name, signature] of Object.entries<Binding>(symbols)) {
+      const ffiSignature = definition(signature);
+      const text = `${ffiSignature.arguments.join()}>${ffiSignature.return}`;
+      const { lib, signatures } = library(path, name, text);
       try {
-        bound[name] = withBooleans(signature, lib.getFunction(name, definition(signature)));
+        bound[name] = withBooleans(signature, lib.getFunction(name, ffiSignature));
+        signatures.set(name, text);
       } catch (error) {
         if (signature.optional) continue;
         throw new RedefineError("SYMBOL_NOT_FOUND", `binding ${path}: ${(error as Error).message}`, { cause: error });
@@ -308,7 +321,8 @@ function adapter(ffi: Ffi): Runtime {
 
     fnPointer(address, signature) {
       const { bytes, name } = absoluteSymbol(notNull(address, "a native call"));
-      return withBooleans(signature, library(memoryFile(bytes)).getFunction(name, definition(signature)));
+      // Each its own path, never opened again: not kept.
+      return withBooleans(signature, load(memoryFile(bytes)).getFunction(name, definition(signature)));
     },
   };
 }

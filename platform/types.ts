@@ -256,7 +256,8 @@ export interface Os {
   /**
    * Does what the layer put off until no code is half-written and no lock is held (Linux: binding
    * the C library symbols that proved busy, platform/lazy_library.ts): the registry calls it as
-   * each section under its lock ends. Absent where nothing is put off.
+   * each section under its lock ends, so it never throws: the section's outcome is its body's.
+   * Absent where nothing is put off.
    */
   runDeferred?(): void;
   /** Every loaded module, in the loader's order: the main executable first. */

@@ -83,7 +83,7 @@ function entry(names, [os, cpu], [darwin, windows, arm], prefix, compiled = []) 
       const file = `${system}-${name}`;
       const module = `await import("./${prefix}${file}.js")`;
       return compiled.includes(file)
-        ? `globalThis.Bun !== undefined ? await bunCompiled(await import("./${file}.bun.cjs")) ?? ${module} : await nodeCompiled("${file}") ?? ${module}`
+        ? `globalThis.Bun !== undefined ? await bunCompiled(await import("./${file}.bun.cjs")) ?? ${module} : await nodeCompiled("${file}", "${digestsToCome(file)}") ?? ${module}`
         : module;
     });
     return `arm ? ${arm64} : ${x64}`;
@@ -101,6 +101,89 @@ export const { ${names.join(", ")} } = bundle;
 ${compiled.length ? COMPILED_LOADERS : ""}`;
 }
 
+/** `value` as a signed LEB128 number, as WebAssembly encodes an immediate. */
+function leb128(value) {
+  const bytes = [];
+  for (;;) {
+    const low = Number(BigInt.asUintN(7, value));
+    value >>= 7n;
+    const last = (value === 0n && low < 0x40) || (value === -1n && low >= 0x40);
+    bytes.push(last ? low : low | 0x80);
+    if (last) return bytes;
+  }
+}
+
+/** A WebAssembly section or vector: `id` (none for a vector), then the length of `bytes`, then them. */
+function sized(id, bytes) {
+  return [...(id === null ? [] : [id]), ...leb128(BigInt(bytes.length)), ...bytes];
+}
+
+/**
+ * A WebAssembly module whose function d(start, end) is FNV-1a over its imported memory's 8-byte
+ * words from `start` up to `end` (the last word read whole): each step (xor, times an odd number)
+ * is a bijection, so any one changed word changes the result. Node's hash functions would do, but
+ * loading node:crypto costs 13-27 ms, node:zlib (crc32) 7-10, and JS code hashing the ~380 KB of
+ * a cache and its script 2-3 ms on its first run; this ~0.3-0.4 ms, most of it compiling the
+ * process's first WebAssembly (~0.2) and the first call (~0.1).
+ */
+const DIGEST_MODULE = [
+  0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // "\0asm", version 1
+  ...sized(0x01, [0x01, 0x60, 0x02, 0x7f, 0x7f, 0x01, 0x7e]), // types: (i32 start, i32 end) -> i64
+  ...sized(0x02, [0x01, 0x01, 0x6d, 0x01, 0x6d, 0x02, 0x00, 0x00]), // imports: memory "m" "m", 0 pages or more
+  ...sized(0x03, [0x01, 0x00]), // functions: one, of type 0
+  ...sized(0x07, [0x01, 0x01, 0x64, 0x00, 0x00]), // exports: "d", function 0
+  ...sized(0x0a, [0x01, ...sized(null, [ // code: one body
+    0x01, 0x01, 0x7e, // locals: h, an i64 (local 2)
+    0x42, ...leb128(BigInt.asIntN(64, 0xcbf29ce484222325n)), 0x21, 0x02, // h = FNV's offset basis
+    0x02, 0x40, // block
+    0x03, 0x40, //   loop
+    0x20, 0x00, 0x20, 0x01, 0x4f, 0x0d, 0x01, //     br_if out: start >= end (unsigned)
+    0x20, 0x02, 0x20, 0x00, 0x29, 0x03, 0x00, 0x85, //     h ^ i64.load(start)
+    0x42, ...leb128(0x100000001b3n), 0x7e, 0x21, 0x02, //     h = that * FNV's prime
+    0x20, 0x00, 0x41, 0x08, 0x6a, 0x21, 0x00, //     start += 8
+    0x0c, 0x00, //     br loop
+    0x0b, 0x0b, //   end, end
+    0x20, 0x02, 0x0b, // return h
+  ])]),
+];
+
+/**
+ * The files at `paths`, read into one WebAssembly memory, each at a multiple of 8 with zeros
+ * after it, and each one's digest by `wasm` (DIGEST_MODULE): its length and FNV-1a, as text.
+ * Shared by the build, which writes the digests into dist/mod.js, and dist/mod.js, which checks
+ * them (its text is this function's). Throws where a file cannot be read whole.
+ */
+function readDigested(paths, wasm) {
+  const { closeSync, fstatSync, openSync, readSync } = globalThis.process.getBuiltinModule("node:fs");
+  const fds = [];
+  try {
+    for (const path of paths) fds.push(openSync(path, "r"));
+    const sizes = fds.map((fd) => fstatSync(fd).size);
+    const starts = [];
+    let capacity = 0;
+    for (const size of sizes) {
+      starts.push(capacity);
+      capacity += Math.ceil(size / 8) * 8;
+    }
+    const memory = new WebAssembly.Memory({ initial: Math.max(1, Math.ceil(capacity / 65536)) });
+    const { d } = new WebAssembly.Instance(new WebAssembly.Module(new Uint8Array(wasm)), { m: { m: memory } }).exports;
+    return fds.map((fd, i) => {
+      const bytes = new Uint8Array(memory.buffer, starts[i], sizes[i]);
+      for (let at = 0; at < bytes.length;) {
+        const read = readSync(fd, bytes, at, bytes.length - at, at);
+        if (read === 0) throw new Error(`${paths[i]} is shorter than it was`);
+        at += read;
+      }
+      return { bytes, digest: `${sizes[i]}:${BigInt.asUintN(64, d(starts[i], starts[i] + sizes[i])).toString(36)}` };
+    });
+  } finally {
+    for (const fd of fds) closeSync(fd);
+  }
+}
+
+/** What dist/mod.js says for `file`'s digests until the Node cache step writes them (`nodeCache`). */
+const digestsToCome = (file) => `digests of ${file}.script.js and .node-cache`;
+
 /**
  * dist/mod.js's loaders of a bundle precompiled for Bun and for Node (`precompile`); each gives
  * null where it cannot serve, and the module is imported instead. Bun's, given the CommonJS module,
@@ -109,33 +192,42 @@ ${compiled.length ? COMPILED_LOADERS : ""}`;
  * nothing), which then has the module too. Node's runs the bundle as a script with the code cache
  * V8 made of it at build time; null under Deno, where stack traces are mapped to the sources
  * (Node's --enable-source-maps) or coverage is collected (NODE_V8_COVERAGE), since Node maps only
- * what its module loaders loaded, and where the files are not beside this one (a bundler copied
- * this one alone). A dynamic import in the script would load as the module's does. A cache V8
- * rejects (another Node, other V8 flags) leaves the script compiled from its text, as the module
- * would be.
+ * what its module loaders loaded, where the files are not beside this one (a bundler copied
+ * this one alone), and where this module runs in a vm context (Jest, Vitest's vmThreads): a
+ * script runs in Node's main context, whose builtins node:fs's are, and the bundle would belong
+ * to another realm than its importer. A dynamic import in the script would load as the module's
+ * does. The cache is passed to V8 only if it and the script are what the build made (their
+ * digests, which the build wrote here): V8 checks only the script's length, so an edit of the
+ * same length (patch-package) would run the old code, and aborts the process on a corrupted
+ * cache. A cache V8 rejects (another Node, other V8 flags) or one not passed leaves the script
+ * compiled from its text, as the module would be.
  */
 const COMPILED_LOADERS = `
 function bunCompiled({ default: run }) {
   return typeof run === "function" ? run() : null;
 }
 
-function nodeCompiled(name) {
+function nodeCompiled(name, digests) {
   const process = globalThis.process;
   if (globalThis.Deno !== undefined || process.sourceMapsEnabled || process.env.NODE_V8_COVERAGE) return null;
-  const { readFileSync } = process.getBuiltinModule("node:fs");
   const { Script, constants } = process.getBuiltinModule("node:vm");
-  const { fileURLToPath } = process.getBuiltinModule("node:url");
-  const file = fileURLToPath(new URL(\`./\${name}.script.js\`, import.meta.url));
-  let text, cachedData;
+  if (Object.getPrototypeOf(Script.prototype.runInThisContext) !== Function.prototype) return null;
+  let file, script, cache;
   try {
-    text = readFileSync(file, "utf8");
-    cachedData = readFileSync(\`\${file.slice(0, -".script.js".length)}.node-cache\`);
+    const { fileURLToPath } = process.getBuiltinModule("node:url");
+    file = fileURLToPath(new URL(\`./\${name}.script.js\`, import.meta.url));
+    [script, cache] = readDigested([file, \`\${file.slice(0, -".script.js".length)}.node-cache\`], ${JSON.stringify(DIGEST_MODULE)});
   } catch {
     return null;
   }
+  const { Buffer } = process.getBuiltinModule("node:buffer");
+  const text = Buffer.from(script.bytes.buffer, script.bytes.byteOffset, script.bytes.length).toString();
+  const cachedData = \`\${script.digest} \${cache.digest}\` === digests ? cache.bytes : undefined;
   const importModuleDynamically = constants.USE_MAIN_CONTEXT_DEFAULT_LOADER;
   return new Script(text, { filename: file, cachedData, importModuleDynamically }).runInThisContext()();
 }
+
+${readDigested}
 `;
 
 /**
@@ -249,20 +341,35 @@ async function precompile() {
   return file;
 }
 
+/** The start-up benchmark's first patch and its restore (bench/startup/first_patch.mjs), by the bundle's `redefine`. */
+function firstPatch(redefine) {
+  redefine({ symbol: "getppid", parameters: [], result: "i32" }, { symbol: "getpid" }).restore();
+}
+
 /**
  * Node's code cache of dist/<file>.script.js (run by Node: npm's node, with no V8 flags, as a
- * user's process runs), made after a first patch and its restore, the start-up benchmark's
- * (bench/startup/first_patch.mjs): V8 keeps in it every function compiled so far, so the
- * functions a first patch runs come compiled too.
+ * user's process runs), made after `patch` (a first patch and its restore): V8 keeps in it every
+ * function compiled so far, so the functions a first patch runs come compiled too. Where the
+ * patch fails (a machine that cannot patch: a hardened kernel, a sandbox), the cache is made of
+ * the import alone and one line of warning says so: the build goes on.
  */
-async function nodeCache(file) {
+async function nodeCache(file, patch = firstPatch) {
   const { Script, constants } = process.getBuiltinModule("node:vm");
   const path = `${root}dist/${file}.script.js`;
   const importModuleDynamically = constants.USE_MAIN_CONTEXT_DEFAULT_LOADER;
   const script = new Script(readFileSync(path, "utf8"), { filename: path, importModuleDynamically });
   const { redefine } = await script.runInThisContext()();
-  redefine({ symbol: "getppid", parameters: [], result: "i32" }, { symbol: "getpid" }).restore();
+  try {
+    patch(redefine);
+  } catch (error) {
+    process.stderr.write(`warning: dist/${file}.node-cache holds the bundle's import alone: a first patch failed here (${error.message})\n`);
+  }
   writeFileSync(`${root}dist/${file}.node-cache`, script.createCachedData());
+  const digests = readDigested([path, `${root}dist/${file}.node-cache`], DIGEST_MODULE).map((f) => f.digest).join(" ");
+  const entry = readFileSync(`${root}dist/mod.js`, "utf8");
+  const placed = entry.replace(`"${digestsToCome(file)}"`, JSON.stringify(digests));
+  if (placed === entry) throw new Error(`dist/mod.js does not load ${file} precompiled`);
+  writeFileSync(`${root}dist/mod.js`, placed);
 }
 
 /** The twelve bundles (run by Bun: its bundler), this system's precompiled, then the entries over them. */
@@ -297,7 +404,9 @@ if (process.argv[1] === new URL(import.meta.url).pathname) {
       ...(precompiled() ? [[bin("node"), ["--no-warnings", self, "--node-cache", precompiled()]]] : []),
     ].every(([command, args]) => {
       const result = sh(command, args, { cwd: root });
+      // A step's warnings (the Node cache step's) on standard error, the rest only where it failed.
       if (result.status !== 0) process.stderr.write(`${result.stdout}${result.stderr}${result.error ?? ""}`);
+      else process.stderr.write(result.stderr);
       return result.status === 0;
     });
     process.exit(ok ? 0 : 1);

@@ -2,11 +2,11 @@
 // and test:windows's and test:arm64's own), on this system for real: under Wine and qemu-user too,
 // where test/package.test.ts's tarball installs do not run. In a child process, as a user's program.
 import { spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { cpSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import process from "node:process";
-import { fileURLToPath } from "node:url";
+import { fileURLToPath, pathToFileURL } from "node:url";
 import { assert, fixtureJson, runtimeName, runtimePath, test } from "./harness.ts";
 
 // Paths, not URLs' pathnames: Windows has drive letters.
@@ -51,6 +51,17 @@ test("bundle: this system's bundle in dist/ redefines its process-id function na
   if (precompiled && runtimeName === "bun") assert.deepEqual(seen.loaded.toSorted(), ["linux-x64.bun.cjs", "mod.js"], why);
 });
 
+if (precompiled && runtimeName === "bun") {
+  test("bundle: Bun takes the bytecode the build compiled beside dist/linux-x64.bun.cjs (its .jsc)", () => {
+    // JavaScriptCore says what its disk cache served; the fixture checks the rest.
+    const fixture = fileURLToPath(new URL("./fixtures/bundle.ts", import.meta.url));
+    const child = spawnSync(runtimePath, [fixture], { encoding: "utf8", env: { ...process.env, BUN_JSC_verboseDiskCache: "1" } });
+    const why = `status ${child.status}, signal ${child.signal}\n${child.stdout}\n${child.stderr.slice(-2000)}`;
+    assert.equal(child.status, 0, why);
+    assert.match(`${child.stdout}${child.stderr}`, /^\[Disk Cache\] Cache hit for sourceCode$/m, why);
+  });
+}
+
 // A bundler that takes Bun's bytecode file for plain CommonJS (it drops the wrapper Bun's loader
 // reads the file by) finds no function in it: dist/mod.js then runs the module, which it has too.
 if (precompiled && runtimeName === "bun") {
@@ -77,9 +88,13 @@ console.log(JSON.stringify({ restored: true }));
 // Node without source maps (its default) runs this system's bundle as a script with the code cache
 // the build made, which Node maps no stack trace of: the test above sees the module.
 if (precompiled && runtimeName === "node") {
+  /** The bytes of each cache V8 took, as it says (--profile-deserialization, on standard output). */
+  const deserialized = (stdout: string) => [...stdout.matchAll(/^\[Deserializing from (\d+) bytes/gm)].map((m) => Number(m[1]));
+  const cacheSize = () => statSync(fileURLToPath(new URL("../dist/linux-x64.node-cache", import.meta.url))).size;
+
   test("bundle: Node without source maps runs the bundle as a script with the code cache its V8 takes, and it redefines, restores and names its errors", () => {
     const fixture = fileURLToPath(new URL("./fixtures/bundle.ts", import.meta.url));
-    const child = spawnSync(runtimePath, ["--no-warnings", fixture], { encoding: "utf8" });
+    const child = spawnSync(runtimePath, ["--no-warnings", "--profile-deserialization", fixture], { encoding: "utf8" });
     const line = child.stdout.split("\n").filter((l) => l.startsWith("{")).at(-1);
     assert.equal(child.status, 0, `status ${child.status}, signal ${child.signal}\n${child.stdout}\n${child.stderr.slice(-2000)}`);
     const seen = { ...JSON.parse(line!), why: line! }, { why } = seen;
@@ -87,6 +102,97 @@ if (precompiled && runtimeName === "node") {
     assert.equal(seen.sourceMaps, false, why);
     assert.match(seen.refused.top, /[/\\]dist[/\\]linux-x64\.script\.js:\d+:\d+/, "the script ran, not the module");
     assert.equal(seen.cacheTaken, true, "this Node takes the code cache the build made (by npm's node: run the tests with the Node that built dist/)");
+    // The fixture's check compiles a script of its own with the cache: V8 took it twice, for that
+    // and for dist/mod.js.
+    const taken = deserialized(child.stdout).filter((size) => size === cacheSize()).length;
+    assert.equal(taken, 2, `V8 took dist/linux-x64.node-cache (${cacheSize()} bytes) for dist/mod.js and for the fixture's check`);
+  });
+
+  /** Runs a program importing a copy of dist/ with `change` made to it: what it saw, and the bytes of each cache V8 took. */
+  function inCopy(change: (dist: string) => void, flags: string[] = [], program?: (mod: string) => string) {
+    const dir = mkdtempSync(join(tmpdir(), "redefine-dist-"));
+    try {
+      const copy = join(dir, "dist");
+      cpSync(fileURLToPath(new URL("../dist/", import.meta.url)), copy, { recursive: true });
+      change(copy);
+      const mod = pathToFileURL(join(copy, "mod.js")).href;
+      const source = program?.(mod) ?? `const { redefine } = await import(${JSON.stringify(mod)});
+const calls = process.getBuiltinModule("node:ffi").dlopen("libc.so.6", { getppid: { arguments: [], return: "int32" } }).functions;
+const patch = redefine({ symbol: "getppid", parameters: [], result: "i32" }, { symbol: "getpid" });
+const patched = calls.getppid();
+patch.restore();
+let top = "";
+try { redefine({ symbol: "redefine_no_such_function", parameters: [], result: "i32" }, () => 0); } catch (e) { top = e.stack.split("\\n")[1]; }
+console.log(JSON.stringify({ patched: patched === process.pid, restored: calls.getppid() === process.ppid, top }));`;
+      const child = spawnSync(runtimePath, ["--no-warnings", "--profile-deserialization", ...flags, "--input-type=module", "-"], { input: source, encoding: "utf8" });
+      const why = `status ${child.status}, signal ${child.signal}\n${child.stdout}\n${child.stderr.slice(-2000)}`;
+      assert.equal(child.status, 0, why);
+      const line = child.stdout.split("\n").filter((l) => l.startsWith("{")).at(-1);
+      assert.ok(line, why);
+      return { seen: JSON.parse(line), caches: deserialized(child.stdout), why };
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
+
+  test("bundle: a corrupted Node cache, or a script edited to the same length, is not given to V8: the script runs from its text", () => {
+    const size = cacheSize();
+    const intact = inCopy(() => {});
+    assert.ok(intact.caches.includes(size), `the copy's cache is taken: ${intact.why}`);
+    const cases: [string, (dist: string) => void][] = [
+      // V8 checks no checksum of a cache: flipped bytes in it abort the process inside new Script.
+      ["flipped bytes in the cache", (dist) => {
+        const file = join(dist, "linux-x64.node-cache");
+        const bytes = readFileSync(file);
+        for (let i = bytes.length >> 1; i < (bytes.length >> 1) + 64; i++) bytes[i]! ^= 0xff;
+        writeFileSync(file, bytes);
+      }],
+      // V8 checks only the script's length: it would run the cache's code for the old text.
+      ["the script edited, its length kept", (dist) => {
+        const file = join(dist, "linux-x64.script.js");
+        const text = readFileSync(file, "utf8");
+        assert.ok(text.includes(`"use strict"`));
+        writeFileSync(file, text.replace(`"use strict"`, `'use strict'`));
+      }],
+    ];
+    for (const [what, change] of cases) {
+      const { seen, caches, why } = inCopy(change);
+      assert.deepEqual([seen.patched, seen.restored], [true, true], `${what}: ${why}`);
+      assert.match(seen.top, /[/\\]dist[/\\]linux-x64\.script\.js:\d+:\d+/, `${what}: the script ran, not the module`);
+      assert.ok(!caches.includes(size), `${what}: no cache of ${size} bytes was given to V8 (${caches.join(", ")})`);
+    }
+  });
+
+  test("bundle: dist/mod.js evaluated in a vm context loads the module there, not the script in Node's main context", () => {
+    // As Jest (--experimental-vm-modules) and Vitest's vmThreads run a test file: the context has
+    // Node's globals, each module is a SourceTextModule of it.
+    const { seen, why } = inCopy(() => {}, ["--experimental-vm-modules"], (mod) => `import vm from "node:vm";
+import { readFileSync } from "node:fs";
+const context = vm.createContext({ process, console, URL, TextEncoder, TextDecoder, queueMicrotask, setTimeout, clearTimeout, performance, Buffer });
+const modules = new Map();
+async function load(url) {
+  if (modules.has(url)) return modules.get(url);
+  const module = new vm.SourceTextModule(readFileSync(new URL(url), "utf8"), {
+    identifier: url, context,
+    initializeImportMeta: (meta) => { meta.url = url; },
+    importModuleDynamically: (specifier) => load(new URL(specifier, url).href),
+  });
+  modules.set(url, module);
+  await module.link(() => { throw new Error("no static imports"); });
+  await module.evaluate();
+  return module;
+}
+const { redefine } = (await load(${JSON.stringify(mod)})).namespace;
+const calls = process.getBuiltinModule("node:ffi").dlopen("libc.so.6", { getppid: { arguments: [], return: "int32" } }).functions;
+const patch = redefine({ symbol: "getppid", parameters: [], result: "i32" }, { symbol: "getpid" });
+const patched = calls.getppid();
+patch.restore();
+console.log(JSON.stringify({
+  patched: patched === process.pid, restored: calls.getppid() === process.ppid,
+  ownRealm: Object.getPrototypeOf(redefine) === vm.runInContext("Function.prototype", context),
+  loaded: [...modules.keys()].map((url) => url.slice(url.lastIndexOf("/") + 1)),
+}));`);
+    assert.deepEqual(seen, { patched: true, restored: true, ownRealm: true, loaded: ["mod.js", "linux-x64.js"] }, why);
   });
 }
 

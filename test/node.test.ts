@@ -92,3 +92,40 @@ console.log("getppid() = " + libc.getppid());
 patch.restore();`);
   assert.match(out, /^getppid\(\) = 0\nuncaught: BAD_REPLACEMENT: the replacement returned 1099511627776, which i32 cannot hold/);
 });
+
+test("a symbol bound again with another signature: each binding calls it as it was declared", () => {
+  // Node keeps one library a path, and node:ffi refuses a name asked for again otherwise.
+  const wide = runtime.open("libc.so.6", { labs: { parameters: ["i64"], result: "i64" } }).labs!;
+  const narrow = runtime.open("libc.so.6", { labs: { parameters: ["i32"], result: "i32" } }).labs!;
+  const again = runtime.open("libc.so.6", { labs: { parameters: ["i64"], result: "i64" } }).labs!;
+  assert.equal(wide(-5n), 5n);
+  assert.equal(narrow(-7), 7);
+  assert.equal(again(-(2n ** 40n)), 2n ** 40n);
+  // node:ffi takes `function` for `pointer` (the same signature to it), but only the first keeps a
+  // call off its fast path, where JS run inside the call may abort V8: each is its own function.
+  const plain = runtime.open("libc.so.6", { strtol: { parameters: ["buffer", "pointer", "i32"], result: "i64" } }).strtol!;
+  const mayRunJs = runtime.open("libc.so.6", { strtol: { parameters: ["buffer", "pointer", "i32"], result: "i64", callback: true } }).strtol!;
+  assert.notEqual(plain, mayRunJs);
+  assert.equal(mayRunJs(new TextEncoder().encode("-42\0"), 0n, 10), -42n);
+});
+
+test("Node: an original's stub slot, freed by a collected patch of one signature, serves the next patch's of another", () => {
+  // The bool wrapper of a call is garbage once the patch is: its slot goes back to the pool, and
+  // the next original takes it with another signature, bound from the same stub library.
+  const out = childNode(["--expose-gc"], `import { redefine } from "${mod}";
+let patch = redefine({ symbol: "isatty", parameters: ["i32"], result: "bool" }, () => true);
+const first = patch.original(-1);
+patch.restore();
+patch = null;
+for (let i = 0; i < 5; i++) {
+  globalThis.gc();
+  await new Promise((resolve) => setTimeout(resolve, 10));
+}
+const labs = redefine({ symbol: "labs", parameters: ["i64"], result: "i64" }, () => 0n);
+try {
+  console.log(first + " " + labs.original(-5n));
+} finally {
+  labs.restore();
+}`);
+  assert.equal(out, "false 5\n");
+});

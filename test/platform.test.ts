@@ -165,25 +165,29 @@ test("lazy library: seldom symbols through their addresses where pointer calls a
   }
 });
 
-test("lazy library: a busy-later symbol whose binding fails stays a call through its address", () => {
-  const deferred: (() => void)[] = [];
-  const refusing: Runtime = {
-    ...runtime,
-    slowPointerCalls: true,
-    open() {
-      throw new RedefineError("FFI_PERMISSION", "refused by the test");
-    },
-  };
-  const c = lazyLibrary(refusing, "libc.so.6", { busy: { imaxabs: { parameters: ["i64"], result: "i64" } } }, {
-    names: [],
-    busyLater: ["imaxabs"],
-    defer: (bind) => deferred.push(bind),
-    address: (symbol) => os.symbolAddress(symbol, "libc.so.6"),
-  });
-  for (let i = 1; i <= 16; i++) assert.equal(c.imaxabs(BigInt(-i)), BigInt(i));
-  assert.equal(deferred.length, 1);
-  deferred[0]!();
-  assert.equal(c.imaxabs(-17n), 17n);
+test("lazy library: a busy-later symbol whose binding fails, by any error, stays a call through its address", () => {
+  // The binding runs as the registry's section ends (Os.runDeferred): an error thrown there would
+  // replace the section's outcome, a patch made and never handed back.
+  for (const refusal of [new RedefineError("FFI_PERMISSION", "refused by the test"), new TypeError("refused by the test")]) {
+    const deferred: (() => void)[] = [];
+    const refusing: Runtime = {
+      ...runtime,
+      slowPointerCalls: true,
+      open() {
+        throw refusal;
+      },
+    };
+    const c = lazyLibrary(refusing, "libc.so.6", { busy: { imaxabs: { parameters: ["i64"], result: "i64" } } }, {
+      names: [],
+      busyLater: ["imaxabs"],
+      defer: (bind) => deferred.push(bind),
+      address: (symbol) => os.symbolAddress(symbol, "libc.so.6"),
+    });
+    for (let i = 1; i <= 16; i++) assert.equal(c.imaxabs(BigInt(-i)), BigInt(i));
+    assert.equal(deferred.length, 1);
+    deferred[0]!();
+    assert.equal(c.imaxabs(-17n), 17n, refusal.name);
+  }
 });
 
 test("lazy library: a seldom or busy-later name that no group declares is a type error (deno check, tsc)", () => {

@@ -91,8 +91,10 @@ test("the runtime's code as the guard sees it: the executable's text, and the FF
 });
 
 test("every way the program's FFI calls (0, 1, 3 and 6 integer arguments, a double) reaches a JS replacement", () => {
-  // Bound afresh so that the first calls take the runtime's slow path (libffi) and later ones
-  // its fast path (JIT code).
+  // Bound afresh on Deno and Bun, so that the first calls take the runtime's slow path (libffi) and
+  // later ones its fast path (JIT code). Node gives back the functions of test/native.ts's `libc`
+  // where the signature is the same (getppid, labs: its one library a path keeps them), which
+  // other tests may have made hot already; the others are new.
   const own = runtime.open("libc.so.6", {
     getppid: { parameters: [], result: "i32" },
     labs: { parameters: ["i64"], result: "i64" },
