@@ -413,18 +413,23 @@ export function holding(): boolean {
  */
 export function exclusive<T>(body: () => T): T {
   const s = theStore();
-  if (depth++ === 0) {
+  if (depth === 0) {
+    // Counted only once the lock is held: a lock that throws (its lazy binding failing) must leave
+    // no section open, or `holding()` would say so for ever and no lock or sync be taken again.
     s.lock();
+    depth = 1;
     sectionMappings = NO_MAPPINGS;
     try {
       sync(s);
       reapDead(s);
     } catch (error) {
-      depth--;
+      depth = 0;
       sectionMappings = null;
       s.unlock();
       throw error;
     }
+  } else {
+    depth++;
   }
   try {
     return body();
