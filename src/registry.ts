@@ -236,6 +236,49 @@ export function mappingAt(address: bigint): Mapping | null {
   return found;
 }
 
+/**
+ * Forgets the mappings the current section has found: user code ran since (a transaction's body,
+ * between its `redefine()` and `restore()` calls) and may have unmapped or reprotected any of them.
+ * The first query of each mapping after it asks the system again.
+ */
+export function forgetMappings(): void {
+  if (sectionMappings) sectionMappings = NO_MAPPINGS;
+}
+
+/**
+ * `writes` with each hint (`CodeWrite.mapping`) checked against the map as it is now, one query per
+ * distinct mapping: a hint that no longer holds (its mapping shrunk, moved, unmapped or given
+ * another protection) is dropped, so the write asks the system for its pages itself, and refuses an
+ * unmapped one. A transaction's commit runs this, its body having run user code since its hints
+ * were found; the list is `writes` itself unless one was dropped.
+ */
+export function recheckHints(writes: readonly CodeWrite[]): readonly CodeWrite[] {
+  let out: CodeWrite[] | null = null;
+  let checked: Mapping | null = null;
+  let holds = true;
+  // Most writes share a mapping with the one before: a set only for the others.
+  let others: Map<Mapping, boolean> | null = null;
+  for (let i = 0; i < writes.length; i++) {
+    const w = writes[i]!;
+    const hint = w.mapping;
+    if (!hint) continue;
+    if (hint !== checked) {
+      if (checked) (others ??= new Map()).set(checked, holds);
+      let known = others?.get(hint);
+      if (known === undefined) {
+        const now = mappingAt(hint.start);
+        known = now !== null && now.start <= hint.start && now.end >= hint.end && now.protection === hint.protection;
+      }
+      checked = hint;
+      holds = known;
+    }
+    if (holds) continue;
+    out ??= writes.slice();
+    out[i] = { ...w, mapping: undefined };
+  }
+  return out ?? writes;
+}
+
 /** How many bytes each block of `keep` holds: a few hundred patches' entry bytes. */
 const KEPT_BLOCK = 4096;
 
