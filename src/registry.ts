@@ -242,7 +242,24 @@ export function mappingAt(address: bigint): Mapping | null {
  * The first query of each mapping after it asks the system again.
  */
 export function forgetMappings(): void {
-  if (sectionMappings) sectionMappings = NO_MAPPINGS;
+  if (sectionMappings && !ours) sectionMappings = NO_MAPPINGS;
+}
+
+/** Whether the calls under way are ours, one after another with no user code between (see `ourCalls`). */
+let ours = false;
+
+/**
+ * Runs `body`, whose public calls (`restore()` of each patch, say) are ours, made one after another
+ * with no user code between: what one has found of the map stays true for the next.
+ */
+export function ourCalls(body: () => void): void {
+  const was = ours;
+  ours = true;
+  try {
+    body();
+  } finally {
+    ours = was;
+  }
 }
 
 /**

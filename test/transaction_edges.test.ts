@@ -219,3 +219,9 @@ test("a transaction whose body unmaps code it redefined: INVALID_ADDRESS at comm
   assert.match(String(seen.message), /is not mapped: nothing was written/);
   assert.deepEqual({ ...seen, message: "" }, { error: "INVALID_ADDRESS", message: "", untouched: true, works: true, left: "none" });
 }, x86Posix);
+
+test("a transaction whose body unmaps a patched function, then restores it: UNLOADED, nothing read, the rest rolled back", () => {
+  const seen = runCase(unmapFixture, "restore after the body unmapped the mapping an earlier call found") as Record<string, unknown>;
+  assert.match(String(seen.message), /its code is gone/);
+  assert.deepEqual({ ...seen, message: "" }, { error: "UNLOADED", message: "", untouched: true, works: true, left: "none" });
+}, x86Posix);
