@@ -217,9 +217,10 @@ export function holdsAt(bytes: Uint8Array, offset: number, expected: Uint8Array)
  * patch's target and its native replacement in the same library make one query, a thousand patches
  * of one library one query, not two thousand. Only mappings found are kept, never an answer of
  * "unmapped", and only until the section ends: what a section maps itself (code pool blocks, stub
- * libraries) lands in free space, nothing in it unmaps or moves a mapping, and its writes give every
- * page its protection back, so what it has seen stays true until it ends. A later section asks
- * again: between sections anything may have changed the map.
+ * libraries) lands in free space, nothing of ours in it unmaps or moves a mapping, and its writes
+ * give every page its protection back, so what it has seen stays true until user code runs: a later
+ * section asks again, and so does each `redefine()`/`restore()` in a transaction's body (user code
+ * between them: see `forgetMappings`), and the transaction's commit.
  */
 export function mappingAt(address: bigint): Mapping | null {
   const known = sectionMappings;
