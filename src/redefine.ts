@@ -14,7 +14,7 @@ import type { Destination, Replacement } from "./replacement.ts";
 import { layOut, release } from "./layout.ts";
 import type { Layout } from "./layout.ts";
 import { Patch } from "./patch.ts";
-import { exclusive, holding, keep, layers, machine, newestFirst, refuseOverlap } from "./registry.ts";
+import { exclusive, forgetMappings, holding, keep, layers, machine, newestFirst, ourCalls, refuseOverlap } from "./registry.ts";
 import type { Entry } from "./registry.ts";
 import { schedule, transaction } from "./transaction.ts";
 import { redefineCallers } from "./import_slots.ts";
@@ -41,7 +41,10 @@ export function redefine<const P extends readonly NativeType[], const R extends 
   target: Target<P, R>,
   replacement: NoInfer<Replacement<P, R>>,
 ): Patch<P, R> {
-  return holding() ? redefineLocked(target, replacement) : exclusive(() => redefineLocked(target, replacement));
+  if (!holding()) return exclusive(() => redefineLocked(target, replacement));
+  // In a transaction's body: user code ran since the last call, and may have unmapped what it saw.
+  forgetMappings();
+  return redefineLocked(target, replacement);
 }
 
 function redefineLocked<const P extends readonly NativeType[], const R extends NativeType>(
@@ -91,8 +94,11 @@ export function redefineAll<const T extends readonly Target<readonly NativeType[
 export function restoreAll(): void {
   transaction(() => {
     const entries = newestFirst();
-    // Indexed: a `for…of` step allocates until the optimizing compiler has the loop.
-    for (let i = 0; i < entries.length; i++) entries[i]!.handle.restore();
+    // Indexed: a `for…of` step allocates until the optimizing compiler has the loop. No user code
+    // runs between these restores: the mappings one has found stay true for the next.
+    ourCalls(() => {
+      for (let i = 0; i < entries.length; i++) entries[i]!.handle.restore();
+    });
   });
 }
 

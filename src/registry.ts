@@ -217,9 +217,10 @@ export function holdsAt(bytes: Uint8Array, offset: number, expected: Uint8Array)
  * patch's target and its native replacement in the same library make one query, a thousand patches
  * of one library one query, not two thousand. Only mappings found are kept, never an answer of
  * "unmapped", and only until the section ends: what a section maps itself (code pool blocks, stub
- * libraries) lands in free space, nothing in it unmaps or moves a mapping, and its writes give every
- * page its protection back, so what it has seen stays true until it ends. A later section asks
- * again: between sections anything may have changed the map.
+ * libraries) lands in free space, nothing of ours in it unmaps or moves a mapping, and its writes
+ * give every page its protection back, so what it has seen stays true until user code runs: a later
+ * section asks again, and so does each `redefine()`/`restore()` in a transaction's body (user code
+ * between them: see `forgetMappings`), and the transaction's commit.
  */
 export function mappingAt(address: bigint): Mapping | null {
   const known = sectionMappings;
@@ -234,6 +235,66 @@ export function mappingAt(address: bigint): Mapping | null {
     else known.push(found);
   }
   return found;
+}
+
+/**
+ * Forgets the mappings the current section has found: user code ran since (a transaction's body,
+ * between its `redefine()` and `restore()` calls) and may have unmapped or reprotected any of them.
+ * The first query of each mapping after it asks the system again.
+ */
+export function forgetMappings(): void {
+  if (sectionMappings && !ours) sectionMappings = NO_MAPPINGS;
+}
+
+/** Whether the calls under way are ours, one after another with no user code between (see `ourCalls`). */
+let ours = false;
+
+/**
+ * Runs `body`, whose public calls (`restore()` of each patch, say) are ours, made one after another
+ * with no user code between: what one has found of the map stays true for the next.
+ */
+export function ourCalls(body: () => void): void {
+  const was = ours;
+  ours = true;
+  try {
+    body();
+  } finally {
+    ours = was;
+  }
+}
+
+/**
+ * `writes` with each hint (`CodeWrite.mapping`) checked against the map as it is now, one query per
+ * distinct mapping: a hint that no longer holds (its mapping shrunk, moved, unmapped or given
+ * another protection) is dropped, so the write asks the system for its pages itself, and refuses an
+ * unmapped one. A transaction's commit runs this, its body having run user code since its hints
+ * were found; the list is `writes` itself unless one was dropped.
+ */
+export function recheckHints(writes: readonly CodeWrite[]): readonly CodeWrite[] {
+  let out: CodeWrite[] | null = null;
+  let checked: Mapping | null = null;
+  let holds = true;
+  // Most writes share a mapping with the one before: a set only for the others.
+  let others: Map<Mapping, boolean> | null = null;
+  for (let i = 0; i < writes.length; i++) {
+    const w = writes[i]!;
+    const hint = w.mapping;
+    if (!hint) continue;
+    if (hint !== checked) {
+      if (checked) (others ??= new Map()).set(checked, holds);
+      let known = others?.get(hint);
+      if (known === undefined) {
+        const now = mappingAt(hint.start);
+        known = now !== null && now.start <= hint.start && now.end >= hint.end && now.protection === hint.protection;
+      }
+      checked = hint;
+      holds = known;
+    }
+    if (holds) continue;
+    out ??= writes.slice();
+    out[i] = { ...w, mapping: undefined };
+  }
+  return out ?? writes;
 }
 
 /** How many bytes each block of `keep` holds: a few hundred patches' entry bytes. */
@@ -413,18 +474,23 @@ export function holding(): boolean {
  */
 export function exclusive<T>(body: () => T): T {
   const s = theStore();
-  if (depth++ === 0) {
+  if (depth === 0) {
+    // Counted only once the lock is held: a lock that throws (its lazy binding failing) must leave
+    // no section open, or `holding()` would say so for ever and no lock or sync be taken again.
     s.lock();
+    depth = 1;
     sectionMappings = NO_MAPPINGS;
     try {
       sync(s);
       reapDead(s);
     } catch (error) {
-      depth--;
+      depth = 0;
       sectionMappings = null;
       s.unlock();
       throw error;
     }
+  } else {
+    depth++;
   }
   try {
     return body();

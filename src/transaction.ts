@@ -5,9 +5,9 @@
  * that cancel out (a patch made and restored in the same transaction) are not made at all; a
  * nested transaction that throws rolls back its own part only.
  */
-import { writeCode } from "./code_memory.ts";
+import { mappedNow, writeCode } from "./code_memory.ts";
 import type { CodeWrite, WriteOptions } from "./code_memory.ts";
-import { exclusive, lent, machine } from "./registry.ts";
+import { exclusive, forgetMappings, lent, machine, mappingAt, recheckHints } from "./registry.ts";
 import type { Batch } from "./registry.ts";
 
 /** How the registry's writes go: with what it lends them (one object for all). */
@@ -79,6 +79,8 @@ function net(writes: readonly CodeWrite[], byAddress?: Map<bigint, CodeWrite | C
   for (const [address, group] of byAddress) {
     if (!Array.isArray(group) || group.length < 2) continue;
     const after = outcome(group);
+    // Not read where it is gone: the write, made then, refuses the place (INVALID_ADDRESS).
+    if (!mappedNow(mappingAt, address, after.length)) continue;
     const now = machine().platform.runtime.view(address, after.length);
     if (after.every((b, i) => b === now[i])) idle.add(address);
   }
@@ -118,7 +120,11 @@ function transactionLocked<T>(body: () => T): T {
   try {
     result = body();
     m.batch = null;
-    writeCode(m.platform, net(batch.writes, batch.byAddress), LENT);
+    // The body was user code: what the section had seen of the map (the hints the writes carry
+    // among it) may be stale by now, unmapped even. A lone write outside a transaction keeps its
+    // hint unchecked: no user code runs between its query and the write.
+    forgetMappings();
+    writeCode(m.platform, net(recheckHints(batch.writes), batch.byAddress), LENT);
   } catch (error) {
     m.batch = null;
     for (const rollback of batch.rollbacks.reverse()) rollback();

@@ -5,6 +5,7 @@ import { assert, test } from "./harness.ts";
 import { assertDisassembly } from "./objdump_aarch64.ts";
 import { registryLock as arm64 } from "../src/arch/aarch64/registry_lock.ts";
 import { machine } from "../src/registry.ts";
+import { runCase } from "./cases.ts";
 
 test("registry lock (arm64): an exclusive load/store loop, clear by a release store", () => {
   const { code, clear } = arm64("linux");
@@ -43,3 +44,8 @@ test("registry lock: run here, cas swaps only on the expected value and clear ze
   assert.equal(word.getBigUint64(0, true), 0n);
   m.pool.release(slot, null);
 });
+
+test("a lock whose lazy binding throws leaves no section open: holding() false, later sections lock and patch", () => {
+  const seen = runCase(new URL("./fixtures/lock_throws.ts", import.meta.url), "the lock's binding throws once");
+  assert.deepEqual(seen, { errors: ["binding failed"], holding: false, active: true, restored: true });
+}, { skip: machine().platform.runtime.slowPointerCalls ? undefined : "only where pointer calls are slow is the lock bound lazily" });

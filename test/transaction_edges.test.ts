@@ -210,3 +210,18 @@ test("nested transaction that succeeds joins the outer one: both commit together
   }
   assert.equal(snapshot([labs, getppid]), before);
 });
+
+const unmapFixture = new URL("./fixtures/unmap_in_tx.ts", import.meta.url);
+const x86Posix = { skip: !isArm64 && runtime.os !== "windows" ? undefined : "the fixture's code is x86-64, assembled with mmap" };
+
+test("a transaction whose body unmaps code it redefined: INVALID_ADDRESS at commit, nothing written, the rest rolled back", () => {
+  const seen = runCase(unmapFixture, "redefined, then unmapped in the body") as Record<string, unknown>;
+  assert.match(String(seen.message), /is not mapped: nothing was written/);
+  assert.deepEqual({ ...seen, message: "" }, { error: "INVALID_ADDRESS", message: "", untouched: true, works: true, left: "none" });
+}, x86Posix);
+
+test("a transaction whose body unmaps a patched function, then restores it: UNLOADED, nothing read, the rest rolled back", () => {
+  const seen = runCase(unmapFixture, "restore after the body unmapped the mapping an earlier call found") as Record<string, unknown>;
+  assert.match(String(seen.message), /its code is gone/);
+  assert.deepEqual({ ...seen, message: "" }, { error: "UNLOADED", message: "", untouched: true, works: true, left: "none" });
+}, x86Posix);
