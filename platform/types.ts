@@ -103,14 +103,6 @@ export interface MappedFile {
   readonly base: bigint;
 }
 
-/**
- * Whether two mappings map the same file from the same place (the same library, not unloaded in
- * between); false when either maps no file, or its system does not tell which.
- */
-export function sameFile(a: MappedFile | undefined, b: MappedFile | undefined): boolean {
-  return a !== undefined && b !== undefined && a.device === b.device && a.inode === b.inode && a.base === b.base;
-}
-
 /** Protection bits, the same numbers on every system we support. */
 export const PROT_READ = 1;
 export const PROT_WRITE = 2;

@@ -16,8 +16,8 @@ import type { Arch, EntryJump, GuardLayout, RelocationPlan, RuntimeCode } from "
 import { OriginalStubs } from "./original.ts";
 import { openStore } from "./shared_registry.ts";
 import type { Store } from "./shared_registry.ts";
-import { platform, sameFile } from "../platform/mod.ts";
-import type { MappedFile, Mapping, Platform, SymbolInfo } from "../platform/mod.ts";
+import { platform } from "../platform/mod.ts";
+import type { Mapping, Platform, SymbolInfo } from "../platform/mod.ts";
 import type { Signature } from "./signature.ts";
 
 /** Writes collected by `transaction()` (src/transaction.ts), applied together when its body returns. */
@@ -82,19 +82,13 @@ export function reclaimSpare(plan: KnownPlan, holds: object): CodeSlot | null {
 /** What was learnt of a function's entry, or of a place for an entry jump (see `Machine.places`). */
 export interface KnownPlace {
   /**
-   * The file mapped there when `symbol`, `clean` and `plan` were learnt: they describe that code,
-   * and once it is unmapped other code may be mapped at the same address (see `knownPlace`).
-   */
-  file: MappedFile | undefined;
-  /**
    * The symbol holding the entry, as the OS found it (undefined: not asked yet): the lookup scans
    * a library's whole symbol table, and a loaded library's symbols do not move.
    */
   symbol: SymbolInfo | null | undefined;
   /**
-   * How many of its first bytes no nearby code jumps into, as checked (0: none): a library's code
-   * does not change under us while it stays mapped (our own patches are read through), so a clean
-   * scan stays clean.
+   * How many of its first bytes no nearby code jumps into, as checked (0: none): code does not
+   * change under us (our own patches are read through), so a clean scan stays clean.
    */
   clean: number;
   /**
@@ -110,24 +104,10 @@ export interface KnownPlace {
   jump: { readonly jump: EntryJump; readonly to: bigint; readonly bytes: Uint8Array } | null;
 }
 
-/**
- * What was learnt of the place `at`, in `mapping` now, a record made on first use. What describes
- * the code there (`symbol`, `clean`, `plan`) is kept while the same file stays mapped there, and
- * forgotten when another file (or none) is, its library unloaded and something else mapped in its
- * place. Anonymous memory (assembled code, a JIT's) and systems that do not say which file a
- * mapping maps give nothing to tell other code at the same address by: `symbol` and `clean` are
- * found again for each patch there (`plan` checks the bytes it moves, `jump` depends on no code).
- */
-export function knownPlace(m: Machine, at: bigint, mapping: Mapping): KnownPlace {
+/** What was learnt of the place `at`, a record made on first use. */
+export function knownPlace(m: Machine, at: bigint): KnownPlace {
   let place = m.places.get(at);
-  if (place === undefined) {
-    m.places.set(at, place = { file: mapping.file, symbol: undefined, clean: 0, plan: null, jump: null });
-  } else if (!sameFile(place.file, mapping.file)) {
-    if (place.file !== undefined || mapping.file !== undefined) place.plan = null;
-    place.file = mapping.file;
-    place.symbol = undefined;
-    place.clean = 0;
-  }
+  if (place === undefined) m.places.set(at, place = { symbol: undefined, clean: 0, plan: null, jump: null });
   return place;
 }
 

@@ -149,7 +149,7 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   }
   const originalSlot = slotOf(target.originalSlot);
   checkReadable(address, 1, mapping);
-  const known = knownPlace(m, address, mapping);
+  const known = knownPlace(m, address);
   const extent = extentOf(m, address, known, target.size, "symbol" in target && target.symbol !== undefined);
   checkReadable(address, extent, mapping);
   // Read in place: nothing writes code before the layout has used these bytes (a write waits for
@@ -175,7 +175,7 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   }
   // Before anything is decoded there: the bytes may be the middle of another patch's jump.
   refuseOverlap(at, shortest);
-  const place = pad ? knownPlace(m, at, mapping) : known;
+  const place = pad ? knownPlace(m, at) : known;
   refuseJumpsIntoEntry(at, shortest, place);
   return { address, at, room, code: pad ? whole.subarray(pad) : whole, signature, originalSlot, mapping, place };
 }

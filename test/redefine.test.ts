@@ -245,32 +245,6 @@ if (!isArm64) test("errors: ALREADY_PATCHED for entry jumps overlapping across a
   }
 });
 
-// What was learnt of an entry (no code jumps into it) describes the code that was there: other
-// code mapped at the same address once it is unmapped must be scanned again, as fresh memory is.
-if (!isArm64) test("errors: UNRELOCATABLE for new code jumping into an entry, mapped where patched code was unmapped", () => {
-  const labs = os.symbolAddress("labs");
-  const entry = (code: bigint) => ({ address: code + 64n, size: 8, parameters: ["i64"], result: "i64" }) as const;
-  // jmp rel8 at offset 0 to offset 66, the entry's third byte.
-  const jumpingIn = [0xeb, 0x40, ...Array(62).fill(0x90), ...Array(8).fill(0x90), 0xc3];
-  const first = assemble([...Array(72).fill(0x90), 0xc3], 0);
-  redefine(entry(first.address), labs).restore();
-  unassemble(first.base);
-  const again = assemble(jumpingIn, 0, first.base);
-  try {
-    assert.equal(again.address, first.address);
-    assertCode(() => redefine(entry(again.address), labs), "UNRELOCATABLE", /jumps into the first/);
-  } finally {
-    restoreAll();
-    unassemble(again.base);
-  }
-  const fresh = assemble(jumpingIn, 0);
-  try {
-    assertCode(() => redefine(entry(fresh.address), labs), "UNRELOCATABLE", /jumps into the first/);
-  } finally {
-    unassemble(fresh.base);
-  }
-});
-
 test("errors: PATCH_MODIFIED when something else rewrote the entry", () => {
   const { address: f, base } = assemble(DOUBLE, 0);
   try {
