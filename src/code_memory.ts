@@ -383,6 +383,11 @@ export interface CodeWrite {
    * through the process's own mapping, has its protection asked of the system again.
    */
   readonly mapping?: Mapping | undefined;
+  /**
+   * The native code the written bytes lead to (a native replacement), where it is not ours: a
+   * transaction's commit checks that it is still executable (src/registry.ts's `recheckHints`).
+   */
+  readonly leadsTo?: bigint | undefined;
 }
 
 /**

@@ -8,7 +8,7 @@ import { mappedNow } from "./code_memory.ts";
 import type { CodeSlot, CodeWrite } from "./code_memory.ts";
 import type { OriginalStub } from "./original.ts";
 import {
-  exclusive, forgetMappings, holding, holdsAt, isForeign, layers, layersOf, liveBytes, liveHolds, machine, mappingAt, register, releaseSlot, restoredBytes, retire,
+  exclusive, holdsAt, isForeign, joinSection, layers, layersOf, liveBytes, liveHolds, machine, mappingAt, register, releaseSlot, restoredBytes, retire,
   unregister,
 } from "./registry.ts";
 import type { Entry, SlotReuse } from "./registry.ts";
@@ -242,9 +242,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
    * commits.
    */
   restore(): void {
-    if (!holding()) return exclusive(() => this.#restore());
-    // In a transaction's body: user code ran since the last call, and may have unmapped what it saw.
-    forgetMappings();
+    if (!joinSection()) return exclusive(() => this.#restore());
     this.#restore();
   }
 

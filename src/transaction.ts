@@ -7,7 +7,7 @@
  */
 import { mappedNow, writeCode } from "./code_memory.ts";
 import type { CodeWrite, WriteOptions } from "./code_memory.ts";
-import { exclusive, forgetMappings, lent, machine, mappingAt, recheckHints } from "./registry.ts";
+import { exclusive, lent, machine, mappingAt, recheckHints, userCodeRan } from "./registry.ts";
 import type { Batch } from "./registry.ts";
 
 /** How the registry's writes go: with what it lends them (one object for all). */
@@ -120,11 +120,11 @@ function transactionLocked<T>(body: () => T): T {
   try {
     result = body();
     m.batch = null;
-    // The body was user code: what the section had seen of the map (the hints the writes carry
-    // among it) may be stale by now, unmapped even. A lone write outside a transaction keeps its
-    // hint unchecked: no user code runs between its query and the write.
-    forgetMappings();
-    writeCode(m.platform, net(recheckHints(batch.writes), batch.byAddress), LENT);
+    // The body was user code: what the section had seen of the map (the hints the writes carry,
+    // the native code they lead to) may be stale by now, unmapped even. A lone write outside a
+    // transaction keeps its hint unchecked: no user code runs between its query and the write.
+    userCodeRan();
+    writeCode(m.platform, recheckHints(net(batch.writes, batch.byAddress)), LENT);
   } catch (error) {
     m.batch = null;
     for (const rollback of batch.rollbacks.reverse()) rollback();
