@@ -201,10 +201,12 @@ export function linux(runtime: Runtime): Os {
       queryFd = null;
       return undefined;
     }
-    const flags = Number(queryFields.getBigUint64(40, true));
+    // Read as numbers where a number holds them (the flags' low word; the inode, below 2^53 on any
+    // file system): a bigint read is a heap object, and a patch makes about one query.
+    const flags = queryFields.getUint32(40, true);
     const start = queryFields.getBigUint64(24, true);
     // struct procmap_query: vma_offset at 56, inode at 64, dev_major and dev_minor at 72 and 76.
-    const inode = Number(queryFields.getBigUint64(64, true));
+    const inode = queryFields.getUint32(64, true) + queryFields.getUint32(68, true) * 2 ** 32;
     return {
       start,
       end: queryFields.getBigUint64(32, true),

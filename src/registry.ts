@@ -286,12 +286,13 @@ export function userCodeRan(): void {
 }
 
 /**
- * Whether a public call joins a section already open — a transaction's body calls it, holding
- * the lock — rather than opening one with `exclusive`: then user code ran since the section's
- * last call (`userCodeRan`).
+ * Whether a public call joins a section already open — a transaction's body calls it, holding the
+ * lock — and runs as it is, without the function `exclusive` takes made for each call (a thousand
+ * patches restored in one transaction, a thousand of them); then user code ran since the section's
+ * last call (`userCodeRan`). False: the caller opens a section with `exclusive`.
  */
 export function joinSection(): boolean {
-  if (depth === 0) return false;
+  if (!holding()) return false;
   userCodeRan();
   return true;
 }
@@ -522,11 +523,7 @@ function threadPointer(m: Machine): bigint {
   return BigInt(m.platform.runtime.fnPointer(slot.address, { parameters: [], result: "u64" })());
 }
 
-/**
- * Whether this isolate holds the process-wide lock now (inside `exclusive`, a transaction's body
- * say): a caller may then run its body as it is, without the function `exclusive` takes made for
- * each call (a thousand patches restored in one transaction, a thousand of them).
- */
+/** Whether this isolate holds the process-wide lock now (inside `exclusive`, a transaction's body say). */
 export function holding(): boolean {
   return depth > 0;
 }
