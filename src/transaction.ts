@@ -127,6 +127,8 @@ function transactionLocked<T>(body: () => T): T {
     writeCode(m.platform, recheckHints(net(batch.writes, batch.byAddress)), LENT);
   } catch (error) {
     m.batch = null;
+    // The body, user code, may have unmapped what the rollbacks write (a patch's originalSlot).
+    userCodeRan();
     for (const rollback of batch.rollbacks.reverse()) rollback();
     throw error;
   }
@@ -149,6 +151,8 @@ function nested<T>(batch: Batch, body: () => T): T {
   try {
     return body();
   } catch (error) {
+    // As the outer commit's rollback: the body may have unmapped what the rollbacks write.
+    userCodeRan();
     batch.writes.splice(writes);
     batch.byAddress = undefined;
     batch.commits.splice(commits);

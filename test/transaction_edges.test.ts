@@ -241,6 +241,21 @@ test("a transaction whose body unmaps a native replacement it redirected to: BAD
   assert.deepEqual({ ...seen, message: "" }, { error: "BAD_REPLACEMENT", message: "", untouched: true, works: true, left: "none" });
 }, x86Posix);
 
+test("a transaction whose body restores a patch, then unmaps its originalSlot: restored, the slot left alone", () => {
+  const seen = runCase(unmapFixture, "restored in a body that then unmaps its originalSlot");
+  assert.deepEqual(seen, { error: "none", message: "", restored: true, works: true, left: "none" });
+}, x86Posix);
+
+test("a transaction whose body makes a patch, unmaps its originalSlot and throws: rolled back, the slot left alone", () => {
+  const seen = runCase(unmapFixture, "made in a body that unmaps its originalSlot, then throws");
+  assert.deepEqual(seen, { error: "Error: the body fails", message: "the body fails", untouched: true, works: true, left: "none" });
+}, x86Posix);
+
+test("a nested transaction whose body makes a patch, unmaps its originalSlot and throws: it rolls back, the outer commits", () => {
+  const seen = runCase(unmapFixture, "made in a nested body that unmaps its originalSlot, then throws");
+  assert.deepEqual(seen, { error: "none", message: "", untouched: true, outerCommitted: true, works: true, left: "none" });
+}, x86Posix);
+
 /** `mov rax, rdi; ret`, padded: 16 bytes. */
 const IDENTITY = [0x48, 0x89, 0xf8, 0xc3, ...Array(12).fill(0x90)];
 
