@@ -218,27 +218,27 @@ const x86Posix = { skip: !isArm64 && runtime.os !== "windows" ? undefined : "the
 test("a transaction whose body unmaps code it redefined: INVALID_ADDRESS at commit, nothing written, the rest rolled back", () => {
   const seen = runCase(unmapFixture, "redefined, then unmapped in the body") as Record<string, unknown>;
   assert.match(String(seen.message), /is not mapped: nothing was written/);
-  assert.deepEqual({ ...seen, message: "" }, { error: "INVALID_ADDRESS", message: "", untouched: true, works: true, left: "none" });
+  assert.deepEqual({ ...seen, message: "" }, { error: "INVALID_ADDRESS", message: "", bystander: "rolled back", untouched: true, works: true, left: "none" });
 }, x86Posix);
 
 test("a transaction whose body unmaps a patched function, then restores it: UNLOADED, nothing read, the rest rolled back", () => {
   const seen = runCase(unmapFixture, "restore after the body unmapped the mapping an earlier call found") as Record<string, unknown>;
   assert.match(String(seen.message), /its code is gone/);
-  assert.deepEqual({ ...seen, message: "" }, { error: "UNLOADED", message: "", untouched: true, works: true, left: "none" });
+  assert.deepEqual({ ...seen, message: "" }, { error: "UNLOADED", message: "", bystander: "rolled back", untouched: true, works: true, left: "none" });
 }, x86Posix);
 
 test("a transaction whose body unmaps a function between two redefines in its mapping: INVALID_ADDRESS, nothing read, the rest rolled back", () => {
   for (const name of ["redefined twice in one mapping, unmapped between", "redefined to its original twice in one mapping, unmapped between"]) {
     const seen = runCase(unmapFixture, name) as Record<string, unknown>;
     assert.match(String(seen.message), /is not mapped, so it is not code/, name);
-    assert.deepEqual({ ...seen, message: "" }, { error: "INVALID_ADDRESS", message: "", untouched: true, works: true, left: "none" }, name);
+    assert.deepEqual({ ...seen, message: "" }, { error: "INVALID_ADDRESS", message: "", bystander: "rolled back", untouched: true, works: true, left: "none" }, name);
   }
 }, x86Posix);
 
 test("a transaction whose body unmaps a native replacement it redirected to: BAD_REPLACEMENT at commit, nothing written", () => {
   const seen = runCase(unmapFixture, "redefined to a native replacement the body unmaps") as Record<string, unknown>;
   assert.match(String(seen.message), /the replacement 0x[0-9a-f]+ is no longer mapped .*nothing was written/);
-  assert.deepEqual({ ...seen, message: "" }, { error: "BAD_REPLACEMENT", message: "", untouched: true, works: true, left: "none" });
+  assert.deepEqual({ ...seen, message: "" }, { error: "BAD_REPLACEMENT", message: "", bystander: "rolled back", untouched: true, works: true, left: "none" });
 }, x86Posix);
 
 test("a transaction whose body restores a patch, then unmaps its originalSlot: restored, the slot left alone", () => {
@@ -248,12 +248,12 @@ test("a transaction whose body restores a patch, then unmaps its originalSlot: r
 
 test("a transaction whose body makes a patch, unmaps its originalSlot and throws: rolled back, the slot left alone", () => {
   const seen = runCase(unmapFixture, "made in a body that unmaps its originalSlot, then throws");
-  assert.deepEqual(seen, { error: "Error: the body fails", message: "the body fails", untouched: true, works: true, left: "none" });
+  assert.deepEqual(seen, { error: "Error: the body fails", message: "the body fails", bystander: "rolled back", untouched: true, works: true, left: "none" });
 }, x86Posix);
 
 test("a nested transaction whose body makes a patch, unmaps its originalSlot and throws: it rolls back, the outer commits", () => {
   const seen = runCase(unmapFixture, "made in a nested body that unmaps its originalSlot, then throws");
-  assert.deepEqual(seen, { error: "none", message: "", untouched: true, outerCommitted: true, works: true, left: "none" });
+  assert.deepEqual(seen, { error: "none", message: "", bystander: "live", untouched: true, works: true, left: "none" });
 }, x86Posix);
 
 /** `mov rax, rdi; ret`, padded: 16 bytes. */
