@@ -441,8 +441,8 @@ function refused<T>(make: () => T): T | RedefineError {
  * How the first instructions of `site` move to free `minLength` bytes: decoded and checked once
  * per entry, then reused while the entry's bytes are the ones it moves (compared each time). What
  * follows them in the function, which the checks read for branches back into them, is taken to
- * stay as it was, as the code before the entry is (`KnownPlace.clean`): code does not change
- * under us, and our own patches are read through.
+ * stay as it was while the same memory stays mapped, as the code before the entry is
+ * (`KnownPlace.clean`): code does not change under us, and our own patches are read through.
  */
 function relocationPlan(m: Machine, site: AnySite, minLength: number): KnownPlan {
   const known = site.place.plan;

@@ -15,7 +15,7 @@ import type { Entry, SlotReuse } from "./registry.ts";
 import { nativeSignature } from "./replacement.ts";
 import { moduleAt } from "./introspect.ts";
 import { pendingAt, schedule, transaction } from "./transaction.ts";
-import { PROT_WRITE } from "../platform/mod.ts";
+import { PROT_WRITE, sameFile } from "../platform/mod.ts";
 import type { Mapping, NativeCallback } from "../platform/mod.ts";
 
 /** A trampoline's code: where it is, and the pool slot it got for itself (null: it lives in a stub's). */
@@ -416,9 +416,7 @@ function setRestoring(entries: readonly Entry[], restoring: boolean): void {
  */
 function replaced(isEntry: boolean, at: bigint, then: Mapping | undefined, now: Mapping): boolean {
   if (!isEntry) return moduleAt(at) === null;
-  const was = then?.file;
-  const is = now.file;
-  return was !== undefined && !(is && is.device === was.device && is.inode === was.inode && is.base === was.base);
+  return then?.file !== undefined && !sameFile(then.file, now.file);
 }
 
 /** Stores `value` in the 8-byte aligned slot at `slot` in one store; returns what was there. */

@@ -1,7 +1,7 @@
 import { assert, assertCode, runtimeName, runtimePath, test } from "./harness.ts";
 import { redefine, RedefineError } from "../mod.ts";
 import { archFor } from "../src/arch/mod.ts";
-import { osFor } from "../platform/mod.ts";
+import { osFor, sameMemory } from "../platform/mod.ts";
 import { linux, parseMaps } from "../platform/linux.ts";
 import { farPlace, nearCandidates } from "../platform/address_space.ts";
 import { lazyLibrary } from "../platform/lazy_library.ts";
@@ -66,6 +66,26 @@ if (runtime.os === "linux") {
     assert.deepEqual(os.mappingAt(labs)!.file, listed.file);
   });
 }
+
+test("sameMemory: a file's mapping is the same file from the same place, however split; other memory the same extent and protection", () => {
+  const [text, split, moved, other, anonymous, grown, writable] = parseMaps(
+    "7f0000000000-7f0000004000 r-xp 00001000 08:01 42 /usr/lib/libx.so\n" +
+      // The same file from the same place, split by a protection change: base 7f0000000000 - 1000.
+      "7f0000002000-7f0000004000 r-xp 00003000 08:01 42 /usr/lib/libx.so\n" +
+      "7f0000000000-7f0000004000 r-xp 00002000 08:01 42 /usr/lib/libx.so\n" +
+      "7f0000000000-7f0000004000 r-xp 00001000 08:01 43 /usr/lib/liby.so\n" +
+      "7f0000000000-7f0000004000 r-xp 00000000 00:00 0 \n" +
+      "7f0000000000-7f0000008000 r-xp 00000000 00:00 0 \n" +
+      "7f0000000000-7f0000004000 rwxp 00000000 00:00 0 \n",
+  );
+  assert.equal(sameMemory(text, split), true);
+  assert.equal(sameMemory(text, moved), false, "another offset of the file at the same address");
+  assert.equal(sameMemory(text, other), false, "another file");
+  assert.equal(sameMemory(text, anonymous), false, "no file");
+  assert.equal(sameMemory(anonymous, { ...anonymous }), true);
+  assert.equal(sameMemory(anonymous, grown), false);
+  assert.equal(sameMemory(anonymous, writable), false);
+});
 
 test("near free space: nearest first across the gaps below and above, up to a limit", () => {
   const page = 0x1000n;
