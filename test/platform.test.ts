@@ -558,3 +558,32 @@ if (runtime.os === "linux") {
     }
   });
 }
+
+if (runtime.os === "linux") {
+  test("symbol names reach dlsym exactly: ASCII after a longer name, non-ASCII (UTF-8), longer than the name buffer", () => {
+    const stubs = (prefix: string) => {
+      const image = buildStubImage({
+        machine: isArm64 ? "aarch64" : "x86_64",
+        count: 1,
+        prefix,
+        stubSize: 16,
+        jump: () => new Uint8Array(isArm64 ? [0x00, 0x00, 0x20, 0xd4] : [0xcc]), // brk #0 / int3: never called
+      });
+      return { name: image.name(0), path: os.loadableImage(image.bytes) };
+    };
+    const accented = stubs("redefine_é_ß_test_");
+    const long = stubs(`redefine_${"x".repeat(300)}_`);
+    const short = stubs("rdf_");
+    const found = (s: { name: string; path: string }) => os.symbolAddress(s.name, s.path);
+    const accentedAt = found(accented);
+    assert.ok(accentedAt > 0n, "found by its UTF-8 bytes");
+    const longAt = found(long);
+    assert.ok(longAt > 0n && longAt !== accentedAt);
+    // Each after a longer one: its own bytes and terminator, nothing of the name before.
+    assert.ok(found(short) > 0n);
+    assert.ok(os.symbolAddress("getppid") > 0n);
+    assertCode(() => os.symbolAddress(accented.name.replace("é", "e"), accented.path), "SYMBOL_NOT_FOUND");
+    assertCode(() => os.symbolAddress(accented.name.replace("é", "\u00e9\u0301"), accented.path), "SYMBOL_NOT_FOUND");
+    assert.equal(found(accented), accentedAt);
+  });
+}
