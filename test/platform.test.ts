@@ -411,6 +411,41 @@ if (!isArm64 && runtime.os === "linux") {
     }
   });
 
+  test("a lone write within one aligned word, lent and given its mapping (every lone patch and restore): one forced write of the word, its other bytes kept; refused, the mprotect way", () => {
+    const { code, call } = smallFunctions(1);
+    const mapping = os.mappingAt(code.address)!;
+    const protection = protectionAt(code.address);
+    const maps = mapsAround(code.address);
+    // mov rax, rdi; ret -> mov al, 7 ... : bytes 1-2 of the word, the others as they were.
+    const word = bytesAt(code.address, 8);
+    const write = { address: code.address + 1n, bytes: Uint8Array.of(0xc7, 0xc0), mapping };
+    const undo = { address: code.address + 1n, bytes: word.slice(1, 3), mapping };
+    const expected = word.slice();
+    expected.set(write.bytes, 1);
+    try {
+      const { platform: counting, calls } = refusingLinux({});
+      writeCode(counting, [write], { lent });
+      assert.deepEqual(bytesAt(code.address, 8), expected, "the two bytes, the word's other six as they were");
+      writeCode(counting, [undo], { lent });
+      assert.deepEqual(bytesAt(code.address, 8), word, "back exactly");
+      assert.equal(call(0), 5n);
+      assert.deepEqual(calls, { mprotect: 0, pwrite: 1 + 2, openProcMem: 1, ioctl: 0 }, "the probe, then one pwrite each; no query");
+      assert.deepEqual(mapsAround(code.address), maps, "the same mappings, the same protections");
+      // Where the kernel refuses forced writes: the page is made writable and given its own protection back.
+      const { platform: refused, calls: refusedCalls } = refusingLinux({ pwrite: true });
+      writeCode(refused, [write], { lent });
+      assert.deepEqual(bytesAt(code.address, 8), expected);
+      assert.equal(protectionAt(code.address), protection);
+      writeCode(refused, [undo], { lent });
+      assert.deepEqual(bytesAt(code.address, 8), word);
+      assert.equal(refusedCalls.mprotect, 4, "one pair each");
+      assert.ok(refusedCalls.ioctl > 0, "the protection asked of the system before it is changed");
+      assert.equal(protectionAt(code.address), protection);
+    } finally {
+      unassemble(code.base);
+    }
+  });
+
   test("glibc's time, in the vDSO: redefined through /proc/self/mem, and restored", () => {
     const address = os.symbolAddress("time");
     const vdso = os.mappings().find((m) => m.path === "[vdso]")!;
@@ -541,5 +576,34 @@ if (runtime.os === "linux") {
     } finally {
       patch.restore();
     }
+  });
+}
+
+if (runtime.os === "linux") {
+  test("symbol names reach dlsym exactly: ASCII after a longer name, non-ASCII (UTF-8), longer than the name buffer", () => {
+    const stubs = (prefix: string) => {
+      const image = buildStubImage({
+        machine: isArm64 ? "aarch64" : "x86_64",
+        count: 1,
+        prefix,
+        stubSize: 16,
+        jump: () => new Uint8Array(isArm64 ? [0x00, 0x00, 0x20, 0xd4] : [0xcc]), // brk #0 / int3: never called
+      });
+      return { name: image.name(0), path: os.loadableImage(image.bytes) };
+    };
+    const accented = stubs("redefine_é_ß_test_");
+    const long = stubs(`redefine_${"x".repeat(300)}_`);
+    const short = stubs("rdf_");
+    const found = (s: { name: string; path: string }) => os.symbolAddress(s.name, s.path);
+    const accentedAt = found(accented);
+    assert.ok(accentedAt > 0n, "found by its UTF-8 bytes");
+    const longAt = found(long);
+    assert.ok(longAt > 0n && longAt !== accentedAt);
+    // Each after a longer one: its own bytes and terminator, nothing of the name before.
+    assert.ok(found(short) > 0n);
+    assert.ok(os.symbolAddress("getppid") > 0n);
+    assertCode(() => os.symbolAddress(accented.name.replace("é", "e"), accented.path), "SYMBOL_NOT_FOUND");
+    assertCode(() => os.symbolAddress(accented.name.replace("é", "\u00e9\u0301"), accented.path), "SYMBOL_NOT_FOUND");
+    assert.equal(found(accented), accentedAt);
   });
 }
