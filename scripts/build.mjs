@@ -83,7 +83,7 @@ function entry(names, [os, cpu], [darwin, windows, arm], prefix, compiled = []) 
       const file = `${system}-${name}`;
       const module = `await import("./${prefix}${file}.js")`;
       return compiled.includes(file)
-        ? `globalThis.Bun !== undefined ? await bunCompiled(await import("./${file}.bun.cjs")) ?? ${module} : await nodeCompiled("${file}", "${digestsToCome(file)}") ?? ${module}`
+        ? `globalThis.Bun !== undefined ? await bunCompiled(import("./${file}.bun.cjs")) ?? ${module} : await nodeCompiled("${file}", "${digestsToCome(file)}") ?? ${module}`
         : module;
     });
     return `arm ? ${arm64} : ${x64}`;
@@ -186,10 +186,13 @@ const digestsToCome = (file) => `digests of ${file}.script.js and .node-cache`;
 
 /**
  * dist/mod.js's loaders of a bundle precompiled for Bun and for Node (`precompile`); each gives
- * null where it cannot serve, and the module is imported instead. Bun's, given the CommonJS module,
- * runs the function it exports; null where a bundler took the file for plain CommonJS (`bun build
- * --compile` does: it drops the wrapper Bun's loader reads the file by, and the module exports
- * nothing), which then has the module too. Node's runs the bundle as a script with the code cache
+ * null where it cannot serve, and the module is imported instead. Bun's, given the import of the
+ * CommonJS module (a literal `import()`, which bundlers see), runs the function it exports; null
+ * where that import fails (the file is missing, as a publish leaving it out would have it, or does
+ * not load) or a bundler took the file for plain CommonJS (`bun build --compile` does: it drops
+ * the wrapper Bun's loader reads the file by, and the module exports nothing), which then has the
+ * module too. An error of the function itself is the module's own (the module would throw it
+ * too; running it again would run the body twice): it is not caught. Node's runs the bundle as a script with the code cache
  * V8 made of it at build time; null under Deno, where stack traces are mapped to the sources
  * (Node's --enable-source-maps) or coverage is collected (NODE_V8_COVERAGE), since Node maps only
  * what its module loaders loaded, where the files are not beside this one (a bundler copied
@@ -203,7 +206,13 @@ const digestsToCome = (file) => `digests of ${file}.script.js and .node-cache`;
  * compiled from its text, as the module would be.
  */
 const COMPILED_LOADERS = `
-function bunCompiled({ default: run }) {
+async function bunCompiled(loading) {
+  let run;
+  try {
+    ({ default: run } = await loading);
+  } catch {
+    return null;
+  }
   return typeof run === "function" ? run() : null;
 }
 
