@@ -2,7 +2,7 @@
 // and test:windows's and test:arm64's own), on this system for real: under Wine and qemu-user too,
 // where test/package.test.ts's tarball installs do not run. In a child process, as a user's program.
 import { spawnSync } from "node:child_process";
-import { cpSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { cpSync, existsSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, sep } from "node:path";
 import process from "node:process";
@@ -246,6 +246,46 @@ console.log(JSON.stringify({
   loaded: [...modules.keys()].map((url) => url.slice(url.lastIndexOf("/") + 1)),
 }));`);
     assert.deepEqual(seen, { patched: true, restored: true, ownRealm: true, loaded: ["mod.js", "linux-x64.js"] }, why);
+  });
+}
+
+// The build makes the same bytes wherever and whenever it runs (scripts/build.mjs
+// NODE_CACHE_FLAGS: V8 lays the hash tables of Node's cache out by a seed of its own each run,
+// and keeps the build's path in it), but for a few bits of Node's cache that V8's garbage
+// collections set by their timing: on a loaded machine ~1 build in 4 has 4 bytes apart, of the
+// same length (README, Install). Run by one runtime: the build is the same for all.
+if (precompiled && runtimeName === "node") {
+  test("bundle: a build of the same sources in another directory makes dist/ byte for byte, Node's cache but a few bits", () => {
+    const root = fileURLToPath(new URL("../", import.meta.url));
+    const dir = mkdtempSync(join(tmpdir(), "redefine-build-"));
+    try {
+      for (const path of ["mod.ts", "src", "platform", "scripts", "package.json", "tsconfig.dist.json"]) {
+        cpSync(join(root, path), join(dir, path), { recursive: true });
+      }
+      symlinkSync(realpathSync(join(root, "node_modules")), join(dir, "node_modules"));
+      const build = spawnSync(process.execPath, [join(dir, "scripts", "build.mjs")], { cwd: dir, encoding: "utf8" });
+      assert.equal(build.status, 0, `${build.stdout}\n${build.stderr}`);
+      /** Every file under `dist`, by its path there, and its bytes. */
+      const files = (dist: string) =>
+        new Map((readdirSync(dist, { recursive: true }) as string[]).toSorted()
+          .filter((file) => statSync(join(dist, file)).isFile())
+          .map((file) => [file, readFileSync(join(dist, file))]));
+      const ours = files(join(root, "dist")), again = files(join(dir, "dist"));
+      assert.deepEqual([...again.keys()], [...ours.keys()], "the same files");
+      const cache = "linux-x64.node-cache";
+      // dist/mod.js holds the cache's digest: the same but for it.
+      const digest = /\d+:[0-9a-z]+(?=")/;
+      const text = (file: Map<string, Buffer>) => file.get("mod.js")!.toString().replace(digest, "");
+      const differ = [...ours.keys()].filter((file) => file !== cache && file !== "mod.js" && !ours.get(file)!.equals(again.get(file)!));
+      assert.deepEqual(differ, [], "the same bytes (this checkout's dist/ is built from its sources: npm test builds it first)");
+      assert.equal(text(again), text(ours), "dist/mod.js the same but for the cache's digest");
+      const [a, b] = [ours.get(cache)!, again.get(cache)!];
+      assert.equal(b.length, a.length, "Node's cache of the same length");
+      const apart = a.reduce((n, byte, i) => n + (byte !== b[i] ? 1 : 0), 0);
+      assert.ok(apart <= 8, `Node's cache the same but for a few bytes: ${apart} apart`);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 }
 
