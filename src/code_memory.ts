@@ -383,6 +383,12 @@ export interface CodeWrite {
    * through the process's own mapping, has its protection asked of the system again.
    */
   readonly mapping?: Mapping | undefined;
+  /**
+   * The bytes the caller found at `address` or wrote there, which the write replaces (a patch's
+   * entry: the function's bytes, or the jump of the patch below; a restore: its own jump). Not
+   * used here: a transaction's commit refuses writes where user code changed them since.
+   */
+  readonly expected?: Uint8Array | undefined;
 }
 
 /**

@@ -401,7 +401,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
 
 /** The write that puts `entry`'s place (found in `mapping` now) back. */
 function restoreWrite(entry: Entry, mapping: Mapping, spin: Uint8Array): CodeWrite {
-  return { address: entry.at, bytes: restoredBytes(entry), spin, mapping };
+  return { address: entry.at, bytes: restoredBytes(entry), spin, mapping, expected: entry.written };
 }
 
 /** Marks every entry's restore pending (or no longer). */

@@ -148,7 +148,7 @@ function applyLocked<P extends readonly NativeType[], R extends NativeType>(site
     counters: layout.counters,
   });
   schedule(
-    { address: site.at, bytes: layout.entry, spin: machine().arch.selfLoop, mapping: site.mapping },
+    { address: site.at, bytes: layout.entry, spin: machine().arch.selfLoop, mapping: site.mapping, expected: original },
     nothing,
     () => patch.abandon(),
   );

@@ -390,9 +390,9 @@ export interface Entry {
   owner: bigint;
   retired: boolean;
   /**
-   * Kept by the registry, made null: the live patches of its function while it is in the cache
-   * (see `Layers`), so that its own restore and forgetting look none up; null once a rebuild of the
-   * cache has passed it by.
+   * Kept by the registry: the live patches of its function while it is in the cache (see
+   * `Layers`), so that its own restore and forgetting look none up; null once forgotten. One a
+   * rebuild of the cache has left out keeps a stale one, never read (see `sync`).
    */
   layers: Layers | null;
 }
@@ -529,8 +529,9 @@ export function exclusive<T>(body: () => T): T {
 /** Rebuilds the cache from the store when another isolate changed it. */
 function sync(s: Store): void {
   if (s.generation() === seen) return;
-  // The entries kept below get their functions' new records; the others keep none that is stale.
-  for (let i = 0; i < live.length; i++) live[i]!.layers = null;
+  // Each entry kept gets its function's new record (`index`). One left out keeps its old one,
+  // never read again: another isolate's entry is made afresh from its record, and this isolate's
+  // leaves the store only under another's restore, as an inert patch whose handle is done.
   live = [];
   stacks = new Map();
   byBlock = new Map();

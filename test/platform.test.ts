@@ -6,6 +6,7 @@ import { linux, parseMaps } from "../platform/linux.ts";
 import { farPlace, nearCandidates } from "../platform/address_space.ts";
 import { lazyLibrary } from "../platform/lazy_library.ts";
 import { PROTECT_FROM, writeCode } from "../src/code_memory.ts";
+import type { WriteOptions } from "../src/code_memory.ts";
 import { lent, liveBytes } from "../src/registry.ts";
 import { platform } from "../platform/mod.ts";
 import { assemble, bytesAt, isArm64, libc, os, protectionAt, runtime, unassemble, unwritableCode } from "./native.ts";
@@ -221,23 +222,33 @@ test("lazy library: a seldom or busy-later name that no group declares is a type
   assert.equal(c.getpid(), process.pid);
 });
 
-test("a write that fails half-way rolls back every page and byte", () => {
-  const p = platform();
-  const labs = os.symbolAddress("labs");
-  const unwritable = unwritableCode(); // mprotect refuses to make it writable
-  const before = bytesAt(labs, 8);
-  const protection = protectionAt(labs);
-  try {
-    assertCode(
-      () => writeCode(p, [{ address: labs, bytes: new Uint8Array(8).fill(0xcc) }, { address: unwritable, bytes: Uint8Array.of(0xcc) }]),
-      "PROTECT_FAILED",
-    );
-  } finally {
-    libc.munmap(unwritable, BigInt(os.pageSize));
-  }
-  assert.deepEqual(bytesAt(labs, 8), before);
-  assert.equal(protectionAt(labs), protection);
-});
+/**
+ * The two ways a write is made, for each failure case: with views and bytes of its own, as a
+ * caller writing seldom makes it, and lent the registry's kept page views and scratch bytes, as
+ * every patch makes it (src/registry.ts `lent`): an undo reads and puts back through whichever
+ * views the write used, and lent scratch bytes come with any contents.
+ */
+const LENDINGS: readonly (readonly [string, WriteOptions])[] = [["", {}], [", lent the registry's page views and scratch", { lent }]];
+
+for (const [lending, options] of LENDINGS) {
+  test(`a write that fails half-way rolls back every page and byte${lending}`, () => {
+    const p = platform();
+    const labs = os.symbolAddress("labs");
+    const unwritable = unwritableCode(); // mprotect refuses to make it writable
+    const before = bytesAt(labs, 8);
+    const protection = protectionAt(labs);
+    try {
+      assertCode(
+        () => writeCode(p, [{ address: labs, bytes: new Uint8Array(8).fill(0xcc) }, { address: unwritable, bytes: Uint8Array.of(0xcc) }], options),
+        "PROTECT_FAILED",
+      );
+    } finally {
+      libc.munmap(unwritable, BigInt(os.pageSize));
+    }
+    assert.deepEqual(bytesAt(labs, 8), before);
+    assert.equal(protectionAt(labs), protection);
+  });
+}
 
 test("a write through the registry's kept page views still checks each page against the map: one unmapped since its view was kept is refused, not read", () => {
   const p = platform();
@@ -357,37 +368,6 @@ if (!isArm64 && runtime.os === "linux") {
     }
   });
 
-  test("a batch whose run of pages mprotect refuses goes the forced way instead", () => {
-    const { platform: refused, calls } = refusingLinux({ mprotect: true });
-    const { code, addresses, sevens, originals, call } = smallFunctions(PROTECT_FROM);
-    const protection = protectionAt(code.address);
-    try {
-      writeCode(refused, sevens);
-      assert.deepEqual(addresses.map((_, i) => call(i)), addresses.map(() => 7n));
-      assert.equal(calls.mprotect, 1, "asked once");
-      assert.equal(calls.pwrite, 1 + PROTECT_FROM, "the probe, then one pwrite per store");
-      writeCode(refused, originals);
-      assert.deepEqual(addresses.map((a) => bytesAt(a, 8)), originals.map((o) => o.bytes), "restored exactly");
-      assert.equal(protectionAt(code.address), protection);
-    } finally {
-      unassemble(code.base);
-    }
-  });
-
-  test("a batch on the mprotect way that fails half-way rolls back every byte and protection", () => {
-    const { code, addresses, sevens, originals } = smallFunctions(PROTECT_FROM);
-    const unwritable = unwritableCode(); // the forced write and mprotect both refuse it
-    const maps = mapsAround(code.address);
-    try {
-      assertCode(() => writeCode(platform(), [...sevens, { address: unwritable, bytes: Uint8Array.of(0xcc) }]), "PROTECT_FAILED");
-      assert.deepEqual(addresses.map((a) => bytesAt(a, 8)), originals.map((o) => o.bytes), "every byte back");
-      assert.deepEqual(mapsAround(code.address), maps, "every protection back, no mapping split");
-    } finally {
-      libc.munmap(unwritable, BigInt(os.pageSize));
-      unassemble(code.base);
-    }
-  });
-
   test("a write given its mapping asks the system nothing; on the mprotect way the protection is asked again", () => {
     const { platform: counting, calls } = refusingLinux({});
     const { code, sevens, originals, call } = smallFunctions(PROTECT_FROM);
@@ -468,76 +448,109 @@ if (!isArm64 && runtime.os === "linux") {
     assert.deepEqual(mapsAround(address), maps);
   });
 
-  test("where the kernel refuses /proc/self/mem, writes fall back to mprotect; decided once", () => {
-    for (const refuse of [{ open: true }, { pwrite: true }]) {
-      const { platform: refused, calls } = refusingLinux(refuse);
-      const labs = os.symbolAddress("labs");
-      const original = bytesAt(labs, 8);
-      const protection = protectionAt(labs);
-      const patched = Uint8Array.of(0x48, 0x89, 0xf8, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc); // mov rax, rdi; ret
-      writeCode(refused, [{ address: labs, bytes: patched }]);
-      assert.deepEqual(bytesAt(labs, 8), patched, JSON.stringify(refuse));
-      assert.equal(libc.labs(-5n), -5n);
-      writeCode(refused, [{ address: labs, bytes: original }]);
-      assert.deepEqual(bytesAt(labs, 8), original, "restored exactly");
-      assert.equal(protectionAt(labs), protection, "its protection back exactly");
-      assert.equal(calls.mprotect, 4, "a writable-and-back pair per write");
-      assert.equal(calls.openProcMem, 1, "tried once");
-      assert.equal(calls.pwrite, refuse.pwrite ? 1 : 0, "the probe only");
-    }
-  });
+  for (const [lending, options] of LENDINGS) {
+    test(`a batch whose run of pages mprotect refuses goes the forced way instead${lending}`, () => {
+      const { platform: refused, calls } = refusingLinux({ mprotect: true });
+      const { code, addresses, sevens, originals, call } = smallFunctions(PROTECT_FROM);
+      const protection = protectionAt(code.address);
+      try {
+        writeCode(refused, sevens, options);
+        assert.deepEqual(addresses.map((_, i) => call(i)), addresses.map(() => 7n));
+        assert.equal(calls.mprotect, 1, "asked once");
+        assert.equal(calls.pwrite, 1 + PROTECT_FROM, "the probe, then one pwrite per store");
+        writeCode(refused, originals, options);
+        assert.deepEqual(addresses.map((a) => bytesAt(a, 8)), originals.map((o) => o.bytes), "restored exactly");
+        assert.equal(protectionAt(code.address), protection);
+      } finally {
+        unassemble(code.base);
+      }
+    });
 
-  test("a forced write the kernel takes only part of is undone, and the write goes the mprotect way", () => {
-    const { platform: short, calls } = refusingLinux({ short: true });
-    // Eight bytes from three before the end of a read+execute page into the next one.
-    const { address, base } = assemble([0x90, 0x90, 0x90, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc], -3);
-    try {
-      const before = bytesAt(address, 8);
-      const protection = protectionAt(address);
-      const bytes = Uint8Array.of(0x31, 0xc0, 0x90, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc); // xor eax, eax; nop; ret
-      writeCode(short, [{ address, bytes }]);
-      assert.deepEqual(bytesAt(address, 8), bytes);
-      assert.equal(protectionAt(address), protection);
-      assert.equal(protectionAt(address + 7n), protection);
-      assert.equal(calls.pwrite, 3, "the probe, the short write, the write-back of its first part");
-      assert.equal(calls.mprotect, 2, "both pages opened and closed as one run");
-      writeCode(short, [{ address, bytes: before }]);
-      assert.deepEqual(bytesAt(address, 8), before, "restored exactly");
-      // With mprotect refused as well, nothing stays written: not even the part the kernel took.
-      const { platform: neither } = refusingLinux({ short: true, mprotect: true });
-      assertCode(() => writeCode(neither, [{ address, bytes }]), "PROTECT_FAILED", /the kernel took 3/);
-      assert.deepEqual(bytesAt(address, 8), before, "the first part written back");
-    } finally {
-      unassemble(base);
-    }
-  });
+    test(`a batch on the mprotect way that fails half-way rolls back every byte and protection${lending}`, () => {
+      const { code, addresses, sevens, originals } = smallFunctions(PROTECT_FROM);
+      const unwritable = unwritableCode(); // the forced write and mprotect both refuse it
+      const maps = mapsAround(code.address);
+      try {
+        assertCode(() => writeCode(platform(), [...sevens, { address: unwritable, bytes: Uint8Array.of(0xcc) }], options), "PROTECT_FAILED");
+        assert.deepEqual(addresses.map((a) => bytesAt(a, 8)), originals.map((o) => o.bytes), "every byte back");
+        assert.deepEqual(mapsAround(code.address), maps, "every protection back, no mapping split");
+      } finally {
+        libc.munmap(unwritable, BigInt(os.pageSize));
+        unassemble(code.base);
+      }
+    });
 
-  test("PROTECT_FAILED only where mprotect and /proc/self/mem both refuse, naming both and { callers }", () => {
-    // The vDSO with /proc/self/mem refused: mprotect's EINVAL is what is left.
-    const { platform: refused } = refusingLinux({ open: true });
-    const time = os.symbolAddress("time");
-    const bytes = bytesAt(time, 8);
-    assertCode(
-      () => writeCode(refused, [{ address: time, bytes: Uint8Array.of(0xc3) }]),
-      "PROTECT_FAILED",
-      /EINVAL.*opening \/proc\/self\/mem failed.*\{ callers \}/s,
-    );
-    assert.deepEqual(bytesAt(time, 8), bytes);
-    // A shared read-only file mapping: the kernel copies nothing for it, and mprotect says EACCES.
-    const unwritable = unwritableCode();
-    try {
-      const before = bytesAt(unwritable, 8);
+    test(`where the kernel refuses /proc/self/mem, writes fall back to mprotect; decided once${lending}`, () => {
+      for (const refuse of [{ open: true }, { pwrite: true }]) {
+        const { platform: refused, calls } = refusingLinux(refuse);
+        const labs = os.symbolAddress("labs");
+        const original = bytesAt(labs, 8);
+        const protection = protectionAt(labs);
+        const patched = Uint8Array.of(0x48, 0x89, 0xf8, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc); // mov rax, rdi; ret
+        writeCode(refused, [{ address: labs, bytes: patched }], options);
+        assert.deepEqual(bytesAt(labs, 8), patched, JSON.stringify(refuse));
+        assert.equal(libc.labs(-5n), -5n);
+        writeCode(refused, [{ address: labs, bytes: original }], options);
+        assert.deepEqual(bytesAt(labs, 8), original, "restored exactly");
+        assert.equal(protectionAt(labs), protection, "its protection back exactly");
+        assert.equal(calls.mprotect, 4, "a writable-and-back pair per write");
+        assert.equal(calls.openProcMem, 1, "tried once");
+        assert.equal(calls.pwrite, refuse.pwrite ? 1 : 0, "the probe only");
+      }
+    });
+
+    test(`a forced write the kernel takes only part of is undone, and the write goes the mprotect way${lending}`, () => {
+      const { platform: short, calls } = refusingLinux({ short: true });
+      // Eight bytes from three before the end of a read+execute page into the next one.
+      const { address, base } = assemble([0x90, 0x90, 0x90, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc], -3);
+      try {
+        const before = bytesAt(address, 8);
+        const protection = protectionAt(address);
+        const bytes = Uint8Array.of(0x31, 0xc0, 0x90, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc); // xor eax, eax; nop; ret
+        writeCode(short, [{ address, bytes }], options);
+        assert.deepEqual(bytesAt(address, 8), bytes);
+        assert.equal(protectionAt(address), protection);
+        assert.equal(protectionAt(address + 7n), protection);
+        assert.equal(calls.pwrite, 3, "the probe, the short write, the write-back of its first part");
+        assert.equal(calls.mprotect, 2, "both pages opened and closed as one run");
+        writeCode(short, [{ address, bytes: before }], options);
+        assert.deepEqual(bytesAt(address, 8), before, "restored exactly");
+        // With mprotect refused as well, nothing stays written: not even the part the kernel took.
+        const { platform: neither } = refusingLinux({ short: true, mprotect: true });
+        assertCode(() => writeCode(neither, [{ address, bytes }], options), "PROTECT_FAILED", /the kernel took 3/);
+        assert.deepEqual(bytesAt(address, 8), before, "the first part written back");
+      } finally {
+        unassemble(base);
+      }
+    });
+
+    test(`PROTECT_FAILED only where mprotect and /proc/self/mem both refuse, naming both and { callers }${lending}`, () => {
+      // The vDSO with /proc/self/mem refused: mprotect's EINVAL is what is left.
+      const { platform: refused } = refusingLinux({ open: true });
+      const time = os.symbolAddress("time");
+      const bytes = bytesAt(time, 8);
       assertCode(
-        () => writeCode(platform(), [{ address: unwritable, bytes: Uint8Array.of(0xc3) }]),
+        () => writeCode(refused, [{ address: time, bytes: Uint8Array.of(0xc3) }], options),
         "PROTECT_FAILED",
-        /EACCES.*through \/proc\/self\/mem was refused: EIO.*\{ callers \}/s,
+        /EINVAL.*opening \/proc\/self\/mem failed.*\{ callers \}/s,
       );
-      assert.deepEqual(bytesAt(unwritable, 8), before);
-      assert.equal(protectionAt(unwritable), PROT_READ | PROT_EXEC);
-    } finally {
-      libc.munmap(unwritable, BigInt(os.pageSize));
-    }
-  });
+      assert.deepEqual(bytesAt(time, 8), bytes);
+      // A shared read-only file mapping: the kernel copies nothing for it, and mprotect says EACCES.
+      const unwritable = unwritableCode();
+      try {
+        const before = bytesAt(unwritable, 8);
+        assertCode(
+          () => writeCode(platform(), [{ address: unwritable, bytes: Uint8Array.of(0xc3) }], options),
+          "PROTECT_FAILED",
+          /EACCES.*through \/proc\/self\/mem was refused: EIO.*\{ callers \}/s,
+        );
+        assert.deepEqual(bytesAt(unwritable, 8), before);
+        assert.equal(protectionAt(unwritable), PROT_READ | PROT_EXEC);
+      } finally {
+        libc.munmap(unwritable, BigInt(os.pageSize));
+      }
+    });
+  }
 }
 
 if (runtime.os === "linux") {
