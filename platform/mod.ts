@@ -10,7 +10,7 @@ import { RedefineError } from "../src/errors.ts";
 import type { Os, Platform, Runtime } from "./types.ts";
 
 export type * from "./types.ts";
-export { PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
+export { PROT_EXEC, PROT_READ, PROT_WRITE, sameFile, sameMemory } from "./types.ts";
 export { buildStubImage, type StubImage } from "./image/elf.ts";
 export { farPlace } from "./address_space.ts";
 export { lazyLibrary } from "./lazy_library.ts";

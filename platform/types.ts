@@ -87,6 +87,11 @@ export interface Mapping {
   readonly path: string;
   /** The file it maps, where the system tells (Linux); absent for anonymous memory. */
   readonly file?: MappedFile | undefined;
+  /**
+   * The allocation holding it, where the system tells (Windows): with `end` and `protection`,
+   * what tells it from memory allocated at the same place later (see `sameMemory`).
+   */
+  readonly allocation?: Allocation | undefined;
 }
 
 /**
@@ -101,6 +106,43 @@ export interface MappedFile {
    * same however protection changes split or merge the mapping.
    */
   readonly base: bigint;
+}
+
+/**
+ * A Windows allocation, as `VirtualQuery` tells it with each region: where it begins
+ * (`AllocationBase`: for an image, the module's base) and what it is (`Type`).
+ */
+export interface Allocation {
+  readonly base: bigint;
+  /** MEM_IMAGE, MEM_MAPPED or MEM_PRIVATE. */
+  readonly kind: number;
+}
+
+/**
+ * Whether two mappings map the same file from the same place (the same library, not unloaded in
+ * between); false when either maps no file, or its system does not tell which.
+ */
+export function sameFile(a: MappedFile | undefined, b: MappedFile | undefined): boolean {
+  return a !== undefined && b !== undefined && a.device === b.device && a.inode === b.inode && a.base === b.base;
+}
+
+/**
+ * Whether the mapping `now` holds the same memory as `then`, both found at one address: the code
+ * there is what it was, unless it was unmapped and other code mapped in its place since. A file's
+ * mapping (Linux) is the same while the same file is mapped from the same place, however
+ * protection changes split or merge it. Memory that names no file (anonymous memory, a JIT's, all
+ * of Darwin's and Windows') is the same while its region has the same extent and protection
+ * (Windows: the same allocation, with the same end and protection, a region's `start` being the
+ * page asked about there): a region unmapped and mapped again with exactly those passes for the
+ * same, whatever code it holds now (README, "Not guaranteed").
+ */
+export function sameMemory(then: Mapping, now: Mapping): boolean {
+  if (then === now) return true;
+  if (then.file !== undefined || now.file !== undefined) return sameFile(then.file, now.file);
+  if (then.end !== now.end || then.protection !== now.protection) return false;
+  const a = then.allocation, b = now.allocation;
+  if (a === undefined || b === undefined) return a === b && then.start === now.start;
+  return a.base === b.base && a.kind === b.kind;
 }
 
 /** Protection bits, the same numbers on every system we support. */

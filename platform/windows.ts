@@ -113,11 +113,21 @@ export function windows(runtime: Runtime): Os {
   const scratch = new Uint8Array(MBI_SIZE);
   const oldProtection = new Uint8Array(4);
 
+  /**
+   * The committed region at `address` (from the page asked about, as VirtualQuery tells it), with
+   * the allocation holding it, or null.
+   */
   function mappingAt(address: bigint): Mapping | null {
     const mbi = query(address, scratch);
     if (!mbi || mbi.getUint32(32, true) !== MEM_COMMIT) return null;
     const start = mbi.getBigUint64(0, true);
-    return { start, end: start + mbi.getBigUint64(24, true), protection: protectionBits(mbi.getUint32(36, true)), path: "" };
+    return {
+      start,
+      end: start + mbi.getBigUint64(24, true),
+      protection: protectionBits(mbi.getUint32(36, true)),
+      path: "",
+      allocation: { base: mbi.getBigUint64(8, true), kind: mbi.getUint32(40, true) },
+    };
   }
 
   /** Every region from `from` to `to`, committed, reserved or free, in address order. */

@@ -83,7 +83,7 @@ function entry(names, [os, cpu], [darwin, windows, arm], prefix, compiled = []) 
       const file = `${system}-${name}`;
       const module = `await import("./${prefix}${file}.js")`;
       return compiled.includes(file)
-        ? `globalThis.Bun !== undefined ? await bunCompiled(await import("./${file}.bun.cjs")) ?? ${module} : await nodeCompiled("${file}", "${digestsToCome(file)}") ?? ${module}`
+        ? `globalThis.Bun !== undefined ? await bunCompiled(import("./${file}.bun.cjs")) ?? ${module} : await nodeCompiled("${file}", "${digestsToCome(file)}") ?? ${module}`
         : module;
     });
     return `arm ? ${arm64} : ${x64}`;
@@ -186,10 +186,13 @@ const digestsToCome = (file) => `digests of ${file}.script.js and .node-cache`;
 
 /**
  * dist/mod.js's loaders of a bundle precompiled for Bun and for Node (`precompile`); each gives
- * null where it cannot serve, and the module is imported instead. Bun's, given the CommonJS module,
- * runs the function it exports; null where a bundler took the file for plain CommonJS (`bun build
- * --compile` does: it drops the wrapper Bun's loader reads the file by, and the module exports
- * nothing), which then has the module too. Node's runs the bundle as a script with the code cache
+ * null where it cannot serve, and the module is imported instead. Bun's, given the import of the
+ * CommonJS module (a literal `import()`, which bundlers see), runs the function it exports; null
+ * where that import fails (the file is missing, as a publish leaving it out would have it, or does
+ * not load) or a bundler took the file for plain CommonJS (`bun build --compile` does: it drops
+ * the wrapper Bun's loader reads the file by, and the module exports nothing), which then has the
+ * module too. An error of the function itself is the module's own (the module would throw it
+ * too; running it again would run the body twice): it is not caught. Node's runs the bundle as a script with the code cache
  * V8 made of it at build time; null under Deno, where stack traces are mapped to the sources
  * (Node's --enable-source-maps) or coverage is collected (NODE_V8_COVERAGE), since Node maps only
  * what its module loaders loaded, where the files are not beside this one (a bundler copied
@@ -203,7 +206,13 @@ const digestsToCome = (file) => `digests of ${file}.script.js and .node-cache`;
  * compiled from its text, as the module would be.
  */
 const COMPILED_LOADERS = `
-function bunCompiled({ default: run }) {
+async function bunCompiled(loading) {
+  let run;
+  try {
+    ({ default: run } = await loading);
+  } catch {
+    return null;
+  }
   return typeof run === "function" ? run() : null;
 }
 
@@ -347,17 +356,33 @@ function firstPatch(redefine) {
 }
 
 /**
- * Node's code cache of dist/<file>.script.js (run by Node: npm's node, with no V8 flags, as a
- * user's process runs), made after `patch` (a first patch and its restore): V8 keeps in it every
- * function compiled so far, so the functions a first patch runs come compiled too. Where the
- * patch fails (a machine that cannot patch: a hardened kernel, a sandbox), the cache is made of
- * the import alone and one line of warning says so: the build goes on.
+ * The V8 flags of the Node that makes the code cache: none that V8 checks a cache against (one made
+ * under `--expose-gc`, or `--hash-seed=1`, is rejected by every process without the flag), but a
+ * fixed seed for V8's random numbers, from which it takes its string hash seed. With a seed of its
+ * own each run, the cache's hash tables are laid out by it: six runs of this step made six caches,
+ * of 221,096 to 221,160 bytes. With this one, builds make the same bytes but for what timing
+ * moves (on a loaded machine ~1 build in 4 has 4 bytes apart by one bit, per-function state that
+ * garbage collections change), and a process with its own seed, every user's, takes the cache as
+ * it took one made with a random seed (checked with `cachedDataRejected` and
+ * --profile-deserialization; Node 26.10).
+ */
+const NODE_CACHE_FLAGS = ["--random-seed=1"];
+
+/**
+ * Node's code cache of dist/<file>.script.js (run by Node: npm's node, with no V8 flags but a
+ * fixed random seed, `NODE_CACHE_FLAGS`), made after `patch` (a first patch and its restore): V8
+ * keeps in it every function compiled so far, so the functions a first patch runs come compiled
+ * too. Where the patch fails (a machine that cannot patch: a hardened kernel, a sandbox), the
+ * cache is made of the import alone and one line of warning says so: the build goes on.
  */
 async function nodeCache(file, patch = firstPatch) {
   const { Script, constants } = process.getBuiltinModule("node:vm");
   const path = `${root}dist/${file}.script.js`;
   const importModuleDynamically = constants.USE_MAIN_CONTEXT_DEFAULT_LOADER;
-  const script = new Script(readFileSync(path, "utf8"), { filename: path, importModuleDynamically });
+  // Named apart from where the build runs: V8 keeps the name in the cache (a process that takes it
+  // names the script its own way, by its own path), and the build's path made the bytes differ
+  // from one checkout to another.
+  const script = new Script(readFileSync(path, "utf8"), { filename: `redefine/dist/${file}.script.js`, importModuleDynamically });
   const { redefine } = await script.runInThisContext()();
   try {
     patch(redefine);
@@ -400,8 +425,8 @@ if (process.argv[1] === new URL(import.meta.url).pathname) {
     const ok = [
       [bin("tsc"), ["-p", "tsconfig.dist.json", "--emitDeclarationOnly"]],
       [bin("bun"), [self, "--bundles"]],
-      // The cache of the bundle the Bun step precompiled, by npm's node, with no V8 flags.
-      ...(precompiled() ? [[bin("node"), ["--no-warnings", self, "--node-cache", precompiled()]]] : []),
+      // The cache of the bundle the Bun step precompiled, by npm's node.
+      ...(precompiled() ? [[bin("node"), ["--no-warnings", ...NODE_CACHE_FLAGS, self, "--node-cache", precompiled()]]] : []),
     ].every(([command, args]) => {
       const result = sh(command, args, { cwd: root });
       // A step's warnings (the Node cache step's) on standard error, the rest only where it failed.

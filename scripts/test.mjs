@@ -57,7 +57,14 @@ const steps = [
       !(kind === "unanalyzable-dynamic-import" && at.endsWith("/src/trace/cli.ts"))
     );
     const unparsed = (result.output.match(/^warning\[/gm) ?? []).length !== warnings.length;
-    return one({ ok: result.ok && unexpected.length === 0 && !unparsed });
+    // JSR serves dist/deno.js on every runtime (its npm compatibility layer too), which loads
+    // none of the Bun and Node precompiled forms: deno.json leaves them out (dist/mod.js, which
+    // would load them first, runs the module where they are missing).
+    const files = [...result.output.matchAll(/^\s+file:\/\/\S*?\/(dist\/\S+)/gm)].map(([, file]) => file);
+    const precompiled = files.filter((file) => /\.(script\.js|node-cache|bun\.cjs(\.\w+)?)$/.test(file));
+    if (precompiled.length) console.error(`deno publish would publish the precompiled forms: ${precompiled.join(", ")}`);
+    const published = files.includes("dist/deno.js") && precompiled.length === 0;
+    return one({ ok: result.ok && unexpected.length === 0 && !unparsed && published });
   }],
 ];
 

@@ -388,6 +388,12 @@ export interface CodeWrite {
    * transaction's commit checks that it is still executable (src/registry.ts's `recheckHints`).
    */
   readonly leadsTo?: bigint | undefined;
+  /**
+   * The bytes the caller found at `address` or wrote there, which the write replaces (a patch's
+   * entry: the function's bytes, or the jump of the patch below; a restore: its own jump). Not
+   * used here: a transaction's commit refuses writes where user code changed them since.
+   */
+  readonly expected?: Uint8Array | undefined;
 }
 
 /**
@@ -534,6 +540,7 @@ interface Writing {
  */
 export function writeCode(platform: Platform, writes: readonly CodeWrite[], options: WriteOptions = {}): void {
   const { protectFrom = PROTECT_FROM, lent } = options;
+  if (writes.length === 1 && lent && protectFrom > 1 && loneWord(platform, writes[0]!, lent)) return;
   const spots = spotsOf(platform, writes);
   let total = 8;
   for (let i = 0; i < writes.length; i++) {
@@ -585,6 +592,33 @@ export function writeCode(platform: Platform, writes: readonly CodeWrite[], opti
     );
   }
   flush(w, writes, spots);
+}
+
+/**
+ * A lone write that fits in one aligned word, on a page its mapping hint says is not writable,
+ * made as the general path below makes it — one forced write of the word, then the flush — without
+ * its page, run, spot and undo records (a lone patch's two writes spent ~0.5 µs each on those).
+ * One store either lands or leaves the word as it was, so there is nothing to undo. False, nothing
+ * written, when the write is not one of these or the forced write is refused: the general path then
+ * makes it, asking the system for the page's protection.
+ */
+function loneWord(platform: Platform, write: CodeWrite, lent: Lent): boolean {
+  const { address, bytes, mapping } = write;
+  if (!mapping || mapping.protection & PROT_WRITE || bytes.length === 0) return false;
+  const offset = Number(address % 8n);
+  if (offset + bytes.length > 8) return false;
+  const at = wordAt(address, offset);
+  // Mappings are whole pages: the hint holding the word holds its page, which it proves mapped.
+  if (at < mapping.start || at >= mapping.end) return false;
+  const { os } = platform;
+  const inPage = Number(at % BigInt(os.pageSize));
+  const page = lent.page(at - BigInt(inPage));
+  const word = lent.scratch(8);
+  for (let k = 0; k < 8; k++) word[k] = page[inPage + k]!;
+  word.set(bytes, offset);
+  if (!os.forceWrite(at, word)) return false;
+  if (mapping.protection & PROT_EXEC) os.flushCode(address, bytes.length);
+  return true;
 }
 
 /**

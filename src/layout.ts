@@ -124,18 +124,8 @@ function originalForSlot(trampoline: Trampoline): void {
 function directJump(m: Machine, site: AnySite, to: bigint, below: bigint | null): Layout | null {
   const entry = entryJump(site, m.arch.entryJumps[0], to);
   if (!entry) return null;
-  const trampoline = below !== null ? Trampoline.at(below) : new Trampoline(trampolineOrRefusal(m, site));
+  const trampoline = below !== null ? Trampoline.at(below) : new Trampoline(refused(trampolineAlone, m, site, undefined));
   return { entry, covers: entry.length, destination: to, stub: null, trampoline, busy: null, bypass: to };
-}
-
-/** `trampolineAlone`, or the RedefineError it throws (`refused`, without a function made for each patch). */
-function trampolineOrRefusal(m: Machine, site: AnySite): Built | RedefineError {
-  try {
-    return trampolineAlone(m, site);
-  } catch (error) {
-    if (!(error instanceof RedefineError)) throw error;
-    return error;
-  }
 }
 
 /** What a lone trampoline's slot holds after the relocated instructions: nothing (see `SlotReuse`). */
@@ -424,13 +414,16 @@ function reserveAgain(
 
 /** How the first instructions move for an entry jump of `jumpSize` bytes; why not; null when layered. */
 function planFor(m: Machine, site: AnySite, below: bigint | null, jumpSize: number): Planned {
-  return below === null ? refused(() => relocationPlan(m, site, jumpSize)) : null;
+  return below === null ? refused(relocationPlan, m, site, jumpSize) : null;
 }
 
-/** What `make` returns, or the RedefineError it throws: a refusal kept to tell later (any other error goes on). */
-function refused<T>(make: () => T): T | RedefineError {
+/**
+ * What `make(a, b, c)` returns, or the RedefineError it throws: a refusal kept to tell later (any
+ * other error goes on). Given the arguments, not a closure: no function is made for each patch.
+ */
+function refused<A, B, C, T>(make: (a: A, b: B, c: C) => T, a: A, b: B, c: C): T | RedefineError {
   try {
-    return make();
+    return make(a, b, c);
   } catch (error) {
     if (!(error instanceof RedefineError)) throw error;
     return error;
@@ -441,8 +434,8 @@ function refused<T>(make: () => T): T | RedefineError {
  * How the first instructions of `site` move to free `minLength` bytes: decoded and checked once
  * per entry, then reused while the entry's bytes are the ones it moves (compared each time). What
  * follows them in the function, which the checks read for branches back into them, is taken to
- * stay as it was, as the code before the entry is (`KnownPlace.clean`): code does not change
- * under us, and our own patches are read through.
+ * stay as it was while the same memory stays mapped, as the code before the entry is
+ * (`KnownPlace.clean`): code does not change under us, and our own patches are read through.
  */
 function relocationPlan(m: Machine, site: AnySite, minLength: number): KnownPlan {
   const known = site.place.plan;
@@ -478,7 +471,7 @@ function relocateInto(
   // Planned: there is no patch below. Asked once a stub: on a CPU with BTI each ask is a dladdr.
   const plan = stub.plan!;
   const checks = branchChecks(m, site);
-  const code = refused(() => m.arch.relocate(plan, stub.slot.address, checks));
+  const code = refused(m.arch.relocate, plan, stub.slot.address, checks);
   if (code instanceof RedefineError) return { code: NO_CODE, trampoline: new Trampoline(code), checks: null };
   return { code, trampoline: Trampoline.at(stub.slot.address), checks };
 }

@@ -15,7 +15,7 @@ import type { Entry, SlotReuse } from "./registry.ts";
 import { nativeSignature } from "./replacement.ts";
 import { moduleAt } from "./introspect.ts";
 import { pendingAt, schedule, transaction } from "./transaction.ts";
-import { PROT_READ, PROT_WRITE } from "../platform/mod.ts";
+import { PROT_READ, PROT_WRITE, sameFile } from "../platform/mod.ts";
 import type { Mapping, NativeCallback } from "../platform/mod.ts";
 
 /** A trampoline's code: where it is, and the pool slot it got for itself (null: it lives in a stub's). */
@@ -398,7 +398,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
 
 /** The write that puts `entry`'s place (found in `mapping` now) back. */
 function restoreWrite(entry: Entry, mapping: Mapping, spin: Uint8Array): CodeWrite {
-  return { address: entry.at, bytes: restoredBytes(entry), spin, mapping };
+  return { address: entry.at, bytes: restoredBytes(entry), spin, mapping, expected: entry.written };
 }
 
 /** Marks every entry's restore pending (or no longer). */
@@ -413,9 +413,7 @@ function setRestoring(entries: readonly Entry[], restoring: boolean): void {
  */
 function replaced(isEntry: boolean, at: bigint, then: Mapping | undefined, now: Mapping): boolean {
   if (!isEntry) return moduleAt(at) === null;
-  const was = then?.file;
-  const is = now.file;
-  return was !== undefined && !(is && is.device === was.device && is.inode === was.inode && is.base === was.base);
+  return then?.file !== undefined && !sameFile(then.file, now.file);
 }
 
 /**

@@ -147,7 +147,14 @@ function applyLocked<P extends readonly NativeType[], R extends NativeType>(site
     counters: layout.counters,
   });
   schedule(
-    { address: site.at, bytes: layout.entry, spin: machine().arch.selfLoop, mapping: site.mapping, leadsTo: nativeAddress(to) },
+    {
+      address: site.at,
+      bytes: layout.entry,
+      spin: machine().arch.selfLoop,
+      mapping: site.mapping,
+      expected: original,
+      leadsTo: nativeAddress(to),
+    },
     nothing,
     () => patch.abandon(),
   );

@@ -16,7 +16,7 @@ import type { Arch, EntryJump, GuardLayout, RelocationPlan, RuntimeCode } from "
 import { OriginalStubs } from "./original.ts";
 import { openStore } from "./shared_registry.ts";
 import type { Store } from "./shared_registry.ts";
-import { platform, PROT_EXEC } from "../platform/mod.ts";
+import { platform, PROT_EXEC, sameMemory } from "../platform/mod.ts";
 import type { Mapping, Platform, SymbolInfo } from "../platform/mod.ts";
 import type { Signature } from "./signature.ts";
 
@@ -82,13 +82,19 @@ export function reclaimSpare(plan: KnownPlan, holds: object): CodeSlot | null {
 /** What was learnt of a function's entry, or of a place for an entry jump (see `Machine.places`). */
 export interface KnownPlace {
   /**
+   * The mapping holding it when last met: `symbol`, `clean` and `plan` describe the code in that
+   * memory, and hold while the same memory is mapped there (see `knownPlace`).
+   */
+  memory: Mapping;
+  /**
    * The symbol holding the entry, as the OS found it (undefined: not asked yet): the lookup scans
    * a library's whole symbol table, and a loaded library's symbols do not move.
    */
   symbol: SymbolInfo | null | undefined;
   /**
    * How many of its first bytes no nearby code jumps into, as checked (0: none): code does not
-   * change under us (our own patches are read through), so a clean scan stays clean.
+   * change under us while it stays mapped (our own patches are read through), so a clean scan
+   * stays clean.
    */
   clean: number;
   /**
@@ -104,10 +110,25 @@ export interface KnownPlace {
   jump: { readonly jump: EntryJump; readonly to: bigint; readonly bytes: Uint8Array } | null;
 }
 
-/** What was learnt of the place `at`, a record made on first use. */
-export function knownPlace(m: Machine, at: bigint): KnownPlace {
+/**
+ * What was learnt of the place `at`, in `mapping` as the patch found it, a record made on first
+ * use. What describes the code there (`symbol`, `clean`, `plan`) is forgotten when other memory is
+ * mapped there now (`sameMemory`: another file, or a region of another extent or protection), its
+ * code unmapped and other code mapped in its place; `jump` depends on no code. The mapping is the
+ * one the patch has asked for anyway: comparing it costs a few fields, not a query.
+ */
+export function knownPlace(m: Machine, at: bigint, mapping: Mapping): KnownPlace {
   let place = m.places.get(at);
-  if (place === undefined) m.places.set(at, place = { symbol: undefined, clean: 0, plan: null, jump: null });
+  if (place === undefined) {
+    m.places.set(at, place = { memory: mapping, symbol: undefined, clean: 0, plan: null, jump: null });
+  } else if (place.memory !== mapping) {
+    if (!sameMemory(place.memory, mapping)) {
+      place.symbol = undefined;
+      place.clean = 0;
+      place.plan = null;
+    }
+    place.memory = mapping;
+  }
   return place;
 }
 
@@ -429,9 +450,9 @@ export interface Entry {
   owner: bigint;
   retired: boolean;
   /**
-   * Kept by the registry, made null: the live patches of its function while it is in the cache
-   * (see `Layers`), so that its own restore and forgetting look none up; null once a rebuild of the
-   * cache has passed it by.
+   * Kept by the registry: the live patches of its function while it is in the cache (see
+   * `Layers`), so that its own restore and forgetting look none up; null once forgotten. One a
+   * rebuild of the cache has left out keeps a stale one, never read (see `sync`).
    */
   layers: Layers | null;
 }
@@ -568,8 +589,9 @@ export function exclusive<T>(body: () => T): T {
 /** Rebuilds the cache from the store when another isolate changed it. */
 function sync(s: Store): void {
   if (s.generation() === seen) return;
-  // The entries kept below get their functions' new records; the others keep none that is stale.
-  for (let i = 0; i < live.length; i++) live[i]!.layers = null;
+  // Each entry kept gets its function's new record (`index`). One left out keeps its old one,
+  // never read again: another isolate's entry is made afresh from its record, and this isolate's
+  // leaves the store only under another's restore, as an inert patch whose handle is done.
   live = [];
   stacks = new Map();
   byBlock = new Map();

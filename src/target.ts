@@ -149,7 +149,7 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   }
   const originalSlot = slotOf(target.originalSlot);
   checkReadable(address, 1, mapping);
-  const known = knownPlace(m, address);
+  const known = knownPlace(m, address, mapping);
   const extent = extentOf(m, address, known, target.size, "symbol" in target && target.symbol !== undefined);
   checkReadable(address, extent, mapping);
   // Read in place: nothing writes code before the layout has used these bytes (a write waits for
@@ -175,7 +175,7 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   }
   // Before anything is decoded there: the bytes may be the middle of another patch's jump.
   refuseOverlap(at, shortest);
-  const place = pad ? knownPlace(m, at) : known;
+  const place = pad ? knownPlace(m, at, mapping) : known;
   refuseJumpsIntoEntry(at, shortest, place);
   return { address, at, room, code: pad ? whole.subarray(pad) : whole, signature, originalSlot, mapping, place };
 }
@@ -283,8 +283,8 @@ export function symbolAddress(m: Machine, symbol: string, library: string | unde
 export function refuseJumpsIntoEntry(at: bigint, length: number, place: KnownPlace): void {
   const m = machine();
   if (place.clean >= length) return;
-  const mapping = mappingAt(at);
-  const start = mapping && mapping.start > at - BigInt(SCAN_BEFORE) ? mapping.start : at - BigInt(SCAN_BEFORE);
+  const mapping = place.memory;
+  const start = mapping.start > at - BigInt(SCAN_BEFORE) ? mapping.start : at - BigInt(SCAN_BEFORE);
   const before = m.platform.runtime.view(start, Number(at - start)).slice();
   // Read through our own live patches: their jumps would throw the decoder off the original code.
   readThrough(before, start);

@@ -7,7 +7,8 @@
  */
 import { mappedNow, writeCode } from "./code_memory.ts";
 import type { CodeWrite, WriteOptions } from "./code_memory.ts";
-import { exclusive, lent, machine, mappingAt, recheckHints, userCodeRan } from "./registry.ts";
+import { exclusive, holdsAt, lent, liveBytes, liveHolds, machine, mappingAt, recheckHints, userCodeRan } from "./registry.ts";
+import { hex, hexBytes, RedefineError } from "./errors.ts";
 import type { Batch } from "./registry.ts";
 
 /** How the registry's writes go: with what it lends them (one object for all). */
@@ -88,6 +89,57 @@ function net(writes: readonly CodeWrite[], byAddress?: Map<bigint, CodeWrite | C
 }
 
 /**
+ * Refuses a commit, before anything is written, where a place holds other bytes than its first
+ * write in the batch expects (`CodeWrite.expected`; a later write there expects what the earlier
+ * wrote). The body was user code: it may have written the entry itself, or unmapped its code and
+ * had other code mapped at the same address with the same protection (Node maps a binding's call
+ * code on its first call, into a hole just left as readily as anywhere), which the hints' check
+ * cannot tell from the old code. `rechecked` is the batch's writes after that check, index for
+ * index: where a write's mapping still holds, its bytes are read through the kept page views;
+ * where it was dropped, only once found mapped (an unmapped place is the write's to refuse).
+ */
+function refuseChanged(batch: Batch, rechecked: readonly CodeWrite[]): void {
+  const m = machine();
+  const size = m.platform.os.pageSize;
+  // The page read last, and its kept view: most writes share a page with the one before.
+  let page = -1n;
+  let view: Uint8Array | null = null;
+  for (let i = 0; i < rechecked.length; i++) {
+    const w = rechecked[i]!;
+    const expected = w.expected;
+    if (!expected) continue;
+    const within = w.address % m.pageBytes;
+    const offset = Number(within);
+    let holds: boolean;
+    if (w.mapping !== undefined && offset + expected.length <= size) {
+      // In one page of a mapping that still holds: read through the page's kept view.
+      const start = w.address - within;
+      if (start !== page) {
+        page = start;
+        view = liveBytes(start, size);
+      }
+      holds = holdsAt(view!, offset, expected);
+    } else {
+      if (!mappedNow(mappingAt, w.address, expected.length)) continue;
+      holds = liveHolds(w.address, expected);
+    }
+    if (holds) continue;
+    // Not the first write there (a patch layered on one made in this body, a restore of one):
+    // it finds what the earlier one writes. Indexed as `pendingAt` indexes it.
+    batch.byAddress ??= Map.groupBy(batch.writes, (x) => x.address);
+    const group = batch.byAddress.get(w.address)!;
+    if ((Array.isArray(group) ? group[0] : group) !== batch.writes[i]) continue;
+    const found = m.platform.runtime.view(w.address, expected.length).slice();
+    throw new RedefineError(
+      "PATCH_MODIFIED",
+      `the code at ${hex(w.address)} changed while the transaction's body ran (expected ${hexBytes(expected)}, ` +
+        `found ${hexBytes(found)}): the body wrote it, or unmapped it and other code was mapped there. ` +
+        `Nothing was written and the transaction rolled back: redefine or restore it again outside such a body.`,
+    );
+  }
+}
+
+/**
  * Applies everything `body` redefines and restores as one transaction: a run of pages taking 4
  * stores or more is made writable once and gets its protection back once, however many patches it
  * holds (fewer stores go through the kernel's forced write where the system has one), and if
@@ -124,7 +176,9 @@ function transactionLocked<T>(body: () => T): T {
     // the native code they lead to) may be stale by now, unmapped even. A lone write outside a
     // transaction keeps its hint unchecked: no user code runs between its query and the write.
     userCodeRan();
-    writeCode(m.platform, recheckHints(net(batch.writes, batch.byAddress)), LENT);
+    const writes = recheckHints(batch.writes);
+    refuseChanged(batch, writes);
+    writeCode(m.platform, net(writes, batch.byAddress), LENT);
   } catch (error) {
     m.batch = null;
     // The body, user code, may have unmapped what the rollbacks write (a patch's originalSlot).

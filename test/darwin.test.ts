@@ -4,7 +4,7 @@
  */
 import { assert, assertCode, test } from "./harness.ts";
 import { darwin, decodeFunctionStarts, LIBSYSTEM } from "../platform/darwin.ts";
-import { osFor } from "../platform/mod.ts";
+import { osFor, sameMemory } from "../platform/mod.ts";
 import { PROTECT_FROM, writeCode } from "../src/code_memory.ts";
 import { fakeRuntime, fields } from "./fake_ffi.ts";
 import type { FakeRuntime } from "./fake_ffi.ts";
@@ -331,6 +331,26 @@ test("darwin: mappingAt descends into the shared region's submap; a hole is unma
     [0x1_8000_0000n, R | X, "/usr/lib/dyld"],
     [0x1_9000_0000n, R, "/usr/lib/libc++.dylib"],
   ]);
+});
+
+// Darwin's regions name no file: what tells code unmapped and other code mapped in its place is
+// the region's extent and protection (src/registry.ts's knownPlace).
+test("darwin: a region is the same memory while its extent and protection are", () => {
+  const code: Entry = { start: 0x1_0000_0000n, end: 0x1_0000_8000n, protection: R | X, maxProtection: R | X };
+  const mac = fakeMac("aarch64", [code]);
+  const os = darwin(mac.runtime);
+  const first = os.mappingAt(0x1_0000_1000n)!;
+  assert.equal(sameMemory(first, os.mappingAt(0x1_0000_4000n)!), true, "the same region, asked at another page");
+  code.end = 0x1_0000_c000n; // deallocated, and a larger region allocated at the same place
+  assert.equal(sameMemory(first, os.mappingAt(0x1_0000_1000n)!), false);
+  code.end = 0x1_0000_8000n;
+  code.start = 0x0_ffff_c000n; // one that begins lower
+  assert.equal(sameMemory(first, os.mappingAt(0x1_0000_1000n)!), false);
+  code.start = 0x1_0000_0000n;
+  code.protection = R | W | X;
+  assert.equal(sameMemory(first, os.mappingAt(0x1_0000_1000n)!), false, "another protection");
+  code.protection = R | X;
+  assert.equal(sameMemory(first, os.mappingAt(0x1_0000_1000n)!), true, "the same extent and protection: nothing tells (README, \"Not guaranteed\")");
 });
 
 test("darwin arm64: writing code protects with VM_PROT_COPY and without execute (W^X), then read+execute, then flushes", () => {

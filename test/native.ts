@@ -2,6 +2,10 @@
  * Test-side native helpers: libc functions to call as a real native caller would, and
  * hand-assembled functions placed in memory the test maps itself.
  */
+import { unlinkSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import process from "node:process";
 import { platform } from "../platform/mod.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "../platform/mod.ts";
 
@@ -73,29 +77,33 @@ export function writableExecutable(): string[] {
 }
 
 const MAP_PRIVATE = 0x02;
+const MAP_FIXED = 0x10;
 const MAP_ANONYMOUS = 0x20;
+const MAP_FIXED_NOREPLACE = 0x100000;
 
-/** Maps `pages` fresh read+write pages. */
-export function mapPages(pages: number): bigint {
+/** Maps `pages` fresh read+write pages (at `at`, which must be free, if given). */
+export function mapPages(pages: number, at = 0n): bigint {
   const size = BigInt(pages * os.pageSize);
-  const address = libc.mmap(0n, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0n) as bigint;
-  if (address === 2n ** 64n - 1n) throw new Error("mmap failed");
+  const flags = MAP_PRIVATE | MAP_ANONYMOUS | (at === 0n ? 0 : MAP_FIXED_NOREPLACE);
+  const address = libc.mmap(at, size, PROT_READ | PROT_WRITE, flags, -1, 0n) as bigint;
+  if (address === 2n ** 64n - 1n || (at !== 0n && address !== at)) throw new Error("mmap failed");
   return address;
 }
 
 /**
  * Places `code` in two fresh pages, starting `offset` bytes into the first (a negative offset counts
  * from the end of the first page, so the function can straddle the boundary), and makes both pages
- * read+execute. Returns the function's address and the start of the two pages.
+ * read+execute (at `base`, where an earlier `assemble` placed them and `unassemble` freed them, if
+ * given). Returns the function's address and the start of the two pages.
  *
  * An inaccessible page on either side keeps them a mapping of their own: qemu-user 7.2 lists guest
  * mappings by the host mappings that hold them, and the host merges read+execute guest pages with
  * read-only neighbours (qemu maps guest code without host execute), so with 16 KiB guest pages
  * fresh code pages went missing from /proc/self/maps.
  */
-export function assemble(code: readonly number[], offset = 0): { address: bigint; base: bigint } {
+export function assemble(code: readonly number[], offset = 0, where?: bigint): { address: bigint; base: bigint } {
   const page = BigInt(os.pageSize);
-  const base = mapPages(4) + page;
+  const base = mapPages(4, where === undefined ? 0n : where - page) + page;
   const at = base + BigInt(offset >= 0 ? offset : os.pageSize + offset);
   runtime.view(at, code.length).set(code);
   if (libc.mprotect(base - page, page, 0) !== 0 || libc.mprotect(base + 2n * page, page, 0) !== 0) {
@@ -103,6 +111,27 @@ export function assemble(code: readonly number[], offset = 0): { address: bigint
   }
   if (libc.mprotect(base, 2n * page, PROT_READ | PROT_EXEC) !== 0) throw new Error("mprotect failed");
   return { address: at, base };
+}
+
+/**
+ * Maps `pages` pages of a fresh file holding `code` at its start, read+execute and private, over
+ * whatever is mapped at `at` (MAP_FIXED), as a library's loader maps its file: the mapping names
+ * the file (device and inode) as a library's does.
+ */
+export function mapCodeFile(code: readonly number[], at: bigint, pages = 2): void {
+  const path = join(tmpdir(), `redefine-code-${process.pid}-${at.toString(16)}-${Math.random().toString(36).slice(2)}`);
+  const bytes = new Uint8Array(pages * os.pageSize);
+  bytes.set(code);
+  writeFileSync(path, bytes);
+  try {
+    const fd = libc.open(cstr(path), 0 /* O_RDONLY */) as number;
+    if (fd < 0) throw new Error(`open of ${path} failed`);
+    const address = libc.mmap(at, BigInt(bytes.length), PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_FIXED, fd, 0n) as bigint;
+    libc.close(fd);
+    if (address !== at) throw new Error(`mmap of ${path} failed`);
+  } finally {
+    unlinkSync(path);
+  }
 }
 
 /** Unmaps what `assemble` mapped. */

@@ -1,11 +1,12 @@
 import { assert, assertCode, runtimeName, runtimePath, test } from "./harness.ts";
 import { redefine, RedefineError } from "../mod.ts";
 import { archFor } from "../src/arch/mod.ts";
-import { osFor } from "../platform/mod.ts";
+import { osFor, sameMemory } from "../platform/mod.ts";
 import { linux, parseMaps } from "../platform/linux.ts";
 import { farPlace, nearCandidates } from "../platform/address_space.ts";
 import { lazyLibrary } from "../platform/lazy_library.ts";
 import { PROTECT_FROM, writeCode } from "../src/code_memory.ts";
+import type { WriteOptions } from "../src/code_memory.ts";
 import { lent, liveBytes } from "../src/registry.ts";
 import { platform } from "../platform/mod.ts";
 import { assemble, bytesAt, isArm64, libc, os, protectionAt, runtime, unassemble, unwritableCode } from "./native.ts";
@@ -66,6 +67,26 @@ if (runtime.os === "linux") {
     assert.deepEqual(os.mappingAt(labs)!.file, listed.file);
   });
 }
+
+test("sameMemory: a file's mapping is the same file from the same place, however split; other memory the same extent and protection", () => {
+  const [text, split, moved, other, anonymous, grown, writable] = parseMaps(
+    "7f0000000000-7f0000004000 r-xp 00001000 08:01 42 /usr/lib/libx.so\n" +
+      // The same file from the same place, split by a protection change: base 7f0000000000 - 1000.
+      "7f0000002000-7f0000004000 r-xp 00003000 08:01 42 /usr/lib/libx.so\n" +
+      "7f0000000000-7f0000004000 r-xp 00002000 08:01 42 /usr/lib/libx.so\n" +
+      "7f0000000000-7f0000004000 r-xp 00001000 08:01 43 /usr/lib/liby.so\n" +
+      "7f0000000000-7f0000004000 r-xp 00000000 00:00 0 \n" +
+      "7f0000000000-7f0000008000 r-xp 00000000 00:00 0 \n" +
+      "7f0000000000-7f0000004000 rwxp 00000000 00:00 0 \n",
+  );
+  assert.equal(sameMemory(text, split), true);
+  assert.equal(sameMemory(text, moved), false, "another offset of the file at the same address");
+  assert.equal(sameMemory(text, other), false, "another file");
+  assert.equal(sameMemory(text, anonymous), false, "no file");
+  assert.equal(sameMemory(anonymous, { ...anonymous }), true);
+  assert.equal(sameMemory(anonymous, grown), false);
+  assert.equal(sameMemory(anonymous, writable), false);
+});
 
 test("near free space: nearest first across the gaps below and above, up to a limit", () => {
   const page = 0x1000n;
@@ -201,23 +222,33 @@ test("lazy library: a seldom or busy-later name that no group declares is a type
   assert.equal(c.getpid(), process.pid);
 });
 
-test("a write that fails half-way rolls back every page and byte", () => {
-  const p = platform();
-  const labs = os.symbolAddress("labs");
-  const unwritable = unwritableCode(); // mprotect refuses to make it writable
-  const before = bytesAt(labs, 8);
-  const protection = protectionAt(labs);
-  try {
-    assertCode(
-      () => writeCode(p, [{ address: labs, bytes: new Uint8Array(8).fill(0xcc) }, { address: unwritable, bytes: Uint8Array.of(0xcc) }]),
-      "PROTECT_FAILED",
-    );
-  } finally {
-    libc.munmap(unwritable, BigInt(os.pageSize));
-  }
-  assert.deepEqual(bytesAt(labs, 8), before);
-  assert.equal(protectionAt(labs), protection);
-});
+/**
+ * The two ways a write is made, for each failure case: with views and bytes of its own, as a
+ * caller writing seldom makes it, and lent the registry's kept page views and scratch bytes, as
+ * every patch makes it (src/registry.ts `lent`): an undo reads and puts back through whichever
+ * views the write used, and lent scratch bytes come with any contents.
+ */
+const LENDINGS: readonly (readonly [string, WriteOptions])[] = [["", {}], [", lent the registry's page views and scratch", { lent }]];
+
+for (const [lending, options] of LENDINGS) {
+  test(`a write that fails half-way rolls back every page and byte${lending}`, () => {
+    const p = platform();
+    const labs = os.symbolAddress("labs");
+    const unwritable = unwritableCode(); // mprotect refuses to make it writable
+    const before = bytesAt(labs, 8);
+    const protection = protectionAt(labs);
+    try {
+      assertCode(
+        () => writeCode(p, [{ address: labs, bytes: new Uint8Array(8).fill(0xcc) }, { address: unwritable, bytes: Uint8Array.of(0xcc) }], options),
+        "PROTECT_FAILED",
+      );
+    } finally {
+      libc.munmap(unwritable, BigInt(os.pageSize));
+    }
+    assert.deepEqual(bytesAt(labs, 8), before);
+    assert.equal(protectionAt(labs), protection);
+  });
+}
 
 test("a write through the registry's kept page views still checks each page against the map: one unmapped since its view was kept is refused, not read", () => {
   const p = platform();
@@ -337,37 +368,6 @@ if (!isArm64 && runtime.os === "linux") {
     }
   });
 
-  test("a batch whose run of pages mprotect refuses goes the forced way instead", () => {
-    const { platform: refused, calls } = refusingLinux({ mprotect: true });
-    const { code, addresses, sevens, originals, call } = smallFunctions(PROTECT_FROM);
-    const protection = protectionAt(code.address);
-    try {
-      writeCode(refused, sevens);
-      assert.deepEqual(addresses.map((_, i) => call(i)), addresses.map(() => 7n));
-      assert.equal(calls.mprotect, 1, "asked once");
-      assert.equal(calls.pwrite, 1 + PROTECT_FROM, "the probe, then one pwrite per store");
-      writeCode(refused, originals);
-      assert.deepEqual(addresses.map((a) => bytesAt(a, 8)), originals.map((o) => o.bytes), "restored exactly");
-      assert.equal(protectionAt(code.address), protection);
-    } finally {
-      unassemble(code.base);
-    }
-  });
-
-  test("a batch on the mprotect way that fails half-way rolls back every byte and protection", () => {
-    const { code, addresses, sevens, originals } = smallFunctions(PROTECT_FROM);
-    const unwritable = unwritableCode(); // the forced write and mprotect both refuse it
-    const maps = mapsAround(code.address);
-    try {
-      assertCode(() => writeCode(platform(), [...sevens, { address: unwritable, bytes: Uint8Array.of(0xcc) }]), "PROTECT_FAILED");
-      assert.deepEqual(addresses.map((a) => bytesAt(a, 8)), originals.map((o) => o.bytes), "every byte back");
-      assert.deepEqual(mapsAround(code.address), maps, "every protection back, no mapping split");
-    } finally {
-      libc.munmap(unwritable, BigInt(os.pageSize));
-      unassemble(code.base);
-    }
-  });
-
   test("a write given its mapping asks the system nothing; on the mprotect way the protection is asked again", () => {
     const { platform: counting, calls } = refusingLinux({});
     const { code, sevens, originals, call } = smallFunctions(PROTECT_FROM);
@@ -386,6 +386,41 @@ if (!isArm64 && runtime.os === "linux") {
       writeCode(counting, originals.map((w) => ({ ...w, mapping: stale })));
       assert.equal(protectionAt(code.address), PROT_READ | PROT_EXEC);
       assert.equal(call(0), 5n);
+    } finally {
+      unassemble(code.base);
+    }
+  });
+
+  test("a lone write within one aligned word, lent and given its mapping (every lone patch and restore): one forced write of the word, its other bytes kept; refused, the mprotect way", () => {
+    const { code, call } = smallFunctions(1);
+    const mapping = os.mappingAt(code.address)!;
+    const protection = protectionAt(code.address);
+    const maps = mapsAround(code.address);
+    // mov rax, rdi; ret -> mov al, 7 ... : bytes 1-2 of the word, the others as they were.
+    const word = bytesAt(code.address, 8);
+    const write = { address: code.address + 1n, bytes: Uint8Array.of(0xc7, 0xc0), mapping };
+    const undo = { address: code.address + 1n, bytes: word.slice(1, 3), mapping };
+    const expected = word.slice();
+    expected.set(write.bytes, 1);
+    try {
+      const { platform: counting, calls } = refusingLinux({});
+      writeCode(counting, [write], { lent });
+      assert.deepEqual(bytesAt(code.address, 8), expected, "the two bytes, the word's other six as they were");
+      writeCode(counting, [undo], { lent });
+      assert.deepEqual(bytesAt(code.address, 8), word, "back exactly");
+      assert.equal(call(0), 5n);
+      assert.deepEqual(calls, { mprotect: 0, pwrite: 1 + 2, openProcMem: 1, ioctl: 0 }, "the probe, then one pwrite each; no query");
+      assert.deepEqual(mapsAround(code.address), maps, "the same mappings, the same protections");
+      // Where the kernel refuses forced writes: the page is made writable and given its own protection back.
+      const { platform: refused, calls: refusedCalls } = refusingLinux({ pwrite: true });
+      writeCode(refused, [write], { lent });
+      assert.deepEqual(bytesAt(code.address, 8), expected);
+      assert.equal(protectionAt(code.address), protection);
+      writeCode(refused, [undo], { lent });
+      assert.deepEqual(bytesAt(code.address, 8), word);
+      assert.equal(refusedCalls.mprotect, 4, "one pair each");
+      assert.ok(refusedCalls.ioctl > 0, "the protection asked of the system before it is changed");
+      assert.equal(protectionAt(code.address), protection);
     } finally {
       unassemble(code.base);
     }
@@ -413,76 +448,109 @@ if (!isArm64 && runtime.os === "linux") {
     assert.deepEqual(mapsAround(address), maps);
   });
 
-  test("where the kernel refuses /proc/self/mem, writes fall back to mprotect; decided once", () => {
-    for (const refuse of [{ open: true }, { pwrite: true }]) {
-      const { platform: refused, calls } = refusingLinux(refuse);
-      const labs = os.symbolAddress("labs");
-      const original = bytesAt(labs, 8);
-      const protection = protectionAt(labs);
-      const patched = Uint8Array.of(0x48, 0x89, 0xf8, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc); // mov rax, rdi; ret
-      writeCode(refused, [{ address: labs, bytes: patched }]);
-      assert.deepEqual(bytesAt(labs, 8), patched, JSON.stringify(refuse));
-      assert.equal(libc.labs(-5n), -5n);
-      writeCode(refused, [{ address: labs, bytes: original }]);
-      assert.deepEqual(bytesAt(labs, 8), original, "restored exactly");
-      assert.equal(protectionAt(labs), protection, "its protection back exactly");
-      assert.equal(calls.mprotect, 4, "a writable-and-back pair per write");
-      assert.equal(calls.openProcMem, 1, "tried once");
-      assert.equal(calls.pwrite, refuse.pwrite ? 1 : 0, "the probe only");
-    }
-  });
+  for (const [lending, options] of LENDINGS) {
+    test(`a batch whose run of pages mprotect refuses goes the forced way instead${lending}`, () => {
+      const { platform: refused, calls } = refusingLinux({ mprotect: true });
+      const { code, addresses, sevens, originals, call } = smallFunctions(PROTECT_FROM);
+      const protection = protectionAt(code.address);
+      try {
+        writeCode(refused, sevens, options);
+        assert.deepEqual(addresses.map((_, i) => call(i)), addresses.map(() => 7n));
+        assert.equal(calls.mprotect, 1, "asked once");
+        assert.equal(calls.pwrite, 1 + PROTECT_FROM, "the probe, then one pwrite per store");
+        writeCode(refused, originals, options);
+        assert.deepEqual(addresses.map((a) => bytesAt(a, 8)), originals.map((o) => o.bytes), "restored exactly");
+        assert.equal(protectionAt(code.address), protection);
+      } finally {
+        unassemble(code.base);
+      }
+    });
 
-  test("a forced write the kernel takes only part of is undone, and the write goes the mprotect way", () => {
-    const { platform: short, calls } = refusingLinux({ short: true });
-    // Eight bytes from three before the end of a read+execute page into the next one.
-    const { address, base } = assemble([0x90, 0x90, 0x90, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc], -3);
-    try {
-      const before = bytesAt(address, 8);
-      const protection = protectionAt(address);
-      const bytes = Uint8Array.of(0x31, 0xc0, 0x90, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc); // xor eax, eax; nop; ret
-      writeCode(short, [{ address, bytes }]);
-      assert.deepEqual(bytesAt(address, 8), bytes);
-      assert.equal(protectionAt(address), protection);
-      assert.equal(protectionAt(address + 7n), protection);
-      assert.equal(calls.pwrite, 3, "the probe, the short write, the write-back of its first part");
-      assert.equal(calls.mprotect, 2, "both pages opened and closed as one run");
-      writeCode(short, [{ address, bytes: before }]);
-      assert.deepEqual(bytesAt(address, 8), before, "restored exactly");
-      // With mprotect refused as well, nothing stays written: not even the part the kernel took.
-      const { platform: neither } = refusingLinux({ short: true, mprotect: true });
-      assertCode(() => writeCode(neither, [{ address, bytes }]), "PROTECT_FAILED", /the kernel took 3/);
-      assert.deepEqual(bytesAt(address, 8), before, "the first part written back");
-    } finally {
-      unassemble(base);
-    }
-  });
+    test(`a batch on the mprotect way that fails half-way rolls back every byte and protection${lending}`, () => {
+      const { code, addresses, sevens, originals } = smallFunctions(PROTECT_FROM);
+      const unwritable = unwritableCode(); // the forced write and mprotect both refuse it
+      const maps = mapsAround(code.address);
+      try {
+        assertCode(() => writeCode(platform(), [...sevens, { address: unwritable, bytes: Uint8Array.of(0xcc) }], options), "PROTECT_FAILED");
+        assert.deepEqual(addresses.map((a) => bytesAt(a, 8)), originals.map((o) => o.bytes), "every byte back");
+        assert.deepEqual(mapsAround(code.address), maps, "every protection back, no mapping split");
+      } finally {
+        libc.munmap(unwritable, BigInt(os.pageSize));
+        unassemble(code.base);
+      }
+    });
 
-  test("PROTECT_FAILED only where mprotect and /proc/self/mem both refuse, naming both and { callers }", () => {
-    // The vDSO with /proc/self/mem refused: mprotect's EINVAL is what is left.
-    const { platform: refused } = refusingLinux({ open: true });
-    const time = os.symbolAddress("time");
-    const bytes = bytesAt(time, 8);
-    assertCode(
-      () => writeCode(refused, [{ address: time, bytes: Uint8Array.of(0xc3) }]),
-      "PROTECT_FAILED",
-      /EINVAL.*opening \/proc\/self\/mem failed.*\{ callers \}/s,
-    );
-    assert.deepEqual(bytesAt(time, 8), bytes);
-    // A shared read-only file mapping: the kernel copies nothing for it, and mprotect says EACCES.
-    const unwritable = unwritableCode();
-    try {
-      const before = bytesAt(unwritable, 8);
+    test(`where the kernel refuses /proc/self/mem, writes fall back to mprotect; decided once${lending}`, () => {
+      for (const refuse of [{ open: true }, { pwrite: true }]) {
+        const { platform: refused, calls } = refusingLinux(refuse);
+        const labs = os.symbolAddress("labs");
+        const original = bytesAt(labs, 8);
+        const protection = protectionAt(labs);
+        const patched = Uint8Array.of(0x48, 0x89, 0xf8, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc); // mov rax, rdi; ret
+        writeCode(refused, [{ address: labs, bytes: patched }], options);
+        assert.deepEqual(bytesAt(labs, 8), patched, JSON.stringify(refuse));
+        assert.equal(libc.labs(-5n), -5n);
+        writeCode(refused, [{ address: labs, bytes: original }], options);
+        assert.deepEqual(bytesAt(labs, 8), original, "restored exactly");
+        assert.equal(protectionAt(labs), protection, "its protection back exactly");
+        assert.equal(calls.mprotect, 4, "a writable-and-back pair per write");
+        assert.equal(calls.openProcMem, 1, "tried once");
+        assert.equal(calls.pwrite, refuse.pwrite ? 1 : 0, "the probe only");
+      }
+    });
+
+    test(`a forced write the kernel takes only part of is undone, and the write goes the mprotect way${lending}`, () => {
+      const { platform: short, calls } = refusingLinux({ short: true });
+      // Eight bytes from three before the end of a read+execute page into the next one.
+      const { address, base } = assemble([0x90, 0x90, 0x90, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc], -3);
+      try {
+        const before = bytesAt(address, 8);
+        const protection = protectionAt(address);
+        const bytes = Uint8Array.of(0x31, 0xc0, 0x90, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc); // xor eax, eax; nop; ret
+        writeCode(short, [{ address, bytes }], options);
+        assert.deepEqual(bytesAt(address, 8), bytes);
+        assert.equal(protectionAt(address), protection);
+        assert.equal(protectionAt(address + 7n), protection);
+        assert.equal(calls.pwrite, 3, "the probe, the short write, the write-back of its first part");
+        assert.equal(calls.mprotect, 2, "both pages opened and closed as one run");
+        writeCode(short, [{ address, bytes: before }], options);
+        assert.deepEqual(bytesAt(address, 8), before, "restored exactly");
+        // With mprotect refused as well, nothing stays written: not even the part the kernel took.
+        const { platform: neither } = refusingLinux({ short: true, mprotect: true });
+        assertCode(() => writeCode(neither, [{ address, bytes }], options), "PROTECT_FAILED", /the kernel took 3/);
+        assert.deepEqual(bytesAt(address, 8), before, "the first part written back");
+      } finally {
+        unassemble(base);
+      }
+    });
+
+    test(`PROTECT_FAILED only where mprotect and /proc/self/mem both refuse, naming both and { callers }${lending}`, () => {
+      // The vDSO with /proc/self/mem refused: mprotect's EINVAL is what is left.
+      const { platform: refused } = refusingLinux({ open: true });
+      const time = os.symbolAddress("time");
+      const bytes = bytesAt(time, 8);
       assertCode(
-        () => writeCode(platform(), [{ address: unwritable, bytes: Uint8Array.of(0xc3) }]),
+        () => writeCode(refused, [{ address: time, bytes: Uint8Array.of(0xc3) }], options),
         "PROTECT_FAILED",
-        /EACCES.*through \/proc\/self\/mem was refused: EIO.*\{ callers \}/s,
+        /EINVAL.*opening \/proc\/self\/mem failed.*\{ callers \}/s,
       );
-      assert.deepEqual(bytesAt(unwritable, 8), before);
-      assert.equal(protectionAt(unwritable), PROT_READ | PROT_EXEC);
-    } finally {
-      libc.munmap(unwritable, BigInt(os.pageSize));
-    }
-  });
+      assert.deepEqual(bytesAt(time, 8), bytes);
+      // A shared read-only file mapping: the kernel copies nothing for it, and mprotect says EACCES.
+      const unwritable = unwritableCode();
+      try {
+        const before = bytesAt(unwritable, 8);
+        assertCode(
+          () => writeCode(platform(), [{ address: unwritable, bytes: Uint8Array.of(0xc3) }], options),
+          "PROTECT_FAILED",
+          /EACCES.*through \/proc\/self\/mem was refused: EIO.*\{ callers \}/s,
+        );
+        assert.deepEqual(bytesAt(unwritable, 8), before);
+        assert.equal(protectionAt(unwritable), PROT_READ | PROT_EXEC);
+      } finally {
+        libc.munmap(unwritable, BigInt(os.pageSize));
+      }
+    });
+  }
 }
 
 if (runtime.os === "linux") {
@@ -521,5 +589,34 @@ if (runtime.os === "linux") {
     } finally {
       patch.restore();
     }
+  });
+}
+
+if (runtime.os === "linux") {
+  test("symbol names reach dlsym exactly: ASCII after a longer name, non-ASCII (UTF-8), longer than the name buffer", () => {
+    const stubs = (prefix: string) => {
+      const image = buildStubImage({
+        machine: isArm64 ? "aarch64" : "x86_64",
+        count: 1,
+        prefix,
+        stubSize: 16,
+        jump: () => new Uint8Array(isArm64 ? [0x00, 0x00, 0x20, 0xd4] : [0xcc]), // brk #0 / int3: never called
+      });
+      return { name: image.name(0), path: os.loadableImage(image.bytes) };
+    };
+    const accented = stubs("redefine_é_ß_test_");
+    const long = stubs(`redefine_${"x".repeat(300)}_`);
+    const short = stubs("rdf_");
+    const found = (s: { name: string; path: string }) => os.symbolAddress(s.name, s.path);
+    const accentedAt = found(accented);
+    assert.ok(accentedAt > 0n, "found by its UTF-8 bytes");
+    const longAt = found(long);
+    assert.ok(longAt > 0n && longAt !== accentedAt);
+    // Each after a longer one: its own bytes and terminator, nothing of the name before.
+    assert.ok(found(short) > 0n);
+    assert.ok(os.symbolAddress("getppid") > 0n);
+    assertCode(() => os.symbolAddress(accented.name.replace("é", "e"), accented.path), "SYMBOL_NOT_FOUND");
+    assertCode(() => os.symbolAddress(accented.name.replace("é", "\u00e9\u0301"), accented.path), "SYMBOL_NOT_FOUND");
+    assert.equal(found(accented), accentedAt);
   });
 }

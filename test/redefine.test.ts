@@ -7,6 +7,7 @@ import {
   cstr,
   isArm64,
   libc,
+  mapCodeFile,
   mapPages,
   os,
   protectionAt,
@@ -242,6 +243,59 @@ if (!isArm64) test("errors: ALREADY_PATCHED for entry jumps overlapping across a
   } finally {
     restoreAll();
     unassemble(base);
+  }
+});
+
+// What was learnt of an entry (no code jumps into it) describes the code that was there: other
+// code mapped in its place once it is unmapped must be scanned again, as fresh memory is.
+const entryAt = (code: bigint) => ({ address: code + 64n, size: 8, parameters: ["i64"], result: "i64" }) as const;
+/** Code at offset 0 that jumps (jmp rel8) to offset 66, the third byte of an entry at 64. */
+const JUMPING_IN = [0xeb, 0x40, ...Array(62).fill(0x90), ...Array(8).fill(0x90), 0xc3];
+const NO_JUMP = [...Array(72).fill(0x90), 0xc3];
+
+// Anonymous memory unmapped and mapped again at the same place with another extent: the bytes the
+// first scan read (its mapping began 64 bytes before the entry) are the same again, but the new
+// mapping begins a page earlier, and code there jumps in. (With the same extent and protection,
+// nothing tells: README, "Not guaranteed".)
+if (!isArm64) test("errors: UNRELOCATABLE for code jumping into an entry from before where its old mapping began", () => {
+  const labs = os.symbolAddress("labs");
+  const page = BigInt(os.pageSize);
+  const first = assemble(NO_JUMP, 0);
+  redefine(entryAt(first.address), labs).restore();
+  unassemble(first.base);
+  // The same four pages: code from the first (the old guard page) to the third, then a guard.
+  const code = mapPages(4, first.base - page);
+  // At base - 16: jmp rel32 to base + 66 (the entry's third byte); nops from there to the entry.
+  const bytes = [...Array(Number(page) - 16).fill(0x90), 0xe9, 77, 0, 0, 0, ...Array(11).fill(0x90), ...NO_JUMP];
+  runtime.view(code, bytes.length).set(bytes);
+  try {
+    assert.equal(libc.mprotect(code + 3n * page, page, 0), 0);
+    assert.equal(libc.mprotect(code, 3n * page, PROT_READ | PROT_EXEC), 0);
+    assert.ok(os.mappingAt(first.address)!.start <= code);
+    assertCode(() => redefine(entryAt(first.base), labs), "UNRELOCATABLE", /jumps into the first/);
+  } finally {
+    restoreAll();
+    libc.munmap(code, 4n * page);
+  }
+});
+
+// A file mapped over another's pages (MAP_FIXED: no unmap between), as a library loaded where an
+// unloaded one was: another device and inode at the same place.
+if (!isArm64) test("errors: UNRELOCATABLE for new code jumping into an entry, a file mapped over the patched file's pages", () => {
+  const labs = os.symbolAddress("labs");
+  const page = BigInt(os.pageSize);
+  const start = mapPages(4);
+  const base = start + page;
+  try {
+    assert.equal(libc.mprotect(start, page, 0), 0);
+    assert.equal(libc.mprotect(base + 2n * page, page, 0), 0);
+    mapCodeFile(NO_JUMP, base);
+    redefine(entryAt(base), labs).restore();
+    mapCodeFile(JUMPING_IN, base);
+    assertCode(() => redefine(entryAt(base), labs), "UNRELOCATABLE", /jumps into the first/);
+  } finally {
+    restoreAll();
+    libc.munmap(start, 4n * page);
   }
 });
 

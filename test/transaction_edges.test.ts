@@ -5,8 +5,8 @@
 import { assert, assertCode, test } from "./harness.ts";
 import { redefine, restoreAll, transaction } from "../mod.ts";
 import { runCase, snapshot } from "./cases.ts";
-import { assemble, isArm64, libc, mapPages, os, runtime, unassemble, words } from "./native.ts";
-import { PROT_EXEC, PROT_READ } from "../platform/mod.ts";
+import { assemble, bytesAt, isArm64, libc, mapPages, os, runtime, unassemble, words } from "./native.ts";
+import { PROT_EXEC, PROT_READ, PROT_WRITE } from "../platform/mod.ts";
 
 const fixture = new URL("./fixtures/original_first.ts", import.meta.url);
 
@@ -256,9 +256,6 @@ test("a nested transaction whose body makes a patch, unmaps its originalSlot and
   assert.deepEqual(seen, { error: "none", message: "", bystander: "live", untouched: true, works: true, left: "none" });
 }, x86Posix);
 
-/** `mov rax, rdi; ret`, padded: 16 bytes. */
-const IDENTITY = [0x48, 0x89, 0xf8, 0xc3, ...Array(12).fill(0x90)];
-
 test("a transaction's body that makes data executable between two redefines: the second takes it as the replacement", () => {
   const { address, base } = assemble([...IDENTITY, ...IDENTITY]);
   const page = mapPages(1);
@@ -308,3 +305,118 @@ test("a transaction of native redirects in one mapping asks the map about once a
     unassemble(second.base);
   }
 }, x86Posix);
+
+// A body may also leave other code where it redefined or is to restore: write the entry itself,
+// or unmap the code and have other code mapped at the same address with the same protection
+// (Node maps a binding's call code on its first call, into a hole just left as readily as
+// anywhere). The map then reads as it did; the commit compares the bytes before it writes.
+/** `mov rax, rdi; ret` (arm64: `mov x0, x0; ret`), padded to 16 bytes. */
+const IDENTITY = isArm64
+  ? words(0xaa0003e0, 0xd65f03c0, 0xd503201f, 0xd503201f)
+  : [0x48, 0x89, 0xf8, 0xc3, ...Array(12).fill(0x90)];
+/** `mov rax, 7; ret` (arm64: `mov x0, #7; ret`), padded to 16 bytes: the other code. */
+const SEVEN = isArm64
+  ? words(0xd28000e0, 0xd65f03c0, 0xd503201f, 0xd503201f)
+  : [0x48, 0xc7, 0xc0, 0x07, 0x00, 0x00, 0x00, 0xc3, ...Array(8).fill(0x90)];
+const MAP_PRIVATE_ANONYMOUS_FIXED = 0x02 | 0x20 | 0x10;
+
+/** The two ways of leaving `code` at `address` in the pages `assemble` mapped at `base`, whose range and protection stay as they were. */
+const CHANGES: readonly [string, (base: bigint, address: bigint, code: readonly number[]) => void][] = [
+  ["wrote the entry through a writable mapping", (base, address, code) => {
+    assert.equal(libc.mprotect(base, BigInt(2 * os.pageSize), PROT_READ | PROT_WRITE), 0);
+    runtime.view(address, code.length).set(code);
+    assert.equal(libc.mprotect(base, BigInt(2 * os.pageSize), PROT_READ | PROT_EXEC), 0);
+  }],
+  ["unmapped the code and mapped other code there", (base, address, code) => {
+    const size = BigInt(2 * os.pageSize);
+    assert.equal(libc.mmap(base, size, PROT_READ | PROT_WRITE, MAP_PRIVATE_ANONYMOUS_FIXED, -1, 0n), base);
+    runtime.view(address, code.length).set(code);
+    assert.equal(libc.mprotect(base, size, PROT_READ | PROT_EXEC), 0);
+  }],
+];
+
+const call = (address: bigint) => runtime.fnPointer(address, { parameters: ["i64"], result: "i64" });
+
+test("a transaction layering two patches on one function, and one restoring both: each write after the first at a place expects what the one before it writes", () => {
+  const { address, base } = assemble(IDENTITY);
+  const target = { address, size: 16, parameters: ["i64"], result: "i64" } as const;
+  try {
+    const [a, b] = transaction(() => [redefine(target, os.symbolAddress("labs")), redefine(target, (x) => x + 1n)]);
+    assert.deepEqual([a.active, b.active], [true, true]);
+    assert.equal(call(address)(-5n), -4n, "the newer patch answers");
+    transaction(() => {
+      b.restore();
+      a.restore();
+    });
+    assert.deepEqual([a.active, b.active], [false, false]);
+    assert.deepEqual([...bytesAt(address, 16)], IDENTITY);
+  } finally {
+    restoreAll();
+    unassemble(base);
+  }
+});
+
+for (const [how, change] of CHANGES) {
+  test(`a transaction whose body redefined a function, then ${how}: PATCH_MODIFIED at commit, nothing written, the rest rolled back`, () => {
+    const { address, base } = assemble(IDENTITY);
+    const other = assemble(IDENTITY);
+    const labs = os.symbolAddress("labs");
+    const mapping = os.mappingAt(address)!;
+    const beforeOther = snapshot([other.address]);
+    let patches: { active: boolean }[] = [];
+    try {
+      assertCode(
+        () =>
+          transaction(() => {
+            patches = [redefine({ address: other.address, size: 16, parameters: ["i64"], result: "i64" }, labs)];
+            patches.push(redefine({ address, size: 16, parameters: ["i64"], result: "i64" }, labs));
+            change(base, address, SEVEN);
+          }),
+        "PATCH_MODIFIED",
+        new RegExp(`code at 0x${address.toString(16)} changed while the transaction's body ran.*Nothing was written`),
+      );
+      const now = os.mappingAt(address)!;
+      assert.deepEqual([now.start, now.end, now.protection], [mapping.start, mapping.end, mapping.protection], "the map reads as it did");
+      assert.deepEqual([...bytesAt(address, 16)], SEVEN, "the body's code stays, no entry jump over it");
+      assert.equal(call(address)(5n), 7n);
+      assert.deepEqual(patches.map((p) => p.active), [false, false], "both patches rolled back");
+      assert.equal(snapshot([other.address]), beforeOther, "the other function untouched");
+      // Nothing is left registered: the place can be redefined and restored again.
+      const again = redefine({ address, size: 16, parameters: ["i64"], result: "i64" }, labs);
+      assert.equal(call(address)(-5n), 5n);
+      again.restore();
+      assert.deepEqual([...bytesAt(address, 16)], SEVEN);
+    } finally {
+      restoreAll();
+      unassemble(base);
+      unassemble(other.base);
+    }
+  });
+
+  test(`a transaction whose body restored a patch, then ${how}: PATCH_MODIFIED at commit, nothing written, the patch kept`, () => {
+    const { address, base } = assemble(IDENTITY);
+    const labs = os.symbolAddress("labs");
+    const patch = redefine({ address, size: 16, parameters: ["i64"], result: "i64" }, labs);
+    const jump = bytesAt(address, 16);
+    try {
+      assertCode(
+        () =>
+          transaction(() => {
+            patch.restore();
+            change(base, address, SEVEN);
+          }),
+        "PATCH_MODIFIED",
+        /changed while the transaction's body ran.*Nothing was written/,
+      );
+      assert.deepEqual([...bytesAt(address, 16)], SEVEN, "the body's code stays: its bytes are not put back over it");
+      assert.equal(patch.active, true, "the restore rolled back");
+      // What the patch wrote, back where it was: its restore then finds its jump and puts the function back.
+      change(base, address, [...jump]);
+      patch.restore();
+      assert.deepEqual([...bytesAt(address, 16)], IDENTITY);
+    } finally {
+      restoreAll();
+      unassemble(base);
+    }
+  });
+}

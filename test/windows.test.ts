@@ -4,7 +4,7 @@
  */
 import { assert, assertCode, test } from "./harness.ts";
 import { pageProtection, protectionBits, wideString, windows } from "../platform/windows.ts";
-import { osFor } from "../platform/mod.ts";
+import { osFor, sameMemory } from "../platform/mod.ts";
 import { buildStubImage } from "../platform/image/elf.ts";
 import { importingDll } from "./import_dll.ts";
 import { peExports, peImports } from "../platform/image/pe_loaded.ts";
@@ -16,7 +16,7 @@ import type { FakeRuntime } from "./fake_ffi.ts";
 const R = 1, W = 2, X = 4;
 const PAGE_READONLY = 0x02, PAGE_READWRITE = 0x04, PAGE_EXECUTE_READ = 0x20, PAGE_EXECUTE_READWRITE = 0x40;
 const PAGE_GUARD = 0x100, PAGE_NOCACHE = 0x200;
-const MEM_COMMIT = 0x1000, MEM_RESERVE = 0x2000, MEM_FREE = 0x10000, MEM_IMAGE = 0x1000000, MEM_MAPPED = 0x40000;
+const MEM_COMMIT = 0x1000, MEM_RESERVE = 0x2000, MEM_FREE = 0x10000, MEM_IMAGE = 0x1000000, MEM_MAPPED = 0x40000, MEM_PRIVATE = 0x20000;
 const KERNEL32 = 0x7ff8_0000_0000n;
 const KERNELBASE = 0x7ff9_0000_0000n;
 const STUBS = 0x7ffa_0000_0000n; // a stub library: its exports are jmp [rip+x] through its own slots
@@ -302,12 +302,57 @@ test("windows: the extent comes from .pdata (RtlLookupFunctionEntry), the name f
 test("windows: mappingAt from VirtualQuery: committed memory only, with its protection bits", () => {
   const win = fakeWindows();
   const os = windows(win.runtime);
-  assert.deepEqual(os.mappingAt(KERNEL32 + 0x1800n), { start: KERNEL32 + 0x1000n, end: KERNEL32 + 0x3000n, protection: R | X, path: "" });
+  assert.deepEqual(os.mappingAt(KERNEL32 + 0x1800n), {
+    start: KERNEL32 + 0x1000n, end: KERNEL32 + 0x3000n, protection: R | X, path: "", allocation: { base: KERNEL32, kind: MEM_IMAGE },
+  });
   assert.equal(os.mappingAt(0x7ff7_fff4_0000n), null, "reserved");
   assert.equal(os.mappingAt(0x5000_0000n), null, "free");
   const all = os.mappings();
   assert.equal(all.filter((m) => m.path === "C:\\windows\\system32\\kernel32.dll").length, 3);
   assert.ok(all.every((m, i) => i === 0 || all[i - 1].end <= m.start), "in address order");
+});
+
+// What tells a loaded image, or other memory, from what is loaded or allocated at the same place
+// once it is gone (src/registry.ts's knownPlace forgets what it learnt of code there otherwise).
+test("windows: mappingAt names the allocation from the same VirtualQuery: an image is the same while its base, end and protection are", () => {
+  const win = fakeWindows();
+  const os = windows(win.runtime);
+  win.runtime.clear();
+  const loaded = os.mappingAt(KERNELBASE + 0x1800n)!;
+  assert.deepEqual(loaded.allocation, { base: KERNELBASE, kind: MEM_IMAGE });
+  assert.deepEqual(win.runtime.names(), ["VirtualQuery"], "one query, as before");
+  // VirtualQuery's region starts at the page asked about: the same image, asked at another page.
+  assert.equal(sameMemory(loaded, { ...os.mappingAt(KERNELBASE + 0x1800n)!, start: KERNELBASE + 0x2000n }), true);
+  // Unloaded, and another image loaded at the same place with another layout.
+  const text = win.regions.find((r) => r.start === KERNELBASE + 0x1000n)!;
+  text.end = KERNELBASE + 0x4000n;
+  assert.equal(sameMemory(loaded, os.mappingAt(KERNELBASE + 0x1800n)!), false, "another end");
+  text.end = KERNELBASE + 0x3000n;
+  text.base = KERNELBASE + 0x1000n;
+  assert.equal(sameMemory(loaded, os.mappingAt(KERNELBASE + 0x1800n)!), false, "another allocation base");
+  text.base = KERNELBASE;
+  text.protect = PAGE_EXECUTE_READWRITE;
+  assert.equal(sameMemory(loaded, os.mappingAt(KERNELBASE + 0x1800n)!), false, "another protection");
+});
+
+test("windows: private memory is the same allocation while its base, kind, end and protection are", () => {
+  const win = fakeWindows();
+  const os = windows(win.runtime);
+  win.runtime.clear();
+  const first = os.mappingAt(0x18000n)!;
+  assert.deepEqual(first.allocation, { base: 0x10000n, kind: MEM_PRIVATE });
+  const region = win.regions.find((r) => r.start === 0x10000n)!;
+  region.end = 0x30000n; // freed, and a larger allocation made at the same base
+  assert.equal(sameMemory(first, os.mappingAt(0x18000n)!), false);
+  region.end = 0x20000n;
+  region.protect = PAGE_EXECUTE_READ;
+  assert.equal(sameMemory(first, os.mappingAt(0x18000n)!), false, "another protection");
+  region.protect = PAGE_READWRITE;
+  region.type = MEM_MAPPED;
+  assert.equal(sameMemory(first, os.mappingAt(0x18000n)!), false, "a view mapped there instead");
+  region.type = MEM_PRIVATE;
+  // The same base, kind, end and protection: nothing in the map tells (README, "Not guaranteed").
+  assert.equal(sameMemory(first, os.mappingAt(0x18000n)!), true);
 });
 
 test("windows: writing code: VirtualProtect(PAGE_EXECUTE_READWRITE), store, the exact old protection back, FlushInstructionCache(-1, ...)", () => {

@@ -150,6 +150,38 @@ if (onWindows) {
     assert.equal(kernel32.GetCurrentProcessId(), realPid);
   });
 
+  // Memory freed and allocated again at the same base, smaller, with code jumping into an entry
+  // where the freed memory had none: what was learnt there (no jump into it) is forgotten.
+  test("windows: UNRELOCATABLE for new code jumping into an entry, allocated where patched code was freed", () => {
+    const memory = runtime.open("kernel32.dll", {
+      VirtualAlloc: { parameters: ["usize", "usize", "u32", "u32"], result: "usize" },
+      VirtualProtect: { parameters: ["usize", "usize", "u32", "buffer"], result: "i32" },
+      VirtualFree: { parameters: ["usize", "usize", "u32"], result: "i32" },
+    });
+    const MEM_COMMIT_RESERVE = 0x3000, MEM_RELEASE = 0x8000, PAGE_READWRITE = 0x04, PAGE_EXECUTE_READ = 0x20;
+    const code = (bytes: readonly number[], at: bigint, size: number): bigint => {
+      const address = memory.VirtualAlloc(at, BigInt(size), MEM_COMMIT_RESERVE, PAGE_READWRITE) as bigint;
+      assert.ok(address !== 0n && (at === 0n || address === at), "VirtualAlloc");
+      runtime.view(address, bytes.length).set(bytes);
+      assert.notEqual(memory.VirtualProtect(address, BigInt(size), PAGE_EXECUTE_READ, new Uint8Array(4)), 0);
+      return address;
+    };
+    const free = (address: bigint) => assert.notEqual(memory.VirtualFree(address, 0n, MEM_RELEASE), 0, "VirtualFree");
+    const labs = os.symbolAddress("labs", "msvcrt.dll");
+    const entry = (base: bigint) => ({ address: base + 64n, size: 8, parameters: ["i64"], result: "i64" }) as const;
+    const first = code([...Array(72).fill(0x90), 0xc3], 0n, 0x20000);
+    redefine(entry(first), labs).restore();
+    free(first);
+    // Smaller: the pool may have taken the free space beside it since. A jmp rel8 at offset 0 to
+    // offset 66, the entry's third byte.
+    const again = code([0xeb, 0x40, ...Array(70).fill(0x90), 0xc3], first, 0x10000);
+    try {
+      assertCode(() => redefine(entry(again), labs), "UNRELOCATABLE", /jumps into the first/);
+    } finally {
+      free(again);
+    }
+  });
+
   test("windows: a stub block near the target is read+execute, its alias read+write, its data read+write", () => {
     const near = os.symbolAddress("labs", "msvcrt.dll");
     const block = os.allocateCode(near, 2n ** 31n - 2n ** 20n, os.pageSize)!;
