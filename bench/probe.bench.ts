@@ -8,7 +8,6 @@ import { platform } from "../platform/mod.ts";
 import { machine } from "../src/registry.ts";
 import { probeNatively } from "../src/trace/native_probe.ts";
 import { apply } from "../src/redefine.ts";
-import { locate } from "../src/target.ts";
 import { compare as compareRounds, median, report } from "./report.ts";
 import type { Case, Row } from "./report.ts";
 
@@ -78,8 +77,7 @@ if (machine().arch.name === "x86_64") {
     const [hooked, bare] = compare(
       {
         setUp: () => {
-          const site = locate({ symbol, library: "libc.so.6", parameters: [], result: "void" });
-          const patch = apply(site, { kind: "original" });
+          const patch = apply({ symbol, library: "libc.so.6", parameters: [], result: "void" }, { kind: "original" });
           restore = () => patch.restore();
         },
         body,

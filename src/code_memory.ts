@@ -384,6 +384,11 @@ export interface CodeWrite {
    */
   readonly mapping?: Mapping | undefined;
   /**
+   * The native code the written bytes lead to (a native replacement), where it is not ours: a
+   * transaction's commit checks that it is still executable (src/registry.ts's `recheckHints`).
+   */
+  readonly leadsTo?: bigint | undefined;
+  /**
    * The bytes the caller found at `address` or wrote there, which the write replaces (a patch's
    * entry: the function's bytes, or the jump of the patch below; a restore: its own jump). Not
    * used here: a transaction's commit refuses writes where user code changed them since.

@@ -12,7 +12,7 @@ import type { LoadedModule, ModuleImport } from "./introspect.ts";
 import { checkSignature } from "./signature.ts";
 import type { NativeType, Signature } from "./signature.ts";
 import type { SymbolTarget } from "./target.ts";
-import { discard } from "./replacement.ts";
+import { discard, nativeAddress } from "./replacement.ts";
 import type { Destination } from "./replacement.ts";
 import { slotLayout } from "./slot_layout.ts";
 import { Patch, Trampoline } from "./patch.ts";
@@ -153,7 +153,7 @@ export function redefineCallers<P extends readonly NativeType[], R extends Nativ
     counters: layout.counters,
   });
   transaction(() => {
-    for (const s of slots) schedule({ address: s.slot, bytes: written }, () => {}, () => patch.abandon());
+    for (const s of slots) schedule({ address: s.slot, bytes: written, leadsTo: nativeAddress(to) }, () => {}, () => patch.abandon());
   });
   return patch;
 }

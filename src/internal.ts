@@ -3,7 +3,6 @@
  * test the relocator on live code and to measure what patches cost.
  */
 import type { NativeType } from "./signature.ts";
-import { locate } from "./target.ts";
 import type { Target } from "./target.ts";
 import type { Patch } from "./patch.ts";
 import { machine } from "./registry.ts";
@@ -17,7 +16,7 @@ import { apply } from "./redefine.ts";
 export function redefineToOriginal<const P extends readonly NativeType[], const R extends NativeType>(
   target: Target<P, R>,
 ): Patch<P, R> {
-  return apply(locate(target), { kind: "original" });
+  return apply(target, { kind: "original" });
 }
 
 /** Executable bytes the live patches hold in the code pool (for the memory-per-patch measure). */

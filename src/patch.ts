@@ -8,14 +8,14 @@ import { mappedNow } from "./code_memory.ts";
 import type { CodeSlot, CodeWrite } from "./code_memory.ts";
 import type { OriginalStub } from "./original.ts";
 import {
-  exclusive, forgetMappings, holding, holdsAt, isForeign, layers, layersOf, liveBytes, liveHolds, machine, mappingAt, register, releaseSlot, restoredBytes, retire,
+  exclusive, holdsAt, isForeign, joinSection, layers, layersOf, liveBytes, liveHolds, machine, mappingAt, register, releaseSlot, restoredBytes, retire,
   unregister,
 } from "./registry.ts";
 import type { Entry, SlotReuse } from "./registry.ts";
 import { nativeSignature } from "./replacement.ts";
 import { moduleAt } from "./introspect.ts";
 import { pendingAt, schedule, transaction } from "./transaction.ts";
-import { PROT_WRITE, sameFile } from "../platform/mod.ts";
+import { PROT_READ, PROT_WRITE, sameFile } from "../platform/mod.ts";
 import type { Mapping, NativeCallback } from "../platform/mod.ts";
 
 /** A trampoline's code: where it is, and the pool slot it got for itself (null: it lives in a stub's). */
@@ -242,9 +242,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
    * commits.
    */
   restore(): void {
-    if (!holding()) return exclusive(() => this.#restore());
-    // In a transaction's body: user code ran since the last call, and may have unmapped what it saw.
-    forgetMappings();
+    if (!joinSection()) return exclusive(() => this.#restore());
     this.#restore();
   }
 
@@ -311,7 +309,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
     const restored = () => {
       setRestoring(entries, false);
       this.#original?.point(this.address);
-      if (applied.originalSlot !== null) storeSlot(applied.originalSlot, this.address);
+      if (applied.originalSlot !== null) storeSlotIfMapped(applied.originalSlot, this.address);
       this.#forget(applied, applied.busy, true);
       closeWhenIdle(applied);
     };
@@ -335,8 +333,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
    */
   #drop(applied: Applied): never {
     this.#original?.point(this.address);
-    const slot = applied.originalSlot;
-    if (slot !== null && (mappedNow(mappingAt, slot, 8)?.protection ?? 0) & PROT_WRITE) storeSlot(slot, this.address);
+    if (applied.originalSlot !== null) storeSlotIfMapped(applied.originalSlot, this.address);
     this.#forget(applied, applied.busy, true);
     closeWhenIdle(applied);
     const where = this.#entries.length > 1 ? "the import slots it rewrote are" : "its code is";
@@ -376,7 +373,7 @@ export class Patch<P extends readonly NativeType[], R extends NativeType> {
   abandon(): void {
     const applied = this.#applied;
     if (!applied) return;
-    if (applied.originalSlot !== null) storeSlot(applied.originalSlot, this.#slotBefore);
+    if (applied.originalSlot !== null) storeSlotIfMapped(applied.originalSlot, this.#slotBefore);
     this.#forget(applied, null);
     applied.callback?.close();
   }
@@ -417,6 +414,16 @@ function setRestoring(entries: readonly Entry[], restoring: boolean): void {
 function replaced(isEntry: boolean, at: bigint, then: Mapping | undefined, now: Mapping): boolean {
   if (!isEntry) return moduleAt(at) === null;
   return then?.file !== undefined && !sameFile(then.file, now.file);
+}
+
+/**
+ * Stores `value` in a patch's `originalSlot` once it has ended (restored, dropped or abandoned)
+ * when the slot is still writable memory: a transaction's body, user code, may have unmapped it
+ * since it was checked (the slot goes with it, and nothing is left to put back).
+ */
+function storeSlotIfMapped(slot: bigint, value: bigint): void {
+  const mapping = mappingAt(slot);
+  if (mapping !== null && (mapping.protection & (PROT_READ | PROT_WRITE)) === (PROT_READ | PROT_WRITE)) storeSlot(slot, value);
 }
 
 /** Stores `value` in the 8-byte aligned slot at `slot` in one store; returns what was there. */

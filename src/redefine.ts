@@ -9,12 +9,12 @@
 import type { NativeType } from "./signature.ts";
 import { locate } from "./target.ts";
 import type { Site, Target } from "./target.ts";
-import { destinationFor, discard } from "./replacement.ts";
+import { destinationFor, discard, nativeAddress } from "./replacement.ts";
 import type { Destination, Replacement } from "./replacement.ts";
 import { layOut, release } from "./layout.ts";
 import type { Layout } from "./layout.ts";
 import { Patch } from "./patch.ts";
-import { exclusive, forgetMappings, holding, keep, layers, machine, newestFirst, ourCalls, refuseOverlap } from "./registry.ts";
+import { exclusive, joinSection, keep, layers, machine, newestFirst, ourCalls, refuseOverlap } from "./registry.ts";
 import type { Entry } from "./registry.ts";
 import { schedule, transaction } from "./transaction.ts";
 import { redefineCallers } from "./import_slots.ts";
@@ -41,9 +41,7 @@ export function redefine<const P extends readonly NativeType[], const R extends 
   target: Target<P, R>,
   replacement: NoInfer<Replacement<P, R>>,
 ): Patch<P, R> {
-  if (!holding()) return exclusive(() => redefineLocked(target, replacement));
-  // In a transaction's body: user code ran since the last call, and may have unmapped what it saw.
-  forgetMappings();
+  if (!joinSection()) return exclusive(() => redefineLocked(target, replacement));
   return redefineLocked(target, replacement);
 }
 
@@ -103,15 +101,16 @@ export function restoreAll(): void {
 }
 
 /**
- * Sends the callers of a located function to `to`: lays out the code, registers the patch and
- * writes the entry jump. What fails before the write leaves nothing allocated, and closes `to`'s
- * callback.
+ * Sends the callers of `target` to `to`: locates the function (in the section, as the map has it
+ * since user code last ran), lays out the code, registers the patch and writes the entry jump.
+ * What fails before the write leaves nothing allocated, and closes `to`'s callback.
  */
 export function apply<P extends readonly NativeType[], R extends NativeType>(
-  site: Site<P, R>,
+  target: Target<P, R>,
   to: Destination,
 ): Patch<P, R> {
-  return exclusive(() => applyLocked(site, to));
+  if (!joinSection()) return exclusive(() => applyLocked(locate(target), to));
+  return applyLocked(locate(target), to);
 }
 
 function applyLocked<P extends readonly NativeType[], R extends NativeType>(site: Site<P, R>, to: Destination): Patch<P, R> {
@@ -148,7 +147,14 @@ function applyLocked<P extends readonly NativeType[], R extends NativeType>(site
     counters: layout.counters,
   });
   schedule(
-    { address: site.at, bytes: layout.entry, spin: machine().arch.selfLoop, mapping: site.mapping, expected: original },
+    {
+      address: site.at,
+      bytes: layout.entry,
+      spin: machine().arch.selfLoop,
+      mapping: site.mapping,
+      expected: original,
+      leadsTo: nativeAddress(to),
+    },
     nothing,
     () => patch.abandon(),
   );

@@ -16,7 +16,7 @@ import type { Arch, EntryJump, GuardLayout, RelocationPlan, RuntimeCode } from "
 import { OriginalStubs } from "./original.ts";
 import { openStore } from "./shared_registry.ts";
 import type { Store } from "./shared_registry.ts";
-import { platform, sameMemory } from "../platform/mod.ts";
+import { platform, PROT_EXEC, sameMemory } from "../platform/mod.ts";
 import type { Mapping, Platform, SymbolInfo } from "../platform/mod.ts";
 import type { Signature } from "./signature.ts";
 
@@ -233,38 +233,89 @@ export function holdsAt(bytes: Uint8Array, offset: number, expected: Uint8Array)
 }
 
 /**
- * The mapping holding `address`, or null when it is unmapped. Within one `exclusive` section (one
- * `redefine`, one `restore`, one whole transaction) each mapping is asked of the OS once: a lone
- * patch's target and its native replacement in the same library make one query, a thousand patches
- * of one library one query, not two thousand. Only mappings found are kept, never an answer of
- * "unmapped", and only until the section ends: what a section maps itself (code pool blocks, stub
- * libraries) lands in free space, nothing of ours in it unmaps or moves a mapping, and its writes
- * give every page its protection back, so what it has seen stays true until user code runs: a later
- * section asks again, and so does each `redefine()`/`restore()` in a transaction's body (user code
- * between them: see `forgetMappings`), and the transaction's commit.
+ * The mapping holding `address`, or null when it is unmapped, as the map has it since user code
+ * last ran: what a caller may read or write by. Within one `exclusive` section (one `redefine`,
+ * one `restore`, one whole transaction) each mapping is asked of the OS once while only our code
+ * runs: a lone patch's target and its native replacement in the same library make one query, a
+ * thousand restores of one library one query, not a thousand. Only mappings found are kept, never
+ * an answer of "unmapped", and only until the section ends: what a section maps itself (code pool
+ * blocks, stub libraries) lands in free space, nothing of ours in it unmaps or moves a mapping, and
+ * its writes give every page its protection back, so what it has seen stays true until user code
+ * runs (see `userCodeRan`): from then on a mapping found before is asked again when something is
+ * read or written by it, and serves only as a hint (`codeHint`) for what the commit checks anyway.
  */
 export function mappingAt(address: bigint): Mapping | null {
   const known = sectionMappings;
-  if (known) {
-    // Indexed loops in this file and its callers' hot paths: a `for…of` step allocates wherever
-    // the optimizing compiler has not reached yet, and a patch is a few hundred such steps.
-    for (let i = 0; i < known.length; i++) if (address >= known[i]!.start && address < known[i]!.end) return known[i]!;
+  if (known === null) return machine().platform.os.mappingAt(address);
+  // Indexed loops in this file and its callers' hot paths: a `for…of` step allocates wherever
+  // the optimizing compiler has not reached yet, and a patch is a few hundred such steps.
+  let stale = -1;
+  for (let i = 0; i < known.length; i++) {
+    const k = known[i]!;
+    if (address < k.start || address >= k.end) continue;
+    if (foundIn[i] === userRuns) return k;
+    stale = i;
   }
   const found = machine().platform.os.mappingAt(address);
-  if (found && known) {
-    if (known.length === 0) sectionMappings = [found];
-    else known.push(found);
+  if (stale >= 0) {
+    // What the map says there now takes the old answer's place: the list stays one entry a mapping.
+    if (found) {
+      known[stale] = found;
+      foundIn[stale] = userRuns;
+    } else {
+      known.splice(stale, 1);
+      foundIn.splice(stale, 1);
+    }
+  } else if (found) {
+    if (known.length === 0) {
+      sectionMappings = [found];
+      foundIn = [userRuns];
+    } else {
+      known.push(found);
+      foundIn.push(userRuns);
+    }
   }
   return found;
 }
 
 /**
- * Forgets the mappings the current section has found: user code ran since (a transaction's body,
- * between its `redefine()` and `restore()` calls) and may have unmapped or reprotected any of them.
- * The first query of each mapping after it asks the system again.
+ * The mapping holding `address` (see `mappingAt`), for code that nothing reads and that only needs
+ * to be executable when the writes leading to it land: a native replacement. In a transaction's
+ * body an answer found before user code last ran serves when it says executable — the commit
+ * checks every such address again (`recheckHints`, `CodeWrite.leadsTo`) — and one that says
+ * otherwise is asked again, so that no replacement is refused on an old answer.
  */
-export function forgetMappings(): void {
-  if (sectionMappings && !ours) sectionMappings = NO_MAPPINGS;
+export function codeHint(address: bigint): Mapping | null {
+  const known = sectionMappings;
+  if (known !== null) {
+    for (let i = 0; i < known.length; i++) {
+      const k = known[i]!;
+      if (address >= k.start && address < k.end && k.protection & PROT_EXEC) return k;
+    }
+  }
+  return mappingAt(address);
+}
+
+/**
+ * Says that user code may have run since the section last asked the map (a transaction's body, at
+ * each of its calls and at its commit): it may have unmapped or reprotected anything, so every
+ * mapping found so far is asked again before anything is read or written by it. Not while our
+ * own calls run one after another (`ourCalls`).
+ */
+export function userCodeRan(): void {
+  if (sectionMappings !== null && !ours) userRuns++;
+}
+
+/**
+ * Whether a public call joins a section already open — a transaction's body calls it, holding the
+ * lock — and runs as it is, without the function `exclusive` takes made for each call (a thousand
+ * patches restored in one transaction, a thousand of them); then user code ran since the section's
+ * last call (`userCodeRan`). False: the caller opens a section with `exclusive`.
+ */
+export function joinSection(): boolean {
+  if (!holding()) return false;
+  userCodeRan();
+  return true;
 }
 
 /** Whether the calls under way are ours, one after another with no user code between (see `ourCalls`). */
@@ -285,31 +336,40 @@ export function ourCalls(body: () => void): void {
 }
 
 /**
- * `writes` with each hint (`CodeWrite.mapping`) checked against the map as it is now, one query per
- * distinct mapping: a hint that no longer holds (its mapping shrunk, moved, unmapped or given
- * another protection) is dropped, so the write asks the system for its pages itself, and refuses an
- * unmapped one. A transaction's commit runs this, its body having run user code since its hints
- * were found; the list is `writes` itself unless one was dropped.
+ * `writes` checked against the map as it is now, one query per distinct mapping (the section's,
+ * `mappingAt`, asked again since user code ran): a hint (`CodeWrite.mapping`) that no longer holds
+ * (its mapping shrunk, moved, unmapped or given another protection) is dropped, so the write asks
+ * the system for its pages itself, and refuses an unmapped one; a write leading to native code
+ * that is no longer executable (`CodeWrite.leadsTo`) is refused, nothing written. A transaction's
+ * commit runs this, its body having run user code since its hints were found; the list is
+ * `writes` itself unless a hint was dropped.
  */
 export function recheckHints(writes: readonly CodeWrite[]): readonly CodeWrite[] {
   let out: CodeWrite[] | null = null;
-  let checked: Mapping | null = null;
+  // Most writes share their mapping with the write before, and lead where it leads.
+  let checked: Mapping | undefined;
   let holds = true;
-  // Most writes share a mapping with the one before: a set only for the others.
-  let others: Map<Mapping, boolean> | null = null;
+  let code: Mapping | null = null;
   for (let i = 0; i < writes.length; i++) {
     const w = writes[i]!;
+    const to = w.leadsTo;
+    if (to !== undefined && (code === null || to < code.start || to >= code.end)) {
+      code = mappingAt(to);
+      if (code === null || !(code.protection & PROT_EXEC)) {
+        throw new RedefineError(
+          "BAD_REPLACEMENT",
+          `the replacement ${hex(to)} is ${code ? "no longer executable" : "no longer mapped"} (the transaction's ` +
+            `body ${code ? "changed its protection" : "unmapped it"}): nothing was written. Keep a native ` +
+            `replacement's code in place while a patch leads to it.`,
+        );
+      }
+    }
     const hint = w.mapping;
     if (!hint) continue;
     if (hint !== checked) {
-      if (checked) (others ??= new Map()).set(checked, holds);
-      let known = others?.get(hint);
-      if (known === undefined) {
-        const now = mappingAt(hint.start);
-        known = now !== null && now.start <= hint.start && now.end >= hint.end && now.protection === hint.protection;
-      }
+      const now = mappingAt(hint.start);
       checked = hint;
-      holds = known;
+      holds = now !== null && now.start <= hint.start && now.end >= hint.end && now.protection === hint.protection;
     }
     if (holds) continue;
     out ??= writes.slice();
@@ -417,6 +477,10 @@ let others = false;
 let depth = 0;
 /** The mappings found in the current `exclusive` section (see `mappingAt`); null outside one. */
 let sectionMappings: Mapping[] | null = null;
+/** For each of `sectionMappings`, the count of `userRuns` it was found at. */
+let foundIn: number[] = [];
+/** How many times user code may have run in sections so far (`userCodeRan`). */
+let userRuns = 0;
 /**
  * A section's mappings before it has found one, shared: a list grown from empty reserves room for
  * 16, and most sections find one or two.
@@ -480,11 +544,7 @@ function threadPointer(m: Machine): bigint {
   return BigInt(m.platform.runtime.fnPointer(slot.address, { parameters: [], result: "u64" })());
 }
 
-/**
- * Whether this isolate holds the process-wide lock now (inside `exclusive`, a transaction's body
- * say): a caller may then run its body as it is, without the function `exclusive` takes made for
- * each call (a thousand patches restored in one transaction, a thousand of them).
- */
+/** Whether this isolate holds the process-wide lock now (inside `exclusive`, a transaction's body say). */
 export function holding(): boolean {
   return depth > 0;
 }

@@ -9,7 +9,7 @@ import type { JsFunction, JsValue, NativeType, Signature } from "./signature.ts"
 import { cannedSpec, isCanned } from "./mock/canned.ts";
 import type { Canned } from "./mock/canned.ts";
 import type { CannedSpec } from "./arch/canned.ts";
-import { machine, mappingAt } from "./registry.ts";
+import { codeHint, machine } from "./registry.ts";
 import { checkExecutable, symbolAddress } from "./target.ts";
 import type { NativeCall, NativeCallback } from "../platform/mod.ts";
 import { PROT_EXEC } from "../platform/mod.ts";
@@ -98,13 +98,13 @@ export function destinationFor(signature: Signature, replacement: unknown): Dest
     return { kind: "canned", spec: cannedSpec(replacement, signature.result) };
   }
   if (typeof replacement === "bigint") {
-    checkExecutable(replacement, "the replacement address");
+    checkExecutable(replacement, "the replacement address", codeHint);
     return { kind: "native", address: replacement };
   }
   if (replacement && typeof replacement === "object" && typeof (replacement as SymbolReplacement).symbol === "string") {
     const { symbol, library } = replacement as SymbolReplacement;
     const address = symbolAddress(m, symbol, library);
-    const mapping = mappingAt(address);
+    const mapping = codeHint(address);
     if (!mapping || !(mapping.protection & PROT_EXEC)) {
       throw new RedefineError(
         "BAD_REPLACEMENT",
@@ -286,6 +286,11 @@ function describe(value: unknown): string {
   if (typeof value === "bigint") return `${value}n`;
   if (typeof value === "string") return JSON.stringify(value.length > 40 ? value.slice(0, 40) + "…" : value);
   return typeof value === "function" ? "a function" : String(value);
+}
+
+/** Where a native replacement is, for a transaction's commit to check (`CodeWrite.leadsTo`); else undefined. */
+export function nativeAddress(to: Destination): bigint | undefined {
+  return to.kind === "native" ? to.address : undefined;
 }
 
 /** Frees what a destination holds (a JS replacement's callback), for a patch that never went live. */

@@ -182,11 +182,12 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
 
 /**
  * Refuses an address that is not a 64-bit address, NULL, unmapped or not executable: it is not
- * code. Returns its mapping.
+ * code. Returns its mapping, as `lookup` finds it (by default as the map has it since user code
+ * last ran: code about to be read).
  */
-export function checkExecutable(address: bigint, what: string): Mapping {
+export function checkExecutable(address: bigint, what: string, lookup: (address: bigint) => Mapping | null = mappingAt): Mapping {
   checkAddress(address, what);
-  const mapping = mappingAt(address);
+  const mapping = lookup(address);
   if (!mapping || !(mapping.protection & PROT_EXEC)) {
     throw new RedefineError(
       "INVALID_ADDRESS",

@@ -7,7 +7,7 @@
  */
 import { mappedNow, writeCode } from "./code_memory.ts";
 import type { CodeWrite, WriteOptions } from "./code_memory.ts";
-import { exclusive, forgetMappings, holdsAt, lent, liveBytes, liveHolds, machine, mappingAt, recheckHints } from "./registry.ts";
+import { exclusive, holdsAt, lent, liveBytes, liveHolds, machine, mappingAt, recheckHints, userCodeRan } from "./registry.ts";
 import { hex, hexBytes, RedefineError } from "./errors.ts";
 import type { Batch } from "./registry.ts";
 
@@ -172,15 +172,17 @@ function transactionLocked<T>(body: () => T): T {
   try {
     result = body();
     m.batch = null;
-    // The body was user code: what the section had seen of the map (the hints the writes carry
-    // among it) may be stale by now, unmapped even. A lone write outside a transaction keeps its
-    // hint unchecked: no user code runs between its query and the write.
-    forgetMappings();
+    // The body was user code: what the section had seen of the map (the hints the writes carry,
+    // the native code they lead to) may be stale by now, unmapped even. A lone write outside a
+    // transaction keeps its hint unchecked: no user code runs between its query and the write.
+    userCodeRan();
     const writes = recheckHints(batch.writes);
     refuseChanged(batch, writes);
     writeCode(m.platform, net(writes, batch.byAddress), LENT);
   } catch (error) {
     m.batch = null;
+    // The body, user code, may have unmapped what the rollbacks write (a patch's originalSlot).
+    userCodeRan();
     for (const rollback of batch.rollbacks.reverse()) rollback();
     throw error;
   }
@@ -203,6 +205,8 @@ function nested<T>(batch: Batch, body: () => T): T {
   try {
     return body();
   } catch (error) {
+    // As the outer commit's rollback: the body may have unmapped what the rollbacks write.
+    userCodeRan();
     batch.writes.splice(writes);
     batch.byAddress = undefined;
     batch.commits.splice(commits);

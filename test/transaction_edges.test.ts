@@ -218,13 +218,92 @@ const x86Posix = { skip: !isArm64 && runtime.os !== "windows" ? undefined : "the
 test("a transaction whose body unmaps code it redefined: INVALID_ADDRESS at commit, nothing written, the rest rolled back", () => {
   const seen = runCase(unmapFixture, "redefined, then unmapped in the body") as Record<string, unknown>;
   assert.match(String(seen.message), /is not mapped: nothing was written/);
-  assert.deepEqual({ ...seen, message: "" }, { error: "INVALID_ADDRESS", message: "", untouched: true, works: true, left: "none" });
+  assert.deepEqual({ ...seen, message: "" }, { error: "INVALID_ADDRESS", message: "", bystander: "rolled back", untouched: true, works: true, left: "none" });
 }, x86Posix);
 
 test("a transaction whose body unmaps a patched function, then restores it: UNLOADED, nothing read, the rest rolled back", () => {
   const seen = runCase(unmapFixture, "restore after the body unmapped the mapping an earlier call found") as Record<string, unknown>;
   assert.match(String(seen.message), /its code is gone/);
-  assert.deepEqual({ ...seen, message: "" }, { error: "UNLOADED", message: "", untouched: true, works: true, left: "none" });
+  assert.deepEqual({ ...seen, message: "" }, { error: "UNLOADED", message: "", bystander: "rolled back", untouched: true, works: true, left: "none" });
+}, x86Posix);
+
+test("a transaction whose body unmaps a function between two redefines in its mapping: INVALID_ADDRESS, nothing read, the rest rolled back", () => {
+  for (const name of ["redefined twice in one mapping, unmapped between", "redefined to its original twice in one mapping, unmapped between"]) {
+    const seen = runCase(unmapFixture, name) as Record<string, unknown>;
+    assert.match(String(seen.message), /is not mapped, so it is not code/, name);
+    assert.deepEqual({ ...seen, message: "" }, { error: "INVALID_ADDRESS", message: "", bystander: "rolled back", untouched: true, works: true, left: "none" }, name);
+  }
+}, x86Posix);
+
+test("a transaction whose body unmaps a native replacement it redirected to: BAD_REPLACEMENT at commit, nothing written", () => {
+  const seen = runCase(unmapFixture, "redefined to a native replacement the body unmaps") as Record<string, unknown>;
+  assert.match(String(seen.message), /the replacement 0x[0-9a-f]+ is no longer mapped .*nothing was written/);
+  assert.deepEqual({ ...seen, message: "" }, { error: "BAD_REPLACEMENT", message: "", bystander: "rolled back", untouched: true, works: true, left: "none" });
+}, x86Posix);
+
+test("a transaction whose body restores a patch, then unmaps its originalSlot: restored, the slot left alone", () => {
+  const seen = runCase(unmapFixture, "restored in a body that then unmaps its originalSlot");
+  assert.deepEqual(seen, { error: "none", message: "", restored: true, works: true, left: "none" });
+}, x86Posix);
+
+test("a transaction whose body makes a patch, unmaps its originalSlot and throws: rolled back, the slot left alone", () => {
+  const seen = runCase(unmapFixture, "made in a body that unmaps its originalSlot, then throws");
+  assert.deepEqual(seen, { error: "Error: the body fails", message: "the body fails", bystander: "rolled back", untouched: true, works: true, left: "none" });
+}, x86Posix);
+
+test("a nested transaction whose body makes a patch, unmaps its originalSlot and throws: it rolls back, the outer commits", () => {
+  const seen = runCase(unmapFixture, "made in a nested body that unmaps its originalSlot, then throws");
+  assert.deepEqual(seen, { error: "none", message: "", bystander: "live", untouched: true, works: true, left: "none" });
+}, x86Posix);
+
+test("a transaction's body that makes data executable between two redefines: the second takes it as the replacement", () => {
+  const { address, base } = assemble([...IDENTITY, ...IDENTITY]);
+  const page = mapPages(1);
+  runtime.view(page, IDENTITY.length).set(IDENTITY);
+  const target = { address, size: 16, parameters: ["i64"], result: "i64" } as const;
+  try {
+    const patch = transaction(() => {
+      // Asked while the page is data: refused, and the section has seen it so.
+      assertCode(() => redefine(target, page), "INVALID_ADDRESS");
+      assert.equal(libc.mprotect(page, BigInt(os.pageSize), PROT_READ | PROT_EXEC), 0);
+      return redefine(target, page);
+    });
+    assert.equal(patch.active, true);
+    patch.restore();
+  } finally {
+    restoreAll();
+    libc.munmap(page, BigInt(os.pageSize));
+    unassemble(base);
+  }
+}, x86Posix);
+
+test("a transaction of native redirects in one mapping asks the map about once a patch, its restoreAll() a few times", () => {
+  const count = 64;
+  // Two mappings of 32 functions each.
+  const { address, base } = assemble(Array.from({ length: count / 2 }, () => IDENTITY).flat());
+  const second = assemble(Array.from({ length: count / 2 }, () => IDENTITY).flat());
+  const half = count / 2;
+  const addresses = Array.from({ length: count }, (_, i) => i < half ? address + 16n * BigInt(i) : second.address + 16n * BigInt(i - half));
+  const labs = os.symbolAddress("labs");
+  const query = os.mappingAt;
+  let queries = 0;
+  os.mappingAt = (at) => (queries++, query(at));
+  try {
+    transaction(() => addresses.map((at) => redefine({ address: at, size: 16, parameters: ["i64"], result: "i64" }, labs)));
+    const made = queries;
+    queries = 0;
+    restoreAll();
+    // Each redefine asks where its target is (user code ran since the call before); the commit
+    // asks once more about each mapping written and about the replacement's; restoreAll's own
+    // restores share what they find.
+    assert.ok(made >= count && made <= count + 8, `${made} queries for ${count} patches`);
+    assert.ok(queries <= 8, `${queries} queries for ${count} restores`);
+  } finally {
+    os.mappingAt = query;
+    restoreAll();
+    unassemble(base);
+    unassemble(second.base);
+  }
 }, x86Posix);
 
 // A body may also leave other code where it redefined or is to restore: write the entry itself,

@@ -13,7 +13,6 @@ import type { ClockFunction } from "../arch/canned.ts";
 import { clockIds } from "../arch/canned.ts";
 import type { NativeType } from "../signature.ts";
 import { machine } from "../registry.ts";
-import { locate } from "../target.ts";
 import { apply } from "../redefine.ts";
 import { transaction } from "../transaction.ts";
 import { callerNames, redefineCallers } from "../import_slots.ts";
@@ -270,7 +269,7 @@ export function fakeClockOf(only: readonly ClockFunction[] | undefined, options:
         const target = { symbol: clock.function, parameters: clock.parameters, result: clock.result };
         const spec = { kind: "clock", function: clock.function, rate, state } as const;
         const to = { kind: "canned", spec, realClock } as const;
-        const patch = importers ? redefineCallers({ ...target, callers: importers }, () => to) : apply(locate(target), to);
+        const patch = importers ? redefineCallers({ ...target, callers: importers }, () => to) : apply(target, to);
         if (clock === reference && rate === 1) realClock = patch.originalAddress;
         return patch;
       });
