@@ -182,11 +182,13 @@ export function linux(runtime: Runtime): Os {
   // be one store (README: live patching). On arm64 it is unmeasured, and under qemu-user, where the
   // arm64 suite runs, a write behind qemu's back would leave its translated code stale.
   const forced = arm64 ? null : procMem(runtime, c, pageSize, (code) => errnoText(code));
-  // The routine for several stores in one call, x86-64 code, in a code block of its own.
-  const inOrder = arm64 ? null : storesInOrder(runtime, (code) => {
+  // The routine for several stores in one call, in a code block of its own, written through the
+  // block's writable alias and flushed like any code of the pool.
+  const inOrder = storesInOrder(runtime, (code) => {
     const block = os.allocateCode(0n, ANYWHERE, pageSize);
     if (!block) throw new RedefineError("ALLOCATION_FAILED", "no executable memory for the routine that writes entries in several stores.");
     runtime.view(block.writable, code.length).set(code);
+    flush?.(block.address, code.length);
     return block.address;
   });
 
@@ -368,13 +370,10 @@ export function linux(runtime: Runtime): Os {
       return forced?.write(address, bytes) ?? false;
     },
 
-    ...(inOrder
-      ? {
-        storeInOrder(stores: readonly Store[], force: boolean) {
-          return force ? forced!.writeInOrder(stores, inOrder) : inOrder(stores, -1).made;
-        },
-      }
-      : {}),
+    storeInOrder(stores: readonly Store[], force: boolean) {
+      if (!force) return inOrder(stores, -1).made;
+      return forced ? forced.writeInOrder(stores, inOrder) : 0;
+    },
 
     allocateCode(near, reach, size, wanted = pageSize) {
       const fd = codeFile(size);

@@ -8,10 +8,15 @@ import { Decoder, DecoderOptions, Formatter, FormatterSyntax } from "iced-x86";
 import { assert, test } from "./harness.ts";
 import { runCase } from "./cases.ts";
 import { bytesAt, isArm64, libc, mapPages, os, protectionAt, runtime } from "./native.ts";
-import { STORES_X86_64 } from "../platform/stores_in_order.ts";
+import { STORES_AARCH64, STORES_X86_64, storesCode } from "../platform/stores_in_order.ts";
+import { FLUSH_ROUTINE } from "../platform/aarch64_flush.ts";
+import { assertDisassembly, h } from "./objdump_aarch64.ts";
+import { machine } from "../src/registry.ts";
 import { PROT_READ } from "../platform/mod.ts";
 
-const linuxX86 = runtime.os === "linux" && !isArm64 ? undefined : "Linux x86-64: the layer with the routine";
+const linux = runtime.os === "linux" ? undefined : "Linux: the layer with the routine";
+/** Whether the layer makes forced writes (Linux x86-64; arm64 makes its pages writable). */
+const forcing = !isArm64;
 
 test("stores in order: the routine, as iced-x86 reads it", () => {
   const bytes = Uint8Array.from(STORES_X86_64);
@@ -60,6 +65,44 @@ test("stores in order: the routine, as iced-x86 reads it", () => {
   ]);
 });
 
+test("stores in order: the arm64 routine, as a reference disassembler reads it, the flush after it", () => {
+  const at = 0x10000n;
+  const bytes = storesCode("aarch64");
+  assert.equal(bytes.length, STORES_AARCH64.length * 4);
+  const flush = (STORES_AARCH64.length - FLUSH_ROUTINE.length) * 4;
+  assert.equal(flush, 112);
+  assertDisassembly(bytes.subarray(0, flush), at, [
+    "bti c",
+    "mov x5, x0",
+    "mov x9, x30",
+    "add x6, x0, #0x10",
+    "ldr x7, [x6, #8]",
+    `cbz x7, ${h(at + 100n)}`,
+    "ldr x8, [x6, #16]",
+    "add x8, x8, x5",
+    "ldr x10, [x6]",
+    "cmp x7, #0x8",
+    `b.ne ${h(at + 56n)}`,
+    "ldr x11, [x8]",
+    "str x11, [x10]",
+    `b ${h(at + 80n)}`,
+    "mov x11, #0x0",
+    "ldrb w12, [x8, x11]",
+    "strb w12, [x10, x11]",
+    "add x11, x11, #0x1",
+    "cmp x11, x7",
+    `b.cc ${h(at + 60n)}`,
+    "mov x0, x10",
+    "add x1, x10, x7",
+    `bl ${h(at + BigInt(flush))}`,
+    "add x6, x6, #0x18",
+    `b ${h(at + 16n)}`,
+    "sub x0, x6, x5",
+    "mov x30, x9",
+    "ret",
+  ]);
+});
+
 test("stores in order: plain and forced stores, one after another; a refused one ends the sequence", () => {
   const page = mapPages(2);
   const second = page + BigInt(os.pageSize);
@@ -72,7 +115,13 @@ test("stores in order: plain and forced stores, one after another; a refused one
     assert.equal(os.storeInOrder!(stores, false), 3);
     assert.deepEqual([...bytesAt(page, 12)], [10, 11, 12, 13, 14, 15, 16, 17, 9, 9, 9, 0], "each over the one before");
     assert.equal(libc.mprotect(page, BigInt(2 * os.pageSize), PROT_READ), 0);
-    assert.equal(os.storeInOrder!(stores.map((s) => ({ ...s, address: s.address + 64n })), true), 3);
+    const forced = stores.map((s) => ({ ...s, address: s.address + 64n }));
+    if (!forcing) {
+      assert.equal(os.storeInOrder!(forced, true), 0, "no forced writes on this layer: none made");
+      assert.deepEqual([...bytesAt(page + 64n, 12)], new Array(12).fill(0));
+      return;
+    }
+    assert.equal(os.storeInOrder!(forced, true), 3);
     assert.deepEqual([...bytesAt(page + 64n, 12)], [10, 11, 12, 13, 14, 15, 16, 17, 9, 9, 9, 0], "forced, into a read-only page");
     assert.equal(protectionAt(page), PROT_READ, "which stays read-only");
     assert.equal(libc.munmap(second, BigInt(os.pageSize)), 0);
@@ -86,7 +135,7 @@ test("stores in order: plain and forced stores, one after another; a refused one
   } finally {
     libc.munmap(page, BigInt(2 * os.pageSize));
   }
-}, { skip: linuxX86 });
+}, { skip: linux });
 
 /** What test/fixtures/mid_write.ts reports. */
 interface MidWrite {
@@ -106,19 +155,20 @@ for (const meddle of ["call", "collect"] as const) {
   for (const together of [false, true]) {
     const name = together ? `${meddle}, transaction` : meddle;
     const what = meddle === "call" ? "an FFI call into the function" : "a collection";
-    const how = together ? "plain stores in a transaction's writable page" : "forced writes";
+    const how = together ? "plain stores in a transaction's writable page" : "a lone patch's stores";
     test(`stores in order: ${what} on the JS thread never meets an entry half-written (${how})`, () => {
       // Without the routine the JS thread runs between the stores, calls in, and waits on the
       // jump to itself for ever: the timeout ends the child and fails here.
       const seen = runCase(fixture, name, 30_000) as MidWrite;
-      assert.equal(seen.form, 14, "every entry jump the 14-byte one, three stores");
+      assert.equal(seen.form, machine().arch.entryJumps.at(-1)!.size, "every entry jump the longest form, three stores");
       assert.equal(seen.during, 0, "the patched lock locks and unlocks");
       assert.equal(seen.after, 0);
       assert.equal(seen.restored, true, "the bytes are back");
       assert.ok(seen.chances > 0, "JS ran around the writes");
       assert.equal(seen.whileSpinning, 0, "never while an entry jumped to itself");
-      assert.deepEqual(seen.sequences, new Array(together ? 4 : 2).fill(!together), "each entry's stores in one call, by the way the page takes them");
-      assert.equal(seen.protects > 0, together, "the transaction's page made writable and back");
-    }, { skip: linuxX86 });
+      const forced = forcing && !together;
+      assert.deepEqual(seen.sequences, new Array(together ? 4 : 2).fill(forced), "each entry's stores in one call, by the way the page takes them");
+      assert.equal(seen.protects > 0, !forced, "the page made writable and back, unless forced writes do");
+    }, { skip: linux });
   }
 }
