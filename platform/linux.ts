@@ -7,7 +7,7 @@
  * and the arm64 cache flush. Modules, exports and imports: platform/linux_modules.ts.
  */
 import { hex, RedefineError } from "../src/errors.ts";
-import type { CodeBlock, Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
+import type { CodeBlock, Mapping, Os, Runtime, Store, SymbolInfo } from "./types.ts";
 import { ANYWHERE, PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
 import { aarch64CacheFlush } from "./aarch64_flush.ts";
 import { aarch64BranchChecks } from "./branch_checks.ts";
@@ -15,6 +15,7 @@ import { farPlace, nearCandidates, protectionText } from "./address_space.ts";
 import { cString, posix } from "./posix.ts";
 import { lazyLibrary } from "./lazy_library.ts";
 import { procMem } from "./proc_mem.ts";
+import { storesInOrder } from "./stores_in_order.ts";
 import { linuxModules, mappedReader } from "./linux_modules.ts";
 
 const RTLD_DL_SYMENT = 1;
@@ -180,7 +181,16 @@ export function linux(runtime: Runtime): Os {
   // Forced writes on x86-64 only, where the kernel's copy of an aligned 8-byte word was measured to
   // be one store (README: live patching). On arm64 it is unmeasured, and under qemu-user, where the
   // arm64 suite runs, a write behind qemu's back would leave its translated code stale.
-  const forced = arm64 ? null : procMem(runtime, c, pageSize, () => errnoText());
+  const forced = arm64 ? null : procMem(runtime, c, pageSize, (code) => errnoText(code));
+  // The routine for several stores in one call, in a code block of its own, written through the
+  // block's writable alias and flushed like any code of the pool.
+  const inOrder = storesInOrder(runtime, (code) => {
+    const block = os.allocateCode(0n, ANYWHERE, pageSize);
+    if (!block) throw new RedefineError("ALLOCATION_FAILED", "no executable memory for the routine that writes entries in several stores.");
+    runtime.view(block.writable, code.length).set(code);
+    flush?.(block.address, code.length);
+    return block.address;
+  });
 
   // One open /proc/self/maps answers PROCMAP_QUERY for the life of the process; null once the
   // kernel turns out not to know the ioctl (or no page for its struct could be had), and we read
@@ -374,6 +384,11 @@ export function linux(runtime: Runtime): Os {
 
     forceWrite(address, bytes) {
       return forced?.write(address, bytes) ?? false;
+    },
+
+    storeInOrder(stores: readonly Store[], force: boolean) {
+      if (!force) return inOrder(stores, -1).made;
+      return forced ? forced.writeInOrder(stores, inOrder) : 0;
     },
 
     allocateCode(near, reach, size, wanted = pageSize) {

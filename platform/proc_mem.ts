@@ -6,9 +6,10 @@
  * file and probes it on a page of its own, and that decides for the life of the process.
  */
 import { hex } from "../src/errors.ts";
-import type { NativeCall, Runtime } from "./types.ts";
+import type { NativeCall, Runtime, Store } from "./types.ts";
 import { PROT_READ } from "./types.ts";
 import { cString } from "./posix.ts";
+import type { StoresInOrder } from "./stores_in_order.ts";
 
 const O_RDWR = 2;
 const O_CLOEXEC = 0x80000;
@@ -29,12 +30,17 @@ export interface ProcMemLibc {
 export interface ProcMem {
   /** `Os.forceWrite`: true when every byte was written, false (nothing written) when refused. */
   write(address: bigint, bytes: Uint8Array): boolean;
+  /**
+   * `Os.storeInOrder`, forced: each of `stores` as `write` makes it, all by one call of `run`;
+   * how many were made (0 also when the kernel refuses this process forced writes).
+   */
+  writeInOrder(stores: readonly Store[], run: StoresInOrder): number;
   /** Why the last write, or the probe, was refused; null while none was. */
   refusal(): string | null;
 }
 
-/** The writer over `c`; `errnoText` reads errno right after a failed call. */
-export function procMem(runtime: Runtime, c: ProcMemLibc, pageSize: number, errnoText: () => string): ProcMem {
+/** The writer over `c`; `errnoText` names an errno, by default the one a failed call left. */
+export function procMem(runtime: Runtime, c: ProcMemLibc, pageSize: number, errnoText: (code?: number) => string): ProcMem {
   const page = BigInt(pageSize);
   // The descriptor once opened and probed; null when the kernel refuses the path to this process.
   let fd: number | null | undefined;
@@ -63,6 +69,9 @@ export function procMem(runtime: Runtime, c: ProcMemLibc, pageSize: number, errn
     return null;
   }
 
+  const refused = (address: bigint, length: number, why: string) =>
+    (refusal = `the write of ${length} bytes at ${hex(address)} through /proc/self/mem was refused: ${why}`);
+
   return {
     write(address, bytes) {
       if (fd === undefined) fd = open();
@@ -71,10 +80,19 @@ export function procMem(runtime: Runtime, c: ProcMemLibc, pageSize: number, errn
       const before = Number(address % page) + bytes.length <= pageSize ? null : runtime.view(address, bytes.length).slice();
       const n = pwrite(bytes, address);
       if (n === bytes.length) return true;
-      refusal = `the write of ${bytes.length} bytes at ${hex(address)} through /proc/self/mem was refused: ` +
-        (n < 0 ? errnoText() : `the kernel took ${n}`);
+      refused(address, bytes.length, n < 0 ? errnoText() : `the kernel took ${n}`);
       if (n > 0 && before) pwrite(before.subarray(0, n), address);
       return false;
+    },
+    writeInOrder(stores, run) {
+      if (fd === undefined) fd = open();
+      if (fd === null) return 0;
+      const { made, result } = run(stores, fd);
+      if (made < stores.length) {
+        const { address, bytes } = stores[made]!;
+        refused(address, bytes.length, result < 0 ? errnoText(-result) : `the kernel took ${result}`);
+      }
+      return made;
     },
     refusal: () => refusal,
   };

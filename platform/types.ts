@@ -251,6 +251,12 @@ export interface AddressRange {
   readonly end: bigint;
 }
 
+/** One store of a sequence (`Os.storeInOrder`): `bytes` at `address`. */
+export interface Store {
+  readonly address: bigint;
+  readonly bytes: Uint8Array;
+}
+
 /** What each OS layer (platform/linux.ts, ...) provides. */
 export interface Os {
   readonly pageSize: number;
@@ -271,6 +277,16 @@ export interface Os {
    * writable with `protect` and stores the bytes itself. One call is one copy by the kernel.
    */
   forceWrite(address: bigint, bytes: Uint8Array): boolean;
+  /**
+   * Makes `stores` one after another by one foreign call, each whole before the next begins and
+   * visible to instruction fetch when the next begins, with no JS run between them
+   * (platform/stores_in_order.ts): `forced`, each the way `forceWrite` makes one, else as a
+   * plain store into pages the process may write, 8 bytes in one store. Returns how many were
+   * made: the first refused ends the sequence (a forced one across pages may be partly taken);
+   * 0 too where the system refuses forced writes altogether. Absent where the layer has no such
+   * routine: there the caller makes the stores itself.
+   */
+  storeInOrder?(stores: readonly Store[], forced: boolean): number;
   /**
    * Executable memory (with a writable alias) within `reach` bytes of `near`, followed by at least
    * `dataSize` bytes of data (one page when not given), or null when none can be had there. It

@@ -743,17 +743,48 @@ function store(
     w.buffer.set(whole ? whole.subarray(inPage, inPage + bytes.length) : w.runtime.view(address, bytes.length), save);
   }
   if (!spin || offset + spin.length > 8 || bytes.length <= spin.length) return storeBytes(w, page, inPage, address, bytes, forced);
+  if (w.os.storeInOrder) return storeSpun(w, page, inPage - offset, at, bytes, spin, offset, forced);
   if (!storeWord(w, page, inPage - offset, at, spin, offset, forced, -1)) return false;
   w.os.flushCode(address, spin.length);
   const rest = storeBytes(w, page, inPage + spin.length, address + BigInt(spin.length), bytes.subarray(spin.length), forced) &&
     (w.os.flushCode(address, bytes.length), storeWord(w, page, inPage - offset, at, bytes.subarray(0, spin.length), offset, forced, -1));
-  if (!rest) {
-    throw new RedefineError(
-      "PROTECT_FAILED",
-      `the system took the first store into the code at ${hex(address)} and refused the next: nothing is left written.`,
-    );
-  }
+  if (!rest) throw refusedAfterFirst(address);
   return true;
+}
+
+/**
+ * `store`'s three stores, the jump to itself, the tail and the head, by one call of
+ * `Os.storeInOrder`: no JS runs while the entry jumps to itself, so nothing the runtime does on
+ * this thread meanwhile (a collection calling `getpid`, a binding calling `dlsym`) can call into
+ * the function and wait there for the head that this thread alone would write. Both words are
+ * made from the word as it is, `bytes` starting `offset` bytes into it at `at` (`inPage` bytes
+ * into `page`).
+ */
+function storeSpun(
+  w: Writing, page: Page, inPage: number, at: bigint, bytes: Uint8Array, spin: Uint8Array, offset: number, forced: boolean,
+): boolean {
+  const whole = pageView(w, page);
+  const spun = whole ? whole.slice(inPage, inPage + 8) : w.runtime.view(at, 8).slice();
+  const head = spun.slice();
+  spun.set(spin, offset);
+  head.set(bytes.subarray(0, 8 - offset), offset);
+  const address = at + BigInt(offset);
+  const made = w.os.storeInOrder!([
+    { address: at, bytes: spun },
+    { address: address + BigInt(spin.length), bytes: bytes.subarray(spin.length) },
+    { address: at, bytes: head },
+  ], forced);
+  if (made === 0) return false;
+  if (made < 3) throw refusedAfterFirst(address);
+  return true;
+}
+
+/** A sequence's first store taken and a later one refused: the undo puts the old bytes back. */
+function refusedAfterFirst(address: bigint): RedefineError {
+  return new RedefineError(
+    "PROTECT_FAILED",
+    `the system took the first store into the code at ${hex(address)} and refused the next: nothing is left written.`,
+  );
 }
 
 /** The aligned word holding `address`, `offset` bytes into it (an aligned one is its own: no bigint to make). */
