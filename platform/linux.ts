@@ -8,7 +8,7 @@
  */
 import { hex, RedefineError } from "../src/errors.ts";
 import type { CodeBlock, Mapping, Os, Runtime, SymbolInfo } from "./types.ts";
-import { ANYWHERE, PROT_EXEC, PROT_READ, PROT_WRITE } from "./types.ts";
+import { ANYWHERE, PROT_EXEC, PROT_READ, PROT_WRITE, sameFile } from "./types.ts";
 import { aarch64CacheFlush } from "./aarch64_flush.ts";
 import { aarch64BranchChecks } from "./branch_checks.ts";
 import { farPlace, nearCandidates, protectionText } from "./address_space.ts";
@@ -168,6 +168,12 @@ function sameWord(fields: DataView, offset: number, value: bigint, minus = 0n): 
   const v = Number(value), m = Number(minus);
   if (high >= 2 ** 21 || v >= 2 ** 53 || m < 0 || m >= 2 ** 53) return fields.getBigUint64(offset, true) === value - minus;
   return fields.getUint32(offset, true) + high * 2 ** 32 === v - m;
+}
+
+/** Whether two mappings say exactly the same, field by field. */
+function sameListing(a: Mapping, b: Mapping): boolean {
+  return a.start === b.start && a.end === b.end && a.protection === b.protection && a.path === b.path &&
+    (a.file === undefined ? b.file === undefined : b.file !== undefined && sameFile(a.file, b.file));
 }
 
 /** A device number from its major and minor numbers, as the kernel composes them. */
@@ -381,7 +387,8 @@ export function linux(runtime: Runtime): Os {
     mappingAt(address, was) {
       const found = queryMapping(address, was);
       if (found !== undefined) return found;
-      return parseMaps(readMaps()).find((m) => address >= m.start && address < m.end) ?? null;
+      const listed = parseMaps(readMaps()).find((m) => address >= m.start && address < m.end) ?? null;
+      return was !== undefined && listed !== null && sameListing(listed, was) ? was : listed;
     },
 
     protect(start, length, protection) {
