@@ -266,8 +266,13 @@ export interface Os {
   symbolAt(address: bigint): SymbolInfo | null;
   /** Every mapping of the process, in address order. */
   mappings(): Mapping[];
-  /** The mapping containing `address` (its `path` may be empty), or null when it is unmapped. */
-  mappingAt(address: bigint): Mapping | null;
+  /**
+   * The mapping containing `address` (its `path` may be empty), or null when it is unmapped. `was`,
+   * an answer found before for that address: where the layer can tell cheaply (Linux), it comes
+   * back itself when the map says exactly the same of it now — no new object, and a caller asking
+   * again and again may compare by identity.
+   */
+  mappingAt(address: bigint, was?: Mapping): Mapping | null;
   /** Changes the protection of whole pages; throws PROTECT_FAILED with the errno text. */
   protect(start: bigint, length: number, protection: number): void;
   /**

@@ -256,7 +256,9 @@ export function mappingAt(address: bigint): Mapping | null {
     if (foundIn[i] === userRuns) return k;
     stale = i;
   }
-  const found = machine().platform.os.mappingAt(address);
+  // The old answer comes back itself when the map says the same (no new object), and
+  // `knownPlace` sees the memory it knows by identity.
+  const found = machine().platform.os.mappingAt(address, stale >= 0 ? known[stale] : undefined);
   if (stale >= 0) {
     // What the map says there now takes the old answer's place: the list stays one entry a mapping.
     if (found) {

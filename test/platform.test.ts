@@ -66,6 +66,39 @@ if (runtime.os === "linux") {
     assert.ok(listed.file && listed.file.inode > 0, "libc's code maps its file");
     assert.deepEqual(os.mappingAt(labs)!.file, listed.file);
   });
+
+  test("mappingAt(address, was): `was` itself while the map says exactly that of it (a file's mapping, anonymous code), a new answer once anything differs", () => {
+    const labs = os.symbolAddress("labs");
+    const text = os.mappingAt(labs)!;
+    assert.equal(os.mappingAt(labs, text), text, "libc's text, unchanged");
+    const code = assemble([0xc3]);
+    try {
+      const was = os.mappingAt(code.address)!;
+      assert.equal(os.mappingAt(code.address, was), was, "anonymous code, unchanged");
+      for (const changed of [
+        { ...was, protection: PROT_READ },
+        { ...was, start: was.start - 4096n },
+        { ...was, end: was.end + 4096n },
+        { ...was, file: { device: 1, inode: 2, base: was.start } },
+      ]) {
+        const now = os.mappingAt(code.address, changed)!;
+        assert.notEqual(now, changed);
+        assert.deepEqual(now, was, "what the map says now");
+      }
+      for (const changed of [
+        { ...text, file: { ...text.file!, inode: text.file!.inode + 1 } },
+        { ...text, file: { ...text.file!, device: text.file!.device + 1 } },
+        { ...text, file: { ...text.file!, base: text.file!.base + 4096n } },
+        { ...text, file: undefined },
+      ]) {
+        const now = os.mappingAt(labs, changed)!;
+        assert.notEqual(now, changed);
+        assert.deepEqual(now, text);
+      }
+    } finally {
+      unassemble(code.base);
+    }
+  });
 }
 
 test("sameMemory: a file's mapping is the same file from the same place, however split; other memory the same extent and protection", () => {
