@@ -53,6 +53,9 @@ export function totals() {
  * step returns `[passed, failed, skipped]` (skipped: the
  * tests that report an optional system tool or library missing). Adds them to `into`, with a summary line titled `label name`.
  */
+/** How many failed tests a summary names under its step. */
+const MAX_NAMES = 12;
+
 export function runSteps(steps, { only = [], label = "", into = totals() } = {}) {
   for (const [name, step] of steps) {
     // dist/ is built whichever steps are asked for: the rest load it.
@@ -60,12 +63,15 @@ export function runSteps(steps, { only = [], label = "", into = totals() } = {})
     const title = label ? `${label} ${name}` : name;
     console.log(`\n=== ${title}`);
     const started = Date.now();
-    const [passed, failed, skipped = 0] = step();
+    const [passed, failed, skipped = 0, names = []] = step();
     into.passed += passed;
     into.failed += failed;
     into.skipped += skipped;
     const seconds = ((Date.now() - started) / 1000).toFixed(0);
     into.lines.push(`${failed ? "FAIL" : "ok  "} ${title}: ${counted(passed, failed, skipped)} (${seconds} s)`);
+    // The failed tests by name, under their step: a CI log may keep only its last lines.
+    for (const name of names.slice(0, MAX_NAMES)) into.lines.push(`       failed: ${name}`);
+    if (names.length > MAX_NAMES) into.lines.push(`       failed: and ${names.length - MAX_NAMES} more`);
   }
   return into;
 }
