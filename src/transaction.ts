@@ -94,11 +94,12 @@ function net(writes: readonly CodeWrite[], byAddress?: Map<bigint, CodeWrite | C
  * wrote). The body was user code: it may have written the entry itself, or unmapped its code and
  * had other code mapped at the same address with the same protection (Node maps a binding's call
  * code on its first call, into a hole just left as readily as anywhere), which the hints' check
- * cannot tell from the old code. `rechecked` is the batch's writes after that check, index for
+ * cannot tell from the old code. `netted` is the batch's writes less those that cancel out (whole
+ * places: a place's writes go or stay together), `rechecked` the same after that check, index for
  * index: where a write's mapping still holds, its bytes are read through the kept page views;
  * where it was dropped, only once found mapped (an unmapped place is the write's to refuse).
  */
-function refuseChanged(batch: Batch, rechecked: readonly CodeWrite[]): void {
+function refuseChanged(batch: Batch, netted: readonly CodeWrite[], rechecked: readonly CodeWrite[]): void {
   const m = machine();
   const size = m.platform.os.pageSize;
   // The page read last, and its kept view: most writes share a page with the one before.
@@ -128,7 +129,7 @@ function refuseChanged(batch: Batch, rechecked: readonly CodeWrite[]): void {
     // it finds what the earlier one writes. Indexed as `pendingAt` indexes it.
     batch.byAddress ??= Map.groupBy(batch.writes, (x) => x.address);
     const group = batch.byAddress.get(w.address)!;
-    if ((Array.isArray(group) ? group[0] : group) !== batch.writes[i]) continue;
+    if ((Array.isArray(group) ? group[0] : group) !== netted[i]) continue;
     const found = m.platform.runtime.view(w.address, expected.length).slice();
     throw new RedefineError(
       "PATCH_MODIFIED",
@@ -176,9 +177,12 @@ function transactionLocked<T>(body: () => T): T {
     // the native code they lead to) may be stale by now, unmapped even. A lone write outside a
     // transaction keeps its hint unchecked: no user code runs between its query and the write.
     userCodeRan();
-    const writes = recheckHints(batch.writes);
-    refuseChanged(batch, writes);
-    writeCode(m.platform, net(writes, batch.byAddress), LENT);
+    // Writes that cancel out are dropped first: a patch made and restored in the body writes
+    // nothing, so what its replacement has become since is no reason to refuse the rest.
+    const netted = net(batch.writes, batch.byAddress);
+    const writes = recheckHints(netted);
+    refuseChanged(batch, netted, writes);
+    writeCode(m.platform, writes, LENT);
   } catch (error) {
     m.batch = null;
     // The body, user code, may have unmapped what the rollbacks write (a patch's originalSlot).

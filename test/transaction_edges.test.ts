@@ -241,6 +241,11 @@ test("a transaction whose body unmaps a native replacement it redirected to: BAD
   assert.deepEqual({ ...seen, message: "" }, { error: "BAD_REPLACEMENT", message: "", bystander: "rolled back", untouched: true, works: true, left: "none" });
 }, x86Posix);
 
+test("a transaction whose body redefines to a native replacement, restores it and unmaps the replacement: nothing written, no error", () => {
+  const seen = runCase(unmapFixture, "redefined to a native replacement, restored, then the replacement unmapped");
+  assert.deepEqual(seen, { error: "none", message: "", untouched: true, works: true, left: "none" });
+}, x86Posix);
+
 test("a transaction whose body restores a patch, then unmaps its originalSlot: restored, the slot left alone", () => {
   const seen = runCase(unmapFixture, "restored in a body that then unmaps its originalSlot");
   assert.deepEqual(seen, { error: "none", message: "", restored: true, works: true, left: "none" });
