@@ -205,9 +205,10 @@ export function linux(runtime: Runtime): Os {
   const pageSize = arm64 ? Number(c.sysconf(SC_PAGESIZE)) : 4096;
   const flush = arm64 ? aarch64CacheFlush(runtime, pageSize).flush : null;
 
-  // Forced writes on x86-64 only, where the kernel's copy of an aligned 8-byte word was measured to
-  // be one store (README: live patching). On arm64 it is unmeasured, and under qemu-user, where the
-  // arm64 suite runs, a write behind qemu's back would leave its translated code stale.
+  // Forced writes on x86-64 only, and there only where mprotect is refused (`protectFrom` below):
+  // threads running the code may see the kernel's copy torn (README: Not guaranteed). On arm64
+  // they are unmeasured, and under qemu-user, where the arm64 suite runs, a write behind qemu's
+  // back would leave its translated code stale.
   const forced = arm64 ? null : procMem(runtime, c, pageSize, (code) => errnoText(code));
   // The routine for several stores in one call, in a code block of its own, written through the
   // block's writable alias and flushed like any code of the pool.
@@ -413,6 +414,10 @@ export function linux(runtime: Runtime): Os {
         );
       }
     },
+
+    // Every store into code the protection way: forced writes are not one store under threads
+    // running the code (see `Os.protectFrom`).
+    protectFrom: 1,
 
     forceWrite(address, bytes) {
       return forced?.write(address, bytes) ?? false;

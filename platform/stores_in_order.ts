@@ -18,7 +18,8 @@ import type { NativeCall, Runtime, Store } from "./types.ts";
  * address, length and the offset of its bytes in the descriptor (three words), a zero length
  * ending them. It returns the offset of the store it stopped at: the end when every one was made.
  * A plain store of 8 bytes is one `mov`, so a thread running the code sees the old word or the
- * new; a forced one is one copy by the kernel. Uses only registers a call may clobber, and the
+ * new; a forced one is one copy by the kernel (which such a thread may see torn: `Os.protectFrom`,
+ * so Linux forces only stores `mprotect` refuses). Uses only registers a call may clobber, and the
  * direction flag is clear at any call (System V).
  */
 export const STORES_X86_64: readonly number[] = [

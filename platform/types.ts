@@ -279,9 +279,22 @@ export interface Os {
    * Writes `bytes` at `address` into code this process cannot write through its own mapping,
    * without changing any protection (Linux: /proc/self/mem). Returns false where the system
    * refuses that, or has no such path, and then nothing was written: the caller makes the pages
-   * writable with `protect` and stores the bytes itself. One call is one copy by the kernel.
+   * writable with `protect` and stores the bytes itself. One call is one copy by the kernel, which
+   * threads running the code may see torn (see `protectFrom`).
    */
   forceWrite(address: bigint, bytes: Uint8Array): boolean;
+  /**
+   * From how many stores on a run of pages a batch takes the protection way instead of forced
+   * writes, where it is not `PROTECT_FROM` (src/code_memory.ts). Linux: 1, every store into code
+   * the protection way, forced writes only where `protect` is refused (the vDSO). On the Intel
+   * Xeon VM of 2026-12-02 (kernel 6.18, a CPU with fast short `rep movsb`), threads running a
+   * function while /proc/self/mem rewrote an aligned 8-byte word of its entry executed torn bytes:
+   * a C program toggling a `jmp rel32` so, 300,000 toggles a run under two calling threads, hit
+   * `int3` or got wrong results in 6 of 8 runs; the same toggles as plain 8-byte stores into a
+   * writable page, paced alike, in 0 of 10; the stress test saw 126 wrong results in 178 million
+   * calls in one CI run.
+   */
+  readonly protectFrom?: number;
   /**
    * Makes `stores` one after another by one foreign call, each whole before the next begins and
    * visible to instruction fetch when the next begins, with no JS run between them

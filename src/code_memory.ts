@@ -406,7 +406,8 @@ export interface CodeWrite {
  * two ways cost the same at 2–3 stores on libc's pages and at 3–4 on anonymous code; at 4 the
  * pair costs 0.8–1.0× the forced writes there and 0.6–0.7× on libc, at 8 0.45–0.6×. Below 4 the
  * forced writes cost at most 1.2× the pair, and no page is ever writable and executable and no
- * mapping splits: every lone patch (one store, or three for spin, tail and head) stays that way.
+ * mapping splits. A layer may ask for the protection way from fewer stores (`Os.protectFrom`):
+ * Linux does from one, since threads running the code may see a forced write torn.
  */
 export const PROTECT_FROM = 4;
 
@@ -501,8 +502,8 @@ export interface Lent {
 export interface WriteOptions {
   /**
    * From how many stores on one run of pages it is made writable instead of written the forced
-   * way (`PROTECT_FROM`); Infinity, for benches that time the forced way on purpose: wherever the
-   * system allows.
+   * way (the layer's `Os.protectFrom`, else `PROTECT_FROM`); Infinity, for benches that time the
+   * forced way on purpose: wherever the system allows.
    */
   readonly protectFrom?: number;
   /** What the caller lends (see `Lent`). */
@@ -529,7 +530,8 @@ interface Writing {
 
 /**
  * Writes every `writes` entry into code pages as one transaction. Each run of non-writable pages
- * goes one of two ways, by how many stores the batch makes there (`PROTECT_FROM`): the kernel's
+ * goes one of two ways, by how many stores the batch makes there (`WriteOptions.protectFrom`,
+ * else the layer's `Os.protectFrom`, else `PROTECT_FROM`): the kernel's
  * forced write for each store (`Os.forceWrite`: no protection changes at all), or, for many
  * stores, one protection change making the run writable (keeping its execute bit, since other
  * threads may be running code there), plain stores, and its exact original protection back at the
@@ -539,8 +541,7 @@ interface Writing {
  * and every protection restored.
  */
 export function writeCode(platform: Platform, writes: readonly CodeWrite[], options: WriteOptions = {}): void {
-  const { protectFrom = PROTECT_FROM, lent } = options;
-  if (writes.length === 1 && lent && protectFrom > 1 && loneWord(platform, writes[0]!, lent)) return;
+  const { protectFrom = platform.os.protectFrom ?? PROTECT_FROM, lent } = options;
   const spots = spotsOf(platform, writes);
   let total = 8;
   for (let i = 0; i < writes.length; i++) {
@@ -592,33 +593,6 @@ export function writeCode(platform: Platform, writes: readonly CodeWrite[], opti
     );
   }
   flush(w, writes, spots);
-}
-
-/**
- * A lone write that fits in one aligned word, on a page its mapping hint says is not writable,
- * made as the general path below makes it — one forced write of the word, then the flush — without
- * its page, run, spot and undo records (a lone patch's two writes spent ~0.5 µs each on those).
- * One store either lands or leaves the word as it was, so there is nothing to undo. False, nothing
- * written, when the write is not one of these or the forced write is refused: the general path then
- * makes it, asking the system for the page's protection.
- */
-function loneWord(platform: Platform, write: CodeWrite, lent: Lent): boolean {
-  const { address, bytes, mapping } = write;
-  if (!mapping || mapping.protection & PROT_WRITE || bytes.length === 0) return false;
-  const offset = Number(address % 8n);
-  if (offset + bytes.length > 8) return false;
-  const at = wordAt(address, offset);
-  // Mappings are whole pages: the hint holding the word holds its page, which it proves mapped.
-  if (at < mapping.start || at >= mapping.end) return false;
-  const { os } = platform;
-  const inPage = Number(at % BigInt(os.pageSize));
-  const page = lent.page(at - BigInt(inPage));
-  const word = lent.scratch(8);
-  for (let k = 0; k < 8; k++) word[k] = page[inPage + k]!;
-  word.set(bytes, offset);
-  if (!os.forceWrite(at, word)) return false;
-  if (mapping.protection & PROT_EXEC) os.flushCode(address, bytes.length);
-  return true;
 }
 
 /**

@@ -143,7 +143,8 @@ function refuseChanged(batch: Batch, netted: readonly CodeWrite[], rechecked: re
 /**
  * Applies everything `body` redefines and restores as one transaction: a run of pages taking 4
  * stores or more is made writable once and gets its protection back once, however many patches it
- * holds (fewer stores go through the kernel's forced write where the system has one), and if
+ * holds (fewer stores go through the kernel's forced write where the system has one and asks for
+ * it, `Os.protectFrom`: Linux takes the protection way for every store), and if
  * anything fails — in `body` or while writing — every page and byte is as it was before and the
  * error is rethrown.
  * Patches made in `body` become active when it returns. A nested transaction joins the outer one:

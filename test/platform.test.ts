@@ -341,21 +341,51 @@ function mapsAround(address: bigint): string[] {
 }
 
 // Forced writes are the x86-64 path (platform/linux.ts says why not arm64); there the kernel
-// takes them unless it is hardened against them.
+// takes them unless it is hardened against them. Linux takes them only where mprotect is refused
+// (`Os.protectFrom`: they tear under threads running the code); the cases below that test the
+// forced way itself ask for it below PROTECT_FROM stores, as other systems' layers may.
 if (!isArm64 && runtime.os === "linux") {
-  test("code is written through /proc/self/mem: no mprotect, and no mapping changes protection or splits", () => {
+  /** The forced way below PROTECT_FROM stores on a run of pages, whatever the layer's own choice. */
+  const FORCED: WriteOptions = { protectFrom: PROTECT_FROM };
+
+  test("Linux writes every store into code the mprotect way, forced writes only where mprotect is refused: a lone write is one pair, no pwrite", () => {
+    const { platform: counting, calls } = refusingLinux({});
+    assert.equal(counting.os.protectFrom, 1, "the layer asks for the protection way from one store");
+    const { code, call } = smallFunctions(1);
+    const protection = protectionAt(code.address);
+    const maps = mapsAround(code.address);
+    const word = bytesAt(code.address, 8);
+    const seven = Uint8Array.of(0xb8, 7, 0, 0, 0, 0xc3, 0xcc, 0xcc); // mov eax, 7; ret
+    try {
+      for (const options of [{}, { lent }]) {
+        writeCode(counting, [{ address: code.address, bytes: seven }], options);
+        assert.equal(call(0), 7n, "the new code runs");
+        assert.equal(protectionAt(code.address), protection, "its protection back");
+        writeCode(counting, [{ address: code.address, bytes: word }], options);
+        assert.deepEqual(bytesAt(code.address, 8), word, "back exactly");
+        assert.equal(call(0), 5n);
+      }
+      assert.equal(calls.mprotect, 8, "a writable-and-back pair per write");
+      assert.equal(calls.pwrite, 0, "no forced write");
+      assert.deepEqual(mapsAround(code.address), maps, "the same mappings, the same protections");
+    } finally {
+      unassemble(code.base);
+    }
+  });
+
+  test("code is written through /proc/self/mem when asked to: no mprotect, and no mapping changes protection or splits", () => {
     const { platform: counting, calls } = refusingLinux({});
     const labs = os.symbolAddress("labs");
     const original = bytesAt(labs, 8);
     const maps = mapsAround(labs);
     const patched = Uint8Array.of(0x48, 0x89, 0xf8, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc); // mov rax, rdi; ret
-    writeCode(counting, [{ address: labs, bytes: patched }]);
+    writeCode(counting, [{ address: labs, bytes: patched }], FORCED);
     try {
       assert.deepEqual(bytesAt(labs, 8), patched);
       assert.equal(libc.labs(-5n), -5n, "the new code runs");
       assert.deepEqual(mapsAround(labs), maps, "the same mappings, the same protections");
     } finally {
-      writeCode(counting, [{ address: labs, bytes: original }]);
+      writeCode(counting, [{ address: labs, bytes: original }], FORCED);
     }
     assert.deepEqual(bytesAt(labs, 8), original, "restored exactly");
     assert.equal(libc.labs(-5n), 5n);
@@ -375,22 +405,22 @@ if (!isArm64 && runtime.os === "linux") {
     return { code, addresses, sevens, originals, call };
   }
 
-  test(`a batch takes forced writes below ${PROTECT_FROM} stores on a run of pages, one mprotect pair from there on`, () => {
+  test(`asked for forced writes below ${PROTECT_FROM} stores on a run of pages, a batch takes them, one mprotect pair from there on`, () => {
     const { platform: counting, calls } = refusingLinux({});
     const { code, addresses, sevens, originals, call } = smallFunctions(PROTECT_FROM);
     const maps = mapsAround(code.address);
     const protection = protectionAt(code.address);
     try {
       const few = PROTECT_FROM - 1;
-      writeCode(counting, sevens.slice(0, few));
+      writeCode(counting, sevens.slice(0, few), FORCED);
       assert.equal(call(0), 7n, "the new code runs");
-      writeCode(counting, originals.slice(0, few));
+      writeCode(counting, originals.slice(0, few), FORCED);
       assert.equal(calls.mprotect, 0, "no protection was changed");
       assert.equal(calls.pwrite, 1 + 2 * few, "the probe, then one pwrite per store");
-      writeCode(counting, sevens);
+      writeCode(counting, sevens, FORCED);
       assert.deepEqual(addresses.map((_, i) => call(i)), addresses.map(() => 7n));
       assert.equal(protectionAt(code.address), protection, "its protection back after the batch");
-      writeCode(counting, originals);
+      writeCode(counting, originals, FORCED);
       assert.equal(calls.mprotect, 4, "one writable-and-back pair per batch");
       assert.equal(calls.pwrite, 1 + 2 * few, "no pwrite on that way");
       assert.deepEqual(addresses.map((a) => bytesAt(a, 8)), originals.map((o) => o.bytes), "restored exactly");
@@ -401,15 +431,15 @@ if (!isArm64 && runtime.os === "linux") {
     }
   });
 
-  test("a write given its mapping asks the system nothing; on the mprotect way the protection is asked again", () => {
+  test("a forced write given its mapping asks the system nothing; on the mprotect way the protection is asked again", () => {
     const { platform: counting, calls } = refusingLinux({});
     const { code, sevens, originals, call } = smallFunctions(PROTECT_FROM);
     const mapping = os.mappingAt(code.address)!;
     try {
-      writeCode(counting, [{ ...sevens[0]!, mapping }]);
+      writeCode(counting, [{ ...sevens[0]!, mapping }], FORCED);
       assert.equal(call(0), 7n);
       assert.equal(calls.ioctl, 0, "no mapping query");
-      writeCode(counting, [{ ...originals[0]!, mapping }]);
+      writeCode(counting, [{ ...originals[0]!, mapping }], FORCED);
       // A mapping whose protection is not the page's: the protection given back is the page's own.
       const stale = { ...mapping, protection: PROT_READ };
       writeCode(counting, sevens.map((w) => ({ ...w, mapping: stale })));
@@ -424,7 +454,7 @@ if (!isArm64 && runtime.os === "linux") {
     }
   });
 
-  test("a lone write within one aligned word, lent and given its mapping (every lone patch and restore): one forced write of the word, its other bytes kept; refused, the mprotect way", () => {
+  test("a lone write within one aligned word, lent and given its mapping, asked for forced writes: one forced write of the word, its other bytes kept; refused, the mprotect way", () => {
     const { code, call } = smallFunctions(1);
     const mapping = os.mappingAt(code.address)!;
     const protection = protectionAt(code.address);
@@ -437,19 +467,19 @@ if (!isArm64 && runtime.os === "linux") {
     expected.set(write.bytes, 1);
     try {
       const { platform: counting, calls } = refusingLinux({});
-      writeCode(counting, [write], { lent });
+      writeCode(counting, [write], { lent, ...FORCED });
       assert.deepEqual(bytesAt(code.address, 8), expected, "the two bytes, the word's other six as they were");
-      writeCode(counting, [undo], { lent });
+      writeCode(counting, [undo], { lent, ...FORCED });
       assert.deepEqual(bytesAt(code.address, 8), word, "back exactly");
       assert.equal(call(0), 5n);
       assert.deepEqual(calls, { mprotect: 0, pwrite: 1 + 2, openProcMem: 1, ioctl: 0 }, "the probe, then one pwrite each; no query");
       assert.deepEqual(mapsAround(code.address), maps, "the same mappings, the same protections");
       // Where the kernel refuses forced writes: the page is made writable and given its own protection back.
       const { platform: refused, calls: refusedCalls } = refusingLinux({ pwrite: true });
-      writeCode(refused, [write], { lent });
+      writeCode(refused, [write], { lent, ...FORCED });
       assert.deepEqual(bytesAt(code.address, 8), expected);
       assert.equal(protectionAt(code.address), protection);
-      writeCode(refused, [undo], { lent });
+      writeCode(refused, [undo], { lent, ...FORCED });
       assert.deepEqual(bytesAt(code.address, 8), word);
       assert.equal(refusedCalls.mprotect, 4, "one pair each");
       assert.ok(refusedCalls.ioctl > 0, "the protection asked of the system before it is changed");
@@ -513,17 +543,18 @@ if (!isArm64 && runtime.os === "linux") {
       }
     });
 
-    test(`where the kernel refuses /proc/self/mem, writes fall back to mprotect; decided once${lending}`, () => {
+    test(`where the kernel refuses /proc/self/mem, forced writes fall back to mprotect; decided once${lending}`, () => {
+      const forced = { ...options, ...FORCED };
       for (const refuse of [{ open: true }, { pwrite: true }]) {
         const { platform: refused, calls } = refusingLinux(refuse);
         const labs = os.symbolAddress("labs");
         const original = bytesAt(labs, 8);
         const protection = protectionAt(labs);
         const patched = Uint8Array.of(0x48, 0x89, 0xf8, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc); // mov rax, rdi; ret
-        writeCode(refused, [{ address: labs, bytes: patched }], options);
+        writeCode(refused, [{ address: labs, bytes: patched }], forced);
         assert.deepEqual(bytesAt(labs, 8), patched, JSON.stringify(refuse));
         assert.equal(libc.labs(-5n), -5n);
-        writeCode(refused, [{ address: labs, bytes: original }], options);
+        writeCode(refused, [{ address: labs, bytes: original }], forced);
         assert.deepEqual(bytesAt(labs, 8), original, "restored exactly");
         assert.equal(protectionAt(labs), protection, "its protection back exactly");
         assert.equal(calls.mprotect, 4, "a writable-and-back pair per write");
@@ -533,6 +564,7 @@ if (!isArm64 && runtime.os === "linux") {
     });
 
     test(`a forced write the kernel takes only part of is undone, and the write goes the mprotect way${lending}`, () => {
+      const forced = { ...options, ...FORCED };
       const { platform: short, calls } = refusingLinux({ short: true });
       // Eight bytes from three before the end of a read+execute page into the next one.
       const { address, base } = assemble([0x90, 0x90, 0x90, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc], -3);
@@ -540,17 +572,17 @@ if (!isArm64 && runtime.os === "linux") {
         const before = bytesAt(address, 8);
         const protection = protectionAt(address);
         const bytes = Uint8Array.of(0x31, 0xc0, 0x90, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc); // xor eax, eax; nop; ret
-        writeCode(short, [{ address, bytes }], options);
+        writeCode(short, [{ address, bytes }], forced);
         assert.deepEqual(bytesAt(address, 8), bytes);
         assert.equal(protectionAt(address), protection);
         assert.equal(protectionAt(address + 7n), protection);
         assert.equal(calls.pwrite, 3, "the probe, the short write, the write-back of its first part");
         assert.equal(calls.mprotect, 2, "both pages opened and closed as one run");
-        writeCode(short, [{ address, bytes: before }], options);
+        writeCode(short, [{ address, bytes: before }], forced);
         assert.deepEqual(bytesAt(address, 8), before, "restored exactly");
         // With mprotect refused as well, nothing stays written: not even the part the kernel took.
         const { platform: neither } = refusingLinux({ short: true, mprotect: true });
-        assertCode(() => writeCode(neither, [{ address, bytes }], options), "PROTECT_FAILED", /the kernel took 3/);
+        assertCode(() => writeCode(neither, [{ address, bytes }], forced), "PROTECT_FAILED", /the kernel took 3/);
         assert.deepEqual(bytesAt(address, 8), before, "the first part written back");
       } finally {
         unassemble(base);

@@ -166,9 +166,10 @@ for (const meddle of ["call", "collect"] as const) {
       assert.equal(seen.restored, true, "the bytes are back");
       assert.ok(seen.chances > 0, "JS ran around the writes");
       assert.equal(seen.whileSpinning, 0, "never while an entry jumped to itself");
-      const forced = forcing && !together;
-      assert.deepEqual(seen.sequences, new Array(together ? 4 : 2).fill(forced), "each entry's stores in one call, by the way the page takes them");
-      assert.equal(seen.protects > 0, !forced, "the page made writable and back, unless forced writes do");
+      // Linux makes every store into code the mprotect way (`Os.protectFrom`): plain stores, a lone
+      // patch's too; the routine's forced stores are tested on their own above.
+      assert.deepEqual(seen.sequences, new Array(together ? 4 : 2).fill(false), "each entry's stores in one call, plain");
+      assert.ok(seen.protects > 0, "the page made writable and back");
     }, { skip: linux });
   }
 }
