@@ -116,8 +116,9 @@ const protecting = { ...platform(), os: { ...platform().os, forceWrite: () => fa
 // Where the two ways cross: N entry jumps on one page and back, as one batch each way, µs a batch
 // (100 batches each way a round: short, so many rounds for the best of them); and N words of a
 // page of libc written with the bytes they hold (the same system calls; an mprotect pair costs
-// less on a file's page than on anonymous code). writeCode takes the mprotect way from
-// PROTECT_FROM stores on a run of pages.
+// less on a file's page than on anonymous code). writeCode takes the mprotect way from the
+// layer's `Os.protectFrom` stores on a run of pages (Linux: 1, forced writes tear under threads
+// running the code), else PROTECT_FROM: the forced side here is timed on purpose.
 const libcPage = labs - labs % BigInt(os.pageSize);
 const libcWords = Array.from({ length: 8 }, (_, i) => {
   const address = libcPage + BigInt(64 * i);
@@ -138,7 +139,7 @@ if (os.forceWrite(jumps[0]!.address, originals[0]!.bytes.subarray(0, 1))) {
       }
     }, 25);
     rows.push({
-      name: `${n} store${n > 1 ? "s" : ""} on ${where} and back, per batch: forced / one \`mprotect\` pair (takes the pair from ${PROTECT_FROM})`,
+      name: `${n} store${n > 1 ? "s" : ""} on ${where} and back, per batch: forced / one \`mprotect\` pair (the layer takes the pair from ${platform().os.protectFrom ?? PROTECT_FROM})`,
       ours: viaForced * 10 / 2,
       baseline: viaProtect * 10 / 2,
       unit: "µs",
