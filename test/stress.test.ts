@@ -126,7 +126,8 @@ test(`stress: ${TOGGLES} native redirects on and off under two calling threads`,
 });
 
 // Batches large enough for writeCode to make the page writable with one mprotect pair and store
-// plainly (src/code_memory.ts, PROTECT_FROM): the same guarantee on that way.
+// plainly on any layer (src/code_memory.ts, PROTECT_FROM; Linux takes that way for lone patches
+// too, `Os.protectFrom`): the same guarantee for a batch.
 test(`stress: ${TOGGLES / 10} batches of native redirects taking the mprotect way, on and off under two calling threads`, () => {
   const offsets = isArm64 ? [0, 4] : [0, 5];
   // Each hammered function, then PROTECT_FROM more on its page, patched with it in one transaction.
