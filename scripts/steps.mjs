@@ -47,15 +47,15 @@ export function totals() {
   return { passed: 0, failed: 0, skipped: 0, lines: [] };
 }
 
-/**
- * Runs each `[name, step]` of `steps` whose name is in `only` (every one when `only` is empty;
- * `buildDist` always); a
- * step returns `[passed, failed, skipped]` (skipped: the
- * tests that report an optional system tool or library missing). Adds them to `into`, with a summary line titled `label name`.
- */
 /** How many failed tests a summary names under its step. */
 const MAX_NAMES = 12;
 
+/**
+ * Runs each `[name, step]` of `steps` whose name is in `only` (every one when `only` is empty;
+ * `buildDist` always); a step returns `[passed, failed, skipped, names]` (skipped: the tests that
+ * report an optional system tool or library missing; names: the failed tests', optional). Adds
+ * them to `into`, with a summary line titled `label name` and a line for each failed test's name.
+ */
 export function runSteps(steps, { only = [], label = "", into = totals() } = {}) {
   for (const [name, step] of steps) {
     // dist/ is built whichever steps are asked for: the rest load it.
