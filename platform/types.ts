@@ -290,7 +290,7 @@ export interface Os {
    * Xeon VM of 2026-12-02 (kernel 6.18, a CPU with fast short `rep movsb`), threads running a
    * function while /proc/self/mem rewrote an aligned 8-byte word of its entry executed torn bytes:
    * a C program toggling a `jmp rel32` so, 300,000 toggles a run under two calling threads, hit
-   * `int3` or got wrong results in 6 of 8 runs; the same toggles as plain 8-byte stores into a
+   * `int3` or got wrong results in 8 of 11 runs; the same toggles as plain 8-byte stores into a
    * writable page, paced alike, in 0 of 10; the stress test saw 126 wrong results in 178 million
    * calls in one CI run.
    */
