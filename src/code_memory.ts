@@ -394,6 +394,13 @@ export interface CodeWrite {
    * used here: a transaction's commit refuses writes where user code changed them since.
    */
   readonly expected?: Uint8Array | undefined;
+  /**
+   * The bytes a patch was laid out from without reading them (what `locate` read last time,
+   * `KnownPlace.seen`), from `at` (the function's entry: `address`, or a landing pad before it):
+   * `expected` and more. Not used here: a transaction's commit compares them all with the code,
+   * and refuses the transaction where they differ.
+   */
+  readonly unread?: { readonly at: bigint; readonly bytes: Uint8Array } | undefined;
 }
 
 /**

@@ -153,12 +153,25 @@ function applyLocked<P extends readonly NativeType[], R extends NativeType>(site
       spin: machine().arch.selfLoop,
       mapping: site.mapping,
       expected: original,
+      unread: site.unread && unreadTaken(site, layout),
       leadsTo: nativeAddress(to),
     },
     nothing,
     () => patch.abandon(),
   );
   return patch;
+}
+
+/**
+ * What of a remembered site's bytes (`Site.unread`) its layout took, for the commit to compare
+ * with the code: the landing pad, the bytes the entry jump covers and those its trampoline moved.
+ * Past them the code is not the layout's (another function's patched entry may lie there, which
+ * `refuseOverlap` kept out of these), as a fresh read reuses a plan on these bytes alone.
+ */
+function unreadTaken(site: Site<readonly NativeType[], NativeType>, layout: Layout): { at: bigint; bytes: Uint8Array } {
+  const pad = Number(site.at - site.address);
+  const taken = Math.max(layout.covers, site.place.plan?.moved.length ?? 0);
+  return { at: site.address, bytes: site.unread!.subarray(0, pad + taken) };
 }
 
 /** A new patch's entry write needs no bookkeeping once it lands: the patch is live from the start. */

@@ -108,11 +108,39 @@ export interface KnownPlace {
    * making them again (under Deno a fresh array costs ~0.36 µs).
    */
   jump: { readonly jump: EntryJump; readonly to: bigint; readonly bytes: Uint8Array } | null;
+  /**
+   * For a function's entry: the bytes `locate` last read there, while they are its own (no live
+   * patch), with what they were read for; a transaction's body lays a patch out from them without
+   * reading the code again (src/target.ts's `rememberedSite`), and the commit compares them with
+   * the code before anything is written. Null: not kept (a longer function, or not met yet).
+   */
+  seen?: Seen | null;
+}
+
+/** What `locate` read at a function's entry (see `KnownPlace.seen`). */
+export interface Seen {
+  /** The function's bytes from its entry: `min(extent, MAX_SCAN)` of them. */
+  readonly bytes: Uint8Array;
+  /** How many bytes from the entry belong to the function. */
+  readonly extent: number;
+  /** The landing pad's length at the entry. */
+  readonly pad: number;
+  /** The `size` the target gave, and whether it named a symbol: what the extent was found from. */
+  readonly size: number | undefined;
+  readonly bySymbol: boolean;
+}
+
+/**
+ * Forgets every `KnownPlace.seen`: the code at one of them was found changed at a commit, so none
+ * is trusted until read again.
+ */
+export function forgetSeen(m: Machine): void {
+  for (const place of m.places.values()) place.seen = null;
 }
 
 /**
  * What was learnt of the place `at`, in `mapping` as the patch found it, a record made on first
- * use. What describes the code there (`symbol`, `clean`, `plan`) is forgotten when other memory is
+ * use. What describes the code there (`symbol`, `clean`, `plan`, `seen`) is forgotten when other memory is
  * mapped there now (`sameMemory`: another file, or a region of another extent or protection), its
  * code unmapped and other code mapped in its place; `jump` depends on no code. The mapping is the
  * one the patch has asked for anyway: comparing it costs a few fields, not a query.
@@ -126,6 +154,7 @@ export function knownPlace(m: Machine, at: bigint, mapping: Mapping): KnownPlace
       place.symbol = undefined;
       place.clean = 0;
       place.plan = null;
+      place.seen = null;
     }
     place.memory = mapping;
   }
@@ -278,6 +307,21 @@ export function mappingAt(address: bigint): Mapping | null {
     }
   }
   return found;
+}
+
+/**
+ * The mapping this section found holding `address` before user code last ran, or null (none
+ * found, or found since): an answer that may be stale, for what is checked again at the commit
+ * before anything is read or written by it (`KnownPlace.seen`). Asks nothing of the system.
+ */
+export function staleMapping(address: bigint): Mapping | null {
+  const known = sectionMappings;
+  if (known === null) return null;
+  for (let i = 0; i < known.length; i++) {
+    const k = known[i]!;
+    if (address >= k.start && address < k.end) return foundIn[i] === userRuns ? null : k;
+  }
+  return null;
 }
 
 /**

@@ -7,11 +7,12 @@
 import { hex, RedefineError } from "./errors.ts";
 import { checkSignature } from "./signature.ts";
 import type { NativeType } from "./signature.ts";
-import { knownPlace, layers, liveBytes, machine, mappingAt, readThrough, refuseOverlap } from "./registry.ts";
+import { holdsAt, knownPlace, layers, liveBytes, machine, mappingAt, readThrough, refuseOverlap, staleMapping } from "./registry.ts";
 import type { KnownPlace, Machine } from "./registry.ts";
 import { checkName } from "./introspect.ts";
+import { mappedNow } from "./code_memory.ts";
 import type { Mapping, SymbolInfo } from "../platform/mod.ts";
-import { PROT_EXEC, PROT_READ, PROT_WRITE } from "../platform/mod.ts";
+import { PROT_EXEC, PROT_READ, PROT_WRITE, sameMemory } from "../platform/mod.ts";
 
 /**
  * A function to redefine, named by its symbol.
@@ -121,12 +122,23 @@ export interface Site<P extends readonly NativeType[], R extends NativeType> {
   readonly mapping: Mapping;
   /** What was learnt of `at` so far (the layout's plan and jump), found once for the patch. */
   readonly place: KnownPlace;
+  /**
+   * Set when `code` was not read from the live code but remembered (`KnownPlace.seen`): the bytes
+   * from the entry, landing pad included, of which the transaction's commit compares those the
+   * layout took (`CodeWrite.unread`) with the code before anything is written.
+   */
+  readonly unread?: Uint8Array | undefined;
 }
 
 /** How far into a function the relocator looks for branches back into its first bytes. */
 const MAX_SCAN = 4096;
 /** How far before a function to look for code jumping into its first bytes. */
 const SCAN_BEFORE = 2048;
+/**
+ * The longest function whose bytes `locate` keeps for a transaction's next patch of it
+ * (`KnownPlace.seen`): a copy and a comparison at the commit a patch, against a query of the map.
+ */
+const SEEN_MOST = 256;
 
 /**
  * Finds and checks the place to redefine `target`: refuses what is not code, what is too short for
@@ -140,17 +152,15 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   const signature = checkSignature(target, "the target's signature") as { parameters: P; result: R };
   const m = machine();
   const address = addressOf(m, target);
+  const bySymbol = "symbol" in target && target.symbol !== undefined;
+  const remembered = rememberedSite(m, address, target, bySymbol, signature);
+  if (remembered) return remembered;
   const mapping = checkExecutable(address, "the function");
-  if (m.pool.contains(address) || m.originals.contains(address)) {
-    throw new RedefineError(
-      "INVALID_ADDRESS",
-      `${hex(address)} is inside redefine's own stubs: redefine the original function instead.`,
-    );
-  }
+  refuseOurs(m, address);
   const originalSlot = slotOf(target.originalSlot);
   checkReadable(address, 1, mapping);
   const known = knownPlace(m, address, mapping);
-  const extent = extentOf(m, address, known, target.size, "symbol" in target && target.symbol !== undefined);
+  const extent = extentOf(m, address, known, target.size, bySymbol);
   checkReadable(address, extent, mapping);
   // Read in place: nothing writes code before the layout has used these bytes (a write waits for
   // the patch's schedule, or the transaction's end), and the patch keeps a copy of what it covers.
@@ -177,7 +187,77 @@ export function locate<P extends readonly NativeType[], R extends NativeType>(ta
   refuseOverlap(at, shortest);
   const place = pad ? knownPlace(m, at, mapping) : known;
   refuseJumpsIntoEntry(at, shortest, place);
+  // Kept once every check has passed: no other patch's jump is in the bytes a layout takes.
+  if (!lowest) remember(known, whole, extent, pad, target.size, bySymbol, mapping, address);
   return { address, at, room, code: pad ? whole.subarray(pad) : whole, signature, originalSlot, mapping, place };
+}
+
+/** Refuses an address inside redefine's own stubs. */
+function refuseOurs(m: Machine, address: bigint): void {
+  if (m.pool.contains(address) || m.originals.contains(address)) {
+    throw new RedefineError(
+      "INVALID_ADDRESS",
+      `${hex(address)} is inside redefine's own stubs: redefine the original function instead.`,
+    );
+  }
+}
+
+/**
+ * Keeps what `locate` read at an unpatched function's entry (`known`: its place, in `mapping`) for
+ * a transaction's next patch of it, when the function is short, in a file's mapping, and all of it
+ * was checked in that one mapping: its bytes decided every check but the instruction-start check
+ * inside a symbol, which reads the symbol's own code (such an entry is not kept). Only a file's
+ * mapping names its memory (device and inode), so that other code mapped there later is other
+ * memory to `knownPlace`; anonymous memory mapped again at the same place with the same extent
+ * and protection looks the same to the map, and its code may differ (the test suites' assembled
+ * functions do, run after run): there the code is read each time.
+ */
+function remember(
+  known: KnownPlace, whole: Uint8Array, extent: number, pad: number, size: number | undefined, bySymbol: boolean,
+  mapping: Mapping, address: bigint,
+): void {
+  const symbol = known.symbol;
+  const inside = symbol && address > symbol.start && address < symbol.start + BigInt(symbol.size);
+  if (whole.length > SEEN_MOST || mapping.file === undefined || inside || mapping.end - address < BigInt(extent)) {
+    known.seen = null;
+    return;
+  }
+  const was = known.seen;
+  if (
+    was && was.extent === extent && was.pad === pad && was.size === size && was.bySymbol === bySymbol &&
+    was.bytes.length === whole.length && holdsAt(whole, 0, was.bytes)
+  ) return;
+  known.seen = { bytes: whole.slice(), extent, pad, size, bySymbol };
+}
+
+/**
+ * In a transaction's body, the site of a function met before whose mapping this section has
+ * found (stale only because user code ran since: not asked again), from what `locate` read there
+ * last (`KnownPlace.seen`), when that is still the whole story: the same memory, the same target
+ * size, no live patch, the entry's scan clean and no `originalSlot` to check. Reads no code and
+ * asks nothing of the system; the commit compares the remembered bytes with the code (refusing
+ * PATCH_MODIFIED, nothing written, where they differ) after asking the map again. Null: `locate`
+ * reads and checks it afresh.
+ */
+function rememberedSite<P extends readonly NativeType[], R extends NativeType>(
+  m: Machine, address: bigint, target: Target<P, R>, bySymbol: boolean, signature: { parameters: P; result: R },
+): Site<P, R> | null {
+  if (m.batch === null || target.originalSlot !== undefined) return null;
+  const known = m.places.get(address);
+  const seen = known?.seen;
+  if (!seen || seen.size !== target.size || seen.bySymbol !== bySymbol) return null;
+  const mapping = staleMapping(address);
+  if (mapping === null || mapping.file === undefined || !sameMemory(known!.memory, mapping) || layers(address).length !== 0) return null;
+  refuseOurs(m, address);
+  const { pad, bytes } = seen;
+  const at = pad ? address + BigInt(pad) : address;
+  const shortest = m.arch.entryJumps[0].size;
+  const entry = knownPlace(m, address, mapping);
+  const place = pad ? knownPlace(m, at, mapping) : entry;
+  if (place.clean < shortest) return null;
+  refuseOverlap(at, shortest);
+  const code = pad ? bytes.subarray(pad) : bytes;
+  return { address, at, room: seen.extent - pad, code, signature, originalSlot: null, mapping, place, unread: bytes };
 }
 
 /**
@@ -285,6 +365,11 @@ export function refuseJumpsIntoEntry(at: bigint, length: number, place: KnownPla
   if (place.clean >= length) return;
   const mapping = place.memory;
   const start = mapping.start > at - BigInt(SCAN_BEFORE) ? mapping.start : at - BigInt(SCAN_BEFORE);
+  // The place's mapping may be the section's answer from before user code last ran (a site laid
+  // out from remembered bytes, `rememberedSite`): the code before it is read once found mapped.
+  if (!mappedNow(mappingAt, start, Number(at - start))) {
+    throw new RedefineError("INVALID_ADDRESS", `the code before ${hex(at)} is no longer mapped: nothing was written.`);
+  }
   const before = m.platform.runtime.view(start, Number(at - start)).slice();
   // Read through our own live patches: their jumps would throw the decoder off the original code.
   readThrough(before, start);

@@ -7,7 +7,7 @@
  */
 import { mappedNow, writeCode } from "./code_memory.ts";
 import type { CodeWrite, WriteOptions } from "./code_memory.ts";
-import { exclusive, holdsAt, lent, liveBytes, liveHolds, machine, mappingAt, recheckHints, userCodeRan } from "./registry.ts";
+import { exclusive, forgetSeen, holdsAt, lent, liveBytes, liveHolds, machine, mappingAt, recheckHints, userCodeRan } from "./registry.ts";
 import { hex, hexBytes, RedefineError } from "./errors.ts";
 import type { Batch } from "./registry.ts";
 
@@ -91,7 +91,7 @@ function net(writes: readonly CodeWrite[], byAddress?: Map<bigint, CodeWrite | C
 /**
  * Refuses a commit, before anything is written, where a place holds other bytes than its first
  * write in the batch expects (`CodeWrite.expected`; a later write there expects what the earlier
- * wrote). The body was user code: it may have written the entry itself, or unmapped its code and
+ * wrote; a patch laid out from remembered bytes, all of `CodeWrite.unread`). The body was user code: it may have written the entry itself, or unmapped its code and
  * had other code mapped at the same address with the same protection (Node maps a binding's call
  * code on its first call, into a hole just left as readily as anywhere), which the hints' check
  * cannot tell from the old code. `netted` is the batch's writes less those that cancel out (whole
@@ -107,22 +107,25 @@ function refuseChanged(batch: Batch, netted: readonly CodeWrite[], rechecked: re
   let view: Uint8Array | null = null;
   for (let i = 0; i < rechecked.length; i++) {
     const w = rechecked[i]!;
-    const expected = w.expected;
+    // A patch laid out from remembered bytes is checked against all of them, from the entry.
+    const unread = w.unread;
+    const expected = unread ? unread.bytes : w.expected;
     if (!expected) continue;
-    const within = w.address % m.pageBytes;
+    const from = unread ? unread.at : w.address;
+    const within = from % m.pageBytes;
     const offset = Number(within);
     let holds: boolean;
     if (w.mapping !== undefined && offset + expected.length <= size) {
       // In one page of a mapping that still holds: read through the page's kept view.
-      const start = w.address - within;
+      const start = from - within;
       if (start !== page) {
         page = start;
         view = liveBytes(start, size);
       }
       holds = holdsAt(view!, offset, expected);
     } else {
-      if (!mappedNow(mappingAt, w.address, expected.length)) continue;
-      holds = liveHolds(w.address, expected);
+      if (!mappedNow(mappingAt, from, expected.length)) continue;
+      holds = liveHolds(from, expected);
     }
     if (holds) continue;
     // Not the first write there (a patch layered on one made in this body, a restore of one):
@@ -130,10 +133,14 @@ function refuseChanged(batch: Batch, netted: readonly CodeWrite[], rechecked: re
     batch.byAddress ??= Map.groupBy(batch.writes, (x) => x.address);
     const group = batch.byAddress.get(w.address)!;
     if ((Array.isArray(group) ? group[0] : group) !== netted[i]) continue;
-    const found = m.platform.runtime.view(w.address, expected.length).slice();
+    const found = m.platform.runtime.view(from, expected.length).slice();
+    // Code that changed while its memory stayed mapped: no remembered bytes are trusted now, and
+    // the next patch reads them afresh.
+    if (unread) forgetSeen(m);
     throw new RedefineError(
       "PATCH_MODIFIED",
-      `the code at ${hex(w.address)} changed while the transaction's body ran (expected ${hexBytes(expected)}, ` +
+      `the code at ${hex(from)} changed while the transaction's body ran${unread ? ", or since redefine last read it" : ""} ` +
+        `(expected ${hexBytes(expected)}, ` +
         `found ${hexBytes(found)}): the body wrote it, or unmapped it and other code was mapped there. ` +
         `Nothing was written and the transaction rolled back: redefine or restore it again outside such a body.`,
     );

@@ -4,8 +4,9 @@
  */
 import { assert, assertCode, test } from "./harness.ts";
 import { redefine, restoreAll, transaction } from "../mod.ts";
+import type { Patch } from "../mod.ts";
 import { runCase, snapshot } from "./cases.ts";
-import { assemble, bytesAt, isArm64, libc, mapPages, os, runtime, unassemble, words } from "./native.ts";
+import { assemble, bytesAt, isArm64, libc, mapCodeFile, mapPages, os, runtime, unassemble, words } from "./native.ts";
 import { PROT_EXEC, PROT_READ, PROT_WRITE } from "../platform/mod.ts";
 
 const fixture = new URL("./fixtures/original_first.ts", import.meta.url);
@@ -215,10 +216,12 @@ test("nested transaction that succeeds joins the outer one: both commit together
 const unmapFixture = new URL("./fixtures/unmap_in_tx.ts", import.meta.url);
 const x86Posix = { skip: !isArm64 && runtime.os !== "windows" ? undefined : "the fixture's code is x86-64, assembled with mmap" };
 
-test("a transaction whose body unmaps code it redefined: INVALID_ADDRESS at commit, nothing written, the rest rolled back", () => {
-  const seen = runCase(unmapFixture, "redefined, then unmapped in the body") as Record<string, unknown>;
-  assert.match(String(seen.message), /is not mapped: nothing was written/);
-  assert.deepEqual({ ...seen, message: "" }, { error: "INVALID_ADDRESS", message: "", bystander: "rolled back", untouched: true, works: true, left: "none" });
+test("a transaction whose body unmaps code it redefined, or a function met before between two redefines in its mapping: INVALID_ADDRESS at commit, nothing written or read, the rest rolled back", () => {
+  for (const name of ["redefined, then unmapped in the body", "redefined twice in one mapping met before, unmapped between"]) {
+    const seen = runCase(unmapFixture, name) as Record<string, unknown>;
+    assert.match(String(seen.message), /is not mapped: nothing was written/, name);
+    assert.deepEqual({ ...seen, message: "" }, { error: "INVALID_ADDRESS", message: "", bystander: "rolled back", untouched: true, works: true, left: "none" }, name);
+  }
 }, x86Posix);
 
 test("a transaction whose body unmaps a patched function, then restores it: UNLOADED, nothing read, the rest rolled back", () => {
@@ -233,6 +236,15 @@ test("a transaction whose body unmaps a function between two redefines in its ma
     assert.match(String(seen.message), /is not mapped, so it is not code/, name);
     assert.deepEqual({ ...seen, message: "" }, { error: "INVALID_ADDRESS", message: "", bystander: "rolled back", untouched: true, works: true, left: "none" }, name);
   }
+}, x86Posix);
+
+test("a transaction whose body maps other code over a function met before, between two redefines in its mapping: PATCH_MODIFIED at commit; run again, it patches the new code", () => {
+  const seen = runCase(unmapFixture, "redefined twice in one mapping met before, other code mapped between") as Record<string, unknown>;
+  assert.match(String(seen.message), /changed while the transaction's body ran, or since redefine last read it .*Nothing was written/);
+  assert.deepEqual(
+    { ...seen, message: "" },
+    { error: "PATCH_MODIFIED", message: "", bystander: "rolled back", untouched: true, works: true, left: "none", again: true },
+  );
 }, x86Posix);
 
 test("a transaction whose body unmaps a native replacement it redirected to: BAD_REPLACEMENT at commit, nothing written", () => {
@@ -355,6 +367,98 @@ test("a transaction layering two patches on one function, and one restoring both
     });
     assert.deepEqual([a.active, b.active], [false, false]);
     assert.deepEqual([...bytesAt(address, 16)], IDENTITY);
+  } finally {
+    restoreAll();
+    unassemble(base);
+  }
+});
+
+/**
+ * Two IDENTITY functions in one mapping of a file (as a library's), or of anonymous memory, each
+ * redefined and restored once (met before), and their targets.
+ */
+function metBefore(file = true): { address: bigint; second: bigint; base: bigint; target: (a: bigint) => { address: bigint; size: 16; parameters: ["i64"]; result: "i64" } } {
+  const { address, base } = assemble([...IDENTITY, ...IDENTITY]);
+  if (file) mapCodeFile([...IDENTITY, ...IDENTITY], base);
+  const second = address + BigInt(IDENTITY.length);
+  const target = (a: bigint) => ({ address: a, size: 16, parameters: ["i64"], result: "i64" }) as { address: bigint; size: 16; parameters: ["i64"]; result: "i64" };
+  transaction(() => [redefine(target(address), os.symbolAddress("labs")), redefine(target(second), os.symbolAddress("labs"))]);
+  restoreAll();
+  return { address, second, base, target };
+}
+
+/** How many times the second of two redefines in one transaction's body asks the map, and what the whole transaction asked. */
+function queriesOfSecond(first: () => unknown, second: () => unknown): { inBody: number; asked: bigint[] } {
+  const mappingAt = os.mappingAt;
+  const asked: bigint[] = [];
+  let inBody = -1;
+  try {
+    os.mappingAt = (at, was) => {
+      asked.push(at);
+      return mappingAt.call(os, at, was);
+    };
+    transaction(() => {
+      first();
+      const before = asked.length;
+      second();
+      inBody = asked.length - before;
+    });
+  } finally {
+    os.mappingAt = mappingAt;
+  }
+  return { inBody, asked };
+}
+
+for (const file of [true, false]) {
+  test(
+    file
+      ? "a transaction's later redefine in a mapping it has found, of a function met before in a file's mapping: laid out from what was read there, no query in the body; the commit asks the map"
+      : "the same in anonymous memory: the code is read again, after asking the map",
+    () => {
+      const { address, second, base, target } = metBefore(file);
+      const labs = os.symbolAddress("labs");
+      try {
+        const patches: Patch<readonly ["i64"], "i64">[] = [];
+        const { inBody, asked } = queriesOfSecond(
+          () => patches.push(redefine(target(address), labs)),
+          () => patches.push(redefine(target(second), labs)),
+        );
+        if (file) assert.equal(inBody, 0, "the second redefine asked nothing of the map");
+        else assert.ok(inBody >= 1, `the second redefine asked the map ${inBody} times`);
+        assert.ok(asked.some((at) => at >= base && at < base + BigInt(2 * os.pageSize)), "the map was asked of the functions' mapping");
+        assert.deepEqual(patches.map((p) => p.active), [true, true]);
+        assert.equal(call(second)(-5n), 5n, "the second answers as labs");
+        assert.equal(patches[1]!.original(-5n), -5n, "its original runs the function");
+        restoreAll();
+        assert.deepEqual([...bytesAt(second, 16)], IDENTITY);
+      } finally {
+        restoreAll();
+        unassemble(base);
+      }
+    },
+  );
+}
+
+test("a function rewritten between two transactions, its memory the same: the second refuses PATCH_MODIFIED at commit, nothing written; run again, it patches the new code", () => {
+  const { address, second, base, target } = metBefore();
+  const labs = os.symbolAddress("labs");
+  try {
+    CHANGES[0]![1](base, second, SEVEN);
+    const before = snapshot([address, second]);
+    const both = () => transaction(() => [redefine(target(address), labs), redefine(target(second), labs)]);
+    assertCode(
+      both,
+      "PATCH_MODIFIED",
+      new RegExp(`code at 0x${second.toString(16)} changed while the transaction's body ran, or since redefine last read it.*Nothing was written`),
+    );
+    assert.equal(snapshot([address, second]), before, "nothing written, protections as they were");
+    assert.equal(call(second)(5n), 7n);
+    const patches = both();
+    assert.deepEqual(patches.map((p) => p.active), [true, true]);
+    assert.equal(call(second)(-5n), 5n, "the new code patched");
+    assert.equal(patches[1]!.original(5n), 7n, "its original is the new code");
+    restoreAll();
+    assert.deepEqual([...bytesAt(second, 16)], SEVEN);
   } finally {
     restoreAll();
     unassemble(base);
