@@ -243,11 +243,13 @@ function rememberedSite<P extends readonly NativeType[], R extends NativeType>(
   m: Machine, address: bigint, target: Target<P, R>, bySymbol: boolean, signature: { parameters: P; result: R },
 ): Site<P, R> | null {
   if (m.batch === null || target.originalSlot !== undefined) return null;
+  // The section's answer first: anonymous memory (generated code) looks no further.
+  const mapping = staleMapping(address);
+  if (mapping === null || mapping.file === undefined) return null;
   const known = m.places.get(address);
   const seen = known?.seen;
   if (!seen || seen.size !== target.size || seen.bySymbol !== bySymbol) return null;
-  const mapping = staleMapping(address);
-  if (mapping === null || mapping.file === undefined || !sameMemory(known!.memory, mapping) || layers(address).length !== 0) return null;
+  if (!sameMemory(known!.memory, mapping) || layers(address).length !== 0) return null;
   refuseOurs(m, address);
   const { pad, bytes } = seen;
   const at = pad ? address + BigInt(pad) : address;
