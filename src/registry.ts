@@ -140,8 +140,8 @@ export function forgetSeen(m: Machine): void {
 
 /**
  * What was learnt of the place `at`, in `mapping` as the patch found it, a record made on first
- * use. What describes the code there (`symbol`, `clean`, `plan`, `seen`) is forgotten when other memory is
- * mapped there now (`sameMemory`: another file, or a region of another extent or protection), its
+ * use. What describes the code there (`symbol`, `clean`, `plan`, `seen`) is forgotten when other
+ * memory is mapped there now (`sameMemory`: another file, or a region of another extent or protection), its
  * code unmapped and other code mapped in its place; `jump` depends on no code. The mapping is the
  * one the patch has asked for anyway: comparing it costs a few fields, not a query.
  */

@@ -254,8 +254,9 @@ function rememberedSite<P extends readonly NativeType[], R extends NativeType>(
   const { pad, bytes } = seen;
   const at = pad ? address + BigInt(pad) : address;
   const shortest = m.arch.entryJumps[0].size;
-  const entry = knownPlace(m, address, mapping);
-  const place = pad ? knownPlace(m, at, mapping) : entry;
+  // The same memory: what the place knows holds (as `knownPlace` would keep it).
+  known!.memory = mapping;
+  const place = pad ? knownPlace(m, at, mapping) : known!;
   if (place.clean < shortest) return null;
   refuseOverlap(at, shortest);
   const code = pad ? bytes.subarray(pad) : bytes;

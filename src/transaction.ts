@@ -91,7 +91,8 @@ function net(writes: readonly CodeWrite[], byAddress?: Map<bigint, CodeWrite | C
 /**
  * Refuses a commit, before anything is written, where a place holds other bytes than its first
  * write in the batch expects (`CodeWrite.expected`; a later write there expects what the earlier
- * wrote; a patch laid out from remembered bytes, all of `CodeWrite.unread`). The body was user code: it may have written the entry itself, or unmapped its code and
+ * wrote; a patch laid out from remembered bytes, all of `CodeWrite.unread`). The body was user
+ * code: it may have written the entry itself, or unmapped its code and
  * had other code mapped at the same address with the same protection (Node maps a binding's call
  * code on its first call, into a hole just left as readily as anywhere), which the hints' check
  * cannot tell from the old code. `netted` is the batch's writes less those that cancel out (whole
