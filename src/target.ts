@@ -216,9 +216,10 @@ function remember(
   known: KnownPlace, whole: Uint8Array, extent: number, pad: number, size: number | undefined, bySymbol: boolean,
   mapping: Mapping, address: bigint,
 ): void {
-  const symbol = known.symbol;
-  const inside = symbol && address > symbol.start && address < symbol.start + BigInt(symbol.size);
-  if (whole.length > SEEN_MOST || mapping.file === undefined || inside || mapping.end - address < BigInt(extent)) {
+  if (
+    whole.length > SEEN_MOST || mapping.file === undefined || Number(mapping.end - address) < extent ||
+    pastSymbolStart(known.symbol ?? null, address)
+  ) {
     known.seen = null;
     return;
   }
@@ -412,13 +413,18 @@ function symbolAt(m: Machine, address: bigint, known: KnownPlace): SymbolInfo | 
   return known.symbol;
 }
 
+/** Whether `address` lies inside `symbol`'s code past its first byte (where it may be mid-instruction). */
+function pastSymbolStart(symbol: SymbolInfo | null, address: bigint): symbol is SymbolInfo {
+  return symbol !== null && symbol.size > 0 && address > symbol.start && address < symbol.start + BigInt(symbol.size);
+}
+
 /**
  * Refuses an address that a symbol's code, decoded from its start, shows to be mid-instruction;
  * returns the symbol holding it.
  */
 function checkInstructionStart(m: Machine, address: bigint, known: KnownPlace): SymbolInfo | null {
   const symbol = symbolAt(m, address, known);
-  if (!symbol || symbol.size === 0 || address <= symbol.start || address >= symbol.start + BigInt(symbol.size)) return symbol;
+  if (!pastSymbolStart(symbol, address)) return symbol;
   const offset = Number(address - symbol.start);
   const code = liveBytes(symbol.start, Math.min(symbol.size, offset + 16));
   if (m.arch.startsInstruction(code, symbol.start, offset) === false) {

@@ -377,11 +377,11 @@ test("a transaction layering two patches on one function, and one restoring both
  * Two IDENTITY functions in one mapping of a file (as a library's), or of anonymous memory, each
  * redefined and restored once (met before), and their targets.
  */
-function metBefore(file = true): { address: bigint; second: bigint; base: bigint; target: (a: bigint) => { address: bigint; size: 16; parameters: ["i64"]; result: "i64" } } {
+function metBefore(file = true) {
   const { address, base } = assemble([...IDENTITY, ...IDENTITY]);
   if (file) mapCodeFile([...IDENTITY, ...IDENTITY], base);
   const second = address + BigInt(IDENTITY.length);
-  const target = (a: bigint) => ({ address: a, size: 16, parameters: ["i64"], result: "i64" }) as { address: bigint; size: 16; parameters: ["i64"]; result: "i64" };
+  const target = (a: bigint) => ({ address: a, size: 16, parameters: ["i64"], result: "i64" }) as const;
   transaction(() => [redefine(target(address), os.symbolAddress("labs")), redefine(target(second), os.symbolAddress("labs"))]);
   restoreAll();
   return { address, second, base, target };
